@@ -1,0 +1,80 @@
+/* tok: tokenizers for Llama-family models, a library of its own (tandem_tokenizer)
+ * so the router and the load tester can link it without the engine.
+ *
+ * Formats:
+ *   - Hugging Face tokenizer.json BPE, byte-level (GPT-2, Llama 3, Qwen2) and
+ *     SentencePiece-style with U+2581 and byte fallback (Llama 2, Mistral, TinyLlama),
+ *     with added/special tokens; BOS/EOS and the chat template family come from
+ *     tokenizer_config.json (and config.json / generation_config.json) beside it.
+ *   - llama2.c tokenizer.bin.
+ *
+ * A loaded tok_tokenizer is immutable and may be shared by many threads.
+ * Errors: 0 or a negative TD_E* code (common/err.h); loaders also write a
+ * human-readable reason into err[errlen] when err is not NULL.
+ */
+#ifndef TANDEM_ENGINE_TOKENIZER_TOK_H
+#define TANDEM_ENGINE_TOKENIZER_TOK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct tok_tokenizer tok_tokenizer;
+
+/* path: a tokenizer.json file, a directory holding tokenizer.json, or a
+ * llama2.c tokenizer.bin. On success *out is owned by the caller (tok_free). */
+int tok_load(const char *path, tok_tokenizer **out, char *err, size_t errlen);
+void tok_free(tok_tokenizer *tok); /* accepts NULL */
+
+int tok_vocab_size(const tok_tokenizer *tok);
+int32_t tok_bos_id(const tok_tokenizer *tok); /* -1 when the vocabulary has none */
+int32_t tok_eos_id(const tok_tokenizer *tok); /* -1 when the vocabulary has none */
+/* True when the model's config asks for BOS to be prepended (add_bos_token). */
+int tok_adds_bos(const tok_tokenizer *tok);
+
+enum tok_encode_flags {
+    TOK_ADD_BOS = 1 << 0,       /* prepend BOS (when the vocabulary has one) */
+    TOK_PARSE_SPECIAL = 1 << 1, /* recognise special-token text such as "<|eot_id|>" */
+};
+
+/* Encodes text[0..len) (UTF-8; invalid bytes are encoded through byte tokens,
+ * never dropped). On success *ids is malloc'd, owned by the caller (free()),
+ * and *n_ids is its length. */
+int tok_encode(const tok_tokenizer *tok, const char *text, size_t len, int flags, int32_t **ids,
+               size_t *n_ids);
+
+/* Decodes ids into malloc'd, NUL-terminated *text (caller frees); *len excludes
+ * the NUL. Special tokens are skipped when skip_special is non-zero. */
+int tok_decode(const tok_tokenizer *tok, const int32_t *ids, size_t n_ids, int skip_special,
+               char **text, size_t *len);
+
+/* Incremental detokenization for streaming: push one id at a time, get the
+ * newly completed text. Never emits a partial UTF-8 sequence; bytes that can
+ * never become valid UTF-8 are emitted as U+FFFD. */
+typedef struct tok_stream tok_stream;
+int tok_stream_create(const tok_tokenizer *tok, tok_stream **out); /* tok must outlive it */
+void tok_stream_free(tok_stream *st);                              /* accepts NULL */
+/* Appends the text completed by id to out[0..cap) and NUL-terminates it;
+ * *written excludes the NUL. TD_ERANGE when cap is too small (nothing consumed). */
+int tok_stream_push(tok_stream *st, int32_t id, char *out, size_t cap, size_t *written);
+/* Emits whatever is still held back (as U+FFFD for incomplete sequences). */
+int tok_stream_flush(tok_stream *st, char *out, size_t cap, size_t *written);
+
+/* Chat templates, chosen from tokenizer_config.json (Llama 3, Llama 2, ChatML). */
+enum tok_chat_family {
+    TOK_CHAT_NONE = 0,
+    TOK_CHAT_LLAMA3,
+    TOK_CHAT_LLAMA2,
+    TOK_CHAT_CHATML,
+};
+typedef struct tok_chat_msg {
+    const char *role;    /* "system", "user" or "assistant" */
+    const char *content; /* UTF-8, NUL-terminated */
+} tok_chat_msg;
+enum tok_chat_family tok_chat_family_of(const tok_tokenizer *tok);
+/* Renders messages into a malloc'd prompt string (caller frees). With
+ * add_generation_prompt the text ends where the assistant's reply begins.
+ * TD_EUNSUPPORTED when the tokenizer has no known chat template. */
+int tok_chat_render(const tok_tokenizer *tok, const tok_chat_msg *msgs, size_t n_msgs,
+                    int add_generation_prompt, char **out);
+
+#endif

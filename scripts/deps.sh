@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs the Debian and Python packages Tandem needs to build and test.
+# Idempotent: runs apt-get only when a package is missing. Needs root (or sudo)
+# only in that case.
+set -euo pipefail
+
+DEB_PACKAGES=(
+  build-essential cmake pkg-config git
+  libgrpc-dev protobuf-c-compiler libprotobuf-c-dev
+  libuv1-dev libhttp-parser-dev libcjson-dev libxxhash-dev
+  libopenblas-dev libcmocka-dev
+  gnuplot-nox iproute2 python3 python3-pip
+)
+
+missing=()
+for pkg in "${DEB_PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$pkg")
+  fi
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "deps: installing Debian packages: ${missing[*]}"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# numpy for the independent reference implementation in tests/reference/.
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import numpy" 2>/dev/null; then
+  echo "deps: installing numpy for $PY"
+  "$PY" -m pip install -q numpy 2>/dev/null || "$PY" -m pip install -q --break-system-packages numpy
+fi
