@@ -13,12 +13,14 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdbool.h>
 #include <semaphore.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <uv.h>
 
 struct item {
     int producer;
@@ -233,6 +235,110 @@ static void test_threads_wake_fn(void **state)
     free(items);
 }
 
+/* The two libuv patterns the router can use: uv_async as the wake function,
+ * or uv_poll on the eventfd. The loop drains on each callback; a timer fails
+ * the test if items stop arriving (a lost wake-up). */
+struct uvctx {
+    mpscq q;
+    uv_async_t async;
+    uv_poll_t poll;
+    uv_timer_t timer;
+    int next_seq[PRODUCERS];
+    long total;
+    bool timed_out;
+};
+
+static void uv_drain(struct uvctx *u)
+{
+    mpscq_ack(&u->q);
+    mpscq_node *n;
+    while ((n = mpscq_pop(&u->q)) != NULL)
+        check_item(n, u->next_seq, &u->total);
+    if (u->total == (long)PRODUCERS * PER_PRODUCER) {
+        if (!uv_is_closing((uv_handle_t *)&u->timer)) uv_close((uv_handle_t *)&u->timer, NULL);
+        if (u->async.loop && !uv_is_closing((uv_handle_t *)&u->async))
+            uv_close((uv_handle_t *)&u->async, NULL);
+        if (u->poll.loop && !uv_is_closing((uv_handle_t *)&u->poll))
+            uv_close((uv_handle_t *)&u->poll, NULL);
+    }
+}
+
+static void on_async(uv_async_t *a)
+{
+    uv_drain(a->data);
+}
+
+static void on_poll(uv_poll_t *p, int status, int events)
+{
+    assert_int_equal(status, 0);
+    assert_true(events & UV_READABLE);
+    uv_drain(p->data);
+}
+
+static void on_timeout(uv_timer_t *t)
+{
+    struct uvctx *u = t->data;
+    u->timed_out = true;
+    uv_stop(t->loop);
+}
+
+static void uv_async_wake(void *arg)
+{
+    uv_async_send(arg);
+}
+
+static void run_uv(bool use_poll)
+{
+    uv_loop_t loop;
+    assert_int_equal(uv_loop_init(&loop), 0);
+    struct uvctx *u = calloc(1, sizeof(*u));
+    assert_non_null(u);
+    if (use_poll) {
+        assert_int_equal(mpscq_init(&u->q), 0);
+        assert_int_equal(uv_poll_init(&loop, &u->poll, mpscq_fd(&u->q)), 0);
+        u->poll.data = u;
+        assert_int_equal(uv_poll_start(&u->poll, UV_READABLE, on_poll), 0);
+    } else {
+        assert_int_equal(uv_async_init(&loop, &u->async, on_async), 0);
+        u->async.data = u;
+        assert_int_equal(mpscq_init_wake(&u->q, uv_async_wake, &u->async), 0);
+    }
+    assert_int_equal(uv_timer_init(&loop, &u->timer), 0);
+    u->timer.data = u;
+    assert_int_equal(uv_timer_start(&u->timer, on_timeout, 10000, 0), 0);
+
+    struct item *items = calloc(PRODUCERS * PER_PRODUCER, sizeof(*items));
+    assert_non_null(items);
+    struct stress s[PRODUCERS];
+    pthread_t th[PRODUCERS];
+    for (int p = 0; p < PRODUCERS; p++) {
+        s[p] = (struct stress){.q = &u->q, .items = items, .id = p};
+        assert_int_equal(pthread_create(&th[p], NULL, producer, &s[p]), 0);
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+    for (int p = 0; p < PRODUCERS; p++)
+        assert_int_equal(pthread_join(th[p], NULL), 0);
+    if (u->timed_out) /* a failed test may leak; it stops here */
+        fail_msg("no wake-up for 10 s: %ld of %d items", u->total, PRODUCERS * PER_PRODUCER);
+    assert_int_equal(u->total, (long)PRODUCERS * PER_PRODUCER);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    mpscq_close(&u->q);
+    free(u);
+    free(items);
+}
+
+static void test_libuv_async(void **state)
+{
+    (void)state;
+    run_uv(false);
+}
+
+static void test_libuv_poll(void **state)
+{
+    (void)state;
+    run_uv(true);
+}
+
 struct bench_arg {
     mpscq *q;
     struct item *items;
@@ -288,7 +394,8 @@ int main(int argc, char **argv)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_init_errors),     cmocka_unit_test(test_fifo_and_fd),
         cmocka_unit_test(test_wait_timeout),    cmocka_unit_test(test_threads_eventfd),
-        cmocka_unit_test(test_threads_wake_fn),
+        cmocka_unit_test(test_threads_wake_fn), cmocka_unit_test(test_libuv_async),
+        cmocka_unit_test(test_libuv_poll),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
