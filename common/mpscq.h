@@ -53,12 +53,15 @@ typedef struct mpscq_node {
  * must not block for long (uv_async_send is a good one). */
 typedef void (*mpscq_wake_fn)(void *arg);
 
-/* Embeddable; every field is private. The producer and consumer sides sit on
- * separate cache lines so they do not slow each other down. */
+/* Embeddable; every field is private. The producer side and the consumer
+ * side are kept 64 bytes apart so they never share a cache line. (Padding
+ * rather than _Alignas(64): the struct stays valid inside malloc'd memory,
+ * which is only 16-byte aligned.) */
 typedef struct mpscq {
-    _Alignas(64) _Atomic(mpscq_node *) tail; /* producers */
-    _Atomic int signalled;                   /* producers set, consumer clears */
-    _Alignas(64) mpscq_node *head;           /* consumer only */
+    _Atomic(mpscq_node *) tail; /* producers */
+    _Atomic int signalled;      /* producers set, consumer clears */
+    char pad_[64];
+    mpscq_node *head; /* consumer only */
     mpscq_node stub;
     int efd;            /* eventfd, or -1 in wake mode */
     mpscq_wake_fn wake; /* NULL in eventfd mode */
