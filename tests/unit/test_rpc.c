@@ -265,16 +265,16 @@ static int open_generate(rpc_client *c, uint32_t total, uint32_t pace_us, int64_
                              deadline_ns, NULL, NULL, out);
 }
 
-/* Reads a whole stream, checking that token i arrives i-th. Returns the
- * stream's final code; *count gets the number of messages. */
-static int drain_stream(rpc_stream *s, uint32_t *count)
+/* Reads the rest of a stream, checking that token i arrives i-th (counting from
+ * first). Returns the stream's final code; *count gets the number of messages. */
+static int drain_from(rpc_stream *s, uint32_t first, uint32_t *count)
 {
-    uint32_t n = 0;
+    uint32_t n = first;
     for (;;) {
         ProtobufCMessage *m = NULL;
         int rc = rpc_stream_next(s, 5 * TD_NS_PER_S, &m);
         if (rc < 0 || !m) {
-            *count = n;
+            *count = n - first;
             return rc;
         }
         Tandem__V1__DecodeResponse *r = (Tandem__V1__DecodeResponse *)m;
@@ -283,6 +283,11 @@ static int drain_stream(rpc_stream *s, uint32_t *count)
         n++;
         protobuf_c_message_free_unpacked(m, NULL);
     }
+}
+
+static int drain_stream(rpc_stream *s, uint32_t *count)
+{
+    return drain_from(s, 0, count);
 }
 
 static void wait_for(atomic_int *v, int want)
@@ -416,7 +421,7 @@ static void test_client_cancel_mid_stream(void **state)
     rpc_stream_cancel(s);
     rpc_stream_cancel(s); /* idempotent */
     uint32_t more = 0;
-    assert_int_equal(drain_stream(s, &more), TD_ECANCELED);
+    assert_int_equal(drain_from(s, 50, &more), TD_ECANCELED);
     assert_int_equal(rpc_stream_status(s)->grpc_code, GRPC_STATUS_CANCELLED);
     rpc_stream_free(s);
     /* The engine on the server noticed and finished the call. */
@@ -705,7 +710,7 @@ static void test_status_mapping(void **state)
     /* Bad arguments are refused, not crashed on. */
     rpc_server *srv = NULL;
     assert_int_equal(rpc_server_create(NULL, &srv), TD_EINVAL);
-    assert_int_equal(rpc_server_create("not an address", &srv), TD_EIO);
+    assert_int_equal(rpc_server_create("unix:/nonexistent-dir/tandem.sock", &srv), TD_EIO);
     assert_null(srv);
     rpc_client *c = NULL;
     assert_int_equal(rpc_client_create(NULL, &c), TD_EINVAL);
