@@ -588,10 +588,22 @@ static bool rpc__server_done(rpc_server *s)
 static void *rpc__server_thread(void *arg)
 {
     rpc_server *s = arg;
+    int64_t next_warn_ns = 0;
     for (;;) {
         pthread_mutex_lock(&s->mu);
         bool stopping = s->shutting_down;
+        int live = s->live_calls;
         pthread_mutex_unlock(&s->mu);
+        if (stopping && live > 0) {
+            /* A call the application never finishes would hang shutdown: say so. */
+            int64_t now = td_now_ns();
+            if (next_warn_ns == 0) {
+                next_warn_ns = now + 2 * TD_NS_PER_S;
+            } else if (now >= next_warn_ns) {
+                td_log_warn(MOD, "shutdown_waiting", "port=%d unfinished_calls=%d", s->port, live);
+                next_warn_ns = now + 2 * TD_NS_PER_S;
+            }
+        }
         gpr_timespec until = stopping ? rpc__gpr_deadline(td_now_ns() + RPC_SHUTDOWN_POLL_NS)
                                       : gpr_inf_future(GPR_CLOCK_MONOTONIC);
         grpc_event ev = grpc_completion_queue_next(s->cq, until, NULL);
@@ -776,10 +788,9 @@ void rpc_server_free(rpc_server *s)
     grpc_shutdown();
 }
 
-int rpc_call_send(rpc_call *c, const ProtobufCMessage *msg)
+/* Serialises msg into a new queue entry. */
+static int rpc__out_new(const ProtobufCMessage *msg, rpc__out **out)
 {
-    if (!c || !msg) return TD_EINVAL;
-    if (atomic_load(&c->cancelled)) return TD_ECANCELED;
     rpc__out *o = malloc(sizeof(*o));
     if (!o) return TD_ENOMEM;
     int rc = rpc__pack(msg, &o->bb);
@@ -788,19 +799,42 @@ int rpc_call_send(rpc_call *c, const ProtobufCMessage *msg)
         return rc;
     }
     o->next = NULL;
-    pthread_mutex_lock(&c->mu);
-    if (c->app_done || atomic_load(&c->cancelled)) {
-        rc = c->app_done ? TD_EINVAL : TD_ECANCELED;
-        pthread_mutex_unlock(&c->mu);
-        grpc_byte_buffer_destroy(o->bb);
-        free(o);
-        return rc;
-    }
+    *out = o;
+    return 0;
+}
+
+static void rpc__out_free(rpc__out *o)
+{
+    if (!o) return;
+    grpc_byte_buffer_destroy(o->bb);
+    free(o);
+}
+
+/* Appends to the send queue. c->mu held. */
+static void rpc__call_enqueue(rpc_call *c, rpc__out *o)
+{
     if (c->tail)
         c->tail->next = o;
     else
         c->head = o;
     c->tail = o;
+}
+
+int rpc_call_send(rpc_call *c, const ProtobufCMessage *msg)
+{
+    if (!c || !msg) return TD_EINVAL;
+    if (atomic_load(&c->cancelled)) return TD_ECANCELED;
+    rpc__out *o;
+    int rc = rpc__out_new(msg, &o);
+    if (rc < 0) return rc;
+    pthread_mutex_lock(&c->mu);
+    if (c->app_done || atomic_load(&c->cancelled)) {
+        rc = c->app_done ? TD_EINVAL : TD_ECANCELED;
+        pthread_mutex_unlock(&c->mu);
+        rpc__out_free(o);
+        return rc;
+    }
+    rpc__call_enqueue(c, o);
     rpc__call_pump(c);
     pthread_mutex_unlock(&c->mu);
     return 0;
@@ -827,14 +861,30 @@ int rpc_call_finish(rpc_call *c, int err, const char *details)
 
 int rpc_call_reply(rpc_call *c, const ProtobufCMessage *msg)
 {
-    int rc = rpc_call_send(c, msg);
-    if (rc < 0) {
-        int frc =
-            rpc_call_finish(c, rc == TD_ECANCELED ? TD_ECANCELED : TD_EINTERNAL, "reply failed");
-        (void)frc;
-        return rc;
+    if (!c) return TD_EINVAL;
+    rpc__out *o = NULL;
+    int rc = msg ? rpc__out_new(msg, &o) : TD_EINVAL;
+    pthread_mutex_lock(&c->mu);
+    if (c->app_done) {
+        pthread_mutex_unlock(&c->mu);
+        rpc__out_free(o);
+        td_log_error(MOD, "double_finish", NULL);
+        return TD_EINVAL;
     }
-    return rpc_call_finish(c, 0, NULL);
+    c->app_done = true;
+    if (atomic_load(&c->cancelled)) {
+        rc = TD_ECANCELED;
+    } else if (rc == 0) {
+        /* Message and status queued together go out as one batch. */
+        rpc__call_enqueue(c, o);
+        o = NULL;
+        rpc__call_set_finish(c, 0, NULL);
+    } else {
+        rpc__call_set_finish(c, TD_EINTERNAL, "reply could not be serialised");
+    }
+    rpc__call_unref_unlock(c);
+    rpc__out_free(o);
+    return rc;
 }
 
 void rpc_call_on_cancel(rpc_call *c, rpc_cancel_fn fn, void *arg)
