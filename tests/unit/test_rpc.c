@@ -43,6 +43,7 @@ typedef struct job {
     uint32_t sent;
     int64_t pace_ns; /* pause between messages */
     int64_t next_ns;
+    int end_err; /* code the stream ends with after its messages */
 } job;
 
 typedef struct fixture {
@@ -113,7 +114,9 @@ static void *engine_main(void *arg)
                     j->sent++;
                     j->next_ns = now + j->pace_ns;
                     if (last) {
-                        CHECK_EQ(rpc_call_finish(j->call, 0, NULL), 0);
+                        CHECK_EQ(rpc_call_finish(j->call, j->end_err,
+                                                 j->end_err ? "shape mismatch" : NULL),
+                                 0);
                         atomic_fetch_add(&f->streams_done, 1);
                         done = true;
                     }
@@ -147,6 +150,7 @@ static void on_generate(rpc_call *call, const ProtobufCMessage *req, void *arg)
     j->call = call;
     j->total = r->sampling ? r->sampling->max_tokens : 1;
     j->pace_ns = r->sampling ? (int64_t)r->sampling->seed * TD_NS_PER_US : 0;
+    j->end_err = r->sampling && r->sampling->ignore_eos ? TD_EMISMATCH : 0;
     pthread_mutex_lock(&f->mu);
     f->incoming[f->n_incoming++] = j;
     pthread_cond_signal(&f->cv);
@@ -434,6 +438,49 @@ static void test_client_cancel_mid_stream(void **state)
     protobuf_c_message_free_unpacked(m, NULL);
     rpc_stream_free(s);
     wait_for(&f->engine_cancels, 2);
+    rpc_client_free(c);
+}
+
+static void test_stream_wait_and_error_end(void **state)
+{
+    fixture *f = *state;
+    rpc_client *c;
+    assert_int_equal(rpc_client_create(f->target, &c), 0);
+
+    /* Paced at 300 ms: the first message comes at once, then a bounded wait
+     * times out with TD_EAGAIN, and a poll too. */
+    rpc_stream *s;
+    assert_int_equal(open_generate(c, 2, 300000, td_now_ns() + 5 * TD_NS_PER_S, &s), 0);
+    ProtobufCMessage *m = NULL;
+    assert_int_equal(rpc_stream_next(s, 5 * TD_NS_PER_S, &m), 0);
+    assert_non_null(m);
+    protobuf_c_message_free_unpacked(m, NULL);
+    int64_t t0 = td_now_ns();
+    assert_int_equal(rpc_stream_next(s, 20 * TD_NS_PER_MS, &m), TD_EAGAIN);
+    assert_null(m);
+    assert_true(td_now_ns() - t0 >= 19 * TD_NS_PER_MS);
+    assert_int_equal(rpc_stream_next(s, 0, &m), TD_EAGAIN);
+    uint32_t n = 0;
+    assert_int_equal(drain_from(s, 1, &n), 0);
+    assert_int_equal(n, 1);
+    rpc_stream_free(s);
+
+    /* A stream that ends with an error after its messages: every message
+     * first, then the server's exact code and message. */
+    Tandem__V1__SamplingParams sp = TANDEM__V1__SAMPLING_PARAMS__INIT;
+    sp.max_tokens = 5;
+    sp.ignore_eos = true;
+    Tandem__V1__DecodeRequest req = TANDEM__V1__DECODE_REQUEST__INIT;
+    req.sampling = &sp;
+    assert_int_equal(rpc_client_stream(c, M_GENERATE, &req.base,
+                                       &tandem__v1__decode_response__descriptor,
+                                       td_now_ns() + 5 * TD_NS_PER_S, NULL, NULL, &s),
+                     0);
+    assert_int_equal(drain_stream(s, &n), TD_EMISMATCH);
+    assert_int_equal(n, 5);
+    assert_int_equal(rpc_stream_status(s)->grpc_code, GRPC_STATUS_FAILED_PRECONDITION);
+    assert_string_equal(rpc_stream_status(s)->details, "shape mismatch");
+    rpc_stream_free(s);
     rpc_client_free(c);
 }
 
@@ -728,6 +775,8 @@ int main(void)
                                         fixture_teardown),
         cmocka_unit_test_setup_teardown(test_deadline_exceeded, fixture_setup, fixture_teardown),
         cmocka_unit_test_setup_teardown(test_client_cancel_mid_stream, fixture_setup,
+                                        fixture_teardown),
+        cmocka_unit_test_setup_teardown(test_stream_wait_and_error_end, fixture_setup,
                                         fixture_teardown),
         cmocka_unit_test(test_server_absent_unavailable),
         cmocka_unit_test_setup_teardown(test_garbage_invalid_argument, fixture_setup,
