@@ -30,6 +30,15 @@ int32_t tok_bos_id(const tok_tokenizer *tok); /* -1 when the vocabulary has none
 int32_t tok_eos_id(const tok_tokenizer *tok); /* -1 when the vocabulary has none */
 /* True when the model's config asks for BOS to be prepended (add_bos_token). */
 int tok_adds_bos(const tok_tokenizer *tok);
+/* True when id ends generation: the EOS id or any eos_token_id listed in
+ * generation_config.json / config.json (Llama 3 instruct: <|eot_id|> too). */
+int tok_is_eog(const tok_tokenizer *tok, int32_t id);
+/* True when id is a special token (skipped by tok_decode with skip_special). */
+int tok_is_special(const tok_tokenizer *tok, int32_t id);
+/* The vocabulary's spelling of id (e.g. "\u2581Hello", "<0x0A>", "<|eot_id|>"):
+ * *piece points into tok (not NUL-terminated), valid until tok_free.
+ * TD_ERANGE for an id outside the vocabulary. */
+int tok_piece(const tok_tokenizer *tok, int32_t id, const char **piece, size_t *len);
 
 enum tok_encode_flags {
     TOK_ADD_BOS = 1 << 0,       /* prepend BOS (when the vocabulary has one) */
