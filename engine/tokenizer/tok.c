@@ -435,15 +435,17 @@ int tok_decode(const tok_tokenizer *t, const int32_t *ids, size_t n_ids, int ski
     if (raw == NULL) return TD_ENOMEM;
     size_t n = 0;
     int32_t prev = -1;
+    bool first = true; /* no token emitted yet */
     for (size_t i = 0; i < n_ids; i++) {
         int32_t id = ids[i];
         const char *p = t->arena + t->dec_off[id];
         size_t pl = t->dec_len[id];
         if (!(skip_special && (t->attr[id] & TOK__ATTR_SPECIAL))) {
-            if (pl > 0 && p[0] == ' ' && strip_at(t, n == 0, prev)) {
+            if (pl > 0 && p[0] == ' ' && strip_at(t, first, prev)) {
                 p++;
                 pl--;
             }
+            first = false;
             memcpy(raw + n, p, pl);
             n += pl;
         }
