@@ -313,6 +313,63 @@ static void t_golden_llama_spm(void **state)
     tok_free(t);
 }
 
+/* The same vocabulary declared the older way: no normalizer, a Metaspace
+ * pre-tokenizer (prepend at the start only, no split) and a Metaspace
+ * decoder. Same ids; with split=true runs of spaces split apart. */
+static char *metaspace_variant(bool split)
+{
+    char buf[1024];
+    if (!shared_path("tokenizers/llama2-spm/tokenizer.json", buf, sizeof(buf))) return NULL;
+    char *json = read_all(buf, NULL);
+    cJSON *root = cJSON_Parse(json);
+    free(json);
+    assert_non_null(root);
+    cJSON_ReplaceItemInObject(root, "normalizer", cJSON_CreateNull());
+    cJSON *pre = cJSON_CreateObject();
+    cJSON_AddStringToObject(pre, "type", "Metaspace");
+    cJSON_AddStringToObject(pre, "replacement", "\xE2\x96\x81");
+    cJSON_AddStringToObject(pre, "prepend_scheme", "first");
+    cJSON_AddBoolToObject(pre, "split", split);
+    cJSON_ReplaceItemInObject(root, "pre_tokenizer", pre);
+    cJSON *dec = cJSON_CreateObject();
+    cJSON_AddStringToObject(dec, "type", "Metaspace");
+    cJSON_AddStringToObject(dec, "replacement", "\xE2\x96\x81");
+    cJSON_AddStringToObject(dec, "prepend_scheme", "first");
+    cJSON *seq = cJSON_CreateObject();
+    cJSON_AddStringToObject(seq, "type", "Sequence");
+    cJSON *decs = cJSON_AddArrayToObject(seq, "decoders");
+    cJSON *bf = cJSON_CreateObject();
+    cJSON_AddStringToObject(bf, "type", "ByteFallback");
+    cJSON_AddItemToArray(decs, bf);
+    cJSON_AddItemToArray(decs, dec);
+    cJSON_ReplaceItemInObject(root, "decoder", seq);
+    char *out = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    char *dir = make_tmpdir();
+    write_str(dir, "tokenizer.json", out);
+    free(out);
+    return dir;
+}
+
+static void t_metaspace(void **state)
+{
+    char *dir = metaspace_variant(false);
+    if (dir == NULL) return;
+    tok_tokenizer *t = NULL;
+    assert_int_equal(tok_load(dir, &t, NULL, 0), 0);
+    check_golden(t, "ggml-vocab-llama-spm.gguf.out", true, NULL, NULL);
+    tok_free(t);
+    remove_tmpdir(dir);
+
+    dir = metaspace_variant(true);
+    assert_int_equal(tok_load(dir, &t, NULL, 0), 0);
+    int32_t split[] = {29871, 29871, 15043}; /* "▁" "▁" "▁Hello", not "▁▁" "▁Hello" */
+    expect_ids(t, "  Hello", 0, split, 3);
+    expect_roundtrip(t, "  Hello   world \xE6\x88\x91", 0);
+    tok_free(t);
+    remove_tmpdir(dir);
+}
+
 /* llama2.c's score-driven merges give SentencePiece's ids on the same
  * Llama 2 vocabulary. */
 static void t_golden_llama2c_bin(void **state)
@@ -1032,6 +1089,7 @@ int main(void)
         cmocka_unit_test(t_golden_gpt2_tokenizer_json),
         cmocka_unit_test(t_golden_llama_spm),
         cmocka_unit_test(t_golden_llama2c_bin),
+        cmocka_unit_test(t_metaspace),
         cmocka_unit_test(t_llama3_tiny),
         cmocka_unit_test(t_llama3_special_and_chat),
         cmocka_unit_test(t_chat_llama2),
