@@ -524,6 +524,46 @@ static void test_finished_free_blocks(void **state)
     unmake(&u);
 }
 
+static void test_no_admission_after_preemption(void **state)
+{
+    (void)state;
+    sch_config c = {
+        .max_num_batched_tokens = 64, .max_num_seqs = 4, .max_model_len = 24, .check_kv = true};
+    setup u;
+    make(&u, 6, 4, false, &c);
+    mock m;
+    mock_init(&m, u.pool, u.s, 4);
+    m.budget = 64;
+    m.max_running = 4;
+    int32_t p[12] = {0};
+    add_req(u.s, 1, p, 12, 8); /* 3 blocks */
+    add_req(u.s, 2, p, 12, 8); /* 3 blocks: the pool is full */
+    assert_int_equal(mock_step(&m), 2);
+    /* A high-priority request that needs one block. */
+    sch_request hi = {.req_id = 3, .prompt = p, .n_prompt = 2, .max_new_tokens = 8, .priority = -1};
+    assert_int_equal(sch_add(u.s, &hi), 0);
+    /* 1 needs a block for position 12: 2 (the lowest priority, latest) is
+     * preempted, 1 takes one of its blocks. Request 3 would fit in the other
+     * two, but nothing is admitted in a step that preempted. */
+    assert_int_equal(mock_step(&m), 1);
+    assert_int_equal(m.last[0].req_id, 1);
+    assert_int_equal(m.n_last_preempted, 1);
+    assert_int_equal(m.last_preempted[0], 2);
+    sch_stats ss;
+    sch_stats_get(u.s, &ss);
+    assert_int_equal(ss.n_waiting, 2);
+    /* Next step: 3 (priority) is admitted, 2 does not fit behind it. */
+    assert_int_equal(mock_step(&m), 2);
+    assert_int_equal(m.last[0].req_id, 1);
+    assert_int_equal(m.last[1].req_id, 3);
+    mock_run(&m, 200);
+    assert_int_equal(m.out_len[1], 20);
+    assert_int_equal(m.out_len[2], 20);
+    assert_int_equal(m.out_len[3], 10);
+    mock_free(&m);
+    unmake(&u);
+}
+
 static void test_priority_victim(void **state)
 {
     (void)state;
@@ -725,6 +765,7 @@ int main(void)
         cmocka_unit_test(test_preemption_recompute_same_output),
         cmocka_unit_test(test_random_runs_prefix_cache),
         cmocka_unit_test(test_finished_free_blocks),
+        cmocka_unit_test(test_no_admission_after_preemption),
         cmocka_unit_test(test_priority_victim),
         cmocka_unit_test(test_prefill_only_hold_kv),
         cmocka_unit_test(test_decode_mode_prefilled),
