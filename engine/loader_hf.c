@@ -90,6 +90,48 @@ static void hf__token_id(const cJSON *root, const char *key, int32_t *out)
     if (cJSON_IsNumber(v)) *out = (int32_t)v->valuedouble;
 }
 
+/* rope_scaling: null, {"rope_type"|"type": "linear", "factor"} or "llama3"
+ * with its frequency factors; anything else is refused rather than ignored
+ * (ignoring it would silently change the model's output). */
+static int hf__parse_rope_scaling(const cJSON *root, mdl_config *c, const char *path, char *err,
+                                  size_t errlen)
+{
+    const cJSON *rs = cJSON_GetObjectItemCaseSensitive(root, "rope_scaling");
+    if (!rs || cJSON_IsNull(rs)) return 0;
+    const cJSON *ty = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
+    if (!cJSON_IsString(ty)) ty = cJSON_GetObjectItemCaseSensitive(rs, "type");
+    const char *type = cJSON_IsString(ty) ? ty->valuestring : "(none)";
+    c->rope_factor = 1.0f;
+    int rc = hf__float(rs, "factor", &c->rope_factor, err, errlen);
+    if (rc != 0) return rc;
+    if (strcmp(type, "default") == 0) return 0;
+    if (!(c->rope_factor > 0.0f))
+        return mdl__fail(err, errlen, TD_EFORMAT, "%s: rope_scaling factor must be > 0", path);
+    if (strcmp(type, "linear") == 0) {
+        c->rope_scaling = MDL_ROPE_SCALING_LINEAR;
+        return 0;
+    }
+    if (strcmp(type, "llama3") == 0) {
+        c->rope_scaling = MDL_ROPE_SCALING_LLAMA3;
+        c->rope_low_freq_factor = 1.0f;
+        c->rope_high_freq_factor = 4.0f;
+        c->rope_orig_max_pos = 8192;
+        if ((rc = hf__float(rs, "low_freq_factor", &c->rope_low_freq_factor, err, errlen)) ||
+            (rc = hf__float(rs, "high_freq_factor", &c->rope_high_freq_factor, err, errlen)) ||
+            (rc = hf__int(rs, "original_max_position_embeddings", &c->rope_orig_max_pos, 0, err,
+                          errlen)))
+            return rc;
+        if (!(c->rope_high_freq_factor > c->rope_low_freq_factor) ||
+            !(c->rope_low_freq_factor > 0.0f) || c->rope_orig_max_pos <= 0)
+            return mdl__fail(err, errlen, TD_EFORMAT, "%s: bad llama3 rope_scaling parameters",
+                             path);
+        return 0;
+    }
+    return mdl__fail(err, errlen, TD_EUNSUPPORTED,
+                     "%s: rope_scaling type \"%s\" is not supported (linear, llama3 are)", path,
+                     type);
+}
+
 static int hf__parse_config(const char *dir, mdl_config *c, char *err, size_t errlen)
 {
     char path[4096];
@@ -141,11 +183,7 @@ static int hf__parse_config(const char *dir, mdl_config *c, char *err, size_t er
                        act->valuestring);
         goto out;
     }
-    const cJSON *rs = cJSON_GetObjectItemCaseSensitive(root, "rope_scaling");
-    if (rs && !cJSON_IsNull(rs)) {
-        rc = mdl__fail(err, errlen, TD_EUNSUPPORTED, "%s: rope_scaling is not supported yet", path);
-        goto out;
-    }
+    if ((rc = hf__parse_rope_scaling(root, c, path, err, errlen)) != 0) goto out;
     if ((rc = hf__int(root, "hidden_size", &c->dim, 1, err, errlen)) ||
         (rc = hf__int(root, "intermediate_size", &c->hidden_dim, 1, err, errlen)) ||
         (rc = hf__int(root, "num_hidden_layers", &c->n_layers, 1, err, errlen)) ||

@@ -1,5 +1,6 @@
 #include "engine/model.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -84,6 +85,31 @@ void mdl_config_defaults(mdl_config *cfg)
     cfg->bos_id = -1;
     cfg->eos_id = -1;
     cfg->rope_layout = MDL_ROPE_HALF;
+}
+
+void mdl_rope_inv_freq(const mdl_config *c, float *out)
+{
+    int hd = c->head_dim;
+    for (int i = 0; i < hd / 2; i++) {
+        float f = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)hd);
+        if (c->rope_scaling == MDL_ROPE_SCALING_LINEAR) {
+            f /= c->rope_factor;
+        } else if (c->rope_scaling == MDL_ROPE_SCALING_LLAMA3) {
+            /* Long wavelengths are stretched by factor, short ones kept, the band
+             * between blended (Llama 3.1's scheme). */
+            float old = (float)c->rope_orig_max_pos;
+            float low_wl = old / c->rope_low_freq_factor, high_wl = old / c->rope_high_freq_factor;
+            float wl = 2.0f * 3.14159265358979f / f;
+            if (wl > low_wl) {
+                f /= c->rope_factor;
+            } else if (wl >= high_wl) {
+                float sm = (old / wl - c->rope_low_freq_factor) /
+                           (c->rope_high_freq_factor - c->rope_low_freq_factor);
+                f = (1.0f - sm) * f / c->rope_factor + sm * f;
+            }
+        }
+        out[i] = f;
+    }
 }
 
 int mdl__check_config(const mdl_config *c, char *err, size_t errlen)

@@ -26,6 +26,12 @@ enum mdl_rope_layout {
     MDL_ROPE_HALF = 1,     /* Hugging Face: rotate (i, i + head_dim/2), frequency index i */
 };
 
+enum mdl_rope_scaling {
+    MDL_ROPE_SCALING_NONE = 0,
+    MDL_ROPE_SCALING_LINEAR = 1, /* frequencies / factor */
+    MDL_ROPE_SCALING_LLAMA3 = 2, /* Llama 3.1: long wavelengths / factor, blended band */
+};
+
 enum mdl_format {
     MDL_FORMAT_HF = 0,
     MDL_FORMAT_LLAMA2C = 1,
@@ -45,6 +51,13 @@ typedef struct mdl_config {
     float rope_theta; /* RoPE base (10000 by default) */
     float norm_eps;   /* RMSNorm epsilon */
     enum mdl_rope_layout rope_layout;
+    /* rope_scaling from config.json: NONE, LINEAR (factor) or LLAMA3 (factor,
+     * low/high_freq_factor, original_max_position_embeddings). */
+    enum mdl_rope_scaling rope_scaling;
+    float rope_factor;
+    float rope_low_freq_factor;
+    float rope_high_freq_factor;
+    int rope_orig_max_pos;
     int qkv_bias;    /* 1 when q/k/v projections carry biases (Qwen2) */
     int tied_output; /* 1 when the classifier is the token embedding */
     int32_t bos_id;  /* -1 when unknown */
@@ -90,6 +103,11 @@ void mdl_free(mdl_model *m); /* accepts NULL */
  * for tests and benchmarks; cfg's shape fields must be set (head_dim 0 means
  * dim / n_heads). Owned by the caller (mdl_free). */
 int mdl_create_random(const mdl_config *cfg, uint64_t seed, float scale, mdl_model **out);
+
+/* RoPE inverse frequencies for pair i < head_dim/2 (the angle at position p is
+ * p * inv_freq[i]), with the config's rope_theta and rope_scaling applied, in
+ * float32 as Hugging Face and llama2.c compute them. out: [head_dim/2]. */
+void mdl_rope_inv_freq(const mdl_config *cfg, float *out);
 
 /* Fills cfg with a config's defaults (theta 10000, eps 1e-5, ids -1). */
 void mdl_config_defaults(mdl_config *cfg);

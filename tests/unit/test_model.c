@@ -669,8 +669,8 @@ static void test_hf_errors(void **state)
                     "model.layers.1.mlp.up_proj.weight", 0);
     expect_hf_error("LlamaForCausalLM", NULL, reshape_down0, TD_EFORMAT,
                     "model.layers.0.mlp.down_proj.weight", 0);
-    expect_hf_error("LlamaForCausalLM", ",\"rope_scaling\":{\"type\":\"linear\",\"factor\":2}",
-                    NULL, TD_EUNSUPPORTED, "rope_scaling", 0);
+    expect_hf_error("LlamaForCausalLM", ",\"rope_scaling\":{\"type\":\"yarn\",\"factor\":2}", NULL,
+                    TD_EUNSUPPORTED, "yarn", 0);
     expect_hf_error("LlamaForCausalLM", ",\"head_dim\":7", NULL, TD_EFORMAT, "odd", 0);
 
     char dir[512], err[256] = "";
@@ -712,6 +712,49 @@ static void st_bytes(const char *json, uint64_t hlen_override, size_t data_bytes
     memcpy(out + 8, json, strlen(json));
     memset(out + 8 + strlen(json), 0, data_bytes);
     *n = 8 + strlen(json) + data_bytes;
+}
+
+/* rope_scaling parsing and the llama3 frequency transform. */
+static void test_rope_scaling(void **state)
+{
+    (void)state;
+    mdl_model *m = random_model(0, 0);
+    char dir[512], path[600], err[256] = "";
+    make_dir("rs", dir, sizeof(dir));
+    st_list L = {0};
+    hf_tensors(m, "F32", 1, &L);
+    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+    st_write(&L, 0, L.n, path);
+    write_config(dir, m, "LlamaForCausalLM", 0,
+                 ",\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8.0,"
+                 "\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,"
+                 "\"original_max_position_embeddings\":8192}");
+    mdl_model *h = NULL;
+    int rc = mdl_load(dir, &h, err, sizeof(err));
+    if (rc != 0) fail_msg("%s", err);
+    assert_int_equal(h->cfg.rope_scaling, MDL_ROPE_SCALING_LLAMA3);
+    /* head_dim 8, theta 1e4 -> base frequencies 1, 0.1, 0.01, 0.001; wavelengths
+     * 6.28, 62.8, 628, 6283 are all below 8192/4 = 2048 except the last, which
+     * lies between 2048 and 8192 and is blended. */
+    float f[4];
+    mdl_rope_inv_freq(&h->cfg, f);
+    assert_float_equal(f[0], 1.0f, 1e-6);
+    assert_float_equal(f[1], 0.1f, 1e-6);
+    assert_float_equal(f[2], 0.01f, 1e-7);
+    float wl = 2.0f * 3.14159265f / 0.001f, sm = (8192.0f / wl - 1.0f) / 3.0f;
+    assert_float_equal(f[3], (1 - sm) * 0.001f / 8 + sm * 0.001f, 1e-8);
+    mdl_config lin = h->cfg;
+    lin.rope_scaling = MDL_ROPE_SCALING_LINEAR;
+    lin.rope_factor = 2.0f;
+    mdl_rope_inv_freq(&lin, f);
+    assert_float_equal(f[1], 0.05f, 1e-7);
+    mdl_free(h);
+    st_free(&L);
+    mdl_free(m);
+    unlink(path);
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    unlink(path);
+    rmdir(dir);
 }
 
 static void test_safetensors_errors(void **state)
@@ -781,6 +824,7 @@ int main(void)
         cmocka_unit_test(test_hf_sharded_tied),
         cmocka_unit_test(test_hf_qwen2_biases),
         cmocka_unit_test(test_hf_errors),
+        cmocka_unit_test(test_rope_scaling),
         cmocka_unit_test(test_safetensors_errors),
         cmocka_unit_test(test_llama2c_errors),
     };

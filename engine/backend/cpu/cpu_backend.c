@@ -137,9 +137,7 @@ static int cpu_create(const mdl_model *m, const be_options *o, void **out, char 
         goto fail;
     c->seq_maxpos = calloc((size_t)o->max_seqs, sizeof(int));
     if (!c->seq_maxpos) goto fail;
-    /* Same formula as llama2.c and HF (float32): theta^(-2i/head_dim). */
-    for (size_t i = 0; i < hd / 2; i++)
-        c->inv_freq[i] = 1.0f / powf(mc->rope_theta, (float)(2 * i) / (float)hd);
+    mdl_rope_inv_freq(mc, c->inv_freq);
     rc = cpool_create(c->o.n_threads, &c->pool);
     if (rc != 0) goto fail;
     if (o->matmul == BE_MATMUL_BLAS) openblas_set_num_threads(c->o.n_threads);
