@@ -3,11 +3,26 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "common/err.h"
 
-#define CPOOL_SPIN 20000 /* polls before a worker sleeps (tens of microseconds) */
+#define CPOOL_SPIN 20000 /* polls before a thread sleeps or yields (tens of microseconds) */
+
+/* The run word packs [generation:24][next task:20][task count:20]. Claiming a
+ * task is one compare-and-swap that also checks the generation, so a worker
+ * that wakes late can never take a task of a later run with stale fn/arg:
+ * once it holds a claimed task of generation g, the caller cannot finish g
+ * (it waits for every task) nor publish g + 1's fn/arg. */
+#define CPOOL_TASK_BITS 20
+#define CPOOL_MAX_TASKS ((1u << CPOOL_TASK_BITS) - 1)
+#define CPOOL_GEN(v)    ((uint32_t)((v) >> (2 * CPOOL_TASK_BITS)))
+#define CPOOL_NEXT(v)   ((uint32_t)((v) >> CPOOL_TASK_BITS) & CPOOL_MAX_TASKS)
+#define CPOOL_COUNT(v)  ((uint32_t)(v)&CPOOL_MAX_TASKS)
+#define CPOOL_PACK(g, nx, n)                                                                       \
+    (((uint64_t)((g)&0xffffffu) << (2 * CPOOL_TASK_BITS)) | ((uint64_t)(nx) << CPOOL_TASK_BITS) |  \
+     (uint64_t)(n))
 
 struct cpool {
     int n_threads;
@@ -15,13 +30,12 @@ struct cpool {
     int n_started;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    atomic_uint gen; /* bumped for every run (and for stop) */
-    atomic_int next; /* next task index to take */
-    atomic_int done; /* workers finished with the current run */
+    _Atomic uint64_t run;
+    atomic_uint completed; /* tasks of the current run finished */
     atomic_int stop;
-    cpool_fn fn;
+    cpool_fn fn; /* written only while no run is in flight */
     void *arg;
-    int n_tasks;
+    int base; /* task index offset of this run (runs are split at CPOOL_MAX_TASKS) */
 };
 
 struct cpool_worker_arg {
@@ -36,12 +50,17 @@ static inline void cpool__relax(void)
 #endif
 }
 
-static void cpool__work(cpool *p, int thread)
+/* Claims and runs tasks of generation gen until none is left. */
+static void cpool__work(cpool *p, uint32_t gen, int thread)
 {
+    uint64_t v = atomic_load(&p->run);
     for (;;) {
-        int t = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed);
-        if (t >= p->n_tasks) break;
-        p->fn(p->arg, t, thread);
+        if (CPOOL_GEN(v) != gen || CPOOL_NEXT(v) >= CPOOL_COUNT(v)) return;
+        if (!atomic_compare_exchange_weak(&p->run, &v, v + ((uint64_t)1 << CPOOL_TASK_BITS)))
+            continue;
+        p->fn(p->arg, p->base + (int)CPOOL_NEXT(v), thread);
+        atomic_fetch_add_explicit(&p->completed, 1, memory_order_release);
+        v = atomic_load(&p->run);
     }
 }
 
@@ -51,23 +70,22 @@ static void *cpool__main(void *varg)
     cpool *p = wa->p;
     int index = wa->index;
     free(wa);
-    unsigned seen = 0;
+    uint32_t seen = CPOOL_GEN(atomic_load(&p->run));
     for (;;) {
-        unsigned g = atomic_load(&p->gen);
+        uint32_t g = CPOOL_GEN(atomic_load(&p->run));
         for (int i = 0; i < CPOOL_SPIN && g == seen; i++) {
             cpool__relax();
-            g = atomic_load(&p->gen);
+            g = CPOOL_GEN(atomic_load(&p->run));
         }
         if (g == seen) {
             pthread_mutex_lock(&p->mu);
-            while ((g = atomic_load(&p->gen)) == seen)
+            while ((g = CPOOL_GEN(atomic_load(&p->run))) == seen && !atomic_load(&p->stop))
                 pthread_cond_wait(&p->cv, &p->mu);
             pthread_mutex_unlock(&p->mu);
         }
-        seen = g;
         if (atomic_load(&p->stop)) break;
-        cpool__work(p, index);
-        atomic_fetch_add(&p->done, 1);
+        seen = g;
+        cpool__work(p, g, index);
     }
     return NULL;
 }
@@ -81,9 +99,8 @@ int cpool_create(int n_threads, cpool **out)
     p->n_threads = n_threads;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
-    atomic_init(&p->gen, 0);
-    atomic_init(&p->next, 0);
-    atomic_init(&p->done, 0);
+    atomic_init(&p->run, CPOOL_PACK(0, 0, 0));
+    atomic_init(&p->completed, 0);
     atomic_init(&p->stop, 0);
     if (n_threads > 1) {
         p->workers = calloc((size_t)n_threads - 1, sizeof(pthread_t));
@@ -112,15 +129,22 @@ int cpool_create(int n_threads, cpool **out)
     return 0;
 }
 
+/* Publishes a new run word (new generation) and wakes sleeping workers. */
+static void cpool__publish(cpool *p, uint32_t count)
+{
+    uint32_t g = CPOOL_GEN(atomic_load(&p->run)) + 1;
+    atomic_store(&p->run, CPOOL_PACK(g, 0, count));
+    pthread_mutex_lock(&p->mu);
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+}
+
 void cpool_free(cpool *p)
 {
     if (!p) return;
     if (p->n_started > 0) {
         atomic_store(&p->stop, 1);
-        pthread_mutex_lock(&p->mu);
-        atomic_fetch_add(&p->gen, 1);
-        pthread_cond_broadcast(&p->cv);
-        pthread_mutex_unlock(&p->mu);
+        cpool__publish(p, 0);
         for (int i = 0; i < p->n_started; i++)
             pthread_join(p->workers[i], NULL);
     }
@@ -143,20 +167,22 @@ void cpool_run(cpool *p, cpool_fn fn, void *arg, int n_tasks)
             fn(arg, t, 0);
         return;
     }
-    p->fn = fn;
-    p->arg = arg;
-    p->n_tasks = n_tasks;
-    atomic_store(&p->next, 0);
-    atomic_store(&p->done, 0);
-    pthread_mutex_lock(&p->mu);
-    atomic_fetch_add(&p->gen, 1);
-    pthread_cond_broadcast(&p->cv);
-    pthread_mutex_unlock(&p->mu);
-    cpool__work(p, 0);
-    for (int i = 0; atomic_load(&p->done) < p->n_started; i++) {
-        if (i < CPOOL_SPIN)
-            cpool__relax();
-        else
-            sched_yield();
+    for (int base = 0; base < n_tasks; base += (int)CPOOL_MAX_TASKS) {
+        uint32_t count = (uint32_t)(n_tasks - base);
+        if (count > CPOOL_MAX_TASKS) count = CPOOL_MAX_TASKS;
+        p->fn = fn;
+        p->arg = arg;
+        p->base = base;
+        atomic_store(&p->completed, 0);
+        cpool__publish(p, count);
+        cpool__work(p, CPOOL_GEN(atomic_load(&p->run)), 0);
+        /* Wait for tasks other threads claimed; a worker that never woke up
+         * claimed nothing and is not waited for. */
+        for (int i = 0; atomic_load_explicit(&p->completed, memory_order_acquire) < count; i++) {
+            if (i < CPOOL_SPIN)
+                cpool__relax();
+            else
+                sched_yield();
+        }
     }
 }
