@@ -264,12 +264,12 @@ int mtm_write_hf(const mtm_shape *s, uint64_t seed, enum mtm_dtype dt, int n_sha
     mtm_vocab vocab = {0};
     char path[4096], fname[64];
 
-    if ((rc = make_dirs(dir)) != 0) return rc;
     int n = hf_tensor_list(s, NULL, 0);
     if (n_shards < 1 || n_shards > n) {
         fprintf(stderr, "make-test-model: --shards must be in [1, %d] for shape %s\n", n, s->name);
         return TD_EINVAL;
     }
+    if ((rc = make_dirs(dir)) != 0) return rc;
     rc = TD_ENOMEM;
     t = calloc((size_t)n, sizeof *t);
     if (!t) goto out;
