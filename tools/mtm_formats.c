@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 int mtm_fwrite(FILE *f, const void *p, size_t n, const char *path)
 {
@@ -335,10 +336,17 @@ int mtm_write_hf(const mtm_shape *s, uint64_t seed, enum mtm_dtype dt, int n_sha
             goto out;
         }
     }
+    /* Rewriting a directory must not leave a stale weight file that a loader
+     * would prefer (an old index) or find (an old single file). */
+    if ((rc = join(path, sizeof path, dir, "model.safetensors.index.json")) != 0) goto out;
     if (n_shards > 1) {
-        if ((rc = join(path, sizeof path, dir, "model.safetensors.index.json")) != 0 ||
-            (rc = write_index(t, n, n_shards, total, path)) != 0)
-            goto out;
+        if ((rc = write_index(t, n, n_shards, total, path)) != 0) goto out;
+        if ((rc = join(path, sizeof path, dir, "model.safetensors")) != 0) goto out;
+    }
+    if (unlink(path) != 0 && errno != ENOENT) {
+        fprintf(stderr, "make-test-model: cannot remove stale %s: %s\n", path, strerror(errno));
+        rc = TD_EIO;
+        goto out;
     }
     if ((rc = join(path, sizeof path, dir, "config.json")) != 0 ||
         (rc = write_config(s, dt, path)) != 0)

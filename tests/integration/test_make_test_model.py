@@ -213,6 +213,12 @@ def run_checks(binary, tmp):
           "shards hold exactly the single file's tensors")
     total = sum(v.size * 4 for v in w32.values())
     check(index["metadata"]["total_size"] == total, "index total_size is the sum of tensor bytes")
+    r = mtm(binary, "--format", "hf", "--shape", "tiny-qwen2", "--seed", "9", "--out", ds)
+    check(r.returncode == 0 and not os.path.exists(os.path.join(ds, "model.safetensors.index.json")),
+          "rewriting a sharded directory as one file removes the stale index")
+    r = mtm(binary, "--format", "hf", "--shape", "tiny-qwen2", "--seed", "9", "--shards", "3", "--out", ds)
+    check(r.returncode == 0 and not os.path.exists(os.path.join(ds, "model.safetensors")),
+          "rewriting as shards removes the stale single file")
     ts, _ = ref.generate(ref.load(ds), prompt, 8)
     t1, _ = ref.generate(ref.load(os.path.join(tmp, "st-tiny-qwen2-f32")), prompt, 8)
     check(ts == t1, "sharded and single-file directories give the same tokens")
@@ -231,6 +237,11 @@ def run_checks(binary, tmp):
         (["--format", "hf", "--shape", "tiny", "--seed", "1", "--shards", "1000"], "--shards must be in"),
         (["--shape", "tiny", "--seed", "1"], "required"),
     ]
+    afile = os.path.join(tmp, "a-file")
+    with open(afile, "w") as f:
+        f.write("x")
+    r = mtm(binary, "--format", "hf", "--shape", "tiny", "--seed", "1", "--out", afile)
+    check(r.returncode == 1 and "not a directory" in r.stderr, "hf --out naming a file: exit 1, says 'not a directory'")
     for args, needle in bad:
         out = os.path.join(tmp, "bad", "x")
         r = mtm(binary, *args, "--out", out)
