@@ -162,8 +162,16 @@ def run_checks(binary, tmp):
         check(len(set(th)) > steps // 4, f"{shape}: greedy output is not collapsed ({len(set(th))} distinct of {steps})")
         with open(os.path.join(hf, "config.json")) as f:
             cfg = json.load(f)
-        pieces, _, _ = llama2c_tok.load(os.path.join(os.path.dirname(l2), "tokenizer.bin"), cfg["vocab_size"])
+        pieces, scores, _ = llama2c_tok.load(os.path.join(os.path.dirname(l2), "tokenizer.bin"), cfg["vocab_size"])
         check(len(pieces) == cfg["vocab_size"], f"{shape}: tokenizer.bin has vocab_size pieces")
+        with open(os.path.join(hf, "tokenizer.json"), encoding="utf-8") as f:
+            tj = json.load(f)
+        text = "Once upon a time there was a little robot named Pip. The cat sat by the sea, 365 days!"
+        ids_bin = llama2c_tok.encode(pieces, scores, text)
+        ids_json = [1] + bpe_encode_json(tj, " " + text)
+        check(ids_bin == ids_json and len(ids_bin) < len(text) * 0.8,
+              f"{shape}: tokenizer.bin (llama2.c encode) and tokenizer.json (BPE) give the same {len(ids_bin)} ids")
+        check(llama2c_tok.decode(pieces, ids_bin[1:]) == text.encode(), f"{shape}: tokenizer.bin decodes the text back")
 
     # HF files of every shape and dtype.
     for shape in ("tiny", "tiny-qwen2", "tiny-mistral", "tiny-untied"):
@@ -247,6 +255,24 @@ def run_checks(binary, tmp):
         r = mtm(binary, *args, "--out", out)
         check(r.returncode == 2 and needle in r.stderr and not os.path.exists(out),
               f"error path {' '.join(args)}: exit 2, says '{needle}' (got {r.returncode}: {r.stderr.strip().replace(chr(10), ' | ')[:120]})")
+
+
+def bpe_encode_json(tj, text):
+    """Byte-level BPE with merge ranks, GPT-2 pre-split (ASCII text only)."""
+    import re
+    vocab = tj["model"]["vocab"]
+    rank = {tuple(m.split(" ")): r for r, m in enumerate(tj["model"]["merges"])}
+    out = []
+    for word in re.findall(r" ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+", text):
+        parts = ["\u0120" if c == " " else c for c in word]  # ASCII: only space remaps (to U+0120)
+        while len(parts) > 1:
+            pairs = [(rank.get((parts[i], parts[i + 1]), 1 << 30), i) for i in range(len(parts) - 1)]
+            r, i = min(pairs)
+            if r == 1 << 30:
+                break
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        out += [vocab[p] for p in parts]
+    return out
 
 
 def check_tokenizer(d, cfg):

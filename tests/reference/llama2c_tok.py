@@ -54,3 +54,38 @@ def decode(pieces, tokens, prev=1, bos=1):
             out.append(p)
         prev = t
     return b"".join(out)
+
+
+def encode(pieces, scores, text, bos=True):
+    """Encodes text (str) the way llama2.c's program does: a dummy leading
+    space, each UTF-8 character looked up by its text (else byte fallback
+    id 3 + byte), then repeatedly merge the adjacent pair whose concatenation
+    is a token with the highest score."""
+    lookup = {}
+    for i, p in enumerate(pieces):
+        lookup.setdefault(p, i)
+    ids = [1] if bos else []
+    data = text.encode("utf-8")
+    toks = [lookup[b" "]] if data else []
+    i = 0
+    while i < len(data):
+        n = 1
+        while i + n < len(data) and (data[i + n] & 0xC0) == 0x80 and n < 4:
+            n += 1
+        ch = data[i : i + n]
+        if ch in lookup:
+            toks.append(lookup[ch])
+        else:
+            toks.extend(b + 3 for b in ch)
+        i += n
+    while True:
+        best = None
+        for j in range(len(toks) - 1):
+            t = lookup.get(pieces[toks[j]] + pieces[toks[j + 1]])
+            if t is not None and (best is None or scores[t] > best[0]):
+                best = (scores[t], j, t)
+        if best is None:
+            break
+        _, j, t = best
+        toks[j : j + 2] = [t]
+    return ids + toks
