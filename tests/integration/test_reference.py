@@ -24,7 +24,8 @@ every later step. Checks, per step i:
 
 Contract assumed of tandem-generate --json: stdout holds a JSON object (the
 last line that parses as one) with the generated ids under "tokens" (the
-prompt excluded; a list that starts with the prompt is trimmed). The logits
+prompt excluded; a list holding the prompt and then one id per logits row
+is trimmed). The logits
 file is float32 little-endian [n_generated][vocab].
 
 Usage: test_reference.py [--bin-dir DIR] [--generate BIN] [--cases a,b]
@@ -72,7 +73,9 @@ CASES = {
 }
 
 
-def parse_engine_tokens(stdout, prompt):
+def parse_engine_tokens(stdout, prompt, n_rows):
+    """Generated ids from the engine's JSON. n_rows: rows in its logits file,
+    used to recognise a list that repeats the prompt before the new ids."""
     obj = None
     try:
         obj = json.loads(stdout)
@@ -88,7 +91,7 @@ def parse_engine_tokens(stdout, prompt):
     if not isinstance(obj, dict) or not isinstance(obj.get("tokens"), list):
         raise ValueError("no JSON object with a \"tokens\" list on stdout")
     toks = [int(t) for t in obj["tokens"]]
-    if len(toks) > len(prompt) and toks[: len(prompt)] == prompt and len(toks) > STEPS:
+    if len(toks) == n_rows + len(prompt) and toks[: len(prompt)] == prompt:
         toks = toks[len(prompt) :]
     return toks
 
@@ -112,15 +115,14 @@ def run_case(name, spec, a, tmp):
     t_engine = time.monotonic() - t0
     if r.returncode != 0:
         return [f"tandem-generate exited {r.returncode}: {r.stderr.strip()[-600:]}\n  command: {' '.join(cmd)}"], None
+    m = ref.load(model)
+    raw = np.fromfile(logits_path, dtype="<f4") if os.path.exists(logits_path) else np.zeros(0, dtype="<f4")
     try:
-        etoks = parse_engine_tokens(r.stdout, PROMPT)
+        etoks = parse_engine_tokens(r.stdout, PROMPT, raw.size // m.vocab)
     except ValueError as e:
         return [f"{e}; stdout was: {r.stdout[-400:]!r}"], None
-
-    m = ref.load(model)
     errs = []
     n = len(etoks)
-    raw = np.fromfile(logits_path, dtype="<f4") if os.path.exists(logits_path) else np.zeros(0, dtype="<f4")
     if raw.size != n * m.vocab:
         return [f"logits file holds {raw.size} floats, expected {n} steps x {m.vocab} vocab = {n * m.vocab}"], None
     elog = raw.astype(np.float64).reshape(n, m.vocab)
