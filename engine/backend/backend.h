@@ -33,10 +33,12 @@
 #include "engine/kvcache/kv_layout.h"
 #include "engine/model.h"
 
-/* Called after layer `layer` has written the K/V of every token of the batch
- * into the pool (before layer + 1 starts). Runs on the forward's thread; it
- * must not call back into the backend. A non-zero return aborts the forward,
- * which then returns that value. */
+/* Called once per layer, as soon as layer `layer` has written the K/V of every
+ * token of the batch into the pool: before that layer's attention and FFN run,
+ * so a prefill worker can ship layer l's blocks while l (and l + 1...) compute.
+ * The K/V of layer `layer` are final when it is called. Runs on the forward's
+ * thread; it must not call back into the backend. A non-zero return aborts
+ * the forward, which then returns that value. */
 typedef int (*be_layer_done_fn)(void *arg, int layer);
 
 typedef struct be_batch {
