@@ -53,6 +53,8 @@ int be_open(const char *name, const mdl_model *m, const be_options *o, be_backen
 {
     *out = NULL;
     const be_ops *ops = be_find(name);
+    if (!ops && name && strcmp(name, "cuda") == 0)
+        return be__err(err, errlen, TD_ENODEV, "backend \"%s\" is not built in this binary", name);
     if (!ops) return be__err(err, errlen, TD_ENOENT, "unknown backend \"%s\"", name ? name : "");
     int rc = ops->probe();
     if (rc != 0) return be__err(err, errlen, rc, "backend \"%s\" has no device here", name);

@@ -100,7 +100,8 @@ typedef struct be_backend be_backend;
 const be_ops *be_find(const char *name);
 
 /* Creates a backend for model m (which must outlive it). name: "cpu", "cuda".
- * Errors: TD_ENOENT (unknown name), TD_ENODEV (no device), TD_EINVAL (options),
+ * Errors: TD_ENOENT (unknown name), TD_ENODEV (no device, or "cuda" in a build
+ * without CUDA), TD_EINVAL (options),
  * TD_EUNSUPPORTED (e.g. a KV dtype the backend lacks), TD_ENOMEM. On success
  * *out is owned by the caller (be_close). */
 int be_open(const char *name, const mdl_model *m, const be_options *o, be_backend **out, char *err,

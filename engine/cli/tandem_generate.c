@@ -40,6 +40,7 @@ typedef struct gen_args {
     int threads;
     int bench;
     enum be_matmul matmul;
+    enum kv_dtype kv_dtype;
 } gen_args;
 
 static void usage(FILE *f)
@@ -48,7 +49,7 @@ static void usage(FILE *f)
                "         [--prompt TEXT | --prompt-tokens 1,2,3] [--max-tokens N]\n"
                "         [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
                "         [--min-tokens N] [--ignore-eos] [--stop STR]...\n"
-               "         [--json] [--threads N] [--kv-dtype f32] [--matmul det|blas]\n"
+               "         [--json] [--threads N] [--kv-dtype f32|f16] [--matmul det|blas]\n"
                "         [--logits-out FILE] [--backend cpu]\n"
                "       tandem-generate --bench [--model PATH]\n"
                "Without a prompt, generation starts from BOS alone. --temperature 0 is greedy.\n"
@@ -117,7 +118,12 @@ static int parse_args(int argc, char **argv, gen_args *a)
             a->seed = v ? strtoull(v, &end, 10) : 0;
             rc = (!v || errno || *end) ? -1 : 0;
         } else if (!strcmp(k, "--kv-dtype")) {
-            rc = (v && !strcmp(v, "f32")) ? 0 : -1; /* the CPU backend stores f32 */
+            if (v && !strcmp(v, "f32"))
+                a->kv_dtype = KV_DTYPE_F32;
+            else if (v && !strcmp(v, "f16"))
+                a->kv_dtype = KV_DTYPE_F16;
+            else
+                rc = -1;
         } else if (!strcmp(k, "--matmul")) {
             if (v && !strcmp(v, "det"))
                 a->matmul = BE_MATMUL_DETERMINISTIC;
@@ -346,6 +352,7 @@ static int generate(const gen_args *a, const mdl_model *m)
     be_options_defaults(&o, m);
     o.n_threads = a->threads;
     o.matmul = a->matmul;
+    o.kv.dtype = a->kv_dtype;
     o.max_seqs = 1;
     o.kv.num_blocks =
         (uint32_t)((n_prompt + (size_t)max_tokens + o.kv.block_size - 1) / o.kv.block_size);

@@ -25,6 +25,12 @@ cmp "$TMP/l2c.txt" "$EXPECTED" || { diff "$TMP/l2c.txt" "$EXPECTED" | head; fail
     fail "hf run: $(cat "$TMP/hf.err")"
 cmp "$TMP/hf.txt" "$EXPECTED" || { diff "$TMP/hf.txt" "$EXPECTED" | head; fail "hf text differs"; }
 
+# f16 KV cache: K/V rounded to 11 significant bits; on this model the greedy
+# text is unchanged (a regression check of the f16 store/load path).
+"$BIN" --model "$HF" --max-tokens 200 --temperature 0 --kv-dtype f16 > "$TMP/f16.txt" 2> /dev/null ||
+    fail "f16 kv run"
+cmp "$TMP/f16.txt" "$EXPECTED" || fail "f16 kv text differs"
+
 # 2. --json and --logits-out agree with each other and with the text.
 "$BIN" --model "$HF" --max-tokens 200 --temperature 0 --json --logits-out "$TMP/logits.bin" \
     > "$TMP/out.json" 2> "$TMP/json.err" || fail "json run: $(cat "$TMP/json.err")"

@@ -16,6 +16,7 @@
 
 #include "common/err.h"
 #include "engine/backend/backend.h"
+#include "engine/backend/cpu/cpu_kernels.h"
 #include "engine/model.h"
 
 static mdl_model *make_model(enum mdl_rope_layout layout, int bias, int tied)
@@ -147,11 +148,14 @@ static void ref_forward(const mdl_model *m, const int32_t *tokens, int n_tok, do
     free(sc);
 }
 
+static enum kv_dtype g_kv_dtype = KV_DTYPE_F32;
+
 static be_backend *open_cpu(const mdl_model *m, int threads, enum be_matmul mm, void *kv_mem,
                             uint32_t num_blocks)
 {
     be_options o;
     be_options_defaults(&o, m);
+    o.kv.dtype = g_kv_dtype;
     o.n_threads = threads;
     o.matmul = mm;
     o.kv_mem = kv_mem;
@@ -188,7 +192,7 @@ static int run_prefill_all(be_backend *be, const int32_t *tokens, int n, const i
     return be_forward(be, &b);
 }
 
-static void check_against_reference(enum mdl_rope_layout layout, int bias, int tied)
+static void check_against_reference_tol(enum mdl_rope_layout layout, int bias, int tied, double tol)
 {
     mdl_model *m = make_model(layout, bias, tied);
     int V = m->cfg.vocab_size, n = 40;
@@ -203,11 +207,16 @@ static void check_against_reference(enum mdl_rope_layout layout, int bias, int t
     double maxerr = 0;
     for (size_t i = 0; i < (size_t)n * V; i++)
         if (fabs(got[i] - want[i]) > maxerr) maxerr = fabs(got[i] - want[i]);
-    if (maxerr > 1e-4) fail_msg("layout %d bias %d: max |logit error| %g", layout, bias, maxerr);
+    if (maxerr > tol) fail_msg("layout %d bias %d: max |logit error| %g", layout, bias, maxerr);
     be_close(be);
     free(want);
     free(got);
     mdl_free(m);
+}
+
+static void check_against_reference(enum mdl_rope_layout layout, int bias, int tied)
+{
+    check_against_reference_tol(layout, bias, tied, 1e-4);
 }
 
 static void test_reference_half_rope_bias(void **s)
@@ -328,6 +337,54 @@ static void test_batch_invariance_two_threads(void **s)
 {
     (void)s;
     check_invariance(2);
+}
+
+/* f16 KV: close to the reference (K/V rounded to 11 significant bits), and
+ * still batch invariant. */
+static void test_kv_f16(void **s)
+{
+    (void)s;
+    g_kv_dtype = KV_DTYPE_F16;
+    check_against_reference_tol(MDL_ROPE_HALF, 1, 0, 2e-2);
+    check_invariance(2);
+    g_kv_dtype = KV_DTYPE_F32;
+}
+
+static void test_f16_conversion(void **s)
+{
+    (void)s;
+    ck_init();
+    /* Every finite half survives half -> float -> half. */
+    for (uint32_t h = 0; h < 65536; h++) {
+        if ((h & 0x7c00) == 0x7c00) continue; /* inf, NaN */
+        uint16_t in = (uint16_t)h, back;
+        float f;
+        ck_f16_to_f32(&f, &in, 1);
+        ck_f32_to_f16(&back, &f, 1);
+        if (back != in) fail_msg("half 0x%04x -> %g -> 0x%04x", h, (double)f, back);
+    }
+    /* The 8-wide path agrees with the scalar one on every half. */
+    static uint16_t all[65536];
+    static float wide[65536];
+    for (uint32_t h = 0; h < 65536; h++)
+        all[h] = (uint16_t)h;
+    ck_f16_to_f32(wide, all, 65536);
+    for (uint32_t h = 0; h < 65536; h++) {
+        float one;
+        ck_f16_to_f32(&one, &all[h], 1);
+        assert_memory_equal(&one, &wide[h], sizeof(float));
+    }
+    const float v[8] = {1.0f, 1.0f + 1.0f / 2048, 1.0f + 3.0f / 2048, 65504.0f, 1e6f, 1e-9f, -2.5f,
+                        0.1f};
+    const uint16_t want[8] = {
+        0x3c00, 0x3c00 /* tie to even */, 0x3c02, 0x7bff, 0x7c00, 0x0000, 0xc100, 0x2e66};
+    uint16_t got[8];
+    ck_f32_to_f16(got, v, 8); /* 8 wide: the vector path when the CPU has F16C */
+    assert_memory_equal(got, want, sizeof(want));
+    for (int i = 0; i < 8; i++) {
+        ck_f32_to_f16(&got[i], &v[i], 1); /* scalar tail path */
+        assert_int_equal(got[i], want[i]);
+    }
 }
 
 /* BLAS mode computes the same function; only the last bits may differ. */
@@ -489,12 +546,14 @@ static void test_open_errors(void **s)
     be_backend *be = NULL;
     char err[256];
     assert_int_equal(be_open("nope", m, &o, &be, err, sizeof(err)), TD_ENOENT);
+    if (!be_find("cuda"))
+        assert_int_equal(be_open("cuda", m, &o, &be, err, sizeof(err)), TD_ENODEV);
     assert_null(be_find("nope"));
     assert_non_null(be_find("cpu"));
     o.kv.head_dim = 4;
     assert_int_equal(be_open("cpu", m, &o, &be, err, sizeof(err)), TD_EINVAL);
     be_options_defaults(&o, m);
-    o.kv.dtype = KV_DTYPE_F16;
+    o.kv.dtype = KV_DTYPE_BF16;
     assert_int_equal(be_open("cpu", m, &o, &be, err, sizeof(err)), TD_EUNSUPPORTED);
     assert_null(be);
     mdl_free(m);
@@ -508,6 +567,8 @@ int main(void)
         cmocka_unit_test(test_batch_invariance),
         cmocka_unit_test(test_batch_invariance_two_threads),
         cmocka_unit_test(test_blas_mode_close),
+        cmocka_unit_test(test_kv_f16),
+        cmocka_unit_test(test_f16_conversion),
         cmocka_unit_test(test_paged_shuffled_blocks),
         cmocka_unit_test(test_layer_hook_and_kv_mem),
         cmocka_unit_test(test_open_errors),

@@ -50,6 +50,7 @@ typedef struct cpu_ctx {
     float *rope;     /* [T][head_dim/2][2] cos, sin */
     float *inv_freq; /* [head_dim/2] */
     float *att;      /* [n_threads][max_seq_len] attention scores */
+    float *kvtmp;    /* [n_threads][head_dim] one K or V row converted from f16 */
     int *seq_maxpos; /* [max_seqs] */
 
     /* Per-forward state read by the parallel tasks. */
@@ -94,6 +95,7 @@ static void cpu_destroy(void *vctx)
     free(c->rope);
     free(c->inv_freq);
     free(c->att);
+    free(c->kvtmp);
     free(c->seq_maxpos);
     free(c);
 }
@@ -102,8 +104,8 @@ static int cpu_create(const mdl_model *m, const be_options *o, void **out, char 
 {
     *out = NULL;
     const mdl_config *mc = &m->cfg;
-    if (o->kv.dtype != KV_DTYPE_F32)
-        return cpu__fail(err, errlen, TD_EUNSUPPORTED, "cpu backend: KV dtype must be f32");
+    if (o->kv.dtype != KV_DTYPE_F32 && o->kv.dtype != KV_DTYPE_F16)
+        return cpu__fail(err, errlen, TD_EUNSUPPORTED, "cpu backend: KV dtype must be f32 or f16");
     if (o->max_batch_tokens < 1 || o->max_batch_tokens > (1 << 20) || o->max_seqs < 1 ||
         o->max_seqs > (1 << 20) || o->n_threads < 0 || o->n_threads > 256)
         return cpu__fail(err, errlen, TD_EINVAL, "cpu backend: bad batch or thread limits");
@@ -133,7 +135,8 @@ static int cpu_create(const mdl_model *m, const be_options *o, void **out, char 
         !(c->hb = cpu__alloc(T * (size_t)mc->hidden_dim)) ||
         !(c->hb2 = cpu__alloc(T * (size_t)mc->hidden_dim)) || !(c->rope = cpu__alloc(T * hd)) ||
         !(c->inv_freq = cpu__alloc(hd / 2)) ||
-        !(c->att = cpu__alloc((size_t)c->o.n_threads * (size_t)mc->max_seq_len)))
+        !(c->att = cpu__alloc((size_t)c->o.n_threads * (size_t)mc->max_seq_len)) ||
+        !(c->kvtmp = cpu__alloc((size_t)c->o.n_threads * hd)))
         goto fail;
     c->seq_maxpos = calloc((size_t)o->max_seqs, sizeof(int));
     if (!c->seq_maxpos) goto fail;
@@ -236,10 +239,21 @@ static void cpu__rope_head(float *v, const float *cs, int hd, enum mdl_rope_layo
 
 /* ---- attention ---- */
 
-static inline float *cpu__kv_block(const cpu_ctx *c, int layer, int32_t block)
+/* Element offset of (slot, kv head) inside a block: K at +0, V at +v_elems. */
+static inline void *cpu__kv_block(const cpu_ctx *c, int layer, int32_t block)
 {
     size_t off = kv_layout_block_offset(&c->kv, (uint32_t)layer, (uint32_t)block);
-    return (float *)((char *)c->kv_base + off);
+    return (char *)c->kv_base + off;
+}
+
+/* Pointer to hd values of K (or V) at element offset `el` of a block, as f32:
+ * in place for an f32 pool, converted into tmp[hd] for f16. */
+static inline const float *cpu__kv_row(const cpu_ctx *c, const void *blk, size_t el, int hd,
+                                       float *tmp)
+{
+    if (c->kv.dtype == KV_DTYPE_F32) return (const float *)blk + el;
+    ck_f16_to_f32(tmp, (const uint16_t *)blk + el, hd);
+    return tmp;
 }
 
 /* One (token, query head): softmax(q k^T / sqrt(hd)) v over positions 0..pos. */
@@ -256,13 +270,15 @@ static void cpu__attn_task(void *arg, int task, int thread)
     const int32_t *table = b->block_tables[b->seq[t]];
     const float *q = c->q + ((size_t)t * mc->n_heads + h) * hd;
     float *att = c->att + (size_t)thread * mc->max_seq_len;
+    float *tmp = c->kvtmp + (size_t)thread * hd;
     float scale = 1.0f / sqrtf((float)hd);
-    size_t tok_stride = (size_t)kvh * hd; /* floats per slot */
+    size_t tok_stride = (size_t)kvh * hd; /* elements per slot */
     size_t v_off = (size_t)bs * tok_stride;
     float mx = -INFINITY;
     for (int p = 0; p <= pos; p++) {
-        const float *blk = cpu__kv_block(c, c->layer, table[p / bs]);
-        const float *kp = blk + (size_t)(p % bs) * tok_stride + (size_t)kh * hd;
+        const void *blk = cpu__kv_block(c, c->layer, table[p / bs]);
+        const float *kp =
+            cpu__kv_row(c, blk, (size_t)(p % bs) * tok_stride + (size_t)kh * hd, hd, tmp);
         float s = ck_dot(q, kp, hd) * scale;
         att[p] = s;
         if (s > mx) mx = s;
@@ -276,8 +292,9 @@ static void cpu__attn_task(void *arg, int task, int thread)
     float *out = c->xb + ((size_t)t * mc->n_heads + h) * hd;
     memset(out, 0, (size_t)hd * sizeof(float));
     for (int p = 0; p <= pos; p++) {
-        const float *blk = cpu__kv_block(c, c->layer, table[p / bs]);
-        const float *vp = blk + v_off + (size_t)(p % bs) * tok_stride + (size_t)kh * hd;
+        const void *blk = cpu__kv_block(c, c->layer, table[p / bs]);
+        const float *vp =
+            cpu__kv_row(c, blk, v_off + (size_t)(p % bs) * tok_stride + (size_t)kh * hd, hd, tmp);
         float a = att[p] * inv;
         for (int i = 0; i < hd; i++)
             out[i] += a * vp[i];
@@ -359,11 +376,15 @@ static int cpu_forward(void *vctx, const be_batch *b)
             for (int h = 0; h < mc->n_kv_heads; h++)
                 cpu__rope_head(c->k + (size_t)t * kvd + (size_t)h * hd, cs, hd, mc->rope_layout);
             int p = b->pos[t];
-            float *blk = cpu__kv_block(c, l, b->block_tables[b->seq[t]][p / bs]);
-            float *kdst = blk + (size_t)(p % bs) * kvd;
-            float *vdst = kdst + (size_t)bs * kvd;
-            memcpy(kdst, c->k + (size_t)t * kvd, (size_t)kvd * sizeof(float));
-            memcpy(vdst, c->v + (size_t)t * kvd, (size_t)kvd * sizeof(float));
+            void *blk = cpu__kv_block(c, l, b->block_tables[b->seq[t]][p / bs]);
+            size_t k_el = (size_t)(p % bs) * kvd, v_el = k_el + (size_t)bs * kvd;
+            if (c->kv.dtype == KV_DTYPE_F32) {
+                memcpy((float *)blk + k_el, c->k + (size_t)t * kvd, (size_t)kvd * sizeof(float));
+                memcpy((float *)blk + v_el, c->v + (size_t)t * kvd, (size_t)kvd * sizeof(float));
+            } else {
+                ck_f32_to_f16((uint16_t *)blk + k_el, c->k + (size_t)t * kvd, kvd);
+                ck_f32_to_f16((uint16_t *)blk + v_el, c->v + (size_t)t * kvd, kvd);
+            }
         }
         if (b->on_layer_done) {
             rc = b->on_layer_done(b->on_layer_done_arg, l);

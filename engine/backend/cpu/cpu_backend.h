@@ -2,7 +2,8 @@
  * Matrix products: our deterministic blocked kernel (cpu_kernels) or OpenBLAS
  * cblas_sgemm (BE_MATMUL_BLAS); attention and matmul rows are split over a
  * thread pool created once; every scratch buffer is sized at create time for
- * max_batch_tokens, so a forward allocates nothing. KV dtype: f32. */
+ * max_batch_tokens, so a forward allocates nothing. KV dtype: f32, or f16
+ * (stored rounded to nearest even, converted back to f32 in the attention). */
 #ifndef TANDEM_ENGINE_BACKEND_CPU_BACKEND_H
 #define TANDEM_ENGINE_BACKEND_CPU_BACKEND_H
 

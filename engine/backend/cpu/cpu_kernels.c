@@ -2,6 +2,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <string.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -134,6 +135,103 @@ __attribute__((target("avx2,fma"))) static void ck__matmul_avx2(float *out, int 
  * they are never fused, in both the 4-row and the 1-row path, so both give the
  * same bits. */
 
+/* ---- binary16 ---- */
+
+static uint16_t ck__h_from_f(float f)
+{
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, exp = (x >> 23) & 0xffu, man = x & 0x7fffffu;
+    if (exp == 0xff) /* inf; NaN keeps its top payload bits and is made quiet, as F16C does */
+        return (uint16_t)(sign | 0x7c00u | (man ? 0x200u | (man >> 13) : 0));
+    int e = (int)exp - 127 + 15;
+    if (e >= 31) return (uint16_t)(sign | 0x7c00u); /* overflow: inf */
+    if (e <= 0) {                                   /* subnormal or zero */
+        if (e < -10) return (uint16_t)sign;
+        man |= 0x800000u;
+        int shift = 14 - e;
+        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((uint32_t)e << 10) | (man >> 13), rem = man & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) h++; /* a carry may round up to inf */
+    return (uint16_t)(sign | h);
+}
+
+static float ck__f_from_h(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {
+            int e = -1;
+            do {
+                man <<= 1;
+                e++;
+            } while (!(man & 0x400u));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) { /* inf, or NaN made quiet as F16C does */
+        bits = sign | 0x7f800000u | (man << 13) | (man ? 0x400000u : 0);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static void ck__to_f16_generic(uint16_t *dst, const float *src, int n)
+{
+    for (int i = 0; i < n; i++)
+        dst[i] = ck__h_from_f(src[i]);
+}
+
+static void ck__from_f16_generic(float *dst, const uint16_t *src, int n)
+{
+    for (int i = 0; i < n; i++)
+        dst[i] = ck__f_from_h(src[i]);
+}
+
+#ifdef CK_HAVE_X86
+__attribute__((target("avx,f16c"))) static void ck__to_f16_f16c(uint16_t *dst, const float *src,
+                                                                int n)
+{
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++)
+        dst[i] = ck__h_from_f(src[i]);
+}
+
+__attribute__((target("avx,f16c"))) static void ck__from_f16_f16c(float *dst, const uint16_t *src,
+                                                                  int n)
+{
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++)
+        dst[i] = ck__f_from_h(src[i]);
+}
+#endif
+
+static void (*ck__to_f16_impl)(uint16_t *, const float *, int) = ck__to_f16_generic;
+static void (*ck__from_f16_impl)(float *, const uint16_t *, int) = ck__from_f16_generic;
+
+void ck_f32_to_f16(uint16_t *dst, const float *src, int n)
+{
+    ck__to_f16_impl(dst, src, n);
+}
+
+void ck_f16_to_f32(float *dst, const uint16_t *src, int n)
+{
+    ck__from_f16_impl(dst, src, n);
+}
+
 static float (*ck__dot_impl)(const float *, const float *, int) = ck__dot_generic;
 static void (*ck__matmul_impl)(float *, int, const float *, const float *, const float *, int, int,
                                int, int) = ck__matmul_generic;
@@ -147,6 +245,10 @@ static void ck__select(void)
         ck__dot_impl = ck__dot_avx2;
         ck__matmul_impl = ck__matmul_avx2;
         ck__name = "avx2";
+    }
+    if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")) {
+        ck__to_f16_impl = ck__to_f16_f16c;
+        ck__from_f16_impl = ck__from_f16_f16c;
     }
 #endif
 }

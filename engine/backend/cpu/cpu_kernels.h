@@ -10,6 +10,7 @@
 #define TANDEM_ENGINE_BACKEND_CPU_KERNELS_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* Selects the kernel variant (idempotent, thread-safe to call before use). */
 void ck_init(void);
@@ -23,6 +24,11 @@ float ck_dot(const float *a, const float *b, int n);
  * x: [T][K] (row stride K), W: [N][K], out: [T][ldo], bias: [N] or NULL. */
 void ck_matmul(float *out, int ldo, const float *x, const float *W, const float *bias, int T, int K,
                int j0, int j1);
+
+/* IEEE binary16 rows: dst[i] = round-to-nearest-even(src[i]) and back. The
+ * F16C and scalar versions give the same bits. */
+void ck_f32_to_f16(uint16_t *dst, const float *src, int n);
+void ck_f16_to_f32(float *dst, const uint16_t *src, int n);
 
 /* out[i] = x[i] / sqrt(mean(x^2) + eps) * w[i], i < n */
 void ck_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
