@@ -274,14 +274,18 @@ static void cpu__attn_task(void *arg, int task, int thread)
     float scale = 1.0f / sqrtf((float)hd);
     size_t tok_stride = (size_t)kvh * hd; /* elements per slot */
     size_t v_off = (size_t)bs * tok_stride;
+    /* Walk the sequence block by block: one table lookup per block_size positions. */
     float mx = -INFINITY;
-    for (int p = 0; p <= pos; p++) {
-        const void *blk = cpu__kv_block(c, c->layer, table[p / bs]);
-        const float *kp =
-            cpu__kv_row(c, blk, (size_t)(p % bs) * tok_stride + (size_t)kh * hd, hd, tmp);
-        float s = ck_dot(q, kp, hd) * scale;
-        att[p] = s;
-        if (s > mx) mx = s;
+    for (int p0 = 0; p0 <= pos; p0 += bs) {
+        const void *blk = cpu__kv_block(c, c->layer, table[p0 / bs]);
+        int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
+        for (int j = 0; j < n; j++) {
+            const float *kp =
+                cpu__kv_row(c, blk, (size_t)j * tok_stride + (size_t)kh * hd, hd, tmp);
+            float sc = ck_dot(q, kp, hd) * scale;
+            att[p0 + j] = sc;
+            if (sc > mx) mx = sc;
+        }
     }
     float sum = 0.0f;
     for (int p = 0; p <= pos; p++) {
@@ -291,13 +295,16 @@ static void cpu__attn_task(void *arg, int task, int thread)
     float inv = 1.0f / sum;
     float *out = c->xb + ((size_t)t * mc->n_heads + h) * hd;
     memset(out, 0, (size_t)hd * sizeof(float));
-    for (int p = 0; p <= pos; p++) {
-        const void *blk = cpu__kv_block(c, c->layer, table[p / bs]);
-        const float *vp =
-            cpu__kv_row(c, blk, v_off + (size_t)(p % bs) * tok_stride + (size_t)kh * hd, hd, tmp);
-        float a = att[p] * inv;
-        for (int i = 0; i < hd; i++)
-            out[i] += a * vp[i];
+    for (int p0 = 0; p0 <= pos; p0 += bs) {
+        const void *blk = cpu__kv_block(c, c->layer, table[p0 / bs]);
+        int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
+        for (int j = 0; j < n; j++) {
+            const float *vp =
+                cpu__kv_row(c, blk, v_off + (size_t)j * tok_stride + (size_t)kh * hd, hd, tmp);
+            float a = att[p0 + j] * inv;
+            for (int i = 0; i < hd; i++)
+                out[i] += a * vp[i];
+        }
     }
 }
 
