@@ -2,6 +2,7 @@
  * listed in model.safetensors.index.json ("weight_map": {tensor: file}). */
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,7 +67,9 @@ static int hf__int(const cJSON *root, const char *key, int *out, int required, c
         if (required) return mdl__fail(err, errlen, TD_EFORMAT, "config.json: missing \"%s\"", key);
         return 0;
     }
-    if (!cJSON_IsNumber(v) || v->valuedouble != (double)(int)v->valuedouble)
+    /* Range first: converting an out-of-range double to int is undefined. */
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= INT_MIN && v->valuedouble <= INT_MAX) ||
+        v->valuedouble != (double)(int)v->valuedouble)
         return mdl__fail(err, errlen, TD_EFORMAT, "config.json: \"%s\" is not an integer", key);
     *out = (int)v->valuedouble;
     return 0;
@@ -87,7 +90,8 @@ static void hf__token_id(const cJSON *root, const char *key, int32_t *out)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
     if (cJSON_IsArray(v)) v = cJSON_GetArrayItem(v, 0);
-    if (cJSON_IsNumber(v)) *out = (int32_t)v->valuedouble;
+    if (cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble <= INT32_MAX)
+        *out = (int32_t)v->valuedouble;
 }
 
 /* rope_scaling: null, {"rope_type"|"type": "linear", "factor"} or "llama3"

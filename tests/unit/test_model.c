@@ -783,6 +783,98 @@ static void test_safetensors_errors(void **state)
     expect_st_error(buf, n, "missing tensor \"model.embed_tokens.weight\"");
 }
 
+/* Mutated and truncated checkpoints: loading returns 0 or an error code and
+ * never crashes or reads out of bounds (run under ASan in CI). */
+static uint64_t fz_state = 12345;
+static uint32_t fz_next(void)
+{
+    fz_state ^= fz_state << 13;
+    fz_state ^= fz_state >> 7;
+    fz_state ^= fz_state << 17;
+    return (uint32_t)(fz_state >> 11);
+}
+
+static unsigned char *slurp(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *buf = malloc((size_t)len);
+    assert_int_equal(fread(buf, 1, (size_t)len, f), (size_t)len);
+    fclose(f);
+    *n = (size_t)len;
+    return buf;
+}
+
+static void test_fuzz_loaders(void **state)
+{
+    (void)state;
+    mdl_model *m = random_model(0, 1);
+    char dir[512], st_path[600], bin_path[600], err[256];
+    make_dir("fuzz", dir, sizeof(dir));
+    st_list L = {0};
+    hf_tensors(m, "BF16", 1, &L);
+    snprintf(st_path, sizeof(st_path), "%s/model.safetensors", dir);
+    st_write(&L, 0, L.n, st_path);
+    write_config(dir, m, "LlamaForCausalLM", 0, NULL);
+    size_t st_n, bin_n;
+    unsigned char *st = slurp(st_path, &st_n);
+    uint64_t hlen;
+    memcpy(&hlen, st, 8);
+    snprintf(bin_path, sizeof(bin_path), "%s/tiny.bin", dir);
+    write_llama2c(m, bin_path, 0);
+    unsigned char *bin = slurp(bin_path, &bin_n);
+    unsigned char *buf = malloc(st_n > bin_n ? st_n : bin_n);
+    int loaded = 0, failed = 0;
+    for (int it = 0; it < 300; it++) {
+        int kind = it % 3;
+        const unsigned char *src = kind == 2 ? bin : st;
+        size_t n = kind == 2 ? bin_n : st_n;
+        memcpy(buf, src, n);
+        if (kind == 0) { /* flip bytes in the JSON header or its length */
+            int flips = 1 + (int)(fz_next() % 4);
+            for (int f = 0; f < flips; f++) {
+                size_t at = fz_next() % (8 + (size_t)hlen);
+                buf[at] = (unsigned char)(fz_next() & 0xff);
+            }
+        } else if (kind == 1) { /* truncate anywhere */
+            n = fz_next() % n;
+        } else { /* llama2.c: mutate header ints, or truncate */
+            if (fz_next() & 1) {
+                int32_t v = (int32_t)fz_next() % 4096 - 64;
+                memcpy(buf + 4 * (fz_next() % 7), &v, 4);
+            } else {
+                n = fz_next() % n;
+            }
+        }
+        write_file(kind == 2 ? bin_path : st_path, buf, n);
+        mdl_model *h = NULL;
+        int rc = mdl_load(kind == 2 ? bin_path : dir, &h, err, sizeof(err));
+        if (rc == 0) {
+            loaded++;
+            mdl_free(h);
+        } else {
+            assert_true(rc < 0);
+            assert_null(h);
+            failed++;
+        }
+    }
+    assert_true(failed > 100);
+    print_message("fuzz: %d loaded, %d refused\n", loaded, failed);
+    free(buf);
+    free(st);
+    free(bin);
+    st_free(&L);
+    mdl_free(m);
+    unlink(st_path);
+    unlink(bin_path);
+    snprintf(st_path, sizeof(st_path), "%s/config.json", dir);
+    unlink(st_path);
+    rmdir(dir);
+}
+
 static void test_llama2c_errors(void **state)
 {
     (void)state;
@@ -827,6 +919,7 @@ int main(void)
         cmocka_unit_test(test_rope_scaling),
         cmocka_unit_test(test_safetensors_errors),
         cmocka_unit_test(test_llama2c_errors),
+        cmocka_unit_test(test_fuzz_loaders),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     rmdir(g_tmp);
