@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <xxhash.h>
 
 #include "common/err.h"
 #include "engine/model_internal.h"
@@ -75,6 +76,64 @@ float mdl__bf16_to_f32(uint16_t h)
     float f;
     memcpy(&f, &bits, 4);
     return f;
+}
+
+/* Hashes up to `cap` bytes from each end of a weight array of n floats. */
+static void mdl__fp_sample(XXH3_state_t *st, const float *w, size_t n)
+{
+    const size_t cap = 64 * 1024;
+    size_t bytes = n * sizeof(float);
+    if (!w) {
+        XXH3_64bits_update(st, "none", 4);
+    } else if (bytes <= 2 * cap) {
+        XXH3_64bits_update(st, w, bytes);
+    } else {
+        XXH3_64bits_update(st, w, cap);
+        XXH3_64bits_update(st, (const char *)w + bytes - cap, cap);
+    }
+}
+
+uint64_t mdl_fingerprint(const mdl_model *m)
+{
+    const mdl_config *c = &m->cfg;
+    XXH3_state_t *st = XXH3_createState();
+    if (!st) return 0;
+    XXH3_64bits_reset(st);
+    /* Fields one by one (not the struct: padding and the arch name would
+     * make equal models differ). */
+    int32_t ints[14] = {c->dim,
+                        c->hidden_dim,
+                        c->n_layers,
+                        c->n_heads,
+                        c->n_kv_heads,
+                        c->head_dim,
+                        c->vocab_size,
+                        (int32_t)c->rope_layout,
+                        c->qkv_bias,
+                        c->tied_output,
+                        (int32_t)c->rope_scaling,
+                        c->rope_orig_max_pos,
+                        0,
+                        0};
+    float fl[5] = {c->rope_theta, c->norm_eps, c->rope_factor, c->rope_low_freq_factor,
+                   c->rope_high_freq_factor};
+    XXH3_64bits_update(st, ints, sizeof(ints));
+    XXH3_64bits_update(st, fl, sizeof(fl));
+    size_t d = (size_t)c->dim, qd = (size_t)c->n_heads * c->head_dim;
+    size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
+    mdl__fp_sample(st, m->tok_embed, (size_t)c->vocab_size * d);
+    int ls[2] = {0, c->n_layers - 1};
+    for (int i = 0; i < 2; i++) {
+        const mdl_layer *L = &m->layers[ls[i]];
+        mdl__fp_sample(st, L->wq, qd * d);
+        mdl__fp_sample(st, L->wk, kvd * d);
+        mdl__fp_sample(st, L->wv, kvd * d);
+    }
+    mdl__fp_sample(st, m->final_norm, d);
+    mdl__fp_sample(st, m->output, (size_t)c->vocab_size * d);
+    uint64_t h = XXH3_64bits_digest(st);
+    XXH3_freeState(st);
+    return h;
 }
 
 void mdl_config_defaults(mdl_config *cfg)

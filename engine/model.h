@@ -109,6 +109,17 @@ int mdl_create_random(const mdl_config *cfg, uint64_t seed, float scale, mdl_mod
  * float32 as Hugging Face and llama2.c compute them. out: [head_dim/2]. */
 void mdl_rope_inv_freq(const mdl_config *cfg, float *out);
 
+/* A 64-bit fingerprint of the model for handshakes between workers (prefill
+ * and decode must run the same model for KV blocks to be interchangeable):
+ * XXH3 over the config fields that shape the K/V and the logits (dims, heads,
+ * vocab, RoPE layout/theta/scaling, eps, biases, tying) and over samples of
+ * the weights (up to 64 KiB from the start and end of the embedding, the
+ * first and last layers' Q/K/V projections, the final norm and the
+ * classifier). Reading the samples touches a few hundred KiB, not the whole
+ * model. The same weights in llama2.c and HF layout differ (their K rows are
+ * permuted, so their KV blocks are not interchangeable). */
+uint64_t mdl_fingerprint(const mdl_model *m);
+
 /* Fills cfg with a config's defaults (theta 10000, eps 1e-5, ids -1). */
 void mdl_config_defaults(mdl_config *cfg);
 

@@ -445,6 +445,23 @@ static float max_abs_diff(const float *a, const float *b, size_t n)
     return mx;
 }
 
+static void test_fingerprint(void **state)
+{
+    (void)state;
+    mdl_model *a = random_model(0, 0), *b = random_model(0, 0), *c = random_model(1, 0);
+    assert_int_equal(mdl_fingerprint(a), mdl_fingerprint(b));
+    assert_int_not_equal(mdl_fingerprint(a), mdl_fingerprint(c)); /* tied vs untied */
+    /* One changed weight in a sampled tensor changes it; so does the RoPE layout. */
+    ((float *)b->layers[1].wk)[3] += 1.0f;
+    assert_int_not_equal(mdl_fingerprint(a), mdl_fingerprint(b));
+    ((float *)b->layers[1].wk)[3] -= 1.0f;
+    b->cfg.rope_layout = MDL_ROPE_HALF;
+    assert_int_not_equal(mdl_fingerprint(a), mdl_fingerprint(b));
+    mdl_free(a);
+    mdl_free(b);
+    mdl_free(c);
+}
+
 static void test_llama2c_roundtrip(void **state)
 {
     (void)state;
@@ -464,6 +481,7 @@ static void test_llama2c_roundtrip(void **state)
         run8(m, ta, la);
         run8(l, tb, lb);
         assert_memory_equal(la, lb, sizeof(la)); /* same weights, same code: same bits */
+        assert_int_equal(mdl_fingerprint(m), mdl_fingerprint(l));
         mdl_free(l);
         mdl_free(m);
         unlink(path);
@@ -911,6 +929,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_stories260k_llama2c),
         cmocka_unit_test(test_stories260k_hf),
+        cmocka_unit_test(test_fingerprint),
         cmocka_unit_test(test_llama2c_roundtrip),
         cmocka_unit_test(test_hf_rope_layout_and_dtypes),
         cmocka_unit_test(test_hf_sharded_tied),
