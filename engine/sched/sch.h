@@ -69,8 +69,9 @@ typedef struct sch_request {
 typedef struct sch_item {
     uint64_t req_id;
     int64_t kv_seq;        /* kvc sequence: its block table gives every slot */
-    const int32_t *tokens; /* n token ids at positions start..start+n-1; owned by the
-                              scheduler, valid until sch_update */
+    const int32_t *tokens; /* n token ids at positions start..start+n-1 (tokens - start
+                              is the whole sequence); owned by the scheduler, valid
+                              until sch_update */
     uint32_t start;        /* positions [0, start) are already in the KV cache */
     uint32_t n;            /* tokens to compute, >= 1 */
     bool sample;           /* sample a token from the logits of position start + n - 1 */
@@ -137,9 +138,12 @@ void sch_free(sch *s);
  * TD_ETOOLONG (prompt >= max_model_len), TD_ENOSPC (max_seqs known), TD_EINVAL. */
 int sch_add(sch *s, const sch_request *req);
 
-/* Adds a request whose prompt KV is already in kv_seq (all n_prompt tokens
- * committed, not a lease) and whose first token was sampled elsewhere. On
- * success the scheduler owns kv_seq; on error the caller still does. */
+/* Decode workers: adds a request whose prompt KV is already in kv_seq (all
+ * n_prompt tokens committed with kvc_seq_commit, so no longer a lease) and whose
+ * first token was sampled by the prefill worker. Enters RUNNING directly (or
+ * waits with its KV when max_num_seqs are running). max_new_tokens counts the
+ * first token, so it must be >= 2 (else there is nothing to decode: TD_EINVAL).
+ * On success the scheduler owns kv_seq; on error the caller still does. */
 int sch_add_prefilled(sch *s, const sch_request *req, int64_t kv_seq, int32_t first_token);
 
 /* Drops a request wherever it is and frees its blocks. If it is part of the step
@@ -161,7 +165,7 @@ int sch_update(sch *s, const sch_result *results, uint32_t n_results, const sch_
                uint32_t *n_finished);
 
 /* Tokens (prompt then generated) of a live request, owned by the scheduler,
- * valid until the next call that changes it. NULL if unknown. */
+ * valid until the next call that changes it. NULL if unknown. O(max_seqs). */
 const int32_t *sch_seq_tokens(const sch *s, uint64_t req_id, uint32_t *n_tokens);
 
 void sch_stats_get(const sch *s, sch_stats *out);
