@@ -15,10 +15,11 @@ enum { KVC_FREE = 0, KVC_USED = 1, KVC_CACHED = 2 };
 #define KVC_SLOT_MASK  0xffffffffLL
 #define KVC_MAX_SEQS   (1u << 24)
 #define KVC_MAX_BLOCKS (1u << 30)
+#define KVC_MAX_GEN    0x7fffffffu /* keeps ids positive */
 
 typedef struct kvc_seq {
     int32_t *table; /* max_blocks_per_seq entries, n_blocks in use */
-    uint32_t gen;   /* bumped on free; part of the id */
+    uint32_t gen;   /* 1..KVC_MAX_GEN, bumped on free; high half of the id */
     bool live;
     bool leased;
     uint32_t n_blocks;
@@ -537,8 +538,8 @@ static void seq_release(kvc_pool *p, kvc_seq *s)
     s->live = false;
     s->leased = false;
     s->n_blocks = s->n_tokens = s->n_committed = s->n_hashed = 0;
-    /* Generation 0 would make id 0 possible; skip it on wrap-around. */
-    if (++s->gen == 0) s->gen = 1;
+    /* Ids stay > 0: generation 0 would allow id 0, above 2^31 - 1 a negative id. */
+    if (++s->gen > KVC_MAX_GEN) s->gen = 1;
     p->free_seqs[p->n_free_seqs++] = slot;
 }
 
@@ -641,7 +642,7 @@ int kvc_check(const kvc_pool *p)
         const kvc_seq *s = &p->seqs[i];
         if (!s->live) continue;
         live++;
-        CHECK(s->gen != 0, "seq=%u what=gen_zero", i);
+        CHECK(s->gen != 0 && s->gen <= KVC_MAX_GEN, "seq=%u what=bad_generation", i);
         CHECK(s->n_blocks <= p->cfg.max_blocks_per_seq, "seq=%u what=too_many_blocks", i);
         CHECK((uint64_t)s->n_blocks * p->bs >= s->n_tokens,
               "seq=%u what=tokens_over_capacity n_tokens=%u n_blocks=%u", i, s->n_tokens,

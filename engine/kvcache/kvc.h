@@ -20,8 +20,10 @@
  * Prefix cache: a full, committed block i of a sequence is registered under
  * hash(i) = XXH3_64(hash(i-1) || token ids of block i), hash(-1) = hash_seed.
  * A new sequence whose prompt starts with registered blocks shares them
- * (refcount++) instead of recomputing them. Hits are verified token by token, so
- * a hash collision can never hand out wrong KV.
+ * (refcount++) instead of recomputing them. Hits are verified token by token
+ * against the block's stored ids, so only two different prefixes that end in
+ * the same block of tokens and collide in 64 bits (about 2^-64 per pair) could
+ * be confused, as in every hash-chained prefix cache.
  *
  * Sequence ids are int64 handles (slot + generation): an id whose sequence was
  * freed (or whose lease expired) fails cleanly with TD_ENOENT, even if the slot

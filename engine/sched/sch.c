@@ -264,8 +264,6 @@ int sch_add_prefilled(sch *s, const sch_request *req, int64_t kv_seq, int32_t fi
     return 0;
 }
 
-static void drop_item(sch *s, sch_step *st, uint32_t k);
-
 int sch_abort(sch *s, uint64_t req_id)
 {
     if (!s) return TD_EINVAL;
