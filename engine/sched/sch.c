@@ -543,6 +543,32 @@ int sch_update(sch *s, const sch_result *results, uint32_t n_results, const sch_
     return check_pool(s);
 }
 
+int sch_step_flatten(const sch *s, const sch_step *step, int32_t *tokens, int32_t *pos,
+                     int32_t *seq, const int32_t **tables, int32_t *n_blocks, int32_t *out_rows,
+                     int32_t *n_out)
+{
+    if (!s || !step || !tokens || !pos || !seq || !tables || !n_blocks || !out_rows || !n_out)
+        return TD_EINVAL;
+    if (!s->in_flight || step->items != s->items || step->n_items != s->n_items) return TD_EINVAL;
+    uint32_t row = 0;
+    int32_t n = 0;
+    for (uint32_t i = 0; i < s->n_items; i++) {
+        const sch_item *it = &s->items[i];
+        uint32_t nb = 0;
+        tables[i] = kvc_seq_table(s->pool, it->kv_seq, &nb);
+        if (!tables[i]) return TD_EINTERNAL;
+        n_blocks[i] = (int32_t)nb;
+        for (uint32_t j = 0; j < it->n; j++, row++) {
+            tokens[row] = it->tokens[j];
+            pos[row] = (int32_t)(it->start + j);
+            seq[row] = (int32_t)i;
+        }
+        if (it->sample) out_rows[n++] = (int32_t)(row - 1);
+    }
+    *n_out = n;
+    return 0;
+}
+
 const int32_t *sch_seq_tokens(const sch *s, uint64_t req_id, uint32_t *n_tokens)
 {
     const sch_seq *q = s ? find_req(s, req_id, NULL) : NULL;

@@ -164,6 +164,19 @@ int sch_schedule(sch *s, sch_step *out);
 int sch_update(sch *s, const sch_result *results, uint32_t n_results, const sch_finished **finished,
                uint32_t *n_finished);
 
+/* Flattens step (the last sch_schedule's) into the arrays a forward pass takes
+ * (engine/backend's be_batch). For batch row j (items in order, n positions
+ * each): tokens[j], pos[j] and seq[j] (the item index). For item i: tables[i]
+ * and n_blocks[i], its block table (the pool's memory, valid until the pool
+ * changes). out_rows[0, *n_out): the rows whose logits are sampled, one per
+ * item with sample set, in item order (so results[i] of sch_update is the
+ * sample of the item owning out_rows' entry). All arrays are the caller's:
+ * tokens, pos and seq hold step->n_tokens entries; tables, n_blocks and
+ * out_rows step->n_items. TD_EINVAL if step is not the step in flight. */
+int sch_step_flatten(const sch *s, const sch_step *step, int32_t *tokens, int32_t *pos,
+                     int32_t *seq, const int32_t **tables, int32_t *n_blocks, int32_t *out_rows,
+                     int32_t *n_out);
+
 /* Tokens (prompt then generated) of a live request, owned by the scheduler,
  * valid until the next call that changes it. NULL if unknown. O(max_seqs). */
 const int32_t *sch_seq_tokens(const sch *s, uint64_t req_id, uint32_t *n_tokens);

@@ -138,6 +138,29 @@ static uint32_t mock_step(mock *m)
         m->preempts[st.preempted[i]]++;
     if (st.n_items == 0) return 0;
 
+    /* The flattened batch agrees with the items. */
+    {
+        int32_t ftok[256], fpos[256], fseq[256], nbl[64], rows[64], n_out = -1;
+        const int32_t *tabs[64];
+        assert_true(st.n_tokens <= 256);
+        assert_int_equal(sch_step_flatten(m->s, &st, ftok, fpos, fseq, tabs, nbl, rows, &n_out), 0);
+        uint32_t row = 0;
+        int32_t k = 0;
+        for (uint32_t i = 0; i < st.n_items; i++) {
+            const sch_item *it = &st.items[i];
+            uint32_t nb = 0;
+            assert_ptr_equal(tabs[i], kvc_seq_table(m->pool, it->kv_seq, &nb));
+            assert_int_equal(nbl[i], nb);
+            for (uint32_t j = 0; j < it->n; j++, row++) {
+                assert_int_equal(ftok[row], it->tokens[j]);
+                assert_int_equal(fpos[row], it->start + j);
+                assert_int_equal(fseq[row], i);
+            }
+            if (it->sample) assert_int_equal(rows[k++], row - 1);
+        }
+        assert_int_equal(row, st.n_tokens);
+        assert_int_equal(n_out, k);
+    }
     /* Attention reads of every item first (as within one layer of a batch):
      * all earlier positions must hold this sequence's tokens. */
     for (uint32_t i = 0; i < st.n_items; i++) {
@@ -744,6 +767,12 @@ static void test_bad_input(void **state)
     r.req_id = 9;
     assert_int_equal(sch_add(s, &r), TD_ENOSPC);                     /* max_seqs = 4 * 2 */
     assert_int_equal(sch_update(s, NULL, 0, NULL, NULL), TD_EINVAL); /* nothing in flight */
+    {
+        sch_step none = {0};
+        int32_t a[4], n_out;
+        const int32_t *t[4];
+        assert_int_equal(sch_step_flatten(s, &none, a, a, a, t, a, a, &n_out), TD_EINVAL);
+    }
     assert_int_equal(sch_add_prefilled(s, &r, 12345, 1), TD_ENOENT);
     assert_int_equal(sch_abort(s, 99), TD_ENOENT);
     sch_free(s);
