@@ -17,6 +17,10 @@
 #include "common/log.h"
 #include "engine/kvcache/kvc.h"
 #include "engine/sched/sch.h"
+#ifdef TSCH_HAVE_ENGINE
+#include "engine/backend/backend.h"
+#include "engine/model.h"
+#endif
 
 #include <stdbool.h>
 #include <stdlib.h>
@@ -783,6 +787,174 @@ static void test_bad_input(void **state)
     kvc_pool_free(pool);
 }
 
+#ifdef TSCH_HAVE_ENGINE
+/* ---- with the real CPU backend ----
+ *
+ * The same requests through the real forward pass (random tiny model, paged KV
+ * laid out by kv_layout.h, the block tables kvc hands out): once one at a time
+ * with the whole prompt in one chunk and ample blocks, once batched with small
+ * chunks, a tight pool (preemption) and the prefix cache. With the backend's
+ * deterministic matmul a token's logits do not depend on the batch, so greedy
+ * outputs must be identical token for token. */
+
+typedef struct eng_run {
+    uint32_t budget, max_running, num_blocks;
+    bool pc;
+} eng_run;
+
+static int32_t argmax(const float *x, int n)
+{
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static void engine_run(const mdl_model *model, const eng_run *r, const int32_t prompts[][48],
+                       const uint32_t *n_prompt, const uint32_t *max_new, uint32_t n_req,
+                       int32_t out[][64], uint32_t *out_len, uint64_t *preemptions, uint64_t *hits)
+{
+    const uint32_t bs = 4;
+    be_options o;
+    be_options_defaults(&o, model);
+    o.max_batch_tokens = (int)r->budget;
+    o.max_seqs = (int)r->max_running;
+    o.kv.block_size = bs;
+    o.kv.num_blocks = r->num_blocks;
+    be_backend *be = NULL;
+    char err[256];
+    assert_int_equal(be_open("cpu", model, &o, &be, err, sizeof err), 0);
+
+    kvc_config kc = {.num_blocks = r->num_blocks,
+                     .block_size = bs,
+                     .max_seqs = 32,
+                     .enable_prefix_cache = r->pc,
+                     .hash_seed = 0xfeed};
+    kvc_pool *pool = NULL;
+    assert_int_equal(kvc_pool_create(&kc, &pool), 0);
+    sch_config sc = {.max_num_batched_tokens = r->budget,
+                     .max_num_seqs = r->max_running,
+                     .max_seqs = 32,
+                     .max_model_len = 64,
+                     .check_kv = true};
+    sch *s = NULL;
+    assert_int_equal(sch_create(&sc, pool, &s), 0);
+    for (uint32_t i = 0; i < n_req; i++) {
+        sch_request q = {.req_id = i,
+                         .prompt = prompts[i],
+                         .n_prompt = n_prompt[i],
+                         .max_new_tokens = max_new[i]};
+        assert_int_equal(sch_add(s, &q), 0);
+    }
+    const int V = model->cfg.vocab_size;
+    int32_t tok[64], pos[64], seq[64], nbl[16], rows[16], n_out = 0;
+    const int32_t *tabs[16];
+    float *logits = malloc((size_t)16 * V * sizeof *logits);
+    assert_non_null(logits);
+    uint32_t done = 0;
+    for (int guard = 0; done < n_req; guard++) {
+        assert_true(guard < 5000);
+        sch_step st;
+        assert_int_equal(sch_schedule(s, &st), 0);
+        assert_true(st.n_items > 0);
+        assert_true(st.n_tokens <= 64 && st.n_items <= 16);
+        assert_int_equal(sch_step_flatten(s, &st, tok, pos, seq, tabs, nbl, rows, &n_out), 0);
+        be_batch b = {.n_tokens = (int)st.n_tokens,
+                      .tokens = tok,
+                      .pos = pos,
+                      .seq = seq,
+                      .n_seqs = (int)st.n_items,
+                      .block_tables = tabs,
+                      .n_blocks = nbl,
+                      .n_out = n_out,
+                      .out_rows = rows,
+                      .logits = logits};
+        assert_int_equal(be_forward(be, &b), 0);
+        sch_result res[16];
+        int k = 0;
+        for (uint32_t i = 0; i < st.n_items; i++) {
+            res[i] = (sch_result){0};
+            if (st.items[i].sample) {
+                res[i].token = argmax(logits + (size_t)k * V, V);
+                k++;
+            }
+        }
+        const sch_finished *fin;
+        uint32_t n_fin;
+        assert_int_equal(sch_update(s, res, st.n_items, &fin, &n_fin), 0);
+        for (uint32_t i = 0; i < n_fin; i++) {
+            uint64_t id = fin[i].req_id;
+            memcpy(out[id], fin[i].tokens, fin[i].n_tokens * sizeof(int32_t));
+            out_len[id] = fin[i].n_tokens;
+            done++;
+        }
+    }
+    sch_stats ss;
+    sch_stats_get(s, &ss);
+    kvc_stats ks;
+    kvc_stats_get(pool, &ks);
+    *preemptions = ss.preemptions;
+    *hits = ks.hit_blocks;
+    assert_int_equal(ks.used, 0);
+    free(logits);
+    sch_free(s);
+    kvc_pool_free(pool);
+    be_close(be);
+}
+
+static void test_engine_twin(void **state)
+{
+    (void)state;
+    mdl_config c;
+    mdl_config_defaults(&c);
+    c.dim = 32;
+    c.hidden_dim = 64;
+    c.n_layers = 2;
+    c.n_heads = 4;
+    c.n_kv_heads = 2;
+    c.head_dim = 8;
+    c.vocab_size = 64;
+    c.max_seq_len = 64;
+    mdl_model *model = NULL;
+    assert_int_equal(mdl_create_random(&c, 77, 0.3f, &model), 0);
+
+    enum { N = 10 };
+    static int32_t prompts[N][48], ref[N][64], got[N][64];
+    uint32_t n_prompt[N], max_new[N], ref_len[N] = {0}, got_len[N] = {0};
+    rng_state = 0x7e57;
+    for (uint32_t i = 0; i < N; i++) {
+        n_prompt[i] = 1 + rng_below(40);
+        max_new[i] = 1 + rng_below(12);
+        /* Half the prompts share a 20-token stem: prefix-cache hits. A
+         * quarter start with the stem's second block: the same tokens at
+         * other positions after another prefix, which must not hit. */
+        for (uint32_t t = 0; t < n_prompt[i]; t++) {
+            uint32_t sp = i % 4 == 1 ? t + 4 : t;
+            bool stem = i % 2 == 0 || i % 4 == 1;
+            prompts[i][t] = (int32_t)(stem && sp < 20 ? (sp * 5 + 1) % 64 : rng_below(64));
+        }
+    }
+    uint64_t pre = 0, hits = 0;
+    eng_run alone = {.budget = 64, .max_running = 1, .num_blocks = 64, .pc = false};
+    engine_run(model, &alone, prompts, n_prompt, max_new, N, ref, ref_len, &pre, &hits);
+    assert_int_equal(pre, 0);
+    /* 16 blocks of 4 = one max_model_len sequence: preemption is certain with
+     * 6 running; chunks of at most 7 tokens. */
+    eng_run tight = {.budget = 7, .max_running = 6, .num_blocks = 16, .pc = true};
+    engine_run(model, &tight, prompts, n_prompt, max_new, N, got, got_len, &pre, &hits);
+    print_message("engine twin: %llu preemptions, %llu prefix-hit blocks\n",
+                  (unsigned long long)pre, (unsigned long long)hits);
+    assert_true(pre > 0);
+    assert_true(hits > 0);
+    for (uint32_t i = 0; i < N; i++) {
+        assert_int_equal(got_len[i], n_prompt[i] + max_new[i]);
+        assert_int_equal(ref_len[i], got_len[i]);
+        assert_memory_equal(ref[i], got[i], ref_len[i] * sizeof(int32_t));
+    }
+    mdl_free(model);
+}
+#endif
+
 int main(void)
 {
     td_log_set_level(TD_LOG_ERROR);
@@ -799,6 +971,9 @@ int main(void)
         cmocka_unit_test(test_prefill_only_hold_kv),
         cmocka_unit_test(test_decode_mode_prefilled),
         cmocka_unit_test(test_bad_input),
+#ifdef TSCH_HAVE_ENGINE
+        cmocka_unit_test(test_engine_twin),
+#endif
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
