@@ -94,8 +94,11 @@ int sch_create(const sch_config *cfg, kvc_pool *pool, sch **out)
     *out = NULL;
     sch_config c = *cfg;
     if (c.max_seqs == 0) c.max_seqs = 4 * c.max_num_seqs;
+    /* A budget below max_num_seqs would leave some running sequences out of
+     * every step (the same ones, in priority order): starvation. */
     if (c.max_num_batched_tokens == 0 || c.max_num_seqs == 0 || c.max_model_len == 0 ||
-        c.max_seqs < c.max_num_seqs || c.max_seqs > (1u << 24)) {
+        c.max_num_batched_tokens < c.max_num_seqs || c.max_seqs < c.max_num_seqs ||
+        c.max_seqs > (1u << 24)) {
         td_log_error("sch", "bad_config", "max_num_batched_tokens=%u max_num_seqs=%u max_seqs=%u",
                      c.max_num_batched_tokens, c.max_num_seqs, c.max_seqs);
         return TD_EINVAL;

@@ -750,6 +750,8 @@ static void test_bad_input(void **state)
     c.max_model_len = 16;
     c.max_num_batched_tokens = 0;
     assert_int_equal(sch_create(&c, pool, &s), TD_EINVAL);
+    c.max_num_batched_tokens = 1; /* below max_num_seqs: decodes would starve */
+    assert_int_equal(sch_create(&c, pool, &s), TD_EINVAL);
     c.max_num_batched_tokens = 8;
     assert_int_equal(sch_create(&c, NULL, &s), TD_EINVAL);
     assert_int_equal(sch_create(&c, pool, &s), 0);
