@@ -84,13 +84,34 @@ static kvc_seq *seq_get(const kvc_pool *p, int64_t id)
 
 /* ---- hashing ---- */
 
-static uint64_t block_hash(kvc_pool *p, uint64_t parent, const int32_t *tokens)
+/* buf: 8 + 4 * bs bytes of scratch. */
+static uint64_t chain_hash(uint8_t *buf, uint32_t bs, uint64_t parent, const int32_t *tokens)
 {
     /* Literal concatenation parent || tokens, so the hash of a block names its
      * whole prefix. Token ids are hashed in host byte order. */
-    memcpy(p->hash_buf, &parent, sizeof parent);
-    memcpy(p->hash_buf + sizeof parent, tokens, (size_t)p->bs * sizeof(int32_t));
-    return XXH3_64bits(p->hash_buf, sizeof parent + (size_t)p->bs * sizeof(int32_t));
+    memcpy(buf, &parent, sizeof parent);
+    memcpy(buf + sizeof parent, tokens, (size_t)bs * sizeof(int32_t));
+    return XXH3_64bits(buf, sizeof parent + (size_t)bs * sizeof(int32_t));
+}
+
+static uint64_t block_hash(kvc_pool *p, uint64_t parent, const int32_t *tokens)
+{
+    return chain_hash(p->hash_buf, p->bs, parent, tokens);
+}
+
+int kvc_prefix_hashes(uint64_t hash_seed, uint32_t block_size, const int32_t *tokens,
+                      uint32_t n_tokens, uint64_t *out, uint32_t cap)
+{
+    if (block_size == 0 || block_size > KVC_MAX_BLOCK_SIZE || (n_tokens > 0 && !tokens) ||
+        (cap > 0 && !out))
+        return TD_EINVAL;
+    uint8_t buf[sizeof(uint64_t) + KVC_MAX_BLOCK_SIZE * sizeof(int32_t)];
+    uint32_t n = n_tokens / block_size;
+    if (n > cap) n = cap;
+    uint64_t parent = hash_seed;
+    for (uint32_t i = 0; i < n; i++)
+        out[i] = parent = chain_hash(buf, block_size, parent, tokens + (size_t)i * block_size);
+    return (int)n;
 }
 
 static int32_t ht_find(const kvc_pool *p, uint64_t h)

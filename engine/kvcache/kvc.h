@@ -98,6 +98,16 @@ typedef struct kvc_seq_info {
     bool leased;
 } kvc_seq_info;
 
+/* The prefix-cache chain hashes of tokens[0, n_tokens), one per full block,
+ * exactly as a pool with this hash_seed and block_size registers them:
+ * out[i] = XXH3_64(out[i-1] || tokens of block i), out[-1] = hash_seed, where
+ * || is the 8-byte hash in host byte order followed by block_size int32 ids.
+ * Needs no pool, so a router can compute them for cache-aware placement.
+ * Writes min(n_tokens / block_size, cap) hashes and returns that count, or
+ * TD_EINVAL (block_size 0 or > KVC_MAX_BLOCK_SIZE, NULL pointers). */
+int kvc_prefix_hashes(uint64_t hash_seed, uint32_t block_size, const int32_t *tokens,
+                      uint32_t n_tokens, uint64_t *out, uint32_t cap);
+
 /* Creates a pool. cfg is read during the call. *out is owned by the caller and
  * freed with kvc_pool_free. TD_EINVAL on a bad config, TD_ENOMEM. */
 int kvc_pool_create(const kvc_config *cfg, kvc_pool **out);
