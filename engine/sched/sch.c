@@ -361,15 +361,23 @@ static bool is_decode(const sch_seq *q)
     return q->n_computed >= q->n_prompt && q->n_tokens - q->n_computed == 1;
 }
 
+/* Tokens of a sequence to compute this step: what remains, within the budget
+ * and the per-sequence chunk cap. */
+static uint32_t chunk_len(const sch *s, uint32_t remaining, uint32_t budget)
+{
+    uint32_t n = remaining < budget ? remaining : budget;
+    if (s->cfg.max_chunk_tokens != 0 && n > s->cfg.max_chunk_tokens) n = s->cfg.max_chunk_tokens;
+    return n;
+}
+
 /* One pass over the running list (decode sequences, or the ones in prefill). */
 static int schedule_running(sch *s, sch_step *st, bool decode, uint32_t *budget)
 {
-    for (uint32_t i = 0; i<s->n_running && * budget> 0; i++) {
+    for (uint32_t i = 0; i < s->n_running && *budget != 0; i++) {
         uint32_t slot = s->running[i];
         sch_seq *q = &s->seqs[slot];
         if (q->item != NO_ITEM || is_decode(q) != decode) continue;
-        uint32_t n = q->n_tokens - q->n_computed;
-        if (n > *budget) n = *budget;
+        uint32_t n = chunk_len(s, q->n_tokens - q->n_computed, *budget);
         bool self_preempted = false;
         for (;;) {
             int rc = kvc_seq_grow(s->pool, q->kv, n, NULL);
@@ -396,7 +404,7 @@ static int schedule_running(sch *s, sch_step *st, bool decode, uint32_t *budget)
 
 static int admit_waiting(sch *s, sch_step *st, uint32_t *budget)
 {
-    while (s->n_waiting > 0 && s->n_running<s->cfg.max_num_seqs && * budget> 0) {
+    while (s->n_waiting != 0 && s->n_running < s->cfg.max_num_seqs && *budget != 0) {
         uint32_t slot = s->waiting[0];
         sch_seq *q = &s->seqs[slot];
         int rc;
@@ -419,8 +427,7 @@ static int admit_waiting(sch *s, sch_step *st, uint32_t *budget)
         uint32_t n_cached = 0;
         rc = kvc_prefix_match(s->pool, q->tokens, q->n_tokens, &n_cached);
         if (rc < 0) return rc;
-        uint32_t n = q->n_tokens - n_cached;
-        if (n > *budget) n = *budget;
+        uint32_t n = chunk_len(s, q->n_tokens - n_cached, *budget);
         kvc_seq_spec spec = {
             .tokens = q->tokens,
             .n_prompt = q->n_tokens,

@@ -48,6 +48,8 @@ typedef struct sch sch;
 typedef struct sch_config {
     uint32_t max_num_batched_tokens; /* token budget of one step, >= max_num_seqs */
     uint32_t max_num_seqs;           /* running sequences at once, >= 1 */
+    uint32_t max_chunk_tokens;       /* cap on one sequence's prefill chunk per step, so
+                                        several prompts progress together; 0 = none */
     uint32_t max_seqs;               /* sequences known at once (waiting + running);
                                         0 means 4 * max_num_seqs */
     uint32_t max_model_len;          /* prompt + generated tokens of one sequence;

@@ -360,6 +360,39 @@ static void test_decode_first_and_budget(void **state)
     kvc_pool_free(u.pool);
 }
 
+static void test_chunk_cap(void **state)
+{
+    (void)state;
+    /* Two long prompts share the step instead of the first taking the whole
+     * budget; the cap does not apply to decode. */
+    sch_config c = {.max_num_batched_tokens = 64,
+                    .max_num_seqs = 4,
+                    .max_chunk_tokens = 24,
+                    .max_model_len = 128};
+    setup u;
+    make(&u, 64, 4, false, &c);
+    int32_t p[100] = {0};
+    add_req(u.s, 1, p, 50, 2);
+    add_req(u.s, 2, p, 50, 2);
+    add_req(u.s, 3, p, 50, 2);
+    sch_step st;
+    assert_int_equal(sch_schedule(u.s, &st), 0);
+    assert_int_equal(st.n_items, 3);
+    assert_int_equal(st.items[0].n, 24);
+    assert_int_equal(st.items[1].n, 24);
+    assert_int_equal(st.items[2].n, 16); /* what is left of the budget */
+    sch_result r[3] = {{0}};
+    assert_int_equal(sch_update(u.s, r, 3, NULL, NULL), 0);
+    assert_int_equal(sch_schedule(u.s, &st), 0);
+    assert_int_equal(st.items[0].start, 24);
+    assert_int_equal(st.items[0].n, 24);
+    assert_int_equal(st.items[2].start, 16);
+    assert_int_equal(st.items[2].n, 16);
+    assert_int_equal(sch_update(u.s, r, 3, NULL, NULL), 0);
+    sch_free(u.s);
+    kvc_pool_free(u.pool);
+}
+
 static void test_admission_stops_when_blocks_run_out(void **state)
 {
     (void)state;
@@ -800,7 +833,7 @@ static void test_bad_input(void **state)
  * outputs must be identical token for token. */
 
 typedef struct eng_run {
-    uint32_t budget, max_running, num_blocks;
+    uint32_t budget, max_running, num_blocks, max_chunk;
     bool pc;
 } eng_run;
 
@@ -836,6 +869,7 @@ static void engine_run(const mdl_model *model, const eng_run *r, const int32_t p
     assert_int_equal(kvc_pool_create(&kc, &pool), 0);
     sch_config sc = {.max_num_batched_tokens = r->budget,
                      .max_num_seqs = r->max_running,
+                     .max_chunk_tokens = r->max_chunk,
                      .max_seqs = 32,
                      .max_model_len = 64,
                      .check_kv = true};
@@ -941,8 +975,8 @@ static void test_engine_twin(void **state)
     engine_run(model, &alone, prompts, n_prompt, max_new, N, ref, ref_len, &pre, &hits);
     assert_int_equal(pre, 0);
     /* 16 blocks of 4 = one max_model_len sequence: preemption is certain with
-     * 6 running; chunks of at most 7 tokens. */
-    eng_run tight = {.budget = 7, .max_running = 6, .num_blocks = 16, .pc = true};
+     * 6 running; steps of at most 7 tokens, chunks of at most 5. */
+    eng_run tight = {.budget = 7, .max_running = 6, .num_blocks = 16, .max_chunk = 5, .pc = true};
     engine_run(model, &tight, prompts, n_prompt, max_new, N, got, got_len, &pre, &hits);
     print_message("engine twin: %llu preemptions, %llu prefix-hit blocks\n",
                   (unsigned long long)pre, (unsigned long long)hits);
@@ -963,6 +997,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_chunked_prefill_exact),
         cmocka_unit_test(test_decode_first_and_budget),
+        cmocka_unit_test(test_chunk_cap),
         cmocka_unit_test(test_admission_stops_when_blocks_run_out),
         cmocka_unit_test(test_max_num_seqs),
         cmocka_unit_test(test_preemption_recompute_same_output),
