@@ -276,6 +276,7 @@ static void compare(const kvc_pool *p, const model *m)
     kvc_stats_get(p, &st);
     assert_int_equal(st.free, m->n_free);
     assert_int_equal(st.cached, m->n_lru);
+    assert_int_equal(kvc_available_blocks(p), m->n_free + m->n_lru);
     assert_int_equal(st.used, m->nb - m->n_free - m->n_lru);
     assert_int_equal(st.registered, m_registered(m));
     assert_int_equal(st.live_seqs, m_live(m));
