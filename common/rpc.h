@@ -73,6 +73,15 @@ typedef struct rpc_status {
     char details[256]; /* status message, truncated, NUL-terminated */
 } rpc_status;
 
+/* Deadline (td_now_ns() clock) for a RequestMeta.timeout_ms budget received
+ * now; 0 (no budget) gives RPC_NO_DEADLINE. */
+int64_t rpc_deadline_from_timeout_ms(uint64_t timeout_ms);
+
+/* Budget to put in RequestMeta.timeout_ms of the next hop: milliseconds left
+ * until deadline_ns, at least 1 when the deadline has passed (so it is not
+ * read as "no deadline"), 0 for RPC_NO_DEADLINE. */
+uint64_t rpc_timeout_ms_left(int64_t deadline_ns);
+
 /* Maps a gRPC status code to a TD_E* code (0 for OK). */
 int rpc_err_from_grpc(int grpc_code);
 /* Maps a TD_E* code to the gRPC status code a server sends for it (0 for 0). */

@@ -781,6 +781,16 @@ static void test_status_mapping(void **state)
     for (int e = TD_EINVAL; e >= TD_ETOOLONG; e--)
         assert_true(rpc_err_from_grpc(rpc_grpc_from_err(e)) < 0);
 
+    /* RequestMeta.timeout_ms <-> deadlines. */
+    assert_int_equal(rpc_deadline_from_timeout_ms(0), RPC_NO_DEADLINE);
+    assert_int_equal(rpc_deadline_from_timeout_ms(UINT64_MAX), RPC_NO_DEADLINE);
+    int64_t d = rpc_deadline_from_timeout_ms(1500);
+    assert_true(d > td_now_ns() + 1400 * TD_NS_PER_MS && d <= td_now_ns() + 1500 * TD_NS_PER_MS);
+    uint64_t left = rpc_timeout_ms_left(d);
+    assert_true(left >= 1400 && left <= 1500);
+    assert_int_equal(rpc_timeout_ms_left(RPC_NO_DEADLINE), 0);
+    assert_int_equal(rpc_timeout_ms_left(td_now_ns() - TD_NS_PER_S), 1);
+
     /* Bad arguments are refused, not crashed on. */
     rpc_server *srv = NULL;
     assert_int_equal(rpc_server_create(NULL, &srv), TD_EINVAL);
