@@ -24,7 +24,11 @@
 #include <grpc/slice.h>
 #include <grpc/support/time.h>
 
+#include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -762,6 +766,71 @@ static void test_shutdown_with_calls_in_flight(void **state)
     rpc_client_free(c);
 }
 
+static const char *g_argv0;
+
+/* A worker process that dies (SIGKILL) mid-stream: the client hears of it
+ * promptly from the closed connection, not at its deadline. The server runs in
+ * a fresh process (this binary re-executed with --serve) so gRPC state is not
+ * shared across fork(). */
+static void test_server_killed_mid_stream(void **state)
+{
+    (void)state;
+    int fds[2];
+    assert_int_equal(pipe2(fds, O_CLOEXEC), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        dup2(fds[1], 1);
+        execl(g_argv0, g_argv0, "--serve", (char *)NULL);
+        _exit(127);
+    }
+    close(fds[1]);
+    char line[32] = {0};
+    size_t got = 0;
+    while (got < sizeof(line) - 1) {
+        ssize_t r = read(fds[0], line + got, 1);
+        if (r <= 0 || line[got] == '\n') break;
+        got++;
+    }
+    close(fds[0]);
+    int port = atoi(line);
+    assert_true(port > 0);
+    char target[64];
+    snprintf(target, sizeof(target), "127.0.0.1:%d", port);
+
+    rpc_client *c;
+    assert_int_equal(rpc_client_create(target, &c), 0);
+    rpc_stream *s;
+    assert_int_equal(open_generate(c, 0, 1000, td_now_ns() + 30 * TD_NS_PER_S, &s), 0);
+    for (int i = 0; i < 5; i++) {
+        ProtobufCMessage *m = NULL;
+        assert_int_equal(rpc_stream_next(s, 5 * TD_NS_PER_S, &m), 0);
+        assert_non_null(m);
+        protobuf_c_message_free_unpacked(m, NULL);
+    }
+    int64_t t0 = td_now_ns();
+    assert_int_equal(kill(pid, SIGKILL), 0);
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    uint32_t n = 0;
+    assert_int_equal(drain_from(s, 5, &n), TD_EUNAVAILABLE);
+    assert_true(td_now_ns() - t0 < TD_NS_PER_S);
+    rpc_stream_free(s);
+    rpc_client_free(c);
+}
+
+/* --serve: the server half of test_server_killed_mid_stream. */
+static int serve_forever(void)
+{
+    void *state = NULL;
+    if (fixture_setup(&state) != 0) return 1;
+    fixture *f = state;
+    printf("%d\n", rpc_server_port(f->srv));
+    fflush(stdout);
+    for (;;)
+        pause();
+}
+
 static void test_status_mapping(void **state)
 {
     (void)state;
@@ -803,8 +872,10 @@ static void test_status_mapping(void **state)
     rpc_stream_free(NULL);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    g_argv0 = argv[0];
+    if (argc > 1 && strcmp(argv[1], "--serve") == 0) return serve_forever();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_status_mapping),
         cmocka_unit_test_setup_teardown(test_unary_round_trip, fixture_setup, fixture_teardown),
@@ -816,6 +887,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_stream_wait_and_error_end, fixture_setup,
                                         fixture_teardown),
         cmocka_unit_test(test_server_absent_unavailable),
+        cmocka_unit_test(test_server_killed_mid_stream),
         cmocka_unit_test_setup_teardown(test_garbage_invalid_argument, fixture_setup,
                                         fixture_teardown),
         cmocka_unit_test_setup_teardown(test_64_concurrent_streams, fixture_setup,
