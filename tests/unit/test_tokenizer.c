@@ -885,6 +885,107 @@ static void t_stream(void **state)
     tok_free(t);
 }
 
+/* Property test on random byte strings (letters, spaces, newlines, valid
+ * multi-byte characters, stray continuation and lead bytes, NUL): decode of
+ * encode is the input with invalid sequences replaced by U+FFFD, and a
+ * stream of the same ids yields the same text in valid UTF-8 chunks. (Not
+ * "</s>" of llama2-spm: a non-special added token with rstrip, which
+ * swallows the white space after it, by design; nor U+2581 itself there,
+ * which decodes to a space.) */
+static void t_random_roundtrips(void **state)
+{
+    static const char *const units[] = {"a",
+                                        "Z",
+                                        "q",
+                                        " ",
+                                        "  ",
+                                        "\n",
+                                        "\t",
+                                        "'s",
+                                        "7",
+                                        "42",
+                                        "\xC3\xA9",
+                                        "\xE6\x88\x91",
+                                        "\xF0\x9F\x98\x81",
+                                        "\xCC\x81",
+                                        "\x80",
+                                        "\xFF",
+                                        "\xE6",
+                                        "\xF0\x9F",
+                                        ".",
+                                        "<s>",
+                                        "<|end|>",
+                                        "\xE2\x96\x81",
+                                        "<0x41>",
+                                        "\0"};
+    const size_t n_units = sizeof(units) / sizeof(units[0]);
+    const char *paths[] = {"tokenizers/gpt2/vocab.json", "tokenizers/gpt2", "tokenizers/llama2-spm",
+                           "tokenizers/llama3-style-tiny", "tokenizers/llama2c/tokenizer.bin"};
+    const int flags[] = {0, 0, TOK_ADD_BOS, 0, TOK_ADD_BOS};
+    uint64_t rng = 0x9E3779B97F4A7C15ULL;
+    for (size_t k = 0; k < 5; k++) {
+        tok_tokenizer *t = load_shared(paths[k]);
+        if (t == NULL) return;
+        for (int iter = 0; iter < 150; iter++) {
+            char text[256];
+            size_t len = 0;
+            rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+            size_t n = (rng >> 33) % 40;
+            for (size_t u = 0; u < n; u++) {
+                rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+                const char *x = units[(rng >> 33) % n_units];
+                if (k == 2 && !strcmp(x, "\xE2\x96\x81")) x = "b";
+                size_t xl = x[0] ? strlen(x) : 1; /* "\0" is one NUL byte */
+                memcpy(text + len, x, xl);
+                len += xl;
+            }
+            char want[1024];
+            size_t used;
+            size_t want_len = tok__utf8_sanitize((const uint8_t *)text, len, want, true, &used);
+            int32_t *ids;
+            size_t n_ids;
+            assert_int_equal(tok_encode(t, text, len, flags[k], &ids, &n_ids), 0);
+            char *got;
+            size_t got_len;
+            assert_int_equal(tok_decode(t, ids, n_ids, 1, &got, &got_len), 0);
+            if (got_len != want_len || memcmp(got, want, want_len) != 0) {
+                print_message("%s: random case %d (%zu bytes) does not round-trip\n", paths[k],
+                              iter, len);
+                for (size_t i = 0; i < len; i++)
+                    print_message("%02x ", (uint8_t)text[i]);
+                print_message("\n");
+                for (size_t i = 0; i < n_ids; i++)
+                    print_message("%d ", ids[i]);
+                print_message("\n");
+                for (size_t i = 0; i < got_len; i++)
+                    print_message("%02x ", (uint8_t)got[i]);
+                print_message("\n");
+            }
+            assert_int_equal(got_len, want_len);
+            assert_memory_equal(got, want, want_len);
+            tok_stream *st;
+            assert_int_equal(tok_stream_create(t, &st), 0);
+            char acc[1024], out[128];
+            size_t acc_n = 0, w;
+            for (size_t i = 0; i < n_ids; i++) {
+                assert_int_equal(tok_stream_push(st, ids[i], out, sizeof(out), &w), 0);
+                assert_true(valid_utf8(out, w));
+                memcpy(acc + acc_n, out, w);
+                acc_n += w;
+            }
+            assert_int_equal(tok_stream_flush(st, out, sizeof(out), &w), 0);
+            memcpy(acc + acc_n, out, w);
+            acc_n += w;
+            assert_int_equal(acc_n, want_len);
+            assert_memory_equal(acc, want, want_len);
+            tok_stream_free(st);
+            free(got);
+            free(ids);
+        }
+        tok_free(t);
+    }
+}
+
 /* ------------------------------------------------------- malformed input */
 
 static void expect_load_error(const char *path, int want, const char *msg_part)
@@ -1097,6 +1198,7 @@ int main(void)
         cmocka_unit_test(t_unicode_roundtrips),
         cmocka_unit_test(t_invalid_bytes),
         cmocka_unit_test(t_stream),
+        cmocka_unit_test(t_random_roundtrips),
         cmocka_unit_test(t_malformed_json),
         cmocka_unit_test(t_minimal_json),
         cmocka_unit_test(t_malformed_bin),
