@@ -663,6 +663,9 @@ out:
  * vocabulary, merges and declared pipeline are in place. */
 static int finish_load(hf_load *L)
 {
+    tok_tokenizer *t = L->t;
+    if (!t->byte_level && t->n_splits == 0 && t->norm_space_meta && !t->ignore_merges)
+        tok__check_split_words(t, META, 3);
     int rc = build_byte_ids(L);
     if (rc == 0) rc = build_decoded(L);
     if (rc == 0) {
@@ -958,6 +961,14 @@ static int enc_segment(enc *e, const char *s, size_t n, bool at_start)
     }
     if ((rc = tok__bpe_reserve(&e->s, m)) < 0) return rc;
     if (t->byte_level && (rc = grow(&e->mapped, &e->mapped_cap, m * 2)) < 0) return rc;
+    if (t->split_words) {
+        for (size_t i = 0; i < m;) {
+            size_t j = tok__word_end(t, e->norm, m, i);
+            if ((rc = enc_word(e, e->norm + i, j - i)) < 0) return rc;
+            i = j;
+        }
+        return 0;
+    }
     return enc_split(e, 0, e->norm, m);
 }
 

@@ -1106,6 +1106,35 @@ static void t_minimal_json(void **state)
     remove_tmpdir(dir);
 }
 
+/* Words are merged one "▁word" at a time only when no piece could cross a
+ * word start; a vocabulary with such a piece keeps whole-text merging. */
+static void t_split_words(void **state)
+{
+    char *dir = make_tmpdir();
+    write_str(dir, "tokenizer.json",
+              "{\"normalizer\": {\"type\": \"Sequence\", \"normalizers\": [{\"type\": "
+              "\"Prepend\", \"prepend\": \"\xE2\x96\x81\"}, {\"type\": \"Replace\", \"pattern\": "
+              "{\"String\": \" \"}, \"content\": \"\xE2\x96\x81\"}]},"
+              "\"model\": {\"type\": \"BPE\", \"vocab\": {\"\xE2\x96\x81\": 0, \"a\": 1, "
+              "\"b\": 2, \"a\xE2\x96\x81\": 3}, \"merges\": [\"a \xE2\x96\x81\"]}}");
+    tok_tokenizer *t = NULL;
+    assert_int_equal(tok_load(dir, &t, NULL, 0), 0);
+    assert_false(t->split_words);
+    int32_t want[] = {0, 3, 2}; /* "▁" "a▁" "b": the merge crosses "▁b" */
+    expect_ids(t, "a b", 0, want, 3);
+    tok_free(t);
+    remove_tmpdir(dir);
+
+    t = load_shared("tokenizers/llama2-spm");
+    if (t == NULL) return;
+    assert_true(t->split_words);
+    tok_free(t);
+    t = load_shared("tokenizers/llama2c/tokenizer.bin");
+    if (t == NULL) return;
+    assert_true(t->split_words);
+    tok_free(t);
+}
+
 static void t_malformed_bin(void **state)
 {
     char buf[1024];
@@ -1201,6 +1230,7 @@ int main(void)
         cmocka_unit_test(t_random_roundtrips),
         cmocka_unit_test(t_malformed_json),
         cmocka_unit_test(t_minimal_json),
+        cmocka_unit_test(t_split_words),
         cmocka_unit_test(t_malformed_bin),
         cmocka_unit_test(t_api_errors),
     };
