@@ -9,6 +9,7 @@
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -1160,6 +1161,118 @@ static void t_malformed_bin(void **state)
     remove_tmpdir(dir);
 }
 
+/* Corrupted files load or fail cleanly; whatever loads encodes and decodes
+ * without touching memory it should not (run under ASan). */
+static void exercise(const tok_tokenizer *t)
+{
+    const char text[] = "Hello, world! \xE6\x88\x91 \xFF 123 <s>";
+    int32_t *ids;
+    size_t n;
+    if (tok_encode(t, text, sizeof(text) - 1, TOK_ADD_BOS | TOK_PARSE_SPECIAL, &ids, &n) == 0) {
+        char *s;
+        size_t len;
+        if (tok_decode(t, ids, n, 0, &s, &len) == 0) free(s);
+        free(ids);
+    }
+}
+
+static void t_fuzz_load(void **state)
+{
+    const char *files[] = {"tokenizers/llama3-style-tiny/tokenizer.json",
+                           "models/stories260K/tok512.bin"};
+    uint64_t rng = 12345;
+    for (int f = 0; f < 2; f++) {
+        char buf[1024];
+        if (!shared_path(files[f], buf, sizeof(buf))) return;
+        size_t len;
+        char *orig = read_all(buf, &len);
+        char *dir = make_tmpdir();
+        char p[1024];
+        snprintf(p, sizeof(p), "%s/%s", dir, f == 0 ? "tokenizer.json" : "tokenizer.bin");
+        char *mut = malloc(len);
+        assert_non_null(mut);
+        int loaded = 0;
+        for (int iter = 0; iter < 40; iter++) {
+            memcpy(mut, orig, len);
+            for (int k = 0; k < 1 + iter % 4; k++) {
+                rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+                size_t at = (rng >> 20) % len;
+                if (f == 1) {
+                    mut[at] = (char)(rng >> 8);
+                    continue;
+                }
+                /* JSON: letter for letter, so the file stays JSON but names,
+                 * pieces and merges go wrong */
+                while (at < len && !((mut[at] | 0x20) >= 'a' && (mut[at] | 0x20) <= 'z'))
+                    at++;
+                if (at < len) mut[at] = (char)('a' + (rng >> 8) % 26);
+            }
+            write_file(p, mut, len);
+            tok_tokenizer *t = NULL;
+            char err[256];
+            int rc = tok_load(p, &t, err, sizeof(err));
+            if (rc == 0) {
+                loaded++;
+                exercise(t);
+                tok_free(t);
+            } else {
+                assert_true(rc < 0);
+                assert_null(t);
+                assert_true(err[0] != '\0');
+            }
+        }
+        print_message("%s: %d of 40 mutants loaded\n", files[f], loaded);
+        assert_true(loaded < 40); /* the mutations must reach the checks */
+        free(mut);
+        free(orig);
+        remove_tmpdir(dir);
+    }
+}
+
+/* One tokenizer, two threads encoding at once: same ids as alone. */
+struct enc_job {
+    const tok_tokenizer *t;
+    const char *text;
+    int32_t *ids;
+    size_t n;
+    int rc;
+};
+
+static void *enc_thread(void *arg)
+{
+    struct enc_job *j = arg;
+    for (int i = 0; i < 20 && j->rc == 0; i++) {
+        free(j->ids);
+        j->rc = tok_encode(j->t, j->text, strlen(j->text), 0, &j->ids, &j->n);
+    }
+    return NULL;
+}
+
+static void t_threads(void **state)
+{
+    tok_tokenizer *t = load_shared("tokenizers/llama2-spm");
+    if (t == NULL) return;
+    const char *texts[2] = {"The quick brown fox \xE6\x88\x91 jumps over the lazy dog. ",
+                            "Lorem ipsum dolor sit amet, \xF0\x9F\xA6\x99 consectetur."};
+    struct enc_job jobs[2] = {{t, texts[0], NULL, 0, 0}, {t, texts[1], NULL, 0, 0}};
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(pthread_create(&th[i], NULL, enc_thread, &jobs[i]), 0);
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(pthread_join(th[i], NULL), 0);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(jobs[i].rc, 0);
+        int32_t *ids;
+        size_t n;
+        encode(t, texts[i], 0, &ids, &n);
+        assert_int_equal(n, jobs[i].n);
+        assert_memory_equal(ids, jobs[i].ids, n * sizeof(int32_t));
+        free(ids);
+        free(jobs[i].ids);
+    }
+    tok_free(t);
+}
+
 static void t_api_errors(void **state)
 {
     tok_tokenizer *t = NULL;
@@ -1232,6 +1345,8 @@ int main(void)
         cmocka_unit_test(t_minimal_json),
         cmocka_unit_test(t_split_words),
         cmocka_unit_test(t_malformed_bin),
+        cmocka_unit_test(t_fuzz_load),
+        cmocka_unit_test(t_threads),
         cmocka_unit_test(t_api_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
