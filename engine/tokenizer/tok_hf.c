@@ -509,6 +509,47 @@ static const char *chat_template_text(const cJSON *cfg)
     return first ? jstr(first, "template") : NULL;
 }
 
+/* A ChatML template with a literal default system turn, as Qwen's
+ * "'<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n'", keeps
+ * its text (the newline may be a real one or a backslash-n escape). */
+static int chatml_default_system(tok_tokenizer *t, const char *tpl)
+{
+    static const char head[] = "<|im_start|>system";
+    const char *p = strstr(tpl, head);
+    if (p == NULL) return 0;
+    p += sizeof(head) - 1;
+    if (p[0] == '\n')
+        p += 1;
+    else if (p[0] == '\\' && p[1] == 'n')
+        p += 2;
+    else
+        return 0;
+    const char *end = strstr(p, "<|im_end|>");
+    if (end == NULL) return 0;
+    /* plain text only: a quote or a brace means template code, not a default */
+    char *text = malloc((size_t)(end - p) + 1);
+    if (text == NULL) return TD_ENOMEM;
+    size_t n = 0;
+    for (const char *q = p; q < end; q++) {
+        if (*q == '\'' || *q == '"' || *q == '{' || *q == '}') {
+            free(text);
+            return 0;
+        }
+        if (q[0] == '\\' && q + 1 < end && q[1] == 'n') {
+            text[n++] = '\n';
+            q++;
+        } else {
+            text[n++] = *q;
+        }
+    }
+    int rc = tok__arena_put(t, text, n, &t->chat_system_off);
+    free(text);
+    if (rc < 0) return rc;
+    t->chat_system_len = (uint32_t)n;
+    t->chat_default_system = true;
+    return 0;
+}
+
 /* BOS/EOS, add_bos_token and the chat template from the files beside the
  * tokenizer: tokenizer_config.json first, then generation_config.json, then
  * config.json. */
@@ -545,7 +586,7 @@ static int load_configs(hf_load *L, const char *dir)
             t->chat = TOK_CHAT_LLAMA3;
         else if (strstr(tpl, "<|im_start|>")) {
             t->chat = TOK_CHAT_CHATML;
-            t->chat_default_system = strstr(tpl, "You are a helpful assistant.") != NULL;
+            rc = chatml_default_system(t, tpl);
         } else if (strstr(tpl, "[INST]"))
             t->chat = TOK_CHAT_LLAMA2;
     }

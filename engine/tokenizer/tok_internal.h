@@ -101,7 +101,10 @@ struct tok_tokenizer {
     int n_eos;
     bool add_bos;
     enum tok_chat_family chat;
-    bool chat_default_system; /* ChatML template adds a default system prompt */
+    /* ChatML templates (Qwen) that add a system turn when the conversation
+     * has none: its text in the arena. */
+    bool chat_default_system;
+    uint32_t chat_system_off, chat_system_len;
 };
 
 /* --- tok.c --- */

@@ -730,6 +730,31 @@ static void t_chat_chatml(void **state)
     tok_free(t);
     remove_tmpdir(dir);
 
+    /* Qwen2.5's default system text, written with backslash-n escapes, and
+     * a plain ChatML template without a default */
+    static const struct {
+        const char *config, *want;
+    } cases[] = {
+        {"{\"chat_template\": \"{%- if messages[0]['role'] == 'system' %}{%- else %}{{- "
+         "'<|im_start|>system\\\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+         "assistant.<|im_end|>\\\\n' }}{%- endif %}\"}",
+         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+         "assistant.<|im_end|>\n<|im_start|>user\n Hi <|im_end|>\n<|im_start|>assistant\n"},
+        {"{\"chat_template\": \"{% for message in messages %}{{'<|im_start|>' + message['role'] "
+         "+ '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}\"}",
+         "<|im_start|>user\n Hi <|im_end|>\n<|im_start|>assistant\n"},
+    };
+    for (size_t i = 0; i < 2; i++) {
+        dir = dir_with_config("tokenizers/gpt2/tokenizer.json", cases[i].config);
+        assert_int_equal(tok_load(dir, &t, NULL, 0), 0);
+        assert_int_equal(tok_chat_family_of(t), TOK_CHAT_CHATML);
+        assert_int_equal(tok_chat_render(t, msgs, 1, 1, &p), 0);
+        assert_string_equal(p, cases[i].want);
+        free(p);
+        tok_free(t);
+        remove_tmpdir(dir);
+    }
+
     /* no chat template at all */
     t = load_shared("tokenizers/gpt2/vocab.json");
     if (t == NULL) return;
