@@ -568,14 +568,55 @@ static void test_log_lines(void **state)
     cfg_free(c);
 }
 
+/* Random text built from tokens the parser cares about (real keys, units,
+ * quotes, escapes, comments, headers): every input gets 0 or a negative code
+ * with a message naming the line, never a crash (ASan checks memory). */
+static void test_random_input(void **state)
+{
+    (void)state;
+    static const char *const tokens[] = {
+        "[router]\n", "[kv]\n",      "[",       "]",     "port",  "window", "pool",
+        "name",       "router.port", "kv.pool", " = ",   "=",     "\"",     "\\",
+        "\\\"",       "1.5",         "0",       "65535", "70000", "ms",     "s",
+        "GiB",        "B",           "#",       " ",     "\t",    "\n",     "\r\n",
+        "x",          "-",           ".",       "\x01",  "\xff",  "1e9",    "9999999999999999999"};
+    const size_t ntok = sizeof(tokens) / sizeof(tokens[0]);
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    char text[512];
+    int ok = 0;
+    for (int round = 0; round < 3000; round++) {
+        size_t len = 0;
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        int n = (int)((x >> 33) % 24);
+        for (int t = 0; t < n; t++) {
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+            const char *tok = tokens[(x >> 33) % ntok];
+            size_t tl = strlen(tok);
+            if (len + tl >= sizeof(text)) break;
+            memcpy(text + len, tok, tl);
+            len += tl;
+        }
+        text[len] = '\0';
+        struct opts o;
+        cfg *c = make(&o);
+        int rc = cfg_load_string(c, text, "r");
+        if (rc > 0 || (rc < 0 && strncmp(cfg_error(c), "r:", 2) != 0))
+            fail_msg("round %d: rc %d, message '%s'", round, rc, cfg_error(c));
+        ok += rc == 0;
+        cfg_free(c);
+    }
+    assert_true(ok > 0); /* some inputs were valid: the generator is not all noise */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_defaults),    cmocka_unit_test(test_value_syntax),
-        cmocka_unit_test(test_file_format), cmocka_unit_test(test_file_errors),
-        cmocka_unit_test(test_load_file),   cmocka_unit_test(test_flags_override_file),
-        cmocka_unit_test(test_flag_errors), cmocka_unit_test(test_required_and_help),
-        cmocka_unit_test(test_bad_tables),  cmocka_unit_test(test_log_lines),
+        cmocka_unit_test(test_defaults),     cmocka_unit_test(test_value_syntax),
+        cmocka_unit_test(test_file_format),  cmocka_unit_test(test_file_errors),
+        cmocka_unit_test(test_load_file),    cmocka_unit_test(test_flags_override_file),
+        cmocka_unit_test(test_flag_errors),  cmocka_unit_test(test_required_and_help),
+        cmocka_unit_test(test_bad_tables),   cmocka_unit_test(test_log_lines),
+        cmocka_unit_test(test_random_input),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
