@@ -9,6 +9,7 @@
 #include "common/config.h"
 #include "common/err.h"
 #include "common/log.h"
+#include "fail_alloc.h"
 
 #include <fcntl.h>
 #include <stdio.h>
@@ -608,6 +609,46 @@ static void test_random_input(void **state)
     assert_true(ok > 0); /* some inputs were valid: the generator is not all noise */
 }
 
+/* Every allocation in create, load, parse and help fails in turn: each call
+ * reports TD_ENOMEM (or the help text says so), nothing leaks (ASan), and
+ * with no failure the same steps succeed. */
+static int config_steps(void)
+{
+    struct opts o;
+    cfg *c = NULL;
+    int rc = cfg_create(&c, "tandem-test", table, NTABLE, &o);
+    if (rc != 0) return rc;
+    rc = cfg_load_string(c, "name = \"n\"\n[engine]\nbackend = cuda\n", "m.conf");
+    if (rc == 0) {
+        char *argv[] = {"prog", "--name=x", "pos1", "pos2", "pos3", "pos4", "pos5", NULL};
+        rc = cfg_parse(c, 7, argv);
+    }
+    if (rc == 0 && strcmp(cfg_help(c), "out of memory\n") == 0) rc = TD_ENOMEM;
+    if (rc == 0 && strcmp(o.name, "x") != 0) rc = TD_EINTERNAL;
+    cfg_free(c);
+    return rc;
+}
+
+static void test_alloc_failures(void **state)
+{
+    (void)state;
+    enum td_log_level level = td_log_get_level();
+    td_log_set_level(TD_LOG_OFF);
+    for (long n = 0;; n++) {
+        fail_alloc_arm(n);
+        int rc = config_steps();
+        long hits = fail_alloc_disarm();
+        if (hits == 0) {
+            assert_int_equal(rc, 0);
+            assert_true(n > 10); /* the steps did allocate */
+            break;
+        }
+        if (rc != TD_ENOMEM)
+            fail_msg("allocation %ld failed: rc %d (%s), want TD_ENOMEM", n, rc, td_strerror(rc));
+    }
+    td_log_set_level(level);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -616,7 +657,7 @@ int main(void)
         cmocka_unit_test(test_load_file),    cmocka_unit_test(test_flags_override_file),
         cmocka_unit_test(test_flag_errors),  cmocka_unit_test(test_required_and_help),
         cmocka_unit_test(test_bad_tables),   cmocka_unit_test(test_log_lines),
-        cmocka_unit_test(test_random_input),
+        cmocka_unit_test(test_random_input), cmocka_unit_test(test_alloc_failures),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -13,6 +13,7 @@
 #include "common/err.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "fail_alloc.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -834,6 +835,64 @@ static void test_threads(void **state)
     met_registry_free(r);
 }
 
+/* Every allocation in building and rendering a registry fails in turn: each
+ * call reports TD_ENOMEM, the registry stays consistent and frees cleanly. */
+static int metrics_steps(char **text)
+{
+    met_registry *r = NULL;
+    int rc = met_registry_create(&r, "tandem_");
+    if (rc != 0) return rc;
+    met_family *f;
+    rc = met_counter_family(r, "tandem_a_total", "A.", (const char *[]){"x", "y"}, 2, &f);
+    for (int i = 0; rc == 0 && i < 6; i++) { /* grows the series array */
+        char v[8];
+        snprintf(v, sizeof(v), "%d", i);
+        met_counter *c;
+        rc = met_counter_get(f, (const char *[]){"k", v}, &c);
+        if (rc == 0) met_counter_inc(c);
+    }
+    for (int i = 0; rc == 0 && i < 20; i++) { /* grows the family array */
+        char name[32];
+        snprintf(name, sizeof(name), "tandem_g%d", i);
+        met_gauge *g;
+        rc = met_gauge_new(r, name, "G.", &g);
+    }
+    met_histogram *h;
+    if (rc == 0)
+        rc = met_histogram_new(r, "tandem_h_seconds", "H.", met_latency_buckets,
+                               met_latency_nbuckets, &h);
+    if (rc == 0) {
+        met_histogram_observe(h, 0.3);
+        rc = met_render(r, text, NULL); /* validated by the caller, disarmed */
+    }
+    met_registry_free(r);
+    return rc;
+}
+
+static void test_alloc_failures(void **state)
+{
+    (void)state;
+    enum td_log_level level = td_log_get_level();
+    td_log_set_level(TD_LOG_OFF);
+    for (long n = 0;; n++) {
+        char *text = NULL;
+        fail_alloc_arm(n);
+        int rc = metrics_steps(&text);
+        long hits = fail_alloc_disarm();
+        if (text) {
+            assert_valid(text);
+            free(text);
+        }
+        if (hits == 0) {
+            assert_int_equal(rc, 0);
+            assert_true(n > 20);
+            break;
+        }
+        if (rc != TD_ENOMEM) fail_msg("allocation %ld failed: rc %d, want TD_ENOMEM", n, rc);
+    }
+    td_log_set_level(level);
+}
+
 static int bench(void)
 {
     enum { N = 20000000 };
@@ -869,7 +928,7 @@ int main(int argc, char **argv)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_validator_rejects), cmocka_unit_test(test_exact_text),
         cmocka_unit_test(test_number_formatting), cmocka_unit_test(test_errors),
-        cmocka_unit_test(test_threads),
+        cmocka_unit_test(test_threads),           cmocka_unit_test(test_alloc_failures),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
