@@ -136,6 +136,7 @@ static void test_value_syntax(void **state)
         {"dur", "0", 0, 0, NULL},
         {"dur", "0.000000001s", 0, 1, NULL},
         {"dur", "0.5ns", TD_EINVAL, 0, "finer than 1ns"},
+        {"dur", "1.0000000000000000001s", TD_EINVAL, 0, "too many decimal digits"},
         {"dur", "10", TD_EINVAL, 0, "missing unit"},
         {"dur", "5sec", TD_EINVAL, 0, "unknown unit"},
         {"dur", "1.2.3s", TD_EINVAL, 0, "malformed number"},
@@ -206,6 +207,8 @@ static void test_value_syntax(void **state)
     assert_int_equal(cfg_set(c, "s", "x y", "test"), 0);
     assert_string_equal(a.s, "x y");
     assert_string_equal(cfg_source(c, "s"), "test");
+    assert_int_equal(cfg_set(c, "ss", "x", "test"), TD_EINVAL);
+    assert_string_equal(cfg_error(c), "test: unknown key 'ss' (did you mean 's'?)");
     assert_int_equal(cfg_set(c, NULL, "x", "test"), TD_EINVAL);
     cfg_free(c);
 }
@@ -215,20 +218,21 @@ static void test_file_format(void **state)
     (void)state;
     struct opts o;
     cfg *c = make(&o);
-    const char *text = "# a comment\n"
-                       "   name = \"my \\\"node\\\" # not a comment\\n\\t\\\\\"   # comment\r\n"
-                       "\n"
-                       "[router]\n"
-                       "port=9000 # trailing\n"
-                       "\tratio = 0.75\n"
-                       "verbose = yes\n"
-                       "window = 1.5s\n"
-                       "[ kv ]   # spaces in header are fine\n"
-                       "pool = 1.5GiB\n"
-                       "[engine]\n"
-                       "backend = cuda"; /* no final newline */
+    const char *text =
+        "# a comment\n"
+        "   name = \"my \\\"node\\\" # not a comment\\n\\t\\\\\\r\\#\"   # comment\r\n"
+        "\n"
+        "[router]\n"
+        "port=9000 # trailing\n"
+        "\tratio = 0.75\n"
+        "verbose = yes\n"
+        "window = 1.5s\n"
+        "[ kv ]   # spaces in header are fine\n"
+        "pool = 1.5GiB\n"
+        "[engine]\n"
+        "backend = cuda"; /* no final newline */
     assert_int_equal(cfg_load_string(c, text, "node.conf"), 0);
-    assert_string_equal(o.name, "my \"node\" # not a comment\n\t\\");
+    assert_string_equal(o.name, "my \"node\" # not a comment\n\t\\\r#");
     assert_int_equal(o.port, 9000);
     assert_true(o.ratio == 0.75);
     assert_true(o.verbose);
@@ -454,12 +458,14 @@ static void test_flag_errors(void **state)
 struct req {
     const char *model;
     int64_t n;
+    double f;
 };
 
 static const struct cfg_option req_table[] = {
     {"engine.model", CFG_STRING, NULL, NULL, NULL, NULL, "Model directory",
      offsetof(struct req, model), CFG_REQUIRED},
     {"n", CFG_INT64, NULL, "0", NULL, NULL, "Count", offsetof(struct req, n), 0},
+    {"f", CFG_DOUBLE, NULL, NULL, "2.5", NULL, "Factor", offsetof(struct req, f), 0},
 };
 
 static void test_required_and_help(void **state)
@@ -467,7 +473,7 @@ static void test_required_and_help(void **state)
     (void)state;
     struct req r;
     cfg *c = NULL;
-    assert_int_equal(cfg_create(&c, "tandem-x", req_table, 2, &r), 0);
+    assert_int_equal(cfg_create(&c, "tandem-x", req_table, 3, &r), 0);
     assert_null(r.model);
     assert_string_equal(cfg_source(c, "engine.model"), "unset");
     char *argv[] = {"prog", NULL};
@@ -476,9 +482,11 @@ static void test_required_and_help(void **state)
                                       "config file or with --engine.model=STRING)");
     assert_int_equal(cfg_set(c, "n", "-1", "test"), TD_ERANGE);
     assert_string_equal(cfg_error(c), "test: n = \"-1\": must be >= 0");
+    assert_int_equal(cfg_set(c, "f", "2.6", "test"), TD_ERANGE);
+    assert_string_equal(cfg_error(c), "test: f = \"2.6\": must be <= 2.5");
     cfg_free(c);
 
-    assert_int_equal(cfg_create(&c, "tandem-x", req_table, 2, &r), 0);
+    assert_int_equal(cfg_create(&c, "tandem-x", req_table, 3, &r), 0);
     char *argv2[] = {"prog", "--engine.model=/m", NULL};
     assert_int_equal(cfg_parse(c, 2, argv2), 0);
     assert_string_equal(r.model, "/m");
@@ -502,10 +510,11 @@ static void test_required_and_help(void **state)
     assert_int_equal(cfg_parse(c, 3, argv4), 0);
     cfg_free(c);
 
-    assert_int_equal(cfg_create(&c, "tandem-x", req_table, 2, &r), 0);
+    assert_int_equal(cfg_create(&c, "tandem-x", req_table, 3, &r), 0);
     help = cfg_help(c);
     assert_non_null(strstr(help, "  --engine.model=STRING (required)\n      Model directory\n"));
     assert_non_null(strstr(help, "  --n=INT\n      Count [min: 0]\n"));
+    assert_non_null(strstr(help, "  --f=FLOAT\n      Factor [max: 2.5]\n"));
     cfg_free(c);
 }
 
@@ -522,6 +531,8 @@ static void test_bad_tables(void **state)
         {{"x", CFG_INT64, "abc", NULL, NULL, NULL, "", offsetof(struct opts, port), 0}},
         {{"x", CFG_INT64, NULL, "10", "1", NULL, "", offsetof(struct opts, port), 0}},
         {{"x", CFG_INT64, NULL, "one", NULL, NULL, "", offsetof(struct opts, port), 0}},
+        {{"x", CFG_INT64, NULL, NULL, "1e3", NULL, "", offsetof(struct opts, port), 0}},
+        {{"x", (enum cfg_type)99, NULL, NULL, NULL, NULL, "", offsetof(struct opts, port), 0}},
         {{"x", CFG_STRING, NULL, "1", NULL, NULL, "", offsetof(struct opts, name), 0}},
         {{"x", CFG_INT64, NULL, NULL, NULL, "a|b", "", offsetof(struct opts, port), 0}},
         {{"x", CFG_STRING, "d", NULL, NULL, NULL, "", offsetof(struct opts, name), CFG_REQUIRED}},

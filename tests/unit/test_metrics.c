@@ -686,6 +686,11 @@ static void test_errors(void **state)
     assert_int_equal(met_counter_get(fam, (const char *[]){"x", "\xc0\xaf"}, &c),
                      TD_EINVAL); /* overlong */
     assert_int_equal(met_counter_get(fam, (const char *[]){"x", "h\xc3\xa9"}, &c), 0); /* é */
+    assert_int_equal(met_counter_get(fam, (const char *[]){"x", "\xf0\x9f\x98\x80"}, &c), 0);
+    assert_int_equal(met_counter_get(fam, (const char *[]){"x", "\xf4\x90\x80\x80"}, &c),
+                     TD_EINVAL); /* above U+10FFFF */
+    assert_int_equal(met_counter_get(fam, (const char *[]){"x", "\xf0\x9f\x98"}, &c),
+                     TD_EINVAL); /* cut short */
     char longv[MET_MAX_LABEL_VALUE + 2];
     memset(longv, 'v', sizeof(longv) - 1);
     longv[sizeof(longv) - 1] = '\0';
