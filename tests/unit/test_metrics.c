@@ -17,6 +17,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -757,8 +758,8 @@ static void *updater(void *arg)
 struct scraper {
     met_registry *r;
     _Atomic int stop;
-    int scrapes;
-    int bad;
+    _Atomic int scrapes;
+    _Atomic int bad;
 };
 
 static void *scrape(void *arg)
@@ -799,6 +800,10 @@ static void test_threads(void **state)
     struct scraper sc = {.r = r};
     pthread_t scr, th[THREADS];
     assert_int_equal(pthread_create(&scr, NULL, scrape, &sc), 0);
+    /* Let the scraper finish one pass first: on a loaded machine the updaters
+     * could otherwise end before it ever runs. */
+    while (atomic_load(&sc.scrapes) == 0 && sc.bad == 0)
+        sched_yield();
     for (int i = 0; i < THREADS; i++) {
         t[i] = (struct hot){.c = c, .g = g, .h = h, .fam = fam, .id = i};
         assert_int_equal(pthread_create(&th[i], NULL, updater, &t[i]), 0);
