@@ -34,10 +34,11 @@ float *mdl__alloc_f32(mdl_model *m, size_t n)
         s->bufs = nb;
         s->cap_bufs = cap;
     }
-    size_t bytes = (n * sizeof(float) + 63) & ~(size_t)63;
-    void *p = NULL;
-    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
-    memset(p, 0, bytes ? bytes : 64);
+    size_t bytes = (n * sizeof(float) + 63) & ~(size_t)63; /* aligned_alloc wants a multiple */
+    if (bytes == 0) bytes = 64;
+    void *p = aligned_alloc(64, bytes);
+    if (!p) return NULL;
+    memset(p, 0, bytes);
     s->bufs[s->n_bufs++] = p;
     return p;
 }

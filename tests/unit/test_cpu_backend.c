@@ -15,6 +15,8 @@
 #include <cmocka.h>
 
 #include "common/err.h"
+#include "engine/sampler.h"
+#include "fail_alloc.h"
 #include "engine/backend/backend.h"
 #include "engine/backend/cpu/cpu_kernels.h"
 #include "engine/model.h"
@@ -537,6 +539,70 @@ static void test_layer_hook_and_kv_mem(void **s)
     mdl_free(m);
 }
 
+/* be_open (1 and 2 threads), be_forward and smp_create with each allocation
+ * failing in turn: errors, no leaks, and a forward never allocates. */
+static void test_alloc_failures(void **s)
+{
+    (void)s;
+    mdl_model *m = make_model(MDL_ROPE_HALF, 1, 0);
+    for (int threads = 1; threads <= 2; threads++) {
+        for (long n = 0;; n++) {
+            be_options o;
+            be_options_defaults(&o, m);
+            o.n_threads = threads;
+            be_backend *be = NULL;
+            char err[256];
+            fail_alloc_arm(n);
+            int rc = be_open("cpu", m, &o, &be, err, sizeof(err));
+            long hits = fail_alloc_disarm();
+            if (hits == 0) {
+                assert_int_equal(rc, 0);
+                /* A forward allocates nothing: arm the very next allocation. */
+                int32_t tok[3] = {1, 2, 3}, pos[3] = {0, 1, 2}, seq[3] = {0, 0, 0}, row = 2;
+                int32_t table[1] = {0}, nb = 1;
+                const int32_t *tables[1] = {table};
+                float logits[97];
+                be_batch b = {.n_tokens = 3,
+                              .tokens = tok,
+                              .pos = pos,
+                              .seq = seq,
+                              .n_seqs = 1,
+                              .block_tables = tables,
+                              .n_blocks = &nb,
+                              .n_out = 1,
+                              .out_rows = &row,
+                              .logits = logits};
+                fail_alloc_arm(0);
+                assert_int_equal(be_forward(be, &b), 0);
+                assert_int_equal(fail_alloc_disarm(), 0);
+                be_close(be);
+                break;
+            }
+            assert_true(rc < 0);
+            assert_null(be);
+        }
+    }
+    for (long n = 0;; n++) {
+        int32_t stops[2] = {5, 6};
+        smp_params p;
+        smp_params_defaults(&p);
+        p.stop_ids = stops;
+        p.n_stop_ids = 2;
+        smp_sampler *smp = NULL;
+        fail_alloc_arm(n);
+        int rc = smp_create(&p, 97, &smp);
+        long hits = fail_alloc_disarm();
+        if (hits == 0) {
+            assert_int_equal(rc, 0);
+            smp_free(smp);
+            break;
+        }
+        assert_int_equal(rc, TD_ENOMEM);
+        assert_null(smp);
+    }
+    mdl_free(m);
+}
+
 static void test_open_errors(void **s)
 {
     (void)s;
@@ -572,6 +638,7 @@ int main(void)
         cmocka_unit_test(test_paged_shuffled_blocks),
         cmocka_unit_test(test_layer_hook_and_kv_mem),
         cmocka_unit_test(test_open_errors),
+        cmocka_unit_test(test_alloc_failures),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

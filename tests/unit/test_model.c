@@ -16,6 +16,7 @@
 #include <cmocka.h>
 
 #include "common/err.h"
+#include "fail_alloc.h"
 #include "engine/backend/backend.h"
 #include "engine/model.h"
 
@@ -893,6 +894,64 @@ static void test_fuzz_loaders(void **state)
     rmdir(dir);
 }
 
+/* Every allocation of a load fails in turn: each attempt returns an error,
+ * leaves *out NULL and leaks nothing (ASan checks at exit). */
+static void expect_load_survives_oom(const char *path)
+{
+    char err[256];
+    for (long n = 0;; n++) {
+        mdl_model *h = NULL;
+        fail_alloc_arm(n);
+        int rc = mdl_load(path, &h, err, sizeof(err));
+        long hits = fail_alloc_disarm();
+        if (hits == 0) {
+            assert_int_equal(rc, 0);
+            mdl_free(h);
+            if (n < 3) fail_msg("%s: only %ld allocations", path, n);
+            break;
+        }
+        assert_true(rc < 0);
+        assert_null(h);
+    }
+}
+
+static void test_alloc_failures(void **state)
+{
+    (void)state;
+    mdl_model *m = random_model(0, 1);
+    char dir[512], st_path[600], cfg_path[600], bin_path[600];
+    make_dir("oom", dir, sizeof(dir));
+    st_list L = {0};
+    hf_tensors(m, "BF16", 1, &L);
+    snprintf(st_path, sizeof(st_path), "%s/model.safetensors", dir);
+    snprintf(cfg_path, sizeof(cfg_path), "%s/config.json", dir);
+    snprintf(bin_path, sizeof(bin_path), "%s/tiny.bin", dir);
+    st_write(&L, 0, L.n, st_path);
+    write_config(dir, m, "LlamaForCausalLM", 0, NULL);
+    write_llama2c(m, bin_path, 0);
+    expect_load_survives_oom(dir);
+    expect_load_survives_oom(bin_path);
+    for (long n = 0;; n++) {
+        mdl_model *r = NULL;
+        fail_alloc_arm(n);
+        int rc = mdl_create_random(&m->cfg, 1, 0.1f, &r);
+        long hits = fail_alloc_disarm();
+        if (hits == 0) {
+            assert_int_equal(rc, 0);
+            mdl_free(r);
+            break;
+        }
+        assert_int_equal(rc, TD_ENOMEM);
+        assert_null(r);
+    }
+    st_free(&L);
+    mdl_free(m);
+    unlink(st_path);
+    unlink(cfg_path);
+    unlink(bin_path);
+    rmdir(dir);
+}
+
 static void test_llama2c_errors(void **state)
 {
     (void)state;
@@ -939,6 +998,7 @@ int main(void)
         cmocka_unit_test(test_safetensors_errors),
         cmocka_unit_test(test_llama2c_errors),
         cmocka_unit_test(test_fuzz_loaders),
+        cmocka_unit_test(test_alloc_failures),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     rmdir(g_tmp);

@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,9 +67,10 @@ static int cpu__fail(char *err, size_t errlen, int code, const char *msg)
 
 static float *cpu__alloc(size_t n_floats)
 {
-    void *p = NULL;
+    if (n_floats > (SIZE_MAX - 64) / sizeof(float)) return NULL;
     size_t bytes = ((n_floats ? n_floats : 1) * sizeof(float) + 63) & ~(size_t)63;
-    if (posix_memalign(&p, 64, bytes) != 0) return NULL;
+    void *p = aligned_alloc(64, bytes); /* bytes is a multiple of the alignment */
+    if (!p) return NULL;
     memset(p, 0, bytes);
     return p;
 }
