@@ -216,6 +216,13 @@ static int hf__parse_config(const char *dir, mdl_config *c, char *err, size_t er
     c->tied_output = cJSON_IsTrue(tie);
     hf__token_id(root, "bos_token_id", &c->bos_id);
     hf__token_id(root, "eos_token_id", &c->eos_id);
+    const cJSON *eos = cJSON_GetObjectItemCaseSensitive(root, "eos_token_id");
+    if (cJSON_IsArray(eos)) {
+        for (const cJSON *it = eos->child ? eos->child->next : NULL;
+             it && c->n_eos_extra < MDL_MAX_EOS; it = it->next)
+            if (cJSON_IsNumber(it) && it->valuedouble >= 0 && it->valuedouble <= INT32_MAX)
+                c->eos_extra[c->n_eos_extra++] = (int32_t)it->valuedouble;
+    }
     rc = mdl__check_config(c, err, errlen);
 out:
     cJSON_Delete(root);

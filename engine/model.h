@@ -32,6 +32,8 @@ enum mdl_rope_scaling {
     MDL_ROPE_SCALING_LLAMA3 = 2, /* Llama 3.1: long wavelengths / factor, blended band */
 };
 
+#define MDL_MAX_EOS 8
+
 enum mdl_format {
     MDL_FORMAT_HF = 0,
     MDL_FORMAT_LLAMA2C = 1,
@@ -62,6 +64,10 @@ typedef struct mdl_config {
     int tied_output; /* 1 when the classifier is the token embedding */
     int32_t bos_id;  /* -1 when unknown */
     int32_t eos_id;  /* -1 when unknown */
+    /* Further end-of-sequence ids when config.json lists several (Llama 3:
+     * <|end_of_text|>, <|eom_id|>, <|eot_id|>); eos_id is the first. */
+    int32_t eos_extra[MDL_MAX_EOS];
+    int n_eos_extra;
 } mdl_config;
 
 /* One decoder layer. All pointers are F32 and owned by the model. */

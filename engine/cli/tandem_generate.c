@@ -383,12 +383,16 @@ static int generate(const gen_args *a, const mdl_model *m)
     sp.min_tokens = a->min_tokens;
     sp.ignore_eos = a->ignore_eos;
     sp.eos_id = eos;
-    /* llama2.c stops when the model emits BOS; keep that for its checkpoints. */
-    int32_t stop_ids[1] = {bos};
-    if (mc->format == MDL_FORMAT_LLAMA2C) {
-        sp.stop_ids = stop_ids;
-        sp.n_stop_ids = 1;
-    }
+    /* Stop ids: the config's further EOS ids (unless --ignore-eos), and BOS for
+     * llama2.c checkpoints, since llama2.c stops when the model emits BOS. */
+    int32_t stop_ids[MDL_MAX_EOS + 1];
+    int n_stop = 0;
+    if (!a->ignore_eos)
+        for (int i = 0; i < mc->n_eos_extra; i++)
+            stop_ids[n_stop++] = mc->eos_extra[i];
+    if (mc->format == MDL_FORMAT_LLAMA2C) stop_ids[n_stop++] = bos;
+    sp.stop_ids = stop_ids;
+    sp.n_stop_ids = n_stop;
     rc = smp_create(&sp, mc->vocab_size, &smp);
     if (rc != 0) goto out;
     if (a->logits_out) {

@@ -512,6 +512,8 @@ static void test_hf_rope_layout_and_dtypes(void **state)
         if (rc != 0) fail_msg("%s: %s", dtypes[k], err);
         assert_int_equal(h->cfg.rope_layout, MDL_ROPE_HALF);
         assert_int_equal(h->cfg.eos_id, 2);
+        assert_int_equal(h->cfg.n_eos_extra, 1); /* "eos_token_id": [2, 3] */
+        assert_int_equal(h->cfg.eos_extra[0], 3);
         assert_false(h->cfg.tied_output);
         if (k == 0) {
             assert_ptr_not_equal(h->output, h->tok_embed);
