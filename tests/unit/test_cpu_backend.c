@@ -21,6 +21,8 @@
 #include "engine/backend/cpu/cpu_kernels.h"
 #include "engine/model.h"
 
+static int g_head_dim = 8;
+
 static mdl_model *make_model(enum mdl_rope_layout layout, int bias, int tied)
 {
     mdl_config c;
@@ -30,7 +32,7 @@ static mdl_model *make_model(enum mdl_rope_layout layout, int bias, int tied)
     c.n_layers = 2;
     c.n_heads = 6;
     c.n_kv_heads = 2;
-    c.head_dim = 8;
+    c.head_dim = g_head_dim;
     c.vocab_size = 97;
     c.max_seq_len = 128;
     c.rope_layout = layout;
@@ -225,6 +227,22 @@ static void test_reference_half_rope_bias(void **s)
 {
     (void)s;
     check_against_reference(MDL_ROPE_HALF, 1, 0);
+}
+
+static void check_invariance(int threads_batch);
+
+/* Head sizes that exercise every path of the attention kernels (32-wide
+ * chunks, 8-wide chunks, scalar tails; 16-wide dot blocks and tails). */
+static void test_reference_head_dims(void **s)
+{
+    (void)s;
+    const int dims[3] = {40, 36, 64};
+    for (int i = 0; i < 3; i++) {
+        g_head_dim = dims[i];
+        check_against_reference(MDL_ROPE_HALF, 1, 0);
+        check_invariance(2);
+    }
+    g_head_dim = 8;
 }
 
 static void test_reference_adjacent_rope_tied(void **s)
@@ -625,20 +643,30 @@ static void test_open_errors(void **s)
     mdl_free(m);
 }
 
+/* A failed test must not leave another head size or KV dtype behind. */
+static int reset_globals(void **s)
+{
+    (void)s;
+    g_head_dim = 8;
+    g_kv_dtype = KV_DTYPE_F32;
+    return 0;
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_reference_half_rope_bias),
-        cmocka_unit_test(test_reference_adjacent_rope_tied),
-        cmocka_unit_test(test_batch_invariance),
-        cmocka_unit_test(test_batch_invariance_two_threads),
-        cmocka_unit_test(test_blas_mode_close),
-        cmocka_unit_test(test_kv_f16),
-        cmocka_unit_test(test_f16_conversion),
-        cmocka_unit_test(test_paged_shuffled_blocks),
-        cmocka_unit_test(test_layer_hook_and_kv_mem),
-        cmocka_unit_test(test_open_errors),
-        cmocka_unit_test(test_alloc_failures),
+        cmocka_unit_test_setup(test_reference_half_rope_bias, reset_globals),
+        cmocka_unit_test_setup(test_reference_adjacent_rope_tied, reset_globals),
+        cmocka_unit_test_setup(test_reference_head_dims, reset_globals),
+        cmocka_unit_test_setup(test_batch_invariance, reset_globals),
+        cmocka_unit_test_setup(test_batch_invariance_two_threads, reset_globals),
+        cmocka_unit_test_setup(test_blas_mode_close, reset_globals),
+        cmocka_unit_test_setup(test_kv_f16, reset_globals),
+        cmocka_unit_test_setup(test_f16_conversion, reset_globals),
+        cmocka_unit_test_setup(test_paged_shuffled_blocks, reset_globals),
+        cmocka_unit_test_setup(test_layer_hook_and_kv_mem, reset_globals),
+        cmocka_unit_test_setup(test_open_errors, reset_globals),
+        cmocka_unit_test_setup(test_alloc_failures, reset_globals),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

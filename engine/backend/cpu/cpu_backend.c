@@ -51,7 +51,7 @@ typedef struct cpu_ctx {
     float *rope;     /* [T][head_dim/2][2] cos, sin */
     float *inv_freq; /* [head_dim/2] */
     float *att;      /* [n_threads][max_seq_len] attention scores */
-    float *kvtmp;    /* [n_threads][head_dim] one K or V row converted from f16 */
+    float *kvtmp;    /* [n_threads][block_size][head_dim] K or V rows converted from f16 */
     int *seq_maxpos; /* [max_seqs] */
 
     /* Per-forward state read by the parallel tasks. */
@@ -138,7 +138,7 @@ static int cpu_create(const mdl_model *m, const be_options *o, void **out, char 
         !(c->hb2 = cpu__alloc(T * (size_t)mc->hidden_dim)) || !(c->rope = cpu__alloc(T * hd)) ||
         !(c->inv_freq = cpu__alloc(hd / 2)) ||
         !(c->att = cpu__alloc((size_t)c->o.n_threads * (size_t)mc->max_seq_len)) ||
-        !(c->kvtmp = cpu__alloc((size_t)c->o.n_threads * hd)))
+        !(c->kvtmp = cpu__alloc((size_t)c->o.n_threads * o->kv.block_size * hd)))
         goto fail;
     c->seq_maxpos = calloc((size_t)o->max_seqs, sizeof(int));
     if (!c->seq_maxpos) goto fail;
@@ -248,13 +248,22 @@ static inline void *cpu__kv_block(const cpu_ctx *c, int layer, int32_t block)
     return (char *)c->kv_base + off;
 }
 
-/* Pointer to hd values of K (or V) at element offset `el` of a block, as f32:
- * in place for an f32 pool, converted into tmp[hd] for f16. */
-static inline const float *cpu__kv_row(const cpu_ctx *c, const void *blk, size_t el, int hd,
-                                       float *tmp)
+/* n rows of hd values (K or V of one kv head) starting at element offset el
+ * of a block, consecutive rows tok_stride elements apart, as f32: in place for
+ * an f32 pool (*stride = tok_stride), converted into tmp[n][hd] for f16
+ * (*stride = hd). */
+static inline const float *cpu__kv_rows(const cpu_ctx *c, const void *blk, size_t el,
+                                        size_t tok_stride, int n, int hd, float *tmp,
+                                        size_t *stride)
 {
-    if (c->kv.dtype == KV_DTYPE_F32) return (const float *)blk + el;
-    ck_f16_to_f32(tmp, (const uint16_t *)blk + el, hd);
+    if (c->kv.dtype == KV_DTYPE_F32) {
+        *stride = tok_stride;
+        return (const float *)blk + el;
+    }
+    for (int j = 0; j < n; j++)
+        ck_f16_to_f32(tmp + (size_t)j * hd, (const uint16_t *)blk + el + (size_t)j * tok_stride,
+                      hd);
+    *stride = (size_t)hd;
     return tmp;
 }
 
@@ -272,22 +281,22 @@ static void cpu__attn_task(void *arg, int task, int thread)
     const int32_t *table = b->block_tables[b->seq[t]];
     const float *q = c->q + ((size_t)t * mc->n_heads + h) * hd;
     float *att = c->att + (size_t)thread * mc->max_seq_len;
-    float *tmp = c->kvtmp + (size_t)thread * hd;
+    float *tmp = c->kvtmp + (size_t)thread * bs * hd;
     float scale = 1.0f / sqrtf((float)hd);
     size_t tok_stride = (size_t)kvh * hd; /* elements per slot */
     size_t v_off = (size_t)bs * tok_stride;
-    /* Walk the sequence block by block: one table lookup per block_size positions. */
+    /* Walk the sequence block by block: one table lookup and one kernel call
+     * per block_size positions. An f16 block's rows for this head are first
+     * converted into tmp[block_size][hd]. */
     float mx = -INFINITY;
     for (int p0 = 0; p0 <= pos; p0 += bs) {
         const void *blk = cpu__kv_block(c, c->layer, table[p0 / bs]);
         int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
-        for (int j = 0; j < n; j++) {
-            const float *kp =
-                cpu__kv_row(c, blk, (size_t)j * tok_stride + (size_t)kh * hd, hd, tmp);
-            float sc = ck_dot(q, kp, hd) * scale;
-            att[p0 + j] = sc;
-            if (sc > mx) mx = sc;
-        }
+        size_t stride;
+        const float *rows = cpu__kv_rows(c, blk, (size_t)kh * hd, tok_stride, n, hd, tmp, &stride);
+        ck_attn_scores(att + p0, q, rows, stride, n, hd, scale);
+        for (int j = 0; j < n; j++)
+            if (att[p0 + j] > mx) mx = att[p0 + j];
     }
     float sum = 0.0f;
     for (int p = 0; p <= pos; p++) {
@@ -295,18 +304,17 @@ static void cpu__attn_task(void *arg, int task, int thread)
         sum += att[p];
     }
     float inv = 1.0f / sum;
+    for (int p = 0; p <= pos; p++)
+        att[p] *= inv;
     float *out = c->xb + ((size_t)t * mc->n_heads + h) * hd;
     memset(out, 0, (size_t)hd * sizeof(float));
     for (int p0 = 0; p0 <= pos; p0 += bs) {
         const void *blk = cpu__kv_block(c, c->layer, table[p0 / bs]);
         int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
-        for (int j = 0; j < n; j++) {
-            const float *vp =
-                cpu__kv_row(c, blk, v_off + (size_t)j * tok_stride + (size_t)kh * hd, hd, tmp);
-            float a = att[p0 + j] * inv;
-            for (int i = 0; i < hd; i++)
-                out[i] += a * vp[i];
-        }
+        size_t stride;
+        const float *rows =
+            cpu__kv_rows(c, blk, v_off + (size_t)kh * hd, tok_stride, n, hd, tmp, &stride);
+        ck_attn_accum(out, att + p0, rows, stride, n, hd);
     }
 }
 

@@ -129,7 +129,67 @@ __attribute__((target("avx2,fma"))) static void ck__matmul_avx2(float *out, int 
                 ck__dot_avx2(x + (size_t)t * K, w, K) + (bias ? bias[j] : 0.0f);
     }
 }
+
+__attribute__((target("avx2,fma"))) static void ck__scores_avx2(float *out, const float *q,
+                                                                const float *rows, size_t stride,
+                                                                int n, int hd, float scale)
+{
+    for (int j = 0; j < n; j++)
+        out[j] = ck__dot_avx2(q, rows + (size_t)j * stride, hd) * scale;
+}
+
+__attribute__((target("avx2,fma"))) static void
+ck__accum_avx2(float *acc, const float *w, const float *rows, size_t stride, int n, int hd)
+{
+    /* acc[i] + w[j] * v_j[i], unfused and in order of j for every element, as
+     * the generic version; 32 elements of acc stay in registers across j. */
+    int i = 0;
+    for (; i + 32 <= hd; i += 32) {
+        __m256 a0 = _mm256_loadu_ps(acc + i), a1 = _mm256_loadu_ps(acc + i + 8);
+        __m256 a2 = _mm256_loadu_ps(acc + i + 16), a3 = _mm256_loadu_ps(acc + i + 24);
+        for (int j = 0; j < n; j++) {
+            const float *v = rows + (size_t)j * stride + i;
+            __m256 wj = _mm256_set1_ps(w[j]);
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(wj, _mm256_loadu_ps(v)));
+            a1 = _mm256_add_ps(a1, _mm256_mul_ps(wj, _mm256_loadu_ps(v + 8)));
+            a2 = _mm256_add_ps(a2, _mm256_mul_ps(wj, _mm256_loadu_ps(v + 16)));
+            a3 = _mm256_add_ps(a3, _mm256_mul_ps(wj, _mm256_loadu_ps(v + 24)));
+        }
+        _mm256_storeu_ps(acc + i, a0);
+        _mm256_storeu_ps(acc + i + 8, a1);
+        _mm256_storeu_ps(acc + i + 16, a2);
+        _mm256_storeu_ps(acc + i + 24, a3);
+    }
+    for (; i + 8 <= hd; i += 8) {
+        __m256 a0 = _mm256_loadu_ps(acc + i);
+        for (int j = 0; j < n; j++) {
+            __m256 v = _mm256_loadu_ps(rows + (size_t)j * stride + i);
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_set1_ps(w[j]), v));
+        }
+        _mm256_storeu_ps(acc + i, a0);
+    }
+    for (; i < hd; i++)
+        for (int j = 0; j < n; j++)
+            acc[i] += w[j] * rows[(size_t)j * stride + i];
+}
 #endif
+
+static void ck__scores_generic(float *out, const float *q, const float *rows, size_t stride, int n,
+                               int hd, float scale)
+{
+    for (int j = 0; j < n; j++)
+        out[j] = ck__dot_generic(q, rows + (size_t)j * stride, hd) * scale;
+}
+
+static void ck__accum_generic(float *acc, const float *w, const float *rows, size_t stride, int n,
+                              int hd)
+{
+    for (int j = 0; j < n; j++) {
+        const float *v = rows + (size_t)j * stride;
+        for (int i = 0; i < hd; i++)
+            acc[i] += w[j] * v[i];
+    }
+}
 
 /* The scalar tails above are plain a*b+s; with -ffp-contract=off (ISO C mode)
  * they are never fused, in both the 4-row and the 1-row path, so both give the
@@ -233,6 +293,10 @@ void ck_f16_to_f32(float *dst, const uint16_t *src, int n)
 }
 
 static float (*ck__dot_impl)(const float *, const float *, int) = ck__dot_generic;
+static void (*ck__scores_impl)(float *, const float *, const float *, size_t, int, int,
+                               float) = ck__scores_generic;
+static void (*ck__accum_impl)(float *, const float *, const float *, size_t, int,
+                              int) = ck__accum_generic;
 static void (*ck__matmul_impl)(float *, int, const float *, const float *, const float *, int, int,
                                int, int) = ck__matmul_generic;
 static const char *ck__name = "generic";
@@ -244,6 +308,8 @@ static void ck__select(void)
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         ck__dot_impl = ck__dot_avx2;
         ck__matmul_impl = ck__matmul_avx2;
+        ck__scores_impl = ck__scores_avx2;
+        ck__accum_impl = ck__accum_avx2;
         ck__name = "avx2";
     }
     if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")) {
@@ -273,6 +339,17 @@ void ck_matmul(float *out, int ldo, const float *x, const float *W, const float 
                int j0, int j1)
 {
     ck__matmul_impl(out, ldo, x, W, bias, T, K, j0, j1);
+}
+
+void ck_attn_scores(float *out, const float *q, const float *rows, size_t stride, int n, int hd,
+                    float scale)
+{
+    ck__scores_impl(out, q, rows, stride, n, hd, scale);
+}
+
+void ck_attn_accum(float *acc, const float *w, const float *rows, size_t stride, int n, int hd)
+{
+    ck__accum_impl(acc, w, rows, stride, n, hd);
 }
 
 void ck_rmsnorm(float *out, const float *x, const float *w, int n, float eps)

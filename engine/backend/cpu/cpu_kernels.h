@@ -25,6 +25,14 @@ float ck_dot(const float *a, const float *b, int n);
 void ck_matmul(float *out, int ldo, const float *x, const float *W, const float *bias, int T, int K,
                int j0, int j1);
 
+/* Attention over n key/value rows at rows + j * stride (j < n):
+ * ck_attn_scores: out[j] = dot(q, k_j) * scale, each dot in ck_dot's order;
+ * ck_attn_accum:  acc[i] += w[j] * v_j[i] for j = 0..n-1 in order.
+ * One call per KV block instead of one per position. */
+void ck_attn_scores(float *out, const float *q, const float *rows, size_t stride, int n, int hd,
+                    float scale);
+void ck_attn_accum(float *acc, const float *w, const float *rows, size_t stride, int n, int hd);
+
 /* IEEE binary16 rows: dst[i] = round-to-nearest-even(src[i]) and back. The
  * F16C and scalar versions give the same bits. */
 void ck_f32_to_f16(uint16_t *dst, const float *src, int n);
