@@ -38,7 +38,10 @@ void be_options_defaults(be_options *o, const mdl_model *m)
     o->kv.head_dim = (uint32_t)m->cfg.head_dim;
     o->kv.block_size = 16;
     o->kv.dtype = KV_DTYPE_F32;
-    uint32_t blocks = (uint32_t)((m->cfg.max_seq_len + 15) / 16);
+    /* One sequence of the model's context, capped at 4096 tokens so a
+     * 128k-context model does not get gigabytes of KV by default. */
+    int tokens = m->cfg.max_seq_len < 4096 ? m->cfg.max_seq_len : 4096;
+    uint32_t blocks = (uint32_t)((tokens + 15) / 16);
     o->kv.num_blocks = blocks < 64 ? 64 : blocks;
 }
 

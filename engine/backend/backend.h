@@ -80,7 +80,7 @@ typedef struct be_options {
 
 /* Fills defaults for model m: 1 thread, 512 batch tokens, 64 sequences,
  * deterministic matmul, KV f32 with block size 16 and enough blocks for one
- * sequence of the model's full context (at least 64 blocks), kv_mem NULL. */
+ * sequence of min(context, 4096) tokens (at least 64 blocks), kv_mem NULL. */
 void be_options_defaults(be_options *o, const mdl_model *m);
 
 typedef struct be_ops {
