@@ -498,7 +498,12 @@ void kvx__peer_fail(kvx_ep *ep, kvx__peer *p, int err, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    td_log_warn(MOD, "peer_failed", "peer=%d err=%s msg=\"%s\"", p->id, td_err_name(err), msg);
+    int open = 0;
+    for (int i = 0; i < ep->max_reqs; i++)
+        open += ep->reqs[i].used && ep->reqs[i].peer == p;
+    /* A peer leaving with nothing in flight is a normal close. */
+    td_log_emit(open ? TD_LOG_WARN : TD_LOG_INFO, MOD, open ? "peer_failed" : "peer_closed",
+                "peer=%d err=%s open_requests=%d msg=\"%s\"", p->id, td_err_name(err), open, msg);
     for (int i = 0; i < ep->max_reqs; i++) {
         kvx__req *r = &ep->reqs[i];
         if (!r->used || r->peer != p) continue;
@@ -598,6 +603,31 @@ static void post_start(kvx_ep *ep, kvx__req *r, kvx__post *post)
     if (rc < 0) {
         /* send_post owns post on failure too and has called post_done. */
         kvx__sreq_finish(ep, r, rc, "transport failed to send", 1);
+    }
+}
+
+static void start_waiting_posts(kvx_ep *ep, kvx__req *r)
+{
+    uint64_t hash = r->hash;
+    while (r->used && r->hash == hash && !r->closing && r->wait_head) {
+        kvx__post *post = r->wait_head;
+        r->wait_head = post->next;
+        if (!r->wait_head) r->wait_tail = NULL;
+        post->next = NULL;
+        post_start(ep, r, post);
+    }
+}
+
+/* Starts posts queued by kvx_send_layer since the last iteration. */
+static void kick_posts(kvx_ep *ep)
+{
+    int n = ep->n_kick;
+    ep->n_kick = 0;
+    for (int i = 0; i < n; i++) {
+        kvx__req *r = &ep->reqs[ep->kick[i]];
+        if (!r->used || !r->kicked) continue;
+        r->kicked = 0;
+        start_waiting_posts(ep, r);
     }
 }
 
@@ -1073,6 +1103,7 @@ static void *progress_main(void *arg)
             kvx__conn *c = evs[i].data.ptr;
             c->on_io(ep, c, evs[i].events);
         }
+        kick_posts(ep);
         busy = ep->ops->progress ? ep->ops->progress(ep) : 0;
         int64_t now = td_now_ns();
         if (now >= next_tick) {
@@ -1164,7 +1195,8 @@ int kvx_ep_create(const kvx_params *params, kvx_ep **out)
     ep->evs = calloc((size_t)ep->ev_cap, sizeof(*ep->evs));
     ep->owner = malloc(sizeof(*ep->owner) * l->num_blocks);
     ep->owner_pos = calloc(l->num_blocks, sizeof(*ep->owner_pos));
-    if (!ep->reqs || !ep->evs || !ep->owner || !ep->owner_pos) goto fail;
+    ep->kick = calloc((size_t)ep->max_reqs, sizeof(*ep->kick));
+    if (!ep->reqs || !ep->evs || !ep->owner || !ep->owner_pos || !ep->kick) goto fail;
     for (uint32_t i = 0; i < l->num_blocks; i++)
         ep->owner[i] = -1;
     ep->epfd = epoll_create1(EPOLL_CLOEXEC);
@@ -1250,6 +1282,7 @@ void kvx_ep_destroy(kvx_ep *ep)
     free(ep->evs);
     free(ep->owner);
     free(ep->owner_pos);
+    free(ep->kick);
     free(ep);
 }
 
@@ -1606,15 +1639,21 @@ static int layer_fn(kvx_ep *ep, void *arg)
     post->layer = (uint32_t)a->layer;
     post->n = a->n;
     memcpy(post->pairs, a->pairs, sizeof(kvx_pair) * (size_t)a->n);
-    if (!r->acked) {
-        if (r->wait_tail)
-            r->wait_tail->next = post;
-        else
-            r->wait_head = post;
-        r->wait_tail = post;
-        return 0;
+    /* Queue it; the data moves after this command returns (kick_posts), so
+     * the caller (the engine's compute thread) never waits for a copy. */
+    if (r->wait_tail)
+        r->wait_tail->next = post;
+    else
+        r->wait_head = post;
+    r->wait_tail = post;
+    if (r->acked && !r->kicked) {
+        if (ep->n_kick == ep->max_reqs) {
+            start_waiting_posts(ep, r); /* list full of stale entries: start now */
+        } else {
+            r->kicked = 1;
+            ep->kick[ep->n_kick++] = r->slot;
+        }
     }
-    post_start(ep, r, post);
     return 0;
 }
 

@@ -79,6 +79,7 @@ struct kvx__req {
     kvx__post *wait_head, *wait_tail; /* posted before the ack */
     int inflight;                     /* posts handed to the transport, not finished */
     int64_t closing_ns;               /* receiver: when a CANCEL was sent awaiting its ack */
+    int kicked;                       /* sender: listed in ep->kick */
 };
 
 typedef struct kvx__ops {
@@ -158,6 +159,8 @@ struct kvx_ep {
     int max_reqs;
     int32_t *owner;      /* receiver: [num_blocks] slot leasing the block, -1 free */
     uint32_t *owner_pos; /* receiver: [num_blocks] index in that request's dst */
+    int *kick;           /* sender: slots with new posts to start, n_kick of them */
+    int n_kick;
     int64_t tick_ns;
     /* counters (atomics) */
     kvx_stats st;
