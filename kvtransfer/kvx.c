@@ -397,7 +397,7 @@ void kvx__rreq_finish(kvx_ep *ep, kvx__req *r, int err, const char *msg)
 static void rreq_abort(kvx_ep *ep, kvx__req *r, int err, const char *msg)
 {
     if (r->closing) return;
-    if (ep->ops->direct_write && r->peer && !r->peer->dead) {
+    if (ep->ops->cancel_ack && r->peer && !r->peer->dead) {
         r->closing = 1;
         r->final_err = err;
         r->closing_ns = td_now_ns();
@@ -448,6 +448,12 @@ void kvx__rreq_land(kvx_ep *ep, kvx__req *r, uint32_t layer, uint32_t dst)
 static void sreq_maybe_reap(kvx_ep *ep, kvx__req *r)
 {
     if (!r->closing || r->inflight > 0) return;
+    /* Only now is nothing of r in flight: tell the receiver it may release
+     * the blocks (a direct writer's copies have all finished). */
+    if (r->peer && !r->peer->dead) {
+        if (r->notify) send_req_msg(ep, r->peer, KVX_MSG_CANCEL, r->hash, r->final_err);
+        if (r->ack_cancel) send_req_msg(ep, r->peer, KVX_MSG_CANCEL_ACK, r->hash, 0);
+    }
     if (r->final_err == 0) {
         kvx__stat_add(&ep->st.requests_done, 1);
         emit(ep, KVX_EV_DONE, r->id, -1, r->peer ? r->peer->id : -1, 0, NULL);
@@ -475,8 +481,7 @@ void kvx__sreq_finish(kvx_ep *ep, kvx__req *r, int err, const char *msg, int not
     r->closing = 1;
     r->final_err = err;
     snprintf(r->final_msg, sizeof(r->final_msg), "%s", msg ? msg : "");
-    if (notify_peer && r->peer && !r->peer->dead)
-        send_req_msg(ep, r->peer, KVX_MSG_CANCEL, r->hash, err);
+    r->notify = notify_peer && err != 0;
     while (r->wait_head) {
         kvx__post *p = r->wait_head;
         r->wait_head = p->next;
@@ -667,7 +672,10 @@ static void handle_post(kvx_ep *ep, kvx__peer *p, const kvx_wire_req *m, const u
         return;
     }
     kvx__req *r = req_by_hash(ep, m->hash, p);
-    if (!r || r->peer != p || r->closing) return; /* canceled meanwhile: nothing to land */
+    if (!r || r->peer != p) return; /* released meanwhile: nothing to land */
+    /* Closing (canceled, awaiting CANCEL_ACK): a transport that receives
+     * itself (nccl) must still match the sender's queued sends. */
+    if (r->closing && !ep->ops->recv_post) return;
     if (m->layer >= ep->p.layout.n_layers) {
         kvx__stat_add(&ep->st.frames_rejected, 1);
         kvx__rreq_finish(ep, r, TD_EPROTO, "POST layer out of range");
@@ -738,14 +746,18 @@ static void handle_msg(kvx_ep *ep, kvx__peer *p, uint16_t type, const uint8_t *b
         char msg[96];
         snprintf(msg, sizeof(msg), "%s by peer: %s", type == KVX_MSG_CANCEL ? "canceled" : "failed",
                  td_strerror(err));
-        if (!(r = req_by_hash(ep, m.hash, p))) return;
+        if (!(r = req_by_hash(ep, m.hash, p))) {
+            /* Nothing of an unknown request is in flight here. */
+            if (!recv && ep->ops->cancel_ack && type == KVX_MSG_CANCEL)
+                send_req_msg(ep, p, KVX_MSG_CANCEL_ACK, m.hash, 0);
+            return;
+        }
         if (recv) {
             /* The sender has stopped writing for r (it sends CANCEL/FAIL
              * only after its last copy). */
             kvx__rreq_finish(ep, r, r->closing ? r->final_err : err, msg);
         } else {
-            if (ep->ops->direct_write && type == KVX_MSG_CANCEL)
-                send_req_msg(ep, p, KVX_MSG_CANCEL_ACK, m.hash, 0);
+            if (ep->ops->cancel_ack && type == KVX_MSG_CANCEL) r->ack_cancel = 1;
             kvx__sreq_finish(ep, r, err, msg, 0);
         }
         return;
@@ -1166,7 +1178,7 @@ int kvx_ep_create(const kvx_params *params, kvx_ep **out)
         td_log_error(MOD, "transport_unavailable", "name=%s why=\"%s\"", ops->name, why);
         return TD_ENODEV;
     }
-    if (params->pool && ops->direct_write && params->role == KVX_ROLE_RECV) return TD_EINVAL;
+    if (params->pool && ops->own_pool && params->role == KVX_ROLE_RECV) return TD_EINVAL;
     kvx_ep *ep = calloc(1, sizeof(*ep));
     if (!ep) return TD_ENOMEM;
     ep->p = *params;

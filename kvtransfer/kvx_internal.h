@@ -79,13 +79,17 @@ struct kvx__req {
     kvx__post *wait_head, *wait_tail; /* posted before the ack */
     int inflight;                     /* posts handed to the transport, not finished */
     int64_t closing_ns;               /* receiver: when a CANCEL was sent awaiting its ack */
+    int notify;                       /* sender: tell the receiver (CANCEL) when reaped */
+    int ack_cancel;                   /* sender: answer CANCEL_ACK when reaped */
     int kicked;                       /* sender: listed in ep->kick */
 };
 
 typedef struct kvx__ops {
     const char *name;
-    int direct_write; /* sender writes receiver memory itself (POST = written) */
-    int unix_ctrl;    /* control over AF_UNIX (same host) */
+    int cancel_ack; /* work the sender started may still write the receiver's blocks: a
+                     * receiver-side cancel waits for the sender's CANCEL_ACK */
+    int unix_ctrl;  /* control over AF_UNIX (same host) */
+    int own_pool;   /* the receiver's pool must be allocated by the transport */
     /* 1 when runnable here, else 0 and a reason. Any thread. */
     int (*available)(char *why, size_t n);
     /* Optional: endpoint set-up (allocate ep->pool when NULL) / tear-down. */

@@ -154,8 +154,9 @@ static int shm_send_post(kvx_ep *ep, kvx__peer *p, kvx__post *post)
 
 const kvx__ops kvx__shm_ops = {
     .name = "shm",
-    .direct_write = 1,
+    .cancel_ack = 1,
     .unix_ctrl = 1,
+    .own_pool = 1,
     .ep_init = shm_ep_init,
     .ep_fini = shm_ep_fini,
     .ack_extra = shm_ack_extra,

@@ -427,7 +427,7 @@ static void tcp_peer_free(kvx_ep *ep, kvx__peer *p)
 
 const kvx__ops kvx__tcp_ops = {
     .name = "tcp",
-    .direct_write = 0,
+    .cancel_ack = 0,
     .unix_ctrl = 0,
     .ep_init = tcp_ep_init,
     .ep_fini = tcp_ep_fini,
