@@ -1585,6 +1585,9 @@ int kvx_recv_register(kvx_ep *ep, const char *req_id, const uint32_t *dst_blocks
     if (!ep || ep->p.role != KVX_ROLE_RECV || check_id(req_id) < 0 || !dst_blocks ||
         n_blocks <= 0 || (uint32_t)n_blocks > ep->p.layout.num_blocks)
         return TD_EINVAL;
+    /* The block list travels back in one BEGIN_ACK. */
+    if ((size_t)n_blocks > (KVX_WIRE_MAX_BODY - sizeof(kvx_wire_req)) / sizeof(uint32_t))
+        return TD_ERANGE;
     struct register_arg a = {req_id, dst_blocks, n_blocks, deadline_ns};
     return call(ep, register_fn, &a);
 }

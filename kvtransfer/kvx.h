@@ -137,7 +137,8 @@ int kvx_connect(kvx_ep *ep, const char *addr, int *peer, char *msg, size_t msg_l
  * (copied; each < layout.num_blocks, no duplicates, none leased by another
  * open request). Every layer of the layout is expected for every block.
  * deadline_ns: absolute td_now_ns() deadline, 0 for none. Returns 0, or
- * TD_EINVAL, TD_EEXIST (id already open, or a block already leased). */
+ * TD_EINVAL, TD_EEXIST (id already open, or a block already leased), TD_ERANGE
+ * (more than 262138 blocks), TD_ENOSPC (4096 requests open). */
 int kvx_recv_register(kvx_ep *ep, const char *req_id, const uint32_t *dst_blocks, int n_blocks,
                       int64_t deadline_ns);
 
