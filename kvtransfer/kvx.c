@@ -341,7 +341,7 @@ static kvx__req *req_by_hash(kvx_ep *ep, uint64_t hash, kvx__peer *p)
 {
     for (int i = 0; i < ep->max_reqs; i++) {
         kvx__req *r = &ep->reqs[i];
-        if (r->used && r->hash == hash && (!p || !r->peer || r->peer == p)) return r;
+        if (r->used && r->hash == hash && (!p || r->peer == p)) return r;
     }
     return NULL;
 }
