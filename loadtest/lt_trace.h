@@ -1,0 +1,92 @@
+/* lt_trace: request traces for the load tester.
+ *
+ * Readers for the BurstGPT CSV (both schemas: 6 columns, and 8 with
+ * `Session ID` and `Elapsed time`; columns are found by header name), the Azure
+ * LLM inference trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens) and
+ * Mooncake JSONL (timestamp in ms, input_length, output_length, hash_ids).
+ * All three become one array of lt_req: arrival time in ns from the first kept
+ * request, prompt and response token counts.
+ *
+ * Errors: 0 or a negative TD_E* code; err[errlen] (when not NULL) receives a
+ * reason naming the file line ("line 17: Response tokens: not an integer").
+ */
+#ifndef TANDEM_LOADTEST_LT_TRACE_H
+#define TANDEM_LOADTEST_LT_TRACE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+enum lt_format {
+    LT_FMT_BURSTGPT = 0,
+    LT_FMT_AZURE,
+    LT_FMT_MOONCAKE,
+};
+
+/* Parses "burstgpt", "azure" or "mooncake". 0 or TD_EINVAL. */
+int lt_format_parse(const char *name, enum lt_format *out);
+const char *lt_format_name(enum lt_format fmt);
+
+typedef struct lt_req {
+    int64_t t_ns;          /* scheduled send time, ns after the first request */
+    int32_t input_tokens;  /* prompt length in tokens */
+    int32_t output_tokens; /* response length in tokens (sent as max_tokens) */
+    int64_t line;          /* 1-based line in the source file; 0 for synthetic */
+} lt_req;
+
+typedef struct lt_read_opts {
+    const char *model;    /* BurstGPT: keep only this Model (exact match); NULL = all */
+    const char *log_type; /* BurstGPT: keep only this Log Type; NULL = all */
+    int keep_failed;      /* keep rows with 0 response tokens (default: skip, count) */
+    int skip_bad;         /* skip and count malformed rows instead of failing */
+    double start_s;       /* window start, seconds after the first data row's timestamp */
+    double end_s;         /* window end (exclusive) in the same clock; <= 0: no end */
+    size_t max_requests;  /* keep only the first N requests after the filters; 0 = all */
+} lt_read_opts;
+
+typedef struct lt_trace {
+    lt_req *reqs; /* n requests sorted by t_ns; owned by the trace */
+    size_t n;
+    size_t cap;
+    /* What the reader saw (counts of data rows, header excluded). */
+    size_t rows;       /* data rows read */
+    size_t failed;     /* rows with 0 response tokens that were skipped */
+    size_t bad;        /* malformed rows skipped under skip_bad */
+    size_t filtered;   /* rows dropped by model / log type / window / first-N */
+    size_t unsorted;   /* rows whose timestamp went backwards (the trace is then sorted) */
+    double src_span_s; /* span of the kept rows in the trace's own clock, before scaling */
+} lt_trace;
+
+/* Zeroed trace. */
+void lt_trace_init(lt_trace *tr);
+/* Frees tr->reqs and zeroes tr; accepts NULL. */
+void lt_trace_free(lt_trace *tr);
+/* Appends one request (grows the array). 0 or TD_ENOMEM. */
+int lt_trace_push(lt_trace *tr, const lt_req *req);
+
+/* Reads a trace file into tr (which must be initialised and empty). opts may be
+ * NULL (defaults: everything but failed rows, fail on bad rows). On error tr is
+ * left empty. */
+int lt_trace_read(const char *path, enum lt_format fmt, const lt_read_opts *opts, lt_trace *tr,
+                  char *err, size_t errlen);
+/* Same, from an open stream (not closed). */
+int lt_trace_read_stream(FILE *fp, enum lt_format fmt, const lt_read_opts *opts, lt_trace *tr,
+                         char *err, size_t errlen);
+
+/* Divides every arrival time by speedup (> 0). TD_EINVAL otherwise. */
+int lt_trace_speedup(lt_trace *tr, double speedup);
+/* Scales arrival times so that the mean rate, (n - 1) / span, equals rate_rps.
+ * TD_EINVAL when rate_rps <= 0 or the trace has fewer than two distinct times. */
+int lt_trace_scale_to_rate(lt_trace *tr, double rate_rps);
+/* Mean request rate (n - 1) / span in req/s; 0 when undefined. */
+double lt_trace_mean_rate(const lt_trace *tr);
+
+/* Writes the trace as Mooncake-style JSONL (timestamp in ms), so synthetic
+ * workloads can be saved and replayed. 0 or TD_EIO. */
+int lt_trace_write_jsonl(const lt_trace *tr, FILE *fp);
+
+/* Parses "YYYY-MM-DD HH:MM:SS[.fraction]" (also with 'T', up to 9 fraction
+ * digits) as UTC into ns since the Unix epoch. 0 or TD_EFORMAT. */
+int lt_parse_datetime(const char *s, int64_t *out_ns);
+
+#endif

@@ -1,0 +1,34 @@
+/* lt_sse_server: a minimal OpenAI-style streaming server for load-tester tests.
+ *
+ * Listens on 127.0.0.1 (port chosen by the kernel) and runs its own libuv loop
+ * on its own thread. Every POST gets a canned text/event-stream response
+ * (chunked), so serving a request costs one write. Modes inject the failures
+ * the load tester must record as errors.
+ */
+#ifndef TANDEM_TESTS_LT_SSE_SERVER_H
+#define TANDEM_TESTS_LT_SSE_SERVER_H
+
+#include <stddef.h>
+
+enum lt_sse_mode {
+    LT_SSE_OK = 0,  /* tokens events, a usage event, [DONE], end of chunked body */
+    LT_SSE_STALL,   /* headers and one token, then silence (connection kept open) */
+    LT_SSE_CLOSE,   /* headers and one token, then the connection is closed */
+    LT_SSE_REJECT,  /* 429 with an OpenAI error body and Retry-After */
+    LT_SSE_NO_DONE, /* a complete chunked body without data: [DONE] */
+};
+
+typedef struct lt_sse_server lt_sse_server;
+
+/* tokens: events per response; 0 means "max_tokens of the request" (capped at
+ * 4096). On success *out is owned by the caller (lt_sse_server_stop). */
+int lt_sse_server_start(enum lt_sse_mode mode, int tokens, lt_sse_server **out);
+int lt_sse_server_port(const lt_sse_server *s);
+/* Requests fully received so far (thread-safe). */
+size_t lt_sse_server_requests(lt_sse_server *s);
+/* Copies the last request body received (NUL-terminated, truncated to cap). */
+void lt_sse_server_last_body(lt_sse_server *s, char *buf, size_t cap);
+/* Stops the loop, closes every connection, joins the thread, frees s. */
+void lt_sse_server_stop(lt_sse_server *s);
+
+#endif

@@ -1,0 +1,237 @@
+/* Unit tests for loadtest/lt_replay against the small SSE server of
+ * tests/integration/lt_sse_server.c on 127.0.0.1: request bodies, SSE
+ * parsing, 429, stalls and mid-stream closes recorded as errors. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "common/clock.h"
+#include "common/err.h"
+#include "loadtest/lt_replay.h"
+#include "tests/integration/lt_sse_server.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void test_url_parse(void **state)
+{
+    (void)state;
+    lt_url u;
+    assert_int_equal(lt_url_parse("http://127.0.0.1:8000", &u), 0);
+    assert_string_equal(u.host, "127.0.0.1");
+    assert_int_equal(u.port, 8000);
+    assert_string_equal(u.path, "/v1/completions");
+    assert_true(lt_url_is_loopback(&u));
+    assert_int_equal(lt_url_parse("http://[::1]:9/v1/chat/completions", &u), 0);
+    assert_string_equal(u.host, "::1");
+    assert_string_equal(u.path, "/v1/chat/completions");
+    assert_true(lt_url_is_loopback(&u));
+    assert_int_equal(lt_url_parse("http://example.com/", &u), 0);
+    assert_int_equal(u.port, 80);
+    assert_false(lt_url_is_loopback(&u));
+    assert_int_equal(lt_url_parse("https://127.0.0.1:1", &u), TD_EINVAL);
+    assert_int_equal(lt_url_parse("http://:80", &u), TD_EINVAL);
+    assert_int_equal(lt_url_parse("http://127.0.0.1:0", &u), TD_EINVAL);
+    assert_int_equal(lt_url_parse("http://127.0.0.1:65536", &u), TD_EINVAL);
+    assert_int_equal(lt_url_parse("http://127.0.0.1:80/a b", &u), TD_EINVAL);
+    assert_int_equal(lt_url_parse("http://127.0.0.1x80", &u), 0); /* a host name */
+    assert_int_equal(lt_url_parse(NULL, &u), TD_EINVAL);
+}
+
+struct fixture {
+    lt_sse_server *srv;
+    lt_prompt *prompt;
+    lt_replay_opts o;
+    lt_req reqs[64];
+    lt_run run;
+};
+
+static void setup_run(struct fixture *f, enum lt_sse_mode mode, int tokens, size_t n,
+                      int64_t gap_ns)
+{
+    memset(f, 0, sizeof(*f));
+    assert_int_equal(lt_sse_server_start(mode, tokens, &f->srv), 0);
+    assert_int_equal(lt_prompt_create_ids(100, 64, &f->prompt), 0);
+    char url[64];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d", lt_sse_server_port(f->srv));
+    assert_int_equal(lt_url_parse(url, &f->o.url), 0);
+    f->o.model = "tiny \"m\"";
+    f->o.prompt = f->prompt;
+    f->o.timeout_ns = 5 * TD_NS_PER_S;
+    f->o.warm_conns = 2;
+    for (size_t i = 0; i < n; i++)
+        f->reqs[i] = (lt_req){
+            .t_ns = (int64_t)i * gap_ns, .input_tokens = 3 + (int32_t)i, .output_tokens = 4};
+}
+
+static void teardown_run(struct fixture *f)
+{
+    lt_run_free(&f->run);
+    lt_sse_server_stop(f->srv);
+    lt_prompt_free(f->prompt);
+}
+
+static void test_replay_ok(void **state)
+{
+    (void)state;
+    struct fixture f;
+    setup_run(&f, LT_SSE_OK, 4, 20, 2 * TD_NS_PER_MS);
+    char err[256] = "";
+    int64_t t0 = td_now_ns();
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, 20, &f.run, err, sizeof(err)), 0);
+    assert_true(td_now_ns() - t0 < 3 * TD_NS_PER_S);
+    assert_int_equal(f.run.n, 20);
+    assert_int_equal(lt_sse_server_requests(f.srv), 20);
+    for (size_t i = 0; i < 20; i++) {
+        const lt_record *r = &f.run.recs[i];
+        assert_int_equal(r->outcome, LT_OK);
+        assert_int_equal(r->http_status, 200);
+        assert_int_equal(r->n_chunks, 4);
+        assert_int_equal(r->output_tokens, 4); /* from usage */
+        assert_true(r->send_ns >= r->sched_ns);
+        assert_true(r->ttft_ns > 0 && r->e2e_ns >= r->ttft_ns);
+        assert_true(r->chunk_ns[3] >= r->chunk_ns[0]);
+        assert_int_equal(r->sched_ns, (int64_t)i * 2 * TD_NS_PER_MS);
+    }
+    char body[4096];
+    lt_sse_server_last_body(f.srv, body, sizeof(body));
+    /* The last request: 22 prompt tokens as an id array. */
+    assert_non_null(strstr(body, "{\"model\":\"tiny \\\"m\\\"\",\"prompt\":[100,100,"));
+    assert_non_null(strstr(body, ",100],\"max_tokens\":4,\"ignore_eos\":true,\"stream\":true"));
+    int ids = 0;
+    for (char *p = strstr(body, "[100"); p && *p != ']'; p++)
+        ids += *p == ',';
+    assert_int_equal(ids + 1, 22);
+    assert_true(f.run.conns_opened >= 2);
+
+    lt_slo slo = {.ttft_ms = 1000, .tpot_ms = 1000};
+    lt_summary s;
+    assert_int_equal(lt_summary_compute(f.run.recs, f.run.n, &slo, &s), 0);
+    assert_int_equal(s.ok, 20);
+    assert_int_equal(s.good, 20);
+    assert_int_equal(s.itl.n, 60);
+    teardown_run(&f);
+}
+
+static void test_replay_queue_when_pool_full(void **state)
+{
+    (void)state;
+    struct fixture f;
+    setup_run(&f, LT_SSE_OK, 0, 30, 0); /* all at t = 0; tokens follow max_tokens */
+    f.o.max_conns = 2;
+    for (int i = 0; i < 30; i++)
+        f.reqs[i].output_tokens = 1 + i % 5;
+    char err[256];
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, 30, &f.run, err, sizeof(err)), 0);
+    for (size_t i = 0; i < 30; i++) {
+        assert_int_equal(f.run.recs[i].outcome, LT_OK);
+        assert_int_equal(f.run.recs[i].n_chunks, 1 + (int)i % 5);
+    }
+    assert_int_equal(f.run.conns_opened, 2);
+    teardown_run(&f);
+}
+
+static void test_replay_rejected(void **state)
+{
+    (void)state;
+    struct fixture f;
+    setup_run(&f, LT_SSE_REJECT, 4, 5, TD_NS_PER_MS);
+    char err[256];
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, 5, &f.run, err, sizeof(err)), 0);
+    for (size_t i = 0; i < 5; i++) {
+        assert_int_equal(f.run.recs[i].outcome, LT_REJECTED);
+        assert_int_equal(f.run.recs[i].http_status, 429);
+        assert_non_null(strstr(f.run.recs[i].error, "HTTP 429: {\"error\""));
+    }
+    teardown_run(&f);
+}
+
+static void test_replay_stall_is_timeout_error(void **state)
+{
+    (void)state;
+    struct fixture f;
+    setup_run(&f, LT_SSE_STALL, 4, 3, TD_NS_PER_MS);
+    f.o.timeout_ns = 200 * TD_NS_PER_MS;
+    char err[256];
+    int64_t t0 = td_now_ns();
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, 3, &f.run, err, sizeof(err)), 0);
+    int64_t took = td_now_ns() - t0;
+    assert_true(took >= 200 * TD_NS_PER_MS && took < 2 * TD_NS_PER_S);
+    for (size_t i = 0; i < 3; i++) {
+        const lt_record *r = &f.run.recs[i];
+        assert_int_equal(r->outcome, LT_ERROR);
+        assert_non_null(strstr(r->error, "timeout"));
+        assert_int_equal(r->n_chunks, 1);
+        assert_true(r->ttft_ns >= 0);
+        assert_true(r->e2e_ns >= 199 * TD_NS_PER_MS); /* libuv timers tick in ms */
+    }
+    teardown_run(&f);
+}
+
+static void test_replay_close_mid_stream_is_error(void **state)
+{
+    (void)state;
+    struct fixture f;
+    setup_run(&f, LT_SSE_CLOSE, 4, 4, TD_NS_PER_MS);
+    char err[256];
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, 4, &f.run, err, sizeof(err)), 0);
+    for (size_t i = 0; i < 4; i++) {
+        const lt_record *r = &f.run.recs[i];
+        assert_int_equal(r->outcome, LT_ERROR);
+        assert_non_null(strstr(r->error, "closed mid-stream"));
+        assert_int_equal(r->n_chunks, 1);
+    }
+    teardown_run(&f);
+}
+
+static void test_replay_missing_done_is_error(void **state)
+{
+    (void)state;
+    struct fixture f;
+    setup_run(&f, LT_SSE_NO_DONE, 4, 2, TD_NS_PER_MS);
+    char err[256];
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, 2, &f.run, err, sizeof(err)), 0);
+    assert_int_equal(f.run.recs[0].outcome, LT_ERROR);
+    assert_non_null(strstr(f.run.recs[0].error, "without [DONE]"));
+    teardown_run(&f);
+}
+
+static void test_replay_connect_refused(void **state)
+{
+    (void)state;
+    struct fixture f;
+    setup_run(&f, LT_SSE_OK, 4, 3, TD_NS_PER_MS);
+    lt_sse_server_stop(f.srv); /* the port is now closed */
+    f.srv = NULL;
+    char err[256];
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, 3, &f.run, err, sizeof(err)), 0);
+    for (size_t i = 0; i < 3; i++) {
+        assert_int_equal(f.run.recs[i].outcome, LT_ERROR);
+        assert_non_null(strstr(f.run.recs[i].error, "connect"));
+    }
+    teardown_run(&f);
+
+    /* Nothing to send: returns at once. */
+    setup_run(&f, LT_SSE_OK, 4, 0, 0);
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, 0, &f.run, err, sizeof(err)), 0);
+    assert_int_equal(f.run.n, 0);
+    teardown_run(&f);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_url_parse),
+        cmocka_unit_test(test_replay_ok),
+        cmocka_unit_test(test_replay_queue_when_pool_full),
+        cmocka_unit_test(test_replay_rejected),
+        cmocka_unit_test(test_replay_stall_is_timeout_error),
+        cmocka_unit_test(test_replay_close_mid_stream_is_error),
+        cmocka_unit_test(test_replay_missing_done_is_error),
+        cmocka_unit_test(test_replay_connect_refused),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,319 @@
+/* Unit tests for loadtest/lt_trace: the BurstGPT (both schemas), Azure and
+ * Mooncake readers, malformed rows, filters and time scaling. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "common/clock.h"
+#include "common/err.h"
+#include "loadtest/lt_trace.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int read_text(const char *text, enum lt_format fmt, const lt_read_opts *o, lt_trace *tr,
+                     char *err, size_t errlen)
+{
+    FILE *fp = fmemopen((void *)text, strlen(text), "r");
+    assert_non_null(fp);
+    lt_trace_init(tr);
+    int rc = lt_trace_read_stream(fp, fmt, o, tr, err, errlen);
+    fclose(fp);
+    return rc;
+}
+
+static const char k_burst6[] =
+    "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+    "5,ChatGPT,472,18,490,Conversation log\n"
+    "45,ChatGPT,1087,230,1317,Conversation log\n"
+    "118,GPT-4,417,276,693,Conversation log\n"
+    "120,ChatGPT,100,0,100,Conversation log\n"
+    "185,ChatGPT,1360,647,2007,API log\n";
+
+static void test_burstgpt_6col(void **state)
+{
+    (void)state;
+    lt_trace tr;
+    char err[256] = "";
+    assert_int_equal(read_text(k_burst6, LT_FMT_BURSTGPT, NULL, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.rows, 5);
+    assert_int_equal(tr.n, 4);
+    assert_int_equal(tr.failed, 1); /* 0 response tokens: skipped and counted */
+    assert_int_equal(tr.reqs[0].t_ns, 0);
+    assert_int_equal(tr.reqs[1].t_ns, 40 * TD_NS_PER_S);
+    assert_int_equal(tr.reqs[3].t_ns, 180 * TD_NS_PER_S);
+    assert_int_equal(tr.reqs[2].input_tokens, 417);
+    assert_int_equal(tr.reqs[2].output_tokens, 276);
+    assert_int_equal(tr.reqs[2].line, 4);
+    assert_true(tr.src_span_s == 180.0);
+    lt_trace_free(&tr);
+
+    lt_read_opts o = {.keep_failed = 1};
+    assert_int_equal(read_text(k_burst6, LT_FMT_BURSTGPT, &o, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 5);
+    assert_int_equal(tr.failed, 0);
+    lt_trace_free(&tr);
+}
+
+static void test_burstgpt_8col(void **state)
+{
+    (void)state;
+    static const char text[] =
+        "Timestamp,Session ID,Elapsed time,Model,Request tokens,Response tokens,Total tokens,"
+        "Log Type\r\n"
+        "10.5,abc,1.25,GPT-4,12,34,46,Conversation log\r\n"
+        "11,abc,2.5,GPT-4,56,78,134,Conversation log\r\n"
+        "\r\n"
+        "12,\"x,y\",3,ChatGPT,9,10,19,API log\r\n";
+    lt_trace tr;
+    char err[256] = "";
+    assert_int_equal(read_text(text, LT_FMT_BURSTGPT, NULL, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 3);
+    assert_int_equal(tr.reqs[0].input_tokens, 12);
+    assert_int_equal(tr.reqs[0].output_tokens, 34);
+    assert_int_equal(tr.reqs[1].t_ns, 500 * TD_NS_PER_MS);
+    assert_int_equal(tr.reqs[2].input_tokens, 9);
+    assert_int_equal(tr.reqs[2].line, 5);
+    lt_trace_free(&tr);
+}
+
+static void test_filters(void **state)
+{
+    (void)state;
+    lt_trace tr;
+    char err[256] = "";
+    lt_read_opts o = {.model = "ChatGPT"};
+    assert_int_equal(read_text(k_burst6, LT_FMT_BURSTGPT, &o, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 3);
+    assert_int_equal(tr.filtered, 1);
+    assert_int_equal(tr.failed, 1);
+    lt_trace_free(&tr);
+
+    o = (lt_read_opts){.log_type = "API log"};
+    assert_int_equal(read_text(k_burst6, LT_FMT_BURSTGPT, &o, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 1);
+    assert_int_equal(tr.reqs[0].input_tokens, 1360);
+    lt_trace_free(&tr);
+
+    /* Window [40 s, 150 s) after the first row (t = 5): rows at 45 and 118. */
+    o = (lt_read_opts){.start_s = 40, .end_s = 150};
+    assert_int_equal(read_text(k_burst6, LT_FMT_BURSTGPT, &o, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 2);
+    assert_int_equal(tr.reqs[0].input_tokens, 1087);
+    assert_int_equal(tr.reqs[1].t_ns, 73 * TD_NS_PER_S); /* re-based to the first kept */
+    lt_trace_free(&tr);
+
+    o = (lt_read_opts){.max_requests = 2};
+    assert_int_equal(read_text(k_burst6, LT_FMT_BURSTGPT, &o, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 2);
+    assert_int_equal(tr.filtered, 2);
+    lt_trace_free(&tr);
+}
+
+static void test_malformed_rows(void **state)
+{
+    (void)state;
+    static const char text[] =
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n"
+        "6,ChatGPT,abc,18,490,Conversation log\n"
+        "7,ChatGPT,1,2,3\n"
+        "x,ChatGPT,1,2,3,Conversation log\n"
+        "9,ChatGPT,-4,2,3,Conversation log\n"
+        "10,ChatGPT,4,2,6,Conversation log\n";
+    lt_trace tr;
+    char err[256] = "";
+    assert_int_equal(read_text(text, LT_FMT_BURSTGPT, NULL, &tr, err, sizeof(err)), TD_EFORMAT);
+    assert_non_null(strstr(err, "line 3"));
+    assert_non_null(strstr(err, "Request tokens"));
+    assert_int_equal(tr.n, 0);
+    assert_null(tr.reqs);
+
+    lt_read_opts o = {.skip_bad = 1};
+    assert_int_equal(read_text(text, LT_FMT_BURSTGPT, &o, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.bad, 4);
+    assert_int_equal(tr.n, 2);
+    assert_int_equal(tr.reqs[1].t_ns, 5 * TD_NS_PER_S);
+    lt_trace_free(&tr);
+
+    /* Column count error names the line too. */
+    static const char cols[] =
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n"
+        "7,ChatGPT,1,2,3\n";
+    assert_int_equal(read_text(cols, LT_FMT_BURSTGPT, NULL, &tr, err, sizeof(err)), TD_EFORMAT);
+    assert_non_null(strstr(err, "line 3: expected 6 columns, found 5"));
+
+    assert_int_equal(read_text("a,b,c\n1,2,3\n", LT_FMT_BURSTGPT, NULL, &tr, err, sizeof(err)),
+                     TD_EFORMAT);
+    assert_non_null(strstr(err, "line 1"));
+    assert_int_equal(read_text("", LT_FMT_AZURE, NULL, &tr, err, sizeof(err)), TD_EFORMAT);
+}
+
+static void test_azure(void **state)
+{
+    (void)state;
+    static const char text[] = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                               "2023-11-16 18:15:46.6805900,374,44\n"
+                               "2023-11-16 18:15:50.9951690,396,109\n"
+                               "2023-11-16 18:16:00.0000000,879,0\n"
+                               "2023-11-17 00:00:00,10,20\n";
+    lt_trace tr;
+    char err[256] = "";
+    assert_int_equal(read_text(text, LT_FMT_AZURE, NULL, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 3);
+    assert_int_equal(tr.failed, 1);
+    assert_int_equal(tr.reqs[0].input_tokens, 374);
+    assert_int_equal(tr.reqs[1].t_ns, 4314579000LL);
+    /* 18:15:46.68059 -> midnight: 20653.31941 s */
+    assert_int_equal(tr.reqs[2].t_ns, 20653319410000LL);
+    lt_trace_free(&tr);
+
+    int64_t ns;
+    assert_int_equal(lt_parse_datetime("1970-01-02 00:00:01.5", &ns), 0);
+    assert_int_equal(ns, 86401500000000LL);
+    assert_int_equal(lt_parse_datetime("2024-02-29T12:00:00Z", &ns), 0);
+    assert_int_equal(ns, 1709208000LL * TD_NS_PER_S);
+    assert_int_equal(lt_parse_datetime("2023-13-01 00:00:00", &ns), TD_EFORMAT);
+    assert_int_equal(lt_parse_datetime("2023-11-16", &ns), TD_EFORMAT);
+    assert_int_equal(lt_parse_datetime("2023-11-16 18:15:46.", &ns), TD_EFORMAT);
+
+    static const char bad[] = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                              "2023-11-16 18:15:46.6805900,374,44\n"
+                              "yesterday,1,2\n";
+    assert_int_equal(read_text(bad, LT_FMT_AZURE, NULL, &tr, err, sizeof(err)), TD_EFORMAT);
+    assert_non_null(strstr(err, "line 3: TIMESTAMP"));
+}
+
+static void test_mooncake(void **state)
+{
+    (void)state;
+    static const char text[] =
+        "{\"timestamp\": 0, \"input_length\": 6955, \"output_length\": 52, \"hash_ids\": [0,1,2]}\n"
+        "{\"timestamp\": 2500, \"input_length\": 100, \"output_length\": 7, \"hash_ids\": []}\n"
+        "{\"timestamp\": 1000, \"input_length\": 5, \"output_length\": 6}\n";
+    lt_trace tr;
+    char err[256] = "";
+    assert_int_equal(read_text(text, LT_FMT_MOONCAKE, NULL, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 3);
+    assert_int_equal(tr.unsorted, 1);
+    assert_int_equal(tr.reqs[1].t_ns, 1000 * TD_NS_PER_MS); /* sorted */
+    assert_int_equal(tr.reqs[1].line, 3);
+    assert_int_equal(tr.reqs[2].input_tokens, 100);
+    lt_trace_free(&tr);
+
+    static const char bad[] =
+        "{\"timestamp\": 0, \"input_length\": 6955, \"output_length\": 52}\n"
+        "{\"timestamp\": 5, \"input_length\": 1.5, \"output_length\": 52}\n"
+        "{\"timestamp\": 6, \"input_length\": 1, \"output_length\": 52, \"hash_ids\": 3}\n"
+        "not json\n";
+    assert_int_equal(read_text(bad, LT_FMT_MOONCAKE, NULL, &tr, err, sizeof(err)), TD_EFORMAT);
+    assert_non_null(strstr(err, "line 2: input_length"));
+    lt_read_opts o = {.skip_bad = 1};
+    assert_int_equal(read_text(bad, LT_FMT_MOONCAKE, &o, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.bad, 3);
+    assert_int_equal(tr.n, 1);
+    lt_trace_free(&tr);
+}
+
+static void test_scaling(void **state)
+{
+    (void)state;
+    lt_trace tr;
+    lt_trace_init(&tr);
+    for (int i = 0; i < 11; i++) {
+        lt_req q = {.t_ns = i * 2 * TD_NS_PER_S, .input_tokens = 1, .output_tokens = 1};
+        assert_int_equal(lt_trace_push(&tr, &q), 0);
+    }
+    assert_true(lt_trace_mean_rate(&tr) == 0.5);
+    assert_int_equal(lt_trace_speedup(&tr, 4), 0);
+    assert_int_equal(tr.reqs[10].t_ns, 5 * TD_NS_PER_S);
+    assert_int_equal(lt_trace_scale_to_rate(&tr, 100), 0);
+    assert_int_equal(tr.reqs[10].t_ns, 100 * TD_NS_PER_MS);
+    assert_true(lt_trace_mean_rate(&tr) > 99.999 && lt_trace_mean_rate(&tr) < 100.001);
+    assert_int_equal(lt_trace_speedup(&tr, 0), TD_EINVAL);
+    assert_int_equal(lt_trace_scale_to_rate(&tr, -1), TD_EINVAL);
+    lt_trace_free(&tr);
+}
+
+static void test_real_burstgpt_head(void **state)
+{
+    (void)state;
+    const char *dir = getenv("TANDEM_SHARED_DIR");
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/data/burstgpt/BurstGPT_1_head.csv",
+             dir ? dir : TANDEM_SHARED_DIR);
+    FILE *probe = fopen(path, "r");
+    if (!probe) {
+        print_message("skip: %s not present\n", path);
+        skip();
+    }
+    fclose(probe);
+    lt_trace tr;
+    lt_trace_init(&tr);
+    char err[256] = "";
+    assert_int_equal(lt_trace_read(path, LT_FMT_BURSTGPT, NULL, &tr, err, sizeof(err)), 0);
+    /* The data README: 400 rows, 17 failures, 320 ChatGPT, 80 GPT-4, 2 API log. */
+    assert_int_equal(tr.rows, 400);
+    assert_int_equal(tr.failed, 17);
+    assert_int_equal(tr.n, 383);
+    assert_int_equal(tr.unsorted, 0);
+    lt_trace_free(&tr);
+
+    lt_read_opts o = {.model = "GPT-4", .keep_failed = 1};
+    lt_trace_init(&tr);
+    assert_int_equal(lt_trace_read(path, LT_FMT_BURSTGPT, &o, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 80);
+    lt_trace_free(&tr);
+    o = (lt_read_opts){.log_type = "API log", .keep_failed = 1};
+    lt_trace_init(&tr);
+    assert_int_equal(lt_trace_read(path, LT_FMT_BURSTGPT, &o, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 2);
+    lt_trace_free(&tr);
+
+    lt_trace_init(&tr);
+    assert_int_equal(
+        lt_trace_read("/nonexistent/x.csv", LT_FMT_BURSTGPT, NULL, &tr, err, sizeof(err)),
+        TD_ENOENT);
+}
+
+static void test_write_jsonl_roundtrip(void **state)
+{
+    (void)state;
+    lt_trace tr, back;
+    lt_trace_init(&tr);
+    lt_req a = {.t_ns = 0, .input_tokens = 5, .output_tokens = 6};
+    lt_req b = {.t_ns = 1500 * TD_NS_PER_MS, .input_tokens = 7, .output_tokens = 8};
+    assert_int_equal(lt_trace_push(&tr, &a), 0);
+    assert_int_equal(lt_trace_push(&tr, &b), 0);
+    char buf[512];
+    FILE *fp = fmemopen(buf, sizeof(buf), "w");
+    assert_int_equal(lt_trace_write_jsonl(&tr, fp), 0);
+    fclose(fp);
+    char err[128];
+    assert_int_equal(read_text(buf, LT_FMT_MOONCAKE, NULL, &back, err, sizeof(err)), 0);
+    assert_int_equal(back.n, 2);
+    assert_int_equal(back.reqs[1].t_ns, b.t_ns);
+    assert_int_equal(back.reqs[1].output_tokens, 8);
+    lt_trace_free(&back);
+    lt_trace_free(&tr);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_burstgpt_6col),
+        cmocka_unit_test(test_burstgpt_8col),
+        cmocka_unit_test(test_filters),
+        cmocka_unit_test(test_malformed_rows),
+        cmocka_unit_test(test_azure),
+        cmocka_unit_test(test_mooncake),
+        cmocka_unit_test(test_scaling),
+        cmocka_unit_test(test_real_burstgpt_head),
+        cmocka_unit_test(test_write_jsonl_roundtrip),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
