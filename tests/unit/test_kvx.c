@@ -534,6 +534,14 @@ static void raw_read(int fd, void *buf, size_t n)
     }
 }
 
+/* Reads the next control message header that is not a heartbeat. */
+static void raw_read_hdr(int fd, kvx_wire_hdr *h)
+{
+    do
+        raw_read(fd, h, sizeof(*h));
+    while (h->type == KVX_MSG_HEARTBEAT && h->len == 0);
+}
+
 /* Handshakes by hand; returns the control fd and a data fd. */
 static void raw_peer(const char *bound, const kv_layout *l, int *ctrl, int *data)
 {
@@ -570,7 +578,7 @@ static void raw_begin(int ctrl, const char *id)
     raw_msg(ctrl, KVX_MSG_BEGIN, buf, (uint32_t)(sizeof(m) + m.n));
     /* Wait for BEGIN_ACK so the binding is in place before data flows. */
     kvx_wire_hdr h;
-    raw_read(ctrl, &h, sizeof(h));
+    raw_read_hdr(ctrl, &h);
     assert_int_equal(h.type, KVX_MSG_BEGIN_ACK);
     assert_true(h.len <= sizeof(buf));
     raw_read(ctrl, buf, h.len);
@@ -672,6 +680,103 @@ static void test_bad_frames(void **s)
     assert_int_equal(st.peers, 1); /* stale frames do not kill the peer */
     for (size_t i = 0; i < kv_layout_pool_bytes(&l); i++)
         if (pool[i] != 0xAB) fail_msg("pool byte %zu was written", i);
+    close(ctrl);
+    close(data);
+    free(payload);
+    kvx_ep_destroy(rx);
+}
+
+/* A hand-written sender that dribbles every frame in small pieces (partial
+ * headers, partial payloads): the receiver's state machine reassembles them,
+ * the request completes byte-exact. Then a cancel arrives while a payload is
+ * half read: the rest goes to the sink, not into the released block. */
+static void send_slowly(int fd, const void *buf, size_t n, size_t piece)
+{
+    const uint8_t *b = buf;
+    for (size_t off = 0; off < n; off += piece) {
+        size_t k = n - off < piece ? n - off : piece;
+        assert_int_equal(send(fd, b + off, k, MSG_NOSIGNAL), (ssize_t)k);
+        td_sleep_ns(100 * 1000);
+    }
+}
+
+static void test_raw_partial_frames_and_cancel(void **s)
+{
+    kv_layout l = small_layout(2, 16);
+    size_t bb = kv_layout_block_bytes(&l);
+    char bound[128];
+    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
+    uint8_t *pool = kvx_ep_pool(rx);
+    memset(pool, 0xAB, kv_layout_pool_bytes(&l));
+    uint8_t *payload = malloc(bb);
+    uint32_t dst[2] = {7, 3};
+    assert_int_equal(kvx_recv_register(rx, "slow-raw", dst, 2, 0), 0);
+    int ctrl, data;
+    raw_peer(bound, &l, &ctrl, &data);
+    raw_begin(ctrl, "slow-raw");
+    for (uint32_t layer = 0; layer < 2; layer++)
+        for (int i = 0; i < 2; i++) {
+            kvx_wire_frame f = {.magic = KVX_WIRE_MAGIC_FRAME,
+                                .layer = layer,
+                                .hash = kvx_req_hash("slow-raw"),
+                                .dst = dst[i],
+                                .len = bb};
+            memset(payload, (int)(layer * 16 + (uint32_t)i + 1), bb);
+            send_slowly(data, &f, sizeof(f), 7);
+            send_slowly(data, payload, bb, 3000);
+        }
+    kvx_event e = wait_final(rx, "slow-raw", 5 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_DONE);
+    for (uint32_t layer = 0; layer < 2; layer++)
+        for (int i = 0; i < 2; i++) {
+            const uint8_t *b = pool + kv_layout_block_offset(&l, layer, dst[i]);
+            for (size_t k = 0; k < bb; k++)
+                assert_int_equal(b[k], layer * 16 + (uint32_t)i + 1);
+        }
+    /* DONE went back on the control connection. */
+    kvx_wire_hdr h;
+    raw_read_hdr(ctrl, &h);
+    assert_int_equal(h.type, KVX_MSG_DONE);
+    kvx_wire_req m;
+    raw_read(ctrl, &m, sizeof(m));
+
+    /* Half a payload, cancel, the other half. */
+    memset(pool, 0xAB, kv_layout_pool_bytes(&l));
+    assert_int_equal(kvx_recv_register(rx, "cut", dst, 2, 0), 0);
+    raw_begin(ctrl, "cut");
+    kvx_wire_frame f = {.magic = KVX_WIRE_MAGIC_FRAME,
+                        .layer = 1,
+                        .hash = kvx_req_hash("cut"),
+                        .dst = 7,
+                        .len = bb};
+    memset(payload, 0x42, bb);
+    send(data, &f, sizeof(f), MSG_NOSIGNAL);
+    send(data, payload, bb / 2, MSG_NOSIGNAL);
+    const uint8_t *blk = pool + kv_layout_block_offset(&l, 1, 7);
+    int64_t end = td_now_ns() + 2 * SEC;
+    while (blk[bb / 2 - 1] != 0x42 && td_now_ns() < end)
+        td_sleep_ns(TD_NS_PER_MS);
+    assert_int_equal(blk[bb / 2 - 1], 0x42); /* the first half landed in place */
+    assert_int_equal(kvx_cancel(rx, "cut"), 0);
+    e = wait_final(rx, "cut", 2 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_FAILED);
+    assert_int_equal(e.err, TD_ECANCELED);
+    send(data, payload + bb / 2, bb - bb / 2, MSG_NOSIGNAL);
+    /* A following frame on the same connection is still parsed (the stream
+     * stayed in sync) and rejected: its request is gone. */
+    kvx_stats st0, st;
+    kvx_ep_stats(rx, &st0);
+    send(data, &f, sizeof(f), MSG_NOSIGNAL);
+    send(data, payload, bb, MSG_NOSIGNAL);
+    end = td_now_ns() + 2 * SEC;
+    do {
+        td_sleep_ns(5 * TD_NS_PER_MS);
+        kvx_ep_stats(rx, &st);
+    } while (st.frames_rejected == st0.frames_rejected && td_now_ns() < end);
+    assert_int_equal(st.frames_rejected, st0.frames_rejected + 1);
+    assert_int_equal(st.peers, 1);
+    for (size_t k = bb / 2; k < bb; k++)
+        if (blk[k] != 0xAB) fail_msg("byte %zu of a released block was written", k);
     close(ctrl);
     close(data);
     free(payload);
@@ -1007,6 +1112,7 @@ int main(void)
         cmocka_unit_test(test_handshake_mismatch),
         cmocka_unit_test(test_hello_check_fields),
         cmocka_unit_test(test_bad_frames),
+        cmocka_unit_test(test_raw_partial_frames_and_cancel),
         cmocka_unit_test(test_tcp_sender_killed),
         cmocka_unit_test(test_shm_sender_killed),
         cmocka_unit_test(test_tcp_sender_stalled),
