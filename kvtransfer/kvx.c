@@ -1105,6 +1105,7 @@ static void *progress_main(void *arg)
     struct epoll_event evs[64];
     int64_t next_tick = td_now_ns();
     int busy = 0;
+    if (ep->ops->thread_init) ep->ops->thread_init(ep);
     while (!ep->stopping) {
         int n = epoll_wait(ep->epfd, evs, 64, busy ? 0 : (int)(ep->tick_ns / TD_NS_PER_MS));
         if (n < 0 && errno != EINTR) {

@@ -95,6 +95,8 @@ typedef struct kvx__ops {
     /* Optional: endpoint set-up (allocate ep->pool when NULL) / tear-down. */
     int (*ep_init)(kvx_ep *ep);
     void (*ep_fini)(kvx_ep *ep);
+    /* Optional: runs first on the progress thread (select the CUDA device). */
+    void (*thread_init)(kvx_ep *ep);
     /* Optional, sender, caller thread: fill h->extra before HELLO. */
     int (*hello_extra)(kvx_ep *ep, kvx_wire_hello *h);
     /* Optional, receiver: fill ack->extra, *fd (>= 0: passed with SCM_RIGHTS). */

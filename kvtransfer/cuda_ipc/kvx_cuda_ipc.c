@@ -60,6 +60,12 @@ static int ipc_available(char *why, size_t n)
     return 1;
 }
 
+/* CUDA's current device is per thread: the progress thread needs it too. */
+static void ipc_thread_init(kvx_ep *ep)
+{
+    cuda_err(cudaSetDevice(ep->p.cuda_device), "cudaSetDevice");
+}
+
 static int ipc_ep_init(kvx_ep *ep)
 {
     ipc_ep *t = calloc(1, sizeof(*t));
@@ -83,6 +89,7 @@ static void ipc_ep_fini(kvx_ep *ep)
 {
     ipc_ep *t = ep->tp;
     if (!t) return;
+    cudaSetDevice(ep->p.cuda_device); /* may run on any application thread */
     if (t->stream) cudaStreamSynchronize(t->stream);
     while (t->pending) {
         ipc_pending *pd = t->pending;
@@ -252,6 +259,7 @@ const kvx__ops kvx__cuda_ipc_ops = {
     .unix_ctrl = 1,
     .own_pool = 1,
     .available = ipc_available,
+    .thread_init = ipc_thread_init,
     .ep_init = ipc_ep_init,
     .ep_fini = ipc_ep_fini,
     .ack_extra = ipc_ack_extra,

@@ -88,6 +88,12 @@ static int n_available(char *why, size_t n)
     return 1;
 }
 
+/* CUDA's current device is per thread: the progress thread needs it too. */
+static void n_thread_init(kvx_ep *ep)
+{
+    cuda_err(cudaSetDevice(ep->p.cuda_device), "cudaSetDevice");
+}
+
 static int n_ep_init(kvx_ep *ep)
 {
     nccl_ep *t = calloc(1, sizeof(*t));
@@ -118,6 +124,7 @@ static void n_ep_fini(kvx_ep *ep)
 {
     nccl_ep *t = ep->tp;
     if (!t) return;
+    cudaSetDevice(ep->p.cuda_device); /* may run on any application thread */
     while (t->pending) {
         nccl_pending *pd = t->pending;
         t->pending = pd->next;
@@ -484,6 +491,7 @@ const kvx__ops kvx__nccl_ops = {
     .cancel_ack = 1,
     .unix_ctrl = 0,
     .available = n_available,
+    .thread_init = n_thread_init,
     .ep_init = n_ep_init,
     .ep_fini = n_ep_fini,
     .hello_extra = n_hello_extra,
