@@ -71,7 +71,8 @@ typedef struct kvx_params {
 
 enum kvx_event_type {
     KVX_EV_LAYER_LANDED = 1, /* receiver: every block of `layer` has landed */
-    KVX_EV_LAYER_SENT = 2,   /* sender: source blocks of `layer` may be reused */
+    KVX_EV_LAYER_SENT = 2,   /* sender: one kvx_send_layer() post of `layer` left; its
+                              * source blocks may be reused */
     KVX_EV_DONE = 3,         /* both: whole request landed (sender: confirmed) */
     KVX_EV_FAILED = 4,       /* both: request ended without completing; err says why */
     KVX_EV_PEER_ERROR = 5,   /* a peer connection failed or was rejected; peer, err, msg */
@@ -142,12 +143,17 @@ int kvx_connect(kvx_ep *ep, const char *addr, int *peer, char *msg, size_t msg_l
 int kvx_recv_register(kvx_ep *ep, const char *req_id, const uint32_t *dst_blocks, int n_blocks,
                       int64_t deadline_ns);
 
-/* Sender: opens request req_id towards peer. deadline as above. */
+/* Sender: opens request req_id towards peer (sends BEGIN; the receiver
+ * answers with its registered blocks, or fails the request with TD_ENOENT
+ * when it has not registered it). deadline as above. Returns 0, TD_ENOENT
+ * (no such peer), TD_ECONNRESET (peer gone), TD_EEXIST (id open). */
 int kvx_send_begin(kvx_ep *ep, int peer, const char *req_id, int64_t deadline_ns);
 
-/* Sender: posts one layer's copies (pairs copied). May be called more than
- * once per layer; the union must cover the receiver's registered blocks.
- * Returns 0, TD_ENOENT (no such open request), TD_EINVAL (range). */
+/* Sender: posts one layer's copies (pairs copied) and returns at once; the
+ * data moves on the progress thread (after the receiver's BEGIN_ACK). May be
+ * called more than once per layer; the union over a layer must cover the
+ * receiver's registered blocks. Returns 0, TD_ENOENT (no such open request),
+ * TD_EINVAL (range), or the request's error once it is failing. */
 int kvx_send_layer(kvx_ep *ep, const char *req_id, int layer, const kvx_pair *pairs, int n);
 
 /* Either side: cancels an open request; the peer learns of it and both sides
