@@ -783,6 +783,86 @@ static void test_raw_partial_frames_and_cancel(void **s)
     kvx_ep_destroy(rx);
 }
 
+/* Fuzz: random bytes where a hello, a control message or a data frame
+ * should be, with valid headers around random bodies too. The receiver must
+ * never write its pool, never crash (ASan build), and still serve a real
+ * transfer afterwards. */
+static void test_fuzz_wire(void **s)
+{
+    kv_layout l = small_layout(2, 16);
+    char bound[128];
+    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
+    uint8_t *pool = kvx_ep_pool(rx);
+    memset(pool, 0xAB, kv_layout_pool_bytes(&l));
+    uint32_t dst[2] = {2, 9};
+    assert_int_equal(kvx_recv_register(rx, "fz", dst, 2, 0), 0);
+    uint64_t seed = 99;
+    uint8_t junk[4096];
+    for (int it = 0; it < 60; it++) {
+        fill_random(junk, sizeof(junk), seed++);
+        size_t n = 1 + junk[0] * 16u;
+        int kind = it % 4;
+        if (kind == 0) {
+            /* raw bytes instead of a hello, sometimes behind a valid header */
+            int fd = raw_dial(bound);
+            if (it % 8 == 0) {
+                kvx_wire_hdr h = {.magic = KVX_WIRE_MAGIC_CTRL,
+                                  .type = KVX_MSG_HELLO,
+                                  .len = sizeof(kvx_wire_hello)};
+                send(fd, &h, sizeof(h), MSG_NOSIGNAL);
+            }
+            send(fd, junk, n, MSG_NOSIGNAL);
+            close(fd);
+            continue;
+        }
+        int ctrl, data;
+        raw_peer(bound, &l, &ctrl, &data);
+        if (kind == 1) {
+            send(ctrl, junk, n, MSG_NOSIGNAL); /* garbage on control */
+        } else if (kind == 2) {
+            /* well-formed headers, random types and bodies */
+            for (int k = 0; k < 8; k++) {
+                uint32_t len = junk[k] % 64u;
+                kvx_wire_hdr h = {.magic = KVX_WIRE_MAGIC_CTRL,
+                                  .type = (uint16_t)(junk[k + 8] % (KVX_MSG_MAX_TYPE + 2)),
+                                  .len = len};
+                send(ctrl, &h, sizeof(h), MSG_NOSIGNAL);
+                send(ctrl, junk + 64 + 64 * k, len, MSG_NOSIGNAL);
+            }
+        } else {
+            /* frames with valid magic and length, random everything else */
+            kvx_wire_frame f;
+            memcpy(&f, junk, sizeof(f));
+            f.magic = KVX_WIRE_MAGIC_FRAME;
+            f.len = kv_layout_block_bytes(&l);
+            if (it % 3 == 0) f.dst %= l.num_blocks;
+            if (it % 2 == 0) f.layer %= l.n_layers;
+            send(data, &f, sizeof(f), MSG_NOSIGNAL);
+            send(data, junk, sizeof(junk), MSG_NOSIGNAL);
+        }
+        td_sleep_ns(2 * TD_NS_PER_MS);
+        close(ctrl);
+        close(data);
+    }
+    td_sleep_ns(50 * TD_NS_PER_MS);
+    for (size_t i = 0; i < kv_layout_pool_bytes(&l); i++)
+        if (pool[i] != 0xAB) fail_msg("pool byte %zu was written by fuzz input", i);
+    /* "fz" was never begun by a real peer, so nothing can have failed it
+     * unless a fuzz peer sent a valid BEGIN for it (impossible: random
+     * bytes). A real transfer still works. */
+    kvx_ep *tx = mk_ep("tcp", KVX_ROLE_SEND, l, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 4);
+    int peer;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    kvx_pair pairs[2] = {{0, 2}, {1, 9}};
+    assert_int_equal(kvx_send_begin(tx, peer, "fz", 0), 0);
+    send_all_layers(tx, "fz", &l, pairs, 2);
+    assert_int_equal(wait_final(rx, "fz", 5 * SEC, NULL).type, KVX_EV_DONE);
+    verify(tx, rx, &l, &l, pairs, 2);
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
 /* ---------- failure handling ---------- */
 
 /* Child process: a sender that sends `layers` layers of req then waits. */
@@ -1113,6 +1193,7 @@ int main(void)
         cmocka_unit_test(test_hello_check_fields),
         cmocka_unit_test(test_bad_frames),
         cmocka_unit_test(test_raw_partial_frames_and_cancel),
+        cmocka_unit_test(test_fuzz_wire),
         cmocka_unit_test(test_tcp_sender_killed),
         cmocka_unit_test(test_shm_sender_killed),
         cmocka_unit_test(test_tcp_sender_stalled),
