@@ -143,8 +143,8 @@ static int parse_unix(const char *path, struct sockaddr_un *su)
 
 /* ---------- events (progress -> application) ---------- */
 
-static void emit(kvx_ep *ep, enum kvx_event_type type, const char *req_id, int layer, int peer,
-                 int err, const char *msg)
+static void emit_ex(kvx_ep *ep, enum kvx_event_type type, const char *req_id, int layer, int peer,
+                    int err, const char *msg, int64_t elapsed_ns)
 {
     pthread_mutex_lock(&ep->ev_mu);
     if (ep->ev_count == ep->ev_cap) {
@@ -171,12 +171,19 @@ static void emit(kvx_ep *ep, enum kvx_event_type type, const char *req_id, int l
     e->layer = layer;
     e->peer = peer;
     e->err = err;
+    e->elapsed_ns = elapsed_ns;
     if (msg) snprintf(e->msg, sizeof(e->msg), "%s", msg);
     ep->ev_count++;
     pthread_mutex_unlock(&ep->ev_mu);
     uint64_t one = 1;
     if (write(ep->ev_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
         td_log_warn(MOD, "event_fd_write_failed", "errno=%d", errno);
+}
+
+static void emit(kvx_ep *ep, enum kvx_event_type type, const char *req_id, int layer, int peer,
+                 int err, const char *msg)
+{
+    emit_ex(ep, type, req_id, layer, peer, err, msg, 0);
 }
 
 int kvx_ep_event_fd(kvx_ep *ep)
@@ -382,12 +389,14 @@ void kvx__rreq_finish(kvx_ep *ep, kvx__req *r, int err, const char *msg)
     if (err == 0) {
         kvx__stat_add(&ep->st.requests_done, 1);
         td_log_debug(MOD, "recv_request_done", "req=%s", r->id);
-        emit(ep, KVX_EV_DONE, r->id, -1, r->peer ? r->peer->id : -1, 0, NULL);
+        emit_ex(ep, KVX_EV_DONE, r->id, -1, r->peer ? r->peer->id : -1, 0, NULL,
+                td_now_ns() - r->t0_ns);
     } else {
         kvx__stat_add(&ep->st.requests_failed, 1);
         td_log_warn(MOD, "recv_request_failed", "req=%s err=%s landed=%llu", r->id,
                     td_err_name(err), (unsigned long long)r->n_landed);
-        emit(ep, KVX_EV_FAILED, r->id, -1, r->peer ? r->peer->id : -1, err, msg);
+        emit_ex(ep, KVX_EV_FAILED, r->id, -1, r->peer ? r->peer->id : -1, err, msg,
+                td_now_ns() - r->t0_ns);
     }
     req_free(r);
 }
@@ -456,11 +465,13 @@ static void sreq_maybe_reap(kvx_ep *ep, kvx__req *r)
     }
     if (r->final_err == 0) {
         kvx__stat_add(&ep->st.requests_done, 1);
-        emit(ep, KVX_EV_DONE, r->id, -1, r->peer ? r->peer->id : -1, 0, NULL);
+        emit_ex(ep, KVX_EV_DONE, r->id, -1, r->peer ? r->peer->id : -1, 0, NULL,
+                td_now_ns() - r->t0_ns);
     } else {
         kvx__stat_add(&ep->st.requests_failed, 1);
         td_log_warn(MOD, "send_request_failed", "req=%s err=%s", r->id, td_err_name(r->final_err));
-        emit(ep, KVX_EV_FAILED, r->id, -1, r->peer ? r->peer->id : -1, r->final_err, r->final_msg);
+        emit_ex(ep, KVX_EV_FAILED, r->id, -1, r->peer ? r->peer->id : -1, r->final_err,
+                r->final_msg, td_now_ns() - r->t0_ns);
     }
     req_free(r);
 }
@@ -574,6 +585,7 @@ static void handle_begin(kvx_ep *ep, kvx__peer *p, const kvx_wire_req *m, const 
         return;
     }
     r->peer = p;
+    r->t0_ns = td_now_ns();
     td_log_debug(MOD, "begin", "req=%s peer=%d", r->id, p->id);
     kvx_wire_req ack = {.hash = r->hash, .n = (uint32_t)r->n_blocks};
     kvx__ctrl_send(ep, p, KVX_MSG_BEGIN_ACK, &ack, sizeof(ack), r->dst,
@@ -1559,6 +1571,7 @@ static int register_fn(kvx_ep *ep, void *arg)
     copy_id(r->id, a->id);
     r->hash = hash;
     r->deadline_ns = a->deadline_ns;
+    r->t0_ns = td_now_ns();
     r->n_blocks = a->n;
     r->dst = malloc(sizeof(uint32_t) * (size_t)a->n);
     r->landed = calloc((size_t)a->n * ep->p.layout.n_layers, 1);
@@ -1615,6 +1628,7 @@ static int begin_fn(kvx_ep *ep, void *arg)
     r->hash = hash;
     r->peer = p;
     r->deadline_ns = a->deadline_ns;
+    r->t0_ns = td_now_ns();
     kvx_wire_req m = {.hash = hash, .n = (uint32_t)strlen(a->id)};
     int rc = kvx__ctrl_send(ep, p, KVX_MSG_BEGIN, &m, sizeof(m), a->id, m.n);
     if (rc < 0) {

@@ -85,6 +85,9 @@ typedef struct kvx_event {
     int peer;                    /* peer id, or -1 when unknown */
     int err;                     /* TD_E* code for FAILED / PEER_ERROR, else 0 */
     char msg[KVX_ERR_MSG_MAX];   /* human-readable detail, may be empty */
+    int64_t elapsed_ns;          /* DONE/FAILED: transfer time (receiver: since BEGIN
+                                  * arrived, or since registration when it never did;
+                                  * sender: since kvx_send_begin), else 0 */
 } kvx_event;
 
 /* One block copy within a layer: source block id (sender pool) to destination

@@ -63,6 +63,7 @@ struct kvx__req {
     uint64_t hash;
     kvx__peer *peer; /* receiver: bound at BEGIN; sender: target */
     int64_t deadline_ns;
+    int64_t t0_ns; /* receiver: registration, then BEGIN; sender: kvx_send_begin */
     int closing;   /* final outcome decided, waiting for in-flight work */
     int final_err; /* outcome when closing */
     char final_msg[KVX_ERR_MSG_MAX];

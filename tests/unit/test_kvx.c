@@ -172,6 +172,8 @@ static void one_transfer(const char *transport, uint32_t n_layers)
     kvx_event es = wait_final(tx, "req-1", 10 * SEC, &sl);
     assert_int_equal(er.type, KVX_EV_DONE);
     assert_int_equal(es.type, KVX_EV_DONE);
+    assert_true(er.elapsed_ns > 0 && er.elapsed_ns < 10 * SEC);
+    assert_true(es.elapsed_ns >= er.elapsed_ns); /* the sender began first, ends last */
     assert_int_equal(rl, (int)n_layers);
     assert_int_equal(sl, (int)n_layers);
     verify(tx, rx, &l, &l, pairs, n);
