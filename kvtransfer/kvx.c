@@ -339,14 +339,14 @@ static int send_req_msg(kvx_ep *ep, kvx__peer *p, uint16_t type, uint64_t hash, 
 
 static kvx__req *req_by_id(kvx_ep *ep, const char *id)
 {
-    for (int i = 0; i < ep->max_reqs; i++)
+    for (int i = 0; i < ep->reqs_hi; i++)
         if (ep->reqs[i].used && strcmp(ep->reqs[i].id, id) == 0) return &ep->reqs[i];
     return NULL;
 }
 
 static kvx__req *req_by_hash(kvx_ep *ep, uint64_t hash, kvx__peer *p)
 {
-    for (int i = 0; i < ep->max_reqs; i++) {
+    for (int i = 0; i < ep->reqs_hi; i++) {
         kvx__req *r = &ep->reqs[i];
         if (r->used && r->hash == hash && (!p || r->peer == p)) return r;
     }
@@ -361,6 +361,7 @@ static kvx__req *req_alloc(kvx_ep *ep)
             memset(r, 0, sizeof(*r));
             r->used = 1;
             r->slot = i;
+            if (i >= ep->reqs_hi) ep->reqs_hi = i + 1;
             return r;
         }
     }
@@ -515,12 +516,12 @@ void kvx__peer_fail(kvx_ep *ep, kvx__peer *p, int err, const char *fmt, ...)
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     int open = 0;
-    for (int i = 0; i < ep->max_reqs; i++)
+    for (int i = 0; i < ep->reqs_hi; i++)
         open += ep->reqs[i].used && ep->reqs[i].peer == p;
     /* A peer leaving with nothing in flight is a normal close. */
     td_log_emit(open ? TD_LOG_WARN : TD_LOG_INFO, MOD, open ? "peer_failed" : "peer_closed",
                 "peer=%d err=%s open_requests=%d msg=\"%s\"", p->id, td_err_name(err), open, msg);
-    for (int i = 0; i < ep->max_reqs; i++) {
+    for (int i = 0; i < ep->reqs_hi; i++) {
         kvx__req *r = &ep->reqs[i];
         if (!r->used || r->peer != p) continue;
         if (ep->p.role == KVX_ROLE_RECV)
@@ -1076,7 +1077,7 @@ static void timers(kvx_ep *ep, int64_t now)
             kvx__ctrl_send(ep, p, KVX_MSG_HEARTBEAT, NULL, 0, NULL, 0);
         }
     }
-    for (int i = 0; i < ep->max_reqs; i++) {
+    for (int i = 0; i < ep->reqs_hi; i++) {
         kvx__req *r = &ep->reqs[i];
         if (!r->used) continue;
         if (ep->p.role == KVX_ROLE_RECV && r->closing && now - r->closing_ns > stall) {
@@ -1264,7 +1265,7 @@ void kvx_ep_destroy(kvx_ep *ep)
      * (nobody is left to read them). */
     for (kvx__peer *p = ep->peers; p; p = p->next) {
         if (!p->dead) {
-            for (int i = 0; ep->reqs && i < ep->max_reqs; i++) {
+            for (int i = 0; ep->reqs && i < ep->reqs_hi; i++) {
                 kvx__req *r = &ep->reqs[i];
                 if (r->used && r->peer == p && ep->p.role == KVX_ROLE_SEND)
                     kvx__sreq_finish(ep, r, TD_ECLOSED, "endpoint closed", 0);
@@ -1275,7 +1276,7 @@ void kvx_ep_destroy(kvx_ep *ep)
         }
     }
     reap_peers(ep);
-    for (int i = 0; ep->reqs && i < ep->max_reqs; i++)
+    for (int i = 0; ep->reqs && i < ep->reqs_hi; i++)
         if (ep->reqs[i].used) {
             kvx__req *r = &ep->reqs[i];
             while (r->wait_head) {
@@ -1545,7 +1546,7 @@ static int register_fn(kvx_ep *ep, void *arg)
 {
     struct register_arg *a = arg;
     uint64_t hash = kvx_req_hash(a->id);
-    for (int i = 0; i < ep->max_reqs; i++)
+    for (int i = 0; i < ep->reqs_hi; i++)
         if (ep->reqs[i].used && (ep->reqs[i].hash == hash || !strcmp(ep->reqs[i].id, a->id)))
             return TD_EEXIST;
     for (int i = 0; i < a->n; i++)
@@ -1619,7 +1620,7 @@ static int begin_fn(kvx_ep *ep, void *arg)
     if (!p) return TD_ENOENT;
     if (p->dead) return TD_ECONNRESET;
     uint64_t hash = kvx_req_hash(a->id);
-    for (int i = 0; i < ep->max_reqs; i++)
+    for (int i = 0; i < ep->reqs_hi; i++)
         if (ep->reqs[i].used && (ep->reqs[i].hash == hash || !strcmp(ep->reqs[i].id, a->id)))
             return TD_EEXIST;
     kvx__req *r = req_alloc(ep);

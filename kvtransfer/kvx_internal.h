@@ -164,6 +164,7 @@ struct kvx_ep {
     struct kvx__pending *pending; /* accepted connections before their hello */
     kvx__req *reqs;               /* max_reqs slots */
     int max_reqs;
+    int reqs_hi;         /* slots [reqs_hi, max_reqs) have never been used: scans stop here */
     int32_t *owner;      /* receiver: [num_blocks] slot leasing the block, -1 free */
     uint32_t *owner_pos; /* receiver: [num_blocks] index in that request's dst */
     int *kick;           /* sender: slots with new posts to start, n_kick of them */
