@@ -334,8 +334,9 @@ int main(int argc, char **argv)
         double t = kvx_gbps("tcp", bss[i], &seq);
         double s = kvx_gbps("shm", bss[i], &seq);
         printf("kvx    tcp bs=%-3u block=%4zu KiB x %3u blocks x 32 layers  %6.2f GB/s  = %.2f x "
-               "raw socket\n",
-               bss[i], kv_layout_block_bytes(&l) >> 10, l.num_blocks, t, raw > 0 ? t / raw : 0);
+               "raw (%d streams), %.2f x raw (1 stream)\n",
+               bss[i], kv_layout_block_bytes(&l) >> 10, l.num_blocks, t, raw > 0 ? t / raw : 0,
+               g_conns, raw1 > 0 ? t / raw1 : 0);
         fflush(stdout);
         printf("kvx    shm bs=%-3u block=%4zu KiB x %3u blocks x 32 layers  %6.2f GB/s  = %.2f x "
                "memcpy\n",
