@@ -325,25 +325,11 @@ static int hf__get(mdl_model *m, const char *name, int64_t rows, int64_t cols, i
                          name, got, (long long)rows);
     }
     size_t n = (size_t)rows * (size_t)(cols ? cols : 1);
-    if (t->dtype == SFT_F32 && ((uintptr_t)t->data % sizeof(float)) == 0) {
-        *out = t->data;
-        return 0;
-    }
     if (t->dtype == SFT_OTHER)
         return mdl__fail(err, errlen, TD_EUNSUPPORTED, "tensor \"%s\" has unsupported dtype %s",
                          name, t->dtype_name);
-    float *dst = mdl__alloc_f32(m, n);
-    if (!dst) return mdl__fail(err, errlen, TD_ENOMEM, "out of memory converting \"%s\"", name);
-    const unsigned char *src = t->data;
-    if (t->dtype == SFT_F32) {
-        memcpy(dst, src, n * sizeof(float));
-    } else {
-        for (size_t i = 0; i < n; i++) {
-            uint16_t h = (uint16_t)(src[2 * i] | (src[2 * i + 1] << 8));
-            dst[i] = t->dtype == SFT_F16 ? mdl__f16_to_f32(h) : mdl__bf16_to_f32(h);
-        }
-    }
-    *out = dst;
+    if (mdl__to_f32(m, t->data, t->dtype, n, out) != 0)
+        return mdl__fail(err, errlen, TD_ENOMEM, "out of memory converting \"%s\"", name);
     return 0;
 }
 

@@ -43,6 +43,28 @@ float *mdl__alloc_f32(mdl_model *m, size_t n)
     return p;
 }
 
+int mdl__to_f32(mdl_model *m, const void *src, enum sft_dtype dtype, size_t n, const float **out)
+{
+    if (dtype == SFT_F32 && ((uintptr_t)src % sizeof(float)) == 0) {
+        *out = src;
+        return 0;
+    }
+    if (dtype != SFT_F32 && dtype != SFT_F16 && dtype != SFT_BF16) return TD_EUNSUPPORTED;
+    float *dst = mdl__alloc_f32(m, n);
+    if (!dst) return TD_ENOMEM;
+    const unsigned char *b = src;
+    if (dtype == SFT_F32) {
+        memcpy(dst, b, n * sizeof(float));
+    } else {
+        for (size_t i = 0; i < n; i++) {
+            uint16_t h = (uint16_t)(b[2 * i] | (b[2 * i + 1] << 8));
+            dst[i] = dtype == SFT_F16 ? mdl__f16_to_f32(h) : mdl__bf16_to_f32(h);
+        }
+    }
+    *out = dst;
+    return 0;
+}
+
 float mdl__f16_to_f32(uint16_t h)
 {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16;
@@ -218,6 +240,17 @@ static int mdl__is_dir(const char *path)
     return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
 }
 
+/* A file starting with the GGUF magic. */
+static int mdl__is_gguf(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    char magic[4];
+    int yes = fread(magic, 1, 4, f) == 4 && memcmp(magic, "GGUF", 4) == 0;
+    fclose(f);
+    return yes;
+}
+
 int mdl_load(const char *path, mdl_model **out, char *err, size_t errlen)
 {
     *out = NULL;
@@ -236,6 +269,8 @@ int mdl_load(const char *path, mdl_model **out, char *err, size_t errlen)
         rc = mdl__fail(err, errlen, TD_ENOENT, "model path %s does not exist", path);
     else if (mdl__is_dir(path))
         rc = mdl__load_hf(path, m, err, errlen);
+    else if (mdl__is_gguf(path))
+        rc = mdl__load_gguf(path, m, err, errlen);
     else
         rc = mdl__load_llama2c(path, m, err, errlen);
     if (rc != 0) {

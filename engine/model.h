@@ -1,5 +1,6 @@
 /* model: a Llama-family decoder's configuration and weights, loaded from a
- * Hugging Face directory (config.json + safetensors) or a llama2.c .bin file.
+ * Hugging Face directory (config.json + safetensors), a llama2.c .bin file, or
+ * a GGUF file with F32/F16/BF16 tensors.
  *
  * Supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (q/k/v
  * biases); TinyLlama is a Llama. GQA, tied or untied output, F32/F16/BF16.
@@ -37,6 +38,7 @@ enum mdl_rope_scaling {
 enum mdl_format {
     MDL_FORMAT_HF = 0,
     MDL_FORMAT_LLAMA2C = 1,
+    MDL_FORMAT_GGUF = 2,
 };
 
 typedef struct mdl_config {
@@ -97,7 +99,8 @@ typedef struct mdl_model {
 } mdl_model;
 
 /* path: a Hugging Face model directory (config.json plus model.safetensors or
- * model.safetensors.index.json), or a llama2.c checkpoint file. On success *out
+ * model.safetensors.index.json), a GGUF file (by its magic; "llama" and
+ * "qwen2" architectures, unquantized), or a llama2.c checkpoint file. On success *out
  * is owned by the caller (mdl_free). Errors: TD_ENOENT/TD_EIO (files),
  * TD_EFORMAT (malformed, truncated, missing tensor, wrong shape),
  * TD_EUNSUPPORTED (architecture, dtype, feature), TD_ENOMEM; a reason naming the

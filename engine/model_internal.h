@@ -29,6 +29,11 @@ int mdl__check_config(const mdl_config *c, char *err, size_t errlen);
 /* Sets weight_bytes from the config. */
 void mdl__account(mdl_model *m);
 
+/* Weight data as F32: in place when src is aligned F32 (dtype SFT_F32),
+ * else copied or converted from F16/BF16 into a model buffer. n: elements. */
+int mdl__to_f32(mdl_model *m, const void *src, enum sft_dtype dtype, size_t n, const float **out);
+
+int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen);
 int mdl__load_hf(const char *dir, mdl_model *m, char *err, size_t errlen);
 int mdl__load_llama2c(const char *path, mdl_model *m, char *err, size_t errlen);
 

@@ -25,6 +25,14 @@ cmp "$TMP/l2c.txt" "$EXPECTED" || { diff "$TMP/l2c.txt" "$EXPECTED" | head; fail
     fail "hf run: $(cat "$TMP/hf.err")"
 cmp "$TMP/hf.txt" "$EXPECTED" || { diff "$TMP/hf.txt" "$EXPECTED" | head; fail "hf text differs"; }
 
+# The llama.cpp GGUF file of the same weights (its tokenizer is passed explicitly).
+GGUF="$SHARED/models/stories260K-gguf/stories260K.gguf"
+if [ -f "$GGUF" ]; then
+    "$BIN" --model "$GGUF" --tokenizer "$M/tok512.bin" --max-tokens 200 --temperature 0 \
+        > "$TMP/gguf.txt" 2> "$TMP/gguf.err" || fail "gguf run: $(cat "$TMP/gguf.err")"
+    cmp "$TMP/gguf.txt" "$EXPECTED" || fail "gguf text differs"
+fi
+
 # f16 KV cache: K/V rounded to 11 significant bits; on this model the greedy
 # text is unchanged (a regression check of the f16 store/load path).
 "$BIN" --model "$HF" --max-tokens 200 --temperature 0 --kv-dtype f16 > "$TMP/f16.txt" 2> /dev/null ||

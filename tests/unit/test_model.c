@@ -150,7 +150,7 @@ static int greedy(const mdl_model *m, const int32_t *prompt, int n_prompt, int s
     return rc;
 }
 
-static void check_stories_text(const char *model_path, const char *tok_path)
+static void check_stories_text(const char *model_path, const char *tok_path, int want_tied)
 {
     char expected_path[512], err[256] = "";
     snprintf(expected_path, sizeof(expected_path), "%s/models/stories260K/expected-greedy-200.txt",
@@ -164,7 +164,7 @@ static void check_stories_text(const char *model_path, const char *tok_path)
     if (rc != 0) fail_msg("load %s: %s", model_path, err);
     assert_int_equal(m->cfg.vocab_size, 512);
     assert_int_equal(m->cfg.n_kv_heads, 4);
-    assert_true(m->cfg.tied_output);
+    assert_int_equal(m->cfg.tied_output, want_tied);
     int32_t bos = 1, toks[200];
     assert_int_equal(greedy(m, &bos, 1, 200, toks, NULL), 0);
     mini_tok t = {0};
@@ -194,7 +194,7 @@ static void test_stories260k_llama2c(void **state)
     char mp[512], tp[512];
     snprintf(mp, sizeof(mp), "%s/models/stories260K/stories260K.bin", shared_dir());
     snprintf(tp, sizeof(tp), "%s/models/stories260K/tok512.bin", shared_dir());
-    check_stories_text(mp, tp);
+    check_stories_text(mp, tp, 1);
 }
 
 static void test_stories260k_hf(void **state)
@@ -203,7 +203,7 @@ static void test_stories260k_hf(void **state)
     char mp[512], tp[512];
     snprintf(mp, sizeof(mp), "%s/models/stories260K-hf", shared_dir());
     snprintf(tp, sizeof(tp), "%s/models/stories260K-hf/tok512.bin", shared_dir());
-    check_stories_text(mp, tp);
+    check_stories_text(mp, tp, 1);
 }
 
 /* ---- writers for tiny checkpoints ---- */
@@ -896,6 +896,259 @@ static void test_fuzz_loaders(void **state)
     rmdir(dir);
 }
 
+/* ---- GGUF ---- */
+
+typedef struct gbuf {
+    unsigned char *b;
+    size_t n, cap;
+} gbuf;
+
+static void gb_put(gbuf *g, const void *p, size_t n)
+{
+    if (g->n + n > g->cap) {
+        g->cap = (g->n + n) * 2 + 4096;
+        g->b = realloc(g->b, g->cap);
+        assert_non_null(g->b);
+    }
+    memcpy(g->b + g->n, p, n);
+    g->n += n;
+}
+static void gb_u32(gbuf *g, uint32_t v)
+{
+    gb_put(g, &v, 4);
+}
+static void gb_u64(gbuf *g, uint64_t v)
+{
+    gb_put(g, &v, 8);
+}
+static void gb_str(gbuf *g, const char *s)
+{
+    gb_u64(g, strlen(s));
+    gb_put(g, s, strlen(s));
+}
+static void gb_kv_u32(gbuf *g, const char *k, uint32_t v)
+{
+    gb_str(g, k);
+    gb_u32(g, 4);
+    gb_u32(g, v);
+}
+
+typedef struct gg_opts {
+    const char *arch;
+    uint32_t version;
+    uint32_t type;        /* ggml type for matrices: 0 F32, 1 F16, 2 (Q4_0: unsupported) */
+    const char *drop;     /* tensor to leave out */
+    const char *misshape; /* tensor written with swapped dims */
+} gg_opts;
+
+/* Writes m (adjacent-pair Q/K rows, as llama.cpp stores "llama") as GGUF. */
+static void write_gguf(const mdl_model *m, const char *path, const gg_opts *o)
+{
+    const mdl_config *c = &m->cfg;
+    int d = c->dim, hd = c->hidden_dim, qd = c->n_heads * c->head_dim;
+    int kvd = c->n_kv_heads * c->head_dim;
+    struct {
+        char name[64];
+        const float *data;
+        uint64_t ne0, ne1; /* ne1 0: 1-D */
+    } t[64];
+    int nt = 0;
+#define T_ADD(nm, ptr, in, out)                                                                    \
+    do {                                                                                           \
+        snprintf(t[nt].name, sizeof(t[nt].name), "%s", nm);                                        \
+        t[nt].data = ptr;                                                                          \
+        t[nt].ne0 = (uint64_t)(in);                                                                \
+        t[nt].ne1 = (uint64_t)(out);                                                               \
+        nt++;                                                                                      \
+    } while (0)
+    char nm[64];
+    T_ADD("token_embd.weight", m->tok_embed, d, c->vocab_size);
+    T_ADD("output_norm.weight", m->final_norm, d, 0);
+    if (!c->tied_output) T_ADD("output.weight", m->output, d, c->vocab_size);
+    for (int l = 0; l < c->n_layers; l++) {
+        const mdl_layer *ly = &m->layers[l];
+#define L_ADD(sfx, ptr, in, out)                                                                   \
+    snprintf(nm, sizeof(nm), "blk.%d.%s", l, sfx);                                                 \
+    T_ADD(nm, ptr, in, out)
+        L_ADD("attn_norm.weight", ly->attn_norm, d, 0);
+        L_ADD("attn_q.weight", ly->wq, d, qd);
+        L_ADD("attn_k.weight", ly->wk, d, kvd);
+        L_ADD("attn_v.weight", ly->wv, d, kvd);
+        L_ADD("attn_output.weight", ly->wo, qd, d);
+        L_ADD("ffn_norm.weight", ly->ffn_norm, d, 0);
+        L_ADD("ffn_gate.weight", ly->w_gate, d, hd);
+        L_ADD("ffn_up.weight", ly->w_up, d, hd);
+        L_ADD("ffn_down.weight", ly->w_down, hd, d);
+#undef L_ADD
+    }
+#undef T_ADD
+    gbuf g = {0};
+    gb_put(&g, "GGUF", 4);
+    gb_u32(&g, o->version ? o->version : 3);
+    int n_keep = 0;
+    for (int i = 0; i < nt; i++)
+        n_keep += !(o->drop && strcmp(o->drop, t[i].name) == 0);
+    gb_u64(&g, (uint64_t)n_keep);
+    gb_u64(&g, 10);
+    const char *arch = o->arch ? o->arch : "llama";
+    char key[96];
+    gb_str(&g, "tokenizer.ggml.tokens"); /* an array of strings, to be skipped */
+    gb_u32(&g, 9);
+    gb_u32(&g, 8);
+    gb_u64(&g, 2);
+    gb_str(&g, "<unk>");
+    gb_str(&g, "<s>");
+    gb_str(&g, "general.architecture");
+    gb_u32(&g, 8);
+    gb_str(&g, arch);
+#define KV(sfx, v)                                                                                 \
+    snprintf(key, sizeof(key), "%s.%s", arch, sfx);                                                \
+    gb_kv_u32(&g, key, (uint32_t)(v))
+    KV("embedding_length", d);
+    KV("feed_forward_length", hd);
+    KV("block_count", c->n_layers);
+    KV("attention.head_count", c->n_heads);
+    KV("attention.head_count_kv", c->n_kv_heads);
+    KV("context_length", c->max_seq_len);
+#undef KV
+    snprintf(key, sizeof(key), "%s.attention.layer_norm_rms_epsilon", arch);
+    gb_str(&g, key);
+    gb_u32(&g, 6);
+    float eps = c->norm_eps;
+    gb_put(&g, &eps, 4);
+    gb_kv_u32(&g, "tokenizer.ggml.bos_token_id", 1);
+    uint64_t off = 0;
+    for (int i = 0; i < nt; i++) {
+        if (o->drop && strcmp(o->drop, t[i].name) == 0) continue;
+        int is_mat = t[i].ne1 != 0;
+        int swap = o->misshape && strcmp(o->misshape, t[i].name) == 0;
+        gb_str(&g, t[i].name);
+        gb_u32(&g, is_mat ? 2 : 1);
+        gb_u64(&g, swap ? t[i].ne1 : t[i].ne0);
+        if (is_mat) gb_u64(&g, swap ? t[i].ne0 : t[i].ne1);
+        uint32_t ty = is_mat ? o->type : 0;
+        gb_u32(&g, ty);
+        gb_u64(&g, off);
+        uint64_t n = t[i].ne0 * (is_mat ? t[i].ne1 : 1);
+        off += (n * (ty == 0 ? 4 : 2) + 31) & ~(uint64_t)31;
+    }
+    while (g.n % 32)
+        gb_put(&g, "", 1);
+    for (int i = 0; i < nt; i++) {
+        if (o->drop && strcmp(o->drop, t[i].name) == 0) continue;
+        int is_mat = t[i].ne1 != 0;
+        uint32_t ty = is_mat ? o->type : 0;
+        uint64_t n = t[i].ne0 * (is_mat ? t[i].ne1 : 1);
+        for (uint64_t k = 0; k < n; k++) {
+            if (ty == 0) {
+                gb_put(&g, &t[i].data[k], 4);
+            } else {
+                uint16_t h = to_f16(t[i].data[k]);
+                gb_put(&g, &h, 2);
+            }
+        }
+        while (g.n % 32)
+            gb_put(&g, "", 1);
+    }
+    write_file(path, g.b, g.n);
+    free(g.b);
+}
+
+static void test_gguf(void **state)
+{
+    (void)state;
+    char path[600], err[256] = "";
+    tmp_path(path, sizeof(path), "tiny.gguf");
+    for (int tied = 0; tied < 2; tied++) {
+        mdl_model *m = random_model(tied, 0);
+        gg_opts o = {0};
+        write_gguf(m, path, &o);
+        mdl_model *h = NULL;
+        int rc = mdl_load(path, &h, err, sizeof(err));
+        if (rc != 0) fail_msg("%s", err);
+        assert_int_equal(h->cfg.format, MDL_FORMAT_GGUF);
+        assert_int_equal(h->cfg.rope_layout, MDL_ROPE_ADJACENT);
+        assert_int_equal(h->cfg.tied_output, tied);
+        assert_int_equal(h->cfg.bos_id, 1);
+        int32_t ta[8], tb[8];
+        float la[8 * 64], lb[8 * 64];
+        run8(m, ta, la);
+        run8(h, tb, lb);
+        assert_memory_equal(la, lb, sizeof(la));
+        mdl_free(h);
+        /* F16 matrices: converted exactly. */
+        o.type = 1;
+        write_gguf(m, path, &o);
+        rc = mdl_load(path, &h, err, sizeof(err));
+        if (rc != 0) fail_msg("%s", err);
+        for (int i = 0; i < 32 * 48; i++)
+            assert_int_equal(to_f16(h->layers[1].w_gate[i]), to_f16(m->layers[1].w_gate[i]));
+        mdl_free(h);
+        mdl_free(m);
+    }
+    /* Errors. */
+    mdl_model *m = random_model(0, 0);
+    struct {
+        gg_opts o;
+        int want;
+        const char *needle;
+    } cases[] = {
+        {{.arch = "gpt2"}, TD_EUNSUPPORTED, "gpt2"},
+        {{.version = 4}, TD_EUNSUPPORTED, "version"},
+        {{.type = 2}, TD_EUNSUPPORTED, "ggml type 2"},
+        {{.drop = "blk.1.ffn_up.weight"}, TD_EFORMAT, "blk.1.ffn_up.weight"},
+        {{.misshape = "blk.0.ffn_down.weight"}, TD_EFORMAT, "blk.0.ffn_down.weight"},
+        {{.arch = "qwen2"}, TD_EFORMAT, "blk.0.attn_q.bias"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        write_gguf(m, path, &cases[i].o);
+        mdl_model *h = NULL;
+        int rc = mdl_load(path, &h, err, sizeof(err));
+        if (rc != cases[i].want)
+            fail_msg("case %zu: want %d got %d (%s)", i, cases[i].want, rc, err);
+        if (!strstr(err, cases[i].needle))
+            fail_msg("case %zu: \"%s\" lacks \"%s\"", i, err, cases[i].needle);
+        assert_null(h);
+    }
+    /* Truncations and byte flips anywhere in the header: refused, never a crash. */
+    gg_opts o = {0};
+    write_gguf(m, path, &o);
+    size_t n;
+    unsigned char *orig = slurp(path, &n), *buf = malloc(n);
+    int refused = 0;
+    for (int it = 0; it < 200; it++) {
+        memcpy(buf, orig, n);
+        size_t len = n;
+        if (it % 2) {
+            len = fz_next() % n;
+        } else {
+            for (int f = 0; f < 3; f++)
+                buf[fz_next() % 1200] = (unsigned char)fz_next();
+        }
+        write_file(path, buf, len);
+        mdl_model *h = NULL;
+        int rc = mdl_load(path, &h, err, sizeof(err));
+        if (rc == 0)
+            mdl_free(h);
+        else
+            refused++;
+    }
+    assert_true(refused > 100);
+    free(orig);
+    free(buf);
+    mdl_free(m);
+    unlink(path);
+}
+
+static void test_stories260k_gguf(void **state)
+{
+    (void)state;
+    char mp[512], tp[512];
+    snprintf(mp, sizeof(mp), "%s/models/stories260K-gguf/stories260K.gguf", shared_dir());
+    snprintf(tp, sizeof(tp), "%s/models/stories260K/tok512.bin", shared_dir());
+    check_stories_text(mp, tp, 0); /* llama.cpp's file stores a separate output.weight */
+}
+
 /* Every allocation of a load fails in turn: each attempt returns an error,
  * leaves *out NULL and leaks nothing (ASan checks at exit). */
 static void expect_load_survives_oom(const char *path)
@@ -933,6 +1186,12 @@ static void test_alloc_failures(void **state)
     write_llama2c(m, bin_path, 0);
     expect_load_survives_oom(dir);
     expect_load_survives_oom(bin_path);
+    char gg_path[600];
+    snprintf(gg_path, sizeof(gg_path), "%s/tiny.gguf", dir);
+    gg_opts go = {.type = 1};
+    write_gguf(m, gg_path, &go);
+    expect_load_survives_oom(gg_path);
+    unlink(gg_path);
     for (long n = 0;; n++) {
         mdl_model *r = NULL;
         fail_alloc_arm(n);
@@ -990,6 +1249,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_stories260k_llama2c),
         cmocka_unit_test(test_stories260k_hf),
+        cmocka_unit_test(test_stories260k_gguf),
+        cmocka_unit_test(test_gguf),
         cmocka_unit_test(test_fingerprint),
         cmocka_unit_test(test_llama2c_roundtrip),
         cmocka_unit_test(test_hf_rope_layout_and_dtypes),
