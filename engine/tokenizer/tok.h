@@ -21,7 +21,13 @@
 typedef struct tok_tokenizer tok_tokenizer;
 
 /* path: a tokenizer.json file, a directory holding tokenizer.json, or a
- * llama2.c tokenizer.bin. On success *out is owned by the caller (tok_free). */
+ * llama2.c tokenizer.bin. Also accepted: a GPT-2 style vocab.json (merges.txt
+ * beside it), and a directory holding vocab.json + merges.txt or
+ * tokenizer.bin / tok512.bin when it has no tokenizer.json. Files are told
+ * apart by content (JSON or not), not by name. Pipeline parts the library
+ * does not implement are refused with TD_EUNSUPPORTED and named in err;
+ * malformed files give TD_EFORMAT. On success *out is owned by the caller
+ * (tok_free). */
 int tok_load(const char *path, tok_tokenizer **out, char *err, size_t errlen);
 void tok_free(tok_tokenizer *tok); /* accepts NULL */
 
@@ -30,11 +36,22 @@ int32_t tok_bos_id(const tok_tokenizer *tok); /* -1 when the vocabulary has none
 int32_t tok_eos_id(const tok_tokenizer *tok); /* -1 when the vocabulary has none */
 /* True when the model's config asks for BOS to be prepended (add_bos_token). */
 int tok_adds_bos(const tok_tokenizer *tok);
+/* True when id ends generation: the EOS id or any eos_token_id listed in
+ * generation_config.json / config.json (Llama 3 instruct: <|eot_id|> too). */
+int tok_is_eog(const tok_tokenizer *tok, int32_t id);
+/* True when id is a special token (skipped by tok_decode with skip_special). */
+int tok_is_special(const tok_tokenizer *tok, int32_t id);
+/* The vocabulary's spelling of id (e.g. "\u2581Hello", "<0x0A>", "<|eot_id|>"):
+ * *piece points into tok (not NUL-terminated), valid until tok_free.
+ * TD_ERANGE for an id outside the vocabulary. */
+int tok_piece(const tok_tokenizer *tok, int32_t id, const char **piece, size_t *len);
 
 enum tok_encode_flags {
     TOK_ADD_BOS = 1 << 0,       /* prepend BOS (when the vocabulary has one) */
     TOK_PARSE_SPECIAL = 1 << 1, /* recognise special-token text such as "<|eot_id|>" */
 };
+/* Added tokens that are not special (tokenizer.json "special": false) are
+ * always recognised, as Hugging Face tokenizers do. */
 
 /* Encodes text[0..len) (UTF-8; invalid bytes are encoded through byte tokens,
  * never dropped). On success *ids is malloc'd, owned by the caller (free()),
@@ -43,13 +60,21 @@ int tok_encode(const tok_tokenizer *tok, const char *text, size_t len, int flags
                size_t *n_ids);
 
 /* Decodes ids into malloc'd, NUL-terminated *text (caller frees); *len excludes
- * the NUL. Special tokens are skipped when skip_special is non-zero. */
+ * the NUL. Special tokens are skipped when skip_special is non-zero. The
+ * output is always valid UTF-8: invalid byte sequences become U+FFFD. The
+ * SentencePiece-style leading space is dropped as the model's decoder says:
+ * at the start of the text for tokenizer.json ("Strip" / Metaspace), right
+ * after BOS for llama2.c (as its run.c prints). TD_ERANGE for an id outside
+ * the vocabulary. */
 int tok_decode(const tok_tokenizer *tok, const int32_t *ids, size_t n_ids, int skip_special,
                char **text, size_t *len);
 
 /* Incremental detokenization for streaming: push one id at a time, get the
  * newly completed text. Never emits a partial UTF-8 sequence; bytes that can
- * never become valid UTF-8 are emitted as U+FFFD. */
+ * never become valid UTF-8 are emitted as U+FFFD. Special tokens produce no
+ * text. A stream continues a text, so pieces keep their leading space except
+ * right after BOS (SentencePiece-style vocabularies). One stream per
+ * sequence; a stream is not thread-safe, the tokenizer is. */
 typedef struct tok_stream tok_stream;
 int tok_stream_create(const tok_tokenizer *tok, tok_stream **out); /* tok must outlive it */
 void tok_stream_free(tok_stream *st);                              /* accepts NULL */
@@ -73,7 +98,13 @@ typedef struct tok_chat_msg {
 enum tok_chat_family tok_chat_family_of(const tok_tokenizer *tok);
 /* Renders messages into a malloc'd prompt string (caller frees). With
  * add_generation_prompt the text ends where the assistant's reply begins.
- * TD_EUNSUPPORTED when the tokenizer has no known chat template. */
+ * The text holds the BOS token's text where the template does (Llama 3,
+ * Llama 2): encode it with TOK_PARSE_SPECIAL and without TOK_ADD_BOS.
+ * Llama 3 renders the 3.0 template (content trimmed); Llama 2 folds a leading
+ * system message into the first user turn and requires user/assistant
+ * alternation (TD_EINVAL otherwise); ChatML adds Qwen's default system prompt
+ * when the template has one. TD_EINVAL for a role other than system, user,
+ * assistant. TD_EUNSUPPORTED when the tokenizer has no known chat template. */
 int tok_chat_render(const tok_tokenizer *tok, const tok_chat_msg *msgs, size_t n_msgs,
                     int add_generation_prompt, char **out);
 

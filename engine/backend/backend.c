@@ -1,0 +1,109 @@
+#include "engine/backend/backend.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/err.h"
+#include "engine/backend/cpu/cpu_backend.h"
+
+struct be_backend {
+    const be_ops *ops;
+    void *ctx;
+    kv_layout kv;
+};
+
+/* Backends built into this binary. A CUDA backend adds its table here. */
+static const be_ops *const be__registry[] = {
+    &be_cpu_ops,
+};
+
+const be_ops *be_find(const char *name)
+{
+    if (!name) return NULL;
+    for (size_t i = 0; i < sizeof(be__registry) / sizeof(be__registry[0]); i++)
+        if (strcmp(be__registry[i]->name, name) == 0) return be__registry[i];
+    return NULL;
+}
+
+void be_options_defaults(be_options *o, const mdl_model *m)
+{
+    memset(o, 0, sizeof(*o));
+    o->n_threads = 1;
+    o->max_batch_tokens = 512;
+    o->max_seqs = 64;
+    o->matmul = BE_MATMUL_DETERMINISTIC;
+    o->kv.n_layers = (uint32_t)m->cfg.n_layers;
+    o->kv.n_kv_heads = (uint32_t)m->cfg.n_kv_heads;
+    o->kv.head_dim = (uint32_t)m->cfg.head_dim;
+    o->kv.block_size = 16;
+    o->kv.dtype = KV_DTYPE_F32;
+    uint32_t blocks = (uint32_t)((m->cfg.max_seq_len + 15) / 16);
+    o->kv.num_blocks = blocks < 64 ? 64 : blocks;
+}
+
+static int be__err(char *err, size_t errlen, int code, const char *msg, const char *arg)
+{
+    if (err && errlen) snprintf(err, errlen, msg, arg);
+    return code;
+}
+
+int be_open(const char *name, const mdl_model *m, const be_options *o, be_backend **out, char *err,
+            size_t errlen)
+{
+    *out = NULL;
+    const be_ops *ops = be_find(name);
+    if (!ops) return be__err(err, errlen, TD_ENOENT, "unknown backend \"%s\"", name ? name : "");
+    int rc = ops->probe();
+    if (rc != 0) return be__err(err, errlen, rc, "backend \"%s\" has no device here", name);
+    const kv_layout *kv = &o->kv;
+    if (kv->n_layers != (uint32_t)m->cfg.n_layers ||
+        kv->n_kv_heads != (uint32_t)m->cfg.n_kv_heads ||
+        kv->head_dim != (uint32_t)m->cfg.head_dim || kv->block_size == 0 || kv->num_blocks == 0 ||
+        kv->block_size > 4096 || kv->num_blocks > (1u << 30))
+        return be__err(err, errlen, TD_EINVAL,
+                       "KV layout does not match the model (layers, kv heads, head_dim) or has "
+                       "no blocks%s",
+                       "");
+    if (o->kv_mem && ((uintptr_t)o->kv_mem % 64) != 0)
+        return be__err(err, errlen, TD_EINVAL, "kv_mem must be 64-byte aligned%s", "");
+    be_backend *b = calloc(1, sizeof(*b));
+    if (!b) return TD_ENOMEM;
+    b->ops = ops;
+    b->kv = *kv;
+    rc = ops->create(m, o, &b->ctx, err, errlen);
+    if (rc != 0) {
+        free(b);
+        return rc;
+    }
+    *out = b;
+    return 0;
+}
+
+void be_close(be_backend *b)
+{
+    if (!b) return;
+    b->ops->destroy(b->ctx);
+    free(b);
+}
+
+int be_forward(be_backend *b, const be_batch *batch)
+{
+    if (!b || !batch) return TD_EINVAL;
+    return b->ops->forward(b->ctx, batch);
+}
+
+void be_kv_region(be_backend *b, void **base, size_t *bytes)
+{
+    b->ops->kv_region(b->ctx, base, bytes);
+}
+
+const kv_layout *be_kv_layout(const be_backend *b)
+{
+    return &b->kv;
+}
+
+const char *be_name(const be_backend *b)
+{
+    return b->ops->name;
+}

@@ -1,0 +1,411 @@
+#include "engine/backend/cpu/cpu_backend.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/err.h"
+#include "engine/backend/cpu/cpu_kernels.h"
+#include "engine/backend/cpu/cpu_pool.h"
+
+/* Up to three matrices sharing one input, computed in one parallel region
+ * (q/k/v, or gate/up), so a layer has few barriers. */
+#define CPU_MAX_JOBS 3
+typedef struct cpu_mm_job {
+    const float *W;    /* [N][K] */
+    const float *bias; /* [N] or NULL */
+    float *out;        /* [T][N] */
+    int N;
+    int first_task; /* tasks [first_task, first_task + ceil(N / rows_per_task)) */
+} cpu_mm_job;
+
+typedef struct cpu_mm {
+    const float *x; /* [T][K] */
+    int T, K;
+    int rows_per_task; /* multiple of 4 */
+    int n_jobs;
+    cpu_mm_job jobs[CPU_MAX_JOBS];
+} cpu_mm;
+
+typedef struct cpu_ctx {
+    const mdl_model *m;
+    be_options o;
+    kv_layout kv;
+    float *kv_base; /* pool region: [layer][block]{K[bs][kvh][hd], V[bs][kvh][hd]} */
+    size_t kv_bytes;
+    int own_kv;
+    cpool *pool;
+
+    /* Scratch, T = max_batch_tokens: */
+    float *x;        /* [T][dim] residual stream */
+    float *xb;       /* [T][max(dim, qd)] normalised input / attention output */
+    float *q;        /* [T][qd] */
+    float *k;        /* [T][kvd] */
+    float *v;        /* [T][kvd] */
+    float *tmp;      /* [T][dim] */
+    float *hb;       /* [T][hidden] */
+    float *hb2;      /* [T][hidden] */
+    float *rope;     /* [T][head_dim/2][2] cos, sin */
+    float *inv_freq; /* [head_dim/2] */
+    float *att;      /* [n_threads][max_seq_len] attention scores */
+    int *seq_maxpos; /* [max_seqs] */
+
+    /* Per-forward state read by the parallel tasks. */
+    const be_batch *b;
+    int layer;
+} cpu_ctx;
+
+static int cpu__fail(char *err, size_t errlen, int code, const char *msg)
+{
+    if (err && errlen) snprintf(err, errlen, "%s", msg);
+    return code;
+}
+
+static float *cpu__alloc(size_t n_floats)
+{
+    void *p = NULL;
+    size_t bytes = ((n_floats ? n_floats : 1) * sizeof(float) + 63) & ~(size_t)63;
+    if (posix_memalign(&p, 64, bytes) != 0) return NULL;
+    memset(p, 0, bytes);
+    return p;
+}
+
+static int cpu_probe(void)
+{
+    return 0;
+}
+
+static void cpu_destroy(void *vctx)
+{
+    cpu_ctx *c = vctx;
+    if (!c) return;
+    cpool_free(c->pool);
+    if (c->own_kv) free(c->kv_base);
+    free(c->x);
+    free(c->xb);
+    free(c->q);
+    free(c->k);
+    free(c->v);
+    free(c->tmp);
+    free(c->hb);
+    free(c->hb2);
+    free(c->rope);
+    free(c->inv_freq);
+    free(c->att);
+    free(c->seq_maxpos);
+    free(c);
+}
+
+static int cpu_create(const mdl_model *m, const be_options *o, void **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    const mdl_config *mc = &m->cfg;
+    if (o->kv.dtype != KV_DTYPE_F32)
+        return cpu__fail(err, errlen, TD_EUNSUPPORTED, "cpu backend: KV dtype must be f32");
+    if (o->max_batch_tokens < 1 || o->max_batch_tokens > (1 << 20) || o->max_seqs < 1 ||
+        o->max_seqs > (1 << 20) || o->n_threads < 0 || o->n_threads > 256)
+        return cpu__fail(err, errlen, TD_EINVAL, "cpu backend: bad batch or thread limits");
+    ck_init();
+    cpu_ctx *c = calloc(1, sizeof(*c));
+    if (!c) return TD_ENOMEM;
+    c->m = m;
+    c->o = *o;
+    if (c->o.n_threads == 0) c->o.n_threads = 1;
+    c->kv = o->kv;
+    c->kv_bytes = kv_layout_pool_bytes(&c->kv);
+    int rc = TD_ENOMEM;
+    if (o->kv_mem) {
+        c->kv_base = o->kv_mem;
+    } else {
+        c->kv_base = cpu__alloc(c->kv_bytes / sizeof(float));
+        if (!c->kv_base) goto fail;
+        c->own_kv = 1;
+    }
+    size_t T = (size_t)o->max_batch_tokens;
+    size_t dim = (size_t)mc->dim, hd = (size_t)mc->head_dim;
+    size_t qd = (size_t)mc->n_heads * hd, kvd = (size_t)mc->n_kv_heads * hd;
+    size_t xbw = dim > qd ? dim : qd;
+    if (!(c->x = cpu__alloc(T * dim)) || !(c->xb = cpu__alloc(T * xbw)) ||
+        !(c->q = cpu__alloc(T * qd)) || !(c->k = cpu__alloc(T * kvd)) ||
+        !(c->v = cpu__alloc(T * kvd)) || !(c->tmp = cpu__alloc(T * dim)) ||
+        !(c->hb = cpu__alloc(T * (size_t)mc->hidden_dim)) ||
+        !(c->hb2 = cpu__alloc(T * (size_t)mc->hidden_dim)) || !(c->rope = cpu__alloc(T * hd)) ||
+        !(c->inv_freq = cpu__alloc(hd / 2)) ||
+        !(c->att = cpu__alloc((size_t)c->o.n_threads * (size_t)mc->max_seq_len)))
+        goto fail;
+    c->seq_maxpos = calloc((size_t)o->max_seqs, sizeof(int));
+    if (!c->seq_maxpos) goto fail;
+    mdl_rope_inv_freq(mc, c->inv_freq);
+    rc = cpool_create(c->o.n_threads, &c->pool);
+    if (rc != 0) goto fail;
+    if (o->matmul == BE_MATMUL_BLAS) openblas_set_num_threads(c->o.n_threads);
+    *out = c;
+    return 0;
+fail:
+    cpu_destroy(c);
+    return cpu__fail(err, errlen, rc, "cpu backend: out of memory for scratch or KV pool");
+}
+
+static void cpu_kv_region(void *vctx, void **base, size_t *bytes)
+{
+    cpu_ctx *c = vctx;
+    *base = c->kv_base;
+    *bytes = c->kv_bytes;
+}
+
+/* ---- matmul ---- */
+
+static void cpu__mm_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    const cpu_mm *mm = arg;
+    int j = 0;
+    while (j + 1 < mm->n_jobs && task >= mm->jobs[j + 1].first_task)
+        j++;
+    const cpu_mm_job *job = &mm->jobs[j];
+    int r0 = (task - job->first_task) * mm->rows_per_task;
+    int r1 = r0 + mm->rows_per_task;
+    if (r1 > job->N) r1 = job->N;
+    ck_matmul(job->out, job->N, mm->x, job->W, job->bias, mm->T, mm->K, r0, r1);
+}
+
+/* out_i = x W_i^T (+ b_i) for each job; x: [T][K]. */
+static void cpu__matmul(cpu_ctx *c, cpu_mm *mm)
+{
+    if (c->o.matmul == BE_MATMUL_BLAS) {
+        for (int i = 0; i < mm->n_jobs; i++) {
+            cpu_mm_job *jb = &mm->jobs[i];
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mm->T, jb->N, mm->K, 1.0f, mm->x,
+                        mm->K, jb->W, mm->K, 0.0f, jb->out, jb->N);
+            if (jb->bias)
+                for (int t = 0; t < mm->T; t++)
+                    for (int n = 0; n < jb->N; n++)
+                        jb->out[(size_t)t * jb->N + n] += jb->bias[n];
+        }
+        return;
+    }
+    int nt = cpool_threads(c->pool);
+    int total_rows = 0;
+    for (int i = 0; i < mm->n_jobs; i++)
+        total_rows += mm->jobs[i].N;
+    /* About 8 tasks per thread balances load without many atomic hand-outs. */
+    int rpt = nt == 1 ? total_rows : total_rows / (nt * 8);
+    rpt = (rpt + 3) & ~3;
+    if (rpt < 16) rpt = 16;
+    mm->rows_per_task = rpt;
+    int tasks = 0;
+    for (int i = 0; i < mm->n_jobs; i++) {
+        mm->jobs[i].first_task = tasks;
+        tasks += (mm->jobs[i].N + rpt - 1) / rpt;
+    }
+    cpool_run(c->pool, cpu__mm_task, mm, tasks);
+}
+
+static void cpu__mm1(cpu_ctx *c, float *out, const float *x, const float *W, const float *bias,
+                     int T, int K, int N)
+{
+    cpu_mm mm = {.x = x, .T = T, .K = K, .n_jobs = 1};
+    mm.jobs[0] = (cpu_mm_job){.W = W, .bias = bias, .out = out, .N = N};
+    cpu__matmul(c, &mm);
+}
+
+/* ---- RoPE ---- */
+
+/* Rotates one head vector v[head_dim] by the angles in cs[head_dim/2][2]. */
+static void cpu__rope_head(float *v, const float *cs, int hd, enum mdl_rope_layout layout)
+{
+    int half = hd / 2;
+    if (layout == MDL_ROPE_ADJACENT) {
+        for (int i = 0; i < half; i++) {
+            float co = cs[2 * i], si = cs[2 * i + 1];
+            float a = v[2 * i], b = v[2 * i + 1];
+            v[2 * i] = a * co - b * si;
+            v[2 * i + 1] = a * si + b * co;
+        }
+    } else {
+        for (int i = 0; i < half; i++) {
+            float co = cs[2 * i], si = cs[2 * i + 1];
+            float a = v[i], b = v[i + half];
+            v[i] = a * co - b * si;
+            v[i + half] = a * si + b * co;
+        }
+    }
+}
+
+/* ---- attention ---- */
+
+static inline float *cpu__kv_block(const cpu_ctx *c, int layer, int32_t block)
+{
+    size_t off = kv_layout_block_offset(&c->kv, (uint32_t)layer, (uint32_t)block);
+    return (float *)((char *)c->kv_base + off);
+}
+
+/* One (token, query head): softmax(q k^T / sqrt(hd)) v over positions 0..pos. */
+static void cpu__attn_task(void *arg, int task, int thread)
+{
+    cpu_ctx *c = arg;
+    const mdl_config *mc = &c->m->cfg;
+    const be_batch *b = c->b;
+    int t = task / mc->n_heads, h = task % mc->n_heads;
+    int hd = mc->head_dim, kvh = mc->n_kv_heads;
+    int kh = h / (mc->n_heads / kvh);
+    int bs = (int)c->kv.block_size;
+    int pos = b->pos[t];
+    const int32_t *table = b->block_tables[b->seq[t]];
+    const float *q = c->q + ((size_t)t * mc->n_heads + h) * hd;
+    float *att = c->att + (size_t)thread * mc->max_seq_len;
+    float scale = 1.0f / sqrtf((float)hd);
+    size_t tok_stride = (size_t)kvh * hd; /* floats per slot */
+    size_t v_off = (size_t)bs * tok_stride;
+    float mx = -INFINITY;
+    for (int p = 0; p <= pos; p++) {
+        const float *blk = cpu__kv_block(c, c->layer, table[p / bs]);
+        const float *kp = blk + (size_t)(p % bs) * tok_stride + (size_t)kh * hd;
+        float s = ck_dot(q, kp, hd) * scale;
+        att[p] = s;
+        if (s > mx) mx = s;
+    }
+    float sum = 0.0f;
+    for (int p = 0; p <= pos; p++) {
+        att[p] = expf(att[p] - mx);
+        sum += att[p];
+    }
+    float inv = 1.0f / sum;
+    float *out = c->xb + ((size_t)t * mc->n_heads + h) * hd;
+    memset(out, 0, (size_t)hd * sizeof(float));
+    for (int p = 0; p <= pos; p++) {
+        const float *blk = cpu__kv_block(c, c->layer, table[p / bs]);
+        const float *vp = blk + v_off + (size_t)(p % bs) * tok_stride + (size_t)kh * hd;
+        float a = att[p] * inv;
+        for (int i = 0; i < hd; i++)
+            out[i] += a * vp[i];
+    }
+}
+
+/* ---- forward ---- */
+
+static int cpu__validate(cpu_ctx *c, const be_batch *b)
+{
+    const mdl_config *mc = &c->m->cfg;
+    if (b->n_tokens < 1 || b->n_tokens > c->o.max_batch_tokens || b->n_seqs < 1 ||
+        b->n_seqs > c->o.max_seqs || b->n_out < 0 || b->n_out > b->n_tokens || !b->tokens ||
+        !b->pos || !b->seq || !b->block_tables || !b->n_blocks || (b->n_out && !b->logits) ||
+        (b->n_out && !b->out_rows))
+        return TD_EINVAL;
+    for (int s = 0; s < b->n_seqs; s++)
+        c->seq_maxpos[s] = -1;
+    int bs = (int)c->kv.block_size;
+    for (int t = 0; t < b->n_tokens; t++) {
+        int s = b->seq[t], p = b->pos[t];
+        if (b->tokens[t] < 0 || b->tokens[t] >= mc->vocab_size || s < 0 || s >= b->n_seqs ||
+            p < 0 || p >= mc->max_seq_len || p / bs >= b->n_blocks[s])
+            return TD_EINVAL;
+        if (p > c->seq_maxpos[s]) c->seq_maxpos[s] = p;
+    }
+    for (int s = 0; s < b->n_seqs; s++) {
+        if (c->seq_maxpos[s] < 0) continue;
+        if (!b->block_tables[s]) return TD_EINVAL;
+        for (int i = 0; i <= c->seq_maxpos[s] / bs; i++)
+            if (b->block_tables[s][i] < 0 || (uint32_t)b->block_tables[s][i] >= c->kv.num_blocks)
+                return TD_EINVAL;
+    }
+    for (int i = 0; i < b->n_out; i++)
+        if (b->out_rows[i] < 0 || b->out_rows[i] >= b->n_tokens) return TD_EINVAL;
+    return 0;
+}
+
+static int cpu_forward(void *vctx, const be_batch *b)
+{
+    cpu_ctx *c = vctx;
+    const mdl_model *m = c->m;
+    const mdl_config *mc = &m->cfg;
+    int rc = cpu__validate(c, b);
+    if (rc != 0) return rc;
+    int T = b->n_tokens, dim = mc->dim, hd = mc->head_dim, hidden = mc->hidden_dim;
+    int qd = mc->n_heads * hd, kvd = mc->n_kv_heads * hd, half = hd / 2;
+    int bs = (int)c->kv.block_size;
+    c->b = b;
+
+    for (int t = 0; t < T; t++) {
+        memcpy(c->x + (size_t)t * dim, m->tok_embed + (size_t)b->tokens[t] * dim,
+               (size_t)dim * sizeof(float));
+        float *cs = c->rope + (size_t)t * hd;
+        for (int i = 0; i < half; i++) {
+            float ang = (float)b->pos[t] * c->inv_freq[i];
+            cs[2 * i] = cosf(ang);
+            cs[2 * i + 1] = sinf(ang);
+        }
+    }
+
+    for (int l = 0; l < mc->n_layers; l++) {
+        const mdl_layer *L = &m->layers[l];
+        c->layer = l;
+        for (int t = 0; t < T; t++)
+            ck_rmsnorm(c->xb + (size_t)t * dim, c->x + (size_t)t * dim, L->attn_norm, dim,
+                       mc->norm_eps);
+        cpu_mm mm = {.x = c->xb, .T = T, .K = dim, .n_jobs = 3};
+        mm.jobs[0] = (cpu_mm_job){.W = L->wq, .bias = L->bq, .out = c->q, .N = qd};
+        mm.jobs[1] = (cpu_mm_job){.W = L->wk, .bias = L->bk, .out = c->k, .N = kvd};
+        mm.jobs[2] = (cpu_mm_job){.W = L->wv, .bias = L->bv, .out = c->v, .N = kvd};
+        cpu__matmul(c, &mm);
+
+        /* RoPE, then store this batch's K/V in the paged pool. */
+        for (int t = 0; t < T; t++) {
+            const float *cs = c->rope + (size_t)t * hd;
+            for (int h = 0; h < mc->n_heads; h++)
+                cpu__rope_head(c->q + (size_t)t * qd + (size_t)h * hd, cs, hd, mc->rope_layout);
+            for (int h = 0; h < mc->n_kv_heads; h++)
+                cpu__rope_head(c->k + (size_t)t * kvd + (size_t)h * hd, cs, hd, mc->rope_layout);
+            int p = b->pos[t];
+            float *blk = cpu__kv_block(c, l, b->block_tables[b->seq[t]][p / bs]);
+            float *kdst = blk + (size_t)(p % bs) * kvd;
+            float *vdst = kdst + (size_t)bs * kvd;
+            memcpy(kdst, c->k + (size_t)t * kvd, (size_t)kvd * sizeof(float));
+            memcpy(vdst, c->v + (size_t)t * kvd, (size_t)kvd * sizeof(float));
+        }
+        if (b->on_layer_done) {
+            rc = b->on_layer_done(b->on_layer_done_arg, l);
+            if (rc != 0) return rc;
+        }
+
+        cpool_run(c->pool, cpu__attn_task, c, T * mc->n_heads); /* -> xb [T][qd] */
+        cpu__mm1(c, c->tmp, c->xb, L->wo, NULL, T, qd, dim);
+        for (size_t i = 0; i < (size_t)T * dim; i++)
+            c->x[i] += c->tmp[i];
+
+        for (int t = 0; t < T; t++)
+            ck_rmsnorm(c->xb + (size_t)t * dim, c->x + (size_t)t * dim, L->ffn_norm, dim,
+                       mc->norm_eps);
+        cpu_mm mf = {.x = c->xb, .T = T, .K = dim, .n_jobs = 2};
+        mf.jobs[0] = (cpu_mm_job){.W = L->w_gate, .out = c->hb, .N = hidden};
+        mf.jobs[1] = (cpu_mm_job){.W = L->w_up, .out = c->hb2, .N = hidden};
+        cpu__matmul(c, &mf);
+        for (size_t i = 0; i < (size_t)T * hidden; i++) {
+            float g = c->hb[i];
+            c->hb[i] = g * (1.0f / (1.0f + expf(-g))) * c->hb2[i]; /* SwiGLU */
+        }
+        cpu__mm1(c, c->tmp, c->hb, L->w_down, NULL, T, hidden, dim);
+        for (size_t i = 0; i < (size_t)T * dim; i++)
+            c->x[i] += c->tmp[i];
+    }
+
+    if (b->n_out > 0) {
+        for (int i = 0; i < b->n_out; i++)
+            ck_rmsnorm(c->xb + (size_t)i * dim, c->x + (size_t)b->out_rows[i] * dim, m->final_norm,
+                       dim, mc->norm_eps);
+        cpu__mm1(c, b->logits, c->xb, m->output, NULL, b->n_out, dim, mc->vocab_size);
+    }
+    c->b = NULL;
+    return 0;
+}
+
+const be_ops be_cpu_ops = {
+    .name = "cpu",
+    .probe = cpu_probe,
+    .create = cpu_create,
+    .destroy = cpu_destroy,
+    .forward = cpu_forward,
+    .kv_region = cpu_kv_region,
+};

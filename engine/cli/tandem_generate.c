@@ -1,0 +1,552 @@
+/* tandem-generate: single-process text generation with the engine, for
+ * checking the model code against llama2.c and an independent reference, and
+ * for measuring the CPU backend (--bench). See docs/engine.md. */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "common/clock.h"
+#include "common/err.h"
+#include "common/log.h"
+#include "engine/backend/backend.h"
+#include "engine/cli/gen_bench.h"
+#include "engine/model.h"
+#include "engine/sampler.h"
+#include "engine/tokenizer/tok.h"
+
+#define GEN_MAX_STOPS 16
+
+typedef struct gen_args {
+    const char *model;
+    const char *tokenizer;
+    const char *prompt;
+    const char *prompt_tokens;
+    const char *logits_out;
+    const char *backend;
+    const char *stops[GEN_MAX_STOPS];
+    int n_stops;
+    int max_tokens;
+    int min_tokens;
+    int ignore_eos;
+    float temperature;
+    int top_k;
+    float top_p;
+    unsigned long long seed;
+    int json;
+    int threads;
+    int bench;
+    enum be_matmul matmul;
+} gen_args;
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: tandem-generate --model PATH [--tokenizer PATH]\n"
+               "         [--prompt TEXT | --prompt-tokens 1,2,3] [--max-tokens N]\n"
+               "         [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
+               "         [--min-tokens N] [--ignore-eos] [--stop STR]...\n"
+               "         [--json] [--threads N] [--kv-dtype f32] [--matmul det|blas]\n"
+               "         [--logits-out FILE] [--backend cpu]\n"
+               "       tandem-generate --bench [--model PATH]\n"
+               "Without a prompt, generation starts from BOS alone. --temperature 0 is greedy.\n"
+               "--logits-out writes float32 little-endian logits [N][vocab], row i being the\n"
+               "step that produced generated token i.\n");
+}
+
+static int parse_int(const char *s, int lo, int hi, int *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) return TD_EINVAL;
+    *out = (int)v;
+    return 0;
+}
+
+static int parse_float(const char *s, float *out)
+{
+    char *end;
+    errno = 0;
+    float v = strtof(s, &end);
+    if (errno || end == s || *end) return TD_EINVAL;
+    *out = v;
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, gen_args *a)
+{
+    memset(a, 0, sizeof(*a));
+    a->max_tokens = 256;
+    a->top_p = 1.0f;
+    a->threads = 1;
+    a->backend = "cpu";
+    for (int i = 1; i < argc; i++) {
+        const char *k = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int rc = 0, takes = 1;
+        if (!strcmp(k, "--model"))
+            a->model = v;
+        else if (!strcmp(k, "--tokenizer"))
+            a->tokenizer = v;
+        else if (!strcmp(k, "--prompt"))
+            a->prompt = v;
+        else if (!strcmp(k, "--prompt-tokens"))
+            a->prompt_tokens = v;
+        else if (!strcmp(k, "--logits-out"))
+            a->logits_out = v;
+        else if (!strcmp(k, "--backend"))
+            a->backend = v;
+        else if (!strcmp(k, "--max-tokens"))
+            rc = v ? parse_int(v, 0, INT_MAX, &a->max_tokens) : -1;
+        else if (!strcmp(k, "--min-tokens"))
+            rc = v ? parse_int(v, 0, INT_MAX, &a->min_tokens) : -1;
+        else if (!strcmp(k, "--top-k"))
+            rc = v ? parse_int(v, 0, INT_MAX, &a->top_k) : -1;
+        else if (!strcmp(k, "--threads"))
+            rc = v ? parse_int(v, 1, 256, &a->threads) : -1;
+        else if (!strcmp(k, "--temperature"))
+            rc = v ? parse_float(v, &a->temperature) : -1;
+        else if (!strcmp(k, "--top-p"))
+            rc = v ? parse_float(v, &a->top_p) : -1;
+        else if (!strcmp(k, "--seed")) {
+            char *end;
+            errno = 0;
+            a->seed = v ? strtoull(v, &end, 10) : 0;
+            rc = (!v || errno || *end) ? -1 : 0;
+        } else if (!strcmp(k, "--kv-dtype")) {
+            rc = (v && !strcmp(v, "f32")) ? 0 : -1; /* the CPU backend stores f32 */
+        } else if (!strcmp(k, "--matmul")) {
+            if (v && !strcmp(v, "det"))
+                a->matmul = BE_MATMUL_DETERMINISTIC;
+            else if (v && !strcmp(v, "blas"))
+                a->matmul = BE_MATMUL_BLAS;
+            else
+                rc = -1;
+        } else if (!strcmp(k, "--stop")) {
+            if (!v || a->n_stops == GEN_MAX_STOPS)
+                rc = -1;
+            else
+                a->stops[a->n_stops++] = v;
+        } else {
+            takes = 0;
+            if (!strcmp(k, "--json"))
+                a->json = 1;
+            else if (!strcmp(k, "--ignore-eos"))
+                a->ignore_eos = 1;
+            else if (!strcmp(k, "--bench"))
+                a->bench = 1;
+            else if (!strcmp(k, "--help") || !strcmp(k, "-h")) {
+                usage(stdout);
+                exit(0);
+            } else {
+                fprintf(stderr, "tandem-generate: unknown option %s\n", k);
+                return TD_EINVAL;
+            }
+        }
+        if (takes && !v) rc = -1;
+        if (rc != 0) {
+            fprintf(stderr, "tandem-generate: bad or missing value for %s\n", k);
+            return TD_EINVAL;
+        }
+        i += takes;
+    }
+    if (!a->bench && !a->model) {
+        fprintf(stderr, "tandem-generate: --model is required\n");
+        return TD_EINVAL;
+    }
+    if (a->prompt && a->prompt_tokens) {
+        fprintf(stderr, "tandem-generate: give --prompt or --prompt-tokens, not both\n");
+        return TD_EINVAL;
+    }
+    return 0;
+}
+
+static int file_exists(const char *p)
+{
+    struct stat st;
+    return stat(p, &st) == 0;
+}
+
+/* The tokenizer: --tokenizer, else tokenizer.json / tokenizer.bin /
+ * tok<vocab>.bin beside the model (llama2.c's naming for small vocabularies). */
+static int load_tokenizer(const gen_args *a, const mdl_model *m, tok_tokenizer **tok)
+{
+    char path[4096], err[512] = "";
+    struct stat st;
+    const char *found = a->tokenizer;
+    if (!found) {
+        char dir[4096];
+        snprintf(dir, sizeof(dir), "%s", a->model);
+        if (!(stat(dir, &st) == 0 && S_ISDIR(st.st_mode))) {
+            char *slash = strrchr(dir, '/');
+            if (slash)
+                *slash = '\0';
+            else
+                snprintf(dir, sizeof(dir), ".");
+        }
+        const char *names[3] = {"tokenizer.json", "tokenizer.bin", NULL};
+        char tokn[64];
+        snprintf(tokn, sizeof(tokn), "tok%d.bin", m->cfg.vocab_size);
+        names[2] = tokn;
+        for (int i = 0; i < 3 && !found; i++) {
+            int n = snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+            if (n > 0 && (size_t)n < sizeof(path) && file_exists(path)) found = path;
+        }
+        if (!found) {
+            fprintf(stderr, "tandem-generate: no tokenizer found beside %s; pass --tokenizer\n",
+                    a->model);
+            return TD_ENOENT;
+        }
+    }
+    int rc = tok_load(found, tok, err, sizeof(err));
+    if (rc != 0) {
+        fprintf(stderr, "tandem-generate: tokenizer %s: %s (%s)\n", found, err, td_strerror(rc));
+        return rc;
+    }
+    if (tok_vocab_size(*tok) > m->cfg.vocab_size) {
+        fprintf(stderr, "tandem-generate: tokenizer has %d tokens, model only %d\n",
+                tok_vocab_size(*tok), m->cfg.vocab_size);
+        return TD_EMISMATCH;
+    }
+    return 0;
+}
+
+static int parse_token_list(const char *s, int vocab, int32_t **out, size_t *n)
+{
+    size_t cap = 16, len = 0;
+    int32_t *ids = malloc(cap * sizeof(*ids));
+    if (!ids) return TD_ENOMEM;
+    const char *p = s;
+    while (*p) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (errno || end == p || v < 0 || v >= vocab || (*end && *end != ',')) {
+            free(ids);
+            fprintf(stderr, "tandem-generate: bad --prompt-tokens near \"%s\"\n", p);
+            return TD_EINVAL;
+        }
+        if (len == cap) {
+            cap *= 2;
+            int32_t *n2 = realloc(ids, cap * sizeof(*ids));
+            if (!n2) {
+                free(ids);
+                return TD_ENOMEM;
+            }
+            ids = n2;
+        }
+        ids[len++] = (int32_t)v;
+        p = *end ? end + 1 : end;
+    }
+    *out = ids;
+    *n = len;
+    return 0;
+}
+
+static void print_json(const int32_t *prompt, size_t n_prompt, const int32_t *gen, size_t n_gen,
+                       const char *text, const char *finish, double prefill_ms, double decode_ms)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON *pt = cJSON_AddArrayToObject(o, "prompt_tokens");
+    for (size_t i = 0; i < n_prompt; i++)
+        cJSON_AddItemToArray(pt, cJSON_CreateNumber(prompt[i]));
+    cJSON *gt = cJSON_AddArrayToObject(o, "tokens");
+    for (size_t i = 0; i < n_gen; i++)
+        cJSON_AddItemToArray(gt, cJSON_CreateNumber(gen[i]));
+    cJSON_AddStringToObject(o, "text", text ? text : "");
+    cJSON_AddStringToObject(o, "finish_reason", finish);
+    cJSON *t = cJSON_AddObjectToObject(o, "timings");
+    cJSON_AddNumberToObject(t, "prefill_ms", prefill_ms);
+    cJSON_AddNumberToObject(t, "decode_ms", decode_ms);
+    char *s = cJSON_PrintUnformatted(o);
+    if (s) printf("%s\n", s);
+    free(s);
+    cJSON_Delete(o);
+}
+
+static const char *finish_name(enum smp_finish f)
+{
+    switch (f) {
+    case SMP_STOP_EOS:
+    case SMP_STOP_TOKEN:
+        return "stop";
+    case SMP_STOP_LENGTH:
+        return "length";
+    default:
+        return "length";
+    }
+}
+
+static int generate(const gen_args *a, const mdl_model *m)
+{
+    const mdl_config *mc = &m->cfg;
+    int rc;
+    tok_tokenizer *tok = NULL;
+    be_backend *be = NULL;
+    smp_sampler *smp = NULL;
+    tok_stream *st = NULL;
+    FILE *lf = NULL;
+    int32_t *prompt = NULL, *gen = NULL, *table = NULL;
+    float *logits = NULL;
+    char *text = NULL;
+    size_t n_prompt = 0, n_gen = 0, text_len = 0, text_cap = 0;
+    char piece[1024];
+    enum smp_finish finish = SMP_STOP_LENGTH;
+    int stopped_by_string = 0;
+    size_t printed = 0; /* bytes of text already written to stdout */
+
+    /* The tokenizer is needed for text in or out, not for --prompt-tokens --json
+     * without text... we still try, and only fail when text is required. */
+    int need_tok = a->prompt != NULL || !a->json || a->n_stops > 0;
+    rc = load_tokenizer(a, m, &tok);
+    if (rc != 0 && need_tok) goto out;
+    rc = 0;
+
+    int32_t bos =
+        tok && tok_bos_id(tok) >= 0 ? tok_bos_id(tok) : (mc->bos_id >= 0 ? mc->bos_id : 1);
+    int32_t eos = mc->eos_id >= 0 ? mc->eos_id : (tok ? tok_eos_id(tok) : -1);
+    if (a->prompt_tokens) {
+        rc = parse_token_list(a->prompt_tokens, mc->vocab_size, &prompt, &n_prompt);
+        if (rc != 0) goto out;
+    } else if (a->prompt && a->prompt[0]) {
+        int flags = (tok_adds_bos(tok) || mc->format == MDL_FORMAT_LLAMA2C) ? TOK_ADD_BOS : 0;
+        rc = tok_encode(tok, a->prompt, strlen(a->prompt), flags, &prompt, &n_prompt);
+        if (rc != 0) {
+            fprintf(stderr, "tandem-generate: encoding the prompt: %s\n", td_strerror(rc));
+            goto out;
+        }
+    }
+    if (n_prompt == 0) { /* like llama2.c with no prompt: BOS alone */
+        free(prompt);
+        prompt = malloc(sizeof(int32_t));
+        if (!prompt) {
+            rc = TD_ENOMEM;
+            goto out;
+        }
+        prompt[0] = bos;
+        n_prompt = 1;
+    }
+    if (n_prompt >= (size_t)mc->max_seq_len) {
+        fprintf(stderr, "tandem-generate: prompt of %zu tokens exceeds the context of %d\n",
+                n_prompt, mc->max_seq_len);
+        rc = TD_ETOOLONG;
+        goto out;
+    }
+    int max_tokens = a->max_tokens;
+    if ((size_t)max_tokens > (size_t)mc->max_seq_len - n_prompt) {
+        max_tokens = mc->max_seq_len - (int)n_prompt;
+        td_log_warn("generate", "max_tokens_capped", "max_tokens=%d context=%d", max_tokens,
+                    mc->max_seq_len);
+    }
+
+    be_options o;
+    be_options_defaults(&o, m);
+    o.n_threads = a->threads;
+    o.matmul = a->matmul;
+    o.max_seqs = 1;
+    o.kv.num_blocks =
+        (uint32_t)((n_prompt + (size_t)max_tokens + o.kv.block_size - 1) / o.kv.block_size);
+    if (o.kv.num_blocks == 0) o.kv.num_blocks = 1;
+    char err[512] = "";
+    rc = be_open(a->backend, m, &o, &be, err, sizeof(err));
+    if (rc != 0) {
+        fprintf(stderr, "tandem-generate: backend %s: %s\n", a->backend, err);
+        goto out;
+    }
+    table = malloc(o.kv.num_blocks * sizeof(int32_t));
+    gen = malloc(((size_t)max_tokens + 1) * sizeof(int32_t));
+    logits = malloc((size_t)mc->vocab_size * sizeof(float));
+    if (!table || !gen || !logits) {
+        rc = TD_ENOMEM;
+        goto out;
+    }
+    for (uint32_t i = 0; i < o.kv.num_blocks; i++)
+        table[i] = (int32_t)i;
+
+    smp_params sp;
+    smp_params_defaults(&sp);
+    sp.temperature = a->temperature;
+    sp.top_k = a->top_k;
+    sp.top_p = a->top_p;
+    sp.seed = a->seed;
+    sp.max_tokens = max_tokens;
+    sp.min_tokens = a->min_tokens;
+    sp.ignore_eos = a->ignore_eos;
+    sp.eos_id = eos;
+    /* llama2.c stops when the model emits BOS; keep that for its checkpoints. */
+    int32_t stop_ids[1] = {bos};
+    if (mc->format == MDL_FORMAT_LLAMA2C) {
+        sp.stop_ids = stop_ids;
+        sp.n_stop_ids = 1;
+    }
+    rc = smp_create(&sp, mc->vocab_size, &smp);
+    if (rc != 0) goto out;
+    if (a->logits_out) {
+        lf = fopen(a->logits_out, "wb");
+        if (!lf) {
+            fprintf(stderr, "tandem-generate: cannot write %s: %s\n", a->logits_out,
+                    strerror(errno));
+            rc = TD_EIO;
+            goto out;
+        }
+    }
+    if (tok) {
+        rc = tok_stream_create(tok, &st);
+        if (rc != 0) goto out;
+        /* Prime the stream with the prompt so the first generated piece is
+         * decoded in context (e.g. the space after BOS). */
+        for (size_t i = 0; i < n_prompt; i++) {
+            size_t w = 0;
+            rc = tok_stream_push(st, prompt[i], piece, sizeof(piece), &w);
+            if (rc != 0) goto out;
+        }
+    }
+
+    const int32_t *tables[1] = {table};
+    int32_t nb = (int32_t)o.kv.num_blocks, seq0 = 0;
+    int64_t t0 = td_now_ns(), t_first = t0;
+    /* Prefill in chunks of max_batch_tokens; logits for the last prompt token. */
+    int32_t pos[512], seqs[512];
+    for (size_t done = 0; done < n_prompt;) {
+        int n = (int)((n_prompt - done) < 512 ? (n_prompt - done) : 512);
+        for (int i = 0; i < n; i++) {
+            pos[i] = (int32_t)(done + (size_t)i);
+            seqs[i] = 0;
+        }
+        int32_t last = n - 1;
+        int is_last = done + (size_t)n == n_prompt;
+        be_batch b = {.n_tokens = n,
+                      .tokens = prompt + done,
+                      .pos = pos,
+                      .seq = seqs,
+                      .n_seqs = 1,
+                      .block_tables = tables,
+                      .n_blocks = &nb,
+                      .n_out = is_last ? 1 : 0,
+                      .out_rows = &last,
+                      .logits = logits};
+        rc = be_forward(be, &b);
+        if (rc != 0) goto fwd_fail;
+        done += (size_t)n;
+    }
+    t_first = td_now_ns();
+    while ((int)n_gen < max_tokens) {
+        if (lf &&
+            fwrite(logits, sizeof(float), (size_t)mc->vocab_size, lf) != (size_t)mc->vocab_size) {
+            rc = TD_EIO;
+            fprintf(stderr, "tandem-generate: short write to %s\n", a->logits_out);
+            goto out;
+        }
+        int32_t next;
+        rc = smp_sample(smp, logits, &next);
+        if (rc != 0) goto out;
+        gen[n_gen++] = next;
+        finish = smp_accept(smp, next);
+        int is_stop_token = (finish == SMP_STOP_EOS || finish == SMP_STOP_TOKEN);
+        if (st && !is_stop_token) {
+            size_t w = 0;
+            rc = tok_stream_push(st, next, piece, sizeof(piece), &w);
+            if (rc != 0) goto out;
+            if (w > 0) {
+                if (text_len + w + 1 > text_cap) {
+                    size_t cap = (text_cap ? text_cap * 2 : 4096) + w;
+                    char *nt = realloc(text, cap);
+                    if (!nt) {
+                        rc = TD_ENOMEM;
+                        goto out;
+                    }
+                    text = nt;
+                    text_cap = cap;
+                }
+                memcpy(text + text_len, piece, w);
+                text_len += w;
+                text[text_len] = '\0';
+                size_t cut;
+                if (a->n_stops &&
+                    smp_stop_string_find(text, text_len, a->stops, (size_t)a->n_stops, &cut)) {
+                    text_len = cut;
+                    text[cut] = '\0';
+                    stopped_by_string = 1;
+                }
+                if (!a->json) {
+                    /* Stream what can no longer become part of a stop string. */
+                    size_t hold =
+                        smp_stop_string_holdback(text, text_len, a->stops, (size_t)a->n_stops);
+                    if (stopped_by_string) hold = 0;
+                    if (text_len - hold > printed) {
+                        fwrite(text + printed, 1, text_len - hold - printed, stdout);
+                        fflush(stdout);
+                        printed = text_len - hold;
+                    }
+                }
+            }
+        }
+        if (finish != SMP_CONTINUE || stopped_by_string) break;
+        int32_t p = (int32_t)(n_prompt + n_gen - 1), row = 0;
+        be_batch d = {.n_tokens = 1,
+                      .tokens = &next,
+                      .pos = &p,
+                      .seq = &seq0,
+                      .n_seqs = 1,
+                      .block_tables = tables,
+                      .n_blocks = &nb,
+                      .n_out = 1,
+                      .out_rows = &row,
+                      .logits = logits};
+        rc = be_forward(be, &d);
+        if (rc != 0) goto fwd_fail;
+    }
+    int64_t t_end = td_now_ns();
+    if (!a->json) {
+        printf("\n");
+        fflush(stdout);
+    } else {
+        print_json(prompt, n_prompt, gen, n_gen, text,
+                   stopped_by_string ? "stop" : finish_name(finish), td_ns_to_ms(t_first - t0),
+                   td_ns_to_ms(t_end - t_first));
+    }
+    if (n_gen > 1)
+        td_log_info("generate", "done", "prompt_tokens=%zu tokens=%zu decode_tok_s=%.1f", n_prompt,
+                    n_gen, (double)(n_gen - 1) / td_ns_to_s(t_end - t_first));
+    rc = 0;
+    goto out;
+fwd_fail:
+    fprintf(stderr, "tandem-generate: forward failed: %s\n", td_strerror(rc));
+out:
+    if (lf && fclose(lf) != 0 && rc == 0) rc = TD_EIO;
+    tok_stream_free(st);
+    smp_free(smp);
+    be_close(be);
+    tok_free(tok);
+    free(prompt);
+    free(gen);
+    free(table);
+    free(logits);
+    free(text);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    gen_args a;
+    if (parse_args(argc, argv, &a) != 0) {
+        usage(stderr);
+        return 2;
+    }
+    mdl_model *m = NULL;
+    char err[512] = "";
+    if (a.model) {
+        int rc = mdl_load(a.model, &m, err, sizeof(err));
+        if (rc != 0) {
+            fprintf(stderr, "tandem-generate: cannot load %s: %s (%s)\n", a.model, err,
+                    td_err_name(rc));
+            return 1;
+        }
+    }
+    int rc = a.bench ? gen_bench_run(m) : generate(&a, m);
+    mdl_free(m);
+    return rc == 0 ? 0 : 1;
+}

@@ -1,0 +1,284 @@
+#include "engine/model.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+#include "common/err.h"
+#include "engine/model_internal.h"
+
+int mdl__fail(char *err, size_t errlen, int code, const char *fmt, ...)
+{
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+float *mdl__alloc_f32(mdl_model *m, size_t n)
+{
+    struct mdl__storage *s = m->storage;
+    if (n > SIZE_MAX / sizeof(float) - 64) return NULL;
+    if (s->n_bufs == s->cap_bufs) {
+        size_t cap = s->cap_bufs ? 2 * s->cap_bufs : 16;
+        void **nb = realloc(s->bufs, cap * sizeof(*nb));
+        if (!nb) return NULL;
+        s->bufs = nb;
+        s->cap_bufs = cap;
+    }
+    size_t bytes = (n * sizeof(float) + 63) & ~(size_t)63;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
+    memset(p, 0, bytes ? bytes : 64);
+    s->bufs[s->n_bufs++] = p;
+    return p;
+}
+
+float mdl__f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            int e = -1;
+            do {
+                man <<= 1;
+                e++;
+            } while (!(man & 0x400));
+            man &= 0x3ff;
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | (man << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+float mdl__bf16_to_f32(uint16_t h)
+{
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+void mdl_config_defaults(mdl_config *cfg)
+{
+    memset(cfg, 0, sizeof(*cfg));
+    cfg->rope_theta = 10000.0f;
+    cfg->norm_eps = 1e-5f;
+    cfg->bos_id = -1;
+    cfg->eos_id = -1;
+    cfg->rope_layout = MDL_ROPE_HALF;
+}
+
+void mdl_rope_inv_freq(const mdl_config *c, float *out)
+{
+    int hd = c->head_dim;
+    for (int i = 0; i < hd / 2; i++) {
+        float f = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)hd);
+        if (c->rope_scaling == MDL_ROPE_SCALING_LINEAR) {
+            f /= c->rope_factor;
+        } else if (c->rope_scaling == MDL_ROPE_SCALING_LLAMA3) {
+            /* Long wavelengths are stretched by factor, short ones kept, the band
+             * between blended (Llama 3.1's scheme). */
+            float old = (float)c->rope_orig_max_pos;
+            float low_wl = old / c->rope_low_freq_factor, high_wl = old / c->rope_high_freq_factor;
+            float wl = 2.0f * 3.14159265358979f / f;
+            if (wl > low_wl) {
+                f /= c->rope_factor;
+            } else if (wl >= high_wl) {
+                float sm = (old / wl - c->rope_low_freq_factor) /
+                           (c->rope_high_freq_factor - c->rope_low_freq_factor);
+                f = (1.0f - sm) * f / c->rope_factor + sm * f;
+            }
+        }
+        out[i] = f;
+    }
+}
+
+int mdl__check_config(const mdl_config *c, char *err, size_t errlen)
+{
+    /* Bounds keep every size product far below 2^63 (each factor < 2^20). */
+    const int lim = 1 << 20;
+    if (c->dim <= 0 || c->dim > lim || c->hidden_dim <= 0 || c->hidden_dim > lim ||
+        c->n_layers <= 0 || c->n_layers > 4096 || c->n_heads <= 0 || c->n_heads > 4096 ||
+        c->n_kv_heads <= 0 || c->n_kv_heads > c->n_heads || c->vocab_size <= 0 ||
+        c->vocab_size > (1 << 22) || c->head_dim <= 0 || c->head_dim > 4096 ||
+        c->max_seq_len <= 0 || c->max_seq_len > (1 << 24))
+        return mdl__fail(err, errlen, TD_EFORMAT,
+                         "model config out of range: dim=%d hidden=%d layers=%d heads=%d "
+                         "kv_heads=%d head_dim=%d vocab=%d max_seq_len=%d",
+                         c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
+                         c->vocab_size, c->max_seq_len);
+    if (c->n_heads % c->n_kv_heads != 0)
+        return mdl__fail(err, errlen, TD_EFORMAT,
+                         "model config: %d attention heads not a multiple of %d kv heads",
+                         c->n_heads, c->n_kv_heads);
+    if (c->head_dim % 2 != 0)
+        return mdl__fail(err, errlen, TD_EFORMAT, "model config: head_dim %d is odd (RoPE)",
+                         c->head_dim);
+    if (!(c->norm_eps > 0.0f) || !(c->rope_theta > 0.0f))
+        return mdl__fail(err, errlen, TD_EFORMAT, "model config: bad rms_norm_eps or rope_theta");
+    return 0;
+}
+
+void mdl__account(mdl_model *m)
+{
+    const mdl_config *c = &m->cfg;
+    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    size_t per_layer = 2 * (size_t)c->dim                    /* norms */
+                       + qd * c->dim + 2 * kvd * c->dim      /* wq wk wv */
+                       + (size_t)c->dim * qd                 /* wo */
+                       + 3 * (size_t)c->hidden_dim * c->dim; /* ffn */
+    if (c->qkv_bias) per_layer += qd + 2 * kvd;
+    size_t floats = per_layer * c->n_layers + c->dim /* final norm */ + c->dim /* embed row */
+                    + (size_t)c->vocab_size * c->dim;                          /* classifier */
+    m->weight_bytes = floats * sizeof(float);
+}
+
+static int mdl__is_dir(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+int mdl_load(const char *path, mdl_model **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (!path) return mdl__fail(err, errlen, TD_EINVAL, "model path is NULL");
+    mdl_model *m = calloc(1, sizeof(*m));
+    if (!m) return mdl__fail(err, errlen, TD_ENOMEM, "out of memory");
+    m->storage = calloc(1, sizeof(*m->storage));
+    if (!m->storage) {
+        free(m);
+        return mdl__fail(err, errlen, TD_ENOMEM, "out of memory");
+    }
+    mdl_config_defaults(&m->cfg);
+    struct stat st;
+    int rc;
+    if (stat(path, &st) != 0)
+        rc = mdl__fail(err, errlen, TD_ENOENT, "model path %s does not exist", path);
+    else if (mdl__is_dir(path))
+        rc = mdl__load_hf(path, m, err, errlen);
+    else
+        rc = mdl__load_llama2c(path, m, err, errlen);
+    if (rc != 0) {
+        mdl_free(m);
+        return rc;
+    }
+    mdl__account(m);
+    *out = m;
+    return 0;
+}
+
+void mdl_free(mdl_model *m)
+{
+    if (!m) return;
+    struct mdl__storage *s = m->storage;
+    if (s) {
+        for (size_t i = 0; i < s->n_files; i++)
+            sft_close(s->files[i]);
+        free(s->files);
+        if (s->map) munmap(s->map, s->map_bytes);
+        for (size_t i = 0; i < s->n_bufs; i++)
+            free(s->bufs[i]);
+        free(s->bufs);
+        free(s);
+    }
+    free(m->layers);
+    free(m);
+}
+
+/* splitmix64: a small, well-mixed generator for reproducible random weights. */
+static uint64_t mdl__next(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static float *mdl__rand(mdl_model *m, size_t n, uint64_t *rng, float scale, float offset)
+{
+    float *p = mdl__alloc_f32(m, n);
+    if (!p) return NULL;
+    for (size_t i = 0; i < n; i++) {
+        float u = (float)(mdl__next(rng) >> 40) / (float)(1 << 24); /* [0,1) */
+        p[i] = offset + scale * (2.0f * u - 1.0f);
+    }
+    return p;
+}
+
+int mdl_create_random(const mdl_config *cfg, uint64_t seed, float scale, mdl_model **out)
+{
+    *out = NULL;
+    mdl_model *m = calloc(1, sizeof(*m));
+    if (!m) return TD_ENOMEM;
+    m->storage = calloc(1, sizeof(*m->storage));
+    if (!m->storage) {
+        free(m);
+        return TD_ENOMEM;
+    }
+    m->cfg = *cfg;
+    mdl_config *c = &m->cfg;
+    if (c->head_dim == 0 && c->n_heads > 0) c->head_dim = c->dim / c->n_heads;
+    if (c->n_kv_heads == 0) c->n_kv_heads = c->n_heads;
+    if (c->max_seq_len == 0) c->max_seq_len = 2048;
+    if (c->rope_theta == 0.0f) c->rope_theta = 10000.0f;
+    if (c->norm_eps == 0.0f) c->norm_eps = 1e-5f;
+    if (!c->arch[0]) snprintf(c->arch, sizeof(c->arch), "random");
+    int rc = mdl__check_config(c, NULL, 0);
+    if (rc != 0) goto fail;
+    rc = TD_ENOMEM;
+    m->layers = calloc((size_t)c->n_layers, sizeof(*m->layers));
+    if (!m->layers) goto fail;
+    uint64_t rng = seed;
+    size_t d = (size_t)c->dim, h = (size_t)c->hidden_dim;
+    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    if (!(m->tok_embed = mdl__rand(m, (size_t)c->vocab_size * d, &rng, scale, 0))) goto fail;
+    for (int l = 0; l < c->n_layers; l++) {
+        mdl_layer *L = &m->layers[l];
+        /* Norm weights around 1 keep activations in a sane range. */
+        if (!(L->attn_norm = mdl__rand(m, d, &rng, 0.1f, 1.0f))) goto fail;
+        if (!(L->wq = mdl__rand(m, qd * d, &rng, scale, 0))) goto fail;
+        if (!(L->wk = mdl__rand(m, kvd * d, &rng, scale, 0))) goto fail;
+        if (!(L->wv = mdl__rand(m, kvd * d, &rng, scale, 0))) goto fail;
+        if (c->qkv_bias) {
+            if (!(L->bq = mdl__rand(m, qd, &rng, scale, 0))) goto fail;
+            if (!(L->bk = mdl__rand(m, kvd, &rng, scale, 0))) goto fail;
+            if (!(L->bv = mdl__rand(m, kvd, &rng, scale, 0))) goto fail;
+        }
+        if (!(L->wo = mdl__rand(m, d * qd, &rng, scale, 0))) goto fail;
+        if (!(L->ffn_norm = mdl__rand(m, d, &rng, 0.1f, 1.0f))) goto fail;
+        if (!(L->w_gate = mdl__rand(m, h * d, &rng, scale, 0))) goto fail;
+        if (!(L->w_up = mdl__rand(m, h * d, &rng, scale, 0))) goto fail;
+        if (!(L->w_down = mdl__rand(m, d * h, &rng, scale, 0))) goto fail;
+    }
+    if (!(m->final_norm = mdl__rand(m, d, &rng, 0.1f, 1.0f))) goto fail;
+    if (c->tied_output)
+        m->output = m->tok_embed;
+    else if (!(m->output = mdl__rand(m, (size_t)c->vocab_size * d, &rng, scale, 0)))
+        goto fail;
+    mdl__account(m);
+    *out = m;
+    return 0;
+fail:
+    mdl_free(m);
+    return rc;
+}

@@ -1,0 +1,39 @@
+/* Internals shared by model.c and the loaders (loader_hf.c, loader_llama2c.c). */
+#ifndef TANDEM_ENGINE_MODEL_INTERNAL_H
+#define TANDEM_ENGINE_MODEL_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/model.h"
+#include "engine/safetensors.h"
+
+struct mdl__storage {
+    sft_file **files; /* open safetensors shards */
+    size_t n_files;
+    void *map; /* llama2.c file mapping, or NULL */
+    size_t map_bytes;
+    void **bufs; /* heap buffers (converted or aligned weights) */
+    size_t n_bufs, cap_bufs;
+};
+
+int mdl__fail(char *err, size_t errlen, int code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* Allocates a zeroed, 64-byte aligned model-owned buffer of n floats (NULL on OOM). */
+float *mdl__alloc_f32(mdl_model *m, size_t n);
+
+/* Checks shape fields for sanity and that every weight byte size fits in size_t. */
+int mdl__check_config(const mdl_config *c, char *err, size_t errlen);
+
+/* Sets weight_bytes from the config. */
+void mdl__account(mdl_model *m);
+
+int mdl__load_hf(const char *dir, mdl_model *m, char *err, size_t errlen);
+int mdl__load_llama2c(const char *path, mdl_model *m, char *err, size_t errlen);
+
+/* IEEE half / bfloat16 to float. */
+float mdl__f16_to_f32(uint16_t h);
+float mdl__bf16_to_f32(uint16_t h);
+
+#endif

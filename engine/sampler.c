@@ -1,0 +1,274 @@
+#include "engine/sampler.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/err.h"
+
+struct smp_sampler {
+    smp_params p;
+    int32_t *stop_ids; /* own copy of p.stop_ids */
+    int vocab;
+    uint64_t rng;
+    int generated;
+    int32_t *idx; /* [vocab] candidate ids (scratch) */
+    float *prob;  /* [vocab] probabilities (scratch) */
+};
+
+void smp_params_defaults(smp_params *p)
+{
+    memset(p, 0, sizeof(*p));
+    p->top_p = 1.0f;
+    p->eos_id = -1;
+}
+
+int smp_create(const smp_params *p, int vocab_size, smp_sampler **out)
+{
+    *out = NULL;
+    if (vocab_size <= 0 || p->n_stop_ids < 0 || (p->n_stop_ids > 0 && !p->stop_ids) ||
+        p->max_tokens < 0 || p->min_tokens < 0 || isnan(p->temperature) || isnan(p->top_p))
+        return TD_EINVAL;
+    smp_sampler *s = calloc(1, sizeof(*s));
+    if (!s) return TD_ENOMEM;
+    s->p = *p;
+    s->vocab = vocab_size;
+    /* splitmix-style scramble so nearby seeds give unrelated streams; never 0. */
+    s->rng = p->seed * 0x9e3779b97f4a7c15ull + 0x2545f4914f6cdd1dull;
+    if (s->rng == 0) s->rng = 1;
+    s->idx = malloc((size_t)vocab_size * sizeof(*s->idx));
+    s->prob = malloc((size_t)vocab_size * sizeof(*s->prob));
+    if (p->n_stop_ids > 0) {
+        s->stop_ids = malloc((size_t)p->n_stop_ids * sizeof(int32_t));
+        if (s->stop_ids) memcpy(s->stop_ids, p->stop_ids, (size_t)p->n_stop_ids * sizeof(int32_t));
+    }
+    if (!s->idx || !s->prob || (p->n_stop_ids > 0 && !s->stop_ids)) {
+        smp_free(s);
+        return TD_ENOMEM;
+    }
+    s->p.stop_ids = s->stop_ids;
+    *out = s;
+    return 0;
+}
+
+void smp_free(smp_sampler *s)
+{
+    if (!s) return;
+    free(s->stop_ids);
+    free(s->idx);
+    free(s->prob);
+    free(s);
+}
+
+int smp_generated(const smp_sampler *s)
+{
+    return s->generated;
+}
+
+/* xorshift64*: small, fast, good enough for sampling; state never 0. */
+static uint64_t smp__next(smp_sampler *s)
+{
+    s->rng ^= s->rng >> 12;
+    s->rng ^= s->rng << 25;
+    s->rng ^= s->rng >> 27;
+    return s->rng * 0x2545f4914f6cdd1dull;
+}
+
+static float smp__uniform(smp_sampler *s) /* [0, 1) */
+{
+    return (float)(smp__next(s) >> 40) / 16777216.0f;
+}
+
+static int smp__argmax(const float *x, int n)
+{
+    int best = -1;
+    for (int i = 0; i < n; i++) {
+        if (isnan(x[i])) continue;
+        if (best < 0 || x[i] > x[best]) best = i;
+    }
+    return best;
+}
+
+/* qsort has no context argument in C11: the probabilities being sorted are
+ * passed through a thread-local pointer, so samplers on different threads
+ * stay independent. */
+static _Thread_local const float *smp__sort_prob;
+
+/* 1 when a ranks after b: lower probability, or equal and higher id. */
+static inline int smp__after(const float *prob, int32_t a, int32_t b)
+{
+    return prob[a] < prob[b] || (prob[a] == prob[b] && a > b);
+}
+
+/* Orders candidates by decreasing probability, then increasing id. */
+static int smp__cmp(const void *a, const void *b)
+{
+    int32_t ia = *(const int32_t *)a, ib = *(const int32_t *)b;
+    if (smp__after(smp__sort_prob, ia, ib)) return 1;
+    if (smp__after(smp__sort_prob, ib, ia)) return -1;
+    return 0;
+}
+
+/* Keeps the k best ids of prob[0..V) in idx[0..k) (unordered) with a min-heap
+ * whose root is the worst kept candidate: O(V log k). */
+static int smp__top_k(const float *prob, int V, int k, int32_t *idx)
+{
+    int n = 0;
+    for (int32_t i = 0; i < V; i++) {
+        if (n < k) {
+            int c = n++;
+            idx[c] = i;
+            while (c > 0) { /* sift up: worse candidates toward the root */
+                int par = (c - 1) / 2;
+                if (!smp__after(prob, idx[c], idx[par])) break;
+                int32_t t = idx[c];
+                idx[c] = idx[par];
+                idx[par] = t;
+                c = par;
+            }
+        } else if (smp__after(prob, idx[0], i)) {
+            idx[0] = i;
+            int c = 0;
+            for (;;) { /* sift down */
+                int l = 2 * c + 1, r = l + 1, w = c;
+                if (l < n && smp__after(prob, idx[l], idx[w])) w = l;
+                if (r < n && smp__after(prob, idx[r], idx[w])) w = r;
+                if (w == c) break;
+                int32_t t = idx[c];
+                idx[c] = idx[w];
+                idx[w] = t;
+                c = w;
+            }
+        }
+    }
+    return n;
+}
+
+int smp_sample(smp_sampler *s, float *logits, int32_t *token)
+{
+    const smp_params *p = &s->p;
+    int V = s->vocab;
+    if (s->generated < p->min_tokens) {
+        if (p->eos_id >= 0 && p->eos_id < V) logits[p->eos_id] = -INFINITY;
+        for (int i = 0; i < p->n_stop_ids; i++)
+            if (p->stop_ids[i] >= 0 && p->stop_ids[i] < V) logits[p->stop_ids[i]] = -INFINITY;
+    }
+    int best = smp__argmax(logits, V);
+    if (best < 0) return TD_EINVAL;
+    if (p->temperature <= 0.0f || logits[best] == -INFINITY) {
+        *token = best;
+        return 0;
+    }
+    /* Softmax at temperature; NaN logits get probability 0. */
+    float mx = logits[best], sum = 0.0f;
+    for (int i = 0; i < V; i++) {
+        float e = isnan(logits[i]) ? 0.0f : expf((logits[i] - mx) / p->temperature);
+        s->prob[i] = e;
+        sum += e;
+    }
+    for (int i = 0; i < V; i++)
+        s->prob[i] /= sum;
+
+    int n = 0;
+    int use_k = p->top_k > 0 && p->top_k < V;
+    int use_p = p->top_p > 0.0f && p->top_p < 1.0f;
+    if (!use_k && !use_p) {
+        float r = smp__uniform(s), cdf = 0.0f;
+        for (int i = 0; i < V; i++) {
+            cdf += s->prob[i];
+            if (r < cdf) {
+                *token = i;
+                return 0;
+            }
+        }
+        *token = best; /* rounding left r above the total */
+        return 0;
+    }
+    /* Candidates: with top-p alone, ids below (1-p)/(V-1) can never be in the
+     * nucleus (llama2.c's cut), which keeps the sort short. */
+    if (use_k) {
+        n = smp__top_k(s->prob, V, p->top_k, s->idx);
+    } else {
+        float floor_p = V > 1 ? (1.0f - p->top_p) / (float)(V - 1) : 0.0f;
+        for (int i = 0; i < V; i++)
+            if (s->prob[i] >= floor_p) s->idx[n++] = i;
+    }
+    if (n == 0) {
+        *token = best;
+        return 0;
+    }
+    smp__sort_prob = s->prob;
+    qsort(s->idx, (size_t)n, sizeof(int32_t), smp__cmp);
+    float mass = 0.0f;
+    for (int i = 0; i < n; i++)
+        mass += s->prob[s->idx[i]];
+    if (use_p) {
+        float target = p->top_p * mass, c = 0.0f;
+        for (int i = 0; i < n; i++) {
+            c += s->prob[s->idx[i]];
+            if (c >= target) {
+                n = i + 1;
+                break;
+            }
+        }
+        mass = 0.0f;
+        for (int i = 0; i < n; i++)
+            mass += s->prob[s->idx[i]];
+    }
+    float r = smp__uniform(s) * mass, cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += s->prob[s->idx[i]];
+        if (r < cdf) {
+            *token = s->idx[i];
+            return 0;
+        }
+    }
+    *token = s->idx[n - 1];
+    return 0;
+}
+
+enum smp_finish smp_accept(smp_sampler *s, int32_t token)
+{
+    const smp_params *p = &s->p;
+    s->generated++;
+    if (token == p->eos_id && p->eos_id >= 0 && !p->ignore_eos) return SMP_STOP_EOS;
+    for (int i = 0; i < p->n_stop_ids; i++)
+        if (token == p->stop_ids[i]) return SMP_STOP_TOKEN;
+    if (p->max_tokens > 0 && s->generated >= p->max_tokens) return SMP_STOP_LENGTH;
+    return SMP_CONTINUE;
+}
+
+int smp_stop_string_find(const char *text, size_t len, const char *const *stops, size_t n,
+                         size_t *cut)
+{
+    int found = 0;
+    size_t best = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t sl = strlen(stops[i]);
+        if (sl == 0 || sl > len) continue;
+        for (size_t at = 0; at + sl <= len && (!found || at < best); at++) {
+            if (memcmp(text + at, stops[i], sl) == 0) {
+                found = 1;
+                best = at;
+                break;
+            }
+        }
+    }
+    if (found) *cut = best;
+    return found;
+}
+
+size_t smp_stop_string_holdback(const char *text, size_t len, const char *const *stops, size_t n)
+{
+    size_t hold = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t sl = strlen(stops[i]);
+        for (size_t k = sl > 0 ? sl - 1 : 0; k > hold; k--) {
+            if (k <= len && memcmp(text + len - k, stops[i], k) == 0) {
+                hold = k;
+                break;
+            }
+        }
+    }
+    return hold;
+}

@@ -1,0 +1,75 @@
+/* sampler: picks the next token from logits, per request, reproducibly.
+ *
+ * Order of operations (the usual one in vLLM / llama.cpp):
+ *   1. EOS and stop ids are masked (-inf) while fewer than min_tokens were generated;
+ *   2. temperature <= 0: greedy (argmax, lowest id on ties) and we stop here;
+ *   3. logits / temperature, softmax;
+ *   4. top-k (k > 0): keep the k most likely (ties broken by lower id);
+ *   5. top-p (0 < p < 1): keep the smallest prefix, by decreasing probability,
+ *      whose mass reaches p;
+ *   6. draw from what is left with the request's RNG (seeded; same seed, same
+ *      logits -> same tokens).
+ * Finish: after each accepted token smp_accept reports stop (EOS unless
+ * ignore_eos, a stop id, max_tokens reached) or continue.
+ *
+ * A smp_sampler is owned by one request and used by one thread at a time.
+ */
+#ifndef TANDEM_ENGINE_SAMPLER_H
+#define TANDEM_ENGINE_SAMPLER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct smp_params {
+    float temperature; /* <= 0: greedy */
+    int top_k;         /* <= 0: off */
+    float top_p;       /* >= 1 or <= 0: off */
+    uint64_t seed;
+    int max_tokens;          /* > 0: stop after this many generated tokens; 0: no limit */
+    int min_tokens;          /* EOS and stop ids are suppressed before this many */
+    int ignore_eos;          /* EOS does not stop generation (it may still be sampled) */
+    int32_t eos_id;          /* -1: none */
+    const int32_t *stop_ids; /* extra stop token ids, copied at create */
+    int n_stop_ids;
+} smp_params;
+
+/* Defaults: greedy, no top-k/top-p, seed 0, no limits, eos -1. */
+void smp_params_defaults(smp_params *p);
+
+enum smp_finish {
+    SMP_CONTINUE = 0,
+    SMP_STOP_EOS = 1,    /* the EOS token was generated */
+    SMP_STOP_TOKEN = 2,  /* a stop id was generated */
+    SMP_STOP_LENGTH = 3, /* max_tokens reached */
+};
+
+typedef struct smp_sampler smp_sampler;
+
+/* vocab_size: logits length. On success *out is owned by the caller (smp_free). */
+int smp_create(const smp_params *p, int vocab_size, smp_sampler **out);
+void smp_free(smp_sampler *s); /* accepts NULL */
+
+/* Picks a token from logits[vocab_size] (modified in place: masked, scaled).
+ * Allocates nothing. Returns 0 or TD_EINVAL (NaN-only logits). */
+int smp_sample(smp_sampler *s, float *logits, int32_t *token);
+
+/* Records a generated token and says whether generation ends with it. */
+enum smp_finish smp_accept(smp_sampler *s, int32_t token);
+
+/* Tokens accepted so far. */
+int smp_generated(const smp_sampler *s);
+
+/* Stop strings. Looks for the earliest occurrence of any of stops[0..n) in
+ * text[0..len). Returns 1 and sets *cut to the byte offset where the match
+ * starts (the text to return is text[0..*cut)), or 0 when none occurs. To
+ * check only new text cheaply, pass the tail that starts (longest stop - 1)
+ * bytes before the newly added text. */
+int smp_stop_string_find(const char *text, size_t len, const char *const *stops, size_t n,
+                         size_t *cut);
+
+/* Bytes of text a streaming caller must hold back because they could be the
+ * start of a stop string (the longest suffix of text that is a proper prefix
+ * of some stop string). */
+size_t smp_stop_string_holdback(const char *text, size_t len, const char *const *stops, size_t n);
+
+#endif

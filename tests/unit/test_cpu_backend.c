@@ -1,0 +1,516 @@
+/* CPU backend: against a naive double-precision forward written here (both
+ * RoPE layouts, GQA, q/k/v biases), batch invariance (a sequence alone vs in a
+ * batch of 8 mixed-length sequences joining at different steps), paged KV with
+ * shuffled block ids, thread-count invariance, the layer hook, the caller's KV
+ * region and bad batches. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "common/err.h"
+#include "engine/backend/backend.h"
+#include "engine/model.h"
+
+static mdl_model *make_model(enum mdl_rope_layout layout, int bias, int tied)
+{
+    mdl_config c;
+    mdl_config_defaults(&c);
+    c.dim = 48;
+    c.hidden_dim = 80;
+    c.n_layers = 2;
+    c.n_heads = 6;
+    c.n_kv_heads = 2;
+    c.head_dim = 8;
+    c.vocab_size = 97;
+    c.max_seq_len = 128;
+    c.rope_layout = layout;
+    c.qkv_bias = bias;
+    c.tied_output = tied;
+    mdl_model *m = NULL;
+    assert_int_equal(mdl_create_random(&c, 1234, 0.2f, &m), 0);
+    return m;
+}
+
+/* ---- naive reference: one sequence, dense KV, doubles ---- */
+
+static void ref_matvec(double *out, const double *x, const float *W, const float *b, int N, int K)
+{
+    for (int n = 0; n < N; n++) {
+        double s = b ? b[n] : 0.0;
+        for (int k = 0; k < K; k++)
+            s += (double)W[(size_t)n * K + k] * x[k];
+        out[n] = s;
+    }
+}
+
+static void ref_rmsnorm(double *o, const double *x, const float *w, int n, double eps)
+{
+    double ss = 0;
+    for (int i = 0; i < n; i++)
+        ss += x[i] * x[i];
+    double inv = 1.0 / sqrt(ss / n + eps);
+    for (int i = 0; i < n; i++)
+        o[i] = x[i] * inv * w[i];
+}
+
+static void ref_rope(double *v, int hd, int pos, double theta, enum mdl_rope_layout layout)
+{
+    for (int i = 0; i < hd / 2; i++) {
+        double ang = pos * pow(theta, -2.0 * i / hd);
+        double co = cos(ang), si = sin(ang);
+        int a = layout == MDL_ROPE_ADJACENT ? 2 * i : i;
+        int b = layout == MDL_ROPE_ADJACENT ? 2 * i + 1 : i + hd / 2;
+        double x = v[a], y = v[b];
+        v[a] = x * co - y * si;
+        v[b] = x * si + y * co;
+    }
+}
+
+/* logits[n_tok][V] for every position of tokens[0..n_tok). */
+static void ref_forward(const mdl_model *m, const int32_t *tokens, int n_tok, double *logits)
+{
+    const mdl_config *c = &m->cfg;
+    int D = c->dim, H = c->hidden_dim, hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
+    int qd = nh * hd, kvd = nkv * hd;
+    double *kc = calloc((size_t)c->n_layers * n_tok * kvd, sizeof(double));
+    double *vc = calloc((size_t)c->n_layers * n_tok * kvd, sizeof(double));
+    double *x = malloc(D * sizeof(double)), *xb = malloc(D * sizeof(double));
+    double *q = malloc(qd * sizeof(double)), *att = malloc(qd * sizeof(double));
+    double *tmp = malloc(D * sizeof(double)), *g = malloc(H * sizeof(double));
+    double *u = malloc(H * sizeof(double)), *sc = malloc(n_tok * sizeof(double));
+    for (int p = 0; p < n_tok; p++) {
+        for (int i = 0; i < D; i++)
+            x[i] = m->tok_embed[(size_t)tokens[p] * D + i];
+        for (int l = 0; l < c->n_layers; l++) {
+            const mdl_layer *L = &m->layers[l];
+            double *K = kc + ((size_t)l * n_tok + p) * kvd,
+                   *Vv = vc + ((size_t)l * n_tok + p) * kvd;
+            ref_rmsnorm(xb, x, L->attn_norm, D, c->norm_eps);
+            ref_matvec(q, xb, L->wq, L->bq, qd, D);
+            ref_matvec(K, xb, L->wk, L->bk, kvd, D);
+            ref_matvec(Vv, xb, L->wv, L->bv, kvd, D);
+            for (int h = 0; h < nh; h++)
+                ref_rope(q + h * hd, hd, p, c->rope_theta, c->rope_layout);
+            for (int h = 0; h < nkv; h++)
+                ref_rope(K + h * hd, hd, p, c->rope_theta, c->rope_layout);
+            for (int h = 0; h < nh; h++) {
+                int kh = h / (nh / nkv);
+                double mx = -1e300, sum = 0;
+                for (int t = 0; t <= p; t++) {
+                    const double *kt = kc + ((size_t)l * n_tok + t) * kvd + kh * hd;
+                    double s = 0;
+                    for (int i = 0; i < hd; i++)
+                        s += q[h * hd + i] * kt[i];
+                    sc[t] = s / sqrt((double)hd);
+                    if (sc[t] > mx) mx = sc[t];
+                }
+                for (int t = 0; t <= p; t++)
+                    sum += (sc[t] = exp(sc[t] - mx));
+                for (int i = 0; i < hd; i++) {
+                    double s = 0;
+                    for (int t = 0; t <= p; t++)
+                        s += sc[t] / sum * vc[((size_t)l * n_tok + t) * kvd + kh * hd + i];
+                    att[h * hd + i] = s;
+                }
+            }
+            ref_matvec(tmp, att, L->wo, NULL, D, qd);
+            for (int i = 0; i < D; i++)
+                x[i] += tmp[i];
+            ref_rmsnorm(xb, x, L->ffn_norm, D, c->norm_eps);
+            ref_matvec(g, xb, L->w_gate, NULL, H, D);
+            ref_matvec(u, xb, L->w_up, NULL, H, D);
+            for (int i = 0; i < H; i++)
+                g[i] = g[i] / (1 + exp(-g[i])) * u[i];
+            ref_matvec(tmp, g, L->w_down, NULL, D, H);
+            for (int i = 0; i < D; i++)
+                x[i] += tmp[i];
+        }
+        ref_rmsnorm(xb, x, m->final_norm, D, c->norm_eps);
+        ref_matvec(logits + (size_t)p * c->vocab_size, xb, m->output, NULL, c->vocab_size, D);
+    }
+    free(kc);
+    free(vc);
+    free(x);
+    free(xb);
+    free(q);
+    free(att);
+    free(tmp);
+    free(g);
+    free(u);
+    free(sc);
+}
+
+static be_backend *open_cpu(const mdl_model *m, int threads, enum be_matmul mm, void *kv_mem,
+                            uint32_t num_blocks)
+{
+    be_options o;
+    be_options_defaults(&o, m);
+    o.n_threads = threads;
+    o.matmul = mm;
+    o.kv_mem = kv_mem;
+    o.max_batch_tokens = 256;
+    if (num_blocks) o.kv.num_blocks = num_blocks;
+    be_backend *b = NULL;
+    char err[256] = "";
+    int rc = be_open("cpu", m, &o, &b, err, sizeof(err));
+    if (rc != 0) fail_msg("be_open: %s", err);
+    return b;
+}
+
+/* All positions of one sequence in one call, logits for every row. */
+static int run_prefill_all(be_backend *be, const int32_t *tokens, int n, const int32_t *table,
+                           int32_t n_blocks, float *logits)
+{
+    int32_t pos[128], seq[128], rows[128];
+    for (int i = 0; i < n; i++) {
+        pos[i] = i;
+        seq[i] = 0;
+        rows[i] = i;
+    }
+    const int32_t *tables[1] = {table};
+    be_batch b = {.n_tokens = n,
+                  .tokens = tokens,
+                  .pos = pos,
+                  .seq = seq,
+                  .n_seqs = 1,
+                  .block_tables = tables,
+                  .n_blocks = &n_blocks,
+                  .n_out = n,
+                  .out_rows = rows,
+                  .logits = logits};
+    return be_forward(be, &b);
+}
+
+static void check_against_reference(enum mdl_rope_layout layout, int bias, int tied)
+{
+    mdl_model *m = make_model(layout, bias, tied);
+    int V = m->cfg.vocab_size, n = 40;
+    int32_t tokens[40], table[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (int i = 0; i < n; i++)
+        tokens[i] = (i * 37 + 5) % V;
+    double *want = malloc((size_t)n * V * sizeof(double));
+    float *got = malloc((size_t)n * V * sizeof(float));
+    ref_forward(m, tokens, n, want);
+    be_backend *be = open_cpu(m, 1, BE_MATMUL_DETERMINISTIC, NULL, 0);
+    assert_int_equal(run_prefill_all(be, tokens, n, table, 8, got), 0);
+    double maxerr = 0;
+    for (size_t i = 0; i < (size_t)n * V; i++)
+        if (fabs(got[i] - want[i]) > maxerr) maxerr = fabs(got[i] - want[i]);
+    if (maxerr > 1e-4) fail_msg("layout %d bias %d: max |logit error| %g", layout, bias, maxerr);
+    be_close(be);
+    free(want);
+    free(got);
+    mdl_free(m);
+}
+
+static void test_reference_half_rope_bias(void **s)
+{
+    (void)s;
+    check_against_reference(MDL_ROPE_HALF, 1, 0);
+}
+
+static void test_reference_adjacent_rope_tied(void **s)
+{
+    (void)s;
+    check_against_reference(MDL_ROPE_ADJACENT, 0, 1);
+}
+
+/* ---- batch invariance ---- */
+
+#define NSEQ  8
+#define STEPS 12
+static const int prompt_len[NSEQ] = {3, 17, 1, 33, 6, 9, 40, 2};
+
+static int32_t prompt_tok(int s, int i)
+{
+    return (int32_t)((s * 31 + i * 7 + 3) % 97);
+}
+
+/* Greedy decode of all sequences in `which` (bitmask), sequence s joining at
+ * step s * stagger (its whole prompt as a prefill chunk inside that step's
+ * batch, next to the other sequences' decode tokens). Records tokens and the
+ * logits of each generated step. */
+static void run_batch(be_backend *be, unsigned which, int stagger, int32_t out[NSEQ][STEPS],
+                      float *logits_out /* [NSEQ][STEPS][V] */, int V)
+{
+    int32_t tables[NSEQ][8];
+    for (int s = 0; s < NSEQ; s++)
+        for (int i = 0; i < 8; i++)
+            tables[s][i] = s * 8 + i;
+    const int32_t *tptr[NSEQ];
+    int32_t nblk[NSEQ];
+    for (int s = 0; s < NSEQ; s++) {
+        tptr[s] = tables[s];
+        nblk[s] = 8;
+    }
+    int32_t tok[256], pos[256], seq[256], rows[NSEQ], rseq[NSEQ];
+    int done[NSEQ] = {0}, next_tok[NSEQ] = {0};
+    float *logits = malloc((size_t)NSEQ * V * sizeof(float));
+    for (int step = 0; step < STEPS + NSEQ * stagger; step++) {
+        int n = 0, no = 0;
+        for (int s = 0; s < NSEQ; s++) {
+            if (!(which & (1u << s)) || step < s * stagger || done[s] >= STEPS) continue;
+            if (step == s * stagger) {
+                for (int i = 0; i < prompt_len[s]; i++) {
+                    tok[n] = prompt_tok(s, i);
+                    pos[n] = i;
+                    seq[n++] = s;
+                }
+            } else {
+                tok[n] = next_tok[s];
+                pos[n] = prompt_len[s] + done[s] - 1;
+                seq[n++] = s;
+            }
+            rows[no] = n - 1;
+            rseq[no++] = s;
+        }
+        if (n == 0) continue;
+        be_batch b = {.n_tokens = n,
+                      .tokens = tok,
+                      .pos = pos,
+                      .seq = seq,
+                      .n_seqs = NSEQ,
+                      .block_tables = tptr,
+                      .n_blocks = nblk,
+                      .n_out = no,
+                      .out_rows = rows,
+                      .logits = logits};
+        assert_int_equal(be_forward(be, &b), 0);
+        for (int i = 0; i < no; i++) {
+            int s = rseq[i];
+            const float *lg = logits + (size_t)i * V;
+            int best = 0;
+            for (int v = 1; v < V; v++)
+                if (lg[v] > lg[best]) best = v;
+            memcpy(logits_out + ((size_t)s * STEPS + done[s]) * V, lg, (size_t)V * sizeof(float));
+            out[s][done[s]++] = best;
+            next_tok[s] = best;
+        }
+    }
+    free(logits);
+}
+
+static void check_invariance(int threads_batch)
+{
+    mdl_model *m = make_model(MDL_ROPE_HALF, 1, 0);
+    int V = m->cfg.vocab_size;
+    size_t lbytes = (size_t)NSEQ * STEPS * V * sizeof(float);
+    float *alone = calloc(1, lbytes), *batched = calloc(1, lbytes);
+    int32_t ta[NSEQ][STEPS], tb[NSEQ][STEPS];
+    be_backend *be = open_cpu(m, 1, BE_MATMUL_DETERMINISTIC, NULL, 64);
+    for (int s = 0; s < NSEQ; s++)
+        run_batch(be, 1u << s, 0, ta, alone, V);
+    be_close(be);
+    be = open_cpu(m, threads_batch, BE_MATMUL_DETERMINISTIC, NULL, 64);
+    run_batch(be, 0xff, 1, tb, batched, V);
+    be_close(be);
+    assert_memory_equal(ta, tb, sizeof(ta));
+    assert_memory_equal(alone, batched, lbytes);
+    free(alone);
+    free(batched);
+    mdl_free(m);
+}
+
+static void test_batch_invariance(void **s)
+{
+    (void)s;
+    check_invariance(1);
+}
+
+static void test_batch_invariance_two_threads(void **s)
+{
+    (void)s;
+    check_invariance(2);
+}
+
+/* BLAS mode computes the same function; only the last bits may differ. */
+static void test_blas_mode_close(void **s)
+{
+    (void)s;
+    mdl_model *m = make_model(MDL_ROPE_HALF, 1, 0);
+    int V = m->cfg.vocab_size;
+    size_t lbytes = (size_t)NSEQ * STEPS * V * sizeof(float);
+    float *det = calloc(1, lbytes), *blas = calloc(1, lbytes);
+    int32_t ta[NSEQ][STEPS], tb[NSEQ][STEPS];
+    be_backend *be = open_cpu(m, 1, BE_MATMUL_DETERMINISTIC, NULL, 64);
+    run_batch(be, 0xff, 1, ta, det, V);
+    be_close(be);
+    be = open_cpu(m, 1, BE_MATMUL_BLAS, NULL, 64);
+    run_batch(be, 0xff, 1, tb, blas, V);
+    be_close(be);
+    /* Compare the first step's logits (later steps may follow other tokens). */
+    for (int q = 0; q < NSEQ; q++)
+        for (int v = 0; v < V; v++)
+            assert_true(fabsf(det[(size_t)q * STEPS * V + v] - blas[(size_t)q * STEPS * V + v]) <
+                        1e-4f);
+    free(det);
+    free(blas);
+    mdl_free(m);
+}
+
+/* ---- paged KV ---- */
+
+static void test_paged_shuffled_blocks(void **s)
+{
+    (void)s;
+    mdl_model *m = make_model(MDL_ROPE_ADJACENT, 0, 1);
+    int V = m->cfg.vocab_size, n = 40; /* 3 blocks of 16 */
+    int32_t tokens[40];
+    for (int i = 0; i < n; i++)
+        tokens[i] = (i * 13 + 1) % V;
+    float *a = malloc((size_t)n * V * sizeof(float)), *b = malloc((size_t)n * V * sizeof(float));
+    int32_t contiguous[3] = {0, 1, 2}, shuffled[3] = {29, 3, 17};
+    be_backend *be = open_cpu(m, 1, BE_MATMUL_DETERMINISTIC, NULL, 32);
+    assert_int_equal(run_prefill_all(be, tokens, n, contiguous, 3, a), 0);
+    be_close(be);
+    /* Prefill 20 tokens, then decode the rest one at a time, in shuffled blocks. */
+    be = open_cpu(m, 1, BE_MATMUL_DETERMINISTIC, NULL, 32);
+    assert_int_equal(run_prefill_all(be, tokens, 20, shuffled, 3, b), 0);
+    const int32_t *tables[1] = {shuffled};
+    int32_t nb = 3, seq = 0;
+    for (int p = 20; p < n; p++) {
+        int32_t row = 0, pos = p;
+        be_batch d = {.n_tokens = 1,
+                      .tokens = &tokens[p],
+                      .pos = &pos,
+                      .seq = &seq,
+                      .n_seqs = 1,
+                      .block_tables = tables,
+                      .n_blocks = &nb,
+                      .n_out = 1,
+                      .out_rows = &row,
+                      .logits = b + (size_t)p * V};
+        assert_int_equal(be_forward(be, &d), 0);
+    }
+    assert_memory_equal(a, b, (size_t)n * V * sizeof(float));
+    be_close(be);
+    free(a);
+    free(b);
+    mdl_free(m);
+}
+
+/* ---- hook, caller KV region, bad batches ---- */
+
+static int hook_calls[16], hook_n, hook_fail_at = -1;
+static int hook(void *arg, int layer)
+{
+    (void)arg;
+    hook_calls[hook_n++] = layer;
+    return layer == hook_fail_at ? TD_ECANCELED : 0;
+}
+
+static void test_layer_hook_and_kv_mem(void **s)
+{
+    (void)s;
+    mdl_model *m = make_model(MDL_ROPE_HALF, 0, 0);
+    be_options o;
+    be_options_defaults(&o, m);
+    o.kv.num_blocks = 4;
+    size_t bytes = kv_layout_pool_bytes(&o.kv);
+    void *mem = NULL;
+    assert_int_equal(posix_memalign(&mem, 64, bytes), 0);
+    memset(mem, 0, bytes);
+    be_backend *be = open_cpu(m, 1, BE_MATMUL_DETERMINISTIC, mem, 4);
+    void *base;
+    size_t got_bytes;
+    be_kv_region(be, &base, &got_bytes);
+    assert_ptr_equal(base, mem);
+    assert_int_equal(got_bytes, bytes);
+    int32_t tok = 5, pos = 0, seq = 0, row = 0, table[1] = {2}, nb = 1;
+    const int32_t *tables[1] = {table};
+    float logits[97];
+    be_batch b = {.n_tokens = 1,
+                  .tokens = &tok,
+                  .pos = &pos,
+                  .seq = &seq,
+                  .n_seqs = 1,
+                  .block_tables = tables,
+                  .n_blocks = &nb,
+                  .n_out = 1,
+                  .out_rows = &row,
+                  .logits = logits,
+                  .on_layer_done = hook};
+    hook_n = 0;
+    assert_int_equal(be_forward(be, &b), 0);
+    assert_int_equal(hook_n, 2);
+    assert_int_equal(hook_calls[0], 0);
+    assert_int_equal(hook_calls[1], 1);
+    /* K of layer 1, block 2, slot 0 was written into the caller's region. */
+    const kv_layout *kl = be_kv_layout(be);
+    const float *k = (const float *)((char *)mem + kv_layout_block_offset(kl, 1, 2));
+    int nonzero = 0;
+    for (uint32_t i = 0; i < kl->n_kv_heads * kl->head_dim; i++)
+        nonzero |= k[i] != 0.0f;
+    assert_true(nonzero);
+    hook_n = 0;
+    hook_fail_at = 0;
+    assert_int_equal(be_forward(be, &b), TD_ECANCELED);
+    assert_int_equal(hook_n, 1);
+    hook_fail_at = -1;
+
+    /* Bad batches. */
+    tok = 97;
+    assert_int_equal(be_forward(be, &b), TD_EINVAL);
+    tok = 5;
+    pos = 16; /* needs a second block */
+    assert_int_equal(be_forward(be, &b), TD_EINVAL);
+    pos = 0;
+    table[0] = 4; /* pool has 4 blocks */
+    assert_int_equal(be_forward(be, &b), TD_EINVAL);
+    table[0] = 0;
+    row = 1;
+    assert_int_equal(be_forward(be, &b), TD_EINVAL);
+    row = 0;
+    b.n_tokens = 0;
+    assert_int_equal(be_forward(be, &b), TD_EINVAL);
+    b.n_tokens = 1;
+    seq = 1;
+    assert_int_equal(be_forward(be, &b), TD_EINVAL);
+    seq = 0;
+    assert_int_equal(be_forward(be, &b), 0);
+    be_close(be);
+    free(mem);
+    mdl_free(m);
+}
+
+static void test_open_errors(void **s)
+{
+    (void)s;
+    mdl_model *m = make_model(MDL_ROPE_HALF, 0, 0);
+    be_options o;
+    be_options_defaults(&o, m);
+    be_backend *be = NULL;
+    char err[256];
+    assert_int_equal(be_open("nope", m, &o, &be, err, sizeof(err)), TD_ENOENT);
+    assert_null(be_find("nope"));
+    assert_non_null(be_find("cpu"));
+    o.kv.head_dim = 4;
+    assert_int_equal(be_open("cpu", m, &o, &be, err, sizeof(err)), TD_EINVAL);
+    be_options_defaults(&o, m);
+    o.kv.dtype = KV_DTYPE_F16;
+    assert_int_equal(be_open("cpu", m, &o, &be, err, sizeof(err)), TD_EUNSUPPORTED);
+    assert_null(be);
+    mdl_free(m);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_reference_half_rope_bias),
+        cmocka_unit_test(test_reference_adjacent_rope_tied),
+        cmocka_unit_test(test_batch_invariance),
+        cmocka_unit_test(test_batch_invariance_two_threads),
+        cmocka_unit_test(test_blas_mode_close),
+        cmocka_unit_test(test_paged_shuffled_blocks),
+        cmocka_unit_test(test_layer_hook_and_kv_mem),
+        cmocka_unit_test(test_open_errors),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
