@@ -56,6 +56,14 @@ if [ -f "$HEAD" ]; then
     grep -q '"trace_failed_skipped":[[:space:]]*[1-9]' "$WORK/burst/summary.json" ||
         fail "failed rows not counted"
     grep -q '"ok":[[:space:]]*40' "$WORK/burst/summary.json" || fail "burstgpt replay"
+    # Text prompts of exact length for a real tokenizer (every length verified).
+    TOKJ=${TANDEM_SHARED_DIR}/tokenizers/llama2-spm
+    if [ -d "$TOKJ" ]; then
+        "$LT" replay --trace "$HEAD" --format burstgpt --url "$URL" --rate 40 --max-requests 20 \
+            --tokenizer "$TOKJ" --out "$WORK/burst-text" --no-plots --log-level warn >/dev/null
+        grep -q '"filler_word"' "$WORK/burst-text/summary.json" || fail "text prompts"
+        grep -q '"ok":[[:space:]]*20' "$WORK/burst-text/summary.json" || fail "text replay"
+    fi
     "$LT" fit --trace "$HEAD" --format burstgpt --window-s 600 >"$WORK/fit.json"
     grep -q '"mom_shape"' "$WORK/fit.json" || fail "fit output"
 else
