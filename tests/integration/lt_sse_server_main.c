@@ -1,5 +1,5 @@
 /* lt-sse-server: the test SSE server as a process, for script tests.
- *   lt-sse-server [ok|stall|close|reject|no_done] [TOKENS]
+ *   lt-sse-server [ok|stall|close|reject|no_done|trickle] [TOKENS]
  * Prints "port=N" on stdout, then serves on 127.0.0.1 until stdin closes. */
 #include "lt_sse_server.h"
 
@@ -10,18 +10,19 @@
 
 int main(int argc, char **argv)
 {
-    static const char *const modes[] = {"ok", "stall", "close", "reject", "no_done"};
+    static const char *const modes[] = {"ok", "stall", "close", "reject", "no_done", "trickle"};
     enum lt_sse_mode mode = LT_SSE_OK;
     if (argc > 1) {
         int found = 0;
-        for (int i = 0; i < 5; i++) {
+        for (int i = 0; i < 6; i++) {
             if (strcmp(argv[1], modes[i]) == 0) {
                 mode = (enum lt_sse_mode)i;
                 found = 1;
             }
         }
         if (!found) {
-            fprintf(stderr, "usage: lt-sse-server [ok|stall|close|reject|no_done] [TOKENS]\n");
+            fprintf(stderr,
+                    "usage: lt-sse-server [ok|stall|close|reject|no_done|trickle] [TOKENS]\n");
             return 2;
         }
     }

@@ -302,6 +302,53 @@ static void test_write_jsonl_roundtrip(void **state)
     lt_trace_free(&tr);
 }
 
+/* Random bytes and mutated rows: every reader either fails cleanly with a line
+ * number or, under skip_bad, accounts for every row. */
+static void test_readers_survive_garbage(void **state)
+{
+    (void)state;
+    static const char *const seeds[] = {
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n",
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n",
+        "{\"timestamp\": 1, \"input_length\": 2, \"output_length\": 3}\n"};
+    static const char alphabet[] = "0123456789,.-: \"{}[]\n\rTxa\xff";
+    uint64_t x = 88172645463325252ULL;
+    char buf[600];
+    for (int iter = 0; iter < 3000; iter++) {
+        int fmt = iter % 3;
+        size_t base = strlen(seeds[fmt]);
+        memcpy(buf, seeds[fmt], base);
+        size_t len = base;
+        /* Append up to 200 random bytes of row-like text, then mutate a few bytes. */
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        size_t extra = x % 200;
+        for (size_t i = 0; i < extra; i++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            buf[len++] = alphabet[x % (sizeof(alphabet) - 1)];
+        }
+        for (int m = 0; m < 3; m++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            buf[(x >> 8) % len] = alphabet[x % (sizeof(alphabet) - 1)];
+        }
+        buf[len] = '\0';
+        lt_trace tr;
+        char err[256] = "";
+        lt_read_opts o = {.skip_bad = iter & 4 ? 1 : 0, .keep_failed = 1};
+        int rc = read_text(buf, (enum lt_format)fmt, &o, &tr, err, sizeof(err));
+        if (rc) {
+            assert_int_equal(rc, TD_EFORMAT);
+            assert_non_null(strstr(err, "line "));
+            assert_int_equal(tr.n, 0);
+        } else {
+            assert_int_equal(tr.n + tr.filtered, tr.rows);
+            for (size_t i = 1; i < tr.n; i++)
+                assert_true(tr.reqs[i].t_ns >= tr.reqs[i - 1].t_ns);
+        }
+        lt_trace_free(&tr);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -314,6 +361,7 @@ int main(void)
         cmocka_unit_test(test_scaling),
         cmocka_unit_test(test_real_burstgpt_head),
         cmocka_unit_test(test_write_jsonl_roundtrip),
+        cmocka_unit_test(test_readers_survive_garbage),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
