@@ -146,7 +146,10 @@ int lt_parse_datetime(const char *s, int64_t *out_ns)
     if (read_digits(&p, 2, &h) || *p++ != ':' || read_digits(&p, 2, &mi) || *p++ != ':' ||
         read_digits(&p, 2, &sec))
         return TD_EFORMAT;
-    if (mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 || sec > 60) return TD_EFORMAT;
+    /* Years outside 1900..2200 would overflow int64 ns or are not trace dates. */
+    if (y < 1900 || y > 2200 || mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 ||
+        sec > 60)
+        return TD_EFORMAT;
     int64_t frac_ns = 0;
     if (*p == '.') {
         p++;

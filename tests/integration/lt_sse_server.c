@@ -115,6 +115,8 @@ static char *build_response(enum lt_sse_mode mode, int tokens, size_t *out_len)
 static void on_conn_closed(uv_handle_t *h)
 {
     struct sconn *c = h->data;
+    if (--c->handles > 0) return;
+    free(c->out);
     free(c->buf);
     free(c);
 }
@@ -124,6 +126,7 @@ static void sconn_close(struct sconn *c)
     if (c->closing) return;
     c->closing = 1;
     uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
+    uv_close((uv_handle_t *)&c->trickle, on_conn_closed);
 }
 
 static void on_written(uv_write_t *req, int status)

@@ -179,6 +179,7 @@ static void test_azure(void **state)
     assert_int_equal(ns, 1709208000LL * TD_NS_PER_S);
     assert_int_equal(lt_parse_datetime("2023-13-01 00:00:00", &ns), TD_EFORMAT);
     assert_int_equal(lt_parse_datetime("2023-11-16", &ns), TD_EFORMAT);
+    assert_int_equal(lt_parse_datetime("9999-01-01 00:00:00", &ns), TD_EFORMAT);
     assert_int_equal(lt_parse_datetime("2023-11-16 18:15:46.", &ns), TD_EFORMAT);
 
     static const char bad[] = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
