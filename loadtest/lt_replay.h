@@ -50,6 +50,8 @@ typedef struct lt_replay_opts {
     int progress;            /* redraw a progress line on stderr once a second */
     int64_t max_chunk_times; /* cap on stored chunk timestamps (default 64M when <= 0) */
     int64_t spin_ns;         /* wake this early and busy-wait to the send time (0: off) */
+    int rt_priority;         /* > 0: the loop thread runs SCHED_FIFO at this priority during the run
+                                (when permitted, else a warning); restored afterwards */
 } lt_replay_opts;
 
 /* The outcome of a run: n records in trace order; chunk times live in one

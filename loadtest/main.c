@@ -75,6 +75,7 @@ enum {
     OPT_NO_VERIFY,
     OPT_NO_PLOTS,
     OPT_SPIN_US,
+    OPT_RT_PRIORITY,
     OPT_N,
     OPT_SEED,
     OPT_GSHAPE,
@@ -114,6 +115,7 @@ static const struct option k_opts[] = {
     {"no-verify", no_argument, NULL, OPT_NO_VERIFY},
     {"no-plots", no_argument, NULL, OPT_NO_PLOTS},
     {"spin-us", required_argument, NULL, OPT_SPIN_US},
+    {"rt-priority", required_argument, NULL, OPT_RT_PRIORITY},
     {"n", required_argument, NULL, OPT_N},
     {"seed", required_argument, NULL, OPT_SEED},
     {"gamma-shape", required_argument, NULL, OPT_GSHAPE},
@@ -138,6 +140,7 @@ struct args {
     int max_conns, warm_conns, no_verify, no_plots;
     long filler_id;
     long spin_us;
+    long rt_priority;
     lt_synth_params synth;
 };
 
@@ -264,6 +267,9 @@ static int parse_args(int argc, char **argv, struct args *a)
             break;
         case OPT_SPIN_US:
             bad = parse_long(name, optarg, 0, 100000, &a->spin_us);
+            break;
+        case OPT_RT_PRIORITY:
+            bad = parse_long(name, optarg, 0, 99, &a->rt_priority);
             break;
         case OPT_N:
             bad = parse_long(name, optarg, 1, 100000000, &v);
@@ -417,7 +423,8 @@ static int run_replay(const struct args *a, lt_trace *tr, const char *source)
                         .max_conns = a->max_conns,
                         .warm_conns = a->warm_conns,
                         .progress = isatty(2),
-                        .spin_ns = a->spin_us * TD_NS_PER_US};
+                        .spin_ns = a->spin_us * TD_NS_PER_US,
+                        .rt_priority = (int)a->rt_priority};
     if (lt_url_parse(a->url, &o.url) != 0) {
         fprintf(stderr, "tandem-loadtest: --url: expected http://HOST[:PORT][/PATH], got '%s'\n",
                 a->url);
