@@ -672,7 +672,7 @@ int cfg_create(cfg **out, const char *prog, const struct cfg_option *opts, size_
         struct cfg_slot *slot = &c->slots[i];
         if (opts[i].def) {
             rc = apply(c, slot, opts[i].def, "option table default", "default");
-            if (rc != 0) rc = TD_EINVAL;
+            if (rc != 0 && rc != TD_ENOMEM) rc = TD_EINVAL; /* a bad default is a bad table */
             continue;
         }
         /* No default: zero of the type (NULL for strings). */

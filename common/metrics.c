@@ -14,6 +14,10 @@
 
 enum met_type { MET_COUNTER, MET_GAUGE, MET_HISTOGRAM };
 
+#define MET__LE_CHARS 32 /* longest shortest-form double ("-2.2250738585072014e-308") fits */
+
+static void format_double(char *out, size_t cap, double v);
+
 static const char *const type_names[] = {"counter", "gauge", "histogram"};
 
 const double met_latency_buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -54,7 +58,8 @@ struct met_family {
     size_t nlabels;
     double *bounds; /* histograms: nbounds finite upper bounds */
     size_t nbounds;
-    pthread_mutex_t mu; /* guards series/nseries/cap */
+    char (*le)[MET__LE_CHARS]; /* bounds as rendered, nbounds + 1 ("+Inf" last) */
+    pthread_mutex_t mu;        /* guards series/nseries/cap */
     struct met__series **series;
     size_t nseries, cap;
 };
@@ -191,6 +196,7 @@ static void family_free(met_family *f)
     for (size_t i = 0; i < f->nlabels; i++)
         free(f->labels[i]);
     free(f->bounds);
+    free(f->le);
     free(f->help);
     free(f->name);
     pthread_mutex_destroy(&f->mu);
@@ -276,10 +282,15 @@ static int family_new(met_registry *r, enum met_type type, const char *name, con
         if (!f->labels[i]) rc = TD_ENOMEM;
     }
     if (rc == 0 && type == MET_HISTOGRAM) {
+        /* The le strings never change: format them once, not per scrape. */
         f->bounds = malloc(nbounds * sizeof(double));
-        if (f->bounds) {
+        f->le = malloc((nbounds + 1) * sizeof(*f->le));
+        if (f->bounds && f->le) {
             memcpy(f->bounds, bounds, nbounds * sizeof(double));
             f->nbounds = nbounds;
+            for (size_t i = 0; i < nbounds; i++)
+                format_double(f->le[i], sizeof(f->le[i]), bounds[i]);
+            snprintf(f->le[nbounds], sizeof(f->le[nbounds]), "+Inf");
         } else {
             rc = TD_ENOMEM;
         }
@@ -589,6 +600,17 @@ static void puts_(struct buf *b, const char *s)
     put(b, s, strlen(s));
 }
 
+static void put_u64(struct buf *b, uint64_t v)
+{
+    char tmp[24];
+    size_t i = sizeof(tmp);
+    do {
+        tmp[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    put(b, tmp + i, sizeof(tmp) - i);
+}
+
 /* Escapes \ and newline (help text); with quote also " (label values). */
 static void put_escaped(struct buf *b, const char *s, bool quote)
 {
@@ -619,15 +641,29 @@ static void format_double(char *out, size_t cap, double v)
         snprintf(out, cap, v > 0 ? "+Inf" : "-Inf");
         return;
     }
+    /* The shortest form has at most 17 digits. If one of 15 or fewer round-
+     * trips, %.15g's rounding is that form padded with zeros (a double's
+     * error is far below the 15th digit), so three tries suffice. */
     char e[40];
-    int prec = 1;
-    for (; prec <= 17; prec++) {
-        snprintf(e, sizeof(e), "%.*e", prec - 1, v);
+    for (int p = 15; p <= 17; p++) {
+        snprintf(e, sizeof(e), "%.*e", p - 1, v);
         if (strtod(e, NULL) == v) break;
     }
-    int exp = atoi(strchr(e, 'e') + 1);
+    char *mant_end = strchr(e, 'e');
+    int prec = 0, zeros = 0;
+    for (const char *q = e; q < mant_end; q++) {
+        if (*q < '0' || *q > '9') continue;
+        if (*q == '0') {
+            zeros++;
+        } else {
+            prec += zeros + 1;
+            zeros = 0;
+        }
+    }
+    if (prec == 0) prec = 1; /* v == 0 */
+    int exp = atoi(mant_end + 1);
     if (exp < -4 || exp >= 21) {
-        snprintf(out, cap, "%s", e);
+        snprintf(out, cap, "%.*e", prec - 1, v); /* without the padding zeros */
         return;
     }
     int decimals = prec - 1 - exp;
@@ -666,13 +702,14 @@ static void render_series(struct buf *b, const met_family *f, const struct met__
         const met_counter *c = (const met_counter *)s;
         uint64_t n = atomic_load_explicit(&c->n, memory_order_relaxed);
         double fr = u2d(atomic_load_explicit(&c->fbits, memory_order_relaxed));
-        if (fr == 0)
-            snprintf(num, sizeof(num), "%llu", (unsigned long long)n);
-        else
-            format_double(num, sizeof(num), (double)n + fr);
         put_series_name(b, f, "", s, NULL);
         puts_(b, " ");
-        puts_(b, num);
+        if (fr == 0) {
+            put_u64(b, n);
+        } else {
+            format_double(num, sizeof(num), (double)n + fr);
+            puts_(b, num);
+        }
         puts_(b, "\n");
         break;
     }
@@ -686,16 +723,12 @@ static void render_series(struct buf *b, const met_family *f, const struct met__
     case MET_HISTOGRAM: {
         const met_histogram *h = (const met_histogram *)s;
         uint64_t cum = 0;
-        char le[64];
         for (size_t i = 0; i <= f->nbounds; i++) {
             cum += atomic_load_explicit(&h->counts[i], memory_order_relaxed);
-            if (i < f->nbounds)
-                format_double(le, sizeof(le), f->bounds[i]);
-            else
-                snprintf(le, sizeof(le), "+Inf");
-            put_series_name(b, f, "_bucket", s, le);
-            snprintf(num, sizeof(num), " %llu\n", (unsigned long long)cum);
-            puts_(b, num);
+            put_series_name(b, f, "_bucket", s, f->le[i]);
+            puts_(b, " ");
+            put_u64(b, cum);
+            puts_(b, "\n");
         }
         put_series_name(b, f, "_sum", s, NULL);
         format_double(num, sizeof(num), met_histogram_sum(h));
@@ -703,8 +736,9 @@ static void render_series(struct buf *b, const met_family *f, const struct met__
         puts_(b, num);
         puts_(b, "\n");
         put_series_name(b, f, "_count", s, NULL);
-        snprintf(num, sizeof(num), " %llu\n", (unsigned long long)cum);
-        puts_(b, num);
+        puts_(b, " ");
+        put_u64(b, cum);
+        puts_(b, "\n");
         break;
     }
     }

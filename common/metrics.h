@@ -46,6 +46,9 @@
 #define MET_MAX_BUCKETS     64
 #define MET_MAX_NAME        200
 
+/* Content-Type header for what met_render produces. */
+#define MET_CONTENT_TYPE "text/plain; version=0.0.4; charset=utf-8"
+
 typedef struct met_registry met_registry;
 typedef struct met_family met_family;
 typedef struct met_counter met_counter;
@@ -114,7 +117,7 @@ uint64_t met_histogram_count(const met_histogram *h);
 double met_histogram_sum(const met_histogram *h);
 
 /* Renders every family, in registration order, as Prometheus text format
- * 0.0.4 (Content-Type: text/plain; version=0.0.4). *out is malloc'd,
+ * 0.0.4 (serve it with MET_CONTENT_TYPE). *out is malloc'd,
  * NUL-terminated, *len bytes without the NUL; the caller frees it.
  * Within one histogram series the +Inf bucket always equals _count even while
  * other threads observe (both come from one pass over the buckets); _sum may

@@ -32,6 +32,11 @@
 /* Trailing metadata key carrying the exact TD_E* code of a server status. */
 #define RPC_ERR_KEY "tandem-err"
 
+/* HTTP/2 keepalive on both sides while calls are open: ping after this much
+ * silence, drop the connection when the ack takes longer than the timeout. */
+#define RPC_KEEPALIVE_MS         20000
+#define RPC_KEEPALIVE_TIMEOUT_MS 10000
+
 /* Poll period of the server CQ thread while it waits for handed-out calls to
  * be finished during shutdown (releases on other threads do not wake it). */
 #define RPC_SHUTDOWN_POLL_NS (20 * TD_NS_PER_MS)
@@ -130,6 +135,21 @@ int rpc_grpc_from_err(int err)
     default:
         return GRPC_STATUS_INTERNAL;
     }
+}
+
+int64_t rpc_deadline_from_timeout_ms(uint64_t timeout_ms)
+{
+    if (timeout_ms == 0 || timeout_ms > (uint64_t)(INT64_MAX / TD_NS_PER_MS) / 2)
+        return RPC_NO_DEADLINE;
+    return td_now_ns() + (int64_t)timeout_ms * TD_NS_PER_MS;
+}
+
+uint64_t rpc_timeout_ms_left(int64_t deadline_ns)
+{
+    if (deadline_ns == RPC_NO_DEADLINE) return 0;
+    int64_t left = deadline_ns - td_now_ns();
+    if (left < TD_NS_PER_MS) return 1; /* expired or nearly: the smallest budget, not "none" */
+    return (uint64_t)(left / TD_NS_PER_MS);
 }
 
 /* Serialises msg into a new byte buffer (owned by the caller). */
@@ -649,15 +669,28 @@ int rpc_server_create(const char *addr, rpc_server **out)
         return TD_ENOMEM;
     }
     grpc_init();
-    grpc_arg args[2] = {
+    grpc_arg args[] = {
         {.type = GRPC_ARG_INTEGER,
          .key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
          .value.integer = RPC_MAX_MESSAGE_BYTES},
         {.type = GRPC_ARG_INTEGER,
          .key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH,
          .value.integer = RPC_MAX_MESSAGE_BYTES},
+        /* Find clients that vanished without a FIN (host down, partition) so
+         * their calls are cancelled and their KV blocks freed. */
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_KEEPALIVE_TIME_MS,
+         .value.integer = RPC_KEEPALIVE_MS},
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+         .value.integer = RPC_KEEPALIVE_TIMEOUT_MS},
+        /* Accept our clients' keepalive pings (the default policing allows one
+         * per 5 minutes and closes the connection after two strikes). */
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+         .value.integer = RPC_KEEPALIVE_MS / 2},
     };
-    grpc_channel_args cargs = {.num_args = 2, .args = args};
+    grpc_channel_args cargs = {.num_args = sizeof(args) / sizeof(args[0]), .args = args};
     s->server = grpc_server_create(&cargs, NULL);
     s->cq = grpc_completion_queue_create_for_next(NULL);
     s->shutdown_tag = (rpc__tag){TAG_SHUTDOWN, s};
@@ -984,7 +1017,7 @@ static void rpc__log_status(const char *method, const rpc_status *st)
 
 static grpc_channel *rpc__channel_create(const char *target)
 {
-    grpc_arg args[5] = {
+    grpc_arg args[] = {
         {.type = GRPC_ARG_INTEGER,
          .key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
          .value.integer = RPC_MAX_MESSAGE_BYTES},
@@ -1002,8 +1035,20 @@ static grpc_channel *rpc__channel_create(const char *target)
         /* Retries are the router's decision (before the first token only);
          * transparent retries would also buffer every request. */
         {.type = GRPC_ARG_INTEGER, .key = (char *)GRPC_ARG_ENABLE_RETRIES, .value.integer = 0},
+        /* A decode stream can run for minutes with nothing sent by the client:
+         * ping while calls are open so a dead server is noticed in
+         * RPC_KEEPALIVE_MS + RPC_KEEPALIVE_TIMEOUT_MS, not at the deadline. */
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_KEEPALIVE_TIME_MS,
+         .value.integer = RPC_KEEPALIVE_MS},
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+         .value.integer = RPC_KEEPALIVE_TIMEOUT_MS},
+        {.type = GRPC_ARG_INTEGER,
+         .key = (char *)GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA,
+         .value.integer = 0},
     };
-    grpc_channel_args cargs = {.num_args = 5, .args = args};
+    grpc_channel_args cargs = {.num_args = sizeof(args) / sizeof(args[0]), .args = args};
     grpc_channel_credentials *creds = grpc_insecure_credentials_create();
     grpc_channel *ch = grpc_channel_create(target, creds, &cargs);
     grpc_channel_credentials_release(creds);

@@ -73,6 +73,15 @@ typedef struct rpc_status {
     char details[256]; /* status message, truncated, NUL-terminated */
 } rpc_status;
 
+/* Deadline (td_now_ns() clock) for a RequestMeta.timeout_ms budget received
+ * now; 0 (no budget) gives RPC_NO_DEADLINE. */
+int64_t rpc_deadline_from_timeout_ms(uint64_t timeout_ms);
+
+/* Budget to put in RequestMeta.timeout_ms of the next hop: milliseconds left
+ * until deadline_ns, at least 1 when the deadline has passed (so it is not
+ * read as "no deadline"), 0 for RPC_NO_DEADLINE. */
+uint64_t rpc_timeout_ms_left(int64_t deadline_ns);
+
 /* Maps a gRPC status code to a TD_E* code (0 for OK). */
 int rpc_err_from_grpc(int grpc_code);
 /* Maps a TD_E* code to the gRPC status code a server sends for it (0 for 0). */
@@ -120,9 +129,15 @@ int rpc_server_port(const rpc_server *s);
 void rpc_server_free(rpc_server *s);
 
 /* Queues msg for sending on a call; msg is serialised before return (the
- * caller keeps ownership of msg). Any thread. Returns 0, TD_ECANCELED when the
- * call is cancelled (nothing sent; the caller should stop and finish), TD_EINVAL
- * after rpc_call_finish or for a NULL message, TD_ENOMEM. */
+ * caller keeps ownership of msg). Any thread, never after rpc_call_finish.
+ * When no send is in flight the gRPC batch starts on the calling thread (gRPC
+ * may write the socket there); later ones start on the CQ thread as each
+ * previous send completes, so messages go out in order, one at a time. The
+ * queue is not bounded: a producer that can outrun the client should bound
+ * itself (token streams are bounded by max_tokens).
+ * Returns 0, TD_ECANCELED when the call is cancelled (nothing sent; the
+ * caller should stop and finish), TD_EINVAL for a NULL message, TD_ETOOLONG
+ * over RPC_MAX_MESSAGE_BYTES, TD_ENOMEM. */
 int rpc_call_send(rpc_call *call, const ProtobufCMessage *msg);
 
 /* Ends the call: the status is sent after every queued message. err: 0 for OK
@@ -132,8 +147,10 @@ int rpc_call_send(rpc_call *call, const ProtobufCMessage *msg);
  * had already been cancelled (the call is released all the same). */
 int rpc_call_finish(rpc_call *call, int err, const char *details);
 
-/* Sends msg and finishes with OK: the usual end of a unary call. Same rules as
- * rpc_call_finish (the call is released even on error). */
+/* Sends msg and finishes with OK: the usual end of a unary call (message and
+ * status go out in one batch). Same rules as rpc_call_finish: the call is
+ * released even on error; a msg that cannot be serialised ends the call with
+ * INTERNAL and its code is returned. */
 int rpc_call_reply(rpc_call *call, const ProtobufCMessage *msg);
 
 /* Sets the cancel callback. Call it from the handler (on the CQ thread) so no

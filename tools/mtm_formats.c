@@ -3,9 +3,9 @@
 
 #include "common/err.h"
 
-#include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -126,24 +126,47 @@ static void shard_name(char *out, size_t cap, int shard, int n_shards)
         snprintf(out, cap, "model-%05d-of-%05d.safetensors", shard + 1, n_shards);
 }
 
+/* Appends printf output to buf[*pos..cap); TD_EINTERNAL when it does not fit. */
+static int append(char *buf, size_t cap, size_t *pos, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static int append(char *buf, size_t cap, size_t *pos, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf + *pos, cap - *pos, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= cap - *pos) {
+        fprintf(stderr, "make-test-model: safetensors header overflow\n");
+        return TD_EINTERNAL;
+    }
+    *pos += (size_t)n;
+    return 0;
+}
+
 /* Builds shard's safetensors header: JSON padded with spaces so the data
- * section starts 8-byte aligned. *out malloc'd (caller frees). */
+ * section starts 8-byte aligned (the format allows trailing spaces).
+ * *out malloc'd (caller frees), *len its length in bytes. */
 static int st_header(const hf_tensor *t, int n, int shard, enum mtm_dtype dt, char **out,
                      size_t *len)
 {
-    size_t cap = 64 + (size_t)n * 200, pos = 0;
+    /* Per entry: name (< 96) plus fixed text and four numbers of <= 20 digits. */
+    size_t cap = 64 + (size_t)n * 256, pos = 0;
     char *h = malloc(cap + 8);
     if (!h) return TD_ENOMEM;
-    pos += (size_t)snprintf(h + pos, cap - pos, "{\"__metadata__\":{\"format\":\"pt\"}");
-    for (int i = 0; i < n; i++) {
+    int rc = append(h, cap, &pos, "{\"__metadata__\":{\"format\":\"pt\"}");
+    for (int i = 0; i < n && rc == 0; i++) {
         if (t[i].shard != shard) continue;
-        pos += (size_t)snprintf(h + pos, cap - pos, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%zu",
-                                t[i].name, dtype_name(dt), t[i].rows);
-        if (t[i].cols != 1) pos += (size_t)snprintf(h + pos, cap - pos, ",%zu", t[i].cols);
-        pos += (size_t)snprintf(h + pos, cap - pos, "],\"data_offsets\":[%zu,%zu]}", t[i].begin,
-                                t[i].end);
+        rc = append(h, cap, &pos, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%zu", t[i].name,
+                    dtype_name(dt), t[i].rows);
+        if (rc == 0 && t[i].cols != 1) rc = append(h, cap, &pos, ",%zu", t[i].cols);
+        if (rc == 0)
+            rc = append(h, cap, &pos, "],\"data_offsets\":[%zu,%zu]}", t[i].begin, t[i].end);
     }
-    pos += (size_t)snprintf(h + pos, cap - pos, "}");
+    if (rc == 0) rc = append(h, cap, &pos, "}");
+    if (rc != 0) {
+        free(h);
+        return rc;
+    }
     while ((8 + pos) % 8 != 0)
         h[pos++] = ' ';
     *out = h;
@@ -151,55 +174,41 @@ static int st_header(const hf_tensor *t, int n, int shard, enum mtm_dtype dt, ch
     return 0;
 }
 
+/* config.json, written by hand so every field is under our control (floats
+ * keep a decimal point, as transformers writes them). */
 static int write_config(const mtm_shape *s, enum mtm_dtype dt, const char *path)
 {
     static const char *arch[] = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"};
     static const char *type[] = {"llama", "mistral", "qwen2"};
     static const char *torch[] = {"float32", "float16", "bfloat16"};
-    int rc = TD_ENOMEM;
-    char *text = NULL;
-    cJSON *c = cJSON_CreateObject();
-    cJSON *a = cJSON_CreateArray();
-    if (!c || !a) goto out;
-    cJSON_AddItemToArray(a, cJSON_CreateString(arch[s->arch]));
-    cJSON_AddItemToObject(c, "architectures", a);
-    a = NULL;
-    cJSON_AddStringToObject(c, "model_type", type[s->arch]);
-    cJSON_AddNumberToObject(c, "hidden_size", s->dim);
-    cJSON_AddNumberToObject(c, "intermediate_size", s->hidden);
-    cJSON_AddNumberToObject(c, "num_hidden_layers", s->n_layers);
-    cJSON_AddNumberToObject(c, "num_attention_heads", s->n_heads);
-    cJSON_AddNumberToObject(c, "num_key_value_heads", s->n_kv_heads);
-    if (s->head_dim * s->n_heads != s->dim) cJSON_AddNumberToObject(c, "head_dim", s->head_dim);
-    cJSON_AddNumberToObject(c, "vocab_size", s->vocab);
-    cJSON_AddNumberToObject(c, "max_position_embeddings", s->seq_len);
-    cJSON_AddNumberToObject(c, "rms_norm_eps", s->rms_eps);
-    cJSON_AddNumberToObject(c, "rope_theta", s->rope_theta);
-    cJSON_AddBoolToObject(c, "tie_word_embeddings", s->tied);
-    cJSON_AddStringToObject(c, "hidden_act", "silu");
-    cJSON_AddBoolToObject(c, "attention_bias", s->qkv_bias && s->arch != MTM_ARCH_QWEN2);
-    if (s->arch == MTM_ARCH_MISTRAL) cJSON_AddNullToObject(c, "sliding_window");
-    if (s->arch == MTM_ARCH_QWEN2) cJSON_AddBoolToObject(c, "use_sliding_window", 0);
-    cJSON_AddNumberToObject(c, "bos_token_id", 1);
-    cJSON_AddNumberToObject(c, "eos_token_id", 2);
-    cJSON_AddStringToObject(c, "torch_dtype", torch[dt]);
-    text = cJSON_Print(c);
-    if (!text) goto out;
     FILE *f = fopen(path, "wb");
     if (!f) {
         perror(path);
-        rc = TD_EIO;
-        goto out;
+        return TD_EIO;
     }
-    rc = mtm_fwrite(f, text, strlen(text), path);
-    if (rc == 0) rc = mtm_fwrite(f, "\n", 1, path);
-    if (fclose(f) != 0 && rc == 0) rc = TD_EIO;
-out:
-    cJSON_free(text);
-    cJSON_Delete(a);
-    cJSON_Delete(c);
-    if (rc == TD_ENOMEM) fprintf(stderr, "make-test-model: out of memory writing %s\n", path);
-    return rc;
+    fprintf(f, "{\n  \"architectures\": [\"%s\"],\n  \"model_type\": \"%s\",\n", arch[s->arch],
+            type[s->arch]);
+    fprintf(f, "  \"hidden_size\": %d,\n  \"intermediate_size\": %d,\n", s->dim, s->hidden);
+    fprintf(f, "  \"num_hidden_layers\": %d,\n  \"num_attention_heads\": %d,\n", s->n_layers,
+            s->n_heads);
+    fprintf(f, "  \"num_key_value_heads\": %d,\n", s->n_kv_heads);
+    if (s->head_dim * s->n_heads != s->dim) fprintf(f, "  \"head_dim\": %d,\n", s->head_dim);
+    fprintf(f, "  \"vocab_size\": %d,\n  \"max_position_embeddings\": %d,\n", s->vocab, s->seq_len);
+    fprintf(f, "  \"rms_norm_eps\": %g,\n  \"rope_theta\": %.1f,\n", s->rms_eps, s->rope_theta);
+    fprintf(f, "  \"tie_word_embeddings\": %s,\n  \"hidden_act\": \"silu\",\n",
+            s->tied ? "true" : "false");
+    if (s->arch == MTM_ARCH_LLAMA)
+        fprintf(f, "  \"attention_bias\": %s,\n", s->qkv_bias ? "true" : "false");
+    if (s->arch == MTM_ARCH_MISTRAL) fprintf(f, "  \"sliding_window\": null,\n");
+    if (s->arch == MTM_ARCH_QWEN2) fprintf(f, "  \"use_sliding_window\": false,\n");
+    fprintf(f, "  \"bos_token_id\": 1,\n  \"eos_token_id\": 2,\n  \"torch_dtype\": \"%s\"\n}\n",
+            torch[dt]);
+    int bad = ferror(f);
+    if (fclose(f) != 0 || bad) {
+        fprintf(stderr, "make-test-model: write error on %s\n", path);
+        return TD_EIO;
+    }
+    return 0;
 }
 
 static int write_small_file(const char *path, const char *text)

@@ -175,26 +175,35 @@ static int add_merge(mtm_vocab *v, strset *set, int id, int a, int b)
     return 0;
 }
 
-/* One round of pair counting on the words; returns the most frequent pair
- * not yet tried (ties: smallest ids) with its count, 0 when none. */
-static int best_pair(const word *w, int nw, const strset *set, const mtm_vocab *v, int *pa, int *pb)
+/* Pair counts for one round of merging: open addressing keyed by the id
+ * pair; the corpus has far fewer than PAIR_CAP distinct pairs. */
+enum { PAIR_CAP = 1 << 14 };
+typedef struct pair_table {
+    uint64_t key[PAIR_CAP]; /* (a << 32) | b */
+    int cnt[PAIR_CAP];      /* 0: empty slot */
+} pair_table;
+
+/* One round of pair counting on the words; returns the count of the most
+ * frequent pair whose concatenation is not a token yet (ties: smallest ids),
+ * stored in *pa, *pb; 0 when there is none. */
+static int best_pair(pair_table *pt, const word *w, int nw, const strset *set, const mtm_vocab *v,
+                     int *pa, int *pb)
 {
-    enum { CAP = 1 << 14 };
-    static uint64_t key[CAP];
-    static int cnt[CAP];
-    memset(cnt, 0, sizeof cnt);
+    uint64_t *key = pt->key;
+    int *cnt = pt->cnt;
+    memset(cnt, 0, sizeof pt->cnt);
     int best = 0;
     for (int k = 0; k < nw; k++) {
         for (int j = 0; j + 1 < w[k].n; j++) {
             uint64_t kk = ((uint64_t)(uint32_t)w[k].ids[j] << 32) | (uint32_t)w[k].ids[j + 1];
             size_t i = (size_t)((kk * 0x9E3779B97F4A7C15ull) >> 50);
             while (cnt[i] != 0 && key[i] != kk)
-                i = (i + 1) & (CAP - 1);
+                i = (i + 1) & (PAIR_CAP - 1);
             key[i] = kk;
             cnt[i] += w[k].count;
         }
     }
-    for (size_t i = 0; i < CAP; i++) {
+    for (size_t i = 0; i < PAIR_CAP; i++) {
         if (cnt[i] < 2) continue;
         int a = (int)(key[i] >> 32), b = (int)(uint32_t)key[i];
         char buf[128];
@@ -252,6 +261,7 @@ int mtm_vocab_build(int n, uint64_t seed, mtm_vocab *v)
     word *w = NULL;
     int nw = 0;
     strset set = {0};
+    pair_table *pt = malloc(sizeof *pt);
     v->n = n;
     v->piece = calloc((size_t)n, sizeof *v->piece);
     v->len = calloc((size_t)n, sizeof *v->len);
@@ -260,7 +270,7 @@ int mtm_vocab_build(int n, uint64_t seed, mtm_vocab *v)
     while (set.cap < (size_t)n * 4)
         set.cap *= 2;
     set.slot = malloc(set.cap * sizeof *set.slot);
-    if (!v->piece || !v->len || !v->merge || !set.slot) goto out;
+    if (!v->piece || !v->len || !v->merge || !set.slot || !pt) goto out;
     memset(set.slot, 0xFF, set.cap * sizeof *set.slot);
 
     static const char *specials[3] = {"<unk>", "<s>", "</s>"};
@@ -276,7 +286,7 @@ int mtm_vocab_build(int n, uint64_t seed, mtm_vocab *v)
     int id = MTM_VOCAB_FIRST_MERGE;
     while (id < n) {
         int a = 1 << 30, b = 1 << 30;
-        if (best_pair(w, nw, &set, v, &a, &b) < 2) break;
+        if (best_pair(pt, w, nw, &set, v, &a, &b) < 2) break;
         if ((rc = add_merge(v, &set, id, a, b)) < 0) goto out;
         apply_merge(w, nw, a, b, id);
         id++;
@@ -301,6 +311,7 @@ int mtm_vocab_build(int n, uint64_t seed, mtm_vocab *v)
     }
     rc = 0;
 out:
+    free(pt);
     free(w);
     free(set.slot);
     if (rc != 0) {

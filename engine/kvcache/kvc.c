@@ -15,10 +15,11 @@ enum { KVC_FREE = 0, KVC_USED = 1, KVC_CACHED = 2 };
 #define KVC_SLOT_MASK  0xffffffffLL
 #define KVC_MAX_SEQS   (1u << 24)
 #define KVC_MAX_BLOCKS (1u << 30)
+#define KVC_MAX_GEN    0x7fffffffu /* keeps ids positive */
 
 typedef struct kvc_seq {
     int32_t *table; /* max_blocks_per_seq entries, n_blocks in use */
-    uint32_t gen;   /* bumped on free; part of the id */
+    uint32_t gen;   /* 1..KVC_MAX_GEN, bumped on free; high half of the id */
     bool live;
     bool leased;
     uint32_t n_blocks;
@@ -83,13 +84,34 @@ static kvc_seq *seq_get(const kvc_pool *p, int64_t id)
 
 /* ---- hashing ---- */
 
-static uint64_t block_hash(kvc_pool *p, uint64_t parent, const int32_t *tokens)
+/* buf: 8 + 4 * bs bytes of scratch. */
+static uint64_t chain_hash(uint8_t *buf, uint32_t bs, uint64_t parent, const int32_t *tokens)
 {
     /* Literal concatenation parent || tokens, so the hash of a block names its
      * whole prefix. Token ids are hashed in host byte order. */
-    memcpy(p->hash_buf, &parent, sizeof parent);
-    memcpy(p->hash_buf + sizeof parent, tokens, (size_t)p->bs * sizeof(int32_t));
-    return XXH3_64bits(p->hash_buf, sizeof parent + (size_t)p->bs * sizeof(int32_t));
+    memcpy(buf, &parent, sizeof parent);
+    memcpy(buf + sizeof parent, tokens, (size_t)bs * sizeof(int32_t));
+    return XXH3_64bits(buf, sizeof parent + (size_t)bs * sizeof(int32_t));
+}
+
+static uint64_t block_hash(kvc_pool *p, uint64_t parent, const int32_t *tokens)
+{
+    return chain_hash(p->hash_buf, p->bs, parent, tokens);
+}
+
+int kvc_prefix_hashes(uint64_t hash_seed, uint32_t block_size, const int32_t *tokens,
+                      uint32_t n_tokens, uint64_t *out, uint32_t cap)
+{
+    if (block_size == 0 || block_size > KVC_MAX_BLOCK_SIZE || (n_tokens > 0 && !tokens) ||
+        (cap > 0 && !out))
+        return TD_EINVAL;
+    uint8_t buf[sizeof(uint64_t) + KVC_MAX_BLOCK_SIZE * sizeof(int32_t)];
+    uint32_t n = n_tokens / block_size;
+    if (n > cap) n = cap;
+    uint64_t parent = hash_seed;
+    for (uint32_t i = 0; i < n; i++)
+        out[i] = parent = chain_hash(buf, block_size, parent, tokens + (size_t)i * block_size);
+    return (int)n;
 }
 
 static int32_t ht_find(const kvc_pool *p, uint64_t h)
@@ -537,8 +559,8 @@ static void seq_release(kvc_pool *p, kvc_seq *s)
     s->live = false;
     s->leased = false;
     s->n_blocks = s->n_tokens = s->n_committed = s->n_hashed = 0;
-    /* Generation 0 would make id 0 possible; skip it on wrap-around. */
-    if (++s->gen == 0) s->gen = 1;
+    /* Ids stay > 0: generation 0 would allow id 0, above 2^31 - 1 a negative id. */
+    if (++s->gen > KVC_MAX_GEN) s->gen = 1;
     p->free_seqs[p->n_free_seqs++] = slot;
 }
 
@@ -641,7 +663,7 @@ int kvc_check(const kvc_pool *p)
         const kvc_seq *s = &p->seqs[i];
         if (!s->live) continue;
         live++;
-        CHECK(s->gen != 0, "seq=%u what=gen_zero", i);
+        CHECK(s->gen != 0 && s->gen <= KVC_MAX_GEN, "seq=%u what=bad_generation", i);
         CHECK(s->n_blocks <= p->cfg.max_blocks_per_seq, "seq=%u what=too_many_blocks", i);
         CHECK((uint64_t)s->n_blocks * p->bs >= s->n_tokens,
               "seq=%u what=tokens_over_capacity n_tokens=%u n_blocks=%u", i, s->n_tokens,

@@ -20,8 +20,10 @@
  * Prefix cache: a full, committed block i of a sequence is registered under
  * hash(i) = XXH3_64(hash(i-1) || token ids of block i), hash(-1) = hash_seed.
  * A new sequence whose prompt starts with registered blocks shares them
- * (refcount++) instead of recomputing them. Hits are verified token by token, so
- * a hash collision can never hand out wrong KV.
+ * (refcount++) instead of recomputing them. Hits are verified token by token
+ * against the block's stored ids, so only two different prefixes that end in
+ * the same block of tokens and collide in 64 bits (about 2^-64 per pair) could
+ * be confused, as in every hash-chained prefix cache.
  *
  * Sequence ids are int64 handles (slot + generation): an id whose sequence was
  * freed (or whose lease expired) fails cleanly with TD_ENOENT, even if the slot
@@ -95,6 +97,16 @@ typedef struct kvc_seq_info {
     uint32_t n_blocks;
     bool leased;
 } kvc_seq_info;
+
+/* The prefix-cache chain hashes of tokens[0, n_tokens), one per full block,
+ * exactly as a pool with this hash_seed and block_size registers them:
+ * out[i] = XXH3_64(out[i-1] || tokens of block i), out[-1] = hash_seed, where
+ * || is the 8-byte hash in host byte order followed by block_size int32 ids.
+ * Needs no pool, so a router can compute them for cache-aware placement.
+ * Writes min(n_tokens / block_size, cap) hashes and returns that count, or
+ * TD_EINVAL (block_size 0 or > KVC_MAX_BLOCK_SIZE, NULL pointers). */
+int kvc_prefix_hashes(uint64_t hash_seed, uint32_t block_size, const int32_t *tokens,
+                      uint32_t n_tokens, uint64_t *out, uint32_t cap);
 
 /* Creates a pool. cfg is read during the call. *out is owned by the caller and
  * freed with kvc_pool_free. TD_EINVAL on a bad config, TD_ENOMEM. */

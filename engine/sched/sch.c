@@ -94,8 +94,11 @@ int sch_create(const sch_config *cfg, kvc_pool *pool, sch **out)
     *out = NULL;
     sch_config c = *cfg;
     if (c.max_seqs == 0) c.max_seqs = 4 * c.max_num_seqs;
+    /* A budget below max_num_seqs would leave some running sequences out of
+     * every step (the same ones, in priority order): starvation. */
     if (c.max_num_batched_tokens == 0 || c.max_num_seqs == 0 || c.max_model_len == 0 ||
-        c.max_seqs < c.max_num_seqs || c.max_seqs > (1u << 24)) {
+        c.max_num_batched_tokens < c.max_num_seqs || c.max_seqs < c.max_num_seqs ||
+        c.max_seqs > (1u << 24)) {
         td_log_error("sch", "bad_config", "max_num_batched_tokens=%u max_num_seqs=%u max_seqs=%u",
                      c.max_num_batched_tokens, c.max_num_seqs, c.max_seqs);
         return TD_EINVAL;
@@ -264,8 +267,6 @@ int sch_add_prefilled(sch *s, const sch_request *req, int64_t kv_seq, int32_t fi
     return 0;
 }
 
-static void drop_item(sch *s, sch_step *st, uint32_t k);
-
 int sch_abort(sch *s, uint64_t req_id)
 {
     if (!s) return TD_EINVAL;
@@ -360,15 +361,23 @@ static bool is_decode(const sch_seq *q)
     return q->n_computed >= q->n_prompt && q->n_tokens - q->n_computed == 1;
 }
 
+/* Tokens of a sequence to compute this step: what remains, within the budget
+ * and the per-sequence chunk cap. */
+static uint32_t chunk_len(const sch *s, uint32_t remaining, uint32_t budget)
+{
+    uint32_t n = remaining < budget ? remaining : budget;
+    if (s->cfg.max_chunk_tokens != 0 && n > s->cfg.max_chunk_tokens) n = s->cfg.max_chunk_tokens;
+    return n;
+}
+
 /* One pass over the running list (decode sequences, or the ones in prefill). */
 static int schedule_running(sch *s, sch_step *st, bool decode, uint32_t *budget)
 {
-    for (uint32_t i = 0; i<s->n_running && * budget> 0; i++) {
+    for (uint32_t i = 0; i < s->n_running && *budget != 0; i++) {
         uint32_t slot = s->running[i];
         sch_seq *q = &s->seqs[slot];
         if (q->item != NO_ITEM || is_decode(q) != decode) continue;
-        uint32_t n = q->n_tokens - q->n_computed;
-        if (n > *budget) n = *budget;
+        uint32_t n = chunk_len(s, q->n_tokens - q->n_computed, *budget);
         bool self_preempted = false;
         for (;;) {
             int rc = kvc_seq_grow(s->pool, q->kv, n, NULL);
@@ -395,7 +404,7 @@ static int schedule_running(sch *s, sch_step *st, bool decode, uint32_t *budget)
 
 static int admit_waiting(sch *s, sch_step *st, uint32_t *budget)
 {
-    while (s->n_waiting > 0 && s->n_running<s->cfg.max_num_seqs && * budget> 0) {
+    while (s->n_waiting != 0 && s->n_running < s->cfg.max_num_seqs && *budget != 0) {
         uint32_t slot = s->waiting[0];
         sch_seq *q = &s->seqs[slot];
         int rc;
@@ -418,8 +427,7 @@ static int admit_waiting(sch *s, sch_step *st, uint32_t *budget)
         uint32_t n_cached = 0;
         rc = kvc_prefix_match(s->pool, q->tokens, q->n_tokens, &n_cached);
         if (rc < 0) return rc;
-        uint32_t n = q->n_tokens - n_cached;
-        if (n > *budget) n = *budget;
+        uint32_t n = chunk_len(s, q->n_tokens - n_cached, *budget);
         kvc_seq_spec spec = {
             .tokens = q->tokens,
             .n_prompt = q->n_tokens,
@@ -543,6 +551,32 @@ int sch_update(sch *s, const sch_result *results, uint32_t n_results, const sch_
     if (n_finished) *n_finished = s->n_finished;
     if (err < 0) return err;
     return check_pool(s);
+}
+
+int sch_step_flatten(const sch *s, const sch_step *step, int32_t *tokens, int32_t *pos,
+                     int32_t *seq, const int32_t **tables, int32_t *n_blocks, int32_t *out_rows,
+                     int32_t *n_out)
+{
+    if (!s || !step || !tokens || !pos || !seq || !tables || !n_blocks || !out_rows || !n_out)
+        return TD_EINVAL;
+    if (!s->in_flight || step->items != s->items || step->n_items != s->n_items) return TD_EINVAL;
+    uint32_t row = 0;
+    int32_t n = 0;
+    for (uint32_t i = 0; i < s->n_items; i++) {
+        const sch_item *it = &s->items[i];
+        uint32_t nb = 0;
+        tables[i] = kvc_seq_table(s->pool, it->kv_seq, &nb);
+        if (!tables[i]) return TD_EINTERNAL;
+        n_blocks[i] = (int32_t)nb;
+        for (uint32_t j = 0; j < it->n; j++, row++) {
+            tokens[row] = it->tokens[j];
+            pos[row] = (int32_t)(it->start + j);
+            seq[row] = (int32_t)i;
+        }
+        if (it->sample) out_rows[n++] = (int32_t)(row - 1);
+    }
+    *n_out = n;
+    return 0;
 }
 
 const int32_t *sch_seq_tokens(const sch *s, uint64_t req_id, uint32_t *n_tokens)

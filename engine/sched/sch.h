@@ -46,8 +46,10 @@
 typedef struct sch sch;
 
 typedef struct sch_config {
-    uint32_t max_num_batched_tokens; /* token budget of one step, >= 1 */
+    uint32_t max_num_batched_tokens; /* token budget of one step, >= max_num_seqs */
     uint32_t max_num_seqs;           /* running sequences at once, >= 1 */
+    uint32_t max_chunk_tokens;       /* cap on one sequence's prefill chunk per step, so
+                                        several prompts progress together; 0 = none */
     uint32_t max_seqs;               /* sequences known at once (waiting + running);
                                         0 means 4 * max_num_seqs */
     uint32_t max_model_len;          /* prompt + generated tokens of one sequence;
@@ -69,8 +71,9 @@ typedef struct sch_request {
 typedef struct sch_item {
     uint64_t req_id;
     int64_t kv_seq;        /* kvc sequence: its block table gives every slot */
-    const int32_t *tokens; /* n token ids at positions start..start+n-1; owned by the
-                              scheduler, valid until sch_update */
+    const int32_t *tokens; /* n token ids at positions start..start+n-1 (tokens - start
+                              is the whole sequence); owned by the scheduler, valid
+                              until sch_update */
     uint32_t start;        /* positions [0, start) are already in the KV cache */
     uint32_t n;            /* tokens to compute, >= 1 */
     bool sample;           /* sample a token from the logits of position start + n - 1 */
@@ -137,9 +140,12 @@ void sch_free(sch *s);
  * TD_ETOOLONG (prompt >= max_model_len), TD_ENOSPC (max_seqs known), TD_EINVAL. */
 int sch_add(sch *s, const sch_request *req);
 
-/* Adds a request whose prompt KV is already in kv_seq (all n_prompt tokens
- * committed, not a lease) and whose first token was sampled elsewhere. On
- * success the scheduler owns kv_seq; on error the caller still does. */
+/* Decode workers: adds a request whose prompt KV is already in kv_seq (all
+ * n_prompt tokens committed with kvc_seq_commit, so no longer a lease) and whose
+ * first token was sampled by the prefill worker. Enters RUNNING directly (or
+ * waits with its KV when max_num_seqs are running). max_new_tokens counts the
+ * first token, so it must be >= 2 (else there is nothing to decode: TD_EINVAL).
+ * On success the scheduler owns kv_seq; on error the caller still does. */
 int sch_add_prefilled(sch *s, const sch_request *req, int64_t kv_seq, int32_t first_token);
 
 /* Drops a request wherever it is and frees its blocks. If it is part of the step
@@ -160,8 +166,21 @@ int sch_schedule(sch *s, sch_step *out);
 int sch_update(sch *s, const sch_result *results, uint32_t n_results, const sch_finished **finished,
                uint32_t *n_finished);
 
+/* Flattens step (the last sch_schedule's) into the arrays a forward pass takes
+ * (engine/backend's be_batch). For batch row j (items in order, n positions
+ * each): tokens[j], pos[j] and seq[j] (the item index). For item i: tables[i]
+ * and n_blocks[i], its block table (the pool's memory, valid until the pool
+ * changes). out_rows[0, *n_out): the rows whose logits are sampled, one per
+ * item with sample set, in item order (so results[i] of sch_update is the
+ * sample of the item owning out_rows' entry). All arrays are the caller's:
+ * tokens, pos and seq hold step->n_tokens entries; tables, n_blocks and
+ * out_rows step->n_items. TD_EINVAL if step is not the step in flight. */
+int sch_step_flatten(const sch *s, const sch_step *step, int32_t *tokens, int32_t *pos,
+                     int32_t *seq, const int32_t **tables, int32_t *n_blocks, int32_t *out_rows,
+                     int32_t *n_out);
+
 /* Tokens (prompt then generated) of a live request, owned by the scheduler,
- * valid until the next call that changes it. NULL if unknown. */
+ * valid until the next call that changes it. NULL if unknown. O(max_seqs). */
 const int32_t *sch_seq_tokens(const sch *s, uint64_t req_id, uint32_t *n_tokens);
 
 void sch_stats_get(const sch *s, sch_stats *out);

@@ -690,8 +690,11 @@ int tok_chat_render(const tok_tokenizer *t, const tok_chat_msg *msgs, size_t n_m
         break;
     }
     case TOK_CHAT_CHATML:
-        if (t->chat_default_system && (n_msgs == 0 || strcmp(msgs[0].role, "system") != 0))
-            sb_puts(&b, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n");
+        if (t->chat_default_system && (n_msgs == 0 || strcmp(msgs[0].role, "system") != 0)) {
+            sb_puts(&b, "<|im_start|>system\n");
+            sb_put(&b, t->arena + t->chat_system_off, t->chat_system_len);
+            sb_puts(&b, "<|im_end|>\n");
+        }
         for (size_t i = 0; i < n_msgs; i++) {
             sb_puts(&b, "<|im_start|>");
             sb_puts(&b, msgs[i].role);

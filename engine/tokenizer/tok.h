@@ -23,8 +23,9 @@ typedef struct tok_tokenizer tok_tokenizer;
 /* path: a tokenizer.json file, a directory holding tokenizer.json, or a
  * llama2.c tokenizer.bin. Also accepted: a GPT-2 style vocab.json (merges.txt
  * beside it), and a directory holding vocab.json + merges.txt or
- * tokenizer.bin / tok512.bin when it has no tokenizer.json. Files are told
- * apart by content (JSON or not), not by name. Pipeline parts the library
+ * tokenizer.bin / tok512.bin when it has no tokenizer.json. A file is JSON
+ * or llama2.c binary by its content; a JSON file named *vocab.json is read
+ * as GPT-2's vocab.json. Pipeline parts the library
  * does not implement are refused with TD_EUNSUPPORTED and named in err;
  * malformed files give TD_EFORMAT. On success *out is owned by the caller
  * (tok_free). */

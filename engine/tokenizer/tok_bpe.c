@@ -44,6 +44,36 @@ int tok__bpe_reserve(tok__bpe_scratch *s, size_t n_sym)
     return 0;
 }
 
+void tok__check_split_words(tok_tokenizer *t, const char *mark, size_t mark_len)
+{
+    t->split_words = false;
+    if (mark_len == 0 || mark_len > sizeof(t->word_mark) || t->vocab.slots == NULL) return;
+    /* every piece reachable by merging is in the vocabulary map */
+    for (uint32_t h = 0; h <= t->vocab.mask; h++) {
+        int32_t id = t->vocab.slots[h];
+        if (id < 0) continue;
+        const char *p = t->arena + t->piece_off[id];
+        size_t n = t->piece_len[id], i = 0;
+        while (i + mark_len <= n && memcmp(p + i, mark, mark_len) == 0)
+            i += mark_len;
+        for (; i + mark_len <= n; i++)
+            if (memcmp(p + i, mark, mark_len) == 0) return;
+    }
+    memcpy(t->word_mark, mark, mark_len);
+    t->word_mark_len = (uint8_t)mark_len;
+    t->split_words = true;
+}
+
+size_t tok__word_end(const tok_tokenizer *t, const char *text, size_t n, size_t i)
+{
+    size_t m = t->word_mark_len;
+    while (i + m <= n && memcmp(text + i, t->word_mark, m) == 0)
+        i += m;
+    while (i < n && !(i + m <= n && memcmp(text + i, t->word_mark, m) == 0))
+        i++;
+    return i;
+}
+
 static bool ent_less(const struct tok__heap_ent *a, const struct tok__heap_ent *b)
 {
     if (a->prio != b->prio) return a->prio < b->prio;

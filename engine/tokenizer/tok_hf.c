@@ -509,6 +509,47 @@ static const char *chat_template_text(const cJSON *cfg)
     return first ? jstr(first, "template") : NULL;
 }
 
+/* A ChatML template with a literal default system turn, as Qwen's
+ * "'<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n'", keeps
+ * its text (the newline may be a real one or a backslash-n escape). */
+static int chatml_default_system(tok_tokenizer *t, const char *tpl)
+{
+    static const char head[] = "<|im_start|>system";
+    const char *p = strstr(tpl, head);
+    if (p == NULL) return 0;
+    p += sizeof(head) - 1;
+    if (p[0] == '\n')
+        p += 1;
+    else if (p[0] == '\\' && p[1] == 'n')
+        p += 2;
+    else
+        return 0;
+    const char *end = strstr(p, "<|im_end|>");
+    if (end == NULL) return 0;
+    /* plain text only: a quote or a brace means template code, not a default */
+    char *text = malloc((size_t)(end - p) + 1);
+    if (text == NULL) return TD_ENOMEM;
+    size_t n = 0;
+    for (const char *q = p; q < end; q++) {
+        if (*q == '\'' || *q == '"' || *q == '{' || *q == '}') {
+            free(text);
+            return 0;
+        }
+        if (q[0] == '\\' && q + 1 < end && q[1] == 'n') {
+            text[n++] = '\n';
+            q++;
+        } else {
+            text[n++] = *q;
+        }
+    }
+    int rc = tok__arena_put(t, text, n, &t->chat_system_off);
+    free(text);
+    if (rc < 0) return rc;
+    t->chat_system_len = (uint32_t)n;
+    t->chat_default_system = true;
+    return 0;
+}
+
 /* BOS/EOS, add_bos_token and the chat template from the files beside the
  * tokenizer: tokenizer_config.json first, then generation_config.json, then
  * config.json. */
@@ -545,7 +586,7 @@ static int load_configs(hf_load *L, const char *dir)
             t->chat = TOK_CHAT_LLAMA3;
         else if (strstr(tpl, "<|im_start|>")) {
             t->chat = TOK_CHAT_CHATML;
-            t->chat_default_system = strstr(tpl, "You are a helpful assistant.") != NULL;
+            rc = chatml_default_system(t, tpl);
         } else if (strstr(tpl, "[INST]"))
             t->chat = TOK_CHAT_LLAMA2;
     }
@@ -663,6 +704,9 @@ out:
  * vocabulary, merges and declared pipeline are in place. */
 static int finish_load(hf_load *L)
 {
+    tok_tokenizer *t = L->t;
+    if (!t->byte_level && t->n_splits == 0 && t->norm_space_meta && !t->ignore_merges)
+        tok__check_split_words(t, META, 3);
     int rc = build_byte_ids(L);
     if (rc == 0) rc = build_decoded(L);
     if (rc == 0) {
@@ -958,6 +1002,14 @@ static int enc_segment(enc *e, const char *s, size_t n, bool at_start)
     }
     if ((rc = tok__bpe_reserve(&e->s, m)) < 0) return rc;
     if (t->byte_level && (rc = grow(&e->mapped, &e->mapped_cap, m * 2)) < 0) return rc;
+    if (t->split_words) {
+        for (size_t i = 0; i < m;) {
+            size_t j = tok__word_end(t, e->norm, m, i);
+            if ((rc = enc_word(e, e->norm + i, j - i)) < 0) return rc;
+            i = j;
+        }
+        return 0;
+    }
     return enc_split(e, 0, e->norm, m);
 }
 

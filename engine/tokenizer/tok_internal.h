@@ -88,13 +88,23 @@ struct tok_tokenizer {
     bool fuse_unk;
     int32_t unk_id;
     bool dec_strip_space; /* decoder strips one leading space of the output */
+    /* SentencePiece-style vocabularies without a pre-tokenizer: when no piece
+     * holds the space mark (U+2581, or ' ' for llama2.c) after another
+     * character, no merge can cross the start of a "▁word", so each one is
+     * merged on its own: same ids, small heaps. Decided at load. */
+    bool split_words;
+    char word_mark[3];
+    uint8_t word_mark_len;
 
     int32_t bos_id, eos_id;
     int32_t eos_ids[TOK__MAX_EOS]; /* every id that ends generation */
     int n_eos;
     bool add_bos;
     enum tok_chat_family chat;
-    bool chat_default_system; /* ChatML template adds a default system prompt */
+    /* ChatML templates (Qwen) that add a system turn when the conversation
+     * has none: its text in the arena. */
+    bool chat_default_system;
+    uint32_t chat_system_off, chat_system_len;
 };
 
 /* --- tok.c --- */
@@ -161,6 +171,11 @@ typedef struct tok__bpe_scratch {
     size_t heap_cap;
 } tok__bpe_scratch;
 void tok__bpe_scratch_free(tok__bpe_scratch *s);
+/* Sets split_words when the model vocabulary allows it (see above). */
+void tok__check_split_words(tok_tokenizer *t, const char *mark, size_t mark_len);
+/* End of the word that starts at text[i]: a run of marks, then everything
+ * up to the next mark. */
+size_t tok__word_end(const tok_tokenizer *t, const char *text, size_t n, size_t i);
 int tok__bpe_reserve(tok__bpe_scratch *s, size_t n_sym);
 /* Merges sym[0..n) (linked in order) and appends the resulting ids to out.
  * text: the word's bytes (symbols point into it). By rank (merges map) for

@@ -101,6 +101,7 @@ int tok__l2c_load(tok_tokenizer *t, const char *data, size_t len, char *err, siz
     if (rc == 0) rc = tok__vmap_build(t, ids, n);
     free(ids);
     if (rc < 0) return rc;
+    tok__check_split_words(t, " ", 1);
     for (int i = 0; i < 3; i++)
         t->attr[i] |= TOK__ATTR_SPECIAL;
     t->unk_id = 0;
@@ -136,31 +137,33 @@ int tok__l2c_encode(const tok_tokenizer *t, const char *text, size_t len, bool a
     size_t n = len + 1;
     /* at most one symbol per byte */
     if ((rc = tok__bpe_reserve(&s, n)) < 0) goto done;
-    size_t ns = 0;
     const uint8_t *u = (const uint8_t *)buf;
-    for (size_t i = 0; i < n;) {
-        uint32_t cp;
-        size_t l = tok__utf8_next(u, n, i, &cp);
-        int32_t id = tok__vmap_find(t, buf + i, l);
-        if (id >= 0) {
-            s.sym[ns] = (tok__sym){.id = id, .off = (uint32_t)i, .len = (uint32_t)l};
-            ns++;
-        } else {
-            /* byte fallback: one <0xNN> symbol per byte */
-            for (size_t k = 0; k < l; k++) {
-                int32_t b = t->byte_id[u[i + k]];
-                s.sym[ns] =
-                    (tok__sym){.id = b >= 0 ? b : t->unk_id, .off = (uint32_t)(i + k), .len = 1};
-                ns++;
+    for (size_t w0 = 0; w0 < n && rc == 0;) {
+        size_t w1 = t->split_words ? tok__word_end(t, buf, n, w0) : n;
+        size_t ns = 0;
+        for (size_t i = w0; i < w1;) {
+            uint32_t cp;
+            size_t l = tok__utf8_next(u, w1, i, &cp);
+            int32_t id = tok__vmap_find(t, buf + i, l);
+            if (id >= 0) {
+                s.sym[ns++] = (tok__sym){.id = id, .off = (uint32_t)(i - w0), .len = (uint32_t)l};
+            } else {
+                /* byte fallback: one <0xNN> symbol per byte */
+                for (size_t k = 0; k < l; k++) {
+                    int32_t b = t->byte_id[u[i + k]];
+                    s.sym[ns++] = (tok__sym){
+                        .id = b >= 0 ? b : t->unk_id, .off = (uint32_t)(i - w0 + k), .len = 1};
+                }
             }
+            i += l;
         }
-        i += l;
+        for (size_t i = 0; i < ns; i++) {
+            s.sym[i].prev = (int32_t)i - 1;
+            s.sym[i].next = i + 1 < ns ? (int32_t)i + 1 : -1;
+        }
+        rc = tok__bpe_merge(t, &s, buf + w0, ns, &out);
+        w0 = w1;
     }
-    for (size_t i = 0; i < ns; i++) {
-        s.sym[i].prev = (int32_t)i - 1;
-        s.sym[i].next = i + 1 < ns ? (int32_t)i + 1 : -1;
-    }
-    rc = tok__bpe_merge(t, &s, buf, ns, &out);
 done:
     free(buf);
     tok__bpe_scratch_free(&s);

@@ -250,6 +250,10 @@ def run_checks(binary, tmp):
         f.write("x")
     r = mtm(binary, "--format", "hf", "--shape", "tiny", "--seed", "1", "--out", afile)
     check(r.returncode == 1 and "not a directory" in r.stderr, "hf --out naming a file: exit 1, says 'not a directory'")
+    if os.path.exists("/dev/full"):  # every write fails with ENOSPC
+        r = mtm(binary, "--format", "llama2c", "--shape", "tiny", "--seed", "1", "--out", "/dev/full")
+        check(r.returncode == 1 and "write error" in r.stderr and "No space left" in r.stderr,
+              "a failing write (/dev/full): exit 1, says 'write error' and why")
     for args, needle in bad:
         out = os.path.join(tmp, "bad", "x")
         r = mtm(binary, *args, "--out", out)

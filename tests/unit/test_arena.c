@@ -8,6 +8,7 @@
 #include "common/arena.h"
 #include "common/clock.h"
 #include "common/err.h"
+#include "fail_alloc.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -173,6 +174,27 @@ static void test_asan_poisoning(void **state)
 #endif
 }
 
+/* A failed chunk allocation returns NULL and leaves the arena as it was. */
+static void test_alloc_failure(void **state)
+{
+    (void)state;
+    arena a;
+    assert_int_equal(arena_init(&a, 128), 0);
+    fail_alloc_arm(0);
+    assert_null(arena_alloc(&a, 16, 8));
+    assert_int_equal(fail_alloc_disarm(), 1);
+    assert_int_equal(arena_used(&a), 0);
+    assert_int_equal(arena_reserved(&a), 0);
+    void *p = arena_alloc(&a, 100, 8);
+    assert_non_null(p);
+    fail_alloc_arm(0); /* the next request needs a second chunk */
+    assert_null(arena_alloc(&a, 100, 8));
+    assert_int_equal(fail_alloc_disarm(), 1);
+    assert_int_equal(arena_used(&a), 100);
+    assert_non_null(arena_alloc(&a, 100, 8));
+    arena_close(&a);
+}
+
 static int bench(void)
 {
     enum { ROUNDS = 20000, PER = 256 };
@@ -214,6 +236,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_mixed_pattern_stabilises),
         cmocka_unit_test(test_calloc_and_strndup),
         cmocka_unit_test(test_asan_poisoning),
+        cmocka_unit_test(test_alloc_failure),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -9,6 +9,7 @@
 #include "common/config.h"
 #include "common/err.h"
 #include "common/log.h"
+#include "fail_alloc.h"
 
 #include <fcntl.h>
 #include <stdio.h>
@@ -135,6 +136,7 @@ static void test_value_syntax(void **state)
         {"dur", "0", 0, 0, NULL},
         {"dur", "0.000000001s", 0, 1, NULL},
         {"dur", "0.5ns", TD_EINVAL, 0, "finer than 1ns"},
+        {"dur", "1.0000000000000000001s", TD_EINVAL, 0, "too many decimal digits"},
         {"dur", "10", TD_EINVAL, 0, "missing unit"},
         {"dur", "5sec", TD_EINVAL, 0, "unknown unit"},
         {"dur", "1.2.3s", TD_EINVAL, 0, "malformed number"},
@@ -205,6 +207,8 @@ static void test_value_syntax(void **state)
     assert_int_equal(cfg_set(c, "s", "x y", "test"), 0);
     assert_string_equal(a.s, "x y");
     assert_string_equal(cfg_source(c, "s"), "test");
+    assert_int_equal(cfg_set(c, "ss", "x", "test"), TD_EINVAL);
+    assert_string_equal(cfg_error(c), "test: unknown key 'ss' (did you mean 's'?)");
     assert_int_equal(cfg_set(c, NULL, "x", "test"), TD_EINVAL);
     cfg_free(c);
 }
@@ -214,20 +218,21 @@ static void test_file_format(void **state)
     (void)state;
     struct opts o;
     cfg *c = make(&o);
-    const char *text = "# a comment\n"
-                       "   name = \"my \\\"node\\\" # not a comment\\n\\t\\\\\"   # comment\r\n"
-                       "\n"
-                       "[router]\n"
-                       "port=9000 # trailing\n"
-                       "\tratio = 0.75\n"
-                       "verbose = yes\n"
-                       "window = 1.5s\n"
-                       "[ kv ]   # spaces in header are fine\n"
-                       "pool = 1.5GiB\n"
-                       "[engine]\n"
-                       "backend = cuda"; /* no final newline */
+    const char *text =
+        "# a comment\n"
+        "   name = \"my \\\"node\\\" # not a comment\\n\\t\\\\\\r\\#\"   # comment\r\n"
+        "\n"
+        "[router]\n"
+        "port=9000 # trailing\n"
+        "\tratio = 0.75\n"
+        "verbose = yes\n"
+        "window = 1.5s\n"
+        "[ kv ]   # spaces in header are fine\n"
+        "pool = 1.5GiB\n"
+        "[engine]\n"
+        "backend = cuda"; /* no final newline */
     assert_int_equal(cfg_load_string(c, text, "node.conf"), 0);
-    assert_string_equal(o.name, "my \"node\" # not a comment\n\t\\");
+    assert_string_equal(o.name, "my \"node\" # not a comment\n\t\\\r#");
     assert_int_equal(o.port, 9000);
     assert_true(o.ratio == 0.75);
     assert_true(o.verbose);
@@ -453,12 +458,14 @@ static void test_flag_errors(void **state)
 struct req {
     const char *model;
     int64_t n;
+    double f;
 };
 
 static const struct cfg_option req_table[] = {
     {"engine.model", CFG_STRING, NULL, NULL, NULL, NULL, "Model directory",
      offsetof(struct req, model), CFG_REQUIRED},
     {"n", CFG_INT64, NULL, "0", NULL, NULL, "Count", offsetof(struct req, n), 0},
+    {"f", CFG_DOUBLE, NULL, NULL, "2.5", NULL, "Factor", offsetof(struct req, f), 0},
 };
 
 static void test_required_and_help(void **state)
@@ -466,7 +473,7 @@ static void test_required_and_help(void **state)
     (void)state;
     struct req r;
     cfg *c = NULL;
-    assert_int_equal(cfg_create(&c, "tandem-x", req_table, 2, &r), 0);
+    assert_int_equal(cfg_create(&c, "tandem-x", req_table, 3, &r), 0);
     assert_null(r.model);
     assert_string_equal(cfg_source(c, "engine.model"), "unset");
     char *argv[] = {"prog", NULL};
@@ -475,9 +482,11 @@ static void test_required_and_help(void **state)
                                       "config file or with --engine.model=STRING)");
     assert_int_equal(cfg_set(c, "n", "-1", "test"), TD_ERANGE);
     assert_string_equal(cfg_error(c), "test: n = \"-1\": must be >= 0");
+    assert_int_equal(cfg_set(c, "f", "2.6", "test"), TD_ERANGE);
+    assert_string_equal(cfg_error(c), "test: f = \"2.6\": must be <= 2.5");
     cfg_free(c);
 
-    assert_int_equal(cfg_create(&c, "tandem-x", req_table, 2, &r), 0);
+    assert_int_equal(cfg_create(&c, "tandem-x", req_table, 3, &r), 0);
     char *argv2[] = {"prog", "--engine.model=/m", NULL};
     assert_int_equal(cfg_parse(c, 2, argv2), 0);
     assert_string_equal(r.model, "/m");
@@ -501,10 +510,11 @@ static void test_required_and_help(void **state)
     assert_int_equal(cfg_parse(c, 3, argv4), 0);
     cfg_free(c);
 
-    assert_int_equal(cfg_create(&c, "tandem-x", req_table, 2, &r), 0);
+    assert_int_equal(cfg_create(&c, "tandem-x", req_table, 3, &r), 0);
     help = cfg_help(c);
     assert_non_null(strstr(help, "  --engine.model=STRING (required)\n      Model directory\n"));
     assert_non_null(strstr(help, "  --n=INT\n      Count [min: 0]\n"));
+    assert_non_null(strstr(help, "  --f=FLOAT\n      Factor [max: 2.5]\n"));
     cfg_free(c);
 }
 
@@ -521,6 +531,8 @@ static void test_bad_tables(void **state)
         {{"x", CFG_INT64, "abc", NULL, NULL, NULL, "", offsetof(struct opts, port), 0}},
         {{"x", CFG_INT64, NULL, "10", "1", NULL, "", offsetof(struct opts, port), 0}},
         {{"x", CFG_INT64, NULL, "one", NULL, NULL, "", offsetof(struct opts, port), 0}},
+        {{"x", CFG_INT64, NULL, NULL, "1e3", NULL, "", offsetof(struct opts, port), 0}},
+        {{"x", (enum cfg_type)99, NULL, NULL, NULL, NULL, "", offsetof(struct opts, port), 0}},
         {{"x", CFG_STRING, NULL, "1", NULL, NULL, "", offsetof(struct opts, name), 0}},
         {{"x", CFG_INT64, NULL, NULL, NULL, "a|b", "", offsetof(struct opts, port), 0}},
         {{"x", CFG_STRING, "d", NULL, NULL, NULL, "", offsetof(struct opts, name), CFG_REQUIRED}},
@@ -568,14 +580,95 @@ static void test_log_lines(void **state)
     cfg_free(c);
 }
 
+/* Random text built from tokens the parser cares about (real keys, units,
+ * quotes, escapes, comments, headers): every input gets 0 or a negative code
+ * with a message naming the line, never a crash (ASan checks memory). */
+static void test_random_input(void **state)
+{
+    (void)state;
+    static const char *const tokens[] = {
+        "[router]\n", "[kv]\n",      "[",       "]",     "port",  "window", "pool",
+        "name",       "router.port", "kv.pool", " = ",   "=",     "\"",     "\\",
+        "\\\"",       "1.5",         "0",       "65535", "70000", "ms",     "s",
+        "GiB",        "B",           "#",       " ",     "\t",    "\n",     "\r\n",
+        "x",          "-",           ".",       "\x01",  "\xff",  "1e9",    "9999999999999999999"};
+    const size_t ntok = sizeof(tokens) / sizeof(tokens[0]);
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    char text[512];
+    int ok = 0;
+    for (int round = 0; round < 3000; round++) {
+        size_t len = 0;
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        int n = (int)((x >> 33) % 24);
+        for (int t = 0; t < n; t++) {
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+            const char *tok = tokens[(x >> 33) % ntok];
+            size_t tl = strlen(tok);
+            if (len + tl >= sizeof(text)) break;
+            memcpy(text + len, tok, tl);
+            len += tl;
+        }
+        text[len] = '\0';
+        struct opts o;
+        cfg *c = make(&o);
+        int rc = cfg_load_string(c, text, "r");
+        if (rc > 0 || (rc < 0 && strncmp(cfg_error(c), "r:", 2) != 0))
+            fail_msg("round %d: rc %d, message '%s'", round, rc, cfg_error(c));
+        ok += rc == 0;
+        cfg_free(c);
+    }
+    assert_true(ok > 0); /* some inputs were valid: the generator is not all noise */
+}
+
+/* Every allocation in create, load, parse and help fails in turn: each call
+ * reports TD_ENOMEM (or the help text says so), nothing leaks (ASan), and
+ * with no failure the same steps succeed. */
+static int config_steps(void)
+{
+    struct opts o;
+    cfg *c = NULL;
+    int rc = cfg_create(&c, "tandem-test", table, NTABLE, &o);
+    if (rc != 0) return rc;
+    rc = cfg_load_string(c, "name = \"n\"\n[engine]\nbackend = cuda\n", "m.conf");
+    if (rc == 0) {
+        char *argv[] = {"prog", "--name=x", "pos1", "pos2", "pos3", "pos4", "pos5", NULL};
+        rc = cfg_parse(c, 7, argv);
+    }
+    if (rc == 0 && strcmp(cfg_help(c), "out of memory\n") == 0) rc = TD_ENOMEM;
+    if (rc == 0 && strcmp(o.name, "x") != 0) rc = TD_EINTERNAL;
+    cfg_free(c);
+    return rc;
+}
+
+static void test_alloc_failures(void **state)
+{
+    (void)state;
+    enum td_log_level level = td_log_get_level();
+    td_log_set_level(TD_LOG_OFF);
+    for (long n = 0;; n++) {
+        fail_alloc_arm(n);
+        int rc = config_steps();
+        long hits = fail_alloc_disarm();
+        if (hits == 0) {
+            assert_int_equal(rc, 0);
+            assert_true(n > 10); /* the steps did allocate */
+            break;
+        }
+        if (rc != TD_ENOMEM)
+            fail_msg("allocation %ld failed: rc %d (%s), want TD_ENOMEM", n, rc, td_strerror(rc));
+    }
+    td_log_set_level(level);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_defaults),    cmocka_unit_test(test_value_syntax),
-        cmocka_unit_test(test_file_format), cmocka_unit_test(test_file_errors),
-        cmocka_unit_test(test_load_file),   cmocka_unit_test(test_flags_override_file),
-        cmocka_unit_test(test_flag_errors), cmocka_unit_test(test_required_and_help),
-        cmocka_unit_test(test_bad_tables),  cmocka_unit_test(test_log_lines),
+        cmocka_unit_test(test_defaults),     cmocka_unit_test(test_value_syntax),
+        cmocka_unit_test(test_file_format),  cmocka_unit_test(test_file_errors),
+        cmocka_unit_test(test_load_file),    cmocka_unit_test(test_flags_override_file),
+        cmocka_unit_test(test_flag_errors),  cmocka_unit_test(test_required_and_help),
+        cmocka_unit_test(test_bad_tables),   cmocka_unit_test(test_log_lines),
+        cmocka_unit_test(test_random_input), cmocka_unit_test(test_alloc_failures),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -14,6 +14,7 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
+#include <xxhash.h>
 
 /* ---- seeded PRNG (xorshift64*) ---- */
 
@@ -275,6 +276,7 @@ static void compare(const kvc_pool *p, const model *m)
     kvc_stats_get(p, &st);
     assert_int_equal(st.free, m->n_free);
     assert_int_equal(st.cached, m->n_lru);
+    assert_int_equal(kvc_available_blocks(p), m->n_free + m->n_lru);
     assert_int_equal(st.used, m->nb - m->n_free - m->n_lru);
     assert_int_equal(st.registered, m_registered(m));
     assert_int_equal(st.live_seqs, m_live(m));
@@ -836,6 +838,39 @@ static void test_lease(void **state)
     kvc_pool_free(p);
 }
 
+static void test_prefix_hashes(void **state)
+{
+    (void)state;
+    int32_t t[10];
+    for (int i = 0; i < 10; i++)
+        t[i] = 1000 * i - 3;
+    uint64_t h[4];
+    /* Two full blocks of 4 in 10 tokens. */
+    assert_int_equal(kvc_prefix_hashes(99, 4, t, 10, h, 4), 2);
+    /* Written out by hand: XXH3_64(seed || block 0), then (h0 || block 1). */
+    uint8_t buf[8 + 16];
+    uint64_t seed = 99;
+    memcpy(buf, &seed, 8);
+    memcpy(buf + 8, t, 16);
+    assert_true(h[0] == XXH3_64bits(buf, sizeof buf));
+    memcpy(buf, &h[0], 8);
+    memcpy(buf + 8, t + 4, 16);
+    assert_true(h[1] == XXH3_64bits(buf, sizeof buf));
+    /* A chain: a shorter prompt gives a prefix of the hashes; another seed or
+     * another first block changes every later hash. */
+    uint64_t g[4];
+    assert_int_equal(kvc_prefix_hashes(99, 4, t, 7, g, 4), 1);
+    assert_true(g[0] == h[0]);
+    assert_int_equal(kvc_prefix_hashes(98, 4, t, 10, g, 4), 2);
+    assert_true(g[0] != h[0] && g[1] != h[1]);
+    t[0]++;
+    assert_int_equal(kvc_prefix_hashes(99, 4, t, 10, g, 1), 1); /* cap */
+    assert_true(g[0] != h[0]);
+    assert_int_equal(kvc_prefix_hashes(99, 0, t, 10, g, 4), TD_EINVAL);
+    assert_int_equal(kvc_prefix_hashes(99, 4, NULL, 10, g, 4), TD_EINVAL);
+    assert_int_equal(kvc_prefix_hashes(99, 4, t, 10, NULL, 4), TD_EINVAL);
+}
+
 static void test_bad_input(void **state)
 {
     (void)state;
@@ -893,6 +928,7 @@ int main(void)
         cmocka_unit_test(test_enospc_leaves_pool_unchanged),
         cmocka_unit_test(test_fork_copy_on_write),
         cmocka_unit_test(test_lease),
+        cmocka_unit_test(test_prefix_hashes),
         cmocka_unit_test(test_bad_input),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

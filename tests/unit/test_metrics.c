@@ -13,9 +13,11 @@
 #include "common/err.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "fail_alloc.h"
 
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -577,6 +579,37 @@ static void test_number_formatting(void **state)
         assert_valid(text);
         free(text);
     }
+    /* Random doubles: the text reads back exactly and is never longer than
+     * %.17g; counters print integers exactly up to 2^64-1. */
+    uint64_t x = 88172645463325252ull;
+    for (int i = 0; i < 3000; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        double v;
+        memcpy(&v, &x, sizeof(v));
+        if (!isfinite(v)) continue;
+        if (i % 3 == 0) v = (double)(x % 100000) / 1000.0; /* short decimals too */
+        met_gauge_set(g, v);
+        char *text;
+        assert_int_equal(met_render(r, &text, NULL), 0);
+        const char *num = strstr(text, "\ng ") + 3;
+        char *end;
+        double back = strtod(num, &end);
+        assert_true(*end == '\n');
+        char longest[40];
+        snprintf(longest, sizeof(longest), "%.17g", v);
+        if (back != v || (size_t)(end - num) > strlen(longest))
+            fail_msg("%.17g rendered as %.*s", v, (int)(end - num), num);
+        free(text);
+    }
+    met_counter *big;
+    assert_int_equal(met_counter_new(r, "big_total", "b", &big), 0);
+    met_counter_add(big, UINT64_MAX);
+    char *btext;
+    assert_int_equal(met_render(r, &btext, NULL), 0);
+    assert_non_null(strstr(btext, "\nbig_total 18446744073709551615\n"));
+    free(btext);
     /* Latency buckets render as valid, increasing le values. */
     met_histogram *h;
     assert_int_equal(met_histogram_new(r, "lat_seconds", "Latency.", met_latency_buckets,
@@ -685,6 +718,11 @@ static void test_errors(void **state)
     assert_int_equal(met_counter_get(fam, (const char *[]){"x", "\xc0\xaf"}, &c),
                      TD_EINVAL); /* overlong */
     assert_int_equal(met_counter_get(fam, (const char *[]){"x", "h\xc3\xa9"}, &c), 0); /* é */
+    assert_int_equal(met_counter_get(fam, (const char *[]){"x", "\xf0\x9f\x98\x80"}, &c), 0);
+    assert_int_equal(met_counter_get(fam, (const char *[]){"x", "\xf4\x90\x80\x80"}, &c),
+                     TD_EINVAL); /* above U+10FFFF */
+    assert_int_equal(met_counter_get(fam, (const char *[]){"x", "\xf0\x9f\x98"}, &c),
+                     TD_EINVAL); /* cut short */
     char longv[MET_MAX_LABEL_VALUE + 2];
     memset(longv, 'v', sizeof(longv) - 1);
     longv[sizeof(longv) - 1] = '\0';
@@ -751,8 +789,8 @@ static void *updater(void *arg)
 struct scraper {
     met_registry *r;
     _Atomic int stop;
-    int scrapes;
-    int bad;
+    _Atomic int scrapes;
+    _Atomic int bad;
 };
 
 static void *scrape(void *arg)
@@ -793,6 +831,10 @@ static void test_threads(void **state)
     struct scraper sc = {.r = r};
     pthread_t scr, th[THREADS];
     assert_int_equal(pthread_create(&scr, NULL, scrape, &sc), 0);
+    /* Let the scraper finish one pass first: on a loaded machine the updaters
+     * could otherwise end before it ever runs. */
+    while (atomic_load(&sc.scrapes) == 0 && sc.bad == 0)
+        sched_yield();
     for (int i = 0; i < THREADS; i++) {
         t[i] = (struct hot){.c = c, .g = g, .h = h, .fam = fam, .id = i};
         assert_int_equal(pthread_create(&th[i], NULL, updater, &t[i]), 0);
@@ -834,6 +876,64 @@ static void test_threads(void **state)
     met_registry_free(r);
 }
 
+/* Every allocation in building and rendering a registry fails in turn: each
+ * call reports TD_ENOMEM, the registry stays consistent and frees cleanly. */
+static int metrics_steps(char **text)
+{
+    met_registry *r = NULL;
+    int rc = met_registry_create(&r, "tandem_");
+    if (rc != 0) return rc;
+    met_family *f;
+    rc = met_counter_family(r, "tandem_a_total", "A.", (const char *[]){"x", "y"}, 2, &f);
+    for (int i = 0; rc == 0 && i < 6; i++) { /* grows the series array */
+        char v[8];
+        snprintf(v, sizeof(v), "%d", i);
+        met_counter *c;
+        rc = met_counter_get(f, (const char *[]){"k", v}, &c);
+        if (rc == 0) met_counter_inc(c);
+    }
+    for (int i = 0; rc == 0 && i < 20; i++) { /* grows the family array */
+        char name[32];
+        snprintf(name, sizeof(name), "tandem_g%d", i);
+        met_gauge *g;
+        rc = met_gauge_new(r, name, "G.", &g);
+    }
+    met_histogram *h;
+    if (rc == 0)
+        rc = met_histogram_new(r, "tandem_h_seconds", "H.", met_latency_buckets,
+                               met_latency_nbuckets, &h);
+    if (rc == 0) {
+        met_histogram_observe(h, 0.3);
+        rc = met_render(r, text, NULL); /* validated by the caller, disarmed */
+    }
+    met_registry_free(r);
+    return rc;
+}
+
+static void test_alloc_failures(void **state)
+{
+    (void)state;
+    enum td_log_level level = td_log_get_level();
+    td_log_set_level(TD_LOG_OFF);
+    for (long n = 0;; n++) {
+        char *text = NULL;
+        fail_alloc_arm(n);
+        int rc = metrics_steps(&text);
+        long hits = fail_alloc_disarm();
+        if (text) {
+            assert_valid(text);
+            free(text);
+        }
+        if (hits == 0) {
+            assert_int_equal(rc, 0);
+            assert_true(n > 20);
+            break;
+        }
+        if (rc != TD_ENOMEM) fail_msg("allocation %ld failed: rc %d, want TD_ENOMEM", n, rc);
+    }
+    td_log_set_level(level);
+}
+
 static int bench(void)
 {
     enum { N = 20000000 };
@@ -852,13 +952,49 @@ static int bench(void)
     for (int i = 0; i < N; i++)
         met_histogram_observe(h, (double)(i & 1023) * 0.01);
     int64_t t2 = td_now_ns();
-    char *text;
-    if (met_render(r, &text, NULL) != 0) return 1;
+    /* A scrape of a busy binary: 100 labelled counters, 20 labelled
+     * histograms of 15 buckets, 20 gauges. */
+    met_family *cf, *hf;
+    if (met_counter_family(r, "tandem_req_total", "r", (const char *[]){"route", "code"}, 2, &cf) !=
+            0 ||
+        met_histogram_family(r, "tandem_lat_seconds", "l", (const char *[]){"worker"}, 1,
+                             met_latency_buckets, met_latency_nbuckets, &hf) != 0)
+        return 1;
+    for (int i = 0; i < 100; i++) {
+        char route[16], code[8];
+        snprintf(route, sizeof(route), "/r%d", i / 5);
+        snprintf(code, sizeof(code), "%d", 200 + i % 5);
+        met_counter *x;
+        if (met_counter_get(cf, (const char *[]){route, code}, &x) != 0) return 1;
+        met_counter_add(x, (uint64_t)i * 1000);
+    }
+    for (int i = 0; i < 20; i++) {
+        char w[16], name[32];
+        snprintf(w, sizeof(w), "w%d", i);
+        met_histogram *x;
+        met_gauge *g;
+        snprintf(name, sizeof(name), "tandem_gauge_%d", i);
+        if (met_histogram_get(hf, (const char *[]){w}, &x) != 0 ||
+            met_gauge_new(r, name, "g", &g) != 0)
+            return 1;
+        for (int k = 0; k < 100; k++)
+            met_histogram_observe(x, k * 0.013);
+        met_gauge_set(g, i * 0.37);
+    }
+    enum { SCRAPES = 200 };
+    size_t len = 0;
     int64_t t3 = td_now_ns();
-    printf("met_counter_inc: %.2f ns; met_histogram_observe (15 buckets): %.2f ns; "
-           "render 2 families: %.1f us (single thread, uncontended)\n",
-           (double)(t1 - t0) / N, (double)(t2 - t1) / N, (double)(t3 - t2) / 1e3);
-    free(text);
+    for (int i = 0; i < SCRAPES; i++) {
+        char *text;
+        if (met_render(r, &text, &len) != 0) return 1;
+        free(text);
+    }
+    int64_t t4 = td_now_ns();
+    printf("met_counter_inc: %.2f ns; met_histogram_observe (15 buckets): %.2f ns "
+           "(single thread, uncontended)\n"
+           "met_render: %.1f us for %zu bytes (100 counters, 20 histograms x 15 buckets, "
+           "22 more series)\n",
+           (double)(t1 - t0) / N, (double)(t2 - t1) / N, (double)(t4 - t3) / SCRAPES / 1e3, len);
     met_registry_free(r);
     return 0;
 }
@@ -869,7 +1005,7 @@ int main(int argc, char **argv)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_validator_rejects), cmocka_unit_test(test_exact_text),
         cmocka_unit_test(test_number_formatting), cmocka_unit_test(test_errors),
-        cmocka_unit_test(test_threads),
+        cmocka_unit_test(test_threads),           cmocka_unit_test(test_alloc_failures),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

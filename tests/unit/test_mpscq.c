@@ -142,7 +142,7 @@ static void *producer(void *arg)
         it->producer = s->id;
         it->seq = i;
         mpscq_push(s->q, &it->node);
-        if ((i & 255) == 0) sched_yield(); /* let the consumer run dry and go back to sleep */
+        if ((i & 63) == 0) sched_yield(); /* let the consumer run dry and go back to sleep */
     }
     return NULL;
 }

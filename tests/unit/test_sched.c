@@ -17,6 +17,10 @@
 #include "common/log.h"
 #include "engine/kvcache/kvc.h"
 #include "engine/sched/sch.h"
+#ifdef TSCH_HAVE_ENGINE
+#include "engine/backend/backend.h"
+#include "engine/model.h"
+#endif
 
 #include <stdbool.h>
 #include <stdlib.h>
@@ -138,6 +142,29 @@ static uint32_t mock_step(mock *m)
         m->preempts[st.preempted[i]]++;
     if (st.n_items == 0) return 0;
 
+    /* The flattened batch agrees with the items. */
+    {
+        int32_t ftok[256], fpos[256], fseq[256], nbl[64], rows[64], n_out = -1;
+        const int32_t *tabs[64];
+        assert_true(st.n_tokens <= 256);
+        assert_int_equal(sch_step_flatten(m->s, &st, ftok, fpos, fseq, tabs, nbl, rows, &n_out), 0);
+        uint32_t row = 0;
+        int32_t k = 0;
+        for (uint32_t i = 0; i < st.n_items; i++) {
+            const sch_item *it = &st.items[i];
+            uint32_t nb = 0;
+            assert_ptr_equal(tabs[i], kvc_seq_table(m->pool, it->kv_seq, &nb));
+            assert_int_equal(nbl[i], nb);
+            for (uint32_t j = 0; j < it->n; j++, row++) {
+                assert_int_equal(ftok[row], it->tokens[j]);
+                assert_int_equal(fpos[row], it->start + j);
+                assert_int_equal(fseq[row], i);
+            }
+            if (it->sample) assert_int_equal(rows[k++], row - 1);
+        }
+        assert_int_equal(row, st.n_tokens);
+        assert_int_equal(n_out, k);
+    }
     /* Attention reads of every item first (as within one layer of a batch):
      * all earlier positions must hold this sequence's tokens. */
     for (uint32_t i = 0; i < st.n_items; i++) {
@@ -328,6 +355,39 @@ static void test_decode_first_and_budget(void **state)
     sch_stats ss;
     sch_stats_get(u.s, &ss);
     assert_int_equal(ss.queued_prefill_tokens, 150 - 18);
+    assert_int_equal(sch_update(u.s, r, 3, NULL, NULL), 0);
+    sch_free(u.s);
+    kvc_pool_free(u.pool);
+}
+
+static void test_chunk_cap(void **state)
+{
+    (void)state;
+    /* Two long prompts share the step instead of the first taking the whole
+     * budget; the cap does not apply to decode. */
+    sch_config c = {.max_num_batched_tokens = 64,
+                    .max_num_seqs = 4,
+                    .max_chunk_tokens = 24,
+                    .max_model_len = 128};
+    setup u;
+    make(&u, 64, 4, false, &c);
+    int32_t p[100] = {0};
+    add_req(u.s, 1, p, 50, 2);
+    add_req(u.s, 2, p, 50, 2);
+    add_req(u.s, 3, p, 50, 2);
+    sch_step st;
+    assert_int_equal(sch_schedule(u.s, &st), 0);
+    assert_int_equal(st.n_items, 3);
+    assert_int_equal(st.items[0].n, 24);
+    assert_int_equal(st.items[1].n, 24);
+    assert_int_equal(st.items[2].n, 16); /* what is left of the budget */
+    sch_result r[3] = {{0}};
+    assert_int_equal(sch_update(u.s, r, 3, NULL, NULL), 0);
+    assert_int_equal(sch_schedule(u.s, &st), 0);
+    assert_int_equal(st.items[0].start, 24);
+    assert_int_equal(st.items[0].n, 24);
+    assert_int_equal(st.items[2].start, 16);
+    assert_int_equal(st.items[2].n, 16);
     assert_int_equal(sch_update(u.s, r, 3, NULL, NULL), 0);
     sch_free(u.s);
     kvc_pool_free(u.pool);
@@ -723,6 +783,8 @@ static void test_bad_input(void **state)
     c.max_model_len = 16;
     c.max_num_batched_tokens = 0;
     assert_int_equal(sch_create(&c, pool, &s), TD_EINVAL);
+    c.max_num_batched_tokens = 1; /* below max_num_seqs: decodes would starve */
+    assert_int_equal(sch_create(&c, pool, &s), TD_EINVAL);
     c.max_num_batched_tokens = 8;
     assert_int_equal(sch_create(&c, NULL, &s), TD_EINVAL);
     assert_int_equal(sch_create(&c, pool, &s), 0);
@@ -744,6 +806,12 @@ static void test_bad_input(void **state)
     r.req_id = 9;
     assert_int_equal(sch_add(s, &r), TD_ENOSPC);                     /* max_seqs = 4 * 2 */
     assert_int_equal(sch_update(s, NULL, 0, NULL, NULL), TD_EINVAL); /* nothing in flight */
+    {
+        sch_step none = {0};
+        int32_t a[4], n_out;
+        const int32_t *t[4];
+        assert_int_equal(sch_step_flatten(s, &none, a, a, a, t, a, a, &n_out), TD_EINVAL);
+    }
     assert_int_equal(sch_add_prefilled(s, &r, 12345, 1), TD_ENOENT);
     assert_int_equal(sch_abort(s, 99), TD_ENOENT);
     sch_free(s);
@@ -754,12 +822,182 @@ static void test_bad_input(void **state)
     kvc_pool_free(pool);
 }
 
+#ifdef TSCH_HAVE_ENGINE
+/* ---- with the real CPU backend ----
+ *
+ * The same requests through the real forward pass (random tiny model, paged KV
+ * laid out by kv_layout.h, the block tables kvc hands out): once one at a time
+ * with the whole prompt in one chunk and ample blocks, once batched with small
+ * chunks, a tight pool (preemption) and the prefix cache. With the backend's
+ * deterministic matmul a token's logits do not depend on the batch, so greedy
+ * outputs must be identical token for token. */
+
+typedef struct eng_run {
+    uint32_t budget, max_running, num_blocks, max_chunk;
+    bool pc;
+} eng_run;
+
+static int32_t argmax(const float *x, int n)
+{
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static void engine_run(const mdl_model *model, const eng_run *r, const int32_t prompts[][48],
+                       const uint32_t *n_prompt, const uint32_t *max_new, uint32_t n_req,
+                       int32_t out[][64], uint32_t *out_len, uint64_t *preemptions, uint64_t *hits)
+{
+    const uint32_t bs = 4;
+    be_options o;
+    be_options_defaults(&o, model);
+    o.max_batch_tokens = (int)r->budget;
+    o.max_seqs = (int)r->max_running;
+    o.kv.block_size = bs;
+    o.kv.num_blocks = r->num_blocks;
+    be_backend *be = NULL;
+    char err[256];
+    assert_int_equal(be_open("cpu", model, &o, &be, err, sizeof err), 0);
+
+    kvc_config kc = {.num_blocks = r->num_blocks,
+                     .block_size = bs,
+                     .max_seqs = 32,
+                     .enable_prefix_cache = r->pc,
+                     .hash_seed = 0xfeed};
+    kvc_pool *pool = NULL;
+    assert_int_equal(kvc_pool_create(&kc, &pool), 0);
+    sch_config sc = {.max_num_batched_tokens = r->budget,
+                     .max_num_seqs = r->max_running,
+                     .max_chunk_tokens = r->max_chunk,
+                     .max_seqs = 32,
+                     .max_model_len = 64,
+                     .check_kv = true};
+    sch *s = NULL;
+    assert_int_equal(sch_create(&sc, pool, &s), 0);
+    for (uint32_t i = 0; i < n_req; i++) {
+        sch_request q = {.req_id = i,
+                         .prompt = prompts[i],
+                         .n_prompt = n_prompt[i],
+                         .max_new_tokens = max_new[i]};
+        assert_int_equal(sch_add(s, &q), 0);
+    }
+    const int V = model->cfg.vocab_size;
+    int32_t tok[64], pos[64], seq[64], nbl[16], rows[16], n_out = 0;
+    const int32_t *tabs[16];
+    float *logits = malloc((size_t)16 * V * sizeof *logits);
+    assert_non_null(logits);
+    uint32_t done = 0;
+    for (int guard = 0; done < n_req; guard++) {
+        assert_true(guard < 5000);
+        sch_step st;
+        assert_int_equal(sch_schedule(s, &st), 0);
+        assert_true(st.n_items > 0);
+        assert_true(st.n_tokens <= 64 && st.n_items <= 16);
+        assert_int_equal(sch_step_flatten(s, &st, tok, pos, seq, tabs, nbl, rows, &n_out), 0);
+        be_batch b = {.n_tokens = (int)st.n_tokens,
+                      .tokens = tok,
+                      .pos = pos,
+                      .seq = seq,
+                      .n_seqs = (int)st.n_items,
+                      .block_tables = tabs,
+                      .n_blocks = nbl,
+                      .n_out = n_out,
+                      .out_rows = rows,
+                      .logits = logits};
+        assert_int_equal(be_forward(be, &b), 0);
+        sch_result res[16];
+        int k = 0;
+        for (uint32_t i = 0; i < st.n_items; i++) {
+            res[i] = (sch_result){0};
+            if (st.items[i].sample) {
+                res[i].token = argmax(logits + (size_t)k * V, V);
+                k++;
+            }
+        }
+        const sch_finished *fin;
+        uint32_t n_fin;
+        assert_int_equal(sch_update(s, res, st.n_items, &fin, &n_fin), 0);
+        for (uint32_t i = 0; i < n_fin; i++) {
+            uint64_t id = fin[i].req_id;
+            memcpy(out[id], fin[i].tokens, fin[i].n_tokens * sizeof(int32_t));
+            out_len[id] = fin[i].n_tokens;
+            done++;
+        }
+    }
+    sch_stats ss;
+    sch_stats_get(s, &ss);
+    kvc_stats ks;
+    kvc_stats_get(pool, &ks);
+    *preemptions = ss.preemptions;
+    *hits = ks.hit_blocks;
+    assert_int_equal(ks.used, 0);
+    free(logits);
+    sch_free(s);
+    kvc_pool_free(pool);
+    be_close(be);
+}
+
+static void test_engine_twin(void **state)
+{
+    (void)state;
+    mdl_config c;
+    mdl_config_defaults(&c);
+    c.dim = 32;
+    c.hidden_dim = 64;
+    c.n_layers = 2;
+    c.n_heads = 4;
+    c.n_kv_heads = 2;
+    c.head_dim = 8;
+    c.vocab_size = 64;
+    c.max_seq_len = 64;
+    mdl_model *model = NULL;
+    assert_int_equal(mdl_create_random(&c, 77, 0.3f, &model), 0);
+
+    enum { N = 10 };
+    static int32_t prompts[N][48], ref[N][64], got[N][64];
+    uint32_t n_prompt[N], max_new[N], ref_len[N] = {0}, got_len[N] = {0};
+    rng_state = 0x7e57;
+    for (uint32_t i = 0; i < N; i++) {
+        n_prompt[i] = 1 + rng_below(40);
+        max_new[i] = 1 + rng_below(12);
+        /* Half the prompts share a 20-token stem: prefix-cache hits. A
+         * quarter start with the stem's second block: the same tokens at
+         * other positions after another prefix, which must not hit. */
+        for (uint32_t t = 0; t < n_prompt[i]; t++) {
+            uint32_t sp = i % 4 == 1 ? t + 4 : t;
+            bool stem = i % 2 == 0 || i % 4 == 1;
+            prompts[i][t] = (int32_t)(stem && sp < 20 ? (sp * 5 + 1) % 64 : rng_below(64));
+        }
+    }
+    uint64_t pre = 0, hits = 0;
+    eng_run alone = {.budget = 64, .max_running = 1, .num_blocks = 64, .pc = false};
+    engine_run(model, &alone, prompts, n_prompt, max_new, N, ref, ref_len, &pre, &hits);
+    assert_int_equal(pre, 0);
+    /* 16 blocks of 4 = one max_model_len sequence: preemption is certain with
+     * 6 running; steps of at most 7 tokens, chunks of at most 5. */
+    eng_run tight = {.budget = 7, .max_running = 6, .num_blocks = 16, .max_chunk = 5, .pc = true};
+    engine_run(model, &tight, prompts, n_prompt, max_new, N, got, got_len, &pre, &hits);
+    print_message("engine twin: %llu preemptions, %llu prefix-hit blocks\n",
+                  (unsigned long long)pre, (unsigned long long)hits);
+    assert_true(pre > 0);
+    assert_true(hits > 0);
+    for (uint32_t i = 0; i < N; i++) {
+        assert_int_equal(got_len[i], n_prompt[i] + max_new[i]);
+        assert_int_equal(ref_len[i], got_len[i]);
+        assert_memory_equal(ref[i], got[i], ref_len[i] * sizeof(int32_t));
+    }
+    mdl_free(model);
+}
+#endif
+
 int main(void)
 {
     td_log_set_level(TD_LOG_ERROR);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_chunked_prefill_exact),
         cmocka_unit_test(test_decode_first_and_budget),
+        cmocka_unit_test(test_chunk_cap),
         cmocka_unit_test(test_admission_stops_when_blocks_run_out),
         cmocka_unit_test(test_max_num_seqs),
         cmocka_unit_test(test_preemption_recompute_same_output),
@@ -770,6 +1008,9 @@ int main(void)
         cmocka_unit_test(test_prefill_only_hold_kv),
         cmocka_unit_test(test_decode_mode_prefilled),
         cmocka_unit_test(test_bad_input),
+#ifdef TSCH_HAVE_ENGINE
+        cmocka_unit_test(test_engine_twin),
+#endif
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -9,6 +9,7 @@
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -729,6 +730,31 @@ static void t_chat_chatml(void **state)
     tok_free(t);
     remove_tmpdir(dir);
 
+    /* Qwen2.5's default system text, written with backslash-n escapes, and
+     * a plain ChatML template without a default */
+    static const struct {
+        const char *config, *want;
+    } cases[] = {
+        {"{\"chat_template\": \"{%- if messages[0]['role'] == 'system' %}{%- else %}{{- "
+         "'<|im_start|>system\\\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+         "assistant.<|im_end|>\\\\n' }}{%- endif %}\"}",
+         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+         "assistant.<|im_end|>\n<|im_start|>user\n Hi <|im_end|>\n<|im_start|>assistant\n"},
+        {"{\"chat_template\": \"{% for message in messages %}{{'<|im_start|>' + message['role'] "
+         "+ '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}\"}",
+         "<|im_start|>user\n Hi <|im_end|>\n<|im_start|>assistant\n"},
+    };
+    for (size_t i = 0; i < 2; i++) {
+        dir = dir_with_config("tokenizers/gpt2/tokenizer.json", cases[i].config);
+        assert_int_equal(tok_load(dir, &t, NULL, 0), 0);
+        assert_int_equal(tok_chat_family_of(t), TOK_CHAT_CHATML);
+        assert_int_equal(tok_chat_render(t, msgs, 1, 1, &p), 0);
+        assert_string_equal(p, cases[i].want);
+        free(p);
+        tok_free(t);
+        remove_tmpdir(dir);
+    }
+
     /* no chat template at all */
     t = load_shared("tokenizers/gpt2/vocab.json");
     if (t == NULL) return;
@@ -885,6 +911,107 @@ static void t_stream(void **state)
     tok_free(t);
 }
 
+/* Property test on random byte strings (letters, spaces, newlines, valid
+ * multi-byte characters, stray continuation and lead bytes, NUL): decode of
+ * encode is the input with invalid sequences replaced by U+FFFD, and a
+ * stream of the same ids yields the same text in valid UTF-8 chunks. (Not
+ * "</s>" of llama2-spm: a non-special added token with rstrip, which
+ * swallows the white space after it, by design; nor U+2581 itself there,
+ * which decodes to a space.) */
+static void t_random_roundtrips(void **state)
+{
+    static const char *const units[] = {"a",
+                                        "Z",
+                                        "q",
+                                        " ",
+                                        "  ",
+                                        "\n",
+                                        "\t",
+                                        "'s",
+                                        "7",
+                                        "42",
+                                        "\xC3\xA9",
+                                        "\xE6\x88\x91",
+                                        "\xF0\x9F\x98\x81",
+                                        "\xCC\x81",
+                                        "\x80",
+                                        "\xFF",
+                                        "\xE6",
+                                        "\xF0\x9F",
+                                        ".",
+                                        "<s>",
+                                        "<|end|>",
+                                        "\xE2\x96\x81",
+                                        "<0x41>",
+                                        "\0"};
+    const size_t n_units = sizeof(units) / sizeof(units[0]);
+    const char *paths[] = {"tokenizers/gpt2/vocab.json", "tokenizers/gpt2", "tokenizers/llama2-spm",
+                           "tokenizers/llama3-style-tiny", "tokenizers/llama2c/tokenizer.bin"};
+    const int flags[] = {0, 0, TOK_ADD_BOS, 0, TOK_ADD_BOS};
+    uint64_t rng = 0x9E3779B97F4A7C15ULL;
+    for (size_t k = 0; k < 5; k++) {
+        tok_tokenizer *t = load_shared(paths[k]);
+        if (t == NULL) return;
+        for (int iter = 0; iter < 150; iter++) {
+            char text[256];
+            size_t len = 0;
+            rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+            size_t n = (rng >> 33) % 40;
+            for (size_t u = 0; u < n; u++) {
+                rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+                const char *x = units[(rng >> 33) % n_units];
+                if (k == 2 && !strcmp(x, "\xE2\x96\x81")) x = "b";
+                size_t xl = x[0] ? strlen(x) : 1; /* "\0" is one NUL byte */
+                memcpy(text + len, x, xl);
+                len += xl;
+            }
+            char want[1024];
+            size_t used;
+            size_t want_len = tok__utf8_sanitize((const uint8_t *)text, len, want, true, &used);
+            int32_t *ids;
+            size_t n_ids;
+            assert_int_equal(tok_encode(t, text, len, flags[k], &ids, &n_ids), 0);
+            char *got;
+            size_t got_len;
+            assert_int_equal(tok_decode(t, ids, n_ids, 1, &got, &got_len), 0);
+            if (got_len != want_len || memcmp(got, want, want_len) != 0) {
+                print_message("%s: random case %d (%zu bytes) does not round-trip\n", paths[k],
+                              iter, len);
+                for (size_t i = 0; i < len; i++)
+                    print_message("%02x ", (uint8_t)text[i]);
+                print_message("\n");
+                for (size_t i = 0; i < n_ids; i++)
+                    print_message("%d ", ids[i]);
+                print_message("\n");
+                for (size_t i = 0; i < got_len; i++)
+                    print_message("%02x ", (uint8_t)got[i]);
+                print_message("\n");
+            }
+            assert_int_equal(got_len, want_len);
+            assert_memory_equal(got, want, want_len);
+            tok_stream *st;
+            assert_int_equal(tok_stream_create(t, &st), 0);
+            char acc[1024], out[128];
+            size_t acc_n = 0, w;
+            for (size_t i = 0; i < n_ids; i++) {
+                assert_int_equal(tok_stream_push(st, ids[i], out, sizeof(out), &w), 0);
+                assert_true(valid_utf8(out, w));
+                memcpy(acc + acc_n, out, w);
+                acc_n += w;
+            }
+            assert_int_equal(tok_stream_flush(st, out, sizeof(out), &w), 0);
+            memcpy(acc + acc_n, out, w);
+            acc_n += w;
+            assert_int_equal(acc_n, want_len);
+            assert_memory_equal(acc, want, want_len);
+            tok_stream_free(st);
+            free(got);
+            free(ids);
+        }
+        tok_free(t);
+    }
+}
+
 /* ------------------------------------------------------- malformed input */
 
 static void expect_load_error(const char *path, int want, const char *msg_part)
@@ -1005,6 +1132,35 @@ static void t_minimal_json(void **state)
     remove_tmpdir(dir);
 }
 
+/* Words are merged one "▁word" at a time only when no piece could cross a
+ * word start; a vocabulary with such a piece keeps whole-text merging. */
+static void t_split_words(void **state)
+{
+    char *dir = make_tmpdir();
+    write_str(dir, "tokenizer.json",
+              "{\"normalizer\": {\"type\": \"Sequence\", \"normalizers\": [{\"type\": "
+              "\"Prepend\", \"prepend\": \"\xE2\x96\x81\"}, {\"type\": \"Replace\", \"pattern\": "
+              "{\"String\": \" \"}, \"content\": \"\xE2\x96\x81\"}]},"
+              "\"model\": {\"type\": \"BPE\", \"vocab\": {\"\xE2\x96\x81\": 0, \"a\": 1, "
+              "\"b\": 2, \"a\xE2\x96\x81\": 3}, \"merges\": [\"a \xE2\x96\x81\"]}}");
+    tok_tokenizer *t = NULL;
+    assert_int_equal(tok_load(dir, &t, NULL, 0), 0);
+    assert_false(t->split_words);
+    int32_t want[] = {0, 3, 2}; /* "▁" "a▁" "b": the merge crosses "▁b" */
+    expect_ids(t, "a b", 0, want, 3);
+    tok_free(t);
+    remove_tmpdir(dir);
+
+    t = load_shared("tokenizers/llama2-spm");
+    if (t == NULL) return;
+    assert_true(t->split_words);
+    tok_free(t);
+    t = load_shared("tokenizers/llama2c/tokenizer.bin");
+    if (t == NULL) return;
+    assert_true(t->split_words);
+    tok_free(t);
+}
+
 static void t_malformed_bin(void **state)
 {
     char buf[1024];
@@ -1028,6 +1184,118 @@ static void t_malformed_bin(void **state)
     expect_load_error(p, TD_EFORMAT, "max_token_length");
     free(bin);
     remove_tmpdir(dir);
+}
+
+/* Corrupted files load or fail cleanly; whatever loads encodes and decodes
+ * without touching memory it should not (run under ASan). */
+static void exercise(const tok_tokenizer *t)
+{
+    const char text[] = "Hello, world! \xE6\x88\x91 \xFF 123 <s>";
+    int32_t *ids;
+    size_t n;
+    if (tok_encode(t, text, sizeof(text) - 1, TOK_ADD_BOS | TOK_PARSE_SPECIAL, &ids, &n) == 0) {
+        char *s;
+        size_t len;
+        if (tok_decode(t, ids, n, 0, &s, &len) == 0) free(s);
+        free(ids);
+    }
+}
+
+static void t_fuzz_load(void **state)
+{
+    const char *files[] = {"tokenizers/llama3-style-tiny/tokenizer.json",
+                           "models/stories260K/tok512.bin"};
+    uint64_t rng = 12345;
+    for (int f = 0; f < 2; f++) {
+        char buf[1024];
+        if (!shared_path(files[f], buf, sizeof(buf))) return;
+        size_t len;
+        char *orig = read_all(buf, &len);
+        char *dir = make_tmpdir();
+        char p[1024];
+        snprintf(p, sizeof(p), "%s/%s", dir, f == 0 ? "tokenizer.json" : "tokenizer.bin");
+        char *mut = malloc(len);
+        assert_non_null(mut);
+        int loaded = 0;
+        for (int iter = 0; iter < 40; iter++) {
+            memcpy(mut, orig, len);
+            for (int k = 0; k < 1 + iter % 4; k++) {
+                rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+                size_t at = (rng >> 20) % len;
+                if (f == 1) {
+                    mut[at] = (char)(rng >> 8);
+                    continue;
+                }
+                /* JSON: letter for letter, so the file stays JSON but names,
+                 * pieces and merges go wrong */
+                while (at < len && !((mut[at] | 0x20) >= 'a' && (mut[at] | 0x20) <= 'z'))
+                    at++;
+                if (at < len) mut[at] = (char)('a' + (rng >> 8) % 26);
+            }
+            write_file(p, mut, len);
+            tok_tokenizer *t = NULL;
+            char err[256];
+            int rc = tok_load(p, &t, err, sizeof(err));
+            if (rc == 0) {
+                loaded++;
+                exercise(t);
+                tok_free(t);
+            } else {
+                assert_true(rc < 0);
+                assert_null(t);
+                assert_true(err[0] != '\0');
+            }
+        }
+        print_message("%s: %d of 40 mutants loaded\n", files[f], loaded);
+        assert_true(loaded < 40); /* the mutations must reach the checks */
+        free(mut);
+        free(orig);
+        remove_tmpdir(dir);
+    }
+}
+
+/* One tokenizer, two threads encoding at once: same ids as alone. */
+struct enc_job {
+    const tok_tokenizer *t;
+    const char *text;
+    int32_t *ids;
+    size_t n;
+    int rc;
+};
+
+static void *enc_thread(void *arg)
+{
+    struct enc_job *j = arg;
+    for (int i = 0; i < 20 && j->rc == 0; i++) {
+        free(j->ids);
+        j->rc = tok_encode(j->t, j->text, strlen(j->text), 0, &j->ids, &j->n);
+    }
+    return NULL;
+}
+
+static void t_threads(void **state)
+{
+    tok_tokenizer *t = load_shared("tokenizers/llama2-spm");
+    if (t == NULL) return;
+    const char *texts[2] = {"The quick brown fox \xE6\x88\x91 jumps over the lazy dog. ",
+                            "Lorem ipsum dolor sit amet, \xF0\x9F\xA6\x99 consectetur."};
+    struct enc_job jobs[2] = {{t, texts[0], NULL, 0, 0}, {t, texts[1], NULL, 0, 0}};
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(pthread_create(&th[i], NULL, enc_thread, &jobs[i]), 0);
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(pthread_join(th[i], NULL), 0);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(jobs[i].rc, 0);
+        int32_t *ids;
+        size_t n;
+        encode(t, texts[i], 0, &ids, &n);
+        assert_int_equal(n, jobs[i].n);
+        assert_memory_equal(ids, jobs[i].ids, n * sizeof(int32_t));
+        free(ids);
+        free(jobs[i].ids);
+    }
+    tok_free(t);
 }
 
 static void t_api_errors(void **state)
@@ -1097,9 +1365,13 @@ int main(void)
         cmocka_unit_test(t_unicode_roundtrips),
         cmocka_unit_test(t_invalid_bytes),
         cmocka_unit_test(t_stream),
+        cmocka_unit_test(t_random_roundtrips),
         cmocka_unit_test(t_malformed_json),
         cmocka_unit_test(t_minimal_json),
+        cmocka_unit_test(t_split_words),
         cmocka_unit_test(t_malformed_bin),
+        cmocka_unit_test(t_fuzz_load),
+        cmocka_unit_test(t_threads),
         cmocka_unit_test(t_api_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
