@@ -4,6 +4,7 @@
 #include "common/clock.h"
 #include "common/err.h"
 #include "common/log.h"
+#include "loadtest/lt_grpc.h"
 
 #include <arpa/inet.h>
 #include <cjson/cJSON.h>
@@ -29,8 +30,17 @@
 int lt_url_parse(const char *url, lt_url *out)
 {
     memset(out, 0, sizeof(*out));
-    if (!url || strncmp(url, "http://", 7) != 0) return TD_EINVAL;
-    const char *p = url + 7, *host_end;
+    if (!url) return TD_EINVAL;
+    const char *p;
+    if (strncmp(url, "http://", 7) == 0) {
+        p = url + 7;
+    } else if (strncmp(url, "grpc://", 7) == 0) {
+        p = url + 7;
+        out->grpc = 1;
+    } else {
+        return TD_EINVAL;
+    }
+    const char *host_end;
     const char *host = p;
     if (*p == '[') {
         host = ++p;
@@ -47,7 +57,9 @@ int lt_url_parse(const char *url, lt_url *out)
     memcpy(out->host, host, hl);
     out->host[hl] = '\0';
     out->port = 80;
+    int have_port = 0;
     if (*p == ':') {
+        have_port = 1;
         p++;
         long port = 0;
         int digits = 0;
@@ -57,6 +69,10 @@ int lt_url_parse(const char *url, lt_url *out)
         }
         if (digits == 0 || port < 1 || port > 65535) return TD_EINVAL;
         out->port = (int)port;
+    }
+    if (out->grpc) {
+        /* gRPC: an explicit port and no path. */
+        return *p == '\0' && have_port ? 0 : TD_EINVAL;
     }
     if (*p == '\0' || strcmp(p, "/") == 0) {
         snprintf(out->path, sizeof(out->path), "/v1/completions");
@@ -140,6 +156,7 @@ struct replay {
     int warm_pending;
     int conns_opened;
     int stopping;
+    lt_grpc *grpc; /* the gRPC transport, NULL for HTTP */
     http_parser_settings settings;
 };
 
@@ -618,6 +635,11 @@ static void conn_open(struct replay *rp, size_t i, int warm)
 static void dispatch(struct replay *rp, size_t i)
 {
     rp->recs[i].sched_ns = rp->reqs[i].t_ns;
+    if (rp->grpc) {
+        rp->sent++;
+        lt_grpc_send(rp->grpc, i, rp->start_ns);
+        return;
+    }
     struct conn *c = rp->idle;
     if (c) {
         idle_remove(rp, c);
@@ -687,6 +709,17 @@ static void replay_begin(struct replay *rp)
     arm_tick(rp);
 }
 
+/* lt_grpc finished request i: count it like the HTTP path does. */
+static void on_grpc_done(void *arg, size_t i)
+{
+    struct replay *rp = arg;
+    enum lt_outcome oc = rp->recs[i].outcome;
+    rp->ok += oc == LT_OK;
+    rp->rejected += oc == LT_REJECTED;
+    rp->errors += oc == LT_ERROR;
+    if (++rp->done == rp->n) replay_stop(rp);
+}
+
 static void on_tick_closed(uv_handle_t *h)
 {
     struct replay *rp = h->data;
@@ -711,6 +744,7 @@ static void replay_stop(struct replay *rp)
         }
         uv_close((uv_handle_t *)&rp->progress, NULL);
     }
+    lt_grpc_close(rp->grpc);
     /* Connections still busy finish first (their requests are done only when
      * they end); everything idle or connecting without a request goes now. */
     for (struct conn *c = rp->all, *next; c; c = next) {
@@ -790,6 +824,7 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
         set_err(err, errlen, "%s: %s", o.url.host, gai_strerror(gai));
         return TD_ENOENT;
     }
+    if (o.url.grpc) o.warm_conns = 0; /* gRPC multiplexes every stream on one channel */
 
     int rc = TD_ENOMEM;
     struct replay *rp = calloc(1, sizeof(*rp));
@@ -798,6 +833,10 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     if (!rp || !recs || !arena) goto fail;
     rp->waitq = malloc((n ? n : 1) * sizeof(size_t));
     if (!rp->waitq) goto fail;
+    if (ai->ai_addrlen > sizeof(rp->addr)) {
+        rc = TD_EINVAL;
+        goto fail;
+    }
     memcpy(&rp->addr, ai->ai_addr, ai->ai_addrlen);
     freeaddrinfo(ai);
     ai = NULL;
@@ -853,6 +892,18 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     }
     rp->tick.data = rp;
     rp->tick_open = 1;
+    if (o.url.grpc) {
+        rc =
+            lt_grpc_create(&rp->loop, rp->host_hdr, &o, reqs, recs, n, on_grpc_done, rp, &rp->grpc);
+        if (rc) {
+            set_err(err, errlen, "grpc client for %s: %s", rp->host_hdr, td_strerror(rc));
+            uv_close((uv_handle_t *)&rp->tick, NULL);
+            uv_run(&rp->loop, UV_RUN_DEFAULT);
+            close(rp->timerfd);
+            uv_loop_close(&rp->loop);
+            goto fail;
+        }
+    }
     uv_poll_start(&rp->tick, UV_READABLE, on_tick);
     uv_timer_init(&rp->loop, &rp->progress);
     rp->progress.data = rp;
@@ -879,6 +930,7 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     if (rt_set) pthread_setschedparam(pthread_self(), old_policy, &old_param);
     if (uv_loop_close(&rp->loop) != 0) td_log_warn("loadtest", "loop_close_busy", NULL);
 
+    lt_grpc_free(rp->grpc);
     out->recs = recs;
     out->n = n;
     out->arena = arena;

@@ -32,10 +32,12 @@ typedef struct lt_url {
     char host[256]; /* name or address, without brackets */
     int port;       /* 1..65535; 80 when the URL has none */
     char path[512]; /* "/v1/completions" when the URL has no path */
+    int grpc;       /* 1 for grpc://HOST:PORT (Router.Generate streams), 0 for http:// */
 } lt_url;
 
-/* Parses "http://HOST[:PORT][/PATH]" (IPv6 hosts in brackets). Any host is
- * accepted; TD_EINVAL for another scheme, an empty host or a bad port. */
+/* Parses "http://HOST[:PORT][/PATH]" or "grpc://HOST:PORT" (IPv6 hosts in
+ * brackets). Any host is accepted; TD_EINVAL for another scheme, an empty
+ * host, a bad port, or a gRPC URL without a port or with a path. */
 int lt_url_parse(const char *url, lt_url *out);
 /* 1 when host is 127.0.0.0/8, ::1 or "localhost". */
 int lt_url_is_loopback(const lt_url *u);

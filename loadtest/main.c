@@ -426,7 +426,9 @@ static int run_replay(const struct args *a, lt_trace *tr, const char *source)
                         .spin_ns = a->spin_us * TD_NS_PER_US,
                         .rt_priority = (int)a->rt_priority};
     if (lt_url_parse(a->url, &o.url) != 0) {
-        fprintf(stderr, "tandem-loadtest: --url: expected http://HOST[:PORT][/PATH], got '%s'\n",
+        fprintf(stderr,
+                "tandem-loadtest: --url: expected http://HOST[:PORT][/PATH] or grpc://HOST:PORT, "
+                "got '%s'\n",
                 a->url);
         return 2;
     }
