@@ -43,10 +43,13 @@ static void usage(FILE *fp)
         "\n"
         "filters:  --filter-model NAME  --log-type TYPE  --keep-failed  --skip-bad\n"
         "          --start-s S  --end-s E  --max-requests N\n"
+        "URL:      http://HOST:PORT[/PATH] (POST /v1/completions, SSE) or grpc://HOST:PORT\n"
+        "          (tandem.v1.Router/Generate streams)\n"
         "client:   --timeout-s T (default 600)  --max-conns N (1024)  --warm-conns N (4)\n"
         "          --filler-id ID (token id used without --tokenizer, default 100)\n"
         "          --no-verify (skip encoding every prompt length)  --no-plots\n"
         "          --spin-us U (busy-wait the last U us before each send; default 0)\n"
+        "          --rt-priority P (SCHED_FIFO for the send loop when permitted; default off)\n"
         "          --log-level debug|info|warn|error\n");
 }
 
