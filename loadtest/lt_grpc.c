@@ -174,16 +174,6 @@ int lt_grpc_create(uv_loop_t *loop, const char *target, const lt_replay_opts *o,
     g->n = cap;
     g->done = done;
     g->done_arg = arg;
-    for (size_t i = 0; i < g->ids_cap; i++)
-        g->ids[i] = 100; /* replaced below when the prompt is an id array */
-    if (!lt_prompt_is_text(o->prompt)) {
-        const char *t;
-        size_t len;
-        lt_prompt_get(o->prompt, 1, &t, &len);
-        uint32_t id = (uint32_t)strtoul(t, NULL, 10);
-        for (size_t i = 0; i < g->ids_cap; i++)
-            g->ids[i] = id;
-    }
     for (size_t i = 0; i < n; i++) {
         g->gs[i].g = g;
         g->gs[i].i = i;
@@ -212,25 +202,20 @@ void lt_grpc_send(lt_grpc *g, size_t i, int64_t start_ns)
     snprintf(client_id, sizeof(client_id), "lt-%zu", i);
     req.client_request_id = client_id;
     char *text = NULL;
+    size_t text_len;
+    int prc = 0;
     if (lt_prompt_is_text(g->o->prompt)) {
-        const char *t;
-        size_t len;
-        lt_prompt_get(g->o->prompt, q->input_tokens, &t, &len);
-        text = malloc(len + 1); /* protobuf-c wants a NUL-terminated string */
-        if (text) {
-            memcpy(text, t, len);
-            text[len] = '\0';
-        }
-        req.prompt = text ? text : (char *)"";
+        prc = lt_prompt_text(g->o->prompt, q->input_tokens, (uint64_t)i, &text, &text_len);
+        req.prompt = text;
     } else {
-        req.n_prompt_token_ids = (size_t)(q->input_tokens > 0 ? q->input_tokens : 1);
+        req.n_prompt_token_ids =
+            lt_prompt_ids(g->o->prompt, q->input_tokens, (uint64_t)i, g->ids, g->ids_cap);
         req.prompt_token_ids = g->ids;
     }
     int64_t deadline = g->o->timeout_ns > 0 ? td_now_ns() + g->o->timeout_ns : RPC_NO_DEADLINE;
     st->send_abs = td_now_ns();
     r->send_ns = st->send_abs - start_ns;
-    int rc = lt_prompt_is_text(g->o->prompt) && !text
-                 ? TD_ENOMEM
+    int rc = prc ? prc
                  : rpc_client_stream(g->client, LT_GRPC_METHOD, &req.base,
                                      &tandem__v1__generate_response__descriptor, deadline,
                                      on_notify, st, &st->s);

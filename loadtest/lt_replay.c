@@ -124,8 +124,9 @@ struct conn {
     size_t errbody_len;
     struct conn *idle_next, *idle_prev;
     struct conn *all_next, *all_prev;
-    char head[1024]; /* request line, headers and the body up to the prompt */
-    char tail[256];  /* the body after the prompt */
+    char head[1024];        /* request line, headers and the body up to the prompt */
+    char tail[256];         /* the body after the prompt */
+    lt_prompt_parts prompt; /* this request's prompt head (copied) and shared tail */
     char rbuf[65536];
 };
 
@@ -528,9 +529,9 @@ static void conn_send(struct conn *c, size_t i)
     http_parser_init(&c->parser, HTTP_RESPONSE);
     c->parser.data = c;
 
-    const char *ptext;
-    size_t plen;
-    lt_prompt_get(rp->o->prompt, q->input_tokens, &ptext, &plen);
+    /* The prompt head is per request (copied into the connection: it must live
+     * until the write completes); the tail is shared, read-only bytes. */
+    lt_prompt_get(rp->o->prompt, q->input_tokens, (uint64_t)i, &c->prompt);
     int text = lt_prompt_is_text(rp->o->prompt);
     char body_head[400];
     int bh = snprintf(body_head, sizeof(body_head), "{%s\"prompt\":%c", rp->model_json,
@@ -539,20 +540,21 @@ static void conn_send(struct conn *c, size_t i)
                       "%c,\"max_tokens\":%d,\"ignore_eos\":true,\"stream\":true,"
                       "\"stream_options\":{\"include_usage\":true}}",
                       text ? '"' : ']', q->output_tokens);
-    size_t body_len = (size_t)bh + plen + (size_t)tl;
+    size_t body_len = (size_t)bh + c->prompt.head_len + c->prompt.tail_len + (size_t)tl;
     int hl = snprintf(c->head, sizeof(c->head),
                       "POST %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: tandem-loadtest\r\n"
                       "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
                       "Content-Length: %zu\r\n\r\n%s",
                       rp->o->url.path, rp->host_hdr, body_len, body_head);
-    uv_buf_t bufs[3] = {uv_buf_init(c->head, (unsigned)hl),
-                        uv_buf_init((char *)ptext, (unsigned)plen),
+    uv_buf_t bufs[4] = {uv_buf_init(c->head, (unsigned)hl),
+                        uv_buf_init(c->prompt.head, (unsigned)c->prompt.head_len),
+                        uv_buf_init((char *)c->prompt.tail, (unsigned)c->prompt.tail_len),
                         uv_buf_init(c->tail, (unsigned)tl)};
     c->send_abs = td_now_ns();
     r->send_ns = c->send_abs - rp->start_ns;
     rp->sent++;
     c->write_req.data = c;
-    int rc = uv_write(&c->write_req, (uv_stream_t *)&c->tcp, bufs, 3, on_write);
+    int rc = uv_write(&c->write_req, (uv_stream_t *)&c->tcp, bufs, 4, on_write);
     if (rc) {
         fail(c, "write: %s", uv_strerror(rc));
         return;

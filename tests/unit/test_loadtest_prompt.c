@@ -24,22 +24,39 @@ static void test_id_prompts(void **state)
     (void)state;
     lt_prompt *p;
     assert_int_equal(lt_prompt_create_ids(-1, 10, &p), TD_EINVAL);
+    assert_int_equal(lt_prompt_create_ids(INT32_MAX - 3, 10, &p), TD_EINVAL);
     assert_int_equal(lt_prompt_create_ids(100, 10, &p), 0);
     assert_false(lt_prompt_is_text(p));
-    const char *t;
+    char *t;
     size_t len;
-    lt_prompt_get(p, 1, &t, &len);
-    assert_int_equal(len, 3);
-    assert_memory_equal(t, "100", 3);
-    lt_prompt_get(p, 3, &t, &len);
-    assert_int_equal(len, 11);
-    assert_memory_equal(t, "100,100,100", 11);
-    lt_prompt_get(p, 0, &t, &len); /* at least one token */
-    assert_int_equal(len, 3);
-    lt_prompt_get(p, 50, &t, &len); /* capped at the maximum */
+    assert_int_equal(lt_prompt_text(p, 1, 0, &t, &len), 0);
+    assert_string_equal(t, "100");
+    free(t);
+    /* Variant 0x3f2 in base 16, first digit first: 2, 15, 3, 0, 0, 0. */
+    assert_int_equal(lt_prompt_text(p, 9, 0x3f2, &t, &len), 0);
+    assert_string_equal(t, "102,115,103,100,100,100,100,100,100");
+    assert_int_equal(len, strlen(t));
+    free(t);
+    assert_int_equal(lt_prompt_text(p, 0, 5, &t, &len), 0); /* at least one token */
+    assert_string_equal(t, "105");
+    free(t);
+    assert_int_equal(lt_prompt_text(p, 50, 0, &t, &len), 0); /* capped at the maximum */
     assert_int_equal(len, 10 * 4 - 1);
+    free(t);
+    uint32_t ids[16];
+    assert_int_equal(lt_prompt_ids(p, 8, 17, ids, 16), 8);
+    assert_int_equal(ids[0], 101);
+    assert_int_equal(ids[1], 101);
+    assert_int_equal(ids[2], 100);
+    assert_int_equal(ids[7], 100);
+    assert_int_equal(lt_prompt_ids(p, 8, 17, ids, 4), 0); /* too small */
+    lt_prompt_parts parts;
+    lt_prompt_get(p, 9, 0x3f2, &parts);
+    assert_int_equal(parts.head_len, 23);
+    assert_int_equal(parts.tail_len, 12);
+    assert_memory_equal(parts.tail, ",100,100,100", 12);
     int32_t count;
-    assert_int_equal(lt_prompt_count(p, 3, &count), TD_EUNSUPPORTED);
+    assert_int_equal(lt_prompt_count(p, 3, 0, &count), TD_EUNSUPPORTED);
     lt_prompt_free(p);
     lt_prompt_free(NULL);
 }
@@ -70,24 +87,44 @@ static void check_tokenizer(const char *rel)
     tok_tokenizer *tok;
     assert_int_equal(tok_load(path, &tok, err, sizeof(err)), 0);
     int flags = tok_adds_bos(tok) && tok_bos_id(tok) >= 0 ? TOK_ADD_BOS : 0;
-    static const int32_t lens[] = {1, 2, 3, 4, 7, 16, 31, 100, 257, 472, 1087, 2048, 3000};
+    static const int32_t lens[] = {1, 2, 3, 4, 6, 7, 16, 31, 100, 257, 472, 1087, 2048, 3000};
+    static const uint64_t variants[] = {0, 1, 15, 16, 255, 4095, 123456789};
     for (size_t i = 0; i < sizeof(lens) / sizeof(lens[0]); i++) {
-        const char *t;
-        size_t len;
-        lt_prompt_get(p, lens[i], &t, &len);
-        int32_t *ids = NULL;
-        size_t n = 0;
-        assert_int_equal(tok_encode(tok, t, len, flags, &ids, &n), 0);
-        free(ids);
-        if (!(flags && lens[i] == 1)) /* with BOS, one token is BOS plus a word */
-            assert_int_equal((int32_t)n, lens[i]);
-        int32_t count;
-        assert_int_equal(lt_prompt_count(p, lens[i], &count), 0);
-        assert_int_equal(count, (int32_t)n);
-        for (size_t k = 0; k < len; k++)
-            assert_true(t[k] != '"' && t[k] != '\\' && (unsigned char)t[k] >= 0x20);
+        for (size_t v = 0; v < sizeof(variants) / sizeof(variants[0]); v++) {
+            char *t;
+            size_t len;
+            assert_int_equal(lt_prompt_text(p, lens[i], variants[v], &t, &len), 0);
+            int32_t *ids = NULL;
+            size_t n = 0;
+            assert_int_equal(tok_encode(tok, t, len, flags, &ids, &n), 0);
+            free(ids);
+            if (!(flags && lens[i] == 1)) /* with BOS, one token is BOS plus a word */
+                assert_int_equal((int32_t)n, lens[i]);
+            int32_t count;
+            assert_int_equal(lt_prompt_count(p, lens[i], variants[v], &count), 0);
+            assert_int_equal(count, (int32_t)n);
+            for (size_t k = 0; k < len; k++)
+                assert_true(t[k] != '"' && t[k] != '\\' && (unsigned char)t[k] >= 0x20);
+            free(t);
+        }
     }
-    print_message("%s: filler word '%s', bos %s\n", rel, lt_prompt_word(p), flags ? "yes" : "no");
+    /* Different requests get different first tokens (no shared KV prefix). */
+    char *a, *b;
+    size_t la, lb;
+    assert_int_equal(lt_prompt_text(p, 100, 0, &a, &la), 0);
+    assert_int_equal(lt_prompt_text(p, 100, 1, &b, &lb), 0);
+    int32_t *ia = NULL, *ib = NULL;
+    size_t na = 0, nb = 0;
+    assert_int_equal(tok_encode(tok, a, la, flags, &ia, &na), 0);
+    assert_int_equal(tok_encode(tok, b, lb, flags, &ib, &nb), 0);
+    assert_true(lt_prompt_n_alt(p) >= 2);
+    assert_true(ia[flags ? 1 : 0] != ib[flags ? 1 : 0]);
+    free(ia);
+    free(ib);
+    free(a);
+    free(b);
+    print_message("%s: filler word '%s', %d head words, bos %s\n", rel, lt_prompt_word(p),
+                  lt_prompt_n_alt(p), flags ? "yes" : "no");
     tok_free(tok);
     lt_prompt_free(p);
 #else
