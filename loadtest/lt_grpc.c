@@ -201,15 +201,22 @@ void lt_grpc_send(lt_grpc *g, size_t i, int64_t start_ns)
     char client_id[32];
     snprintf(client_id, sizeof(client_id), "lt-%zu", i);
     req.client_request_id = client_id;
+    lt_prompt_shape shape = {.block_tokens = g->o->block_tokens};
+    const lt_prompt_shape *shp = NULL;
+    if (g->o->hashes && q->n_hash > 0) {
+        shape.hashes = g->o->hashes + q->hash_off;
+        shape.n_hash = q->n_hash;
+        shp = &shape;
+    }
     char *text = NULL;
     size_t text_len;
     int prc = 0;
     if (lt_prompt_is_text(g->o->prompt)) {
-        prc = lt_prompt_text(g->o->prompt, q->input_tokens, (uint64_t)i, &text, &text_len);
+        prc = lt_prompt_text(g->o->prompt, q->input_tokens, (uint64_t)i, shp, &text, &text_len);
         req.prompt = text;
     } else {
         req.n_prompt_token_ids =
-            lt_prompt_ids(g->o->prompt, q->input_tokens, (uint64_t)i, g->ids, g->ids_cap);
+            lt_prompt_ids(g->o->prompt, q->input_tokens, (uint64_t)i, shp, g->ids, g->ids_cap);
         req.prompt_token_ids = g->ids;
     }
     int64_t deadline = g->o->timeout_ns > 0 ? td_now_ns() + g->o->timeout_ns : RPC_NO_DEADLINE;

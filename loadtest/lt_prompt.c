@@ -130,33 +130,75 @@ void lt_prompt_get(const lt_prompt *p, int32_t n, uint64_t variant, lt_prompt_pa
     out->tail_len = (size_t)(units - head) * p->unit_len;
 }
 
-int lt_prompt_text(const lt_prompt *p, int32_t n, uint64_t variant, char **out, size_t *len)
+/* Index into alt[] of unit k of the prompt: the head digits of the block the
+ * unit falls in (the request's variant outside shared blocks), filler past the
+ * head. Returns -1 for a filler unit. */
+static int unit_alt(const lt_prompt *p, int32_t k, uint64_t variant, const lt_prompt_shape *shape)
 {
-    lt_prompt_parts parts;
-    lt_prompt_get(p, n, variant, &parts);
-    char *s = malloc(parts.head_len + parts.tail_len + 1);
+    int64_t pos = k, id = -1;
+    if (shape && shape->hashes && shape->block_tokens > 0) {
+        /* Token position (BOS included) decides the block, so blocks line up
+         * with the server's token blocks. */
+        int64_t tok = (int64_t)k + (p->is_text ? p->bos : 0);
+        int64_t block = tok / shape->block_tokens;
+        if (block < (int64_t)shape->n_hash) {
+            pos = tok - block * shape->block_tokens - (block == 0 && p->is_text ? p->bos : 0);
+            id = (int64_t)block;
+        } else {
+            pos = tok - (int64_t)shape->n_hash * shape->block_tokens;
+        }
+    }
+    if (pos >= LT_PROMPT_HEAD_UNITS) return -1;
+    uint64_t v = id >= 0 ? shape->hashes[id] : variant;
+    for (int64_t d = 0; d < pos; d++)
+        v /= (uint64_t)p->n_alt;
+    return (int)(v % (uint64_t)p->n_alt);
+}
+
+int lt_prompt_text(const lt_prompt *p, int32_t n, uint64_t variant, const lt_prompt_shape *shape,
+                   char **out, size_t *len)
+{
+    if (!shape || !shape->hashes || shape->n_hash == 0) {
+        lt_prompt_parts parts;
+        lt_prompt_get(p, n, variant, &parts);
+        char *s = malloc(parts.head_len + parts.tail_len + 1);
+        if (!s) return TD_ENOMEM;
+        memcpy(s, parts.head, parts.head_len);
+        memcpy(s + parts.head_len, parts.tail, parts.tail_len);
+        s[parts.head_len + parts.tail_len] = '\0';
+        *out = s;
+        *len = parts.head_len + parts.tail_len;
+        return 0;
+    }
+    int32_t units = units_for(p, n);
+    char *s = malloc((size_t)units * LT_PROMPT_WORD_MAX + 1); /* every unit fits sep + word */
     if (!s) return TD_ENOMEM;
-    memcpy(s, parts.head, parts.head_len);
-    memcpy(s + parts.head_len, parts.tail, parts.tail_len);
-    s[parts.head_len + parts.tail_len] = '\0';
+    size_t w = 0;
+    for (int32_t k = 0; k < units; k++) {
+        int a = unit_alt(p, k, variant, shape);
+        const char *word = a < 0 ? p->word : p->alt[a];
+        if (!p->is_text && a < 0) word = p->alt[0]; /* id prompts: the filler id */
+        size_t l = strlen(word);
+        if (k > 0) s[w++] = p->sep;
+        memcpy(s + w, word, l);
+        w += l;
+    }
+    s[w] = '\0';
     *out = s;
-    *len = parts.head_len + parts.tail_len;
+    *len = w;
     return 0;
 }
 
-size_t lt_prompt_ids(const lt_prompt *p, int32_t n, uint64_t variant, uint32_t *ids, size_t cap)
+size_t lt_prompt_ids(const lt_prompt *p, int32_t n, uint64_t variant, const lt_prompt_shape *shape,
+                     uint32_t *ids, size_t cap)
 {
     if (p->is_text) return 0;
     int32_t units = units_for(p, n);
     if ((size_t)units > cap) return 0;
     uint32_t base = (uint32_t)strtoul(p->alt[0], NULL, 10);
     for (int32_t k = 0; k < units; k++) {
-        if (k < LT_PROMPT_HEAD_UNITS) {
-            ids[k] = base + (uint32_t)(variant % (uint64_t)p->n_alt);
-            variant /= (uint64_t)p->n_alt;
-        } else {
-            ids[k] = base;
-        }
+        int a = unit_alt(p, k, variant, shape);
+        ids[k] = base + (uint32_t)(a < 0 ? 0 : a);
     }
     return (size_t)units;
 }
@@ -184,12 +226,13 @@ static int count_text(const lt_prompt *p, const char *text, size_t len, int32_t 
     return 0;
 }
 
-int lt_prompt_count(const lt_prompt *p, int32_t n, uint64_t variant, int32_t *count)
+int lt_prompt_count(const lt_prompt *p, int32_t n, uint64_t variant, const lt_prompt_shape *shape,
+                    int32_t *count)
 {
     if (!p->is_text) return TD_EUNSUPPORTED;
     char *text;
     size_t len;
-    int rc = lt_prompt_text(p, n, variant, &text, &len);
+    int rc = lt_prompt_text(p, n, variant, shape, &text, &len);
     if (rc) return rc;
     rc = count_text(p, text, len, count);
     free(text);
@@ -260,7 +303,7 @@ int lt_prompt_create_text(const char *path, int32_t max_tokens, lt_prompt **out,
         int good = 1;
         for (size_t k = 0; k < sizeof(probe) / sizeof(probe[0]) && good; k++) {
             int32_t n = probe[k] + p->bos, got;
-            if (lt_prompt_count(p, n, 0, &got) != 0 || got != n) good = 0;
+            if (lt_prompt_count(p, n, 0, NULL, &got) != 0 || got != n) good = 0;
         }
         if (good) break;
     }
@@ -282,7 +325,7 @@ int lt_prompt_create_text(const char *path, int32_t max_tokens, lt_prompt **out,
         /* The longest prompt, with a head using the last words, must be exact too. */
         int32_t got;
         uint64_t v = (uint64_t)p->n_alt * p->n_alt * p->n_alt - 1;
-        rc = lt_prompt_count(p, want_max + p->bos, v, &got);
+        rc = lt_prompt_count(p, want_max + p->bos, v, NULL, &got);
         if (rc == 0 && got != want_max + p->bos) {
             set_err(err, errlen, "tokenizer %s: a %d-token prompt encodes to %d tokens", path,
                     want_max + p->bos, got);
@@ -301,9 +344,10 @@ int lt_prompt_create_text(const char *path, int32_t max_tokens, lt_prompt **out,
 
 #else
 
-int lt_prompt_count(const lt_prompt *p, int32_t n, uint64_t variant, int32_t *count)
+int lt_prompt_count(const lt_prompt *p, int32_t n, uint64_t variant, const lt_prompt_shape *shape,
+                    int32_t *count)
 {
-    (void)p, (void)n, (void)variant, (void)count;
+    (void)p, (void)n, (void)variant, (void)shape, (void)count;
     return TD_EUNSUPPORTED;
 }
 

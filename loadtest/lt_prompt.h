@@ -35,6 +35,17 @@ typedef struct lt_prompt_parts {
     size_t tail_len;
 } lt_prompt_parts;
 
+/* Shared prompt blocks (Mooncake hash_ids): token block j of the prompt,
+ * block_tokens tokens long, starts with the head of hashes[j] instead of the
+ * request's variant, so requests that share leading hash ids share those
+ * blocks' text exactly (and so their KV prefix); tokens past the last hash id
+ * start a block headed by the request's variant. */
+typedef struct lt_prompt_shape {
+    const uint64_t *hashes; /* [n_hash], borrowed */
+    uint32_t n_hash;
+    int32_t block_tokens; /* >= 1; Mooncake's traces use 512 */
+} lt_prompt_shape;
+
 /* Loads the tokenizer at path (tokenizer.json, its directory, or a llama2.c
  * tokenizer.bin; see tok_load) and prepares prompts of up to max_tokens
  * tokens. On success *out is owned by the caller (lt_prompt_free).
@@ -56,17 +67,21 @@ int lt_prompt_is_text(const lt_prompt *p);
  * above the maximum as the maximum). The bytes need no JSON escaping. */
 void lt_prompt_get(const lt_prompt *p, int32_t n, uint64_t variant, lt_prompt_parts *out);
 
-/* The same prompt as one malloc'd NUL-terminated string (caller frees). */
-int lt_prompt_text(const lt_prompt *p, int32_t n, uint64_t variant, char **out, size_t *len);
+/* The same prompt as one malloc'd NUL-terminated string (caller frees); with
+ * shape (may be NULL) for shared blocks. 0 or TD_ENOMEM. */
+int lt_prompt_text(const lt_prompt *p, int32_t n, uint64_t variant, const lt_prompt_shape *shape,
+                   char **out, size_t *len);
 
 /* Id prompts: writes the ids of the prompt for n tokens into ids[cap];
  * returns how many (0 for text prompts or when cap is too small). */
-size_t lt_prompt_ids(const lt_prompt *p, int32_t n, uint64_t variant, uint32_t *ids, size_t cap);
+size_t lt_prompt_ids(const lt_prompt *p, int32_t n, uint64_t variant, const lt_prompt_shape *shape,
+                     uint32_t *ids, size_t cap);
 
-/* Token count of the prompt for (n, variant) when encoded the way the server
- * does (with BOS when the tokenizer adds it). 0 and *count, or
+/* Token count of the prompt for (n, variant, shape) when encoded the way the
+ * server does (with BOS when the tokenizer adds it). 0 and *count, or
  * TD_EUNSUPPORTED for id prompts. */
-int lt_prompt_count(const lt_prompt *p, int32_t n, uint64_t variant, int32_t *count);
+int lt_prompt_count(const lt_prompt *p, int32_t n, uint64_t variant, const lt_prompt_shape *shape,
+                    int32_t *count);
 
 /* The filler word in use ("" for id prompts), and how many head words. */
 const char *lt_prompt_word(const lt_prompt *p);

@@ -127,6 +127,7 @@ struct conn {
     char head[1024];        /* request line, headers and the body up to the prompt */
     char tail[256];         /* the body after the prompt */
     lt_prompt_parts prompt; /* this request's prompt head (copied) and shared tail */
+    char *owned_prompt;     /* whole prompt when built per request (hash ids), else NULL */
     char rbuf[65536];
 };
 
@@ -259,6 +260,7 @@ static void on_handle_closed(uv_handle_t *h)
         rp->all = c->all_next;
     if (c->all_next) c->all_next->all_prev = c->all_prev;
     free(c->line);
+    free(c->owned_prompt);
     free(c);
 }
 
@@ -531,7 +533,25 @@ static void conn_send(struct conn *c, size_t i)
 
     /* The prompt head is per request (copied into the connection: it must live
      * until the write completes); the tail is shared, read-only bytes. */
-    lt_prompt_get(rp->o->prompt, q->input_tokens, (uint64_t)i, &c->prompt);
+    free(c->owned_prompt);
+    c->owned_prompt = NULL;
+    if (rp->o->hashes && q->n_hash > 0) {
+        /* Shared prefix blocks: the prompt is built whole for this request. */
+        lt_prompt_shape shape = {.hashes = rp->o->hashes + q->hash_off,
+                                 .n_hash = q->n_hash,
+                                 .block_tokens = rp->o->block_tokens};
+        size_t len;
+        if (lt_prompt_text(rp->o->prompt, q->input_tokens, (uint64_t)i, &shape, &c->owned_prompt,
+                           &len) != 0) {
+            fail(c, "out of memory building the prompt");
+            return;
+        }
+        c->prompt.head_len = 0;
+        c->prompt.tail = c->owned_prompt;
+        c->prompt.tail_len = len;
+    } else {
+        lt_prompt_get(rp->o->prompt, q->input_tokens, (uint64_t)i, &c->prompt);
+    }
     int text = lt_prompt_is_text(rp->o->prompt);
     char body_head[400];
     int bh = snprintf(body_head, sizeof(body_head), "{%s\"prompt\":%c", rp->model_json,
@@ -805,6 +825,7 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     if (o.warm_conns < 0) o.warm_conns = 4;
     if (o.warm_conns > o.max_conns) o.warm_conns = o.max_conns;
     if (o.max_chunk_times <= 0) o.max_chunk_times = 64LL << 20;
+    if (o.block_tokens <= 0) o.block_tokens = 512;
 
     /* Chunk-time arena: max(max_tokens, 1) + 1 slots per request, checked for overflow. */
     int64_t slots = 0;

@@ -46,6 +46,9 @@ typedef struct lt_replay_opts {
     lt_url url;
     const char *model;       /* "model" field; NULL: omitted */
     const lt_prompt *prompt; /* borrowed; must outlive the run */
+    const uint64_t *hashes;  /* lt_trace.hashes when requests carry Mooncake hash ids
+                                (borrowed), else NULL */
+    int32_t block_tokens;    /* tokens per hash id (default 512 when <= 0) */
     int64_t timeout_ns;      /* per request, from send to the end of the stream */
     int max_conns;           /* most open connections (default 1024 when <= 0) */
     int warm_conns;          /* connections opened before t = 0 (default 4 when < 0) */

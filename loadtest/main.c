@@ -50,6 +50,7 @@ static void usage(FILE *fp)
         "          --no-verify (skip encoding every prompt length)  --no-plots\n"
         "          --spin-us U (busy-wait the last U us before each send; default 0)\n"
         "          --rt-priority P (SCHED_FIFO for the send loop when permitted; default off)\n"
+        "          --block-tokens N (tokens per Mooncake hash id, default 512)\n"
         "          --log-level debug|info|warn|error\n");
 }
 
@@ -79,6 +80,7 @@ enum {
     OPT_NO_PLOTS,
     OPT_SPIN_US,
     OPT_RT_PRIORITY,
+    OPT_BLOCK_TOKENS,
     OPT_N,
     OPT_SEED,
     OPT_GSHAPE,
@@ -119,6 +121,7 @@ static const struct option k_opts[] = {
     {"no-plots", no_argument, NULL, OPT_NO_PLOTS},
     {"spin-us", required_argument, NULL, OPT_SPIN_US},
     {"rt-priority", required_argument, NULL, OPT_RT_PRIORITY},
+    {"block-tokens", required_argument, NULL, OPT_BLOCK_TOKENS},
     {"n", required_argument, NULL, OPT_N},
     {"seed", required_argument, NULL, OPT_SEED},
     {"gamma-shape", required_argument, NULL, OPT_GSHAPE},
@@ -144,6 +147,7 @@ struct args {
     long filler_id;
     long spin_us;
     long rt_priority;
+    long block_tokens;
     lt_synth_params synth;
 };
 
@@ -182,6 +186,7 @@ static int parse_args(int argc, char **argv, struct args *a)
     a->warm_conns = 4;
     a->filler_id = 100;
     a->window_s = 600;
+    a->block_tokens = 512;
     lt_synth_defaults(&a->synth);
     optind = 1;
     int c;
@@ -274,6 +279,9 @@ static int parse_args(int argc, char **argv, struct args *a)
         case OPT_RT_PRIORITY:
             bad = parse_long(name, optarg, 0, 99, &a->rt_priority);
             break;
+        case OPT_BLOCK_TOKENS:
+            bad = parse_long(name, optarg, 1, 1 << 20, &a->block_tokens);
+            break;
         case OPT_N:
             bad = parse_long(name, optarg, 1, 100000000, &v);
             a->synth.n = (size_t)v;
@@ -365,13 +373,16 @@ static int read_trace(const struct args *a, lt_trace *tr)
 
 /* Encodes every request's prompt and checks its token count. A 1-token prompt
  * cannot be exact when the tokenizer adds BOS (BOS plus one word): counted apart. */
-static int verify_prompts(const lt_prompt *p, const lt_trace *tr)
+static int verify_prompts(const lt_prompt *p, const lt_trace *tr, int32_t block_tokens)
 {
     size_t checked = 0, short_bos = 0;
     int rc = 0;
     for (size_t i = 0; i < tr->n && rc == 0; i++) {
         int32_t n = tr->reqs[i].input_tokens > 0 ? tr->reqs[i].input_tokens : 1, got;
-        rc = lt_prompt_count(p, n, (uint64_t)i, &got);
+        lt_prompt_shape shape = {.hashes = tr->hashes ? tr->hashes + tr->reqs[i].hash_off : NULL,
+                                 .n_hash = tr->reqs[i].n_hash,
+                                 .block_tokens = block_tokens};
+        rc = lt_prompt_count(p, n, (uint64_t)i, &shape, &got);
         if (rc == 0 && got != n) {
             if (n == 1 && got == 2) {
                 short_bos++;
@@ -426,7 +437,9 @@ static int run_replay(const struct args *a, lt_trace *tr, const char *source)
                         .warm_conns = a->warm_conns,
                         .progress = isatty(2),
                         .spin_ns = a->spin_us * TD_NS_PER_US,
-                        .rt_priority = (int)a->rt_priority};
+                        .rt_priority = (int)a->rt_priority,
+                        .hashes = tr->hashes,
+                        .block_tokens = (int32_t)a->block_tokens};
     if (lt_url_parse(a->url, &o.url) != 0) {
         fprintf(stderr,
                 "tandem-loadtest: --url: expected http://HOST[:PORT][/PATH] or grpc://HOST:PORT, "
@@ -454,7 +467,7 @@ static int run_replay(const struct args *a, lt_trace *tr, const char *source)
             fprintf(stderr, "tandem-loadtest: %s\n", err[0] ? err : td_strerror(rc));
             return 1;
         }
-        if (!a->no_verify && (rc = verify_prompts(prompt, tr)) != 0) {
+        if (!a->no_verify && (rc = verify_prompts(prompt, tr, (int32_t)a->block_tokens)) != 0) {
             fprintf(stderr, "tandem-loadtest: prompt verification failed: %s\n", td_strerror(rc));
             lt_prompt_free(prompt);
             return 1;

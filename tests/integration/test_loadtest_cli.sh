@@ -48,6 +48,16 @@ fi
 "$LT" compare "$WORK/a" "$WORK/b" >"$WORK/cmp.txt"
 grep -q 'goodput.req_per_s' "$WORK/cmp.txt" || fail "compare output"
 
+# Mooncake rows with shared hash ids (prompts built per request from blocks).
+cat >"$WORK/mc.jsonl" <<'JSONL'
+{"timestamp": 0, "input_length": 1100, "output_length": 3, "hash_ids": [0, 1, 2]}
+{"timestamp": 20, "input_length": 700, "output_length": 2, "hash_ids": [0, 1]}
+{"timestamp": 40, "input_length": 30, "output_length": 4, "hash_ids": [5]}
+JSONL
+"$LT" replay --trace "$WORK/mc.jsonl" --format mooncake --url "$URL" --block-tokens 512 \
+    --out "$WORK/mc" --no-plots --log-level warn >/dev/null
+grep -q '"ok":[[:space:]]*3' "$WORK/mc/summary.json" || fail "mooncake hash_ids replay"
+
 # BurstGPT head: the first 40 requests, rescaled to 40 req/s.
 HEAD=${TANDEM_SHARED_DIR:-/nonexistent}/data/burstgpt/BurstGPT_1_head.csv
 if [ -f "$HEAD" ]; then
@@ -63,6 +73,9 @@ if [ -f "$HEAD" ]; then
             --tokenizer "$TOKJ" --out "$WORK/burst-text" --no-plots --log-level warn >/dev/null
         grep -q '"filler_word"' "$WORK/burst-text/summary.json" || fail "text prompts"
         grep -q '"ok":[[:space:]]*20' "$WORK/burst-text/summary.json" || fail "text replay"
+        "$LT" replay --trace "$WORK/mc.jsonl" --format mooncake --url "$URL" --tokenizer "$TOKJ" \
+            --block-tokens 64 --out "$WORK/mc-text" --no-plots --log-level warn >/dev/null
+        grep -q '"ok":[[:space:]]*3' "$WORK/mc-text/summary.json" || fail "mooncake text replay"
     fi
     "$LT" fit --trace "$HEAD" --format burstgpt --window-s 600 >"$WORK/fit.json"
     grep -q '"mom_shape"' "$WORK/fit.json" || fail "fit output"

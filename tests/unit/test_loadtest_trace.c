@@ -220,6 +220,57 @@ static void test_mooncake(void **state)
     lt_trace_free(&tr);
 }
 
+static void test_mooncake_hash_ids(void **state)
+{
+    (void)state;
+    static const char text[] =
+        "{\"timestamp\": 30, \"input_length\": 1100, \"output_length\": 5, \"hash_ids\": [0, 1, "
+        "9]}\n"
+        "{\"timestamp\": 10, \"input_length\": 600, \"output_length\": 5, \"hash_ids\": [0, 4]}\n"
+        "{\"timestamp\": 20, \"input_length\": 10, \"output_length\": 0, \"hash_ids\": [3]}\n"
+        "{\"timestamp\": 40, \"input_length\": 10, \"output_length\": 2}\n";
+    lt_trace tr;
+    char err[256] = "";
+    assert_int_equal(read_text(text, LT_FMT_MOONCAKE, NULL, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 3);
+    assert_int_equal(tr.failed, 1);
+    assert_int_equal(tr.n_hashes, 5); /* the failed row's ids are not kept */
+    /* Sorted by time; each request still points at its own ids. */
+    assert_int_equal(tr.reqs[0].n_hash, 2);
+    assert_int_equal(tr.hashes[tr.reqs[0].hash_off + 1], 4);
+    assert_int_equal(tr.reqs[1].n_hash, 3);
+    assert_int_equal(tr.hashes[tr.reqs[1].hash_off + 2], 9);
+    assert_int_equal(tr.reqs[2].n_hash, 0);
+
+    char buf[1024];
+    FILE *fp = fmemopen(buf, sizeof(buf), "w");
+    assert_int_equal(lt_trace_write_jsonl(&tr, fp), 0);
+    fclose(fp);
+    assert_non_null(strstr(buf, "\"hash_ids\": [0, 1, 9]"));
+    lt_trace back;
+    assert_int_equal(read_text(buf, LT_FMT_MOONCAKE, NULL, &back, err, sizeof(err)), 0);
+    assert_int_equal(back.n_hashes, 5);
+    assert_int_equal(back.hashes[back.reqs[1].hash_off], 0);
+    lt_trace_free(&back);
+    lt_trace_free(&tr);
+
+    /* The window counts from the earliest row, not the first line: [15 ms, 35 ms). */
+    lt_read_opts o = {.start_s = 0.005, .end_s = 0.025};
+    assert_int_equal(read_text(text, LT_FMT_MOONCAKE, &o, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 1);
+    assert_int_equal(tr.reqs[0].input_tokens, 1100);
+    assert_int_equal(tr.filtered, 2);
+    lt_trace_free(&tr);
+
+    static const char bad[] =
+        "{\"timestamp\": 1, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": [1, -2]}\n";
+    assert_int_equal(read_text(bad, LT_FMT_MOONCAKE, NULL, &tr, err, sizeof(err)), TD_EFORMAT);
+    assert_non_null(strstr(err, "line 1: hash_ids"));
+    static const char bad2[] =
+        "{\"timestamp\": 1, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": [\"a\"]}\n";
+    assert_int_equal(read_text(bad2, LT_FMT_MOONCAKE, NULL, &tr, err, sizeof(err)), TD_EFORMAT);
+}
+
 static void test_scaling(void **state)
 {
     (void)state;
@@ -360,6 +411,7 @@ int main(void)
         cmocka_unit_test(test_azure),
         cmocka_unit_test(test_mooncake),
         cmocka_unit_test(test_scaling),
+        cmocka_unit_test(test_mooncake_hash_ids),
         cmocka_unit_test(test_real_burstgpt_head),
         cmocka_unit_test(test_write_jsonl_roundtrip),
         cmocka_unit_test(test_readers_survive_garbage),
