@@ -269,16 +269,16 @@ static void conn_close(struct conn *c)
     if (c->state == CONN_CLOSING) return;
     struct replay *rp = c->rp;
     if (c->state == CONN_IDLE) idle_remove(rp, c);
-    if (c->warm && c->state == CONN_CONNECTING) {
-        c->warm = 0;
-        rp->warm_pending--;
-        if (rp->warm_pending == 0 && !rp->started) replay_begin(rp);
-    }
+    int was_warm = c->warm && c->state == CONN_CONNECTING;
+    c->warm = 0;
+    /* Closed before anything below can re-enter (replay_begin may stop the run
+     * and close every connection). */
     c->state = CONN_CLOSING;
     rp->open_conns--;
     uv_timer_stop(&c->timer);
     uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
     uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+    if (was_warm && --rp->warm_pending == 0 && !rp->started) replay_begin(rp);
     serve_waitq(rp);
 }
 

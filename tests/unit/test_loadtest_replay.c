@@ -241,6 +241,15 @@ static void test_replay_connect_refused(void **state)
     }
     teardown_run(&f);
 
+    /* Nothing to send and nobody listening: the warm connections fail, the
+     * run still starts, ends at once and closes everything once. */
+    setup_run(&f, LT_SSE_OK, 4, 0, 0);
+    lt_sse_server_stop(f.srv);
+    f.srv = NULL;
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, 0, &f.run, err, sizeof(err)), 0);
+    assert_int_equal(f.run.n, 0);
+    teardown_run(&f);
+
     /* Nothing to send: returns at once. */
     setup_run(&f, LT_SSE_OK, 4, 0, 0);
     assert_int_equal(lt_replay_run(&f.o, f.reqs, 0, &f.run, err, sizeof(err)), 0);
