@@ -496,8 +496,12 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
                 conn_close(c);
                 return;
             }
-            fail(c, "connection closed mid-stream (%d chunks received)",
-                 c->rp->recs[c->req].n_chunks);
+            if (c->rp->recs[c->req].http_status == 0)
+                fail(c, "connection closed before any response (idle keep-alive closed by the "
+                        "server?)");
+            else
+                fail(c, "connection closed mid-stream (%d chunks received)",
+                     c->rp->recs[c->req].n_chunks);
         } else {
             fail(c, "read: %s", uv_strerror((int)nread));
         }
