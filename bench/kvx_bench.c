@@ -1,0 +1,352 @@
+/* tandem-kvx-bench: KV block transfer throughput (tcp on loopback, shm) for a
+ * 32-layer, 4096-wide f16 KV shape at block sizes of 16 and 64 tokens, each
+ * printed beside the limit measured in the same run (a raw socket blast on
+ * loopback for tcp, memcpy bandwidth for shm), and the layer-wise overlap:
+ * with simulated compute per layer, how much of the transfer is still left
+ * after the last layer's compute ends.
+ *
+ * Usage: tandem-kvx-bench [--gib X] [--conns N] [--pool-mib M]
+ *   --gib      GiB moved per configuration (default 1)
+ *   --conns    tcp data connections per peer (default 2)
+ *   --pool-mib pool size per side in MiB (default 64)
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "common/clock.h"
+#include "common/err.h"
+#include "common/log.h"
+#include "kvtransfer/kvx.h"
+
+static double g_gib = 1.0;
+static int g_conns = 2;
+static size_t g_pool_mib = 64;
+
+static kv_layout bench_layout(uint32_t block_size)
+{
+    kv_layout l = {.n_layers = 32,
+                   .block_size = block_size,
+                   .n_kv_heads = 32,
+                   .head_dim = 128, /* 32 * 128 = 4096 */
+                   .dtype = KV_DTYPE_F16};
+    size_t per_block_all_layers = kv_layout_block_bytes(&l) * l.n_layers;
+    l.num_blocks = (uint32_t)((g_pool_mib << 20) / per_block_all_layers);
+    if (l.num_blocks == 0) l.num_blocks = 1;
+    return l;
+}
+
+/* ---------- limits ---------- */
+
+struct blast {
+    int fd;
+    size_t bytes;
+};
+
+static void *blast_reader(void *arg)
+{
+    struct blast *b = arg;
+    size_t cap = 1 << 20;
+    char *buf = malloc(cap);
+    size_t got = 0;
+    while (buf && got < b->bytes) {
+        ssize_t n = recv(b->fd, buf, cap, 0);
+        if (n <= 0) break;
+        got += (size_t)n;
+    }
+    free(buf);
+    return NULL;
+}
+
+struct stream {
+    int c, s;
+    size_t bytes;
+    pthread_t reader, writer;
+};
+
+static void *blast_writer(void *arg)
+{
+    struct stream *st = arg;
+    size_t cap = 1 << 20, sent = 0;
+    char *buf = calloc(1, cap);
+    while (buf && sent < st->bytes) {
+        ssize_t n = send(st->c, buf, cap, MSG_NOSIGNAL);
+        if (n <= 0) break;
+        sent += (size_t)n;
+    }
+    free(buf);
+    return NULL;
+}
+
+static void *stream_reader(void *arg)
+{
+    struct stream *st = arg;
+    struct blast b = {.fd = st->s, .bytes = st->bytes};
+    return blast_reader(&b);
+}
+
+/* GB/s of n TCP streams on 127.0.0.1 (send from a 1 MiB buffer, recv into
+ * another, one thread per end): what TCP on this host can reach with as many
+ * streams as kvx uses. */
+static double raw_socket_gbps(size_t bytes, int n)
+{
+    struct stream st[16];
+    int ls = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET};
+    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    socklen_t sl = sizeof(sa);
+    if (n > 16 || ls < 0 || bind(ls, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
+        listen(ls, 16) < 0 || getsockname(ls, (struct sockaddr *)&sa, &sl) < 0)
+        return -1;
+    for (int i = 0; i < n; i++) {
+        st[i].c = socket(AF_INET, SOCK_STREAM, 0);
+        if (connect(st[i].c, (struct sockaddr *)&sa, sizeof(sa)) < 0) return -1;
+        st[i].s = accept(ls, NULL, NULL);
+        st[i].bytes = bytes / (size_t)n;
+    }
+    int64_t t0 = td_now_ns();
+    for (int i = 0; i < n; i++) {
+        pthread_create(&st[i].reader, NULL, stream_reader, &st[i]);
+        pthread_create(&st[i].writer, NULL, blast_writer, &st[i]);
+    }
+    for (int i = 0; i < n; i++) {
+        pthread_join(st[i].writer, NULL);
+        pthread_join(st[i].reader, NULL);
+    }
+    double secs = td_ns_to_s(td_now_ns() - t0);
+    for (int i = 0; i < n; i++) {
+        close(st[i].c);
+        close(st[i].s);
+    }
+    close(ls);
+    return (double)(bytes / (size_t)n * (size_t)n) / secs / 1e9;
+}
+
+/* GB/s of memcpy between two 64 MiB buffers on one thread. */
+static double memcpy_gbps(size_t bytes)
+{
+    size_t n = 64u << 20;
+    char *a = malloc(n), *b = malloc(n);
+    if (!a || !b) return -1;
+    memset(a, 1, n);
+    memset(b, 2, n);
+    int64_t t0 = td_now_ns();
+    size_t done = 0;
+    while (done < bytes) {
+        memcpy(b, a, n);
+        done += n;
+    }
+    double secs = td_ns_to_s(td_now_ns() - t0);
+    volatile char sink = b[n / 2];
+    (void)sink;
+    free(a);
+    free(b);
+    return (double)done / secs / 1e9;
+}
+
+/* ---------- kvx runs ---------- */
+
+struct pair_eps {
+    kvx_ep *rx, *tx;
+    int peer;
+    kv_layout l;
+};
+
+static int open_pair(const char *transport, kv_layout l, struct pair_eps *pe)
+{
+    memset(pe, 0, sizeof(*pe));
+    pe->l = l;
+    kvx_params p = {.transport = transport,
+                    .role = KVX_ROLE_RECV,
+                    .model_fingerprint = 42,
+                    .layout = l,
+                    .n_data_conns = g_conns};
+    int rc = kvx_ep_create(&p, &pe->rx);
+    if (rc < 0) return rc;
+    p.role = KVX_ROLE_SEND;
+    if ((rc = kvx_ep_create(&p, &pe->tx)) < 0) return rc;
+    char addr[128], bound[128];
+    if (!strcmp(transport, "tcp"))
+        snprintf(addr, sizeof(addr), "127.0.0.1:0");
+    else
+        snprintf(addr, sizeof(addr), "/tmp/tandem-kvx-bench-%d.sock", (int)getpid());
+    if ((rc = kvx_listen(pe->rx, addr, bound, sizeof(bound))) < 0) return rc;
+    memset(kvx_ep_pool(pe->tx), 0x5a, kv_layout_pool_bytes(&l));
+    return kvx_connect(pe->tx, bound, &pe->peer, NULL, 0);
+}
+
+static void close_pair(struct pair_eps *pe)
+{
+    kvx_ep_destroy(pe->tx);
+    kvx_ep_destroy(pe->rx);
+}
+
+static int wait_done(kvx_ep *ep, const char *id, int64_t *t_done)
+{
+    int64_t end = td_now_ns() + 30 * TD_NS_PER_S;
+    while (td_now_ns() < end) {
+        kvx_event e;
+        if (kvx_ep_wait(ep, &e, 1, 100 * TD_NS_PER_MS) != 1 || strcmp(e.req_id, id) != 0) continue;
+        if (e.type == KVX_EV_DONE) {
+            if (t_done) *t_done = td_now_ns();
+            return 0;
+        }
+        if (e.type == KVX_EV_FAILED) {
+            fprintf(stderr, "request %s failed: %s %s\n", id, td_err_name(e.err), e.msg);
+            return e.err;
+        }
+    }
+    return TD_ETIMEDOUT;
+}
+
+/* One request: every block of the pool, all layers. layer_ns > 0 sleeps that
+ * long before posting each layer (the simulated compute of that layer).
+ * Returns 0 and fills the times. */
+static int run_request(struct pair_eps *pe, int seq, int64_t layer_ns, int64_t *t_start,
+                       int64_t *t_compute_end, int64_t *t_done)
+{
+    char id[32];
+    snprintf(id, sizeof(id), "bench-%d", seq);
+    int nb = (int)pe->l.num_blocks;
+    uint32_t dst[4096];
+    kvx_pair pairs[4096];
+    if (nb > 4096) return TD_ERANGE;
+    for (int i = 0; i < nb; i++) {
+        pairs[i].src = (uint32_t)i;
+        pairs[i].dst = dst[i] = (uint32_t)(nb - 1 - i);
+    }
+    int rc = kvx_recv_register(pe->rx, id, dst, nb, 0);
+    if (rc < 0) return rc;
+    *t_start = td_now_ns();
+    if ((rc = kvx_send_begin(pe->tx, pe->peer, id, 0)) < 0) return rc;
+    for (uint32_t layer = 0; layer < pe->l.n_layers; layer++) {
+        if (layer_ns > 0) td_sleep_ns(layer_ns);
+        if ((rc = kvx_send_layer(pe->tx, id, (int)layer, pairs, nb)) < 0) return rc;
+    }
+    *t_compute_end = td_now_ns();
+    if ((rc = wait_done(pe->rx, id, t_done)) < 0) return rc;
+    return wait_done(pe->tx, id, NULL);
+}
+
+/* Throughput: requests back to back until g_gib moved. */
+static double kvx_gbps(const char *transport, uint32_t block_size, int *seq)
+{
+    struct pair_eps pe;
+    kv_layout l = bench_layout(block_size);
+    int rc = open_pair(transport, l, &pe);
+    if (rc < 0) {
+        fprintf(stderr, "%s: setup failed: %s\n", transport, td_strerror(rc));
+        close_pair(&pe);
+        return -1;
+    }
+    size_t per_req = kv_layout_pool_bytes(&l);
+    size_t target = (size_t)(g_gib * (double)(1ull << 30));
+    size_t moved = 0;
+    int64_t t0 = td_now_ns();
+    while (moved < target) {
+        int64_t a, b, c;
+        if ((rc = run_request(&pe, (*seq)++, 0, &a, &b, &c)) < 0) {
+            fprintf(stderr, "%s: transfer failed: %s\n", transport, td_strerror(rc));
+            close_pair(&pe);
+            return -1;
+        }
+        moved += per_req;
+    }
+    double secs = td_ns_to_s(td_now_ns() - t0);
+    close_pair(&pe);
+    return (double)moved / secs / 1e9;
+}
+
+/* Overlap: compute of each layer is simulated by a sleep as long as that
+ * layer's transfer takes at the measured rate (a balanced pipeline). Reports
+ * the tail (last compute end -> transfer end) as a fraction of the transfer
+ * (first post -> transfer end). Without overlap the tail would be the whole
+ * transfer; with perfect overlap it is one layer's transfer (1/n_layers). */
+static void overlap(const char *transport, uint32_t block_size, double gbps, int *seq)
+{
+    struct pair_eps pe;
+    kv_layout l = bench_layout(block_size);
+    if (open_pair(transport, l, &pe) < 0 || gbps <= 0) {
+        close_pair(&pe);
+        return;
+    }
+    double layer_bytes = (double)kv_layout_block_bytes(&l) * l.num_blocks;
+    int64_t layer_ns = (int64_t)(layer_bytes / (gbps * 1e9) * 1e9);
+    double sum_frac = 0, sum_tail_ms = 0, sum_xfer_ms = 0;
+    int reps = 5, ok = 0;
+    for (int r = 0; r < reps; r++) {
+        int64_t t0, tc, td;
+        if (run_request(&pe, (*seq)++, layer_ns, &t0, &tc, &td) < 0) break;
+        /* The transfer starts when layer 0's compute ends. */
+        int64_t xfer_start = t0 + layer_ns;
+        sum_frac += (double)(td - tc) / (double)(td - xfer_start);
+        sum_tail_ms += td_ns_to_ms(td - tc);
+        sum_xfer_ms += td_ns_to_ms(td - xfer_start);
+        ok++;
+    }
+    close_pair(&pe);
+    if (!ok) return;
+    printf("overlap %-4s bs=%-3u compute/layer=%6.2f ms  transfer=%7.2f ms  tail after last "
+           "layer=%6.2f ms  tail fraction=%.3f (one layer's share %.3f; no overlap 1.000)\n",
+           transport, block_size, td_ns_to_ms(layer_ns), sum_xfer_ms / ok, sum_tail_ms / ok,
+           sum_frac / ok, 1.0 / l.n_layers);
+}
+
+int main(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--gib") && i + 1 < argc)
+            g_gib = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--conns") && i + 1 < argc)
+            g_conns = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--pool-mib") && i + 1 < argc)
+            g_pool_mib = (size_t)atoi(argv[++i]);
+        else {
+            fprintf(stderr, "usage: %s [--gib X] [--conns N] [--pool-mib M]\n", argv[0]);
+            return 2;
+        }
+    }
+    if (g_gib <= 0 || g_conns <= 0 || g_pool_mib == 0) return 2;
+    signal(SIGPIPE, SIG_IGN);
+    if (!getenv("TANDEM_LOG_LEVEL")) td_log_set_level(TD_LOG_WARN);
+    size_t limit_bytes = (size_t)(g_gib * (double)(1ull << 30));
+    printf("kvx bench: 32 layers, n_kv_heads*head_dim=4096, f16; pool %zu MiB per side; "
+           "%.2f GiB per point; tcp data connections=%d\n",
+           g_pool_mib, g_gib, g_conns);
+    double raw1 = raw_socket_gbps(limit_bytes, 1);
+    double raw = g_conns == 1 ? raw1 : raw_socket_gbps(limit_bytes, g_conns);
+    double mc = memcpy_gbps(limit_bytes);
+    printf("limit  raw tcp socket on 127.0.0.1, 1 stream    %6.2f GB/s\n", raw1);
+    printf("limit  raw tcp socket on 127.0.0.1, %d streams   %6.2f GB/s\n", g_conns, raw);
+    printf("limit  memcpy (1 thread)                       %6.2f GB/s\n", mc);
+    int seq = 0;
+    uint32_t bss[2] = {16, 64};
+    double tcp16 = 0, shm16 = 0;
+    for (int i = 0; i < 2; i++) {
+        kv_layout l = bench_layout(bss[i]);
+        double t = kvx_gbps("tcp", bss[i], &seq);
+        double s = kvx_gbps("shm", bss[i], &seq);
+        printf("kvx    tcp bs=%-3u block=%4zu KiB x %3u blocks x 32 layers  %6.2f GB/s  = %.2f x "
+               "raw (%d streams), %.2f x raw (1 stream)\n",
+               bss[i], kv_layout_block_bytes(&l) >> 10, l.num_blocks, t, raw > 0 ? t / raw : 0,
+               g_conns, raw1 > 0 ? t / raw1 : 0);
+        fflush(stdout);
+        printf("kvx    shm bs=%-3u block=%4zu KiB x %3u blocks x 32 layers  %6.2f GB/s  = %.2f x "
+               "memcpy\n",
+               bss[i], kv_layout_block_bytes(&l) >> 10, l.num_blocks, s, mc > 0 ? s / mc : 0);
+        if (i == 0) {
+            tcp16 = t;
+            shm16 = s;
+        }
+    }
+    overlap("tcp", 16, tcp16, &seq);
+    overlap("shm", 16, shm16, &seq);
+    return 0;
+}

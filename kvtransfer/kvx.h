@@ -1,0 +1,182 @@
+/* kvx: paged KV block transfer between a prefill (sender) and a decode
+ * (receiver) worker.
+ *
+ * A transfer moves blocks of bytes described by (layer, source block,
+ * destination block) between two pools laid out as engine/kvcache/kv_layout.h
+ * says. The receiver registers a request (id minted by the router) with its
+ * destination block ids; the sender posts work layer by layer as layers finish;
+ * the receiver learns when each layer and the whole request have landed.
+ *
+ * Transports (chosen by name at run time, see kvx_transport_available):
+ *   "tcp"      across hosts; scatter/gather straight from/to block memory.
+ *   "shm"      same host, CPU: the receiver's pool is a memfd the sender maps.
+ *   "cuda_ipc" same host, GPU: the receiver's pool is GPU memory shared by a
+ *              CUDA IPC handle (built when CUDA is found).
+ *   "nccl"     GPU to GPU across hosts (built when NCCL is found).
+ *
+ * Threading contract. Each endpoint owns one progress thread that does all
+ * socket and device I/O. The kvx_* calls below may be made from any
+ * application thread; each one hands a command to the progress thread and
+ * waits for its answer (microseconds), so they never race with transfers.
+ * Results come back as events: kvx_ep_poll() drains them without blocking, and
+ * kvx_ep_event_fd() is readable (an eventfd) whenever events are pending, so an
+ * event loop can wait on it. No callback ever runs on the progress thread.
+ *
+ * Ownership of blocks (the lease). From a successful kvx_recv_register() until
+ * that request's final event (KVX_EV_DONE or KVX_EV_FAILED), the destination
+ * blocks belong to the transfer: the application must not reuse them. The
+ * final event returns them: after it nothing writes them any more. On the
+ * sender, the source blocks named in kvx_send_layer() must stay unchanged
+ * until KVX_EV_LAYER_SENT for that layer (or the final event).
+ *
+ * A request is complete only when every registered block of every layer has
+ * landed exactly once; anything less ends in KVX_EV_FAILED (peer died, stalled,
+ * cancel, deadline, protocol error). Partial KV is never reported as done.
+ */
+#ifndef TANDEM_KVTRANSFER_KVX_H
+#define TANDEM_KVTRANSFER_KVX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/kvcache/kv_layout.h"
+
+#define KVX_REQ_ID_MAX  64  /* request id bytes, including the NUL */
+#define KVX_ERR_MSG_MAX 192 /* event message bytes, including the NUL */
+
+typedef struct kvx_ep kvx_ep;
+
+enum kvx_role {
+    KVX_ROLE_RECV = 0, /* decode side: listens, owns destination blocks */
+    KVX_ROLE_SEND = 1, /* prefill side: connects, owns source blocks */
+};
+
+typedef struct kvx_params {
+    const char *transport; /* "tcp", "shm", "cuda_ipc" or "nccl"; copied */
+    enum kvx_role role;
+    uint64_t model_fingerprint; /* checked in the handshake */
+    kv_layout layout;           /* of the local pool; checked in the handshake */
+    /* Local pool, kv_layout_pool_bytes(&layout) bytes. NULL: the transport
+     * allocates it (shm: a memfd; cuda_ipc/nccl: device memory; tcp: host
+     * memory) and kvx_ep_pool() returns it. shm and cuda_ipc receivers
+     * require NULL (the pool must be shareable). Non-NULL: caller-owned, must
+     * outlive the endpoint. */
+    void *pool;
+    int n_data_conns;         /* tcp: data connections per peer (0 = 2) */
+    int64_t stall_timeout_ns; /* peer silent this long = dead (0 = 1.5 s) */
+    int max_comms;            /* nccl: communicators kept at once (0 = 4) */
+    int64_t comm_idle_ns;     /* nccl: idle communicator torn down (0 = 30 s) */
+    int cuda_device;          /* cuda_ipc / nccl: device ordinal */
+} kvx_params;
+
+enum kvx_event_type {
+    KVX_EV_LAYER_LANDED = 1, /* receiver: every block of `layer` has landed */
+    KVX_EV_LAYER_SENT = 2,   /* sender: one kvx_send_layer() post of `layer` left; its
+                              * source blocks may be reused */
+    KVX_EV_DONE = 3,         /* both: whole request landed (sender: confirmed) */
+    KVX_EV_FAILED = 4,       /* both: request ended without completing; err says why */
+    KVX_EV_PEER_ERROR = 5,   /* a peer connection failed or was rejected; peer, err, msg */
+};
+
+typedef struct kvx_event {
+    enum kvx_event_type type;
+    char req_id[KVX_REQ_ID_MAX]; /* empty for KVX_EV_PEER_ERROR */
+    int layer;                   /* LAYER_* events; -1 otherwise */
+    int peer;                    /* peer id, or -1 when unknown */
+    int err;                     /* TD_E* code for FAILED / PEER_ERROR, else 0 */
+    char msg[KVX_ERR_MSG_MAX];   /* human-readable detail, may be empty */
+    int64_t elapsed_ns;          /* DONE/FAILED: transfer time (receiver: since BEGIN
+                                  * arrived, or since registration when it never did;
+                                  * sender: since kvx_send_begin), else 0 */
+} kvx_event;
+
+/* One block copy within a layer: source block id (sender pool) to destination
+ * block id (receiver pool). */
+typedef struct kvx_pair {
+    uint32_t src;
+    uint32_t dst;
+} kvx_pair;
+
+/* Statistics of an endpoint (for metrics). */
+typedef struct kvx_stats {
+    uint64_t bytes_sent;     /* payload bytes */
+    uint64_t bytes_received; /* payload bytes landed */
+    uint64_t requests_done;
+    uint64_t requests_failed;
+    uint64_t frames_rejected; /* bad frames from the wire */
+    int peers;                /* live peers */
+    int comms;                /* nccl: live communicators */
+    uint64_t comm_bytes;      /* nccl: device memory held by communicators */
+} kvx_stats;
+
+/* 1 when the named transport is compiled in and can run here (cuda_ipc and
+ * nccl need a device), else 0; `why` (may be NULL) receives the reason. */
+int kvx_transport_available(const char *name, char *why, size_t why_len);
+
+/* Creates an endpoint and starts its progress thread. params is copied.
+ * Returns 0 and *out, or TD_EINVAL (bad params), TD_EUNSUPPORTED (transport
+ * not built), TD_ENODEV (no GPU for a GPU transport), TD_ENOMEM. */
+int kvx_ep_create(const kvx_params *params, kvx_ep **out);
+
+/* Stops the progress thread, fails every open request (their final events are
+ * dropped with the endpoint), closes peers and frees the pool if the endpoint
+ * allocated it. Accepts NULL. */
+void kvx_ep_destroy(kvx_ep *ep);
+
+/* The local pool (caller's or the transport's; device memory for GPU
+ * transports). Owned by the endpoint when it allocated it. */
+void *kvx_ep_pool(kvx_ep *ep);
+
+/* Receiver: listens. tcp/nccl: addr "127.0.0.1:0" style (port 0 = any; the
+ * bound address is written to bound, which may be NULL). shm/cuda_ipc: a unix
+ * socket path. Returns 0 or a TD_E* code. */
+int kvx_listen(kvx_ep *ep, const char *addr, char *bound, size_t bound_len);
+
+/* Sender: connects to a receiver and runs the handshake (blocking, bounded by
+ * the stall timeout). On success *peer is the peer id. On TD_EMISMATCH msg
+ * names the field and both values (msg may be NULL). */
+int kvx_connect(kvx_ep *ep, const char *addr, int *peer, char *msg, size_t msg_len);
+
+/* Receiver: registers request req_id (copied) with its destination block ids
+ * (copied; each < layout.num_blocks, no duplicates, none leased by another
+ * open request). Every layer of the layout is expected for every block.
+ * deadline_ns: absolute td_now_ns() deadline, 0 for none. Returns 0, or
+ * TD_EINVAL, TD_EEXIST (id already open, or a block already leased), TD_ERANGE
+ * (more than 262138 blocks), TD_ENOSPC (4096 requests open). */
+int kvx_recv_register(kvx_ep *ep, const char *req_id, const uint32_t *dst_blocks, int n_blocks,
+                      int64_t deadline_ns);
+
+/* Sender: opens request req_id towards peer (sends BEGIN; the receiver
+ * answers with its registered blocks, or fails the request with TD_ENOENT
+ * when it has not registered it). deadline as above. Returns 0, TD_ENOENT
+ * (no such peer), TD_ECONNRESET (peer gone), TD_EEXIST (id open). */
+int kvx_send_begin(kvx_ep *ep, int peer, const char *req_id, int64_t deadline_ns);
+
+/* Sender: posts one layer's copies (pairs copied) and returns at once; the
+ * data moves on the progress thread (after the receiver's BEGIN_ACK). May be
+ * called more than once per layer; the union over a layer must cover the
+ * receiver's registered blocks. Returns 0, TD_ENOENT (no such open request),
+ * TD_EINVAL (range), or the request's error once it is failing. */
+int kvx_send_layer(kvx_ep *ep, const char *req_id, int layer, const kvx_pair *pairs, int n);
+
+/* Either side: cancels an open request; the peer learns of it and both sides
+ * end with KVX_EV_FAILED / TD_ECANCELED. Returns 0 or TD_ENOENT. */
+int kvx_cancel(kvx_ep *ep, const char *req_id);
+
+/* Readable (eventfd) while events are pending. Owned by the endpoint. */
+int kvx_ep_event_fd(kvx_ep *ep);
+
+/* Copies up to max pending events into evs (caller-owned); returns the count
+ * (0 when none). Never blocks. */
+int kvx_ep_poll(kvx_ep *ep, kvx_event *evs, int max);
+
+/* Waits until an event is pending or timeout_ns passed, then polls. */
+int kvx_ep_wait(kvx_ep *ep, kvx_event *evs, int max, int64_t timeout_ns);
+
+/* Snapshot of the counters. */
+void kvx_ep_stats(kvx_ep *ep, kvx_stats *out);
+
+/* 64-bit hash of a request id as carried on the wire. */
+uint64_t kvx_req_hash(const char *req_id);
+
+#endif

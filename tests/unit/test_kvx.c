@@ -1,0 +1,1211 @@
+/* Unit tests for kvtransfer (kvx): real sockets on 127.0.0.1 and unix
+ * sockets, real child processes for the kill tests. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <unistd.h>
+
+#include "common/clock.h"
+#include "common/err.h"
+#include "common/log.h"
+#include "kvtransfer/kvx.h"
+#include "kvtransfer/kvx_wire.h"
+
+#define FP  0x1234abcd5678ef00ull
+#define SEC TD_NS_PER_S
+
+static kv_layout small_layout(uint32_t n_layers, uint32_t num_blocks)
+{
+    kv_layout l = {.n_layers = n_layers,
+                   .num_blocks = num_blocks,
+                   .block_size = 16,
+                   .n_kv_heads = 2,
+                   .head_dim = 64,
+                   .dtype = KV_DTYPE_F16};
+    return l; /* 8 KiB per block */
+}
+
+static void fill_random(void *p, size_t n, uint64_t seed)
+{
+    uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+    uint8_t *b = p;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        memcpy(b + i, &x, 8);
+    }
+    for (; i < n; i++)
+        b[i] = (uint8_t)(x >> (i % 8));
+}
+
+static const char *addr_for(const char *transport, char *buf, size_t n)
+{
+    static int seq;
+    if (!strcmp(transport, "tcp"))
+        snprintf(buf, n, "127.0.0.1:0");
+    else
+        snprintf(buf, n, "/tmp/tandem-kvx-test-%d-%d.sock", (int)getpid(), seq++);
+    return buf;
+}
+
+static kvx_ep *mk_ep(const char *transport, enum kvx_role role, kv_layout l, uint64_t fp)
+{
+    kvx_params p = {.transport = transport,
+                    .role = role,
+                    .model_fingerprint = fp,
+                    .layout = l,
+                    .stall_timeout_ns = 1500 * TD_NS_PER_MS};
+    kvx_ep *ep = NULL;
+    assert_int_equal(kvx_ep_create(&p, &ep), 0);
+    return ep;
+}
+
+static kvx_ep *mk_rx(const char *transport, kv_layout l, char *bound, size_t n)
+{
+    kvx_ep *rx = mk_ep(transport, KVX_ROLE_RECV, l, FP);
+    char a[128];
+    assert_int_equal(kvx_listen(rx, addr_for(transport, a, sizeof(a)), bound, n), 0);
+    return rx;
+}
+
+/* Final events of other requests seen while waiting for one, kept for later
+ * wait_final calls. */
+static struct {
+    kvx_ep *ep;
+    kvx_event ev;
+} stash[256];
+static int n_stash;
+
+/* Waits for the final event of req_id; counts LAYER events on the way. */
+static kvx_event wait_final(kvx_ep *ep, const char *req_id, int64_t timeout_ns, int *layers)
+{
+    int64_t end = td_now_ns() + timeout_ns;
+    kvx_event e;
+    memset(&e, 0, sizeof(e));
+    for (int i = 0; i < n_stash; i++)
+        if (stash[i].ep == ep && !strcmp(stash[i].ev.req_id, req_id)) {
+            e = stash[i].ev;
+            stash[i] = stash[--n_stash];
+            return e;
+        }
+    while (td_now_ns() < end) {
+        kvx_event evs[1]; /* one at a time: nothing is dropped on return */
+        int n = kvx_ep_wait(ep, evs, 1, 50 * TD_NS_PER_MS);
+        assert_true(n >= 0);
+        for (int i = 0; i < n; i++) {
+            if (strcmp(evs[i].req_id, req_id) != 0) {
+                int final = evs[i].type == KVX_EV_DONE || evs[i].type == KVX_EV_FAILED;
+                if (final && n_stash < 256) {
+                    stash[n_stash].ep = ep;
+                    stash[n_stash++].ev = evs[i];
+                }
+                continue;
+            }
+            if (evs[i].type == KVX_EV_LAYER_LANDED || evs[i].type == KVX_EV_LAYER_SENT) {
+                if (layers) (*layers)++;
+                continue;
+            }
+            if (evs[i].type == KVX_EV_DONE || evs[i].type == KVX_EV_FAILED) return evs[i];
+        }
+    }
+    e.type = 0;
+    return e;
+}
+
+/* Checks that dst[i] of every layer holds src[i]'s bytes. */
+static void verify(kvx_ep *tx, kvx_ep *rx, const kv_layout *lt, const kv_layout *lr,
+                   const kvx_pair *pairs, int n)
+{
+    size_t bb = kv_layout_block_bytes(lt);
+    for (uint32_t layer = 0; layer < lt->n_layers; layer++)
+        for (int i = 0; i < n; i++) {
+            const uint8_t *s =
+                (uint8_t *)kvx_ep_pool(tx) + kv_layout_block_offset(lt, layer, pairs[i].src);
+            const uint8_t *d =
+                (uint8_t *)kvx_ep_pool(rx) + kv_layout_block_offset(lr, layer, pairs[i].dst);
+            assert_memory_equal(s, d, bb);
+        }
+}
+
+static void send_all_layers(kvx_ep *tx, const char *id, const kv_layout *l, const kvx_pair *pairs,
+                            int n)
+{
+    for (uint32_t layer = 0; layer < l->n_layers; layer++)
+        assert_int_equal(kvx_send_layer(tx, id, (int)layer, pairs, n), 0);
+}
+
+/* One request with non-contiguous destination blocks, checked byte-exact. */
+static void one_transfer(const char *transport, uint32_t n_layers)
+{
+    kv_layout l = small_layout(n_layers, 64);
+    char bound[128];
+    kvx_ep *rx = mk_rx(transport, l, bound, sizeof(bound));
+    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, l, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 7);
+    memset(kvx_ep_pool(rx), 0, kv_layout_pool_bytes(&l));
+    int peer = -1;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    kvx_pair pairs[] = {{3, 40}, {4, 2}, {10, 17}, {11, 18}, {60, 0}, {0, 63}};
+    int n = 6;
+    uint32_t dst[6];
+    for (int i = 0; i < n; i++)
+        dst[i] = pairs[i].dst;
+    assert_int_equal(kvx_recv_register(rx, "req-1", dst, n, 0), 0);
+    assert_int_equal(kvx_send_begin(tx, peer, "req-1", 0), 0);
+    send_all_layers(tx, "req-1", &l, pairs, n);
+    int rl = 0, sl = 0;
+    kvx_event er = wait_final(rx, "req-1", 10 * SEC, &rl);
+    kvx_event es = wait_final(tx, "req-1", 10 * SEC, &sl);
+    assert_int_equal(er.type, KVX_EV_DONE);
+    assert_int_equal(es.type, KVX_EV_DONE);
+    assert_true(er.elapsed_ns > 0 && er.elapsed_ns < 10 * SEC);
+    assert_true(es.elapsed_ns >= er.elapsed_ns); /* the sender began first, ends last */
+    assert_int_equal(rl, (int)n_layers);
+    assert_int_equal(sl, (int)n_layers);
+    verify(tx, rx, &l, &l, pairs, n);
+    /* Untouched blocks stay zero. */
+    uint8_t *z = (uint8_t *)kvx_ep_pool(rx) + kv_layout_block_offset(&l, 0, 1);
+    for (size_t i = 0; i < kv_layout_block_bytes(&l); i++)
+        assert_int_equal(z[i], 0);
+    /* The lease returned: the same blocks register again. */
+    assert_int_equal(kvx_recv_register(rx, "req-2", dst, n, 0), 0);
+    kvx_stats st;
+    kvx_ep_stats(rx, &st);
+    assert_int_equal(st.requests_done, 1);
+    assert_int_equal(st.bytes_received, (uint64_t)n * n_layers * kv_layout_block_bytes(&l));
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+    n_stash = 0;
+}
+
+static void test_tcp_basic(void **s)
+{
+    one_transfer("tcp", 4);
+}
+static void test_shm_basic(void **s)
+{
+    one_transfer("shm", 4);
+}
+static void test_tcp_many_layers(void **s)
+{
+    one_transfer("tcp", 48);
+}
+static void test_shm_many_layers(void **s)
+{
+    one_transfer("shm", 48);
+}
+
+/* Two senders into one receiver, each its own request. */
+static void two_senders(const char *transport)
+{
+    kv_layout l = small_layout(3, 64);
+    char bound[128];
+    kvx_ep *rx = mk_rx(transport, l, bound, sizeof(bound));
+    kvx_ep *tx[2];
+    int peer[2];
+    kvx_pair pairs[2][5];
+    uint32_t dst[2][5];
+    char id[2][16];
+    for (int k = 0; k < 2; k++) {
+        tx[k] = mk_ep(transport, KVX_ROLE_SEND, l, FP);
+        fill_random(kvx_ep_pool(tx[k]), kv_layout_pool_bytes(&l), 100 + (uint64_t)k);
+        assert_int_equal(kvx_connect(tx[k], bound, &peer[k], NULL, 0), 0);
+        for (int i = 0; i < 5; i++) {
+            pairs[k][i].src = (uint32_t)(i * 3 + k);
+            pairs[k][i].dst = dst[k][i] = (uint32_t)(k * 30 + i * 2 + 1);
+        }
+        snprintf(id[k], sizeof(id[k]), "two-%d", k);
+        assert_int_equal(kvx_recv_register(rx, id[k], dst[k], 5, 0), 0);
+    }
+    for (int k = 0; k < 2; k++)
+        assert_int_equal(kvx_send_begin(tx[k], peer[k], id[k], 0), 0);
+    for (uint32_t layer = 0; layer < l.n_layers; layer++)
+        for (int k = 0; k < 2; k++)
+            assert_int_equal(kvx_send_layer(tx[k], id[k], (int)layer, pairs[k], 5), 0);
+    for (int k = 0; k < 2; k++) {
+        assert_int_equal(wait_final(rx, id[k], 10 * SEC, NULL).type, KVX_EV_DONE);
+        assert_int_equal(wait_final(tx[k], id[k], 10 * SEC, NULL).type, KVX_EV_DONE);
+        verify(tx[k], rx, &l, &l, pairs[k], 5);
+    }
+    kvx_stats st;
+    kvx_ep_stats(rx, &st);
+    assert_int_equal(st.peers, 2);
+    for (int k = 0; k < 2; k++)
+        kvx_ep_destroy(tx[k]);
+    kvx_ep_destroy(rx);
+}
+
+static void test_tcp_two_senders(void **s)
+{
+    two_senders("tcp");
+}
+static void test_shm_two_senders(void **s)
+{
+    two_senders("shm");
+}
+
+/* One sender into two receivers (different pool sizes). */
+static void two_receivers(const char *transport)
+{
+    kv_layout lt = small_layout(3, 32);
+    kv_layout lr[2] = {small_layout(3, 16), small_layout(3, 80)};
+    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, lt, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&lt), 9);
+    kvx_ep *rx[2];
+    int peer[2];
+    kvx_pair pairs[2][4] = {{{0, 15}, {1, 3}, {2, 4}, {31, 0}}, {{5, 79}, {6, 50}, {7, 1}, {8, 2}}};
+    for (int k = 0; k < 2; k++) {
+        char bound[128];
+        rx[k] = mk_rx(transport, lr[k], bound, sizeof(bound));
+        assert_int_equal(kvx_connect(tx, bound, &peer[k], NULL, 0), 0);
+        uint32_t dst[4];
+        for (int i = 0; i < 4; i++)
+            dst[i] = pairs[k][i].dst;
+        assert_int_equal(kvx_recv_register(rx[k], k ? "fan-1" : "fan-0", dst, 4, 0), 0);
+    }
+    for (int k = 0; k < 2; k++) {
+        const char *id = k ? "fan-1" : "fan-0";
+        assert_int_equal(kvx_send_begin(tx, peer[k], id, 0), 0);
+        send_all_layers(tx, id, &lt, pairs[k], 4);
+    }
+    for (int k = 0; k < 2; k++) {
+        const char *id = k ? "fan-1" : "fan-0";
+        assert_int_equal(wait_final(rx[k], id, 10 * SEC, NULL).type, KVX_EV_DONE);
+        assert_int_equal(wait_final(tx, id, 10 * SEC, NULL).type, KVX_EV_DONE);
+        verify(tx, rx[k], &lt, &lr[k], pairs[k], 4);
+    }
+    kvx_ep_destroy(tx);
+    for (int k = 0; k < 2; k++)
+        kvx_ep_destroy(rx[k]);
+}
+
+static void test_tcp_two_receivers(void **s)
+{
+    two_receivers("tcp");
+}
+static void test_shm_two_receivers(void **s)
+{
+    two_receivers("shm");
+}
+
+/* 100 requests in flight at once, interleaved layer by layer. */
+static void hundred(const char *transport)
+{
+    enum { NREQ = 100, NB = 8 };
+    kv_layout l = small_layout(4, NREQ * NB);
+    char bound[128];
+    kvx_ep *rx = mk_rx(transport, l, bound, sizeof(bound));
+    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, l, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 11);
+    int peer;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    static kvx_pair pairs[NREQ][NB];
+    char id[NREQ][16];
+    for (int r = 0; r < NREQ; r++) {
+        uint32_t dst[NB];
+        for (int i = 0; i < NB; i++) {
+            /* dst scattered over the pool, src in reverse order */
+            pairs[r][i].dst = dst[i] = (uint32_t)((i * NREQ + r * 7) % (NREQ * NB));
+            pairs[r][i].src = (uint32_t)(NREQ * NB - 1 - (r * NB + i));
+        }
+        snprintf(id[r], sizeof(id[r]), "many-%03d", r);
+        assert_int_equal(kvx_recv_register(rx, id[r], dst, NB, 0), 0);
+        assert_int_equal(kvx_send_begin(tx, peer, id[r], 0), 0);
+    }
+    for (uint32_t layer = 0; layer < l.n_layers; layer++)
+        for (int r = 0; r < NREQ; r++)
+            assert_int_equal(kvx_send_layer(tx, id[r], (int)layer, pairs[r], NB), 0);
+    int done_rx = 0, done_tx = 0;
+    int64_t end = td_now_ns() + 20 * SEC;
+    while ((done_rx < NREQ || done_tx < NREQ) && td_now_ns() < end) {
+        kvx_event evs[64];
+        int n = kvx_ep_wait(rx, evs, 64, 10 * TD_NS_PER_MS);
+        for (int i = 0; i < n; i++) {
+            assert_int_not_equal(evs[i].type, KVX_EV_FAILED);
+            done_rx += evs[i].type == KVX_EV_DONE;
+        }
+        n = kvx_ep_poll(tx, evs, 64);
+        for (int i = 0; i < n; i++) {
+            assert_int_not_equal(evs[i].type, KVX_EV_FAILED);
+            done_tx += evs[i].type == KVX_EV_DONE;
+        }
+    }
+    assert_int_equal(done_rx, NREQ);
+    assert_int_equal(done_tx, NREQ);
+    for (int r = 0; r < NREQ; r++)
+        verify(tx, rx, &l, &l, pairs[r], NB);
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
+static void test_tcp_hundred_concurrent(void **s)
+{
+    hundred("tcp");
+}
+static void test_shm_hundred_concurrent(void **s)
+{
+    hundred("shm");
+}
+
+/* 1 GiB through a 16 MiB pool: 64 requests of 16 MiB each, the destination
+ * mapping rotated per request so stale bytes would not pass the check. */
+static void gib(const char *transport)
+{
+    kv_layout l = {.n_layers = 8,
+                   .num_blocks = 32,
+                   .block_size = 16,
+                   .n_kv_heads = 8,
+                   .head_dim = 128,
+                   .dtype = KV_DTYPE_F16}; /* 64 KiB blocks, 16 MiB pool */
+    char bound[128];
+    kvx_ep *rx = mk_rx(transport, l, bound, sizeof(bound));
+    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, l, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 5);
+    int peer;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    size_t total = 0;
+    int nb = (int)l.num_blocks;
+    kvx_pair pairs[32];
+    uint32_t dst[32];
+    int64_t t0 = td_now_ns();
+    for (int r = 0; total < (1ull << 30); r++) {
+        char id[32];
+        snprintf(id, sizeof(id), "gib-%d", r);
+        for (int i = 0; i < nb; i++) {
+            pairs[i].src = (uint32_t)i;
+            pairs[i].dst = dst[i] = (uint32_t)((i * 5 + r) % nb);
+        }
+        assert_int_equal(kvx_recv_register(rx, id, dst, nb, 0), 0);
+        assert_int_equal(kvx_send_begin(tx, peer, id, 0), 0);
+        send_all_layers(tx, id, &l, pairs, nb);
+        assert_int_equal(wait_final(rx, id, 20 * SEC, NULL).type, KVX_EV_DONE);
+        assert_int_equal(wait_final(tx, id, 20 * SEC, NULL).type, KVX_EV_DONE);
+        /* Spot-check one block per layer byte-exact; all of them for the
+         * first and last request. */
+        if (r == 0 || total + kv_layout_pool_bytes(&l) >= (1ull << 30))
+            verify(tx, rx, &l, &l, pairs, nb);
+        else
+            verify(tx, rx, &l, &l, &pairs[r % nb], 1);
+        total += kv_layout_pool_bytes(&l);
+    }
+    double s = td_ns_to_s(td_now_ns() - t0);
+    print_message("%s: 1 GiB in %.2f s (%.2f GB/s, unit-test build)\n", transport, s,
+                  (double)total / s / 1e9);
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
+static void test_tcp_1gib(void **s)
+{
+    gib("tcp");
+}
+static void test_shm_1gib(void **s)
+{
+    gib("shm");
+}
+
+/* ---------- handshake ---------- */
+
+static void mismatch_case(const char *transport, kv_layout lr, uint64_t fpr, kv_layout lt,
+                          uint64_t fpt, const char *field)
+{
+    char bound[128];
+    kvx_ep *rx = mk_ep(transport, KVX_ROLE_RECV, lr, fpr);
+    char a[128];
+    assert_int_equal(kvx_listen(rx, addr_for(transport, a, sizeof(a)), bound, sizeof(bound)), 0);
+    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, lt, fpt);
+    int peer = -1;
+    char msg[256];
+    assert_int_equal(kvx_connect(tx, bound, &peer, msg, sizeof(msg)), TD_EMISMATCH);
+    assert_non_null(strstr(msg, field));
+    assert_non_null(strstr(msg, "local="));
+    assert_non_null(strstr(msg, "remote="));
+    /* The receiver failed too, naming the field. */
+    kvx_event e = {0};
+    int64_t end = td_now_ns() + 3 * SEC;
+    while (td_now_ns() < end && kvx_ep_wait(rx, &e, 1, 50 * TD_NS_PER_MS) == 0)
+        ;
+    assert_int_equal(e.type, KVX_EV_PEER_ERROR);
+    assert_int_equal(e.err, TD_EMISMATCH);
+    assert_non_null(strstr(e.msg, field));
+    /* The sender reported it as an event too. */
+    assert_int_equal(kvx_ep_poll(tx, &e, 1), 1);
+    assert_int_equal(e.type, KVX_EV_PEER_ERROR);
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
+static void test_handshake_mismatch(void **s)
+{
+    const char *transports[] = {"tcp", "shm"};
+    for (int t = 0; t < 2; t++) {
+        const char *tr = transports[t];
+        kv_layout l = small_layout(4, 32);
+        kv_layout x;
+        mismatch_case(tr, l, FP, l, FP + 1, "fingerprint");
+        x = l;
+        x.dtype = KV_DTYPE_BF16; /* same bytes, different dtype */
+        mismatch_case(tr, l, FP, x, FP, "dtype");
+        x = l;
+        x.block_size = 32;
+        x.n_kv_heads = 1; /* same block bytes, different block size */
+        mismatch_case(tr, l, FP, x, FP, "block_size");
+        x = l;
+        x.n_kv_heads = 4;
+        mismatch_case(tr, l, FP, x, FP, "block_bytes");
+        x = l;
+        x.n_layers = 5;
+        mismatch_case(tr, l, FP, x, FP, "n_layers");
+    }
+}
+
+/* Pure checks for the fields a kvx endpoint cannot get wrong itself. */
+static void test_hello_check_fields(void **s)
+{
+    kvx_wire_hello a, b;
+    memset(&a, 0, sizeof(a));
+    a.version = KVX_WIRE_VERSION;
+    a.layout = KVX_WIRE_LAYOUT_LAYER_MAJOR;
+    strcpy(a.transport, "tcp");
+    b = a;
+    char field[32], msg[192];
+    assert_int_equal(kvx_wire_hello_check(&a, &b, field, sizeof(field), msg, sizeof(msg)), 0);
+    b.layout = 2;
+    assert_int_equal(kvx_wire_hello_check(&a, &b, field, sizeof(field), msg, sizeof(msg)),
+                     TD_EMISMATCH);
+    assert_string_equal(field, "layout");
+    assert_string_equal(msg, "layout mismatch: local=1 remote=2");
+    b = a;
+    b.version = 9;
+    assert_int_equal(kvx_wire_hello_check(&a, &b, field, sizeof(field), msg, sizeof(msg)),
+                     TD_EMISMATCH);
+    assert_string_equal(field, "version");
+    b = a;
+    strcpy(b.transport, "shm");
+    assert_int_equal(kvx_wire_hello_check(&a, &b, field, sizeof(field), msg, sizeof(msg)),
+                     TD_EMISMATCH);
+    assert_string_equal(msg, "transport mismatch: local=tcp remote=shm");
+}
+
+/* ---------- raw wire: bad frames ---------- */
+
+static int raw_dial(const char *bound)
+{
+    char host[64];
+    const char *c = strrchr(bound, ':');
+    memcpy(host, bound, (size_t)(c - bound));
+    host[c - bound] = 0;
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(c + 1))};
+    inet_pton(AF_INET, host, &sa.sin_addr);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(fd >= 0);
+    assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    struct timeval tv = {.tv_sec = 3};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    return fd;
+}
+
+static void raw_msg(int fd, uint16_t type, const void *body, uint32_t len)
+{
+    kvx_wire_hdr h = {.magic = KVX_WIRE_MAGIC_CTRL, .type = type, .len = len};
+    assert_int_equal(send(fd, &h, sizeof(h), MSG_NOSIGNAL), (ssize_t)sizeof(h));
+    if (len) assert_int_equal(send(fd, body, len, MSG_NOSIGNAL), (ssize_t)len);
+}
+
+static void raw_read(int fd, void *buf, size_t n)
+{
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = recv(fd, (uint8_t *)buf + got, n - got, 0);
+        assert_true(r > 0);
+        got += (size_t)r;
+    }
+}
+
+/* Reads the next control message header that is not a heartbeat. */
+static void raw_read_hdr(int fd, kvx_wire_hdr *h)
+{
+    do
+        raw_read(fd, h, sizeof(*h));
+    while (h->type == KVX_MSG_HEARTBEAT && h->len == 0);
+}
+
+/* Handshakes by hand; returns the control fd and a data fd. */
+static void raw_peer(const char *bound, const kv_layout *l, int *ctrl, int *data)
+{
+    kvx_wire_hello h;
+    memset(&h, 0, sizeof(h));
+    h.version = KVX_WIRE_VERSION;
+    h.layout = KVX_WIRE_LAYOUT_LAYER_MAJOR;
+    h.fingerprint = FP;
+    h.dtype = l->dtype;
+    h.block_size = l->block_size;
+    h.block_bytes = kv_layout_block_bytes(l);
+    h.n_layers = l->n_layers;
+    h.num_blocks = l->num_blocks;
+    h.n_data_conns = 1;
+    strcpy(h.transport, "tcp");
+    *ctrl = raw_dial(bound);
+    raw_msg(*ctrl, KVX_MSG_HELLO, &h, sizeof(h));
+    kvx_wire_hdr rh;
+    kvx_wire_hello ack;
+    raw_read(*ctrl, &rh, sizeof(rh));
+    assert_int_equal(rh.type, KVX_MSG_HELLO_ACK);
+    raw_read(*ctrl, &ack, sizeof(ack));
+    *data = raw_dial(bound);
+    kvx_wire_data_hello dh = {.token = ack.token, .index = 0};
+    raw_msg(*data, KVX_MSG_DATA_HELLO, &dh, sizeof(dh));
+}
+
+static void raw_begin(int ctrl, const char *id)
+{
+    uint8_t buf[sizeof(kvx_wire_req) + 64];
+    kvx_wire_req m = {.hash = kvx_req_hash(id), .n = (uint32_t)strlen(id)};
+    memcpy(buf, &m, sizeof(m));
+    memcpy(buf + sizeof(m), id, m.n);
+    raw_msg(ctrl, KVX_MSG_BEGIN, buf, (uint32_t)(sizeof(m) + m.n));
+    /* Wait for BEGIN_ACK so the binding is in place before data flows. */
+    kvx_wire_hdr h;
+    raw_read_hdr(ctrl, &h);
+    assert_int_equal(h.type, KVX_MSG_BEGIN_ACK);
+    assert_true(h.len <= sizeof(buf));
+    raw_read(ctrl, buf, h.len);
+}
+
+static int wait_peer_error(kvx_ep *ep, int64_t timeout_ns)
+{
+    int64_t end = td_now_ns() + timeout_ns;
+    while (td_now_ns() < end) {
+        kvx_event e;
+        if (kvx_ep_wait(ep, &e, 1, 50 * TD_NS_PER_MS) == 1 && e.type == KVX_EV_PEER_ERROR)
+            return e.err;
+    }
+    return 0;
+}
+
+static void test_bad_frames(void **s)
+{
+    kv_layout l = small_layout(2, 16);
+    size_t bb = kv_layout_block_bytes(&l);
+    char bound[128];
+    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
+    uint8_t *pool = kvx_ep_pool(rx);
+    memset(pool, 0xAB, kv_layout_pool_bytes(&l));
+    uint8_t *payload = malloc(bb);
+    memset(payload, 0x11, bb);
+    uint32_t dst[2] = {4, 5};
+    assert_int_equal(kvx_recv_register(rx, "victim", dst, 2, 0), 0);
+
+    /* 1. Garbage instead of a hello: connection dropped, nothing else. */
+    int g = raw_dial(bound);
+    char junk[512];
+    fill_random(junk, sizeof(junk), 3);
+    send(g, junk, sizeof(junk), MSG_NOSIGNAL);
+    char c;
+    assert_true(recv(g, &c, 1, 0) <= 0);
+    close(g);
+
+    /* 2. Valid handshake, then a frame for an out-of-range block. */
+    int ctrl, data;
+    raw_peer(bound, &l, &ctrl, &data);
+    raw_begin(ctrl, "victim");
+    kvx_wire_frame f = {.magic = KVX_WIRE_MAGIC_FRAME,
+                        .layer = 0,
+                        .hash = kvx_req_hash("victim"),
+                        .dst = 1000000,
+                        .len = bb};
+    send(data, &f, sizeof(f), MSG_NOSIGNAL);
+    send(data, payload, bb, MSG_NOSIGNAL);
+    /* The peer is dropped and the request it had begun fails with it. */
+    int saw_fail = 0, saw_peer = 0;
+    int64_t until = td_now_ns() + 3 * SEC;
+    while ((!saw_fail || !saw_peer) && td_now_ns() < until) {
+        kvx_event e;
+        if (kvx_ep_wait(rx, &e, 1, 50 * TD_NS_PER_MS) != 1) continue;
+        if (e.type == KVX_EV_FAILED && !strcmp(e.req_id, "victim")) saw_fail = 1;
+        if (e.type == KVX_EV_PEER_ERROR && e.err == TD_EPROTO) saw_peer = 1;
+        assert_int_not_equal(e.type, KVX_EV_DONE);
+    }
+    assert_true(saw_fail && saw_peer);
+    close(ctrl);
+    close(data);
+
+    /* 3. Oversized length, bad magic, bad layer: each rejected. */
+    kvx_wire_frame bad[3] = {
+        {.magic = KVX_WIRE_MAGIC_FRAME, .hash = 1, .dst = 4, .len = bb * 1000},
+        {.magic = 0xdeadbeef, .hash = 1, .dst = 4, .len = bb},
+        {.magic = KVX_WIRE_MAGIC_FRAME, .layer = 99, .hash = 1, .dst = 4, .len = bb},
+    };
+    for (int i = 0; i < 3; i++) {
+        raw_peer(bound, &l, &ctrl, &data);
+        send(data, &bad[i], sizeof(bad[i]), MSG_NOSIGNAL);
+        assert_int_equal(wait_peer_error(rx, 3 * SEC), TD_EPROTO);
+        close(ctrl);
+        close(data);
+    }
+
+    /* 4. In-range block that belongs to nobody, or to a request this peer
+     * did not begin: payload swallowed, memory untouched, peer kept. */
+    assert_int_equal(kvx_recv_register(rx, "other", dst, 2, 0), 0);
+    kvx_stats st0;
+    kvx_ep_stats(rx, &st0);
+    raw_peer(bound, &l, &ctrl, &data);
+    kvx_wire_frame f2 = {
+        .magic = KVX_WIRE_MAGIC_FRAME, .layer = 1, .hash = 77, .dst = 9, .len = bb};
+    send(data, &f2, sizeof(f2), MSG_NOSIGNAL);
+    send(data, payload, bb, MSG_NOSIGNAL);
+    f2.hash = kvx_req_hash("other");
+    f2.dst = 4; /* owned by "other", but this peer never sent BEGIN */
+    send(data, &f2, sizeof(f2), MSG_NOSIGNAL);
+    send(data, payload, bb, MSG_NOSIGNAL);
+    int64_t end = td_now_ns() + 2 * SEC;
+    kvx_stats st;
+    do {
+        kvx_ep_stats(rx, &st);
+        td_sleep_ns(10 * TD_NS_PER_MS);
+    } while (st.frames_rejected < st0.frames_rejected + 2 && td_now_ns() < end);
+    assert_int_equal(st.frames_rejected, st0.frames_rejected + 2);
+    assert_int_equal(st.peers, 1); /* stale frames do not kill the peer */
+    for (size_t i = 0; i < kv_layout_pool_bytes(&l); i++)
+        if (pool[i] != 0xAB) fail_msg("pool byte %zu was written", i);
+    close(ctrl);
+    close(data);
+    free(payload);
+    kvx_ep_destroy(rx);
+}
+
+/* A hand-written sender that dribbles every frame in small pieces (partial
+ * headers, partial payloads): the receiver's state machine reassembles them,
+ * the request completes byte-exact. Then a cancel arrives while a payload is
+ * half read: the rest goes to the sink, not into the released block. */
+static void send_slowly(int fd, const void *buf, size_t n, size_t piece)
+{
+    const uint8_t *b = buf;
+    for (size_t off = 0; off < n; off += piece) {
+        size_t k = n - off < piece ? n - off : piece;
+        assert_int_equal(send(fd, b + off, k, MSG_NOSIGNAL), (ssize_t)k);
+        td_sleep_ns(100 * 1000);
+    }
+}
+
+static void test_raw_partial_frames_and_cancel(void **s)
+{
+    kv_layout l = small_layout(2, 16);
+    size_t bb = kv_layout_block_bytes(&l);
+    char bound[128];
+    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
+    uint8_t *pool = kvx_ep_pool(rx);
+    memset(pool, 0xAB, kv_layout_pool_bytes(&l));
+    uint8_t *payload = malloc(bb);
+    uint32_t dst[2] = {7, 3};
+    assert_int_equal(kvx_recv_register(rx, "slow-raw", dst, 2, 0), 0);
+    int ctrl, data;
+    raw_peer(bound, &l, &ctrl, &data);
+    raw_begin(ctrl, "slow-raw");
+    for (uint32_t layer = 0; layer < 2; layer++)
+        for (int i = 0; i < 2; i++) {
+            kvx_wire_frame f = {.magic = KVX_WIRE_MAGIC_FRAME,
+                                .layer = layer,
+                                .hash = kvx_req_hash("slow-raw"),
+                                .dst = dst[i],
+                                .len = bb};
+            memset(payload, (int)(layer * 16 + (uint32_t)i + 1), bb);
+            send_slowly(data, &f, sizeof(f), 7);
+            send_slowly(data, payload, bb, 3000);
+        }
+    kvx_event e = wait_final(rx, "slow-raw", 5 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_DONE);
+    for (uint32_t layer = 0; layer < 2; layer++)
+        for (int i = 0; i < 2; i++) {
+            const uint8_t *b = pool + kv_layout_block_offset(&l, layer, dst[i]);
+            for (size_t k = 0; k < bb; k++)
+                assert_int_equal(b[k], layer * 16 + (uint32_t)i + 1);
+        }
+    /* DONE went back on the control connection. */
+    kvx_wire_hdr h;
+    raw_read_hdr(ctrl, &h);
+    assert_int_equal(h.type, KVX_MSG_DONE);
+    kvx_wire_req m;
+    raw_read(ctrl, &m, sizeof(m));
+
+    /* Half a payload, cancel, the other half. */
+    memset(pool, 0xAB, kv_layout_pool_bytes(&l));
+    assert_int_equal(kvx_recv_register(rx, "cut", dst, 2, 0), 0);
+    raw_begin(ctrl, "cut");
+    kvx_wire_frame f = {.magic = KVX_WIRE_MAGIC_FRAME,
+                        .layer = 1,
+                        .hash = kvx_req_hash("cut"),
+                        .dst = 7,
+                        .len = bb};
+    memset(payload, 0x42, bb);
+    send(data, &f, sizeof(f), MSG_NOSIGNAL);
+    send(data, payload, bb / 2, MSG_NOSIGNAL);
+    const uint8_t *blk = pool + kv_layout_block_offset(&l, 1, 7);
+    int64_t end = td_now_ns() + 2 * SEC;
+    while (blk[bb / 2 - 1] != 0x42 && td_now_ns() < end)
+        td_sleep_ns(TD_NS_PER_MS);
+    assert_int_equal(blk[bb / 2 - 1], 0x42); /* the first half landed in place */
+    assert_int_equal(kvx_cancel(rx, "cut"), 0);
+    e = wait_final(rx, "cut", 2 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_FAILED);
+    assert_int_equal(e.err, TD_ECANCELED);
+    send(data, payload + bb / 2, bb - bb / 2, MSG_NOSIGNAL);
+    /* A following frame on the same connection is still parsed (the stream
+     * stayed in sync) and rejected: its request is gone. */
+    kvx_stats st0, st;
+    kvx_ep_stats(rx, &st0);
+    send(data, &f, sizeof(f), MSG_NOSIGNAL);
+    send(data, payload, bb, MSG_NOSIGNAL);
+    end = td_now_ns() + 2 * SEC;
+    do {
+        td_sleep_ns(5 * TD_NS_PER_MS);
+        kvx_ep_stats(rx, &st);
+    } while (st.frames_rejected == st0.frames_rejected && td_now_ns() < end);
+    assert_int_equal(st.frames_rejected, st0.frames_rejected + 1);
+    assert_int_equal(st.peers, 1);
+    for (size_t k = bb / 2; k < bb; k++)
+        if (blk[k] != 0xAB) fail_msg("byte %zu of a released block was written", k);
+    close(ctrl);
+    close(data);
+    free(payload);
+    kvx_ep_destroy(rx);
+}
+
+/* Fuzz: random bytes where a hello, a control message or a data frame
+ * should be, with valid headers around random bodies too. The receiver must
+ * never write its pool, never crash (ASan build), and still serve a real
+ * transfer afterwards. */
+static void test_fuzz_wire(void **s)
+{
+    kv_layout l = small_layout(2, 16);
+    char bound[128];
+    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
+    uint8_t *pool = kvx_ep_pool(rx);
+    memset(pool, 0xAB, kv_layout_pool_bytes(&l));
+    uint32_t dst[2] = {2, 9};
+    assert_int_equal(kvx_recv_register(rx, "fz", dst, 2, 0), 0);
+    uint64_t seed = 99;
+    uint8_t junk[4096];
+    for (int it = 0; it < 60; it++) {
+        fill_random(junk, sizeof(junk), seed++);
+        size_t n = 1 + junk[0] * 16u;
+        int kind = it % 4;
+        if (kind == 0) {
+            /* raw bytes instead of a hello, sometimes behind a valid header */
+            int fd = raw_dial(bound);
+            if (it % 8 == 0) {
+                kvx_wire_hdr h = {.magic = KVX_WIRE_MAGIC_CTRL,
+                                  .type = KVX_MSG_HELLO,
+                                  .len = sizeof(kvx_wire_hello)};
+                send(fd, &h, sizeof(h), MSG_NOSIGNAL);
+            }
+            send(fd, junk, n, MSG_NOSIGNAL);
+            close(fd);
+            continue;
+        }
+        int ctrl, data;
+        raw_peer(bound, &l, &ctrl, &data);
+        if (kind == 1) {
+            send(ctrl, junk, n, MSG_NOSIGNAL); /* garbage on control */
+        } else if (kind == 2) {
+            /* well-formed headers, random types and bodies */
+            for (int k = 0; k < 8; k++) {
+                uint32_t len = junk[k] % 64u;
+                kvx_wire_hdr h = {.magic = KVX_WIRE_MAGIC_CTRL,
+                                  .type = (uint16_t)(junk[k + 8] % (KVX_MSG_MAX_TYPE + 2)),
+                                  .len = len};
+                send(ctrl, &h, sizeof(h), MSG_NOSIGNAL);
+                send(ctrl, junk + 64 + 64 * k, len, MSG_NOSIGNAL);
+            }
+        } else {
+            /* frames with valid magic and length, random everything else */
+            kvx_wire_frame f;
+            memcpy(&f, junk, sizeof(f));
+            f.magic = KVX_WIRE_MAGIC_FRAME;
+            f.len = kv_layout_block_bytes(&l);
+            if (it % 3 == 0) f.dst %= l.num_blocks;
+            if (it % 2 == 0) f.layer %= l.n_layers;
+            send(data, &f, sizeof(f), MSG_NOSIGNAL);
+            send(data, junk, sizeof(junk), MSG_NOSIGNAL);
+        }
+        td_sleep_ns(2 * TD_NS_PER_MS);
+        close(ctrl);
+        close(data);
+    }
+    td_sleep_ns(50 * TD_NS_PER_MS);
+    for (size_t i = 0; i < kv_layout_pool_bytes(&l); i++)
+        if (pool[i] != 0xAB) fail_msg("pool byte %zu was written by fuzz input", i);
+    /* "fz" was never begun by a real peer, so nothing can have failed it
+     * unless a fuzz peer sent a valid BEGIN for it (impossible: random
+     * bytes). A real transfer still works. */
+    kvx_ep *tx = mk_ep("tcp", KVX_ROLE_SEND, l, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 4);
+    int peer;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    kvx_pair pairs[2] = {{0, 2}, {1, 9}};
+    assert_int_equal(kvx_send_begin(tx, peer, "fz", 0), 0);
+    send_all_layers(tx, "fz", &l, pairs, 2);
+    assert_int_equal(wait_final(rx, "fz", 5 * SEC, NULL).type, KVX_EV_DONE);
+    verify(tx, rx, &l, &l, pairs, 2);
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
+/* ---------- failure handling ---------- */
+
+/* Child process: a sender that sends `layers` layers of req then waits. */
+static void child_sender(const char *transport, kv_layout l, int addr_fd, int sync_fd,
+                         const char *id, const kvx_pair *pairs, int n, int layers)
+{
+    char bound[128] = {0};
+    if (read(addr_fd, bound, sizeof(bound) - 1) <= 0) _exit(2);
+    kvx_params p = {
+        .transport = transport, .role = KVX_ROLE_SEND, .model_fingerprint = FP, .layout = l};
+    kvx_ep *tx;
+    int peer;
+    if (kvx_ep_create(&p, &tx) < 0 || kvx_connect(tx, bound, &peer, NULL, 0) < 0 ||
+        kvx_send_begin(tx, peer, id, 0) < 0)
+        _exit(3);
+    for (int layer = 0; layer < layers; layer++)
+        if (kvx_send_layer(tx, id, layer, pairs, n) < 0) _exit(4);
+    char b = 1;
+    if (write(sync_fd, &b, 1) != 1) _exit(5);
+    for (;;)
+        pause();
+}
+
+static void sender_dies(const char *transport, int sig)
+{
+    kv_layout l = small_layout(4, 32);
+    kvx_pair pairs[4] = {{0, 1}, {1, 3}, {2, 5}, {3, 7}};
+    uint32_t dst[4] = {1, 3, 5, 7};
+    int ap[2], sp[2];
+    assert_int_equal(pipe(ap), 0);
+    assert_int_equal(pipe(sp), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        close(ap[1]);
+        close(sp[0]);
+        child_sender(transport, l, ap[0], sp[1], "doomed", pairs, 4, 2);
+    }
+    close(ap[0]);
+    close(sp[1]);
+    char bound[128];
+    kvx_ep *rx = mk_rx(transport, l, bound, sizeof(bound));
+    assert_int_equal(kvx_recv_register(rx, "doomed", dst, 4, 0), 0);
+    assert_int_equal(write(ap[1], bound, strlen(bound)), (ssize_t)strlen(bound));
+    char b;
+    assert_int_equal(read(sp[0], &b, 1), 1);
+    /* Two of four layers land, then the sender dies (or freezes). */
+    int landed = 0;
+    int64_t end = td_now_ns() + 5 * SEC;
+    while (landed < 2 && td_now_ns() < end) {
+        kvx_event e;
+        if (kvx_ep_wait(rx, &e, 1, 50 * TD_NS_PER_MS) == 1) {
+            assert_int_not_equal(e.type, KVX_EV_DONE);
+            landed += e.type == KVX_EV_LAYER_LANDED;
+        }
+    }
+    assert_int_equal(landed, 2);
+    int64_t t0 = td_now_ns();
+    kill(pid, sig);
+    kvx_event e = wait_final(rx, "doomed", 5 * SEC, NULL);
+    double waited = td_ns_to_s(td_now_ns() - t0);
+    assert_int_equal(e.type, KVX_EV_FAILED);
+    assert_true(e.err == TD_ECONNRESET || e.err == TD_ETIMEDOUT);
+    print_message("%s sender %s: receiver failed the request after %.3f s (%s)\n", transport,
+                  sig == SIGKILL ? "killed" : "stopped", waited, e.msg);
+    assert_true(waited < 2.0);
+    /* The lease returned. */
+    assert_int_equal(kvx_recv_register(rx, "again", dst, 4, 0), 0);
+    if (sig != SIGKILL) kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    close(ap[1]);
+    close(sp[0]);
+    kvx_ep_destroy(rx);
+}
+
+static void test_tcp_sender_killed(void **s)
+{
+    sender_dies("tcp", SIGKILL);
+}
+static void test_shm_sender_killed(void **s)
+{
+    sender_dies("shm", SIGKILL);
+}
+static void test_tcp_sender_stalled(void **s)
+{
+    sender_dies("tcp", SIGSTOP);
+}
+
+static void receiver_dies(const char *transport, int sig)
+{
+    kv_layout l = small_layout(4, 32);
+    kvx_pair pairs[3] = {{0, 2}, {1, 4}, {2, 6}};
+    uint32_t dst[3] = {2, 4, 6};
+    int ap[2];
+    assert_int_equal(pipe(ap), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        close(ap[0]);
+        kvx_params p = {
+            .transport = transport, .role = KVX_ROLE_RECV, .model_fingerprint = FP, .layout = l};
+        kvx_ep *rx;
+        char a[128], bound[128] = {0};
+        if (kvx_ep_create(&p, &rx) < 0 ||
+            kvx_listen(rx, addr_for(transport, a, sizeof(a)), bound, sizeof(bound)) < 0 ||
+            kvx_recv_register(rx, "orphan", dst, 3, 0) < 0)
+            _exit(3);
+        if (write(ap[1], bound, sizeof(bound)) != (ssize_t)sizeof(bound)) _exit(4);
+        for (;;)
+            pause();
+    }
+    close(ap[1]);
+    char bound[128];
+    assert_int_equal(read(ap[0], bound, sizeof(bound)), (ssize_t)sizeof(bound));
+    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, l, FP);
+    int peer;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    assert_int_equal(kvx_send_begin(tx, peer, "orphan", 0), 0);
+    assert_int_equal(kvx_send_layer(tx, "orphan", 0, pairs, 3), 0);
+    kvx_event e;
+    int64_t end = td_now_ns() + 5 * SEC;
+    int sent = 0;
+    while (!sent && td_now_ns() < end)
+        if (kvx_ep_wait(tx, &e, 1, 50 * TD_NS_PER_MS) == 1) sent = e.type == KVX_EV_LAYER_SENT;
+    assert_true(sent);
+    int64_t t0 = td_now_ns();
+    kill(pid, sig);
+    /* Posting more either fails at once or ends in FAILED. */
+    int rc = kvx_send_layer(tx, "orphan", 1, pairs, 3);
+    assert_true(rc == 0 || rc == TD_ECONNRESET || rc == TD_ENOENT);
+    e = wait_final(tx, "orphan", 5 * SEC, NULL);
+    double waited = td_ns_to_s(td_now_ns() - t0);
+    assert_int_equal(e.type, KVX_EV_FAILED);
+    print_message("%s receiver %s: sender failed the request after %.3f s (%s)\n", transport,
+                  sig == SIGKILL ? "killed" : "stopped", waited, e.msg);
+    assert_true(waited < 2.0);
+    if (sig != SIGKILL) kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    close(ap[0]);
+    kvx_ep_destroy(tx);
+}
+
+static void test_tcp_receiver_killed(void **s)
+{
+    receiver_dies("tcp", SIGKILL);
+}
+static void test_shm_receiver_killed(void **s)
+{
+    receiver_dies("shm", SIGKILL);
+}
+static void test_shm_receiver_stalled(void **s)
+{
+    receiver_dies("shm", SIGSTOP);
+}
+
+/* Cancel after one layer, from either side: both sides fail the request, the
+ * receiver's lease returns, and a later request on the same peer works. */
+static void cancel_case(const char *transport, int from_receiver)
+{
+    kv_layout l = small_layout(4, 32);
+    char bound[128];
+    kvx_ep *rx = mk_rx(transport, l, bound, sizeof(bound));
+    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, l, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 1);
+    int peer;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    kvx_pair pairs[4] = {{0, 9}, {1, 8}, {2, 7}, {3, 6}};
+    uint32_t dst[4] = {9, 8, 7, 6};
+    assert_int_equal(kvx_recv_register(rx, "c1", dst, 4, 0), 0);
+    assert_int_equal(kvx_send_begin(tx, peer, "c1", 0), 0);
+    assert_int_equal(kvx_send_layer(tx, "c1", 0, pairs, 4), 0);
+    kvx_event e;
+    int64_t end = td_now_ns() + 5 * SEC;
+    int landed = 0;
+    while (!landed && td_now_ns() < end)
+        if (kvx_ep_wait(rx, &e, 1, 50 * TD_NS_PER_MS) == 1) landed = e.type == KVX_EV_LAYER_LANDED;
+    assert_true(landed);
+    assert_int_equal(kvx_cancel(from_receiver ? rx : tx, "c1"), 0);
+    e = wait_final(rx, "c1", 3 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_FAILED);
+    assert_int_equal(e.err, TD_ECANCELED);
+    e = wait_final(tx, "c1", 3 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_FAILED);
+    assert_int_equal(e.err, TD_ECANCELED);
+    /* Posting to a canceled request fails. */
+    assert_true(kvx_send_layer(tx, "c1", 1, pairs, 4) < 0);
+    /* Same blocks, new request, same peer: completes. */
+    assert_int_equal(kvx_recv_register(rx, "c2", dst, 4, 0), 0);
+    assert_int_equal(kvx_send_begin(tx, peer, "c2", 0), 0);
+    send_all_layers(tx, "c2", &l, pairs, 4);
+    assert_int_equal(wait_final(rx, "c2", 5 * SEC, NULL).type, KVX_EV_DONE);
+    assert_int_equal(wait_final(tx, "c2", 5 * SEC, NULL).type, KVX_EV_DONE);
+    verify(tx, rx, &l, &l, pairs, 4);
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
+static void test_cancel(void **s)
+{
+    cancel_case("tcp", 1);
+    cancel_case("tcp", 0);
+    cancel_case("shm", 1);
+    cancel_case("shm", 0);
+}
+
+/* A partial transfer never completes: deadline fails it, lease returns. */
+static void test_partial_deadline(void **s)
+{
+    const char *transports[] = {"tcp", "shm"};
+    for (int t = 0; t < 2; t++) {
+        kv_layout l = small_layout(4, 32);
+        char bound[128];
+        kvx_ep *rx = mk_rx(transports[t], l, bound, sizeof(bound));
+        kvx_ep *tx = mk_ep(transports[t], KVX_ROLE_SEND, l, FP);
+        int peer;
+        assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+        kvx_pair pairs[2] = {{0, 1}, {1, 2}};
+        uint32_t dst[2] = {1, 2};
+        int64_t dl = td_now_ns() + 300 * TD_NS_PER_MS;
+        assert_int_equal(kvx_recv_register(rx, "slow", dst, 2, dl), 0);
+        assert_int_equal(kvx_send_begin(tx, peer, "slow", 0), 0);
+        /* Layers 0..2 of 4, and only one of the two blocks of layer 3. */
+        for (int layer = 0; layer < 3; layer++)
+            assert_int_equal(kvx_send_layer(tx, "slow", layer, pairs, 2), 0);
+        assert_int_equal(kvx_send_layer(tx, "slow", 3, pairs, 1), 0);
+        int layers = 0;
+        kvx_event e = wait_final(rx, "slow", 3 * SEC, &layers);
+        assert_int_equal(e.type, KVX_EV_FAILED);
+        assert_int_equal(e.err, TD_ETIMEDOUT);
+        assert_int_equal(layers, 3);
+        assert_int_equal(wait_final(tx, "slow", 3 * SEC, NULL).type, KVX_EV_FAILED);
+        assert_int_equal(kvx_recv_register(rx, "after", dst, 2, 0), 0);
+        kvx_ep_destroy(tx);
+        kvx_ep_destroy(rx);
+    }
+}
+
+/* Registration rules and sender-side validation. */
+static void test_register_and_post_rules(void **s)
+{
+    kv_layout l = small_layout(2, 16);
+    char bound[128];
+    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
+    uint32_t a[3] = {1, 2, 3}, dup[2] = {4, 4}, oob[1] = {16}, overlap[2] = {3, 9};
+    assert_int_equal(kvx_recv_register(rx, "a", a, 3, 0), 0);
+    assert_int_equal(kvx_recv_register(rx, "a", overlap + 1, 1, 0), TD_EEXIST);
+    assert_int_equal(kvx_recv_register(rx, "b", dup, 2, 0), TD_EINVAL);
+    assert_int_equal(kvx_recv_register(rx, "b", oob, 1, 0), TD_EINVAL);
+    assert_int_equal(kvx_recv_register(rx, "b", overlap, 2, 0), TD_EEXIST);
+    assert_int_equal(kvx_recv_register(rx, "", a, 1, 0), TD_EINVAL);
+    assert_int_equal(kvx_recv_register(rx, "b", overlap + 1, 1, 0), 0);
+    assert_int_equal(kvx_cancel(rx, "nope"), TD_ENOENT);
+
+    kvx_ep *tx = mk_ep("tcp", KVX_ROLE_SEND, l, FP);
+    int peer;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    assert_int_equal(kvx_send_begin(tx, peer + 5, "a", 0), TD_ENOENT);
+    /* Not registered on the receiver: fails. */
+    assert_int_equal(kvx_send_begin(tx, peer, "ghost", 0), 0);
+    assert_int_equal(wait_final(tx, "ghost", 3 * SEC, NULL).err, TD_ENOENT);
+    assert_int_equal(kvx_send_begin(tx, peer, "a", 0), 0);
+    assert_int_equal(kvx_send_begin(tx, peer, "a", 0), TD_EEXIST);
+    kvx_pair bad_src = {16, 1}, bad_dst = {0, 99}, not_reg = {0, 9};
+    assert_int_equal(kvx_send_layer(tx, "a", 0, &bad_src, 1), TD_EINVAL);
+    assert_int_equal(kvx_send_layer(tx, "a", 0, &bad_dst, 1), TD_EINVAL);
+    assert_int_equal(kvx_send_layer(tx, "a", 2, &not_reg, 1), TD_EINVAL);
+    assert_int_equal(kvx_send_layer(tx, "zzz", 0, &not_reg, 1), TD_ENOENT);
+    /* Block 9 belongs to "b", not "a": the sender refuses after the ack. */
+    assert_int_equal(kvx_send_layer(tx, "a", 0, &not_reg, 1), 0);
+    kvx_event e = wait_final(tx, "a", 3 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_FAILED);
+    assert_int_equal(e.err, TD_EINVAL);
+    assert_int_equal(wait_final(rx, "a", 3 * SEC, NULL).type, KVX_EV_FAILED);
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
+static void test_params_and_gpu_fallback(void **s)
+{
+    kv_layout l = small_layout(2, 16);
+    kvx_params p = {.transport = "carrier-pigeon", .role = KVX_ROLE_RECV, .layout = l};
+    kvx_ep *ep = NULL;
+    assert_int_equal(kvx_ep_create(&p, &ep), TD_EUNSUPPORTED);
+    p.transport = "tcp";
+    p.layout.num_blocks = 0;
+    assert_int_equal(kvx_ep_create(&p, &ep), TD_EINVAL);
+    p.layout = l;
+    char buf[1];
+    p.transport = "shm";
+    p.pool = buf; /* a shm receiver must own a shareable pool */
+    assert_int_equal(kvx_ep_create(&p, &ep), TD_EINVAL);
+    assert_true(kvx_transport_available("tcp", NULL, 0));
+    assert_true(kvx_transport_available("shm", NULL, 0));
+    /* GPU transports: available only with a device; otherwise creating one
+     * fails with a clear error and the CPU transports still work. */
+    const char *gpu[] = {"cuda_ipc", "nccl"};
+    for (int i = 0; i < 2; i++) {
+        char why[160];
+        if (!kvx_transport_available(gpu[i], why, sizeof(why))) {
+            print_message("%s unavailable here: %s\n", gpu[i], why);
+            assert_true(why[0] != 0);
+            kvx_params g = {.transport = gpu[i], .role = KVX_ROLE_RECV, .layout = l};
+            int rc = kvx_ep_create(&g, &ep);
+            assert_true(rc == TD_ENODEV || rc == TD_EUNSUPPORTED);
+        }
+    }
+}
+
+int main(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    if (!getenv("TANDEM_LOG_LEVEL")) td_log_set_level(TD_LOG_ERROR);
+    if (getenv("KVX_TEST_FILTER")) cmocka_set_test_filter(getenv("KVX_TEST_FILTER"));
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_tcp_basic),
+        cmocka_unit_test(test_shm_basic),
+        cmocka_unit_test(test_tcp_many_layers),
+        cmocka_unit_test(test_shm_many_layers),
+        cmocka_unit_test(test_tcp_two_senders),
+        cmocka_unit_test(test_shm_two_senders),
+        cmocka_unit_test(test_tcp_two_receivers),
+        cmocka_unit_test(test_shm_two_receivers),
+        cmocka_unit_test(test_tcp_hundred_concurrent),
+        cmocka_unit_test(test_shm_hundred_concurrent),
+        cmocka_unit_test(test_tcp_1gib),
+        cmocka_unit_test(test_shm_1gib),
+        cmocka_unit_test(test_handshake_mismatch),
+        cmocka_unit_test(test_hello_check_fields),
+        cmocka_unit_test(test_bad_frames),
+        cmocka_unit_test(test_raw_partial_frames_and_cancel),
+        cmocka_unit_test(test_fuzz_wire),
+        cmocka_unit_test(test_tcp_sender_killed),
+        cmocka_unit_test(test_shm_sender_killed),
+        cmocka_unit_test(test_tcp_sender_stalled),
+        cmocka_unit_test(test_tcp_receiver_killed),
+        cmocka_unit_test(test_shm_receiver_killed),
+        cmocka_unit_test(test_shm_receiver_stalled),
+        cmocka_unit_test(test_cancel),
+        cmocka_unit_test(test_partial_deadline),
+        cmocka_unit_test(test_register_and_post_rules),
+        cmocka_unit_test(test_params_and_gpu_fallback),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
