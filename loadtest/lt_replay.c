@@ -4,12 +4,15 @@
 #include "common/clock.h"
 #include "common/err.h"
 #include "common/log.h"
+#include "loadtest/lt_grpc.h"
 
 #include <arpa/inet.h>
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <http_parser.h>
 #include <netdb.h>
+#include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -27,8 +30,17 @@
 int lt_url_parse(const char *url, lt_url *out)
 {
     memset(out, 0, sizeof(*out));
-    if (!url || strncmp(url, "http://", 7) != 0) return TD_EINVAL;
-    const char *p = url + 7, *host_end;
+    if (!url) return TD_EINVAL;
+    const char *p;
+    if (strncmp(url, "http://", 7) == 0) {
+        p = url + 7;
+    } else if (strncmp(url, "grpc://", 7) == 0) {
+        p = url + 7;
+        out->grpc = 1;
+    } else {
+        return TD_EINVAL;
+    }
+    const char *host_end;
     const char *host = p;
     if (*p == '[') {
         host = ++p;
@@ -45,7 +57,9 @@ int lt_url_parse(const char *url, lt_url *out)
     memcpy(out->host, host, hl);
     out->host[hl] = '\0';
     out->port = 80;
+    int have_port = 0;
     if (*p == ':') {
+        have_port = 1;
         p++;
         long port = 0;
         int digits = 0;
@@ -55,6 +69,10 @@ int lt_url_parse(const char *url, lt_url *out)
         }
         if (digits == 0 || port < 1 || port > 65535) return TD_EINVAL;
         out->port = (int)port;
+    }
+    if (out->grpc) {
+        /* gRPC: an explicit port and no path. */
+        return *p == '\0' && have_port ? 0 : TD_EINVAL;
     }
     if (*p == '\0' || strcmp(p, "/") == 0) {
         snprintf(out->path, sizeof(out->path), "/v1/completions");
@@ -106,8 +124,10 @@ struct conn {
     size_t errbody_len;
     struct conn *idle_next, *idle_prev;
     struct conn *all_next, *all_prev;
-    char head[1024]; /* request line, headers and the body up to the prompt */
-    char tail[256];  /* the body after the prompt */
+    char head[1024];        /* request line, headers and the body up to the prompt */
+    char tail[256];         /* the body after the prompt */
+    lt_prompt_parts prompt; /* this request's prompt head (copied) and shared tail */
+    char *owned_prompt;     /* whole prompt when built per request (hash ids), else NULL */
     char rbuf[65536];
 };
 
@@ -138,6 +158,7 @@ struct replay {
     int warm_pending;
     int conns_opened;
     int stopping;
+    lt_grpc *grpc; /* the gRPC transport, NULL for HTTP */
     http_parser_settings settings;
 };
 
@@ -239,6 +260,7 @@ static void on_handle_closed(uv_handle_t *h)
         rp->all = c->all_next;
     if (c->all_next) c->all_next->all_prev = c->all_prev;
     free(c->line);
+    free(c->owned_prompt);
     free(c);
 }
 
@@ -247,16 +269,16 @@ static void conn_close(struct conn *c)
     if (c->state == CONN_CLOSING) return;
     struct replay *rp = c->rp;
     if (c->state == CONN_IDLE) idle_remove(rp, c);
-    if (c->warm && c->state == CONN_CONNECTING) {
-        c->warm = 0;
-        rp->warm_pending--;
-        if (rp->warm_pending == 0 && !rp->started) replay_begin(rp);
-    }
+    int was_warm = c->warm && c->state == CONN_CONNECTING;
+    c->warm = 0;
+    /* Closed before anything below can re-enter (replay_begin may stop the run
+     * and close every connection). */
     c->state = CONN_CLOSING;
     rp->open_conns--;
     uv_timer_stop(&c->timer);
     uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
     uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+    if (was_warm && --rp->warm_pending == 0 && !rp->started) replay_begin(rp);
     serve_waitq(rp);
 }
 
@@ -474,8 +496,12 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
                 conn_close(c);
                 return;
             }
-            fail(c, "connection closed mid-stream (%d chunks received)",
-                 c->rp->recs[c->req].n_chunks);
+            if (c->rp->recs[c->req].http_status == 0)
+                fail(c, "connection closed before any response (idle keep-alive closed by the "
+                        "server?)");
+            else
+                fail(c, "connection closed mid-stream (%d chunks received)",
+                     c->rp->recs[c->req].n_chunks);
         } else {
             fail(c, "read: %s", uv_strerror((int)nread));
         }
@@ -509,9 +535,27 @@ static void conn_send(struct conn *c, size_t i)
     http_parser_init(&c->parser, HTTP_RESPONSE);
     c->parser.data = c;
 
-    const char *ptext;
-    size_t plen;
-    lt_prompt_get(rp->o->prompt, q->input_tokens, &ptext, &plen);
+    /* The prompt head is per request (copied into the connection: it must live
+     * until the write completes); the tail is shared, read-only bytes. */
+    free(c->owned_prompt);
+    c->owned_prompt = NULL;
+    if (rp->o->hashes && q->n_hash > 0) {
+        /* Shared prefix blocks: the prompt is built whole for this request. */
+        lt_prompt_shape shape = {.hashes = rp->o->hashes + q->hash_off,
+                                 .n_hash = q->n_hash,
+                                 .block_tokens = rp->o->block_tokens};
+        size_t len;
+        if (lt_prompt_text(rp->o->prompt, q->input_tokens, (uint64_t)i, &shape, &c->owned_prompt,
+                           &len) != 0) {
+            fail(c, "out of memory building the prompt");
+            return;
+        }
+        c->prompt.head_len = 0;
+        c->prompt.tail = c->owned_prompt;
+        c->prompt.tail_len = len;
+    } else {
+        lt_prompt_get(rp->o->prompt, q->input_tokens, (uint64_t)i, &c->prompt);
+    }
     int text = lt_prompt_is_text(rp->o->prompt);
     char body_head[400];
     int bh = snprintf(body_head, sizeof(body_head), "{%s\"prompt\":%c", rp->model_json,
@@ -520,20 +564,21 @@ static void conn_send(struct conn *c, size_t i)
                       "%c,\"max_tokens\":%d,\"ignore_eos\":true,\"stream\":true,"
                       "\"stream_options\":{\"include_usage\":true}}",
                       text ? '"' : ']', q->output_tokens);
-    size_t body_len = (size_t)bh + plen + (size_t)tl;
+    size_t body_len = (size_t)bh + c->prompt.head_len + c->prompt.tail_len + (size_t)tl;
     int hl = snprintf(c->head, sizeof(c->head),
                       "POST %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: tandem-loadtest\r\n"
                       "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
                       "Content-Length: %zu\r\n\r\n%s",
                       rp->o->url.path, rp->host_hdr, body_len, body_head);
-    uv_buf_t bufs[3] = {uv_buf_init(c->head, (unsigned)hl),
-                        uv_buf_init((char *)ptext, (unsigned)plen),
+    uv_buf_t bufs[4] = {uv_buf_init(c->head, (unsigned)hl),
+                        uv_buf_init(c->prompt.head, (unsigned)c->prompt.head_len),
+                        uv_buf_init((char *)c->prompt.tail, (unsigned)c->prompt.tail_len),
                         uv_buf_init(c->tail, (unsigned)tl)};
     c->send_abs = td_now_ns();
     r->send_ns = c->send_abs - rp->start_ns;
     rp->sent++;
     c->write_req.data = c;
-    int rc = uv_write(&c->write_req, (uv_stream_t *)&c->tcp, bufs, 3, on_write);
+    int rc = uv_write(&c->write_req, (uv_stream_t *)&c->tcp, bufs, 4, on_write);
     if (rc) {
         fail(c, "write: %s", uv_strerror(rc));
         return;
@@ -616,6 +661,11 @@ static void conn_open(struct replay *rp, size_t i, int warm)
 static void dispatch(struct replay *rp, size_t i)
 {
     rp->recs[i].sched_ns = rp->reqs[i].t_ns;
+    if (rp->grpc) {
+        rp->sent++;
+        lt_grpc_send(rp->grpc, i, rp->start_ns);
+        return;
+    }
     struct conn *c = rp->idle;
     if (c) {
         idle_remove(rp, c);
@@ -685,6 +735,17 @@ static void replay_begin(struct replay *rp)
     arm_tick(rp);
 }
 
+/* lt_grpc finished request i: count it like the HTTP path does. */
+static void on_grpc_done(void *arg, size_t i)
+{
+    struct replay *rp = arg;
+    enum lt_outcome oc = rp->recs[i].outcome;
+    rp->ok += oc == LT_OK;
+    rp->rejected += oc == LT_REJECTED;
+    rp->errors += oc == LT_ERROR;
+    if (++rp->done == rp->n) replay_stop(rp);
+}
+
 static void on_tick_closed(uv_handle_t *h)
 {
     struct replay *rp = h->data;
@@ -709,6 +770,7 @@ static void replay_stop(struct replay *rp)
         }
         uv_close((uv_handle_t *)&rp->progress, NULL);
     }
+    lt_grpc_close(rp->grpc);
     /* Connections still busy finish first (their requests are done only when
      * they end); everything idle or connecting without a request goes now. */
     for (struct conn *c = rp->all, *next; c; c = next) {
@@ -767,6 +829,7 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     if (o.warm_conns < 0) o.warm_conns = 4;
     if (o.warm_conns > o.max_conns) o.warm_conns = o.max_conns;
     if (o.max_chunk_times <= 0) o.max_chunk_times = 64LL << 20;
+    if (o.block_tokens <= 0) o.block_tokens = 512;
 
     /* Chunk-time arena: max(max_tokens, 1) + 1 slots per request, checked for overflow. */
     int64_t slots = 0;
@@ -788,6 +851,7 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
         set_err(err, errlen, "%s: %s", o.url.host, gai_strerror(gai));
         return TD_ENOENT;
     }
+    if (o.url.grpc) o.warm_conns = 0; /* gRPC multiplexes every stream on one channel */
 
     int rc = TD_ENOMEM;
     struct replay *rp = calloc(1, sizeof(*rp));
@@ -796,6 +860,10 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     if (!rp || !recs || !arena) goto fail;
     rp->waitq = malloc((n ? n : 1) * sizeof(size_t));
     if (!rp->waitq) goto fail;
+    if (ai->ai_addrlen > sizeof(rp->addr)) {
+        rc = TD_EINVAL;
+        goto fail;
+    }
     memcpy(&rp->addr, ai->ai_addr, ai->ai_addrlen);
     freeaddrinfo(ai);
     ai = NULL;
@@ -851,6 +919,18 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     }
     rp->tick.data = rp;
     rp->tick_open = 1;
+    if (o.url.grpc) {
+        rc =
+            lt_grpc_create(&rp->loop, rp->host_hdr, &o, reqs, recs, n, on_grpc_done, rp, &rp->grpc);
+        if (rc) {
+            set_err(err, errlen, "grpc client for %s: %s", rp->host_hdr, td_strerror(rc));
+            uv_close((uv_handle_t *)&rp->tick, NULL);
+            uv_run(&rp->loop, UV_RUN_DEFAULT);
+            close(rp->timerfd);
+            uv_loop_close(&rp->loop);
+            goto fail;
+        }
+    }
     uv_poll_start(&rp->tick, UV_READABLE, on_tick);
     uv_timer_init(&rp->loop, &rp->progress);
     rp->progress.data = rp;
@@ -859,9 +939,25 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     for (int k = 0; k < o.warm_conns; k++)
         conn_open(rp, LT_NO_REQ, 1);
     if (rp->warm_pending == 0 && !rp->started) replay_begin(rp);
+    /* On a loaded machine the send-time tail is other processes holding the CPU
+     * when a timer fires; a real-time class for this (mostly sleeping) thread
+     * removes that. Opt-in, and undone after the run. */
+    int old_policy = 0, rt_set = 0;
+    struct sched_param old_param;
+    if (o.rt_priority > 0 && pthread_getschedparam(pthread_self(), &old_policy, &old_param) == 0) {
+        struct sched_param sp = {.sched_priority = o.rt_priority};
+        int e = pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp);
+        if (e == 0)
+            rt_set = 1;
+        else
+            td_log_warn("loadtest", "rt_priority_refused", "priority=%d errno=%d", o.rt_priority,
+                        e);
+    }
     uv_run(&rp->loop, UV_RUN_DEFAULT);
+    if (rt_set) pthread_setschedparam(pthread_self(), old_policy, &old_param);
     if (uv_loop_close(&rp->loop) != 0) td_log_warn("loadtest", "loop_close_busy", NULL);
 
+    lt_grpc_free(rp->grpc);
     out->recs = recs;
     out->n = n;
     out->arena = arena;

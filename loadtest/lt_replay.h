@@ -32,10 +32,12 @@ typedef struct lt_url {
     char host[256]; /* name or address, without brackets */
     int port;       /* 1..65535; 80 when the URL has none */
     char path[512]; /* "/v1/completions" when the URL has no path */
+    int grpc;       /* 1 for grpc://HOST:PORT (Router.Generate streams), 0 for http:// */
 } lt_url;
 
-/* Parses "http://HOST[:PORT][/PATH]" (IPv6 hosts in brackets). Any host is
- * accepted; TD_EINVAL for another scheme, an empty host or a bad port. */
+/* Parses "http://HOST[:PORT][/PATH]" or "grpc://HOST:PORT" (IPv6 hosts in
+ * brackets). Any host is accepted; TD_EINVAL for another scheme, an empty
+ * host, a bad port, or a gRPC URL without a port or with a path. */
 int lt_url_parse(const char *url, lt_url *out);
 /* 1 when host is 127.0.0.0/8, ::1 or "localhost". */
 int lt_url_is_loopback(const lt_url *u);
@@ -44,12 +46,17 @@ typedef struct lt_replay_opts {
     lt_url url;
     const char *model;       /* "model" field; NULL: omitted */
     const lt_prompt *prompt; /* borrowed; must outlive the run */
+    const uint64_t *hashes;  /* lt_trace.hashes when requests carry Mooncake hash ids
+                                (borrowed), else NULL */
+    int32_t block_tokens;    /* tokens per hash id (default 512 when <= 0) */
     int64_t timeout_ns;      /* per request, from send to the end of the stream */
     int max_conns;           /* most open connections (default 1024 when <= 0) */
     int warm_conns;          /* connections opened before t = 0 (default 4 when < 0) */
     int progress;            /* redraw a progress line on stderr once a second */
     int64_t max_chunk_times; /* cap on stored chunk timestamps (default 64M when <= 0) */
     int64_t spin_ns;         /* wake this early and busy-wait to the send time (0: off) */
+    int rt_priority;         /* > 0: the loop thread runs SCHED_FIFO at this priority during the run
+                                (when permitted, else a warning); restored afterwards */
 } lt_replay_opts;
 
 /* The outcome of a run: n records in trace order; chunk times live in one

@@ -40,6 +40,7 @@ void lt_trace_free(lt_trace *tr)
 {
     if (!tr) return;
     free(tr->reqs);
+    free(tr->hashes);
     memset(tr, 0, sizeof(*tr));
 }
 
@@ -146,7 +147,10 @@ int lt_parse_datetime(const char *s, int64_t *out_ns)
     if (read_digits(&p, 2, &h) || *p++ != ':' || read_digits(&p, 2, &mi) || *p++ != ':' ||
         read_digits(&p, 2, &sec))
         return TD_EFORMAT;
-    if (mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 || sec > 60) return TD_EFORMAT;
+    /* Years outside 1900..2200 would overflow int64 ns or are not trace dates. */
+    if (y < 1900 || y > 2200 || mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 ||
+        sec > 60)
+        return TD_EFORMAT;
     int64_t frac_ns = 0;
     if (*p == '.') {
         p++;
@@ -221,6 +225,8 @@ struct row {
     int64_t t_src_ns; /* in the trace's own clock */
     int32_t in, out;
     int64_t line;
+    const uint64_t *hash; /* Mooncake hash ids (reader scratch), n_hash of them */
+    uint32_t n_hash;
 };
 
 struct reader {
@@ -229,8 +235,10 @@ struct reader {
     char *err;
     size_t errlen;
     int have_first;
-    int64_t first_ns; /* the first data row's timestamp: origin of the window */
+    int64_t first_ns; /* the earliest data row's timestamp: origin of the window */
     int64_t last_ns;
+    uint64_t *scratch; /* hash ids of the row being parsed */
+    size_t scratch_cap;
 };
 
 /* Column indices found in a CSV header; -1 when absent. */
@@ -259,21 +267,31 @@ static int reader_take(struct reader *r, const struct row *row)
     } else if (row->t_src_ns < r->last_ns) {
         tr->unsorted++;
     }
+    if (row->t_src_ns < r->first_ns) r->first_ns = row->t_src_ns; /* the earliest row */
     r->last_ns = row->t_src_ns;
     if (row->out == 0 && !r->o->keep_failed) {
         tr->failed++;
-        return 0;
-    }
-    double rel_s = td_ns_to_s(row->t_src_ns - r->first_ns);
-    if (rel_s < r->o->start_s || (r->o->end_s > 0 && rel_s >= r->o->end_s)) {
-        tr->filtered++;
         return 0;
     }
     /* t_ns holds the source time until the trace is finished. */
     lt_req q = {.t_ns = row->t_src_ns,
                 .input_tokens = row->in,
                 .output_tokens = row->out,
-                .line = row->line};
+                .line = row->line,
+                .hash_off = tr->n_hashes,
+                .n_hash = row->n_hash};
+    if (row->n_hash > 0) {
+        if (tr->n_hashes + row->n_hash > tr->hashes_cap) {
+            size_t cap = (tr->n_hashes + row->n_hash) * 2;
+            if (cap > SIZE_MAX / sizeof(uint64_t)) return TD_ENOMEM;
+            uint64_t *h = realloc(tr->hashes, cap * sizeof(uint64_t));
+            if (!h) return TD_ENOMEM;
+            tr->hashes = h;
+            tr->hashes_cap = cap;
+        }
+        memcpy(tr->hashes + tr->n_hashes, row->hash, row->n_hash * sizeof(uint64_t));
+        tr->n_hashes += row->n_hash;
+    }
     return lt_trace_push(tr, &q);
 }
 
@@ -393,7 +411,35 @@ static int jsonl_row(struct reader *r, const char *line, int64_t lineno)
         bad = "output_length: missing or not a token count";
     else {
         const cJSON *h = cJSON_GetObjectItemCaseSensitive(j, "hash_ids");
-        if (h && !cJSON_IsArray(h)) bad = "hash_ids: not an array";
+        if (h && !cJSON_IsArray(h)) {
+            bad = "hash_ids: not an array";
+        } else if (h) {
+            int nh = cJSON_GetArraySize(h);
+            if ((size_t)nh > r->scratch_cap) {
+                uint64_t *s = realloc(r->scratch, (size_t)nh * 2 * sizeof(uint64_t));
+                if (!s) {
+                    cJSON_Delete(j);
+                    return TD_ENOMEM;
+                }
+                r->scratch = s;
+                r->scratch_cap = (size_t)nh * 2;
+            }
+            const cJSON *e;
+            uint32_t k = 0;
+            cJSON_ArrayForEach(e, h)
+            {
+                /* Integers up to 2^53 survive a double exactly. */
+                if (!cJSON_IsNumber(e) || e->valuedouble < 0 ||
+                    e->valuedouble > 9007199254740992.0 ||
+                    e->valuedouble != floor(e->valuedouble)) {
+                    bad = "hash_ids: not an array of non-negative integers";
+                    break;
+                }
+                r->scratch[k++] = (uint64_t)e->valuedouble;
+            }
+            row.hash = r->scratch;
+            row.n_hash = k;
+        }
     }
     if (!bad) row.t_src_ns = (int64_t)llround(ts->valuedouble * 1e6);
     cJSON_Delete(j);
@@ -441,6 +487,7 @@ int lt_trace_read_stream(FILE *fp, enum lt_format fmt, const lt_read_opts *opts,
         if (rc) break;
     }
     free(line);
+    free(r.scratch);
     if (!rc && ferror(fp)) {
         set_err(err, errlen, "read error after line %lld", (long long)lineno);
         rc = TD_EIO;
@@ -454,6 +501,18 @@ int lt_trace_read_stream(FILE *fp, enum lt_format fmt, const lt_read_opts *opts,
         return rc;
     }
     if (tr->unsorted) qsort(tr->reqs, tr->n, sizeof(lt_req), cmp_req_time);
+    /* The window is applied once sorted, on the earliest row's clock. */
+    if (r.o->start_s > 0 || r.o->end_s > 0) {
+        size_t kept = 0;
+        for (size_t i = 0; i < tr->n; i++) {
+            double rel_s = td_ns_to_s(tr->reqs[i].t_ns - r.first_ns);
+            if (rel_s < r.o->start_s || (r.o->end_s > 0 && rel_s >= r.o->end_s))
+                tr->filtered++;
+            else
+                tr->reqs[kept++] = tr->reqs[i];
+        }
+        tr->n = kept;
+    }
     if (r.o->max_requests && tr->n > r.o->max_requests) {
         tr->filtered += tr->n - r.o->max_requests;
         tr->n = r.o->max_requests;
@@ -507,9 +566,16 @@ int lt_trace_write_jsonl(const lt_trace *tr, FILE *fp)
 {
     for (size_t i = 0; i < tr->n; i++) {
         const lt_req *q = &tr->reqs[i];
-        if (fprintf(fp, "{\"timestamp\": %.3f, \"input_length\": %d, \"output_length\": %d}\n",
-                    (double)q->t_ns / 1e6, q->input_tokens, q->output_tokens) < 0)
-            return TD_EIO;
+        fprintf(fp, "{\"timestamp\": %.3f, \"input_length\": %d, \"output_length\": %d",
+                (double)q->t_ns / 1e6, q->input_tokens, q->output_tokens);
+        if (q->n_hash > 0) {
+            fputs(", \"hash_ids\": [", fp);
+            for (uint32_t k = 0; k < q->n_hash; k++)
+                fprintf(fp, "%s%llu", k ? ", " : "",
+                        (unsigned long long)tr->hashes[q->hash_off + k]);
+            fputc(']', fp);
+        }
+        if (fputs("}\n", fp) < 0) return TD_EIO;
     }
-    return fflush(fp) == 0 ? 0 : TD_EIO;
+    return fflush(fp) == 0 && !ferror(fp) ? 0 : TD_EIO;
 }

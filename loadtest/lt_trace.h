@@ -32,6 +32,8 @@ typedef struct lt_req {
     int32_t input_tokens;  /* prompt length in tokens */
     int32_t output_tokens; /* response length in tokens (sent as max_tokens) */
     int64_t line;          /* 1-based line in the source file; 0 for synthetic */
+    size_t hash_off;       /* Mooncake: first of this request's hash ids in lt_trace.hashes */
+    uint32_t n_hash;       /* Mooncake: number of hash ids (prompt blocks); 0 elsewhere */
 } lt_req;
 
 typedef struct lt_read_opts {
@@ -39,7 +41,7 @@ typedef struct lt_read_opts {
     const char *log_type; /* BurstGPT: keep only this Log Type; NULL = all */
     int keep_failed;      /* keep rows with 0 response tokens (default: skip, count) */
     int skip_bad;         /* skip and count malformed rows instead of failing */
-    double start_s;       /* window start, seconds after the first data row's timestamp */
+    double start_s;       /* window start, seconds after the earliest data row's timestamp */
     double end_s;         /* window end (exclusive) in the same clock; <= 0: no end */
     size_t max_requests;  /* keep only the first N requests after the filters; 0 = all */
 } lt_read_opts;
@@ -55,11 +57,14 @@ typedef struct lt_trace {
     size_t filtered;   /* rows dropped by model / log type / window / first-N */
     size_t unsorted;   /* rows whose timestamp went backwards (the trace is then sorted) */
     double src_span_s; /* span of the kept rows in the trace's own clock, before scaling */
+    /* Mooncake hash_ids of every kept request, referenced by lt_req.hash_off. */
+    uint64_t *hashes;
+    size_t n_hashes, hashes_cap;
 } lt_trace;
 
 /* Zeroed trace. */
 void lt_trace_init(lt_trace *tr);
-/* Frees tr->reqs and zeroes tr; accepts NULL. */
+/* Frees tr->reqs and tr->hashes and zeroes tr; accepts NULL. */
 void lt_trace_free(lt_trace *tr);
 /* Appends one request (grows the array). 0 or TD_ENOMEM. */
 int lt_trace_push(lt_trace *tr, const lt_req *req);
@@ -81,8 +86,8 @@ int lt_trace_scale_to_rate(lt_trace *tr, double rate_rps);
 /* Mean request rate (n - 1) / span in req/s; 0 when undefined. */
 double lt_trace_mean_rate(const lt_trace *tr);
 
-/* Writes the trace as Mooncake-style JSONL (timestamp in ms), so synthetic
- * workloads can be saved and replayed. 0 or TD_EIO. */
+/* Writes the trace as Mooncake-style JSONL (timestamp in ms, hash_ids when the
+ * trace has them), so synthetic workloads can be saved and replayed. 0 or TD_EIO. */
 int lt_trace_write_jsonl(const lt_trace *tr, FILE *fp);
 
 /* Parses "YYYY-MM-DD HH:MM:SS[.fraction]" (also with 'T', up to 9 fraction

@@ -23,8 +23,14 @@ struct lt_sse_server {
     size_t canned_len;
 };
 
+#define TRICKLE_SLICE 37 /* bytes per write in LT_SSE_TRICKLE, prime so cuts wander */
+
 struct sconn {
     uv_tcp_t tcp;
+    uv_timer_t trickle; /* LT_SSE_TRICKLE: paces the slices */
+    int handles;        /* open handles; freed at 0 */
+    char *out;          /* LT_SSE_TRICKLE: response being sent (owned) */
+    size_t out_len, out_off;
     lt_sse_server *srv;
     char *buf;
     size_t len, cap;
@@ -109,6 +115,8 @@ static char *build_response(enum lt_sse_mode mode, int tokens, size_t *out_len)
 static void on_conn_closed(uv_handle_t *h)
 {
     struct sconn *c = h->data;
+    if (--c->handles > 0) return;
+    free(c->out);
     free(c->buf);
     free(c);
 }
@@ -118,6 +126,7 @@ static void sconn_close(struct sconn *c)
     if (c->closing) return;
     c->closing = 1;
     uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
+    uv_close((uv_handle_t *)&c->trickle, on_conn_closed);
 }
 
 static void on_written(uv_write_t *req, int status)
@@ -126,6 +135,35 @@ static void on_written(uv_write_t *req, int status)
     if ((status < 0 || w->close_after) && !w->c->closing) sconn_close(w->c);
     free(w->owned);
     free(w);
+}
+
+static void on_trickle(uv_timer_t *t)
+{
+    struct sconn *c = t->data;
+    if (c->closing || !c->out) return;
+    size_t k = c->out_len - c->out_off < TRICKLE_SLICE ? c->out_len - c->out_off : TRICKLE_SLICE;
+    struct swrite *w = calloc(1, sizeof(*w));
+    if (!w || !(w->owned = malloc(k))) {
+        free(w);
+        sconn_close(c);
+        return;
+    }
+    memcpy(w->owned, c->out + c->out_off, k);
+    w->c = c;
+    w->req.data = w;
+    uv_buf_t b = uv_buf_init(w->owned, (unsigned)k);
+    if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_written) != 0) {
+        free(w->owned);
+        free(w);
+        sconn_close(c);
+        return;
+    }
+    c->out_off += k;
+    if (c->out_off == c->out_len) {
+        uv_timer_stop(&c->trickle);
+        free(c->out);
+        c->out = NULL;
+    }
 }
 
 static void respond(struct sconn *c, const char *body, size_t body_len)
@@ -138,6 +176,20 @@ static void respond(struct sconn *c, const char *body, size_t body_len)
     s->last_body[k] = '\0';
     pthread_mutex_unlock(&s->mu);
 
+    if (s->mode == LT_SSE_TRICKLE) {
+        size_t len;
+        char *resp = build_response(LT_SSE_OK, s->tokens > 0 ? s->tokens : 4, &len);
+        if (!resp || c->out) { /* one response in flight per connection */
+            free(resp);
+            sconn_close(c);
+            return;
+        }
+        c->out = resp;
+        c->out_len = len;
+        c->out_off = 0;
+        uv_timer_start(&c->trickle, on_trickle, 0, 1);
+        return;
+    }
     struct swrite *w = calloc(1, sizeof(*w));
     if (!w) {
         sconn_close(c);
@@ -231,7 +283,9 @@ static void on_connection(uv_stream_t *server, int status)
     if (!c) return;
     c->srv = s;
     uv_tcp_init(&s->loop, &c->tcp);
-    c->tcp.data = c;
+    uv_timer_init(&s->loop, &c->trickle);
+    c->tcp.data = c->trickle.data = c;
+    c->handles = 2;
     if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
         sconn_close(c);
         return;
@@ -244,7 +298,7 @@ static void close_walk(uv_handle_t *h, void *arg)
 {
     (void)arg;
     if (uv_is_closing(h)) return;
-    if (h->type == UV_TCP && h->data && h->data != arg) {
+    if ((h->type == UV_TCP || h->type == UV_TIMER) && h->data && h->data != arg) {
         sconn_close(h->data);
         return;
     }
@@ -271,7 +325,7 @@ int lt_sse_server_start(enum lt_sse_mode mode, int tokens, lt_sse_server **out)
     s->mode = mode;
     s->tokens = tokens;
     pthread_mutex_init(&s->mu, NULL);
-    if (tokens > 0) {
+    if (tokens > 0 && mode != LT_SSE_TRICKLE) {
         s->canned = build_response(mode, tokens, &s->canned_len);
         if (!s->canned) goto fail;
     }

@@ -16,6 +16,8 @@ enum lt_sse_mode {
     LT_SSE_CLOSE,   /* headers and one token, then the connection is closed */
     LT_SSE_REJECT,  /* 429 with an OpenAI error body and Retry-After */
     LT_SSE_NO_DONE, /* a complete chunked body without data: [DONE] */
+    LT_SSE_TRICKLE, /* the OK response cut in 37-byte slices, one every millisecond:
+                       SSE lines and chunk framing straddle reads, tokens arrive apart */
 };
 
 typedef struct lt_sse_server lt_sse_server;

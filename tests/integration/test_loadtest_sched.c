@@ -47,11 +47,14 @@ int main(int argc, char **argv)
     char url[64];
     snprintf(url, sizeof(url), "http://127.0.0.1:%d", lt_sse_server_port(srv));
     lt_url_parse(url, &o.url);
-    /* Up to three attempts: a burst of load from other processes on a small
-     * shared machine can delay one run; a scheduler that is late every time
-     * still fails. Every attempt's numbers are printed. */
+    /* Up to three attempts: load from other processes on a small shared
+     * machine delays the loop thread; a client that is late every time still
+     * fails. Every attempt's numbers are printed. */
     int ok = 0;
     for (int attempt = 1; attempt <= 3 && !ok; attempt++) {
+        /* Attempt 1 at the default priority; later ones ask for SCHED_FIFO
+         * (--rt-priority), which only a loaded machine needs. */
+        o.rt_priority = attempt == 1 ? 0 : 10;
         lt_run run;
         char err[256] = "";
         int rc = lt_replay_run(&o, tr.reqs, tr.n, &run, err, sizeof(err));
@@ -62,10 +65,10 @@ int main(int argc, char **argv)
         lt_slo slo = {0};
         lt_summary s;
         lt_summary_compute(run.recs, run.n, &slo, &s);
-        printf("sched attempt %d: %zu requests at %.0f req/s over %.2f s: ok %zu errors %zu "
+        printf("sched attempt %d (%s): %zu requests at %.0f req/s over %.2f s: ok %zu errors %zu "
                "conns %d\n",
-               attempt, s.requests, lt_trace_mean_rate(&tr), s.duration_s, s.ok, s.errors,
-               run.conns_opened);
+               attempt, o.rt_priority ? "SCHED_FIFO 10 if permitted" : "default priority",
+               s.requests, lt_trace_mean_rate(&tr), s.duration_s, s.ok, s.errors, run.conns_opened);
         printf("sched attempt %d: lateness ms: mean %.3f p50 %.3f p90 %.3f p99 %.3f max %.3f "
                "(limit p99 < %.1f)\n",
                attempt, s.lateness.mean, s.lateness.p50, s.lateness.p90, s.lateness.p99,

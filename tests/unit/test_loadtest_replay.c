@@ -98,11 +98,12 @@ static void test_replay_ok(void **state)
     }
     char body[4096];
     lt_sse_server_last_body(f.srv, body, sizeof(body));
-    /* The last request: 22 prompt tokens as an id array. */
-    assert_non_null(strstr(body, "{\"model\":\"tiny \\\"m\\\"\",\"prompt\":[100,100,"));
+    /* The last request (19 = 0x13): 22 prompt tokens as an id array, head
+     * digits 3, 1 first. */
+    assert_non_null(strstr(body, "{\"model\":\"tiny \\\"m\\\"\",\"prompt\":[103,101,100,"));
     assert_non_null(strstr(body, ",100],\"max_tokens\":4,\"ignore_eos\":true,\"stream\":true"));
     int ids = 0;
-    for (char *p = strstr(body, "[100"); p && *p != ']'; p++)
+    for (char *p = strstr(body, "[103"); p && *p != ']'; p++)
         ids += *p == ',';
     assert_int_equal(ids + 1, 22);
     assert_true(f.run.conns_opened >= 2);
@@ -113,6 +114,32 @@ static void test_replay_ok(void **state)
     assert_int_equal(s.ok, 20);
     assert_int_equal(s.good, 20);
     assert_int_equal(s.itl.n, 60);
+    teardown_run(&f);
+}
+
+/* Responses cut in 37-byte slices a millisecond apart: chunk sizes, SSE lines
+ * and JSON straddle reads. */
+static void test_replay_trickled_stream(void **state)
+{
+    (void)state;
+    struct fixture f;
+    setup_run(&f, LT_SSE_TRICKLE, 4, 6, 5 * TD_NS_PER_MS);
+    char err[256];
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, 6, &f.run, err, sizeof(err)), 0);
+    for (size_t i = 0; i < 6; i++) {
+        const lt_record *r = &f.run.recs[i];
+        if (r->outcome != LT_OK) print_message("request %zu: %s\n", i, r->error);
+        assert_int_equal(r->outcome, LT_OK);
+        assert_int_equal(r->n_chunks, 4);
+        assert_int_equal(r->output_tokens, 4);
+        /* The server needs about 17 slices, one per ms, so the last byte cannot
+         * arrive before ~16 ms (reads may coalesce slices under load, so the
+         * gaps between tokens are only checked for order). */
+        for (int k = 1; k < 4; k++)
+            assert_true(r->chunk_ns[k] >= r->chunk_ns[k - 1]);
+        assert_true(r->e2e_ns >= 10 * TD_NS_PER_MS);
+        assert_true(r->e2e_ns >= r->chunk_ns[3]);
+    }
     teardown_run(&f);
 }
 
@@ -214,6 +241,15 @@ static void test_replay_connect_refused(void **state)
     }
     teardown_run(&f);
 
+    /* Nothing to send and nobody listening: the warm connections fail, the
+     * run still starts, ends at once and closes everything once. */
+    setup_run(&f, LT_SSE_OK, 4, 0, 0);
+    lt_sse_server_stop(f.srv);
+    f.srv = NULL;
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, 0, &f.run, err, sizeof(err)), 0);
+    assert_int_equal(f.run.n, 0);
+    teardown_run(&f);
+
     /* Nothing to send: returns at once. */
     setup_run(&f, LT_SSE_OK, 4, 0, 0);
     assert_int_equal(lt_replay_run(&f.o, f.reqs, 0, &f.run, err, sizeof(err)), 0);
@@ -226,6 +262,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_url_parse),
         cmocka_unit_test(test_replay_ok),
+        cmocka_unit_test(test_replay_trickled_stream),
         cmocka_unit_test(test_replay_queue_when_pool_full),
         cmocka_unit_test(test_replay_rejected),
         cmocka_unit_test(test_replay_stall_is_timeout_error),

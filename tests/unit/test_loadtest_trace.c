@@ -179,6 +179,7 @@ static void test_azure(void **state)
     assert_int_equal(ns, 1709208000LL * TD_NS_PER_S);
     assert_int_equal(lt_parse_datetime("2023-13-01 00:00:00", &ns), TD_EFORMAT);
     assert_int_equal(lt_parse_datetime("2023-11-16", &ns), TD_EFORMAT);
+    assert_int_equal(lt_parse_datetime("9999-01-01 00:00:00", &ns), TD_EFORMAT);
     assert_int_equal(lt_parse_datetime("2023-11-16 18:15:46.", &ns), TD_EFORMAT);
 
     static const char bad[] = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
@@ -217,6 +218,57 @@ static void test_mooncake(void **state)
     assert_int_equal(tr.bad, 3);
     assert_int_equal(tr.n, 1);
     lt_trace_free(&tr);
+}
+
+static void test_mooncake_hash_ids(void **state)
+{
+    (void)state;
+    static const char text[] =
+        "{\"timestamp\": 30, \"input_length\": 1100, \"output_length\": 5, \"hash_ids\": [0, 1, "
+        "9]}\n"
+        "{\"timestamp\": 10, \"input_length\": 600, \"output_length\": 5, \"hash_ids\": [0, 4]}\n"
+        "{\"timestamp\": 20, \"input_length\": 10, \"output_length\": 0, \"hash_ids\": [3]}\n"
+        "{\"timestamp\": 40, \"input_length\": 10, \"output_length\": 2}\n";
+    lt_trace tr;
+    char err[256] = "";
+    assert_int_equal(read_text(text, LT_FMT_MOONCAKE, NULL, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 3);
+    assert_int_equal(tr.failed, 1);
+    assert_int_equal(tr.n_hashes, 5); /* the failed row's ids are not kept */
+    /* Sorted by time; each request still points at its own ids. */
+    assert_int_equal(tr.reqs[0].n_hash, 2);
+    assert_int_equal(tr.hashes[tr.reqs[0].hash_off + 1], 4);
+    assert_int_equal(tr.reqs[1].n_hash, 3);
+    assert_int_equal(tr.hashes[tr.reqs[1].hash_off + 2], 9);
+    assert_int_equal(tr.reqs[2].n_hash, 0);
+
+    char buf[1024];
+    FILE *fp = fmemopen(buf, sizeof(buf), "w");
+    assert_int_equal(lt_trace_write_jsonl(&tr, fp), 0);
+    fclose(fp);
+    assert_non_null(strstr(buf, "\"hash_ids\": [0, 1, 9]"));
+    lt_trace back;
+    assert_int_equal(read_text(buf, LT_FMT_MOONCAKE, NULL, &back, err, sizeof(err)), 0);
+    assert_int_equal(back.n_hashes, 5);
+    assert_int_equal(back.hashes[back.reqs[1].hash_off], 0);
+    lt_trace_free(&back);
+    lt_trace_free(&tr);
+
+    /* The window counts from the earliest row, not the first line: [15 ms, 35 ms). */
+    lt_read_opts o = {.start_s = 0.005, .end_s = 0.025};
+    assert_int_equal(read_text(text, LT_FMT_MOONCAKE, &o, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 1);
+    assert_int_equal(tr.reqs[0].input_tokens, 1100);
+    assert_int_equal(tr.filtered, 2);
+    lt_trace_free(&tr);
+
+    static const char bad[] =
+        "{\"timestamp\": 1, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": [1, -2]}\n";
+    assert_int_equal(read_text(bad, LT_FMT_MOONCAKE, NULL, &tr, err, sizeof(err)), TD_EFORMAT);
+    assert_non_null(strstr(err, "line 1: hash_ids"));
+    static const char bad2[] =
+        "{\"timestamp\": 1, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": [\"a\"]}\n";
+    assert_int_equal(read_text(bad2, LT_FMT_MOONCAKE, NULL, &tr, err, sizeof(err)), TD_EFORMAT);
 }
 
 static void test_scaling(void **state)
@@ -302,6 +354,53 @@ static void test_write_jsonl_roundtrip(void **state)
     lt_trace_free(&tr);
 }
 
+/* Random bytes and mutated rows: every reader either fails cleanly with a line
+ * number or, under skip_bad, accounts for every row. */
+static void test_readers_survive_garbage(void **state)
+{
+    (void)state;
+    static const char *const seeds[] = {
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n",
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n",
+        "{\"timestamp\": 1, \"input_length\": 2, \"output_length\": 3}\n"};
+    static const char alphabet[] = "0123456789,.-: \"{}[]\n\rTxa\xff";
+    uint64_t x = 88172645463325252ULL;
+    char buf[600];
+    for (int iter = 0; iter < 3000; iter++) {
+        int fmt = iter % 3;
+        size_t base = strlen(seeds[fmt]);
+        memcpy(buf, seeds[fmt], base);
+        size_t len = base;
+        /* Append up to 200 random bytes of row-like text, then mutate a few bytes. */
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        size_t extra = x % 200;
+        for (size_t i = 0; i < extra; i++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            buf[len++] = alphabet[x % (sizeof(alphabet) - 1)];
+        }
+        for (int m = 0; m < 3; m++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            buf[(x >> 8) % len] = alphabet[x % (sizeof(alphabet) - 1)];
+        }
+        buf[len] = '\0';
+        lt_trace tr;
+        char err[256] = "";
+        lt_read_opts o = {.skip_bad = iter & 4 ? 1 : 0, .keep_failed = 1};
+        int rc = read_text(buf, (enum lt_format)fmt, &o, &tr, err, sizeof(err));
+        if (rc) {
+            assert_int_equal(rc, TD_EFORMAT);
+            assert_non_null(strstr(err, "line "));
+            assert_int_equal(tr.n, 0);
+        } else {
+            assert_int_equal(tr.n + tr.filtered, tr.rows);
+            for (size_t i = 1; i < tr.n; i++)
+                assert_true(tr.reqs[i].t_ns >= tr.reqs[i - 1].t_ns);
+        }
+        lt_trace_free(&tr);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -312,8 +411,10 @@ int main(void)
         cmocka_unit_test(test_azure),
         cmocka_unit_test(test_mooncake),
         cmocka_unit_test(test_scaling),
+        cmocka_unit_test(test_mooncake_hash_ids),
         cmocka_unit_test(test_real_burstgpt_head),
         cmocka_unit_test(test_write_jsonl_roundtrip),
+        cmocka_unit_test(test_readers_survive_garbage),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

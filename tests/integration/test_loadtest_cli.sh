@@ -1,0 +1,100 @@
+#!/bin/sh
+# End-to-end check of the tandem-loadtest binary: synth -> replay against the
+# test SSE server on 127.0.0.1 -> summary.json, CSVs and plots -> compare;
+# replay of the BurstGPT head (when the shared data is present); fit; and the
+# usage errors.
+set -eu
+BIN=${TANDEM_BIN_DIR:?}
+LT=$BIN/tandem-loadtest
+WORK=$(mktemp -d /tmp/lt-cli-XXXXXX)
+SRV_PID=
+cleanup() {
+    [ -n "$SRV_PID" ] && kill "$SRV_PID" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# The server lives until its stdin (a fifo we hold open) closes.
+mkfifo "$WORK/in"
+"$BIN/lt-sse-server" ok 0 <"$WORK/in" >"$WORK/port" &
+SRV_PID=$!
+exec 3>"$WORK/in"
+for _ in $(seq 50); do grep -q port= "$WORK/port" 2>/dev/null && break; sleep 0.1; done
+PORT=$(sed -n 's/^port=//p' "$WORK/port")
+[ -n "$PORT" ] || fail "server did not start"
+URL=http://127.0.0.1:$PORT
+
+# synth: write a trace, and replay one directly.
+"$LT" synth --n 200 --seed 3 --gamma-scale-s 0.005 --req-max 256 --resp-max 8 \
+    --write-trace "$WORK/synth.jsonl" --log-level warn
+[ "$(wc -l <"$WORK/synth.jsonl")" -eq 200 ] || fail "synth trace length"
+"$LT" replay --trace "$WORK/synth.jsonl" --format mooncake --url "$URL" --rate 100 \
+    --slo-ttft-ms 500 --slo-tpot-ms 100 --out "$WORK/a" --log-level warn >"$WORK/a.txt"
+"$LT" synth --n 200 --seed 3 --gamma-scale-s 0.005 --req-max 256 --resp-max 8 --url "$URL" \
+    --speedup 2 --slo-ttft-ms 500 --slo-tpot-ms 100 --out "$WORK/b" --log-level warn >"$WORK/b.txt"
+for d in a b; do
+    for f in summary.json requests.csv tokens.csv timeseries.dat cdf.dat; do
+        [ -s "$WORK/$d/$f" ] || fail "$d/$f missing"
+    done
+    grep -q '"ok":[[:space:]]*200' "$WORK/$d/summary.json" || fail "$d: not all 200 ok"
+    [ "$(wc -l <"$WORK/$d/requests.csv")" -eq 201 ] || fail "$d/requests.csv rows"
+done
+if command -v gnuplot >/dev/null; then
+    for p in rate_goodput.png ttft.png latency_cdf.png; do
+        [ -s "$WORK/a/$p" ] || fail "plot $p missing"
+    done
+fi
+"$LT" compare "$WORK/a" "$WORK/b" >"$WORK/cmp.txt"
+grep -q 'goodput.req_per_s' "$WORK/cmp.txt" || fail "compare output"
+
+# Mooncake rows with shared hash ids (prompts built per request from blocks).
+cat >"$WORK/mc.jsonl" <<'JSONL'
+{"timestamp": 0, "input_length": 1100, "output_length": 3, "hash_ids": [0, 1, 2]}
+{"timestamp": 20, "input_length": 700, "output_length": 2, "hash_ids": [0, 1]}
+{"timestamp": 40, "input_length": 30, "output_length": 4, "hash_ids": [5]}
+JSONL
+"$LT" replay --trace "$WORK/mc.jsonl" --format mooncake --url "$URL" --block-tokens 512 \
+    --out "$WORK/mc" --no-plots --log-level warn >/dev/null
+grep -q '"ok":[[:space:]]*3' "$WORK/mc/summary.json" || fail "mooncake hash_ids replay"
+
+# BurstGPT head: the first 40 requests, rescaled to 40 req/s.
+HEAD=${TANDEM_SHARED_DIR:-/nonexistent}/data/burstgpt/BurstGPT_1_head.csv
+if [ -f "$HEAD" ]; then
+    "$LT" replay --trace "$HEAD" --format burstgpt --url "$URL" --rate 40 --max-requests 40 \
+        --out "$WORK/burst" --log-level warn >/dev/null
+    grep -q '"trace_failed_skipped":[[:space:]]*[1-9]' "$WORK/burst/summary.json" ||
+        fail "failed rows not counted"
+    grep -q '"ok":[[:space:]]*40' "$WORK/burst/summary.json" || fail "burstgpt replay"
+    # Text prompts of exact length for a real tokenizer (every length verified).
+    TOKJ=${TANDEM_SHARED_DIR}/tokenizers/llama2-spm
+    if [ -d "$TOKJ" ]; then
+        "$LT" replay --trace "$HEAD" --format burstgpt --url "$URL" --rate 40 --max-requests 20 \
+            --tokenizer "$TOKJ" --out "$WORK/burst-text" --no-plots --log-level warn >/dev/null
+        grep -q '"filler_word"' "$WORK/burst-text/summary.json" || fail "text prompts"
+        grep -q '"ok":[[:space:]]*20' "$WORK/burst-text/summary.json" || fail "text replay"
+        "$LT" replay --trace "$WORK/mc.jsonl" --format mooncake --url "$URL" --tokenizer "$TOKJ" \
+            --block-tokens 64 --out "$WORK/mc-text" --no-plots --log-level warn >/dev/null
+        grep -q '"ok":[[:space:]]*3' "$WORK/mc-text/summary.json" || fail "mooncake text replay"
+    fi
+    "$LT" fit --trace "$HEAD" --format burstgpt --window-s 600 >"$WORK/fit.json"
+    grep -q '"mom_shape"' "$WORK/fit.json" || fail "fit output"
+else
+    echo "skip: $HEAD not present"
+fi
+
+# Usage errors exit non-zero with a message.
+if "$LT" replay --trace "$WORK/synth.jsonl" --format nope --url "$URL" --out "$WORK/x" 2>"$WORK/err"; then
+    fail "bad --format accepted"
+fi
+grep -q -- "--format" "$WORK/err" || fail "no --format message"
+if "$LT" replay --trace "$WORK/synth.jsonl" --format mooncake --url "ftp://x" --out "$WORK/x" 2>"$WORK/err"; then
+    fail "bad --url accepted"
+fi
+printf 'Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n1,a,2,3,5,b\n2,a,x,3,5,b\n' >"$WORK/bad.csv"
+if "$LT" fit --trace "$WORK/bad.csv" --format burstgpt 2>"$WORK/err"; then fail "bad row accepted"; fi
+grep -q "line 3" "$WORK/err" || fail "no line number in: $(cat "$WORK/err")"
+exec 3>&-
+wait "$SRV_PID" 2>/dev/null || true
+SRV_PID=
+echo PASS
