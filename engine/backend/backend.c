@@ -98,6 +98,18 @@ int be_forward(be_backend *b, const be_batch *batch)
     return b->ops->forward(b->ctx, batch);
 }
 
+int be_copy_blocks(be_backend *b, const int32_t *src, const int32_t *dst, int n)
+{
+    if (!b || n < 0 || (n > 0 && (!src || !dst))) return TD_EINVAL;
+    for (int i = 0; i < n; i++)
+        if (src[i] < 0 || dst[i] < 0 || (uint32_t)src[i] >= b->kv.num_blocks ||
+            (uint32_t)dst[i] >= b->kv.num_blocks)
+            return TD_EINVAL;
+    if (n == 0) return 0;
+    if (!b->ops->copy_blocks) return TD_EUNSUPPORTED;
+    return b->ops->copy_blocks(b->ctx, src, dst, n);
+}
+
 void be_kv_region(be_backend *b, void **base, size_t *bytes)
 {
     b->ops->kv_region(b->ctx, base, bytes);

@@ -92,6 +92,9 @@ typedef struct be_ops {
     int (*forward)(void *ctx, const be_batch *b);
     /* Base and size of the KV pool region. */
     void (*kv_region)(void *ctx, void **base, size_t *bytes);
+    /* Optional (NULL: TD_EUNSUPPORTED): copies blocks src[i] -> dst[i], all
+     * layers, K and V; ids already validated. */
+    int (*copy_blocks)(void *ctx, const int32_t *src, const int32_t *dst, int n);
 } be_ops;
 
 typedef struct be_backend be_backend;
@@ -112,6 +115,13 @@ void be_close(be_backend *b); /* accepts NULL */
  * batch: ids, positions, block ids out of range, too many tokens), or the
  * on_layer_done return value. The pool may hold partial K/V after an error. */
 int be_forward(be_backend *b, const be_batch *batch);
+
+/* Copies KV blocks src[i] -> dst[i] (i < n) in every layer, K and V: the
+ * copy-on-write that kvc_seq_grow reports (kvc_cow) before a forked sequence
+ * writes into a shared, partially filled block. Pairs run in order; a dst must
+ * not be the src of a later pair. Errors: TD_EINVAL (id out of range, n < 0),
+ * TD_EUNSUPPORTED (the backend has no copy). */
+int be_copy_blocks(be_backend *b, const int32_t *src, const int32_t *dst, int n);
 
 /* The KV pool region (the caller's kv_mem, or the backend's own). */
 void be_kv_region(be_backend *b, void **base, size_t *bytes);

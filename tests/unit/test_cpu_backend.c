@@ -473,6 +473,56 @@ static void test_paged_shuffled_blocks(void **s)
     mdl_free(m);
 }
 
+/* Copy-on-write: a prefix computed into blocks {0, 1} and copied to {5, 6}
+ * continues from the copies exactly as from the originals. */
+static void test_copy_blocks(void **s)
+{
+    (void)s;
+    mdl_model *m = make_model(MDL_ROPE_HALF, 1, 0);
+    int V = m->cfg.vocab_size;
+    int32_t tokens[24];
+    for (int i = 0; i < 24; i++)
+        tokens[i] = (i * 11 + 2) % V;
+    float *a = malloc((size_t)24 * V * sizeof(float)), *b = malloc((size_t)V * sizeof(float));
+    be_backend *be = open_cpu(m, 1, BE_MATMUL_DETERMINISTIC, NULL, 8);
+    int32_t orig[2] = {0, 1}, copy[2] = {5, 6};
+    assert_int_equal(run_prefill_all(be, tokens, 20, orig, 2, a), 0);
+    assert_int_equal(be_copy_blocks(be, orig, copy, 2), 0);
+    /* Scribble over the originals: the copies must not depend on them. */
+    int32_t other[2] = {1, 0};
+    int32_t junk[20];
+    for (int i = 0; i < 20; i++)
+        junk[i] = (i * 5 + 3) % V;
+    assert_int_equal(run_prefill_all(be, junk, 20, other, 2, a), 0);
+    const int32_t *tables[1] = {copy};
+    int32_t nb = 2, seq = 0, row = 0, pos = 20;
+    be_batch d = {.n_tokens = 1,
+                  .tokens = &tokens[20],
+                  .pos = &pos,
+                  .seq = &seq,
+                  .n_seqs = 1,
+                  .block_tables = tables,
+                  .n_blocks = &nb,
+                  .n_out = 1,
+                  .out_rows = &row,
+                  .logits = b};
+    assert_int_equal(be_forward(be, &d), 0);
+    be_close(be);
+    /* Reference: the same 21 tokens in one call. */
+    be = open_cpu(m, 1, BE_MATMUL_DETERMINISTIC, NULL, 8);
+    assert_int_equal(run_prefill_all(be, tokens, 21, orig, 2, a), 0);
+    assert_memory_equal(a + (size_t)20 * V, b, (size_t)V * sizeof(float));
+    int32_t bad = 8;
+    assert_int_equal(be_copy_blocks(be, &bad, copy, 1), TD_EINVAL);
+    assert_int_equal(be_copy_blocks(be, copy, &bad, 1), TD_EINVAL);
+    assert_int_equal(be_copy_blocks(be, orig, copy, -1), TD_EINVAL);
+    assert_int_equal(be_copy_blocks(be, orig, copy, 0), 0);
+    be_close(be);
+    free(a);
+    free(b);
+    mdl_free(m);
+}
+
 /* ---- hook, caller KV region, bad batches ---- */
 
 static int hook_calls[16], hook_n, hook_fail_at = -1;
@@ -664,6 +714,7 @@ int main(void)
         cmocka_unit_test_setup(test_kv_f16, reset_globals),
         cmocka_unit_test_setup(test_f16_conversion, reset_globals),
         cmocka_unit_test_setup(test_paged_shuffled_blocks, reset_globals),
+        cmocka_unit_test_setup(test_copy_blocks, reset_globals),
         cmocka_unit_test_setup(test_layer_hook_and_kv_mem, reset_globals),
         cmocka_unit_test_setup(test_open_errors, reset_globals),
         cmocka_unit_test_setup(test_alloc_failures, reset_globals),

@@ -248,6 +248,18 @@ static inline void *cpu__kv_block(const cpu_ctx *c, int layer, int32_t block)
     return (char *)c->kv_base + off;
 }
 
+static int cpu_copy_blocks(void *vctx, const int32_t *src, const int32_t *dst, int n)
+{
+    cpu_ctx *c = vctx;
+    size_t bytes = kv_layout_block_bytes(&c->kv);
+    for (int i = 0; i < n; i++) {
+        if (src[i] == dst[i]) continue;
+        for (uint32_t l = 0; l < c->kv.n_layers; l++)
+            memcpy(cpu__kv_block(c, (int)l, dst[i]), cpu__kv_block(c, (int)l, src[i]), bytes);
+    }
+    return 0;
+}
+
 /* n rows of hd values (K or V of one kv head) starting at element offset el
  * of a block, consecutive rows tok_stride elements apart, as f32: in place for
  * an f32 pool (*stride = tok_stride), converted into tmp[n][hd] for f16
@@ -446,4 +458,5 @@ const be_ops be_cpu_ops = {
     .destroy = cpu_destroy,
     .forward = cpu_forward,
     .kv_region = cpu_kv_region,
+    .copy_blocks = cpu_copy_blocks,
 };
