@@ -30,6 +30,5 @@ void td_sleep_until_ns(int64_t deadline_ns)
 
 void td_sleep_ns(int64_t ns)
 {
-    if (ns > 0)
-        td_sleep_until_ns(td_now_ns() + ns);
+    if (ns > 0) td_sleep_until_ns(td_now_ns() + ns);
 }

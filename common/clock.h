@@ -7,7 +7,7 @@
 
 #define TD_NS_PER_US 1000LL
 #define TD_NS_PER_MS 1000000LL
-#define TD_NS_PER_S 1000000000LL
+#define TD_NS_PER_S  1000000000LL
 
 /* CLOCK_MONOTONIC in ns; never goes backwards. Use for deadlines and timings. */
 int64_t td_now_ns(void);

@@ -7,8 +7,8 @@ const char *td_strerror(int err)
     switch (err) {
     case TD_OK:
         return "success";
-#define TD__ERR_MSG(name, value, msg)                                                  \
-    case TD_##name:                                                                    \
+#define TD__ERR_MSG(name, value, msg)                                                              \
+    case TD_##name:                                                                                \
         return msg;
         TD_ERR_MAP(TD__ERR_MSG)
 #undef TD__ERR_MSG
@@ -21,8 +21,8 @@ const char *td_err_name(int err)
     switch (err) {
     case TD_OK:
         return "TD_OK";
-#define TD__ERR_NAME(name, value, msg)                                                 \
-    case TD_##name:                                                                    \
+#define TD__ERR_NAME(name, value, msg)                                                             \
+    case TD_##name:                                                                                \
         return "TD_" #name;
         TD_ERR_MAP(TD__ERR_NAME)
 #undef TD__ERR_NAME

@@ -9,28 +9,28 @@
 #define TANDEM_COMMON_ERR_H
 
 /* X(name, value, message) */
-#define TD_ERR_MAP(X)                                                                  \
-    X(EINVAL, -1, "invalid argument")                                                  \
-    X(ENOMEM, -2, "out of memory")                                                     \
-    X(EIO, -3, "input/output error")                                                   \
-    X(ENOENT, -4, "not found")                                                         \
-    X(EEXIST, -5, "already exists")                                                    \
-    X(EAGAIN, -6, "resource temporarily unavailable, try again")                       \
-    X(EDECLINED, -7, "declined by policy")                                             \
-    X(ETIMEDOUT, -8, "deadline exceeded")                                              \
-    X(ECANCELED, -9, "canceled")                                                       \
-    X(ECONNREFUSED, -10, "connection refused")                                         \
-    X(ECONNRESET, -11, "connection reset by peer")                                     \
-    X(EPROTO, -12, "protocol error")                                                   \
-    X(EFORMAT, -13, "malformed input")                                                 \
-    X(EUNSUPPORTED, -14, "not supported")                                              \
-    X(EMISMATCH, -15, "configuration mismatch between peers")                          \
-    X(ERANGE, -16, "value out of range")                                               \
-    X(ENOSPC, -17, "no space left (pool full)")                                        \
-    X(ENODEV, -18, "no device")                                                        \
-    X(ECLOSED, -19, "closed")                                                          \
-    X(EUNAVAILABLE, -20, "service unavailable")                                        \
-    X(EINTERNAL, -21, "internal error")                                                \
+#define TD_ERR_MAP(X)                                                                              \
+    X(EINVAL, -1, "invalid argument")                                                              \
+    X(ENOMEM, -2, "out of memory")                                                                 \
+    X(EIO, -3, "input/output error")                                                               \
+    X(ENOENT, -4, "not found")                                                                     \
+    X(EEXIST, -5, "already exists")                                                                \
+    X(EAGAIN, -6, "resource temporarily unavailable, try again")                                   \
+    X(EDECLINED, -7, "declined by policy")                                                         \
+    X(ETIMEDOUT, -8, "deadline exceeded")                                                          \
+    X(ECANCELED, -9, "canceled")                                                                   \
+    X(ECONNREFUSED, -10, "connection refused")                                                     \
+    X(ECONNRESET, -11, "connection reset by peer")                                                 \
+    X(EPROTO, -12, "protocol error")                                                               \
+    X(EFORMAT, -13, "malformed input")                                                             \
+    X(EUNSUPPORTED, -14, "not supported")                                                          \
+    X(EMISMATCH, -15, "configuration mismatch between peers")                                      \
+    X(ERANGE, -16, "value out of range")                                                           \
+    X(ENOSPC, -17, "no space left (pool full)")                                                    \
+    X(ENODEV, -18, "no device")                                                                    \
+    X(ECLOSED, -19, "closed")                                                                      \
+    X(EUNAVAILABLE, -20, "service unavailable")                                                    \
+    X(EINTERNAL, -21, "internal error")                                                            \
     X(ETOOLONG, -22, "input too long")
 
 enum td_err {

@@ -36,8 +36,7 @@ enum td_log_level td_log_get_level(void)
     if (level < 0) {
         enum td_log_level parsed = TD_LOG_INFO;
         const char *env = getenv("TANDEM_LOG_LEVEL");
-        if (env)
-            (void)td_log_level_parse(env, &parsed);
+        if (env) (void)td_log_level_parse(env, &parsed);
         level = (int)parsed;
         atomic_store(&log_level, level);
     }
@@ -52,30 +51,25 @@ void td_log_set_fd(int fd)
 void td_log_emitv(enum td_log_level level, const char *mod, const char *event, const char *fields,
                   va_list ap)
 {
-    if (level < td_log_get_level() || level >= TD_LOG_OFF)
-        return;
+    if (level < td_log_get_level() || level >= TD_LOG_OFF) return;
 
     char line[2048];
     struct timespec ts;
     struct tm tm;
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
-    int n = snprintf(line, sizeof(line),
-                     "ts=%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ level=%s mod=%s event=%s",
-                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                     tm.tm_sec, ts.tv_nsec / 1000000, level_names[level], mod ? mod : "-",
-                     event ? event : "-");
-    if (n < 0)
-        return;
+    int n = snprintf(
+        line, sizeof(line), "ts=%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ level=%s mod=%s event=%s",
+        tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+        ts.tv_nsec / 1000000, level_names[level], mod ? mod : "-", event ? event : "-");
+    if (n < 0) return;
     size_t len = (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1;
     if (fields && fields[0] && len < sizeof(line) - 2) {
         line[len++] = ' ';
         int m = vsnprintf(line + len, sizeof(line) - len, fields, ap);
-        if (m > 0)
-            len += (size_t)m < sizeof(line) - len ? (size_t)m : sizeof(line) - len - 1;
+        if (m > 0) len += (size_t)m < sizeof(line) - len ? (size_t)m : sizeof(line) - len - 1;
     }
-    if (len >= sizeof(line) - 1)
-        len = sizeof(line) - 2; /* truncated: still one line */
+    if (len >= sizeof(line) - 1) len = sizeof(line) - 2; /* truncated: still one line */
     line[len++] = '\n';
     ssize_t written = write(atomic_load(&log_fd), line, len);
     (void)written; /* nowhere to report a failed log write */

@@ -36,13 +36,12 @@ void td_log_emitv(enum td_log_level level, const char *mod, const char *event, c
                   va_list ap);
 
 #define TD_LOG_ENABLED(level) ((level) >= td_log_get_level())
-#define td_log_debug(mod, event, ...)                                                  \
-    do {                                                                               \
-        if (TD_LOG_ENABLED(TD_LOG_DEBUG))                                              \
-            td_log_emit(TD_LOG_DEBUG, mod, event, __VA_ARGS__);                        \
+#define td_log_debug(mod, event, ...)                                                              \
+    do {                                                                                           \
+        if (TD_LOG_ENABLED(TD_LOG_DEBUG)) td_log_emit(TD_LOG_DEBUG, mod, event, __VA_ARGS__);      \
     } while (0)
-#define td_log_info(mod, event, ...) td_log_emit(TD_LOG_INFO, mod, event, __VA_ARGS__)
-#define td_log_warn(mod, event, ...) td_log_emit(TD_LOG_WARN, mod, event, __VA_ARGS__)
+#define td_log_info(mod, event, ...)  td_log_emit(TD_LOG_INFO, mod, event, __VA_ARGS__)
+#define td_log_warn(mod, event, ...)  td_log_emit(TD_LOG_WARN, mod, event, __VA_ARGS__)
 #define td_log_error(mod, event, ...) td_log_emit(TD_LOG_ERROR, mod, event, __VA_ARGS__)
 
 #endif
