@@ -1372,6 +1372,15 @@ int rpc_stream_next(rpc_stream *s, int64_t wait_ns, ProtobufCMessage **msg)
     return rc;
 }
 
+int rpc_stream_ended(rpc_stream *s)
+{
+    if (!s) return 1;
+    pthread_mutex_lock(&s->mu);
+    int ended = s->ring_count == 0 && (s->local_err || s->eof) && !s->status_inflight;
+    pthread_mutex_unlock(&s->mu);
+    return ended;
+}
+
 void rpc_stream_cancel(rpc_stream *s)
 {
     if (s) grpc_call_cancel(s->call, NULL);

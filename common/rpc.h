@@ -221,6 +221,11 @@ int rpc_stream_next(rpc_stream *s, int64_t wait_ns, ProtobufCMessage **msg);
  * also from the notify callback. Idempotent. */
 void rpc_stream_cancel(rpc_stream *s);
 
+/* Whether the stream has ended: rpc_stream_next will return no more messages
+ * and its status is final. Tells a TD_EAGAIN end status (the server's "try
+ * again later") from rpc_stream_next's "nothing yet". Any thread. */
+int rpc_stream_ended(rpc_stream *s);
+
 /* Final status, valid once rpc_stream_next returned the end or an error. */
 const rpc_status *rpc_stream_status(const rpc_stream *s);
 

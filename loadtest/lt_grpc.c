@@ -113,14 +113,10 @@ static void drain(lt_grpc *g, struct gstream *st)
             finish(g, st, LT_OK);
             return;
         }
-        if (rc == TD_EAGAIN) {
-            /* rpc_stream_next says TD_EAGAIN both for "nothing yet" and for a
-             * stream that ended with status TD_EAGAIN. Another notify follows
-             * every completion still pending, so wait for it, unless the status
-             * has arrived and is itself TD_EAGAIN (the server's "try later"). */
-            const rpc_status *stt = rpc_stream_status(st->s);
-            if (stt->grpc_code == 0 || stt->err != TD_EAGAIN) return;
-        }
+        /* TD_EAGAIN is "nothing yet" unless the stream has ended with it
+         * (the server's "try later"); another notify follows every pending
+         * completion. */
+        if (rc == TD_EAGAIN && !rpc_stream_ended(st->s)) return;
         fail_status(g, st, rc);
         return;
     }

@@ -464,9 +464,11 @@ static void test_stream_wait_and_error_end(void **state)
     assert_null(m);
     assert_true(td_now_ns() - t0 >= 19 * TD_NS_PER_MS);
     assert_int_equal(rpc_stream_next(s, 0, &m), TD_EAGAIN);
+    assert_false(rpc_stream_ended(s));
     uint32_t n = 0;
     assert_int_equal(drain_from(s, 1, &n), 0);
     assert_int_equal(n, 1);
+    assert_true(rpc_stream_ended(s));
     rpc_stream_free(s);
 
     /* A stream that ends with an error after its messages: every message
@@ -482,6 +484,7 @@ static void test_stream_wait_and_error_end(void **state)
                      0);
     assert_int_equal(drain_stream(s, &n), TD_EMISMATCH);
     assert_int_equal(n, 5);
+    assert_true(rpc_stream_ended(s));
     assert_int_equal(rpc_stream_status(s)->grpc_code, GRPC_STATUS_FAILED_PRECONDITION);
     assert_string_equal(rpc_stream_status(s)->details, "shape mismatch");
     rpc_stream_free(s);
