@@ -27,7 +27,10 @@ union cfg_val {
 
 struct cfg_slot {
     const struct cfg_option *opt;
-    char *str;        /* owned value of a CFG_STRING option */
+    char *str;    /* owned value of a CFG_STRING option */
+    char **items; /* owned values of a CFG_LIST option */
+    size_t nitems;
+    unsigned list_id; /* the load_id whose values the list holds */
     char *source;     /* owned: "default", "FILE:LINE", "command line", ... */
     bool set;         /* set by a file, a flag or cfg_set */
     unsigned load_id; /* which cfg_load_string call set it last (duplicate check) */
@@ -80,6 +83,8 @@ static const char *type_name(enum cfg_type t)
         return "DURATION";
     case CFG_SIZE:
         return "SIZE";
+    case CFG_LIST:
+        return "STRING";
     }
     return "?";
 }
@@ -325,12 +330,13 @@ static int parse_bool(const char *s, bool *out, const char **why)
 static int parse_value(enum cfg_type t, const char *s, union cfg_val *v, const char **why)
 {
     *why = "";
-    if (t != CFG_STRING && *s == '\0') {
+    if (t != CFG_STRING && t != CFG_LIST && *s == '\0') {
         *why = "empty value";
         return TD_EINVAL;
     }
     switch (t) {
     case CFG_STRING:
+    case CFG_LIST:
         v->s = s;
         return 0;
     case CFG_INT64:
@@ -527,7 +533,8 @@ static int apply(cfg *c, struct cfg_slot *slot, const char *text, const char *wh
         set_err(c, "%s: %s = \"%s\": %s", where, o->name, shown, range);
         return TD_ERANGE;
     }
-    if (o->type == CFG_STRING && o->choices && !in_choices(o->choices, text)) {
+    if ((o->type == CFG_STRING || o->type == CFG_LIST) && o->choices &&
+        !in_choices(o->choices, text)) {
         set_err(c, "%s: %s = \"%s\": must be one of %s", where, o->name, shown, o->choices);
         return TD_EINVAL;
     }
@@ -561,6 +568,28 @@ static int apply(cfg *c, struct cfg_slot *slot, const char *text, const char *wh
     case CFG_BOOL:
         *(bool *)f = v.b;
         break;
+    case CFG_LIST: {
+        /* A new source (a later file, the flags, or the first value after the
+         * default) starts the list afresh; within one source values append. */
+        if (!slot->set || slot->list_id != c->load_id) {
+            for (size_t i = 0; i < slot->nitems; i++)
+                free(slot->items[i]);
+            slot->nitems = 0;
+            *(struct cfg_list *)f = (struct cfg_list){.v = slot->items, .n = 0};
+        }
+        slot->list_id = c->load_id;
+        char *copy = strdup(text);
+        char **grown = copy ? realloc(slot->items, sizeof(*grown) * (slot->nitems + 1)) : NULL;
+        if (!grown) {
+            free(copy);
+            set_err(c, "out of memory");
+            return TD_ENOMEM;
+        }
+        slot->items = grown;
+        grown[slot->nitems++] = copy;
+        *(struct cfg_list *)f = (struct cfg_list){.v = grown, .n = slot->nitems};
+        break;
+    }
     }
     return 0;
 }
@@ -572,6 +601,9 @@ void cfg_free(cfg *c)
     if (!c) return;
     for (size_t i = 0; c->slots && i < c->nopts; i++) {
         free(c->slots[i].str);
+        for (size_t j = 0; j < c->slots[i].nitems; j++)
+            free(c->slots[i].items[j]);
+        free(c->slots[i].items);
         free(c->slots[i].source);
     }
     for (int i = 0; i < c->npos; i++)
@@ -596,16 +628,17 @@ static int check_option(cfg *c, struct cfg_slot *slot)
         set_err(c, "option table: '%s' is reserved for the flag of that name", o->name);
         return TD_EINVAL;
     }
-    if ((unsigned)o->type > CFG_SIZE) {
+    if ((unsigned)o->type > CFG_LIST) {
         set_err(c, "option table: %s: unknown type %d", o->name, (int)o->type);
         return TD_EINVAL;
     }
-    if ((o->type == CFG_STRING || o->type == CFG_BOOL) && (o->min || o->max)) {
+    if ((o->type == CFG_STRING || o->type == CFG_BOOL || o->type == CFG_LIST) &&
+        (o->min || o->max)) {
         set_err(c, "option table: %s: min/max are not allowed for %s", o->name, type_name(o->type));
         return TD_EINVAL;
     }
-    if (o->choices && o->type != CFG_STRING) {
-        set_err(c, "option table: %s: choices are for strings only", o->name);
+    if (o->choices && o->type != CFG_STRING && o->type != CFG_LIST) {
+        set_err(c, "option table: %s: choices are for strings and lists only", o->name);
         return TD_EINVAL;
     }
     if ((o->flags & CFG_REQUIRED) && o->def) {
@@ -693,6 +726,9 @@ int cfg_create(cfg **out, const char *prog, const struct cfg_option *opts, size_
             break;
         case CFG_BOOL:
             *(bool *)f = false;
+            break;
+        case CFG_LIST:
+            *(struct cfg_list *)f = (struct cfg_list){.v = NULL, .n = 0};
             break;
         }
         if (set_source(slot, opts[i].flags & CFG_REQUIRED ? "unset" : "default") != 0)
@@ -876,7 +912,7 @@ int cfg_load_string(cfg *c, const char *text, const char *origin)
             rc = TD_EINVAL;
             break;
         }
-        if (slot->set && slot->load_id == c->load_id) {
+        if (slot->set && slot->load_id == c->load_id && slot->opt->type != CFG_LIST) {
             set_err(c, "%s: %s set twice (first on line %d)", where, key, slot->line);
             rc = TD_EINVAL;
             break;
@@ -1051,7 +1087,9 @@ int cfg_parse(cfg *c, int argc, char *const *argv)
         flags[nflags++] = (struct flag){.name = slot->opt->name, .value = value};
     }
     if (rc == 0 && config_path) rc = cfg_load_file(c, config_path);
-    /* Pass 2: flags override the file. */
+    /* Pass 2: flags override the file. They are one source: a repeated list
+     * flag appends, and together they replace the file's list. */
+    c->load_id++;
     for (int i = 0; i < nflags && rc == 0; i++)
         rc = cfg_set(c, flags[i].name, flags[i].value, "command line");
     if (rc == 0) rc = cfg_check_required(c);
@@ -1110,7 +1148,8 @@ const char *cfg_help(cfg *c)
     sb_printf(&b, "  --help\n      Show this text.\n");
     for (size_t i = 0; i < c->nopts; i++) {
         const struct cfg_option *o = &c->opts[i];
-        sb_printf(&b, "  --%s=%s%s\n      %s", o->name, type_name(o->type),
+        sb_printf(&b, "  --%s=%s%s%s\n      %s", o->name, type_name(o->type),
+                  o->type == CFG_LIST ? " (repeatable)" : "",
                   o->flags & CFG_REQUIRED ? " (required)" : "", o->help ? o->help : "");
         bool open = false;
         if (o->def) {
@@ -1185,6 +1224,10 @@ void cfg_log(const cfg *c, const char *mod)
             break;
         case CFG_BOOL:
             snprintf(value, sizeof(value), "%s", *(const bool *)f ? "true" : "false");
+            break;
+        case CFG_LIST:
+            /* The count only: items may hold any text; cfg_source says where. */
+            snprintf(value, sizeof(value), "%zu_items", ((const struct cfg_list *)f)->n);
             break;
         }
         td_log_info(mod ? mod : "config", "option", "key=%s value=%s source=\"%s\"",

@@ -18,8 +18,8 @@
  *     admit_window = 250ms
  *     kv_pool = 64MiB
  * Keys and section names use [A-Za-z0-9_-] and dots. A key set twice in one
- * file is an error. Unknown keys are errors, with a suggestion when a known
- * key is close. Errors stop parsing at the first one and name the key, the
+ * file is an error (except a CFG_LIST key, which appends). Unknown keys are errors, with a
+ * suggestion when a known key is close. Errors stop parsing at the first one and name the key, the
  * file and line (or the flag), the bad value and what is allowed, e.g.
  *     router.conf:12: router.port = "70000": out of range [1, 65535]
  *
@@ -33,6 +33,8 @@
  *   CFG_SIZE      bytes, or number+unit: B, KiB MiB GiB TiB (powers of 1024),
  *                 KB MB GB TB (powers of 1000); "1.5GiB" if a whole number of
  *                 bytes; stored as uint64 bytes
+ *   CFG_LIST      one string per occurrence (flag repeated, or key repeated
+ *                 in one file)
  * Fractions are computed exactly (no floating point) for durations and sizes.
  *
  * Not thread-safe: parse at start-up, then read the struct.
@@ -51,6 +53,17 @@ enum cfg_type {
     CFG_BOOL,     /* field: bool */
     CFG_DURATION, /* field: int64_t nanoseconds */
     CFG_SIZE,     /* field: uint64_t bytes */
+    CFG_LIST,     /* field: struct cfg_list (strings; a flag may repeat) */
+};
+
+/* The field of a CFG_LIST option: every value given, in order. A repeated
+ * flag (--stop a --stop b) or a key repeated within one config file appends;
+ * the values of one source (one file, or the flags of one cfg_parse) replace
+ * those of an earlier source, as for any option. A default, if any, is one
+ * item. */
+struct cfg_list {
+    char *const *v; /* n strings, owned by the cfg */
+    size_t n;
 };
 
 /* Option flags. */
@@ -65,7 +78,7 @@ struct cfg_option {
     const char *def;     /* default, written as in the file; NULL: zero/NULL */
     const char *min;     /* inclusive bounds, written as values; NULL: none */
     const char *max;     /* (not for strings or bools) */
-    const char *choices; /* strings only: allowed values, '|'-separated; NULL: any */
+    const char *choices; /* strings and lists only: allowed values, '|'-separated */
     const char *help;    /* one line for --help */
     size_t offset;       /* offsetof(your struct, field) */
     unsigned flags;      /* CFG_REQUIRED */

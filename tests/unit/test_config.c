@@ -407,6 +407,72 @@ static void test_flags_override_file(void **state)
     unlink(path);
 }
 
+/* CFG_LIST: a repeated flag or file key appends; flags replace the file's
+ * list; the default is one item; choices apply to every item. */
+struct list_opts {
+    struct cfg_list stop;
+    struct cfg_list tags;
+    bool flag;
+};
+
+static const struct cfg_option list_table[] = {
+    {"stop", CFG_LIST, NULL, NULL, NULL, NULL, "Stop string", offsetof(struct list_opts, stop), 0},
+    {"tags", CFG_LIST, "a", NULL, NULL, "a|b|c", "Tags", offsetof(struct list_opts, tags), 0},
+    {"flag", CFG_BOOL, NULL, NULL, NULL, NULL, "A switch", offsetof(struct list_opts, flag), 0},
+};
+
+static void test_lists(void **state)
+{
+    (void)state;
+    struct list_opts o;
+    cfg *c = NULL;
+    assert_int_equal(cfg_create(&c, "p", list_table, 3, &o), 0);
+    assert_int_equal(o.stop.n, 0);
+    assert_int_equal(o.tags.n, 1);
+    assert_string_equal(o.tags.v[0], "a");
+    const char *text = "stop = \"x y\"\nstop = \"\\n\"\ntags = b\n";
+    char path[64];
+    strcpy(path, write_temp(text, strlen(text)));
+    /* No list flag: the file's lists stand (the file's tags replace the default). */
+    char *argv[] = {"prog", "--config", path, "--flag", NULL};
+    assert_int_equal(cfg_parse(c, 4, argv), 0);
+    assert_int_equal(o.stop.n, 2);
+    assert_string_equal(o.stop.v[0], "x y");
+    assert_string_equal(o.stop.v[1], "\n");
+    assert_int_equal(o.tags.n, 1);
+    assert_string_equal(o.tags.v[0], "b");
+    assert_true(o.flag);
+    cfg_free(c);
+
+    /* Flags replace the file's list and append to each other, in order. */
+    assert_int_equal(cfg_create(&c, "p", list_table, 3, &o), 0);
+    char *argv2[] = {"prog", "--stop", "END", "--config", path, "--flag", "--stop=--", NULL};
+    assert_int_equal(cfg_parse(c, 7, argv2), 0);
+    assert_int_equal(o.stop.n, 2);
+    assert_string_equal(o.stop.v[0], "END");
+    assert_string_equal(o.stop.v[1], "--");
+    assert_int_equal(o.tags.n, 1);
+    assert_string_equal(o.tags.v[0], "b");
+    assert_non_null(strstr(cfg_help(c), "--stop=STRING (repeatable)"));
+    cfg_free(c);
+
+    /* Choices are checked per item. */
+    assert_int_equal(cfg_create(&c, "p", list_table, 3, &o), 0);
+    char *argv3[] = {"prog", "--tags", "c", "--tags", "d", NULL};
+    assert_int_equal(cfg_parse(c, 5, argv3), TD_EINVAL);
+    assert_non_null(strstr(cfg_error(c), "tags = \"d\": must be one of a|b|c"));
+    cfg_free(c);
+
+    /* Lists take no bounds. */
+    static const struct cfg_option bad[] = {
+        {"l", CFG_LIST, NULL, "1", NULL, NULL, "x", 0, 0},
+    };
+    td_log_set_level(TD_LOG_OFF);
+    assert_int_equal(cfg_create(&c, "p", bad, 1, &o), TD_EINVAL);
+    td_log_set_level(TD_LOG_INFO);
+    unlink(path);
+}
+
 static void test_flag_errors(void **state)
 {
     (void)state;
@@ -637,6 +703,17 @@ static int config_steps(void)
     if (rc == 0 && strcmp(cfg_help(c), "out of memory\n") == 0) rc = TD_ENOMEM;
     if (rc == 0 && strcmp(o.name, "x") != 0) rc = TD_EINTERNAL;
     cfg_free(c);
+    if (rc != 0) return rc;
+    struct list_opts lo;
+    rc = cfg_create(&c, "p", list_table, 3, &lo);
+    if (rc != 0) return rc;
+    rc = cfg_load_string(c, "stop = a\nstop = b\ntags = c\n", "l.conf");
+    if (rc == 0) {
+        char *argv[] = {"prog", "--stop=x", "--stop", "y", "--tags=b", NULL};
+        rc = cfg_parse(c, 5, argv);
+    }
+    if (rc == 0 && (lo.stop.n != 2 || strcmp(lo.stop.v[1], "y") != 0)) rc = TD_EINTERNAL;
+    cfg_free(c);
     return rc;
 }
 
@@ -669,6 +746,7 @@ int main(void)
         cmocka_unit_test(test_flag_errors),  cmocka_unit_test(test_required_and_help),
         cmocka_unit_test(test_bad_tables),   cmocka_unit_test(test_log_lines),
         cmocka_unit_test(test_random_input), cmocka_unit_test(test_alloc_failures),
+        cmocka_unit_test(test_lists),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
