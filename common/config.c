@@ -473,6 +473,16 @@ static void set_unknown_err(cfg *c, const char *where, const char *name)
         set_err(c, "%s: unknown key '%s' (see --help)", where, name);
 }
 
+/* The same for a command-line flag, spelled as the user typed it. */
+static void set_unknown_flag_err(cfg *c, const char *name)
+{
+    const char *hint = suggest(c, name);
+    if (hint)
+        set_err(c, "command line: unknown flag '--%s' (did you mean '--%s'?)", name, hint);
+    else
+        set_err(c, "command line: unknown flag '--%s' (see --help)", name);
+}
+
 /* Copy of s safe to quote in a one-line message: control characters become
  * '?', long values are cut. */
 static void printable(char *dst, size_t cap, const char *s)
@@ -1058,7 +1068,7 @@ int cfg_parse(cfg *c, int argc, char *const *argv)
         bool is_config = strcmp(key, "config") == 0;
         struct cfg_slot *slot = is_config ? NULL : find_slot(c, key);
         if (!is_config && !slot) {
-            set_unknown_err(c, "command line", key);
+            set_unknown_flag_err(c, key);
             rc = TD_EINVAL;
             break;
         }

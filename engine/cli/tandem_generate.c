@@ -4,12 +4,14 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <limits.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
 #include "common/clock.h"
+#include "common/config.h"
 #include "common/err.h"
 #include "common/log.h"
 #include "engine/backend/backend.h"
@@ -18,8 +20,6 @@
 #include "engine/sampler.h"
 #include "engine/tokenizer/tok.h"
 
-#define GEN_MAX_STOPS 16
-
 typedef struct gen_args {
     const char *model;
     const char *tokenizer;
@@ -27,7 +27,7 @@ typedef struct gen_args {
     const char *prompt_tokens;
     const char *logits_out;
     const char *backend;
-    const char *stops[GEN_MAX_STOPS];
+    const char *const *stops; /* n_stops strings, owned by the cfg */
     int n_stops;
     int max_tokens;
     int min_tokens;
@@ -43,130 +43,129 @@ typedef struct gen_args {
     enum kv_dtype kv_dtype;
 } gen_args;
 
-static void usage(FILE *f)
-{
-    fprintf(f, "usage: tandem-generate --model PATH [--tokenizer PATH]\n"
-               "         [--prompt TEXT | --prompt-tokens 1,2,3] [--max-tokens N]\n"
-               "         [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
-               "         [--min-tokens N] [--ignore-eos] [--stop STR]...\n"
-               "         [--json] [--threads N] [--kv-dtype f32|f16] [--matmul det|blas]\n"
-               "         [--logits-out FILE] [--backend cpu]\n"
-               "       tandem-generate --bench [--model PATH]\n"
-               "Without a prompt, generation starts from BOS alone. --temperature 0 is greedy.\n"
-               "--logits-out writes float32 little-endian logits [N][vocab], row i being the\n"
-               "step that produced generated token i.\n");
-}
+/* The options as common/config parses them (flags or a --config file). */
+struct gen_opts {
+    const char *model, *tokenizer, *prompt, *prompt_tokens, *logits_out, *backend;
+    const char *matmul, *kv_dtype;
+    struct cfg_list stop;
+    int64_t max_tokens, min_tokens, top_k, seed, threads;
+    double temperature, top_p;
+    bool ignore_eos, json, bench;
+};
 
-static int parse_int(const char *s, int lo, int hi, int *out)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) return TD_EINVAL;
-    *out = (int)v;
-    return 0;
-}
+#define GEN_OPT(name, type, def, min, max, choices, help, field)                                   \
+    {                                                                                              \
+        name, type, def, min, max, choices, help, offsetof(struct gen_opts, field), 0              \
+    }
 
-static int parse_float(const char *s, float *out)
-{
-    char *end;
-    errno = 0;
-    float v = strtof(s, &end);
-    if (errno || end == s || *end) return TD_EINVAL;
-    *out = v;
-    return 0;
-}
+static const struct cfg_option gen_table[] = {
+    GEN_OPT("model", CFG_STRING, NULL, NULL, NULL, NULL,
+            "Checkpoint: HF directory, .safetensors or llama2.c .bin (required unless --bench)",
+            model),
+    GEN_OPT("tokenizer", CFG_STRING, NULL, NULL, NULL, NULL,
+            "Tokenizer file (default: tokenizer.json/.bin or tok<vocab>.bin beside the model)",
+            tokenizer),
+    GEN_OPT("prompt", CFG_STRING, NULL, NULL, NULL, NULL, "Prompt text (default: BOS alone)",
+            prompt),
+    GEN_OPT("prompt-tokens", CFG_STRING, NULL, NULL, NULL, NULL,
+            "Prompt as token ids, e.g. 1,2,3 (instead of --prompt)", prompt_tokens),
+    GEN_OPT("max-tokens", CFG_INT64, "256", "0", "2147483647", NULL, "Tokens to generate at most",
+            max_tokens),
+    GEN_OPT("min-tokens", CFG_INT64, "0", "0", "2147483647", NULL,
+            "Tokens to generate before EOS or a stop string may end", min_tokens),
+    GEN_OPT("temperature", CFG_DOUBLE, "0", "0", NULL, NULL, "Sampling temperature; 0 is greedy",
+            temperature),
+    GEN_OPT("top-k", CFG_INT64, "0", "0", "2147483647", NULL, "Keep the K likeliest tokens; 0: off",
+            top_k),
+    GEN_OPT("top-p", CFG_DOUBLE, "1", "0", "1", NULL, "Nucleus sampling mass; 1: off", top_p),
+    GEN_OPT("seed", CFG_INT64, "0", "0", NULL, NULL, "Sampling RNG seed", seed),
+    GEN_OPT("ignore-eos", CFG_BOOL, "false", NULL, NULL, NULL, "Do not stop at EOS", ignore_eos),
+    GEN_OPT("stop", CFG_LIST, NULL, NULL, NULL, NULL, "Stop string (the output ends before it)",
+            stop),
+    GEN_OPT("json", CFG_BOOL, "false", NULL, NULL, NULL,
+            "Print one JSON object (token ids, text, timings) instead of the text", json),
+    GEN_OPT("threads", CFG_INT64, "1", "1", "256", NULL, "CPU backend threads", threads),
+    GEN_OPT("kv-dtype", CFG_STRING, "f32", NULL, NULL, "f32|f16", "KV cache element type",
+            kv_dtype),
+    GEN_OPT("matmul", CFG_STRING, "det", NULL, NULL, "det|blas",
+            "Matmul: deterministic (bitwise reproducible) or BLAS", matmul),
+    GEN_OPT("logits-out", CFG_STRING, NULL, NULL, NULL, NULL,
+            "Write float32 little-endian logits [N][vocab] to FILE", logits_out),
+    GEN_OPT("backend", CFG_STRING, "cpu", NULL, NULL, NULL, "Compute backend", backend),
+    GEN_OPT("bench", CFG_BOOL, "false", NULL, NULL, NULL,
+            "Measure the CPU backend (on --model, or a random stories15M-shaped model)", bench),
+};
 
-static int parse_args(int argc, char **argv, gen_args *a)
+static const char gen_notes[] =
+    "\nExamples:\n"
+    "  tandem-generate --model PATH --prompt \"Once upon a time\" --max-tokens 200\n"
+    "  tandem-generate --model PATH --prompt-tokens 1,2,3 --temperature 0 --json\n"
+    "  tandem-generate --bench [--model PATH]\n"
+    "Without a prompt, generation starts from BOS alone. --temperature 0 is greedy.\n"
+    "--logits-out writes float32 little-endian logits [N][vocab], row i being the\n"
+    "step that produced generated token i. --stop may be given several times.\n"
+    "The --config file uses the format of common/config.h (KEY = VALUE lines).\n";
+
+/* Parses argv into a, through the option struct o (filled by the cfg).
+ * Returns 0 with *cfg_out set (it owns a's strings: free it after the last
+ * use of a), CFG_HELP after printing the help, or a negative TD_E* code after
+ * printing the error. */
+static int parse_args(int argc, char **argv, struct gen_opts *o, gen_args *a, cfg **cfg_out)
 {
     memset(a, 0, sizeof(*a));
-    a->max_tokens = 256;
-    a->top_p = 1.0f;
-    a->threads = 1;
-    a->backend = "cpu";
-    for (int i = 1; i < argc; i++) {
-        const char *k = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        int rc = 0, takes = 1;
-        if (!strcmp(k, "--model"))
-            a->model = v;
-        else if (!strcmp(k, "--tokenizer"))
-            a->tokenizer = v;
-        else if (!strcmp(k, "--prompt"))
-            a->prompt = v;
-        else if (!strcmp(k, "--prompt-tokens"))
-            a->prompt_tokens = v;
-        else if (!strcmp(k, "--logits-out"))
-            a->logits_out = v;
-        else if (!strcmp(k, "--backend"))
-            a->backend = v;
-        else if (!strcmp(k, "--max-tokens"))
-            rc = v ? parse_int(v, 0, INT_MAX, &a->max_tokens) : -1;
-        else if (!strcmp(k, "--min-tokens"))
-            rc = v ? parse_int(v, 0, INT_MAX, &a->min_tokens) : -1;
-        else if (!strcmp(k, "--top-k"))
-            rc = v ? parse_int(v, 0, INT_MAX, &a->top_k) : -1;
-        else if (!strcmp(k, "--threads"))
-            rc = v ? parse_int(v, 1, 256, &a->threads) : -1;
-        else if (!strcmp(k, "--temperature"))
-            rc = v ? parse_float(v, &a->temperature) : -1;
-        else if (!strcmp(k, "--top-p"))
-            rc = v ? parse_float(v, &a->top_p) : -1;
-        else if (!strcmp(k, "--seed")) {
-            char *end;
-            errno = 0;
-            a->seed = v ? strtoull(v, &end, 10) : 0;
-            rc = (!v || errno || *end) ? -1 : 0;
-        } else if (!strcmp(k, "--kv-dtype")) {
-            if (v && !strcmp(v, "f32"))
-                a->kv_dtype = KV_DTYPE_F32;
-            else if (v && !strcmp(v, "f16"))
-                a->kv_dtype = KV_DTYPE_F16;
-            else
-                rc = -1;
-        } else if (!strcmp(k, "--matmul")) {
-            if (v && !strcmp(v, "det"))
-                a->matmul = BE_MATMUL_DETERMINISTIC;
-            else if (v && !strcmp(v, "blas"))
-                a->matmul = BE_MATMUL_BLAS;
-            else
-                rc = -1;
-        } else if (!strcmp(k, "--stop")) {
-            if (!v || a->n_stops == GEN_MAX_STOPS)
-                rc = -1;
-            else
-                a->stops[a->n_stops++] = v;
-        } else {
-            takes = 0;
-            if (!strcmp(k, "--json"))
-                a->json = 1;
-            else if (!strcmp(k, "--ignore-eos"))
-                a->ignore_eos = 1;
-            else if (!strcmp(k, "--bench"))
-                a->bench = 1;
-            else if (!strcmp(k, "--help") || !strcmp(k, "-h")) {
-                usage(stdout);
-                exit(0);
-            } else {
-                fprintf(stderr, "tandem-generate: unknown option %s\n", k);
-                return TD_EINVAL;
-            }
-        }
-        if (takes && !v) rc = -1;
-        if (rc != 0) {
-            fprintf(stderr, "tandem-generate: bad or missing value for %s\n", k);
-            return TD_EINVAL;
-        }
-        i += takes;
+    *cfg_out = NULL;
+    cfg *c = NULL;
+    int rc =
+        cfg_create(&c, "tandem-generate", gen_table, sizeof(gen_table) / sizeof(gen_table[0]), o);
+    if (rc != 0) return rc;
+    rc = cfg_parse(c, argc, argv);
+    if (rc == CFG_HELP) {
+        printf("%s%s", cfg_help(c), gen_notes);
+        cfg_free(c);
+        return CFG_HELP;
     }
-    if (!a->bench && !a->model) {
+    int npos = 0;
+    char *const *pos = cfg_positional(c, &npos);
+    if (rc == 0 && npos > 0) {
+        fprintf(stderr, "tandem-generate: unexpected argument '%s' (see --help)\n", pos[0]);
+        rc = TD_EINVAL;
+    } else if (rc != 0) {
+        fprintf(stderr, "tandem-generate: %s\n", cfg_error(c));
+    } else if (!o->bench && !o->model) {
         fprintf(stderr, "tandem-generate: --model is required\n");
-        return TD_EINVAL;
-    }
-    if (a->prompt && a->prompt_tokens) {
+        rc = TD_EINVAL;
+    } else if (o->prompt && o->prompt_tokens) {
         fprintf(stderr, "tandem-generate: give --prompt or --prompt-tokens, not both\n");
-        return TD_EINVAL;
+        rc = TD_EINVAL;
+    } else if (o->stop.n > INT_MAX) {
+        fprintf(stderr, "tandem-generate: too many --stop strings\n");
+        rc = TD_EINVAL;
     }
+    if (rc != 0) {
+        cfg_free(c);
+        return rc;
+    }
+    a->model = o->model;
+    a->tokenizer = o->tokenizer;
+    a->prompt = o->prompt;
+    a->prompt_tokens = o->prompt_tokens;
+    a->logits_out = o->logits_out;
+    a->backend = o->backend;
+    a->stops = (const char *const *)o->stop.v;
+    a->n_stops = (int)o->stop.n;
+    a->max_tokens = (int)o->max_tokens; /* bounds in the table keep these in int range */
+    a->min_tokens = (int)o->min_tokens;
+    a->top_k = (int)o->top_k;
+    a->threads = (int)o->threads;
+    a->ignore_eos = o->ignore_eos;
+    a->temperature = (float)o->temperature;
+    a->top_p = (float)o->top_p;
+    a->seed = (unsigned long long)o->seed;
+    a->json = o->json;
+    a->bench = o->bench;
+    a->matmul = strcmp(o->matmul, "blas") == 0 ? BE_MATMUL_BLAS : BE_MATMUL_DETERMINISTIC;
+    a->kv_dtype = strcmp(o->kv_dtype, "f16") == 0 ? KV_DTYPE_F16 : KV_DTYPE_F32;
+    *cfg_out = c;
     return 0;
 }
 
@@ -543,10 +542,11 @@ out:
 int main(int argc, char **argv)
 {
     gen_args a;
-    if (parse_args(argc, argv, &a) != 0) {
-        usage(stderr);
-        return 2;
-    }
+    struct gen_opts o;
+    cfg *opts = NULL;
+    int prc = parse_args(argc, argv, &o, &a, &opts);
+    if (prc == CFG_HELP) return 0;
+    if (prc != 0) return 2;
     mdl_model *m = NULL;
     char err[512] = "";
     if (a.model) {
@@ -554,10 +554,12 @@ int main(int argc, char **argv)
         if (rc != 0) {
             fprintf(stderr, "tandem-generate: cannot load %s: %s (%s)\n", a.model, err,
                     td_err_name(rc));
+            cfg_free(opts);
             return 1;
         }
     }
     int rc = a.bench ? gen_bench_run(m) : generate(&a, m);
     mdl_free(m);
+    cfg_free(opts);
     return rc == 0 ? 0 : 1;
 }

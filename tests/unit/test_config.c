@@ -483,7 +483,8 @@ static void test_flag_errors(void **state)
     } cases[] = {
         {{"--router.prot=1"},
          TD_EINVAL,
-         "command line: unknown key 'router.prot' (did you mean 'router.port'?)"},
+         "command line: unknown flag '--router.prot' (did you mean '--router.port'?)"},
+        {{"--bogus"}, TD_EINVAL, "command line: unknown flag '--bogus' (see --help)"},
         {{"--router.port"},
          TD_EINVAL,
          "command line: flag --router.port needs a value (--router.port=INT)"},
