@@ -234,14 +234,14 @@ def run_checks(binary, tmp):
     # Error paths: exit 2, a message naming the problem, nothing written.
     bad = [
         (["--format", "hf", "--shape", "nope", "--seed", "1"], "unknown shape"),
-        (["--format", "gguf", "--shape", "tiny", "--seed", "1"], "unknown format"),
-        (["--format", "hf", "--shape", "tiny", "--dtype", "f8", "--seed", "1"], "unknown dtype"),
+        (["--format", "gguf", "--shape", "tiny", "--seed", "1"], "format = \"gguf\": must be one of hf|llama2c"),
+        (["--format", "hf", "--shape", "tiny", "--dtype", "f8", "--seed", "1"], "dtype = \"f8\": must be one of f32|f16|bf16"),
         (["--format", "llama2c", "--shape", "tiny", "--dtype", "bf16", "--seed", "1"], "f32 only"),
         (["--format", "llama2c", "--shape", "tiny-qwen2", "--seed", "1"], "cannot hold"),
         (["--format", "llama2c", "--shape", "tiny-mistral", "--seed", "1"], "cannot hold"),
-        (["--format", "hf", "--shape", "tiny", "--seed", "-3"], "not a non-negative"),
-        (["--format", "hf", "--shape", "tiny", "--seed", "12x"], "not a non-negative"),
-        (["--format", "hf", "--shape", "tiny", "--seed", "1", "--shards", "0"], "--shards"),
+        (["--format", "hf", "--shape", "tiny", "--seed", "-3"], "seed = \"-3\": must be >= 0"),
+        (["--format", "hf", "--shape", "tiny", "--seed", "12x"], "seed = \"12x\""),
+        (["--format", "hf", "--shape", "tiny", "--seed", "1", "--shards", "0"], "shards = \"0\": out of range [1, 99999]"),
         (["--format", "hf", "--shape", "tiny", "--seed", "1", "--shards", "1000"], "--shards must be in"),
         (["--shape", "tiny", "--seed", "1"], "required"),
     ]
