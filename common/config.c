@@ -522,9 +522,10 @@ static void range_text(const struct cfg_option *o, char *buf, size_t cap)
 
 /* Parses text for slot, checks it, stores it in the target. where: the
  * location for messages ("file:line" or "command line"); source: what
- * cfg_source reports afterwards. */
-static int apply(cfg *c, struct cfg_slot *slot, const char *text, const char *where,
-                 const char *source)
+ * cfg_source reports afterwards; dash: "--" to name the option as a flag in
+ * messages, "" as a key. */
+static int apply_as(cfg *c, struct cfg_slot *slot, const char *text, const char *where,
+                    const char *source, const char *dash)
 {
     const struct cfg_option *o = slot->opt;
     union cfg_val v;
@@ -533,19 +534,20 @@ static int apply(cfg *c, struct cfg_slot *slot, const char *text, const char *wh
     printable(shown, sizeof(shown), text);
     int rc = parse_value(o->type, text, &v, &why);
     if (rc != 0) {
-        set_err(c, "%s: %s = \"%s\": %s (type %s)", where, o->name, shown, why, type_name(o->type));
+        set_err(c, "%s: %s%s = \"%s\": %s (type %s)", where, dash, o->name, shown, why,
+                type_name(o->type));
         return rc;
     }
     if ((slot->has_min && compare(o->type, v, slot->min) < 0) ||
         (slot->has_max && compare(o->type, v, slot->max) > 0)) {
         char range[160];
         range_text(o, range, sizeof(range));
-        set_err(c, "%s: %s = \"%s\": %s", where, o->name, shown, range);
+        set_err(c, "%s: %s%s = \"%s\": %s", where, dash, o->name, shown, range);
         return TD_ERANGE;
     }
     if ((o->type == CFG_STRING || o->type == CFG_LIST) && o->choices &&
         !in_choices(o->choices, text)) {
-        set_err(c, "%s: %s = \"%s\": must be one of %s", where, o->name, shown, o->choices);
+        set_err(c, "%s: %s%s = \"%s\": must be one of %s", where, dash, o->name, shown, o->choices);
         return TD_EINVAL;
     }
     if (set_source(slot, source) != 0) {
@@ -602,6 +604,12 @@ static int apply(cfg *c, struct cfg_slot *slot, const char *text, const char *wh
     }
     }
     return 0;
+}
+
+static int apply(cfg *c, struct cfg_slot *slot, const char *text, const char *where,
+                 const char *source)
+{
+    return apply_as(c, slot, text, where, source, "");
 }
 
 /* ---- create / free ------------------------------------------------------ */
@@ -974,7 +982,8 @@ int cfg_load_file(cfg *c, const char *path)
     return rc;
 }
 
-int cfg_set(cfg *c, const char *name, const char *value, const char *origin)
+/* cfg_set; a flag (as_flag) is named --name in messages. */
+static int set_value(cfg *c, const char *name, const char *value, const char *origin, bool as_flag)
 {
     if (!c || !name || !value) return TD_EINVAL;
     if (!origin) origin = "command line";
@@ -983,12 +992,17 @@ int cfg_set(cfg *c, const char *name, const char *value, const char *origin)
         set_unknown_err(c, origin, name);
         return TD_EINVAL;
     }
-    int rc = apply(c, slot, value, origin, origin);
+    int rc = apply_as(c, slot, value, origin, origin, as_flag ? "--" : "");
     if (rc == 0) {
         slot->set = true;
         slot->load_id = 0; /* flags may repeat: the last one wins */
     }
     return rc;
+}
+
+int cfg_set(cfg *c, const char *name, const char *value, const char *origin)
+{
+    return set_value(c, name, value, origin, false);
 }
 
 int cfg_check_required(cfg *c)
@@ -1101,7 +1115,7 @@ int cfg_parse(cfg *c, int argc, char *const *argv)
      * flag appends, and together they replace the file's list. */
     c->load_id++;
     for (int i = 0; i < nflags && rc == 0; i++)
-        rc = cfg_set(c, flags[i].name, flags[i].value, "command line");
+        rc = set_value(c, flags[i].name, flags[i].value, "command line", true);
     if (rc == 0) rc = cfg_check_required(c);
     free(flags);
     return rc;

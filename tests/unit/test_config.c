@@ -460,7 +460,7 @@ static void test_lists(void **state)
     assert_int_equal(cfg_create(&c, "p", list_table, 3, &o), 0);
     char *argv3[] = {"prog", "--tags", "c", "--tags", "d", NULL};
     assert_int_equal(cfg_parse(c, 5, argv3), TD_EINVAL);
-    assert_non_null(strstr(cfg_error(c), "tags = \"d\": must be one of a|b|c"));
+    assert_non_null(strstr(cfg_error(c), "command line: --tags = \"d\": must be one of a|b|c"));
     cfg_free(c);
 
     /* Lists take no bounds. */
@@ -495,10 +495,10 @@ static void test_flag_errors(void **state)
         {{"--=3"}, TD_EINVAL, "command line: bad flag '--=3'"},
         {{"--router.port=0"},
          TD_ERANGE,
-         "command line: router.port = \"0\": out of range [1, 65535]"},
+         "command line: --router.port = \"0\": out of range [1, 65535]"},
         {{"--router.window", "fast"},
          TD_EINVAL,
-         "command line: router.window = \"fast\": expected a number followed by a unit (ns, us, "
+         "command line: --router.window = \"fast\": expected a number followed by a unit (ns, us, "
          "ms, s, m, h) (type DURATION)"},
         {{"--config", "/nonexistent/a.conf"},
          TD_ENOENT,
