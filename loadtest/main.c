@@ -8,6 +8,7 @@
  *   tandem-loadtest compare DIR_A DIR_B
  */
 #include "common/clock.h"
+#include "common/config.h"
 #include "common/err.h"
 #include "common/log.h"
 #include "loadtest/lt_prompt.h"
@@ -18,9 +19,9 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
-#include <getopt.h>
 #include <limits.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,101 +42,114 @@ static void usage(FILE *fp)
         "  tandem-loadtest fit    --trace FILE --format F [--window-s W] [filters]\n"
         "  tandem-loadtest compare DIR_A DIR_B\n"
         "\n"
-        "filters:  --filter-model NAME  --log-type TYPE  --keep-failed  --skip-bad\n"
-        "          --start-s S  --end-s E  --max-requests N\n"
-        "URL:      http://HOST:PORT[/PATH] (POST /v1/completions, SSE) or grpc://HOST:PORT\n"
-        "          (tandem.v1.Router/Generate streams)\n"
-        "client:   --timeout-s T (default 600)  --max-conns N (1024)  --warm-conns N (4)\n"
-        "          --filler-id ID (token id used without --tokenizer, default 100)\n"
-        "          --no-verify (skip encoding every prompt length)  --no-plots\n"
-        "          --spin-us U (busy-wait the last U us before each send; default 0)\n"
-        "          --rt-priority P (SCHED_FIFO for the send loop when permitted; default off)\n"
-        "          --block-tokens N (tokens per Mooncake hash id, default 512)\n"
-        "          --log-level debug|info|warn|error\n");
+        "URL: http://HOST:PORT[/PATH] (POST /v1/completions, SSE) or grpc://HOST:PORT\n"
+        "     (tandem.v1.Router/Generate streams)\n"
+        "Every subcommand takes --config FILE (the format of common/config.h) and\n"
+        "--help, which lists its options with defaults and ranges:\n"
+        "  tandem-loadtest replay --help\n");
 }
 
-enum {
-    OPT_TRACE = 256,
-    OPT_FORMAT,
-    OPT_URL,
-    OPT_TOKENIZER,
-    OPT_MODEL,
-    OPT_SPEEDUP,
-    OPT_RATE,
-    OPT_SLO_TTFT,
-    OPT_SLO_TPOT,
-    OPT_OUT,
-    OPT_FILTER_MODEL,
-    OPT_LOG_TYPE,
-    OPT_KEEP_FAILED,
-    OPT_SKIP_BAD,
-    OPT_START,
-    OPT_END,
-    OPT_MAX_REQ,
-    OPT_TIMEOUT,
-    OPT_MAX_CONNS,
-    OPT_WARM_CONNS,
-    OPT_FILLER_ID,
-    OPT_NO_VERIFY,
-    OPT_NO_PLOTS,
-    OPT_SPIN_US,
-    OPT_RT_PRIORITY,
-    OPT_BLOCK_TOKENS,
-    OPT_N,
-    OPT_SEED,
-    OPT_GSHAPE,
-    OPT_GSCALE,
-    OPT_REQ_ZIPF,
-    OPT_REQ_MAX,
-    OPT_RESP_ZIPF,
-    OPT_RESP_MAX,
-    OPT_WRITE_TRACE,
-    OPT_WINDOW,
-    OPT_LOG_LEVEL,
-    OPT_HELP,
+/* Every option of every subcommand, as common/config fills them; each
+ * subcommand's table names the subset it accepts. */
+struct lt_opts {
+    const char *trace, *format, *url, *tokenizer, *model, *out, *write_trace;
+    const char *filter_model, *log_type, *log_level;
+    double speedup, rate, slo_ttft_ms, slo_tpot_ms, timeout_s, window_s, start_s, end_s;
+    double gamma_shape, gamma_scale_s, req_zipf, resp_zipf;
+    int64_t max_requests, max_conns, warm_conns, filler_id, spin_us, rt_priority, block_tokens;
+    int64_t n, seed, req_max, resp_max;
+    bool keep_failed, skip_bad, no_verify, no_plots;
 };
 
-static const struct option k_opts[] = {
-    {"trace", required_argument, NULL, OPT_TRACE},
-    {"format", required_argument, NULL, OPT_FORMAT},
-    {"url", required_argument, NULL, OPT_URL},
-    {"tokenizer", required_argument, NULL, OPT_TOKENIZER},
-    {"model", required_argument, NULL, OPT_MODEL},
-    {"speedup", required_argument, NULL, OPT_SPEEDUP},
-    {"rate", required_argument, NULL, OPT_RATE},
-    {"slo-ttft-ms", required_argument, NULL, OPT_SLO_TTFT},
-    {"slo-tpot-ms", required_argument, NULL, OPT_SLO_TPOT},
-    {"out", required_argument, NULL, OPT_OUT},
-    {"filter-model", required_argument, NULL, OPT_FILTER_MODEL},
-    {"log-type", required_argument, NULL, OPT_LOG_TYPE},
-    {"keep-failed", no_argument, NULL, OPT_KEEP_FAILED},
-    {"skip-bad", no_argument, NULL, OPT_SKIP_BAD},
-    {"start-s", required_argument, NULL, OPT_START},
-    {"end-s", required_argument, NULL, OPT_END},
-    {"max-requests", required_argument, NULL, OPT_MAX_REQ},
-    {"timeout-s", required_argument, NULL, OPT_TIMEOUT},
-    {"max-conns", required_argument, NULL, OPT_MAX_CONNS},
-    {"warm-conns", required_argument, NULL, OPT_WARM_CONNS},
-    {"filler-id", required_argument, NULL, OPT_FILLER_ID},
-    {"no-verify", no_argument, NULL, OPT_NO_VERIFY},
-    {"no-plots", no_argument, NULL, OPT_NO_PLOTS},
-    {"spin-us", required_argument, NULL, OPT_SPIN_US},
-    {"rt-priority", required_argument, NULL, OPT_RT_PRIORITY},
-    {"block-tokens", required_argument, NULL, OPT_BLOCK_TOKENS},
-    {"n", required_argument, NULL, OPT_N},
-    {"seed", required_argument, NULL, OPT_SEED},
-    {"gamma-shape", required_argument, NULL, OPT_GSHAPE},
-    {"gamma-scale-s", required_argument, NULL, OPT_GSCALE},
-    {"req-zipf", required_argument, NULL, OPT_REQ_ZIPF},
-    {"req-max", required_argument, NULL, OPT_REQ_MAX},
-    {"resp-zipf", required_argument, NULL, OPT_RESP_ZIPF},
-    {"resp-max", required_argument, NULL, OPT_RESP_MAX},
-    {"write-trace", required_argument, NULL, OPT_WRITE_TRACE},
-    {"window-s", required_argument, NULL, OPT_WINDOW},
-    {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
-    {"help", no_argument, NULL, OPT_HELP},
-    {NULL, 0, NULL, 0},
-};
+#define LT_OPT(name, type, def, min, max, choices, help, field)                                    \
+    {                                                                                              \
+        name, type, def, min, max, choices, help, offsetof(struct lt_opts, field), 0               \
+    }
+
+/* Option groups, shared by the subcommands' tables below. */
+#define LT_TRACE_OPTS                                                                              \
+    LT_OPT("trace", CFG_STRING, NULL, NULL, NULL, NULL, "Trace file (required)", trace),           \
+        LT_OPT("format", CFG_STRING, NULL, NULL, NULL, "burstgpt|azure|mooncake",                  \
+               "Trace format (required)", format)
+#define LT_FILTER_OPTS                                                                             \
+    LT_OPT("filter-model", CFG_STRING, NULL, NULL, NULL, NULL,                                     \
+           "BurstGPT: keep only rows of this Model", filter_model),                                \
+        LT_OPT("log-type", CFG_STRING, NULL, NULL, NULL, NULL,                                     \
+               "BurstGPT: keep only rows of this Log Type", log_type),                             \
+        LT_OPT("keep-failed", CFG_BOOL, "false", NULL, NULL, NULL,                                 \
+               "Keep rows with 0 response tokens (default: skip and count them)", keep_failed),    \
+        LT_OPT("skip-bad", CFG_BOOL, "false", NULL, NULL, NULL,                                    \
+               "Skip and count malformed rows instead of failing", skip_bad),                      \
+        LT_OPT("start-s", CFG_DOUBLE, "0", NULL, NULL, NULL,                                       \
+               "Window start, seconds after the first row", start_s),                              \
+        LT_OPT("end-s", CFG_DOUBLE, "0", NULL, NULL, NULL,                                         \
+               "Window end (exclusive), same clock; <= 0: no end", end_s),                         \
+        LT_OPT("max-requests", CFG_INT64, "0", "0", "1099511627776", NULL,                         \
+               "Keep the first N requests after the filters; 0: all", max_requests)
+#define LT_REPLAY_OPTS                                                                             \
+    LT_OPT("url", CFG_STRING, NULL, NULL, NULL, NULL,                                              \
+           "Target: http://HOST:PORT[/PATH] (OpenAI SSE) or grpc://HOST:PORT", url),               \
+        LT_OPT("out", CFG_STRING, NULL, NULL, NULL, NULL, "Report directory", out),                \
+        LT_OPT("tokenizer", CFG_STRING, NULL, NULL, NULL, NULL,                                    \
+               "Build text prompts of exact length with this tokenizer", tokenizer),               \
+        LT_OPT("model", CFG_STRING, NULL, NULL, NULL, NULL, "Model name sent in requests", model), \
+        LT_OPT("speedup", CFG_DOUBLE, "0", "0", NULL, NULL,                                        \
+               "Divide inter-arrival times by X; 0: off", speedup),                                \
+        LT_OPT("rate", CFG_DOUBLE, "0", "0", NULL, NULL,                                           \
+               "Rescale arrivals to this mean rate (req/s); 0: off", rate),                        \
+        LT_OPT("slo-ttft-ms", CFG_DOUBLE, "0", "0", NULL, NULL, "TTFT SLO for goodput (ms)",       \
+               slo_ttft_ms),                                                                       \
+        LT_OPT("slo-tpot-ms", CFG_DOUBLE, "0", "0", NULL, NULL, "TPOT SLO for goodput (ms)",       \
+               slo_tpot_ms),                                                                       \
+        LT_OPT("timeout-s", CFG_DOUBLE, "600", "0.001", NULL, NULL, "Per-request timeout (s)",     \
+               timeout_s),                                                                         \
+        LT_OPT("max-conns", CFG_INT64, "1024", "1", "100000", NULL, "Connections at most",         \
+               max_conns),                                                                         \
+        LT_OPT("warm-conns", CFG_INT64, "4", "0", "100000", NULL,                                  \
+               "Connections opened before the first send", warm_conns),                            \
+        LT_OPT("filler-id", CFG_INT64, "100", "0", "2147483647", NULL,                             \
+               "Token id of the prompts sent without --tokenizer", filler_id),                     \
+        LT_OPT("no-verify", CFG_BOOL, "false", NULL, NULL, NULL,                                   \
+               "Skip encoding every prompt to check its length", no_verify),                       \
+        LT_OPT("no-plots", CFG_BOOL, "false", NULL, NULL, NULL, "Do not run gnuplot", no_plots),   \
+        LT_OPT("spin-us", CFG_INT64, "0", "0", "100000", NULL,                                     \
+               "Busy-wait the last U us before each send", spin_us),                               \
+        LT_OPT("rt-priority", CFG_INT64, "0", "0", "99", NULL,                                     \
+               "SCHED_FIFO priority of the send loop when permitted; 0: off", rt_priority),        \
+        LT_OPT("block-tokens", CFG_INT64, "512", "1", "1048576", NULL,                             \
+               "Tokens per Mooncake hash id", block_tokens)
+/* The defaults are lt_synth_defaults()'s, written out for --help. */
+#define LT_SYNTH_OPTS                                                                              \
+    LT_OPT("n", CFG_INT64, "1000", "1", "100000000", NULL, "Requests to generate", n),             \
+        LT_OPT("seed", CFG_INT64, "1", "0", NULL, NULL, "Random seed", seed),                      \
+        LT_OPT("gamma-shape", CFG_DOUBLE, "0.5", NULL, NULL, NULL,                                 \
+               "Inter-arrival Gamma shape k (> 0)", gamma_shape),                                  \
+        LT_OPT("gamma-scale-s", CFG_DOUBLE, "2", NULL, NULL, NULL,                                 \
+               "Inter-arrival Gamma scale in seconds (> 0)", gamma_scale_s),                       \
+        LT_OPT("req-zipf", CFG_DOUBLE, "1.1", NULL, NULL, NULL,                                    \
+               "Request-length Zipf exponent (> 0)", req_zipf),                                    \
+        LT_OPT("req-max", CFG_INT64, "4096", "1", "16777216", NULL,                                \
+               "Request length at most (tokens)", req_max),                                        \
+        LT_OPT("resp-zipf", CFG_DOUBLE, "1.1", NULL, NULL, NULL,                                   \
+               "Response-length Zipf exponent (> 0)", resp_zipf),                                  \
+        LT_OPT("resp-max", CFG_INT64, "1024", "1", "16777216", NULL,                               \
+               "Response length at most (tokens)", resp_max),                                      \
+        LT_OPT("write-trace", CFG_STRING, NULL, NULL, NULL, NULL,                                  \
+               "Write the trace as Mooncake-style JSONL to FILE ('-': stdout)", write_trace)
+#define LT_LOG_OPTS                                                                                \
+    LT_OPT("log-level", CFG_STRING, NULL, NULL, NULL, "debug|info|warn|error", "Log threshold",    \
+           log_level)
+
+static const struct cfg_option replay_table[] = {LT_TRACE_OPTS, LT_FILTER_OPTS, LT_REPLAY_OPTS,
+                                                 LT_LOG_OPTS};
+static const struct cfg_option synth_table[] = {LT_SYNTH_OPTS, LT_REPLAY_OPTS, LT_LOG_OPTS};
+static const struct cfg_option fit_table[] = {LT_TRACE_OPTS, LT_FILTER_OPTS,
+                                              LT_OPT("window-s", CFG_DOUBLE, "600", NULL, NULL,
+                                                     NULL, "Rate window for the fit (s)", window_s),
+                                              LT_LOG_OPTS};
+static const struct cfg_option compare_table[] = {LT_LOG_OPTS};
+
+#define LT_NOPTS(t) (sizeof(t) / sizeof((t)[0]))
 
 struct args {
     const char *trace, *url, *tokenizer, *model, *out, *write_trace;
@@ -151,203 +165,100 @@ struct args {
     lt_synth_params synth;
 };
 
-static int parse_double(const char *name, const char *s, double *out)
+/* Parses the options of one subcommand (argv[0] is its name) with table.
+ * Returns 0 with *cfg_out set (it owns a's strings and the positionals:
+ * free it after the last use of a), CFG_HELP after printing the help, or a
+ * negative TD_E* code after printing the error. npos: the positional
+ * arguments the subcommand takes. */
+static int parse_args(const char *cmd, const struct cfg_option *table, size_t ntable, int npos,
+                      int argc, char **argv, struct lt_opts *o, struct args *a, cfg **cfg_out)
 {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (*s == '\0' || *end != '\0' || errno || !isfinite(v)) {
-        fprintf(stderr, "tandem-loadtest: --%s: not a number: '%s'\n", name, s);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
-
-static int parse_long(const char *name, const char *s, long lo, long hi, long *out)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (*s == '\0' || *end != '\0' || errno || v < lo || v > hi) {
-        fprintf(stderr, "tandem-loadtest: --%s: expected an integer in [%ld, %ld]: '%s'\n", name,
-                lo, hi, s);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
-
-static int parse_args(int argc, char **argv, struct args *a)
-{
+    memset(o, 0, sizeof(*o));
     memset(a, 0, sizeof(*a));
-    a->timeout_s = 600;
-    a->max_conns = 1024;
-    a->warm_conns = 4;
-    a->filler_id = 100;
-    a->window_s = 600;
-    a->block_tokens = 512;
-    lt_synth_defaults(&a->synth);
-    optind = 1;
-    int c;
-    long v;
-    while ((c = getopt_long(argc, argv, "h", k_opts, NULL)) != -1) {
-        const char *name = NULL;
-        for (const struct option *o = k_opts; o->name; o++)
-            if (o->val == c) name = o->name;
-        int bad = 0;
-        switch (c) {
-        case OPT_TRACE:
-            a->trace = optarg;
-            break;
-        case OPT_FORMAT:
-            if (lt_format_parse(optarg, &a->format) != 0) {
-                fprintf(stderr, "tandem-loadtest: --format: burstgpt, azure or mooncake\n");
-                bad = 1;
-            }
-            a->have_format = 1;
-            break;
-        case OPT_URL:
-            a->url = optarg;
-            break;
-        case OPT_TOKENIZER:
-            a->tokenizer = optarg;
-            break;
-        case OPT_MODEL:
-            a->model = optarg;
-            break;
-        case OPT_SPEEDUP:
-            bad = parse_double(name, optarg, &a->speedup) || !(a->speedup > 0);
-            break;
-        case OPT_RATE:
-            bad = parse_double(name, optarg, &a->rate) || !(a->rate > 0);
-            break;
-        case OPT_SLO_TTFT:
-            bad = parse_double(name, optarg, &a->slo_ttft_ms);
-            break;
-        case OPT_SLO_TPOT:
-            bad = parse_double(name, optarg, &a->slo_tpot_ms);
-            break;
-        case OPT_OUT:
-            a->out = optarg;
-            break;
-        case OPT_FILTER_MODEL:
-            a->read.model = optarg;
-            break;
-        case OPT_LOG_TYPE:
-            a->read.log_type = optarg;
-            break;
-        case OPT_KEEP_FAILED:
-            a->read.keep_failed = 1;
-            break;
-        case OPT_SKIP_BAD:
-            a->read.skip_bad = 1;
-            break;
-        case OPT_START:
-            bad = parse_double(name, optarg, &a->read.start_s);
-            break;
-        case OPT_END:
-            bad = parse_double(name, optarg, &a->read.end_s);
-            break;
-        case OPT_MAX_REQ:
-            bad = parse_long(name, optarg, 1, 1L << 40, &v);
-            a->read.max_requests = (size_t)v;
-            break;
-        case OPT_TIMEOUT:
-            bad = parse_double(name, optarg, &a->timeout_s) || !(a->timeout_s > 0);
-            break;
-        case OPT_MAX_CONNS:
-            bad = parse_long(name, optarg, 1, 100000, &v);
-            a->max_conns = (int)v;
-            break;
-        case OPT_WARM_CONNS:
-            bad = parse_long(name, optarg, 0, 100000, &v);
-            a->warm_conns = (int)v;
-            break;
-        case OPT_FILLER_ID:
-            bad = parse_long(name, optarg, 0, INT32_MAX, &a->filler_id);
-            break;
-        case OPT_NO_VERIFY:
-            a->no_verify = 1;
-            break;
-        case OPT_NO_PLOTS:
-            a->no_plots = 1;
-            break;
-        case OPT_SPIN_US:
-            bad = parse_long(name, optarg, 0, 100000, &a->spin_us);
-            break;
-        case OPT_RT_PRIORITY:
-            bad = parse_long(name, optarg, 0, 99, &a->rt_priority);
-            break;
-        case OPT_BLOCK_TOKENS:
-            bad = parse_long(name, optarg, 1, 1 << 20, &a->block_tokens);
-            break;
-        case OPT_N:
-            bad = parse_long(name, optarg, 1, 100000000, &v);
-            a->synth.n = (size_t)v;
-            break;
-        case OPT_SEED:
-            bad = parse_long(name, optarg, 0, LONG_MAX, &v);
-            a->synth.seed = (uint64_t)v;
-            break;
-        case OPT_GSHAPE:
-            bad = parse_double(name, optarg, &a->synth.gamma_shape);
-            break;
-        case OPT_GSCALE:
-            bad = parse_double(name, optarg, &a->synth.gamma_scale_s);
-            break;
-        case OPT_REQ_ZIPF:
-            bad = parse_double(name, optarg, &a->synth.req_zipf_s);
-            break;
-        case OPT_REQ_MAX:
-            bad = parse_long(name, optarg, 1, 1 << 24, &v);
-            a->synth.req_max = (int32_t)v;
-            break;
-        case OPT_RESP_ZIPF:
-            bad = parse_double(name, optarg, &a->synth.resp_zipf_s);
-            break;
-        case OPT_RESP_MAX:
-            bad = parse_long(name, optarg, 1, 1 << 24, &v);
-            a->synth.resp_max = (int32_t)v;
-            break;
-        case OPT_WRITE_TRACE:
-            a->write_trace = optarg;
-            break;
-        case OPT_WINDOW:
-            bad = parse_double(name, optarg, &a->window_s);
-            break;
-        case OPT_LOG_LEVEL: {
-            enum td_log_level lvl;
-            if (td_log_level_parse(optarg, &lvl) != 0) {
-                fprintf(stderr, "tandem-loadtest: --log-level: debug, info, warn or error\n");
-                bad = 1;
-            } else {
-                td_log_set_level(lvl);
-            }
-            break;
-        }
-        case OPT_HELP:
-        case 'h':
-            usage(stdout);
-            exit(0);
-        default:
-            usage(stderr);
-            return -1;
-        }
-        if (bad) {
-            if (name) fprintf(stderr, "tandem-loadtest: bad value for --%s: '%s'\n", name, optarg);
-            return -1;
-        }
+    *cfg_out = NULL;
+    char prog[64];
+    snprintf(prog, sizeof(prog), "tandem-loadtest %s%s", cmd,
+             strcmp(cmd, "compare") == 0 ? " DIR_A DIR_B" : "");
+    cfg *c = NULL;
+    int rc = cfg_create(&c, prog, table, ntable, o);
+    if (rc != 0) return rc;
+    rc = cfg_parse(c, argc, argv);
+    if (rc == CFG_HELP) {
+        fputs(cfg_help(c), stdout);
+        cfg_free(c);
+        return CFG_HELP;
     }
-    if (optind < argc) {
-        fprintf(stderr, "tandem-loadtest: unexpected argument '%s'\n", argv[optind]);
-        return -1;
-    }
-    if (a->speedup > 0 && a->rate > 0) {
+    int got = 0;
+    char *const *pos = cfg_positional(c, &got);
+    if (rc != 0) {
+        fprintf(stderr, "tandem-loadtest %s: %s\n", cmd, cfg_error(c));
+    } else if (got > npos) {
+        fprintf(stderr, "tandem-loadtest %s: unexpected argument '%s' (see --help)\n", cmd,
+                pos[npos]);
+        rc = TD_EINVAL;
+    } else if (got < npos) {
+        fprintf(stderr, "usage: %s\n", prog);
+        rc = TD_EINVAL;
+    } else if (o->speedup > 0 && o->rate > 0) {
         fprintf(stderr, "tandem-loadtest: --speedup and --rate are exclusive\n");
-        return -1;
+        rc = TD_EINVAL;
     }
+    if (rc != 0) {
+        cfg_free(c);
+        return rc;
+    }
+    if (o->log_level) {
+        enum td_log_level lvl;
+        if (td_log_level_parse(o->log_level, &lvl) == 0) td_log_set_level(lvl);
+    }
+    if (o->format) {
+        a->have_format = lt_format_parse(o->format, &a->format) == 0; /* cfg checked the name */
+    }
+    a->trace = o->trace;
+    a->url = o->url;
+    a->tokenizer = o->tokenizer;
+    a->model = o->model;
+    a->out = o->out;
+    a->write_trace = o->write_trace;
+    a->speedup = o->speedup;
+    a->rate = o->rate;
+    a->slo_ttft_ms = o->slo_ttft_ms;
+    a->slo_tpot_ms = o->slo_tpot_ms;
+    a->timeout_s = o->timeout_s;
+    a->window_s = o->window_s;
+    a->read = (lt_read_opts){.model = o->filter_model,
+                             .log_type = o->log_type,
+                             .keep_failed = o->keep_failed,
+                             .skip_bad = o->skip_bad,
+                             .start_s = o->start_s,
+                             .end_s = o->end_s,
+                             .max_requests = (size_t)o->max_requests};
+    /* The tables' bounds keep every integer below in its field's range. */
+    a->max_conns = (int)o->max_conns;
+    a->warm_conns = (int)o->warm_conns;
+    a->no_verify = o->no_verify;
+    a->no_plots = o->no_plots;
+    a->filler_id = (long)o->filler_id;
+    a->spin_us = (long)o->spin_us;
+    a->rt_priority = (long)o->rt_priority;
+    a->block_tokens = (long)o->block_tokens;
+    a->synth = (lt_synth_params){.seed = (uint64_t)o->seed,
+                                 .n = (size_t)o->n,
+                                 .gamma_shape = o->gamma_shape,
+                                 .gamma_scale_s = o->gamma_scale_s,
+                                 .req_zipf_s = o->req_zipf,
+                                 .req_max = (int32_t)o->req_max,
+                                 .resp_zipf_s = o->resp_zipf,
+                                 .resp_max = (int32_t)o->resp_max};
+    *cfg_out = c;
     return 0;
+}
+
+/* parse_args' result as the subcommand's exit status: 0 for --help, 2 for
+ * a usage error; -1 to go on. */
+static int parse_status(int rc)
+{
+    return rc == CFG_HELP ? 0 : rc != 0 ? 2 : -1;
 }
 
 static int read_trace(const struct args *a, lt_trace *tr)
@@ -536,20 +447,26 @@ static int run_replay(const struct args *a, lt_trace *tr, const char *source)
 
 static int cmd_replay(int argc, char **argv)
 {
+    struct lt_opts o;
     struct args a;
-    if (parse_args(argc, argv, &a) != 0) return 2;
+    cfg *c = NULL;
+    int st = parse_status(
+        parse_args("replay", replay_table, LT_NOPTS(replay_table), 0, argc, argv, &o, &a, &c));
+    if (st >= 0) return st;
     lt_trace tr;
     int rc = read_trace(&a, &tr);
-    if (rc) return rc;
-    rc = run_replay(&a, &tr, a.trace);
-    lt_trace_free(&tr);
+    if (rc == 0) {
+        rc = run_replay(&a, &tr, a.trace);
+        lt_trace_free(&tr);
+    }
+    cfg_free(c);
     return rc;
 }
 
-static int cmd_synth(int argc, char **argv)
+/* synth after parsing: generates, then writes and/or replays the trace. */
+static int cmd_synth_run(const struct args *pa)
 {
-    struct args a;
-    if (parse_args(argc, argv, &a) != 0) return 2;
+    const struct args a = *pa;
     lt_trace tr;
     lt_trace_init(&tr);
     int rc = lt_synth_generate(&a.synth, &tr);
@@ -590,29 +507,53 @@ static int cmd_synth(int argc, char **argv)
     return rc;
 }
 
+static int cmd_synth(int argc, char **argv)
+{
+    struct lt_opts o;
+    struct args a;
+    cfg *c = NULL;
+    int st = parse_status(
+        parse_args("synth", synth_table, LT_NOPTS(synth_table), 0, argc, argv, &o, &a, &c));
+    if (st >= 0) return st;
+    int rc = cmd_synth_run(&a);
+    cfg_free(c);
+    return rc;
+}
 static int cmd_fit(int argc, char **argv)
 {
+    struct lt_opts o;
     struct args a;
-    if (parse_args(argc, argv, &a) != 0) return 2;
+    cfg *c = NULL;
+    int st =
+        parse_status(parse_args("fit", fit_table, LT_NOPTS(fit_table), 0, argc, argv, &o, &a, &c));
+    if (st >= 0) return st;
     lt_trace tr;
     int rc = read_trace(&a, &tr);
-    if (rc) return rc;
-    rc = lt_synth_fit_report(&tr, a.window_s, stdout);
-    if (rc)
-        fprintf(stderr, "tandem-loadtest: fit: %s (need at least 3 requests)\n", td_strerror(rc));
-    lt_trace_free(&tr);
-    return rc ? 1 : 0;
+    if (rc == 0) {
+        rc = lt_synth_fit_report(&tr, a.window_s, stdout);
+        if (rc)
+            fprintf(stderr, "tandem-loadtest: fit: %s (need at least 3 requests)\n",
+                    td_strerror(rc));
+        lt_trace_free(&tr);
+        rc = rc ? 1 : 0;
+    }
+    cfg_free(c);
+    return rc;
 }
 
 static int cmd_compare(int argc, char **argv)
 {
-    if (argc != 3) {
-        fprintf(stderr, "usage: tandem-loadtest compare DIR_A DIR_B\n");
-        return 2;
-    }
+    struct lt_opts o;
+    struct args a;
+    cfg *c = NULL;
+    int st = parse_status(
+        parse_args("compare", compare_table, LT_NOPTS(compare_table), 2, argc, argv, &o, &a, &c));
+    if (st >= 0) return st;
+    char *const *dirs = cfg_positional(c, NULL);
     char err[512] = "";
-    int rc = lt_report_compare(argv[1], argv[2], stdout, err, sizeof(err));
+    int rc = lt_report_compare(dirs[0], dirs[1], stdout, err, sizeof(err));
     if (rc) fprintf(stderr, "tandem-loadtest: compare: %s\n", err[0] ? err : td_strerror(rc));
+    cfg_free(c);
     return rc ? 1 : 0;
 }
 
