@@ -13,10 +13,12 @@
  *    GPU decode step, to show the scheduler's share of a step.
  */
 #include "common/clock.h"
+#include "common/config.h"
 #include "common/err.h"
 #include "engine/kvcache/kvc.h"
 #include "engine/sched/sch.h"
 
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -256,18 +258,41 @@ out:
     return rc;
 }
 
+struct bench_opts {
+    int64_t n_seqs;
+};
+
+static const struct cfg_option bench_table[] = {
+    {"n-seqs", CFG_INT64, "256", "1", "65536", NULL,
+     "Sequences per round (also accepted as the one positional argument)",
+     offsetof(struct bench_opts, n_seqs), 0},
+};
+
 int main(int argc, char **argv)
 {
-    uint32_t n_seqs = 256;
-    if (argc > 1) {
-        char *end = NULL;
-        unsigned long v = strtoul(argv[1], &end, 10);
-        if (!end || *end || v == 0 || v > 65536) {
-            fprintf(stderr, "usage: %s [n_seqs 1..65536]\n", argv[0]);
-            return 2;
-        }
-        n_seqs = (uint32_t)v;
+    struct bench_opts o;
+    cfg *c = NULL;
+    if (cfg_create(&c, "tandem-kvc-bench [N_SEQS]", bench_table,
+                   sizeof(bench_table) / sizeof(bench_table[0]), &o) != 0)
+        return 1;
+    int prc = cfg_parse(c, argc, argv);
+    int npos = 0;
+    char *const *pos = cfg_positional(c, &npos);
+    if (prc == 0 && npos == 1) prc = cfg_set(c, "n-seqs", pos[0], "argument N_SEQS");
+    if (prc == CFG_HELP) {
+        fputs(cfg_help(c), stdout);
+        cfg_free(c);
+        return 0;
     }
+    if (prc == 0 && npos > 1) {
+        fprintf(stderr, "tandem-kvc-bench: unexpected argument '%s' (see --help)\n", pos[1]);
+        prc = TD_EINVAL;
+    } else if (prc != 0) {
+        fprintf(stderr, "tandem-kvc-bench: %s\n", cfg_error(c));
+    }
+    cfg_free(c);
+    if (prc != 0) return 2;
+    uint32_t n_seqs = (uint32_t)o.n_seqs;
     int rc = bench_grow_free(n_seqs);
     if (rc == 0) rc = bench_prefix_hits(n_seqs);
     if (rc == 0) rc = bench_sched(n_seqs);

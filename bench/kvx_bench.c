@@ -15,6 +15,7 @@
 #include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,7 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/config.h"
 #include "common/err.h"
 #include "common/log.h"
 #include "kvtransfer/kvx.h"
@@ -299,21 +301,52 @@ static void overlap(const char *transport, uint32_t block_size, double gbps, int
            sum_frac / ok, 1.0 / l.n_layers);
 }
 
+struct bench_opts {
+    double gib;
+    int64_t conns, pool_mib;
+};
+
+static const struct cfg_option bench_table[] = {
+    {"gib", CFG_DOUBLE, "1", "0.001", "1024", NULL, "GiB moved per measured point",
+     offsetof(struct bench_opts, gib), 0},
+    {"conns", CFG_INT64, "2", "1", "16", NULL, "TCP data connections per peer",
+     offsetof(struct bench_opts, conns), 0},
+    {"pool-mib", CFG_INT64, "64", "1", "65536", NULL, "KV pool per side (MiB)",
+     offsetof(struct bench_opts, pool_mib), 0},
+};
+
+/* Returns 0, CFG_HELP (help printed) or a negative TD_E* code (error printed). */
+static int parse_args(int argc, char **argv)
+{
+    struct bench_opts o;
+    cfg *c = NULL;
+    int rc = cfg_create(&c, "tandem-kvx-bench", bench_table,
+                        sizeof(bench_table) / sizeof(bench_table[0]), &o);
+    if (rc != 0) return rc;
+    rc = cfg_parse(c, argc, argv);
+    int npos = 0;
+    char *const *pos = cfg_positional(c, &npos);
+    if (rc == CFG_HELP) {
+        fputs(cfg_help(c), stdout);
+    } else if (rc != 0) {
+        fprintf(stderr, "tandem-kvx-bench: %s\n", cfg_error(c));
+    } else if (npos > 0) {
+        fprintf(stderr, "tandem-kvx-bench: unexpected argument '%s' (see --help)\n", pos[0]);
+        rc = TD_EINVAL;
+    } else {
+        g_gib = o.gib;
+        g_conns = (int)o.conns;
+        g_pool_mib = (size_t)o.pool_mib;
+    }
+    cfg_free(c);
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--gib") && i + 1 < argc)
-            g_gib = atof(argv[++i]);
-        else if (!strcmp(argv[i], "--conns") && i + 1 < argc)
-            g_conns = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--pool-mib") && i + 1 < argc)
-            g_pool_mib = (size_t)atoi(argv[++i]);
-        else {
-            fprintf(stderr, "usage: %s [--gib X] [--conns N] [--pool-mib M]\n", argv[0]);
-            return 2;
-        }
-    }
-    if (g_gib <= 0 || g_conns <= 0 || g_pool_mib == 0) return 2;
+    int prc = parse_args(argc, argv);
+    if (prc == CFG_HELP) return 0;
+    if (prc != 0) return 2;
     signal(SIGPIPE, SIG_IGN);
     if (!getenv("TANDEM_LOG_LEVEL")) td_log_set_level(TD_LOG_WARN);
     size_t limit_bytes = (size_t)(g_gib * (double)(1ull << 30));

@@ -15,6 +15,7 @@
  *   tandem-rpc-bench [--seconds S] [--tokens N] [--msgs M]
  */
 #include "common/clock.h"
+#include "common/config.h"
 #include "common/err.h"
 #include "common/log.h"
 #include "common/rpc.h"
@@ -25,6 +26,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -402,36 +404,52 @@ static int bench_tcp_stream(uint32_t msgs, size_t msg_bytes, double *per_s)
 
 /* -------------------------------------------------------------------- main -- */
 
+/* The options as common/config parses them (flags or --config FILE). */
+struct bench_opts {
+    double seconds;
+    int64_t tokens, msgs;
+};
+
+static const struct cfg_option bench_table[] = {
+    {"seconds", CFG_DOUBLE, "3", "0.001", "600", NULL, "Seconds per latency measurement",
+     offsetof(struct bench_opts, seconds), 0},
+    {"tokens", CFG_INT64, "512", "0", "1000000", NULL, "Prompt length of each request (tokens)",
+     offsetof(struct bench_opts, tokens), 0},
+    {"msgs", CFG_INT64, "200000", "1", "4294967295", NULL, "Stream messages for the throughput run",
+     offsetof(struct bench_opts, msgs), 0},
+};
+
+/* Returns 0, CFG_HELP (help printed) or a negative TD_E* code (error printed). */
 static int parse_args(int argc, char **argv, opts *o)
 {
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--seconds") && v) {
-            o->seconds = atof(v);
-            i++;
-        } else if (!strcmp(a, "--tokens") && v) {
-            o->tokens = (uint32_t)strtoul(v, NULL, 10);
-            i++;
-        } else if (!strcmp(a, "--msgs") && v) {
-            o->msgs = (uint32_t)strtoul(v, NULL, 10);
-            i++;
-        } else {
-            fprintf(stderr, "usage: %s [--seconds S] [--tokens N] [--msgs M]\n", argv[0]);
-            return TD_EINVAL;
-        }
+    struct bench_opts b;
+    cfg *c = NULL;
+    int rc = cfg_create(&c, "tandem-rpc-bench", bench_table,
+                        sizeof(bench_table) / sizeof(bench_table[0]), &b);
+    if (rc != 0) return rc;
+    rc = cfg_parse(c, argc, argv);
+    int npos = 0;
+    char *const *pos = cfg_positional(c, &npos);
+    if (rc == CFG_HELP) {
+        fputs(cfg_help(c), stdout);
+    } else if (rc != 0) {
+        fprintf(stderr, "tandem-rpc-bench: %s\n", cfg_error(c));
+    } else if (npos > 0) {
+        fprintf(stderr, "tandem-rpc-bench: unexpected argument '%s' (see --help)\n", pos[0]);
+        rc = TD_EINVAL;
+    } else {
+        *o = (opts){.seconds = b.seconds, .tokens = (uint32_t)b.tokens, .msgs = (uint32_t)b.msgs};
     }
-    if (o->seconds <= 0 || o->seconds > 600 || o->tokens > 1000000 || o->msgs == 0) {
-        fprintf(stderr, "bad option value\n");
-        return TD_EINVAL;
-    }
-    return 0;
+    cfg_free(c);
+    return rc;
 }
 
 int main(int argc, char **argv)
 {
-    opts o = {.seconds = 3.0, .tokens = 512, .msgs = 200000};
-    if (parse_args(argc, argv, &o) < 0) return 2;
+    opts o;
+    int prc = parse_args(argc, argv, &o);
+    if (prc == CFG_HELP) return 0;
+    if (prc != 0) return 2;
     if (!getenv("TANDEM_LOG_LEVEL")) td_log_set_level(TD_LOG_WARN);
 
     /* The request: a Prefill.Run of a prompt of o.tokens token ids. */
