@@ -9,19 +9,75 @@
 #include "engine/tokenizer/tok.h"
 
 #include "common/clock.h"
+#include "common/config.h"
 #include "common/err.h"
 
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+struct tok_cli_opts {
+    bool decode, bos, special, pieces, raw;
+    int64_t bench;
+};
+
+#define TOK_OPT(name, type, def, min, help, field)                                                 \
+    {                                                                                              \
+        name, type, def, min, NULL, NULL, help, offsetof(struct tok_cli_opts, field), 0            \
+    }
+
+static const struct cfg_option tok_table[] = {
+    TOK_OPT("decode", CFG_BOOL, "false", NULL, "Decode the ID... arguments to text", decode),
+    TOK_OPT("raw", CFG_BOOL, "false", NULL, "With --decode: keep special tokens in the text", raw),
+    TOK_OPT("bos", CFG_BOOL, "false", NULL, "Encode with BOS first", bos),
+    TOK_OPT("special", CFG_BOOL, "false", NULL, "Parse special-token text as special tokens",
+            special),
+    TOK_OPT("pieces", CFG_BOOL, "false", NULL, "Print id<TAB>piece lines", pieces),
+    TOK_OPT("bench", CFG_INT64, "0", "0", "Encode and decode TEXT N times and print rates", bench),
+};
+#define TOK_NOPTS (sizeof(tok_table) / sizeof(tok_table[0]))
+
+static const char tok_notes[] =
+    "\nusage: tandem-tokenize PATH [--bos] [--special] [--pieces] TEXT|@FILE\n"
+    "       tandem-tokenize PATH --decode [--raw] ID...\n"
+    "       tandem-tokenize PATH --bench N TEXT|@FILE\n"
+    "Options come between PATH and the TEXT or IDs, which are taken as given\n"
+    "(even when they start with '-'). --config FILE uses the format of\n"
+    "common/config.h.\n";
+
 static int usage(void)
 {
-    fprintf(stderr, "usage: tandem-tokenize PATH [--bos] [--special] [--pieces] TEXT|@FILE\n"
-                    "       tandem-tokenize PATH --decode [--raw] ID...\n"
-                    "       tandem-tokenize PATH --bench N TEXT|@FILE\n");
+    fputs(tok_notes + 1, stderr);
     return 2;
+}
+
+/* The options end at the first argument after PATH that is neither a flag
+ * nor a flag's value, or at "--": TEXT may start with '-'. Returns how many
+ * arguments cfg_parse gets; *rest: the index of the first TEXT/ID. */
+static int options_end(int argc, char **argv, int *rest)
+{
+    int i = 2;
+    while (i < argc && strncmp(argv[i], "--", 2) == 0) {
+        if (argv[i][2] == '\0') {
+            *rest = i + 1;
+            return i;
+        }
+        const char *name = argv[i] + 2;
+        bool takes_value = !strchr(name, '=') && strcmp(name, "help") != 0;
+        if (takes_value && strcmp(name, "config") != 0) {
+            takes_value = false;
+            for (size_t k = 0; k < TOK_NOPTS; k++)
+                if (strcmp(tok_table[k].name, name) == 0)
+                    takes_value = tok_table[k].type != CFG_BOOL;
+        }
+        i += takes_value ? 2 : 1;
+    }
+    if (i > argc) i = argc;
+    *rest = i;
+    return i;
 }
 
 /* TEXT, or the contents of FILE for "@FILE"; *owned is set when malloc'd. */
@@ -93,46 +149,19 @@ static int bench(const tok_tokenizer *tok, long iters, const char *text, size_t 
     return 0;
 }
 
-int main(int argc, char **argv)
+/* Encodes args[0] (TEXT or @FILE) or decodes the nargs ids in args, as the
+ * options say, printing to stdout. Returns the exit status. */
+static int run(const tok_tokenizer *tok, int decode, int flags, int pieces, int skip_special,
+               long iters, int nargs, char *const *args)
 {
-    if (argc < 3) return usage();
-    char err[512];
-    tok_tokenizer *tok = NULL;
-    int rc = tok_load(argv[1], &tok, err, sizeof(err));
-    if (rc < 0) {
-        fprintf(stderr, "tandem-tokenize: %s (%s)\n", err, td_err_name(rc));
-        return 1;
-    }
-    int decode = 0, flags = 0, pieces = 0, skip_special = 1, i = 2;
-    long iters = 0;
-    for (; i < argc && strncmp(argv[i], "--", 2) == 0; i++) {
-        if (!strcmp(argv[i], "--decode"))
-            decode = 1;
-        else if (!strcmp(argv[i], "--bos"))
-            flags |= TOK_ADD_BOS;
-        else if (!strcmp(argv[i], "--special"))
-            flags |= TOK_PARSE_SPECIAL;
-        else if (!strcmp(argv[i], "--pieces"))
-            pieces = 1;
-        else if (!strcmp(argv[i], "--raw"))
-            skip_special = 0;
-        else if (!strcmp(argv[i], "--bench") && i + 1 < argc)
-            iters = strtol(argv[++i], NULL, 10);
-        else {
-            tok_free(tok);
-            return usage();
-        }
-    }
+    int rc;
     int status = 0;
     if (decode) {
-        size_t n = (size_t)(argc - i);
+        size_t n = (size_t)nargs;
         int32_t *ids = calloc(n ? n : 1, sizeof(int32_t));
-        if (ids == NULL) {
-            tok_free(tok);
-            return 1;
-        }
+        if (ids == NULL) return 1;
         for (size_t k = 0; k < n; k++)
-            ids[k] = (int32_t)strtol(argv[i + (int)k], NULL, 10);
+            ids[k] = (int32_t)strtol(args[k], NULL, 10);
         char *text = NULL;
         size_t len = 0;
         rc = tok_decode(tok, ids, n, skip_special, &text, &len);
@@ -146,22 +175,16 @@ int main(int argc, char **argv)
         free(text);
         free(ids);
     } else {
-        if (i >= argc) {
-            tok_free(tok);
-            return usage();
-        }
         size_t text_len;
         char *owned;
-        const char *text = text_arg(argv[i], &text_len, &owned);
+        const char *text = text_arg(args[0], &text_len, &owned);
         if (text == NULL) {
-            fprintf(stderr, "tandem-tokenize: cannot read %s\n", argv[i] + 1);
-            tok_free(tok);
+            fprintf(stderr, "tandem-tokenize: cannot read %s\n", args[0] + 1);
             return 1;
         }
         if (iters > 0) {
             status = bench(tok, iters, text, text_len);
             free(owned);
-            tok_free(tok);
             return status;
         }
         int32_t *ids = NULL;
@@ -185,6 +208,51 @@ int main(int argc, char **argv)
         if (!pieces) printf("\n");
         free(ids);
     }
+    return status;
+}
+
+int main(int argc, char **argv)
+{
+    struct tok_cli_opts o;
+    cfg *c = NULL;
+    if (cfg_create(&c, "tandem-tokenize PATH", tok_table, TOK_NOPTS, &o) != 0) return 1;
+    int end = argc, first = argc;
+    if (argc >= 2) end = options_end(argc, argv, &first);
+    /* argv[1] (PATH) is a positional of cfg_parse; TEXT/IDs from argv[first]
+     * on are not parsed at all. */
+    int rc = cfg_parse(c, end, argv);
+    if (rc == CFG_HELP) {
+        printf("%s%s", cfg_help(c), tok_notes);
+        cfg_free(c);
+        return 0;
+    }
+    int npos = 0;
+    char *const *pos = cfg_positional(c, &npos);
+    if (rc != 0) {
+        fprintf(stderr, "tandem-tokenize: %s\n", cfg_error(c));
+        cfg_free(c);
+        return 2;
+    }
+    /* Decoding zero ids is fine; encoding needs TEXT. */
+    if (npos != 1 || (!o.decode && first >= argc)) {
+        cfg_free(c);
+        return usage();
+    }
+    char *const *rest = argv + first;
+    int nrest = argc - first;
+    char err[512];
+    tok_tokenizer *tok = NULL;
+    rc = tok_load(pos[0], &tok, err, sizeof(err));
+    if (rc < 0) {
+        fprintf(stderr, "tandem-tokenize: %s (%s)\n", err, td_err_name(rc));
+        cfg_free(c);
+        return 1;
+    }
+    int decode = o.decode, pieces = o.pieces, skip_special = !o.raw;
+    int flags = (o.bos ? TOK_ADD_BOS : 0) | (o.special ? TOK_PARSE_SPECIAL : 0);
+    long iters = (long)o.bench;
+    int status = run(tok, decode, flags, pieces, skip_special, iters, nrest, rest);
     tok_free(tok);
+    cfg_free(c);
     return status;
 }

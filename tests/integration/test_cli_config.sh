@@ -5,10 +5,10 @@
 # from --config FILE applies, and the same option given as a flag wins over
 # it (checked in each binary's output).
 #
-# usage: test_cli_config.sh generate|loadtest|make-test-model|benchmarks
+# usage: test_cli_config.sh generate|tokenize|loadtest|make-test-model|benchmarks
 set -eu
 BIN=${TANDEM_BIN_DIR:?}
-WHAT=${1:?usage: test_cli_config.sh generate|loadtest|make-test-model|benchmarks}
+WHAT=${1:?usage: test_cli_config.sh generate|tokenize|loadtest|make-test-model|benchmarks}
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
@@ -78,6 +78,30 @@ EOF
     "$G" --config "$T/gen.conf" --max-tokens=2 --json=false >"$T/c.txt" 2>"$T/err" ||
         fail "text run: $(cat "$T/err")"
     if grep -q '"tokens"' "$T/c.txt"; then fail "--json=false over the file still printed JSON"; fi
+    ;;
+
+tokenize)
+    K=$BIN/tandem-tokenize
+    expect_help tandem-tokenize "$K"
+    grep -q -- "--bench=INT" "$T/out" || fail "help lacks --bench"
+    TOK=${TANDEM_SHARED_DIR:-/nonexistent}/models/stories260K/tok512.bin
+    if [ ! -f "$TOK" ]; then
+        [ -x "$BIN/make-test-model" ] || { echo "skipped: no tokenizer and no make-test-model"; exit 77; }
+        "$BIN/make-test-model" --format llama2c --shape tiny --seed 1 --out "$T/tiny.bin" ||
+            fail "make-test-model"
+        TOK=$T/tokenizer.bin
+    fi
+    expect_error "unknown flag" "unknown flag '--boss' (did you mean '--bos'?)" "$K" "$TOK" --boss hi
+    expect_error "bench out of range" '--bench = "-1": must be >= 0' "$K" "$TOK" --bench -1 hi
+    printf 'bos = true\n' >"$T/tok.conf"
+    "$K" "$TOK" --config "$T/tok.conf" "a" >"$T/a.txt" || fail "tokenize --config"
+    "$K" "$TOK" --config "$T/tok.conf" --bos=false "a" >"$T/b.txt" || fail "tokenize --bos=false"
+    [ "$(cut -d' ' -f1 "$T/a.txt")" = 1 ] || fail "--config bos = true: no BOS in $(cat "$T/a.txt")"
+    [ "$(wc -w <"$T/a.txt")" -eq $(($(wc -w <"$T/b.txt") + 1)) ] ||
+        fail "--bos=false over the file: $(cat "$T/a.txt") vs $(cat "$T/b.txt")"
+    # TEXT after the options is taken as given, even with leading dashes.
+    "$K" "$TOK" -- "--bos" >"$T/c.txt" || fail "text after --"
+    "$K" "$TOK" "-x" >"$T/d.txt" || fail "text starting with '-'"
     ;;
 
 loadtest)
