@@ -18,10 +18,12 @@
  *     admit_window = 250ms
  *     kv_pool = 64MiB
  * Keys and section names use [A-Za-z0-9_-] and dots. A key set twice in one
- * file is an error (except a CFG_LIST key, which appends). Unknown keys are errors, with a
- * suggestion when a known key is close. Errors stop parsing at the first one and name the key, the
- * file and line (or the flag), the bad value and what is allowed, e.g.
+ * file is an error (except a CFG_LIST key, which appends). Unknown keys are
+ * errors, with a suggestion when a known key is close. Errors stop parsing at
+ * the first one and name the key, the file and line (or the flag as typed),
+ * the bad value and what is allowed, e.g.
  *     router.conf:12: router.port = "70000": out of range [1, 65535]
+ *     command line: --router.port = "0": out of range [1, 65535]
  *
  * Value syntax by type:
  *   CFG_STRING    any text; quote it to keep leading/trailing blanks or '#'
@@ -77,7 +79,7 @@ struct cfg_option {
     enum cfg_type type;  /* also fixes the type of the target field */
     const char *def;     /* default, written as in the file; NULL: zero/NULL */
     const char *min;     /* inclusive bounds, written as values; NULL: none */
-    const char *max;     /* (not for strings or bools) */
+    const char *max;     /* (not for strings, bools or lists) */
     const char *choices; /* strings and lists only: allowed values, '|'-separated */
     const char *help;    /* one line for --help */
     size_t offset;       /* offsetof(your struct, field) */
@@ -115,7 +117,9 @@ int cfg_load_string(cfg *c, const char *text, const char *origin);
 /* Loads one config file (what --config does). */
 int cfg_load_file(cfg *c, const char *path);
 
-/* Sets one option from text, as a flag would (origin names it in errors). */
+/* Sets one option from text, as a flag would (origin names it in errors).
+ * For a CFG_LIST: appends when the list was last set by cfg_set or by the
+ * latest file, else starts it afresh. */
 int cfg_set(cfg *c, const char *name, const char *value, const char *origin);
 
 /* Checks that every CFG_REQUIRED option was set. cfg_parse calls it. */
