@@ -133,10 +133,16 @@ static void test_grpc_ok(void **state)
         assert_true(r->n_chunks >= 1 && r->n_chunks <= 3);
         assert_true(r->ttft_ns >= 0 && r->e2e_ns >= r->ttft_ns);
     }
-    assert_int_equal(g_calls, 8);
-    assert_int_equal(g_prompt_ids, 12); /* the longest request: 5 + 7 ids */
-    assert_int_equal(g_max_tokens, 3);
-    assert_true(g_ignore_eos);
+    /* The handler wrote these on the server's CQ thread, which is still
+     * running: read them under the same lock. */
+    pthread_mutex_lock(&g_mu);
+    size_t calls = g_calls, prompt_ids = g_prompt_ids, max_tokens = g_max_tokens;
+    int ignore_eos = g_ignore_eos;
+    pthread_mutex_unlock(&g_mu);
+    assert_int_equal(calls, 8);
+    assert_int_equal(prompt_ids, 12); /* the longest request: 5 + 7 ids */
+    assert_int_equal(max_tokens, 3);
+    assert_true(ignore_eos);
     teardown(&f);
 }
 
