@@ -702,6 +702,17 @@ static void send_slowly(int fd, const void *buf, size_t n, size_t piece)
     }
 }
 
+/* Reads one byte of a block the progress thread is writing into, before the
+ * request's final event. The lease says the application must not do that;
+ * this test does it only to learn that the first half of a payload has
+ * landed before it cancels (no event tells it), and checks the value again
+ * after the final event, which orders the read. Hidden from ThreadSanitizer
+ * for that reason. */
+__attribute__((no_sanitize("thread"))) static uint8_t peek_byte(const uint8_t *p)
+{
+    return *(const volatile uint8_t *)p;
+}
+
 static void test_raw_partial_frames_and_cancel(void **s)
 {
     kv_layout l = small_layout(2, 16);
@@ -756,13 +767,14 @@ static void test_raw_partial_frames_and_cancel(void **s)
     send(data, payload, bb / 2, MSG_NOSIGNAL);
     const uint8_t *blk = pool + kv_layout_block_offset(&l, 1, 7);
     int64_t end = td_now_ns() + 2 * SEC;
-    while (blk[bb / 2 - 1] != 0x42 && td_now_ns() < end)
+    while (peek_byte(&blk[bb / 2 - 1]) != 0x42 && td_now_ns() < end)
         td_sleep_ns(TD_NS_PER_MS);
-    assert_int_equal(blk[bb / 2 - 1], 0x42); /* the first half landed in place */
+    assert_int_equal(peek_byte(&blk[bb / 2 - 1]), 0x42);
     assert_int_equal(kvx_cancel(rx, "cut"), 0);
     e = wait_final(rx, "cut", 2 * SEC, NULL);
     assert_int_equal(e.type, KVX_EV_FAILED);
     assert_int_equal(e.err, TD_ECANCELED);
+    assert_int_equal(blk[bb / 2 - 1], 0x42); /* the first half landed in place */
     send(data, payload + bb / 2, bb - bb / 2, MSG_NOSIGNAL);
     /* A following frame on the same connection is still parsed (the stream
      * stayed in sync) and rejected: its request is gone. */
