@@ -382,8 +382,8 @@ static void req_free(kvx__req *r)
 void kvx__rreq_finish(kvx_ep *ep, kvx__req *r, int err, const char *msg)
 {
     if (!r->used) return;
-    if (r->peer && !r->peer->dead)
-        send_req_msg(ep, r->peer, err == 0 ? KVX_MSG_DONE : KVX_MSG_FAIL, r->hash, err);
+    kvx__peer *peer = r->peer;
+    uint64_t hash = r->hash;
     if (ep->ops->rreq_release) ep->ops->rreq_release(ep, r);
     for (int i = 0; i < r->n_blocks; i++)
         ep->owner[r->dst[i]] = -1;
@@ -400,6 +400,13 @@ void kvx__rreq_finish(kvx_ep *ep, kvx__req *r, int err, const char *msg)
                 td_now_ns() - r->t0_ns);
     }
     req_free(r);
+    /* The sender hears of it last. A send that fails fails the peer, and
+     * that finishes every request still bound to it: r must be gone by
+     * then, or it would end twice (a FAILED for a request that had landed
+     * whole, then this DONE with a wiped id). Peers are freed only at the
+     * end of a loop iteration, so peer is still valid here. */
+    if (peer && !peer->dead)
+        send_req_msg(ep, peer, err == 0 ? KVX_MSG_DONE : KVX_MSG_FAIL, hash, err);
 }
 
 /* Receiver, local decision to stop (cancel, deadline). A sender that writes

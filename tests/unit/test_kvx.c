@@ -797,6 +797,67 @@ static void test_raw_partial_frames_and_cancel(void **s)
     kvx_ep_destroy(rx);
 }
 
+/* The last frame of a request lands while the sender's control connection
+ * has just been reset: the request ends exactly once, under its own id (DONE
+ * when the frame is seen first, FAILED when the reset is), never both.
+ * Frames for a request nobody registered come first, so the receiver is
+ * still busy on the data connection when the reset arrives; which of the two
+ * it sees first is up to the scheduler, hence the rounds. */
+static void test_last_frame_races_sender_reset(void **s)
+{
+    kv_layout l = small_layout(1, 8);
+    size_t bb = kv_layout_block_bytes(&l);
+    char bound[128];
+    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
+    size_t fb = sizeof(kvx_wire_frame) + bb, n_junk = 96;
+    uint8_t *buf = calloc(n_junk + 1, fb);
+    assert_non_null(buf);
+    int done = 0, failed = 0;
+    for (int round = 0; round < 24; round++) {
+        char id[32];
+        snprintf(id, sizeof(id), "last-%d", round);
+        uint32_t dst = 3;
+        assert_int_equal(kvx_recv_register(rx, id, &dst, 1, 0), 0);
+        int ctrl, data;
+        raw_peer(bound, &l, &ctrl, &data);
+        raw_begin(ctrl, id);
+        for (size_t i = 0; i <= n_junk; i++) {
+            kvx_wire_frame f = {.magic = KVX_WIRE_MAGIC_FRAME,
+                                .hash = i < n_junk ? 99 : kvx_req_hash(id),
+                                .dst = i < n_junk ? 5 : dst,
+                                .len = bb};
+            memcpy(buf + i * fb, &f, sizeof(f));
+        }
+        assert_int_equal(send(data, buf, (n_junk + 1) * fb, MSG_NOSIGNAL),
+                         (ssize_t)((n_junk + 1) * fb));
+        struct linger lg = {.l_onoff = 1, .l_linger = 0};
+        setsockopt(ctrl, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        close(ctrl); /* RST */
+        int finals = 0, peer_gone = 0;
+        int64_t end = td_now_ns() + 3 * SEC;
+        while (td_now_ns() < end && !(finals && peer_gone)) {
+            kvx_event e;
+            if (kvx_ep_wait(rx, &e, 1, 20 * TD_NS_PER_MS) != 1) continue;
+            if (e.type == KVX_EV_PEER_ERROR) peer_gone = 1;
+            if (e.type != KVX_EV_DONE && e.type != KVX_EV_FAILED) continue;
+            assert_string_equal(e.req_id, id);
+            finals++;
+            done += e.type == KVX_EV_DONE;
+            failed += e.type == KVX_EV_FAILED;
+        }
+        assert_int_equal(finals, 1);
+        assert_true(peer_gone);
+        /* Nothing else ends afterwards. */
+        kvx_event e;
+        while (kvx_ep_wait(rx, &e, 1, 20 * TD_NS_PER_MS) == 1)
+            assert_true(e.type != KVX_EV_DONE && e.type != KVX_EV_FAILED);
+        close(data);
+    }
+    print_message("last frame vs reset: %d done, %d failed\n", done, failed);
+    free(buf);
+    kvx_ep_destroy(rx);
+}
+
 /* Fuzz: random bytes where a hello, a control message or a data frame
  * should be, with valid headers around random bodies too. The receiver must
  * never write its pool, never crash (ASan build), and still serve a real
@@ -1207,6 +1268,7 @@ int main(void)
         cmocka_unit_test(test_hello_check_fields),
         cmocka_unit_test(test_bad_frames),
         cmocka_unit_test(test_raw_partial_frames_and_cancel),
+        cmocka_unit_test(test_last_frame_races_sender_reset),
         cmocka_unit_test(test_fuzz_wire),
         cmocka_unit_test(test_tcp_sender_killed),
         cmocka_unit_test(test_shm_sender_killed),
