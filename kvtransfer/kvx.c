@@ -1634,15 +1634,18 @@ static int begin_fn(kvx_ep *ep, void *arg)
     if (!r) return TD_ENOSPC;
     copy_id(r->id, a->id);
     r->hash = hash;
-    r->peer = p;
     r->deadline_ns = a->deadline_ns;
     r->t0_ns = td_now_ns();
     kvx_wire_req m = {.hash = hash, .n = (uint32_t)strlen(a->id)};
+    /* r joins the peer only once BEGIN is queued: a send that fails the peer
+     * (reset, stalled reader) must not also finish r with a FAILED event, as
+     * the caller gets the error code instead and owns nothing of r. */
     int rc = kvx__ctrl_send(ep, p, KVX_MSG_BEGIN, &m, sizeof(m), a->id, m.n);
     if (rc < 0) {
         req_free(r);
         return rc;
     }
+    r->peer = p;
     return 0;
 }
 
