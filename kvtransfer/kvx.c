@@ -753,7 +753,10 @@ static void handle_msg(kvx_ep *ep, kvx__peer *p, uint16_t type, const uint8_t *b
         handle_begin_ack(ep, p, &m, tail, tail_len);
         return;
     case KVX_MSG_POST:
-        if (!recv) goto unexpected;
+        /* A POST says "written into your memory": tcp cannot do that, its
+         * blocks land only as frames on the data connections. Taken from a
+         * tcp peer it would mark blocks landed that never arrived. */
+        if (!recv || ep->ops->data_conn) goto unexpected;
         handle_post(ep, p, &m, tail, tail_len);
         return;
     case KVX_MSG_DONE:

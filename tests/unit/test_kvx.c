@@ -797,6 +797,32 @@ static void test_raw_partial_frames_and_cancel(void **s)
     kvx_ep_destroy(rx);
 }
 
+/* A tcp peer that claims blocks were written (a POST, as the direct-write
+ * transports send) is dropped: nothing arrived, nothing may count as landed. */
+static void test_tcp_post_rejected(void **s)
+{
+    kv_layout l = small_layout(1, 8);
+    char bound[128];
+    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
+    uint32_t dst[2] = {1, 2};
+    assert_int_equal(kvx_recv_register(rx, "posted", dst, 2, 0), 0);
+    int ctrl, data;
+    raw_peer(bound, &l, &ctrl, &data);
+    raw_begin(ctrl, "posted");
+    uint8_t buf[sizeof(kvx_wire_req) + 2 * sizeof(kvx_pair)];
+    kvx_wire_req m = {.hash = kvx_req_hash("posted"), .layer = 0, .n = 2};
+    kvx_pair pairs[2] = {{0, 1}, {0, 2}};
+    memcpy(buf, &m, sizeof(m));
+    memcpy(buf + sizeof(m), pairs, sizeof(pairs));
+    raw_msg(ctrl, KVX_MSG_POST, buf, sizeof(buf));
+    kvx_event e = wait_final(rx, "posted", 3 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_FAILED);
+    assert_int_equal(e.err, TD_EPROTO);
+    close(ctrl);
+    close(data);
+    kvx_ep_destroy(rx);
+}
+
 /* The last frame of a request lands while the sender's control connection
  * has just been reset: the request ends exactly once, under its own id (DONE
  * when the frame is seen first, FAILED when the reset is), never both.
@@ -1269,6 +1295,7 @@ int main(void)
         cmocka_unit_test(test_bad_frames),
         cmocka_unit_test(test_raw_partial_frames_and_cancel),
         cmocka_unit_test(test_last_frame_races_sender_reset),
+        cmocka_unit_test(test_tcp_post_rejected),
         cmocka_unit_test(test_fuzz_wire),
         cmocka_unit_test(test_tcp_sender_killed),
         cmocka_unit_test(test_shm_sender_killed),
