@@ -907,8 +907,19 @@ static int send_all(int fd, const void *a, size_t alen, int pass_fd)
         if (n < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN) {
-                struct pollfd pfd = {.fd = fd, .events = POLLOUT};
-                if (poll(&pfd, 1, 1000) <= 0) return TD_ETIMEDOUT;
+                /* At most 1 s for the peer to make room; a signal that
+                 * interrupts the wait is not the peer's fault, so the rest
+                 * of the second is waited out. */
+                int64_t until = td_now_ns() + TD_NS_PER_S;
+                int pr;
+                do {
+                    int64_t left = until - td_now_ns();
+                    if (left <= 0) return TD_ETIMEDOUT;
+                    struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+                    pr = poll(&pfd, 1, (int)((left + TD_NS_PER_MS - 1) / TD_NS_PER_MS));
+                } while (pr < 0 && errno == EINTR);
+                if (pr < 0) return td_err_from_errno(errno);
+                if (pr == 0) return TD_ETIMEDOUT;
                 continue;
             }
             return td_err_from_errno(errno);
