@@ -382,8 +382,8 @@ static void req_free(kvx__req *r)
 void kvx__rreq_finish(kvx_ep *ep, kvx__req *r, int err, const char *msg)
 {
     if (!r->used) return;
-    if (r->peer && !r->peer->dead)
-        send_req_msg(ep, r->peer, err == 0 ? KVX_MSG_DONE : KVX_MSG_FAIL, r->hash, err);
+    kvx__peer *peer = r->peer;
+    uint64_t hash = r->hash;
     if (ep->ops->rreq_release) ep->ops->rreq_release(ep, r);
     for (int i = 0; i < r->n_blocks; i++)
         ep->owner[r->dst[i]] = -1;
@@ -400,6 +400,13 @@ void kvx__rreq_finish(kvx_ep *ep, kvx__req *r, int err, const char *msg)
                 td_now_ns() - r->t0_ns);
     }
     req_free(r);
+    /* The sender hears of it last. A send that fails fails the peer, and
+     * that finishes every request still bound to it: r must be gone by
+     * then, or it would end twice (a FAILED for a request that had landed
+     * whole, then this DONE with a wiped id). Peers are freed only at the
+     * end of a loop iteration, so peer is still valid here. */
+    if (peer && !peer->dead)
+        send_req_msg(ep, peer, err == 0 ? KVX_MSG_DONE : KVX_MSG_FAIL, hash, err);
 }
 
 /* Receiver, local decision to stop (cancel, deadline). A sender that writes
@@ -746,7 +753,10 @@ static void handle_msg(kvx_ep *ep, kvx__peer *p, uint16_t type, const uint8_t *b
         handle_begin_ack(ep, p, &m, tail, tail_len);
         return;
     case KVX_MSG_POST:
-        if (!recv) goto unexpected;
+        /* A POST says "written into your memory": tcp cannot do that, its
+         * blocks land only as frames on the data connections. Taken from a
+         * tcp peer it would mark blocks landed that never arrived. */
+        if (!recv || ep->ops->data_conn) goto unexpected;
         handle_post(ep, p, &m, tail, tail_len);
         return;
     case KVX_MSG_DONE:
@@ -897,8 +907,19 @@ static int send_all(int fd, const void *a, size_t alen, int pass_fd)
         if (n < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN) {
-                struct pollfd pfd = {.fd = fd, .events = POLLOUT};
-                if (poll(&pfd, 1, 1000) <= 0) return TD_ETIMEDOUT;
+                /* At most 1 s for the peer to make room; a signal that
+                 * interrupts the wait is not the peer's fault, so the rest
+                 * of the second is waited out. */
+                int64_t until = td_now_ns() + TD_NS_PER_S;
+                int pr;
+                do {
+                    int64_t left = until - td_now_ns();
+                    if (left <= 0) return TD_ETIMEDOUT;
+                    struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+                    pr = poll(&pfd, 1, (int)((left + TD_NS_PER_MS - 1) / TD_NS_PER_MS));
+                } while (pr < 0 && errno == EINTR);
+                if (pr < 0) return td_err_from_errno(errno);
+                if (pr == 0) return TD_ETIMEDOUT;
                 continue;
             }
             return td_err_from_errno(errno);
@@ -1627,15 +1648,18 @@ static int begin_fn(kvx_ep *ep, void *arg)
     if (!r) return TD_ENOSPC;
     copy_id(r->id, a->id);
     r->hash = hash;
-    r->peer = p;
     r->deadline_ns = a->deadline_ns;
     r->t0_ns = td_now_ns();
     kvx_wire_req m = {.hash = hash, .n = (uint32_t)strlen(a->id)};
+    /* r joins the peer only once BEGIN is queued: a send that fails the peer
+     * (reset, stalled reader) must not also finish r with a FAILED event, as
+     * the caller gets the error code instead and owns nothing of r. */
     int rc = kvx__ctrl_send(ep, p, KVX_MSG_BEGIN, &m, sizeof(m), a->id, m.n);
     if (rc < 0) {
         req_free(r);
         return rc;
     }
+    r->peer = p;
     return 0;
 }
 

@@ -238,6 +238,14 @@ void lt_grpc_close(lt_grpc *g)
     g->wake_open = 0;
     for (size_t i = 0; i < g->n; i++)
         if (g->gs[i].s) rpc_stream_cancel(g->gs[i].s);
+    /* Free them before the handle closes: a stream's notify (CQ thread)
+     * calls uv_async_send on it, which must not happen once it is closed
+     * (nor after the loop is gone). rpc_stream_free waits for the cancelled
+     * batches and any running notify. */
+    for (size_t i = 0; i < g->n; i++) {
+        rpc_stream_free(g->gs[i].s);
+        g->gs[i].s = NULL;
+    }
     uv_close((uv_handle_t *)&g->wake, NULL);
 }
 

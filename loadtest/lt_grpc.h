@@ -41,7 +41,7 @@ int lt_grpc_create(uv_loop_t *loop, const char *target, const struct lt_replay_o
 void lt_grpc_send(lt_grpc *g, size_t i, int64_t start_ns);
 
 /* Closes the async handle (the loop can then end). Streams still open are
- * cancelled. */
+ * cancelled and freed (their requests are not reported). */
 void lt_grpc_close(lt_grpc *g);
 
 /* Frees everything after the loop has ended. Accepts NULL. */

@@ -18,6 +18,7 @@
 
 #ifdef TANDEM_LT_HAVE_GRPC
 #include "common/rpc.h"
+#include "loadtest/lt_grpc.h"
 #include "proto/tandem.pb-c.h"
 
 #include <pthread.h>
@@ -133,10 +134,16 @@ static void test_grpc_ok(void **state)
         assert_true(r->n_chunks >= 1 && r->n_chunks <= 3);
         assert_true(r->ttft_ns >= 0 && r->e2e_ns >= r->ttft_ns);
     }
-    assert_int_equal(g_calls, 8);
-    assert_int_equal(g_prompt_ids, 12); /* the longest request: 5 + 7 ids */
-    assert_int_equal(g_max_tokens, 3);
-    assert_true(g_ignore_eos);
+    /* The handler wrote these on the server's CQ thread, which is still
+     * running: read them under the same lock. */
+    pthread_mutex_lock(&g_mu);
+    size_t calls = g_calls, prompt_ids = g_prompt_ids, max_tokens = g_max_tokens;
+    int ignore_eos = g_ignore_eos;
+    pthread_mutex_unlock(&g_mu);
+    assert_int_equal(calls, 8);
+    assert_int_equal(prompt_ids, 12); /* the longest request: 5 + 7 ids */
+    assert_int_equal(max_tokens, 3);
+    assert_true(ignore_eos);
     teardown(&f);
 }
 
@@ -180,6 +187,68 @@ static void test_grpc_rejected_and_errors(void **state)
     teardown(&f);
 }
 
+static void count_done(void *arg, size_t i)
+{
+    (void)i;
+    (*(int *)arg)++;
+}
+
+/* lt_grpc_close with streams still open (the server never answers): the
+ * streams go before the async handle closes, so no notify reaches the handle
+ * once it is closed, nor the loop once it is gone (libuv would write to a
+ * closed descriptor, or abort). */
+static void test_grpc_close_with_streams_open(void **state)
+{
+    (void)state;
+    g_mode = M_STALL;
+    pthread_mutex_lock(&g_mu);
+    g_calls = 0;
+    pthread_mutex_unlock(&g_mu);
+    rpc_server *srv;
+    assert_int_equal(rpc_server_create("127.0.0.1:0", &srv), 0);
+    assert_int_equal(rpc_server_add_method(srv, "/tandem.v1.Router/Generate",
+                                           &tandem__v1__generate_request__descriptor,
+                                           handle_generate, NULL),
+                     0);
+    assert_int_equal(rpc_server_start(srv), 0);
+    lt_prompt *prompt;
+    assert_int_equal(lt_prompt_create_ids(100, 64, &prompt), 0);
+    lt_replay_opts o;
+    memset(&o, 0, sizeof(o));
+    o.prompt = prompt;
+    lt_req reqs[2] = {{.input_tokens = 4, .output_tokens = 2},
+                      {.input_tokens = 5, .output_tokens = 2}};
+    lt_record recs[2];
+    memset(recs, 0, sizeof(recs));
+    char target[64];
+    snprintf(target, sizeof(target), "127.0.0.1:%d", rpc_server_port(srv));
+    uv_loop_t loop;
+    assert_int_equal(uv_loop_init(&loop), 0);
+    int done = 0;
+    lt_grpc *g;
+    assert_int_equal(lt_grpc_create(&loop, target, &o, reqs, recs, 2, count_done, &done, &g), 0);
+    lt_grpc_send(g, 0, td_now_ns());
+    lt_grpc_send(g, 1, td_now_ns());
+    size_t calls = 0;
+    int64_t end = td_now_ns() + 5 * TD_NS_PER_S;
+    while (calls < 2 && td_now_ns() < end) {
+        uv_run(&loop, UV_RUN_NOWAIT);
+        td_sleep_ns(TD_NS_PER_MS);
+        pthread_mutex_lock(&g_mu);
+        calls = g_calls;
+        pthread_mutex_unlock(&g_mu);
+    }
+    assert_int_equal(calls, 2);
+    lt_grpc_close(g);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    td_sleep_ns(100 * TD_NS_PER_MS); /* a late notify would land here */
+    lt_grpc_free(g);
+    assert_int_equal(done, 0);
+    rpc_server_free(srv);
+    lt_prompt_free(prompt);
+}
+
 static void test_grpc_url(void **state)
 {
     (void)state;
@@ -197,6 +266,7 @@ int main(void)
         cmocka_unit_test(test_grpc_url),
         cmocka_unit_test(test_grpc_ok),
         cmocka_unit_test(test_grpc_rejected_and_errors),
+        cmocka_unit_test(test_grpc_close_with_streams_open),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
