@@ -8,6 +8,7 @@
 #ifndef TANDEM_TESTS_FUZZ_UTIL_H
 #define TANDEM_TESTS_FUZZ_UTIL_H
 
+#include <ftw.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -48,13 +49,19 @@ static inline int fuzz_split(const uint8_t *data, size_t size, fuzz_part *parts,
 
 static char fuzz__dir[64];
 
+static int fuzz__rm(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
 static void fuzz__cleanup(void)
 {
-    char cmd[128];
-    if (!fuzz__dir[0]) return;
-    /* The directory holds only files this process wrote. */
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", fuzz__dir);
-    if (system(cmd) != 0) fprintf(stderr, "fuzz: could not remove %s\n", fuzz__dir);
+    /* The directory holds only files and folders this process made. */
+    if (fuzz__dir[0] && nftw(fuzz__dir, fuzz__rm, 8, FTW_DEPTH | FTW_PHYS) != 0)
+        fprintf(stderr, "fuzz: could not remove %s\n", fuzz__dir);
 }
 
 /* The process's temporary directory; aborts the fuzz process if none can be
