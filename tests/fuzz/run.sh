@@ -32,7 +32,7 @@ for pair in $all; do
     dict=""
     [ -f "$here/dict/$t.dict" ] && dict="-dict=$here/dict/$t.dict"
     echo "== $t ($secs s)"
-    if ! "$bin" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
+    if ! "$bin" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=512 -max_len=8192 \
         -print_final_stats=1 -artifact_prefix="$work/$t/artifacts/" $dict \
         "$work/$t/corpus" >"$work/$t/log" 2>&1; then
         status=1
