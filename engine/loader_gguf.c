@@ -401,6 +401,12 @@ int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen)
     if (gg__int(g.alignment, &align) || align == 0 || (align & (align - 1)))
         return mdl__fail(err, errlen, TD_EFORMAT, "%s: bad general.alignment", path);
 
+    /* Each tensor info takes at least 32 bytes (name length, n_dims, one dim,
+     * type, offset): a count the rest of the file cannot hold is refused
+     * before it sizes an allocation (up to 1.2 GB for a 24-byte header). */
+    if (n_tensors > (r.len - r.off) / 32)
+        return mdl__fail(err, errlen, TD_EFORMAT, "%s: %llu tensors do not fit in the file", path,
+                         (unsigned long long)n_tensors);
     gguf_tensor *ts = calloc(n_tensors ? (size_t)n_tensors : 1, sizeof(*ts));
     if (!ts) return mdl__fail(err, errlen, TD_ENOMEM, "out of memory");
     for (uint64_t i = 0; i < n_tensors && !r.bad; i++) {

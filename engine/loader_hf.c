@@ -263,30 +263,36 @@ static int hf__open_weights(const char *dir, mdl_model *m, char *err, size_t err
         cJSON_Delete(root);
         return mdl__fail(err, errlen, TD_EFORMAT, "%s: no \"weight_map\" object", path);
     }
-    /* Open each distinct shard once, in order of first mention. */
-    for (const cJSON *it = wm->child; it; it = it->next) {
+    /* Open each distinct shard once, in order of first mention. A shard is
+     * looked up among the distinct ones opened so far, not among all entries
+     * before it: an index of n entries costs n x shards, not n^2. */
+    int n_entries = cJSON_GetArraySize(wm);
+    const char **opened = malloc(sizeof(*opened) * (size_t)(n_entries > 0 ? n_entries : 1));
+    if (!opened) {
+        cJSON_Delete(root);
+        return mdl__fail(err, errlen, TD_ENOMEM, "out of memory");
+    }
+    size_t n_opened = 0;
+    rc = 0;
+    for (const cJSON *it = wm->child; it && rc == 0; it = it->next) {
         if (!cJSON_IsString(it) || strchr(it->valuestring, '/') || it->valuestring[0] == '.') {
-            cJSON_Delete(root);
-            return mdl__fail(err, errlen, TD_EFORMAT, "%s: bad shard name for \"%s\"", path,
-                             it->string);
+            /* before cJSON_Delete: it->string lives in root */
+            rc = mdl__fail(err, errlen, TD_EFORMAT, "%s: bad shard name for \"%s\"", path,
+                           it->string);
+            break;
         }
         int seen = 0;
-        for (const cJSON *p = wm->child; p != it; p = p->next)
-            if (strcmp(p->valuestring, it->valuestring) == 0) {
-                seen = 1;
-                break;
-            }
+        for (size_t k = 0; k < n_opened && !seen; k++)
+            seen = strcmp(opened[k], it->valuestring) == 0;
         if (seen) continue;
+        opened[n_opened++] = it->valuestring;
         char shard[4096];
         snprintf(shard, sizeof(shard), "%s/%s", dir, it->valuestring);
         rc = hf__add_file(m, shard, err, errlen);
-        if (rc != 0) {
-            cJSON_Delete(root);
-            return rc;
-        }
     }
+    free(opened);
     cJSON_Delete(root);
-    return 0;
+    return rc;
 }
 
 static const sft_tensor *hf__find(const mdl_model *m, const char *name)

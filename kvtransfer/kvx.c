@@ -734,14 +734,13 @@ static void handle_msg(kvx_ep *ep, kvx__peer *p, uint16_t type, const uint8_t *b
             kvx__peer_fail(ep, p, TD_EPROTO, "unexpected transport message %u", type);
         return;
     }
-    if (len < sizeof(kvx_wire_req)) {
-        kvx__peer_fail(ep, p, TD_EPROTO, "short control message type=%u len=%u", type, len);
+    kvx_wire_req m;
+    const uint8_t *tail;
+    uint32_t tail_len;
+    if (kvx_wire_req_decode(type, body, len, &m, &tail, &tail_len) < 0) {
+        kvx__peer_fail(ep, p, TD_EPROTO, "bad control message type=%u len=%u", type, len);
         return;
     }
-    kvx_wire_req m;
-    memcpy(&m, body, sizeof(m));
-    const uint8_t *tail = body + sizeof(m);
-    uint32_t tail_len = len - (uint32_t)sizeof(m);
     kvx__req *r;
     switch (type) {
     case KVX_MSG_BEGIN:
@@ -825,18 +824,20 @@ static void on_ctrl(kvx_ep *ep, kvx__conn *c, uint32_t events)
         p->in.len += (size_t)n;
         p->last_rx_ns = td_now_ns();
         size_t off = 0;
-        while (p->in.len - off >= sizeof(kvx_wire_hdr)) {
+        for (;;) {
             kvx_wire_hdr h;
-            memcpy(&h, p->in.data + off, sizeof(h));
-            if (h.magic != KVX_WIRE_MAGIC_CTRL || h.len > KVX_WIRE_MAX_BODY) {
+            const uint8_t *body;
+            size_t used;
+            int rc = kvx_wire_msg_next(p->in.data + off, p->in.len - off, &h, &body, &used);
+            if (rc == 0) break;
+            if (rc < 0) {
                 kvx__peer_fail(ep, p, TD_EPROTO, "bad control header magic=%08x len=%u", h.magic,
                                h.len);
                 return;
             }
-            if (p->in.len - off < sizeof(h) + h.len) break;
-            handle_msg(ep, p, h.type, p->in.data + off + sizeof(h), h.len);
+            handle_msg(ep, p, h.type, body, h.len);
             if (p->dead) return;
-            off += sizeof(h) + h.len;
+            off += used;
         }
         buf_consume(&p->in, off);
     }
@@ -1012,8 +1013,12 @@ static void on_pending(kvx_ep *ep, kvx__conn *c, uint32_t events)
             if (pd->in.len == want) {
                 if (h.type == KVX_MSG_HELLO) {
                     kvx_wire_hello hello;
-                    memcpy(&hello, pd->in.data + sizeof(h), sizeof(hello));
-                    hello.transport[sizeof(hello.transport) - 1] = 0;
+                    if (kvx_wire_hello_decode(pd->in.data + sizeof(h), h.len, &hello) < 0) {
+                        td_log_warn(MOD, "bad_hello", "extra_len=%u", hello.extra_len);
+                        kvx__stat_add(&ep->st.frames_rejected, 1);
+                        pending_close(ep, pd);
+                        return;
+                    }
                     receiver_hello(ep, pd, &hello);
                     return;
                 }
@@ -1519,8 +1524,9 @@ int kvx_connect(kvx_ep *ep, const char *addr, int *peer, char *msg, size_t msg_l
         rc = TD_ENOMEM;
         goto fail;
     }
-    if ((rc = recv_exact(fd, &p->remote, sizeof(p->remote), &pass_fd)) < 0) goto fail;
-    p->remote.transport[sizeof(p->remote.transport) - 1] = 0;
+    uint8_t raw[sizeof(kvx_wire_hello)];
+    if ((rc = recv_exact(fd, raw, sizeof(raw), &pass_fd)) < 0) goto fail;
+    if ((rc = kvx_wire_hello_decode(raw, sizeof(raw), &p->remote)) < 0) goto fail;
     char field[32], m[KVX_ERR_MSG_MAX];
     if (kvx_wire_hello_check(&h, &p->remote, field, sizeof(field), m, sizeof(m)) < 0) {
         if (msg && msg_len) snprintf(msg, msg_len, "%s", m);

@@ -117,6 +117,35 @@ typedef struct kvx_wire_frame {
     uint64_t len;  /* payload bytes, must equal block_bytes */
 } kvx_wire_frame;  /* 32 bytes */
 
+/* Decoders for bytes from a peer. Each checks everything the receiving code
+ * relies on before it touches a field; none allocates or keeps a pointer. */
+
+/* Finds the next control message in buf[0..len). Returns 1 with *hdr, *body
+ * (pointing into buf, hdr->len bytes) and *used (header plus body bytes);
+ * 0 when buf does not hold a whole message yet; TD_EPROTO for a bad magic or a
+ * body longer than KVX_WIRE_MAX_BODY (the stream cannot be resynchronised). */
+int kvx_wire_msg_next(const uint8_t *buf, size_t len, kvx_wire_hdr *hdr, const uint8_t **body,
+                      size_t *used);
+
+/* Decodes the body of a request message (BEGIN, BEGIN_ACK, POST, CANCEL,
+ * CANCEL_ACK, DONE, FAIL): a kvx_wire_req, then a tail whose length must match
+ * req.n for the type: BEGIN n id bytes (1 <= n < KVX_REQ_ID_MAX), BEGIN_ACK
+ * n >= 1 uint32 block ids, POST n kvx_pair; the other types have no tail.
+ * *tail points into body. 0 or TD_EPROTO. */
+int kvx_wire_req_decode(uint16_t type, const uint8_t *body, uint32_t len, kvx_wire_req *req,
+                        const uint8_t **tail, uint32_t *tail_len);
+
+/* Decodes a HELLO or HELLO_ACK body: exactly sizeof(kvx_wire_hello) bytes,
+ * extra_len <= KVX_WIRE_EXTRA_MAX; transport comes back NUL-terminated.
+ * 0 or TD_EPROTO. */
+int kvx_wire_hello_decode(const uint8_t *body, uint32_t len, kvx_wire_hello *out);
+
+/* Checks a data frame header against the receiver's pool: magic, len ==
+ * block_bytes, layer < n_layers, dst < num_blocks. 0 or TD_EPROTO with the
+ * reason in msg (caller-owned, may be NULL). */
+int kvx_wire_frame_check(const kvx_wire_frame *f, uint64_t block_bytes, uint32_t n_layers,
+                         uint32_t num_blocks, char *msg, size_t msg_len);
+
 /* Compares two hellos field by field (version, transport, fingerprint, dtype,
  * block_size, block_bytes, n_layers, layout). Returns 0 when they agree, else
  * TD_EMISMATCH with the field name in field and "field mismatch: local=X

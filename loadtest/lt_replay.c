@@ -5,6 +5,7 @@
 #include "common/err.h"
 #include "common/log.h"
 #include "loadtest/lt_grpc.h"
+#include "loadtest/lt_sse.h"
 
 #include <arpa/inet.h>
 #include <cjson/cJSON.h>
@@ -22,8 +23,7 @@
 #include <unistd.h>
 #include <uv.h>
 
-#define LT_NO_REQ       SIZE_MAX
-#define LT_MAX_SSE_LINE (1 << 20) /* bytes; a longer SSE line is a protocol error */
+#define LT_NO_REQ SIZE_MAX
 
 /* ---- URL ---- */
 
@@ -114,12 +114,8 @@ struct conn {
     int64_t send_abs; /* td_now_ns() at send */
     int64_t now;      /* td_now_ns() of the read being parsed */
     http_parser parser;
-    int msg_done;         /* the response message is complete */
-    int done_seen;        /* data: [DONE] arrived */
-    int32_t usage_tokens; /* usage.completion_tokens, -1 when absent */
-    char sse_err[96];     /* first SSE-level error, "" when none */
-    char *line;           /* SSE line being assembled */
-    size_t line_len, line_cap;
+    int msg_done;     /* the response message is complete */
+    lt_sse sse;       /* the response body's event stream */
     char errbody[80]; /* start of a non-200 body */
     size_t errbody_len;
     struct conn *idle_next, *idle_prev;
@@ -200,7 +196,7 @@ static void finish(struct conn *c, enum lt_outcome outcome)
     r->outcome = outcome;
     r->e2e_ns = now - c->send_abs;
     if (outcome == LT_OK)
-        r->output_tokens = c->usage_tokens >= 0 ? c->usage_tokens : r->n_chunks;
+        r->output_tokens = c->sse.usage_tokens >= 0 ? c->sse.usage_tokens : r->n_chunks;
     else
         r->output_tokens = r->n_chunks;
     rp->ok += outcome == LT_OK;
@@ -259,7 +255,7 @@ static void on_handle_closed(uv_handle_t *h)
     else
         rp->all = c->all_next;
     if (c->all_next) c->all_next->all_prev = c->all_prev;
-    free(c->line);
+    lt_sse_free(&c->sse);
     free(c->owned_prompt);
     free(c);
 }
@@ -317,102 +313,16 @@ static void on_timeout(uv_timer_t *t)
          r->n_chunks);
 }
 
-/* ---- SSE ---- */
+/* ---- SSE (loadtest/lt_sse.c parses; this records) ---- */
 
-static void sse_error(struct conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sse_error(struct conn *c, const char *fmt, ...)
+static void on_sse_text(void *arg)
 {
-    if (c->sse_err[0]) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(c->sse_err, sizeof(c->sse_err), fmt, ap);
-    va_end(ap);
-}
-
-static void sse_data(struct conn *c, const char *p, size_t len)
-{
-    if (len == 6 && memcmp(p, "[DONE]", 6) == 0) {
-        c->done_seen = 1;
-        return;
-    }
-    cJSON *j = cJSON_ParseWithLength(p, len);
-    if (!j) {
-        sse_error(c, "SSE data is not JSON: %.40s", p);
-        return;
-    }
-    const cJSON *e = cJSON_GetObjectItemCaseSensitive(j, "error");
-    if (e) {
-        const cJSON *m = cJSON_IsObject(e) ? cJSON_GetObjectItemCaseSensitive(e, "message") : e;
-        sse_error(c, "error event: %.70s", cJSON_IsString(m) ? m->valuestring : "(no message)");
-    }
-    const cJSON *choices = cJSON_GetObjectItemCaseSensitive(j, "choices");
-    const cJSON *ch0 = cJSON_IsArray(choices) ? cJSON_GetArrayItem(choices, 0) : NULL;
-    if (ch0) {
-        const cJSON *text = cJSON_GetObjectItemCaseSensitive(ch0, "text");
-        if (!text) { /* chat completions stream deltas */
-            const cJSON *d = cJSON_GetObjectItemCaseSensitive(ch0, "delta");
-            text = d ? cJSON_GetObjectItemCaseSensitive(d, "content") : NULL;
-        }
-        if (cJSON_IsString(text) && text->valuestring[0] != '\0') {
-            lt_record *r = &c->rp->recs[c->req];
-            int64_t t = c->now - c->send_abs;
-            if (r->n_chunks == 0) r->ttft_ns = t;
-            if (r->n_chunks < r->chunk_cap) r->chunk_ns[r->n_chunks] = t;
-            r->n_chunks++;
-        }
-    }
-    const cJSON *usage = cJSON_GetObjectItemCaseSensitive(j, "usage");
-    const cJSON *ct =
-        cJSON_IsObject(usage) ? cJSON_GetObjectItemCaseSensitive(usage, "completion_tokens") : NULL;
-    if (cJSON_IsNumber(ct) && ct->valuedouble >= 0 && ct->valuedouble <= INT32_MAX)
-        c->usage_tokens = (int32_t)ct->valuedouble;
-    cJSON_Delete(j);
-}
-
-static void sse_line(struct conn *c, char *line, size_t len)
-{
-    if (len > 0 && line[len - 1] == '\r') len--;
-    if (len >= 5 && memcmp(line, "data:", 5) == 0) {
-        size_t off = (len > 5 && line[5] == ' ') ? 6 : 5;
-        sse_data(c, line + off, len - off);
-    }
-    /* Blank lines end events; "event:", "id:", "retry:" and ":" comments carry
-     * nothing the load test counts. */
-}
-
-static void sse_feed(struct conn *c, const char *p, size_t len)
-{
-    while (len > 0) {
-        const char *nl = memchr(p, '\n', len);
-        size_t take = nl ? (size_t)(nl - p) : len;
-        if (c->line_len == 0 && nl) {
-            sse_line(c, (char *)p, take); /* whole line in the buffer: no copy */
-        } else {
-            if (c->line_len + take + 1 > LT_MAX_SSE_LINE) {
-                sse_error(c, "SSE line longer than %d bytes", LT_MAX_SSE_LINE);
-                return;
-            }
-            if (c->line_len + take + 1 > c->line_cap) {
-                size_t cap = (c->line_len + take + 1) * 2;
-                char *nb = realloc(c->line, cap);
-                if (!nb) {
-                    sse_error(c, "out of memory");
-                    return;
-                }
-                c->line = nb;
-                c->line_cap = cap;
-            }
-            memcpy(c->line + c->line_len, p, take);
-            c->line_len += take;
-            if (nl) {
-                sse_line(c, c->line, c->line_len);
-                c->line_len = 0;
-            }
-        }
-        if (!nl) return;
-        p += take + 1;
-        len -= take + 1;
-    }
+    struct conn *c = arg;
+    lt_record *r = &c->rp->recs[c->req];
+    int64_t t = c->now - c->send_abs;
+    if (r->n_chunks == 0) r->ttft_ns = t;
+    if (r->n_chunks < r->chunk_cap) r->chunk_ns[r->n_chunks] = t;
+    r->n_chunks++;
 }
 
 /* ---- HTTP response ---- */
@@ -421,7 +331,7 @@ static int on_body(http_parser *hp, const char *at, size_t len)
 {
     struct conn *c = hp->data;
     if (hp->status_code == 200) {
-        sse_feed(c, at, len);
+        lt_sse_feed(&c->sse, at, len);
     } else {
         size_t room = sizeof(c->errbody) - 1 - c->errbody_len;
         size_t k = len < room ? len : room;
@@ -451,16 +361,13 @@ static void complete(struct conn *c)
 {
     lt_record *r = &c->rp->recs[c->req];
     int keep = http_should_keep_alive(&c->parser);
-    if (c->line_len > 0) {
-        sse_line(c, c->line, c->line_len); /* last line without a newline */
-        c->line_len = 0;
-    }
+    lt_sse_end(&c->sse);
     for (char *q = c->errbody; *q; q++)
         if (*q == '\n' || *q == '\r') *q = ' ';
-    if (r->http_status == 200 && c->sse_err[0]) {
-        snprintf(r->error, sizeof(r->error), "%s", c->sse_err);
+    if (r->http_status == 200 && c->sse.err[0]) {
+        snprintf(r->error, sizeof(r->error), "%s", c->sse.err);
         finish(c, LT_ERROR);
-    } else if (r->http_status == 200 && !c->done_seen) {
+    } else if (r->http_status == 200 && !c->sse.done_seen) {
         snprintf(r->error, sizeof(r->error), "stream ended without [DONE] (%d chunks)",
                  r->n_chunks);
         finish(c, LT_ERROR);
@@ -513,8 +420,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         complete(c);
     else if (he != HPE_OK)
         fail(c, "bad HTTP response: %s", http_errno_name(he));
-    else if (c->sse_err[0])
-        fail(c, "%s", c->sse_err);
+    else if (c->sse.err[0])
+        fail(c, "%s", c->sse.err);
 }
 
 /* ---- sending ---- */
@@ -526,12 +433,10 @@ static void conn_send(struct conn *c, size_t i)
     lt_record *r = &rp->recs[i];
     c->state = CONN_BUSY;
     c->req = i;
-    c->msg_done = c->done_seen = 0;
-    c->usage_tokens = -1;
-    c->sse_err[0] = '\0';
+    c->msg_done = 0;
+    lt_sse_reset(&c->sse);
     c->errbody[0] = '\0';
     c->errbody_len = 0;
-    c->line_len = 0;
     http_parser_init(&c->parser, HTTP_RESPONSE);
     c->parser.data = c;
 
@@ -632,6 +537,7 @@ static void conn_open(struct replay *rp, size_t i, int warm)
     }
     c->rp = rp;
     c->req = LT_NO_REQ;
+    lt_sse_init(&c->sse, on_sse_text, c);
     c->state = CONN_CONNECTING;
     c->warm = warm;
     uv_tcp_init(&rp->loop, &c->tcp);

@@ -500,7 +500,8 @@ int lt_trace_read_stream(FILE *fp, enum lt_format fmt, const lt_read_opts *opts,
         lt_trace_free(tr);
         return rc;
     }
-    if (tr->unsorted) qsort(tr->reqs, tr->n, sizeof(lt_req), cmp_req_time);
+    /* n may be 0 (every row skipped): qsort must not see a NULL array */
+    if (tr->unsorted && tr->n > 1) qsort(tr->reqs, tr->n, sizeof(lt_req), cmp_req_time);
     /* The window is applied once sorted, on the earliest row's clock. */
     if (r.o->start_s > 0 || r.o->end_s > 0) {
         size_t kept = 0;

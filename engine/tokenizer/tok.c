@@ -80,7 +80,9 @@ int tok__alloc_vocab(tok_tokenizer *t, int32_t n_vocab)
 int tok__arena_put(tok_tokenizer *t, const void *bytes, size_t len, uint32_t *off)
 {
     if (len > UINT32_MAX - t->arena_len) return TD_ERANGE;
-    if (t->arena_len + len > t->arena_cap) {
+    /* Allocated on the first put even when len is 0, so t->arena + off is
+     * never arithmetic on NULL (a vocabulary of empty pieces). */
+    if (t->arena == NULL || t->arena_len + len > t->arena_cap) {
         size_t cap = t->arena_cap ? t->arena_cap : 4096;
         while (cap < t->arena_len + len)
             cap *= 2;

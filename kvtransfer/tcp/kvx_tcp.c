@@ -322,16 +322,11 @@ static void on_recv_conn(kvx_ep *ep, kvx__conn *c, uint32_t events)
             if (d->rh_got < sizeof(d->rh)) continue;
             d->rh_got = 0;
             const kvx_wire_frame *h = &d->rh;
-            if (h->magic != KVX_WIRE_MAGIC_FRAME || h->len != ep->block_bytes) {
+            char why[96];
+            if (kvx_wire_frame_check(h, ep->block_bytes, ep->p.layout.n_layers,
+                                     ep->p.layout.num_blocks, why, sizeof(why)) < 0) {
                 kvx__stat_add(&ep->st.frames_rejected, 1);
-                kvx__peer_fail(ep, p, TD_EPROTO, "bad frame header magic=%08x len=%llu", h->magic,
-                               (unsigned long long)h->len);
-                return;
-            }
-            if (h->layer >= ep->p.layout.n_layers || h->dst >= ep->p.layout.num_blocks) {
-                kvx__stat_add(&ep->st.frames_rejected, 1);
-                kvx__peer_fail(ep, p, TD_EPROTO, "frame out of range layer=%u dst=%u", h->layer,
-                               h->dst);
+                kvx__peer_fail(ep, p, TD_EPROTO, "%s", why);
                 return;
             }
             int bad;

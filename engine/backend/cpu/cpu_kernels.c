@@ -5,6 +5,7 @@
 #include <string.h>
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define CK_HAVE_X86 1
 #endif
@@ -301,6 +302,16 @@ static void (*ck__matmul_impl)(float *, int, const float *, const float *, const
                                int, int) = ck__matmul_generic;
 static const char *ck__name = "generic";
 
+#ifdef CK_HAVE_X86
+/* F16C from CPUID leaf 1 (clang before 16 rejects "f16c" in
+ * __builtin_cpu_supports). */
+static int ck__has_f16c(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+#endif
+
 static void ck__select(void)
 {
 #ifdef CK_HAVE_X86
@@ -312,7 +323,7 @@ static void ck__select(void)
         ck__accum_impl = ck__accum_avx2;
         ck__name = "avx2";
     }
-    if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")) {
+    if (__builtin_cpu_supports("avx") && ck__has_f16c()) {
         ck__to_f16_impl = ck__to_f16_f16c;
         ck__from_f16_impl = ck__from_f16_f16c;
     }
