@@ -14,6 +14,7 @@
 
 #include "common/err.h"
 #include "common/log.h"
+#include "kvtransfer/cuda/kvx_cuda.h"
 #include "kvtransfer/kvx_internal.h"
 
 #define MOD "kvx_cuda_ipc"
@@ -37,52 +38,12 @@ typedef struct ipc_peer {
     size_t bytes;
 } ipc_peer;
 
-static int cuda_err(cudaError_t e, const char *what)
-{
-    if (e == cudaSuccess) return 0;
-    td_log_error(MOD, "cuda_error", "call=%s err=%d msg=\"%s\"", what, (int)e,
-                 cudaGetErrorString(e));
-    return e == cudaErrorMemoryAllocation ? TD_ENOMEM : TD_EIO;
-}
-
-static int ipc_available(char *why, size_t n)
-{
-    int count = 0;
-    cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess || count == 0) {
-        /* Any error here means no usable device (no driver, no GPU). */
-        if (why && n)
-            snprintf(why, n, "no CUDA device (cudaGetDeviceCount: %s)",
-                     e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
-        return 0;
-    }
-    if (why && n) why[0] = 0;
-    return 1;
-}
-
-/* CUDA's current device is per thread: the progress thread needs it too. */
-static void ipc_thread_init(kvx_ep *ep)
-{
-    cuda_err(cudaSetDevice(ep->p.cuda_device), "cudaSetDevice");
-}
-
 static int ipc_ep_init(kvx_ep *ep)
 {
     ipc_ep *t = calloc(1, sizeof(*t));
     if (!t) return TD_ENOMEM;
     ep->tp = t;
-    int rc = cuda_err(cudaSetDevice(ep->p.cuda_device), "cudaSetDevice");
-    if (rc == 0)
-        rc = cuda_err(cudaStreamCreateWithFlags(&t->stream, cudaStreamNonBlocking),
-                      "cudaStreamCreate");
-    if (rc == 0 && !ep->pool) {
-        rc = cuda_err(cudaMalloc(&t->owned_pool, ep->pool_bytes), "cudaMalloc");
-        if (rc == 0) {
-            ep->pool = t->owned_pool;
-            ep->pool_owned = 1;
-        }
-    }
-    return rc;
+    return kvx__cuda_ep_setup(MOD, ep, &t->stream, &t->owned_pool);
 }
 
 static void ipc_ep_fini(kvx_ep *ep)
@@ -107,7 +68,7 @@ static int ipc_ack_extra(kvx_ep *ep, kvx__peer *p, kvx_wire_hello *ack, int *fd)
 {
     cudaIpcMemHandle_t h;
     _Static_assert(sizeof(h) + sizeof(uint64_t) <= KVX_WIRE_EXTRA_MAX, "ipc handle fits");
-    int rc = cuda_err(cudaIpcGetMemHandle(&h, ep->pool), "cudaIpcGetMemHandle");
+    int rc = kvx__cuda_err(MOD, cudaIpcGetMemHandle(&h, ep->pool), "cudaIpcGetMemHandle");
     if (rc < 0) return rc;
     uint64_t bytes = ep->pool_bytes;
     memcpy(ack->extra, &bytes, sizeof(bytes));
@@ -130,11 +91,11 @@ static int ipc_peer_attach(kvx_ep *ep, kvx__peer *p, int fd)
         (uint64_t)h->n_layers * h->num_blocks > UINT64_MAX / h->block_bytes ||
         (uint64_t)h->n_layers * h->num_blocks * h->block_bytes != bytes)
         return TD_EPROTO;
-    int rc = cuda_err(cudaSetDevice(ep->p.cuda_device), "cudaSetDevice");
+    int rc = kvx__cuda_err(MOD, cudaSetDevice(ep->p.cuda_device), "cudaSetDevice");
     void *ptr = NULL;
     if (rc == 0)
-        rc = cuda_err(cudaIpcOpenMemHandle(&ptr, mh, cudaIpcMemLazyEnablePeerAccess),
-                      "cudaIpcOpenMemHandle");
+        rc = kvx__cuda_err(MOD, cudaIpcOpenMemHandle(&ptr, mh, cudaIpcMemLazyEnablePeerAccess),
+                           "cudaIpcOpenMemHandle");
     if (rc < 0) return rc;
     ipc_peer *ip = calloc(1, sizeof(*ip));
     if (!ip) {
@@ -192,14 +153,16 @@ static int ipc_send_post(kvx_ep *ep, kvx__peer *p, kvx__post *post)
     for (int i = 0; i < post->n && rc == 0; i++) {
         const kvx_pair *pr = &post->pairs[i];
         size_t doff = ((size_t)post->layer * remote_blocks + pr->dst) * bb;
-        rc = cuda_err(cudaMemcpyAsync(ip->remote + doff,
-                                      kvx__block_ptr(ep, ep->pool, post->layer, pr->src), bb,
-                                      cudaMemcpyDeviceToDevice, t->stream),
-                      "cudaMemcpyAsync");
+        rc = kvx__cuda_err(MOD,
+                           cudaMemcpyAsync(ip->remote + doff,
+                                           kvx__block_ptr(ep, ep->pool, post->layer, pr->src), bb,
+                                           cudaMemcpyDeviceToDevice, t->stream),
+                           "cudaMemcpyAsync");
     }
     if (rc == 0)
-        rc = cuda_err(cudaEventCreateWithFlags(&pd->ev, cudaEventDisableTiming), "cudaEventCreate");
-    if (rc == 0) rc = cuda_err(cudaEventRecord(pd->ev, t->stream), "cudaEventRecord");
+        rc = kvx__cuda_err(MOD, cudaEventCreateWithFlags(&pd->ev, cudaEventDisableTiming),
+                           "cudaEventCreate");
+    if (rc == 0) rc = kvx__cuda_err(MOD, cudaEventRecord(pd->ev, t->stream), "cudaEventRecord");
     if (rc < 0) {
         /* Copies may have been queued: wait for them before giving up. */
         cudaStreamSynchronize(t->stream);
@@ -235,7 +198,7 @@ static int ipc_progress(kvx_ep *ep)
         kvx__peer *p = pd->peer;
         free(pd);
         if (e != cudaSuccess) {
-            cuda_err(e, "cudaEventQuery");
+            kvx__cuda_err(MOD, e, "cudaEventQuery");
             kvx__req *r = post->req;
             kvx__post_done(ep, post);
             if (r->used) kvx__sreq_finish(ep, r, TD_EIO, "device copy failed", 1);
@@ -258,8 +221,8 @@ const kvx__ops kvx__cuda_ipc_ops = {
     .cancel_ack = 1,
     .unix_ctrl = 1,
     .own_pool = 1,
-    .available = ipc_available,
-    .thread_init = ipc_thread_init,
+    .available = kvx__cuda_available,
+    .thread_init = kvx__cuda_thread_init,
     .ep_init = ipc_ep_init,
     .ep_fini = ipc_ep_fini,
     .ack_extra = ipc_ack_extra,

@@ -23,6 +23,7 @@
 #include "common/clock.h"
 #include "common/err.h"
 #include "common/log.h"
+#include "kvtransfer/cuda/kvx_cuda.h"
 #include "kvtransfer/kvx_internal.h"
 #include "kvtransfer/kvx_plan.h"
 
@@ -58,14 +59,6 @@ typedef struct nccl_peer {
     uint64_t mem_bytes;
 } nccl_peer;
 
-static int cuda_err(cudaError_t e, const char *what)
-{
-    if (e == cudaSuccess) return 0;
-    td_log_error(MOD, "cuda_error", "call=%s err=%d msg=\"%s\"", what, (int)e,
-                 cudaGetErrorString(e));
-    return e == cudaErrorMemoryAllocation ? TD_ENOMEM : TD_EIO;
-}
-
 static int nccl_err(ncclResult_t r, const char *what)
 {
     if (r == ncclSuccess) return 0;
@@ -74,43 +67,12 @@ static int nccl_err(ncclResult_t r, const char *what)
     return TD_EIO;
 }
 
-static int n_available(char *why, size_t n)
-{
-    int count = 0;
-    cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess || count == 0) {
-        if (why && n)
-            snprintf(why, n, "no CUDA device (cudaGetDeviceCount: %s)",
-                     e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
-        return 0;
-    }
-    if (why && n) why[0] = 0;
-    return 1;
-}
-
-/* CUDA's current device is per thread: the progress thread needs it too. */
-static void n_thread_init(kvx_ep *ep)
-{
-    cuda_err(cudaSetDevice(ep->p.cuda_device), "cudaSetDevice");
-}
-
 static int n_ep_init(kvx_ep *ep)
 {
     nccl_ep *t = calloc(1, sizeof(*t));
     if (!t) return TD_ENOMEM;
     ep->tp = t;
-    int rc = cuda_err(cudaSetDevice(ep->p.cuda_device), "cudaSetDevice");
-    if (rc == 0)
-        rc = cuda_err(cudaStreamCreateWithFlags(&t->stream, cudaStreamNonBlocking),
-                      "cudaStreamCreate");
-    if (rc == 0 && !ep->pool) {
-        rc = cuda_err(cudaMalloc(&t->owned_pool, ep->pool_bytes), "cudaMalloc");
-        if (rc == 0) {
-            ep->pool = t->owned_pool;
-            ep->pool_owned = 1;
-        }
-    }
-    return rc;
+    return kvx__cuda_ep_setup(MOD, ep, &t->stream, &t->owned_pool);
 }
 
 static void pending_free(nccl_pending *pd)
@@ -289,8 +251,9 @@ static int n_send_post(kvx_ep *ep, kvx__peer *p, kvx__post *post)
         if (rc == 0) rc = rc2;
     }
     if (rc == 0)
-        rc = cuda_err(cudaEventCreateWithFlags(&pd->ev, cudaEventDisableTiming), "cudaEventCreate");
-    if (rc == 0) rc = cuda_err(cudaEventRecord(pd->ev, t->stream), "cudaEventRecord");
+        rc = kvx__cuda_err(MOD, cudaEventCreateWithFlags(&pd->ev, cudaEventDisableTiming),
+                           "cudaEventCreate");
+    if (rc == 0) rc = kvx__cuda_err(MOD, cudaEventRecord(pd->ev, t->stream), "cudaEventRecord");
     free(ops);
     if (rc < 0) {
         if (pd) pending_free(pd);
@@ -353,8 +316,9 @@ static int n_recv_post(kvx_ep *ep, kvx__peer *p, kvx__req *r, uint32_t layer, co
     int rc2 = nccl_err(ncclGroupEnd(), "ncclGroupEnd");
     if (rc == 0) rc = rc2;
     if (rc == 0)
-        rc = cuda_err(cudaEventCreateWithFlags(&pd->ev, cudaEventDisableTiming), "cudaEventCreate");
-    if (rc == 0) rc = cuda_err(cudaEventRecord(pd->ev, t->stream), "cudaEventRecord");
+        rc = kvx__cuda_err(MOD, cudaEventCreateWithFlags(&pd->ev, cudaEventDisableTiming),
+                           "cudaEventCreate");
+    if (rc == 0) rc = kvx__cuda_err(MOD, cudaEventRecord(pd->ev, t->stream), "cudaEventRecord");
     free(ops);
     if (rc < 0) {
         pd->pairs = copy;
@@ -490,8 +454,8 @@ const kvx__ops kvx__nccl_ops = {
     .name = "nccl",
     .cancel_ack = 1,
     .unix_ctrl = 0,
-    .available = n_available,
-    .thread_init = n_thread_init,
+    .available = kvx__cuda_available,
+    .thread_init = kvx__cuda_thread_init,
     .ep_init = n_ep_init,
     .ep_fini = n_ep_fini,
     .hello_extra = n_hello_extra,
