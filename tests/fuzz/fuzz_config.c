@@ -17,6 +17,7 @@ struct opts {
     bool enabled;
     int64_t window_ns;
     uint64_t pool_bytes, max_body;
+    struct cfg_list stop;
 };
 
 static const struct cfg_option table[] = {
@@ -34,6 +35,7 @@ static const struct cfg_option table[] = {
      offsetof(struct opts, pool_bytes), 0},
     {"router.http.max_body", CFG_SIZE, NULL, NULL, NULL, NULL, "body",
      offsetof(struct opts, max_body), 0},
+    {"stop", CFG_LIST, "</s>", NULL, NULL, NULL, "stop strings", offsetof(struct opts, stop), 0},
 };
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -77,6 +79,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int rc = cfg_parse(c, argc, argv);
     if (rc == 0) {
         (void)cfg_source(c, "router.port");
+        for (size_t i = 0; i < o.stop.n; i++)
+            (void)strlen(o.stop.v[i]);
         int np;
         (void)cfg_positional(c, &np);
     }
