@@ -8,6 +8,8 @@
 #ifndef TANDEM_COMMON_ERR_H
 #define TANDEM_COMMON_ERR_H
 
+#include <stddef.h>
+
 /* X(name, value, message) */
 #define TD_ERR_MAP(X)                                                                              \
     X(EINVAL, -1, "invalid argument")                                                              \
@@ -45,6 +47,16 @@ const char *td_strerror(int err);
 
 /* Static name of a code, e.g. "TD_EINVAL". */
 const char *td_err_name(int err);
+
+/* Writes a printf-style reason into err[errlen] (nothing when err is NULL or
+ * errlen is 0): the "char *err, size_t errlen" out-parameter that loaders and
+ * parsers take next to their TD_E* return code. */
+void td_err_set(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* td_err_set, then returns code: `return td_err_fail(err, errlen, TD_EFORMAT, ...);` */
+int td_err_fail(char *err, size_t errlen, int code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
 /* Converts an errno value (positive) to a TD_E* code. */
 int td_err_from_errno(int errnum);

@@ -261,15 +261,15 @@ static int gg__read_meta(gguf_rd *r, uint64_t n_kv, gguf_meta *g, const char *pa
             if (!dst) {
                 gg__skip(r, t, 2);
             } else if (gg__num(r, t, dst) != 0 && !r->bad) {
-                return mdl__fail(err, errlen, TD_EFORMAT, "%s: metadata %.*s is not a number", path,
-                                 (int)kl, k);
+                return td_err_fail(err, errlen, TD_EFORMAT, "%s: metadata %.*s is not a number",
+                                   path, (int)kl, k);
             }
         }
         if (r->bad) break;
         if (pass == 0 && !g->arch[0])
-            return mdl__fail(err, errlen, TD_EFORMAT, "%s: no general.architecture", path);
+            return td_err_fail(err, errlen, TD_EFORMAT, "%s: no general.architecture", path);
     }
-    if (r->bad) return mdl__fail(err, errlen, TD_EFORMAT, "%s: metadata runs past the end", path);
+    if (r->bad) return td_err_fail(err, errlen, TD_EFORMAT, "%s: metadata runs past the end", path);
     return 0;
 }
 
@@ -296,16 +296,17 @@ static int gg__get(mdl_model *m, const gguf_tensor *ts, uint64_t n, size_t data_
         }
     if (!t) {
         if (!required) return 0;
-        return mdl__fail(err, errlen, TD_EFORMAT, "%s: missing tensor \"%s\"", path, name);
+        return td_err_fail(err, errlen, TD_EFORMAT, "%s: missing tensor \"%s\"", path, name);
     }
     int ok = cols ? (t->n_dims == 2 && t->ne[0] == (uint64_t)cols && t->ne[1] == (uint64_t)rows)
                   : (t->n_dims == 1 && t->ne[0] == (uint64_t)rows);
     if (!ok)
-        return mdl__fail(err, errlen, TD_EFORMAT,
-                         "%s: tensor \"%s\" has %u dims ne=[%llu, %llu], expected ne=[%lld, %lld]",
-                         path, name, t->n_dims, (unsigned long long)t->ne[0],
-                         (unsigned long long)(t->n_dims > 1 ? t->ne[1] : 1),
-                         (long long)(cols ? cols : rows), (long long)(cols ? rows : 1));
+        return td_err_fail(
+            err, errlen, TD_EFORMAT,
+            "%s: tensor \"%s\" has %u dims ne=[%llu, %llu], expected ne=[%lld, %lld]", path, name,
+            t->n_dims, (unsigned long long)t->ne[0],
+            (unsigned long long)(t->n_dims > 1 ? t->ne[1] : 1), (long long)(cols ? cols : rows),
+            (long long)(cols ? rows : 1));
     enum sft_dtype dt;
     size_t es;
     switch (t->type) {
@@ -322,20 +323,20 @@ static int gg__get(mdl_model *m, const gguf_tensor *ts, uint64_t n, size_t data_
         es = 2;
         break;
     default:
-        return mdl__fail(err, errlen, TD_EUNSUPPORTED,
-                         "%s: tensor \"%s\" has ggml type %u (only F32, F16, BF16 are supported)",
-                         path, name, t->type);
+        return td_err_fail(err, errlen, TD_EUNSUPPORTED,
+                           "%s: tensor \"%s\" has ggml type %u (only F32, F16, BF16 are supported)",
+                           path, name, t->type);
     }
     /* rows and cols are bounded by mdl__check_config, so this cannot overflow. */
     size_t count = (size_t)rows * (size_t)(cols ? cols : 1), bytes = count * es;
     size_t room = fbytes - data_start;
     if (t->offset > room || bytes > room - (size_t)t->offset)
-        return mdl__fail(err, errlen, TD_EFORMAT,
-                         "%s: tensor \"%s\" data (offset %llu, %zu bytes) lies outside the file",
-                         path, name, (unsigned long long)t->offset, bytes);
+        return td_err_fail(err, errlen, TD_EFORMAT,
+                           "%s: tensor \"%s\" data (offset %llu, %zu bytes) lies outside the file",
+                           path, name, (unsigned long long)t->offset, bytes);
     const unsigned char *src = (const unsigned char *)m->storage->map + data_start + t->offset;
     if (mdl__to_f32(m, src, dt, count, out) != 0)
-        return mdl__fail(err, errlen, TD_ENOMEM, "out of memory converting \"%s\"", name);
+        return td_err_fail(err, errlen, TD_ENOMEM, "out of memory converting \"%s\"", name);
     return 0;
 }
 
@@ -344,19 +345,19 @@ int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen)
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         int e = errno;
-        return mdl__fail(err, errlen, td_err_from_errno(e), "cannot open %s: %s", path,
-                         strerror(e));
+        return td_err_fail(err, errlen, td_err_from_errno(e), "cannot open %s: %s", path,
+                           strerror(e));
     }
     struct stat st;
     if (fstat(fd, &st) != 0 || st.st_size < 24) {
         close(fd);
-        return mdl__fail(err, errlen, TD_EFORMAT, "%s: truncated GGUF header", path);
+        return td_err_fail(err, errlen, TD_EFORMAT, "%s: truncated GGUF header", path);
     }
     size_t fbytes = (size_t)st.st_size;
     void *map = mmap(NULL, fbytes, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (map == MAP_FAILED)
-        return mdl__fail(err, errlen, TD_EIO, "mmap %s: %s", path, strerror(errno));
+        return td_err_fail(err, errlen, TD_EIO, "mmap %s: %s", path, strerror(errno));
     m->storage->map = map;
     m->storage->map_bytes = fbytes;
 
@@ -365,11 +366,11 @@ int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen)
     uint32_t version = (uint32_t)gg__u(&r, 4);
     uint64_t n_tensors = gg__u(&r, 8), n_kv = gg__u(&r, 8);
     if (version < 2 || version > 3)
-        return mdl__fail(err, errlen, TD_EUNSUPPORTED,
-                         "%s: GGUF version %u (2 and 3 are supported)", path, version);
+        return td_err_fail(err, errlen, TD_EUNSUPPORTED,
+                           "%s: GGUF version %u (2 and 3 are supported)", path, version);
     if (n_tensors > GGUF_MAX_COUNT || n_kv > GGUF_MAX_COUNT)
-        return mdl__fail(err, errlen, TD_EFORMAT, "%s: %llu tensors / %llu metadata entries", path,
-                         (unsigned long long)n_tensors, (unsigned long long)n_kv);
+        return td_err_fail(err, errlen, TD_EFORMAT, "%s: %llu tensors / %llu metadata entries",
+                           path, (unsigned long long)n_tensors, (unsigned long long)n_kv);
     gguf_meta g = {.theta = 10000.0, .eps = 1e-5, .alignment = 32, .bos = -1, .eos = -1};
     int rc = gg__read_meta(&r, n_kv, &g, path, err, errlen);
     if (rc != 0) return rc;
@@ -377,9 +378,9 @@ int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen)
     mdl_config *c = &m->cfg;
     int is_llama = strcmp(g.arch, "llama") == 0, is_qwen2 = strcmp(g.arch, "qwen2") == 0;
     if (!is_llama && !is_qwen2)
-        return mdl__fail(err, errlen, TD_EUNSUPPORTED,
-                         "%s: unsupported GGUF architecture \"%s\" (llama and qwen2 are)", path,
-                         g.arch);
+        return td_err_fail(err, errlen, TD_EUNSUPPORTED,
+                           "%s: unsupported GGUF architecture \"%s\" (llama and qwen2 are)", path,
+                           g.arch);
     snprintf(c->arch, sizeof(c->arch), "gguf:%s", g.arch);
     c->format = MDL_FORMAT_GGUF;
     c->rope_layout = is_llama ? MDL_ROPE_ADJACENT : MDL_ROPE_HALF;
@@ -388,27 +389,27 @@ int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen)
     if (gg__int(g.dim, &c->dim) || gg__int(g.hidden, &c->hidden_dim) ||
         gg__int(g.layers, &c->n_layers) || gg__int(g.heads, &c->n_heads) ||
         gg__int(g.kv_heads, &c->n_kv_heads) || gg__int(g.ctx, &c->max_seq_len) || c->n_heads == 0)
-        return mdl__fail(err, errlen, TD_EFORMAT, "%s: missing or bad %s.* dimensions", path,
-                         g.arch);
+        return td_err_fail(err, errlen, TD_EFORMAT, "%s: missing or bad %s.* dimensions", path,
+                           g.arch);
     c->head_dim = c->dim / c->n_heads;
     if (g.key_len != 0 && gg__int(g.key_len, &c->head_dim))
-        return mdl__fail(err, errlen, TD_EFORMAT, "%s: bad attention.key_length", path);
+        return td_err_fail(err, errlen, TD_EFORMAT, "%s: bad attention.key_length", path);
     c->norm_eps = (float)g.eps;
     c->rope_theta = (float)g.theta;
     c->bos_id = g.bos >= 0 && g.bos <= INT32_MAX ? (int32_t)g.bos : -1;
     c->eos_id = g.eos >= 0 && g.eos <= INT32_MAX ? (int32_t)g.eos : -1;
     int align;
     if (gg__int(g.alignment, &align) || align == 0 || (align & (align - 1)))
-        return mdl__fail(err, errlen, TD_EFORMAT, "%s: bad general.alignment", path);
+        return td_err_fail(err, errlen, TD_EFORMAT, "%s: bad general.alignment", path);
 
     /* Each tensor info takes at least 32 bytes (name length, n_dims, one dim,
      * type, offset): a count the rest of the file cannot hold is refused
      * before it sizes an allocation (up to 1.2 GB for a 24-byte header). */
     if (n_tensors > (r.len - r.off) / 32)
-        return mdl__fail(err, errlen, TD_EFORMAT, "%s: %llu tensors do not fit in the file", path,
-                         (unsigned long long)n_tensors);
+        return td_err_fail(err, errlen, TD_EFORMAT, "%s: %llu tensors do not fit in the file", path,
+                           (unsigned long long)n_tensors);
     gguf_tensor *ts = calloc(n_tensors ? (size_t)n_tensors : 1, sizeof(*ts));
-    if (!ts) return mdl__fail(err, errlen, TD_ENOMEM, "out of memory");
+    if (!ts) return td_err_fail(err, errlen, TD_ENOMEM, "out of memory");
     for (uint64_t i = 0; i < n_tensors && !r.bad; i++) {
         gguf_tensor *t = &ts[i];
         t->name = gg__str(&r, &t->name_len);
@@ -422,7 +423,7 @@ int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen)
     size_t data_start = (r.off + (size_t)align - 1) & ~((size_t)align - 1);
     if (r.bad || data_start > fbytes) {
         free(ts);
-        return mdl__fail(err, errlen, TD_EFORMAT, "%s: tensor table runs past the end", path);
+        return td_err_fail(err, errlen, TD_EFORMAT, "%s: tensor table runs past the end", path);
     }
     if (c->vocab_size == 0) {
         for (uint64_t i = 0; i < n_tensors; i++)
@@ -447,7 +448,7 @@ int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen)
     int64_t qd = (int64_t)c->n_heads * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim;
     m->layers = calloc((size_t)c->n_layers, sizeof(*m->layers));
     if (!m->layers) {
-        rc = mdl__fail(err, errlen, TD_ENOMEM, "out of memory");
+        rc = td_err_fail(err, errlen, TD_ENOMEM, "out of memory");
         goto out;
     }
     GG_GET(m->tok_embed, "token_embd.weight", V, d, 1);
@@ -477,8 +478,8 @@ int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen)
         GG_LAYER(w_down, "ffn_down.weight", d, hd, 1);
 #undef GG_LAYER
         if ((ly->bq != NULL) != (ly->bk != NULL) || (ly->bq != NULL) != (ly->bv != NULL)) {
-            rc = mdl__fail(err, errlen, TD_EFORMAT,
-                           "%s: layer %d has some but not all of the q/k/v biases", path, l);
+            rc = td_err_fail(err, errlen, TD_EFORMAT,
+                             "%s: layer %d has some but not all of the q/k/v biases", path, l);
             goto out;
         }
         if (ly->bq) c->qkv_bias = 1;

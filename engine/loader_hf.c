@@ -20,8 +20,8 @@ static int hf__read_file(const char *path, char **out, size_t *len, char *err, s
     FILE *f = fopen(path, "rb");
     if (!f) {
         int e = errno;
-        return mdl__fail(err, errlen, td_err_from_errno(e), "cannot open %s: %s", path,
-                         strerror(e));
+        return td_err_fail(err, errlen, td_err_from_errno(e), "cannot open %s: %s", path,
+                           strerror(e));
     }
     char *buf = NULL;
     size_t n = 0, cap = 0;
@@ -30,15 +30,15 @@ static int hf__read_file(const char *path, char **out, size_t *len, char *err, s
             if (cap >= HF_MAX_JSON) {
                 free(buf);
                 fclose(f);
-                return mdl__fail(err, errlen, TD_EFORMAT, "%s is larger than %u bytes", path,
-                                 HF_MAX_JSON);
+                return td_err_fail(err, errlen, TD_EFORMAT, "%s is larger than %u bytes", path,
+                                   HF_MAX_JSON);
             }
             cap = cap ? 2 * cap : 4096;
             char *nb = realloc(buf, cap + 1);
             if (!nb) {
                 free(buf);
                 fclose(f);
-                return mdl__fail(err, errlen, TD_ENOMEM, "out of memory");
+                return td_err_fail(err, errlen, TD_ENOMEM, "out of memory");
             }
             buf = nb;
         }
@@ -50,7 +50,7 @@ static int hf__read_file(const char *path, char **out, size_t *len, char *err, s
     fclose(f);
     if (bad) {
         free(buf);
-        return mdl__fail(err, errlen, TD_EIO, "read error on %s", path);
+        return td_err_fail(err, errlen, TD_EIO, "read error on %s", path);
     }
     buf[n] = '\0';
     *out = buf;
@@ -64,13 +64,14 @@ static int hf__int(const cJSON *root, const char *key, int *out, int required, c
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
     if (!v || cJSON_IsNull(v)) {
-        if (required) return mdl__fail(err, errlen, TD_EFORMAT, "config.json: missing \"%s\"", key);
+        if (required)
+            return td_err_fail(err, errlen, TD_EFORMAT, "config.json: missing \"%s\"", key);
         return 0;
     }
     /* Range first: converting an out-of-range double to int is undefined. */
     if (!cJSON_IsNumber(v) || !(v->valuedouble >= INT_MIN && v->valuedouble <= INT_MAX) ||
         v->valuedouble != (double)(int)v->valuedouble)
-        return mdl__fail(err, errlen, TD_EFORMAT, "config.json: \"%s\" is not an integer", key);
+        return td_err_fail(err, errlen, TD_EFORMAT, "config.json: \"%s\" is not an integer", key);
     *out = (int)v->valuedouble;
     return 0;
 }
@@ -80,7 +81,7 @@ static int hf__float(const cJSON *root, const char *key, float *out, char *err, 
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
     if (!v || cJSON_IsNull(v)) return 0;
     if (!cJSON_IsNumber(v))
-        return mdl__fail(err, errlen, TD_EFORMAT, "config.json: \"%s\" is not a number", key);
+        return td_err_fail(err, errlen, TD_EFORMAT, "config.json: \"%s\" is not a number", key);
     *out = (float)v->valuedouble;
     return 0;
 }
@@ -110,7 +111,7 @@ static int hf__parse_rope_scaling(const cJSON *root, mdl_config *c, const char *
     if (rc != 0) return rc;
     if (strcmp(type, "default") == 0) return 0;
     if (!(c->rope_factor > 0.0f))
-        return mdl__fail(err, errlen, TD_EFORMAT, "%s: rope_scaling factor must be > 0", path);
+        return td_err_fail(err, errlen, TD_EFORMAT, "%s: rope_scaling factor must be > 0", path);
     if (strcmp(type, "linear") == 0) {
         c->rope_scaling = MDL_ROPE_SCALING_LINEAR;
         return 0;
@@ -127,13 +128,13 @@ static int hf__parse_rope_scaling(const cJSON *root, mdl_config *c, const char *
             return rc;
         if (!(c->rope_high_freq_factor > c->rope_low_freq_factor) ||
             !(c->rope_low_freq_factor > 0.0f) || c->rope_orig_max_pos <= 0)
-            return mdl__fail(err, errlen, TD_EFORMAT, "%s: bad llama3 rope_scaling parameters",
-                             path);
+            return td_err_fail(err, errlen, TD_EFORMAT, "%s: bad llama3 rope_scaling parameters",
+                               path);
         return 0;
     }
-    return mdl__fail(err, errlen, TD_EUNSUPPORTED,
-                     "%s: rope_scaling type \"%s\" is not supported (linear, llama3 are)", path,
-                     type);
+    return td_err_fail(err, errlen, TD_EUNSUPPORTED,
+                       "%s: rope_scaling type \"%s\" is not supported (linear, llama3 are)", path,
+                       type);
 }
 
 static int hf__parse_config(const char *dir, mdl_config *c, char *err, size_t errlen)
@@ -148,7 +149,7 @@ static int hf__parse_config(const char *dir, mdl_config *c, char *err, size_t er
     free(text);
     if (!root || !cJSON_IsObject(root)) {
         cJSON_Delete(root);
-        return mdl__fail(err, errlen, TD_EFORMAT, "%s is not a JSON object", path);
+        return td_err_fail(err, errlen, TD_EFORMAT, "%s is not a JSON object", path);
     }
     c->format = MDL_FORMAT_HF;
     c->rope_layout = MDL_ROPE_HALF;
@@ -174,17 +175,17 @@ static int hf__parse_config(const char *dir, mdl_config *c, char *err, size_t er
     int is_qwen2 = strcmp(arch, "Qwen2ForCausalLM") == 0;
     if (strcmp(arch, "LlamaForCausalLM") != 0 && strcmp(arch, "MistralForCausalLM") != 0 &&
         !is_qwen2) {
-        rc = mdl__fail(err, errlen, TD_EUNSUPPORTED,
-                       "%s: unsupported architecture \"%s\" (supported: LlamaForCausalLM, "
-                       "MistralForCausalLM, Qwen2ForCausalLM)",
-                       path, arch);
+        rc = td_err_fail(err, errlen, TD_EUNSUPPORTED,
+                         "%s: unsupported architecture \"%s\" (supported: LlamaForCausalLM, "
+                         "MistralForCausalLM, Qwen2ForCausalLM)",
+                         path, arch);
         goto out;
     }
     c->qkv_bias = is_qwen2;
     const cJSON *act = cJSON_GetObjectItemCaseSensitive(root, "hidden_act");
     if (cJSON_IsString(act) && strcmp(act->valuestring, "silu") != 0) {
-        rc = mdl__fail(err, errlen, TD_EUNSUPPORTED, "%s: unsupported hidden_act \"%s\"", path,
-                       act->valuestring);
+        rc = td_err_fail(err, errlen, TD_EUNSUPPORTED, "%s: unsupported hidden_act \"%s\"", path,
+                         act->valuestring);
         goto out;
     }
     if ((rc = hf__parse_rope_scaling(root, c, path, err, errlen)) != 0) goto out;
@@ -233,7 +234,7 @@ static int hf__add_file(mdl_model *m, const char *path, char *err, size_t errlen
 {
     struct mdl__storage *s = m->storage;
     sft_file **nf = realloc(s->files, (s->n_files + 1) * sizeof(*nf));
-    if (!nf) return mdl__fail(err, errlen, TD_ENOMEM, "out of memory");
+    if (!nf) return td_err_fail(err, errlen, TD_ENOMEM, "out of memory");
     s->files = nf;
     sft_file *f = NULL;
     int rc = sft_open(path, &f, err, errlen);
@@ -261,7 +262,7 @@ static int hf__open_weights(const char *dir, mdl_model *m, char *err, size_t err
     const cJSON *wm = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
     if (!cJSON_IsObject(wm)) {
         cJSON_Delete(root);
-        return mdl__fail(err, errlen, TD_EFORMAT, "%s: no \"weight_map\" object", path);
+        return td_err_fail(err, errlen, TD_EFORMAT, "%s: no \"weight_map\" object", path);
     }
     /* Open each distinct shard once, in order of first mention. A shard is
      * looked up among the distinct ones opened so far, not among all entries
@@ -270,15 +271,15 @@ static int hf__open_weights(const char *dir, mdl_model *m, char *err, size_t err
     const char **opened = malloc(sizeof(*opened) * (size_t)(n_entries > 0 ? n_entries : 1));
     if (!opened) {
         cJSON_Delete(root);
-        return mdl__fail(err, errlen, TD_ENOMEM, "out of memory");
+        return td_err_fail(err, errlen, TD_ENOMEM, "out of memory");
     }
     size_t n_opened = 0;
     rc = 0;
     for (const cJSON *it = wm->child; it && rc == 0; it = it->next) {
         if (!cJSON_IsString(it) || strchr(it->valuestring, '/') || it->valuestring[0] == '.') {
             /* before cJSON_Delete: it->string lives in root */
-            rc = mdl__fail(err, errlen, TD_EFORMAT, "%s: bad shard name for \"%s\"", path,
-                           it->string);
+            rc = td_err_fail(err, errlen, TD_EFORMAT, "%s: bad shard name for \"%s\"", path,
+                             it->string);
             break;
         }
         int seen = 0;
@@ -314,7 +315,7 @@ static int hf__get(mdl_model *m, const char *name, int64_t rows, int64_t cols, i
     const sft_tensor *t = hf__find(m, name);
     if (!t) {
         if (!required) return 0;
-        return mdl__fail(err, errlen, TD_EFORMAT, "missing tensor \"%s\"", name);
+        return td_err_fail(err, errlen, TD_EFORMAT, "missing tensor \"%s\"", name);
     }
     int want_nd = cols ? 2 : 1;
     if (t->ndim != want_nd || t->shape[0] != rows || (cols && t->shape[1] != cols)) {
@@ -324,18 +325,18 @@ static int hf__get(mdl_model *m, const char *name, int64_t rows, int64_t cols, i
             n += (size_t)snprintf(got + n, sizeof(got) - n, "%s%lld", i ? ", " : "",
                                   (long long)t->shape[i]);
         if (cols)
-            return mdl__fail(err, errlen, TD_EFORMAT,
-                             "tensor \"%s\" has shape [%s], expected [%lld, %lld]", name, got,
-                             (long long)rows, (long long)cols);
-        return mdl__fail(err, errlen, TD_EFORMAT, "tensor \"%s\" has shape [%s], expected [%lld]",
-                         name, got, (long long)rows);
+            return td_err_fail(err, errlen, TD_EFORMAT,
+                               "tensor \"%s\" has shape [%s], expected [%lld, %lld]", name, got,
+                               (long long)rows, (long long)cols);
+        return td_err_fail(err, errlen, TD_EFORMAT, "tensor \"%s\" has shape [%s], expected [%lld]",
+                           name, got, (long long)rows);
     }
     size_t n = (size_t)rows * (size_t)(cols ? cols : 1);
     if (t->dtype == SFT_OTHER)
-        return mdl__fail(err, errlen, TD_EUNSUPPORTED, "tensor \"%s\" has unsupported dtype %s",
-                         name, t->dtype_name);
+        return td_err_fail(err, errlen, TD_EUNSUPPORTED, "tensor \"%s\" has unsupported dtype %s",
+                           name, t->dtype_name);
     if (mdl__to_f32(m, t->data, t->dtype, n, out) != 0)
-        return mdl__fail(err, errlen, TD_ENOMEM, "out of memory converting \"%s\"", name);
+        return td_err_fail(err, errlen, TD_ENOMEM, "out of memory converting \"%s\"", name);
     return 0;
 }
 
@@ -347,7 +348,7 @@ int mdl__load_hf(const char *dir, mdl_model *m, char *err, size_t errlen)
     rc = hf__open_weights(dir, m, err, errlen);
     if (rc != 0) return rc;
     m->layers = calloc((size_t)c->n_layers, sizeof(*m->layers));
-    if (!m->layers) return mdl__fail(err, errlen, TD_ENOMEM, "out of memory");
+    if (!m->layers) return td_err_fail(err, errlen, TD_ENOMEM, "out of memory");
     int64_t d = c->dim, hd = c->hidden_dim, V = c->vocab_size;
     int64_t qd = (int64_t)c->n_heads * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim;
     if ((rc = hf__get(m, "model.embed_tokens.weight", V, d, 1, &m->tok_embed, err, errlen)) ||
@@ -374,8 +375,8 @@ int mdl__load_hf(const char *dir, mdl_model *m, char *err, size_t errlen)
         HF_GET(w_up, "mlp.up_proj.weight", hd, d, 1);
         HF_GET(w_down, "mlp.down_proj.weight", d, hd, 1);
         if ((ly->bq != NULL) != (ly->bk != NULL) || (ly->bq != NULL) != (ly->bv != NULL))
-            return mdl__fail(err, errlen, TD_EFORMAT,
-                             "layer %d has some but not all of the q/k/v biases", l);
+            return td_err_fail(err, errlen, TD_EFORMAT,
+                               "layer %d has some but not all of the q/k/v biases", l);
         if (ly->bq) c->qkv_bias = 1;
     }
 #undef HF_GET

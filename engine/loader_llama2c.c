@@ -29,35 +29,35 @@ int mdl__load_llama2c(const char *path, mdl_model *m, char *err, size_t errlen)
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         int e = errno;
-        return mdl__fail(err, errlen, td_err_from_errno(e), "cannot open %s: %s", path,
-                         strerror(e));
+        return td_err_fail(err, errlen, td_err_from_errno(e), "cannot open %s: %s", path,
+                           strerror(e));
     }
     struct stat st;
     if (fstat(fd, &st) != 0) {
         close(fd);
-        return mdl__fail(err, errlen, TD_EIO, "cannot stat %s", path);
+        return td_err_fail(err, errlen, TD_EIO, "cannot stat %s", path);
     }
     size_t fbytes = (size_t)st.st_size;
     if (fbytes < L2C_HEADER_BYTES) {
         close(fd);
-        return mdl__fail(err, errlen, TD_EFORMAT,
-                         "llama2.c checkpoint %s is truncated: %zu bytes, header needs %d", path,
-                         fbytes, L2C_HEADER_BYTES);
+        return td_err_fail(err, errlen, TD_EFORMAT,
+                           "llama2.c checkpoint %s is truncated: %zu bytes, header needs %d", path,
+                           fbytes, L2C_HEADER_BYTES);
     }
     void *map = mmap(NULL, fbytes, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (map == MAP_FAILED)
-        return mdl__fail(err, errlen, TD_EIO, "mmap %s: %s", path, strerror(errno));
+        return td_err_fail(err, errlen, TD_EIO, "mmap %s: %s", path, strerror(errno));
     m->storage->map = map;
     m->storage->map_bytes = fbytes;
 
     int32_t h[7];
     memcpy(h, map, sizeof(h));
     if ((uint32_t)h[0] == L2C_MAGIC)
-        return mdl__fail(err, errlen, TD_EUNSUPPORTED,
-                         "%s is a versioned llama2.c export (magic ak42); only the legacy "
-                         "(version 0) format is supported",
-                         path);
+        return td_err_fail(err, errlen, TD_EUNSUPPORTED,
+                           "%s is a versioned llama2.c export (magic ak42); only the legacy "
+                           "(version 0) format is supported",
+                           path);
     mdl_config *c = &m->cfg;
     snprintf(c->arch, sizeof(c->arch), "llama2.c");
     c->format = MDL_FORMAT_LLAMA2C;
@@ -114,15 +114,15 @@ int mdl__load_llama2c(const char *path, mdl_model *m, char *err, size_t errlen)
     }
     size_t avail = (fbytes - L2C_HEADER_BYTES) / sizeof(float);
     if (need > avail)
-        return mdl__fail(err, errlen, TD_EFORMAT,
-                         "llama2.c checkpoint %s is truncated: %zu bytes, its header "
-                         "(dim %d, %d layers, vocab %d) needs %zu",
-                         path, fbytes, c->dim, c->n_layers, c->vocab_size,
-                         L2C_HEADER_BYTES + need * sizeof(float));
+        return td_err_fail(err, errlen, TD_EFORMAT,
+                           "llama2.c checkpoint %s is truncated: %zu bytes, its header "
+                           "(dim %d, %d layers, vocab %d) needs %zu",
+                           path, fbytes, c->dim, c->n_layers, c->vocab_size,
+                           L2C_HEADER_BYTES + need * sizeof(float));
 
     const float *w = (const float *)((const char *)map + L2C_HEADER_BYTES);
     m->layers = calloc(L, sizeof(*m->layers));
-    if (!m->layers) return mdl__fail(err, errlen, TD_ENOMEM, "out of memory");
+    if (!m->layers) return td_err_fail(err, errlen, TD_ENOMEM, "out of memory");
     m->tok_embed = w + o_emb;
     for (size_t l = 0; l < L; l++) {
         mdl_layer *ly = &m->layers[l];

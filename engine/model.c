@@ -12,17 +12,6 @@
 #include "common/err.h"
 #include "engine/model_internal.h"
 
-int mdl__fail(char *err, size_t errlen, int code, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
-
 float *mdl__alloc_f32(mdl_model *m, size_t n)
 {
     struct mdl__storage *s = m->storage;
@@ -203,20 +192,20 @@ int mdl__check_config(const mdl_config *c, char *err, size_t errlen)
         c->n_kv_heads <= 0 || c->n_kv_heads > c->n_heads || c->vocab_size <= 0 ||
         c->vocab_size > (1 << 22) || c->head_dim <= 0 || c->head_dim > 4096 ||
         c->max_seq_len <= 0 || c->max_seq_len > (1 << 24))
-        return mdl__fail(err, errlen, TD_EFORMAT,
-                         "model config out of range: dim=%d hidden=%d layers=%d heads=%d "
-                         "kv_heads=%d head_dim=%d vocab=%d max_seq_len=%d",
-                         c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
-                         c->vocab_size, c->max_seq_len);
+        return td_err_fail(err, errlen, TD_EFORMAT,
+                           "model config out of range: dim=%d hidden=%d layers=%d heads=%d "
+                           "kv_heads=%d head_dim=%d vocab=%d max_seq_len=%d",
+                           c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads,
+                           c->head_dim, c->vocab_size, c->max_seq_len);
     if (c->n_heads % c->n_kv_heads != 0)
-        return mdl__fail(err, errlen, TD_EFORMAT,
-                         "model config: %d attention heads not a multiple of %d kv heads",
-                         c->n_heads, c->n_kv_heads);
+        return td_err_fail(err, errlen, TD_EFORMAT,
+                           "model config: %d attention heads not a multiple of %d kv heads",
+                           c->n_heads, c->n_kv_heads);
     if (c->head_dim % 2 != 0)
-        return mdl__fail(err, errlen, TD_EFORMAT, "model config: head_dim %d is odd (RoPE)",
-                         c->head_dim);
+        return td_err_fail(err, errlen, TD_EFORMAT, "model config: head_dim %d is odd (RoPE)",
+                           c->head_dim);
     if (!(c->norm_eps > 0.0f) || !(c->rope_theta > 0.0f))
-        return mdl__fail(err, errlen, TD_EFORMAT, "model config: bad rms_norm_eps or rope_theta");
+        return td_err_fail(err, errlen, TD_EFORMAT, "model config: bad rms_norm_eps or rope_theta");
     return 0;
 }
 
@@ -254,19 +243,19 @@ static int mdl__is_gguf(const char *path)
 int mdl_load(const char *path, mdl_model **out, char *err, size_t errlen)
 {
     *out = NULL;
-    if (!path) return mdl__fail(err, errlen, TD_EINVAL, "model path is NULL");
+    if (!path) return td_err_fail(err, errlen, TD_EINVAL, "model path is NULL");
     mdl_model *m = calloc(1, sizeof(*m));
-    if (!m) return mdl__fail(err, errlen, TD_ENOMEM, "out of memory");
+    if (!m) return td_err_fail(err, errlen, TD_ENOMEM, "out of memory");
     m->storage = calloc(1, sizeof(*m->storage));
     if (!m->storage) {
         free(m);
-        return mdl__fail(err, errlen, TD_ENOMEM, "out of memory");
+        return td_err_fail(err, errlen, TD_ENOMEM, "out of memory");
     }
     mdl_config_defaults(&m->cfg);
     struct stat st;
     int rc;
     if (stat(path, &st) != 0)
-        rc = mdl__fail(err, errlen, TD_ENOENT, "model path %s does not exist", path);
+        rc = td_err_fail(err, errlen, TD_ENOENT, "model path %s does not exist", path);
     else if (mdl__is_dir(path))
         rc = mdl__load_hf(path, m, err, errlen);
     else if (mdl__is_gguf(path))

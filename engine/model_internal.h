@@ -17,9 +17,6 @@ struct mdl__storage {
     size_t n_bufs, cap_bufs;
 };
 
-int mdl__fail(char *err, size_t errlen, int code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
 /* Allocates a zeroed, 64-byte aligned model-owned buffer of n floats (NULL on OOM). */
 float *mdl__alloc_f32(mdl_model *m, size_t n);
 

@@ -21,20 +21,6 @@ struct sft_file {
     char *names; /* all names, NUL-separated; tensors[i].name points here */
 };
 
-static int sft__fail(char *err, size_t errlen, int code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static int sft__fail(char *err, size_t errlen, int code, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
-
 size_t sft_dtype_size(enum sft_dtype dtype)
 {
     switch (dtype) {
@@ -98,7 +84,7 @@ static int sft__parse(sft_file *f, const char *json, size_t json_len, size_t dat
     int rc = TD_EFORMAT;
     cJSON *root = cJSON_ParseWithLength(json, json_len);
     if (!root || !cJSON_IsObject(root)) {
-        rc = sft__fail(err, errlen, TD_EFORMAT, "safetensors: header is not a JSON object");
+        rc = td_err_fail(err, errlen, TD_EFORMAT, "safetensors: header is not a JSON object");
         goto out;
     }
     size_t n = 0, names_bytes = 0;
@@ -110,7 +96,7 @@ static int sft__parse(sft_file *f, const char *json, size_t json_len, size_t dat
     f->tensors = calloc(n ? n : 1, sizeof(*f->tensors));
     f->names = malloc(names_bytes ? names_bytes : 1);
     if (!f->tensors || !f->names) {
-        rc = sft__fail(err, errlen, TD_ENOMEM, "safetensors: out of memory");
+        rc = td_err_fail(err, errlen, TD_ENOMEM, "safetensors: out of memory");
         goto out;
     }
     size_t data_bytes = f->map_bytes - data_off;
@@ -127,22 +113,24 @@ static int sft__parse(sft_file *f, const char *json, size_t json_len, size_t dat
         const cJSON *offs = cJSON_GetObjectItemCaseSensitive(it, "data_offsets");
         if (!cJSON_IsObject(it) || !cJSON_IsString(dt) || !cJSON_IsArray(shape) ||
             !cJSON_IsArray(offs) || cJSON_GetArraySize(offs) != 2) {
-            rc = sft__fail(err, errlen, TD_EFORMAT,
-                           "safetensors: tensor '%s' lacks dtype, shape or data_offsets", t->name);
+            rc =
+                td_err_fail(err, errlen, TD_EFORMAT,
+                            "safetensors: tensor '%s' lacks dtype, shape or data_offsets", t->name);
             goto out;
         }
         size_t esize = sft__name_size(dt->valuestring, &t->dtype);
         if (esize == 0) {
-            rc = sft__fail(err, errlen, TD_EFORMAT,
-                           "safetensors: tensor '%s' has unknown dtype '%s'", t->name,
-                           dt->valuestring);
+            rc = td_err_fail(err, errlen, TD_EFORMAT,
+                             "safetensors: tensor '%s' has unknown dtype '%s'", t->name,
+                             dt->valuestring);
             goto out;
         }
         t->dtype_name = sft__static_dtype_name(dt->valuestring);
         int nd = cJSON_GetArraySize(shape);
         if (nd > SFT_MAX_DIMS) {
-            rc = sft__fail(err, errlen, TD_EFORMAT, "safetensors: tensor '%s' has %d dims (max %d)",
-                           t->name, nd, SFT_MAX_DIMS);
+            rc = td_err_fail(err, errlen, TD_EFORMAT,
+                             "safetensors: tensor '%s' has %d dims (max %d)", t->name, nd,
+                             SFT_MAX_DIMS);
             goto out;
         }
         t->ndim = nd;
@@ -150,8 +138,8 @@ static int sft__parse(sft_file *f, const char *json, size_t json_len, size_t dat
         for (int d = 0; d < nd; d++) {
             int64_t v = sft__json_int(cJSON_GetArrayItem(shape, d));
             if (v < 0 || (v > 0 && count > UINT64_MAX / (uint64_t)v)) {
-                rc = sft__fail(err, errlen, TD_EFORMAT, "safetensors: tensor '%s' has a bad shape",
-                               t->name);
+                rc = td_err_fail(err, errlen, TD_EFORMAT,
+                                 "safetensors: tensor '%s' has a bad shape", t->name);
                 goto out;
             }
             t->shape[d] = v;
@@ -160,18 +148,18 @@ static int sft__parse(sft_file *f, const char *json, size_t json_len, size_t dat
         int64_t b = sft__json_int(cJSON_GetArrayItem(offs, 0));
         int64_t e = sft__json_int(cJSON_GetArrayItem(offs, 1));
         if (b < 0 || e < b || (uint64_t)e > data_bytes) {
-            rc =
-                sft__fail(err, errlen, TD_EFORMAT,
-                          "safetensors: tensor '%s' data_offsets [%lld, %lld] outside the %zu-byte "
-                          "data section",
-                          t->name, (long long)b, (long long)e, data_bytes);
+            rc = td_err_fail(
+                err, errlen, TD_EFORMAT,
+                "safetensors: tensor '%s' data_offsets [%lld, %lld] outside the %zu-byte "
+                "data section",
+                t->name, (long long)b, (long long)e, data_bytes);
             goto out;
         }
         if (count > UINT64_MAX / esize || count * esize != (uint64_t)(e - b)) {
-            rc =
-                sft__fail(err, errlen, TD_EFORMAT,
-                          "safetensors: tensor '%s' holds %lld bytes, its shape needs more or less",
-                          t->name, (long long)(e - b));
+            rc = td_err_fail(
+                err, errlen, TD_EFORMAT,
+                "safetensors: tensor '%s' holds %lld bytes, its shape needs more or less", t->name,
+                (long long)(e - b));
             goto out;
         }
         t->data = (const char *)f->map + data_off + (size_t)b;
@@ -188,26 +176,26 @@ int sft_open(const char *path, sft_file **out, char *err, size_t errlen)
 {
     *out = NULL;
     sft_file *f = calloc(1, sizeof(*f));
-    if (!f) return sft__fail(err, errlen, TD_ENOMEM, "safetensors: out of memory");
+    if (!f) return td_err_fail(err, errlen, TD_ENOMEM, "safetensors: out of memory");
     int rc;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         int e = errno;
-        rc = sft__fail(err, errlen, td_err_from_errno(e), "safetensors: cannot open %s: %s", path,
-                       strerror(e));
+        rc = td_err_fail(err, errlen, td_err_from_errno(e), "safetensors: cannot open %s: %s", path,
+                         strerror(e));
         goto fail;
     }
     struct stat st;
     if (fstat(fd, &st) != 0) {
         int e = errno;
         close(fd);
-        rc = sft__fail(err, errlen, TD_EIO, "safetensors: stat %s: %s", path, strerror(e));
+        rc = td_err_fail(err, errlen, TD_EIO, "safetensors: stat %s: %s", path, strerror(e));
         goto fail;
     }
     if (st.st_size < 8) {
         close(fd);
-        rc = sft__fail(err, errlen, TD_EFORMAT, "safetensors: %s is truncated (%lld bytes)", path,
-                       (long long)st.st_size);
+        rc = td_err_fail(err, errlen, TD_EFORMAT, "safetensors: %s is truncated (%lld bytes)", path,
+                         (long long)st.st_size);
         goto fail;
     }
     f->map_bytes = (size_t)st.st_size;
@@ -215,7 +203,7 @@ int sft_open(const char *path, sft_file **out, char *err, size_t errlen)
     close(fd);
     if (f->map == MAP_FAILED) {
         f->map = NULL;
-        rc = sft__fail(err, errlen, TD_EIO, "safetensors: mmap %s: %s", path, strerror(errno));
+        rc = td_err_fail(err, errlen, TD_EIO, "safetensors: mmap %s: %s", path, strerror(errno));
         goto fail;
     }
     const unsigned char *p = f->map;
@@ -223,15 +211,16 @@ int sft_open(const char *path, sft_file **out, char *err, size_t errlen)
     for (int i = 7; i >= 0; i--)
         hlen = (hlen << 8) | p[i];
     if (hlen > SFT_MAX_HEADER) {
-        rc = sft__fail(err, errlen, TD_EFORMAT,
-                       "safetensors: %s header length %llu exceeds the %u-byte limit", path,
-                       (unsigned long long)hlen, SFT_MAX_HEADER);
+        rc = td_err_fail(err, errlen, TD_EFORMAT,
+                         "safetensors: %s header length %llu exceeds the %u-byte limit", path,
+                         (unsigned long long)hlen, SFT_MAX_HEADER);
         goto fail;
     }
     if (hlen > f->map_bytes - 8) {
-        rc = sft__fail(err, errlen, TD_EFORMAT,
-                       "safetensors: %s header length %llu runs past the end of the %zu-byte file",
-                       path, (unsigned long long)hlen, f->map_bytes);
+        rc =
+            td_err_fail(err, errlen, TD_EFORMAT,
+                        "safetensors: %s header length %llu runs past the end of the %zu-byte file",
+                        path, (unsigned long long)hlen, f->map_bytes);
         goto fail;
     }
     rc = sft__parse(f, (const char *)p + 8, (size_t)hlen, 8 + (size_t)hlen, err, errlen);

@@ -31,17 +31,6 @@ struct lt_prompt {
 #endif
 };
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 /* Fills p->buf with max_units filler units (sep + word). */
 static int fill(lt_prompt *p, const char *word, int32_t max_units)
 {
@@ -287,7 +276,7 @@ int lt_prompt_create_text(const char *path, int32_t max_tokens, lt_prompt **out,
     char terr[256] = "";
     int rc = tok_load(path, &p->tok, terr, sizeof(terr));
     if (rc) {
-        set_err(err, errlen, "tokenizer %s: %s", path, terr[0] ? terr : td_strerror(rc));
+        td_err_set(err, errlen, "tokenizer %s: %s", path, terr[0] ? terr : td_strerror(rc));
         lt_prompt_free(p);
         return rc;
     }
@@ -308,8 +297,8 @@ int lt_prompt_create_text(const char *path, int32_t max_tokens, lt_prompt **out,
         if (good) break;
     }
     if (rc == 0 && w == n_words) {
-        set_err(err, errlen, "tokenizer %s: no filler word encodes to one token per repetition",
-                path);
+        td_err_set(err, errlen, "tokenizer %s: no filler word encodes to one token per repetition",
+                   path);
         rc = TD_ENOENT;
     }
     if (rc == 0) {
@@ -327,12 +316,12 @@ int lt_prompt_create_text(const char *path, int32_t max_tokens, lt_prompt **out,
         uint64_t v = (uint64_t)p->n_alt * p->n_alt * p->n_alt - 1;
         rc = lt_prompt_count(p, want_max + p->bos, v, NULL, &got);
         if (rc == 0 && got != want_max + p->bos) {
-            set_err(err, errlen, "tokenizer %s: a %d-token prompt encodes to %d tokens", path,
-                    want_max + p->bos, got);
+            td_err_set(err, errlen, "tokenizer %s: a %d-token prompt encodes to %d tokens", path,
+                       want_max + p->bos, got);
             rc = TD_EMISMATCH;
         }
     } else if (rc != TD_ENOENT) {
-        set_err(err, errlen, "tokenizer %s: %s", path, td_strerror(rc));
+        td_err_set(err, errlen, "tokenizer %s: %s", path, td_strerror(rc));
     }
     if (rc) {
         lt_prompt_free(p);
@@ -355,7 +344,7 @@ int lt_prompt_create_text(const char *path, int32_t max_tokens, lt_prompt **out,
                           size_t errlen)
 {
     (void)path, (void)max_tokens, (void)out;
-    set_err(err, errlen, "built without the tokenizer library: --tokenizer is not available");
+    td_err_set(err, errlen, "built without the tokenizer library: --tokenizer is not available");
     return TD_EUNSUPPORTED;
 }
 

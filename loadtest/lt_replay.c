@@ -685,17 +685,6 @@ static void replay_stop(struct replay *rp)
     }
 }
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 static int json_escape(const char *s, char *out, size_t cap)
 {
     size_t w = 0;
@@ -742,9 +731,9 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     for (size_t i = 0; i < n; i++) {
         slots += (int64_t)(reqs[i].output_tokens > 0 ? reqs[i].output_tokens : 1) + 1;
         if (slots > o.max_chunk_times) {
-            set_err(err, errlen,
-                    "the trace needs more than %lld chunk timestamps; use --max-requests",
-                    (long long)o.max_chunk_times);
+            td_err_set(err, errlen,
+                       "the trace needs more than %lld chunk timestamps; use --max-requests",
+                       (long long)o.max_chunk_times);
             return TD_ERANGE;
         }
     }
@@ -754,7 +743,7 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai = NULL;
     int gai = getaddrinfo(o.url.host, port, &hints, &ai);
     if (gai != 0 || !ai) {
-        set_err(err, errlen, "%s: %s", o.url.host, gai_strerror(gai));
+        td_err_set(err, errlen, "%s: %s", o.url.host, gai_strerror(gai));
         return TD_ENOENT;
     }
     if (o.url.grpc) o.warm_conns = 0; /* gRPC multiplexes every stream on one channel */
@@ -796,7 +785,7 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     if (o.model) {
         char esc[256];
         if (json_escape(o.model, esc, sizeof(esc)) != 0) {
-            set_err(err, errlen, "model name too long");
+            td_err_set(err, errlen, "model name too long");
             rc = TD_EINVAL;
             goto fail;
         }
@@ -811,13 +800,13 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
 
     rc = uv_loop_init(&rp->loop);
     if (rc) {
-        set_err(err, errlen, "uv_loop_init: %s", uv_strerror(rc));
+        td_err_set(err, errlen, "uv_loop_init: %s", uv_strerror(rc));
         rc = TD_EINTERNAL;
         goto fail;
     }
     rp->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     if (rp->timerfd < 0 || uv_poll_init(&rp->loop, &rp->tick, rp->timerfd) != 0) {
-        set_err(err, errlen, "timerfd: %s", strerror(errno));
+        td_err_set(err, errlen, "timerfd: %s", strerror(errno));
         if (rp->timerfd >= 0) close(rp->timerfd);
         uv_loop_close(&rp->loop);
         rc = TD_EINTERNAL;
@@ -829,7 +818,7 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
         rc =
             lt_grpc_create(&rp->loop, rp->host_hdr, &o, reqs, recs, n, on_grpc_done, rp, &rp->grpc);
         if (rc) {
-            set_err(err, errlen, "grpc client for %s: %s", rp->host_hdr, td_strerror(rc));
+            td_err_set(err, errlen, "grpc client for %s: %s", rp->host_hdr, td_strerror(rc));
             uv_close((uv_handle_t *)&rp->tick, NULL);
             uv_run(&rp->loop, UV_RUN_DEFAULT);
             close(rp->timerfd);

@@ -148,17 +148,6 @@ done:
 
 /* ---- files ---- */
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 static int mkdir_p(const char *dir)
 {
     char path[4096];
@@ -339,7 +328,7 @@ int lt_report_write(const char *dir, const lt_record *recs, size_t n, const lt_s
 {
     int rc = mkdir_p(dir);
     if (rc) {
-        set_err(err, errlen, "%s: cannot create: %s", dir, td_strerror(rc));
+        td_err_set(err, errlen, "%s: cannot create: %s", dir, td_strerror(rc));
         return rc;
     }
     char path[4200];
@@ -348,7 +337,7 @@ int lt_report_write(const char *dir, const lt_record *recs, size_t n, const lt_s
     for (int f = 0; f < 5; f++) {
         FILE *fp = open_in(dir, names[f], "w", path, sizeof(path));
         if (!fp) {
-            set_err(err, errlen, "%s/%s: cannot open for writing", dir, names[f]);
+            td_err_set(err, errlen, "%s/%s: cannot open for writing", dir, names[f]);
             return TD_EIO;
         }
         switch (f) {
@@ -375,7 +364,7 @@ int lt_report_write(const char *dir, const lt_record *recs, size_t n, const lt_s
         }
         if (fclose(fp) != 0 && !rc) rc = TD_EIO;
         if (rc) {
-            set_err(err, errlen, "%s: write failed: %s", path, td_strerror(rc));
+            td_err_set(err, errlen, "%s: write failed: %s", path, td_strerror(rc));
             return rc;
         }
     }
@@ -450,7 +439,7 @@ static cJSON *load_summary(const char *dir, char *err, size_t errlen, int *rc)
     char path[4200];
     FILE *fp = open_in(dir, "summary.json", "r", path, sizeof(path));
     if (!fp) {
-        set_err(err, errlen, "%s/summary.json: %s", dir, strerror(errno));
+        td_err_set(err, errlen, "%s/summary.json: %s", dir, strerror(errno));
         *rc = TD_ENOENT;
         return NULL;
     }
@@ -477,7 +466,7 @@ static cJSON *load_summary(const char *dir, char *err, size_t errlen, int *rc)
     cJSON *j = buf ? (buf[len] = '\0', cJSON_Parse(buf)) : NULL;
     free(buf);
     if (!j) {
-        set_err(err, errlen, "%s: not valid JSON", path);
+        td_err_set(err, errlen, "%s: not valid JSON", path);
         *rc = TD_EFORMAT;
     }
     return j;

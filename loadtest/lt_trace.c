@@ -58,17 +58,6 @@ int lt_trace_push(lt_trace *tr, const lt_req *req)
     return 0;
 }
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 /* Strict integer: optional surrounding blanks, digits only, fits in int32 >= 0. */
 static int parse_count(const char *s, int32_t *out)
 {
@@ -302,7 +291,7 @@ static int reader_bad(struct reader *r, int64_t line, const char *what)
         r->tr->bad++;
         return 0;
     }
-    set_err(r->err, r->errlen, "line %lld: %s", (long long)line, what);
+    td_err_set(r->err, r->errlen, "line %lld: %s", (long long)line, what);
     return TD_EFORMAT;
 }
 
@@ -311,7 +300,7 @@ static int csv_parse_header(struct reader *r, enum lt_format fmt, char *line, st
     char *f[LT_CSV_MAX_FIELDS];
     int n = csv_split(line, f, LT_CSV_MAX_FIELDS);
     if (n <= 0 || n > LT_CSV_MAX_FIELDS) {
-        set_err(r->err, r->errlen, "line 1: cannot parse the CSV header");
+        td_err_set(r->err, r->errlen, "line 1: cannot parse the CSV header");
         return TD_EFORMAT;
     }
     c->ncols = n;
@@ -322,9 +311,9 @@ static int csv_parse_header(struct reader *r, enum lt_format fmt, char *line, st
         c->resp = header_index(f, n, "Response tokens");
         c->log_type = header_index(f, n, "Log Type");
         if (c->ts < 0 || c->req < 0 || c->resp < 0) {
-            set_err(r->err, r->errlen,
-                    "line 1: not a BurstGPT header (need Timestamp, Request tokens, "
-                    "Response tokens)");
+            td_err_set(r->err, r->errlen,
+                       "line 1: not a BurstGPT header (need Timestamp, Request tokens, "
+                       "Response tokens)");
             return TD_EFORMAT;
         }
     } else {
@@ -333,9 +322,9 @@ static int csv_parse_header(struct reader *r, enum lt_format fmt, char *line, st
         c->resp = header_index(f, n, "GeneratedTokens");
         c->model = c->log_type = -1;
         if (c->ts < 0 || c->req < 0 || c->resp < 0) {
-            set_err(r->err, r->errlen,
-                    "line 1: not an Azure trace header (need TIMESTAMP, ContextTokens, "
-                    "GeneratedTokens)");
+            td_err_set(r->err, r->errlen,
+                       "line 1: not an Azure trace header (need TIMESTAMP, ContextTokens, "
+                       "GeneratedTokens)");
             return TD_EFORMAT;
         }
     }
@@ -489,11 +478,11 @@ int lt_trace_read_stream(FILE *fp, enum lt_format fmt, const lt_read_opts *opts,
     free(line);
     free(r.scratch);
     if (!rc && ferror(fp)) {
-        set_err(err, errlen, "read error after line %lld", (long long)lineno);
+        td_err_set(err, errlen, "read error after line %lld", (long long)lineno);
         rc = TD_EIO;
     }
     if (!rc && !have_header) {
-        set_err(err, errlen, "empty file: no CSV header");
+        td_err_set(err, errlen, "empty file: no CSV header");
         rc = TD_EFORMAT;
     }
     if (rc) {
@@ -533,7 +522,7 @@ int lt_trace_read(const char *path, enum lt_format fmt, const lt_read_opts *opts
     FILE *fp = fopen(path, "r");
     if (!fp) {
         int e = errno;
-        set_err(err, errlen, "%s: %s", path, strerror(e));
+        td_err_set(err, errlen, "%s: %s", path, strerror(e));
         return td_err_from_errno(e);
     }
     int rc = lt_trace_read_stream(fp, fmt, opts, tr, err, errlen);

@@ -15,21 +15,12 @@
  * under 20 MB). */
 #define TOK__MAX_FILE ((size_t)512 << 20)
 
-void tok__err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 int tok__read_file(const char *path, size_t max, char **data, size_t *len, char *err, size_t errlen)
 {
     FILE *f = fopen(path, "rb");
     if (f == NULL) {
         int e = errno;
-        tok__err(err, errlen, "%s: %s", path, strerror(e));
+        td_err_set(err, errlen, "%s: %s", path, strerror(e));
         return td_err_from_errno(e);
     }
     int rc = 0;
@@ -38,7 +29,7 @@ int tok__read_file(const char *path, size_t max, char **data, size_t *len, char 
     long sz = ftell(f);
     if (sz < 0) goto io;
     if ((size_t)sz > max) {
-        tok__err(err, errlen, "%s: %ld bytes, larger than the %zu allowed", path, sz, max);
+        td_err_set(err, errlen, "%s: %ld bytes, larger than the %zu allowed", path, sz, max);
         rc = TD_ETOOLONG;
         goto out;
     }
@@ -55,7 +46,7 @@ int tok__read_file(const char *path, size_t max, char **data, size_t *len, char 
     buf = NULL;
     goto out;
 io:
-    tok__err(err, errlen, "%s: read error", path);
+    td_err_set(err, errlen, "%s: read error", path);
     rc = TD_EIO;
 out:
     free(buf);
@@ -287,7 +278,7 @@ static int load_file(tok_tokenizer *t, const char *path, char *err, size_t errle
     bool json = false;
     int rc = sniff_json(path, &json);
     if (rc < 0) {
-        tok__err(err, errlen, "%s: %s", path, td_strerror(rc));
+        td_err_set(err, errlen, "%s: %s", path, td_strerror(rc));
         return rc;
     }
     if (json) {
@@ -307,7 +298,7 @@ int tok_load(const char *path, tok_tokenizer **out, char *err, size_t errlen)
 {
     if (err && errlen) err[0] = '\0';
     if (path == NULL || out == NULL) {
-        tok__err(err, errlen, "tok_load: NULL argument");
+        td_err_set(err, errlen, "tok_load: NULL argument");
         return TD_EINVAL;
     }
     *out = NULL;
@@ -323,14 +314,14 @@ int tok_load(const char *path, tok_tokenizer **out, char *err, size_t errlen)
                                             "tok512.bin"};
         char buf[4096];
         rc = TD_ENOENT;
-        tok__err(
+        td_err_set(
             err, errlen,
             "%s: no tokenizer.json, vocab.json + merges.txt or tokenizer.bin in this directory",
             path);
         for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
             int n = snprintf(buf, sizeof(buf), "%s/%s", path, names[i]);
             if (n < 0 || (size_t)n >= sizeof(buf)) {
-                tok__err(err, errlen, "%s: path too long", path);
+                td_err_set(err, errlen, "%s: path too long", path);
                 rc = TD_ETOOLONG;
                 break;
             }
@@ -342,11 +333,12 @@ int tok_load(const char *path, tok_tokenizer **out, char *err, size_t errlen)
     } else if (is_file(path)) {
         rc = load_file(t, path, err, errlen);
     } else {
-        tok__err(err, errlen, "%s: no such file or directory", path);
+        td_err_set(err, errlen, "%s: no such file or directory", path);
         rc = TD_ENOENT;
     }
     if (rc < 0) {
-        if (err && errlen && err[0] == '\0') tok__err(err, errlen, "%s: %s", path, td_strerror(rc));
+        if (err && errlen && err[0] == '\0')
+            td_err_set(err, errlen, "%s: %s", path, td_strerror(rc));
         tok_free(t);
         return rc;
     }

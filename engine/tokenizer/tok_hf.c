@@ -97,8 +97,8 @@ static bool jbool(const cJSON *o, const char *key, bool dflt)
 
 static int unsupported(hf_load *L, const char *what, const char *type)
 {
-    tok__err(L->err, L->errlen, "%s: unsupported %s \"%s\"", L->path, what,
-             type ? type : "(no type)");
+    td_err_set(L->err, L->errlen, "%s: unsupported %s \"%s\"", L->path, what,
+               type ? type : "(no type)");
     return TD_EUNSUPPORTED;
 }
 
@@ -394,11 +394,12 @@ static int add_merge(hf_load *L, size_t rank, const char *a, size_t alen, const 
     int32_t im = tok__vmap_find(t, cat, alen + blen);
     free(cat);
     if (ia < 0 || ib < 0 || im < 0) {
-        tok__err(L->err, L->errlen, "%s: merge %zu (\"%.*s\" + \"%.*s\"): %s not in the vocabulary",
-                 L->path, rank, (int)(alen > 40 ? 40 : alen), a, (int)(blen > 40 ? 40 : blen), b,
-                 ia < 0   ? "left part"
-                 : ib < 0 ? "right part"
-                          : "merged piece");
+        td_err_set(L->err, L->errlen,
+                   "%s: merge %zu (\"%.*s\" + \"%.*s\"): %s not in the vocabulary", L->path, rank,
+                   (int)(alen > 40 ? 40 : alen), a, (int)(blen > 40 ? 40 : blen), b,
+                   ia < 0   ? "left part"
+                   : ib < 0 ? "right part"
+                            : "merged piece");
         return TD_EFORMAT;
     }
     if (rank > INT32_MAX) return TD_ERANGE;
@@ -419,8 +420,8 @@ static int build_byte_ids(hf_load *L)
             t->bl_len[b] = (uint8_t)n;
             t->byte_id[b] = tok__vmap_find(t, u, n);
             if (t->byte_id[b] < 0) {
-                tok__err(L->err, L->errlen,
-                         "%s: byte-level vocabulary lacks the symbol of byte 0x%02X", L->path, b);
+                td_err_set(L->err, L->errlen,
+                           "%s: byte-level vocabulary lacks the symbol of byte 0x%02X", L->path, b);
                 return TD_EFORMAT;
             }
         }
@@ -453,7 +454,7 @@ static int read_side_json(hf_load *L, const char *dir, const char *name, cJSON *
     *root = cJSON_ParseWithLength(data, len);
     free(data);
     if (*root == NULL) {
-        tok__err(L->err, L->errlen, "%s: not valid JSON", path);
+        td_err_set(L->err, L->errlen, "%s: not valid JSON", path);
         return TD_EFORMAT;
     }
     return 0;
@@ -627,8 +628,8 @@ static int load_vocab(hf_load *L, const cJSON *vocab, const cJSON *added)
     cJSON_ArrayForEach(it, vocab)
     {
         if (!valid_id(it) || it->string == NULL) {
-            tok__err(L->err, L->errlen, "%s: vocab entry \"%.40s\" has no valid id", L->path,
-                     it->string ? it->string : "");
+            td_err_set(L->err, L->errlen, "%s: vocab entry \"%.40s\" has no valid id", L->path,
+                       it->string ? it->string : "");
             return TD_EFORMAT;
         }
         if (it->valueint > max_id) max_id = it->valueint;
@@ -640,15 +641,15 @@ static int load_vocab(hf_load *L, const cJSON *vocab, const cJSON *added)
         const cJSON *id = cJSON_GetObjectItemCaseSensitive(it, "id");
         const char *content = jstr(it, "content");
         if (!valid_id(id) || content == NULL || content[0] == '\0') {
-            tok__err(L->err, L->errlen, "%s: added token %zu lacks a valid id or content", L->path,
-                     n_added);
+            td_err_set(L->err, L->errlen, "%s: added token %zu lacks a valid id or content",
+                       L->path, n_added);
             return TD_EFORMAT;
         }
         if (id->valueint > max_id) max_id = id->valueint;
         n_added++;
     }
     if (n_vocab_entries == 0) {
-        tok__err(L->err, L->errlen, "%s: empty model vocabulary", L->path);
+        td_err_set(L->err, L->errlen, "%s: empty model vocabulary", L->path);
         return TD_EFORMAT;
     }
     int rc = tok__alloc_vocab(t, max_id + 1);
@@ -665,7 +666,7 @@ static int load_vocab(hf_load *L, const cJSON *vocab, const cJSON *added)
     {
         int32_t id = it->valueint;
         if (seen[id]) {
-            tok__err(L->err, L->errlen, "%s: id %d appears twice in the vocabulary", L->path, id);
+            td_err_set(L->err, L->errlen, "%s: id %d appears twice in the vocabulary", L->path, id);
             rc = TD_EFORMAT;
             goto out;
         }
@@ -728,7 +729,7 @@ int tok__hf_load(tok_tokenizer *t, const char *json_path, char *err, size_t errl
     cJSON *root = cJSON_ParseWithLength(data, len);
     free(data);
     if (root == NULL) {
-        tok__err(err, errlen, "%s: not valid JSON (truncated or corrupt)", json_path);
+        td_err_set(err, errlen, "%s: not valid JSON (truncated or corrupt)", json_path);
         return TD_EFORMAT;
     }
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
@@ -737,7 +738,7 @@ int tok__hf_load(tok_tokenizer *t, const char *json_path, char *err, size_t errl
     const cJSON *added = cJSON_GetObjectItemCaseSensitive(root, "added_tokens");
     const char *type = jstr(model, "type");
     if (!cJSON_IsObject(model)) {
-        tok__err(err, errlen, "%s: no \"model\" object", json_path);
+        td_err_set(err, errlen, "%s: no \"model\" object", json_path);
         rc = TD_EFORMAT;
         goto out;
     }
@@ -746,8 +747,8 @@ int tok__hf_load(tok_tokenizer *t, const char *json_path, char *err, size_t errl
         goto out;
     }
     if (!cJSON_IsObject(vocab) || !cJSON_IsArray(merges)) {
-        tok__err(err, errlen, "%s: model lacks a \"vocab\" object or a \"merges\" array",
-                 json_path);
+        td_err_set(err, errlen, "%s: model lacks a \"vocab\" object or a \"merges\" array",
+                   json_path);
         rc = TD_EFORMAT;
         goto out;
     }
@@ -778,8 +779,8 @@ int tok__hf_load(tok_tokenizer *t, const char *json_path, char *err, size_t errl
             /* "left right": pieces never hold a plain space in these models */
             const char *s = m->valuestring, *sp = strchr(s, ' ');
             if (sp == NULL || sp == s || sp[1] == '\0' || strchr(sp + 1, ' ')) {
-                tok__err(err, errlen, "%s: merge %zu \"%.40s\" is not two pieces", json_path, rank,
-                         s);
+                td_err_set(err, errlen, "%s: merge %zu \"%.40s\" is not two pieces", json_path,
+                           rank, s);
                 rc = TD_EFORMAT;
                 goto out;
             }
@@ -791,8 +792,8 @@ int tok__hf_load(tok_tokenizer *t, const char *json_path, char *err, size_t errl
             const char *b = cJSON_GetArrayItem(m, 1)->valuestring;
             rc = add_merge(&L, rank, a, strlen(a), b, strlen(b));
         } else {
-            tok__err(err, errlen, "%s: merge %zu is neither \"a b\" nor [\"a\", \"b\"]", json_path,
-                     rank);
+            td_err_set(err, errlen, "%s: merge %zu is neither \"a b\" nor [\"a\", \"b\"]",
+                       json_path, rank);
             rc = TD_EFORMAT;
         }
         if (rc < 0) goto out;
@@ -821,7 +822,7 @@ int tok__hf_load_gpt2(tok_tokenizer *t, const char *vocab_path, char *err, size_
     vocab = cJSON_ParseWithLength(data, len);
     free(data);
     if (!cJSON_IsObject(vocab)) {
-        tok__err(err, errlen, "%s: not a JSON object", vocab_path);
+        td_err_set(err, errlen, "%s: not a JSON object", vocab_path);
         rc = TD_EFORMAT;
         goto out;
     }
@@ -862,8 +863,8 @@ int tok__hf_load_gpt2(tok_tokenizer *t, const char *vocab_path, char *err, size_
             char *sp = memchr(p, ' ', ll);
             if (sp == NULL || sp == p || sp == p + ll - 1 ||
                 memchr(sp + 1, ' ', (size_t)(p + ll - sp - 1))) {
-                tok__err(err, errlen, "%s: merge %zu \"%.*s\" is not two pieces", mpath, rank,
-                         (int)(ll > 40 ? 40 : ll), p);
+                td_err_set(err, errlen, "%s: merge %zu \"%.*s\" is not two pieces", mpath, rank,
+                           (int)(ll > 40 ? 40 : ll), p);
                 rc = TD_EFORMAT;
                 goto out;
             }

@@ -108,7 +108,6 @@ struct tok_tokenizer {
 };
 
 /* --- tok.c --- */
-void tok__err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int tok__alloc_vocab(tok_tokenizer *t, int32_t n_vocab);
 /* Copies bytes into the arena; *off receives their offset. */
 int tok__arena_put(tok_tokenizer *t, const void *bytes, size_t len, uint32_t *off);

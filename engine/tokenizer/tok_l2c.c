@@ -31,41 +31,42 @@ int tok__l2c_load(tok_tokenizer *t, const char *data, size_t len, char *err, siz
 {
     t->kind = TOK__KIND_L2C;
     if (len < 4) {
-        tok__err(err, errlen, "tokenizer.bin: %zu bytes, too short for a header", len);
+        td_err_set(err, errlen, "tokenizer.bin: %zu bytes, too short for a header", len);
         return TD_EFORMAT;
     }
     int32_t max_len = rd_i32(data);
     if (max_len <= 0 || max_len > 4096) {
-        tok__err(err, errlen, "tokenizer.bin: max_token_length %d out of range", max_len);
+        td_err_set(err, errlen, "tokenizer.bin: max_token_length %d out of range", max_len);
         return TD_EFORMAT;
     }
     /* First pass: count and validate the records. */
     size_t n = 0;
     for (size_t off = 4; off < len; n++) {
         if (len - off < 8) {
-            tok__err(err, errlen, "tokenizer.bin: truncated record header of token %zu", n);
+            td_err_set(err, errlen, "tokenizer.bin: truncated record header of token %zu", n);
             return TD_EFORMAT;
         }
         int32_t l = rd_i32(data + off + 4);
         if (l < 0 || l > max_len || (size_t)l > len - off - 8) {
-            tok__err(err, errlen,
-                     "tokenizer.bin: token %zu has length %d (max_token_length %d, %zu bytes left)",
-                     n, l, max_len, len - off - 8);
+            td_err_set(
+                err, errlen,
+                "tokenizer.bin: token %zu has length %d (max_token_length %d, %zu bytes left)", n,
+                l, max_len, len - off - 8);
             return TD_EFORMAT;
         }
         if (!isfinite(rd_f32(data + off))) {
-            tok__err(err, errlen, "tokenizer.bin: token %zu has a non-finite score", n);
+            td_err_set(err, errlen, "tokenizer.bin: token %zu has a non-finite score", n);
             return TD_EFORMAT;
         }
         off += 8 + (size_t)l;
     }
     if (n < 3) {
-        tok__err(err, errlen, "tokenizer.bin: %zu tokens, need at least <unk>, BOS and EOS", n);
+        td_err_set(err, errlen, "tokenizer.bin: %zu tokens, need at least <unk>, BOS and EOS", n);
         return TD_EFORMAT;
     }
     int rc = tok__alloc_vocab(t, (int32_t)n);
     if (rc < 0) {
-        tok__err(err, errlen, "tokenizer.bin: %zu tokens: %s", n, td_strerror(rc));
+        td_err_set(err, errlen, "tokenizer.bin: %zu tokens: %s", n, td_strerror(rc));
         return rc;
     }
     t->scores = malloc(n * sizeof(float));

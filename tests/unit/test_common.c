@@ -26,6 +26,22 @@ static void test_err_table(void **state)
     assert_true(TD_EAGAIN != TD_EDECLINED);
 }
 
+static void test_err_message_out_param(void **state)
+{
+    (void)state;
+    char buf[16];
+    assert_int_equal(td_err_fail(buf, sizeof(buf), TD_EFORMAT, "bad %s at %d", "tensor", 7),
+                     TD_EFORMAT);
+    assert_string_equal(buf, "bad tensor at 7");
+    /* Truncated, still NUL-terminated. */
+    td_err_set(buf, sizeof(buf), "%s", "a reason longer than the buffer");
+    assert_string_equal(buf, "a reason longer");
+    /* No buffer: only the code comes back. */
+    assert_int_equal(td_err_fail(NULL, 0, TD_ENOENT, "x"), TD_ENOENT);
+    td_err_set(buf, 0, "untouched");
+    assert_string_equal(buf, "a reason longer");
+}
+
 static void test_log_one_line_logfmt(void **state)
 {
     (void)state;
@@ -71,6 +87,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_err_table),
+        cmocka_unit_test(test_err_message_out_param),
         cmocka_unit_test(test_log_one_line_logfmt),
         cmocka_unit_test(test_clock_monotonic),
     };
