@@ -686,6 +686,12 @@ static void *rpc__server_thread(void *arg)
     return NULL;
 }
 
+/* One integer channel argument (gRPC's API takes a non-const key). */
+#define RPC__INT_ARG(name, val)                                                                    \
+    {                                                                                              \
+        .type = GRPC_ARG_INTEGER, .key = (char *)(name), .value.integer = (val)                    \
+    }
+
 int rpc_server_create(const char *addr, rpc_server **out)
 {
     if (!addr || !out) return TD_EINVAL;
@@ -698,25 +704,15 @@ int rpc_server_create(const char *addr, rpc_server **out)
     }
     grpc_init();
     grpc_arg args[] = {
-        {.type = GRPC_ARG_INTEGER,
-         .key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
-         .value.integer = RPC_MAX_MESSAGE_BYTES},
-        {.type = GRPC_ARG_INTEGER,
-         .key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH,
-         .value.integer = RPC_MAX_MESSAGE_BYTES},
+        RPC__INT_ARG(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, RPC_MAX_MESSAGE_BYTES),
+        RPC__INT_ARG(GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, RPC_MAX_MESSAGE_BYTES),
         /* Find clients that vanished without a FIN (host down, partition) so
          * their calls are cancelled and their KV blocks freed. */
-        {.type = GRPC_ARG_INTEGER,
-         .key = (char *)GRPC_ARG_KEEPALIVE_TIME_MS,
-         .value.integer = RPC_KEEPALIVE_MS},
-        {.type = GRPC_ARG_INTEGER,
-         .key = (char *)GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
-         .value.integer = RPC_KEEPALIVE_TIMEOUT_MS},
+        RPC__INT_ARG(GRPC_ARG_KEEPALIVE_TIME_MS, RPC_KEEPALIVE_MS),
+        RPC__INT_ARG(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, RPC_KEEPALIVE_TIMEOUT_MS),
         /* Accept our clients' keepalive pings (the default policing allows one
          * per 5 minutes and closes the connection after two strikes). */
-        {.type = GRPC_ARG_INTEGER,
-         .key = (char *)GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
-         .value.integer = RPC_KEEPALIVE_MS / 2},
+        RPC__INT_ARG(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, RPC_KEEPALIVE_MS / 2),
     };
     grpc_channel_args cargs = {.num_args = sizeof(args) / sizeof(args[0]), .args = args};
     s->server = grpc_server_create(&cargs, NULL);
@@ -1048,35 +1044,21 @@ static void rpc__log_status(const char *method, const rpc_status *st)
 static grpc_channel *rpc__channel_create(const char *target)
 {
     grpc_arg args[] = {
-        {.type = GRPC_ARG_INTEGER,
-         .key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
-         .value.integer = RPC_MAX_MESSAGE_BYTES},
-        {.type = GRPC_ARG_INTEGER,
-         .key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH,
-         .value.integer = RPC_MAX_MESSAGE_BYTES},
+        RPC__INT_ARG(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, RPC_MAX_MESSAGE_BYTES),
+        RPC__INT_ARG(GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, RPC_MAX_MESSAGE_BYTES),
         /* A worker that restarts is back within a second, not after gRPC's
          * default exponential backoff (1 s doubling up to 120 s). */
-        {.type = GRPC_ARG_INTEGER,
-         .key = (char *)GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS,
-         .value.integer = 100},
-        {.type = GRPC_ARG_INTEGER,
-         .key = (char *)GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
-         .value.integer = 1000},
+        RPC__INT_ARG(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100),
+        RPC__INT_ARG(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000),
         /* Retries are the router's decision (before the first token only);
          * transparent retries would also buffer every request. */
-        {.type = GRPC_ARG_INTEGER, .key = (char *)GRPC_ARG_ENABLE_RETRIES, .value.integer = 0},
+        RPC__INT_ARG(GRPC_ARG_ENABLE_RETRIES, 0),
         /* A decode stream can run for minutes with nothing sent by the client:
          * ping while calls are open so a dead server is noticed in
          * RPC_KEEPALIVE_MS + RPC_KEEPALIVE_TIMEOUT_MS, not at the deadline. */
-        {.type = GRPC_ARG_INTEGER,
-         .key = (char *)GRPC_ARG_KEEPALIVE_TIME_MS,
-         .value.integer = RPC_KEEPALIVE_MS},
-        {.type = GRPC_ARG_INTEGER,
-         .key = (char *)GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
-         .value.integer = RPC_KEEPALIVE_TIMEOUT_MS},
-        {.type = GRPC_ARG_INTEGER,
-         .key = (char *)GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA,
-         .value.integer = 0},
+        RPC__INT_ARG(GRPC_ARG_KEEPALIVE_TIME_MS, RPC_KEEPALIVE_MS),
+        RPC__INT_ARG(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, RPC_KEEPALIVE_TIMEOUT_MS),
+        RPC__INT_ARG(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0),
     };
     grpc_channel_args cargs = {.num_args = sizeof(args) / sizeof(args[0]), .args = args};
     grpc_channel_credentials *creds = grpc_insecure_credentials_create();
