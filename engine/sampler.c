@@ -10,11 +10,20 @@ struct smp_sampler {
     smp_params p;
     int32_t *stop_ids; /* own copy of p.stop_ids */
     int vocab;
-    uint64_t rng;
+    uint64_t key; /* the seed, scrambled: the random stream's key */
     int generated;
     int32_t *idx; /* [vocab] candidate ids (scratch) */
     float *prob;  /* [vocab] probabilities (scratch) */
 };
+
+/* splitmix64's finaliser: nearby inputs give unrelated outputs. */
+static uint64_t smp__mix(uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
 
 void smp_params_defaults(smp_params *p)
 {
@@ -33,9 +42,7 @@ int smp_create(const smp_params *p, int vocab_size, smp_sampler **out)
     if (!s) return TD_ENOMEM;
     s->p = *p;
     s->vocab = vocab_size;
-    /* splitmix-style scramble so nearby seeds give unrelated streams; never 0. */
-    s->rng = p->seed * 0x9e3779b97f4a7c15ull + 0x2545f4914f6cdd1dull;
-    if (s->rng == 0) s->rng = 1;
+    s->key = smp__mix(p->seed);
     s->idx = malloc((size_t)vocab_size * sizeof(*s->idx));
     s->prob = malloc((size_t)vocab_size * sizeof(*s->prob));
     if (p->n_stop_ids > 0) {
@@ -65,18 +72,14 @@ int smp_generated(const smp_sampler *s)
     return s->generated;
 }
 
-/* xorshift64*: small, fast, good enough for sampling; state never 0. */
-static uint64_t smp__next(smp_sampler *s)
+/* Counter-based random stream: the draw for generated token g is a pure
+ * function of (seed, g), not the state of a generator. A request whose first
+ * token is drawn on a prefill worker and the rest on a decode worker draws
+ * exactly what one process draws, whatever else shares the batch. */
+static float smp__uniform(const smp_sampler *s) /* [0, 1) */
 {
-    s->rng ^= s->rng >> 12;
-    s->rng ^= s->rng << 25;
-    s->rng ^= s->rng >> 27;
-    return s->rng * 0x2545f4914f6cdd1dull;
-}
-
-static float smp__uniform(smp_sampler *s) /* [0, 1) */
-{
-    return (float)(smp__next(s) >> 40) / 16777216.0f;
+    uint64_t x = smp__mix(s->key + (uint64_t)s->generated);
+    return (float)(x >> 40) / 16777216.0f;
 }
 
 static int smp__argmax(const float *x, int n)

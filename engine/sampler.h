@@ -7,8 +7,10 @@
  *   4. top-k (k > 0): keep the k most likely (ties broken by lower id);
  *   5. top-p (0 < p < 1): keep the smallest prefix, by decreasing probability,
  *      whose mass reaches p;
- *   6. draw from what is left with the request's RNG (seeded; same seed, same
- *      logits -> same tokens).
+ *   6. draw from what is left with one uniform number that depends only on
+ *      (seed, index of the token being generated): same seed, same logits ->
+ *      same tokens, also when the first token is drawn by one process (a
+ *      prefill worker) and the rest by another that accepted it first.
  * Finish: after each accepted token smp_accept reports stop (EOS unless
  * ignore_eos, a stop id, max_tokens reached) or continue.
  *

@@ -2,7 +2,7 @@
  * (receiver) worker.
  *
  * A transfer moves blocks of bytes described by (layer, source block,
- * destination block) between two pools laid out as engine/kvcache/kv_layout.h
+ * destination block) between two pools laid out as common/kv_layout.h
  * says. The receiver registers a request (id minted by the router) with its
  * destination block ids; the sender posts work layer by layer as layers finish;
  * the receiver learns when each layer and the whole request have landed.
@@ -39,7 +39,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/kvcache/kv_layout.h"
+#include "common/kv_layout.h"
 
 #define KVX_REQ_ID_MAX  64  /* request id bytes, including the NUL */
 #define KVX_ERR_MSG_MAX 192 /* event message bytes, including the NUL */

@@ -9,7 +9,7 @@
  * sequence, and its sequence index (0..n_seqs-1). For every sequence: its block
  * table (int32 block ids into the KV pool, one per block_size positions).
  *
- * KV. The pool layout is engine/kvcache/kv_layout.h: token at position p of a
+ * KV. The pool layout is common/kv_layout.h: token at position p of a
  * sequence lives in block block_table[p / block_size], slot p % block_size. The
  * forward first writes the K/V of this batch's tokens for a layer, then each
  * token attends to positions 0..pos of its own sequence (causal), reading them
@@ -30,7 +30,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/kvcache/kv_layout.h"
+#include "common/kv_layout.h"
 #include "engine/model.h"
 
 /* Called once per layer, as soon as layer `layer` has written the K/V of every

@@ -17,6 +17,7 @@
 #include "engine/backend/backend.h"
 #include "engine/cli/gen_bench.h"
 #include "engine/model.h"
+#include "engine/runtime/eng.h"
 #include "engine/sampler.h"
 #include "engine/tokenizer/tok.h"
 
@@ -285,17 +286,28 @@ static const char *finish_name(enum smp_finish f)
     }
 }
 
+/* --logits-out: each sampled row's raw logits, appended as float32. */
+typedef struct gen_logits_tap {
+    FILE *f;
+    int err;
+} gen_logits_tap;
+
+static void gen_write_logits(void *arg, uint64_t id, const float *logits, int vocab)
+{
+    gen_logits_tap *t = arg;
+    if (!t->err && fwrite(logits, sizeof(float), (size_t)vocab, t->f) != (size_t)vocab)
+        t->err = TD_EIO;
+}
+
 static int generate(const gen_args *a, const mdl_model *m)
 {
     const mdl_config *mc = &m->cfg;
     int rc;
     tok_tokenizer *tok = NULL;
-    be_backend *be = NULL;
-    smp_sampler *smp = NULL;
+    eng *en = NULL;
+    gen_logits_tap tap = {.f = NULL, .err = 0};
     tok_stream *st = NULL;
-    FILE *lf = NULL;
-    int32_t *prompt = NULL, *gen = NULL, *table = NULL;
-    float *logits = NULL;
+    int32_t *prompt = NULL, *gen = NULL;
     char *text = NULL;
     size_t n_prompt = 0, n_gen = 0, text_len = 0, text_cap = 0;
     char piece[1024];
@@ -347,38 +359,12 @@ static int generate(const gen_args *a, const mdl_model *m)
                     mc->max_seq_len);
     }
 
-    be_options o;
-    be_options_defaults(&o, m);
-    o.n_threads = a->threads;
-    o.matmul = a->matmul;
-    o.kv.dtype = a->kv_dtype;
-    o.max_seqs = 1;
-    o.kv.num_blocks =
-        (uint32_t)((n_prompt + (size_t)max_tokens + o.kv.block_size - 1) / o.kv.block_size);
-    if (o.kv.num_blocks == 0) o.kv.num_blocks = 1;
-    char err[512] = "";
-    rc = be_open(a->backend, m, &o, &be, err, sizeof(err));
-    if (rc != 0) {
-        fprintf(stderr, "tandem-generate: backend %s: %s\n", a->backend, err);
-        goto out;
-    }
-    table = malloc(o.kv.num_blocks * sizeof(int32_t));
-    gen = malloc(((size_t)max_tokens + 1) * sizeof(int32_t));
-    logits = malloc((size_t)mc->vocab_size * sizeof(float));
-    if (!table || !gen || !logits) {
-        rc = TD_ENOMEM;
-        goto out;
-    }
-    for (uint32_t i = 0; i < o.kv.num_blocks; i++)
-        table[i] = (int32_t)i;
-
     smp_params sp;
     smp_params_defaults(&sp);
     sp.temperature = a->temperature;
     sp.top_k = a->top_k;
     sp.top_p = a->top_p;
     sp.seed = a->seed;
-    sp.max_tokens = max_tokens;
     sp.min_tokens = a->min_tokens;
     sp.ignore_eos = a->ignore_eos;
     sp.eos_id = eos;
@@ -392,16 +378,41 @@ static int generate(const gen_args *a, const mdl_model *m)
     if (mc->format == MDL_FORMAT_LLAMA2C) stop_ids[n_stop++] = bos;
     sp.stop_ids = stop_ids;
     sp.n_stop_ids = n_stop;
-    rc = smp_create(&sp, mc->vocab_size, &smp);
-    if (rc != 0) goto out;
+
+    /* The engine runtime the workers run, holding this one request: a pool
+     * of exactly its blocks, prompt chunks of 512 tokens. */
+    eng_config ec;
+    eng_config_defaults(&ec);
+    ec.backend = a->backend;
+    ec.n_threads = a->threads;
+    ec.matmul = a->matmul;
+    ec.kv_dtype = a->kv_dtype;
+    ec.max_num_seqs = 1;
+    ec.max_seqs = 1;
+    ec.max_num_batched_tokens = 512;
+    ec.max_model_len = (uint32_t)(n_prompt + (size_t)max_tokens);
+    if (ec.max_model_len < 2) ec.max_model_len = 2;
     if (a->logits_out) {
-        lf = fopen(a->logits_out, "wb");
-        if (!lf) {
+        tap.f = fopen(a->logits_out, "wb");
+        if (!tap.f) {
             fprintf(stderr, "tandem-generate: cannot write %s: %s\n", a->logits_out,
                     strerror(errno));
             rc = TD_EIO;
             goto out;
         }
+        ec.on_logits = gen_write_logits;
+        ec.on_logits_arg = &tap;
+    }
+    char err[512] = "";
+    rc = eng_open(m, &ec, &en, err, sizeof(err));
+    if (rc != 0) {
+        fprintf(stderr, "tandem-generate: backend %s: %s\n", a->backend, err);
+        goto out;
+    }
+    gen = malloc(((size_t)max_tokens + 1) * sizeof(int32_t));
+    if (!gen) {
+        rc = TD_ENOMEM;
+        goto out;
     }
     if (tok) {
         rc = tok_stream_create(tok, &st);
@@ -415,99 +426,97 @@ static int generate(const gen_args *a, const mdl_model *m)
         }
     }
 
-    const int32_t *tables[1] = {table};
-    int32_t nb = (int32_t)o.kv.num_blocks, seq0 = 0;
     int64_t t0 = td_now_ns(), t_first = t0;
-    /* Prefill in chunks of max_batch_tokens; logits for the last prompt token. */
-    int32_t pos[512], seqs[512];
-    for (size_t done = 0; done < n_prompt;) {
-        int n = (int)((n_prompt - done) < 512 ? (n_prompt - done) : 512);
-        for (int i = 0; i < n; i++) {
-            pos[i] = (int32_t)(done + (size_t)i);
-            seqs[i] = 0;
+    if (max_tokens > 0) {
+        eng_request req = {.id = 1,
+                           .prompt = prompt,
+                           .n_prompt = (uint32_t)n_prompt,
+                           .max_tokens = (uint32_t)max_tokens,
+                           .sampling = sp};
+        rc = eng_add(en, &req);
+        if (rc != 0) {
+            fprintf(stderr, "tandem-generate: cannot start the request: %s\n", td_strerror(rc));
+            goto out;
         }
-        int32_t last = n - 1;
-        int is_last = done + (size_t)n == n_prompt;
-        be_batch b = {.n_tokens = n,
-                      .tokens = prompt + done,
-                      .pos = pos,
-                      .seq = seqs,
-                      .n_seqs = 1,
-                      .block_tables = tables,
-                      .n_blocks = &nb,
-                      .n_out = is_last ? 1 : 0,
-                      .out_rows = &last,
-                      .logits = logits};
-        rc = be_forward(be, &b);
-        if (rc != 0) goto fwd_fail;
-        done += (size_t)n;
     }
-    t_first = td_now_ns();
-    while ((int)n_gen < max_tokens) {
-        if (lf &&
-            fwrite(logits, sizeof(float), (size_t)mc->vocab_size, lf) != (size_t)mc->vocab_size) {
-            rc = TD_EIO;
+    for (int running = max_tokens > 0; running;) {
+        const eng_event *evs;
+        uint32_t n_evs;
+        rc = eng_step(en, &evs, &n_evs, NULL);
+        if (rc != 0) {
+            fprintf(stderr, "tandem-generate: engine step failed: %s\n", td_strerror(rc));
+            goto out;
+        }
+        if (tap.err) {
+            rc = tap.err;
             fprintf(stderr, "tandem-generate: short write to %s\n", a->logits_out);
             goto out;
         }
-        int32_t next;
-        rc = smp_sample(smp, logits, &next);
-        if (rc != 0) goto out;
-        gen[n_gen++] = next;
-        finish = smp_accept(smp, next);
-        int is_stop_token = (finish == SMP_STOP_EOS || finish == SMP_STOP_TOKEN);
-        if (st && !is_stop_token) {
-            size_t w = 0;
-            rc = tok_stream_push(st, next, piece, sizeof(piece), &w);
-            if (rc != 0) goto out;
-            if (w > 0) {
-                if (text_len + w + 1 > text_cap) {
-                    size_t cap = (text_cap ? text_cap * 2 : 4096) + w;
-                    char *nt = realloc(text, cap);
-                    if (!nt) {
-                        rc = TD_ENOMEM;
-                        goto out;
+        for (uint32_t i = 0; i < n_evs; i++) {
+            const eng_event *ev = &evs[i];
+            if (ev->finish == ENG_FINISH_ERROR) {
+                rc = ev->err;
+                fprintf(stderr, "tandem-generate: generation failed at token %zu: %s\n", n_gen,
+                        ev->err == TD_EINVAL ? "the logits are NaN (corrupt weights?)"
+                                             : td_strerror(ev->err));
+                goto out;
+            }
+            if (n_gen == 0) t_first = td_now_ns();
+            int32_t next = ev->token;
+            gen[n_gen++] = next;
+            if (ev->finish != ENG_FINISH_NONE) {
+                running = 0;
+                finish = ev->finish == ENG_FINISH_STOP ? SMP_STOP_EOS : SMP_STOP_LENGTH;
+            }
+            /* A stop token ends the text without being shown. */
+            int is_stop_token = ev->finish == ENG_FINISH_STOP;
+            if (st && !is_stop_token) {
+                size_t w = 0;
+                rc = tok_stream_push(st, next, piece, sizeof(piece), &w);
+                if (rc != 0) {
+                    fprintf(stderr, "tandem-generate: cannot detokenize token %d: %s\n", next,
+                            td_strerror(rc));
+                    goto out;
+                }
+                if (w > 0) {
+                    if (text_len + w + 1 > text_cap) {
+                        size_t cap = (text_cap ? text_cap * 2 : 4096) + w;
+                        char *nt = realloc(text, cap);
+                        if (!nt) {
+                            rc = TD_ENOMEM;
+                            goto out;
+                        }
+                        text = nt;
+                        text_cap = cap;
                     }
-                    text = nt;
-                    text_cap = cap;
-                }
-                memcpy(text + text_len, piece, w);
-                text_len += w;
-                text[text_len] = '\0';
-                size_t cut;
-                if (a->n_stops &&
-                    smp_stop_string_find(text, text_len, a->stops, (size_t)a->n_stops, &cut)) {
-                    text_len = cut;
-                    text[cut] = '\0';
-                    stopped_by_string = 1;
-                }
-                if (!a->json) {
-                    /* Stream what can no longer become part of a stop string. */
-                    size_t hold =
-                        smp_stop_string_holdback(text, text_len, a->stops, (size_t)a->n_stops);
-                    if (stopped_by_string) hold = 0;
-                    if (text_len - hold > printed) {
-                        fwrite(text + printed, 1, text_len - hold - printed, stdout);
-                        fflush(stdout);
-                        printed = text_len - hold;
+                    memcpy(text + text_len, piece, w);
+                    text_len += w;
+                    text[text_len] = '\0';
+                    size_t cut;
+                    if (a->n_stops &&
+                        smp_stop_string_find(text, text_len, a->stops, (size_t)a->n_stops, &cut)) {
+                        text_len = cut;
+                        text[cut] = '\0';
+                        stopped_by_string = 1;
+                    }
+                    if (!a->json) {
+                        /* Stream what can no longer become part of a stop string. */
+                        size_t hold =
+                            smp_stop_string_holdback(text, text_len, a->stops, (size_t)a->n_stops);
+                        if (stopped_by_string) hold = 0;
+                        if (text_len - hold > printed) {
+                            fwrite(text + printed, 1, text_len - hold - printed, stdout);
+                            fflush(stdout);
+                            printed = text_len - hold;
+                        }
                     }
                 }
             }
+            if (stopped_by_string && running) {
+                (void)eng_abort(en, ev->id);
+                running = 0;
+            }
         }
-        if (finish != SMP_CONTINUE || stopped_by_string) break;
-        int32_t p = (int32_t)(n_prompt + n_gen - 1), row = 0;
-        be_batch d = {.n_tokens = 1,
-                      .tokens = &next,
-                      .pos = &p,
-                      .seq = &seq0,
-                      .n_seqs = 1,
-                      .block_tables = tables,
-                      .n_blocks = &nb,
-                      .n_out = 1,
-                      .out_rows = &row,
-                      .logits = logits};
-        rc = be_forward(be, &d);
-        if (rc != 0) goto fwd_fail;
     }
     int64_t t_end = td_now_ns();
     if (!a->json) {
@@ -522,19 +531,13 @@ static int generate(const gen_args *a, const mdl_model *m)
         td_log_info("generate", "done", "prompt_tokens=%zu tokens=%zu decode_tok_s=%.1f", n_prompt,
                     n_gen, (double)(n_gen - 1) / td_ns_to_s(t_end - t_first));
     rc = 0;
-    goto out;
-fwd_fail:
-    fprintf(stderr, "tandem-generate: forward failed: %s\n", td_strerror(rc));
 out:
-    if (lf && fclose(lf) != 0 && rc == 0) rc = TD_EIO;
+    if (tap.f && fclose(tap.f) != 0 && rc == 0) rc = TD_EIO;
     tok_stream_free(st);
-    smp_free(smp);
-    be_close(be);
+    eng_close(en);
     tok_free(tok);
     free(prompt);
     free(gen);
-    free(table);
-    free(logits);
     free(text);
     return rc;
 }

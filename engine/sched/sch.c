@@ -287,6 +287,23 @@ int sch_abort(sch *s, uint64_t req_id)
     return 0;
 }
 
+int sch_detach(sch *s, uint64_t req_id, int64_t *kv_seq)
+{
+    if (!s || !kv_seq) return TD_EINVAL;
+    *kv_seq = -1;
+    uint32_t slot;
+    sch_seq *q = find_req(s, req_id, &slot);
+    if (!q || q->aborted) return TD_ENOENT;
+    if (s->in_flight && q->item != NO_ITEM) return TD_EAGAIN;
+    if (q->state == SEQ_WAITING)
+        list_remove(s->waiting, &s->n_waiting, slot);
+    else
+        list_remove(s->running, &s->n_running, slot);
+    *kv_seq = q->kv;
+    slot_release(s, slot);
+    return 0;
+}
+
 /* ---- scheduling ---- */
 
 static int check_pool(const sch *s)
@@ -428,10 +445,15 @@ static int admit_waiting(sch *s, sch_step *st, uint32_t *budget)
         rc = kvc_prefix_match(s->pool, q->tokens, q->n_tokens, &n_cached);
         if (rc < 0) return rc;
         uint32_t n = chunk_len(s, q->n_tokens - n_cached, *budget);
+        /* A prefill-only sequence takes the blocks of its whole prompt at
+         * admission, so it never grows: it can neither preempt nor be
+         * preempted, and a block being sent to a decode worker is never
+         * freed or recomputed under the transfer (its pin). */
         kvc_seq_spec spec = {
             .tokens = q->tokens,
             .n_prompt = q->n_tokens,
             .n_slots = n_cached + n,
+            .n_capacity = s->cfg.prefill_only ? q->n_tokens : 0,
         };
         uint32_t got = 0;
         rc = kvc_seq_alloc(s->pool, &spec, &q->kv, &got);

@@ -30,8 +30,10 @@
  * a prefill worker), or WAITING with its KV kept when max_num_seqs are running.
  *
  * Modes: prefill workers set prefill_only (a sequence finishes once its prompt
- * is computed and its first token sampled) and hold_kv_on_finish (the caller
- * keeps the blocks until they are sent); decode workers use sch_add_prefilled.
+ * is computed and its first token sampled; it takes the blocks of its whole
+ * prompt at admission, so it is never preempted) and hold_kv_on_finish (the
+ * caller keeps the blocks until they are sent; sch_detach does the same for a
+ * cancelled one); decode workers use sch_add_prefilled.
  *
  * Not thread-safe: one scheduler (and its kvc pool) per engine thread.
  */
@@ -152,6 +154,13 @@ int sch_add_prefilled(sch *s, const sch_request *req, int64_t kv_seq, int32_t fi
  * in flight, its result is ignored and it goes away at sch_update. It is not
  * reported as finished. TD_ENOENT if unknown. */
 int sch_abort(sch *s, uint64_t req_id);
+
+/* Drops a request like sch_abort but hands its kvc sequence (or -1 when it
+ * holds none) to the caller in *kv_seq instead of freeing it: a prefill
+ * worker keeps the blocks until the transfer reading them has ended.
+ * TD_ENOENT if unknown, TD_EAGAIN while it is part of the step in flight
+ * (call again after sch_update). */
+int sch_detach(sch *s, uint64_t req_id, int64_t *kv_seq);
 
 /* Builds the next step into *out. An empty step (n_items 0) means nothing can
  * run now; it needs no sch_update. TD_EINVAL if the previous non-empty step was

@@ -30,6 +30,15 @@ static int32_t sample(smp_sampler *s)
     return t;
 }
 
+/* One generation step: draw, then accept (the random stream is keyed by the
+ * number of tokens accepted so far). */
+static int32_t draw(smp_sampler *s)
+{
+    int32_t t = sample(s);
+    (void)smp_accept(s, t);
+    return t;
+}
+
 static void test_greedy_ties_lowest(void **st)
 {
     (void)st;
@@ -53,9 +62,9 @@ static void test_seed_reproducible(void **st)
     smp_sampler *s3 = make(&p);
     int differ = 0;
     for (int i = 0; i < 64; i++) {
-        a[i] = sample(s1);
-        b[i] = sample(s2);
-        c[i] = sample(s3);
+        a[i] = draw(s1);
+        b[i] = draw(s2);
+        c[i] = draw(s3);
         differ |= a[i] != c[i];
     }
     assert_memory_equal(a, b, sizeof(a));
@@ -77,7 +86,7 @@ static void test_distribution(void **st)
     int count[V] = {0};
     const int N = 20000;
     for (int i = 0; i < N; i++)
-        count[sample(s)]++;
+        count[draw(s)]++;
     double z = 0;
     for (int i = 0; i < V; i++)
         z += exp(base_logits[i]);
@@ -99,7 +108,7 @@ static void test_top_k(void **st)
     smp_sampler *s = make(&p);
     int seen[V] = {0};
     for (int i = 0; i < 2000; i++)
-        seen[sample(s)] = 1;
+        seen[draw(s)] = 1;
     /* The three best: 1 and 3 (3.0) and 6 (2.9). */
     for (int i = 0; i < V; i++)
         assert_int_equal(seen[i], i == 1 || i == 3 || i == 6);
@@ -107,7 +116,7 @@ static void test_top_k(void **st)
     p.top_k = 1;
     s = make(&p);
     for (int i = 0; i < 100; i++)
-        assert_int_equal(sample(s), 1);
+        assert_int_equal(draw(s), 1);
     smp_free(s);
 }
 
@@ -124,7 +133,7 @@ static void test_top_p(void **st)
     smp_sampler *s = make(&p);
     int seen[V] = {0};
     for (int i = 0; i < 3000; i++)
-        seen[sample(s)] = 1;
+        seen[draw(s)] = 1;
     for (int i = 0; i < V; i++)
         assert_int_equal(seen[i], i == 1 || i == 3 || i == 6);
     smp_free(s);
@@ -132,14 +141,14 @@ static void test_top_p(void **st)
     s = make(&p);
     memset(seen, 0, sizeof(seen));
     for (int i = 0; i < 3000; i++)
-        seen[sample(s)] = 1;
+        seen[draw(s)] = 1;
     for (int i = 0; i < V; i++)
         assert_int_equal(seen[i], i == 1 || i == 3);
     smp_free(s);
     p.top_p = 0.2f;
     s = make(&p);
     for (int i = 0; i < 100; i++)
-        assert_int_equal(sample(s), 1);
+        assert_int_equal(draw(s), 1);
     smp_free(s);
 }
 
@@ -214,6 +223,32 @@ static void test_stop_strings(void **st)
     assert_int_equal(smp_stop_string_holdback("plain", 5, stops, 2), 0);
 }
 
+/* The draw for token g depends on (seed, g) alone: a sampler that only
+ * accepted the first g tokens (a decode worker continuing what a prefill
+ * worker drew) draws what the one that drew all of them draws next. */
+static void test_split_stream(void **st)
+{
+    (void)st;
+    smp_params p;
+    smp_params_defaults(&p);
+    p.temperature = 1.0f;
+    p.top_p = 0.9f;
+    p.seed = 1234;
+    smp_sampler *whole = make(&p);
+    int32_t ref[40];
+    for (int i = 0; i < 40; i++)
+        ref[i] = draw(whole);
+    for (int split = 1; split < 40; split += 7) {
+        smp_sampler *rest = make(&p);
+        for (int i = 0; i < split; i++)
+            (void)smp_accept(rest, ref[i]);
+        for (int i = split; i < 40; i++)
+            assert_int_equal(draw(rest), ref[i]);
+        smp_free(rest);
+    }
+    smp_free(whole);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -225,6 +260,7 @@ int main(void)
         cmocka_unit_test(test_min_tokens_and_stops),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_stop_strings),
+        cmocka_unit_test(test_split_stream),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

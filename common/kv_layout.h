@@ -12,8 +12,8 @@
  * Slot t of a block holds the token at position (block index in the sequence's
  * block table) * block_size + t.
  */
-#ifndef TANDEM_ENGINE_KVCACHE_KV_LAYOUT_H
-#define TANDEM_ENGINE_KVCACHE_KV_LAYOUT_H
+#ifndef TANDEM_COMMON_KV_LAYOUT_H
+#define TANDEM_COMMON_KV_LAYOUT_H
 
 #include <stddef.h>
 #include <stdint.h>
