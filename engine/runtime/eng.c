@@ -112,7 +112,8 @@ int eng_open(const mdl_model *m, const eng_config *c, eng **out, char *err, size
     e->vocab = m->cfg.vocab_size;
     int rc = eng__resolve(m, &e->cfg);
     if (rc != 0) {
-        td_err_set(err, errlen, "engine config: max_model_len %u needs more than %u KV blocks of %u",
+        td_err_set(err, errlen,
+                   "engine config: max_model_len %u needs more than %u KV blocks of %u",
                    c->max_model_len, c->num_blocks, c->block_size);
         goto fail;
     }
@@ -299,8 +300,7 @@ int eng_add(eng *e, const eng_request *r)
     return rc;
 }
 
-int eng_add_prefilled(eng *e, const eng_request *r, int64_t kv_seq, int32_t first_token,
-                      int *done)
+int eng_add_prefilled(eng *e, const eng_request *r, int64_t kv_seq, int32_t first_token, int *done)
 {
     if (!e || !done) return TD_EINVAL;
     *done = ENG_FINISH_NONE;
@@ -425,11 +425,8 @@ int eng_step(eng *e, const eng_event **evs, uint32_t *n_evs, eng_step_stats *sta
             (void)sch_abort(e->sched, st.items[i].req_id);
             if (!q) continue;
             e->results[i] = (sch_result){0};
-            e->events[e->n_events++] = (eng_event){.id = q->id,
-                                                   .token = -1,
-                                                   .finish = ENG_FINISH_ERROR,
-                                                   .err = frc,
-                                                   .kv_seq = -1};
+            e->events[e->n_events++] = (eng_event){
+                .id = q->id, .token = -1, .finish = ENG_FINISH_ERROR, .err = frc, .kv_seq = -1};
             eng__release(e, q);
         }
         rc = sch_update(e->sched, e->results, st.n_items, NULL, NULL);
@@ -452,7 +449,8 @@ int eng_step(eng *e, const eng_event **evs, uint32_t *n_evs, eng_step_stats *sta
         int src = smp_sample(q->smp, lg, &tok);
         if (src != 0) {
             q->err = src;
-            td_log_error("eng", "sample_failed", "id=%llu generated=%d err=%s reason=\"logits are NaN\"",
+            td_log_error("eng", "sample_failed",
+                         "id=%llu generated=%d err=%s reason=\"logits are NaN\"",
                          (unsigned long long)q->id, smp_generated(q->smp), td_err_name(src));
             e->results[i].stop = true;
             continue;

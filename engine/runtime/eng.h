@@ -48,8 +48,8 @@ typedef struct eng_item {
     uint64_t id;
     uint32_t start;
     uint32_t n;
-    uint32_t n_prompt;     /* prompt tokens of the request */
-    const int32_t *table;  /* block table: n_blocks block ids (the pool's memory) */
+    uint32_t n_prompt;    /* prompt tokens of the request */
+    const int32_t *table; /* block table: n_blocks block ids (the pool's memory) */
     uint32_t n_blocks;
 } eng_item;
 
@@ -64,27 +64,27 @@ typedef int (*eng_layer_fn)(void *arg, const eng_item *items, uint32_t n_items, 
 typedef void (*eng_logits_fn)(void *arg, uint64_t id, const float *logits, int vocab);
 
 typedef struct eng_config {
-    const char *backend;     /* "cpu" (NULL: "cpu") */
-    int n_threads;           /* compute threads, >= 1 (0: 1) */
-    enum be_matmul matmul;   /* BE_MATMUL_DETERMINISTIC keeps batch invariance */
-    enum kv_dtype kv_dtype;  /* KV element type */
-    uint32_t block_size;     /* tokens per KV block (0: 16) */
-    uint32_t num_blocks;     /* KV blocks per layer (0: enough for max_num_seqs
-                                sequences of max_model_len, at most 64 Ki) */
-    uint32_t max_num_seqs;   /* sequences in one step (0: 64) */
+    const char *backend;             /* "cpu" (NULL: "cpu") */
+    int n_threads;                   /* compute threads, >= 1 (0: 1) */
+    enum be_matmul matmul;           /* BE_MATMUL_DETERMINISTIC keeps batch invariance */
+    enum kv_dtype kv_dtype;          /* KV element type */
+    uint32_t block_size;             /* tokens per KV block (0: 16) */
+    uint32_t num_blocks;             /* KV blocks per layer (0: enough for max_num_seqs
+                                        sequences of max_model_len, at most 64 Ki) */
+    uint32_t max_num_seqs;           /* sequences in one step (0: 64) */
     uint32_t max_num_batched_tokens; /* tokens in one step (0: 512) */
     uint32_t max_chunk_tokens;       /* prefill chunk cap per sequence (0: none) */
-    uint32_t max_seqs;       /* requests known at once, waiting + running
-                                (0: 4 * max_num_seqs) */
-    uint32_t max_model_len;  /* prompt + generated tokens (0: the model's context) */
-    bool prefix_cache;       /* share full prompt blocks between requests */
-    bool prefill_only;       /* prefill worker: a request ends after its first
-                                token and hands its KV to the caller */
-    bool check_kv;           /* walk the pool after every step (tests) */
-    void *kv_mem;            /* KV region of kv_layout_pool_bytes(eng_layout_for())
-                                bytes owned by the caller (a transfer's shared pool),
-                                living until eng_close; NULL: the backend allocates */
-    eng_layer_fn on_layer;   /* optional */
+    uint32_t max_seqs;               /* requests known at once, waiting + running
+                                        (0: 4 * max_num_seqs) */
+    uint32_t max_model_len;          /* prompt + generated tokens (0: the model's context) */
+    bool prefix_cache;               /* share full prompt blocks between requests */
+    bool prefill_only;               /* prefill worker: a request ends after its first
+                                        token and hands its KV to the caller */
+    bool check_kv;                   /* walk the pool after every step (tests) */
+    void *kv_mem;                    /* KV region of kv_layout_pool_bytes(eng_layout_for())
+                                        bytes owned by the caller (a transfer's shared pool),
+                                        living until eng_close; NULL: the backend allocates */
+    eng_layer_fn on_layer;           /* optional */
     void *on_layer_arg;
     eng_logits_fn on_logits; /* optional */
     void *on_logits_arg;
@@ -128,8 +128,7 @@ int eng_add(eng *e, const eng_request *r);
  * finish (ENG_FINISH_*) and the caller still owns kv_seq; otherwise *done is
  * ENG_FINISH_NONE and the eng owns kv_seq. Errors as eng_add; on error the
  * caller still owns kv_seq. */
-int eng_add_prefilled(eng *e, const eng_request *r, int64_t kv_seq, int32_t first_token,
-                      int *done);
+int eng_add_prefilled(eng *e, const eng_request *r, int64_t kv_seq, int32_t first_token, int *done);
 
 /* Drops a request wherever it is and frees its blocks. No event is reported
  * for it. Not from inside eng_step (the layer hook). TD_ENOENT if unknown. */

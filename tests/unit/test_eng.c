@@ -209,9 +209,8 @@ static void check_split(int seeded)
         assert_int_equal(first, ref[i][0]);
         /* Destination blocks for the prompt, as a decode worker allocates. */
         kvc_pool *dp = eng_kvc(dec);
-        kvc_seq_spec spec = {.tokens = c[i].prompt,
-                             .n_prompt = c[i].n_prompt,
-                             .n_slots = c[i].n_prompt};
+        kvc_seq_spec spec = {
+            .tokens = c[i].prompt, .n_prompt = c[i].n_prompt, .n_slots = c[i].n_prompt};
         int64_t dst = -1;
         assert_int_equal(kvc_seq_alloc(dp, &spec, &dst, NULL), 0);
         uint32_t ns = 0, nd = 0;

@@ -76,7 +76,8 @@ static void test_requests(void **state)
 
     /* Keep-alive, two pipelined requests answered in order. */
     int fd = dial(port);
-    const char *two = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /nope?x=1 HTTP/1.1\r\nHost: x\r\n\r\n";
+    const char *two =
+        "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /nope?x=1 HTTP/1.1\r\nHost: x\r\n\r\n";
     assert_int_equal(write(fd, two, strlen(two)), (ssize_t)strlen(two));
     slurp(fd, buf, sizeof(buf), 200);
     char *a = strstr(buf, "HTTP/1.1 200 OK"), *b = strstr(buf, "HTTP/1.1 404");

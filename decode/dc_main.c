@@ -1,0 +1,207 @@
+/* tandem-decode: the decode worker. See decode/dc.h for its threads and
+ * docs/workers.md for how a request flows. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "common/clock.h"
+#include "common/err.h"
+#include "common/log.h"
+#include "decode/dc.h"
+
+static int dc_run(const wrk_opts *o)
+{
+    const char *prog = "tandem-decode";
+    int rc;
+    char err[512] = "";
+    mdl_model *m = NULL;
+    dc_ctx *c = calloc(1, sizeof(*c));
+    rpc_server *srv = NULL;
+    wrk_http *http = NULL;
+    wrk_member *member = NULL;
+    pthread_t engine_thread;
+    bool engine_started = false, cmdq_ok = false, metrics_ok = false;
+    if (!c) return TD_ENOMEM;
+    c->opts = o;
+    c->wake_fd = -1;
+    c->transport = o->kv_transport;
+    c->prefill_timeout_ns = o->prefill_timeout_ns;
+
+    rc = mdl_load(o->model, &m, err, sizeof(err));
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot load %s: %s (%s)\n", prog, o->model, err, td_err_name(rc));
+        goto out;
+    }
+    c->model = m;
+    eng_config ec;
+    rc = wrk_engine_config(o, m, WRK_DECODE, &ec, err, sizeof(err));
+    kv_layout layout;
+    if (rc == 0) rc = eng_layout_for(m, &ec, &layout);
+    if (rc != 0) {
+        fprintf(stderr, "%s: %s\n", prog, err);
+        goto out;
+    }
+    char why[256] = "";
+    if (!kvx_transport_available(o->kv_transport, why, sizeof(why))) {
+        fprintf(stderr, "%s: KV transport %s cannot run here: %s\n", prog, o->kv_transport, why);
+        rc = TD_EUNSUPPORTED;
+        goto out;
+    }
+    kvx_params kp = {.transport = o->kv_transport,
+                     .role = KVX_ROLE_RECV,
+                     .model_fingerprint = mdl_fingerprint(m),
+                     .layout = layout};
+    rc = kvx_ep_create(&kp, &c->kvx);
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot create the KV transfer endpoint: %s\n", prog,
+                td_strerror(rc));
+        goto out;
+    }
+    /* The KV pool is the transfer endpoint's memory (shareable for shm), so
+     * landed blocks are where the engine reads them. */
+    ec.kv_mem = kvx_ep_pool(c->kvx);
+    rc = eng_open(m, &ec, &c->engine, err, sizeof(err));
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot start the engine: %s\n", prog, err);
+        goto out;
+    }
+    c->max_model_len = eng_max_model_len(c->engine);
+    char kv_addr[512];
+    if (strcmp(o->kv_transport, "shm") == 0 || strcmp(o->kv_transport, "cuda_ipc") == 0) {
+        if (strchr(o->kv_listen, ':'))
+            snprintf(kv_addr, sizeof(kv_addr), "/tmp/tandem-kv-%d.sock", (int)getpid());
+        else
+            snprintf(kv_addr, sizeof(kv_addr), "%s", o->kv_listen);
+    } else {
+        snprintf(kv_addr, sizeof(kv_addr), "%s", o->kv_listen);
+    }
+    rc = kvx_listen(c->kvx, kv_addr, c->kv_endpoint, sizeof(c->kv_endpoint));
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot listen for KV on %s: %s\n", prog, kv_addr, td_strerror(rc));
+        goto out;
+    }
+    if (!c->kv_endpoint[0]) snprintf(c->kv_endpoint, sizeof(c->kv_endpoint), "%s", kv_addr);
+
+    rc = wrk_metrics_init(&c->metrics);
+    if (rc != 0) goto out;
+    metrics_ok = true;
+    rc = mpscq_init(&c->cmdq);
+    if (rc != 0) goto out;
+    cmdq_ok = true;
+    c->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (c->wake_fd < 0) {
+        rc = TD_EIO;
+        goto out;
+    }
+    rc = dc_outbox_create(&c->outbox);
+    if (rc != 0) goto out;
+    wrk_load_publish(&c->load, c->engine, 0, 0);
+
+    rc = rpc_server_create(o->listen, &srv);
+    if (rc == 0)
+        rc = rpc_server_add_method(srv, "/tandem.v1.Decode/Generate",
+                                   &tandem__v1__decode_request__descriptor, dc_handle_generate, c);
+    if (rc == 0)
+        rc = rpc_server_add_method(srv, "/tandem.v1.Decode/Cancel",
+                                   &tandem__v1__cancel_request__descriptor, dc_handle_cancel, c);
+    if (rc == 0) rc = wrk_health_add(srv, &c->health);
+    if (rc == 0) rc = rpc_server_start(srv);
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot serve gRPC on %s: %s\n", prog, o->listen, td_strerror(rc));
+        goto out;
+    }
+    if (o->metrics_listen) {
+        rc = wrk_http_start(o->metrics_listen, &c->metrics, &c->load, &c->health, &http);
+        if (rc != 0) {
+            fprintf(stderr, "%s: cannot serve metrics on %s: %s\n", prog, o->metrics_listen,
+                    td_strerror(rc));
+            goto out;
+        }
+    }
+    if (pthread_create(&engine_thread, NULL, dc_engine_run, c) != 0) {
+        rc = TD_ENOMEM;
+        goto out;
+    }
+    engine_started = true;
+    atomic_store(&c->health.status, WRK_SERVING);
+
+    char rpc_addr[256];
+    wrk_advertised_addr(o->listen, rpc_server_port(srv), rpc_addr, sizeof(rpc_addr));
+    char worker_id[300];
+    snprintf(worker_id, sizeof(worker_id), "%s", o->worker_id ? o->worker_id : "");
+    if (!worker_id[0]) snprintf(worker_id, sizeof(worker_id), "decode-%s", rpc_addr);
+    if (o->router) {
+        wrk_member_info mi = {.role = WRK_DECODE,
+                              .worker_id = worker_id,
+                              .rpc_address = rpc_addr,
+                              .kv_endpoint = c->kv_endpoint,
+                              .kv_transport = o->kv_transport,
+                              .model = o->model,
+                              .layout = eng_layout(c->engine),
+                              .fingerprint = mdl_fingerprint(m),
+                              .max_running_seqs = ec.max_num_seqs,
+                              .max_batch_tokens = ec.max_num_batched_tokens};
+        rc = wrk_member_start(o->router, &mi, &c->load, &c->draining, &member);
+        if (rc != 0) {
+            fprintf(stderr, "%s: cannot reach the router at %s: %s\n", prog, o->router,
+                    td_strerror(rc));
+            goto out;
+        }
+    }
+    /* One line on stdout that scripts wait for. */
+    printf("tandem-decode ready grpc=%s kv=%s transport=%s metrics=%d blocks=%u\n", rpc_addr,
+           c->kv_endpoint, o->kv_transport, http ? wrk_http_port(http) : 0,
+           eng_layout(c->engine)->num_blocks);
+    fflush(stdout);
+    td_log_info("decode", "ready", "grpc=%s kv=%s transport=%s blocks=%u", rpc_addr,
+                c->kv_endpoint, o->kv_transport, eng_layout(c->engine)->num_blocks);
+
+    /* Serve until SIGTERM/SIGINT or the router asks to drain, then drain. */
+    for (;;) {
+        int sig = wrk_signal_wait(200000000LL);
+        if (sig > 0 || atomic_load(&c->draining)) {
+            td_log_info("decode", "draining", "signal=%d timeout_s=%.1f", sig,
+                        td_ns_to_s(o->drain_timeout_ns));
+            break;
+        }
+    }
+    atomic_store(&c->draining, 1);
+    atomic_store(&c->health.status, WRK_NOT_SERVING);
+    int64_t until = td_now_ns() + o->drain_timeout_ns;
+    while (td_now_ns() < until && atomic_load(&c->load.in_flight) > 0)
+        if (wrk_signal_wait(20000000LL) > 0) break; /* a second signal: stop now */
+    rc = 0;
+out:
+    wrk_member_stop(member);
+    if (engine_started) {
+        atomic_store(&c->stop, 1);
+        pthread_join(engine_thread, NULL);
+    }
+    dc_outbox_free(c->outbox); /* sends the last finishes */
+    rpc_server_free(srv);
+    wrk_http_stop(http);
+    eng_close(c->engine);
+    kvx_ep_destroy(c->kvx); /* after the engine: it owns the KV pool's memory */
+    if (cmdq_ok) mpscq_close(&c->cmdq);
+    if (c->wake_fd >= 0) close(c->wake_fd);
+    if (metrics_ok) wrk_metrics_free(&c->metrics);
+    mdl_free(m);
+    free(c);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    wrk_signals_block();
+    wrk_opts o;
+    cfg *conf = NULL;
+    int rc = wrk_opts_parse(WRK_DECODE, argc, argv, &o, &conf);
+    if (rc == CFG_HELP) return 0;
+    if (rc != 0) return 2;
+    rc = dc_run(&o);
+    cfg_free(conf);
+    return rc == 0 ? 0 : 1;
+}

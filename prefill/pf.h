@@ -1,0 +1,54 @@
+/* The prefill worker (tandem-prefill), internal interfaces.
+ *
+ * Threads and who owns what:
+ *   gRPC CQ thread   pf_handle_run / pf_handle_cancel: check the request and
+ *                    push it onto the engine's queue; nothing else.
+ *   engine thread    pf_engine_run: owns the eng (prefill-only), the kvx send
+ *                    side (connections to decode workers, one per KV
+ *                    endpoint, made on the first request and kept), every
+ *                    pf_req from its pop to its reply.
+ *   kvx thread       the transfer endpoint's progress thread.
+ *
+ * A request's KV blocks (source side): taken by the scheduler at admission
+ * for the whole prompt (never preempted), posted to kvx layer by layer from
+ * the per-layer hook as each layer of each finished block is computed, and
+ * freed only after kvx's final event for the request (DONE or FAILED): a
+ * block being sent is never freed or reused.
+ */
+#ifndef TANDEM_PREFILL_PF_H
+#define TANDEM_PREFILL_PF_H
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "common/mpscq.h"
+#include "common/rpc.h"
+#include "engine/runtime/eng.h"
+#include "kvtransfer/kvx.h"
+#include "worker/wrk.h"
+
+typedef struct pf_ctx {
+    const wrk_opts *opts;
+    const mdl_model *model;
+    eng *engine;
+    kvx_ep *kvx;
+    uint32_t max_model_len;
+    uint32_t block_size;
+    wrk_health health;
+    wrk_load load;
+    wrk_metrics metrics;
+    mpscq cmdq;
+    _Atomic int draining;
+    _Atomic int stop;
+} pf_ctx;
+
+void pf_handle_run(rpc_call *call, const ProtobufCMessage *req, void *arg);
+void pf_handle_cancel(rpc_call *call, const ProtobufCMessage *req, void *arg);
+
+/* The eng's per-layer hook (eng_config.on_layer, arg: the pf_ctx). */
+int pf_on_layer(void *arg, const eng_item *items, uint32_t n_items, int layer);
+
+/* The engine thread's body: runs until ctx->stop, then fails what is left. */
+void *pf_engine_run(void *ctx);
+
+#endif

@@ -1,0 +1,545 @@
+/* The prefill worker's engine thread: requests from the gRPC handlers,
+ * connections to decode workers, prefill batches, layer-by-layer KV posts.
+ *
+ * A request's states (pf_req.state), all on this thread:
+ *
+ *   RUNNING   queued in or computed by the engine (prefill-only); each step's
+ *             per-layer hook posts the blocks that step finished to kvx
+ *      | first token drawn: the engine hands the blocks over (held)
+ *   SENDING   the last layers are on the wire; waiting for kvx DONE
+ *      | DONE -> PrefillResponse, blocks freed
+ *
+ *   any state --cancel, deadline, kvx FAILED, send error--> CLOSING
+ *   CLOSING   waits for kvx's final event (so nothing reads the blocks any
+ *             more), frees them, finishes the call with the error.
+ */
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/clock.h"
+#include "common/err.h"
+#include "common/log.h"
+#include "prefill/pf.h"
+#include "proto/tandem.pb-c.h"
+
+#define MOD             "prefill"
+#define PF_MAX_STOP_IDS 80
+#define PF_MAX_PEERS    64
+
+enum pf_state { PF_RUNNING, PF_SENDING, PF_CLOSING };
+
+typedef struct pf_req pf_req;
+struct pf_req {
+    pf_req *prev, *next; /* live list */
+    rpc_call *call;
+    const Tandem__V1__PrefillRequest *msg; /* owned by the call */
+    char id[KVX_REQ_ID_MAX];
+    int32_t *prompt;
+    uint32_t n_prompt;
+    eng_request er;
+    int32_t stop_ids[PF_MAX_STOP_IDS];
+    int64_t deadline_ns;
+    enum pf_state state;
+    bool in_engine; /* added to the eng and not yet handed back */
+    bool began;     /* kvx knows the request */
+    bool kv_final, kv_ok;
+    int64_t kv_seq; /* held blocks, once the eng handed them over */
+    int32_t first_token;
+    /* Blocks of the prompt: dst ids from the request, pairs filled as the
+     * source blocks are computed. Blocks [skip_blocks, n_blocks) are sent. */
+    kvx_pair *pairs;
+    uint32_t n_blocks, skip_blocks;
+    uint32_t posted_upto; /* blocks [skip_blocks, posted_upto) posted in every layer */
+    uint32_t lo, hi;      /* this step's range */
+    bool seen;
+    uint32_t cached_tokens; /* prefix computed before (this worker's prefix cache) */
+    int send_err;
+    uint64_t bytes_sent;
+    int err;
+    char details[192];
+    int64_t t_arrival, t_start, t_done;
+    uint64_t transfer_us;
+};
+
+typedef struct pf_envelope {
+    mpscq_node node;
+    int is_cancel;
+    rpc_call *call;
+    pf_req *req;
+    char id[KVX_REQ_ID_MAX];
+} pf_envelope;
+
+typedef struct pf_peer {
+    char endpoint[512];
+    int id;
+} pf_peer;
+
+typedef struct pf_engine {
+    pf_ctx *ctx;
+    pf_req *live;
+    uint32_t n_live;
+    pf_peer peers[PF_MAX_PEERS];
+    int n_peers;
+} pf_engine;
+
+/* ------------------------------------------------------------ handlers -- */
+
+static void pf__invalid(rpc_call *call, int err, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void pf__invalid(rpc_call *call, int err, const char *fmt, ...)
+{
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    rpc_call_finish(call, err, msg);
+}
+
+void pf_handle_run(rpc_call *call, const ProtobufCMessage *req, void *arg)
+{
+    pf_ctx *c = arg;
+    const Tandem__V1__PrefillRequest *m = (const Tandem__V1__PrefillRequest *)req;
+    const char *id = m->meta ? m->meta->request_id : NULL;
+    if (atomic_load(&c->draining) || atomic_load(&c->health.status) != WRK_SERVING)
+        return pf__invalid(call, TD_EUNAVAILABLE, "prefill worker is draining");
+    if (!id || !id[0]) return pf__invalid(call, TD_EINVAL, "meta.request_id is empty");
+    if (strlen(id) >= KVX_REQ_ID_MAX)
+        return pf__invalid(call, TD_EINVAL, "meta.request_id is longer than %d bytes",
+                           KVX_REQ_ID_MAX - 1);
+    size_t n = m->n_prompt_token_ids;
+    if (n == 0) return pf__invalid(call, TD_EINVAL, "prompt_token_ids is empty");
+    if (n >= c->max_model_len)
+        return pf__invalid(call, TD_EINVAL, "prompt of %zu tokens exceeds the context of %u tokens",
+                           n, c->max_model_len);
+    int vocab = c->model->cfg.vocab_size;
+    for (size_t i = 0; i < n; i++)
+        if (m->prompt_token_ids[i] >= (uint32_t)vocab)
+            return pf__invalid(call, TD_EINVAL,
+                               "prompt_token_ids[%zu] = %u is not below the vocabulary size %d", i,
+                               m->prompt_token_ids[i], vocab);
+    const Tandem__V1__KvDestination *d = m->dest;
+    if (!d || !d->kv_endpoint || !d->kv_endpoint[0])
+        return pf__invalid(call, TD_EINVAL, "dest.kv_endpoint is empty");
+    if (d->transport && d->transport[0] && strcmp(d->transport, c->opts->kv_transport) != 0)
+        return pf__invalid(call, TD_EMISMATCH, "dest.transport: decode %s, prefill %s",
+                           d->transport, c->opts->kv_transport);
+    size_t want_blocks = (n + c->block_size - 1) / c->block_size;
+    if (d->n_block_ids != want_blocks)
+        return pf__invalid(call, TD_EINVAL,
+                           "dest.block_ids: %zu ids for a prompt of %zu tokens (needs %zu blocks of %u)",
+                           d->n_block_ids, n, want_blocks, c->block_size);
+    if (d->skip_tokens % c->block_size != 0 || d->skip_tokens >= n)
+        return pf__invalid(call, TD_EINVAL,
+                           "dest.skip_tokens = %u must be a multiple of %u below the prompt length",
+                           d->skip_tokens, c->block_size);
+
+    pf_req *r = calloc(1, sizeof(*r));
+    pf_envelope *e = calloc(1, sizeof(*e));
+    int32_t *prompt = malloc(n * sizeof(int32_t));
+    kvx_pair *pairs = malloc(want_blocks * sizeof(kvx_pair));
+    if (!r || !e || !prompt || !pairs) {
+        free(r);
+        free(e);
+        free(prompt);
+        free(pairs);
+        return pf__invalid(call, TD_ENOMEM, "out of memory");
+    }
+    for (size_t i = 0; i < n; i++)
+        prompt[i] = (int32_t)m->prompt_token_ids[i];
+    for (size_t i = 0; i < want_blocks; i++)
+        pairs[i] = (kvx_pair){.src = 0, .dst = d->block_ids[i]};
+    smp_params p;
+    char why[192];
+    if (wrk_sampling(&c->model->cfg, m->sampling, (uint64_t)td_now_ns(), r->stop_ids,
+                     PF_MAX_STOP_IDS, &p, why, sizeof(why)) != 0) {
+        free(r);
+        free(e);
+        free(prompt);
+        free(pairs);
+        return pf__invalid(call, TD_EINVAL, "%s", why);
+    }
+    r->call = call;
+    r->msg = m;
+    snprintf(r->id, sizeof(r->id), "%s", id);
+    r->prompt = prompt;
+    r->n_prompt = (uint32_t)n;
+    r->pairs = pairs;
+    r->n_blocks = (uint32_t)want_blocks;
+    r->skip_blocks = d->skip_tokens / c->block_size;
+    r->posted_upto = r->skip_blocks;
+    r->kv_seq = -1;
+    r->t_arrival = td_now_ns();
+    r->deadline_ns = rpc_call_deadline_ns(call);
+    if (m->meta->timeout_ms) {
+        int64_t dl = rpc_deadline_from_timeout_ms(m->meta->timeout_ms);
+        if (dl < r->deadline_ns) r->deadline_ns = dl;
+    }
+    r->er = (eng_request){.id = (uint64_t)(uintptr_t)r,
+                          .prompt = r->prompt,
+                          .n_prompt = r->n_prompt,
+                          .max_tokens = 1,
+                          .sampling = p,
+                          .priority = -m->meta->priority};
+    e->req = r;
+    mpscq_push(&c->cmdq, &e->node);
+}
+
+void pf_handle_cancel(rpc_call *call, const ProtobufCMessage *req, void *arg)
+{
+    pf_ctx *c = arg;
+    const Tandem__V1__CancelRequest *m = (const Tandem__V1__CancelRequest *)req;
+    if (!m->request_id || !m->request_id[0])
+        return pf__invalid(call, TD_EINVAL, "request_id is empty");
+    pf_envelope *e = calloc(1, sizeof(*e));
+    if (!e) return pf__invalid(call, TD_ENOMEM, "out of memory");
+    e->is_cancel = 1;
+    e->call = call;
+    snprintf(e->id, sizeof(e->id), "%s", m->request_id);
+    mpscq_push(&c->cmdq, &e->node);
+}
+
+/* -------------------------------------------------------------- engine -- */
+
+static pf_req *pf__find(pf_engine *d, const char *id)
+{
+    for (pf_req *r = d->live; r; r = r->next)
+        if (strcmp(r->id, id) == 0) return r;
+    return NULL;
+}
+
+static void pf__remove(pf_engine *d, pf_req *r)
+{
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        d->live = r->next;
+    if (r->next) r->next->prev = r->prev;
+    d->n_live--;
+    free(r->prompt);
+    free(r->pairs);
+    free(r);
+}
+
+static const char *pf__outcome(int err)
+{
+    switch (err) {
+    case 0: return "ok";
+    case TD_ECANCELED: return "cancelled";
+    case TD_ETIMEDOUT: return "deadline";
+    case TD_EMISMATCH: return "mismatch";
+    default: return "error";
+    }
+}
+
+static void pf__fail(pf_engine *d, pf_req *r, int err, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void pf__fail(pf_engine *d, pf_req *r, int err, const char *fmt, ...)
+{
+    if (r->state == PF_CLOSING) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->details, sizeof(r->details), fmt, ap);
+    va_end(ap);
+    r->err = err;
+    if (r->in_engine) {
+        int64_t kv = -1;
+        if (eng_detach(d->ctx->engine, r->er.id, &kv) == 0) r->kv_seq = kv;
+        r->in_engine = false;
+    }
+    if (r->began && !r->kv_final) (void)kvx_cancel(d->ctx->kvx, r->id);
+    r->state = PF_CLOSING;
+}
+
+/* Finishes the requests that are done with their blocks. */
+static void pf__reap(pf_engine *d)
+{
+    pf_ctx *c = d->ctx;
+    for (pf_req *r = d->live, *next; r; r = next) {
+        next = r->next;
+        bool ok = r->state == PF_SENDING && r->kv_ok;
+        bool closed = r->state == PF_CLOSING && (!r->began || r->kv_final);
+        if (!ok && !closed) continue;
+        if (r->kv_seq > 0) (void)kvc_seq_free(eng_kvc(c->engine), r->kv_seq);
+        r->kv_seq = -1;
+        if (ok) {
+            Tandem__V1__Timings t = TANDEM__V1__TIMINGS__INIT;
+            t.prefill_queue_us = r->t_start ? (uint64_t)(r->t_start - r->t_arrival) / 1000 : 0;
+            t.prefill_us = r->t_start ? (uint64_t)(r->t_done - r->t_start) / 1000 : 0;
+            t.transfer_us = r->transfer_us;
+            Tandem__V1__PrefillResponse resp = TANDEM__V1__PREFILL_RESPONSE__INIT;
+            resp.first_token_id = (uint32_t)r->first_token;
+            resp.computed_tokens = r->n_prompt - r->cached_tokens;
+            resp.cached_tokens = r->cached_tokens;
+            resp.blocks_sent =
+                (uint64_t)(r->n_blocks - r->skip_blocks) * eng_layout(c->engine)->n_layers;
+            resp.bytes_sent = r->bytes_sent;
+            resp.timings = &t;
+            rpc_call_reply(r->call, &resp.base);
+            if (r->t_start) {
+                met_histogram_observe(c->metrics.queue_seconds,
+                                      td_ns_to_s(r->t_start - r->t_arrival));
+                met_histogram_observe(c->metrics.prefill_seconds,
+                                      td_ns_to_s(r->t_done - r->t_start));
+            }
+            met_counter_add(c->metrics.transfer_bytes, r->bytes_sent);
+        } else {
+            rpc_call_finish(r->call, r->err, r->details);
+        }
+        wrk_metrics_outcome(&c->metrics, pf__outcome(ok ? 0 : r->err));
+        td_log_info(MOD, "request_end", "req=%s outcome=%s computed=%u cached=%u%s%s%s", r->id,
+                    pf__outcome(ok ? 0 : r->err), r->n_prompt - r->cached_tokens,
+                    r->cached_tokens, ok ? "" : " detail=\"", ok ? "" : r->details, ok ? "" : "\"");
+        pf__remove(d, r);
+    }
+}
+
+/* The peer id for a decode worker's KV endpoint: connected on first use
+ * (handshake: model, layout, dtype, block size), kept afterwards. */
+static int pf__peer(pf_engine *d, const char *endpoint, int *peer, char *msg, size_t msg_len)
+{
+    for (int i = 0; i < d->n_peers; i++)
+        if (strcmp(d->peers[i].endpoint, endpoint) == 0) {
+            *peer = d->peers[i].id;
+            return 0;
+        }
+    int rc = kvx_connect(d->ctx->kvx, endpoint, peer, msg, msg_len);
+    if (rc != 0) return rc;
+    if (d->n_peers == PF_MAX_PEERS) { /* forget the oldest */
+        memmove(d->peers, d->peers + 1, sizeof(d->peers[0]) * (PF_MAX_PEERS - 1));
+        d->n_peers--;
+    }
+    snprintf(d->peers[d->n_peers].endpoint, sizeof(d->peers[0].endpoint), "%s", endpoint);
+    d->peers[d->n_peers++].id = *peer;
+    td_log_info(MOD, "kv_connected", "endpoint=%s peer=%d", endpoint, *peer);
+    return 0;
+}
+
+static void pf__forget_peer(pf_engine *d, int peer)
+{
+    for (int i = 0; i < d->n_peers; i++)
+        if (d->peers[i].id == peer) {
+            d->peers[i] = d->peers[--d->n_peers];
+            return;
+        }
+}
+
+/* A new request: connect, open the transfer, queue the prefill. */
+static void pf__start(pf_engine *d, pf_req *r)
+{
+    pf_ctx *c = d->ctx;
+    r->prev = NULL;
+    r->next = d->live;
+    if (d->live) d->live->prev = r;
+    d->live = r;
+    d->n_live++;
+    r->state = PF_RUNNING;
+    if (pf__find(d, r->id) != r) {
+        r->state = PF_CLOSING;
+        r->err = TD_EEXIST;
+        snprintf(r->details, sizeof(r->details), "request id %s is already in flight", r->id);
+        return;
+    }
+    const char *endpoint = r->msg->dest->kv_endpoint;
+    int64_t kv_deadline = r->deadline_ns == RPC_NO_DEADLINE ? 0 : r->deadline_ns;
+    int rc = TD_ECONNRESET;
+    for (int attempt = 0; attempt < 2 && (rc == TD_ECONNRESET || rc == TD_ENOENT); attempt++) {
+        int peer = -1;
+        char msg[KVX_ERR_MSG_MAX] = "";
+        rc = pf__peer(d, endpoint, &peer, msg, sizeof(msg));
+        if (rc == TD_EMISMATCH) {
+            r->state = PF_CLOSING;
+            r->err = TD_EMISMATCH;
+            snprintf(r->details, sizeof(r->details), "KV handshake with %s: %s", endpoint, msg);
+            return;
+        }
+        if (rc != 0) break;
+        rc = kvx_send_begin(c->kvx, peer, r->id, kv_deadline);
+        if (rc == TD_ECONNRESET || rc == TD_ENOENT) pf__forget_peer(d, peer); /* reconnect once */
+    }
+    if (rc != 0) {
+        r->state = PF_CLOSING;
+        r->err = rc == TD_EEXIST ? TD_EEXIST : TD_EUNAVAILABLE;
+        snprintf(r->details, sizeof(r->details), "cannot open the KV transfer to %s: %s", endpoint,
+                 td_strerror(rc));
+        return;
+    }
+    r->began = true;
+    rc = eng_add(c->engine, &r->er);
+    if (rc != 0) {
+        pf__fail(d, r, rc == TD_ENOSPC ? TD_EAGAIN : rc, "cannot queue the prefill: %s",
+                 td_strerror(rc));
+        return;
+    }
+    r->in_engine = true;
+}
+
+/* The per-layer hook (engine thread, inside eng_step): posts, for every
+ * request of the step, the blocks whose KV this layer just finished. A block
+ * is posted once, when its last token is computed (or the prompt ends in it),
+ * so a block split over two prefill chunks is sent whole. */
+int pf_on_layer(void *arg, const eng_item *items, uint32_t n_items, int layer)
+{
+    pf_ctx *c = arg;
+    const kv_layout *l = eng_layout(c->engine);
+    for (uint32_t i = 0; i < n_items; i++) {
+        const eng_item *it = &items[i];
+        pf_req *r = (pf_req *)(uintptr_t)it->id;
+        if (layer == 0) {
+            if (!r->seen) {
+                r->seen = true;
+                r->cached_tokens = it->start;
+                r->t_start = td_now_ns();
+            }
+            uint32_t end = it->start + it->n;
+            uint32_t hi = end >= r->n_prompt ? r->n_blocks : end / l->block_size;
+            if (hi > it->n_blocks) hi = it->n_blocks;
+            r->lo = r->posted_upto;
+            r->hi = hi > r->lo ? hi : r->lo;
+            for (uint32_t b = r->lo; b < r->hi; b++)
+                r->pairs[b].src = (uint32_t)it->table[b];
+        }
+        if (r->hi > r->lo && r->send_err == 0) {
+            int rc = kvx_send_layer(c->kvx, r->id, layer, r->pairs + r->lo, (int)(r->hi - r->lo));
+            if (rc != 0)
+                r->send_err = rc;
+            else
+                r->bytes_sent += (uint64_t)(r->hi - r->lo) * kv_layout_block_bytes(l);
+        }
+        if ((uint32_t)layer + 1 == l->n_layers) r->posted_upto = r->hi;
+    }
+    return 0;
+}
+
+static void pf__step(pf_engine *d)
+{
+    pf_ctx *c = d->ctx;
+    const eng_event *evs;
+    uint32_t n;
+    eng_step_stats ss;
+    int rc = eng_step(c->engine, &evs, &n, &ss);
+    if (rc == TD_EAGAIN) return;
+    if (rc != 0) {
+        td_log_error(MOD, "step_failed", "err=%s", td_err_name(rc));
+        return;
+    }
+    met_histogram_observe(c->metrics.step_seconds, td_ns_to_s(ss.forward_ns));
+    met_histogram_observe(c->metrics.batch_size, ss.n_items);
+    for (uint32_t i = 0; i < n; i++) {
+        pf_req *r = (pf_req *)(uintptr_t)evs[i].id;
+        r->in_engine = false;
+        r->kv_seq = evs[i].kv_seq;
+        if (evs[i].finish == ENG_FINISH_ERROR) {
+            pf__fail(d, r, TD_EINTERNAL, "prefill failed: %s",
+                     evs[i].err == TD_EINVAL ? "the logits are NaN" : td_strerror(evs[i].err));
+            continue;
+        }
+        r->first_token = evs[i].token;
+        r->t_done = td_now_ns();
+        r->state = PF_SENDING;
+    }
+    /* A post that failed fails its request (the transfer is broken). */
+    for (pf_req *r = d->live; r; r = r->next)
+        if (r->send_err && r->state != PF_CLOSING)
+            pf__fail(d, r, TD_EUNAVAILABLE, "sending KV failed: %s", td_strerror(r->send_err));
+    wrk_load_publish(&c->load, c->engine, d->n_live, ss.forward_ns);
+}
+
+static void pf__on_kvx(pf_engine *d)
+{
+    kvx_event evs[64];
+    int n;
+    while ((n = kvx_ep_poll(d->ctx->kvx, evs, 64)) > 0) {
+        for (int i = 0; i < n; i++) {
+            const kvx_event *e = &evs[i];
+            if (e->type == KVX_EV_PEER_ERROR) {
+                td_log_warn(MOD, "kv_peer_error", "peer=%d err=%s msg=\"%s\"", e->peer,
+                            td_err_name(e->err), e->msg);
+                if (e->peer >= 0) pf__forget_peer(d, e->peer);
+                continue;
+            }
+            pf_req *r = pf__find(d, e->req_id);
+            if (!r) continue;
+            if (e->type == KVX_EV_DONE) {
+                r->kv_final = r->kv_ok = true;
+                r->transfer_us = (uint64_t)e->elapsed_ns / 1000;
+                met_histogram_observe(d->ctx->metrics.transfer_seconds, td_ns_to_s(e->elapsed_ns));
+            } else if (e->type == KVX_EV_FAILED) {
+                r->kv_final = true;
+                int err = e->err == TD_ECANCELED   ? TD_ECANCELED
+                          : e->err == TD_ETIMEDOUT ? TD_ETIMEDOUT
+                                                   : TD_EUNAVAILABLE;
+                pf__fail(d, r, err, "KV transfer failed: %s",
+                         e->msg[0] ? e->msg : td_strerror(e->err));
+            }
+        }
+    }
+}
+
+static void pf__on_queue(pf_engine *d)
+{
+    pf_ctx *c = d->ctx;
+    mpscq_ack(&c->cmdq);
+    mpscq_node *node;
+    while ((node = mpscq_pop(&c->cmdq)) != NULL) {
+        pf_envelope *e = mpscq_entry(node, pf_envelope, node);
+        if (e->is_cancel) {
+            pf_req *r = pf__find(d, e->id);
+            Tandem__V1__CancelResponse resp = TANDEM__V1__CANCEL_RESPONSE__INIT;
+            resp.found = r && r->state != PF_CLOSING;
+            if (resp.found) pf__fail(d, r, TD_ECANCELED, "cancelled (Prefill.Cancel)");
+            rpc_call_reply(e->call, &resp.base);
+        } else {
+            pf__start(d, e->req);
+        }
+        free(e);
+    }
+}
+
+static void pf__check_live(pf_engine *d)
+{
+    int64_t now = td_now_ns();
+    for (pf_req *r = d->live; r; r = r->next) {
+        if (r->state == PF_CLOSING) continue;
+        if (rpc_call_cancelled(r->call))
+            pf__fail(d, r, TD_ECANCELED, "cancelled by the caller");
+        else if (r->deadline_ns != RPC_NO_DEADLINE && now >= r->deadline_ns)
+            pf__fail(d, r, TD_ETIMEDOUT, "deadline exceeded");
+    }
+}
+
+void *pf_engine_run(void *arg)
+{
+    pf_engine d = {.ctx = arg};
+    pf_ctx *c = d.ctx;
+    struct pollfd fds[2] = {{.fd = mpscq_fd(&c->cmdq), .events = POLLIN},
+                            {.fd = kvx_ep_event_fd(c->kvx), .events = POLLIN}};
+    while (!atomic_load(&c->stop)) {
+        pf__on_queue(&d);
+        pf__on_kvx(&d);
+        pf__check_live(&d);
+        pf__step(&d);
+        pf__on_kvx(&d);
+        pf__reap(&d);
+        eng_stats es;
+        eng_stats_get(c->engine, &es);
+        wrk_load_publish(&c->load, c->engine, d.n_live, 0);
+        if (es.running == 0 && es.waiting == 0) (void)poll(fds, 2, 20);
+    }
+    pf__on_queue(&d);
+    for (pf_req *r = d.live; r; r = r->next)
+        pf__fail(&d, r, TD_EUNAVAILABLE, "prefill worker is shutting down");
+    int64_t until = td_now_ns() + 3000000000LL;
+    while (d.live && td_now_ns() < until) {
+        pf__on_kvx(&d);
+        pf__reap(&d);
+        if (d.live) (void)poll(fds + 1, 1, 10);
+    }
+    for (pf_req *r = d.live; r; r = r->next)
+        r->began = false; /* the endpoint goes away with its transfers */
+    pf__reap(&d);
+    return NULL;
+}

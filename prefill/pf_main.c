@@ -1,0 +1,177 @@
+/* tandem-prefill: the prefill worker. See prefill/pf.h for its threads and
+ * docs/workers.md for how a request flows. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/clock.h"
+#include "common/err.h"
+#include "common/log.h"
+#include "prefill/pf.h"
+#include "proto/tandem.pb-c.h"
+
+static int pf_run(const wrk_opts *o)
+{
+    const char *prog = "tandem-prefill";
+    int rc;
+    char err[512] = "";
+    mdl_model *m = NULL;
+    pf_ctx *c = calloc(1, sizeof(*c));
+    rpc_server *srv = NULL;
+    wrk_http *http = NULL;
+    wrk_member *member = NULL;
+    pthread_t engine_thread;
+    bool engine_started = false, cmdq_ok = false, metrics_ok = false;
+    if (!c) return TD_ENOMEM;
+    c->opts = o;
+
+    rc = mdl_load(o->model, &m, err, sizeof(err));
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot load %s: %s (%s)\n", prog, o->model, err, td_err_name(rc));
+        goto out;
+    }
+    c->model = m;
+    eng_config ec;
+    kv_layout layout;
+    rc = wrk_engine_config(o, m, WRK_PREFILL, &ec, err, sizeof(err));
+    if (rc == 0) rc = eng_layout_for(m, &ec, &layout);
+    if (rc != 0) {
+        fprintf(stderr, "%s: %s\n", prog, err);
+        goto out;
+    }
+    char why[256] = "";
+    if (!kvx_transport_available(o->kv_transport, why, sizeof(why))) {
+        fprintf(stderr, "%s: KV transport %s cannot run here: %s\n", prog, o->kv_transport, why);
+        rc = TD_EUNSUPPORTED;
+        goto out;
+    }
+    kvx_params kp = {.transport = o->kv_transport,
+                     .role = KVX_ROLE_SEND,
+                     .model_fingerprint = mdl_fingerprint(m),
+                     .layout = layout};
+    rc = kvx_ep_create(&kp, &c->kvx);
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot create the KV transfer endpoint: %s\n", prog,
+                td_strerror(rc));
+        goto out;
+    }
+    ec.kv_mem = kvx_ep_pool(c->kvx);
+    ec.on_layer = pf_on_layer;
+    ec.on_layer_arg = c;
+    rc = eng_open(m, &ec, &c->engine, err, sizeof(err));
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot start the engine: %s\n", prog, err);
+        goto out;
+    }
+    c->max_model_len = eng_max_model_len(c->engine);
+    c->block_size = eng_layout(c->engine)->block_size;
+
+    rc = wrk_metrics_init(&c->metrics);
+    if (rc != 0) goto out;
+    metrics_ok = true;
+    rc = mpscq_init(&c->cmdq);
+    if (rc != 0) goto out;
+    cmdq_ok = true;
+    wrk_load_publish(&c->load, c->engine, 0, 0);
+
+    rc = rpc_server_create(o->listen, &srv);
+    if (rc == 0)
+        rc = rpc_server_add_method(srv, "/tandem.v1.Prefill/Run",
+                                   &tandem__v1__prefill_request__descriptor, pf_handle_run, c);
+    if (rc == 0)
+        rc = rpc_server_add_method(srv, "/tandem.v1.Prefill/Cancel",
+                                   &tandem__v1__cancel_request__descriptor, pf_handle_cancel, c);
+    if (rc == 0) rc = wrk_health_add(srv, &c->health);
+    if (rc == 0) rc = rpc_server_start(srv);
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot serve gRPC on %s: %s\n", prog, o->listen, td_strerror(rc));
+        goto out;
+    }
+    if (o->metrics_listen) {
+        rc = wrk_http_start(o->metrics_listen, &c->metrics, &c->load, &c->health, &http);
+        if (rc != 0) {
+            fprintf(stderr, "%s: cannot serve metrics on %s: %s\n", prog, o->metrics_listen,
+                    td_strerror(rc));
+            goto out;
+        }
+    }
+    if (pthread_create(&engine_thread, NULL, pf_engine_run, c) != 0) {
+        rc = TD_ENOMEM;
+        goto out;
+    }
+    engine_started = true;
+    atomic_store(&c->health.status, WRK_SERVING);
+
+    char rpc_addr[256];
+    wrk_advertised_addr(o->listen, rpc_server_port(srv), rpc_addr, sizeof(rpc_addr));
+    char worker_id[300];
+    snprintf(worker_id, sizeof(worker_id), "%s", o->worker_id ? o->worker_id : "");
+    if (!worker_id[0]) snprintf(worker_id, sizeof(worker_id), "prefill-%s", rpc_addr);
+    if (o->router) {
+        wrk_member_info mi = {.role = WRK_PREFILL,
+                              .worker_id = worker_id,
+                              .rpc_address = rpc_addr,
+                              .kv_endpoint = "",
+                              .kv_transport = o->kv_transport,
+                              .model = o->model,
+                              .layout = eng_layout(c->engine),
+                              .fingerprint = mdl_fingerprint(m),
+                              .max_running_seqs = ec.max_num_seqs,
+                              .max_batch_tokens = ec.max_num_batched_tokens};
+        rc = wrk_member_start(o->router, &mi, &c->load, &c->draining, &member);
+        if (rc != 0) {
+            fprintf(stderr, "%s: cannot reach the router at %s: %s\n", prog, o->router,
+                    td_strerror(rc));
+            goto out;
+        }
+    }
+    printf("tandem-prefill ready grpc=%s transport=%s metrics=%d blocks=%u\n", rpc_addr,
+           o->kv_transport, http ? wrk_http_port(http) : 0, eng_layout(c->engine)->num_blocks);
+    fflush(stdout);
+    td_log_info("prefill", "ready", "grpc=%s transport=%s blocks=%u", rpc_addr, o->kv_transport,
+                eng_layout(c->engine)->num_blocks);
+
+    for (;;) {
+        int sig = wrk_signal_wait(200000000LL);
+        if (sig > 0 || atomic_load(&c->draining)) {
+            td_log_info("prefill", "draining", "signal=%d timeout_s=%.1f", sig,
+                        td_ns_to_s(o->drain_timeout_ns));
+            break;
+        }
+    }
+    atomic_store(&c->draining, 1);
+    atomic_store(&c->health.status, WRK_NOT_SERVING);
+    int64_t until = td_now_ns() + o->drain_timeout_ns;
+    while (td_now_ns() < until && atomic_load(&c->load.in_flight) > 0)
+        if (wrk_signal_wait(20000000LL) > 0) break;
+    rc = 0;
+out:
+    wrk_member_stop(member);
+    if (engine_started) {
+        atomic_store(&c->stop, 1);
+        pthread_join(engine_thread, NULL);
+    }
+    rpc_server_free(srv);
+    wrk_http_stop(http);
+    eng_close(c->engine);
+    kvx_ep_destroy(c->kvx);
+    if (cmdq_ok) mpscq_close(&c->cmdq);
+    if (metrics_ok) wrk_metrics_free(&c->metrics);
+    mdl_free(m);
+    free(c);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    wrk_signals_block();
+    wrk_opts o;
+    cfg *conf = NULL;
+    int rc = wrk_opts_parse(WRK_PREFILL, argc, argv, &o, &conf);
+    if (rc == CFG_HELP) return 0;
+    if (rc != 0) return 2;
+    rc = pf_run(&o);
+    cfg_free(conf);
+    return rc == 0 ? 0 : 1;
+}

@@ -1,0 +1,172 @@
+/* wrk: what the prefill and decode workers share, written once.
+ *
+ *   options      one option table (flags and --config keys) for both binaries
+ *   engine       the eng_config both derive from the options and the model
+ *   health       grpc.health.v1.Health/Check: NOT_SERVING until the model is
+ *                loaded and again while draining
+ *   signals      SIGTERM/SIGINT turn into a drain request the main thread waits on
+ *   load         the engine thread's load snapshot (atomics), read by the
+ *                heartbeat and the metrics endpoint
+ *   metrics      Prometheus text over HTTP on --metrics-listen (common/httpd)
+ *   membership   Router.RegisterWorker, then Router.Heartbeat every second with
+ *                the LoadReport, on a thread of its own (only with --router)
+ *
+ * Ownership: every wrk_* object is created and freed by the binary's main
+ * thread; the engine thread only writes wrk_load and reads the health state.
+ */
+#ifndef TANDEM_WORKER_WRK_H
+#define TANDEM_WORKER_WRK_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common/config.h"
+#include "common/metrics.h"
+#include "common/rpc.h"
+#include "engine/model.h"
+#include "engine/runtime/eng.h"
+
+enum wrk_role {
+    WRK_PREFILL = 1,
+    WRK_DECODE = 2,
+};
+
+/* The options of both workers (common/config fills it). Strings are owned by
+ * the cfg returned with them. */
+typedef struct wrk_opts {
+    const char *model, *tokenizer, *listen, *router, *kv_transport, *kv_listen, *metrics_listen;
+    const char *worker_id, *cluster_token, *kv_dtype;
+    int64_t kv_blocks, block_size, max_num_seqs, max_batched_tokens, max_chunk_tokens;
+    int64_t max_model_len, threads;
+    double kv_memory_fraction;
+    int64_t drain_timeout_ns, prefill_timeout_ns;
+    bool prefix_cache;
+} wrk_opts;
+
+/* Parses argv for the given role into o. Returns 0 with *c set (free with
+ * cfg_free after the last use of o), CFG_HELP after printing the help, or a
+ * negative TD_E* code after printing one line naming the problem. */
+int wrk_opts_parse(enum wrk_role role, int argc, char **argv, wrk_opts *o, cfg **c);
+
+/* The engine configuration of a worker: pool size from --kv-blocks (or
+ * --kv-memory-fraction of the host's memory), batch limits, prefix cache.
+ * TD_EINVAL with a message in err when they cannot hold one sequence. */
+int wrk_engine_config(const wrk_opts *o, const mdl_model *m, enum wrk_role role, eng_config *ec,
+                      char *err, size_t errlen);
+
+/* The sampler parameters of a request, exactly as both workers (and
+ * tandem-generate) build them: EOS from the model, its further EOS ids unless
+ * ignore_eos, BOS for llama2.c checkpoints (llama2.c stops there), then the
+ * request's stop ids. stop_ids (cap entries, cap >= 8 + MDL_MAX_EOS) receives
+ * the ids and must outlive *out's use. sp may be NULL (greedy). A request
+ * without a seed gets seed_if_unset. Returns 0 or TD_EINVAL (too many stop
+ * ids, or a bad temperature / top_p), with the reason in err. */
+struct Tandem__V1__SamplingParams;
+int wrk_sampling(const mdl_config *mc, const struct Tandem__V1__SamplingParams *sp,
+                 uint64_t seed_if_unset, int32_t *stop_ids, int cap, smp_params *out, char *err,
+                 size_t errlen);
+
+/* ---- health ---- */
+
+enum wrk_health_status {
+    WRK_NOT_SERVING = 0,
+    WRK_SERVING = 1,
+};
+
+typedef struct wrk_health {
+    _Atomic int status; /* enum wrk_health_status */
+} wrk_health;
+
+/* Registers grpc.health.v1.Health/Check on s (before rpc_server_start). h
+ * must outlive the server. */
+int wrk_health_add(rpc_server *s, wrk_health *h);
+
+/* ---- signals ---- */
+
+/* Blocks SIGTERM, SIGINT and SIGPIPE in the calling thread; threads created
+ * afterwards inherit the mask, so only wrk_signal_wait sees them. Call first
+ * in main. */
+void wrk_signals_block(void);
+
+/* Waits up to timeout_ns (< 0: forever) for SIGTERM or SIGINT. Returns the
+ * signal number, or 0 on timeout. */
+int wrk_signal_wait(int64_t timeout_ns);
+
+/* ---- load (engine thread writes, others read) ---- */
+
+typedef struct wrk_load {
+    _Atomic uint64_t queued_prefill_tokens;
+    _Atomic uint32_t running_seqs;
+    _Atomic uint32_t waiting_seqs;
+    _Atomic uint32_t free_kv_blocks; /* FREE + CACHED: what a new request can take */
+    _Atomic uint32_t total_kv_blocks;
+    _Atomic uint64_t step_time_us;      /* exponentially weighted mean */
+    _Atomic uint64_t last_step_time_us;
+    _Atomic uint32_t in_flight;         /* requests the worker holds in any state */
+    _Atomic uint64_t prefix_hit_blocks, prefix_query_blocks, preemptions; /* totals */
+} wrk_load;
+
+/* Publishes the engine's state (engine thread, after each step or change). */
+void wrk_load_publish(wrk_load *l, eng *e, uint32_t in_flight, int64_t step_ns);
+
+/* ---- metrics ---- */
+
+/* The metrics both workers export; families of the registry, updated by the
+ * engine thread (atomics). */
+typedef struct wrk_metrics {
+    met_registry *reg;
+    met_family *requests; /* tandem_requests_total{outcome} */
+    met_histogram *queue_seconds, *prefill_seconds, *transfer_seconds, *step_seconds,
+        *ttft_seconds, *itl_seconds;
+    met_histogram *batch_size;
+    met_counter *transfer_bytes, *prefix_hit_blocks, *prefix_query_blocks, *preemptions;
+    met_gauge *running, *waiting, *kv_free, *kv_total;
+    uint64_t synced_hits, synced_queries, synced_preemptions; /* totals already counted */
+} wrk_metrics;
+
+int wrk_metrics_init(wrk_metrics *m);
+void wrk_metrics_free(wrk_metrics *m);
+/* Counts one request ending with outcome ("ok", "cancelled", "error", ...). */
+void wrk_metrics_outcome(wrk_metrics *m, const char *outcome);
+/* Copies the gauges and the engine's totals from the load snapshot (called
+ * before rendering, on the metrics thread only). */
+void wrk_metrics_sync(wrk_metrics *m, const wrk_load *l);
+
+typedef struct wrk_http wrk_http;
+/* Serves GET /metrics (Prometheus text) and GET /health (200 while serving,
+ * 503 otherwise) on addr. All pointers must outlive the server. */
+int wrk_http_start(const char *addr, wrk_metrics *m, const wrk_load *l, wrk_health *h,
+                   wrk_http **out);
+int wrk_http_port(const wrk_http *w);
+void wrk_http_stop(wrk_http *w);
+
+/* ---- membership ---- */
+
+typedef struct wrk_member wrk_member;
+
+typedef struct wrk_member_info {
+    enum wrk_role role;
+    const char *worker_id;   /* copied */
+    const char *rpc_address; /* copied */
+    const char *kv_endpoint; /* copied; "" for prefill */
+    const char *kv_transport;
+    const char *model;
+    const kv_layout *layout;
+    uint64_t fingerprint;
+    uint32_t max_running_seqs, max_batch_tokens;
+} wrk_member_info;
+
+/* Starts registering with the router at addr, then heartbeating every
+ * second with the load; re-registers when the router forgets the worker;
+ * keeps trying while the router is down. drain (may be NULL) is set when the
+ * router asks the worker to drain. */
+int wrk_member_start(const char *router_addr, const wrk_member_info *info, const wrk_load *load,
+                     _Atomic int *drain, wrk_member **out);
+void wrk_member_stop(wrk_member *m);
+
+/* "host:port" of a server bound on listen_addr's host with the given port
+ * (what peers should dial). */
+void wrk_advertised_addr(const char *listen_addr, int port, char *out, size_t cap);
+
+#endif
