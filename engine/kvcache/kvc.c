@@ -21,13 +21,11 @@ typedef struct kvc_seq {
     int32_t *table; /* max_blocks_per_seq entries, n_blocks in use */
     uint32_t gen;   /* 1..KVC_MAX_GEN, bumped on free; high half of the id */
     bool live;
-    bool leased;
     uint32_t n_blocks;
     uint32_t n_tokens;
     uint32_t n_committed;
-    uint32_t n_hashed;   /* leading full blocks whose chain hash is known */
-    uint64_t last_hash;  /* chain hash of block n_hashed - 1 (hash_seed if none) */
-    int64_t deadline_ns; /* lease expiry */
+    uint32_t n_hashed;  /* leading full blocks whose chain hash is known */
+    uint64_t last_hash; /* chain hash of block n_hashed - 1 (hash_seed if none) */
 } kvc_seq;
 
 struct kvc_pool {
@@ -438,8 +436,6 @@ int kvc_seq_alloc(kvc_pool *p, const kvc_seq_spec *spec, int64_t *seq, uint32_t 
     uint32_t slot = p->free_seqs[--p->n_free_seqs];
     kvc_seq *s = &p->seqs[slot];
     s->live = true;
-    s->leased = spec->lease_deadline_ns > 0;
-    s->deadline_ns = spec->lease_deadline_ns;
     s->n_tokens = spec->n_slots;
     s->n_committed = n_hit * p->bs;
     s->n_hashed = n_hit;
@@ -508,8 +504,6 @@ int kvc_seq_commit(kvc_pool *p, int64_t id, const int32_t *tokens, uint32_t n_co
     if (n_computed < s->n_committed || n_computed > s->n_tokens) return TD_EINVAL;
     if (!tokens && p->cfg.enable_prefix_cache && n_computed / p->bs > s->n_hashed) return TD_EINVAL;
     s->n_committed = n_computed;
-    s->leased = false;
-    s->deadline_ns = 0;
     if (!p->cfg.enable_prefix_cache) return 0;
     uint32_t full = n_computed / p->bs;
     for (uint32_t i = s->n_hashed; i < full; i++) {
@@ -530,7 +524,6 @@ int kvc_seq_fork(kvc_pool *p, int64_t parent, int64_t *child)
     if (!p || !child) return TD_EINVAL;
     kvc_seq *ps = seq_get(p, parent);
     if (!ps) return TD_ENOENT;
-    if (ps->leased) return TD_EINVAL;
     if (p->n_free_seqs == 0) return TD_ENOSPC;
     uint32_t slot = p->free_seqs[--p->n_free_seqs];
     kvc_seq *cs = &p->seqs[slot];
@@ -540,8 +533,6 @@ int kvc_seq_fork(kvc_pool *p, int64_t parent, int64_t *child)
         p->refcnt[ps->table[i]]++;
     }
     cs->live = true;
-    cs->leased = false;
-    cs->deadline_ns = 0;
     cs->n_blocks = share;
     cs->n_tokens = ps->n_tokens;
     cs->n_committed = ps->n_committed;
@@ -551,53 +542,19 @@ int kvc_seq_fork(kvc_pool *p, int64_t parent, int64_t *child)
     return 0;
 }
 
-static void seq_release(kvc_pool *p, kvc_seq *s)
-{
-    for (uint32_t i = s->n_blocks; i-- > 0;)
-        block_unref(p, s->table[i]);
-    uint32_t slot = (uint32_t)(s - p->seqs);
-    s->live = false;
-    s->leased = false;
-    s->n_blocks = s->n_tokens = s->n_committed = s->n_hashed = 0;
-    /* Ids stay > 0: generation 0 would allow id 0, above 2^31 - 1 a negative id. */
-    if (++s->gen > KVC_MAX_GEN) s->gen = 1;
-    p->free_seqs[p->n_free_seqs++] = slot;
-}
-
 int kvc_seq_free(kvc_pool *p, int64_t id)
 {
     if (!p) return TD_EINVAL;
     kvc_seq *s = seq_get(p, id);
     if (!s) return TD_ENOENT;
-    seq_release(p, s);
-    return 0;
-}
-
-int kvc_lease_release(kvc_pool *p, int64_t id)
-{
-    if (!p) return TD_EINVAL;
-    kvc_seq *s = seq_get(p, id);
-    if (!s) return TD_ENOENT;
-    if (!s->leased) return TD_EINVAL;
-    seq_release(p, s);
-    return 0;
-}
-
-int kvc_lease_expire(kvc_pool *p, int64_t now_ns, int64_t *expired, uint32_t cap,
-                     uint32_t *n_expired)
-{
-    if (!p || !n_expired || (cap > 0 && !expired)) return TD_EINVAL;
-    uint32_t n = 0;
-    for (uint32_t i = 0; i < p->cfg.max_seqs; i++) {
-        kvc_seq *s = &p->seqs[i];
-        if (!s->live || !s->leased || s->deadline_ns > now_ns) continue;
-        if (n < cap) expired[n] = seq_id(p, i);
-        n++;
-        td_log_warn("kvc", "lease_expired", "seq=%lld blocks=%u", (long long)seq_id(p, i),
-                    s->n_blocks);
-        seq_release(p, s);
-    }
-    *n_expired = n;
+    for (uint32_t i = s->n_blocks; i-- > 0;)
+        block_unref(p, s->table[i]);
+    uint32_t slot = (uint32_t)(s - p->seqs);
+    s->live = false;
+    s->n_blocks = s->n_tokens = s->n_committed = s->n_hashed = 0;
+    /* Ids stay > 0: generation 0 would allow id 0, above 2^31 - 1 a negative id. */
+    if (++s->gen > KVC_MAX_GEN) s->gen = 1;
+    p->free_seqs[p->n_free_seqs++] = slot;
     return 0;
 }
 
@@ -620,7 +577,6 @@ int kvc_seq_get_info(const kvc_pool *p, int64_t id, kvc_seq_info *out)
     out->n_tokens = s->n_tokens;
     out->n_committed = s->n_committed;
     out->n_blocks = s->n_blocks;
-    out->leased = s->leased;
     return 0;
 }
 
@@ -671,7 +627,6 @@ int kvc_check(const kvc_pool *p)
         CHECK(s->n_committed <= s->n_tokens, "seq=%u what=committed_over_tokens", i);
         CHECK((uint64_t)s->n_hashed * p->bs <= s->n_committed, "seq=%u what=hashed_over_committed",
               i);
-        CHECK(!s->leased || s->deadline_ns > 0, "seq=%u what=lease_without_deadline", i);
         for (uint32_t j = 0; j < s->n_blocks; j++) {
             int32_t b = s->table[j];
             CHECK(b >= 0 && (uint32_t)b < nb, "seq=%u what=bad_block block=%d", i, b);

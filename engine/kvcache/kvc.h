@@ -26,8 +26,24 @@
  * be confused, as in every hash-chained prefix cache.
  *
  * Sequence ids are int64 handles (slot + generation): an id whose sequence was
- * freed (or whose lease expired) fails cleanly with TD_ENOENT, even if the slot
- * was reused. Ids are always > 0.
+ * freed fails cleanly with TD_ENOENT, even if the slot was reused. Ids are
+ * always > 0.
+ *
+ * Ownership of blocks. A sequence and its block references belong to the
+ * caller that created it (kvc_seq_alloc, kvc_seq_fork) until that caller hands
+ * the id on (e.g. to the scheduler with sch_add_prefilled) or frees it; only
+ * kvc_seq_free (or kvc_pool_free) returns them to the pool. kvc has no clock
+ * and never frees a sequence on its own.
+ *
+ * On a decode worker the destination blocks of a KV transfer are such a plain
+ * sequence, and the transfer's final event decides its end: from
+ * kvx_recv_register until that request's KVX_EV_DONE or KVX_EV_FAILED the
+ * transfer owns the blocks, and the worker must not free, grow, fork or commit
+ * the sequence. On KVX_EV_DONE it calls kvc_seq_commit (then decodes on it),
+ * on KVX_EV_FAILED kvc_seq_free. A cancel or a deadline ends the transfer
+ * (kvx_cancel, the deadline given to kvx_recv_register), never the sequence
+ * directly, so the blocks go back only once nothing can write them any more.
+ * (A kvx_recv_register that fails takes nothing: the worker frees at once.)
  *
  * Errors: every int function returns 0 or a negative TD_E* code. TD_ENOSPC
  * (no free block or sequence slot) leaves the pool exactly as it was: an
@@ -81,21 +97,18 @@ typedef struct kvc_cow {
 
 /* What kvc_seq_alloc creates. */
 typedef struct kvc_seq_spec {
-    const int32_t *tokens;     /* n_prompt token ids for the prefix lookup; borrowed for the
-                                  call; may be NULL when the prefix cache is off */
-    uint32_t n_prompt;         /* tokens of the prompt (>= 1) */
-    uint32_t n_slots;          /* slots to assign now (tokens about to be computed,
-                                  cached prefix included); <= n_capacity when that is set */
-    uint32_t n_capacity;       /* tokens of blocks to hold (prompt + headroom); 0 = n_slots */
-    int64_t lease_deadline_ns; /* > 0: the sequence is a lease (see kvc_lease_*) that
-                                  expires at this td_now_ns() time unless committed */
+    const int32_t *tokens; /* n_prompt token ids for the prefix lookup; borrowed for the
+                              call; may be NULL when the prefix cache is off */
+    uint32_t n_prompt;     /* tokens of the prompt (>= 1) */
+    uint32_t n_slots;      /* slots to assign now (tokens about to be computed,
+                              cached prefix included); <= n_capacity when that is set */
+    uint32_t n_capacity;   /* tokens of blocks to hold (prompt + headroom); 0 = n_slots */
 } kvc_seq_spec;
 
 typedef struct kvc_seq_info {
     uint32_t n_tokens;
     uint32_t n_committed;
     uint32_t n_blocks;
-    bool leased;
 } kvc_seq_info;
 
 /* The prefix-cache chain hashes of tokens[0, n_tokens), one per full block,
@@ -150,30 +163,20 @@ int kvc_seq_grow(kvc_pool *p, int64_t seq, uint32_t n_new, kvc_cow *cow);
 
 /* Declares that positions [0, n_computed) of seq hold their KV, with token ids
  * tokens[0, n_computed) (borrowed for the call). Registers the newly full blocks
- * in the prefix cache and ends a lease. n_computed must lie in
- * [n_committed, n_tokens]. A block whose content is already cached under
- * another id stays private (the first copy wins). */
+ * in the prefix cache. n_computed must lie in [n_committed, n_tokens]. A block
+ * whose content is already cached under another id stays private (the first
+ * copy wins). */
 int kvc_seq_commit(kvc_pool *p, int64_t seq, const int32_t *tokens, uint32_t n_computed);
 
 /* Creates *child sharing every block of parent that holds its tokens (refcount++;
  * the parent's headroom stays the parent's). Whichever of the two next writes
  * into a shared partially filled block gets a copy-on-write from kvc_seq_grow.
- * The parent must not be a lease. TD_ENOSPC when sequence slots are full. */
+ * TD_ENOSPC when sequence slots are full. */
 int kvc_seq_fork(kvc_pool *p, int64_t parent, int64_t *child);
 
 /* Frees a sequence: refcount-- on its blocks, last block first, so that the
  * cached prefix's first blocks are evicted last. TD_ENOENT for a stale id. */
 int kvc_seq_free(kvc_pool *p, int64_t seq);
-
-/* Releases a lease (reject, cancel, failed transfer): frees the sequence.
- * TD_EINVAL if seq is not (or no longer) a lease, TD_ENOENT if stale. */
-int kvc_lease_release(kvc_pool *p, int64_t seq);
-
-/* Frees every lease whose deadline is <= now_ns and writes up to cap of their
- * ids to expired (may be NULL when cap is 0); *n_expired = how many were freed
- * (all of them, even beyond cap). O(max_seqs). */
-int kvc_lease_expire(kvc_pool *p, int64_t now_ns, int64_t *expired, uint32_t cap,
-                     uint32_t *n_expired);
 
 /* The block table of seq: n_blocks int32 block ids, owned by the pool, valid
  * until the next call that changes seq. NULL for a stale id. */

@@ -243,8 +243,7 @@ int sch_add_prefilled(sch *s, const sch_request *req, int64_t kv_seq, int32_t fi
     kvc_seq_info info;
     int rc = kvc_seq_get_info(s->pool, kv_seq, &info);
     if (rc < 0) return rc;
-    if (info.leased || info.n_tokens != req->n_prompt || info.n_committed != req->n_prompt)
-        return TD_EINVAL;
+    if (info.n_tokens != req->n_prompt || info.n_committed != req->n_prompt) return TD_EINVAL;
     /* The first token came with the prompt: nothing left to decode? */
     if (req->max_new_tokens < 2 || req->n_prompt + 1 >= s->cfg.max_model_len) return TD_EINVAL;
     uint32_t slot;

@@ -1,6 +1,7 @@
 /* Unit tests for engine/kvcache (kvc): a property test against a reference
  * model of the pool, then targeted cases (prefix hits, LRU order, ENOSPC,
- * copy-on-write, leases, error paths). kvc_check runs after every operation. */
+ * copy-on-write, a decode worker's transfer destination, error paths).
+ * kvc_check runs after every operation. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -8,7 +9,6 @@
 #include <cmocka.h>
 
 #include "common/err.h"
-#include "common/log.h"
 #include "engine/kvcache/kvc.h"
 
 #include <stdbool.h>
@@ -47,8 +47,8 @@ static uint32_t rng_below(uint32_t n)
 enum { M_FREE, M_USED, M_CACHED };
 
 typedef struct mseq {
-    bool live, leased;
-    int64_t id, deadline;
+    bool live;
+    int64_t id;
     int32_t table[MT];
     uint32_t n_blocks, n_tokens, n_committed;
     uint32_t n_known; /* tok[0, n_known) are chosen: the prompt, then grown positions */
@@ -168,7 +168,7 @@ static uint32_t m_blocks_for(const model *m, uint32_t n)
 }
 
 static int m_alloc(model *m, const int32_t *prompt, uint32_t n_prompt, uint32_t n_slots,
-                   uint32_t n_cap, int64_t deadline, mseq **out)
+                   uint32_t n_cap, mseq **out)
 {
     uint32_t cap = n_cap ? n_cap : n_slots;
     uint32_t need = m_blocks_for(m, cap);
@@ -185,8 +185,6 @@ static int m_alloc(model *m, const int32_t *prompt, uint32_t n_prompt, uint32_t 
         if (!m->seqs[i].live) s = &m->seqs[i];
     memset(s, 0, sizeof *s);
     s->live = true;
-    s->leased = deadline > 0;
-    s->deadline = deadline;
     for (uint32_t i = 0; i < n_hit; i++) {
         m_ref(m, hits[i]);
         s->table[i] = hits[i];
@@ -249,8 +247,6 @@ static void m_commit(model *m, mseq *s, uint32_t n)
         }
     }
     s->n_committed = n;
-    s->leased = false;
-    s->deadline = 0;
 }
 
 static void m_free_seq(model *m, mseq *s)
@@ -300,7 +296,6 @@ static void compare(const kvc_pool *p, const model *m)
         assert_int_equal(kvc_seq_get_info(p, s->id, &info), 0);
         assert_int_equal(info.n_tokens, s->n_tokens);
         assert_int_equal(info.n_committed, s->n_committed);
-        assert_int_equal(info.leased, s->leased);
     }
 }
 
@@ -346,25 +341,20 @@ static void run_property(uint64_t seed, bool pc, uint32_t n_ops)
             stems[s][i] = (int32_t)rng_below(4);
     int64_t stale[8] = {0};
     uint32_t n_stale = 0;
-    int64_t now = 1000;
-    uint32_t counts[9] = {0};
+    uint32_t counts[7] = {0};
 
     for (uint32_t op = 0; op < n_ops; op++) {
         uint32_t kind = rng_below(100);
         mseq *s = pick_live(&m);
-        if (kind < 22 || !s) { /* alloc (sometimes a lease) */
+        if (kind < 22 || !s) { /* alloc (sometimes with headroom) */
             int32_t prompt[MT];
             uint32_t n_prompt = make_prompt(stems, prompt, 60);
             uint32_t n_slots = rng_below(2) ? n_prompt : 1 + rng_below(n_prompt);
             uint32_t n_cap = rng_below(3) == 0 ? n_slots + rng_below(20) : 0;
-            int64_t deadline = rng_below(4) == 0 ? now + 1 + rng_below(50) : 0;
-            kvc_seq_spec spec = {.tokens = prompt,
-                                 .n_prompt = n_prompt,
-                                 .n_slots = n_slots,
-                                 .n_capacity = n_cap,
-                                 .lease_deadline_ns = deadline};
+            kvc_seq_spec spec = {
+                .tokens = prompt, .n_prompt = n_prompt, .n_slots = n_slots, .n_capacity = n_cap};
             mseq *ms = NULL;
-            int want = m_alloc(&m, prompt, n_prompt, n_slots, n_cap, deadline, &ms);
+            int want = m_alloc(&m, prompt, n_prompt, n_slots, n_cap, &ms);
             int64_t id = -1;
             uint32_t n_cached = 12345;
             int rc = kvc_seq_alloc(p, &spec, &id, &n_cached);
@@ -399,9 +389,7 @@ static void run_property(uint64_t seed, bool pc, uint32_t n_ops)
         } else if (kind < 76) { /* fork */
             int64_t child = -1;
             int rc = kvc_seq_fork(p, s->id, &child);
-            if (s->leased) {
-                assert_int_equal(rc, TD_EINVAL);
-            } else if (m_live(&m) == max_seqs) {
+            if (m_live(&m) == max_seqs) {
                 assert_int_equal(rc, TD_ENOSPC);
             } else {
                 assert_int_equal(rc, 0);
@@ -415,42 +403,12 @@ static void run_property(uint64_t seed, bool pc, uint32_t n_ops)
                     m.refcnt[c->table[i]]++;
             }
             counts[3]++;
-        } else if (kind < 92) { /* free or release */
+        } else if (kind < 95) { /* free */
             int64_t id = s->id;
-            if (s->leased) {
-                assert_int_equal(kvc_lease_release(p, id), 0);
-            } else {
-                assert_int_equal(kvc_lease_release(p, id), TD_EINVAL);
-                assert_int_equal(kvc_seq_free(p, id), 0);
-            }
+            assert_int_equal(kvc_seq_free(p, id), 0);
             m_free_seq(&m, s);
             stale[n_stale++ % 8] = id;
             counts[4]++;
-        } else if (kind < 95) { /* expire leases */
-            now += rng_below(30);
-            /* The pool frees in slot order; the model mirrors it. */
-            mseq *order[MS];
-            uint32_t n = 0;
-            for (uint32_t i = 0; i < MS; i++)
-                if (m.seqs[i].live && m.seqs[i].leased && m.seqs[i].deadline <= now)
-                    order[n++] = &m.seqs[i];
-            for (uint32_t i = 0; i < n; i++)
-                for (uint32_t j = i + 1; j < n; j++)
-                    if ((order[j]->id & 0xffffffff) < (order[i]->id & 0xffffffff)) {
-                        mseq *t = order[i];
-                        order[i] = order[j];
-                        order[j] = t;
-                    }
-            int64_t ids[MS];
-            uint32_t n_exp = 99;
-            assert_int_equal(kvc_lease_expire(p, now, ids, MS, &n_exp), 0);
-            assert_int_equal(n_exp, n);
-            for (uint32_t i = 0; i < n; i++) {
-                assert_int_equal(ids[i], order[i]->id);
-                stale[n_stale++ % 8] = order[i]->id;
-                m_free_seq(&m, order[i]);
-            }
-            counts[5]++;
         } else if (kind < 98) { /* read-only prefix lookup */
             int32_t prompt[MT], hits[MT];
             uint32_t n_prompt = make_prompt(stems, prompt, 60);
@@ -458,7 +416,7 @@ static void run_property(uint64_t seed, bool pc, uint32_t n_ops)
             assert_int_equal(kvc_prefix_match(p, prompt, n_prompt, &n_cached), 0);
             uint32_t lim = m_limit(&m, n_prompt, n_prompt);
             assert_int_equal(n_cached, m_hits(&m, prompt, lim, hits) * bs);
-            counts[6]++;
+            counts[5]++;
         } else { /* a stale id fails cleanly */
             if (n_stale > 0) {
                 int64_t id = stale[rng_below(n_stale < 8 ? n_stale : 8)];
@@ -467,7 +425,7 @@ static void run_property(uint64_t seed, bool pc, uint32_t n_ops)
                 assert_int_equal(kvc_seq_free(p, id), TD_ENOENT);
                 assert_null(kvc_seq_table(p, id, NULL));
             }
-            counts[7]++;
+            counts[6]++;
         }
         compare(p, &m);
     }
@@ -496,10 +454,10 @@ static void run_property(uint64_t seed, bool pc, uint32_t n_ops)
     kvc_stats_get(p, &st);
     assert_int_equal(st.used, 0);
     assert_int_equal(st.free + st.cached, nb);
-    print_message("seed=%llx ops: alloc=%u grow=%u commit=%u fork=%u free=%u expire=%u match=%u "
+    print_message("seed=%llx ops: alloc=%u grow=%u commit=%u fork=%u free=%u match=%u "
                   "stale=%u; hits=%llu/%llu evictions=%llu cow=%llu\n",
                   (unsigned long long)seed, counts[0], counts[1], counts[2], counts[3], counts[4],
-                  counts[5], counts[6], counts[7], (unsigned long long)st.hit_blocks,
+                  counts[5], counts[6], (unsigned long long)st.hit_blocks,
                   (unsigned long long)st.query_blocks, (unsigned long long)st.evictions,
                   (unsigned long long)st.cow_copies);
     if (pc) {
@@ -778,63 +736,75 @@ static void test_fork_copy_on_write(void **state)
     kvc_pool_free(p);
 }
 
-static void test_lease(void **state)
+/* A decode worker's transfer destination is a plain sequence: allocated with
+ * headroom before prefill runs, then committed when the transfer is DONE or
+ * freed when it FAILED. kvc never frees it on its own. */
+static void test_transfer_destination(void **state)
 {
     (void)state;
     kvc_pool *p = make_pool(16, 4, true);
     int32_t a[10];
     for (int i = 0; i < 10; i++)
         a[i] = 50 + i;
-    /* A decode worker leases the prompt + headroom before prefill runs. */
-    kvc_seq_spec spec = {
-        .tokens = a, .n_prompt = 10, .n_slots = 10, .n_capacity = 10 + 8, .lease_deadline_ns = 100};
-    int64_t l1, l2, l3;
-    assert_int_equal(kvc_seq_alloc(p, &spec, &l1, NULL), 0);
+    kvc_seq_spec spec = {.tokens = a, .n_prompt = 10, .n_slots = 10, .n_capacity = 10 + 8};
+    int64_t d1, d2, d3;
+    uint32_t m = 99;
+    assert_int_equal(kvc_seq_alloc(p, &spec, &d1, &m), 0);
+    assert_int_equal(m, 0);
     kvc_seq_info info;
-    assert_int_equal(kvc_seq_get_info(p, l1, &info), 0);
-    assert_true(info.leased);
+    assert_int_equal(kvc_seq_get_info(p, d1, &info), 0);
+    assert_int_equal(info.n_tokens, 10);
+    assert_int_equal(info.n_committed, 0);
     assert_int_equal(info.n_blocks, 5);
-    assert_int_equal(kvc_seq_fork(p, l1, &l3), TD_EINVAL);
-    /* Leased blocks are not in the prefix cache yet. */
-    uint32_t m;
+    /* Blocks a transfer may still be writing are not in the prefix cache. */
     assert_int_equal(kvc_prefix_match(p, a, 10, &m), 0);
     assert_int_equal(m, 0);
-    /* Reject/cancel: release frees every block. */
-    assert_int_equal(kvc_lease_release(p, l1), 0);
-    assert_int_equal(kvc_lease_release(p, l1), TD_ENOENT);
+    /* FAILED: freeing the sequence returns every block; the id goes stale. */
+    assert_int_equal(kvc_seq_free(p, d1), 0);
+    assert_int_equal(kvc_seq_free(p, d1), TD_ENOENT);
+    assert_int_equal(kvc_seq_commit(p, d1, a, 10), TD_ENOENT);
     kvc_stats st;
     kvc_stats_get(p, &st);
     assert_int_equal(st.free, 16);
+    assert_int_equal(st.live_seqs, 0);
 
-    /* Commit: the KV landed; full blocks become cached, the lease ends. */
-    assert_int_equal(kvc_seq_alloc(p, &spec, &l2, NULL), 0);
-    assert_int_equal(kvc_seq_commit(p, l2, a, 10), 0);
-    assert_int_equal(kvc_seq_get_info(p, l2, &info), 0);
-    assert_false(info.leased);
-    assert_int_equal(kvc_lease_release(p, l2), TD_EINVAL);
+    /* DONE: the commit registers the full blocks; decode then grows into the
+     * headroom without new blocks. */
+    assert_int_equal(kvc_seq_alloc(p, &spec, &d2, NULL), 0);
+    assert_int_equal(kvc_seq_commit(p, d2, a, 10), 0);
     assert_int_equal(kvc_prefix_match(p, a, 10, &m), 0);
     assert_int_equal(m, 8);
-    /* Decode then grows into the headroom without new blocks. */
-    assert_int_equal(kvc_seq_grow(p, l2, 8, NULL), 0);
-    assert_int_equal(kvc_seq_get_info(p, l2, &info), 0);
+    assert_int_equal(kvc_seq_grow(p, d2, 8, NULL), 0);
+    assert_int_equal(kvc_seq_get_info(p, d2, &info), 0);
+    assert_int_equal(info.n_tokens, 18);
     assert_int_equal(info.n_blocks, 5);
 
-    /* Expiry: a lease past its deadline is freed and its id goes stale. */
-    spec.lease_deadline_ns = 200;
-    assert_int_equal(kvc_seq_alloc(p, &spec, &l3, &m), 0);
-    assert_int_equal(m, 8); /* the prefix is shared even for a lease */
-    uint32_t n_exp = 9;
-    int64_t ids[2];
-    assert_int_equal(kvc_lease_expire(p, 199, ids, 2, &n_exp), 0);
-    assert_int_equal(n_exp, 0);
-    assert_int_equal(kvc_lease_expire(p, 200, ids, 2, &n_exp), 0);
-    assert_int_equal(n_exp, 1);
-    assert_int_equal(ids[0], l3);
-    assert_int_equal(kvc_seq_commit(p, l3, a, 10), TD_ENOENT);
+    /* A later destination shares the cached prefix (the prefill worker skips
+     * those n_cached tokens); when its transfer fails, the shared blocks stay
+     * with d2 and in the cache. */
+    assert_int_equal(kvc_seq_alloc(p, &spec, &d3, &m), 0);
+    assert_int_equal(m, 8);
+    assert_int_equal(kvc_seq_get_info(p, d3, &info), 0);
+    assert_int_equal(info.n_committed, 8);
+    assert_int_equal(info.n_blocks, 5);
+    int32_t t2[5];
+    memcpy(t2, kvc_seq_table(p, d2, NULL), sizeof t2);
+    const int32_t *t3 = kvc_seq_table(p, d3, NULL);
+    assert_int_equal(t3[0], t2[0]);
+    assert_int_equal(t3[1], t2[1]);
+    assert_true(t3[2] != t2[2]);
+    assert_int_equal(kvc_block_refcount(p, t2[0]), 2);
     assert_int_equal(kvc_check(p), 0);
-    assert_int_equal(kvc_seq_free(p, l2), 0);
+    assert_int_equal(kvc_seq_free(p, d3), 0);
+    assert_int_equal(kvc_block_refcount(p, t2[0]), 1);
+    assert_int_equal(kvc_block_refcount(p, t2[1]), 1);
+    assert_int_equal(kvc_prefix_match(p, a, 10, &m), 0);
+    assert_int_equal(m, 8);
+    assert_int_equal(kvc_check(p), 0);
+    assert_int_equal(kvc_seq_free(p, d2), 0);
     kvc_stats_get(p, &st);
     assert_int_equal(st.used, 0);
+    assert_int_equal(st.cached, 2);
     kvc_pool_free(p);
 }
 
@@ -910,7 +880,6 @@ static void test_bad_input(void **state)
     assert_int_equal(kvc_seq_grow(p, 0, 1, NULL), TD_ENOENT);
     assert_int_equal(kvc_seq_grow(p, -5, 1, NULL), TD_ENOENT);
     assert_int_equal(kvc_seq_grow(p, id + 1, 1, NULL), TD_ENOENT);
-    assert_int_equal(kvc_lease_expire(p, 0, NULL, 1, &(uint32_t){0}), TD_EINVAL);
     assert_int_equal(kvc_block_refcount(p, 8), -1);
     assert_int_equal(kvc_check(p), 0);
     assert_int_equal(kvc_seq_free(p, id), 0);
@@ -919,7 +888,6 @@ static void test_bad_input(void **state)
 
 int main(void)
 {
-    td_log_set_level(TD_LOG_ERROR); /* lease expiries are expected here */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_property_prefix_cache),
         cmocka_unit_test(test_property_no_prefix_cache),
@@ -927,7 +895,7 @@ int main(void)
         cmocka_unit_test(test_lru_eviction_order),
         cmocka_unit_test(test_enospc_leaves_pool_unchanged),
         cmocka_unit_test(test_fork_copy_on_write),
-        cmocka_unit_test(test_lease),
+        cmocka_unit_test(test_transfer_destination),
         cmocka_unit_test(test_prefix_hashes),
         cmocka_unit_test(test_bad_input),
     };

@@ -726,15 +726,12 @@ static void test_decode_mode_prefilled(void **state)
     mock_init(&m, u.pool, u.s, 4);
     m.budget = 8;
     m.max_running = 2;
-    /* A decode worker leases prompt + headroom, the KV "arrives" (the mock
-     * writes it), then the lease is committed and the sequence runs. */
+    /* A decode worker allocates prompt + headroom as a plain sequence, the KV
+     * "arrives" (the mock writes it; a transfer would own the blocks until its
+     * final event), then DONE commits the sequence and it runs. */
     int64_t kv[3];
     for (int k = 0; k < 3; k++) {
-        kvc_seq_spec spec = {.tokens = p,
-                             .n_prompt = 10,
-                             .n_slots = 10,
-                             .n_capacity = 16,
-                             .lease_deadline_ns = 1000};
+        kvc_seq_spec spec = {.tokens = p, .n_prompt = 10, .n_slots = 10, .n_capacity = 16};
         uint32_t n_cached = 0;
         assert_int_equal(kvc_seq_alloc(u.pool, &spec, &kv[k], &n_cached), 0);
         const int32_t *table = kvc_seq_table(u.pool, kv[k], NULL);
@@ -743,7 +740,7 @@ static void test_decode_mode_prefilled(void **state)
             m.kv_tok[sl] = p[q];
             m.kv_pos[sl] = (int32_t)q;
         }
-        /* A lease is refused until committed. */
+        /* Refused until every prompt position is committed. */
         sch_request req = {.req_id = (uint64_t)k, .prompt = p, .n_prompt = 10, .max_new_tokens = 5};
         assert_int_equal(sch_add_prefilled(u.s, &req, kv[k], 42), TD_EINVAL);
         assert_int_equal(kvc_seq_commit(u.pool, kv[k], p, 10), 0);
