@@ -30,7 +30,7 @@
 #include "common/log.h"
 #include "decode/dc.h"
 
-#define MOD "decode"
+#define MOD             "decode"
 #define DC_MAX_STOP_IDS 80
 
 enum dc_state { DC_QUEUED, DC_PREFILL, DC_RUNNING, DC_CLOSING };
@@ -149,8 +149,9 @@ void dc_handle_generate(rpc_call *call, const ProtobufCMessage *req, void *arg)
     int vocab = c->model->cfg.vocab_size;
     for (size_t i = 0; i < m->n_prompt_token_ids; i++)
         if (m->prompt_token_ids[i] >= (uint32_t)vocab)
-            return dc__reply_invalid(call, "prompt_token_ids[%zu] = %u is not below the vocabulary size %d",
-                                     i, m->prompt_token_ids[i], vocab);
+            return dc__reply_invalid(
+                call, "prompt_token_ids[%zu] = %u is not below the vocabulary size %d", i,
+                m->prompt_token_ids[i], vocab);
     const Tandem__V1__SamplingParams *sp = m->sampling;
     uint64_t max_tokens = sp && sp->max_tokens ? sp->max_tokens : 0;
     if (m->n_prompt_token_ids >= c->max_model_len)
@@ -158,10 +159,9 @@ void dc_handle_generate(rpc_call *call, const ProtobufCMessage *req, void *arg)
                                  m->n_prompt_token_ids, c->max_model_len);
     if (max_tokens == 0) max_tokens = c->max_model_len - m->n_prompt_token_ids;
     if (m->n_prompt_token_ids + max_tokens > c->max_model_len)
-        return dc__reply_invalid(call,
-                                 "prompt (%zu tokens) + max_tokens (%llu) exceeds the context of %u tokens",
-                                 m->n_prompt_token_ids, (unsigned long long)max_tokens,
-                                 c->max_model_len);
+        return dc__reply_invalid(
+            call, "prompt (%zu tokens) + max_tokens (%llu) exceeds the context of %u tokens",
+            m->n_prompt_token_ids, (unsigned long long)max_tokens, c->max_model_len);
     dc_req *r = calloc(1, sizeof(*r));
     int32_t *prompt = malloc(m->n_prompt_token_ids * sizeof(int32_t));
     if (!r || !prompt) {
@@ -251,12 +251,18 @@ static dc_req *dc__find(dc_engine *d, const char *id)
 static const char *dc__outcome(int err)
 {
     switch (err) {
-    case 0: return "ok";
-    case TD_ECANCELED: return "cancelled";
-    case TD_ETIMEDOUT: return "deadline";
-    case TD_EUNAVAILABLE: return "unavailable";
-    case TD_EMISMATCH: return "mismatch";
-    default: return "error";
+    case 0:
+        return "ok";
+    case TD_ECANCELED:
+        return "cancelled";
+    case TD_ETIMEDOUT:
+        return "deadline";
+    case TD_EUNAVAILABLE:
+        return "unavailable";
+    case TD_EMISMATCH:
+        return "mismatch";
+    default:
+        return "error";
     }
 }
 
@@ -288,9 +294,8 @@ static void dc__finish(dc_engine *d, dc_req *r, int finish_reason)
         rpc_call_finish(r->call, r->err ? r->err : TD_ENOMEM, r->details);
     }
     wrk_metrics_outcome(&c->metrics, dc__outcome(r->err));
-    td_log_info(MOD, "request_end", "req=%s outcome=%s tokens=%u%s%s%s", r->id,
-                dc__outcome(r->err), r->n_sent, r->err ? " detail=\"" : "", r->details,
-                r->err ? "\"" : "");
+    td_log_info(MOD, "request_end", "req=%s outcome=%s tokens=%u%s%s%s", r->id, dc__outcome(r->err),
+                r->n_sent, r->err ? " detail=\"" : "", r->details, r->err ? "\"" : "");
     if (r->prefill) rpc_stream_free(r->prefill);
     dc__live_remove(d, r);
     free(r->prompt);
@@ -449,8 +454,8 @@ static void dc__admit(dc_engine *d)
             continue;
         }
         rc = rpc_client_stream(pc, "/tandem.v1.Prefill/Run", &pr.base,
-                               &tandem__v1__prefill_response__descriptor, r->deadline_ns,
-                               dc__wake, c, &r->prefill);
+                               &tandem__v1__prefill_response__descriptor, r->deadline_ns, dc__wake,
+                               c, &r->prefill);
         free(ids);
         if (rc != 0) {
             r->prefill = NULL;
@@ -505,8 +510,10 @@ static void dc__join(dc_engine *d, dc_req *r)
         return;
     }
     if (dc__emit(d, r, &r->first_token, 1) != 0) {
-        if (done == ENG_FINISH_NONE) (void)eng_abort(c->engine, r->er.id);
-        else (void)kvc_seq_free(pool, r->kv_seq);
+        if (done == ENG_FINISH_NONE)
+            (void)eng_abort(c->engine, r->er.id);
+        else
+            (void)kvc_seq_free(pool, r->kv_seq);
         r->kv_seq = -1;
         r->state = DC_CLOSING;
         r->err = TD_ENOMEM;
@@ -546,7 +553,8 @@ static void dc__on_kvx(dc_engine *d)
                 r->kv_final = true;
                 int err = e->err == TD_ECANCELED ? TD_ECANCELED : TD_EUNAVAILABLE;
                 if (e->err == TD_ETIMEDOUT) err = TD_ETIMEDOUT;
-                dc__fail(d, r, err, "KV transfer failed: %s", e->msg[0] ? e->msg : td_strerror(e->err));
+                dc__fail(d, r, err, "KV transfer failed: %s",
+                         e->msg[0] ? e->msg : td_strerror(e->err));
             }
         }
     }
@@ -579,7 +587,8 @@ static void dc__poll_prefill(dc_engine *d)
             const rpc_status *st = rpc_stream_status(r->prefill);
             int err = rc;
             if (err == TD_ECONNREFUSED || err == TD_ECONNRESET) err = TD_EUNAVAILABLE;
-            dc__fail(d, r, err, "prefill worker: %s", st && st->details[0] ? st->details : td_strerror(rc));
+            dc__fail(d, r, err, "prefill worker: %s",
+                     st && st->details[0] ? st->details : td_strerror(rc));
         }
     }
 }

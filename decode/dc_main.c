@@ -56,8 +56,7 @@ static int dc_run(const wrk_opts *o)
                      .layout = layout};
     rc = kvx_ep_create(&kp, &c->kvx);
     if (rc != 0) {
-        fprintf(stderr, "%s: cannot create the KV transfer endpoint: %s\n", prog,
-                td_strerror(rc));
+        fprintf(stderr, "%s: cannot create the KV transfer endpoint: %s\n", prog, td_strerror(rc));
         goto out;
     }
     /* The KV pool is the transfer endpoint's memory (shareable for shm), so
@@ -156,8 +155,8 @@ static int dc_run(const wrk_opts *o)
            c->kv_endpoint, o->kv_transport, http ? wrk_http_port(http) : 0,
            eng_layout(c->engine)->num_blocks);
     fflush(stdout);
-    td_log_info("decode", "ready", "grpc=%s kv=%s transport=%s blocks=%u", rpc_addr,
-                c->kv_endpoint, o->kv_transport, eng_layout(c->engine)->num_blocks);
+    td_log_info("decode", "ready", "grpc=%s kv=%s transport=%s blocks=%u", rpc_addr, c->kv_endpoint,
+                o->kv_transport, eng_layout(c->engine)->num_blocks);
 
     /* Serve until SIGTERM/SIGINT or the router asks to drain, then drain. */
     for (;;) {

@@ -49,8 +49,7 @@ static const struct cfg_option cli_table[] = {
     CLI_OPT("id", CFG_STRING, NULL, NULL, NULL, "Request id (default: cli-<pid>-<n>)", id),
     CLI_OPT("max-tokens", CFG_INT64, "64", "0", "16777216", "Tokens to generate at most",
             max_tokens),
-    CLI_OPT("min-tokens", CFG_INT64, "0", "0", "16777216", "Tokens before EOS may end",
-            min_tokens),
+    CLI_OPT("min-tokens", CFG_INT64, "0", "0", "16777216", "Tokens before EOS may end", min_tokens),
     CLI_OPT("temperature", CFG_DOUBLE, "0", "0", NULL, "Sampling temperature; 0 is greedy",
             temperature),
     CLI_OPT("top-p", CFG_DOUBLE, "1", "0", "1", "Nucleus mass; 1: off", top_p),
@@ -130,11 +129,16 @@ static int parse_ids(const char *s, uint32_t **out, size_t *n)
 static const char *finish_name(int f)
 {
     switch (f) {
-    case TANDEM__V1__FINISH_REASON__FINISH_REASON_LENGTH: return "length";
-    case TANDEM__V1__FINISH_REASON__FINISH_REASON_STOP: return "stop";
-    case TANDEM__V1__FINISH_REASON__FINISH_REASON_CANCELLED: return "cancelled";
-    case TANDEM__V1__FINISH_REASON__FINISH_REASON_ERROR: return "error";
-    default: return "";
+    case TANDEM__V1__FINISH_REASON__FINISH_REASON_LENGTH:
+        return "length";
+    case TANDEM__V1__FINISH_REASON__FINISH_REASON_STOP:
+        return "stop";
+    case TANDEM__V1__FINISH_REASON__FINISH_REASON_CANCELLED:
+        return "cancelled";
+    case TANDEM__V1__FINISH_REASON__FINISH_REASON_ERROR:
+        return "error";
+    default:
+        return "";
     }
 }
 
@@ -332,8 +336,8 @@ int main(int argc, char **argv)
 {
     struct cli_opts o;
     cfg *c = NULL;
-    int rc = cfg_create(&c, "tandem-decode-cli", cli_table, sizeof(cli_table) / sizeof(cli_table[0]),
-                        &o);
+    int rc = cfg_create(&c, "tandem-decode-cli", cli_table,
+                        sizeof(cli_table) / sizeof(cli_table[0]), &o);
     if (rc != 0) return 2;
     rc = cfg_parse(c, argc, argv);
     if (rc == CFG_HELP) {
@@ -384,8 +388,8 @@ int main(int argc, char **argv)
             } else {
                 int32_t *ids = NULL;
                 size_t n = 0;
-                rc = tok_encode(tok, o.prompt, strlen(o.prompt), tok_adds_bos(tok) ? TOK_ADD_BOS : 0,
-                                &ids, &n);
+                rc = tok_encode(tok, o.prompt, strlen(o.prompt),
+                                tok_adds_bos(tok) ? TOK_ADD_BOS : 0, &ids, &n);
                 reqs->prompt = (uint32_t *)ids;
                 reqs->n_prompt = n;
             }
@@ -418,8 +422,9 @@ int main(int argc, char **argv)
     if (rc == 0) rc = rpc_client_create(o.decode, &client);
     for (size_t i = 0; rc == 0 && i < n_reqs; i++) {
         rc = start(client, &reqs[i], o.timings);
-        if (rc != 0) fprintf(stderr, "tandem-decode-cli: cannot start %s: %s\n", reqs[i].id,
-                             td_strerror(rc));
+        if (rc != 0)
+            fprintf(stderr, "tandem-decode-cli: cannot start %s: %s\n", reqs[i].id,
+                    td_strerror(rc));
     }
     size_t open = rc == 0 ? n_reqs : 0;
     while (open > 0) {

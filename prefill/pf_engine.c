@@ -129,9 +129,10 @@ void pf_handle_run(rpc_call *call, const ProtobufCMessage *req, void *arg)
                            d->transport, c->opts->kv_transport);
     size_t want_blocks = (n + c->block_size - 1) / c->block_size;
     if (d->n_block_ids != want_blocks)
-        return pf__invalid(call, TD_EINVAL,
-                           "dest.block_ids: %zu ids for a prompt of %zu tokens (needs %zu blocks of %u)",
-                           d->n_block_ids, n, want_blocks, c->block_size);
+        return pf__invalid(
+            call, TD_EINVAL,
+            "dest.block_ids: %zu ids for a prompt of %zu tokens (needs %zu blocks of %u)",
+            d->n_block_ids, n, want_blocks, c->block_size);
     if (d->skip_tokens % c->block_size != 0 || d->skip_tokens >= n)
         return pf__invalid(call, TD_EINVAL,
                            "dest.skip_tokens = %u must be a multiple of %u below the prompt length",
@@ -227,11 +228,16 @@ static void pf__remove(pf_engine *d, pf_req *r)
 static const char *pf__outcome(int err)
 {
     switch (err) {
-    case 0: return "ok";
-    case TD_ECANCELED: return "cancelled";
-    case TD_ETIMEDOUT: return "deadline";
-    case TD_EMISMATCH: return "mismatch";
-    default: return "error";
+    case 0:
+        return "ok";
+    case TD_ECANCELED:
+        return "cancelled";
+    case TD_ETIMEDOUT:
+        return "deadline";
+    case TD_EMISMATCH:
+        return "mismatch";
+    default:
+        return "error";
     }
 }
 
@@ -291,8 +297,8 @@ static void pf__reap(pf_engine *d)
         }
         wrk_metrics_outcome(&c->metrics, pf__outcome(ok ? 0 : r->err));
         td_log_info(MOD, "request_end", "req=%s outcome=%s computed=%u cached=%u%s%s%s", r->id,
-                    pf__outcome(ok ? 0 : r->err), r->n_prompt - r->cached_tokens,
-                    r->cached_tokens, ok ? "" : " detail=\"", ok ? "" : r->details, ok ? "" : "\"");
+                    pf__outcome(ok ? 0 : r->err), r->n_prompt - r->cached_tokens, r->cached_tokens,
+                    ok ? "" : " detail=\"", ok ? "" : r->details, ok ? "" : "\"");
         pf__remove(d, r);
     }
 }

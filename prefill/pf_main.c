@@ -52,8 +52,7 @@ static int pf_run(const wrk_opts *o)
                      .layout = layout};
     rc = kvx_ep_create(&kp, &c->kvx);
     if (rc != 0) {
-        fprintf(stderr, "%s: cannot create the KV transfer endpoint: %s\n", prog,
-                td_strerror(rc));
+        fprintf(stderr, "%s: cannot create the KV transfer endpoint: %s\n", prog, td_strerror(rc));
         goto out;
     }
     ec.kv_mem = kvx_ep_pool(c->kvx);

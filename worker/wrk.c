@@ -76,7 +76,8 @@ static const struct cfg_option wrk_decode_opts[] = {
             "socket path, default /tmp/tandem-kv-<pid>.sock)",
             kv_listen),
     WRK_OPT("prefill-timeout", CFG_DURATION, "2s", "100ms", NULL, NULL,
-            "A prefill worker silent this long (no reply, no KV) fails the request", prefill_timeout_ns),
+            "A prefill worker silent this long (no reply, no KV) fails the request",
+            prefill_timeout_ns),
 };
 
 static const char wrk_prefill_notes[] =
@@ -177,9 +178,8 @@ int wrk_engine_config(const wrk_opts *o, const mdl_model *m, enum wrk_role role,
 
 /* -------------------------------------------------------------- sampling -- */
 
-int wrk_sampling(const mdl_config *mc, const Tandem__V1__SamplingParams *sp,
-                 uint64_t seed_if_unset, int32_t *stop_ids, int cap, smp_params *out, char *err,
-                 size_t errlen)
+int wrk_sampling(const mdl_config *mc, const Tandem__V1__SamplingParams *sp, uint64_t seed_if_unset,
+                 int32_t *stop_ids, int cap, smp_params *out, char *err, size_t errlen)
 {
     smp_params_defaults(out);
     if (sp) {
@@ -201,7 +201,8 @@ int wrk_sampling(const mdl_config *mc, const Tandem__V1__SamplingParams *sp,
     if (!out->ignore_eos)
         for (int i = 0; i < mc->n_eos_extra && n < cap; i++)
             stop_ids[n++] = mc->eos_extra[i];
-    if (mc->format == MDL_FORMAT_LLAMA2C && n < cap) stop_ids[n++] = mc->bos_id >= 0 ? mc->bos_id : 1;
+    if (mc->format == MDL_FORMAT_LLAMA2C && n < cap)
+        stop_ids[n++] = mc->bos_id >= 0 ? mc->bos_id : 1;
     size_t n_req = sp ? sp->n_stop_token_ids : 0;
     if (n_req > (size_t)(cap - n)) {
         td_err_set(err, errlen, "sampling.stop_token_ids: at most %d", cap - n);
@@ -209,8 +210,9 @@ int wrk_sampling(const mdl_config *mc, const Tandem__V1__SamplingParams *sp,
     }
     for (size_t i = 0; i < n_req; i++) {
         if (sp->stop_token_ids[i] >= (uint32_t)mc->vocab_size) {
-            td_err_set(err, errlen, "sampling.stop_token_ids[%zu] = %u is not below the vocabulary size %d",
-                       i, sp->stop_token_ids[i], mc->vocab_size);
+            td_err_set(err, errlen,
+                       "sampling.stop_token_ids[%zu] = %u is not below the vocabulary size %d", i,
+                       sp->stop_token_ids[i], mc->vocab_size);
             return TD_EINVAL;
         }
         stop_ids[n++] = (int32_t)sp->stop_token_ids[i];
@@ -343,10 +345,9 @@ int wrk_metrics_init(wrk_metrics *m)
                                "Time between a request's consecutive tokens", lb, nb,
                                &m->itl_seconds);
     if (rc == 0)
-        rc = met_histogram_new(m->reg, "tandem_batch_size", "Sequences in one engine step",
-                               wrk_batch_buckets,
-                               sizeof(wrk_batch_buckets) / sizeof(wrk_batch_buckets[0]),
-                               &m->batch_size);
+        rc = met_histogram_new(
+            m->reg, "tandem_batch_size", "Sequences in one engine step", wrk_batch_buckets,
+            sizeof(wrk_batch_buckets) / sizeof(wrk_batch_buckets[0]), &m->batch_size);
     if (rc == 0)
         rc = met_counter_new(m->reg, "tandem_kv_transfer_bytes_total", "KV bytes moved",
                              &m->transfer_bytes);
@@ -369,8 +370,7 @@ int wrk_metrics_init(wrk_metrics *m)
                            "KV blocks a new request can take (free + evictable cached)",
                            &m->kv_free);
     if (rc == 0)
-        rc = met_gauge_new(m->reg, "tandem_kv_blocks_total", "KV blocks in the pool",
-                           &m->kv_total);
+        rc = met_gauge_new(m->reg, "tandem_kv_blocks_total", "KV blocks in the pool", &m->kv_total);
     if (rc != 0) wrk_metrics_free(m);
     return rc;
 }

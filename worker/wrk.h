@@ -101,9 +101,9 @@ typedef struct wrk_load {
     _Atomic uint32_t waiting_seqs;
     _Atomic uint32_t free_kv_blocks; /* FREE + CACHED: what a new request can take */
     _Atomic uint32_t total_kv_blocks;
-    _Atomic uint64_t step_time_us;      /* exponentially weighted mean */
+    _Atomic uint64_t step_time_us; /* exponentially weighted mean */
     _Atomic uint64_t last_step_time_us;
-    _Atomic uint32_t in_flight;         /* requests the worker holds in any state */
+    _Atomic uint32_t in_flight; /* requests the worker holds in any state */
     _Atomic uint64_t prefix_hit_blocks, prefix_query_blocks, preemptions; /* totals */
 } wrk_load;
 
@@ -117,8 +117,8 @@ void wrk_load_publish(wrk_load *l, eng *e, uint32_t in_flight, int64_t step_ns);
 typedef struct wrk_metrics {
     met_registry *reg;
     met_family *requests; /* tandem_requests_total{outcome} */
-    met_histogram *queue_seconds, *prefill_seconds, *transfer_seconds, *step_seconds,
-        *ttft_seconds, *itl_seconds;
+    met_histogram *queue_seconds, *prefill_seconds, *transfer_seconds, *step_seconds, *ttft_seconds,
+        *itl_seconds;
     met_histogram *batch_size;
     met_counter *transfer_bytes, *prefix_hit_blocks, *prefix_query_blocks, *preemptions;
     met_gauge *running, *waiting, *kv_free, *kv_total;

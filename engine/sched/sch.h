@@ -143,7 +143,7 @@ void sch_free(sch *s);
 int sch_add(sch *s, const sch_request *req);
 
 /* Decode workers: adds a request whose prompt KV is already in kv_seq (all
- * n_prompt tokens committed with kvc_seq_commit, so no longer a lease) and whose
+ * n_prompt tokens committed with kvc_seq_commit) and whose
  * first token was sampled by the prefill worker. Enters RUNNING directly (or
  * waits with its KV when max_num_seqs are running). max_new_tokens counts the
  * first token, so it must be >= 2 (else there is nothing to decode: TD_EINVAL).

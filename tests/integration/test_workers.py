@@ -204,7 +204,7 @@ def models():
 
 
 def case_equivalence(name, model, vocab, ctx):
-    n = 32 if name != "15m" else 12
+    n = 32
     log("== %s: 1 prefill + 1 decode, tcp, %d requests, greedy and seeded" % (name, n))
     pf = Worker("prefill", model)
     dc = Worker("decode", model)
