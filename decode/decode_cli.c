@@ -16,10 +16,11 @@
 #include "common/err.h"
 #include "common/rpc.h"
 #include "engine/tokenizer/tok.h"
+#include "proto/health.pb-c.h"
 #include "proto/tandem.pb-c.h"
 
 struct cli_opts {
-    const char *decode, *prefill, *prompt, *prompt_tokens, *tokenizer, *requests, *id;
+    const char *decode, *prefill, *prompt, *prompt_tokens, *tokenizer, *requests, *id, *health;
     int64_t max_tokens, min_tokens, top_k, seed, timeout_ms, cancel_after;
     double temperature, top_p;
     bool ignore_eos, has_seed, timings;
@@ -63,7 +64,36 @@ static const struct cfg_option cli_table[] = {
     CLI_OPT("cancel-after", CFG_INT64, "0", "0", NULL,
             "Cancel the stream after this many tokens (tests); 0: never", cancel_after),
     CLI_OPT("timings", CFG_BOOL, "true", NULL, NULL, "Ask for per-request timings", timings),
+    CLI_OPT("health", CFG_STRING, NULL, NULL, NULL,
+            "Only ask ADDR's grpc.health.v1 service: prints SERVING or NOT_SERVING, exit 0 "
+            "when serving",
+            health),
 };
+
+/* --health: one grpc.health.v1.Health/Check call. */
+static int health_check(const char *addr)
+{
+    rpc_client *c = NULL;
+    if (rpc_client_create(addr, &c) != 0) return 2;
+    Grpc__Health__V1__HealthCheckRequest q = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
+    q.service = "";
+    ProtobufCMessage *resp = NULL;
+    rpc_status st;
+    int rc = rpc_client_unary(c, "/grpc.health.v1.Health/Check", &q.base,
+                              &grpc__health__v1__health_check_response__descriptor,
+                              td_now_ns() + 2000000000LL, &resp, &st);
+    int serving = 0;
+    if (rc == 0) {
+        Grpc__Health__V1__HealthCheckResponse *r = (Grpc__Health__V1__HealthCheckResponse *)resp;
+        serving = r->status == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+        printf("%s\n", serving ? "SERVING" : "NOT_SERVING");
+        protobuf_c_message_free_unpacked(resp, NULL);
+    } else {
+        printf("UNREACHABLE %s\n", td_err_name(rc));
+    }
+    rpc_client_free(c);
+    return serving ? 0 : 1;
+}
 
 typedef struct cli_req {
     char id[64];
@@ -351,6 +381,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "tandem-decode-cli: %s\n", cfg_error(c));
         cfg_free(c);
         return 2;
+    }
+    if (o.health) {
+        rc = health_check(o.health);
+        cfg_free(c);
+        return rc;
     }
     tok_tokenizer *tok = NULL;
     if (o.tokenizer) {

@@ -138,6 +138,12 @@ def reference(model, req):
     return json.loads(out.stdout)["tokens"]
 
 
+def health(worker):
+    out = subprocess.run([os.path.join(BIN, "tandem-decode-cli"), "--health", worker.addr],
+                         capture_output=True, text=True, timeout=10)
+    return out.stdout.strip()
+
+
 def make_requests(n, vocab, ctx, seeded, prefix=None, rng=None, tag="r"):
     rng = rng or random.Random(7)
     reqs = []
@@ -393,8 +399,11 @@ def case_sigterm(model, vocab, ctx):
     until = time.time() + 10
     while time.time() < until and dc.metrics().get("tandem_running_seqs", 0) < 1:
         time.sleep(0.01)
+    check(health(dc) == "SERVING", "health before SIGTERM")
     dc.p.send_signal(signal.SIGTERM)
     time.sleep(0.05)
+    if dc.p.poll() is None:
+        check(health(dc) == "NOT_SERVING", "health while draining")
     late = run_cli(dc, [pf], [{"id": "late", "prompt_tokens": [1, 2], "max_tokens": 3}]) \
         if dc.p.poll() is None else None
     out, _ = cli.communicate(timeout=60)
