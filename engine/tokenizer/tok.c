@@ -390,6 +390,24 @@ int tok_piece(const tok_tokenizer *t, int32_t id, const char **piece, size_t *le
     return 0;
 }
 
+int tok_parse_id(const char *s, size_t len, int32_t n_vocab, int32_t *id)
+{
+    if (s == NULL || id == NULL || len == 0) return TD_EINVAL;
+    int64_t v = 0;
+    bool big = false;
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9') return TD_EINVAL;
+        v = v * 10 + (s[i] - '0');
+        if (v > INT32_MAX) {
+            big = true; /* keep checking the digits; the value is out of range */
+            v = INT32_MAX;
+        }
+    }
+    if (big || v >= n_vocab) return TD_ERANGE;
+    *id = (int32_t)v;
+    return 0;
+}
+
 int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int flags, int32_t **ids,
                size_t *n_ids)
 {
@@ -414,6 +432,26 @@ static bool strip_at(const tok_tokenizer *t, bool at_start, int32_t prev)
     return t->dec_strip_space && at_start;
 }
 
+/* Ends a run of byte-fallback tokens, raw[run..n): kept when it is valid
+ * UTF-8 as a whole, else replaced by one U+FFFD per byte. Returns the new
+ * end of raw (raw has room for 3 bytes per byte of the run). */
+static size_t end_byte_run(char *raw, size_t run, size_t n)
+{
+    size_t len = n - run;
+    const uint8_t *u = (const uint8_t *)raw + run;
+    bool valid = true;
+    for (size_t i = 0; i < len && valid;) {
+        uint32_t cp;
+        size_t l = tok__utf8_next(u, len, i, &cp);
+        valid = !(cp == 0xFFFD && l == 1);
+        i += l;
+    }
+    if (valid) return n;
+    for (size_t i = len; i-- > 0;) /* backwards: the output is longer than the input */
+        memcpy(raw + run + 3 * i, "\xEF\xBF\xBD", 3);
+    return run + 3 * len;
+}
+
 int tok_decode(const tok_tokenizer *t, const int32_t *ids, size_t n_ids, int skip_special,
                char **text, size_t *len)
 {
@@ -425,9 +463,11 @@ int tok_decode(const tok_tokenizer *t, const int32_t *ids, size_t n_ids, int ski
         if (ids[i] < 0 || ids[i] >= t->n_vocab) return TD_ERANGE;
         raw_len += t->dec_len[ids[i]];
     }
-    char *raw = malloc(raw_len + 1);
+    /* x3: a byte run may become U+FFFD per byte */
+    char *raw = malloc(raw_len * 3 + 1);
     if (raw == NULL) return TD_ENOMEM;
     size_t n = 0;
+    size_t run = SIZE_MAX; /* start in raw of the current byte-token run */
     int32_t prev = -1;
     bool first = true; /* no token emitted yet */
     for (size_t i = 0; i < n_ids; i++) {
@@ -435,6 +475,10 @@ int tok_decode(const tok_tokenizer *t, const int32_t *ids, size_t n_ids, int ski
         const char *p = t->arena + t->dec_off[id];
         size_t pl = t->dec_len[id];
         if (!(skip_special && (t->attr[id] & TOK__ATTR_SPECIAL))) {
+            bool is_byte = t->dec_byte_runs && (t->attr[id] & TOK__ATTR_BYTE);
+            if (!is_byte && run != SIZE_MAX) n = end_byte_run(raw, run, n);
+            if (is_byte && run == SIZE_MAX) run = n;
+            if (!is_byte) run = SIZE_MAX;
             if (pl > 0 && p[0] == ' ' && strip_at(t, first, prev)) {
                 p++;
                 pl--;
@@ -445,6 +489,7 @@ int tok_decode(const tok_tokenizer *t, const int32_t *ids, size_t n_ids, int ski
         }
         prev = id;
     }
+    if (run != SIZE_MAX) n = end_byte_run(raw, run, n);
     /* At most 3 output bytes (U+FFFD) per input byte. */
     char *out = malloc(n * 3 + 1);
     if (out == NULL) {

@@ -47,6 +47,12 @@ int tok_is_special(const tok_tokenizer *tok, int32_t id);
  * TD_ERANGE for an id outside the vocabulary. */
 int tok_piece(const tok_tokenizer *tok, int32_t id, const char **piece, size_t *len);
 
+/* Parses s[0..len) as a token id: a whole decimal number (digits only; no
+ * sign, white space or trailing text) below n_vocab. Returns 0 with *id set,
+ * TD_EINVAL when s is not such a number, TD_ERANGE when it is n_vocab or
+ * more. For command lines and request bodies that name ids as text. */
+int tok_parse_id(const char *s, size_t len, int32_t n_vocab, int32_t *id);
+
 enum tok_encode_flags {
     TOK_ADD_BOS = 1 << 0,       /* prepend BOS (when the vocabulary has one) */
     TOK_PARSE_SPECIAL = 1 << 1, /* recognise special-token text such as "<|eot_id|>" */

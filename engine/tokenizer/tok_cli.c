@@ -160,8 +160,20 @@ static int run(const tok_tokenizer *tok, int decode, int flags, int pieces, int 
         size_t n = (size_t)nargs;
         int32_t *ids = calloc(n ? n : 1, sizeof(int32_t));
         if (ids == NULL) return 1;
-        for (size_t k = 0; k < n; k++)
-            ids[k] = (int32_t)strtol(args[k], NULL, 10);
+        for (size_t k = 0; k < n; k++) {
+            int prc = tok_parse_id(args[k], strlen(args[k]), tok_vocab_size(tok), &ids[k]);
+            if (prc == TD_ERANGE) {
+                fprintf(stderr, "tandem-tokenize: id '%s' is outside the vocabulary (0..%d)\n",
+                        args[k], tok_vocab_size(tok) - 1);
+            } else if (prc < 0) {
+                fprintf(stderr, "tandem-tokenize: '%s' is not a token id (a decimal number)\n",
+                        args[k]);
+            }
+            if (prc < 0) {
+                free(ids);
+                return 1;
+            }
+        }
         char *text = NULL;
         size_t len = 0;
         rc = tok_decode(tok, ids, n, skip_special, &text, &len);
@@ -245,6 +257,16 @@ int main(int argc, char **argv)
     rc = tok_load(pos[0], &tok, err, sizeof(err));
     if (rc < 0) {
         fprintf(stderr, "tandem-tokenize: %s (%s)\n", err, td_err_name(rc));
+        cfg_free(c);
+        return 1;
+    }
+    if (o.bos && !o.decode && tok_bos_id(tok) < 0) {
+        /* Prepending some other id would silently change the text. */
+        fprintf(stderr,
+                "tandem-tokenize: --bos: %s has no BOS token (its configs name none that the "
+                "vocabulary holds)\n",
+                pos[0]);
+        tok_free(tok);
         cfg_free(c);
         return 1;
     }
