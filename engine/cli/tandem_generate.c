@@ -4,6 +4,7 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -175,6 +176,23 @@ static int file_exists(const char *p)
     return stat(p, &st) == 0;
 }
 
+/* Every failure prints one line naming its cause: gen_fail prints it and
+ * notes that it did; main prints the code's name for any failure that
+ * arrives unreported. */
+static int g_reported;
+
+static int gen_fail(int rc, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("tandem-generate: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    g_reported = 1;
+    return rc;
+}
+
 /* The tokenizer: --tokenizer, else tokenizer.json / tokenizer.bin /
  * tok<vocab>.bin beside the model (llama2.c's naming for small vocabularies). */
 static int load_tokenizer(const gen_args *a, const mdl_model *m, tok_tokenizer **tok)
@@ -200,22 +218,17 @@ static int load_tokenizer(const gen_args *a, const mdl_model *m, tok_tokenizer *
             int n = snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
             if (n > 0 && (size_t)n < sizeof(path) && file_exists(path)) found = path;
         }
-        if (!found) {
-            fprintf(stderr, "tandem-generate: no tokenizer found beside %s; pass --tokenizer\n",
-                    a->model);
-            return TD_ENOENT;
-        }
+        /* A GGUF file carries its tokenizer. */
+        if (!found && m->cfg.format == MDL_FORMAT_GGUF) found = a->model;
+        if (!found)
+            return gen_fail(TD_ENOENT, "no tokenizer found beside %s; pass --tokenizer", a->model);
     }
     int rc = tok_load(found, tok, err, sizeof(err));
-    if (rc != 0) {
-        fprintf(stderr, "tandem-generate: tokenizer %s: %s (%s)\n", found, err, td_strerror(rc));
-        return rc;
-    }
-    if (tok_vocab_size(*tok) > m->cfg.vocab_size) {
-        fprintf(stderr, "tandem-generate: tokenizer has %d tokens, model only %d\n",
-                tok_vocab_size(*tok), m->cfg.vocab_size);
-        return TD_EMISMATCH;
-    }
+    if (rc != 0) return gen_fail(rc, "tokenizer %s: %s (%s)", found, err, td_strerror(rc));
+    /* Both directions: a llama2.c checkpoint is made for one tokenizer. */
+    rc = tok_check_model_vocab(*tok, m->cfg.vocab_size, m->cfg.format == MDL_FORMAT_LLAMA2C, err,
+                               sizeof(err));
+    if (rc != 0) return gen_fail(rc, "tokenizer %s: %s", found, err);
     return 0;
 }
 
@@ -231,8 +244,7 @@ static int parse_token_list(const char *s, int vocab, int32_t **out, size_t *n)
         long v = strtol(p, &end, 10);
         if (errno || end == p || v < 0 || v >= vocab || (*end && *end != ',')) {
             free(ids);
-            fprintf(stderr, "tandem-generate: bad --prompt-tokens near \"%s\"\n", p);
-            return TD_EINVAL;
+            return gen_fail(TD_EINVAL, "bad --prompt-tokens near \"%s\"", p);
         }
         if (len == cap) {
             cap *= 2;
@@ -307,7 +319,7 @@ static int generate(const gen_args *a, const mdl_model *m)
      * without text... we still try, and only fail when text is required. */
     int need_tok = a->prompt != NULL || !a->json || a->n_stops > 0;
     rc = load_tokenizer(a, m, &tok);
-    if (rc != 0 && need_tok) goto out;
+    if (rc != 0 && (need_tok || a->tokenizer || rc == TD_EMISMATCH)) goto out;
     rc = 0;
 
     int32_t bos =
@@ -320,7 +332,7 @@ static int generate(const gen_args *a, const mdl_model *m)
         int flags = (tok_adds_bos(tok) || mc->format == MDL_FORMAT_LLAMA2C) ? TOK_ADD_BOS : 0;
         rc = tok_encode(tok, a->prompt, strlen(a->prompt), flags, &prompt, &n_prompt);
         if (rc != 0) {
-            fprintf(stderr, "tandem-generate: encoding the prompt: %s\n", td_strerror(rc));
+            gen_fail(rc, "encoding the prompt: %s", td_strerror(rc));
             goto out;
         }
     }
@@ -335,9 +347,12 @@ static int generate(const gen_args *a, const mdl_model *m)
         n_prompt = 1;
     }
     if (n_prompt >= (size_t)mc->max_seq_len) {
-        fprintf(stderr, "tandem-generate: prompt of %zu tokens exceeds the context of %d\n",
-                n_prompt, mc->max_seq_len);
-        rc = TD_ETOOLONG;
+        rc = n_prompt == (size_t)mc->max_seq_len
+                 ? gen_fail(TD_ETOOLONG,
+                            "prompt of %zu tokens fills the context of %d: no room to generate",
+                            n_prompt, mc->max_seq_len)
+                 : gen_fail(TD_ETOOLONG, "prompt of %zu tokens exceeds the context of %d",
+                            n_prompt, mc->max_seq_len);
         goto out;
     }
     int max_tokens = a->max_tokens;
@@ -359,7 +374,7 @@ static int generate(const gen_args *a, const mdl_model *m)
     char err[512] = "";
     rc = be_open(a->backend, m, &o, &be, err, sizeof(err));
     if (rc != 0) {
-        fprintf(stderr, "tandem-generate: backend %s: %s\n", a->backend, err);
+        gen_fail(rc, "backend %s: %s", a->backend, err);
         goto out;
     }
     table = malloc(o.kv.num_blocks * sizeof(int32_t));
@@ -382,24 +397,26 @@ static int generate(const gen_args *a, const mdl_model *m)
     sp.min_tokens = a->min_tokens;
     sp.ignore_eos = a->ignore_eos;
     sp.eos_id = eos;
-    /* Stop ids: the config's further EOS ids (unless --ignore-eos), and BOS for
-     * llama2.c checkpoints, since llama2.c stops when the model emits BOS. */
+    /* Stop ids: the config's further EOS ids, and BOS for llama2.c
+     * checkpoints, since llama2.c stops when the model emits BOS; none with
+     * --ignore-eos, which leaves max_tokens the only end. */
     int32_t stop_ids[MDL_MAX_EOS + 1];
     int n_stop = 0;
     if (!a->ignore_eos)
         for (int i = 0; i < mc->n_eos_extra; i++)
             stop_ids[n_stop++] = mc->eos_extra[i];
-    if (mc->format == MDL_FORMAT_LLAMA2C) stop_ids[n_stop++] = bos;
+    if (mc->format == MDL_FORMAT_LLAMA2C && !a->ignore_eos) stop_ids[n_stop++] = bos;
     sp.stop_ids = stop_ids;
     sp.n_stop_ids = n_stop;
     rc = smp_create(&sp, mc->vocab_size, &smp);
-    if (rc != 0) goto out;
+    if (rc != 0) {
+        gen_fail(rc, "sampler: %s", td_strerror(rc));
+        goto out;
+    }
     if (a->logits_out) {
         lf = fopen(a->logits_out, "wb");
         if (!lf) {
-            fprintf(stderr, "tandem-generate: cannot write %s: %s\n", a->logits_out,
-                    strerror(errno));
-            rc = TD_EIO;
+            rc = gen_fail(TD_EIO, "cannot write %s: %s", a->logits_out, strerror(errno));
             goto out;
         }
     }
@@ -411,7 +428,10 @@ static int generate(const gen_args *a, const mdl_model *m)
         for (size_t i = 0; i < n_prompt; i++) {
             size_t w = 0;
             rc = tok_stream_push(st, prompt[i], piece, sizeof(piece), &w);
-            if (rc != 0) goto out;
+            if (rc != 0) {
+                gen_fail(rc, "detokenizing prompt id %d: %s", prompt[i], td_strerror(rc));
+                goto out;
+            }
         }
     }
 
@@ -446,20 +466,36 @@ static int generate(const gen_args *a, const mdl_model *m)
     while ((int)n_gen < max_tokens) {
         if (lf &&
             fwrite(logits, sizeof(float), (size_t)mc->vocab_size, lf) != (size_t)mc->vocab_size) {
-            rc = TD_EIO;
-            fprintf(stderr, "tandem-generate: short write to %s\n", a->logits_out);
+            rc = gen_fail(TD_EIO, "short write to %s", a->logits_out);
             goto out;
         }
         int32_t next;
         rc = smp_sample(smp, logits, &next);
-        if (rc != 0) goto out;
+        if (rc == TD_ERANGE) {
+            gen_fail(rc, "logits contain NaN at step %zu (first at id %d): the weights or the "
+                         "computation are not finite",
+                     n_gen, smp_logits_find_nan(logits, mc->vocab_size));
+            goto out;
+        }
+        if (rc != 0) {
+            gen_fail(rc, "sampling at step %zu: %s", n_gen, td_strerror(rc));
+            goto out;
+        }
         gen[n_gen++] = next;
         finish = smp_accept(smp, next);
         int is_stop_token = (finish == SMP_STOP_EOS || finish == SMP_STOP_TOKEN);
         if (st && !is_stop_token) {
             size_t w = 0;
             rc = tok_stream_push(st, next, piece, sizeof(piece), &w);
-            if (rc != 0) goto out;
+            if (rc != 0 && next >= tok_vocab_size(tok)) {
+                gen_fail(rc, "the model generated id %d, which the tokenizer (%d tokens) lacks",
+                         next, tok_vocab_size(tok));
+                goto out;
+            }
+            if (rc != 0) {
+                gen_fail(rc, "detokenizing id %d: %s", next, td_strerror(rc));
+                goto out;
+            }
             if (w > 0) {
                 if (text_len + w + 1 > text_cap) {
                     size_t cap = (text_cap ? text_cap * 2 : 4096) + w;
@@ -524,7 +560,7 @@ static int generate(const gen_args *a, const mdl_model *m)
     rc = 0;
     goto out;
 fwd_fail:
-    fprintf(stderr, "tandem-generate: forward failed: %s\n", td_strerror(rc));
+    gen_fail(rc, "forward failed: %s", td_strerror(rc));
 out:
     if (lf && fclose(lf) != 0 && rc == 0) rc = TD_EIO;
     tok_stream_free(st);
@@ -559,6 +595,8 @@ int main(int argc, char **argv)
         }
     }
     int rc = a.bench ? gen_bench_run(m) : generate(&a, m);
+    if (rc != 0 && !a.bench && !g_reported)
+        fprintf(stderr, "tandem-generate: failed: %s (%s)\n", td_strerror(rc), td_err_name(rc));
     mdl_free(m);
     cfg_free(opts);
     return rc == 0 ? 0 : 1;

@@ -390,6 +390,27 @@ int tok_piece(const tok_tokenizer *t, int32_t id, const char **piece, size_t *le
     return 0;
 }
 
+int tok_check_model_vocab(const tok_tokenizer *t, int model_vocab, int exact, char *err,
+                          size_t errlen)
+{
+    if (t == NULL) return TD_EINVAL;
+    if (t->n_vocab > model_vocab) {
+        td_err_set(err, errlen,
+                   "the tokenizer has %d tokens but the model only %d: ids from %d on have no "
+                   "embedding row (wrong tokenizer for this model?)",
+                   t->n_vocab, model_vocab, model_vocab);
+        return TD_EMISMATCH;
+    }
+    if (exact && t->n_vocab < model_vocab) {
+        td_err_set(err, errlen,
+                   "the tokenizer has %d tokens but the model %d: the model can emit ids the "
+                   "tokenizer lacks (wrong tokenizer for this model?)",
+                   t->n_vocab, model_vocab);
+        return TD_EMISMATCH;
+    }
+    return 0;
+}
+
 int tok_parse_id(const char *s, size_t len, int32_t n_vocab, int32_t *id)
 {
     if (s == NULL || id == NULL || len == 0) return TD_EINVAL;

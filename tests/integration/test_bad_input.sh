@@ -49,6 +49,53 @@ tokenize)
         expect_ok "no --bos" "$K" "$L3" hello
     fi
     ;;
+generate)
+    G=$BIN/tandem-generate
+    D=$SHARED/models/stories260K
+    M=$D/stories260K.bin
+    [ -f "$M" ] || { echo "skipped: $M absent (shared test data)"; exit 77; }
+    # Formats by content: not a checkpoint at all, a tokenizer, a JSON file.
+    expect_fail "licence as model" "is not a model checkpoint (a text file)" "$G" --model "$D/LICENSE"
+    expect_fail "tokenizer as model" "is not a model checkpoint" "$G" --model "$D/tok512.bin"
+    printf '{"vocab_size": 3}' >"$T/config.json"
+    expect_fail "JSON as model" "(a JSON file)" "$G" --model "$T/config.json"
+    expect_fail "device as model" "is not a regular file" "$G" --model /dev/zero
+    HF=$SHARED/models/stories260K-hf
+    if [ -f "$HF/model.safetensors" ]; then
+        expect_ok ".safetensors file" "$G" --model "$HF/model.safetensors" --max-tokens 8 --json
+        grep -q '"tokens":\[[0-9]' "$T/out" || fail ".safetensors file: no tokens: $(cat "$T/out")"
+    fi
+    # Vocabulary sizes checked at load, both ways, before generating.
+    if [ -x "$BIN/make-test-model" ]; then
+        "$BIN/make-test-model" --format llama2c --shape 15m --seed 1 --out "$T/m15/m15.bin" \
+            >/dev/null 2>&1 || fail "make-test-model 15m"
+        expect_fail "small tokenizer" "the tokenizer has 512 tokens but the model 32000" \
+            "$G" --model "$T/m15/m15.bin" --tokenizer "$D/tok512.bin" --max-tokens 4
+        expect_fail "large tokenizer" "the tokenizer has 32000 tokens but the model only 512" \
+            "$G" --model "$M" --tokenizer "$T/m15/tokenizer.bin" --max-tokens 4
+        rm -rf "$T/m15"
+    fi
+    expect_fail "explicit tokenizer missing" "tokenizer $T/none" \
+        "$G" --model "$M" --tokenizer "$T/none" --prompt-tokens 1,2 --json
+    # NaN weights: the first 1,000 floats of the embedding.
+    head -c 28 "$M" >"$T/nan.bin"
+    i=0
+    while [ $i -lt 1000 ]; do printf '\000\000\300\177'; i=$((i + 1)); done >>"$T/nan.bin"
+    tail -c +4029 "$M" >>"$T/nan.bin"
+    expect_fail "NaN weights" "logits contain NaN at step 0" \
+        "$G" --model "$T/nan.bin" --tokenizer "$D/tok512.bin" --max-tokens 4
+    # A prompt that fills the context leaves no room; one token more exceeds it.
+    ids=$(i=0; while [ $i -lt 512 ]; do printf '1,'; i=$((i + 1)); done)
+    expect_fail "prompt fills context" "prompt of 512 tokens fills the context of 512" \
+        "$G" --model "$M" --prompt-tokens "${ids%,}" --max-tokens 3
+    expect_fail "prompt exceeds context" "prompt of 513 tokens exceeds the context of 512" \
+        "$G" --model "$M" --prompt-tokens "${ids}1" --max-tokens 3
+    # --ignore-eos: max_tokens is the only end (llama2.c models also stop at BOS otherwise).
+    expect_ok "ignore-eos" "$G" --model "$M" --ignore-eos --max-tokens 400 --json
+    n=$(sed -n 's/.*"tokens":\[\([^]]*\)\].*/\1/p' "$T/out" | tr ',' '\n' | grep -c .)
+    [ "$n" -eq 400 ] || fail "--ignore-eos: $n tokens, want 400"
+    grep -q '"finish_reason":"length"' "$T/out" || fail "--ignore-eos: $(cat "$T/out")"
+    ;;
 *)
     fail "unknown section $WHAT"
     ;;

@@ -1460,6 +1460,24 @@ static void t_api_errors(void **state)
     tok_free(t);
 }
 
+static void t_check_model_vocab(void **state)
+{
+    tok_tokenizer *t = load_shared("models/stories260K/tok512.bin");
+    if (t == NULL) return;
+    char err[256] = "";
+    assert_int_equal(tok_check_model_vocab(t, 512, 1, err, sizeof(err)), 0);
+    assert_int_equal(tok_check_model_vocab(t, 512, 0, err, sizeof(err)), 0);
+    /* a model larger than the tokenizer: refused when exact, else allowed */
+    assert_int_equal(tok_check_model_vocab(t, 32000, 1, err, sizeof(err)), TD_EMISMATCH);
+    assert_non_null(strstr(err, "the tokenizer has 512 tokens but the model 32000"));
+    assert_int_equal(tok_check_model_vocab(t, 32000, 0, err, sizeof(err)), 0);
+    /* a tokenizer larger than the model: always refused */
+    assert_int_equal(tok_check_model_vocab(t, 256, 0, err, sizeof(err)), TD_EMISMATCH);
+    assert_non_null(strstr(err, "512 tokens but the model only 256"));
+    assert_int_equal(tok_check_model_vocab(NULL, 256, 0, err, sizeof(err)), TD_EINVAL);
+    tok_free(t);
+}
+
 static void t_parse_id(void **state)
 {
     int32_t id = -1;
@@ -1552,6 +1570,7 @@ int main(void)
         cmocka_unit_test(t_api_errors),
         cmocka_unit_test(t_added_lstrip),
         cmocka_unit_test(t_parse_id),
+        cmocka_unit_test(t_check_model_vocab),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
