@@ -351,8 +351,8 @@ static int generate(const gen_args *a, const mdl_model *m)
                  ? gen_fail(TD_ETOOLONG,
                             "prompt of %zu tokens fills the context of %d: no room to generate",
                             n_prompt, mc->max_seq_len)
-                 : gen_fail(TD_ETOOLONG, "prompt of %zu tokens exceeds the context of %d",
-                            n_prompt, mc->max_seq_len);
+                 : gen_fail(TD_ETOOLONG, "prompt of %zu tokens exceeds the context of %d", n_prompt,
+                            mc->max_seq_len);
         goto out;
     }
     int max_tokens = a->max_tokens;
@@ -472,8 +472,9 @@ static int generate(const gen_args *a, const mdl_model *m)
         int32_t next;
         rc = smp_sample(smp, logits, &next);
         if (rc == TD_ERANGE) {
-            gen_fail(rc, "logits contain NaN at step %zu (first at id %d): the weights or the "
-                         "computation are not finite",
+            gen_fail(rc,
+                     "logits contain NaN at step %zu (first at id %d): the weights or the "
+                     "computation are not finite",
                      n_gen, smp_logits_find_nan(logits, mc->vocab_size));
             goto out;
         }
