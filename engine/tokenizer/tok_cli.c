@@ -12,6 +12,7 @@
 #include "common/config.h"
 #include "common/err.h"
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -80,7 +81,11 @@ static int options_end(int argc, char **argv, int *rest)
     return i;
 }
 
-/* TEXT, or the contents of FILE for "@FILE"; *owned is set when malloc'd. */
+/* Largest @FILE read (a file without end, such as /dev/zero, stops here). */
+#define TOK_CLI_MAX_TEXT ((size_t)256 << 20)
+
+/* TEXT, or the contents of FILE for "@FILE"; *owned is set when malloc'd.
+ * NULL with errno set when FILE cannot be read (EFBIG past TOK_CLI_MAX_TEXT). */
 static char *text_arg(const char *arg, size_t *len, char **owned)
 {
     *owned = NULL;
@@ -95,15 +100,23 @@ static char *text_arg(const char *arg, size_t *len, char **owned)
     while (buf != NULL) {
         n += fread(buf + n, 1, cap - n, f);
         if (n < cap) break;
+        if (cap >= TOK_CLI_MAX_TEXT) {
+            free(buf);
+            buf = NULL;
+            errno = EFBIG;
+            break;
+        }
         char *b = realloc(buf, cap * 2);
         if (b == NULL) {
             free(buf);
-            buf = NULL;
+            errno = ENOMEM;
         }
         buf = b;
         cap *= 2;
     }
+    int e = errno;
     fclose(f);
+    errno = e;
     *len = n;
     *owned = buf;
     return buf;
@@ -191,7 +204,8 @@ static int run(const tok_tokenizer *tok, int decode, int flags, int pieces, int 
         char *owned;
         const char *text = text_arg(args[0], &text_len, &owned);
         if (text == NULL) {
-            fprintf(stderr, "tandem-tokenize: cannot read %s\n", args[0] + 1);
+            fprintf(stderr, "tandem-tokenize: cannot read %s: %s\n", args[0] + 1,
+                    errno == EFBIG ? "larger than 256 MiB" : strerror(errno));
             return 1;
         }
         if (iters > 0) {

@@ -96,6 +96,23 @@ generate)
     [ "$n" -eq 400 ] || fail "--ignore-eos: $n tokens, want 400"
     grep -q '"finish_reason":"length"' "$T/out" || fail "--ignore-eos: $(cat "$T/out")"
     ;;
+loadtest)
+    L=$BIN/tandem-loadtest
+    # Traces: devices refused, line length capped (with the line named).
+    expect_fail "trace /dev/zero" "/dev/zero: not a regular file" \
+        "$L" fit --trace /dev/zero --format burstgpt
+    expect_fail "trace directory" "not a regular file" "$L" fit --trace "$T" --format azure
+    { printf 'TIMESTAMP,ContextTokens,GeneratedTokens\n'
+      head -c 1100000 /dev/zero | tr '\0' 'x'
+      printf '\n'; } >"$T/long.csv"
+    expect_fail "long line" "line 2: longer than 1048576 bytes" \
+        "$L" fit --trace "$T/long.csv" --format azure
+    # Every request failing (nothing listens on port 9): the reason on stderr.
+    expect_fail "all requests fail" "all 5 requests failed; reasons: error: connect:" \
+        "$L" synth --n 5 --rate 100 --url http://127.0.0.1:9/v1/completions \
+        --out "$T/run" --no-plots
+    [ -s "$T/run/requests.csv" ] || fail "all requests fail: no requests.csv"
+    ;;
 *)
     fail "unknown section $WHAT"
     ;;
