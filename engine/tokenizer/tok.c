@@ -259,11 +259,14 @@ static bool ends_with(const char *s, const char *suffix)
     return n >= m && strcmp(s + n - m, suffix) == 0;
 }
 
-/* First non-blank byte of a file is '{': a JSON file. */
-static int sniff_json(const char *path, bool *json)
+/* First non-blank byte of a file is '{': a JSON file; "GGUF": a GGUF file. */
+static int sniff(const char *path, bool *json, bool *gguf)
 {
     FILE *f = fopen(path, "rb");
     if (f == NULL) return td_err_from_errno(errno);
+    char magic[4];
+    *gguf = fread(magic, 1, 4, f) == 4 && memcmp(magic, "GGUF", 4) == 0;
+    rewind(f);
     int c;
     do {
         c = fgetc(f);
@@ -275,12 +278,13 @@ static int sniff_json(const char *path, bool *json)
 
 static int load_file(tok_tokenizer *t, const char *path, char *err, size_t errlen)
 {
-    bool json = false;
-    int rc = sniff_json(path, &json);
+    bool json = false, gguf = false;
+    int rc = sniff(path, &json, &gguf);
     if (rc < 0) {
         td_err_set(err, errlen, "%s: %s", path, td_strerror(rc));
         return rc;
     }
+    if (gguf) return tok__gguf_load(t, path, err, errlen);
     if (json) {
         if (ends_with(path, "vocab.json")) return tok__hf_load_gpt2(t, path, err, errlen);
         return tok__hf_load(t, path, err, errlen);

@@ -148,6 +148,10 @@ int tok__l2c_load(tok_tokenizer *t, const char *data, size_t len, char *err, siz
 int tok__l2c_encode(const tok_tokenizer *t, const char *text, size_t len, bool add_bos,
                     int32_t **ids, size_t *n_ids);
 
+/* --- tok_gguf.c --- */
+/* The "llama" (SentencePiece) tokenizer in a GGUF file's metadata. */
+int tok__gguf_load(tok_tokenizer *t, const char *path, char *err, size_t errlen);
+
 /* --- tok_hf.c --- */
 int tok__hf_load(tok_tokenizer *t, const char *json_path, char *err, size_t errlen);
 int tok__hf_load_gpt2(tok_tokenizer *t, const char *vocab_path, char *err, size_t errlen);

@@ -65,6 +65,14 @@ generate)
         expect_ok ".safetensors file" "$G" --model "$HF/model.safetensors" --max-tokens 8 --json
         grep -q '"tokens":\[[0-9]' "$T/out" || fail ".safetensors file: no tokens: $(cat "$T/out")"
     fi
+    # A GGUF file carries its tokenizer: no --tokenizer needed, same text as the .bin.
+    GG=$SHARED/models/stories260K-gguf/stories260K.gguf
+    if [ -f "$GG" ]; then
+        expect_ok "GGUF without --tokenizer" "$G" --model "$GG" --prompt "Once upon" --max-tokens 40
+        cp "$T/out" "$T/gguf.txt"
+        expect_ok "llama2.c" "$G" --model "$M" --prompt "Once upon" --max-tokens 40
+        cmp -s "$T/out" "$T/gguf.txt" || fail "GGUF text differs: $(cat "$T/gguf.txt")"
+    fi
     # Vocabulary sizes checked at load, both ways, before generating.
     if [ -x "$BIN/make-test-model" ]; then
         "$BIN/make-test-model" --format llama2c --shape 15m --seed 1 --out "$T/m15/m15.bin" \

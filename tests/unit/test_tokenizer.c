@@ -1478,6 +1478,131 @@ static void t_check_model_vocab(void **state)
     tok_free(t);
 }
 
+/* A little GGUF metadata writer for hand-made files. */
+static size_t gg_put(char *b, size_t o, const void *p, size_t n)
+{
+    memcpy(b + o, p, n);
+    return o + n;
+}
+
+static size_t gg_put_str(char *b, size_t o, const char *s)
+{
+    uint64_t l = strlen(s);
+    o = gg_put(b, o, &l, 8);
+    return gg_put(b, o, s, l);
+}
+
+/* Header with n_kv pairs, then one string pair KEY = VALUE (when key). */
+static size_t gg_head(char *b, uint64_t n_kv, const char *key, const char *value)
+{
+    uint32_t v3 = 3, ts = 8;
+    uint64_t nt = 0;
+    size_t o = gg_put(b, 0, "GGUF", 4);
+    o = gg_put(b, o, &v3, 4);
+    o = gg_put(b, o, &nt, 8);
+    o = gg_put(b, o, &n_kv, 8);
+    if (key) {
+        o = gg_put_str(b, o, key);
+        o = gg_put(b, o, &ts, 4);
+        o = gg_put_str(b, o, value);
+    }
+    return o;
+}
+
+/* The tokenizer inside a GGUF file: the shared stories260K.gguf holds the
+ * same vocabulary as tok512.bin, so the ids must be the same; other models,
+ * files without a vocabulary, truncated and mutated metadata are refused
+ * cleanly. */
+static void t_gguf(void **state)
+{
+    char gp[1024];
+    if (!shared_path("models/stories260K-gguf/stories260K.gguf", gp, sizeof(gp))) return;
+    tok_tokenizer *g = load_shared("models/stories260K-gguf/stories260K.gguf");
+    tok_tokenizer *l = load_shared("models/stories260K/tok512.bin");
+    if (l == NULL) {
+        tok_free(g);
+        return;
+    }
+    assert_int_equal(tok_vocab_size(g), 512);
+    assert_int_equal(tok_bos_id(g), 1);
+    assert_int_equal(tok_eos_id(g), 2);
+    assert_true(tok_adds_bos(g));
+    assert_true(tok_is_special(g, 0) && tok_is_special(g, 1) && tok_is_special(g, 2));
+    assert_false(tok_is_special(g, 3) || tok_is_special(g, 403));
+    const char *texts[] = {"Once upon a time, there was a little girl.", "", " two  spaces",
+                           "\xE6\x9D\xB1\xE4\xBA\xAC \xF0\x9F\xA6\x99\n\ttab"};
+    for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++) {
+        int32_t *a, *b;
+        size_t na, nb;
+        encode(g, texts[i], TOK_ADD_BOS, &a, &na);
+        encode(l, texts[i], TOK_ADD_BOS, &b, &nb);
+        assert_int_equal(na, nb);
+        assert_memory_equal(a, b, na * sizeof(int32_t));
+        char *sa = decode(g, a, na, 1), *sb = decode(l, b, nb, 1);
+        assert_string_equal(sa, sb);
+        free(sa);
+        free(sb);
+        free(a);
+        free(b);
+    }
+    tok_free(l);
+    tok_free(g);
+
+    char *dir = make_tmpdir();
+    char p[1024], err[256];
+    snprintf(p, sizeof(p), "%s/x.gguf", dir);
+    char b[512];
+    size_t n = gg_head(b, 1, "tokenizer.ggml.model", "gpt2");
+    write_file(p, b, n);
+    tok_tokenizer *t = NULL;
+    assert_int_equal(tok_load(p, &t, err, sizeof(err)), TD_EUNSUPPORTED);
+    assert_non_null(strstr(err, "'gpt2' is not supported"));
+    n = gg_head(b, 1, "general.name", "no tokenizer here");
+    write_file(p, b, n);
+    assert_int_equal(tok_load(p, &t, err, sizeof(err)), TD_EFORMAT);
+    assert_non_null(strstr(err, "no tokenizer.ggml"));
+    n = gg_head(b, 2, "tokenizer.ggml.model", "llama"); /* a pair missing */
+    write_file(p, b, n);
+    assert_int_equal(tok_load(p, &t, err, sizeof(err)), TD_EFORMAT);
+    assert_non_null(strstr(err, "past the file's end"));
+    /* truncations and mutations of the real metadata (the first 8 KiB hold
+     * the vocabulary) */
+    size_t len;
+    char *orig = read_all(gp, &len);
+    size_t span = len < 8192 ? len : 8192;
+    for (size_t cut = 0; cut < span; cut += 61) {
+        write_file(p, orig, cut);
+        assert_true(tok_load(p, &t, err, sizeof(err)) < 0);
+        assert_null(t);
+    }
+    char *mut = malloc(len);
+    assert_non_null(mut);
+    uint64_t rng = 777;
+    int loaded = 0;
+    for (int iter = 0; iter < 60; iter++) {
+        memcpy(mut, orig, len);
+        for (int k = 0; k < 1 + iter % 3; k++) {
+            rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+            mut[(rng >> 20) % span] = (char)(rng >> 8);
+        }
+        write_file(p, mut, len);
+        int rc = tok_load(p, &t, err, sizeof(err));
+        if (rc == 0) {
+            loaded++;
+            exercise(t);
+            tok_free(t);
+            t = NULL;
+        } else {
+            assert_true(rc < 0);
+            assert_true(err[0] != '\0');
+        }
+    }
+    print_message("stories260K.gguf: %d of 60 mutants loaded\n", loaded);
+    free(mut);
+    free(orig);
+    remove_tmpdir(dir);
+}
+
 static void t_parse_id(void **state)
 {
     int32_t id = -1;
@@ -1571,6 +1696,7 @@ int main(void)
         cmocka_unit_test(t_added_lstrip),
         cmocka_unit_test(t_parse_id),
         cmocka_unit_test(t_check_model_vocab),
+        cmocka_unit_test(t_gguf),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
