@@ -139,14 +139,23 @@ static int bench(const tok_tokenizer *tok, long iters, const char *text, size_t 
     int64_t w0 = td_now_ns(), t0 = cpu_ns();
     for (long i = 0; i < iters; i++) {
         free(ids);
-        if (tok_encode(tok, text, len, flags, &ids, &n) < 0) return 1;
+        int rc = tok_encode(tok, text, len, flags, &ids, &n);
+        if (rc < 0) {
+            fprintf(stderr, "tandem-tokenize: bench: encode: %s\n", td_strerror(rc));
+            return 1;
+        }
     }
     int64_t t1 = cpu_ns();
     char *out = NULL;
     size_t out_len = 0;
     for (long i = 0; i < iters; i++) {
         free(out);
-        if (tok_decode(tok, ids, n, 1, &out, &out_len) < 0) return 1;
+        int rc = tok_decode(tok, ids, n, 1, &out, &out_len);
+        if (rc < 0) {
+            fprintf(stderr, "tandem-tokenize: bench: decode: %s\n", td_strerror(rc));
+            free(ids);
+            return 1;
+        }
     }
     int64_t t2 = cpu_ns(), w2 = td_now_ns();
     double enc_s = td_ns_to_s(t1 - t0), dec_s = td_ns_to_s(t2 - t1);
@@ -172,7 +181,10 @@ static int run(const tok_tokenizer *tok, int decode, int flags, int pieces, int 
     if (decode) {
         size_t n = (size_t)nargs;
         int32_t *ids = calloc(n ? n : 1, sizeof(int32_t));
-        if (ids == NULL) return 1;
+        if (ids == NULL) {
+            fprintf(stderr, "tandem-tokenize: out of memory\n");
+            return 1;
+        }
         for (size_t k = 0; k < n; k++) {
             int prc = tok_parse_id(args[k], strlen(args[k]), tok_vocab_size(tok), &ids[k]);
             if (prc == TD_ERANGE) {
@@ -241,7 +253,10 @@ int main(int argc, char **argv)
 {
     struct tok_cli_opts o;
     cfg *c = NULL;
-    if (cfg_create(&c, "tandem-tokenize PATH", tok_table, TOK_NOPTS, &o) != 0) return 1;
+    if (cfg_create(&c, "tandem-tokenize PATH", tok_table, TOK_NOPTS, &o) != 0) {
+        fprintf(stderr, "tandem-tokenize: out of memory\n");
+        return 1;
+    }
     int end = argc, first = argc;
     if (argc >= 2) end = options_end(argc, argv, &first);
     /* argv[1] (PATH) is a positional of cfg_parse; TEXT/IDs from argv[first]
