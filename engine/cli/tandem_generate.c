@@ -239,12 +239,15 @@ static int parse_token_list(const char *s, int vocab, int32_t **out, size_t *n)
     if (!ids) return TD_ENOMEM;
     const char *p = s;
     while (*p) {
-        char *end;
-        errno = 0;
-        long v = strtol(p, &end, 10);
-        if (errno || end == p || v < 0 || v >= vocab || (*end && *end != ',')) {
+        const char *end = strchr(p, ',');
+        if (!end) end = p + strlen(p);
+        int32_t v;
+        int rc = tok_parse_id(p, (size_t)(end - p), vocab, &v);
+        if (rc != 0) {
             free(ids);
-            return gen_fail(TD_EINVAL, "bad --prompt-tokens near \"%s\"", p);
+            return gen_fail(TD_EINVAL, "--prompt-tokens: '%.*s' is %s", (int)(end - p), p,
+                            rc == TD_ERANGE ? "outside the model's vocabulary"
+                                            : "not a token id (a decimal number)");
         }
         if (len == cap) {
             cap *= 2;
@@ -255,7 +258,7 @@ static int parse_token_list(const char *s, int vocab, int32_t **out, size_t *n)
             }
             ids = n2;
         }
-        ids[len++] = (int32_t)v;
+        ids[len++] = v;
         p = *end ? end + 1 : end;
     }
     *out = ids;

@@ -92,6 +92,13 @@ generate)
     tail -c +4029 "$M" >>"$T/nan.bin"
     expect_fail "NaN weights" "logits contain NaN at step 0" \
         "$G" --model "$T/nan.bin" --tokenizer "$D/tok512.bin" --max-tokens 4
+    # Prompt ids: whole decimals inside the vocabulary only.
+    expect_fail "prompt-tokens junk" "--prompt-tokens: '2abc' is not a token id" \
+        "$G" --model "$M" --prompt-tokens 1,2abc --max-tokens 2 --json
+    expect_fail "prompt-tokens sign" "--prompt-tokens: '+2' is not a token id" \
+        "$G" --model "$M" --prompt-tokens 1,+2 --max-tokens 2 --json
+    expect_fail "prompt-tokens range" "--prompt-tokens: '512' is outside the model's vocabulary" \
+        "$G" --model "$M" --prompt-tokens 1,512 --max-tokens 2 --json
     # A prompt that fills the context leaves no room; one token more exceeds it.
     ids=$(i=0; while [ $i -lt 512 ]; do printf '1,'; i=$((i + 1)); done)
     expect_fail "prompt fills context" "prompt of 512 tokens fills the context of 512" \
