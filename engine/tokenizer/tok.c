@@ -489,6 +489,7 @@ int tok_decode(const tok_tokenizer *t, const int32_t *ids, size_t n_ids, int ski
         raw_len += t->dec_len[ids[i]];
     }
     /* x3: a byte run may become U+FFFD per byte */
+    if (raw_len > (SIZE_MAX - 1) / 3) return TD_ENOMEM;
     char *raw = malloc(raw_len * 3 + 1);
     if (raw == NULL) return TD_ENOMEM;
     size_t n = 0;
