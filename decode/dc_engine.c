@@ -670,7 +670,7 @@ static void dc__step(dc_engine *d)
             r->state = DC_CLOSING;
             r->err = TD_EINTERNAL;
             snprintf(r->details, sizeof(r->details), "generation failed: %s",
-                     evs[i].err == TD_EINVAL ? "the logits are NaN" : td_strerror(evs[i].err));
+                     evs[i].err == TD_ERANGE ? "the logits are NaN" : td_strerror(evs[i].err));
             continue;
         }
         if (dc__emit(d, r, &evs[i].token, 1) != 0) {

@@ -340,12 +340,12 @@ static int hf__get(mdl_model *m, const char *name, int64_t rows, int64_t cols, i
     return 0;
 }
 
-int mdl__load_hf(const char *dir, mdl_model *m, char *err, size_t errlen)
+int mdl__load_hf(const char *dir, const char *weights, mdl_model *m, char *err, size_t errlen)
 {
     mdl_config *c = &m->cfg;
     int rc = hf__parse_config(dir, c, err, errlen);
     if (rc != 0) return rc;
-    rc = hf__open_weights(dir, m, err, errlen);
+    rc = weights ? hf__add_file(m, weights, err, errlen) : hf__open_weights(dir, m, err, errlen);
     if (rc != 0) return rc;
     m->layers = calloc((size_t)c->n_layers, sizeof(*m->layers));
     if (!m->layers) return td_err_fail(err, errlen, TD_ENOMEM, "out of memory");

@@ -206,6 +206,21 @@ int mdl__check_config(const mdl_config *c, char *err, size_t errlen)
                            c->head_dim);
     if (!(c->norm_eps > 0.0f) || !(c->rope_theta > 0.0f))
         return td_err_fail(err, errlen, TD_EFORMAT, "model config: bad rms_norm_eps or rope_theta");
+    /* Special ids must name rows of the embedding, or a forward pass fed
+     * with them fails far from the cause. -1 is "unknown". */
+    if (c->bos_id < -1 || c->bos_id >= c->vocab_size)
+        return td_err_fail(err, errlen, TD_EFORMAT,
+                           "model config: bos_token_id %d outside the vocabulary of %d", c->bos_id,
+                           c->vocab_size);
+    if (c->eos_id < -1 || c->eos_id >= c->vocab_size)
+        return td_err_fail(err, errlen, TD_EFORMAT,
+                           "model config: eos_token_id %d outside the vocabulary of %d", c->eos_id,
+                           c->vocab_size);
+    for (int i = 0; i < c->n_eos_extra; i++)
+        if (c->eos_extra[i] < 0 || c->eos_extra[i] >= c->vocab_size)
+            return td_err_fail(err, errlen, TD_EFORMAT,
+                               "model config: eos_token_id %d outside the vocabulary of %d",
+                               c->eos_extra[i], c->vocab_size);
     return 0;
 }
 
@@ -223,21 +238,75 @@ void mdl__account(mdl_model *m)
     m->weight_bytes = floats * sizeof(float);
 }
 
-static int mdl__is_dir(const char *path)
+/* What a model file is, by its content (never by its name). */
+enum mdl__kind {
+    MDL__KIND_GGUF,
+    MDL__KIND_SAFETENSORS,
+    MDL__KIND_LLAMA2C,
+    MDL__KIND_OTHER, /* none of them: the reason is in err */
+};
+
+/* Reads the first bytes of path and decides what it holds: "GGUF" magic; a
+ * safetensors header (u64 little-endian length, then a JSON object that fits
+ * in the file); else a llama2.c legacy header (7 int32 with plausible
+ * dimensions; that format has no magic). Anything else, such as a JSON or
+ * text file or a tokenizer, is MDL__KIND_OTHER with a reason. */
+static enum mdl__kind mdl__sniff(const char *path, uint64_t file_bytes, char *err, size_t errlen)
 {
-    struct stat st;
-    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+    unsigned char b[32] = {0};
+    size_t n = 0;
+    FILE *f = fopen(path, "rb");
+    if (f) {
+        n = fread(b, 1, sizeof(b), f);
+        fclose(f);
+    }
+    if (n >= 4 && memcmp(b, "GGUF", 4) == 0) return MDL__KIND_GGUF;
+    if (n >= 9) {
+        uint64_t hl = 0;
+        for (int i = 7; i >= 0; i--)
+            hl = (hl << 8) | b[i];
+        if (b[8] == '{' && hl >= 2 && hl <= file_bytes - 8) return MDL__KIND_SAFETENSORS;
+    }
+    size_t k = 0; /* leading bytes that read as text */
+    while (k < n && (b[k] == '\t' || b[k] == '\n' || b[k] == '\r' || (b[k] >= 0x20 && b[k] < 0x7f)))
+        k++;
+    if (n >= 28 && k < n) {
+        int32_t h[7];
+        memcpy(h, b, sizeof(h));
+        /* the ranges of mdl__check_config, loosely: a header of small
+         * positive ints (vocab negative when the classifier is untied) */
+        int plausible = h[0] > 0 && h[0] <= (1 << 20) && h[1] > 0 && h[1] <= (1 << 20) &&
+                        h[2] > 0 && h[2] <= 4096 && h[3] > 0 && h[3] <= 4096 && h[4] > 0 &&
+                        h[4] <= 4096 && h[5] != 0 && h[5] >= -(1 << 22) && h[5] <= (1 << 22) &&
+                        h[6] > 0 && h[6] <= (1 << 24);
+        if (plausible || (uint32_t)h[0] == 0x616b3432 /* versioned llama2.c: refused later */)
+            return MDL__KIND_LLAMA2C;
+    }
+    const char *what = "an unknown format";
+    if (n == 0)
+        what = "empty";
+    else if (b[0] == '{')
+        what = "a JSON file";
+    else if (k == n)
+        what = "a text file";
+    td_err_set(err, errlen,
+               "%s is not a model checkpoint (%s): expected a Hugging Face directory, a "
+               ".safetensors, GGUF or llama2.c file",
+               path, what);
+    return MDL__KIND_OTHER;
 }
 
-/* A file starting with the GGUF magic. */
-static int mdl__is_gguf(const char *path)
+/* The directory of a file path, into dir[cap]. */
+static void mdl__dirname(const char *path, char *dir, size_t cap)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) return 0;
-    char magic[4];
-    int yes = fread(magic, 1, 4, f) == 4 && memcmp(magic, "GGUF", 4) == 0;
-    fclose(f);
-    return yes;
+    snprintf(dir, cap, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (!slash)
+        snprintf(dir, cap, ".");
+    else if (slash == dir)
+        dir[1] = '\0';
+    else
+        *slash = '\0';
 }
 
 int mdl_load(const char *path, mdl_model **out, char *err, size_t errlen)
@@ -254,14 +323,30 @@ int mdl_load(const char *path, mdl_model **out, char *err, size_t errlen)
     mdl_config_defaults(&m->cfg);
     struct stat st;
     int rc;
+    char dir[4096];
     if (stat(path, &st) != 0)
         rc = td_err_fail(err, errlen, TD_ENOENT, "model path %s does not exist", path);
-    else if (mdl__is_dir(path))
-        rc = mdl__load_hf(path, m, err, errlen);
-    else if (mdl__is_gguf(path))
-        rc = mdl__load_gguf(path, m, err, errlen);
-    else
-        rc = mdl__load_llama2c(path, m, err, errlen);
+    else if (S_ISDIR(st.st_mode))
+        rc = mdl__load_hf(path, NULL, m, err, errlen);
+    else if (!S_ISREG(st.st_mode))
+        rc = td_err_fail(err, errlen, TD_EINVAL, "model path %s is not a regular file", path);
+    else {
+        switch (mdl__sniff(path, (uint64_t)st.st_size, err, errlen)) {
+        case MDL__KIND_GGUF:
+            rc = mdl__load_gguf(path, m, err, errlen);
+            break;
+        case MDL__KIND_SAFETENSORS: /* its config.json is beside it */
+            mdl__dirname(path, dir, sizeof(dir));
+            rc = mdl__load_hf(dir, path, m, err, errlen);
+            break;
+        case MDL__KIND_LLAMA2C:
+            rc = mdl__load_llama2c(path, m, err, errlen);
+            break;
+        default:
+            rc = TD_EFORMAT;
+            break;
+        }
+    }
     if (rc != 0) {
         mdl_free(m);
         return rc;

@@ -31,7 +31,9 @@ void mdl__account(mdl_model *m);
 int mdl__to_f32(mdl_model *m, const void *src, enum sft_dtype dtype, size_t n, const float **out);
 
 int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen);
-int mdl__load_hf(const char *dir, mdl_model *m, char *err, size_t errlen);
+/* dir: the model directory (config.json); weights: one .safetensors file to
+ * read instead of the directory's model.safetensors or index, or NULL. */
+int mdl__load_hf(const char *dir, const char *weights, mdl_model *m, char *err, size_t errlen);
 int mdl__load_llama2c(const char *path, mdl_model *m, char *err, size_t errlen);
 
 /* IEEE half / bfloat16 to float. */

@@ -156,10 +156,22 @@ static int sft__parse(sft_file *f, const char *json, size_t json_len, size_t dat
             goto out;
         }
         if (count > UINT64_MAX / esize || count * esize != (uint64_t)(e - b)) {
-            rc = td_err_fail(
-                err, errlen, TD_EFORMAT,
-                "safetensors: tensor '%s' holds %lld bytes, its shape needs more or less", t->name,
-                (long long)(e - b));
+            /* A dtype nothing here computes with is the first thing to fix
+             * (a size that does not match it may follow from it). */
+            if (t->dtype == SFT_OTHER)
+                rc = td_err_fail(err, errlen, TD_EUNSUPPORTED,
+                                 "safetensors: tensor '%s' has unsupported dtype %s", t->name,
+                                 t->dtype_name);
+            else if (count > UINT64_MAX / esize)
+                rc = td_err_fail(err, errlen, TD_EFORMAT,
+                                 "safetensors: tensor '%s' has a shape too large for %s", t->name,
+                                 t->dtype_name);
+            else
+                rc = td_err_fail(err, errlen, TD_EFORMAT,
+                                 "safetensors: tensor '%s' holds %lld bytes, its %s shape needs "
+                                 "%llu",
+                                 t->name, (long long)(e - b), t->dtype_name,
+                                 (unsigned long long)(count * esize));
             goto out;
         }
         t->data = (const char *)f->map + data_off + (size_t)b;

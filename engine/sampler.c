@@ -82,14 +82,22 @@ static float smp__uniform(const smp_sampler *s) /* [0, 1) */
     return (float)(x >> 40) / 16777216.0f;
 }
 
+/* The argmax (lowest id on ties), or -1 when any element is NaN. */
 static int smp__argmax(const float *x, int n)
 {
-    int best = -1;
+    int best = 0;
     for (int i = 0; i < n; i++) {
-        if (isnan(x[i])) continue;
-        if (best < 0 || x[i] > x[best]) best = i;
+        if (isnan(x[i])) return -1;
+        if (x[i] > x[best]) best = i;
     }
     return best;
+}
+
+int smp_logits_find_nan(const float *logits, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (isnan(logits[i])) return i;
+    return -1;
 }
 
 /* qsort has no context argument in C11: the probabilities being sorted are
@@ -157,15 +165,15 @@ int smp_sample(smp_sampler *s, float *logits, int32_t *token)
             if (p->stop_ids[i] >= 0 && p->stop_ids[i] < V) logits[p->stop_ids[i]] = -INFINITY;
     }
     int best = smp__argmax(logits, V);
-    if (best < 0) return TD_EINVAL;
+    if (best < 0) return TD_ERANGE;
     if (p->temperature <= 0.0f || logits[best] == -INFINITY) {
         *token = best;
         return 0;
     }
-    /* Softmax at temperature; NaN logits get probability 0. */
+    /* Softmax at temperature (no NaN left: the argmax checked). */
     float mx = logits[best], sum = 0.0f;
     for (int i = 0; i < V; i++) {
-        float e = isnan(logits[i]) ? 0.0f : expf((logits[i] - mx) / p->temperature);
+        float e = expf((logits[i] - mx) / p->temperature);
         s->prob[i] = e;
         sum += e;
     }

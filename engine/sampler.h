@@ -52,8 +52,16 @@ int smp_create(const smp_params *p, int vocab_size, smp_sampler **out);
 void smp_free(smp_sampler *s); /* accepts NULL */
 
 /* Picks a token from logits[vocab_size] (modified in place: masked, scaled).
- * Allocates nothing. Returns 0 or TD_EINVAL (NaN-only logits). */
+ * Allocates nothing. Returns 0, or TD_ERANGE when any logit is NaN: the
+ * forward pass is broken (NaN weights, an overflow) and no token is drawn.
+ * The check rides on the argmax scan, so it costs nothing; it touches only
+ * this request's sampler, so a server fails the one request whose logits are
+ * NaN (smp_logits_find_nan names the first id for the message), not the
+ * worker. */
 int smp_sample(smp_sampler *s, float *logits, int32_t *token);
+
+/* The first id whose logit is NaN in logits[0..n), or -1 when none is. */
+int smp_logits_find_nan(const float *logits, int n);
 
 /* Records a generated token and says whether generation ends with it. */
 enum smp_finish smp_accept(smp_sampler *s, int32_t token);

@@ -75,6 +75,24 @@ void lt_pcts_of(double *v, size_t n, lt_pcts *out)
     out->max = v[n - 1];
 }
 
+size_t lt_report_reasons(const lt_record *recs, size_t n, lt_reason *out, size_t max)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        const lt_record *r = &recs[i];
+        if (r->outcome != LT_ERROR && r->outcome != LT_REJECTED) continue;
+        const char *e = r->error[0] ? r->error : lt_outcome_name(r->outcome);
+        size_t j = 0;
+        while (j < k && !(out[j].outcome == r->outcome && strcmp(out[j].error, e) == 0))
+            j++;
+        if (j < k)
+            out[j].count++;
+        else if (k < max)
+            out[k++] = (lt_reason){.error = e, .outcome = r->outcome, .count = 1};
+    }
+    return k;
+}
+
 int lt_summary_compute(const lt_record *recs, size_t n, const lt_slo *slo, lt_summary *out)
 {
     memset(out, 0, sizeof(*out));
@@ -434,6 +452,8 @@ int lt_report_plot(const char *dir, const lt_slo *slo)
 
 /* ---- compare ---- */
 
+#define LT_SUMMARY_MAX_BYTES (16 << 20)
+
 static cJSON *load_summary(const char *dir, char *err, size_t errlen, int *rc)
 {
     char path[4200];
@@ -448,6 +468,15 @@ static cJSON *load_summary(const char *dir, char *err, size_t errlen, int *rc)
     char chunk[4096];
     size_t got;
     while ((got = fread(chunk, 1, sizeof(chunk), fp)) > 0) {
+        /* a summary is a few KiB; anything far larger is not one */
+        if (len + got > LT_SUMMARY_MAX_BYTES) {
+            free(buf);
+            fclose(fp);
+            td_err_set(err, errlen, "%s: larger than %d bytes (not a summary.json)", path,
+                       LT_SUMMARY_MAX_BYTES);
+            *rc = TD_ETOOLONG;
+            return NULL;
+        }
         if (len + got + 1 > cap) {
             cap = (len + got + 1) * 2;
             char *nb = realloc(buf, cap);

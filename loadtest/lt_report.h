@@ -73,6 +73,20 @@ int lt_record_is_good(const lt_record *r, const lt_slo *slo);
 /* Computes the summary of n records. 0 or TD_ENOMEM. */
 int lt_summary_compute(const lt_record *recs, size_t n, const lt_slo *slo, lt_summary *out);
 
+/* One distinct failure reason and how many records gave it. */
+typedef struct lt_reason {
+    const char *error; /* a record's error text (borrowed from recs) */
+    enum lt_outcome outcome;
+    size_t count;
+} lt_reason;
+
+/* The distinct reasons of the rejected and failed records, in order of first
+ * appearance: up to max of them in out[], each with its count (records whose
+ * reason is not among the first max are not counted). Returns how many were
+ * filled. For telling the operator why requests failed without opening
+ * requests.csv. */
+size_t lt_report_reasons(const lt_record *recs, size_t n, lt_reason *out, size_t max);
+
 /* Percentiles (nearest rank on sorted copies) of v[n] in ms. Sorts v in place. */
 void lt_pcts_of(double *v, size_t n, lt_pcts *out);
 

@@ -10,6 +10,8 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
 
 #define LT_CSV_MAX_FIELDS 32
 
@@ -444,6 +446,40 @@ static int cmp_req_time(const void *a, const void *b)
     return x->line < y->line ? -1 : (x->line > y->line); /* stable by line */
 }
 
+/* Reads one line, its '\n' included, into *buf (grown as needed, never past
+ * LT_TRACE_MAX_LINE + 1 bytes). Returns its length, -1 at the end of the
+ * input, or -2 when the line is longer than LT_TRACE_MAX_LINE (its rest is
+ * read and dropped; memory stays bounded), -3 when out of memory. *has_nul
+ * is set when the line holds a NUL byte. */
+static ssize_t read_line(FILE *fp, char **buf, size_t *cap, int *has_nul)
+{
+    size_t n = 0;
+    int c, too_long = 0;
+    *has_nul = 0;
+    while ((c = getc(fp)) != EOF) {
+        if (n >= LT_TRACE_MAX_LINE) {
+            too_long = 1;
+            if (c == '\n') break;
+            continue;
+        }
+        if (n + 2 > *cap) {
+            size_t nc = *cap ? *cap * 2 : 256;
+            if (nc > LT_TRACE_MAX_LINE + 1) nc = LT_TRACE_MAX_LINE + 1;
+            char *nb = realloc(*buf, nc);
+            if (!nb) return -3;
+            *buf = nb;
+            *cap = nc;
+        }
+        if (c == '\0') *has_nul = 1;
+        (*buf)[n++] = (char)c;
+        if (c == '\n') break;
+    }
+    if (too_long) return -2;
+    if (n == 0 && c == EOF) return -1;
+    (*buf)[n] = '\0';
+    return (ssize_t)n;
+}
+
 int lt_trace_read_stream(FILE *fp, enum lt_format fmt, const lt_read_opts *opts, lt_trace *tr,
                          char *err, size_t errlen)
 {
@@ -457,9 +493,23 @@ int lt_trace_read_stream(FILE *fp, enum lt_format fmt, const lt_read_opts *opts,
     int rc = 0;
     int have_header = fmt == LT_FMT_MOONCAKE;
     ssize_t got;
-    while ((got = getline(&line, &linecap, fp)) >= 0) {
+    int has_nul;
+    while ((got = read_line(fp, &line, &linecap, &has_nul)) != -1) {
         lineno++;
-        if ((size_t)got != strlen(line)) {
+        if (got == -3) {
+            td_err_set(err, errlen, "line %lld: out of memory", (long long)lineno);
+            rc = TD_ENOMEM;
+            break;
+        }
+        if (got == -2) {
+            char what[96];
+            snprintf(what, sizeof(what), "longer than %zu bytes (not a trace file?)",
+                     LT_TRACE_MAX_LINE);
+            rc = reader_bad(&r, lineno, what);
+            if (rc) break;
+            continue;
+        }
+        if (has_nul) {
             rc = reader_bad(&r, lineno, "NUL byte in line");
             if (rc) break;
             continue;
@@ -524,6 +574,12 @@ int lt_trace_read(const char *path, enum lt_format fmt, const lt_read_opts *opts
         int e = errno;
         td_err_set(err, errlen, "%s: %s", path, strerror(e));
         return td_err_from_errno(e);
+    }
+    struct stat st;
+    if (fstat(fileno(fp), &st) != 0 || !S_ISREG(st.st_mode)) {
+        fclose(fp);
+        td_err_set(err, errlen, "%s: not a regular file", path);
+        return TD_EINVAL;
     }
     int rc = lt_trace_read_stream(fp, fmt, opts, tr, err, errlen);
     fclose(fp);

@@ -69,9 +69,16 @@ void lt_trace_free(lt_trace *tr);
 /* Appends one request (grows the array). 0 or TD_ENOMEM. */
 int lt_trace_push(lt_trace *tr, const lt_req *req);
 
+/* Longest line a reader accepts, in bytes with its newline. A longer line is
+ * an error naming it (or a bad row skipped whole under skip_bad), so a file
+ * without newlines cannot make the reader grow without bound. Real rows are
+ * under 100 bytes (CSV) and a few KiB (Mooncake hash_ids). */
+#define LT_TRACE_MAX_LINE ((size_t)1 << 20)
+
 /* Reads a trace file into tr (which must be initialised and empty). opts may be
  * NULL (defaults: everything but failed rows, fail on bad rows). On error tr is
- * left empty. */
+ * left empty. path must be a regular file (TD_EINVAL otherwise: a device or a
+ * FIFO has no end to read to). */
 int lt_trace_read(const char *path, enum lt_format fmt, const lt_read_opts *opts, lt_trace *tr,
                   char *err, size_t errlen);
 /* Same, from an open stream (not closed). */

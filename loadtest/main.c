@@ -439,6 +439,21 @@ static int run_replay(const struct args *a, lt_trace *tr, const char *source)
                 td_log_warn("loadtest", "plots_failed", "err=%s dir=%s", td_err_name(prc), a->out);
         }
         print_summary(&s, a->out);
+        /* Why requests failed, on stderr: requests.csv has every one. */
+        lt_reason why[4];
+        size_t nw = lt_report_reasons(run.recs, run.n, why, 4);
+        if (nw > 0) {
+            if (s.ok == 0)
+                fprintf(stderr, "tandem-loadtest: all %zu requests failed; reasons:", s.requests);
+            else
+                fprintf(stderr, "tandem-loadtest: %zu of %zu requests failed; first reasons:",
+                        s.rejected + s.errors, s.requests);
+            for (size_t i = 0; i < nw; i++)
+                fprintf(stderr, "%s %s: %s (x%zu)", i ? ";" : "", lt_outcome_name(why[i].outcome),
+                        why[i].error, why[i].count);
+            fputc('\n', stderr);
+        }
+        if (s.requests > 0 && s.ok == 0) rc = TD_EUNAVAILABLE; /* nothing was measured */
     }
     lt_run_free(&run);
     lt_prompt_free(prompt);

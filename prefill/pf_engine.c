@@ -440,7 +440,7 @@ static void pf__step(pf_engine *d)
         r->kv_seq = evs[i].kv_seq;
         if (evs[i].finish == ENG_FINISH_ERROR) {
             pf__fail(d, r, TD_EINTERNAL, "prefill failed: %s",
-                     evs[i].err == TD_EINVAL ? "the logits are NaN" : td_strerror(evs[i].err));
+                     evs[i].err == TD_ERANGE ? "the logits are NaN" : td_strerror(evs[i].err));
             continue;
         }
         r->first_token = evs[i].token;

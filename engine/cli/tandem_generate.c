@@ -4,6 +4,7 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -176,6 +177,23 @@ static int file_exists(const char *p)
     return stat(p, &st) == 0;
 }
 
+/* Every failure prints one line naming its cause: gen_fail prints it and
+ * notes that it did; main prints the code's name for any failure that
+ * arrives unreported. */
+static int g_reported;
+
+static int gen_fail(int rc, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("tandem-generate: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    g_reported = 1;
+    return rc;
+}
+
 /* The tokenizer: --tokenizer, else tokenizer.json / tokenizer.bin /
  * tok<vocab>.bin beside the model (llama2.c's naming for small vocabularies). */
 static int load_tokenizer(const gen_args *a, const mdl_model *m, tok_tokenizer **tok)
@@ -201,22 +219,17 @@ static int load_tokenizer(const gen_args *a, const mdl_model *m, tok_tokenizer *
             int n = snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
             if (n > 0 && (size_t)n < sizeof(path) && file_exists(path)) found = path;
         }
-        if (!found) {
-            fprintf(stderr, "tandem-generate: no tokenizer found beside %s; pass --tokenizer\n",
-                    a->model);
-            return TD_ENOENT;
-        }
+        /* A GGUF file carries its tokenizer. */
+        if (!found && m->cfg.format == MDL_FORMAT_GGUF) found = a->model;
+        if (!found)
+            return gen_fail(TD_ENOENT, "no tokenizer found beside %s; pass --tokenizer", a->model);
     }
     int rc = tok_load(found, tok, err, sizeof(err));
-    if (rc != 0) {
-        fprintf(stderr, "tandem-generate: tokenizer %s: %s (%s)\n", found, err, td_strerror(rc));
-        return rc;
-    }
-    if (tok_vocab_size(*tok) > m->cfg.vocab_size) {
-        fprintf(stderr, "tandem-generate: tokenizer has %d tokens, model only %d\n",
-                tok_vocab_size(*tok), m->cfg.vocab_size);
-        return TD_EMISMATCH;
-    }
+    if (rc != 0) return gen_fail(rc, "tokenizer %s: %s (%s)", found, err, td_strerror(rc));
+    /* Both directions: a llama2.c checkpoint is made for one tokenizer. */
+    rc = tok_check_model_vocab(*tok, m->cfg.vocab_size, m->cfg.format == MDL_FORMAT_LLAMA2C, err,
+                               sizeof(err));
+    if (rc != 0) return gen_fail(rc, "tokenizer %s: %s", found, err);
     return 0;
 }
 
@@ -227,13 +240,15 @@ static int parse_token_list(const char *s, int vocab, int32_t **out, size_t *n)
     if (!ids) return TD_ENOMEM;
     const char *p = s;
     while (*p) {
-        char *end;
-        errno = 0;
-        long v = strtol(p, &end, 10);
-        if (errno || end == p || v < 0 || v >= vocab || (*end && *end != ',')) {
+        const char *end = strchr(p, ',');
+        if (!end) end = p + strlen(p);
+        int32_t v;
+        int rc = tok_parse_id(p, (size_t)(end - p), vocab, &v);
+        if (rc != 0) {
             free(ids);
-            fprintf(stderr, "tandem-generate: bad --prompt-tokens near \"%s\"\n", p);
-            return TD_EINVAL;
+            return gen_fail(TD_EINVAL, "--prompt-tokens: '%.*s' is %s", (int)(end - p), p,
+                            rc == TD_ERANGE ? "outside the model's vocabulary"
+                                            : "not a token id (a decimal number)");
         }
         if (len == cap) {
             cap *= 2;
@@ -244,7 +259,7 @@ static int parse_token_list(const char *s, int vocab, int32_t **out, size_t *n)
             }
             ids = n2;
         }
-        ids[len++] = (int32_t)v;
+        ids[len++] = v;
         p = *end ? end + 1 : end;
     }
     *out = ids;
@@ -319,7 +334,7 @@ static int generate(const gen_args *a, const mdl_model *m)
      * without text... we still try, and only fail when text is required. */
     int need_tok = a->prompt != NULL || !a->json || a->n_stops > 0;
     rc = load_tokenizer(a, m, &tok);
-    if (rc != 0 && need_tok) goto out;
+    if (rc != 0 && (need_tok || a->tokenizer || rc == TD_EMISMATCH)) goto out;
     rc = 0;
 
     int32_t bos =
@@ -332,7 +347,7 @@ static int generate(const gen_args *a, const mdl_model *m)
         int flags = (tok_adds_bos(tok) || mc->format == MDL_FORMAT_LLAMA2C) ? TOK_ADD_BOS : 0;
         rc = tok_encode(tok, a->prompt, strlen(a->prompt), flags, &prompt, &n_prompt);
         if (rc != 0) {
-            fprintf(stderr, "tandem-generate: encoding the prompt: %s\n", td_strerror(rc));
+            gen_fail(rc, "encoding the prompt: %s", td_strerror(rc));
             goto out;
         }
     }
@@ -347,9 +362,12 @@ static int generate(const gen_args *a, const mdl_model *m)
         n_prompt = 1;
     }
     if (n_prompt >= (size_t)mc->max_seq_len) {
-        fprintf(stderr, "tandem-generate: prompt of %zu tokens exceeds the context of %d\n",
-                n_prompt, mc->max_seq_len);
-        rc = TD_ETOOLONG;
+        rc = n_prompt == (size_t)mc->max_seq_len
+                 ? gen_fail(TD_ETOOLONG,
+                            "prompt of %zu tokens fills the context of %d: no room to generate",
+                            n_prompt, mc->max_seq_len)
+                 : gen_fail(TD_ETOOLONG, "prompt of %zu tokens exceeds the context of %d", n_prompt,
+                            mc->max_seq_len);
         goto out;
     }
     int max_tokens = a->max_tokens;
@@ -368,14 +386,15 @@ static int generate(const gen_args *a, const mdl_model *m)
     sp.min_tokens = a->min_tokens;
     sp.ignore_eos = a->ignore_eos;
     sp.eos_id = eos;
-    /* Stop ids: the config's further EOS ids (unless --ignore-eos), and BOS for
-     * llama2.c checkpoints, since llama2.c stops when the model emits BOS. */
+    /* Stop ids: the config's further EOS ids, and BOS for llama2.c
+     * checkpoints, since llama2.c stops when the model emits BOS; none with
+     * --ignore-eos, which leaves max_tokens the only end. */
     int32_t stop_ids[MDL_MAX_EOS + 1];
     int n_stop = 0;
     if (!a->ignore_eos)
         for (int i = 0; i < mc->n_eos_extra; i++)
             stop_ids[n_stop++] = mc->eos_extra[i];
-    if (mc->format == MDL_FORMAT_LLAMA2C) stop_ids[n_stop++] = bos;
+    if (mc->format == MDL_FORMAT_LLAMA2C && !a->ignore_eos) stop_ids[n_stop++] = bos;
     sp.stop_ids = stop_ids;
     sp.n_stop_ids = n_stop;
 
@@ -395,9 +414,7 @@ static int generate(const gen_args *a, const mdl_model *m)
     if (a->logits_out) {
         tap.f = fopen(a->logits_out, "wb");
         if (!tap.f) {
-            fprintf(stderr, "tandem-generate: cannot write %s: %s\n", a->logits_out,
-                    strerror(errno));
-            rc = TD_EIO;
+            rc = gen_fail(TD_EIO, "cannot write %s: %s", a->logits_out, strerror(errno));
             goto out;
         }
         ec.on_logits = gen_write_logits;
@@ -406,7 +423,7 @@ static int generate(const gen_args *a, const mdl_model *m)
     char err[512] = "";
     rc = eng_open(m, &ec, &en, err, sizeof(err));
     if (rc != 0) {
-        fprintf(stderr, "tandem-generate: backend %s: %s\n", a->backend, err);
+        gen_fail(rc, "backend %s: %s", a->backend, err);
         goto out;
     }
     gen = malloc(((size_t)max_tokens + 1) * sizeof(int32_t));
@@ -422,7 +439,10 @@ static int generate(const gen_args *a, const mdl_model *m)
         for (size_t i = 0; i < n_prompt; i++) {
             size_t w = 0;
             rc = tok_stream_push(st, prompt[i], piece, sizeof(piece), &w);
-            if (rc != 0) goto out;
+            if (rc != 0) {
+                gen_fail(rc, "detokenizing prompt id %d: %s", prompt[i], td_strerror(rc));
+                goto out;
+            }
         }
     }
 
@@ -435,7 +455,7 @@ static int generate(const gen_args *a, const mdl_model *m)
                            .sampling = sp};
         rc = eng_add(en, &req);
         if (rc != 0) {
-            fprintf(stderr, "tandem-generate: cannot start the request: %s\n", td_strerror(rc));
+            gen_fail(rc, "cannot start the request: %s", td_strerror(rc));
             goto out;
         }
     }
@@ -444,21 +464,24 @@ static int generate(const gen_args *a, const mdl_model *m)
         uint32_t n_evs;
         rc = eng_step(en, &evs, &n_evs, NULL);
         if (rc != 0) {
-            fprintf(stderr, "tandem-generate: engine step failed: %s\n", td_strerror(rc));
+            gen_fail(rc, "engine step failed: %s", td_strerror(rc));
             goto out;
         }
         if (tap.err) {
-            rc = tap.err;
-            fprintf(stderr, "tandem-generate: short write to %s\n", a->logits_out);
+            rc = gen_fail(tap.err, "short write to %s", a->logits_out);
             goto out;
         }
         for (uint32_t i = 0; i < n_evs; i++) {
             const eng_event *ev = &evs[i];
             if (ev->finish == ENG_FINISH_ERROR) {
-                rc = ev->err;
-                fprintf(stderr, "tandem-generate: generation failed at token %zu: %s\n", n_gen,
-                        ev->err == TD_EINVAL ? "the logits are NaN (corrupt weights?)"
-                                             : td_strerror(ev->err));
+                if (ev->err == TD_ERANGE)
+                    rc = gen_fail(ev->err,
+                                  "logits contain NaN at step %zu: the weights or the computation "
+                                  "are not finite",
+                                  n_gen);
+                else
+                    rc = gen_fail(ev->err, "generation failed at step %zu: %s", n_gen,
+                                  td_strerror(ev->err));
                 goto out;
             }
             if (n_gen == 0) t_first = td_now_ns();
@@ -473,9 +496,13 @@ static int generate(const gen_args *a, const mdl_model *m)
             if (st && !is_stop_token) {
                 size_t w = 0;
                 rc = tok_stream_push(st, next, piece, sizeof(piece), &w);
+                if (rc != 0 && next >= tok_vocab_size(tok)) {
+                    gen_fail(rc, "the model generated id %d, which the tokenizer (%d tokens) lacks",
+                             next, tok_vocab_size(tok));
+                    goto out;
+                }
                 if (rc != 0) {
-                    fprintf(stderr, "tandem-generate: cannot detokenize token %d: %s\n", next,
-                            td_strerror(rc));
+                    gen_fail(rc, "detokenizing id %d: %s", next, td_strerror(rc));
                     goto out;
                 }
                 if (w > 0) {
@@ -562,6 +589,8 @@ int main(int argc, char **argv)
         }
     }
     int rc = a.bench ? gen_bench_run(m) : generate(&a, m);
+    if (rc != 0 && !a.bench && !g_reported)
+        fprintf(stderr, "tandem-generate: failed: %s (%s)\n", td_strerror(rc), td_err_name(rc));
     mdl_free(m);
     cfg_free(opts);
     return rc == 0 ? 0 : 1;

@@ -259,11 +259,14 @@ static bool ends_with(const char *s, const char *suffix)
     return n >= m && strcmp(s + n - m, suffix) == 0;
 }
 
-/* First non-blank byte of a file is '{': a JSON file. */
-static int sniff_json(const char *path, bool *json)
+/* First non-blank byte of a file is '{': a JSON file; "GGUF": a GGUF file. */
+static int sniff(const char *path, bool *json, bool *gguf)
 {
     FILE *f = fopen(path, "rb");
     if (f == NULL) return td_err_from_errno(errno);
+    char magic[4];
+    *gguf = fread(magic, 1, 4, f) == 4 && memcmp(magic, "GGUF", 4) == 0;
+    rewind(f);
     int c;
     do {
         c = fgetc(f);
@@ -275,12 +278,13 @@ static int sniff_json(const char *path, bool *json)
 
 static int load_file(tok_tokenizer *t, const char *path, char *err, size_t errlen)
 {
-    bool json = false;
-    int rc = sniff_json(path, &json);
+    bool json = false, gguf = false;
+    int rc = sniff(path, &json, &gguf);
     if (rc < 0) {
         td_err_set(err, errlen, "%s: %s", path, td_strerror(rc));
         return rc;
     }
+    if (gguf) return tok__gguf_load(t, path, err, errlen);
     if (json) {
         if (ends_with(path, "vocab.json")) return tok__hf_load_gpt2(t, path, err, errlen);
         return tok__hf_load(t, path, err, errlen);
@@ -390,6 +394,45 @@ int tok_piece(const tok_tokenizer *t, int32_t id, const char **piece, size_t *le
     return 0;
 }
 
+int tok_check_model_vocab(const tok_tokenizer *t, int model_vocab, int exact, char *err,
+                          size_t errlen)
+{
+    if (t == NULL) return TD_EINVAL;
+    if (t->n_vocab > model_vocab) {
+        td_err_set(err, errlen,
+                   "the tokenizer has %d tokens but the model only %d: ids from %d on have no "
+                   "embedding row (wrong tokenizer for this model?)",
+                   t->n_vocab, model_vocab, model_vocab);
+        return TD_EMISMATCH;
+    }
+    if (exact && t->n_vocab < model_vocab) {
+        td_err_set(err, errlen,
+                   "the tokenizer has %d tokens but the model %d: the model can emit ids the "
+                   "tokenizer lacks (wrong tokenizer for this model?)",
+                   t->n_vocab, model_vocab);
+        return TD_EMISMATCH;
+    }
+    return 0;
+}
+
+int tok_parse_id(const char *s, size_t len, int32_t n_vocab, int32_t *id)
+{
+    if (s == NULL || id == NULL || len == 0) return TD_EINVAL;
+    int64_t v = 0;
+    bool big = false;
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9') return TD_EINVAL;
+        v = v * 10 + (s[i] - '0');
+        if (v > INT32_MAX) {
+            big = true; /* keep checking the digits; the value is out of range */
+            v = INT32_MAX;
+        }
+    }
+    if (big || v >= n_vocab) return TD_ERANGE;
+    *id = (int32_t)v;
+    return 0;
+}
+
 int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int flags, int32_t **ids,
                size_t *n_ids)
 {
@@ -414,6 +457,26 @@ static bool strip_at(const tok_tokenizer *t, bool at_start, int32_t prev)
     return t->dec_strip_space && at_start;
 }
 
+/* Ends a run of byte-fallback tokens, raw[run..n): kept when it is valid
+ * UTF-8 as a whole, else replaced by one U+FFFD per byte. Returns the new
+ * end of raw (raw has room for 3 bytes per byte of the run). */
+static size_t end_byte_run(char *raw, size_t run, size_t n)
+{
+    size_t len = n - run;
+    const uint8_t *u = (const uint8_t *)raw + run;
+    bool valid = true;
+    for (size_t i = 0; i < len && valid;) {
+        uint32_t cp;
+        size_t l = tok__utf8_next(u, len, i, &cp);
+        valid = !(cp == 0xFFFD && l == 1);
+        i += l;
+    }
+    if (valid) return n;
+    for (size_t i = len; i-- > 0;) /* backwards: the output is longer than the input */
+        memcpy(raw + run + 3 * i, "\xEF\xBF\xBD", 3);
+    return run + 3 * len;
+}
+
 int tok_decode(const tok_tokenizer *t, const int32_t *ids, size_t n_ids, int skip_special,
                char **text, size_t *len)
 {
@@ -425,9 +488,12 @@ int tok_decode(const tok_tokenizer *t, const int32_t *ids, size_t n_ids, int ski
         if (ids[i] < 0 || ids[i] >= t->n_vocab) return TD_ERANGE;
         raw_len += t->dec_len[ids[i]];
     }
-    char *raw = malloc(raw_len + 1);
+    /* x3: a byte run may become U+FFFD per byte */
+    if (raw_len > (SIZE_MAX - 1) / 3) return TD_ENOMEM;
+    char *raw = malloc(raw_len * 3 + 1);
     if (raw == NULL) return TD_ENOMEM;
     size_t n = 0;
+    size_t run = SIZE_MAX; /* start in raw of the current byte-token run */
     int32_t prev = -1;
     bool first = true; /* no token emitted yet */
     for (size_t i = 0; i < n_ids; i++) {
@@ -435,6 +501,10 @@ int tok_decode(const tok_tokenizer *t, const int32_t *ids, size_t n_ids, int ski
         const char *p = t->arena + t->dec_off[id];
         size_t pl = t->dec_len[id];
         if (!(skip_special && (t->attr[id] & TOK__ATTR_SPECIAL))) {
+            bool is_byte = t->dec_byte_runs && (t->attr[id] & TOK__ATTR_BYTE);
+            if (!is_byte && run != SIZE_MAX) n = end_byte_run(raw, run, n);
+            if (is_byte && run == SIZE_MAX) run = n;
+            if (!is_byte) run = SIZE_MAX;
             if (pl > 0 && p[0] == ' ' && strip_at(t, first, prev)) {
                 p++;
                 pl--;
@@ -445,6 +515,7 @@ int tok_decode(const tok_tokenizer *t, const int32_t *ids, size_t n_ids, int ski
         }
         prev = id;
     }
+    if (run != SIZE_MAX) n = end_byte_run(raw, run, n);
     /* At most 3 output bytes (U+FFFD) per input byte. */
     char *out = malloc(n * 3 + 1);
     if (out == NULL) {

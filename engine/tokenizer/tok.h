@@ -47,6 +47,21 @@ int tok_is_special(const tok_tokenizer *tok, int32_t id);
  * TD_ERANGE for an id outside the vocabulary. */
 int tok_piece(const tok_tokenizer *tok, int32_t id, const char **piece, size_t *len);
 
+/* Checks that tok fits a model whose embedding has model_vocab rows: every
+ * token id must be a row, so a larger tokenizer is refused. A smaller one is
+ * refused too when exact is set (llama2.c checkpoints, made for one
+ * tokenizer); Hugging Face models often pad the embedding past the
+ * tokenizer, and ids there have no text (tok_decode gives TD_ERANGE).
+ * Returns 0 or TD_EMISMATCH with the two sizes in err. */
+int tok_check_model_vocab(const tok_tokenizer *tok, int model_vocab, int exact, char *err,
+                          size_t errlen);
+
+/* Parses s[0..len) as a token id: a whole decimal number (digits only; no
+ * sign, white space or trailing text) below n_vocab. Returns 0 with *id set,
+ * TD_EINVAL when s is not such a number, TD_ERANGE when it is n_vocab or
+ * more. For command lines and request bodies that name ids as text. */
+int tok_parse_id(const char *s, size_t len, int32_t n_vocab, int32_t *id);
+
 enum tok_encode_flags {
     TOK_ADD_BOS = 1 << 0,       /* prepend BOS (when the vocabulary has one) */
     TOK_PARSE_SPECIAL = 1 << 1, /* recognise special-token text such as "<|eot_id|>" */

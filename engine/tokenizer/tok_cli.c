@@ -12,6 +12,7 @@
 #include "common/config.h"
 #include "common/err.h"
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -80,7 +81,11 @@ static int options_end(int argc, char **argv, int *rest)
     return i;
 }
 
-/* TEXT, or the contents of FILE for "@FILE"; *owned is set when malloc'd. */
+/* Largest @FILE read (a file without end, such as /dev/zero, stops here). */
+#define TOK_CLI_MAX_TEXT ((size_t)256 << 20)
+
+/* TEXT, or the contents of FILE for "@FILE"; *owned is set when malloc'd.
+ * NULL with errno set when FILE cannot be read (EFBIG past TOK_CLI_MAX_TEXT). */
 static char *text_arg(const char *arg, size_t *len, char **owned)
 {
     *owned = NULL;
@@ -95,15 +100,23 @@ static char *text_arg(const char *arg, size_t *len, char **owned)
     while (buf != NULL) {
         n += fread(buf + n, 1, cap - n, f);
         if (n < cap) break;
+        if (cap >= TOK_CLI_MAX_TEXT) {
+            free(buf);
+            buf = NULL;
+            errno = EFBIG;
+            break;
+        }
         char *b = realloc(buf, cap * 2);
         if (b == NULL) {
             free(buf);
-            buf = NULL;
+            errno = ENOMEM;
         }
         buf = b;
         cap *= 2;
     }
+    int e = errno;
     fclose(f);
+    errno = e;
     *len = n;
     *owned = buf;
     return buf;
@@ -126,14 +139,23 @@ static int bench(const tok_tokenizer *tok, long iters, const char *text, size_t 
     int64_t w0 = td_now_ns(), t0 = cpu_ns();
     for (long i = 0; i < iters; i++) {
         free(ids);
-        if (tok_encode(tok, text, len, flags, &ids, &n) < 0) return 1;
+        int rc = tok_encode(tok, text, len, flags, &ids, &n);
+        if (rc < 0) {
+            fprintf(stderr, "tandem-tokenize: bench: encode: %s\n", td_strerror(rc));
+            return 1;
+        }
     }
     int64_t t1 = cpu_ns();
     char *out = NULL;
     size_t out_len = 0;
     for (long i = 0; i < iters; i++) {
         free(out);
-        if (tok_decode(tok, ids, n, 1, &out, &out_len) < 0) return 1;
+        int rc = tok_decode(tok, ids, n, 1, &out, &out_len);
+        if (rc < 0) {
+            fprintf(stderr, "tandem-tokenize: bench: decode: %s\n", td_strerror(rc));
+            free(ids);
+            return 1;
+        }
     }
     int64_t t2 = cpu_ns(), w2 = td_now_ns();
     double enc_s = td_ns_to_s(t1 - t0), dec_s = td_ns_to_s(t2 - t1);
@@ -159,9 +181,24 @@ static int run(const tok_tokenizer *tok, int decode, int flags, int pieces, int 
     if (decode) {
         size_t n = (size_t)nargs;
         int32_t *ids = calloc(n ? n : 1, sizeof(int32_t));
-        if (ids == NULL) return 1;
-        for (size_t k = 0; k < n; k++)
-            ids[k] = (int32_t)strtol(args[k], NULL, 10);
+        if (ids == NULL) {
+            fprintf(stderr, "tandem-tokenize: out of memory\n");
+            return 1;
+        }
+        for (size_t k = 0; k < n; k++) {
+            int prc = tok_parse_id(args[k], strlen(args[k]), tok_vocab_size(tok), &ids[k]);
+            if (prc == TD_ERANGE) {
+                fprintf(stderr, "tandem-tokenize: id '%s' is outside the vocabulary (0..%d)\n",
+                        args[k], tok_vocab_size(tok) - 1);
+            } else if (prc < 0) {
+                fprintf(stderr, "tandem-tokenize: '%s' is not a token id (a decimal number)\n",
+                        args[k]);
+            }
+            if (prc < 0) {
+                free(ids);
+                return 1;
+            }
+        }
         char *text = NULL;
         size_t len = 0;
         rc = tok_decode(tok, ids, n, skip_special, &text, &len);
@@ -179,7 +216,8 @@ static int run(const tok_tokenizer *tok, int decode, int flags, int pieces, int 
         char *owned;
         const char *text = text_arg(args[0], &text_len, &owned);
         if (text == NULL) {
-            fprintf(stderr, "tandem-tokenize: cannot read %s\n", args[0] + 1);
+            fprintf(stderr, "tandem-tokenize: cannot read %s: %s\n", args[0] + 1,
+                    errno == EFBIG ? "larger than 256 MiB" : strerror(errno));
             return 1;
         }
         if (iters > 0) {
@@ -215,7 +253,10 @@ int main(int argc, char **argv)
 {
     struct tok_cli_opts o;
     cfg *c = NULL;
-    if (cfg_create(&c, "tandem-tokenize PATH", tok_table, TOK_NOPTS, &o) != 0) return 1;
+    if (cfg_create(&c, "tandem-tokenize PATH", tok_table, TOK_NOPTS, &o) != 0) {
+        fprintf(stderr, "tandem-tokenize: out of memory\n");
+        return 1;
+    }
     int end = argc, first = argc;
     if (argc >= 2) end = options_end(argc, argv, &first);
     /* argv[1] (PATH) is a positional of cfg_parse; TEXT/IDs from argv[first]
@@ -245,6 +286,16 @@ int main(int argc, char **argv)
     rc = tok_load(pos[0], &tok, err, sizeof(err));
     if (rc < 0) {
         fprintf(stderr, "tandem-tokenize: %s (%s)\n", err, td_err_name(rc));
+        cfg_free(c);
+        return 1;
+    }
+    if (o.bos && !o.decode && tok_bos_id(tok) < 0) {
+        /* Prepending some other id would silently change the text. */
+        fprintf(stderr,
+                "tandem-tokenize: --bos: %s has no BOS token (its configs name none that the "
+                "vocabulary holds)\n",
+                pos[0]);
+        tok_free(tok);
         cfg_free(c);
         return 1;
     }

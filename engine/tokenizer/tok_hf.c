@@ -316,6 +316,8 @@ static int build_decoded(hf_load *L)
             if (b >= 0) {
                 tmp[w++] = (char)b;
                 raw = false;
+                t->attr[id] |= TOK__ATTR_BYTE;
+                t->dec_byte_runs = true;
             } else if (L->dec_replace_meta) {
                 raw = false;
                 for (size_t i = 0; i < n;) {
@@ -567,10 +569,15 @@ static int load_configs(hf_load *L, const char *dir)
     t->bos_id = bos ? find_token(t, bos) : -1;
     t->eos_id = eos ? find_token(t, eos) : -1;
     if (t->bos_id < 0 && L->post_bos) t->bos_id = find_token(t, L->post_bos);
-    if (t->bos_id < 0) t->bos_id = config_id(t, gc, "bos_token_id");
-    if (t->bos_id < 0) t->bos_id = config_id(t, mc, "bos_token_id");
-    if (t->eos_id < 0) t->eos_id = config_id(t, gc, "eos_token_id");
-    if (t->eos_id < 0) t->eos_id = config_id(t, mc, "eos_token_id");
+    /* When tokenizer_config.json names a BOS/EOS text the vocabulary lacks,
+     * the numeric ids of the model's configs are not trusted: they point at
+     * some other token (a tokenizer borrowed from another model names id 0,
+     * its byte piece for 0x00). The vocabulary has no such token then. */
+    bool bos_lacking = bos != NULL && t->bos_id < 0, eos_lacking = eos != NULL && t->eos_id < 0;
+    if (t->bos_id < 0 && !bos_lacking) t->bos_id = config_id(t, gc, "bos_token_id");
+    if (t->bos_id < 0 && !bos_lacking) t->bos_id = config_id(t, mc, "bos_token_id");
+    if (t->eos_id < 0 && !eos_lacking) t->eos_id = config_id(t, gc, "eos_token_id");
+    if (t->eos_id < 0 && !eos_lacking) t->eos_id = config_id(t, mc, "eos_token_id");
     note_eos_ids(t, gc);
     note_eos_ids(t, mc);
 
@@ -1014,9 +1021,27 @@ static int enc_segment(enc *e, const char *s, size_t n, bool at_start)
     return enc_split(e, 0, e->norm, m);
 }
 
-static bool ascii_space(char c)
+/* Bytes of the white-space code point (Unicode White_Space, as the
+ * reference's char::is_whitespace) that starts at text[i], or 0. */
+static size_t space_at(const char *text, size_t len, size_t i)
 {
-    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+    uint32_t cp;
+    size_t l = tok__utf8_next((const uint8_t *)text, len, i, &cp);
+    if (cp == 0xFFFD && l == 1) return 0; /* an invalid byte */
+    return tok__is_space(cp) ? l : 0;
+}
+
+/* Bytes of the white-space code point that ends just before text[end], not
+ * reaching before text[lo], or 0. */
+static size_t space_before(const char *text, size_t lo, size_t end)
+{
+    for (size_t l = 1; l <= 4 && l <= end - lo; l++) {
+        uint8_t b = (uint8_t)text[end - l];
+        if ((b & 0xC0) == 0x80) continue; /* a continuation byte: look further back */
+        size_t got = space_at(text, end, end - l);
+        return got == l ? l : 0;
+    }
+    return 0;
 }
 
 int tok__hf_encode(const tok_tokenizer *t, const char *text, size_t len, int flags, int32_t **ids,
@@ -1044,12 +1069,13 @@ int tok__hf_encode(const tok_tokenizer *t, const char *text, size_t len, int fla
             continue;
         }
         size_t start = pos, end = pos + hit->len;
+        size_t l;
         if (hit->lstrip)
-            while (start > seg && ascii_space(text[start - 1]))
-                start--;
+            while (start > seg && (l = space_before(text, seg, start)) > 0)
+                start -= l;
         if (hit->rstrip)
-            while (end < len && ascii_space(text[end]))
-                end++;
+            while (end < len && (l = space_at(text, len, end)) > 0)
+                end += l;
         if ((rc = enc_segment(&e, text + seg, start - seg, seg == 0)) < 0) goto done;
         if ((rc = tok__ids_push(&e.out, hit->id)) < 0) goto done;
         seg = pos = end;

@@ -88,6 +88,10 @@ struct tok_tokenizer {
     bool fuse_unk;
     int32_t unk_id;
     bool dec_strip_space; /* decoder strips one leading space of the output */
+    /* Decoder ByteFallback: a run of consecutive <0xNN> tokens (attr BYTE)
+     * that is not valid UTF-8 as a whole decodes to one U+FFFD per byte of
+     * the run, valid bytes inside it included (Hugging Face's rule). */
+    bool dec_byte_runs;
     /* SentencePiece-style vocabularies without a pre-tokenizer: when no piece
      * holds the space mark (U+2581, or ' ' for llama2.c) after another
      * character, no merge can cross the start of a "▁word", so each one is
@@ -129,6 +133,8 @@ size_t tok__utf8_next(const uint8_t *s, size_t n, size_t i, uint32_t *cp);
 bool tok__is_letter(uint32_t cp);
 bool tok__is_number(uint32_t cp);
 bool tok__is_space(uint32_t cp); /* Unicode White_Space */
+/* The Unicode version of the letter/number tables, e.g. "16.0.0". */
+const char *tok__unicode_version(void);
 /* Length of the pre-token that starts at s[i] (i < n) under split kind k. */
 size_t tok__split_next(enum tok__split k, const uint8_t *s, size_t n, size_t i);
 /* Writes in[0..n) as valid UTF-8 into out (NULL: count only), replacing each
@@ -141,6 +147,10 @@ size_t tok__utf8_sanitize(const uint8_t *in, size_t n, char *out, bool final, si
 int tok__l2c_load(tok_tokenizer *t, const char *data, size_t len, char *err, size_t errlen);
 int tok__l2c_encode(const tok_tokenizer *t, const char *text, size_t len, bool add_bos,
                     int32_t **ids, size_t *n_ids);
+
+/* --- tok_gguf.c --- */
+/* The "llama" (SentencePiece) tokenizer in a GGUF file's metadata. */
+int tok__gguf_load(tok_tokenizer *t, const char *path, char *err, size_t errlen);
 
 /* --- tok_hf.c --- */
 int tok__hf_load(tok_tokenizer *t, const char *json_path, char *err, size_t errlen);

@@ -126,6 +126,11 @@ bool tok__is_number(uint32_t cp)
                      cp);
 }
 
+const char *tok__unicode_version(void)
+{
+    return TOK__UNICODE_VERSION;
+}
+
 bool tok__is_space(uint32_t cp)
 {
     if (cp < 0x80) return cp == ' ' || (cp >= 0x09 && cp <= 0x0D);

@@ -258,8 +258,25 @@ def gg_kv(key, typ, val):
         et, items = val
         out += struct.pack("<IQ", et, len(items))
         for it in items:
-            out += gg_str(it) if et == 8 else struct.pack("<i", it)
+            out += gg_str(it) if et == 8 else struct.pack("<f" if et == 6 else "<i", it)
     return out
+
+
+def gguf_tokenizer(model="llama"):
+    """A GGUF file holding only tokenizer metadata (no tensors)."""
+    toks = ["<unk>", "<s>", "</s>"] + ["<0x%02X>" % b for b in range(256)]
+    toks += ["\u2581", "a", "b", "\u2581a", "ab", "\u2581ab"]
+    scores = [0.0] * 259 + [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0]
+    types = [2, 3, 3] + [6] * 256 + [1] * 6
+    kvs = [("tokenizer.ggml.model", 8, model), ("tokenizer.ggml.tokens", 9, (8, toks)),
+           ("tokenizer.ggml.scores", 9, (6, scores)), ("tokenizer.ggml.token_type", 9, (5, types)),
+           ("tokenizer.ggml.bos_token_id", 4, 1), ("tokenizer.ggml.eos_token_id", 4, 2)]
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(gg_kv(*k) for k in kvs)
+
+
+# tok_load tells GGUF from tokenizer.bin by the magic: the same target reads both.
+put("tok_l2c", "gguf_llama", gguf_tokenizer())
+put("tok_l2c", "gguf_gpt2", gguf_tokenizer("gpt2"))
 
 
 def gguf(arch="llama", version=3, align=32):

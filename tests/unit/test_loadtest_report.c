@@ -147,6 +147,45 @@ static char *slurp(const char *path)
     return buf;
 }
 
+/* Distinct failure reasons, in order of first appearance, with counts. */
+static void test_reasons(void **state)
+{
+    (void)state;
+    lt_record r[8];
+    memset(r, 0, sizeof(r));
+    const char *errs[8] = {NULL,
+                           "connect: connection refused",
+                           "HTTP 500",
+                           "connect: "
+                           "connection refused",
+                           NULL,
+                           "timeout",
+                           "HTTP 500",
+                           ""};
+    enum lt_outcome oc[8] = {LT_OK, LT_ERROR, LT_ERROR, LT_ERROR,
+                             LT_OK, LT_ERROR, LT_ERROR, LT_REJECTED};
+    for (int i = 0; i < 8; i++) {
+        r[i].outcome = oc[i];
+        if (errs[i]) snprintf(r[i].error, sizeof(r[i].error), "%s", errs[i]);
+    }
+    lt_reason why[4];
+    assert_int_equal(lt_report_reasons(r, 8, why, 4), 4);
+    assert_string_equal(why[0].error, "connect: connection refused");
+    assert_int_equal(why[0].count, 2);
+    assert_string_equal(why[1].error, "HTTP 500");
+    assert_int_equal(why[1].count, 2);
+    assert_string_equal(why[2].error, "timeout");
+    assert_int_equal(why[2].count, 1);
+    /* no text: the outcome's name */
+    assert_string_equal(why[3].error, "rejected");
+    assert_int_equal(why[3].outcome, LT_REJECTED);
+    /* at most max; later reasons are left out, known ones still counted */
+    assert_int_equal(lt_report_reasons(r, 8, why, 1), 1);
+    assert_int_equal(why[0].count, 2);
+    assert_int_equal(lt_report_reasons(r, 1, why, 4), 0); /* all ok */
+    assert_int_equal(lt_report_reasons(NULL, 0, why, 4), 0);
+}
+
 static void test_report_files_plot_compare(void **state)
 {
     (void)state;
@@ -213,6 +252,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_goodput_arithmetic),
+        cmocka_unit_test(test_reasons),
         cmocka_unit_test(test_report_files_plot_compare),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -153,6 +153,57 @@ static void test_malformed_rows(void **state)
     assert_int_equal(read_text("", LT_FMT_AZURE, NULL, &tr, err, sizeof(err)), TD_EFORMAT);
 }
 
+/* Lines are capped at LT_TRACE_MAX_LINE bytes: a longer one is an error
+ * naming it (or a skipped bad row), read with bounded memory; files that are
+ * not regular files are refused. */
+static void test_long_lines_and_devices(void **state)
+{
+    (void)state;
+    static const char head[] =
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n";
+    static const char tail[] = "\n9,ChatGPT,4,2,6,Conversation log\n";
+    size_t big = LT_TRACE_MAX_LINE + 10;
+    char *text = malloc(sizeof(head) + big + sizeof(tail));
+    assert_non_null(text);
+    strcpy(text, head);
+    memset(text + strlen(head), 'x', big);
+    strcpy(text + strlen(head) + big, tail);
+    lt_trace tr;
+    char err[256] = "";
+    assert_int_equal(read_text(text, LT_FMT_BURSTGPT, NULL, &tr, err, sizeof(err)), TD_EFORMAT);
+    assert_non_null(strstr(err, "line 3: longer than 1048576 bytes"));
+    lt_read_opts o = {.skip_bad = 1};
+    assert_int_equal(read_text(text, LT_FMT_BURSTGPT, &o, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.bad, 1);
+    assert_int_equal(tr.n, 2); /* the rows before and after it */
+    lt_trace_free(&tr);
+    /* a line exactly at the cap is fine (Mooncake: JSON padded with spaces) */
+    static const char obj[] = "{\"timestamp\": 0, \"input_length\": 3, \"output_length\": 4}";
+    memset(text, ' ', LT_TRACE_MAX_LINE);
+    memcpy(text, obj, strlen(obj));
+    text[LT_TRACE_MAX_LINE - 1] = '\n';
+    text[LT_TRACE_MAX_LINE] = '\0';
+    assert_int_equal(read_text(text, LT_FMT_MOONCAKE, NULL, &tr, err, sizeof(err)), 0);
+    assert_int_equal(tr.n, 1);
+    lt_trace_free(&tr);
+    /* megabytes of NUL bytes and no newline (as /dev/zero) */
+    memset(text, 0, LT_TRACE_MAX_LINE + 10);
+    FILE *fp = fmemopen(text, LT_TRACE_MAX_LINE + 10, "r");
+    assert_non_null(fp);
+    lt_trace_init(&tr);
+    assert_int_equal(lt_trace_read_stream(fp, LT_FMT_AZURE, NULL, &tr, err, sizeof(err)),
+                     TD_EFORMAT);
+    assert_non_null(strstr(err, "line 1: longer than"));
+    fclose(fp);
+    free(text);
+    lt_trace_init(&tr);
+    assert_int_equal(lt_trace_read("/dev/zero", LT_FMT_AZURE, NULL, &tr, err, sizeof(err)),
+                     TD_EINVAL);
+    assert_non_null(strstr(err, "/dev/zero: not a regular file"));
+    assert_int_equal(lt_trace_read("/tmp", LT_FMT_AZURE, NULL, &tr, err, sizeof(err)), TD_EINVAL);
+}
+
 static void test_azure(void **state)
 {
     (void)state;
@@ -408,6 +459,7 @@ int main(void)
         cmocka_unit_test(test_burstgpt_8col),
         cmocka_unit_test(test_filters),
         cmocka_unit_test(test_malformed_rows),
+        cmocka_unit_test(test_long_lines_and_devices),
         cmocka_unit_test(test_azure),
         cmocka_unit_test(test_mooncake),
         cmocka_unit_test(test_scaling),

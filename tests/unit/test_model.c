@@ -705,7 +705,14 @@ static void test_hf_errors(void **state)
 }
 
 /* Raw safetensors files with broken headers. */
+static void expect_st_error_rc(const void *bytes, size_t n, int want, const char *needle);
+
 static void expect_st_error(const void *bytes, size_t n, const char *needle)
+{
+    expect_st_error_rc(bytes, n, TD_EFORMAT, needle);
+}
+
+static void expect_st_error_rc(const void *bytes, size_t n, int want, const char *needle)
 {
     mdl_model *m = random_model(0, 0);
     char dir[512], path[600], err[256] = "";
@@ -715,7 +722,7 @@ static void expect_st_error(const void *bytes, size_t n, const char *needle)
     write_config(dir, m, "LlamaForCausalLM", 0, NULL);
     mdl_model *h = NULL;
     int rc = mdl_load(dir, &h, err, sizeof(err));
-    assert_int_equal(rc, TD_EFORMAT);
+    assert_int_equal(rc, want);
     if (!strstr(err, needle)) fail_msg("message \"%s\" lacks \"%s\"", err, needle);
     assert_null(h);
     unlink(path);
@@ -798,6 +805,13 @@ static void test_safetensors_errors(void **state)
     expect_st_error(buf, n, "unknown dtype");
     st_bytes("{\"x\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[-8,0]}}", 0, 8, buf, &n);
     expect_st_error(buf, n, "outside");
+    /* a dtype the engine cannot use is named, also when the sizes disagree */
+    st_bytes("{\"x\":{\"dtype\":\"F8_E4M3\",\"shape\":[2],\"data_offsets\":[0,8]}}", 0, 8, buf, &n);
+    expect_st_error_rc(buf, n, TD_EUNSUPPORTED, "unsupported dtype F8_E4M3");
+    st_bytes("{\"x\":{\"dtype\":\"F8_E4M3\",\"shape\":[8],\"data_offsets\":[0,8]}}", 0, 8, buf, &n);
+    expect_st_error(buf, n, "missing tensor"); /* parsed; refused when the model reads it */
+    st_bytes("{\"x\":{\"dtype\":\"F16\",\"shape\":[3],\"data_offsets\":[0,8]}}", 0, 8, buf, &n);
+    expect_st_error(buf, n, "its F16 shape needs 6");
     expect_st_error("abc", 3, "truncated");
     /* A valid file that lacks the model's tensors. */
     st_bytes(ok, 0, 8, buf, &n);
@@ -1213,6 +1227,92 @@ static void test_alloc_failures(void **state)
     rmdir(dir);
 }
 
+/* Replaces the first `from` in dir/config.json by `to`. */
+static void edit_config(const char *dir, const char *from, const char *to)
+{
+    char path[600], text[4096], out[4096];
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    size_t n = fread(text, 1, sizeof(text) - 1, f);
+    fclose(f);
+    text[n] = '\0';
+    char *at = strstr(text, from);
+    assert_non_null(at);
+    int k = snprintf(out, sizeof(out), "%.*s%s%s", (int)(at - text), text, to, at + strlen(from));
+    write_file(path, out, (size_t)k);
+}
+
+/* Formats are told by content: a .safetensors file loads with the
+ * config.json beside it; text, JSON, empty files and non-regular files are
+ * named as not being checkpoints; special ids outside the vocabulary fail
+ * at load. */
+static void test_format_detection(void **state)
+{
+    (void)state;
+    mdl_model *m = random_model(0, 0);
+    char dir[512], path[600], err[256] = "";
+    make_dir("sniff", dir, sizeof(dir));
+    st_list L = {0};
+    hf_tensors(m, "F32", 1, &L);
+    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+    st_write(&L, 0, L.n, path);
+    write_config(dir, m, "LlamaForCausalLM", 0, NULL);
+    mdl_model *a = NULL, *b = NULL;
+    assert_int_equal(mdl_load(dir, &a, err, sizeof(err)), 0);
+    /* the same weights under another name: the content decides */
+    char other[700];
+    snprintf(other, sizeof(other), "%s/weights.bin", dir);
+    assert_int_equal(rename(path, other), 0);
+    int rc = mdl_load(other, &b, err, sizeof(err));
+    if (rc != 0) fail_msg("%s", err);
+    assert_int_equal(b->cfg.format, MDL_FORMAT_HF);
+    assert_true(mdl_fingerprint(a) == mdl_fingerprint(b));
+    mdl_free(b);
+    b = NULL;
+    /* bos/eos ids must be rows of the embedding (vocab 64 here) */
+    edit_config(dir, "\"bos_token_id\":1", "\"bos_token_id\":64");
+    assert_int_equal(mdl_load(other, &b, err, sizeof(err)), TD_EFORMAT);
+    assert_non_null(strstr(err, "bos_token_id 64 outside the vocabulary of 64"));
+    edit_config(dir, "\"bos_token_id\":64", "\"bos_token_id\":1");
+    edit_config(dir, "[2,3]", "[2,300]");
+    assert_int_equal(mdl_load(other, &b, err, sizeof(err)), TD_EFORMAT);
+    assert_non_null(strstr(err, "eos_token_id 300"));
+    unlink(other);
+
+    static const struct {
+        const char *name, *bytes, *needle;
+    } cases[] = {
+        {"LICENSE", "Apache License\n  Version 2.0, January 2004\n",
+         "not a model checkpoint (a text file)"},
+        {"config.json", "{\"vocab_size\": 32000, \"hidden_size\": 4096}", "(a JSON file)"},
+        {"empty.bin", "", "(empty)"},
+        {"tok.bin", "\x1b\0\0\0\0\0\0\0\x05\0\0\0<unk>\0\0\0\0\x03\0\0\0<s>\0\0\0\0",
+         "(an unknown format)"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        snprintf(path, sizeof(path), "%s/%s", dir, cases[i].name);
+        size_t n = i == 3 ? 33 : strlen(cases[i].bytes);
+        write_file(path, cases[i].bytes, n);
+        assert_int_equal(mdl_load(path, &b, err, sizeof(err)), TD_EFORMAT);
+        if (!strstr(err, cases[i].needle))
+            fail_msg("%s: \"%s\" lacks \"%s\"", cases[i].name, err, cases[i].needle);
+        assert_null(b);
+        unlink(path);
+    }
+    snprintf(path, sizeof(path), "%s/fifo", dir);
+    assert_int_equal(mkfifo(path, 0600), 0);
+    assert_int_equal(mdl_load(path, &b, err, sizeof(err)), TD_EINVAL);
+    assert_non_null(strstr(err, "not a regular file"));
+    unlink(path);
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    unlink(path);
+    rmdir(dir);
+    st_free(&L);
+    mdl_free(a);
+    mdl_free(m);
+}
+
 static void test_llama2c_errors(void **state)
 {
     (void)state;
@@ -1251,6 +1351,7 @@ int main(void)
         cmocka_unit_test(test_stories260k_hf),
         cmocka_unit_test(test_stories260k_gguf),
         cmocka_unit_test(test_gguf),
+        cmocka_unit_test(test_format_detection),
         cmocka_unit_test(test_fingerprint),
         cmocka_unit_test(test_llama2c_roundtrip),
         cmocka_unit_test(test_hf_rope_layout_and_dtypes),

@@ -199,8 +199,27 @@ static void test_bad_input(void **st)
     float nan_logits[V];
     for (int i = 0; i < V; i++)
         nan_logits[i] = NAN;
-    int32_t t;
-    assert_int_equal(smp_sample(s, nan_logits, &t), TD_EINVAL);
+    int32_t t = -5;
+    assert_int_equal(smp_sample(s, nan_logits, &t), TD_ERANGE);
+    assert_int_equal(smp_logits_find_nan(nan_logits, V), 0);
+    /* one NaN among finite logits fails too (greedy and sampled), and
+     * leaves the sampler usable for the next step */
+    float one_nan[V];
+    for (int i = 0; i < V; i++)
+        one_nan[i] = (float)i;
+    one_nan[3] = NAN;
+    assert_int_equal(smp_logits_find_nan(one_nan, V), 3);
+    assert_int_equal(smp_sample(s, one_nan, &t), TD_ERANGE);
+    assert_int_equal(t, -5);
+    smp_params_defaults(&p);
+    p.temperature = 1.0f;
+    smp_sampler *s2 = make(&p);
+    assert_int_equal(smp_sample(s2, one_nan, &t), TD_ERANGE);
+    one_nan[3] = 3.0f;
+    assert_int_equal(smp_logits_find_nan(one_nan, V), -1);
+    assert_int_equal(smp_sample(s2, one_nan, &t), 0);
+    assert_true(t >= 0 && t < V);
+    smp_free(s2);
     smp_free(s);
     smp_free(NULL);
 }

@@ -510,6 +510,16 @@ static void t_unicode_classes(void **state)
     assert_false(tok__is_number('a'));
     assert_true(tok__is_space('\n') && tok__is_space(0x3000) && tok__is_space(0x00A0));
     assert_false(tok__is_space(0x200B) || tok__is_space('x'));
+    /* added in Unicode 15.0-16.0 (the tables' version is TOK__UNICODE_VERSION) */
+    assert_string_equal(tok__unicode_version(), "16.0.0");
+    assert_true(tok__is_letter(0x323AF) && tok__is_letter(0x2EE5D) && tok__is_letter(0x105C0));
+    assert_true(tok__is_number(0x1E4F0) && !tok__is_letter(0x1E4F0));
+    /* a letter, so "'s" after it is the contraction (GPT-2, as tokenizers 0.23) */
+    tok_tokenizer *t = load_shared("tokenizers/gpt2");
+    if (t == NULL) return;
+    int32_t want[] = {172, 110, 236, 107, 338};
+    expect_ids(t, "\xF0\xB2\x8E\xAF's", 0, want, 5);
+    tok_free(t);
 }
 
 /* ------------------------------------------------ llama3-style tokenizer */
@@ -520,8 +530,9 @@ static void t_llama3_tiny(void **state)
     if (t == NULL) return;
     assert_int_equal(tok_vocab_size(t), 2000);
     /* tokenizer_config names "<|begin_of_sentence|>", which this vocabulary
-     * lacks; generation_config.json's bos_token_id 0 is used instead */
-    assert_int_equal(tok_bos_id(t), 0);
+     * lacks: no BOS, although generation_config.json's bos_token_id is 0
+     * (the byte piece for 0x00, not a BOS token) */
+    assert_int_equal(tok_bos_id(t), -1);
     assert_int_equal(tok_eos_id(t), -1);
     assert_false(tok_adds_bos(t));
     /* "Ġthe" (262) is one token; digits go in threes, spaces split as in
@@ -803,14 +814,99 @@ static void t_invalid_bytes(void **state)
         size_t n;
         assert_int_equal(tok_encode(t, text, sizeof(text) - 1, flags, &ids, &n), 0);
         char *s = decode(t, ids, n, 1);
-        /* U+FFFD for FF, for the truncated E6 88, and for C0 and AF each */
-        assert_string_equal(s, "a\xEF\xBF\xBD"
-                               "b\xEF\xBF\xBD"
-                               "c\xEF\xBF\xBD\xEF\xBF\xBD");
+        /* U+FFFD for FF, for the truncated E6 88, and for C0 and AF each;
+         * byte-fallback decoding (llama2-spm) gives one per byte of an
+         * invalid run of <0xNN> tokens, as Hugging Face tokenizers does */
+        if (k == 1)
+            assert_string_equal(s, "a\xEF\xBF\xBD"
+                                   "b\xEF\xBF\xBD\xEF\xBF\xBD"
+                                   "c\xEF\xBF\xBD\xEF\xBF\xBD");
+        else
+            assert_string_equal(s, "a\xEF\xBF\xBD"
+                                   "b\xEF\xBF\xBD"
+                                   "c\xEF\xBF\xBD\xEF\xBF\xBD");
         free(s);
         free(ids);
         tok_free(t);
     }
+}
+
+/* A run of <0xNN> tokens that is not valid UTF-8 as a whole decodes to one
+ * U+FFFD per byte, valid ASCII bytes of the run included; a valid run is
+ * kept. Golden strings from Hugging Face tokenizers 0.23 (llama2-spm: <0xNN>
+ * is id 3 + NN). */
+static void t_byte_fallback_runs(void **state)
+{
+    tok_tokenizer *t = load_shared("tokenizers/llama2-spm");
+    if (t == NULL) return;
+    int32_t a[] = {258, 130}; /* FF 7F */
+    char *s = decode(t, a, 2, 1);
+    assert_string_equal(s, "\xEF\xBF\xBD\xEF\xBF\xBD");
+    free(s);
+    /* "▁a" FF 7F "b" E6 88 AF (valid: 戯) "c" E4 B8 80 C1 (invalid: 4 x U+FFFD) */
+    int32_t b[] = {263, 258, 130, 29890, 233, 139, 178, 29883, 231, 187, 131, 196};
+    s = decode(t, b, 12, 1);
+    assert_string_equal(s, "a\xEF\xBF\xBD\xEF\xBF\xBD"
+                           "b\xE6\x88\xAF"
+                           "c\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");
+    free(s);
+    /* a skipped special token does not break a run; a kept one does */
+    int32_t c[] = {231, 32007, 187, 131};
+    s = decode(t, c, 4, 1);
+    assert_string_equal(s, "\xE4\xB8\x80");
+    free(s);
+    s = decode(t, c, 4, 0);
+    assert_string_equal(s, "\xEF\xBF\xBD<|end|>\xEF\xBF\xBD\xEF\xBF\xBD");
+    free(s);
+    tok_free(t);
+}
+
+/* The decoding of ids under a byte-fallback decoder, written apart from
+ * tok_decode to check it: pieces with U+2581 as a space, runs of <0xNN>
+ * pieces kept when valid UTF-8 as a whole, else one U+FFFD per byte, one
+ * leading space stripped, special tokens skipped. Returns a malloc'd string. */
+static char *byte_runs_decode(const tok_tokenizer *t, const int32_t *ids, size_t n, size_t *len)
+{
+    char *raw = malloc(n * 64 + 1), run[256];
+    size_t rn = 0, m = 0;
+    assert_non_null(raw);
+    for (size_t i = 0; i <= n; i++) {
+        const char *p = NULL;
+        size_t pl = 0;
+        int byte = -1;
+        if (i < n) {
+            if (tok_is_special(t, ids[i])) continue;
+            assert_int_equal(tok_piece(t, ids[i], &p, &pl), 0);
+            byte = tok__parse_byte_piece(p, pl);
+        }
+        if (byte >= 0) {
+            run[rn++] = (char)byte;
+            continue;
+        }
+        if (valid_utf8(run, rn)) {
+            memcpy(raw + m, run, rn);
+            m += rn;
+        } else {
+            for (size_t k = 0; k < rn; k++, m += 3)
+                memcpy(raw + m, "\xEF\xBF\xBD", 3);
+        }
+        rn = 0;
+        for (size_t k = 0; k < pl;) {
+            if (k + 3 <= pl && memcmp(p + k, "\xE2\x96\x81", 3) == 0) {
+                raw[m++] = ' ';
+                k += 3;
+            } else {
+                raw[m++] = p[k++];
+            }
+        }
+    }
+    size_t off = m > 0 && raw[0] == ' ' ? 1 : 0, used;
+    char *out = malloc(3 * m + 1);
+    assert_non_null(out);
+    *len = tok__utf8_sanitize((const uint8_t *)raw + off, m - off, out, true, &used);
+    out[*len] = '\0';
+    free(raw);
+    return out;
 }
 
 /* Pushes ids one by one; checks every chunk is valid UTF-8 and that the
@@ -987,8 +1083,18 @@ static void t_random_roundtrips(void **state)
                     print_message("%02x ", (uint8_t)got[i]);
                 print_message("\n");
             }
-            assert_int_equal(got_len, want_len);
-            assert_memory_equal(got, want, want_len);
+            if (k == 2) { /* byte-fallback runs: see t_byte_fallback_runs */
+                size_t twin_len;
+                char *twin = byte_runs_decode(t, ids, n_ids, &twin_len);
+                assert_int_equal(got_len, twin_len);
+                assert_memory_equal(got, twin, twin_len);
+                free(twin);
+            } else {
+                assert_int_equal(got_len, want_len);
+                assert_memory_equal(got, want, want_len);
+            }
+            /* the stream emits each character once complete, so invalid
+             * bytes follow the maximal-subpart rule there */
             tok_stream *st;
             assert_int_equal(tok_stream_create(t, &st), 0);
             char acc[1024], out[128];
@@ -1342,7 +1448,220 @@ static void t_api_errors(void **state)
     /* rstrip: <|end|> swallows the white space after it */
     int32_t w3[] = {32007, 15043};
     expect_ids(t, "<|end|>  \nHello", TOK_PARSE_SPECIAL, w3, 2);
+    /* any Unicode white space, as Hugging Face tokenizers (golden ids) */
+    expect_ids(t, "<|end|>\xC2\xA0\xE3\x80\x80Hello", TOK_PARSE_SPECIAL, w3, 2);
+    int32_t w4[] = {2};
+    expect_ids(t, "</s>\xC2\xA0", 0, w4, 1);
+    int32_t w5[] = {2, 921};
+    expect_ids(t, "</s>\xC2\x85\xE2\x80\xA8x", 0, w5, 2);
+    /* U+200B is not white space */
+    int32_t w6[] = {2, 29871, 30166};
+    expect_ids(t, "</s>\xE2\x80\x8B", 0, w6, 3);
     tok_free(t);
+}
+
+static void t_check_model_vocab(void **state)
+{
+    tok_tokenizer *t = load_shared("models/stories260K/tok512.bin");
+    if (t == NULL) return;
+    char err[256] = "";
+    assert_int_equal(tok_check_model_vocab(t, 512, 1, err, sizeof(err)), 0);
+    assert_int_equal(tok_check_model_vocab(t, 512, 0, err, sizeof(err)), 0);
+    /* a model larger than the tokenizer: refused when exact, else allowed */
+    assert_int_equal(tok_check_model_vocab(t, 32000, 1, err, sizeof(err)), TD_EMISMATCH);
+    assert_non_null(strstr(err, "the tokenizer has 512 tokens but the model 32000"));
+    assert_int_equal(tok_check_model_vocab(t, 32000, 0, err, sizeof(err)), 0);
+    /* a tokenizer larger than the model: always refused */
+    assert_int_equal(tok_check_model_vocab(t, 256, 0, err, sizeof(err)), TD_EMISMATCH);
+    assert_non_null(strstr(err, "512 tokens but the model only 256"));
+    assert_int_equal(tok_check_model_vocab(NULL, 256, 0, err, sizeof(err)), TD_EINVAL);
+    tok_free(t);
+}
+
+/* A little GGUF metadata writer for hand-made files. */
+static size_t gg_put(char *b, size_t o, const void *p, size_t n)
+{
+    memcpy(b + o, p, n);
+    return o + n;
+}
+
+static size_t gg_put_str(char *b, size_t o, const char *s)
+{
+    uint64_t l = strlen(s);
+    o = gg_put(b, o, &l, 8);
+    return gg_put(b, o, s, l);
+}
+
+/* Header with n_kv pairs, then one string pair KEY = VALUE (when key). */
+static size_t gg_head(char *b, uint64_t n_kv, const char *key, const char *value)
+{
+    uint32_t v3 = 3, ts = 8;
+    uint64_t nt = 0;
+    size_t o = gg_put(b, 0, "GGUF", 4);
+    o = gg_put(b, o, &v3, 4);
+    o = gg_put(b, o, &nt, 8);
+    o = gg_put(b, o, &n_kv, 8);
+    if (key) {
+        o = gg_put_str(b, o, key);
+        o = gg_put(b, o, &ts, 4);
+        o = gg_put_str(b, o, value);
+    }
+    return o;
+}
+
+/* The tokenizer inside a GGUF file: the shared stories260K.gguf holds the
+ * same vocabulary as tok512.bin, so the ids must be the same; other models,
+ * files without a vocabulary, truncated and mutated metadata are refused
+ * cleanly. */
+static void t_gguf(void **state)
+{
+    char gp[1024];
+    if (!shared_path("models/stories260K-gguf/stories260K.gguf", gp, sizeof(gp))) return;
+    tok_tokenizer *g = load_shared("models/stories260K-gguf/stories260K.gguf");
+    tok_tokenizer *l = load_shared("models/stories260K/tok512.bin");
+    if (l == NULL) {
+        tok_free(g);
+        return;
+    }
+    assert_int_equal(tok_vocab_size(g), 512);
+    assert_int_equal(tok_bos_id(g), 1);
+    assert_int_equal(tok_eos_id(g), 2);
+    assert_true(tok_adds_bos(g));
+    assert_true(tok_is_special(g, 0) && tok_is_special(g, 1) && tok_is_special(g, 2));
+    assert_false(tok_is_special(g, 3) || tok_is_special(g, 403));
+    const char *texts[] = {"Once upon a time, there was a little girl.", "", " two  spaces",
+                           "\xE6\x9D\xB1\xE4\xBA\xAC \xF0\x9F\xA6\x99\n\ttab"};
+    for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++) {
+        int32_t *a, *b;
+        size_t na, nb;
+        encode(g, texts[i], TOK_ADD_BOS, &a, &na);
+        encode(l, texts[i], TOK_ADD_BOS, &b, &nb);
+        assert_int_equal(na, nb);
+        assert_memory_equal(a, b, na * sizeof(int32_t));
+        char *sa = decode(g, a, na, 1), *sb = decode(l, b, nb, 1);
+        assert_string_equal(sa, sb);
+        free(sa);
+        free(sb);
+        free(a);
+        free(b);
+    }
+    tok_free(l);
+    tok_free(g);
+
+    char *dir = make_tmpdir();
+    char p[1024], err[256];
+    snprintf(p, sizeof(p), "%s/x.gguf", dir);
+    char b[512];
+    size_t n = gg_head(b, 1, "tokenizer.ggml.model", "gpt2");
+    write_file(p, b, n);
+    tok_tokenizer *t = NULL;
+    assert_int_equal(tok_load(p, &t, err, sizeof(err)), TD_EUNSUPPORTED);
+    assert_non_null(strstr(err, "'gpt2' is not supported"));
+    n = gg_head(b, 1, "general.name", "no tokenizer here");
+    write_file(p, b, n);
+    assert_int_equal(tok_load(p, &t, err, sizeof(err)), TD_EFORMAT);
+    assert_non_null(strstr(err, "no tokenizer.ggml"));
+    n = gg_head(b, 2, "tokenizer.ggml.model", "llama"); /* a pair missing */
+    write_file(p, b, n);
+    assert_int_equal(tok_load(p, &t, err, sizeof(err)), TD_EFORMAT);
+    assert_non_null(strstr(err, "past the file's end"));
+    /* truncations and mutations of the real metadata (the first 8 KiB hold
+     * the vocabulary) */
+    size_t len;
+    char *orig = read_all(gp, &len);
+    size_t span = len < 8192 ? len : 8192;
+    for (size_t cut = 0; cut < span; cut += 61) {
+        write_file(p, orig, cut);
+        assert_true(tok_load(p, &t, err, sizeof(err)) < 0);
+        assert_null(t);
+    }
+    char *mut = malloc(len);
+    assert_non_null(mut);
+    uint64_t rng = 777;
+    int loaded = 0;
+    for (int iter = 0; iter < 60; iter++) {
+        memcpy(mut, orig, len);
+        for (int k = 0; k < 1 + iter % 3; k++) {
+            rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+            mut[(rng >> 20) % span] = (char)(rng >> 8);
+        }
+        write_file(p, mut, len);
+        int rc = tok_load(p, &t, err, sizeof(err));
+        if (rc == 0) {
+            loaded++;
+            exercise(t);
+            tok_free(t);
+            t = NULL;
+        } else {
+            assert_true(rc < 0);
+            assert_true(err[0] != '\0');
+        }
+    }
+    print_message("stories260K.gguf: %d of 60 mutants loaded\n", loaded);
+    free(mut);
+    free(orig);
+    remove_tmpdir(dir);
+}
+
+static void t_parse_id(void **state)
+{
+    int32_t id = -1;
+    assert_int_equal(tok_parse_id("403", 3, 512, &id), 0);
+    assert_int_equal(id, 403);
+    assert_int_equal(tok_parse_id("0", 1, 1, &id), 0);
+    assert_int_equal(id, 0);
+    assert_int_equal(tok_parse_id("0007", 4, 512, &id), 0);
+    assert_int_equal(id, 7);
+    /* only whole decimals: no trailing text, sign, space, fraction */
+    const char *bad[] = {"12abc", "1.5", "-1", "+3", " 4", "4 ", "", "0x10", "abc", "1e3"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        id = -7;
+        assert_int_equal(tok_parse_id(bad[i], strlen(bad[i]), 512, &id), TD_EINVAL);
+        assert_int_equal(id, -7);
+    }
+    /* in range: below n_vocab, and no overflow on long numbers */
+    assert_int_equal(tok_parse_id("512", 3, 512, &id), TD_ERANGE);
+    assert_int_equal(tok_parse_id("99999999999999999999999", 23, 512, &id), TD_ERANGE);
+    assert_int_equal(tok_parse_id("4294967296", 10, INT32_MAX, &id), TD_ERANGE);
+    assert_int_equal(tok_parse_id("2147483646", 10, INT32_MAX, &id), 0);
+    assert_int_equal(id, 2147483646);
+    assert_int_equal(tok_parse_id("12,13", 2, 512, &id), 0); /* len bounds the text */
+    assert_int_equal(id, 12);
+    assert_int_equal(tok_parse_id(NULL, 0, 512, &id), TD_EINVAL);
+}
+
+/* lstrip: an added token swallows the Unicode white space before it. The
+ * llama2-spm vocabulary with lstrip set on <|end|>; golden ids from Hugging
+ * Face tokenizers 0.23 on the same file. */
+static void t_added_lstrip(void **state)
+{
+    char buf[1024];
+    if (!shared_path("tokenizers/llama2-spm/tokenizer.json", buf, sizeof(buf))) return;
+    char *json = read_all(buf, NULL);
+    cJSON *root = cJSON_Parse(json);
+    free(json);
+    assert_non_null(root);
+    cJSON *it;
+    cJSON_ArrayForEach(it, cJSON_GetObjectItem(root, "added_tokens"))
+    {
+        if (cJSON_GetObjectItem(it, "id")->valueint == 32007)
+            cJSON_ReplaceItemInObject(it, "lstrip", cJSON_CreateTrue());
+    }
+    char *out = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    char *dir = make_tmpdir();
+    write_str(dir, "tokenizer.json", out);
+    free(out);
+    tok_tokenizer *t = NULL;
+    char err[512];
+    assert_int_equal(tok_load(dir, &t, err, sizeof(err)), 0);
+    int32_t w1[] = {6324, 32007, 921};
+    expect_ids(t, "Hi\xE2\x80\x83\xC2\xA0 <|end|>x", TOK_PARSE_SPECIAL, w1, 3);
+    expect_ids(t, "Hi \xE3\x80\x80<|end|>\xC2\xA0x", TOK_PARSE_SPECIAL, w1, 3);
+    int32_t w2[] = {263, 30166, 32007};
+    expect_ids(t, "a\xE2\x80\x8B<|end|>", TOK_PARSE_SPECIAL, w2, 3);
+    tok_free(t);
+    remove_tmpdir(dir);
 }
 
 int main(void)
@@ -1363,6 +1682,7 @@ int main(void)
         cmocka_unit_test(t_chat_llama2),
         cmocka_unit_test(t_chat_chatml),
         cmocka_unit_test(t_unicode_roundtrips),
+        cmocka_unit_test(t_byte_fallback_runs),
         cmocka_unit_test(t_invalid_bytes),
         cmocka_unit_test(t_stream),
         cmocka_unit_test(t_random_roundtrips),
@@ -1373,6 +1693,10 @@ int main(void)
         cmocka_unit_test(t_fuzz_load),
         cmocka_unit_test(t_threads),
         cmocka_unit_test(t_api_errors),
+        cmocka_unit_test(t_added_lstrip),
+        cmocka_unit_test(t_parse_id),
+        cmocka_unit_test(t_check_model_vocab),
+        cmocka_unit_test(t_gguf),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
