@@ -1018,6 +1018,7 @@ static void rpc__status_fill(rpc_status *st, grpc_status_code code, grpc_slice d
 {
     st->grpc_code = (int)code;
     st->err = rpc_err_from_grpc((int)code);
+    st->from_peer = 0;
     rpc__copy_slice(st->details, sizeof(st->details), details);
     if (code == GRPC_STATUS_OK || !trail) return;
     /* The server's exact TD code, when it sent one. */
@@ -1027,7 +1028,10 @@ static void rpc__status_fill(rpc_status *st, grpc_status_code code, grpc_slice d
             rpc__copy_slice(buf, sizeof(buf), trail->metadata[i].value);
             char *end;
             long v = strtol(buf, &end, 10);
-            if (*end == '\0' && v < 0 && v > -1000) st->err = (int)v;
+            if (*end == '\0' && v < 0 && v > -1000) {
+                st->err = (int)v;
+                st->from_peer = 1;
+            }
         }
     }
 }

@@ -71,6 +71,9 @@ typedef struct rpc_status {
     int err;           /* 0 or a TD_E* code */
     int grpc_code;     /* grpc_status_code as sent by the peer or the library */
     char details[256]; /* status message, truncated, NUL-terminated */
+    int from_peer;     /* 1: the peer's application ended the call with this status (it sent
+                          its TD code); 0: the library or the transport did (peer gone,
+                          connection refused, deadline) */
 } rpc_status;
 
 /* Deadline (td_now_ns() clock) for a RequestMeta.timeout_ms budget received

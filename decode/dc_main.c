@@ -142,7 +142,9 @@ static int dc_run(const wrk_opts *o)
                               .layout = eng_layout(c->engine),
                               .fingerprint = mdl_fingerprint(m),
                               .max_running_seqs = ec.max_num_seqs,
-                              .max_batch_tokens = ec.max_num_batched_tokens};
+                              .max_batch_tokens = ec.max_num_batched_tokens,
+                              .max_model_len = eng_max_model_len(c->engine),
+                              .cluster_token = o->cluster_token};
         rc = wrk_member_start(o->router, &mi, &c->load, &c->draining, &member);
         if (rc != 0) {
             fprintf(stderr, "%s: cannot reach the router at %s: %s\n", prog, o->router,

@@ -155,6 +155,8 @@ typedef struct wrk_member_info {
     const kv_layout *layout;
     uint64_t fingerprint;
     uint32_t max_running_seqs, max_batch_tokens;
+    uint32_t max_model_len;
+    const char *cluster_token; /* NULL or "": none */
 } wrk_member_info;
 
 /* Starts registering with the router at addr, then heartbeating every

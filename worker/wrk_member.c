@@ -26,6 +26,8 @@ struct wrk_member {
     /* What RegisterWorker sends, built once. */
     char worker_id[128], rpc_address[256], kv_endpoint[512], transport[16], model[512];
     char fingerprint[17];
+    char cluster_token[256];
+    uint32_t max_model_len;
     enum wrk_role role;
     kv_layout layout;
     uint32_t max_running_seqs, max_batch_tokens;
@@ -60,6 +62,8 @@ static int wrk__register(wrk_member *m, uint64_t *epoch, uint32_t *interval_ms)
     req.max_batch_tokens = m->max_batch_tokens;
     req.protocol_version = 1;
     req.started_unix_us = m->started_unix_us;
+    req.max_model_len = m->max_model_len;
+    req.cluster_token = m->cluster_token;
     ProtobufCMessage *resp = NULL;
     rpc_status st;
     int rc = rpc_client_unary(m->client, "/tandem.v1.Router/RegisterWorker", &req.base,
@@ -167,6 +171,9 @@ int wrk_member_start(const char *router_addr, const wrk_member_info *info, const
     m->layout = *info->layout;
     m->max_running_seqs = info->max_running_seqs;
     m->max_batch_tokens = info->max_batch_tokens;
+    m->max_model_len = info->max_model_len;
+    snprintf(m->cluster_token, sizeof(m->cluster_token), "%s",
+             info->cluster_token ? info->cluster_token : "");
     snprintf(m->worker_id, sizeof(m->worker_id), "%s", info->worker_id);
     snprintf(m->rpc_address, sizeof(m->rpc_address), "%s", info->rpc_address);
     snprintf(m->kv_endpoint, sizeof(m->kv_endpoint), "%s",
