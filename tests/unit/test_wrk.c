@@ -92,15 +92,19 @@ static void test_membership(void **state)
                                            &f),
                      0);
     assert_int_equal(rpc_server_add_method(srv, "/tandem.v1.Router/Heartbeat",
-                                           &tandem__v1__heartbeat_request__descriptor,
-                                           on_heartbeat, &f),
+                                           &tandem__v1__heartbeat_request__descriptor, on_heartbeat,
+                                           &f),
                      0);
     assert_int_equal(rpc_server_start(srv), 0);
     char addr[64];
     snprintf(addr, sizeof(addr), "127.0.0.1:%d", rpc_server_port(srv));
 
-    kv_layout l = {.n_layers = 2, .num_blocks = 77, .block_size = 16, .n_kv_heads = 2,
-                   .head_dim = 8, .dtype = KV_DTYPE_F32};
+    kv_layout l = {.n_layers = 2,
+                   .num_blocks = 77,
+                   .block_size = 16,
+                   .n_kv_heads = 2,
+                   .head_dim = 8,
+                   .dtype = KV_DTYPE_F32};
     wrk_load load;
     memset(&load, 0, sizeof(load));
     atomic_store(&load.free_kv_blocks, 70);
@@ -147,12 +151,17 @@ static void test_membership(void **state)
 static void test_membership_router_down(void **state)
 {
     (void)state;
-    kv_layout l = {.n_layers = 1, .num_blocks = 4, .block_size = 16, .n_kv_heads = 1,
-                   .head_dim = 4};
+    kv_layout l = {
+        .n_layers = 1, .num_blocks = 4, .block_size = 16, .n_kv_heads = 1, .head_dim = 4};
     wrk_load load;
     memset(&load, 0, sizeof(load));
-    wrk_member_info mi = {.role = WRK_PREFILL, .worker_id = "p", .rpc_address = "a",
-                          .kv_endpoint = "", .kv_transport = "tcp", .model = "m", .layout = &l};
+    wrk_member_info mi = {.role = WRK_PREFILL,
+                          .worker_id = "p",
+                          .rpc_address = "a",
+                          .kv_endpoint = "",
+                          .kv_transport = "tcp",
+                          .model = "m",
+                          .layout = &l};
     wrk_member *m = NULL;
     assert_int_equal(wrk_member_start("127.0.0.1:1", &mi, &load, NULL, &m), 0);
     usleep(100000);
@@ -277,10 +286,8 @@ int main(void)
 {
     wrk_signals_block();
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_membership),
-        cmocka_unit_test(test_membership_router_down),
-        cmocka_unit_test(test_health),
-        cmocka_unit_test(test_sampling),
+        cmocka_unit_test(test_membership),       cmocka_unit_test(test_membership_router_down),
+        cmocka_unit_test(test_health),           cmocka_unit_test(test_sampling),
         cmocka_unit_test(test_metrics_endpoint),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
