@@ -1,11 +1,13 @@
-/* kvx internals shared by the core (kvx.c) and the transports (tcp/, shm/,
- * cuda_ipc/, nccl/). Everything here runs on the endpoint's progress thread
- * unless a comment says otherwise. */
+/* kvx internals shared by the core (kvx_loop.c: endpoint, progress thread,
+ * queues, timers; kvx_peer.c: peers and handshake; kvx_req.c: request state
+ * machines) and the transports (tcp/, shm/, cuda_ipc/, nccl/). Everything here runs on the
+ * endpoint's progress thread unless a comment says otherwise. */
 #ifndef TANDEM_KVTRANSFER_KVX_INTERNAL_H
 #define TANDEM_KVTRANSFER_KVX_INTERNAL_H
 
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "kvtransfer/kvx.h"
 #include "kvtransfer/kvx_wire.h"
@@ -55,6 +57,15 @@ struct kvx__post {
     kvx__post *next;
     kvx_pair pairs[]; /* n */
 };
+
+/* Receiver: an accepted connection before its HELLO or DATA_HELLO. */
+typedef struct kvx__pending {
+    kvx__conn c;
+    kvx__buf in;
+    int64_t t0_ns;
+    int closed;
+    struct kvx__pending *next;
+} kvx__pending;
 
 struct kvx__req {
     int used;
@@ -180,6 +191,24 @@ static inline uint8_t *kvx__block_ptr(const kvx_ep *ep, void *base, uint32_t lay
     return (uint8_t *)base + kv_layout_block_offset(&ep->p.layout, layer, block);
 }
 
+#define KVX__MAX_REQS 4096 /* open requests per endpoint */
+
+static inline void kvx__copy_id(char *dst, const char *src)
+{
+    snprintf(dst, KVX_REQ_ID_MAX, "%s", src);
+}
+
+/* ---- kvx_loop.c ---- */
+
+/* Any application thread: runs fn(ep, arg) on the progress thread and waits
+ * for its result (TD_ECLOSED once the endpoint stops). */
+int kvx__call(kvx_ep *ep, int (*fn)(kvx_ep *, void *), void *arg);
+/* Queues an event for the application (kvx_ep_poll). */
+void kvx__emit_ex(kvx_ep *ep, enum kvx_event_type type, const char *req_id, int layer, int peer,
+                  int err, const char *msg, int64_t elapsed_ns);
+void kvx__emit(kvx_ep *ep, enum kvx_event_type type, const char *req_id, int layer, int peer,
+               int err, const char *msg);
+
 /* epoll helpers. */
 int kvx__conn_add(kvx_ep *ep, kvx__conn *c, uint32_t events);
 int kvx__conn_mod(kvx_ep *ep, kvx__conn *c, uint32_t events);
@@ -190,10 +219,32 @@ int kvx__set_nonblock(int fd);
  * send/receive timeouts of timeout_ns. Any thread. */
 int kvx__dial(const kvx_ep *ep, const char *addr, int64_t timeout_ns, int *out_fd);
 
+/* ---- kvx_peer.c ---- */
+
 /* Marks p dead (closes it at the end of the iteration), fails its requests
  * and reports a KVX_EV_PEER_ERROR. */
 void kvx__peer_fail(kvx_ep *ep, kvx__peer *p, int err, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+
+/* Frees the peers marked dead (end of a loop iteration, or destroy). */
+void kvx__reap_peers(kvx_ep *ep);
+kvx__peer *kvx__peer_by_id(kvx_ep *ep, int id);
+/* Closes a pending connection (freed by the timers). */
+void kvx__pending_close(kvx_ep *ep, kvx__pending *pd);
+
+/* ---- kvx_req.c ---- */
+
+/* A control message from p (after the header was validated). */
+void kvx__handle_msg(kvx_ep *ep, kvx__peer *p, uint16_t type, const uint8_t *body, uint32_t len);
+/* Sends a kvx_wire_req message about one request. */
+int kvx__send_req_msg(kvx_ep *ep, kvx__peer *p, uint16_t type, uint64_t hash, int err);
+/* Frees a request slot's memory (no event). */
+void kvx__req_free(kvx__req *r);
+/* Receiver, local decision to stop (cancel, deadline): FAILED at once, or
+ * CLOSING until the direct writer confirms it stopped. */
+void kvx__rreq_abort(kvx_ep *ep, kvx__req *r, int err, const char *msg);
+/* Sender: starts the posts queued since the last loop iteration. */
+void kvx__kick_posts(kvx_ep *ep);
 
 /* Receiver: frame/notice for (layer, dst) of the request with hash from p.
  * Returns the request when the block may be written now (marks it in
