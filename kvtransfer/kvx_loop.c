@@ -14,6 +14,7 @@
  */
 #include "kvtransfer/kvx.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -78,26 +79,57 @@ void kvx__conn_del(kvx_ep *ep, kvx__conn *c)
 
 /* ---------- events (progress -> application) ---------- */
 
+/* Under ev_mu: makes the queue hold at least cap slots. */
+static int ev_grow(kvx_ep *ep, int cap)
+{
+    if (cap <= ep->ev_cap) return 0;
+    int c = ep->ev_cap;
+    while (c < cap)
+        c *= 2;
+    kvx_event *n = malloc(sizeof(*n) * (size_t)c);
+    if (!n) return TD_ENOMEM;
+    for (int i = 0; i < ep->ev_count; i++)
+        n[i] = ep->evs[(ep->ev_head + i) % ep->ev_cap];
+    free(ep->evs);
+    ep->evs = n;
+    ep->ev_head = 0;
+    ep->ev_cap = c;
+    return 0;
+}
+
+int kvx__ev_reserve(kvx_ep *ep, int k, int grow, int room)
+{
+    pthread_mutex_lock(&ep->ev_mu);
+    int used = ep->ev_count + ep->ev_promised;
+    int rc = 0;
+    if (used + k + (grow ? room : 0) > ep->ev_cap)
+        rc = grow ? ev_grow(ep, used + k + room) : TD_EAGAIN;
+    if (rc == 0) ep->ev_promised += k;
+    pthread_mutex_unlock(&ep->ev_mu);
+    return rc;
+}
+
+void kvx__ev_release(kvx_ep *ep, int k)
+{
+    if (k <= 0) return;
+    pthread_mutex_lock(&ep->ev_mu);
+    assert(ep->ev_promised >= k);
+    ep->ev_promised -= k;
+    pthread_mutex_unlock(&ep->ev_mu);
+}
+
 void kvx__emit_ex(kvx_ep *ep, enum kvx_event_type type, const char *req_id, int layer, int peer,
                   int err, const char *msg, int64_t elapsed_ns)
 {
     pthread_mutex_lock(&ep->ev_mu);
+    /* The slot was reserved when the work that produces this event was
+     * accepted: there is room, and nothing is allocated here. */
+    assert(ep->ev_promised > 0 && ep->ev_count < ep->ev_cap);
+    if (ep->ev_promised > 0) ep->ev_promised--;
     if (ep->ev_count == ep->ev_cap) {
-        int cap = ep->ev_cap * 2;
-        kvx_event *n = malloc(sizeof(*n) * (size_t)cap);
-        if (!n) {
-            /* Losing an event would leave a lease hanging: keep the oldest
-             * and log loudly; this needs cap events pending in memory. */
-            pthread_mutex_unlock(&ep->ev_mu);
-            td_log_error(MOD, "event_queue_oom", "req=%s", req_id ? req_id : "");
-            return;
-        }
-        for (int i = 0; i < ep->ev_count; i++)
-            n[i] = ep->evs[(ep->ev_head + i) % ep->ev_cap];
-        free(ep->evs);
-        ep->evs = n;
-        ep->ev_head = 0;
-        ep->ev_cap = cap;
+        pthread_mutex_unlock(&ep->ev_mu);
+        td_log_error(MOD, "event_not_reserved", "type=%d req=%s", (int)type, req_id ? req_id : "");
+        return;
     }
     kvx_event *e = &ep->evs[(ep->ev_head + ep->ev_count) % ep->ev_cap];
     memset(e, 0, sizeof(*e));
@@ -168,6 +200,7 @@ void kvx_ep_stats(kvx_ep *ep, kvx_stats *out)
     out->peers = __atomic_load_n(&s->peers, __ATOMIC_RELAXED);
     out->comms = __atomic_load_n(&s->comms, __ATOMIC_RELAXED);
     out->comm_bytes = __atomic_load_n(&s->comm_bytes, __ATOMIC_RELAXED);
+    out->posts_refused = __atomic_load_n(&s->posts_refused, __ATOMIC_RELAXED);
 }
 
 /* ---------- commands (application -> progress) ---------- */
@@ -198,6 +231,9 @@ int kvx__call(kvx_ep *ep, int (*fn)(kvx_ep *, void *), void *arg)
 
 static void run_commands(kvx_ep *ep)
 {
+    /* Posts published before these commands were queued go first: a
+     * thread's kvx_send_layers and its later calls keep their order. */
+    kvx__posts_drain(ep);
     pthread_mutex_lock(&ep->mu);
     kvx__cmd *c = ep->cmd_head;
     ep->cmd_head = ep->cmd_tail = NULL;
@@ -264,6 +300,7 @@ static void timers(kvx_ep *ep, int64_t now)
         }
         if (pd->closed) {
             *pp = pd->next;
+            kvx__ev_release(ep, pd->ev_left);
             free(pd->in.data);
             free(pd);
         } else {
@@ -291,6 +328,7 @@ static void *progress_main(void *arg)
             kvx__conn *c = evs[i].data.ptr;
             c->on_io(ep, c, evs[i].events);
         }
+        kvx__posts_drain(ep);
         kvx__kick_posts(ep);
         busy = ep->ops->progress ? ep->ops->progress(ep) : 0;
         int64_t now = td_now_ns();
@@ -396,6 +434,7 @@ int kvx_ep_create(const kvx_params *params, kvx_ep **out)
     }
     ep->wake.on_io = on_wake;
     if ((rc = kvx__conn_add(ep, &ep->wake, EPOLLIN)) < 0) goto fail;
+    if ((rc = kvx__ring_init(ep)) < 0) goto fail;
     if (ops->ep_init && (rc = ops->ep_init(ep)) < 0) goto fail;
     if (!ep->pool) {
         rc = TD_EINVAL; /* the transport had to allocate one */
@@ -444,9 +483,9 @@ void kvx_ep_destroy(kvx_ep *ep)
             while (r->wait_head) {
                 kvx__post *p = r->wait_head;
                 r->wait_head = p->next;
-                free(p);
+                kvx__post_free(ep, p);
             }
-            kvx__req_free(r);
+            kvx__req_free(ep, r);
         }
     while (ep->pending) {
         kvx__pending *pd = ep->pending;
@@ -471,5 +510,6 @@ void kvx_ep_destroy(kvx_ep *ep)
     free(ep->owner);
     free(ep->owner_pos);
     free(ep->kick);
+    kvx__ring_fini(ep);
     free(ep);
 }

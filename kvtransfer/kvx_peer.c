@@ -106,7 +106,12 @@ int kvx__ctrl_send(kvx_ep *ep, kvx__peer *p, uint16_t type, const void *a, size_
         return TD_ETIMEDOUT;
     }
     kvx_wire_hdr h = {.magic = KVX_WIRE_MAGIC_CTRL, .type = type, .len = (uint32_t)(alen + blen)};
-    if (buf_reserve(&p->out, sizeof(h) + alen + blen) < 0) return TD_ENOMEM;
+    if (buf_reserve(&p->out, sizeof(h) + alen + blen) < 0) {
+        /* A control message that cannot be queued would be lost (a DONE, a
+         * CANCEL) and leave the other side waiting: the stream is unusable. */
+        kvx__peer_fail(ep, p, TD_ENOMEM, "no memory for the control stream");
+        return TD_ENOMEM;
+    }
     memcpy(p->out.data + p->out.len, &h, sizeof(h));
     p->out.len += sizeof(h);
     if (alen) {
@@ -152,11 +157,13 @@ void kvx__peer_fail(kvx_ep *ep, kvx__peer *p, int err, const char *fmt, ...)
     if (p->ctrl.fd >= 0) close(p->ctrl.fd);
     p->ctrl.fd = -1;
     __atomic_fetch_sub(&ep->st.peers, 1, __ATOMIC_RELAXED);
+    p->ev_left = 0; /* reserved when the peer was made */
     kvx__emit(ep, KVX_EV_PEER_ERROR, NULL, -1, p->id, err, msg);
 }
 
 static void peer_free(kvx_ep *ep, kvx__peer *p)
 {
+    kvx__ev_release(ep, p->ev_left);
     if (ep->ops->peer_free) ep->ops->peer_free(ep, p);
     free(p->in.data);
     free(p->out.data);
@@ -344,6 +351,7 @@ static void receiver_hello(kvx_ep *ep, kvx__pending *pd, const kvx_wire_hello *r
         snprintf(nak.msg, sizeof(nak.msg), "%s", msg);
         (void)send_msg_blocking(pd->c.fd, KVX_MSG_HELLO_NAK, &nak, sizeof(nak), -1);
         td_log_error(MOD, "handshake_mismatch", "field=%s msg=\"%s\"", field, msg);
+        pd->ev_left = 0; /* reserved at accept */
         kvx__emit(ep, KVX_EV_PEER_ERROR, NULL, -1, -1, TD_EMISMATCH, msg);
         kvx__pending_close(ep, pd);
         return;
@@ -357,6 +365,8 @@ static void receiver_hello(kvx_ep *ep, kvx__pending *pd, const kvx_wire_hello *r
         close(fd);
         return;
     }
+    p->ev_left = pd->ev_left; /* its PEER_ERROR, reserved at accept */
+    pd->ev_left = 0;
     p->remote = *remote;
     uint64_t tok = XXH3_64bits_withSeed(&p, sizeof(p), (uint64_t)td_now_ns());
     p->token = tok ? tok : 1;
@@ -456,15 +466,19 @@ static void on_listen(kvx_ep *ep, kvx__conn *c, uint32_t events)
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         }
         kvx__pending *pd = calloc(1, sizeof(*pd));
-        if (!pd) {
+        /* Room for the PEER_ERROR this connection may end with. */
+        if (!pd || kvx__ev_reserve(ep, 1, 1, 0) < 0) {
+            free(pd);
             close(fd);
             continue;
         }
+        pd->ev_left = 1;
         pd->c.fd = fd;
         pd->c.on_io = on_pending;
         pd->c.tp = pd;
         pd->t0_ns = td_now_ns();
         if (kvx__conn_add(ep, &pd->c, EPOLLIN) < 0) {
+            kvx__ev_release(ep, pd->ev_left);
             close(fd);
             free(pd);
             continue;
@@ -631,6 +645,9 @@ int kvx_connect(kvx_ep *ep, const char *addr, int *peer, char *msg, size_t msg_l
     if (msg && msg_len) msg[0] = 0;
     int fd = -1, pass_fd = -1, rc;
     kvx__peer *p = NULL;
+    /* Room for the PEER_ERROR of a mismatch now, or of the peer later. */
+    if ((rc = kvx__ev_reserve(ep, 1, 1, 0)) < 0) return rc;
+    int ev_held = 1;
     if ((rc = kvx__dial(ep, addr, ep->p.stall_timeout_ns, &fd)) < 0) goto fail;
     kvx_wire_hello h;
     hello_local(ep, &h);
@@ -682,6 +699,8 @@ int kvx_connect(kvx_ep *ep, const char *addr, int *peer, char *msg, size_t msg_l
         if (rc < 0) goto fail;
     }
     fd = -1; /* owned by p */
+    p->ev_left = 1;
+    ev_held = 0;
     rc = kvx__call(ep, add_peer_fn, p);
     if (rc < 0) return rc; /* p was failed and is reaped by the progress thread */
     *peer = rc;
@@ -694,6 +713,10 @@ fail:
     }
     if (pass_fd >= 0) close(pass_fd);
     if (fd >= 0) close(fd);
-    if (rc == TD_EMISMATCH) kvx__emit(ep, KVX_EV_PEER_ERROR, NULL, -1, -1, rc, msg);
+    if (rc == TD_EMISMATCH) {
+        ev_held = 0;
+        kvx__emit(ep, KVX_EV_PEER_ERROR, NULL, -1, -1, rc, msg);
+    }
+    if (ev_held) kvx__ev_release(ep, 1);
     return rc;
 }

@@ -83,8 +83,9 @@ static kvx__req *req_alloc(kvx_ep *ep)
     return NULL;
 }
 
-void kvx__req_free(kvx__req *r)
+void kvx__req_free(kvx_ep *ep, kvx__req *r)
 {
+    kvx__ev_release(ep, r->ev_left);
     free(r->dst);
     free(r->landed);
     free(r->layer_count);
@@ -105,16 +106,18 @@ void kvx__rreq_finish(kvx_ep *ep, kvx__req *r, int err, const char *msg)
     if (err == 0) {
         kvx__stat_add(&ep->st.requests_done, 1);
         td_log_debug(MOD, "recv_request_done", "req=%s", r->id);
+        r->ev_left--;
         kvx__emit_ex(ep, KVX_EV_DONE, r->id, -1, r->peer ? r->peer->id : -1, 0, NULL,
                      td_now_ns() - r->t0_ns);
     } else {
         kvx__stat_add(&ep->st.requests_failed, 1);
         td_log_warn(MOD, "recv_request_failed", "req=%s err=%s landed=%llu", r->id,
                     td_err_name(err), (unsigned long long)r->n_landed);
+        r->ev_left--;
         kvx__emit_ex(ep, KVX_EV_FAILED, r->id, -1, r->peer ? r->peer->id : -1, err, msg,
                      td_now_ns() - r->t0_ns);
     }
-    kvx__req_free(r);
+    kvx__req_free(ep, r);
     /* The sender hears of it last. A send that fails fails the peer, and
      * that finishes every request still bound to it: r must be gone by
      * then, or it would end twice (a FAILED for a request that had landed
@@ -171,8 +174,10 @@ void kvx__rreq_land(kvx_ep *ep, kvx__req *r, uint32_t layer, uint32_t dst)
     r->landed[(size_t)layer * r->n_blocks + ep->owner_pos[dst]] = 2;
     r->n_landed++;
     kvx__stat_add(&ep->st.bytes_received, ep->block_bytes);
-    if (++r->layer_count[layer] == (uint32_t)r->n_blocks)
+    if (++r->layer_count[layer] == (uint32_t)r->n_blocks) {
+        r->ev_left--;
         kvx__emit(ep, KVX_EV_LAYER_LANDED, r->id, (int)layer, r->peer ? r->peer->id : -1, 0, NULL);
+    }
     if (r->n_landed == (uint64_t)r->n_blocks * ep->p.layout.n_layers)
         kvx__rreq_finish(ep, r, 0, NULL);
 }
@@ -188,25 +193,29 @@ static void sreq_maybe_reap(kvx_ep *ep, kvx__req *r)
     }
     if (r->final_err == 0) {
         kvx__stat_add(&ep->st.requests_done, 1);
+        r->ev_left--;
         kvx__emit_ex(ep, KVX_EV_DONE, r->id, -1, r->peer ? r->peer->id : -1, 0, NULL,
                      td_now_ns() - r->t0_ns);
     } else {
         kvx__stat_add(&ep->st.requests_failed, 1);
         td_log_warn(MOD, "send_request_failed", "req=%s err=%s", r->id, td_err_name(r->final_err));
+        r->ev_left--;
         kvx__emit_ex(ep, KVX_EV_FAILED, r->id, -1, r->peer ? r->peer->id : -1, r->final_err,
                      r->final_msg, td_now_ns() - r->t0_ns);
     }
-    kvx__req_free(r);
+    kvx__req_free(ep, r);
 }
 
 void kvx__post_done(kvx_ep *ep, kvx__post *post)
 {
     kvx__req *r = post->req;
-    if (!r->closing)
+    if (!r->closing) {
+        post->ev = 0; /* reserved by kvx_send_layers */
         kvx__emit(ep, KVX_EV_LAYER_SENT, r->id, (int)post->layer, r->peer ? r->peer->id : -1, 0,
                   NULL);
+    }
     r->inflight--;
-    free(post);
+    kvx__post_free(ep, post);
     sreq_maybe_reap(ep, r);
 }
 
@@ -220,7 +229,7 @@ void kvx__sreq_finish(kvx_ep *ep, kvx__req *r, int err, const char *msg, int not
     while (r->wait_head) {
         kvx__post *p = r->wait_head;
         r->wait_head = p->next;
-        free(p);
+        kvx__post_free(ep, p);
     }
     r->wait_tail = NULL;
     if (ep->ops->sreq_abort) ep->ops->sreq_abort(ep, r);
@@ -273,7 +282,7 @@ static void post_start(kvx_ep *ep, kvx__req *r, kvx__post *post)
 {
     int rc = post_check(r, post);
     if (rc < 0) {
-        free(post);
+        kvx__post_free(ep, post);
         kvx__sreq_finish(ep, r, rc, "posted a block the receiver did not register", 1);
         return;
     }
@@ -481,7 +490,7 @@ static int register_fn(kvx_ep *ep, void *arg)
     if (rc < 0) {
         while (--i >= 0)
             ep->owner[a->dst[i]] = -1;
-        kvx__req_free(r);
+        kvx__req_free(ep, r);
         return rc;
     }
     kvx__copy_id(r->id, a->id);
@@ -492,12 +501,18 @@ static int register_fn(kvx_ep *ep, void *arg)
     r->dst = malloc(sizeof(uint32_t) * (size_t)a->n);
     r->landed = calloc((size_t)a->n * ep->p.layout.n_layers, 1);
     r->layer_count = calloc(ep->p.layout.n_layers, sizeof(uint32_t));
-    if (!r->dst || !r->landed || !r->layer_count) {
+    /* Room for every event r can produce: one LAYER_LANDED per layer and its
+     * final event. Emitting them later never allocates. */
+    rc = TD_ENOMEM;
+    if (r->dst && r->landed && r->layer_count)
+        rc = kvx__ev_reserve(ep, (int)ep->p.layout.n_layers + 1, 1, 0);
+    if (rc < 0) {
         for (i = 0; i < a->n; i++)
             ep->owner[a->dst[i]] = -1;
-        kvx__req_free(r);
-        return TD_ENOMEM;
+        kvx__req_free(ep, r);
+        return rc;
     }
+    r->ev_left = (int)ep->p.layout.n_layers + 1;
     memcpy(r->dst, a->dst, sizeof(uint32_t) * (size_t)a->n);
     return 0;
 }
@@ -535,11 +550,23 @@ static int begin_fn(kvx_ep *ep, void *arg)
     if (!p) return TD_ENOENT;
     if (p->dead) return TD_ECONNRESET;
     uint64_t hash = kvx_req_hash(a->id);
-    for (int i = 0; i < ep->reqs_hi; i++)
-        if (ep->reqs[i].used && (ep->reqs[i].hash == hash || !strcmp(ep->reqs[i].id, a->id)))
-            return TD_EEXIST;
+    int open = 0;
+    for (int i = 0; i < ep->reqs_hi; i++) {
+        if (!ep->reqs[i].used) continue;
+        if (ep->reqs[i].hash == hash || !strcmp(ep->reqs[i].id, a->id)) return TD_EEXIST;
+        open++;
+    }
     kvx__req *r = req_alloc(ep);
     if (!r) return TD_ENOSPC;
+    /* Its final event is reserved; the queue also grows here, off the hot
+     * path, to keep room for one LAYER_SENT per layer of every open request,
+     * so kvx_send_layers (which may not grow it) finds room. */
+    int rc = kvx__ev_reserve(ep, 1, 1, (open + 1) * (int)ep->p.layout.n_layers);
+    if (rc < 0) {
+        kvx__req_free(ep, r);
+        return rc;
+    }
+    r->ev_left = 1;
     kvx__copy_id(r->id, a->id);
     r->hash = hash;
     r->deadline_ns = a->deadline_ns;
@@ -548,9 +575,9 @@ static int begin_fn(kvx_ep *ep, void *arg)
     /* r joins the peer only once BEGIN is queued: a send that fails the peer
      * (reset, stalled reader) must not also finish r with a FAILED event, as
      * the caller gets the error code instead and owns nothing of r. */
-    int rc = kvx__ctrl_send(ep, p, KVX_MSG_BEGIN, &m, sizeof(m), a->id, m.n);
+    rc = kvx__ctrl_send(ep, p, KVX_MSG_BEGIN, &m, sizeof(m), a->id, m.n);
     if (rc < 0) {
-        kvx__req_free(r);
+        kvx__req_free(ep, r);
         return rc;
     }
     r->peer = p;
@@ -564,32 +591,34 @@ int kvx_send_begin(kvx_ep *ep, int peer, const char *req_id, int64_t deadline_ns
     return kvx__call(ep, begin_fn, &a);
 }
 
-struct layer_arg {
-    const char *id;
-    int layer;
-    const kvx_pair *pairs;
-    int n;
-};
-
-static int layer_fn(kvx_ep *ep, void *arg)
+/* Sender, progress thread: a post read from the post ring. */
+void kvx__post_accept(kvx_ep *ep, kvx__post *post)
 {
-    struct layer_arg *a = arg;
-    kvx__req *r = req_by_id(ep, a->id);
-    if (!r) return TD_ENOENT;
-    if (r->closing) return r->final_err < 0 ? r->final_err : TD_ECANCELED;
-    for (int i = 0; i < a->n; i++)
-        if (a->pairs[i].src >= ep->p.layout.num_blocks ||
-            a->pairs[i].dst >= r->peer->remote.num_blocks)
-            return TD_EINVAL;
-    kvx__post *post = malloc(sizeof(*post) + sizeof(kvx_pair) * (size_t)a->n);
-    if (!post) return TD_ENOMEM;
-    memset(post, 0, sizeof(*post));
+    kvx__req *r = req_by_hash(ep, post->hash, NULL);
+    if (!r || strcmp(r->id, post->id) != 0) {
+        /* No open request of that id: never begun, or its final event is
+         * out already. Reported per post; it ends nothing. */
+        td_log_warn(MOD, "post_rejected", "req=%s layer=%u", post->id, post->layer);
+        post->ev = 0;
+        kvx__emit(ep, KVX_EV_POST_REJECTED, post->id, (int)post->layer, -1, TD_ENOENT,
+                  "no open request with this id");
+        kvx__post_free(ep, post);
+        return;
+    }
+    if (r->closing) {
+        /* Failing: its one FAILED event reports it. */
+        kvx__post_free(ep, post);
+        return;
+    }
+    for (int i = 0; i < post->n; i++)
+        if (post->pairs[i].dst >= r->peer->remote.num_blocks) {
+            kvx__post_free(ep, post);
+            kvx__sreq_finish(ep, r, TD_EINVAL, "posted a block beyond the receiver's pool", 1);
+            return;
+        }
     post->req = r;
-    post->layer = (uint32_t)a->layer;
-    post->n = a->n;
-    memcpy(post->pairs, a->pairs, sizeof(kvx_pair) * (size_t)a->n);
-    /* Queue it; the data moves after this command returns (kick_posts), so
-     * the caller (the engine's compute thread) never waits for a copy. */
+    post->next = NULL;
+    /* Queue it; the data moves later in this loop iteration (kick_posts). */
     if (r->wait_tail)
         r->wait_tail->next = post;
     else
@@ -603,17 +632,38 @@ static int layer_fn(kvx_ep *ep, void *arg)
             ep->kick[ep->n_kick++] = r->slot;
         }
     }
+}
+
+struct layer_arg {
+    const char *id;
+    const kvx_pair *pairs;
+    int n;
+};
+
+/* kvx_send_layer's synchronous check of the request's state. */
+static int layer_check_fn(kvx_ep *ep, void *arg)
+{
+    struct layer_arg *a = arg;
+    kvx__req *r = req_by_id(ep, a->id);
+    if (!r) return TD_ENOENT;
+    if (r->closing) return r->final_err < 0 ? r->final_err : TD_ECANCELED;
+    for (int i = 0; i < a->n; i++)
+        if (a->pairs[i].dst >= r->peer->remote.num_blocks) return TD_EINVAL;
     return 0;
 }
 
 int kvx_send_layer(kvx_ep *ep, const char *req_id, int layer, const kvx_pair *pairs, int n)
 {
+    kvx_layer_post one = {.req_id = req_id, .layer = layer, .pairs = pairs, .n = n};
     if (!ep || ep->p.role != KVX_ROLE_SEND || check_id(req_id) < 0 || layer < 0 ||
-        (uint32_t)layer >= ep->p.layout.n_layers || n <= 0 || !pairs ||
-        (size_t)n > KVX_WIRE_MAX_BODY / sizeof(kvx_pair) - 8)
+        (uint32_t)layer >= ep->p.layout.n_layers || n <= 0 || !pairs || n > KVX_POST_MAX_PAIRS)
         return TD_EINVAL;
-    struct layer_arg a = {req_id, layer, pairs, n};
-    return kvx__call(ep, layer_fn, &a);
+    for (int i = 0; i < n; i++)
+        if (pairs[i].src >= ep->p.layout.num_blocks) return TD_EINVAL;
+    struct layer_arg a = {req_id, pairs, n};
+    int rc = kvx__call(ep, layer_check_fn, &a);
+    if (rc < 0) return rc;
+    return kvx_send_layers(ep, &one, 1);
 }
 
 static int cancel_fn(kvx_ep *ep, void *arg)
