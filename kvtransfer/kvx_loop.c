@@ -6,8 +6,9 @@
  *
  * One iteration of the progress thread:
  *   epoll_wait (0 while a transport has device work, else up to one tick)
+ *   -> posts published in the post ring are accepted (kvx_post.c)
  *   -> I/O callbacks (sockets, the wake eventfd: commands)
- *   -> posts queued since the last iteration start
+ *   -> posts published meanwhile are accepted; accepted posts start
  *   -> transport progress (device events)
  *   -> timers (heartbeats, stalls, deadlines) once per tick
  *   -> dead peers reaped (never inside their own callbacks)
@@ -324,6 +325,9 @@ static void *progress_main(void *arg)
             td_log_error(MOD, "epoll_failed", "errno=%d", errno);
             break;
         }
+        /* Posts published before this wake-up go before the messages that
+         * arrived with it (a CANCEL from the peer, say). */
+        kvx__posts_drain(ep);
         for (int i = 0; i < n; i++) {
             kvx__conn *c = evs[i].data.ptr;
             c->on_io(ep, c, evs[i].events);

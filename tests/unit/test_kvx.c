@@ -1392,7 +1392,11 @@ static void batched(const char *transport)
             assert_int_equal(trx[r].err, TD_ECANCELED);
             assert_int_equal(ttx[r].err, TD_ECANCELED);
             assert_true(trx[r].layers <= NL && ttx[r].layers <= NL);
-            assert_true(ttx[r].rejected <= NL - 3); /* only posts after the cancel */
+            /* A local cancel runs after the posts made before it (a
+             * command drains the ring first), so at most the later posts
+             * are rejected; a receiver's CANCEL can overtake posts still in
+             * the ring, which are then rejected too. */
+            assert_true(ttx[r].rejected <= (canceled[r] == 2 ? NL - 3 : NL));
         } else {
             assert_int_equal(trx[r].done, 1);
             assert_int_equal(ttx[r].done, 1);
