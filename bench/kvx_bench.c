@@ -204,13 +204,16 @@ static int wait_done(kvx_ep *ep, int n, int64_t *t_done)
     int64_t end = td_now_ns() + 30 * TD_NS_PER_S;
     int done = 0;
     while (done < n && td_now_ns() < end) {
-        kvx_event e;
-        if (kvx_ep_wait(ep, &e, 1, 100 * TD_NS_PER_MS) != 1) continue;
-        if (e.type == KVX_EV_FAILED) {
-            fprintf(stderr, "request %s failed: %s %s\n", e.req_id, td_err_name(e.err), e.msg);
-            return e.err;
+        kvx_event evs[64];
+        int k = kvx_ep_wait(ep, evs, 64, 100 * TD_NS_PER_MS);
+        for (int i = 0; i < k; i++) {
+            if (evs[i].type == KVX_EV_FAILED) {
+                fprintf(stderr, "request %s failed: %s %s\n", evs[i].req_id,
+                        td_err_name(evs[i].err), evs[i].msg);
+                return evs[i].err;
+            }
+            done += evs[i].type == KVX_EV_DONE;
         }
-        done += e.type == KVX_EV_DONE;
     }
     if (done < n) return TD_ETIMEDOUT;
     if (t_done) *t_done = td_now_ns();
