@@ -232,13 +232,15 @@ int kvx__call(kvx_ep *ep, int (*fn)(kvx_ep *, void *), void *arg)
 
 static void run_commands(kvx_ep *ep)
 {
-    /* Posts published before these commands were queued go first: a
-     * thread's kvx_send_layers and its later calls keep their order. */
-    kvx__posts_drain(ep);
     pthread_mutex_lock(&ep->mu);
     kvx__cmd *c = ep->cmd_head;
     ep->cmd_head = ep->cmd_tail = NULL;
     pthread_mutex_unlock(&ep->mu);
+    /* Posts published before these commands were queued go first: a
+     * thread's kvx_send_layers and its later calls keep their order. The
+     * ring is read after the list is taken, so it holds every post made
+     * before any of these commands. */
+    kvx__posts_drain(ep);
     while (c) {
         kvx__cmd *next = c->next;
         int rc = c->fn(ep, c->arg);

@@ -1789,6 +1789,99 @@ static void test_events_survive_alloc_failure(void **s)
     kvx_ep_destroy(rx);
 }
 
+/* Several application threads post at once (kvx_send_layers may be called
+ * from any thread): each owns 8 requests and posts their layers in batches
+ * of its own, some split in two posts per layer. Everything lands once. */
+enum { CP_THREADS = 4, CP_REQS = 8, CP_NB = 2, CP_NL = 8 };
+
+struct cp_arg {
+    kvx_ep *tx;
+    int t;
+    char (*id)[16];
+    kvx_pair (*pairs)[CP_NB];
+    int rc;
+};
+
+static void *cp_poster(void *arg)
+{
+    struct cp_arg *a = arg;
+    for (int layer = 0; layer < CP_NL && a->rc == 0; layer++) {
+        kvx_layer_post posts[2 * CP_REQS];
+        int n = 0;
+        for (int k = 0; k < CP_REQS; k++) {
+            int r = a->t * CP_REQS + k;
+            if (k % 2) { /* this layer in two posts of one block each */
+                posts[n++] = (kvx_layer_post){a->id[r], layer, &a->pairs[r][0], 1};
+                posts[n++] = (kvx_layer_post){a->id[r], layer, &a->pairs[r][1], 1};
+            } else {
+                posts[n++] = (kvx_layer_post){a->id[r], layer, a->pairs[r], CP_NB};
+            }
+        }
+        a->rc = kvx_send_layers(a->tx, posts, n);
+        if (a->rc == TD_EAGAIN) { /* not expected with the default ring; retry */
+            usleep(1000);
+            a->rc = 0;
+            layer--;
+        }
+    }
+    return NULL;
+}
+
+static void test_concurrent_posters(void **s)
+{
+    enum { NREQ = CP_THREADS * CP_REQS };
+    kv_layout l = small_layout(CP_NL, NREQ * CP_NB);
+    char bound[128];
+    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
+    kvx_ep *tx = mk_ep("tcp", KVX_ROLE_SEND, l, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 33);
+    int peer;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    static char id[NREQ][16];
+    static kvx_pair pairs[NREQ][CP_NB];
+    int expect[NREQ];
+    for (int r = 0; r < NREQ; r++) {
+        uint32_t dst[CP_NB];
+        for (int i = 0; i < CP_NB; i++) {
+            pairs[r][i].dst = dst[i] = (uint32_t)(r * CP_NB + i);
+            pairs[r][i].src = (uint32_t)(NREQ * CP_NB - 1 - (r * CP_NB + i));
+        }
+        snprintf(id[r], sizeof(id[r]), "c%d", r);
+        assert_int_equal(kvx_recv_register(rx, id[r], dst, CP_NB, 0), 0);
+        assert_int_equal(kvx_send_begin(tx, peer, id[r], 0), 0);
+        expect[r] = 1;
+    }
+    pthread_t th[CP_THREADS];
+    struct cp_arg args[CP_THREADS];
+    for (int t = 0; t < CP_THREADS; t++) {
+        args[t] = (struct cp_arg){.tx = tx, .t = t, .id = id, .pairs = pairs};
+        assert_int_equal(pthread_create(&th[t], NULL, cp_poster, &args[t]), 0);
+    }
+    for (int t = 0; t < CP_THREADS; t++) {
+        pthread_join(th[t], NULL);
+        assert_int_equal(args[t].rc, 0);
+    }
+    static ev_tally trx[NREQ], ttx[NREQ];
+    memset(trx, 0, sizeof(trx));
+    memset(ttx, 0, sizeof(ttx));
+    int64_t end = td_now_ns() + 20 * SEC;
+    while (!(all_final(trx, expect, NREQ) && all_final(ttx, expect, NREQ)) && td_now_ns() < end) {
+        tally_events(rx, "c", trx, NREQ);
+        tally_events(tx, "c", ttx, NREQ);
+        usleep(2000);
+    }
+    for (int r = 0; r < NREQ; r++) {
+        assert_int_equal(trx[r].done, 1);
+        assert_int_equal(ttx[r].done, 1);
+        assert_int_equal(trx[r].layers, CP_NL);
+        /* one LAYER_SENT per post: two per layer for the split ones */
+        assert_int_equal(ttx[r].layers, (r % CP_REQS) % 2 ? 2 * CP_NL : CP_NL);
+        verify(tx, rx, &l, &l, pairs[r], CP_NB);
+    }
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
 int main(void)
 {
     /* SIGPIPE keeps its default action: a socket write in kvx without
@@ -1831,6 +1924,7 @@ int main(void)
         cmocka_unit_test(test_post_unknown_and_failed),
         cmocka_unit_test(test_post_ring_full),
         cmocka_unit_test(test_events_survive_alloc_failure),
+        cmocka_unit_test(test_concurrent_posters),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
