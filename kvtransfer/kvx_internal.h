@@ -1,7 +1,10 @@
-/* kvx internals shared by the core (kvx_loop.c: endpoint, progress thread,
- * queues, timers; kvx_peer.c: peers and handshake; kvx_req.c: request state
- * machines) and the transports (tcp/, shm/, cuda_ipc/, nccl/). Everything here runs on the
- * endpoint's progress thread unless a comment says otherwise. */
+/* kvx internals shared by the core and the transports (tcp/, shm/,
+ * cuda_ipc/, nccl/). The core, by object: kvx_loop.c (the endpoint, its
+ * progress thread, command and event queues, timers), kvx_post.c (the
+ * sender's post ring), kvx_req.c (request state machines), kvx_peer.c
+ * (peers' control connections), kvx_handshake.c (listen, accept, connect).
+ * Everything here runs on the endpoint's progress thread unless a comment
+ * says otherwise. */
 #ifndef TANDEM_KVTRANSFER_KVX_INTERNAL_H
 #define TANDEM_KVTRANSFER_KVX_INTERNAL_H
 
@@ -266,6 +269,15 @@ int kvx__dial(const kvx_ep *ep, const char *addr, int64_t timeout_ns, int *out_f
 
 /* ---- kvx_peer.c ---- */
 
+/* Grows b to hold extra more bytes. */
+int kvx__buf_reserve(kvx__buf *b, size_t extra);
+/* A peer on control connection fd (progress thread: takes the next id). */
+kvx__peer *kvx__peer_new(kvx_ep *ep, int fd);
+/* epoll callback of a peer's control connection. */
+void kvx__peer_on_ctrl(kvx_ep *ep, kvx__conn *c, uint32_t events);
+/* Frees a peer that is off the list (transport state, buffers). */
+void kvx__peer_free(kvx_ep *ep, kvx__peer *p);
+
 /* Marks p dead (closes it at the end of the iteration), fails its requests
  * and reports a KVX_EV_PEER_ERROR. */
 void kvx__peer_fail(kvx_ep *ep, kvx__peer *p, int err, const char *fmt, ...)
@@ -274,6 +286,9 @@ void kvx__peer_fail(kvx_ep *ep, kvx__peer *p, int err, const char *fmt, ...)
 /* Frees the peers marked dead (end of a loop iteration, or destroy). */
 void kvx__reap_peers(kvx_ep *ep);
 kvx__peer *kvx__peer_by_id(kvx_ep *ep, int id);
+
+/* ---- kvx_handshake.c ---- */
+
 /* Closes a pending connection (freed by the timers). */
 void kvx__pending_close(kvx_ep *ep, kvx__pending *pd);
 

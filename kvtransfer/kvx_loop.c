@@ -1,8 +1,8 @@
 /* kvx event loop: the endpoint object, its progress thread, the command
  * queue (application -> progress), the event queue (progress -> application)
- * and the timers. Peers live in kvx_peer.c, requests in kvx_req.c, the
- * batched post ring in kvx_post.c; transports plug in through kvx__ops
- * (kvx_internal.h).
+ * and the timers. Peers live in kvx_peer.c and kvx_handshake.c, requests in
+ * kvx_req.c, the batched post ring in kvx_post.c; transports plug in through
+ * kvx__ops (kvx_internal.h).
  *
  * One iteration of the progress thread:
  *   epoll_wait (0 while a transport has device work, else up to one tick)
