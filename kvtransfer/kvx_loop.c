@@ -497,6 +497,7 @@ void kvx_ep_destroy(kvx_ep *ep)
         kvx__pending *pd = ep->pending;
         ep->pending = pd->next;
         if (!pd->closed && pd->c.fd >= 0) close(pd->c.fd);
+        kvx__ev_release(ep, pd->ev_left);
         free(pd->in.data);
         free(pd);
     }
@@ -508,6 +509,10 @@ void kvx_ep_destroy(kvx_ep *ep)
     if (ep->epfd >= 0) close(ep->epfd);
     if (ep->wake.fd >= 0) close(ep->wake.fd);
     if (ep->ev_fd >= 0) close(ep->ev_fd);
+    /* Every reservation was filled or given back: requests, peers, pending
+     * connections and posts are all gone (a leak here would have grown the
+     * queue for nothing while the endpoint ran). */
+    assert(ep->ev_promised == 0);
     pthread_mutex_destroy(&ep->mu);
     pthread_cond_destroy(&ep->cv);
     pthread_mutex_destroy(&ep->ev_mu);
