@@ -82,8 +82,8 @@ typedef struct kvx_params {
 
 enum kvx_event_type {
     KVX_EV_LAYER_LANDED = 1,  /* receiver: every block of `layer` has landed */
-    KVX_EV_LAYER_SENT = 2,    /* sender: one kvx_send_layer() post of `layer` left; its
-                               * source blocks may be reused */
+    KVX_EV_LAYER_SENT = 2,    /* sender: one post (kvx_send_layers/kvx_send_layer) of
+                               * `layer` left; its source blocks may be reused */
     KVX_EV_DONE = 3,          /* both: whole request landed (sender: confirmed) */
     KVX_EV_FAILED = 4,        /* both: request ended without completing; err says why */
     KVX_EV_PEER_ERROR = 5,    /* a peer connection failed or was rejected; peer, err, msg */
@@ -170,14 +170,16 @@ int kvx_connect(kvx_ep *ep, const char *addr, int *peer, char *msg, size_t msg_l
  * open request). Every layer of the layout is expected for every block.
  * deadline_ns: absolute td_now_ns() deadline, 0 for none. Returns 0, or
  * TD_EINVAL, TD_EEXIST (id already open, or a block already leased), TD_ERANGE
- * (more than 262138 blocks), TD_ENOSPC (4096 requests open). */
+ * (more than 262138 blocks), TD_ENOSPC (4096 requests open), TD_ENOMEM (no
+ * memory for its state or for its n_layers + 1 events). */
 int kvx_recv_register(kvx_ep *ep, const char *req_id, const uint32_t *dst_blocks, int n_blocks,
                       int64_t deadline_ns);
 
 /* Sender: opens request req_id towards peer (sends BEGIN; the receiver
  * answers with its registered blocks, or fails the request with TD_ENOENT
  * when it has not registered it). deadline as above. Returns 0, TD_ENOENT
- * (no such peer), TD_ECONNRESET (peer gone), TD_EEXIST (id open). */
+ * (no such peer), TD_ECONNRESET (peer gone), TD_EEXIST (id open), TD_ENOSPC
+ * (4096 requests open), TD_ENOMEM (no memory for its events). */
 int kvx_send_begin(kvx_ep *ep, int peer, const char *req_id, int64_t deadline_ns);
 
 /* Sender, the hot path: posts layer copies of one or more open requests (a
@@ -206,7 +208,11 @@ int kvx_send_begin(kvx_ep *ep, int peer, const char *req_id, int64_t deadline_ns
  * request, so a request posting each layer once never waits on it; posting a
  * layer in several posts uses spare room, which polling events frees.
  *
- * What becomes of each post (decided on the progress thread, in order):
+ * What becomes of each post is decided on the progress thread, in the order
+ * the posts were made, and before any kvx_* call the posting thread makes
+ * after this one (a kvx_cancel right after finds the post queued); a message
+ * from the peer (its CANCEL) may overtake posts not yet read from the ring:
+ *
  *   - request open and not failing: sent; exactly one KVX_EV_LAYER_SENT when
  *     its data left (source blocks reusable), or none when the request ends
  *     first (its final event covers it);
@@ -218,7 +224,8 @@ int kvx_send_begin(kvx_ep *ep, int peer, const char *req_id, int64_t deadline_ns
  *   - no open request of that id (never begun, or already ended with its
  *     final event): KVX_EV_POST_REJECTED (TD_ENOENT) for that post.
  * So a request opened with kvx_send_begin ends with exactly one final event
- * (DONE or FAILED), whatever is posted for it, and a post never produces one. */
+ * (DONE or FAILED), whatever is posted for it: no post ever produces a second
+ * one, and a post for an ended request is only ever rejected. */
 int kvx_send_layers(kvx_ep *ep, const kvx_layer_post *posts, int n_posts);
 
 /* Sender: one post, checked first against the request's state (a round trip
