@@ -209,8 +209,9 @@ int kvx_send_begin(kvx_ep *ep, int peer, const char *req_id, int64_t deadline_ns
  * layer in several posts uses spare room, which polling events frees.
  *
  * What becomes of each post is decided on the progress thread, in the order
- * the posts were made, and before any kvx_* call the posting thread makes
- * after this one (a kvx_cancel right after finds the post queued); a message
+ * the posts were made, and before any later call of the posting thread that
+ * goes to the progress thread (a kvx_cancel right after finds the post
+ * queued; kvx_ep_poll and kvx_ep_stats do not go there); a message
  * from the peer (its CANCEL) may overtake posts not yet read from the ring:
  *
  *   - request open and not failing: sent; exactly one KVX_EV_LAYER_SENT when
