@@ -5,10 +5,17 @@
  * with simulated compute per layer, how much of the transfer is still left
  * after the last layer's compute ends.
  *
- * Usage: tandem-kvx-bench [--gib X] [--conns N] [--pool-mib M]
+ * Posting is done as a prefill worker does it: the pool's blocks are split
+ * among a batch of requests, and each layer of the batch is posted by one
+ * kvx_send_layers call (the engine's per-layer hook). The time spent inside
+ * that call is printed per layer; for bs=16 the same run is repeated posting
+ * one kvx_send_layer per request and layer (a round trip each), beside it.
+ *
+ * Usage: tandem-kvx-bench [--gib X] [--conns N] [--pool-mib M] [--batch B]
  *   --gib      GiB moved per configuration (default 1)
  *   --conns    tcp data connections per peer (default 2)
  *   --pool-mib pool size per side in MiB (default 64)
+ *   --batch    requests per prefill batch (default 8; at most one per block)
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -31,6 +38,7 @@
 static double g_gib = 1.0;
 static int g_conns = 2;
 static size_t g_pool_mib = 64;
+static int g_batch = 8;
 
 static kv_layout bench_layout(uint32_t block_size)
 {
@@ -190,55 +198,91 @@ static void close_pair(struct pair_eps *pe)
     kvx_ep_destroy(pe->rx);
 }
 
-static int wait_done(kvx_ep *ep, const char *id, int64_t *t_done)
+/* Waits for n DONE events on ep (any ids); a FAILED ends the wait. */
+static int wait_done(kvx_ep *ep, int n, int64_t *t_done)
 {
     int64_t end = td_now_ns() + 30 * TD_NS_PER_S;
-    while (td_now_ns() < end) {
-        kvx_event e;
-        if (kvx_ep_wait(ep, &e, 1, 100 * TD_NS_PER_MS) != 1 || strcmp(e.req_id, id) != 0) continue;
-        if (e.type == KVX_EV_DONE) {
-            if (t_done) *t_done = td_now_ns();
-            return 0;
-        }
-        if (e.type == KVX_EV_FAILED) {
-            fprintf(stderr, "request %s failed: %s %s\n", id, td_err_name(e.err), e.msg);
-            return e.err;
+    int done = 0;
+    while (done < n && td_now_ns() < end) {
+        kvx_event evs[64];
+        int k = kvx_ep_wait(ep, evs, 64, 100 * TD_NS_PER_MS);
+        for (int i = 0; i < k; i++) {
+            if (evs[i].type == KVX_EV_FAILED) {
+                fprintf(stderr, "request %s failed: %s %s\n", evs[i].req_id,
+                        td_err_name(evs[i].err), evs[i].msg);
+                return evs[i].err;
+            }
+            done += evs[i].type == KVX_EV_DONE;
         }
     }
-    return TD_ETIMEDOUT;
+    if (done < n) return TD_ETIMEDOUT;
+    if (t_done) *t_done = td_now_ns();
+    return 0;
 }
 
-/* One request: every block of the pool, all layers. layer_ns > 0 sleeps that
- * long before posting each layer (the simulated compute of that layer).
- * Returns 0 and fills the times. */
-static int run_request(struct pair_eps *pe, int seq, int64_t layer_ns, int64_t *t_start,
-                       int64_t *t_compute_end, int64_t *t_done)
+/* Time spent inside the post calls of a run. */
+struct post_cost {
+    int64_t ns;
+    int64_t calls;
+    int64_t posts;
+};
+
+/* One prefill batch: every block of the pool, all layers, split among nreq
+ * requests. layer_ns > 0 sleeps that long before posting each layer (the
+ * simulated compute of that layer). per_post: one kvx_send_layer per request
+ * and layer instead of one kvx_send_layers per layer. Returns 0 and fills the
+ * times. */
+static int run_batch(struct pair_eps *pe, int *seq, int nreq, int per_post, int64_t layer_ns,
+                     int64_t *t_start, int64_t *t_compute_end, int64_t *t_done,
+                     struct post_cost *cost)
 {
-    char id[32];
-    snprintf(id, sizeof(id), "bench-%d", seq);
+    enum { MAXB = 4096 };
+    static char ids[MAXB][32];
+    static uint32_t dst[MAXB];
+    static kvx_pair pairs[MAXB];
+    static kvx_layer_post posts[MAXB];
     int nb = (int)pe->l.num_blocks;
-    uint32_t dst[4096];
-    kvx_pair pairs[4096];
-    if (nb > 4096) return TD_ERANGE;
+    if (nb > MAXB) return TD_ERANGE;
+    if (nreq > nb) nreq = nb;
     for (int i = 0; i < nb; i++) {
         pairs[i].src = (uint32_t)i;
         pairs[i].dst = dst[i] = (uint32_t)(nb - 1 - i);
     }
-    int rc = kvx_recv_register(pe->rx, id, dst, nb, 0);
-    if (rc < 0) return rc;
+    int rc = 0;
+    for (int r = 0; r < nreq; r++) {
+        int b0 = r * nb / nreq, b1 = (r + 1) * nb / nreq;
+        snprintf(ids[r], sizeof(ids[r]), "bench-%d", (*seq)++);
+        if ((rc = kvx_recv_register(pe->rx, ids[r], dst + b0, b1 - b0, 0)) < 0) return rc;
+        posts[r] = (kvx_layer_post){.req_id = ids[r], .pairs = pairs + b0, .n = b1 - b0};
+    }
     *t_start = td_now_ns();
-    if ((rc = kvx_send_begin(pe->tx, pe->peer, id, 0)) < 0) return rc;
+    for (int r = 0; r < nreq; r++)
+        if ((rc = kvx_send_begin(pe->tx, pe->peer, ids[r], 0)) < 0) return rc;
     for (uint32_t layer = 0; layer < pe->l.n_layers; layer++) {
         if (layer_ns > 0) td_sleep_ns(layer_ns);
-        if ((rc = kvx_send_layer(pe->tx, id, (int)layer, pairs, nb)) < 0) return rc;
+        for (int r = 0; r < nreq; r++)
+            posts[r].layer = (int)layer;
+        int64_t t0 = td_now_ns();
+        if (per_post) {
+            for (int r = 0; r < nreq && rc >= 0; r++)
+                rc = kvx_send_layer(pe->tx, ids[r], (int)layer, posts[r].pairs, posts[r].n);
+            cost->calls += nreq;
+        } else {
+            rc = kvx_send_layers(pe->tx, posts, nreq);
+            cost->calls++;
+        }
+        cost->ns += td_now_ns() - t0;
+        cost->posts += nreq;
+        if (rc < 0) return rc;
     }
     *t_compute_end = td_now_ns();
-    if ((rc = wait_done(pe->rx, id, t_done)) < 0) return rc;
-    return wait_done(pe->tx, id, NULL);
+    if ((rc = wait_done(pe->rx, nreq, t_done)) < 0) return rc;
+    return wait_done(pe->tx, nreq, NULL);
 }
 
-/* Throughput: requests back to back until g_gib moved. */
-static double kvx_gbps(const char *transport, uint32_t block_size, int *seq)
+/* Throughput: batches back to back until g_gib moved. */
+static double kvx_gbps(const char *transport, uint32_t block_size, int per_post, int *seq,
+                       struct post_cost *cost)
 {
     struct pair_eps pe;
     kv_layout l = bench_layout(block_size);
@@ -248,18 +292,19 @@ static double kvx_gbps(const char *transport, uint32_t block_size, int *seq)
         close_pair(&pe);
         return -1;
     }
-    size_t per_req = kv_layout_pool_bytes(&l);
+    size_t per_batch = kv_layout_pool_bytes(&l);
     size_t target = (size_t)(g_gib * (double)(1ull << 30));
     size_t moved = 0;
+    memset(cost, 0, sizeof(*cost));
     int64_t t0 = td_now_ns();
     while (moved < target) {
         int64_t a, b, c;
-        if ((rc = run_request(&pe, (*seq)++, 0, &a, &b, &c)) < 0) {
+        if ((rc = run_batch(&pe, seq, g_batch, per_post, 0, &a, &b, &c, cost)) < 0) {
             fprintf(stderr, "%s: transfer failed: %s\n", transport, td_strerror(rc));
             close_pair(&pe);
             return -1;
         }
-        moved += per_req;
+        moved += per_batch;
     }
     double secs = td_ns_to_s(td_now_ns() - t0);
     close_pair(&pe);
@@ -271,7 +316,7 @@ static double kvx_gbps(const char *transport, uint32_t block_size, int *seq)
  * the tail (last compute end -> transfer end) as a fraction of the transfer
  * (first post -> transfer end). Without overlap the tail would be the whole
  * transfer; with perfect overlap it is one layer's transfer (1/n_layers). */
-static void overlap(const char *transport, uint32_t block_size, double gbps, int *seq)
+static void overlap(const char *transport, uint32_t block_size, double gbps, int per_post, int *seq)
 {
     struct pair_eps pe;
     kv_layout l = bench_layout(block_size);
@@ -281,29 +326,36 @@ static void overlap(const char *transport, uint32_t block_size, double gbps, int
     }
     double layer_bytes = (double)kv_layout_block_bytes(&l) * l.num_blocks;
     int64_t layer_ns = (int64_t)(layer_bytes / (gbps * 1e9) * 1e9);
-    double sum_frac = 0, sum_tail_ms = 0, sum_xfer_ms = 0;
+    double sum_frac = 0, sum_tail_ms = 0, sum_xfer_ms = 0, sum_post_ms = 0;
     int reps = 5, ok = 0;
     for (int r = 0; r < reps; r++) {
         int64_t t0, tc, td;
-        if (run_request(&pe, (*seq)++, layer_ns, &t0, &tc, &td) < 0) break;
+        struct post_cost cost = {0};
+        if (run_batch(&pe, seq, g_batch, per_post, layer_ns, &t0, &tc, &td, &cost) < 0) break;
         /* The transfer starts when layer 0's compute ends. */
         int64_t xfer_start = t0 + layer_ns;
         sum_frac += (double)(td - tc) / (double)(td - xfer_start);
         sum_tail_ms += td_ns_to_ms(td - tc);
         sum_xfer_ms += td_ns_to_ms(td - xfer_start);
+        sum_post_ms += td_ns_to_ms(cost.ns);
         ok++;
     }
     close_pair(&pe);
     if (!ok) return;
-    printf("overlap %-4s bs=%-3u compute/layer=%6.2f ms  transfer=%7.2f ms  tail after last "
-           "layer=%6.2f ms  tail fraction=%.3f (one layer's share %.3f; no overlap 1.000)\n",
-           transport, block_size, td_ns_to_ms(layer_ns), sum_xfer_ms / ok, sum_tail_ms / ok,
+    /* A post call that waits for the progress thread holds the compute
+     * back; that time is in the "in post calls" figure, and it shrinks the
+     * tail by making compute end later. */
+    printf("overlap %-4s bs=%-3u %s compute/layer=%6.2f ms  in post calls=%6.2f ms  "
+           "transfer=%7.2f ms  tail after last layer=%6.2f ms  tail fraction=%.3f (one layer's "
+           "share %.3f; no overlap 1.000)\n",
+           transport, block_size, per_post ? "kvx_send_layer " : "kvx_send_layers",
+           td_ns_to_ms(layer_ns), sum_post_ms / ok, sum_xfer_ms / ok, sum_tail_ms / ok,
            sum_frac / ok, 1.0 / l.n_layers);
 }
 
 struct bench_opts {
     double gib;
-    int64_t conns, pool_mib;
+    int64_t conns, pool_mib, batch;
 };
 
 static const struct cfg_option bench_table[] = {
@@ -313,6 +365,9 @@ static const struct cfg_option bench_table[] = {
      offsetof(struct bench_opts, conns), 0},
     {"pool-mib", CFG_INT64, "64", "1", "65536", NULL, "KV pool per side (MiB)",
      offsetof(struct bench_opts, pool_mib), 0},
+    {"batch", CFG_INT64, "8", "1", "4096", NULL,
+     "requests per prefill batch (one kvx_send_layers call per layer)",
+     offsetof(struct bench_opts, batch), 0},
 };
 
 /* Returns 0, CFG_HELP (help printed) or a negative TD_E* code (error printed). */
@@ -337,6 +392,7 @@ static int parse_args(int argc, char **argv)
         g_gib = o.gib;
         g_conns = (int)o.conns;
         g_pool_mib = (size_t)o.pool_mib;
+        g_batch = (int)o.batch;
     }
     cfg_free(c);
     return rc;
@@ -351,8 +407,8 @@ int main(int argc, char **argv)
     if (!getenv("TANDEM_LOG_LEVEL")) td_log_set_level(TD_LOG_WARN);
     size_t limit_bytes = (size_t)(g_gib * (double)(1ull << 30));
     printf("kvx bench: 32 layers, n_kv_heads*head_dim=4096, f16; pool %zu MiB per side; "
-           "%.2f GiB per point; tcp data connections=%d\n",
-           g_pool_mib, g_gib, g_conns);
+           "%.2f GiB per point; tcp data connections=%d; up to %d requests per batch\n",
+           g_pool_mib, g_gib, g_conns, g_batch);
     double raw1 = raw_socket_gbps(limit_bytes, 1);
     double raw = g_conns == 1 ? raw1 : raw_socket_gbps(limit_bytes, g_conns);
     double mc = memcpy_gbps(limit_bytes);
@@ -364,22 +420,33 @@ int main(int argc, char **argv)
     double tcp16 = 0, shm16 = 0;
     for (int i = 0; i < 2; i++) {
         kv_layout l = bench_layout(bss[i]);
-        double t = kvx_gbps("tcp", bss[i], &seq);
-        double s = kvx_gbps("shm", bss[i], &seq);
-        printf("kvx    tcp bs=%-3u block=%4zu KiB x %3u blocks x 32 layers  %6.2f GB/s  = %.2f x "
-               "raw (%d streams), %.2f x raw (1 stream)\n",
-               bss[i], kv_layout_block_bytes(&l) >> 10, l.num_blocks, t, raw > 0 ? t / raw : 0,
-               g_conns, raw1 > 0 ? t / raw1 : 0);
-        fflush(stdout);
-        printf("kvx    shm bs=%-3u block=%4zu KiB x %3u blocks x 32 layers  %6.2f GB/s  = %.2f x "
-               "memcpy\n",
-               bss[i], kv_layout_block_bytes(&l) >> 10, l.num_blocks, s, mc > 0 ? s / mc : 0);
-        if (i == 0) {
-            tcp16 = t;
-            shm16 = s;
+        int nreq = g_batch < (int)l.num_blocks ? g_batch : (int)l.num_blocks;
+        for (int per_post = 0; per_post <= (i == 0); per_post++) {
+            struct post_cost ct, cs;
+            double t = kvx_gbps("tcp", bss[i], per_post, &seq, &ct);
+            double s = kvx_gbps("shm", bss[i], per_post, &seq, &cs);
+            const char *how = per_post ? "kvx_send_layer per post " : "kvx_send_layers per layer";
+            printf(
+                "kvx    tcp bs=%-3u block=%4zu KiB x %3u blocks x 32 layers, %d reqs, %s  %6.2f "
+                "GB/s  = %.2f x raw (%d streams), %.2f x raw (1 stream); posting %.1f us/layer\n",
+                bss[i], kv_layout_block_bytes(&l) >> 10, l.num_blocks, nreq, how, t,
+                raw > 0 ? t / raw : 0, g_conns, raw1 > 0 ? t / raw1 : 0,
+                ct.posts ? 1e-3 * (double)ct.ns * nreq / (double)ct.posts : 0);
+            printf("kvx    shm bs=%-3u block=%4zu KiB x %3u blocks x 32 layers, %d reqs, %s  %6.2f "
+                   "GB/s  = %.2f x memcpy; posting %.1f us/layer\n",
+                   bss[i], kv_layout_block_bytes(&l) >> 10, l.num_blocks, nreq, how, s,
+                   mc > 0 ? s / mc : 0,
+                   cs.posts ? 1e-3 * (double)cs.ns * nreq / (double)cs.posts : 0);
+            fflush(stdout);
+            if (i == 0 && !per_post) {
+                tcp16 = t;
+                shm16 = s;
+            }
         }
     }
-    overlap("tcp", 16, tcp16, &seq);
-    overlap("shm", 16, shm16, &seq);
+    for (int per_post = 0; per_post <= 1; per_post++) {
+        overlap("tcp", 16, tcp16, per_post, &seq);
+        overlap("shm", 16, shm16, per_post, &seq);
+    }
     return 0;
 }

@@ -18,6 +18,10 @@
  * socket and device I/O. The kvx_* calls below may be made from any
  * application thread; each one hands a command to the progress thread and
  * waits for its answer (microseconds), so they never race with transfers.
+ * The exception is kvx_send_layers, the sender's hot path: it copies its
+ * posts into a ring preallocated with the endpoint, wakes the progress thread
+ * once and returns without waiting for it (errors that depend on the
+ * request's state come back as events, see there).
  * Results come back as events: kvx_ep_poll() drains them without blocking, and
  * kvx_ep_event_fd() is readable (an eventfd) whenever events are pending, so an
  * event loop can wait on it. No callback ever runs on the progress thread.
@@ -67,15 +71,26 @@ typedef struct kvx_params {
     int max_comms;            /* nccl: communicators kept at once (0 = 4) */
     int64_t comm_idle_ns;     /* nccl: idle communicator torn down (0 = 30 s) */
     int cuda_device;          /* cuda_ipc / nccl: device ordinal */
+    /* Sender: bytes of the post ring behind kvx_send_layers (allocated once,
+     * with the endpoint). A post takes KVX_POST_HDR_BYTES + 8 * n bytes from
+     * the call until its KVX_EV_LAYER_SENT (or until it is dropped). 0 = room
+     * for every block of the pool posted once in every layer, one post per
+     * 4 blocks: n_layers * num_blocks * (8 + KVX_POST_HDR_BYTES / 4), clamped
+     * to [4 MiB, 64 MiB]. Set: rounded up to 8 bytes, at least 4 KiB. */
+    size_t post_ring_bytes;
 } kvx_params;
 
 enum kvx_event_type {
-    KVX_EV_LAYER_LANDED = 1, /* receiver: every block of `layer` has landed */
-    KVX_EV_LAYER_SENT = 2,   /* sender: one kvx_send_layer() post of `layer` left; its
-                              * source blocks may be reused */
-    KVX_EV_DONE = 3,         /* both: whole request landed (sender: confirmed) */
-    KVX_EV_FAILED = 4,       /* both: request ended without completing; err says why */
-    KVX_EV_PEER_ERROR = 5,   /* a peer connection failed or was rejected; peer, err, msg */
+    KVX_EV_LAYER_LANDED = 1,  /* receiver: every block of `layer` has landed */
+    KVX_EV_LAYER_SENT = 2,    /* sender: one post (kvx_send_layers/kvx_send_layer) of
+                               * `layer` left; its source blocks may be reused */
+    KVX_EV_DONE = 3,          /* both: whole request landed (sender: confirmed) */
+    KVX_EV_FAILED = 4,        /* both: request ended without completing; err says why */
+    KVX_EV_PEER_ERROR = 5,    /* a peer connection failed or was rejected; peer, err, msg */
+    KVX_EV_POST_REJECTED = 6, /* sender: a kvx_send_layers() post named no open request
+                               * (never begun, or its final event already emitted);
+                               * req_id, layer, err = TD_ENOENT. Nothing was sent. Not a
+                               * final event: it ends nothing. */
 };
 
 typedef struct kvx_event {
@@ -107,7 +122,20 @@ typedef struct kvx_stats {
     int peers;                /* live peers */
     int comms;                /* nccl: live communicators */
     uint64_t comm_bytes;      /* nccl: device memory held by communicators */
+    uint64_t posts_refused;   /* kvx_send_layers calls answered TD_EAGAIN */
 } kvx_stats;
+
+/* One post of kvx_send_layers: `n` block copies of layer `layer` of request
+ * req_id. Every pointer is read during the call only (the pairs are copied). */
+typedef struct kvx_layer_post {
+    const char *req_id;    /* opened with kvx_send_begin, 1..KVX_REQ_ID_MAX-1 bytes */
+    int layer;             /* 0 .. layout.n_layers - 1 */
+    const kvx_pair *pairs; /* n pairs; src < local num_blocks */
+    int n;                 /* 1 .. KVX_POST_MAX_PAIRS */
+} kvx_layer_post;
+
+#define KVX_POST_HDR_BYTES 128    /* post ring bytes per post, besides 8 per pair */
+#define KVX_POST_MAX_PAIRS 131064 /* pairs in one post (one POST message on the wire) */
 
 /* 1 when the named transport is compiled in and can run here (cuda_ipc and
  * nccl need a device), else 0; `why` (may be NULL) receives the reason. */
@@ -142,21 +170,71 @@ int kvx_connect(kvx_ep *ep, const char *addr, int *peer, char *msg, size_t msg_l
  * open request). Every layer of the layout is expected for every block.
  * deadline_ns: absolute td_now_ns() deadline, 0 for none. Returns 0, or
  * TD_EINVAL, TD_EEXIST (id already open, or a block already leased), TD_ERANGE
- * (more than 262138 blocks), TD_ENOSPC (4096 requests open). */
+ * (more than 262138 blocks), TD_ENOSPC (4096 requests open), TD_ENOMEM (no
+ * memory for its state or for its n_layers + 1 events). */
 int kvx_recv_register(kvx_ep *ep, const char *req_id, const uint32_t *dst_blocks, int n_blocks,
                       int64_t deadline_ns);
 
 /* Sender: opens request req_id towards peer (sends BEGIN; the receiver
  * answers with its registered blocks, or fails the request with TD_ENOENT
  * when it has not registered it). deadline as above. Returns 0, TD_ENOENT
- * (no such peer), TD_ECONNRESET (peer gone), TD_EEXIST (id open). */
+ * (no such peer), TD_ECONNRESET (peer gone), TD_EEXIST (id open), TD_ENOSPC
+ * (4096 requests open), TD_ENOMEM (no memory for its events). */
 int kvx_send_begin(kvx_ep *ep, int peer, const char *req_id, int64_t deadline_ns);
 
-/* Sender: posts one layer's copies (pairs copied) and returns at once; the
- * data moves on the progress thread (after the receiver's BEGIN_ACK). May be
- * called more than once per layer; the union over a layer must cover the
- * receiver's registered blocks. Returns 0, TD_ENOENT (no such open request),
- * TD_EINVAL (range), or the request's error once it is failing. */
+/* Sender, the hot path: posts layer copies of one or more open requests (a
+ * prefill batch: layer l of every request) in one call that does not wait for
+ * the progress thread, allocates nothing and wakes the progress thread at
+ * most once. The data moves after the call returns (after each request's
+ * BEGIN_ACK). A layer may be posted in several posts; the union over a layer
+ * must cover the receiver's registered blocks.
+ *
+ * All or nothing. The call returns
+ *   0            every post was copied (pairs included) into the post ring;
+ *   TD_EINVAL    a post is malformed: NULL or bad id, layer out of range, n
+ *                out of 1..KVX_POST_MAX_PAIRS, a src >= local num_blocks; or
+ *                ep is not a sender;
+ *   TD_ERANGE    the posts need more than half the post ring (split the batch);
+ *   TD_EAGAIN    no room now: the post ring, or the event queue's room for the
+ *                posts' KVX_EV_LAYER_SENT events, is full;
+ * and when it returns an error none of the posts was posted: retry the same
+ * call later (after polling events), or fail the requests.
+ *
+ * Sizing, so that TD_EAGAIN does not happen in practice. Ring: a post holds
+ * KVX_POST_HDR_BYTES + 8 * n bytes from this call until its LAYER_SENT;
+ * params.post_ring_bytes must exceed the most that is in flight at once (the
+ * default holds every block of the pool in every layer, in posts of 4 or more
+ * blocks). Events: kvx_send_begin makes room for n_layers + 1 events per open
+ * request, so a request posting each layer once never waits on it; posting a
+ * layer in several posts uses spare room, which polling events frees.
+ *
+ * What becomes of each post is decided on the progress thread, in the order
+ * the posts were made, and before any later call of the posting thread that
+ * goes to the progress thread (a kvx_cancel right after finds the post
+ * queued; kvx_ep_poll and kvx_ep_stats do not go there); a message
+ * from the peer (its CANCEL) may overtake posts not yet read from the ring:
+ *
+ *   - request open and not failing: sent; exactly one KVX_EV_LAYER_SENT when
+ *     its data left (source blocks reusable), or none when the request ends
+ *     first (its final event covers it);
+ *   - request failing (canceled, deadline, peer lost, ...) but its final event
+ *     not yet emitted: dropped silently; the request's one KVX_EV_FAILED
+ *     reports it;
+ *   - a dst not below the receiver's num_blocks, or not registered for the
+ *     request: the request fails, KVX_EV_FAILED with TD_EINVAL;
+ *   - no open request of that id (never begun, or already ended with its
+ *     final event): KVX_EV_POST_REJECTED (TD_ENOENT) for that post.
+ * So a request opened with kvx_send_begin ends with exactly one final event
+ * (DONE or FAILED), whatever is posted for it: no post ever produces a second
+ * one, and a post for an ended request is only ever rejected. */
+int kvx_send_layers(kvx_ep *ep, const kvx_layer_post *posts, int n_posts);
+
+/* Sender: one post, checked first against the request's state (a round trip
+ * to the progress thread), then posted as kvx_send_layers does. Returns 0,
+ * TD_ENOENT (no such open request), TD_EINVAL (range, including dst against
+ * the receiver's pool), the request's error once it is failing, or
+ * kvx_send_layers' TD_ERANGE / TD_EAGAIN. Slower than kvx_send_layers; for
+ * callers that want the state checked synchronously. */
 int kvx_send_layer(kvx_ep *ep, const char *req_id, int layer, const kvx_pair *pairs, int n);
 
 /* Either side: cancels an open request; the peer learns of it and both sides

@@ -1,11 +1,16 @@
-/* kvx internals shared by the core (kvx.c) and the transports (tcp/, shm/,
- * cuda_ipc/, nccl/). Everything here runs on the endpoint's progress thread
- * unless a comment says otherwise. */
+/* kvx internals shared by the core and the transports (tcp/, shm/,
+ * cuda_ipc/, nccl/). The core, by object: kvx_loop.c (the endpoint, its
+ * progress thread, command and event queues, timers), kvx_post.c (the
+ * sender's post ring), kvx_req.c (request state machines), kvx_peer.c
+ * (peers' control connections), kvx_handshake.c (listen, accept, connect).
+ * Everything here runs on the endpoint's progress thread unless a comment
+ * says otherwise. */
 #ifndef TANDEM_KVTRANSFER_KVX_INTERNAL_H
 #define TANDEM_KVTRANSFER_KVX_INTERNAL_H
 
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "kvtransfer/kvx.h"
 #include "kvtransfer/kvx_wire.h"
@@ -33,7 +38,8 @@ typedef struct kvx__buf {
 
 struct kvx__peer {
     int id;
-    int dead; /* failed: reaped at the end of the loop iteration */
+    int dead;    /* failed: reaped at the end of the loop iteration */
+    int ev_left; /* 1 while its KVX_EV_PEER_ERROR is reserved and not emitted */
     kvx__conn ctrl;
     kvx__buf in, out;   /* control stream buffers */
     int64_t last_rx_ns; /* last byte received on any of its connections */
@@ -45,16 +51,36 @@ struct kvx__peer {
     kvx__peer *next;
 };
 
-/* Sender: one kvx_send_layer() call. */
+/* Sender: one post of kvx_send_layers(), a record in the endpoint's post
+ * ring (kvx_post.c) from the call until kvx__post_free. The application
+ * thread writes it up to `pairs`; the progress thread owns it afterwards. */
 struct kvx__post {
-    kvx__req *req;
+    uint32_t rec_bytes; /* ring record bytes, this header included; multiple of 8 */
+    uint32_t rec_flags; /* KVX__REC_* */
+    uint64_t hash;      /* of id */
+    char id[KVX_REQ_ID_MAX];
+    kvx__req *req; /* set when accepted */
     uint32_t layer;
     int n;
+    int ev;        /* 1 while it holds an event reservation (its LAYER_SENT) */
     int remaining; /* transport units (tcp: frames) not yet finished */
     void *tp;      /* transport state (tcp: frame array) */
     kvx__post *next;
     kvx_pair pairs[]; /* n */
 };
+#define KVX__REC_SKIP 1u /* filler up to the end of the ring; only rec_* are valid */
+#define KVX__REC_FREE 2u /* released: the tail may pass it */
+_Static_assert(sizeof(kvx__post) <= KVX_POST_HDR_BYTES, "post header outgrew its documented size");
+
+/* Receiver: an accepted connection before its HELLO or DATA_HELLO. */
+typedef struct kvx__pending {
+    kvx__conn c;
+    kvx__buf in;
+    int64_t t0_ns;
+    int closed;
+    int ev_left; /* 1 while a KVX_EV_PEER_ERROR (handshake mismatch) is reserved */
+    struct kvx__pending *next;
+} kvx__pending;
 
 struct kvx__req {
     int used;
@@ -77,12 +103,15 @@ struct kvx__req {
     int acked;     /* BEGIN_ACK received */
     uint32_t *reg; /* receiver's registered blocks (BEGIN_ACK) */
     int n_reg;
-    kvx__post *wait_head, *wait_tail; /* posted before the ack */
+    kvx__post *wait_head, *wait_tail; /* posted, not started yet (before the ack, or this
+                                       * loop iteration) */
     int inflight;                     /* posts handed to the transport, not finished */
     int64_t closing_ns;               /* receiver: when a CANCEL was sent awaiting its ack */
     int notify;                       /* sender: tell the receiver (CANCEL) when reaped */
     int ack_cancel;                   /* sender: answer CANCEL_ACK when reaped */
     int kicked;                       /* sender: listed in ep->kick */
+    int ev_left;                      /* events reserved for r not emitted yet (receiver:
+                                       * its LAYER_LANDED + final; sender: its final) */
 };
 
 typedef struct kvx__ops {
@@ -154,10 +183,24 @@ struct kvx_ep {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     kvx__cmd *cmd_head, *cmd_tail;
-    /* event queue (progress -> application) */
+    /* event queue (progress -> application). Every event has a slot reserved
+     * before the work that produces it is accepted (ev_count + ev_promised <=
+     * ev_cap), so emitting never allocates and never drops one. */
     pthread_mutex_t ev_mu;
     kvx_event *evs;
     int ev_head, ev_count, ev_cap;
+    int ev_promised; /* reserved slots not yet filled */
+    /* sender: the post ring (kvx_post.c). Byte counters only grow; a record
+     * starts at counter % ring_cap. [ring_tail, ring_read) is owned by the
+     * progress thread, [ring_read, ring_head) is published and not read yet,
+     * [ring_head, ring_tail + ring_cap) is free for producers. */
+    uint8_t *ring;
+    size_t ring_cap;         /* bytes, multiple of 8 */
+    pthread_mutex_t ring_mu; /* producers (application threads) */
+    uint64_t ring_head;      /* atomic: published (producers, under ring_mu) */
+    uint64_t ring_tail;      /* atomic: released (progress thread) */
+    uint64_t ring_read;      /* progress thread: consumed */
+    int ring_signalled;      /* atomic: a wake is on its way (producers set, progress clears) */
     /* progress-thread state */
     kvx__peer *peers;
     int next_peer_id;
@@ -180,6 +223,40 @@ static inline uint8_t *kvx__block_ptr(const kvx_ep *ep, void *base, uint32_t lay
     return (uint8_t *)base + kv_layout_block_offset(&ep->p.layout, layer, block);
 }
 
+#define KVX__MAX_REQS 4096 /* open requests per endpoint */
+
+static inline void kvx__copy_id(char *dst, const char *src)
+{
+    snprintf(dst, KVX_REQ_ID_MAX, "%s", src);
+}
+
+/* ---- kvx_loop.c ---- */
+
+/* Any application thread: runs fn(ep, arg) on the progress thread and waits
+ * for its result (TD_ECLOSED once the endpoint stops). */
+int kvx__call(kvx_ep *ep, int (*fn)(kvx_ep *, void *), void *arg);
+/* Queues an event for the application (kvx_ep_poll). */
+void kvx__emit_ex(kvx_ep *ep, enum kvx_event_type type, const char *req_id, int layer, int peer,
+                  int err, const char *msg, int64_t elapsed_ns);
+void kvx__emit(kvx_ep *ep, enum kvx_event_type type, const char *req_id, int layer, int peer,
+               int err, const char *msg);
+/* Reserves k event slots (each emit fills one). grow: the queue may grow (not
+ * on the hot path), keeping `room` more slots free besides. Returns 0,
+ * TD_EAGAIN (no room, grow 0) or TD_ENOMEM. Any thread. */
+int kvx__ev_reserve(kvx_ep *ep, int k, int grow, int room);
+/* Gives back k reserved slots that will not be filled. Any thread. */
+void kvx__ev_release(kvx_ep *ep, int k);
+
+/* ---- kvx_post.c ---- */
+
+/* Sizes and allocates the post ring of a sender (endpoint creation). */
+int kvx__ring_init(kvx_ep *ep);
+void kvx__ring_fini(kvx_ep *ep);
+/* Progress thread: hands every published post to kvx__post_accept. */
+void kvx__posts_drain(kvx_ep *ep);
+/* Progress thread: releases a post's record (and its event reservation). */
+void kvx__post_free(kvx_ep *ep, kvx__post *post);
+
 /* epoll helpers. */
 int kvx__conn_add(kvx_ep *ep, kvx__conn *c, uint32_t events);
 int kvx__conn_mod(kvx_ep *ep, kvx__conn *c, uint32_t events);
@@ -190,10 +267,47 @@ int kvx__set_nonblock(int fd);
  * send/receive timeouts of timeout_ns. Any thread. */
 int kvx__dial(const kvx_ep *ep, const char *addr, int64_t timeout_ns, int *out_fd);
 
+/* ---- kvx_peer.c ---- */
+
+/* Grows b to hold extra more bytes. */
+int kvx__buf_reserve(kvx__buf *b, size_t extra);
+/* A peer on control connection fd (progress thread: takes the next id). */
+kvx__peer *kvx__peer_new(kvx_ep *ep, int fd);
+/* epoll callback of a peer's control connection. */
+void kvx__peer_on_ctrl(kvx_ep *ep, kvx__conn *c, uint32_t events);
+/* Frees a peer that is off the list (transport state, buffers). */
+void kvx__peer_free(kvx_ep *ep, kvx__peer *p);
+
 /* Marks p dead (closes it at the end of the iteration), fails its requests
  * and reports a KVX_EV_PEER_ERROR. */
 void kvx__peer_fail(kvx_ep *ep, kvx__peer *p, int err, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+
+/* Frees the peers marked dead (end of a loop iteration, or destroy). */
+void kvx__reap_peers(kvx_ep *ep);
+kvx__peer *kvx__peer_by_id(kvx_ep *ep, int id);
+
+/* ---- kvx_handshake.c ---- */
+
+/* Closes a pending connection (freed by the timers). */
+void kvx__pending_close(kvx_ep *ep, kvx__pending *pd);
+
+/* ---- kvx_req.c ---- */
+
+/* A control message from p (after the header was validated). */
+void kvx__handle_msg(kvx_ep *ep, kvx__peer *p, uint16_t type, const uint8_t *body, uint32_t len);
+/* Sends a kvx_wire_req message about one request. */
+int kvx__send_req_msg(kvx_ep *ep, kvx__peer *p, uint16_t type, uint64_t hash, int err);
+/* Frees a request slot's memory (no event). */
+void kvx__req_free(kvx_ep *ep, kvx__req *r);
+/* Sender: a post read from the ring: queue it on its request, or drop or
+ * reject it (kvx_send_layers' contract). */
+void kvx__post_accept(kvx_ep *ep, kvx__post *post);
+/* Receiver, local decision to stop (cancel, deadline): FAILED at once, or
+ * CLOSING until the direct writer confirms it stopped. */
+void kvx__rreq_abort(kvx_ep *ep, kvx__req *r, int err, const char *msg);
+/* Sender: starts the posts queued since the last loop iteration. */
+void kvx__kick_posts(kvx_ep *ep);
 
 /* Receiver: frame/notice for (layer, dst) of the request with hash from p.
  * Returns the request when the block may be written now (marks it in

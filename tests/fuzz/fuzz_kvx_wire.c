@@ -4,8 +4,8 @@
  * Input: one control byte, then a byte stream. Control % 3: 0 = a pending
  * connection's first message (HELLO or DATA_HELLO) and a connecting sender's
  * reply (HELLO_ACK or HELLO_NAK), 1 = a control stream (messages split as
- * kvx.c's on_ctrl does, each request body decoded for its type), 2 = a data
- * connection stream of frame headers and payloads. */
+ * kvx_peer.c's kvx__peer_on_ctrl does, each request body decoded for its
+ * type), 2 = a data connection stream of frame headers and payloads. */
 #include <stdint.h>
 #include <string.h>
 
@@ -53,7 +53,7 @@ static void handshake(const uint8_t *p, size_t n)
         } else if (h.type == KVX_MSG_HELLO_NAK && h.len == sizeof(kvx_wire_nak)) {
             kvx_wire_nak nak;
             memcpy(&nak, body, sizeof(nak));
-            nak.msg[sizeof(nak.msg) - 1] = 0; /* as kvx.c does before printing it */
+            nak.msg[sizeof(nak.msg) - 1] = 0; /* as kvx_handshake.c does before printing it */
             (void)strlen(nak.msg);
         } else if (h.type == KVX_MSG_DATA_HELLO && h.len == sizeof(kvx_wire_data_hello)) {
             kvx_wire_data_hello dh;

@@ -7,11 +7,15 @@
 #include <cmocka.h>
 
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
@@ -22,6 +26,7 @@
 #include "common/log.h"
 #include "kvtransfer/kvx.h"
 #include "kvtransfer/kvx_wire.h"
+#include "fail_alloc.h"
 
 #define FP  0x1234abcd5678ef00ull
 #define SEC TD_NS_PER_S
@@ -1272,6 +1277,611 @@ static void test_params_and_gpu_fallback(void **s)
     }
 }
 
+/* ---------- kvx_send_layers: batched posts ---------- */
+
+/* Per request id: what each side reported. */
+typedef struct ev_tally {
+    int finals, done, failed, err, layers, rejected;
+} ev_tally;
+
+/* Drains ep's events into tally[] (index from "<prefix><r>" ids); returns the
+ * number of events seen. */
+static int tally_events(kvx_ep *ep, const char *prefix, ev_tally *tally, int nreq)
+{
+    kvx_event evs[64];
+    int n, total = 0;
+    size_t pl = strlen(prefix);
+    while ((n = kvx_ep_poll(ep, evs, 64)) > 0) {
+        for (int i = 0; i < n; i++) {
+            total++;
+            if (evs[i].type == KVX_EV_PEER_ERROR || strncmp(evs[i].req_id, prefix, pl) != 0)
+                continue;
+            int r = atoi(evs[i].req_id + pl);
+            assert_true(r >= 0 && r < nreq);
+            ev_tally *t = &tally[r];
+            switch (evs[i].type) {
+            case KVX_EV_DONE:
+                t->finals++;
+                t->done++;
+                break;
+            case KVX_EV_FAILED:
+                t->finals++;
+                t->failed++;
+                t->err = evs[i].err;
+                break;
+            case KVX_EV_POST_REJECTED:
+                assert_int_equal(evs[i].err, TD_ENOENT);
+                t->rejected++;
+                break;
+            default:
+                t->layers++;
+                break;
+            }
+        }
+    }
+    return total;
+}
+
+static int all_final(const ev_tally *t, const int *expect, int nreq)
+{
+    for (int r = 0; r < nreq; r++)
+        if (expect[r] && t[r].finals == 0) return 0;
+    return 1;
+}
+
+/* Many requests' layers posted one batch per layer (what a prefill worker
+ * does from its per-layer hook), some requests canceled from either side in
+ * the middle: every request ends exactly once on each side, the others land
+ * whole and byte-exact, each layer once. */
+static void batched(const char *transport)
+{
+    enum { NREQ = 48, NB = 3, NL = 6 };
+    kv_layout l = small_layout(NL, NREQ * NB);
+    char bound[128];
+    kvx_ep *rx = mk_rx(transport, l, bound, sizeof(bound));
+    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, l, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 21);
+    int peer;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    static kvx_pair pairs[NREQ][NB];
+    char id[NREQ][16];
+    int canceled[NREQ], expect[NREQ];
+    for (int r = 0; r < NREQ; r++) {
+        uint32_t dst[NB];
+        for (int i = 0; i < NB; i++) {
+            pairs[r][i].dst = dst[i] = (uint32_t)((i * NREQ + r * 5) % (NREQ * NB));
+            pairs[r][i].src = (uint32_t)((r * NB + i * 7) % (NREQ * NB));
+        }
+        snprintf(id[r], sizeof(id[r]), "b%d", r);
+        assert_int_equal(kvx_recv_register(rx, id[r], dst, NB, 0), 0);
+        assert_int_equal(kvx_send_begin(tx, peer, id[r], 0), 0);
+        canceled[r] = r % 6 == 1 ? 1 : r % 6 == 4 ? 2 : 0; /* 1: receiver, 2: sender */
+        expect[r] = 1;
+    }
+    kvx_layer_post posts[NREQ];
+    for (int layer = 0; layer < NL; layer++) {
+        for (int r = 0; r < NREQ; r++)
+            posts[r] =
+                (kvx_layer_post){.req_id = id[r], .layer = layer, .pairs = pairs[r], .n = NB};
+        assert_int_equal(kvx_send_layers(tx, posts, NREQ), 0);
+        if (layer == 2)
+            for (int r = 0; r < NREQ; r++)
+                if (canceled[r]) assert_int_equal(kvx_cancel(canceled[r] == 1 ? rx : tx, id[r]), 0);
+    }
+    static ev_tally trx[NREQ], ttx[NREQ];
+    memset(trx, 0, sizeof(trx));
+    memset(ttx, 0, sizeof(ttx));
+    int64_t end = td_now_ns() + 20 * SEC;
+    while (!(all_final(trx, expect, NREQ) && all_final(ttx, expect, NREQ)) && td_now_ns() < end) {
+        tally_events(rx, "b", trx, NREQ);
+        tally_events(tx, "b", ttx, NREQ);
+        usleep(2000);
+    }
+    /* Anything late would be a second final event. */
+    usleep(100 * 1000);
+    tally_events(rx, "b", trx, NREQ);
+    tally_events(tx, "b", ttx, NREQ);
+    size_t bb = kv_layout_block_bytes(&l);
+    int n_done = 0;
+    for (int r = 0; r < NREQ; r++) {
+        assert_int_equal(trx[r].finals, 1);
+        assert_int_equal(ttx[r].finals, 1);
+        if (canceled[r]) {
+            assert_int_equal(trx[r].failed, 1);
+            assert_int_equal(ttx[r].failed, 1);
+            assert_int_equal(trx[r].err, TD_ECANCELED);
+            assert_int_equal(ttx[r].err, TD_ECANCELED);
+            assert_true(trx[r].layers <= NL && ttx[r].layers <= NL);
+            /* A local cancel runs after the posts made before it (a
+             * command drains the ring first), so at most the later posts
+             * are rejected; a receiver's CANCEL can overtake posts still in
+             * the ring, which are then rejected too. */
+            assert_true(ttx[r].rejected <= (canceled[r] == 2 ? NL - 3 : NL));
+        } else {
+            assert_int_equal(trx[r].done, 1);
+            assert_int_equal(ttx[r].done, 1);
+            assert_int_equal(trx[r].layers, NL); /* LAYER_LANDED once per layer */
+            assert_int_equal(ttx[r].layers, NL); /* LAYER_SENT once per post */
+            assert_int_equal(ttx[r].rejected, 0);
+            verify(tx, rx, &l, &l, pairs[r], NB);
+            n_done++;
+        }
+    }
+    kvx_stats st;
+    kvx_ep_stats(rx, &st);
+    assert_int_equal(st.requests_done, (uint64_t)n_done);
+    assert_true(st.bytes_received >= (uint64_t)n_done * NB * NL * bb);
+    assert_true(st.bytes_received <= (uint64_t)NREQ * NB * NL * bb);
+    kvx_ep_stats(tx, &st);
+    assert_int_equal(st.posts_refused, 0);
+    assert_int_equal(st.requests_done, (uint64_t)n_done);
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
+static void test_tcp_batched_posts(void **s)
+{
+    batched("tcp");
+}
+static void test_shm_batched_posts(void **s)
+{
+    batched("shm");
+}
+
+/* Waits for a POST_REJECTED of id on tx. */
+static kvx_event wait_rejected(kvx_ep *tx, const char *id)
+{
+    kvx_event e;
+    memset(&e, 0, sizeof(e));
+    int64_t end = td_now_ns() + 3 * SEC;
+    while (td_now_ns() < end)
+        if (kvx_ep_wait(tx, &e, 1, 20 * TD_NS_PER_MS) == 1 && e.type == KVX_EV_POST_REJECTED &&
+            !strcmp(e.req_id, id))
+            return e;
+    e.type = 0;
+    return e;
+}
+
+/* Posts for ids with no open request, for a failed request, for blocks
+ * beyond the receiver's pool, and malformed batches (all or nothing). */
+static void test_post_unknown_and_failed(void **s)
+{
+    kv_layout lt = small_layout(4, 16), lr = small_layout(4, 8);
+    char bound[128];
+    kvx_ep *rx = mk_rx("tcp", lr, bound, sizeof(bound));
+    kvx_ep *tx = mk_ep("tcp", KVX_ROLE_SEND, lt, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&lt), 3);
+    int peer;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    kvx_pair pr[2] = {{5, 1}, {6, 2}};
+    uint32_t dst[2] = {1, 2};
+
+    /* Never begun: reported for that post, and it ends nothing. */
+    kvx_layer_post p = {.req_id = "never", .layer = 1, .pairs = pr, .n = 2};
+    assert_int_equal(kvx_send_layers(tx, &p, 1), 0);
+    kvx_event e = wait_rejected(tx, "never");
+    assert_int_equal(e.type, KVX_EV_POST_REJECTED);
+    assert_int_equal(e.layer, 1);
+    assert_int_equal(e.err, TD_ENOENT);
+
+    /* Failed (the receiver never registered it): one FAILED, then posts are
+     * rejected one by one, with no second final event. */
+    assert_int_equal(kvx_send_begin(tx, peer, "ghost", 0), 0);
+    e = wait_final(tx, "ghost", 3 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_FAILED);
+    assert_int_equal(e.err, TD_ENOENT);
+    p.req_id = "ghost";
+    assert_int_equal(kvx_send_layers(tx, &p, 1), 0);
+    assert_int_equal(wait_rejected(tx, "ghost").type, KVX_EV_POST_REJECTED);
+
+    /* A block beyond the receiver's pool (8 blocks; the sender has 16): the
+     * request fails on both sides, once. */
+    assert_int_equal(kvx_recv_register(rx, "far", dst, 2, 0), 0);
+    assert_int_equal(kvx_send_begin(tx, peer, "far", 0), 0);
+    kvx_pair beyond[2] = {{5, 1}, {6, 12}};
+    p = (kvx_layer_post){.req_id = "far", .layer = 0, .pairs = beyond, .n = 2};
+    assert_int_equal(kvx_send_layers(tx, &p, 1), 0);
+    e = wait_final(tx, "far", 3 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_FAILED);
+    assert_int_equal(e.err, TD_EINVAL);
+    e = wait_final(rx, "far", 3 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_FAILED);
+
+    /* Malformed batches post nothing, not even their good posts: "ok" later
+     * gets every layer exactly once (a second copy of layer 0 would fail it
+     * with TD_EPROTO, block sent twice). */
+    assert_int_equal(kvx_recv_register(rx, "ok", dst, 2, 0), 0);
+    assert_int_equal(kvx_send_begin(tx, peer, "ok", 0), 0);
+    kvx_pair bad_src[1] = {{16, 1}};
+    kvx_layer_post bad[2] = {{.req_id = "ok", .layer = 0, .pairs = pr, .n = 2}};
+    bad[1] = (kvx_layer_post){.req_id = "ok", .layer = 4, .pairs = pr, .n = 2};
+    assert_int_equal(kvx_send_layers(tx, bad, 2), TD_EINVAL);
+    bad[1] = (kvx_layer_post){.req_id = "ok", .layer = 1, .pairs = bad_src, .n = 1};
+    assert_int_equal(kvx_send_layers(tx, bad, 2), TD_EINVAL);
+    bad[1] = (kvx_layer_post){.req_id = "ok", .layer = 1, .pairs = pr, .n = 0};
+    assert_int_equal(kvx_send_layers(tx, bad, 2), TD_EINVAL);
+    bad[1] = (kvx_layer_post){.req_id = NULL, .layer = 1, .pairs = pr, .n = 2};
+    assert_int_equal(kvx_send_layers(tx, bad, 2), TD_EINVAL);
+    bad[1] = (kvx_layer_post){.req_id = "", .layer = 1, .pairs = pr, .n = 2};
+    assert_int_equal(kvx_send_layers(tx, bad, 2), TD_EINVAL);
+    bad[1] = (kvx_layer_post){.req_id = "ok", .layer = 1, .pairs = NULL, .n = 2};
+    assert_int_equal(kvx_send_layers(tx, bad, 2), TD_EINVAL);
+    assert_int_equal(kvx_send_layers(tx, bad, 0), TD_EINVAL);
+    assert_int_equal(kvx_send_layers(rx, bad, 1), TD_EINVAL); /* not a sender */
+    kvx_layer_post all[4];
+    for (int layer = 0; layer < 4; layer++)
+        all[layer] = (kvx_layer_post){.req_id = "ok", .layer = layer, .pairs = pr, .n = 2};
+    assert_int_equal(kvx_send_layers(tx, all, 4), 0);
+    int layers = 0;
+    assert_int_equal(wait_final(rx, "ok", 3 * SEC, &layers).type, KVX_EV_DONE);
+    assert_int_equal(layers, 4);
+    assert_int_equal(wait_final(tx, "ok", 3 * SEC, NULL).type, KVX_EV_DONE);
+    verify(tx, rx, &lt, &lr, pr, 2);
+
+    /* Nothing further: no second final event for any of them. */
+    usleep(100 * 1000);
+    kvx_event evs[16];
+    int n = kvx_ep_poll(tx, evs, 16);
+    for (int i = 0; i < n; i++)
+        assert_true(evs[i].type != KVX_EV_DONE && evs[i].type != KVX_EV_FAILED);
+    n = kvx_ep_poll(rx, evs, 16);
+    for (int i = 0; i < n; i++)
+        assert_true(evs[i].type != KVX_EV_DONE && evs[i].type != KVX_EV_FAILED);
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
+/* A hand-made shm receiver: answers the handshake with a memfd pool, then
+ * the test reads the sender's control stream itself (BEGIN, one POST per
+ * post) and decides when to send BEGIN_ACK. */
+typedef struct fake_rx {
+    int lfd, cfd, memfd;
+    kv_layout l;
+} fake_rx;
+
+static void *fake_rx_handshake(void *arg)
+{
+    fake_rx *f = arg;
+    f->cfd = accept(f->lfd, NULL, NULL);
+    if (f->cfd < 0) return NULL;
+    kvx_wire_hdr h;
+    kvx_wire_hello hello;
+    if (recv(f->cfd, &h, sizeof(h), MSG_WAITALL) != (ssize_t)sizeof(h) ||
+        recv(f->cfd, &hello, sizeof(hello), MSG_WAITALL) != (ssize_t)sizeof(hello))
+        return NULL;
+    uint64_t bytes = kv_layout_pool_bytes(&f->l);
+    hello.token = 1;
+    memcpy(hello.extra, &bytes, sizeof(bytes));
+    hello.extra_len = sizeof(bytes);
+    uint8_t buf[sizeof(h) + sizeof(hello)];
+    h.type = KVX_MSG_HELLO_ACK;
+    h.len = sizeof(hello);
+    memcpy(buf, &h, sizeof(h));
+    memcpy(buf + sizeof(h), &hello, sizeof(hello));
+    struct iovec iov = {.iov_base = buf, .iov_len = sizeof(buf)};
+    union {
+        struct cmsghdr c;
+        char b[CMSG_SPACE(sizeof(int))];
+    } cm;
+    memset(&cm, 0, sizeof(cm));
+    struct msghdr mh = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.b, .msg_controllen = sizeof(cm.b)};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &f->memfd, sizeof(int));
+    if (sendmsg(f->cfd, &mh, MSG_NOSIGNAL) != (ssize_t)sizeof(buf)) return NULL;
+    return f;
+}
+
+/* Next non-heartbeat message within timeout_ms: its type, body into body
+ * (up to cap bytes), or -1 on timeout. */
+static int fake_next(int fd, void *body, size_t cap, int timeout_ms)
+{
+    for (;;) {
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        if (poll(&pfd, 1, timeout_ms) <= 0) return -1;
+        kvx_wire_hdr h;
+        raw_read(fd, &h, sizeof(h));
+        assert_true(h.len <= cap);
+        if (h.len) raw_read(fd, body, h.len);
+        if (h.type != KVX_MSG_HEARTBEAT) return h.type;
+    }
+}
+
+/* The post ring full: TD_EAGAIN and nothing of the refused batch is posted
+ * (the receiver sees exactly the accepted posts); room comes back as posts
+ * leave; a batch larger than half the ring is TD_ERANGE. */
+static void test_post_ring_full(void **s)
+{
+    enum { NL = 4 };
+    fake_rx f = {.l = small_layout(NL, 8), .cfd = -1};
+    char path[100];
+    addr_for("shm", path, sizeof(path));
+    struct sockaddr_un su = {.sun_family = AF_UNIX};
+    snprintf(su.sun_path, sizeof(su.sun_path), "%s", path);
+    f.lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+    unlink(path);
+    assert_int_equal(bind(f.lfd, (struct sockaddr *)&su, sizeof(su)), 0);
+    assert_int_equal(listen(f.lfd, 4), 0);
+    f.memfd = memfd_create("fake-rx-pool", 0);
+    assert_true(f.memfd >= 0);
+    assert_int_equal(ftruncate(f.memfd, (off_t)kv_layout_pool_bytes(&f.l)), 0);
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, fake_rx_handshake, &f), 0);
+    kvx_params pp = {.transport = "shm",
+                     .role = KVX_ROLE_SEND,
+                     .model_fingerprint = FP,
+                     .layout = f.l,
+                     .stall_timeout_ns = 20 * SEC,
+                     .post_ring_bytes = 8192};
+    kvx_ep *tx = NULL;
+    assert_int_equal(kvx_ep_create(&pp, &tx), 0);
+    int peer;
+    assert_int_equal(kvx_connect(tx, path, &peer, NULL, 0), 0);
+    void *ok;
+    pthread_join(th, &ok);
+    assert_non_null(ok);
+    struct timeval tv = {.tv_sec = 3};
+    setsockopt(f.cfd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+
+    static uint8_t body[1 << 16];
+    assert_int_equal(kvx_send_begin(tx, peer, "ring", 0), 0);
+    assert_int_equal(fake_next(f.cfd, body, sizeof(body), 3000), KVX_MSG_BEGIN);
+
+    /* No BEGIN_ACK yet: every post waits in the ring. */
+    int accepted = 0, rc;
+    kvx_pair pr[1];
+    for (;;) {
+        pr[0] = (kvx_pair){.src = (uint32_t)(accepted % 8), .dst = (uint32_t)(accepted % 4)};
+        kvx_layer_post p = {.req_id = "ring", .layer = accepted % NL, .pairs = pr, .n = 1};
+        rc = kvx_send_layers(tx, &p, 1);
+        if (rc != 0 || accepted > 1000) break;
+        accepted++;
+    }
+    assert_int_equal(rc, TD_EAGAIN);
+    print_message("8 KiB post ring: %d one-pair posts before TD_EAGAIN\n", accepted);
+    assert_true(accepted >= 8192 / (KVX_POST_HDR_BYTES + 8) - 1 && accepted <= 8192 / 64);
+    /* A two-post batch is refused whole. */
+    kvx_pair pr2[2][1] = {{{0, 0}}, {{1, 1}}};
+    kvx_layer_post two[2] = {{.req_id = "ring", .layer = 0, .pairs = pr2[0], .n = 1},
+                             {.req_id = "ring", .layer = 1, .pairs = pr2[1], .n = 1}};
+    assert_int_equal(kvx_send_layers(tx, two, 2), TD_EAGAIN);
+    kvx_stats st;
+    kvx_ep_stats(tx, &st);
+    assert_int_equal(st.posts_refused, 2);
+    /* More than half the ring in one call can never fit. */
+    static kvx_pair big[600];
+    for (int i = 0; i < 600; i++)
+        big[i] = (kvx_pair){.src = 0, .dst = 0};
+    kvx_layer_post bp = {.req_id = "ring", .layer = 0, .pairs = big, .n = 600};
+    assert_int_equal(kvx_send_layers(tx, &bp, 1), TD_ERANGE);
+
+    /* BEGIN_ACK: the waiting posts go out, one POST notice each. */
+    struct {
+        kvx_wire_req m;
+        uint32_t blocks[4];
+    } ack = {.m = {.hash = kvx_req_hash("ring"), .n = 4}, .blocks = {0, 1, 2, 3}};
+    raw_msg(f.cfd, KVX_MSG_BEGIN_ACK, &ack, sizeof(ack));
+    int seen = 0;
+    while (seen < accepted) {
+        int t = fake_next(f.cfd, body, sizeof(body), 3000);
+        assert_int_equal(t, KVX_MSG_POST);
+        kvx_wire_req m;
+        memcpy(&m, body, sizeof(m));
+        assert_int_equal(m.n, 1);
+        assert_int_equal(m.layer, (uint32_t)(seen % NL));
+        seen++;
+    }
+    /* Room is back once LAYER_SENT was emitted: the refused batch now goes,
+     * and exactly its two posts follow. */
+    int sent = 0;
+    int64_t end = td_now_ns() + 3 * SEC;
+    kvx_event e;
+    while (sent < accepted && td_now_ns() < end)
+        if (kvx_ep_wait(tx, &e, 1, 20 * TD_NS_PER_MS) == 1)
+            sent += e.type == KVX_EV_LAYER_SENT && !strcmp(e.req_id, "ring");
+    assert_int_equal(sent, accepted);
+    assert_int_equal(kvx_send_layers(tx, two, 2), 0);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(fake_next(f.cfd, body, sizeof(body), 3000), KVX_MSG_POST);
+        kvx_wire_req m;
+        memcpy(&m, body, sizeof(m));
+        assert_int_equal(m.layer, (uint32_t)i);
+    }
+    assert_int_equal(fake_next(f.cfd, body, sizeof(body), 200), -1);
+    assert_int_equal(kvx_cancel(tx, "ring"), 0);
+    sent = 0;
+    e = wait_final(tx, "ring", 3 * SEC, &sent);
+    assert_int_equal(e.type, KVX_EV_FAILED);
+    assert_int_equal(sent, 2);
+    kvx_ep_destroy(tx);
+    close(f.cfd);
+    close(f.lfd);
+    close(f.memfd);
+    unlink(path);
+}
+
+/* Allocation failures injected at every point of a round of 40 requests
+ * (registration, BEGIN_ACK lists, tcp frames, control buffers, queue growth)
+ * while nobody polls: every request either is refused by its call, or ends
+ * with exactly one final event on each side where it was opened; an event is
+ * never lost, so nothing waits forever. 360 receiver events pile up per round
+ * (the queue starts at 256). */
+static void test_events_survive_alloc_failure(void **s)
+{
+    enum { NREQ = 40, NL = 8 };
+    kv_layout l = small_layout(NL, NREQ);
+    char bound[128];
+    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
+    kvx_ep *tx = mk_ep("tcp", KVX_ROLE_SEND, l, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 9);
+    int peer = -1;
+    long hits = 0;
+    int rounds = 0, refused = 0, failed = 0, done = 0;
+    for (long k = 0; k < 560; k += 7, rounds++) {
+        kvx_stats st;
+        kvx_ep_stats(tx, &st);
+        if (st.peers == 0) assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+        char id[NREQ][24];
+        int open_rx[NREQ], open_tx[NREQ];
+        kvx_pair pr[NREQ];
+        int64_t dl = td_now_ns() + 5 * SEC;
+        fail_alloc_arm(k);
+        for (int r = 0; r < NREQ; r++) {
+            snprintf(id[r], sizeof(id[r]), "m%ld-%d", k, r);
+            pr[r] = (kvx_pair){.src = (uint32_t)r, .dst = (uint32_t)(NREQ - 1 - r)};
+            open_rx[r] = kvx_recv_register(rx, id[r], &pr[r].dst, 1, dl) == 0;
+            open_tx[r] = open_rx[r] && kvx_send_begin(tx, peer, id[r], dl) == 0;
+        }
+        for (int layer = 0; layer < NL; layer++) {
+            kvx_layer_post posts[NREQ];
+            int n = 0;
+            for (int r = 0; r < NREQ; r++)
+                if (open_tx[r])
+                    posts[n++] =
+                        (kvx_layer_post){.req_id = id[r], .layer = layer, .pairs = &pr[r], .n = 1};
+            if (n) assert_int_equal(kvx_send_layers(tx, posts, n), 0);
+        }
+        /* Still armed while the progress threads work (BEGIN_ACK lists, tcp
+         * frames); the events pile up, nobody polls. */
+        usleep(20 * 1000);
+        hits += fail_alloc_disarm();
+        for (int r = 0; r < NREQ; r++) {
+            refused += !open_rx[r] || !open_tx[r];
+            if (open_rx[r] && !open_tx[r]) assert_int_equal(kvx_cancel(rx, id[r]), 0);
+        }
+        char prefix[16];
+        snprintf(prefix, sizeof(prefix), "m%ld-", k);
+        static ev_tally trx[NREQ], ttx[NREQ];
+        memset(trx, 0, sizeof(trx));
+        memset(ttx, 0, sizeof(ttx));
+        int64_t end = td_now_ns() + 8 * SEC;
+        while (!(all_final(trx, open_rx, NREQ) && all_final(ttx, open_tx, NREQ)) &&
+               td_now_ns() < end) {
+            tally_events(rx, prefix, trx, NREQ);
+            tally_events(tx, prefix, ttx, NREQ);
+            usleep(2000);
+        }
+        usleep(20 * 1000);
+        tally_events(rx, prefix, trx, NREQ);
+        tally_events(tx, prefix, ttx, NREQ);
+        for (int r = 0; r < NREQ; r++) {
+            assert_int_equal(trx[r].finals, open_rx[r]);
+            assert_int_equal(ttx[r].finals, open_tx[r]);
+            assert_true(trx[r].layers <= NL && ttx[r].layers <= NL);
+            /* Posts reach a request only while it is open: after its FAILED
+             * (its peer lost to an allocation failure) they are rejected. */
+            if (ttx[r].rejected) assert_int_equal(ttx[r].failed, 1);
+            if (trx[r].done) {
+                assert_int_equal(trx[r].layers, NL);
+                done++;
+            }
+            failed += trx[r].failed;
+        }
+    }
+    print_message("%d rounds, %ld allocations failed: %d requests refused by their call, %d "
+                  "failed, %d done; every opened one ended exactly once on each side\n",
+                  rounds, hits, refused, failed, done);
+    assert_true(hits > 0);
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
+/* Several application threads post at once (kvx_send_layers may be called
+ * from any thread): each owns 8 requests and posts their layers in batches
+ * of its own, some split in two posts per layer. Everything lands once. */
+enum { CP_THREADS = 4, CP_REQS = 8, CP_NB = 2, CP_NL = 8 };
+
+struct cp_arg {
+    kvx_ep *tx;
+    int t;
+    char (*id)[16];
+    kvx_pair (*pairs)[CP_NB];
+    int rc;
+};
+
+static void *cp_poster(void *arg)
+{
+    struct cp_arg *a = arg;
+    for (int layer = 0; layer < CP_NL && a->rc == 0; layer++) {
+        kvx_layer_post posts[2 * CP_REQS];
+        int n = 0;
+        for (int k = 0; k < CP_REQS; k++) {
+            int r = a->t * CP_REQS + k;
+            if (k % 2) { /* this layer in two posts of one block each */
+                posts[n++] = (kvx_layer_post){a->id[r], layer, &a->pairs[r][0], 1};
+                posts[n++] = (kvx_layer_post){a->id[r], layer, &a->pairs[r][1], 1};
+            } else {
+                posts[n++] = (kvx_layer_post){a->id[r], layer, a->pairs[r], CP_NB};
+            }
+        }
+        a->rc = kvx_send_layers(a->tx, posts, n);
+        if (a->rc == TD_EAGAIN) { /* not expected with the default ring; retry */
+            usleep(1000);
+            a->rc = 0;
+            layer--;
+        }
+    }
+    return NULL;
+}
+
+static void test_concurrent_posters(void **s)
+{
+    enum { NREQ = CP_THREADS * CP_REQS };
+    kv_layout l = small_layout(CP_NL, NREQ * CP_NB);
+    char bound[128];
+    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
+    kvx_ep *tx = mk_ep("tcp", KVX_ROLE_SEND, l, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 33);
+    int peer;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    static char id[NREQ][16];
+    static kvx_pair pairs[NREQ][CP_NB];
+    int expect[NREQ];
+    for (int r = 0; r < NREQ; r++) {
+        uint32_t dst[CP_NB];
+        for (int i = 0; i < CP_NB; i++) {
+            pairs[r][i].dst = dst[i] = (uint32_t)(r * CP_NB + i);
+            pairs[r][i].src = (uint32_t)(NREQ * CP_NB - 1 - (r * CP_NB + i));
+        }
+        snprintf(id[r], sizeof(id[r]), "c%d", r);
+        assert_int_equal(kvx_recv_register(rx, id[r], dst, CP_NB, 0), 0);
+        assert_int_equal(kvx_send_begin(tx, peer, id[r], 0), 0);
+        expect[r] = 1;
+    }
+    pthread_t th[CP_THREADS];
+    struct cp_arg args[CP_THREADS];
+    for (int t = 0; t < CP_THREADS; t++) {
+        args[t] = (struct cp_arg){.tx = tx, .t = t, .id = id, .pairs = pairs};
+        assert_int_equal(pthread_create(&th[t], NULL, cp_poster, &args[t]), 0);
+    }
+    for (int t = 0; t < CP_THREADS; t++) {
+        pthread_join(th[t], NULL);
+        assert_int_equal(args[t].rc, 0);
+    }
+    static ev_tally trx[NREQ], ttx[NREQ];
+    memset(trx, 0, sizeof(trx));
+    memset(ttx, 0, sizeof(ttx));
+    int64_t end = td_now_ns() + 20 * SEC;
+    while (!(all_final(trx, expect, NREQ) && all_final(ttx, expect, NREQ)) && td_now_ns() < end) {
+        tally_events(rx, "c", trx, NREQ);
+        tally_events(tx, "c", ttx, NREQ);
+        usleep(2000);
+    }
+    for (int r = 0; r < NREQ; r++) {
+        assert_int_equal(trx[r].done, 1);
+        assert_int_equal(ttx[r].done, 1);
+        assert_int_equal(trx[r].layers, CP_NL);
+        /* one LAYER_SENT per post: two per layer for the split ones */
+        assert_int_equal(ttx[r].layers, (r % CP_REQS) % 2 ? 2 * CP_NL : CP_NL);
+        verify(tx, rx, &l, &l, pairs[r], CP_NB);
+    }
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
 int main(void)
 {
     /* SIGPIPE keeps its default action: a socket write in kvx without
@@ -1309,6 +1919,12 @@ int main(void)
         cmocka_unit_test(test_partial_deadline),
         cmocka_unit_test(test_register_and_post_rules),
         cmocka_unit_test(test_params_and_gpu_fallback),
+        cmocka_unit_test(test_tcp_batched_posts),
+        cmocka_unit_test(test_shm_batched_posts),
+        cmocka_unit_test(test_post_unknown_and_failed),
+        cmocka_unit_test(test_post_ring_full),
+        cmocka_unit_test(test_events_survive_alloc_failure),
+        cmocka_unit_test(test_concurrent_posters),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
