@@ -34,6 +34,9 @@ typedef struct pf_ctx {
     kvx_ep *kvx;
     uint32_t max_model_len;
     uint32_t block_size;
+    kvx_layer_post *posts; /* [max_num_seqs]: one layer's posts of a step */
+    void **post_reqs;      /* [max_num_seqs]: the request of each post */
+    uint32_t max_posts;
     wrk_health health;
     wrk_load load;
     wrk_metrics metrics;

@@ -384,13 +384,15 @@ static void pf__start(pf_engine *d, pf_req *r)
 }
 
 /* The per-layer hook (engine thread, inside eng_step): posts, for every
- * request of the step, the blocks whose KV this layer just finished. A block
- * is posted once, when its last token is computed (or the prompt ends in it),
- * so a block split over two prefill chunks is sent whole. */
+ * request of the step, the blocks whose KV this layer just finished, all in
+ * one non-blocking kvx_send_layers call. A block is posted once, when its
+ * last token is computed (or the prompt ends in it), so a block split over
+ * two prefill chunks is sent whole. */
 int pf_on_layer(void *arg, const eng_item *items, uint32_t n_items, int layer)
 {
     pf_ctx *c = arg;
     const kv_layout *l = eng_layout(c->engine);
+    uint32_t n_posts = 0;
     for (uint32_t i = 0; i < n_items; i++) {
         const eng_item *it = &items[i];
         pf_req *r = (pf_req *)(uintptr_t)it->id;
@@ -408,14 +410,25 @@ int pf_on_layer(void *arg, const eng_item *items, uint32_t n_items, int layer)
             for (uint32_t b = r->lo; b < r->hi; b++)
                 r->pairs[b].src = (uint32_t)it->table[b];
         }
-        if (r->hi > r->lo && r->send_err == 0) {
-            int rc = kvx_send_layer(c->kvx, r->id, layer, r->pairs + r->lo, (int)(r->hi - r->lo));
-            if (rc != 0)
-                r->send_err = rc;
-            else
-                r->bytes_sent += (uint64_t)(r->hi - r->lo) * kv_layout_block_bytes(l);
+        if (r->hi > r->lo && r->send_err == 0 && n_posts < c->max_posts) {
+            c->post_reqs[n_posts] = r;
+            c->posts[n_posts++] = (kvx_layer_post){.req_id = r->id,
+                                                   .layer = layer,
+                                                   .pairs = r->pairs + r->lo,
+                                                   .n = (int)(r->hi - r->lo)};
         }
         if ((uint32_t)layer + 1 == l->n_layers) r->posted_upto = r->hi;
+    }
+    if (n_posts == 0) return 0;
+    /* Sized so that it does not refuse (kvx.h); if it does, the requests of
+     * this post fail rather than send holes. */
+    int rc = kvx_send_layers(c->kvx, c->posts, (int)n_posts);
+    for (uint32_t k = 0; k < n_posts; k++) {
+        pf_req *r = c->post_reqs[k];
+        if (rc != 0)
+            r->send_err = rc;
+        else
+            r->bytes_sent += (uint64_t)c->posts[k].n * kv_layout_block_bytes(l);
     }
     return 0;
 }
@@ -465,6 +478,10 @@ static void pf__on_kvx(pf_engine *d)
                 td_log_warn(MOD, "kv_peer_error", "peer=%d err=%s msg=\"%s\"", e->peer,
                             td_err_name(e->err), e->msg);
                 if (e->peer >= 0) pf__forget_peer(d, e->peer);
+                continue;
+            }
+            if (e->type == KVX_EV_POST_REJECTED) { /* its request already ended */
+                td_log_debug(MOD, "kv_post_rejected", "req=%s layer=%d", e->req_id, e->layer);
                 continue;
             }
             pf_req *r = pf__find(d, e->req_id);

@@ -65,6 +65,13 @@ static int pf_run(const wrk_opts *o)
     }
     c->max_model_len = eng_max_model_len(c->engine);
     c->block_size = eng_layout(c->engine)->block_size;
+    c->max_posts = ec.max_num_seqs;
+    c->posts = calloc(c->max_posts, sizeof(*c->posts));
+    c->post_reqs = calloc(c->max_posts, sizeof(*c->post_reqs));
+    if (!c->posts || !c->post_reqs) {
+        rc = TD_ENOMEM;
+        goto out;
+    }
 
     rc = wrk_metrics_init(&c->metrics);
     if (rc != 0) goto out;
@@ -160,6 +167,8 @@ out:
     if (cmdq_ok) mpscq_close(&c->cmdq);
     if (metrics_ok) wrk_metrics_free(&c->metrics);
     mdl_free(m);
+    free(c->posts);
+    free(c->post_reqs);
     free(c);
     return rc;
 }
