@@ -607,6 +607,11 @@ static int parse_object(enum oai_kind kind, const cJSON *o, oai_request *r, oai_
     }
     if ((rc = parse_sampling(o, r, e)) < 0) return rc;
     if (!absent(v = field(o, "user")) && (rc = dup_str(v, "user", &r->user, e)) < 0) return rc;
+    /* OpenAI's legacy completions default, as vLLM keeps it. */
+    if (kind == OAI_COMPLETIONS && r->max_tokens == 0)
+        r->max_tokens = r->min_tokens > OAI_COMPLETIONS_DEFAULT_MAX_TOKENS
+                            ? r->min_tokens
+                            : OAI_COMPLETIONS_DEFAULT_MAX_TOKENS;
     if (!absent(v = field(o, "tandem"))) {
         if (!cJSON_IsObject(v)) return bad(e, "tandem", "'tandem' must be an object");
         if ((rc = get_bool(field(v, "timings"), "tandem.timings", &r->want_timings, e)) < 0)

@@ -78,10 +78,12 @@ char *oai_error_json(const oai_error *e);
 #define OAI_MAX_STOPS 4          /* stop: at most this many strings (OpenAI's limit) */
 #define OAI_MAX_STOP_BYTES 1024  /* each stop string at most this long */
 #define OAI_MAX_TOKENS_LIMIT (1 << 24) /* max_tokens above this is a 400 */
+#define OAI_COMPLETIONS_DEFAULT_MAX_TOKENS 16 /* OpenAI's default for /v1/completions */
 
 typedef struct oai_message {
     char *role;    /* "system", "user", "assistant" or "tool" ("developer" reads as system) */
-    char *content; /* the text (list-of-parts content joined); "" for a null content */
+    char *content; /* the text (a list of text parts joined with "\n"); "" for a null
+                      assistant content */
 } oai_message;
 
 /* A validated request. Every pointer is malloc'd and owned by the request:
@@ -103,9 +105,10 @@ typedef struct oai_request {
     size_t n_messages;
 
     bool stream;        /* false */
-    bool include_usage; /* stream_options.include_usage; false */
-    int max_tokens;     /* max_completion_tokens, else max_tokens; 0 = not given
-                           (up to the context); else 1..OAI_MAX_TOKENS_LIMIT */
+    bool include_usage; /* stream_options.include_usage (read only when stream); false */
+    int max_tokens;     /* max_completion_tokens, else max_tokens, 1..OAI_MAX_TOKENS_LIMIT;
+                           not given: chat 0 (up to the context), completions
+                           OAI_COMPLETIONS_DEFAULT_MAX_TOKENS (or min_tokens if more) */
     int min_tokens;     /* 0; never above max_tokens when that is given */
     float temperature;  /* 0..2; 1 (0 = greedy) */
     float top_p;        /* (0, 1]; 1 */

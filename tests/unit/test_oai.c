@@ -22,6 +22,8 @@
 
 #include <cmocka.h>
 
+#include "fail_alloc.h"
+
 /* ---------------------------------------------------------------- helpers */
 
 static const char *shared_path(const char *rel, char *buf, size_t cap)
@@ -373,7 +375,7 @@ static void t_parse_completions(void **state)
     /* defaults */
     assert_false(r.stream);
     assert_false(r.include_usage);
-    assert_int_equal(r.max_tokens, 0);
+    assert_int_equal(r.max_tokens, 16); /* OpenAI's completions default */
     assert_int_equal(r.min_tokens, 0);
     assert_true(r.temperature == 1.0f);
     assert_true(r.top_p == 1.0f);
@@ -435,7 +437,7 @@ static void t_parse_completions(void **state)
              "\"END\", \"\\u00e9\", \"x y\"], \"stream_options\": null, \"tandem\": {}}",
              &r);
     assert_false(r.stream);
-    assert_int_equal(r.max_tokens, 0);
+    assert_int_equal(r.max_tokens, 16);
     assert_true(r.temperature == 2.0f);
     assert_int_equal(r.top_k, 0);
     assert_int_equal(r.seed, UINT64_MAX);
@@ -490,6 +492,16 @@ static void t_parse_chat(void **state)
     assert_string_equal(r.messages[4].role, "tool");
     assert_int_equal(r.max_tokens, 7); /* max_completion_tokens wins */
     assert_null(r.prompt);
+    oai_request_free(&r);
+    /* chat: no max_tokens means up to the context; a completion's default
+     * grows to min_tokens */
+    parse_ok(CHAT, "{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}",
+             &r);
+    assert_int_equal(r.max_tokens, 0);
+    oai_request_free(&r);
+    parse_ok(C, "{\"model\": \"m\", \"prompt\": \"x\", \"min_tokens\": 20}", &r);
+    assert_int_equal(r.max_tokens, 20);
+    assert_int_equal(r.min_tokens, 20);
     oai_request_free(&r);
     /* an empty list of parts and an empty string are allowed content */
     parse_ok(CHAT,
@@ -1274,6 +1286,113 @@ static void t_text_skip_and_errors(void **state)
     tok_free(tok);
 }
 
+/* Every allocation failure gives TD_ENOMEM (a 500) or NULL, never a crash
+ * or a leak (ASan checks the leaks). */
+static void t_alloc_failures(void **state)
+{
+    (void)state;
+    const char *body =
+        "{\"model\": \"m\", \"messages\": [{\"role\": \"system\", \"content\": \"S\"}, "
+        "{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"a\"}, "
+        "{\"type\": \"text\", \"text\": \"b\"}]}], \"stop\": [\"x\", \"y\"], \"user\": \"u\"}";
+    int failures = 0;
+    for (long n = 0;; n++) {
+        oai_request r;
+        oai_error e;
+        fail_alloc_arm(n);
+        int rc = oai_parse(OAI_CHAT, body, strlen(body), &r, &e);
+        long hits = fail_alloc_disarm();
+        if (hits == 0) {
+            assert_int_equal(rc, 0);
+            oai_request_free(&r);
+            break;
+        }
+        failures++;
+        assert_int_equal(rc, TD_ENOMEM);
+        assert_int_equal(e.status, 500);
+        assert_null(r.model);
+        oai_request_free(&r);
+    }
+    assert_true(failures >= 8);
+
+    oai_meta m = {OAI_CHAT, "chatcmpl-1", "m", 1, true};
+    oai_usage u = {1, 2};
+    oai_timings tm = {0};
+    oai_error e;
+    oai_error_model(&e, "x");
+    for (long n = 0; n < 4; n++) {
+        char *outs[7];
+        fail_alloc_arm(n);
+        outs[0] = oai_chat_json(&m, "hello", 5, OAI_FINISH_STOP, &u, &tm);
+        outs[1] = oai_completion_json(&m, "hello", 5, OAI_FINISH_STOP, &u, NULL);
+        outs[2] = oai_chunk_json(&m, "hello", 5, true, OAI_FINISH_NONE, NULL);
+        outs[3] = oai_usage_chunk_json(&m, &u, &tm);
+        outs[4] = oai_sse_frame("{}");
+        outs[5] = oai_sse_error(&e);
+        outs[6] = oai_error_json(&e);
+        long hits = fail_alloc_disarm();
+        int nulls = 0;
+        for (int i = 0; i < 7; i++) {
+            nulls += outs[i] == NULL;
+            free(outs[i]);
+        }
+        assert_int_equal(nulls, hits);
+    }
+
+    tok_tokenizer *tok = load_shared("models/stories260K/tok512.bin");
+    if (tok == NULL) return;
+    oai_request r;
+    parse_ok(OAI_CHAT, body, &r);
+    for (long n = 0;; n++) {
+        int32_t *ids = NULL;
+        size_t n_ids = 0;
+        fail_alloc_arm(n);
+        int rc = oai_prompt_tokens(tok, "message: {role}: {content}\n", &r, &ids, &n_ids, &e);
+        long hits = fail_alloc_disarm();
+        free(ids);
+        if (hits == 0) {
+            assert_int_equal(rc, 0);
+            break;
+        }
+        assert_int_equal(rc, TD_ENOMEM);
+        assert_int_equal(e.status, 500);
+    }
+    for (long n = 0;; n++) {
+        char *p = NULL;
+        fail_alloc_arm(n);
+        int rc = oai_render_chat(tok, "family: chatml", &r, &p, &e);
+        long hits = fail_alloc_disarm();
+        free(p);
+        if (hits == 0) {
+            assert_int_equal(rc, 0);
+            break;
+        }
+        assert_int_equal(rc, TD_ENOMEM);
+    }
+    oai_request_free(&r);
+
+    int32_t *ids;
+    size_t n_ids;
+    assert_int_equal(tok_encode(tok, "Once upon a time", 16, 0, &ids, &n_ids), 0);
+    const char *stops[] = {"a time", "zz"};
+    int32_t skip[] = {2};
+    for (long n = 0;; n++) {
+        oai_text *t = NULL;
+        fail_alloc_arm(n);
+        int rc = oai_text_create(tok, stops, 2, skip, 1, &t);
+        long hits = fail_alloc_disarm();
+        if (hits == 0) {
+            assert_int_equal(rc, 0);
+            oai_text_free(t);
+            break;
+        }
+        assert_int_equal(rc, TD_ENOMEM);
+        assert_null(t);
+    }
+    free(ids);
+    tok_free(tok);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1288,6 +1407,7 @@ int main(void)
         cmocka_unit_test(t_text_stops),
         cmocka_unit_test(t_text_utf8_and_finish),
         cmocka_unit_test(t_text_skip_and_errors),
+        cmocka_unit_test(t_alloc_failures),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
