@@ -129,11 +129,21 @@ static void sb_json_str(sbuf *b, const char *s, size_t n)
             esc = "\\\\";
         } else if (c < 0x20) {
             switch (c) {
-            case '\n': esc = "\\n"; break;
-            case '\r': esc = "\\r"; break;
-            case '\t': esc = "\\t"; break;
-            case '\b': esc = "\\b"; break;
-            case '\f': esc = "\\f"; break;
+            case '\n':
+                esc = "\\n";
+                break;
+            case '\r':
+                esc = "\\r";
+                break;
+            case '\t':
+                esc = "\\t";
+                break;
+            case '\b':
+                esc = "\\b";
+                break;
+            case '\f':
+                esc = "\\f";
+                break;
             default:
                 snprintf(hex, sizeof(hex), "\\u%04x", c);
                 esc = hex;
@@ -170,9 +180,12 @@ static void sb_json_cstr(sbuf *b, const char *s)
 static const char *default_type(int status)
 {
     switch (status) {
-    case 401: return "authentication_error";
-    case 429: return "rate_limit_error";
-    default: return status >= 500 ? "server_error" : "invalid_request_error";
+    case 401:
+        return "authentication_error";
+    case 429:
+        return "rate_limit_error";
+    default:
+        return status >= 500 ? "server_error" : "invalid_request_error";
     }
 }
 
@@ -186,8 +199,8 @@ static void error_vset(oai_error *e, int status, const char *type, const char *p
     vsnprintf(e->message, sizeof(e->message), fmt, ap);
 }
 
-void oai_error_set(oai_error *e, int status, const char *type, const char *param,
-                   const char *code, const char *fmt, ...)
+void oai_error_set(oai_error *e, int status, const char *type, const char *param, const char *code,
+                   const char *fmt, ...)
 {
     if (e == NULL) return;
     va_list ap;
@@ -400,8 +413,10 @@ static int parse_messages(const cJSON *v, oai_request *r, oai_error *e)
                 }
                 if (strcmp(type->valuestring, "text")) {
                     free(b.p);
-                    return bad(e, param, "content parts of type '%.40s' are not supported: only "
-                               "\"text\"", type->valuestring);
+                    return bad(e, param,
+                               "content parts of type '%.40s' are not supported: only "
+                               "\"text\"",
+                               type->valuestring);
                 }
                 const cJSON *text = field(part, "text");
                 snprintf(param, sizeof(param), "messages[%zu].content[%zu].text", i, j);
@@ -444,13 +459,16 @@ static int parse_prompt(const cJSON *v, oai_request *r, oai_error *e)
         if (first == NULL) return bad(e, "prompt", "'prompt' must not be empty");
         if (cJSON_IsNumber(first)) return parse_ids(v, r, e);
         if (cJSON_GetArraySize(v) > 1)
-            return bad(e, "prompt", "'prompt' holds %d prompts; this server takes one prompt per "
-                       "request", cJSON_GetArraySize(v));
+            return bad(e, "prompt",
+                       "'prompt' holds %d prompts; this server takes one prompt per "
+                       "request",
+                       cJSON_GetArraySize(v));
         if (cJSON_IsArray(first)) return parse_ids(first, r, e);
         v = first;
     }
     if (!cJSON_IsString(v))
-        return bad(e, "prompt", "'prompt' must be a string, a list of one string or a list of "
+        return bad(e, "prompt",
+                   "'prompt' must be a string, a list of one string or a list of "
                    "token ids");
     int rc = dup_str(v, "prompt", &r->prompt, e);
     if (rc < 0) return rc;
@@ -577,8 +595,8 @@ static int parse_sampling(const cJSON *o, oai_request *r, oai_error *e)
     if (!absent(v = field(o, "min_tokens"))) {
         if ((rc = get_int(v, "min_tokens", 0, OAI_MAX_TOKENS_LIMIT, &i, e)) < 0) return rc;
         if (r->max_tokens > 0 && i > r->max_tokens)
-            return bad(e, "min_tokens", "'min_tokens' (%d) must not exceed max_tokens (%d)",
-                       (int)i, r->max_tokens);
+            return bad(e, "min_tokens", "'min_tokens' (%d) must not exceed max_tokens (%d)", (int)i,
+                       r->max_tokens);
         r->min_tokens = (int)i;
     }
     if ((rc = get_bool(field(o, "ignore_eos"), "ignore_eos", &r->ignore_eos, e)) < 0) return rc;
@@ -600,7 +618,8 @@ static int parse_object(enum oai_kind kind, const cJSON *o, oai_request *r, oai_
     if (rc < 0) return rc;
     if ((rc = get_bool(field(o, "stream"), "stream", &r->stream, e)) < 0) return rc;
     if (!absent(v = field(o, "stream_options"))) {
-        if (!cJSON_IsObject(v)) return bad(e, "stream_options", "'stream_options' must be an object");
+        if (!cJSON_IsObject(v))
+            return bad(e, "stream_options", "'stream_options' must be an object");
         rc = get_bool(field(v, "include_usage"), "stream_options.include_usage", &r->include_usage,
                       e);
         if (rc < 0) return rc;
@@ -678,19 +697,9 @@ int oai_parse(enum oai_kind kind, const char *body, size_t len, oai_request *out
 /* ------------------------------------------------------------------------ */
 /* Chat templates */
 
-enum {
-    K_FAMILY,
-    K_BEGIN,
-    K_SYSTEM,
-    K_USER,
-    K_ASSISTANT,
-    K_TOOL,
-    K_MESSAGE,
-    K_GENERATION,
-    K_COUNT
-};
-static const char *const key_names[K_COUNT] = {"family", "begin",   "system",  "user",
-                                               "assistant", "tool", "message", "generation"};
+enum { K_FAMILY, K_BEGIN, K_SYSTEM, K_USER, K_ASSISTANT, K_TOOL, K_MESSAGE, K_GENERATION, K_COUNT };
+static const char *const key_names[K_COUNT] = {"family",    "begin", "system",  "user",
+                                               "assistant", "tool",  "message", "generation"};
 
 typedef struct tpl {
     const char *val[K_COUNT]; /* into the template's text, not NUL-terminated; NULL: absent */
@@ -800,8 +809,8 @@ static size_t placeholder(const char *v, size_t n, const char *ph)
 }
 
 /* Appends one template value with escapes and placeholders expanded. */
-static void tpl_expand(sbuf *b, const tok_tokenizer *tok, const char *v, size_t n,
-                       const char *role, const char *content)
+static void tpl_expand(sbuf *b, const tok_tokenizer *tok, const char *v, size_t n, const char *role,
+                       const char *content)
 {
     for (size_t i = 0; i < n; i++) {
         if (v[i] == '\\' && i + 1 < n) {
@@ -969,9 +978,12 @@ int oai_check_limits(const oai_request *r, const int32_t *ids, size_t n_prompt_t
 const char *oai_finish_name(enum oai_finish f)
 {
     switch (f) {
-    case OAI_FINISH_STOP: return "stop";
-    case OAI_FINISH_LENGTH: return "length";
-    default: return NULL;
+    case OAI_FINISH_STOP:
+        return "stop";
+    case OAI_FINISH_LENGTH:
+        return "length";
+    default:
+        return NULL;
     }
 }
 

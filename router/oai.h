@@ -47,9 +47,8 @@ typedef struct oai_error {
 
 /* Fills e. type NULL: the status's usual type (below); param NULL: none;
  * code NULL: none. type and code must be static strings (string literals). */
-void oai_error_set(oai_error *e, int status, const char *type, const char *param,
-                   const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 6, 7)));
+void oai_error_set(oai_error *e, int status, const char *type, const char *param, const char *code,
+                   const char *fmt, ...) __attribute__((format(printf, 6, 7)));
 
 /* The router's own errors, with OpenAI's types and codes:
  *   400 invalid_request_error            (oai_parse and the checks below)
@@ -61,24 +60,24 @@ void oai_error_set(oai_error *e, int status, const char *type, const char *param
  *   500 server_error
  *   503 server_error          service_unavailable (no worker ready)
  *   504 server_error          timeout (the request's deadline passed) */
-void oai_error_auth(oai_error *e);                      /* 401: missing or wrong key */
-void oai_error_model(oai_error *e, const char *model);  /* 404: unknown model */
-void oai_error_path(oai_error *e, const char *method, const char *path); /* 404 */
+void oai_error_auth(oai_error *e);                     /* 401: missing or wrong key */
+void oai_error_model(oai_error *e, const char *model); /* 404: unknown model */
+void oai_error_path(oai_error *e, const char *method, const char *path);   /* 404 */
 void oai_error_method(oai_error *e, const char *method, const char *path); /* 405 */
-void oai_error_too_large(oai_error *e, size_t limit);   /* 413: body over limit bytes */
-void oai_error_busy(oai_error *e, int retry_after_s);   /* 429 */
-void oai_error_unavailable(oai_error *e);               /* 503 */
-void oai_error_timeout(oai_error *e);                   /* 504 */
+void oai_error_too_large(oai_error *e, size_t limit); /* 413: body over limit bytes */
+void oai_error_busy(oai_error *e, int retry_after_s); /* 429 */
+void oai_error_unavailable(oai_error *e);             /* 503 */
+void oai_error_timeout(oai_error *e);                 /* 504 */
 
 /* {"error":{"message":..,"type":..,"param":..|null,"code":..|null}} */
 char *oai_error_json(const oai_error *e);
 
 /* ---------------------------------------------------------------- requests */
 
-#define OAI_MAX_STOPS 4          /* stop: at most this many strings (OpenAI's limit) */
-#define OAI_MAX_STOP_BYTES 1024  /* each stop string at most this long */
-#define OAI_MAX_TOKENS_LIMIT (1 << 24) /* max_tokens above this is a 400 */
-#define OAI_COMPLETIONS_DEFAULT_MAX_TOKENS 16 /* OpenAI's default for /v1/completions */
+#define OAI_MAX_STOPS                      4 /* stop: at most this many strings (OpenAI's limit) */
+#define OAI_MAX_STOP_BYTES                 1024      /* each stop string at most this long */
+#define OAI_MAX_TOKENS_LIMIT               (1 << 24) /* max_tokens above this is a 400 */
+#define OAI_COMPLETIONS_DEFAULT_MAX_TOKENS 16        /* OpenAI's default for /v1/completions */
 
 typedef struct oai_message {
     char *role;    /* "system", "user", "assistant" or "tool" ("developer" reads as system) */
@@ -114,11 +113,11 @@ typedef struct oai_request {
     float top_p;        /* (0, 1]; 1 */
     int top_k;          /* 0 = off (-1 is read as 0); else > 0 */
     bool has_seed;
-    uint64_t seed;      /* only when has_seed; a negative seed is taken modulo 2^64 */
+    uint64_t seed;             /* only when has_seed; a negative seed is taken modulo 2^64 */
     char *stop[OAI_MAX_STOPS]; /* n_stop non-empty strings */
     size_t n_stop;
-    bool ignore_eos; /* false */
-    char *user;      /* NULL when absent */
+    bool ignore_eos;   /* false */
+    char *user;        /* NULL when absent */
     bool want_timings; /* "tandem": {"timings": true} */
 } oai_request;
 

@@ -108,7 +108,8 @@ static void release(oai_text *t, bool final, const char **out, size_t *len)
         t->sent = t->len;
         t->state = ST_STOPPED;
     } else {
-        size_t hold = final ? 0 : tok_stop_holdback(t->buf + from, t->len - from, stops, t->n_stops);
+        size_t hold =
+            final ? 0 : tok_stop_holdback(t->buf + from, t->len - from, stops, t->n_stops);
         t->sent = t->len - hold;
     }
     *out = t->buf + from;

@@ -624,8 +624,9 @@ int tok_chat_render(const tok_tokenizer *t, const tok_chat_msg *msgs, size_t n_m
     return tok_chat_render_as(t, t->chat, msgs, n_msgs, add_generation_prompt, out);
 }
 
-int tok_chat_render_as(const tok_tokenizer *t, enum tok_chat_family family, const tok_chat_msg *msgs,
-                       size_t n_msgs, int add_generation_prompt, char **out)
+int tok_chat_render_as(const tok_tokenizer *t, enum tok_chat_family family,
+                       const tok_chat_msg *msgs, size_t n_msgs, int add_generation_prompt,
+                       char **out)
 {
     if (t == NULL || out == NULL || (msgs == NULL && n_msgs > 0)) return TD_EINVAL;
     *out = NULL;

@@ -183,7 +183,7 @@ static void parse_ok(enum oai_kind kind, const char *body, oai_request *r)
     assert_int_equal(rc, 0);
 }
 
-#define C OAI_COMPLETIONS
+#define C    OAI_COMPLETIONS
 #define CHAT OAI_CHAT
 
 /* ------------------------------------------------------------ bad inputs */
@@ -332,13 +332,14 @@ static void t_bad_inputs(void **state)
     /* invalid UTF-8 in strings (cJSON takes it as it is) */
     expect_bad(C, "{\"model\": \"m\", \"prompt\": \"ab\xff\"}", "prompt");
     expect_bad(C, "{\"model\": \"m\", \"prompt\": [\"\xc3\"]}", "prompt");
-    expect_bad(C, "{\"model\": \"m\\xc0\\xaf\", \"prompt\": \"x\"}", NULL); /* escaped: bad JSON */
-    expect_bad(C, "{\"model\": \"m\xc0\xaf\", \"prompt\": \"x\"}", "model");      /* overlong */
-    expect_bad(C, "{\"model\": \"m\", \"prompt\": \"\xed\xa0\x80\"}", "prompt");  /* surrogate */
+    expect_bad(C, "{\"model\": \"m\\xc0\\xaf\", \"prompt\": \"x\"}", NULL);  /* escaped: bad JSON */
+    expect_bad(C, "{\"model\": \"m\xc0\xaf\", \"prompt\": \"x\"}", "model"); /* overlong */
+    expect_bad(C, "{\"model\": \"m\", \"prompt\": \"\xed\xa0\x80\"}", "prompt");     /* surrogate */
     expect_bad(C, "{\"model\": \"m\", \"prompt\": \"\xf4\x90\x80\x80\"}", "prompt"); /* > 10FFFF */
     expect_bad(C, "{\"model\": \"m\", \"prompt\": \"x\", \"stop\": \"\xfe\"}", "stop");
     expect_bad(C, "{\"model\": \"m\", \"prompt\": \"x\", \"user\": \"\xe2\x82\"}", "user");
-    expect_bad(CHAT, "{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"\x80\"}]}",
+    expect_bad(CHAT,
+               "{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"\x80\"}]}",
                "messages[0].content");
     /* a lone escaped surrogate is refused by the JSON parser */
     expect_bad(C, "{\"model\": \"m\", \"prompt\": \"\\ud800\"}", NULL);
@@ -470,16 +471,17 @@ static void t_parse_chat(void **state)
 {
     (void)state;
     oai_request r;
-    parse_ok(CHAT,
-             "{\"model\": \"m\", \"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, "
-             "{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"Hello\"}, "
-             "{\"type\": \"text\", \"text\": \"there\"}], \"name\": \"bob\"}, {\"role\": "
-             "\"assistant\", \"content\": null}, {\"role\": \"developer\", \"content\": \"d\"}, "
-             "{\"role\": \"tool\", \"content\": \"42\", \"tool_call_id\": \"c1\"}], "
-             "\"max_completion_tokens\": 7, \"max_tokens\": 99, \"tools\": [], \"tool_choice\": "
-             "\"none\", \"logprobs\": false, \"top_logprobs\": 0, \"response_format\": {\"type\": "
-             "\"text\"}}",
-             &r);
+    parse_ok(
+        CHAT,
+        "{\"model\": \"m\", \"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, "
+        "{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"Hello\"}, "
+        "{\"type\": \"text\", \"text\": \"there\"}], \"name\": \"bob\"}, {\"role\": "
+        "\"assistant\", \"content\": null}, {\"role\": \"developer\", \"content\": \"d\"}, "
+        "{\"role\": \"tool\", \"content\": \"42\", \"tool_call_id\": \"c1\"}], "
+        "\"max_completion_tokens\": 7, \"max_tokens\": 99, \"tools\": [], \"tool_choice\": "
+        "\"none\", \"logprobs\": false, \"top_logprobs\": 0, \"response_format\": {\"type\": "
+        "\"text\"}}",
+        &r);
     assert_int_equal(r.kind, OAI_CHAT);
     assert_int_equal(r.n_messages, 5);
     assert_string_equal(r.messages[0].role, "system");
@@ -831,12 +833,12 @@ static void t_chat_templates(void **state)
     assert_int_equal(tok_piece(tok, tok_bos_id(tok), &bos_piece, &bos_len), 0);
     assert_int_equal(oai_render_chat(tok, k_phi3, &r, &p, &e), 0);
     assert_memory_equal(p, bos_piece, bos_len);
-    assert_string_equal(p + bos_len, "<|system|>\nS<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nYo<|end|>\n"
-                           "<|user|>\nWhy?<|end|>\n<|assistant|>\n");
+    assert_string_equal(p + bos_len,
+                        "<|system|>\nS<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nYo<|end|>\n"
+                        "<|user|>\nWhy?<|end|>\n<|assistant|>\n");
     free(p);
-    assert_int_equal(oai_render_chat(tok, "message: [{role}|{eos}|{other}] {content}\\\\\n", &r,
-                                     &p, &e),
-                     0);
+    assert_int_equal(
+        oai_render_chat(tok, "message: [{role}|{eos}|{other}] {content}\\\\\n", &r, &p, &e), 0);
     assert_string_equal(p, "[system|\n</s>\n|{other}] S\\[user|\n</s>\n|{other}] Hi\\"
                            "[assistant|\n</s>\n|{other}] Yo\\[user|\n</s>\n|{other}] Why?\\");
     free(p);
@@ -857,8 +859,9 @@ static void t_chat_templates(void **state)
     free(p);
     assert_int_equal(oai_render_chat(tok, "family: llama2", &r, &p, &e), 0);
     assert_memory_equal(p, bos_piece, bos_len);
-    assert_string_equal(p + bos_len, "[INST] <<SYS>>\nS\n<</SYS>>\n\nHi [/INST] Yo \n</s>\n\n<s>\n[INST] "
-                                     "Why? [/INST]");
+    assert_string_equal(p + bos_len,
+                        "[INST] <<SYS>>\nS\n<</SYS>>\n\nHi [/INST] Yo \n</s>\n\n<s>\n[INST] "
+                        "Why? [/INST]");
     free(p);
     /* the prompt's tokens: the rendered text, encoded without an added BOS */
     assert_int_equal(oai_prompt_tokens(tok, "family: chatml", &r, &ids, &n, &e), 0);
@@ -996,7 +999,7 @@ static bool valid_utf8(const char *s, size_t n)
 }
 
 typedef struct streamed {
-    char *text;          /* everything released, in order */
+    char *text; /* everything released, in order */
     size_t len;
     size_t stop_at;      /* index of the push that reported stopped, or SIZE_MAX */
     size_t *released_at; /* bytes released after push i (n_ids + 1 entries: then finish) */
@@ -1099,8 +1102,10 @@ static char *check_stops(const tok_tokenizer *tok, const char *text, const char 
 }
 
 static const char *const k_tokenizers[] = {
-    "models/stories260K/tok512.bin", "tokenizers/llama2c/tokenizer.bin",
-    "tokenizers/gpt2/tokenizer.json", "tokenizers/llama2-spm/tokenizer.json",
+    "models/stories260K/tok512.bin",
+    "tokenizers/llama2c/tokenizer.bin",
+    "tokenizers/gpt2/tokenizer.json",
+    "tokenizers/llama2-spm/tokenizer.json",
     "tokenizers/llama3-style-tiny/tokenizer.json",
 };
 
@@ -1115,12 +1120,14 @@ static void t_text_stops(void **state)
         const char *want; /* the text (after its leading space, if any) up to the stop */
     } cases[] = {
         {{"little girl"}, 1, "Once upon a time, there was a "},
-        {{"Lily", "time"}, 2, "Once upon a "},        /* the first to complete */
-        {{"ime, th", "upon a"}, 2, "Once "},            /* earliest completion wins */
-        {{"\n\n"}, 1, "Once upon a time, there was a little girl named Lily. She loved to play "
-                      "outside."},
-        {{"Köln"}, 1, NULL},                            /* multi-byte stop */
-        {{"😀"}, 1, NULL},                              /* a stop inside one code point's bytes */
+        {{"Lily", "time"}, 2, "Once upon a "}, /* the first to complete */
+        {{"ime, th", "upon a"}, 2, "Once "},   /* earliest completion wins */
+        {{"\n\n"},
+         1,
+         "Once upon a time, there was a little girl named Lily. She loved to play "
+         "outside."},
+        {{"Köln"}, 1, NULL}, /* multi-byte stop */
+        {{"😀"}, 1, NULL},    /* a stop inside one code point's bytes */
         {{"東"}, 1, NULL},
         {{"outside!", "Lily?", "ok!"}, 3, NULL}, /* begin but never complete: all released */
         {{"e", "Once"}, 2, NULL},

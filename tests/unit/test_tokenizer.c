@@ -1371,7 +1371,8 @@ static void t_stop_strings(void **state)
     assert_int_equal(tok_stop_holdback("plain", 5, stops, 2), 0);
     assert_int_equal(tok_stop_holdback("", 0, stops, 2), 0);
     assert_int_equal(tok_stop_holdback("Th", 2, stops, 2), 2); /* text shorter than the stop */
-    assert_int_equal(tok_stop_holdback("The end", 7, stops, 2), 0); /* complete: not a proper prefix */
+    assert_int_equal(tok_stop_holdback("The end", 7, stops, 2),
+                     0); /* complete: not a proper prefix */
 }
 
 int main(void)
