@@ -7,8 +7,10 @@
  *   oai_request r;  oai_error e;
  *   if (oai_parse(OAI_CHAT, body, len, &r, &e) != 0) -> reply e.status, oai_error_json(&e)
  *   oai_prompt_tokens(tok, chat_template, &r, &ids, &n, &e)   (chat: template, then encode)
- *   oai_check_limits(&r, n, vocab, context, &e)               (400 before dispatch)
- *   ... dispatch; tokens go through oai_text (router/oai_text.h) ...
+ *   oai_check_limits(&r, ids, n, vocab, context, &e)          (400 before dispatch)
+ *   oai_text_create(tok, (const char *const *)r.stop, r.n_stop, eos_and_stop_ids, k, &txt)
+ *   ... dispatch; each token id from the worker goes through oai_text_push
+ *       (router/oai_text.h); stopped -> cancel downstream, finish "stop" ...
  *   stream:   oai_sse_frame(oai_chunk_json(...)) per piece, then the usage chunk
  *             when r.include_usage, then OAI_SSE_DONE; a failure after the
  *             first chunk: oai_sse_error(&e) (it carries [DONE] too)
