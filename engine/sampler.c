@@ -248,38 +248,3 @@ enum smp_finish smp_accept(smp_sampler *s, int32_t token)
     if (p->max_tokens > 0 && s->generated >= p->max_tokens) return SMP_STOP_LENGTH;
     return SMP_CONTINUE;
 }
-
-int smp_stop_string_find(const char *text, size_t len, const char *const *stops, size_t n,
-                         size_t *cut)
-{
-    int found = 0;
-    size_t best = 0;
-    for (size_t i = 0; i < n; i++) {
-        size_t sl = strlen(stops[i]);
-        if (sl == 0 || sl > len) continue;
-        for (size_t at = 0; at + sl <= len && (!found || at < best); at++) {
-            if (memcmp(text + at, stops[i], sl) == 0) {
-                found = 1;
-                best = at;
-                break;
-            }
-        }
-    }
-    if (found) *cut = best;
-    return found;
-}
-
-size_t smp_stop_string_holdback(const char *text, size_t len, const char *const *stops, size_t n)
-{
-    size_t hold = 0;
-    for (size_t i = 0; i < n; i++) {
-        size_t sl = strlen(stops[i]);
-        for (size_t k = sl > 0 ? sl - 1 : 0; k > hold; k--) {
-            if (k <= len && memcmp(text + len - k, stops[i], k) == 0) {
-                hold = k;
-                break;
-            }
-        }
-    }
-    return hold;
-}

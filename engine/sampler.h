@@ -69,17 +69,7 @@ enum smp_finish smp_accept(smp_sampler *s, int32_t token);
 /* Tokens accepted so far. */
 int smp_generated(const smp_sampler *s);
 
-/* Stop strings. Looks for the earliest occurrence of any of stops[0..n) in
- * text[0..len). Returns 1 and sets *cut to the byte offset where the match
- * starts (the text to return is text[0..*cut)), or 0 when none occurs. To
- * check only new text cheaply, pass the tail that starts (longest stop - 1)
- * bytes before the newly added text. */
-int smp_stop_string_find(const char *text, size_t len, const char *const *stops, size_t n,
-                         size_t *cut);
-
-/* Bytes of text a streaming caller must hold back because they could be the
- * start of a stop string (the longest suffix of text that is a proper prefix
- * of some stop string). */
-size_t smp_stop_string_holdback(const char *text, size_t len, const char *const *stops, size_t n);
+/* Stop strings are matched on text: tok_stop_find / tok_stop_holdback in
+ * engine/tokenizer/tok.h. */
 
 #endif

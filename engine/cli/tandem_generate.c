@@ -521,7 +521,7 @@ static int generate(const gen_args *a, const mdl_model *m)
                     text[text_len] = '\0';
                     size_t cut;
                     if (a->n_stops &&
-                        smp_stop_string_find(text, text_len, a->stops, (size_t)a->n_stops, &cut)) {
+                        tok_stop_find(text, text_len, a->stops, (size_t)a->n_stops, &cut)) {
                         text_len = cut;
                         text[cut] = '\0';
                         stopped_by_string = 1;
@@ -529,7 +529,7 @@ static int generate(const gen_args *a, const mdl_model *m)
                     if (!a->json) {
                         /* Stream what can no longer become part of a stop string. */
                         size_t hold =
-                            smp_stop_string_holdback(text, text_len, a->stops, (size_t)a->n_stops);
+                            tok_stop_holdback(text, text_len, a->stops, (size_t)a->n_stops);
                         if (stopped_by_string) hold = 0;
                         if (text_len - hold > printed) {
                             fwrite(text + printed, 1, text_len - hold - printed, stdout);

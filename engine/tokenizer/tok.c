@@ -691,12 +691,20 @@ static bool role_ok(const char *r)
 int tok_chat_render(const tok_tokenizer *t, const tok_chat_msg *msgs, size_t n_msgs,
                     int add_generation_prompt, char **out)
 {
+    if (t == NULL) return TD_EINVAL;
+    return tok_chat_render_as(t, t->chat, msgs, n_msgs, add_generation_prompt, out);
+}
+
+int tok_chat_render_as(const tok_tokenizer *t, enum tok_chat_family family,
+                       const tok_chat_msg *msgs, size_t n_msgs, int add_generation_prompt,
+                       char **out)
+{
     if (t == NULL || out == NULL || (msgs == NULL && n_msgs > 0)) return TD_EINVAL;
     *out = NULL;
     for (size_t i = 0; i < n_msgs; i++)
         if (!role_ok(msgs[i].role) || msgs[i].content == NULL) return TD_EINVAL;
     sbuf b = {0};
-    switch (t->chat) {
+    switch (family) {
     case TOK_CHAT_LLAMA3:
         put_token(&b, t, t->bos_id, "<|begin_of_text|>");
         for (size_t i = 0; i < n_msgs; i++) {

@@ -123,5 +123,25 @@ enum tok_chat_family tok_chat_family_of(const tok_tokenizer *tok);
  * assistant. TD_EUNSUPPORTED when the tokenizer has no known chat template. */
 int tok_chat_render(const tok_tokenizer *tok, const tok_chat_msg *msgs, size_t n_msgs,
                     int add_generation_prompt, char **out);
+/* tok_chat_render in the given family instead of the tokenizer's own (the
+ * router's --chat-template naming a known family); BOS/EOS text comes from
+ * tok. TD_EUNSUPPORTED for TOK_CHAT_NONE. */
+int tok_chat_render_as(const tok_tokenizer *tok, enum tok_chat_family family,
+                       const tok_chat_msg *msgs, size_t n_msgs, int add_generation_prompt,
+                       char **out);
+
+/* Stop strings (matched on detokenized text by whoever detokenizes: the
+ * router, tandem-generate). Looks for the earliest occurrence of any of
+ * stops[0..n) (NUL-terminated; empty ones never match) in text[0..len).
+ * Returns 1 and sets *cut to the byte offset where the match starts (the text
+ * to return is text[0..*cut)), or 0 when none occurs. To check only new text
+ * cheaply, pass the tail that starts (longest stop - 1) bytes before the
+ * newly added text. */
+int tok_stop_find(const char *text, size_t len, const char *const *stops, size_t n, size_t *cut);
+
+/* Bytes at the end of text[0..len) that a streaming caller must hold back
+ * because they could be the start of a stop string (the longest suffix of
+ * text that is a proper prefix of some stop string). */
+size_t tok_stop_holdback(const char *text, size_t len, const char *const *stops, size_t n);
 
 #endif

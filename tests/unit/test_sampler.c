@@ -224,24 +224,6 @@ static void test_bad_input(void **st)
     smp_free(NULL);
 }
 
-static void test_stop_strings(void **st)
-{
-    (void)st;
-    const char *stops[2] = {"\n\n", "The end"};
-    const char *text = "Once upon a time.\n\nThe end";
-    size_t cut = 99;
-    assert_int_equal(smp_stop_string_find(text, strlen(text), stops, 2, &cut), 1);
-    assert_int_equal(cut, 17);
-    assert_int_equal(smp_stop_string_find("abc", 3, stops, 2, &cut), 0);
-    const char *t2 = "Happy. The end";
-    assert_int_equal(smp_stop_string_find(t2, strlen(t2), stops, 2, &cut), 1);
-    assert_int_equal(cut, 7);
-    /* Hold back a possible start of a stop string. */
-    assert_int_equal(smp_stop_string_holdback("so The e", 8, stops, 2), 5);
-    assert_int_equal(smp_stop_string_holdback("line\n", 5, stops, 2), 1);
-    assert_int_equal(smp_stop_string_holdback("plain", 5, stops, 2), 0);
-}
-
 /* The draw for token g depends on (seed, g) alone: a sampler that only
  * accepted the first g tokens (a decode worker continuing what a prefill
  * worker drew) draws what the one that drew all of them draws next. */
@@ -278,7 +260,6 @@ int main(void)
         cmocka_unit_test(test_top_p),
         cmocka_unit_test(test_min_tokens_and_stops),
         cmocka_unit_test(test_bad_input),
-        cmocka_unit_test(test_stop_strings),
         cmocka_unit_test(test_split_stream),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1664,6 +1664,36 @@ static void t_added_lstrip(void **state)
     remove_tmpdir(dir);
 }
 
+/* Stop strings on text: the earliest match wins; a streaming caller holds
+ * back a possible start of a stop string. */
+static void t_stop_strings(void **state)
+{
+    (void)state;
+    const char *stops[2] = {"\n\n", "The end"};
+    const char *text = "Once upon a time.\n\nThe end";
+    size_t cut = 99;
+    assert_int_equal(tok_stop_find(text, strlen(text), stops, 2, &cut), 1);
+    assert_int_equal(cut, 17);
+    assert_int_equal(tok_stop_find("abc", 3, stops, 2, &cut), 0);
+    const char *t2 = "Happy. The end";
+    assert_int_equal(tok_stop_find(t2, strlen(t2), stops, 2, &cut), 1);
+    assert_int_equal(cut, 7);
+    /* the earlier of two overlapping matches, whatever their order in stops */
+    const char *ov[3] = {"cd", "", "bc"};
+    assert_int_equal(tok_stop_find("abcde", 5, ov, 3, &cut), 1);
+    assert_int_equal(cut, 1);
+    assert_int_equal(tok_stop_find("abcde", 5, ov + 1, 1, &cut), 0); /* empty never matches */
+    assert_int_equal(tok_stop_find("", 0, stops, 2, &cut), 0);
+    /* Hold back a possible start of a stop string. */
+    assert_int_equal(tok_stop_holdback("so The e", 8, stops, 2), 5);
+    assert_int_equal(tok_stop_holdback("line\n", 5, stops, 2), 1);
+    assert_int_equal(tok_stop_holdback("plain", 5, stops, 2), 0);
+    assert_int_equal(tok_stop_holdback("", 0, stops, 2), 0);
+    assert_int_equal(tok_stop_holdback("Th", 2, stops, 2), 2); /* text shorter than the stop */
+    assert_int_equal(tok_stop_holdback("The end", 7, stops, 2),
+                     0); /* complete: not a proper prefix */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1697,6 +1727,7 @@ int main(void)
         cmocka_unit_test(t_parse_id),
         cmocka_unit_test(t_check_model_vocab),
         cmocka_unit_test(t_gguf),
+        cmocka_unit_test(t_stop_strings),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
