@@ -1,6 +1,7 @@
 /* httpd: the server (listening, accepting, closing) and the simple mode on
  * its own thread. One connection's work is in httpd_conn.c. */
 #include <errno.h>
+#include <signal.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -108,6 +109,12 @@ int httpd_start_on_loop(uv_loop_t *loop, const httpd_config *cfg, httpd_request_
         return TD_EINVAL;
     httpd *h = calloc(1, sizeof(*h));
     if (!h) return TD_ENOMEM;
+    /* libuv writes without MSG_NOSIGNAL: a client that reset its connection
+     * must cost an EPIPE on this thread, not the process. */
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe, NULL);
     h->loop = loop;
     h->fn = fn;
     h->arg = arg;
@@ -197,6 +204,10 @@ static void hd_simple_stop(uv_async_t *a)
 static void *hd_simple_thread(void *arg)
 {
     httpd__thread *t = arg;
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe, NULL); /* see httpd_start_on_loop */
     uv_run(&t->loop, UV_RUN_DEFAULT);
     return NULL;
 }

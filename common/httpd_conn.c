@@ -636,16 +636,28 @@ static int hd_on_headers_complete(http_parser *p)
     r->method = (int)p->method;
     r->http10 = p->http_major < 1 || (p->http_major == 1 && p->http_minor == 0);
     r->keep_alive = http_should_keep_alive(p) != 0;
-    char *q = strpbrk(r->head, "?#");
-    if (q) {
-        if (*q == '?') {
-            r->query = q + 1;
-            char *frag = strchr(q + 1, '#');
-            if (frag) *frag = '\0';
-        }
-        *q = '\0';
+    char *url = r->head;
+    if (url[0] != '/' && url[0] != '*') { /* absolute form: "http://host/path?q" */
+        struct http_parser_url u;
+        http_parser_url_init(&u);
+        if (http_parser_parse_url(url, strlen(url), 0, &u) != 0)
+            return hd_fail_cb(c, 400, "malformed request target");
+        url = (u.field_set & (1 << UF_PATH)) ? url + u.field_data[UF_PATH].off : NULL;
     }
-    r->path = r->head;
+    if (url) {
+        char *q = strpbrk(url, "?#");
+        if (q) {
+            if (*q == '?') {
+                r->query = q + 1;
+                char *frag = strchr(q + 1, '#');
+                if (frag) *frag = '\0';
+            }
+            *q = '\0';
+        }
+        r->path = url;
+    } else {
+        r->path = "/";
+    }
     bool has_len = (p->flags & F_CONTENTLENGTH) != 0;
     bool chunked = (p->flags & F_CHUNKED) != 0;
     if (has_len && p->content_length > c->h->cfg.max_body)
