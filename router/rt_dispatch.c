@@ -1,0 +1,305 @@
+/* A request's life in the router, after its front end parsed it: admission,
+ * the choice of a decode and a prefill worker, Decode.Generate, the relay of
+ * its stream to the front end, one retry before the first token, cancel.
+ * All on the loop thread. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/clock.h"
+#include "common/err.h"
+#include "common/log.h"
+#include "router/rt.h"
+
+#define MOD "router"
+
+rt_req *rt_req_new(rt_ctx *c, const rt_front_ops *front, void *front_data)
+{
+    rt_req *r = calloc(1, sizeof(*r));
+    if (!r) return NULL;
+    r->wake.kind = RT_WAKE_REQ;
+    r->ctx = c;
+    r->front = front;
+    r->front_data = front_data;
+    r->t_arrival = td_now_ns();
+    r->deadline_ns = c->opts->request_timeout_ms > 0
+                         ? r->t_arrival + c->opts->request_timeout_ms * 1000000LL
+                         : RPC_NO_DEADLINE;
+    snprintf(r->id, sizeof(r->id), "req-%08x-%06llu", c->id_salt,
+             (unsigned long long)++c->next_req);
+    r->next = c->live;
+    if (c->live) c->live->prev = r;
+    c->live = r;
+    c->n_live++;
+    met_gauge_set(c->metrics.inflight, c->n_live);
+    return r;
+}
+
+static void rt__free(rt_req *r)
+{
+    rt_ctx *c = r->ctx;
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        c->live = r->next;
+    if (r->next) r->next->prev = r->prev;
+    c->n_live--;
+    met_gauge_set(c->metrics.inflight, c->n_live);
+    free(r->prompt);
+    free(r->stop_ids);
+    free(r);
+}
+
+/* Releases what the current attempt holds downstream. */
+static void rt__drop_stream(rt_req *r)
+{
+    if (r->stream) {
+        rpc_stream_free(r->stream); /* no notification follows */
+        r->stream = NULL;
+    }
+    if (r->decode && r->decode->inflight) r->decode->inflight--;
+    if (r->prefill && !r->t_first && r->prefill->inflight) r->prefill->inflight--;
+}
+
+static void rt__end(rt_req *r, int finish, int err, const char *details)
+{
+    rt_ctx *c = r->ctx;
+    if (r->state == RT_R_ENDED) return;
+    rt__drop_stream(r);
+    r->state = RT_R_ENDED;
+    if (r->admitted) {
+        c->outstanding--;
+        if (c->adm->on_end) c->adm->on_end(c->adm_ctx, td_now_ns());
+    }
+    int64_t now = td_now_ns();
+    if (err == 0) {
+        met_histogram_observe(c->metrics.e2e, td_ns_to_s(now - r->t_arrival));
+        if (r->t_first) met_histogram_observe(c->metrics.ttft, td_ns_to_s(r->t_first - r->t_arrival));
+    }
+    td_log_info(MOD, "request_end",
+                "req=%s err=%s prompt_tokens=%u tokens=%u attempts=%d decode=%s prefill=%s "
+                "queue_us=%llu tokenize_us=%llu prefill_queue_us=%llu prefill_us=%llu "
+                "transfer_us=%llu ttft_us=%lld e2e_us=%lld%s%s%s",
+                r->id, err ? td_err_name(err) : "OK", r->n_prompt, r->n_generated, r->attempts,
+                r->decode ? r->decode->id : "-", r->prefill ? r->prefill->id : "-",
+                (unsigned long long)(r->t_dispatch ? (r->t_dispatch - r->t_arrival) / 1000 : 0),
+                (unsigned long long)r->tokenize_us,
+                (unsigned long long)r->timings.prefill_queue_us,
+                (unsigned long long)r->timings.prefill_us,
+                (unsigned long long)r->timings.transfer_us,
+                (long long)(r->t_first ? (r->t_first - r->t_arrival) / 1000 : -1),
+                (long long)((now - r->t_arrival) / 1000), err ? " detail=\"" : "",
+                err ? details : "", err ? "\"" : "");
+    r->front->end(r, finish, err, details);
+}
+
+static void rt__notify(rpc_stream *s, void *arg)
+{
+    (void)s;
+    rt_req *r = arg;
+    rt_wake_push(r->ctx, &r->wake);
+}
+
+/* Starts (or restarts) Decode.Generate on a fresh choice of workers. */
+static void rt__start(rt_req *r)
+{
+    rt_ctx *c = r->ctx;
+    rt_worker *old_d = r->decode, *old_p = r->prefill;
+    r->decode = rt_pick_decode(c, old_d);
+    r->prefill = rt_pick_prefill(c, (const int32_t *)r->prompt, r->n_prompt, old_p);
+    if (!r->decode || !r->prefill) {
+        char msg[128];
+        snprintf(msg, sizeof(msg), "no %s worker is ready", !r->decode ? "decode" : "prefill");
+        rt__end(r, TANDEM__V1__FINISH_REASON__FINISH_REASON_ERROR, TD_EUNAVAILABLE, msg);
+        return;
+    }
+    Tandem__V1__RequestMeta meta = TANDEM__V1__REQUEST_META__INIT;
+    meta.request_id = r->id;
+    meta.timeout_ms = rpc_timeout_ms_left(r->deadline_ns);
+    Tandem__V1__SamplingParams sp = r->sampling;
+    sp.max_tokens = r->max_tokens;
+    Tandem__V1__DecodeRequest q = TANDEM__V1__DECODE_REQUEST__INIT;
+    q.meta = &meta;
+    q.n_prompt_token_ids = r->n_prompt;
+    q.prompt_token_ids = r->prompt;
+    q.sampling = &sp;
+    q.prefill_address = r->prefill->rpc_addr;
+    q.want_timings = 1;
+    r->attempts++;
+    int rc = rpc_client_stream(r->decode->client, "/tandem.v1.Decode/Generate", &q.base,
+                               &tandem__v1__decode_response__descriptor, r->deadline_ns,
+                               rt__notify, r, &r->stream);
+    if (rc != 0) {
+        r->stream = NULL;
+        rt__end(r, TANDEM__V1__FINISH_REASON__FINISH_REASON_ERROR, rc, "cannot call the decode worker");
+        return;
+    }
+    r->decode->inflight++;
+    r->prefill->inflight++;
+    r->decode->served++;
+    r->state = RT_R_RUNNING;
+}
+
+void rt_req_dispatch(rt_req *r)
+{
+    rt_ctx *c = r->ctx;
+    r->t_dispatch = td_now_ns();
+    uint32_t ctx_len = c->max_model_len;
+    char msg[192];
+    if (r->n_prompt == 0) {
+        rt__end(r, 0, TD_EINVAL, "the prompt is empty");
+        return;
+    }
+    if (ctx_len && r->n_prompt >= ctx_len) {
+        snprintf(msg, sizeof(msg), "prompt of %u tokens exceeds the context of %u tokens",
+                 r->n_prompt, ctx_len);
+        rt__end(r, 0, TD_ETOOLONG, msg);
+        return;
+    }
+    if (r->max_tokens == 0 && ctx_len) r->max_tokens = ctx_len - r->n_prompt;
+    if (ctx_len && (uint64_t)r->n_prompt + r->max_tokens > ctx_len) {
+        snprintf(msg, sizeof(msg),
+                 "prompt (%u tokens) + max_tokens (%u) exceeds the context of %u tokens",
+                 r->n_prompt, r->max_tokens, ctx_len);
+        rt__end(r, 0, TD_ETOOLONG, msg);
+        return;
+    }
+    /* Admission: pure policy code over what the router knows now. */
+    adm_input in = {.now_ns = r->t_dispatch,
+                    .outstanding = c->outstanding,
+                    .prompt_tokens = r->n_prompt,
+                    .max_tokens = r->max_tokens};
+    for (uint32_t i = 0; i < c->n_workers; i++) {
+        const rt_worker *w = c->workers[i];
+        if (w->state != RT_W_READY) continue;
+        if (w->role == RT_PREFILL) {
+            in.ready_prefill++;
+            in.queued_prefill_tokens += w->load.queued_prefill_tokens;
+        } else {
+            in.ready_decode++;
+            in.running_seqs += w->load.running_seqs;
+            in.free_kv_blocks += w->load.free_kv_blocks;
+            in.total_kv_blocks += w->load.total_kv_blocks;
+        }
+    }
+    adm_decision d;
+    c->adm->decide(c->adm_ctx, &in, &d);
+    if (d.verdict == ADM_REJECT) {
+        r->retry_after_s = d.retry_after_s ? d.retry_after_s : 1;
+        rt__end(r, 0, TD_EDECLINED, d.reason);
+        return;
+    }
+    r->admitted = true;
+    c->outstanding++;
+    met_histogram_observe(c->metrics.queue, td_ns_to_s(r->t_dispatch - r->t_arrival));
+    rt__start(r);
+}
+
+static bool rt__retryable(int err)
+{
+    return err == TD_EUNAVAILABLE || err == TD_ECONNRESET || err == TD_ECONNREFUSED ||
+           err == TD_EMISMATCH || err == TD_EAGAIN;
+}
+
+void rt_req_on_wake(rt_req *r)
+{
+    rt_ctx *c = r->ctx;
+    if (r->state != RT_R_RUNNING || !r->stream) return;
+    for (;;) {
+        if (r->paused) return; /* resumed by the front end's drain callback */
+        ProtobufCMessage *msg = NULL;
+        int rc = rpc_stream_next(r->stream, 0, &msg);
+        if (rc == TD_EAGAIN) return;
+        if (rc == 0 && msg) {
+            Tandem__V1__DecodeResponse *m = (Tandem__V1__DecodeResponse *)msg;
+            if (m->n_token_ids && !r->t_first) {
+                r->t_first = td_now_ns();
+                if (r->prefill->inflight) r->prefill->inflight--;
+            }
+            if (m->n_token_ids) {
+                int64_t now = td_now_ns();
+                if (r->t_last) met_histogram_observe(c->metrics.itl, td_ns_to_s(now - r->t_last));
+                r->t_last = now;
+            }
+            r->n_generated += (uint32_t)m->n_token_ids;
+            if (m->finish_reason) {
+                r->finish = m->finish_reason;
+                r->cached_prompt_tokens = m->cached_prompt_tokens;
+                if (m->timings) {
+                    r->timings = *m->timings;
+                    Tandem__V1__Timings init = TANDEM__V1__TIMINGS__INIT;
+                    r->timings.base = init.base;
+                }
+            }
+            if (m->n_token_ids && !r->cancel_requested)
+                r->front->tokens(r, m->token_ids, m->n_token_ids);
+            protobuf_c_message_free_unpacked(msg, NULL);
+            if (r->state != RT_R_RUNNING) return; /* the front end ended it (stop string) */
+            continue;
+        }
+        if (rc == 0) { /* the stream ended OK */
+            rt__end(r, r->finish ? r->finish : TANDEM__V1__FINISH_REASON__FINISH_REASON_LENGTH, 0,
+                    NULL);
+            return;
+        }
+        const rpc_status *st = rpc_stream_status(r->stream);
+        char details[256];
+        snprintf(details, sizeof(details), "%s", st && st->details[0] ? st->details : td_strerror(rc));
+        if (st && !st->from_peer && rc == TD_EUNAVAILABLE)
+            rt_members_mark_down(c, r->decode, "a call failed: unreachable");
+        if (r->cancel_requested) {
+            rt__end(r, TANDEM__V1__FINISH_REASON__FINISH_REASON_CANCELLED, TD_ECANCELED,
+                    "cancelled");
+            return;
+        }
+        bool can_retry = r->n_generated == 0 && r->attempts < 2 && rt__retryable(rc) &&
+                         (r->deadline_ns == RPC_NO_DEADLINE || td_now_ns() < r->deadline_ns);
+        if (can_retry) {
+            td_log_warn(MOD, "retry", "req=%s err=%s decode=%s prefill=%s detail=\"%s\"", r->id,
+                        td_err_name(rc), r->decode->id, r->prefill->id, details);
+            met_counter_inc(c->metrics.retries);
+            rt__drop_stream(r);
+            rt__start(r);
+            return;
+        }
+        rt__end(r, TANDEM__V1__FINISH_REASON__FINISH_REASON_ERROR, rc, details);
+        return;
+    }
+}
+
+void rt_req_cancel(rt_req *r)
+{
+    r->cancel_requested = true;
+    if (r->state == RT_R_RUNNING && r->stream) {
+        rpc_stream_cancel(r->stream); /* the decode worker cancels the prefill */
+        return;
+    }
+    if (r->state == RT_R_NEW)
+        rt__end(r, TANDEM__V1__FINISH_REASON__FINISH_REASON_CANCELLED, TD_ECANCELED, "cancelled");
+}
+
+void rt_req_finish_early(rt_req *r, int finish)
+{
+    /* The front end decided the end (a stop string): cancel downstream and
+     * end now with a normal finish. */
+    r->cancel_requested = true;
+    rt__end(r, finish, 0, NULL);
+}
+
+void rt_req_release(rt_req *r)
+{
+    if (atomic_load(&r->wake.queued)) {
+        r->released = true; /* freed when its queued wake-up is popped */
+        return;
+    }
+    rt__free(r);
+}
+
+void rt_req_on_popped(rt_req *r)
+{
+    if (r->released) {
+        rt__free(r);
+        return;
+    }
+    rt_req_on_wake(r);
+}
