@@ -33,3 +33,13 @@ if ! "$PY" -c "import numpy" 2>/dev/null; then
   echo "deps: installing numpy for $PY"
   "$PY" -m pip install -q numpy 2>/dev/null || "$PY" -m pip install -q --break-system-packages numpy
 fi
+
+# The router's tests talk to it as users do: the official OpenAI client and a
+# gRPC client generated from proto/tandem.proto at test time.
+for mod in openai:openai grpc_tools:grpcio-tools; do
+  if ! "$PY" -c "import ${mod%%:*}" 2>/dev/null; then
+    echo "deps: installing ${mod#*:} for $PY"
+    "$PY" -m pip install -q "${mod#*:}" 2>/dev/null ||
+      "$PY" -m pip install -q --break-system-packages "${mod#*:}"
+  fi
+done
