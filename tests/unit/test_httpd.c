@@ -581,8 +581,22 @@ static void test_bodies(void **state)
     assert_non_null(strstr(buf, "GET /v1/models ? x= len=0:"));
     close(fd);
 
+    /* A body larger than what is reserved from Content-Length up front. */
+    static char big[200001], bigbuf[256 * 1024];
+    memset(big, 'q', sizeof(big) - 1);
+    fd = dial(a.port);
+    send_str(fd, "POST /big HTTP/1.1\r\nConnection: close\r\nContent-Length: 200000\r\n\r\n");
+    send_str(fd, big);
+    bool eof;
+    read_until(fd, bigbuf, sizeof(bigbuf), NULL, 5000, &eof);
+    assert_true(eof);
+    char *at = strstr(bigbuf, "len=200000:");
+    assert_non_null(at);
+    assert_int_equal(strspn(at + 11, "q"), 200000);
+    close(fd);
+
     snap s = app_snap(&a);
-    assert_int_equal(s.requests, 6);
+    assert_int_equal(s.requests, 7);
     app_stop(&a);
 }
 
