@@ -112,7 +112,7 @@ static const char *hd_conn_header(const httpd_req *r)
 
 /* A response head plus body_len bytes of room (o->len counts both). */
 static httpd__out *hd_head_new(const httpd_req *r, int status, const char *ctype, const char *extra,
-                           const char *framing, size_t body_len)
+                               const char *framing, size_t body_len)
 {
     if (!ctype) ctype = "text/plain; charset=utf-8";
     if (!extra) extra = "";
@@ -129,7 +129,7 @@ static httpd__out *hd_head_new(const httpd_req *r, int status, const char *ctype
 
 /* The response with Content-Length; ends r. */
 int httpd__req_respond(httpd_req *r, int status, const char *ctype, const char *extra,
-                          const char *body, size_t len)
+                       const char *body, size_t len)
 {
     char framing[48];
     snprintf(framing, sizeof(framing), "Content-Length: %zu\r\n", len);
