@@ -264,8 +264,8 @@ int main(int argc, char **argv)
     rpc_client_create(sw_addr, &direct);
     if (sw_register(router, "bench-prefill", TANDEM__V1__WORKER_ROLE__WORKER_ROLE_PREFILL,
                     sw_addr) != 0 ||
-        sw_register(router, "bench-decode", TANDEM__V1__WORKER_ROLE__WORKER_ROLE_DECODE,
-                    sw_addr) != 0) {
+        sw_register(router, "bench-decode", TANDEM__V1__WORKER_ROLE__WORKER_ROLE_DECODE, sw_addr) !=
+            0) {
         fprintf(stderr, "tandem-router-bench: registration failed\n");
         return 1;
     }
