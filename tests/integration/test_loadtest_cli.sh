@@ -9,7 +9,7 @@ LT=$BIN/tandem-loadtest
 WORK=$(mktemp -d /tmp/lt-cli-XXXXXX)
 SRV_PID=
 cleanup() {
-    [ -n "$SRV_PID" ] && kill "$SRV_PID" 2>/dev/null || true
+    if [ -n "$SRV_PID" ]; then kill "$SRV_PID" 2>/dev/null || true; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
