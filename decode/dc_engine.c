@@ -222,6 +222,15 @@ void dc_handle_cancel(rpc_call *call, const ProtobufCMessage *req, void *arg)
 
 /* -------------------------------------------------------------- engine -- */
 
+static void dc__detail(dc_req *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void dc__detail(dc_req *r, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->details, sizeof(r->details), fmt, ap);
+    va_end(ap);
+}
+
 static void dc__live_add(dc_engine *d, dc_req *r)
 {
     r->prev = NULL;
@@ -634,7 +643,7 @@ static void dc__on_queue(dc_engine *d)
                 /* The same id is live already: ids must be unique. */
                 r->state = DC_CLOSING;
                 r->err = TD_EEXIST;
-                snprintf(r->details, sizeof(r->details), "request id %s is already in flight",
+                dc__detail(r, "request id %s is already in flight",
                          r->id);
             } else {
                 r->state = DC_QUEUED;
@@ -669,7 +678,7 @@ static void dc__step(dc_engine *d)
         if (evs[i].finish == ENG_FINISH_ERROR) {
             r->state = DC_CLOSING;
             r->err = TD_EINTERNAL;
-            snprintf(r->details, sizeof(r->details), "generation failed: %s",
+            dc__detail(r, "generation failed: %s",
                      evs[i].err == TD_ERANGE ? "the logits are NaN" : td_strerror(evs[i].err));
             continue;
         }

@@ -205,6 +205,15 @@ void pf_handle_cancel(rpc_call *call, const ProtobufCMessage *req, void *arg)
 
 /* -------------------------------------------------------------- engine -- */
 
+static void pf__detail(pf_req *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void pf__detail(pf_req *r, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->details, sizeof(r->details), fmt, ap);
+    va_end(ap);
+}
+
 static pf_req *pf__find(pf_engine *d, const char *id)
 {
     for (pf_req *r = d->live; r; r = r->next)
@@ -346,7 +355,7 @@ static void pf__start(pf_engine *d, pf_req *r)
     if (pf__find(d, r->id) != r) {
         r->state = PF_CLOSING;
         r->err = TD_EEXIST;
-        snprintf(r->details, sizeof(r->details), "request id %s is already in flight", r->id);
+        pf__detail(r, "request id %s is already in flight", r->id);
         return;
     }
     const char *endpoint = r->msg->dest->kv_endpoint;
@@ -359,7 +368,7 @@ static void pf__start(pf_engine *d, pf_req *r)
         if (rc == TD_EMISMATCH) {
             r->state = PF_CLOSING;
             r->err = TD_EMISMATCH;
-            snprintf(r->details, sizeof(r->details), "KV handshake with %s: %s", endpoint, msg);
+            pf__detail(r, "KV handshake with %s: %s", endpoint, msg);
             return;
         }
         if (rc != 0) break;
@@ -369,7 +378,7 @@ static void pf__start(pf_engine *d, pf_req *r)
     if (rc != 0) {
         r->state = PF_CLOSING;
         r->err = rc == TD_EEXIST ? TD_EEXIST : TD_EUNAVAILABLE;
-        snprintf(r->details, sizeof(r->details), "cannot open the KV transfer to %s: %s", endpoint,
+        pf__detail(r, "cannot open the KV transfer to %s: %s", endpoint,
                  td_strerror(rc));
         return;
     }
