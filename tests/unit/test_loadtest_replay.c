@@ -11,10 +11,16 @@
 #include "common/err.h"
 #include "loadtest/lt_replay.h"
 #include "tests/integration/lt_sse_server.h"
+#include "watchdog.h"
 
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 static void test_url_parse(void **state)
 {
@@ -49,11 +55,11 @@ struct fixture {
     lt_run run;
 };
 
-static void setup_run(struct fixture *f, enum lt_sse_mode mode, int tokens, size_t n,
-                      int64_t gap_ns)
+static void setup_run_held(struct fixture *f, enum lt_sse_mode mode, int tokens, size_t n,
+                           int64_t gap_ns, int64_t hold_ns)
 {
     memset(f, 0, sizeof(*f));
-    assert_int_equal(lt_sse_server_start(mode, tokens, &f->srv), 0);
+    assert_int_equal(lt_sse_server_start_held(mode, tokens, hold_ns, &f->srv), 0);
     assert_int_equal(lt_prompt_create_ids(100, 64, &f->prompt), 0);
     char url[64];
     snprintf(url, sizeof(url), "http://127.0.0.1:%d", lt_sse_server_port(f->srv));
@@ -65,6 +71,12 @@ static void setup_run(struct fixture *f, enum lt_sse_mode mode, int tokens, size
     for (size_t i = 0; i < n; i++)
         f->reqs[i] = (lt_req){
             .t_ns = (int64_t)i * gap_ns, .input_tokens = 3 + (int32_t)i, .output_tokens = 4};
+}
+
+static void setup_run(struct fixture *f, enum lt_sse_mode mode, int tokens, size_t n,
+                      int64_t gap_ns)
+{
+    setup_run_held(f, mode, tokens, n, gap_ns, 0);
 }
 
 static void teardown_run(struct fixture *f)
@@ -183,9 +195,12 @@ static void test_replay_stall_is_timeout_error(void **state)
     setup_run(&f, LT_SSE_STALL, 4, 3, TD_NS_PER_MS);
     f.o.timeout_ns = 200 * TD_NS_PER_MS;
     char err[256];
+    /* The server never finishes: only the timeout ends the run. */
+    watchdog_arm(10, "replay of a stalling server with a 200 ms timeout (timeout ignored?)");
     int64_t t0 = td_now_ns();
     assert_int_equal(lt_replay_run(&f.o, f.reqs, 3, &f.run, err, sizeof(err)), 0);
     int64_t took = td_now_ns() - t0;
+    watchdog_disarm();
     assert_true(took >= 200 * TD_NS_PER_MS && took < 2 * TD_NS_PER_S);
     for (size_t i = 0; i < 3; i++) {
         const lt_record *r = &f.run.recs[i];
@@ -257,6 +272,49 @@ static void test_replay_connect_refused(void **state)
     teardown_run(&f);
 }
 
+/* A request that opens its own connection is timed from its send, not from
+ * the start of its connect. The server holds its accept for 400 ms with one
+ * connection already waiting in a backlog of one, so the kernel drops the
+ * replay's SYN and the connect completes only on the retransmission (about
+ * 1 s), while the response then comes at once: TTFT and e2e counted from the
+ * connect would be a second, from the send they are a few milliseconds. */
+static void test_replay_ttft_from_send_not_connect(void **state)
+{
+    (void)state;
+    struct fixture f;
+    setup_run_held(&f, LT_SSE_OK, 4, 1, 0, 400 * TD_NS_PER_MS);
+    f.o.warm_conns = 0; /* the request opens its own connection */
+    /* Fill the backlog: non-blocking connects, so one that is dropped too
+     * does not hold up the test. */
+    int fill[2];
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)f.o.url.port)};
+    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    for (int k = 0; k < 2; k++) {
+        fill[k] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        assert_true(fill[k] >= 0);
+        int rc = connect(fill[k], (const struct sockaddr *)&sa, sizeof(sa));
+        assert_true(rc == 0 || errno == EINPROGRESS);
+    }
+    td_sleep_ns(20 * TD_NS_PER_MS); /* the handshakes of the fillers are done */
+    char err[256];
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, 1, &f.run, err, sizeof(err)), 0);
+    const lt_record *r = &f.run.recs[0];
+    if (r->outcome != LT_OK) print_message("request: %s\n", r->error);
+    assert_int_equal(r->outcome, LT_OK);
+    print_message("connect took %.1f ms, ttft %.3f ms, e2e %.3f ms\n", td_ns_to_ms(r->send_ns),
+                  td_ns_to_ms(r->ttft_ns), td_ns_to_ms(r->e2e_ns));
+    for (int k = 0; k < 2; k++)
+        close(fill[k]);
+    if (r->send_ns < 300 * TD_NS_PER_MS) {
+        /* The kernel did not drop the SYN: nothing here tells connect from send. */
+        teardown_run(&f);
+        skip();
+    }
+    assert_true(r->ttft_ns >= 0 && r->ttft_ns < 200 * TD_NS_PER_MS);
+    assert_true(r->e2e_ns >= r->ttft_ns && r->e2e_ns < 200 * TD_NS_PER_MS);
+    teardown_run(&f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -269,6 +327,7 @@ int main(void)
         cmocka_unit_test(test_replay_close_mid_stream_is_error),
         cmocka_unit_test(test_replay_missing_done_is_error),
         cmocka_unit_test(test_replay_connect_refused),
+        cmocka_unit_test(test_replay_ttft_from_send_not_connect),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
