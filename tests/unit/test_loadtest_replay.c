@@ -51,7 +51,7 @@ struct fixture {
     lt_sse_server *srv;
     lt_prompt *prompt;
     lt_replay_opts o;
-    lt_req reqs[64];
+    lt_req reqs[128];
     lt_run run;
 };
 
@@ -272,6 +272,65 @@ static void test_replay_connect_refused(void **state)
     teardown_run(&f);
 }
 
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Median of v[0..n) (sorts a copy; n <= 128). */
+static int64_t median_i64(const int64_t *v, size_t n)
+{
+    int64_t tmp[128];
+    assert_true(n > 0 && n <= 128);
+    memcpy(tmp, v, n * sizeof(*v));
+    qsort(tmp, n, sizeof(*tmp), cmp_i64);
+    return tmp[n / 2];
+}
+
+/* The schedule checked against clocks the replay does not own. Lateness as
+ * recorded (send - scheduled, both on the replay's own base) catches a client
+ * that sends every request late; it cannot catch a base that drifts, since
+ * each send is then measured against the drifted base. The server's arrival
+ * times can: request k must arrive at (server's t = 0) + its scheduled time,
+ * so the offset arrival - scheduled must stay flat across the run. Medians of
+ * ten requests at each end keep a preempted moment on a loaded machine from
+ * counting; a drift of 1 ms per request moves the last ten by ~90 ms. */
+static void test_replay_schedule_against_server_clock(void **state)
+{
+    (void)state;
+    enum { N = 100 };
+    struct fixture f;
+    setup_run(&f, LT_SSE_OK, 1, N, 3 * TD_NS_PER_MS);
+    char err[256];
+    int64_t before = td_now_ns();
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, N, &f.run, err, sizeof(err)), 0);
+    int64_t wall = td_now_ns() - before;
+    int64_t late[N], arrival[N], off[N];
+    assert_int_equal(lt_sse_server_arrivals(f.srv, arrival, N), N);
+    for (size_t i = 0; i < N; i++) {
+        const lt_record *r = &f.run.recs[i];
+        assert_int_equal(r->outcome, LT_OK);
+        late[i] = r->send_ns - r->sched_ns;
+        assert_true(late[i] >= 0);
+        /* Arrivals are in order on the server's one thread; the schedule is
+         * sorted: the i-th arrival answers the i-th scheduled send. */
+        off[i] = arrival[i] - f.reqs[i].t_ns;
+        /* Never early: the run started after `before`. */
+        assert_true(off[i] >= before);
+    }
+    int64_t late_p50 = median_i64(late, N);
+    int64_t drift = median_i64(off + N - 10, 10) - median_i64(off, 10);
+    int64_t span = f.reqs[N - 1].t_ns;
+    print_message("lateness p50 %.3f ms; server clock: offset of the last ten - the first ten "
+                  "%.3f ms; wall %.1f ms for a %.1f ms span\n",
+                  td_ns_to_ms(late_p50), td_ns_to_ms(drift), td_ns_to_ms(wall), td_ns_to_ms(span));
+    assert_true(late_p50 < TD_NS_PER_MS);
+    assert_true(drift > -30 * TD_NS_PER_MS && drift < 30 * TD_NS_PER_MS);
+    assert_true(wall >= span && wall < span + TD_NS_PER_S);
+    teardown_run(&f);
+}
+
 /* A request that opens its own connection is timed from its send, not from
  * the start of its connect. The server holds its accept for 400 ms with one
  * connection already waiting in a backlog of one, so the kernel drops the
@@ -328,6 +387,7 @@ int main(void)
         cmocka_unit_test(test_replay_missing_done_is_error),
         cmocka_unit_test(test_replay_connect_refused),
         cmocka_unit_test(test_replay_ttft_from_send_not_connect),
+        cmocka_unit_test(test_replay_schedule_against_server_clock),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -36,7 +36,9 @@ static void watchdog_arm(unsigned seconds, const char *what)
 {
     int n = snprintf(watchdog_msg, sizeof(watchdog_msg),
                      "\nwatchdog: %s: still running after %u s\n", what, seconds);
-    watchdog_msg_len = n < 0 ? 0 : n >= (int)sizeof(watchdog_msg) ? (int)sizeof(watchdog_msg) - 1 : n;
+    watchdog_msg_len = n < 0                            ? 0
+                       : n >= (int)sizeof(watchdog_msg) ? (int)sizeof(watchdog_msg) - 1
+                                                        : n;
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = watchdog_fire;
