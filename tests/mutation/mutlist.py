@@ -26,6 +26,7 @@ def parse(path):
         elif cur is not None and block:
             cur[block].append(line)
         elif cur is not None and ":" in line and not line.startswith("#"):
+            # a "key: value" field of the record's header
             key, _, val = line.partition(":")
             cur[key.strip()] = val.strip()
     for m in muts:
