@@ -2,7 +2,7 @@
  * (Poisson arrivals) against the small SSE server on 127.0.0.1 in a thread of
  * this process. Passes when the p99 lateness of send times (actual - scheduled)
  * is under 2 ms, and when clocks the replay does not own agree: the server's
- * arrival times follow the trace's schedule (p99 under 10 ms) and the run's
+ * arrival times follow the trace's schedule (p99 under 50 ms) and the run's
  * wall time is the trace's span (plus under 0.5 s). The replay's own lateness
  * is measured against its own base, so a base that drifts as requests go out
  * (the run stretches, every send still looks on time) shows only in the
@@ -53,8 +53,11 @@ int main(int argc, char **argv)
     double rate = argc > 2 ? atof(argv[2]) : 400;
     double limit_ms = argc > 3 ? atof(argv[3]) : 2.0;
     int64_t spin_us = argc > 4 ? atol(argv[4]) : 0;
-    const double server_limit_ms = 10.0; /* p99 lateness on the server's clock */
-    const double wall_limit_ms = 500.0;  /* run's wall time past the trace's span */
+    /* p99 lateness on the server's clock: its thread runs at normal priority, so
+     * this is looser than the client's limit; a drift of 25 us per request
+     * already passes it over 2,000 requests. */
+    const double server_limit_ms = 50.0;
+    const double wall_limit_ms = 500.0; /* run's wall time past the trace's span */
 
     lt_synth_params p;
     lt_synth_defaults(&p);

@@ -635,8 +635,9 @@ static void test_bounds_inclusive(void **state)
     assert_int_equal(o.pool_bytes, 1ull << 40);
     cfg_free(c);
     c = make(&o);
-    char *argv[] = {"prog", "--router.port=1", "--router.ratio=0", "--router.window=1ms",
-                    "--kv.pool=1MiB", NULL};
+    char *argv[] = {
+        "prog", "--router.port=1", "--router.ratio=0", "--router.window=1ms", "--kv.pool=1MiB",
+        NULL};
     assert_int_equal(cfg_parse(c, 5, argv), 0);
     assert_int_equal(o.port, 1);
     assert_true(o.ratio == 0.0);
