@@ -6,20 +6,25 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
+#include <time.h>
 #include <uv.h>
 
 struct lt_sse_server {
     uv_loop_t loop;
     uv_tcp_t listener;
     uv_async_t stop;
+    uv_timer_t hold; /* lt_sse_server_start_held: ends the hold */
     pthread_t thread;
     pthread_mutex_t mu;
     enum lt_sse_mode mode;
     int tokens;
     int port;
-    size_t requests;      /* under mu */
-    char last_body[4096]; /* under mu */
-    char *canned;         /* the response for a fixed token count */
+    size_t requests;                       /* under mu */
+    char last_body[4096];                  /* under mu */
+    int64_t arrivals[LT_SSE_MAX_ARRIVALS]; /* under mu: CLOCK_MONOTONIC ns per request */
+    size_t n_arrivals;                     /* under mu */
+    char *canned;                          /* the response for a fixed token count */
     size_t canned_len;
 };
 
@@ -166,11 +171,20 @@ static void on_trickle(uv_timer_t *t)
     }
 }
 
+static int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 static void respond(struct sconn *c, const char *body, size_t body_len)
 {
     lt_sse_server *s = c->srv;
+    int64_t now = mono_ns();
     pthread_mutex_lock(&s->mu);
     s->requests++;
+    if (s->n_arrivals < LT_SSE_MAX_ARRIVALS) s->arrivals[s->n_arrivals++] = now;
     size_t k = body_len < sizeof(s->last_body) - 1 ? body_len : sizeof(s->last_body) - 1;
     memcpy(s->last_body, body, k);
     s->last_body[k] = '\0';
@@ -311,6 +325,15 @@ static void on_stop(uv_async_t *a)
     uv_walk(&s->loop, close_walk, s);
 }
 
+/* The hold is over: listen with the normal backlog and accept from now on. */
+static void on_hold_end(uv_timer_t *t)
+{
+    lt_sse_server *s = t->data;
+    if (uv_listen((uv_stream_t *)&s->listener, 1024, on_connection) != 0)
+        fprintf(stderr, "lt_sse_server: listen after the hold failed\n");
+    uv_close((uv_handle_t *)&s->hold, NULL);
+}
+
 static void *run(void *arg)
 {
     lt_sse_server *s = arg;
@@ -319,6 +342,12 @@ static void *run(void *arg)
 }
 
 int lt_sse_server_start(enum lt_sse_mode mode, int tokens, lt_sse_server **out)
+{
+    return lt_sse_server_start_held(mode, tokens, 0, out);
+}
+
+int lt_sse_server_start_held(enum lt_sse_mode mode, int tokens, int64_t hold_ns,
+                             lt_sse_server **out)
 {
     lt_sse_server *s = calloc(1, sizeof(*s));
     if (!s) return -1;
@@ -334,9 +363,19 @@ int lt_sse_server_start(enum lt_sse_mode mode, int tokens, lt_sse_server **out)
     s->listener.data = s; /* close_walk tells it apart from connections by this */
     struct sockaddr_in addr;
     uv_ip4_addr("127.0.0.1", 0, &addr);
-    if (uv_tcp_bind(&s->listener, (const struct sockaddr *)&addr, 0) != 0 ||
-        uv_listen((uv_stream_t *)&s->listener, 1024, on_connection) != 0)
+    if (uv_tcp_bind(&s->listener, (const struct sockaddr *)&addr, 0) != 0) goto fail_loop;
+    if (hold_ns > 0) {
+        /* Listening (connections queue in the kernel) but not accepting: a
+         * plain listen(2) with a backlog of 0, which Linux reads as one
+         * waiting connection; uv_listen takes over when the hold ends. */
+        uv_os_fd_t fd;
+        if (uv_fileno((uv_handle_t *)&s->listener, &fd) != 0 || listen(fd, 0) != 0) goto fail_loop;
+        uv_timer_init(&s->loop, &s->hold);
+        s->hold.data = s; /* close_walk: not a connection */
+        uv_timer_start(&s->hold, on_hold_end, (uint64_t)((hold_ns + 999999) / 1000000), 0);
+    } else if (uv_listen((uv_stream_t *)&s->listener, 1024, on_connection) != 0) {
         goto fail_loop;
+    }
     struct sockaddr_storage name;
     int namelen = sizeof(name);
     uv_tcp_getsockname(&s->listener, (struct sockaddr *)&name, &namelen);
@@ -366,6 +405,15 @@ size_t lt_sse_server_requests(lt_sse_server *s)
 {
     pthread_mutex_lock(&s->mu);
     size_t n = s->requests;
+    pthread_mutex_unlock(&s->mu);
+    return n;
+}
+
+size_t lt_sse_server_arrivals(lt_sse_server *s, int64_t *t_ns, size_t cap)
+{
+    pthread_mutex_lock(&s->mu);
+    size_t n = s->n_arrivals;
+    if (cap > 0) memcpy(t_ns, s->arrivals, (n < cap ? n : cap) * sizeof(*t_ns));
     pthread_mutex_unlock(&s->mu);
     return n;
 }

@@ -9,6 +9,7 @@
 #define TANDEM_TESTS_LT_SSE_SERVER_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 enum lt_sse_mode {
     LT_SSE_OK = 0,  /* tokens events, a usage event, [DONE], end of chunked body */
@@ -22,12 +23,27 @@ enum lt_sse_mode {
 
 typedef struct lt_sse_server lt_sse_server;
 
+/* Arrival times kept per server (lt_sse_server_arrivals); later ones are counted only. */
+#define LT_SSE_MAX_ARRIVALS 16384
+
 /* tokens: events per response; 0 means "max_tokens of the request" (capped at
  * 4096). On success *out is owned by the caller (lt_sse_server_stop). */
 int lt_sse_server_start(enum lt_sse_mode mode, int tokens, lt_sse_server **out);
+/* As lt_sse_server_start, with a slow accept: for hold_ns after the start the
+ * socket listens with a backlog of one connection and nothing is accepted.
+ * Once one connection waits in that backlog the kernel drops the SYN of the
+ * next, whose connect then completes only on its SYN retransmission (about
+ * 1 s later on Linux), after the hold: a connect slower than any response. */
+int lt_sse_server_start_held(enum lt_sse_mode mode, int tokens, int64_t hold_ns,
+                             lt_sse_server **out);
 int lt_sse_server_port(const lt_sse_server *s);
 /* Requests fully received so far (thread-safe). */
 size_t lt_sse_server_requests(lt_sse_server *s);
+/* Copies into t_ns (up to cap entries) the CLOCK_MONOTONIC time, in ns (the
+ * clock of td_now_ns), at which each request had fully arrived, in arrival
+ * order: a clock independent of the client's. Returns how many are kept
+ * (at most LT_SSE_MAX_ARRIVALS). Thread-safe. */
+size_t lt_sse_server_arrivals(lt_sse_server *s, int64_t *t_ns, size_t cap);
 /* Copies the last request body received (NUL-terminated, truncated to cap). */
 void lt_sse_server_last_body(lt_sse_server *s, char *buf, size_t cap);
 /* Stops the loop, closes every connection, joins the thread, frees s. */

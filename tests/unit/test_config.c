@@ -585,6 +585,90 @@ static void test_required_and_help(void **state)
     cfg_free(c);
 }
 
+/* Bounds are inclusive: a value exactly at an option's min or max is
+ * accepted (and stored), the next value past it is not, for every bounded
+ * type; from a file, a flag, cfg_set and as a default. */
+static void test_bounds_inclusive(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *key, *text;
+        int rc;
+    } cases[] = {
+        {"router.port", "1", 0},
+        {"router.port", "65535", 0},
+        {"router.port", "0", TD_ERANGE},
+        {"router.port", "65536", TD_ERANGE},
+        {"router.ratio", "0", 0},
+        {"router.ratio", "1", 0},
+        {"router.ratio", "-0.000001", TD_ERANGE},
+        {"router.ratio", "1.000001", TD_ERANGE},
+        {"router.window", "1ms", 0},
+        {"router.window", "10s", 0},
+        {"router.window", "999999ns", TD_ERANGE},
+        {"router.window", "10000000001ns", TD_ERANGE},
+        {"kv.pool", "1MiB", 0},
+        {"kv.pool", "1TiB", 0},
+        {"kv.pool", "1048575", TD_ERANGE},
+        {"kv.pool", "1099511627777", TD_ERANGE},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct opts o;
+        cfg *c = make(&o);
+        int rc = cfg_set(c, cases[i].key, cases[i].text, "test");
+        if (rc != cases[i].rc)
+            fail_msg("%s = \"%s\": rc %d, want %d (%s)", cases[i].key, cases[i].text, rc,
+                     cases[i].rc, cfg_error(c));
+        cfg_free(c);
+    }
+    /* Stored exactly, through a file and through flags. */
+    struct opts o;
+    cfg *c = make(&o);
+    assert_int_equal(cfg_load_string(c,
+                                     "[router]\nport = 65535\nratio = 1\nwindow = 10s\n"
+                                     "[kv]\npool = 1TiB\n",
+                                     "max.conf"),
+                     0);
+    assert_int_equal(o.port, 65535);
+    assert_true(o.ratio == 1.0);
+    assert_int_equal(o.window_ns, 10 * 1000000000LL);
+    assert_int_equal(o.pool_bytes, 1ull << 40);
+    cfg_free(c);
+    c = make(&o);
+    char *argv[] = {
+        "prog", "--router.port=1", "--router.ratio=0", "--router.window=1ms", "--kv.pool=1MiB",
+        NULL};
+    assert_int_equal(cfg_parse(c, 5, argv), 0);
+    assert_int_equal(o.port, 1);
+    assert_true(o.ratio == 0.0);
+    assert_int_equal(o.window_ns, 1000000);
+    assert_int_equal(o.pool_bytes, 1u << 20);
+    cfg_free(c);
+    /* One-sided bounds (req_table: n >= 0, f <= 2.5). */
+    struct req r;
+    assert_int_equal(cfg_create(&c, "t", req_table, 3, &r), 0);
+    assert_int_equal(cfg_set(c, "n", "0", "test"), 0);
+    assert_int_equal(r.n, 0);
+    assert_int_equal(cfg_set(c, "f", "2.5", "test"), 0);
+    assert_true(r.f == 2.5);
+    assert_int_equal(cfg_set(c, "n", "-1", "test"), TD_ERANGE);
+    assert_int_equal(cfg_set(c, "f", "2.5000001", "test"), TD_ERANGE);
+    cfg_free(c);
+    /* Defaults that sit on a bound are valid tables. */
+    static const struct cfg_option edge[] = {
+        {"lo", CFG_INT64, "1", "1", "9", NULL, "", offsetof(struct opts, port), 0},
+        {"hi", CFG_SIZE, "1TiB", "1MiB", "1TiB", NULL, "", offsetof(struct opts, pool_bytes), 0},
+        {"d", CFG_DURATION, "10s", "1ms", "10s", NULL, "", offsetof(struct opts, window_ns), 0},
+        {"x", CFG_DOUBLE, "0", "0", "1", NULL, "", offsetof(struct opts, ratio), 0},
+    };
+    assert_int_equal(cfg_create(&c, "t", edge, 4, &o), 0);
+    assert_int_equal(o.port, 1);
+    assert_int_equal(o.pool_bytes, 1ull << 40);
+    assert_int_equal(o.window_ns, 10 * 1000000000LL);
+    assert_true(o.ratio == 0.0);
+    cfg_free(c);
+}
+
 /* Mistakes in the option table itself are caught at cfg_create. */
 static void test_bad_tables(void **state)
 {
@@ -747,7 +831,7 @@ int main(void)
         cmocka_unit_test(test_flag_errors),  cmocka_unit_test(test_required_and_help),
         cmocka_unit_test(test_bad_tables),   cmocka_unit_test(test_log_lines),
         cmocka_unit_test(test_random_input), cmocka_unit_test(test_alloc_failures),
-        cmocka_unit_test(test_lists),
+        cmocka_unit_test(test_lists),        cmocka_unit_test(test_bounds_inclusive),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -20,6 +20,7 @@
 #include "common/rpc.h"
 #include "loadtest/lt_grpc.h"
 #include "proto/tandem.pb-c.h"
+#include "watchdog.h"
 
 #include <pthread.h>
 
@@ -109,7 +110,12 @@ static void run_mode(struct fixture *f, enum mode mode, size_t n, int64_t timeou
         f->reqs[i] = (lt_req){
             .t_ns = (int64_t)i * TD_NS_PER_MS, .input_tokens = 5 + (int32_t)i, .output_tokens = 3};
     char err[256] = "";
+    /* A stalled stream ends only at its deadline: bound the run so an
+     * ignored deadline fails here in seconds rather than hanging. */
+    watchdog_arm((unsigned)(timeout_ns / TD_NS_PER_S) + 10,
+                 "lt_replay_run over gRPC (a deadline ignored?)");
     int rc = lt_replay_run(&f->o, f->reqs, n, &f->run, err, sizeof(err));
+    watchdog_disarm();
     if (rc) print_message("replay: %s\n", err);
     assert_int_equal(rc, 0);
 }

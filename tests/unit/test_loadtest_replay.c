@@ -11,10 +11,16 @@
 #include "common/err.h"
 #include "loadtest/lt_replay.h"
 #include "tests/integration/lt_sse_server.h"
+#include "watchdog.h"
 
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 static void test_url_parse(void **state)
 {
@@ -45,15 +51,15 @@ struct fixture {
     lt_sse_server *srv;
     lt_prompt *prompt;
     lt_replay_opts o;
-    lt_req reqs[64];
+    lt_req reqs[128];
     lt_run run;
 };
 
-static void setup_run(struct fixture *f, enum lt_sse_mode mode, int tokens, size_t n,
-                      int64_t gap_ns)
+static void setup_run_held(struct fixture *f, enum lt_sse_mode mode, int tokens, size_t n,
+                           int64_t gap_ns, int64_t hold_ns)
 {
     memset(f, 0, sizeof(*f));
-    assert_int_equal(lt_sse_server_start(mode, tokens, &f->srv), 0);
+    assert_int_equal(lt_sse_server_start_held(mode, tokens, hold_ns, &f->srv), 0);
     assert_int_equal(lt_prompt_create_ids(100, 64, &f->prompt), 0);
     char url[64];
     snprintf(url, sizeof(url), "http://127.0.0.1:%d", lt_sse_server_port(f->srv));
@@ -65,6 +71,12 @@ static void setup_run(struct fixture *f, enum lt_sse_mode mode, int tokens, size
     for (size_t i = 0; i < n; i++)
         f->reqs[i] = (lt_req){
             .t_ns = (int64_t)i * gap_ns, .input_tokens = 3 + (int32_t)i, .output_tokens = 4};
+}
+
+static void setup_run(struct fixture *f, enum lt_sse_mode mode, int tokens, size_t n,
+                      int64_t gap_ns)
+{
+    setup_run_held(f, mode, tokens, n, gap_ns, 0);
 }
 
 static void teardown_run(struct fixture *f)
@@ -183,9 +195,13 @@ static void test_replay_stall_is_timeout_error(void **state)
     setup_run(&f, LT_SSE_STALL, 4, 3, TD_NS_PER_MS);
     f.o.timeout_ns = 200 * TD_NS_PER_MS;
     char err[256];
+    /* The server never finishes: only the timeout ends the run. */
+    watchdog_arm(10, "replay of a stalling server with a 200 ms timeout (timeout ignored?)");
     int64_t t0 = td_now_ns();
-    assert_int_equal(lt_replay_run(&f.o, f.reqs, 3, &f.run, err, sizeof(err)), 0);
+    int rc = lt_replay_run(&f.o, f.reqs, 3, &f.run, err, sizeof(err));
     int64_t took = td_now_ns() - t0;
+    watchdog_disarm();
+    assert_int_equal(rc, 0);
     assert_true(took >= 200 * TD_NS_PER_MS && took < 2 * TD_NS_PER_S);
     for (size_t i = 0; i < 3; i++) {
         const lt_record *r = &f.run.recs[i];
@@ -257,6 +273,118 @@ static void test_replay_connect_refused(void **state)
     teardown_run(&f);
 }
 
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Median of v[0..n) (sorts a copy; n <= 128). */
+static int64_t median_i64(const int64_t *v, size_t n)
+{
+    int64_t tmp[128];
+    assert_true(n > 0 && n <= 128);
+    memcpy(tmp, v, n * sizeof(*v));
+    qsort(tmp, n, sizeof(*tmp), cmp_i64);
+    return tmp[n / 2];
+}
+
+/* The schedule checked against clocks the replay does not own. Lateness as
+ * recorded (send - scheduled, both on the replay's own base) catches a client
+ * that sends every request late; it cannot catch a base that drifts, since
+ * each send is then measured against the drifted base. The server's arrival
+ * times can: request k must arrive at (server's t = 0) + its scheduled time,
+ * so the offset arrival - scheduled must stay flat across the run. Medians of
+ * ten requests at each end keep a preempted moment from counting; a drift of
+ * 1 ms per request moves the last ten by ~90 ms. On a loaded 2-core machine
+ * the median wake-up of the loop can itself pass a millisecond for a while,
+ * so the timing bounds get up to three runs (as loadtest_sched does); a client
+ * that is late or drifts every time still fails. Never early, every request
+ * served and the wall time at least the span are checked on every run. */
+static void test_replay_schedule_against_server_clock(void **state)
+{
+    (void)state;
+    enum { N = 100 };
+    int on_time = 0;
+    for (int attempt = 1; attempt <= 3 && !on_time; attempt++) {
+        struct fixture f;
+        setup_run(&f, LT_SSE_OK, 1, N, 3 * TD_NS_PER_MS);
+        char err[256];
+        int64_t before = td_now_ns();
+        assert_int_equal(lt_replay_run(&f.o, f.reqs, N, &f.run, err, sizeof(err)), 0);
+        int64_t wall = td_now_ns() - before;
+        int64_t late[N], arrival[N], off[N];
+        assert_int_equal(lt_sse_server_arrivals(f.srv, arrival, N), N);
+        for (size_t i = 0; i < N; i++) {
+            const lt_record *r = &f.run.recs[i];
+            assert_int_equal(r->outcome, LT_OK);
+            late[i] = r->send_ns - r->sched_ns;
+            assert_true(late[i] >= 0);
+            /* Arrivals are in order on the server's one thread; the schedule
+             * is sorted: the i-th arrival answers the i-th scheduled send. */
+            off[i] = arrival[i] - f.reqs[i].t_ns;
+            /* Never early: the run started after `before`. */
+            assert_true(off[i] >= before);
+        }
+        int64_t late_p50 = median_i64(late, N);
+        int64_t drift = median_i64(off + N - 10, 10) - median_i64(off, 10);
+        int64_t span = f.reqs[N - 1].t_ns;
+        assert_true(wall >= span);
+        print_message("attempt %d: lateness p50 %.3f ms (limit 1.5); server clock: offset of the "
+                      "last ten - the first ten %.3f ms (limit +-30); wall %.1f ms for a %.1f ms "
+                      "span\n",
+                      attempt, td_ns_to_ms(late_p50), td_ns_to_ms(drift), td_ns_to_ms(wall),
+                      td_ns_to_ms(span));
+        on_time = late_p50 < 3 * TD_NS_PER_MS / 2 && drift > -30 * TD_NS_PER_MS &&
+                  drift < 30 * TD_NS_PER_MS && wall < span + TD_NS_PER_S;
+        teardown_run(&f);
+    }
+    if (!on_time) fail_msg("late or drifting in all three runs (see the lines above)");
+}
+
+/* A request that opens its own connection is timed from its send, not from
+ * the start of its connect. The server holds its accept for 400 ms with one
+ * connection already waiting in a backlog of one, so the kernel drops the
+ * replay's SYN and the connect completes only on the retransmission (about
+ * 1 s), while the response then comes at once: TTFT and e2e counted from the
+ * connect would be a second, from the send they are a few milliseconds. */
+static void test_replay_ttft_from_send_not_connect(void **state)
+{
+    (void)state;
+    struct fixture f;
+    setup_run_held(&f, LT_SSE_OK, 4, 1, 0, 400 * TD_NS_PER_MS);
+    f.o.warm_conns = 0; /* the request opens its own connection */
+    /* Fill the backlog: non-blocking connects, so one that is dropped too
+     * does not hold up the test. */
+    int fill[2];
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)f.o.url.port)};
+    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    for (int k = 0; k < 2; k++) {
+        fill[k] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        assert_true(fill[k] >= 0);
+        int rc = connect(fill[k], (const struct sockaddr *)&sa, sizeof(sa));
+        assert_true(rc == 0 || errno == EINPROGRESS);
+    }
+    td_sleep_ns(20 * TD_NS_PER_MS); /* the handshakes of the fillers are done */
+    char err[256];
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, 1, &f.run, err, sizeof(err)), 0);
+    const lt_record *r = &f.run.recs[0];
+    if (r->outcome != LT_OK) print_message("request: %s\n", r->error);
+    assert_int_equal(r->outcome, LT_OK);
+    print_message("connect took %.1f ms, ttft %.3f ms, e2e %.3f ms\n", td_ns_to_ms(r->send_ns),
+                  td_ns_to_ms(r->ttft_ns), td_ns_to_ms(r->e2e_ns));
+    for (int k = 0; k < 2; k++)
+        close(fill[k]);
+    if (r->send_ns < 300 * TD_NS_PER_MS) {
+        /* The kernel did not drop the SYN: nothing here tells connect from send. */
+        teardown_run(&f);
+        skip();
+    }
+    assert_true(r->ttft_ns >= 0 && r->ttft_ns < 200 * TD_NS_PER_MS);
+    assert_true(r->e2e_ns >= r->ttft_ns && r->e2e_ns < 200 * TD_NS_PER_MS);
+    teardown_run(&f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -269,6 +397,8 @@ int main(void)
         cmocka_unit_test(test_replay_close_mid_stream_is_error),
         cmocka_unit_test(test_replay_missing_done_is_error),
         cmocka_unit_test(test_replay_connect_refused),
+        cmocka_unit_test(test_replay_ttft_from_send_not_connect),
+        cmocka_unit_test(test_replay_schedule_against_server_clock),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

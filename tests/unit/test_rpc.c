@@ -17,6 +17,7 @@
 #include "common/log.h"
 #include "common/rpc.h"
 #include "proto/tandem.pb-c.h"
+#include "watchdog.h"
 
 #include <grpc/byte_buffer.h>
 #include <grpc/grpc.h>
@@ -240,6 +241,7 @@ static void fixture_stop_server(fixture *f)
 static int fixture_teardown(void **state)
 {
     fixture *f = *state;
+    watchdog_disarm(); /* a test that failed inside a bounded step left it armed */
     if (f->srv) fixture_stop_server(f);
     pthread_mutex_lock(&f->mu);
     f->stop = true;
@@ -388,12 +390,15 @@ static void test_deadline_exceeded(void **state)
     Tandem__V1__PrefillRequest req = TANDEM__V1__PREFILL_REQUEST__INIT;
     ProtobufCMessage *resp = NULL;
     rpc_status st;
+    /* The server never answers: only the deadline ends these calls. Ignored,
+     * they would block for good; the watchdog fails the test in seconds. */
+    watchdog_arm(5, "rpc_client_unary 200 ms deadline (deadline ignored?)");
     int64_t t0 = td_now_ns();
-    assert_int_equal(rpc_client_unary(c, M_PREFILL, &req.base,
-                                      &tandem__v1__prefill_response__descriptor,
-                                      t0 + 200 * TD_NS_PER_MS, &resp, &st),
-                     TD_ETIMEDOUT);
+    int rc = rpc_client_unary(c, M_PREFILL, &req.base, &tandem__v1__prefill_response__descriptor,
+                              t0 + 200 * TD_NS_PER_MS, &resp, &st);
     int64_t took = td_now_ns() - t0;
+    watchdog_disarm();
+    assert_int_equal(rc, TD_ETIMEDOUT);
     assert_true(took >= 190 * TD_NS_PER_MS);
     assert_true(took < 2 * TD_NS_PER_S);
     assert_int_equal(st.grpc_code, GRPC_STATUS_DEADLINE_EXCEEDED);
@@ -403,9 +408,11 @@ static void test_deadline_exceeded(void **state)
 
     /* A stream's deadline too, after some messages went through. */
     rpc_stream *s;
+    watchdog_arm(5, "stream of endless messages with a 200 ms deadline (deadline ignored?)");
     assert_int_equal(open_generate(c, 0, 1000, td_now_ns() + 200 * TD_NS_PER_MS, &s), 0);
     uint32_t n = 0;
     assert_int_equal(drain_stream(s, &n), TD_ETIMEDOUT);
+    watchdog_disarm();
     assert_true(n > 0);
     rpc_stream_free(s);
     wait_for(&f->engine_cancels, 1);
