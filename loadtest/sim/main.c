@@ -23,11 +23,10 @@
 
 struct sim_opts {
     const char *trace, *format, *filter_model, *log_type, *admission, *cost, *out, *log_level;
-    const char *loads, *policies;
+    const char *loads, *policies, *holdout;
     double speedup, rate, start_s, end_s, slo_ttft_ms, slo_tpot_ms, train_fraction;
-    int64_t max_requests, prefill, decode, kv_blocks, block_size, max_num_seqs,
-        max_batched_tokens, max_chunk_tokens, max_model_len, max_context, heartbeat_ms,
-        max_outstanding, chunk_cap;
+    int64_t max_requests, prefill, decode, kv_blocks, block_size, max_num_seqs, max_batched_tokens,
+        max_chunk_tokens, max_model_len, max_context, heartbeat_ms, max_outstanding, chunk_cap;
     bool keep_failed, skip_bad, no_plots, check_kv;
 };
 
@@ -107,6 +106,8 @@ static const struct cfg_option tune_table[] = {
     SIM_OPT("train-fraction", CFG_DOUBLE, "0.5", "0.05", "0.95", NULL,
             "Share of the trace (its first requests) tuned on; the rest is held out",
             train_fraction),
+    SIM_OPT("holdout", CFG_STRING, NULL, NULL, NULL, NULL,
+            "Held-out trace (same format, filters and scaling): tune on all of --trace", holdout),
 };
 
 static void usage(FILE *fp)
@@ -141,8 +142,9 @@ static int parse(const char *cmd, const struct cfg_option *t, size_t nt, int arg
         return 2;
     }
     if (npos > 0 || !o->trace || !o->format || !o->out) {
-        fprintf(stderr, "tandem-sim %s: --trace, --format and --out are required (no "
-                        "positional arguments)\n",
+        fprintf(stderr,
+                "tandem-sim %s: --trace, --format and --out are required (no "
+                "positional arguments)\n",
                 cmd);
         return 2;
     }
@@ -277,8 +279,8 @@ static int cmd_run(int argc, char **argv)
     struct sim_opts o;
     sim_config sc;
     cfg *cf = NULL;
-    int st = parse("run", run_table, sizeof(run_table) / sizeof(run_table[0]), argc, argv, &o, &sc,
-                   &cf);
+    int st =
+        parse("run", run_table, sizeof(run_table) / sizeof(run_table[0]), argc, argv, &o, &sc, &cf);
     if (st >= 0) {
         cfg_free(cf);
         return st;
@@ -356,7 +358,20 @@ static int cmd_tune(int argc, char **argv)
         cfg_free(cf);
         return st;
     }
-    sim_tune_opts to = {.loads = o.loads,
+    lt_trace ho;
+    lt_trace_init(&ho);
+    if (o.holdout) {
+        struct sim_opts oh = o;
+        oh.trace = o.holdout;
+        size_t fh = 0;
+        if ((st = load_trace(&oh, &ho, &fh)) != 0) {
+            lt_trace_free(&tr);
+            cfg_free(cf);
+            return st;
+        }
+    }
+    sim_tune_opts to = {.holdout = o.holdout ? &ho : NULL,
+                        .loads = o.loads,
                         .policies = o.policies,
                         .train_fraction = o.train_fraction,
                         .slo = {.ttft_ms = o.slo_ttft_ms, .tpot_ms = o.slo_tpot_ms},
@@ -364,6 +379,7 @@ static int cmd_tune(int argc, char **argv)
     char err[512] = "";
     int rc = sim_tune(&sc, &tr, &to, stdout, err, sizeof(err));
     if (rc) fprintf(stderr, "tandem-sim tune: %s\n", err[0] ? err : td_strerror(rc));
+    lt_trace_free(&ho);
     lt_trace_free(&tr);
     cfg_free(cf);
     return rc == TD_EINVAL ? 2 : rc ? 1 : 0;

@@ -89,8 +89,8 @@ typedef struct sim__ctx {
     const adm_ops *adm;
     void *adm_ctx;
     sim__heap heap;
-    int32_t *zeros;       /* max_model_len token ids (content does not matter) */
-    sch_result *results;  /* one per item of the largest step */
+    int32_t *zeros;      /* max_model_len token ids (content does not matter) */
+    sch_result *results; /* one per item of the largest step */
     uint32_t results_cap;
     int64_t now;
     sim_stats stats;
@@ -252,8 +252,11 @@ static void sim__join(sim__ctx *c, sim__worker *w, size_t i)
         sim__complete(c, i);
         return;
     }
-    sch_request sr = {.req_id = i, .prompt = c->zeros, .n_prompt = q->n_prompt,
-                      .max_new_tokens = q->n_out, .priority = 0};
+    sch_request sr = {.req_id = i,
+                      .prompt = c->zeros,
+                      .n_prompt = q->n_prompt,
+                      .max_new_tokens = q->n_out,
+                      .priority = 0};
     rc = sch_add_prefilled(w->s, &sr, q->kv_dst, 0);
     if (rc != 0) {
         sim__fail(c, rc, "decode: sch_add_prefilled");
@@ -303,8 +306,11 @@ static int sim__worker_run(sim__ctx *c, uint32_t wi)
         while (w->inbox.head >= 0) {
             size_t i = (size_t)w->inbox.head;
             sim__req *q = &c->rq[i];
-            sch_request sr = {.req_id = i, .prompt = c->zeros, .n_prompt = q->n_prompt,
-                              .max_new_tokens = 1, .priority = 0};
+            sch_request sr = {.req_id = i,
+                              .prompt = c->zeros,
+                              .n_prompt = q->n_prompt,
+                              .max_new_tokens = 1,
+                              .priority = 0};
             rc = sch_add(w->s, &sr);
             if (rc == TD_ENOSPC) break; /* max_seqs known: the rest waits in the inbox */
             if (rc != 0) {
@@ -402,8 +408,7 @@ static double sim__score(const sim__worker *w)
     /* router/rt_members.c rt__score */
     double s = (double)w->inflight + w->hb_waiting;
     if (w->role == SIM__PREFILL) s += (double)w->hb_queued_prefill / 512.0;
-    if (w->role == SIM__DECODE && w->hb_total)
-        s += 1.0 - (double)w->hb_free / w->hb_total;
+    if (w->role == SIM__DECODE && w->hb_total) s += 1.0 - (double)w->hb_free / w->hb_total;
     return s;
 }
 
@@ -600,7 +605,7 @@ static int sim__records(sim__ctx *c, sim_result *out)
         q->kv_dst = q->kv_src = -1;
         q->n_prompt = c->reqs[i].input_tokens > 0 ? (uint32_t)c->reqs[i].input_tokens : 1;
         /* max_tokens 0 asks the router for the rest of the context. */
-        q->n_out = c->reqs[i].output_tokens > 0 ? (uint32_t)c->reqs[i].output_tokens
+        q->n_out = c->reqs[i].output_tokens > 0       ? (uint32_t)c->reqs[i].output_tokens
                    : q->n_prompt < cfg->max_model_len ? cfg->max_model_len - q->n_prompt
                                                       : 1;
         uint32_t cap = cfg->chunk_cap && cfg->chunk_cap < q->n_out ? cfg->chunk_cap : q->n_out;
@@ -656,15 +661,17 @@ int sim_run(const sim_config *cfg, const lt_req *reqs, size_t n, sim_result *out
     sim__ctx c = {.cfg = cfg, .reqs = reqs, .n = n, .errbuf = err, .errlen = errlen};
     c.adm = adm_find(cfg->admission);
     if (!c.adm) {
-        if (err) snprintf(err, errlen, "unknown admission policy \"%s\" (one of %s)",
-                          cfg->admission ? cfg->admission : "", adm_names());
+        if (err)
+            snprintf(err, errlen, "unknown admission policy \"%s\" (one of %s)",
+                     cfg->admission ? cfg->admission : "", adm_names());
         return TD_EINVAL;
     }
     rc = c.adm->create(&cfg->params, &c.adm_ctx);
     if (rc) {
         c.adm = NULL;
-        if (err) snprintf(err, errlen, "admission %s: bad parameters: %s", cfg->admission,
-                          td_strerror(rc));
+        if (err)
+            snprintf(err, errlen, "admission %s: bad parameters: %s", cfg->admission,
+                     td_strerror(rc));
         return rc;
     }
     out->recs = calloc(n ? n : 1, sizeof(*out->recs));
@@ -700,8 +707,7 @@ int sim_run(const sim_config *cfg, const lt_req *reqs, size_t n, sim_result *out
         c.now = t;
         if (t_ev <= t_ar) {
             sim__ev e = sim__pop(&c.heap);
-            rc = e.type == SIM__EV_STEP_END ? sim__step_end(&c, e.arg)
-                                            : sim__xfer_done(&c, e.arg);
+            rc = e.type == SIM__EV_STEP_END ? sim__step_end(&c, e.arg) : sim__xfer_done(&c, e.arg);
         } else {
             rc = sim__arrive(&c, next_arrival++);
         }

@@ -45,19 +45,19 @@ void sim_cost_defaults(adm_cost *c);
 int sim_cost_load(const char *path, adm_cost *c, char *err, size_t errlen);
 
 typedef struct sim_config {
-    uint32_t n_prefill, n_decode;    /* workers, >= 1 each */
-    uint32_t kv_blocks;              /* KV blocks per worker */
-    uint32_t block_size;             /* tokens per block */
-    uint32_t max_num_seqs;           /* per step */
-    uint32_t max_batched_tokens;     /* per step */
-    uint32_t max_chunk_tokens;       /* prefill chunk cap; 0 = none */
-    uint32_t max_model_len;          /* prompt + output tokens of one request */
-    int64_t heartbeat_ns;            /* load reports to the router; 0 = live state */
-    const char *admission;           /* policy name for adm_find */
-    adm_params params;               /* its parameters */
+    uint32_t n_prefill, n_decode; /* workers, >= 1 each */
+    uint32_t kv_blocks;           /* KV blocks per worker */
+    uint32_t block_size;          /* tokens per block */
+    uint32_t max_num_seqs;        /* per step */
+    uint32_t max_batched_tokens;  /* per step */
+    uint32_t max_chunk_tokens;    /* prefill chunk cap; 0 = none */
+    uint32_t max_model_len;       /* prompt + output tokens of one request */
+    int64_t heartbeat_ns;         /* load reports to the router; 0 = live state */
+    const char *admission;        /* policy name for adm_find */
+    adm_params params;            /* its parameters */
     adm_cost cost;
-    uint32_t chunk_cap;              /* token times kept per record; 0 = all */
-    int check_kv;                    /* kvc_check after every step (tests) */
+    uint32_t chunk_cap; /* token times kept per record; 0 = all */
+    int check_kv;       /* kvc_check after every step (tests) */
 } sim_config;
 
 /* Defaults: 1 + 1 workers, 1024 blocks of 16, 64 seqs, 512 tokens, context
@@ -68,7 +68,7 @@ typedef struct sim_stats {
     uint64_t events;
     uint64_t steps_prefill, steps_decode;
     uint64_t preemptions;
-    uint64_t too_long; /* requests refused (400) for exceeding the context */
+    uint64_t too_long;      /* requests refused (400) for exceeding the context */
     uint32_t leaked_blocks; /* blocks not free at the end, all workers (0 expected) */
     double sim_end_s;       /* simulated time of the last event */
 } sim_stats;

@@ -42,9 +42,12 @@ void sim_cost_defaults(adm_cost *c)
 int sim_cost_load(const char *path, adm_cost *c, char *err, size_t errlen)
 {
     static const struct cfg_option opts[] = {
-        SIM__COST(prefill_us_fixed),       SIM__COST(prefill_us_per_token),
-        SIM__COST(decode_step_us_fixed),   SIM__COST(decode_step_us_per_seq),
-        SIM__COST(decode_step_us_per_ctx_token), SIM__COST(transfer_us_per_block),
+        SIM__COST(prefill_us_fixed),
+        SIM__COST(prefill_us_per_token),
+        SIM__COST(decode_step_us_fixed),
+        SIM__COST(decode_step_us_per_seq),
+        SIM__COST(decode_step_us_per_ctx_token),
+        SIM__COST(transfer_us_per_block),
     };
     adm_cost tmp = *c;
     cfg *cf = NULL;

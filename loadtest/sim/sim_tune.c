@@ -128,8 +128,10 @@ static int sim__parse_loads(const char *s, double *v, int *n)
         if (end == s || errno || !(x > 0) || *n == SIM__MAX_LOADS) return TD_EINVAL;
         v[(*n)++] = x;
         s = end;
-        if (*s == ',') s++;
-        else if (*s) return TD_EINVAL;
+        if (*s == ',')
+            s++;
+        else if (*s)
+            return TD_EINVAL;
     }
     return *n ? 0 : TD_EINVAL;
 }
@@ -162,13 +164,16 @@ int sim_tune(const sim_config *base, const lt_trace *tr, const sim_tune_opts *o,
         if (err) snprintf(err, errlen, "--loads: expected positive numbers separated by commas");
         return TD_EINVAL;
     }
-    size_t n_train = (size_t)((double)tr->n * o->train_fraction);
-    if (n_train < 2 || tr->n - n_train < 2) {
-        if (err) snprintf(err, errlen, "the trace is too short to split (%zu requests)", tr->n);
+    size_t n_train = o->holdout ? tr->n : (size_t)((double)tr->n * o->train_fraction);
+    const lt_req *train = tr->reqs;
+    const lt_req *test = o->holdout ? o->holdout->reqs : tr->reqs + n_train;
+    size_t n_test = o->holdout ? o->holdout->n : tr->n - n_train;
+    if (n_train < 2 || n_test < 2) {
+        if (err)
+            snprintf(err, errlen, "too few requests to tune on (%zu) or hold out (%zu)", n_train,
+                     n_test);
         return TD_EINVAL;
     }
-    const lt_req *train = tr->reqs, *test = tr->reqs + n_train;
-    size_t n_test = tr->n - n_train;
     if (mkdir(o->out, 0755) != 0 && errno != EEXIST) {
         if (err) snprintf(err, errlen, "%s: %s", o->out, strerror(errno));
         return td_err_from_errno(errno);
@@ -177,8 +182,14 @@ int sim_tune(const sim_config *base, const lt_trace *tr, const sim_tune_opts *o,
     int rc = sim__capacity(base, train, n_train, &o->slo, &cap, err, errlen);
     if (rc) return rc;
     fprintf(fp, "capacity (admission none, >= 90%% within SLO, training part): %.3f req/s\n", cap);
-    fprintf(fp, "training: requests 0..%zu, held out: %zu..%zu; numbers below are held out\n\n",
-            n_train - 1, n_train, tr->n - 1);
+    if (o->holdout)
+        fprintf(fp,
+                "training: the %zu requests of the trace, held out: the %zu of the other; "
+                "numbers below are held out\n\n",
+                n_train, n_test);
+    else
+        fprintf(fp, "training: requests 0..%zu, held out: %zu..%zu; numbers below are held out\n\n",
+                n_train - 1, n_train, tr->n - 1);
     fprintf(fp, "%-16s %-22s", "policy", "config");
     for (int l = 0; l < n_loads; l++)
         fprintf(fp, " | load %-4g goodput  rej%%   p90ttft", loads[l]);

@@ -8,7 +8,8 @@
  * kept). Each policy's parameter grid is searched on the training part for
  * the value with the highest goodput summed over the loads; that one config
  * is evaluated on the held-out part at every load and written as a router
- * config file (out/admission-<policy>.conf).
+ * config file (out/admission-<policy>.conf). With a held-out trace of its own
+ * (opts.holdout) the whole trace is tuned on and the other one reported.
  */
 #ifndef TANDEM_LOADTEST_SIM_SIM_TUNE_H
 #define TANDEM_LOADTEST_SIM_SIM_TUNE_H
@@ -20,11 +21,13 @@
 #include "loadtest/sim/sim.h"
 
 typedef struct sim_tune_opts {
-    const char *loads;     /* "0.5,1,1.5,2" */
-    const char *policies;  /* "a,b,c"; policies this build lacks are reported and skipped */
-    double train_fraction; /* (0, 1) */
-    lt_slo slo;            /* both bounds > 0 */
-    const char *out;       /* directory for the chosen configs */
+    const char *loads;       /* "0.5,1,1.5,2" */
+    const char *policies;    /* "a,b,c"; policies this build lacks are reported and skipped */
+    double train_fraction;   /* (0, 1) */
+    lt_slo slo;              /* both bounds > 0 */
+    const char *out;         /* directory for the chosen configs */
+    const lt_trace *holdout; /* when set: tune on the whole trace, report on this one
+                                (another synthetic seed, other windows); borrowed */
 } sim_tune_opts;
 
 /* Runs the search and prints the table to fp. base: cluster, cost (its

@@ -236,9 +236,9 @@ static void test_summary_fields(void **state)
     buf[len] = '\0';
     cJSON *j = cJSON_Parse(buf);
     assert_non_null(j);
-    const char *top[] = {"requests", "ok",     "rejected", "errors", "pending", "duration_s",
-                         "throughput", "slo", "goodput", "ttft_ms", "itl_ms", "tpot_ms",
-                         "e2e_ms",   "lateness_ms"};
+    const char *top[] = {"requests",   "ok",         "rejected", "errors",     "pending",
+                         "duration_s", "throughput", "slo",      "goodput",    "ttft_ms",
+                         "itl_ms",     "tpot_ms",    "e2e_ms",   "lateness_ms"};
     for (size_t i = 0; i < sizeof(top) / sizeof(top[0]); i++)
         assert_non_null(cJSON_GetObjectItem(j, top[i]));
     assert_non_null(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "goodput"), "req_per_s"));
@@ -267,11 +267,11 @@ static void test_step_cost(void **state)
                   .decode_step_us_per_seq = 10,
                   .decode_step_us_per_ctx_token = 0.5,
                   .transfer_us_per_block = 1};
-    sch_item items[3] = {{.start = 9, .n = 1, .sample = true},   /* decode at ctx 10 */
-                         {.start = 29, .n = 1, .sample = true},  /* decode at ctx 30 */
+    sch_item items[3] = {{.start = 9, .n = 1, .sample = true},    /* decode at ctx 10 */
+                         {.start = 29, .n = 1, .sample = true},   /* decode at ctx 30 */
                          {.start = 0, .n = 64, .prefill = true}}; /* prompt chunk */
-    sch_step st = {.items = items, .n_items = 3, .n_tokens = 66, .n_prefill_tokens = 64,
-                   .n_decode_tokens = 2};
+    sch_step st = {
+        .items = items, .n_items = 3, .n_tokens = 66, .n_prefill_tokens = 64, .n_decode_tokens = 2};
     /* 100 + 2 * 64 + 50 + 10 * 2 + 0.5 * 40 */
     assert_true(sim_step_us(&c, &st) == 318.0);
     st.n_items = 2;
