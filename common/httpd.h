@@ -31,7 +31,7 @@ typedef struct httpd httpd;
 typedef struct httpd_req httpd_req; /* one request */
 
 typedef struct httpd_config {
-    const char *addr;       /* "127.0.0.1:8000"; port 0 picks one; copied */
+    const char *addr;       /* "127.0.0.1:8000"; port 0 picks one; read during the call */
     size_t max_body;        /* bytes; 0: 4 MiB. Larger -> 413 (answered as soon as
                                Content-Length says so, or when a chunked body passes
                                it), connection closed */
@@ -54,9 +54,9 @@ typedef void (*httpd_request_fn)(void *arg, httpd_req *r);
 /* Listens on cfg->addr and serves on loop, which the caller runs; call it on
  * the loop's thread. It blocks SIGPIPE in that thread (libuv writes without
  * MSG_NOSIGNAL; a client that reset its connection then costs an EPIPE, not
- * the process). arg is not owned. Returns 0 and *out, TD_EINVAL (arguments, address), TD_EIO (bind or
- * listen failed: errno logged), TD_ENOMEM. On an error nothing was started
- * and no callback runs. */
+ * the process). arg is not owned. Returns 0 and *out, TD_EINVAL (arguments, address), TD_EIO (bind
+ * or listen failed: errno logged), TD_ENOMEM. On an error nothing was started and no callback runs.
+ */
 int httpd_start_on_loop(uv_loop_t *loop, const httpd_config *cfg, httpd_request_fn fn, void *arg,
                         httpd **out);
 
@@ -112,7 +112,9 @@ int httpd_stream_write(httpd_req *r, const char *data, size_t len);
 int httpd_stream_end(httpd_req *r);
 
 /* fn(arg, r) runs once if the client disconnects (or httpd_close runs) before
- * r's response ended; r stays valid until the app ends it. Set it again to
+ * r's response ended; r stays valid until the app ends it (fn may end it).
+ * Set it in the request callback: set later, after the client already left,
+ * it never runs (the response calls then return TD_ECLOSED). Set it again to
  * replace; NULL clears. */
 void httpd_req_on_close(httpd_req *r, void (*fn)(void *arg, httpd_req *r), void *arg);
 

@@ -21,6 +21,7 @@
  *           app is never called back from inside its own call
  *   NONE    requests in flight, the app is working
  */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,94 +30,12 @@
 #include "common/err.h"
 #include "common/httpd_int.h"
 
-#define HD_LINGER_MS 2000 /* after a close-after response: time to read it */
-
-enum { HD_R_PARSING, HD_R_APP, HD_R_DONE };
-enum { HD_T_NONE, HD_T_IDLE, HD_T_HEAD, HD_T_LINGER, HD_T_DOOM };
-enum { HD_P_URL, HD_P_FIELD, HD_P_VALUE }; /* the part of the head being stored */
-
-/* One write: the uv request and the bytes it sends, one allocation. */
-typedef struct hd_out {
-    uv_write_t req;
-    httpd__conn *c;
-    struct hd_out *next; /* held on a request that is not first yet */
-    size_t len;          /* bytes of data */
-    char data[];
-} hd_out;
-
-struct httpd_req {
-    httpd__conn *c;  /* NULL once orphaned */
-    httpd_req *next; /* in c's list, or in the orphan list while notifying */
-    int state;       /* HD_R_* */
-    int method;      /* enum http_method */
-    bool keep_alive; /* the connection stays open after this response */
-    bool http10;
-    bool started;    /* stream_start was called */
-    bool chunked;    /* the stream is chunked (else close-delimited) */
-    bool want_drain; /* stream_write returned TD_EAGAIN, on_drain due */
-    bool notifying;  /* orphan inside the on_close pass: not freed yet */
-    char *head;      /* url '\0' (name '\0' value '\0')* */
-    size_t head_len, head_cap;
-    size_t hdr_start; /* offset of the first header name in head */
-    int head_part;    /* HD_P_* */
-    const char *path, *query;
-    char *body; /* body_len bytes + '\0' */
-    size_t body_len, body_cap;
-    hd_out *held, **held_tail; /* output waiting for earlier responses */
-    void (*on_close)(void *arg, httpd_req *r);
-    void *close_arg;
-    void (*on_drain)(void *arg, httpd_req *r);
-    void *drain_arg;
-};
-
-struct httpd__conn {
-    uv_tcp_t tcp;
-    uv_timer_t timer;
-    uv_shutdown_t shut;
-    http_parser parser;
-    httpd *h;
-    httpd__conn *prev, *next; /* h->conns */
-    httpd_req *first, *last;  /* requests in arrival order */
-    httpd_req *cur;           /* the request being parsed, or NULL */
-    size_t queued;            /* bytes handed to uv_write not yet done + held */
-    size_t head_bytes;        /* of cur's head so far */
-    int fail_status;          /* set by a parser callback: answer this and close; -1: close */
-    const char *fail_msg;
-    int timer_kind; /* HD_T_* */
-    int handles;    /* tcp + timer not yet closed */
-    bool closing;   /* uv_close issued */
-    bool doomed;    /* closing on the next loop turn */
-    bool no_more;   /* parse no further requests (close-after, error) */
-    bool shutting;  /* close-after response done: shutdown issued */
-};
+#define HD_LINGER_MS     2000       /* after a close-after response: time to read it */
+#define HD_BODY_PREALLOC (64 << 10) /* bytes */
 
 static void hd_on_timer(uv_timer_t *t);
 
 /* ---- requests ---- */
-
-static httpd_req *hd_req_new(httpd__conn *c)
-{
-    httpd_req *r = calloc(1, sizeof(*r));
-    if (!r) return NULL;
-    r->c = c;
-    r->held_tail = &r->held;
-    r->query = "";
-    r->path = "";
-    return r;
-}
-
-static void hd_req_free(httpd_req *r)
-{
-    hd_out *o = r->held;
-    while (o) {
-        hd_out *next = o->next;
-        free(o);
-        o = next;
-    }
-    free(r->head);
-    free(r->body);
-    free(r);
-}
 
 static void hd_conn_append(httpd__conn *c, httpd_req *r)
 {
@@ -152,7 +71,7 @@ static void hd_conn_timer(httpd__conn *c)
     }
 }
 
-static void hd_conn_doom(httpd__conn *c)
+void httpd__conn_doom(httpd__conn *c)
 {
     if (c->closing || c->doomed) return;
     c->doomed = true;
@@ -160,15 +79,6 @@ static void hd_conn_doom(httpd__conn *c)
 }
 
 /* ---- output ---- */
-
-static hd_out *hd_out_new(size_t len)
-{
-    hd_out *o = malloc(sizeof(*o) + len);
-    if (!o) return NULL;
-    o->next = NULL;
-    o->len = len;
-    return o;
-}
 
 static void hd_conn_drain(httpd__conn *c)
 {
@@ -186,7 +96,7 @@ static void hd_conn_drain(httpd__conn *c)
 
 static void hd_write_done(uv_write_t *w, int status)
 {
-    hd_out *o = (hd_out *)w;
+    httpd__out *o = (httpd__out *)w;
     httpd__conn *c = o->c;
     c->queued -= o->len;
     free(o);
@@ -199,19 +109,19 @@ static void hd_write_done(uv_write_t *w, int status)
 }
 
 /* o's bytes are already counted in c->queued. */
-static void hd_conn_send(httpd__conn *c, hd_out *o)
+static void hd_conn_send(httpd__conn *c, httpd__out *o)
 {
     o->c = c;
     uv_buf_t b = uv_buf_init(o->data, (unsigned)o->len);
     if (c->doomed || uv_write(&o->req, (uv_stream_t *)&c->tcp, &b, 1, hd_write_done) != 0) {
         c->queued -= o->len;
         free(o);
-        hd_conn_doom(c);
+        httpd__conn_doom(c);
     }
 }
 
 /* Output of r, in order: to the socket if r is first, else held. */
-static void hd_req_emit(httpd_req *r, hd_out *o)
+void httpd__req_emit(httpd_req *r, httpd__out *o)
 {
     httpd__conn *c = r->c;
     c->queued += o->len;
@@ -247,7 +157,7 @@ static void hd_conn_shutdown(httpd__conn *c)
      * does not read at all. */
     if (uv_shutdown(&c->shut, (uv_stream_t *)&c->tcp, hd_on_shutdown) != 0) {
         c->shutting = false;
-        hd_conn_doom(c);
+        httpd__conn_doom(c);
         return;
     }
     hd_timer_set(c, HD_T_LINGER, c->h->cfg.idle_timeout_ms);
@@ -261,18 +171,18 @@ static void hd_conn_advance(httpd__conn *c)
         c->first = r->next;
         if (!c->first) c->last = NULL;
         bool close_after = !r->keep_alive;
-        hd_req_free(r);
+        httpd__req_free(r);
         if (close_after) {
             hd_conn_shutdown(c);
             return;
         }
         httpd_req *n = c->first;
         if (!n) break;
-        hd_out *o = n->held;
+        httpd__out *o = n->held;
         n->held = NULL;
         n->held_tail = &n->held;
         while (o) {
-            hd_out *next = o->next;
+            httpd__out *next = o->next;
             o->next = NULL;
             hd_conn_send(c, o);
             o = next;
@@ -281,93 +191,11 @@ static void hd_conn_advance(httpd__conn *c)
     hd_conn_timer(c);
 }
 
-static void hd_req_done(httpd_req *r)
+void httpd__req_done(httpd_req *r)
 {
     r->state = HD_R_DONE;
     r->want_drain = false;
     if (r == r->c->first) hd_conn_advance(r->c);
-}
-
-/* An orphan ended by the app. */
-static int hd_orphan_end(httpd_req *r)
-{
-    if (r->notifying)
-        r->state = HD_R_DONE; /* freed at the end of the on_close pass */
-    else
-        hd_req_free(r);
-    return TD_ECLOSED;
-}
-
-static const char *hd_reason(int status)
-{
-    switch (status) {
-    case 100: return "Continue";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 204: return "No Content";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 409: return "Conflict";
-    case 413: return "Payload Too Large";
-    case 422: return "Unprocessable Entity";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    default: return status < 400 ? "OK" : "Error";
-    }
-}
-
-static const char *hd_conn_header(const httpd_req *r)
-{
-    if (!r->keep_alive) return "Connection: close\r\n";
-    return r->http10 ? "Connection: keep-alive\r\n" : "";
-}
-
-#define HD_HEAD_FMT "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%s%s%s\r\n"
-
-/* A response head plus body_len bytes of room (o->len counts both). */
-static hd_out *hd_head_new(const httpd_req *r, int status, const char *ctype, const char *extra,
-                           const char *framing, size_t body_len)
-{
-    if (!ctype) ctype = "text/plain; charset=utf-8";
-    if (!extra) extra = "";
-    const char *reason = hd_reason(status);
-    const char *conn = hd_conn_header(r);
-    int n = snprintf(NULL, 0, HD_HEAD_FMT, status, reason, ctype, framing, conn, extra);
-    if (n < 0) return NULL;
-    hd_out *o = hd_out_new((size_t)n + 1 + body_len);
-    if (!o) return NULL;
-    snprintf(o->data, (size_t)n + 1, HD_HEAD_FMT, status, reason, ctype, framing, conn, extra);
-    o->len = (size_t)n + body_len;
-    return o;
-}
-
-/* The response with Content-Length; ends r. */
-static int hd_req_respond(httpd_req *r, int status, const char *ctype, const char *extra,
-                          const char *body, size_t len)
-{
-    char framing[48];
-    snprintf(framing, sizeof(framing), "Content-Length: %zu\r\n", len);
-    size_t send = r->method == HTTP_HEAD ? 0 : len;
-    hd_out *o = hd_head_new(r, status, ctype, extra, framing, send);
-    if (!o) {
-        hd_conn_doom(r->c);
-        hd_req_done(r);
-        return TD_ENOMEM;
-    }
-    if (send) memcpy(o->data + o->len - send, body, send);
-    hd_req_emit(r, o);
-    hd_req_done(r);
-    return 0;
 }
 
 /* An error found by httpd: answered in order, then the connection closes. */
@@ -381,7 +209,7 @@ static void hd_conn_fail(httpd__conn *c, int status, const char *msg)
         return;
     }
     if (!r) {
-        r = hd_req_new(c);
+        r = httpd__req_new(c);
         if (!r) {
             httpd__conn_close(c);
             return;
@@ -396,160 +224,7 @@ static void hd_conn_fail(httpd__conn *c, int status, const char *msg)
                      "{\"error\":{\"message\":\"%s\",\"type\":\"invalid_request_error\","
                      "\"param\":null,\"code\":null}}",
                      msg);
-    hd_req_respond(r, status, "application/json", NULL, body, (size_t)n);
-}
-
-/* ---- the public response API ---- */
-
-int httpd_respond(httpd_req *r, int status, const char *content_type, const char *extra_headers,
-                  const char *body, size_t len)
-{
-    if (!r || (len && !body)) return TD_EINVAL;
-    if (!r->c) return hd_orphan_end(r);
-    if (r->state != HD_R_APP || r->started) return TD_EINVAL;
-    if (r->c->doomed) {
-        hd_req_done(r);
-        return TD_ECLOSED;
-    }
-    return hd_req_respond(r, status, content_type, extra_headers, body, len);
-}
-
-int httpd_stream_start(httpd_req *r, int status, const char *content_type,
-                       const char *extra_headers)
-{
-    if (!r) return TD_EINVAL;
-    if (!r->c) return TD_ECLOSED;
-    if (r->state != HD_R_APP || r->started) return TD_EINVAL;
-    r->started = true;
-    httpd__conn *c = r->c;
-    if (c->doomed) return TD_ECLOSED;
-    r->chunked = !r->http10;
-    if (!r->chunked) { /* close-delimited: nothing can follow on this connection */
-        r->keep_alive = false;
-        c->no_more = true;
-    }
-    const char *framing = r->chunked ? "Transfer-Encoding: chunked\r\n" : "";
-    hd_out *o = hd_head_new(r, status, content_type, extra_headers, framing, 0);
-    if (!o) {
-        hd_conn_doom(c);
-        return TD_ENOMEM;
-    }
-    hd_req_emit(r, o);
-    return c->doomed ? TD_ECLOSED : 0;
-}
-
-int httpd_stream_write(httpd_req *r, const char *data, size_t len)
-{
-    if (!r || (len && !data)) return TD_EINVAL;
-    if (!r->c) return TD_ECLOSED;
-    if (r->state != HD_R_APP || !r->started) return TD_EINVAL;
-    httpd__conn *c = r->c;
-    if (c->doomed) return TD_ECLOSED;
-    if (len > 0 && r->method != HTTP_HEAD) {
-        hd_out *o = hd_out_new(len + (r->chunked ? 24 : 0));
-        if (!o) {
-            hd_conn_doom(c);
-            return TD_ENOMEM;
-        }
-        size_t n = 0;
-        if (r->chunked) n = (size_t)snprintf(o->data, 20, "%zx\r\n", len);
-        memcpy(o->data + n, data, len);
-        n += len;
-        if (r->chunked) {
-            memcpy(o->data + n, "\r\n", 2);
-            n += 2;
-        }
-        o->len = n;
-        hd_req_emit(r, o);
-        if (c->doomed) return TD_ECLOSED;
-    }
-    if (c->queued > c->h->cfg.max_write_queue) {
-        r->want_drain = true;
-        return TD_EAGAIN;
-    }
-    return 0;
-}
-
-int httpd_stream_end(httpd_req *r)
-{
-    if (!r) return TD_EINVAL;
-    if (!r->c) return hd_orphan_end(r);
-    if (r->state != HD_R_APP || !r->started) return TD_EINVAL;
-    httpd__conn *c = r->c;
-    int rc = 0;
-    if (c->doomed) {
-        rc = TD_ECLOSED;
-    } else if (r->chunked && r->method != HTTP_HEAD) {
-        hd_out *o = hd_out_new(5);
-        if (o) {
-            memcpy(o->data, "0\r\n\r\n", 5);
-            hd_req_emit(r, o);
-        } else {
-            hd_conn_doom(c);
-            rc = TD_ENOMEM;
-        }
-    }
-    hd_req_done(r);
-    return rc;
-}
-
-void httpd_req_on_close(httpd_req *r, void (*fn)(void *arg, httpd_req *r), void *arg)
-{
-    r->on_close = fn;
-    r->close_arg = arg;
-}
-
-void httpd_req_on_drain(httpd_req *r, void (*fn)(void *arg, httpd_req *r), void *arg)
-{
-    r->on_drain = fn;
-    r->drain_arg = arg;
-}
-
-/* ---- accessors ---- */
-
-const char *httpd_req_method(const httpd_req *r)
-{
-    return http_method_str((enum http_method)r->method);
-}
-
-const char *httpd_req_path(const httpd_req *r)
-{
-    return r->path;
-}
-
-const char *httpd_req_query(const httpd_req *r)
-{
-    return r->query;
-}
-
-const char *httpd_req_header(const httpd_req *r, const char *name)
-{
-    if (!r->head || !name) return NULL;
-    const char *p = r->head + r->hdr_start, *end = r->head + r->head_len;
-    while (p < end) {
-        const char *value = p + strlen(p) + 1;
-        if (value >= end) break;
-        if (strcasecmp(p, name) == 0) return value;
-        p = value + strlen(value) + 1;
-    }
-    return NULL;
-}
-
-const char *httpd_req_body(const httpd_req *r, size_t *len)
-{
-    if (len) *len = r->body_len;
-    return r->body ? r->body : "";
-}
-
-void httpd__req_close_after(httpd_req *r)
-{
-    r->keep_alive = false;
-    if (r->c) r->c->no_more = true;
-}
-
-int httpd__req_method(const httpd_req *r)
-{
-    return r->method;
+    httpd__req_respond(r, status, "application/json", NULL, body, (size_t)n);
 }
 
 /* ---- parsing ---- */
@@ -615,7 +290,7 @@ static int hd_on_message_begin(http_parser *p)
 {
     httpd__conn *c = p->data;
     if (c->closing) return -1;
-    httpd_req *r = hd_req_new(c);
+    httpd_req *r = httpd__req_new(c);
     if (!r) return hd_fail_cb(c, -1, NULL);
     hd_conn_append(c, r);
     c->cur = r;
@@ -660,22 +335,26 @@ static int hd_on_headers_complete(http_parser *p)
     }
     bool has_len = (p->flags & F_CONTENTLENGTH) != 0;
     bool chunked = (p->flags & F_CHUNKED) != 0;
-    if (has_len && p->content_length > c->h->cfg.max_body)
+    if (has_len && (p->content_length > c->h->cfg.max_body || p->content_length >= SIZE_MAX))
         return hd_fail_cb(c, 413, "request body too large");
     if (has_len && p->content_length > 0) {
-        r->body = malloc((size_t)p->content_length + 1);
+        /* Sized by the header, but at most 64 KiB before the bytes arrive: a
+         * header alone must not make us hold max_body per connection. */
+        size_t cap = p->content_length < HD_BODY_PREALLOC ? (size_t)p->content_length + 1
+                                                          : HD_BODY_PREALLOC + 1;
+        r->body = malloc(cap);
         if (!r->body) return hd_fail_cb(c, -1, NULL);
-        r->body_cap = (size_t)p->content_length + 1;
+        r->body_cap = cap;
         r->body[0] = '\0';
     }
     const char *expect = httpd_req_header(r, "Expect");
     if (expect && strcasecmp(expect, "100-continue") == 0 && !r->http10 &&
         (chunked || (has_len && p->content_length > 0))) {
         static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
-        hd_out *o = hd_out_new(sizeof(cont) - 1);
+        httpd__out *o = httpd__out_new(sizeof(cont) - 1);
         if (!o) return hd_fail_cb(c, -1, NULL);
         memcpy(o->data, cont, sizeof(cont) - 1);
-        hd_req_emit(r, o);
+        httpd__req_emit(r, o);
     }
     return 0;
 }
@@ -690,6 +369,7 @@ static int hd_on_body(http_parser *p, const char *at, size_t len)
         size_t cap = r->body_cap ? r->body_cap : 4096;
         while (cap < r->body_len + len + 1)
             cap *= 2;
+        if (cap > c->h->cfg.max_body + 1) cap = c->h->cfg.max_body + 1; /* enough: checked above */
         char *b = realloc(r->body, cap);
         if (!b) return hd_fail_cb(c, -1, NULL);
         r->body = b;
@@ -800,9 +480,9 @@ void httpd__conn_close(httpd__conn *c)
     while (r) {
         httpd_req *next = r->next;
         if (r->state == HD_R_APP) {
-            hd_out *o = r->held;
+            httpd__out *o = r->held;
             while (o) {
-                hd_out *on = o->next;
+                httpd__out *on = o->next;
                 c->queued -= o->len;
                 free(o);
                 o = on;
@@ -816,7 +496,7 @@ void httpd__conn_close(httpd__conn *c)
             *tail = r;
             tail = &r->next;
         } else {
-            hd_req_free(r);
+            httpd__req_free(r);
         }
         r = next;
     }
@@ -828,7 +508,7 @@ void httpd__conn_close(httpd__conn *c)
         r = orphans;
         orphans = r->next;
         r->notifying = false;
-        if (r->state == HD_R_DONE) hd_req_free(r);
+        if (r->state == HD_R_DONE) httpd__req_free(r);
     }
 }
 

@@ -170,6 +170,7 @@ static int dc_run(const wrk_opts *o)
         }
     }
     atomic_store(&c->draining, 1);
+    atomic_store(&c->load.draining, 1);
     atomic_store(&c->health.status, WRK_NOT_SERVING);
     int64_t until = td_now_ns() + o->drain_timeout_ns;
     while (td_now_ns() < until && atomic_load(&c->load.in_flight) > 0)

@@ -608,6 +608,39 @@ int lt_trace_scale_to_rate(lt_trace *tr, double rate_rps)
     return lt_trace_speedup(tr, rate_rps / cur);
 }
 
+int lt_trace_fit_context(lt_trace *tr, int32_t max_context, size_t *scaled)
+{
+    if (scaled) *scaled = 0;
+    if (max_context < 2) return TD_EINVAL;
+    const int64_t cap = max_context;
+    size_t n_scaled = 0;
+    for (size_t i = 0; i < tr->n; i++) {
+        lt_req *q = &tr->reqs[i];
+        /* int64 products: lengths are below 2^31, so in * cap stays below 2^62. */
+        int64_t in = q->input_tokens > 0 ? q->input_tokens : 1;
+        int64_t out = q->output_tokens > 0 ? q->output_tokens : 0;
+        int64_t total = in + out;
+        if (total <= cap) continue;
+        int64_t new_in = in * cap / total, new_out = out * cap / total;
+        if (new_in < 1) new_in = 1;
+        if (out > 0 && new_out < 1) new_out = 1;
+        /* Rounding down keeps the sum within cap; raising one side to 1 can
+         * only happen when the other side's share is below cap - 1, so the sum
+         * still fits. Kept as a guard should the rounding ever change. */
+        while (new_in + new_out > cap) {
+            if (new_in >= new_out && new_in > 1)
+                new_in--;
+            else
+                new_out--;
+        }
+        q->input_tokens = (int32_t)new_in;
+        q->output_tokens = (int32_t)new_out;
+        n_scaled++;
+    }
+    if (scaled) *scaled = n_scaled;
+    return 0;
+}
+
 int lt_trace_write_jsonl(const lt_trace *tr, FILE *fp)
 {
     for (size_t i = 0; i < tr->n; i++) {

@@ -93,6 +93,17 @@ int lt_trace_scale_to_rate(lt_trace *tr, double rate_rps);
 /* Mean request rate (n - 1) / span in req/s; 0 when undefined. */
 double lt_trace_mean_rate(const lt_trace *tr);
 
+/* Fits every request into a context of max_context tokens, so a trace taken
+ * from a large model can be replayed against a small one. A request whose
+ * prompt + output exceeds max_context gets both lengths multiplied by
+ * max_context / (prompt + output), rounded down, each kept at least 1 (an
+ * output of 0, a failed row kept with keep_failed, stays 0). A prompt of 0
+ * counts as the 1 token the replay sends. Requests that fit are unchanged, as
+ * are t_ns and the Mooncake hash ids (blocks past the scaled prompt are just
+ * not used). *scaled (may be NULL) receives how many requests were changed.
+ * TD_EINVAL when max_context < 2 (one prompt and one output token). */
+int lt_trace_fit_context(lt_trace *tr, int32_t max_context, size_t *scaled);
+
 /* Writes the trace as Mooncake-style JSONL (timestamp in ms, hash_ids when the
  * trace has them), so synthetic workloads can be saved and replayed. 0 or TD_EIO. */
 int lt_trace_write_jsonl(const lt_trace *tr, FILE *fp);

@@ -57,6 +57,7 @@ struct lt_opts {
     double speedup, rate, slo_ttft_ms, slo_tpot_ms, timeout_s, window_s, start_s, end_s;
     double gamma_shape, gamma_scale_s, req_zipf, resp_zipf;
     int64_t max_requests, max_conns, warm_conns, filler_id, spin_us, rt_priority, block_tokens;
+    int64_t max_context;
     int64_t n, seed, req_max, resp_max;
     bool keep_failed, skip_bad, no_verify, no_plots;
 };
@@ -117,7 +118,10 @@ struct lt_opts {
         LT_OPT("rt-priority", CFG_INT64, "0", "0", "99", NULL,                                     \
                "SCHED_FIFO priority of the send loop when permitted; 0: off", rt_priority),        \
         LT_OPT("block-tokens", CFG_INT64, "512", "1", "1048576", NULL,                             \
-               "Tokens per Mooncake hash id", block_tokens)
+               "Tokens per Mooncake hash id", block_tokens),                                       \
+        LT_OPT("max-context", CFG_INT64, "0", "0", "2147483647", NULL,                             \
+               "Scale prompt + output tokens of longer requests down to fit N; 0: off",            \
+               max_context)
 /* The defaults are lt_synth_defaults()'s, written out for --help. */
 #define LT_SYNTH_OPTS                                                                              \
     LT_OPT("n", CFG_INT64, "1000", "1", "100000000", NULL, "Requests to generate", n),             \
@@ -162,6 +166,7 @@ struct args {
     long spin_us;
     long rt_priority;
     long block_tokens;
+    int32_t max_context;
     lt_synth_params synth;
 };
 
@@ -201,6 +206,10 @@ static int parse_args(const char *cmd, const struct cfg_option *table, size_t nt
         rc = TD_EINVAL;
     } else if (o->speedup > 0 && o->rate > 0) {
         fprintf(stderr, "tandem-loadtest: --speedup and --rate are exclusive\n");
+        rc = TD_EINVAL;
+    } else if (o->max_context == 1) {
+        fprintf(stderr, "tandem-loadtest: --max-context must be 0 (off) or at least 2 (one "
+                        "prompt and one output token)\n");
         rc = TD_EINVAL;
     }
     if (rc != 0) {
@@ -242,6 +251,7 @@ static int parse_args(const char *cmd, const struct cfg_option *table, size_t nt
     a->spin_us = (long)o->spin_us;
     a->rt_priority = (long)o->rt_priority;
     a->block_tokens = (long)o->block_tokens;
+    a->max_context = (int32_t)o->max_context;
     a->synth = (lt_synth_params){.seed = (uint64_t)o->seed,
                                  .n = (size_t)o->n,
                                  .gamma_shape = o->gamma_shape,
@@ -343,6 +353,12 @@ static int run_replay(const struct args *a, lt_trace *tr, const char *source)
         fprintf(stderr, "tandem-loadtest: --rate needs at least two distinct arrival times\n");
         return 1;
     }
+    size_t fitted = 0;
+    if (a->max_context > 0) {
+        lt_trace_fit_context(tr, a->max_context, &fitted); /* >= 2: checked by parse_args */
+        td_log_info("loadtest", "context_fit", "max_context=%d scaled=%zu of=%zu",
+                    (int)a->max_context, fitted, tr->n);
+    }
     int32_t max_in = 1;
     for (size_t i = 0; i < tr->n; i++)
         max_in = tr->reqs[i].input_tokens > max_in ? tr->reqs[i].input_tokens : max_in;
@@ -396,6 +412,8 @@ static int run_replay(const struct args *a, lt_trace *tr, const char *source)
         cJSON_AddNumberToObject(extra, "speedup", a->speedup);
         cJSON_AddNumberToObject(extra, "target_rate_rps", a->rate);
         cJSON_AddNumberToObject(extra, "scheduled_mean_rate_rps", lt_trace_mean_rate(tr));
+        cJSON_AddNumberToObject(extra, "max_context", a->max_context);
+        cJSON_AddNumberToObject(extra, "context_scaled", (double)fitted);
         cJSON_AddNumberToObject(extra, "trace_rows", (double)tr->rows);
         cJSON_AddNumberToObject(extra, "trace_failed_skipped", (double)tr->failed);
         cJSON_AddNumberToObject(extra, "trace_bad_skipped", (double)tr->bad);

@@ -17,10 +17,14 @@
 static const char *rt__state_name(enum rt_wstate s)
 {
     switch (s) {
-    case RT_W_CHECKING: return "checking";
-    case RT_W_READY: return "ready";
-    case RT_W_DRAINING: return "draining";
-    default: return "down";
+    case RT_W_CHECKING:
+        return "checking";
+    case RT_W_READY:
+        return "ready";
+    case RT_W_DRAINING:
+        return "draining";
+    default:
+        return "down";
     }
 }
 
@@ -133,8 +137,8 @@ static void rt__on_register_event(rt_ctx *c, rt_event *ev)
         return;
     }
     if (c->max_model_len && q->max_model_len && q->max_model_len != c->max_model_len)
-        td_log_warn(MOD, "context_differs", "worker=%s max_model_len=%u cluster=%u",
-                    q->worker_id, q->max_model_len, c->max_model_len);
+        td_log_warn(MOD, "context_differs", "worker=%s max_model_len=%u cluster=%u", q->worker_id,
+                    q->max_model_len, c->max_model_len);
     rt_worker *w = rt__find(c, q->worker_id);
     if (!w) {
         if (c->n_workers == c->cap_workers) {
@@ -201,7 +205,9 @@ static void rt__on_heartbeat_event(rt_ctx *c, rt_event *ev)
             Tandem__V1__LoadReport init = TANDEM__V1__LOAD_REPORT__INIT;
             w->load.base = init.base; /* no pointer into the freed message */
         }
-        if (w->state == RT_W_DOWN) {
+        if (w->load.draining && w->state != RT_W_DOWN) {
+            rt__set_state(c, w, RT_W_DRAINING, "the worker drains");
+        } else if (w->state == RT_W_DOWN || w->state == RT_W_DRAINING) {
             rt__set_state(c, w, RT_W_CHECKING, "heartbeat again");
             rt__check_health(c, w);
         }

@@ -9,7 +9,7 @@ DEB_PACKAGES=(
   libgrpc-dev protobuf-c-compiler libprotobuf-c-dev
   libuv1-dev libhttp-parser-dev libcjson-dev libxxhash-dev
   libopenblas-dev libcmocka-dev
-  gnuplot-nox iproute2 python3 python3-pip clang-format
+  gnuplot-nox iproute2 python3 python3-pip clang-format curl
 )
 
 missing=()

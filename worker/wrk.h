@@ -105,6 +105,7 @@ typedef struct wrk_load {
     _Atomic uint64_t last_step_time_us;
     _Atomic uint32_t in_flight; /* requests the worker holds in any state */
     _Atomic uint64_t prefix_hit_blocks, prefix_query_blocks, preemptions; /* totals */
+    _Atomic int draining; /* set by main when the worker drains */
 } wrk_load;
 
 /* Publishes the engine's state (engine thread, after each step or change). */

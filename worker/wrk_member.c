@@ -100,6 +100,7 @@ static int wrk__heartbeat(wrk_member *m, uint64_t epoch, uint64_t seq, bool *kno
     load.total_kv_blocks = atomic_load(&l->total_kv_blocks);
     load.step_time_us = atomic_load(&l->step_time_us);
     load.last_step_time_us = atomic_load(&l->last_step_time_us);
+    load.draining = atomic_load(&l->draining) != 0;
     Tandem__V1__HeartbeatRequest req = TANDEM__V1__HEARTBEAT_REQUEST__INIT;
     req.worker_id = m->worker_id;
     req.epoch = epoch;

@@ -18,10 +18,10 @@
 
 /* What the router knows when a request arrives. */
 typedef struct adm_input {
-    int64_t now_ns;          /* td_now_ns() of the arrival */
-    uint32_t outstanding;    /* admitted, not yet finished (this request excluded) */
-    uint32_t prompt_tokens;  /* of this request */
-    uint32_t max_tokens;     /* of this request */
+    int64_t now_ns;         /* td_now_ns() of the arrival */
+    uint32_t outstanding;   /* admitted, not yet finished (this request excluded) */
+    uint32_t prompt_tokens; /* of this request */
+    uint32_t max_tokens;    /* of this request */
     /* Cluster state from the workers' heartbeats (sums over ready workers). */
     uint64_t queued_prefill_tokens;
     uint32_t running_seqs;

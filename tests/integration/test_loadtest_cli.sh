@@ -9,7 +9,7 @@ LT=$BIN/tandem-loadtest
 WORK=$(mktemp -d /tmp/lt-cli-XXXXXX)
 SRV_PID=
 cleanup() {
-    [ -n "$SRV_PID" ] && kill "$SRV_PID" 2>/dev/null || true
+    if [ -n "$SRV_PID" ]; then kill "$SRV_PID" 2>/dev/null || true; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -57,6 +57,21 @@ JSONL
 "$LT" replay --trace "$WORK/mc.jsonl" --format mooncake --url "$URL" --block-tokens 512 \
     --out "$WORK/mc" --no-plots --log-level warn >/dev/null
 grep -q '"ok":[[:space:]]*3' "$WORK/mc/summary.json" || fail "mooncake hash_ids replay"
+
+# --max-context: the two long requests shrink to fit 64 tokens, the short one
+# (30 + 4) is sent as read.
+"$LT" replay --trace "$WORK/mc.jsonl" --format mooncake --url "$URL" --max-context 64 \
+    --out "$WORK/mc-fit" --no-plots --log-level warn >/dev/null
+grep -q '"context_scaled":[[:space:]]*2' "$WORK/mc-fit/summary.json" || fail "max-context count"
+grep -q '"ok":[[:space:]]*3' "$WORK/mc-fit/summary.json" || fail "max-context replay"
+awk -F, 'NR > 1 && $8 + $9 > 64 { bad = 1 } NR > 1 && $8 == 30 && $9 == 4 { short = 1 }
+    END { exit bad || !short }' "$WORK/mc-fit/requests.csv" ||
+    fail "max-context lengths: $(cut -d, -f8,9 "$WORK/mc-fit/requests.csv" | tr '\n' ' ')"
+if "$LT" replay --trace "$WORK/mc.jsonl" --format mooncake --url "$URL" --max-context 1 \
+    --out "$WORK/x" 2>"$WORK/err"; then
+    fail "--max-context 1 accepted"
+fi
+grep -q -- "--max-context" "$WORK/err" || fail "no --max-context message"
 
 # BurstGPT head: the first 40 requests, rescaled to 40 req/s.
 HEAD=${TANDEM_SHARED_DIR:-/nonexistent}/data/burstgpt/BurstGPT_1_head.csv

@@ -438,6 +438,44 @@ def part_api_key(model):
     cl.stop()
 
 
+def part_admission_and_drain(model):
+    log("== admission (max_outstanding: 429 with Retry-After) and a draining worker")
+    cl = Cluster(model, n_prefill=1, n_decode=2,
+                 router_args=("--admission", "max_outstanding", "--max-outstanding", "1"))
+    first = threading.Event()
+    res = [None]
+    body = {"model": "stories260K", "prompt": "Once", "max_tokens": 480, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    t = threading.Thread(target=stream_request, args=(cl.http, body, res, 0),
+                         kwargs={"on_first": first.set})
+    t.start()
+    first.wait(10)
+    status, headers, data = post(cl.http, "/v1/completions",
+                                 {"model": "stories260K", "prompt": "Once", "max_tokens": 2})
+    check(status == 429 and int(headers.get("Retry-After", "0")) >= 1 and
+          json.loads(data)["error"]["type"], "admission: %d %s %s" % (status, headers, data[:200]))
+    t.join(60)
+    check(res[0] is not None and res[0][0] == "ok", "admitted stream: %s" % (res[0],))
+    # A decode worker told to drain leaves rotation while it finishes.
+    dec = [w for w in cl.workers if w["role"] == "decode"][0]
+    res = [None]
+    t = threading.Thread(target=stream_request, args=(cl.http, dict(body, max_tokens=480), res, 0))
+    t.start()
+    time.sleep(0.05)
+    dec["p"].send_signal(signal.SIGTERM)
+    until = time.time() + 5
+    while time.time() < until and cl.health()[1]["decode_ready"] != 1:
+        time.sleep(0.05)
+    check(cl.health()[1]["decode_ready"] == 1, "draining worker still ready")
+    t.join(60)
+    check(res[0] is not None and res[0][0] == "ok", "stream during a drain: %s" % (res[0],))
+    status, _, _ = post(cl.http, "/v1/completions",
+                        {"model": "stories260K", "prompt": "Once", "max_tokens": 2})
+    check(status == 200, "serving with one decode left: %d" % status)
+    check(dec["p"].wait(30) == 0, "drained worker exit code")
+    cl.stop()
+
+
 def part_faults(model):
     log("== faults: decode killed before and after the first token; missed heartbeats")
     cl = Cluster(model, n_prefill=1, n_decode=2)
@@ -503,6 +541,7 @@ def main():
         check(all(c == 0 for c in codes), "exit codes %s" % codes)
         part_chat(model)
         part_api_key(model)
+        part_admission_and_drain(model)
         part_faults(model)
     finally:
         for p in PROCS:

@@ -31,7 +31,7 @@
 #define CHECK(x)                                                                                   \
     do {                                                                                           \
         if (!(x)) {                                                                                \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #x);                \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #x);                  \
             abort();                                                                               \
         }                                                                                          \
     } while (0)
@@ -188,7 +188,8 @@ static void test_simple_mode(void **state)
 
     /* Keep-alive, two pipelined requests answered in order. */
     int fd = dial(port);
-    send_str(fd, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /nope?x=1 HTTP/1.1\r\nHost: x\r\n\r\n");
+    send_str(fd,
+             "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /nope?x=1 HTTP/1.1\r\nHost: x\r\n\r\n");
     read_until(fd, buf, sizeof(buf), "not found\n", 2000, NULL);
     char *a = strstr(buf, "HTTP/1.1 200 OK"), *b = strstr(buf, "HTTP/1.1 404");
     assert_non_null(a);
@@ -379,12 +380,19 @@ static void on_gone(void *arg, httpd_req *r)
     }
 }
 
+static void on_closed(void *arg);
+
 static void on_request(void *arg, httpd_req *r)
 {
     app *a = arg;
     a->requests++;
     switch (a->mode) {
     case MODE_ECHO: {
+        if (strcmp(httpd_req_path(r), "/quit") == 0) { /* close the server from a callback */
+            httpd_close(a->h, on_closed, a);
+            CHECK(httpd_respond(r, 200, NULL, NULL, "late", 4) == TD_ECLOSED);
+            return;
+        }
         size_t blen;
         const char *body = httpd_req_body(r, &blen);
         const char *x = httpd_req_header(r, "x-TEST");
@@ -404,14 +412,32 @@ static void on_request(void *arg, httpd_req *r)
     }
     case MODE_REVERSE:
         a->held[a->n_held++] = r;
-        if (a->n_held == 2) { /* answer the second before the first */
+        if (a->n_held == 2 && strncmp(httpd_req_path(r), "/s", 2) == 0) {
+            /* streams: the second one whole, then the first */
+            httpd_req *r1 = a->held[0], *r2 = a->held[1];
+            CHECK(httpd_stream_start(r2, 200, NULL, NULL) == 0);
+            CHECK(httpd_stream_write(r2, "second", 6) == 0);
+            CHECK(httpd_stream_end(r2) == 0);
+            CHECK(httpd_stream_start(r1, 200, NULL, NULL) == 0);
+            CHECK(httpd_stream_write(r1, "fir", 3) == 0);
+            CHECK(httpd_stream_write(r1, "st", 2) == 0);
+            CHECK(httpd_stream_end(r1) == 0);
+            a->n_held = 0;
+        } else if (a->n_held == 2) { /* answer the second before the first */
             CHECK(httpd_respond(a->held[1], 200, NULL, NULL, "second", 6) == 0);
             CHECK(httpd_respond(a->held[0], 200, NULL, NULL, "first", 5) == 0);
             a->n_held = 0;
         }
         break;
     case MODE_STREAM: {
+        /* Calls out of sequence are refused and change nothing. */
+        CHECK(httpd_stream_write(r, "x", 1) == TD_EINVAL);
+        CHECK(httpd_stream_end(r) == TD_EINVAL);
         int rc = httpd_stream_start(r, 200, "text/event-stream", "Cache-Control: no-cache\r\n");
+        if (rc == 0) {
+            CHECK(httpd_stream_start(r, 200, NULL, NULL) == TD_EINVAL);
+            CHECK(httpd_respond(r, 200, NULL, NULL, "x", 1) == TD_EINVAL);
+        }
         for (int i = 0; i < 5 && rc == 0; i++) {
             char ev[32];
             int n = snprintf(ev, sizeof(ev), "data: %d\n\n", i);
@@ -461,6 +487,7 @@ static void app_start(app *a, int mode, const httpd_config *cfg)
 static void on_closed(void *arg)
 {
     app *a = arg;
+    a->h = NULL; /* freed after this returns */
     pthread_mutex_lock(&a->mu);
     a->closed = true;
     pthread_cond_broadcast(&a->cv);
@@ -470,6 +497,7 @@ static void on_closed(void *arg)
 static void job_close(app *a, void *arg)
 {
     (void)arg;
+    if (!a->h) return; /* closed already */
     httpd_close(a->h, on_closed, a);
     httpd_close(a->h, on_closed, a); /* a second call is ignored */
 }
@@ -551,7 +579,8 @@ static void test_bodies(void **state)
     assert_non_null(strstr(buf, "POST /v1/completions ?a=1&b=2 x=abc len=11:hello world"));
 
     /* Chunked body on the same connection, in pieces. */
-    send_str(fd, "POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel");
+    send_str(fd,
+             "POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel");
     usleep(20000);
     send_str(fd, "lo\r\n6\r\n world\r\n0\r\n\r\n");
     read_until(fd, buf, sizeof(buf), "hello world", 2000, NULL);
@@ -574,13 +603,27 @@ static void test_bodies(void **state)
     assert_non_null(strstr(buf, "GET / ? x=- len=0:"));
 
     /* A GET without body; an empty header value. */
-    send_str(fd, "GET /v1/models HTTP/1.1\r\nX-Test:\r\n\r\n");
+    send_str(fd, "GET /v1/models HTTP/1.1\r\nX-Test:\r\nHost: h\r\n\r\n");
     read_until(fd, buf, sizeof(buf), "len=0:", 2000, NULL);
     assert_non_null(strstr(buf, "GET /v1/models ? x= len=0:"));
     close(fd);
 
+    /* A body larger than what is reserved from Content-Length up front. */
+    static char big[200001], bigbuf[256 * 1024];
+    memset(big, 'q', sizeof(big) - 1);
+    fd = dial(a.port);
+    send_str(fd, "POST /big HTTP/1.1\r\nConnection: close\r\nContent-Length: 200000\r\n\r\n");
+    send_str(fd, big);
+    bool eof;
+    read_until(fd, bigbuf, sizeof(bigbuf), NULL, 5000, &eof);
+    assert_true(eof);
+    char *at = strstr(bigbuf, "len=200000:");
+    assert_non_null(at);
+    assert_int_equal(strspn(at + 11, "q"), 200000);
+    close(fd);
+
     snap s = app_snap(&a);
-    assert_int_equal(s.requests, 6);
+    assert_int_equal(s.requests, 7);
     app_stop(&a);
 }
 
@@ -600,8 +643,9 @@ static void test_limits(void **state)
     assert_non_null(strstr(buf, "HTTP/1.1 413 Payload Too Large\r\n"));
     assert_non_null(strstr(buf, "Connection: close\r\n"));
     assert_non_null(strstr(buf, "Content-Type: application/json\r\n"));
-    assert_non_null(strstr(buf, "{\"error\":{\"message\":\"request body too large\","
-                                "\"type\":\"invalid_request_error\",\"param\":null,\"code\":null}}"));
+    assert_non_null(strstr(buf,
+                           "{\"error\":{\"message\":\"request body too large\","
+                           "\"type\":\"invalid_request_error\",\"param\":null,\"code\":null}}"));
     assert_true(eof);
     close(fd);
 
@@ -774,6 +818,15 @@ static void test_pipelining(void **state)
     assert_non_null(first);
     assert_non_null(second);
     assert_true(first < second);
+
+    /* Streams: the second is held whole until the first ended. */
+    send_str(fd, "GET /s1 HTTP/1.1\r\n\r\nGET /s2 HTTP/1.1\r\n\r\n");
+    read_until(fd, buf, sizeof(buf), "second\r\n0\r\n\r\n", 2000, NULL);
+    const char *want = "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                       "Transfer-Encoding: chunked\r\n\r\n3\r\nfir\r\n2\r\nst\r\n0\r\n\r\n"
+                       "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                       "Transfer-Encoding: chunked\r\n\r\n6\r\nsecond\r\n0\r\n\r\n";
+    assert_string_equal(buf, want);
     close(fd);
     app_stop(&a);
 }
@@ -993,6 +1046,22 @@ static void test_disconnect(void **state)
     usleep(50000);
     s = app_snap(&a);
     assert_int_equal(s.closes, 1);
+
+    /* A reset rather than a close. */
+    fd = dial(a.port);
+    send_str(fd, "GET /rst HTTP/1.1\r\n\r\n");
+    read_until(fd, buf, sizeof(buf), "data: hello", 2000, NULL);
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    close(fd);
+    for (int i = 0; i < 200 && s.closes == 1; i++) {
+        usleep(10000);
+        s = app_snap(&a);
+    }
+    assert_int_equal(s.closes, 2);
+    e.i = 2;
+    on_loop(&a, job_end_held, &e);
+    assert_int_equal(e.rc_end, TD_ECLOSED);
     app_stop(&a);
 }
 
@@ -1023,6 +1092,19 @@ static void test_close_with_open_requests(void **state)
     close(f1);
     close(f2);
     close(idle);
+
+    /* httpd_close from inside a request callback, with a request pipelined
+     * behind and a second connection open. */
+    httpd_config cfg2 = {.addr = "127.0.0.1:0"};
+    app_start(&a, MODE_ECHO, &cfg2);
+    f1 = dial(a.port);
+    f2 = dial(a.port);
+    send_str(f1, "GET /quit HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n");
+    assert_true(wait_eof(f1, 2000));
+    assert_true(wait_eof(f2, 2000));
+    close(f1);
+    close(f2);
+    app_stop(&a);
 }
 
 static void test_bad_config(void **state)

@@ -342,6 +342,76 @@ static void test_scaling(void **state)
     lt_trace_free(&tr);
 }
 
+/* --max-context: longer requests shrink proportionally, each side at least 1;
+ * requests that fit, arrival times and hash ids are untouched. */
+static void test_fit_context(void **state)
+{
+    (void)state;
+    static const struct {
+        int32_t in, out;           /* as read */
+        int32_t want_in, want_out; /* after fitting into 512 */
+    } cases[] = {
+        {100, 50, 100, 50},     /* fits */
+        {462, 50, 462, 50},     /* exactly 512 */
+        {1087, 230, 422, 89},   /* 1087 * 512 / 1317 = 422.6, 230 * 512 / 1317 = 89.4 */
+        {1360, 647, 346, 165},  /* BurstGPT rows */
+        {1024, 1024, 256, 256}, /* halves */
+        {100000, 1, 511, 1},    /* output raised to 1 */
+        {1, 100000, 1, 511},    /* prompt raised to 1 */
+        {0, 600, 1, 511},       /* a prompt of 0 is sent as 1 token */
+        {0, 511, 0, 511},       /* ... so 1 + 511 fits */
+        {700, 0, 512, 0},       /* failed row kept: output stays 0 */
+        {INT32_MAX, INT32_MAX, 256, 256},
+    };
+    const size_t n = sizeof(cases) / sizeof(cases[0]);
+    lt_trace tr;
+    lt_trace_init(&tr);
+    for (size_t i = 0; i < n; i++) {
+        lt_req q = {.t_ns = (int64_t)i * TD_NS_PER_S,
+                    .input_tokens = cases[i].in,
+                    .output_tokens = cases[i].out,
+                    .line = (int64_t)i + 2,
+                    .hash_off = i,
+                    .n_hash = 3};
+        assert_int_equal(lt_trace_push(&tr, &q), 0);
+    }
+    size_t scaled = 99;
+    assert_int_equal(lt_trace_fit_context(&tr, 512, &scaled), 0);
+    assert_int_equal(scaled, 8);
+    for (size_t i = 0; i < n; i++) {
+        const lt_req *q = &tr.reqs[i];
+        assert_int_equal(q->input_tokens, cases[i].want_in);
+        assert_int_equal(q->output_tokens, cases[i].want_out);
+        int32_t sent_in = q->input_tokens > 0 ? q->input_tokens : 1;
+        assert_true(sent_in + q->output_tokens <= 512);
+        assert_int_equal(q->t_ns, (int64_t)i * TD_NS_PER_S);
+        assert_int_equal(q->line, (int64_t)i + 2);
+        assert_int_equal(q->hash_off, i);
+        assert_int_equal(q->n_hash, 3);
+    }
+    /* Idempotent: a fitted trace fits. */
+    assert_int_equal(lt_trace_fit_context(&tr, 512, &scaled), 0);
+    assert_int_equal(scaled, 0);
+    /* The smallest context: one prompt and one output token. */
+    assert_int_equal(lt_trace_fit_context(&tr, 2, NULL), 0);
+    for (size_t i = 0; i < n; i++) {
+        int32_t sent_in = tr.reqs[i].input_tokens > 0 ? tr.reqs[i].input_tokens : 1;
+        assert_true(sent_in >= 1 && sent_in + tr.reqs[i].output_tokens <= 2);
+        if (cases[i].out > 0) assert_int_equal(tr.reqs[i].output_tokens, 1);
+    }
+    assert_int_equal(lt_trace_fit_context(&tr, 1, &scaled), TD_EINVAL);
+    assert_int_equal(scaled, 0);
+    assert_int_equal(lt_trace_fit_context(&tr, 0, NULL), TD_EINVAL);
+    assert_int_equal(lt_trace_fit_context(&tr, -5, NULL), TD_EINVAL);
+    lt_trace_free(&tr);
+
+    /* An empty trace is fine. */
+    lt_trace_init(&tr);
+    assert_int_equal(lt_trace_fit_context(&tr, 64, &scaled), 0);
+    assert_int_equal(scaled, 0);
+    lt_trace_free(&tr);
+}
+
 static void test_real_burstgpt_head(void **state)
 {
     (void)state;
@@ -463,6 +533,7 @@ int main(void)
         cmocka_unit_test(test_azure),
         cmocka_unit_test(test_mooncake),
         cmocka_unit_test(test_scaling),
+        cmocka_unit_test(test_fit_context),
         cmocka_unit_test(test_mooncake_hash_ids),
         cmocka_unit_test(test_real_burstgpt_head),
         cmocka_unit_test(test_write_jsonl_roundtrip),
