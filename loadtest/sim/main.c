@@ -208,7 +208,9 @@ static int load_trace(const struct sim_opts *o, lt_trace *tr, size_t *fitted)
         fprintf(stderr, "tandem-sim: %s: %s\n", o->trace, err[0] ? err : td_strerror(rc));
         return 1;
     }
-    *fitted = o->max_context > 0 ? sim_fit_context(tr->reqs, tr->n, (int32_t)o->max_context) : 0;
+    *fitted = 0;
+    if (o->max_context > 0) /* >= 2: checked by parse */
+        (void)lt_trace_fit_context(tr, (int32_t)o->max_context, fitted);
     if (o->speedup > 0) lt_trace_speedup(tr, o->speedup);
     if (o->rate > 0 && lt_trace_scale_to_rate(tr, o->rate) != 0) {
         fprintf(stderr, "tandem-sim: --rate needs at least two distinct arrival times\n");

@@ -512,32 +512,6 @@ void sim_config_defaults(sim_config *c)
     sim_cost_defaults(&c->cost);
 }
 
-size_t sim_fit_context(lt_req *reqs, size_t n, int32_t max_context)
-{
-    if (max_context < 2) return 0;
-    size_t changed = 0;
-    for (size_t i = 0; i < n; i++) {
-        lt_req *q = &reqs[i];
-        /* int64: lengths are below 2^31, so in * cap stays below 2^62. */
-        int64_t in = q->input_tokens > 0 ? q->input_tokens : 1;
-        int64_t out = q->output_tokens > 0 ? q->output_tokens : 0;
-        if (in + out <= max_context) continue;
-        int64_t ni = in * max_context / (in + out), no = out * max_context / (in + out);
-        if (ni < 1) ni = 1;
-        if (out > 0 && no < 1) no = 1;
-        while (ni + no > max_context) { /* only reachable through the raises to 1 */
-            if (ni >= no && ni > 1)
-                ni--;
-            else
-                no--;
-        }
-        q->input_tokens = (int32_t)ni;
-        q->output_tokens = (int32_t)no;
-        changed++;
-    }
-    return changed;
-}
-
 static int sim__workers_create(sim__ctx *c)
 {
     const sim_config *cfg = c->cfg;

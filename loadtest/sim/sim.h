@@ -87,10 +87,4 @@ int sim_run(const sim_config *cfg, const lt_req *reqs, size_t n, sim_result *out
             size_t errlen);
 void sim_result_free(sim_result *r);
 
-/* Fits every request into a context of max_context tokens: a request whose
- * prompt + output exceeds it has both scaled by max_context / (prompt +
- * output), rounded down, each kept >= 1 (as tandem-loadtest --max-context).
- * Returns how many were changed. max_context < 2: nothing changes. */
-size_t sim_fit_context(lt_req *reqs, size_t n, int32_t max_context);
-
 #endif

@@ -1,7 +1,6 @@
 /* Unit tests for loadtest/sim: event times computed by hand on a tiny trace,
  * admission changing rejections, determinism, the report's fields, block
- * pools empty at the end under pressure, the cost model and its file, the
- * context fitting. */
+ * pools empty at the end under pressure, the cost model and its file. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -212,7 +211,7 @@ static void test_summary_fields(void **state)
     (void)state;
     lt_trace tr;
     synth(&tr, 50, 3, 10.0);
-    sim_fit_context(tr.reqs, tr.n, 1024);
+    assert_int_equal(lt_trace_fit_context(&tr, 1024, NULL), 0);
     sim_config c;
     sim_config_defaults(&c);
     c.max_model_len = 1024;
@@ -311,24 +310,6 @@ static void test_cost_file(void **state)
     assert_int_not_equal(sim_cost_load("/nonexistent/cost", &c, err, sizeof(err)), 0);
 }
 
-static void test_fit_context(void **state)
-{
-    (void)state;
-    lt_req q[4] = {{.input_tokens = 1087, .output_tokens = 230},
-                   {.input_tokens = 100, .output_tokens = 50},
-                   {.input_tokens = 5000, .output_tokens = 1},
-                   {.input_tokens = 0, .output_tokens = 600}};
-    assert_int_equal(sim_fit_context(q, 4, 512), 3);
-    assert_int_equal(q[0].input_tokens, 422);
-    assert_int_equal(q[0].output_tokens, 89);
-    assert_int_equal(q[1].input_tokens, 100);
-    assert_int_equal(q[2].input_tokens + q[2].output_tokens, 512);
-    assert_int_equal(q[2].output_tokens, 1);
-    assert_int_equal(q[3].input_tokens, 1);
-    assert_true(q[3].input_tokens + q[3].output_tokens <= 512);
-    assert_int_equal(sim_fit_context(q, 4, 1), 0);
-}
-
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -339,7 +320,6 @@ int main(void)
         cmocka_unit_test(test_summary_fields),
         cmocka_unit_test(test_step_cost),
         cmocka_unit_test(test_cost_file),
-        cmocka_unit_test(test_fit_context),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
