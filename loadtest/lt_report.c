@@ -164,6 +164,28 @@ done:
     return rc;
 }
 
+void lt_summary_print(FILE *fp, const lt_summary *s, const char *out)
+{
+    fprintf(fp, "requests %zu  ok %zu  rejected %zu  errors %zu  duration %.2f s\n", s->requests,
+            s->ok, s->rejected, s->errors, s->duration_s);
+    fprintf(fp, "throughput %.2f req/s  %.1f output tok/s\n", s->req_per_s, s->out_tok_per_s);
+    fprintf(fp, "goodput %.2f req/s (%zu requests within TTFT <= %g ms, TPOT <= %g ms)\n",
+            s->goodput_req_per_s, s->good, s->slo.ttft_ms, s->slo.tpot_ms);
+    const struct {
+        const char *name;
+        const lt_pcts *p;
+    } rows[] = {{"ttft_ms", &s->ttft},
+                {"itl_ms", &s->itl},
+                {"tpot_ms", &s->tpot},
+                {"e2e_ms", &s->e2e},
+                {"lateness_ms", &s->lateness}};
+    fprintf(fp, "%-12s %10s %10s %10s %10s %10s\n", "", "mean", "p50", "p90", "p99", "max");
+    for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++)
+        fprintf(fp, "%-12s %10.3f %10.3f %10.3f %10.3f %10.3f\n", rows[i].name, rows[i].p->mean,
+                rows[i].p->p50, rows[i].p->p90, rows[i].p->p99, rows[i].p->max);
+    fprintf(fp, "report: %s/summary.json\n", out);
+}
+
 /* ---- files ---- */
 
 static int mkdir_p(const char *dir)

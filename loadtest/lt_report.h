@@ -73,6 +73,10 @@ int lt_record_is_good(const lt_record *r, const lt_slo *slo);
 /* Computes the summary of n records. 0 or TD_ENOMEM. */
 int lt_summary_compute(const lt_record *recs, size_t n, const lt_slo *slo, lt_summary *out);
 
+/* Prints the summary table of a run (counts, throughput, goodput, latency
+ * percentiles in ms) and the path of out/summary.json to fp. */
+void lt_summary_print(FILE *fp, const lt_summary *s, const char *out);
+
 /* One distinct failure reason and how many records gave it. */
 typedef struct lt_reason {
     const char *error; /* a record's error text (borrowed from recs) */

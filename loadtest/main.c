@@ -323,28 +323,6 @@ static int verify_prompts(const lt_prompt *p, const lt_trace *tr, int32_t block_
     return rc;
 }
 
-static void print_summary(const lt_summary *s, const char *out)
-{
-    printf("requests %zu  ok %zu  rejected %zu  errors %zu  duration %.2f s\n", s->requests, s->ok,
-           s->rejected, s->errors, s->duration_s);
-    printf("throughput %.2f req/s  %.1f output tok/s\n", s->req_per_s, s->out_tok_per_s);
-    printf("goodput %.2f req/s (%zu requests within TTFT <= %g ms, TPOT <= %g ms)\n",
-           s->goodput_req_per_s, s->good, s->slo.ttft_ms, s->slo.tpot_ms);
-    const struct {
-        const char *name;
-        const lt_pcts *p;
-    } rows[] = {{"ttft_ms", &s->ttft},
-                {"itl_ms", &s->itl},
-                {"tpot_ms", &s->tpot},
-                {"e2e_ms", &s->e2e},
-                {"lateness_ms", &s->lateness}};
-    printf("%-12s %10s %10s %10s %10s %10s\n", "", "mean", "p50", "p90", "p99", "max");
-    for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++)
-        printf("%-12s %10.3f %10.3f %10.3f %10.3f %10.3f\n", rows[i].name, rows[i].p->mean,
-               rows[i].p->p50, rows[i].p->p90, rows[i].p->p99, rows[i].p->max);
-    printf("report: %s/summary.json\n", out);
-}
-
 /* Replays tr (already read or generated) and writes the report. */
 static int run_replay(const struct args *a, lt_trace *tr, const char *source)
 {
@@ -456,7 +434,7 @@ static int run_replay(const struct args *a, lt_trace *tr, const char *source)
             else if (prc)
                 td_log_warn("loadtest", "plots_failed", "err=%s dir=%s", td_err_name(prc), a->out);
         }
-        print_summary(&s, a->out);
+        lt_summary_print(stdout, &s, a->out);
         /* Why requests failed, on stderr: requests.csv has every one. */
         lt_reason why[4];
         size_t nw = lt_report_reasons(run.recs, run.n, why, 4);

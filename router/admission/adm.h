@@ -46,6 +46,19 @@ typedef struct adm_params {
     uint32_t max_outstanding; /* max_outstanding: admitted requests at once (>= 1) */
 } adm_params;
 
+/* Cost model of one worker step and of a KV transfer, in microseconds: what
+ * the router and the simulator predict latencies from. A step's time is the
+ * prefill part (prefill_us_fixed + prefill_us_per_token * prefill tokens of
+ * the step, when it has any) plus the decode part (decode_step_us_fixed +
+ * decode_step_us_per_seq * decode sequences + decode_step_us_per_ctx_token *
+ * the context tokens those sequences attend over, when it has any). A
+ * transfer takes transfer_us_per_block per KV block sent. */
+typedef struct adm_cost {
+    double prefill_us_fixed, prefill_us_per_token;
+    double decode_step_us_fixed, decode_step_us_per_seq, decode_step_us_per_ctx_token;
+    double transfer_us_per_block;
+} adm_cost;
+
 typedef struct adm_ops {
     const char *name;
     int (*create)(const adm_params *p, void **ctx);

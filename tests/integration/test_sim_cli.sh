@@ -1,0 +1,70 @@
+#!/bin/sh
+# End-to-end check of tandem-sim: a synthetic trace simulated twice gives
+# byte-identical reports; `tandem-loadtest compare` reads them; admission
+# max_outstanding rejects what none admits; the BurstGPT head (when the
+# shared data is present); tune on a small trace; usage errors.
+set -eu
+BIN=${TANDEM_BIN_DIR:?}
+SIM=$BIN/tandem-sim
+LT=$BIN/tandem-loadtest
+WORK=$(mktemp -d /tmp/sim-cli-XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+"$LT" synth --n 2000 --seed 5 --req-max 2000 --resp-max 300 \
+    --write-trace "$WORK/t.jsonl" --log-level warn
+COMMON="--trace $WORK/t.jsonl --format mooncake --rate 8 --max-context 1024 --prefill 2
+        --decode 2 --kv-blocks 512 --slo-ttft-ms 1000 --slo-tpot-ms 40 --no-plots"
+# shellcheck disable=SC2086
+"$SIM" run $COMMON --out "$WORK/a" >"$WORK/a.txt" 2>/dev/null
+# shellcheck disable=SC2086
+"$SIM" run $COMMON --out "$WORK/b" >/dev/null 2>&1
+for f in summary.json requests.csv tokens.csv timeseries.dat cdf.dat; do
+    cmp -s "$WORK/a/$f" "$WORK/b/$f" || fail "$f differs between two identical runs"
+done
+grep -q '^requests 2000 ' "$WORK/a.txt" || fail "summary table: $(cat "$WORK/a.txt")"
+grep -q '^goodput ' "$WORK/a.txt" || fail "no goodput line"
+grep -q '"leaked_blocks":	0' "$WORK/a/summary.json" || grep -q '"leaked_blocks": *0' \
+    "$WORK/a/summary.json" || fail "blocks left in a pool"
+
+# Admission: max_outstanding 4 rejects under this load, none does not.
+# shellcheck disable=SC2086
+"$SIM" run $COMMON --admission max_outstanding --max-outstanding 4 --out "$WORK/c" \
+    >"$WORK/c.txt" 2>/dev/null
+grep -q ' rejected 0 ' "$WORK/a.txt" || fail "none rejected requests"
+grep -q ' rejected 0 ' "$WORK/c.txt" && fail "max_outstanding 4 rejected nothing"
+grep -q ',429,rejected,' "$WORK/c/requests.csv" || fail "no 429 rows in requests.csv"
+"$LT" compare "$WORK/a" "$WORK/c" >"$WORK/cmp.txt" || fail "compare failed"
+grep -q goodput "$WORK/cmp.txt" || fail "compare output: $(cat "$WORK/cmp.txt")"
+
+# The BurstGPT head, scaled to a 4,096-token context.
+HEAD=${TANDEM_SHARED_DIR:-/nonexistent}/data/burstgpt/BurstGPT_1_head.csv
+if [ -f "$HEAD" ]; then
+    "$SIM" run --trace "$HEAD" --format burstgpt --speedup 100 --max-context 4096 \
+        --slo-ttft-ms 2000 --slo-tpot-ms 50 --no-plots --out "$WORK/bg" >"$WORK/bg.txt" 2>/dev/null
+    grep -q '^requests 383 ' "$WORK/bg.txt" || fail "BurstGPT head: $(cat "$WORK/bg.txt")"
+fi
+
+# tune: a table and one config per policy.
+"$LT" synth --n 600 --seed 9 --req-max 1000 --resp-max 200 \
+    --write-trace "$WORK/u.jsonl" --log-level warn
+"$SIM" tune --trace "$WORK/u.jsonl" --format mooncake --max-context 1024 --loads 1,2 \
+    --policies max_outstanding --slo-ttft-ms 1000 --slo-tpot-ms 40 --out "$WORK/tune" \
+    >"$WORK/tune.txt" || fail "tune failed"
+grep -q '^capacity' "$WORK/tune.txt" || fail "tune: $(cat "$WORK/tune.txt")"
+grep -q '^admission = max_outstanding' "$WORK/tune/admission-max_outstanding.conf" ||
+    fail "no max_outstanding config"
+grep -q '^max-outstanding = ' "$WORK/tune/admission-max_outstanding.conf" || fail "no key"
+
+# Usage errors exit 2.
+st=0; "$SIM" run --trace "$WORK/t.jsonl" --format mooncake >/dev/null 2>&1 || st=$?
+[ "$st" = 2 ] || fail "missing --out: exit $st"
+printf 'no_such_key = 1\n' >"$WORK/bad.cost"
+st=0; "$SIM" run --trace "$WORK/t.jsonl" --format mooncake --out "$WORK/x" \
+    --cost "$WORK/bad.cost" >/dev/null 2>&1 || st=$?
+[ "$st" = 2 ] || fail "bad cost file: exit $st"
+st=0; "$SIM" run --trace "$WORK/t.jsonl" --format mooncake --out "$WORK/x" \
+    --admission no_such >/dev/null 2>&1 || st=$?
+[ "$st" = 2 ] || fail "unknown policy: exit $st"
+"$SIM" run --help | grep -q -- '--kv-blocks' || fail "--help"
+echo "sim cli: ok"
