@@ -97,7 +97,7 @@ static const adm_ops adm__cap_ops = {
 
 /* In adm_names order. */
 static const adm_ops *const adm__policies[] = {
-    &adm__none_ops,          &adm__cap_ops, &adm__token_bucket_ops, &adm__queue_threshold_ops,
+    &adm__none_ops,  &adm__cap_ops, &adm__token_bucket_ops, &adm__queue_threshold_ops,
     &adm__burst_ops,
 };
 

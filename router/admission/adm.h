@@ -77,9 +77,9 @@ typedef struct adm_decision {
  * the simulator. Microseconds. All zero: unknown (policies that need it fall
  * back to a cap on outstanding requests). */
 typedef struct adm_cost {
-    double prefill_us_fixed;     /* one prefill batch: fixed part */
-    double prefill_us_per_token; /* one prefill batch: per prompt token in it */
-    double decode_step_us_fixed; /* one decode step: fixed part */
+    double prefill_us_fixed;             /* one prefill batch: fixed part */
+    double prefill_us_per_token;         /* one prefill batch: per prompt token in it */
+    double decode_step_us_fixed;         /* one decode step: fixed part */
     double decode_step_us_per_seq;       /* per sequence in the batch */
     double decode_step_us_per_ctx_token; /* per context token, summed over the batch */
     double transfer_us_per_block;        /* KV transfer, per block (all layers) */
@@ -101,12 +101,12 @@ void adm_cost_defaults(adm_cost *c);
 /* Parameters of every policy (each reads what it needs; create checks them
  * and returns TD_EINVAL when one it reads is out of range). */
 typedef struct adm_params {
-    uint32_t max_outstanding; /* max_outstanding; also the cap of queue_threshold and
-                                 burst when the cost model is unknown (>= 1) */
-    double bucket_rate;       /* token_bucket: requests/s (> 0) */
-    double bucket_burst;      /* token_bucket: bucket size, requests (>= 1) */
-    double queue_max_ms;      /* queue_threshold: reject when predicted prefill
-                                 queueing exceeds this (>= 0) */
+    uint32_t max_outstanding;             /* max_outstanding; also the cap of queue_threshold and
+                                             burst when the cost model is unknown (>= 1) */
+    double bucket_rate;                   /* token_bucket: requests/s (> 0) */
+    double bucket_burst;                  /* token_bucket: bucket size, requests (>= 1) */
+    double queue_max_ms;                  /* queue_threshold: reject when predicted prefill
+                                             queueing exceeds this (>= 0) */
     double slo_ttft_ms, slo_tpot_ms;      /* burst: the SLOs it protects (> 0) */
     double short_window_s, long_window_s; /* burst: arrival-rate windows, 0 < short < long */
     double hold_max_ms;                   /* burst: longest a request is held (>= 0) */

@@ -61,6 +61,7 @@ static int adm__burst_create(const adm_params *p, void **ctx)
     adm__burst *b = calloc(1, sizeof(*b));
     if (!b) return TD_ENOMEM;
     b->p = *p;
+    b->last_ns = INT64_MIN;
     *ctx = b;
     return 0;
 }
@@ -72,7 +73,7 @@ static void adm__burst_destroy(void *ctx)
 
 static int64_t adm__burst_now(adm__burst *b, int64_t now)
 {
-    if (b->started && now < b->last_ns) now = b->last_ns;
+    if (now < b->last_ns) now = b->last_ns;
     b->last_ns = now;
     return now;
 }
@@ -88,7 +89,7 @@ static bool adm__burst_observe(adm__burst *b, int64_t now, const adm_input *in)
 {
     if (!b->started) {
         b->started = true;
-        b->first_ns = b->last_arrival_ns = b->last_ns = now;
+        b->first_ns = b->last_arrival_ns = now;
         b->mean_prompt = in->prompt_tokens;
         b->mean_out = in->max_tokens;
         b->count_short = b->count_long = 1;
@@ -135,8 +136,8 @@ static bool adm__burst_cost_known(const adm__burst *b)
 static void adm__burst_predict(const adm__burst *b, const adm_input *in, double extra,
                                adm__pred *pr)
 {
-    adm__predict(&b->p.cost, in, extra, b->mean_out, b->p.slo_ttft_ms * 1e3,
-                 b->p.slo_tpot_ms * 1e3, pr);
+    adm__predict(&b->p.cost, in, extra, b->mean_out, b->p.slo_ttft_ms * 1e3, b->p.slo_tpot_ms * 1e3,
+                 pr);
 }
 
 static void adm__burst_decide(void *ctx, const adm_input *in, adm_decision *out)
@@ -176,8 +177,7 @@ static void adm__burst_recheck(void *ctx, const adm_input *in, adm_decision *out
 {
     adm__burst *b = ctx;
     int64_t now = adm__burst_now(b, in->now_ns);
-    int64_t until =
-        in->hold_until_ns ? in->hold_until_ns : now + llround(b->p.hold_max_ms * 1e6);
+    int64_t until = in->hold_until_ns ? in->hold_until_ns : now + llround(b->p.hold_max_ms * 1e6);
     if (adm__burst_no_workers(in, out)) return;
     bool known = adm__burst_cost_known(b);
     adm__pred pr = {.meets = in->outstanding < b->p.max_outstanding, .drain_us = 1e6};

@@ -121,13 +121,12 @@ int adm_cost_load(const char *path, adm_cost *out, char *err, size_t errlen)
         while (i < ADM__N_COST_KEYS && strcmp(adm__cost_keys[i].key, key) != 0)
             i++;
         if (i == ADM__N_COST_KEYS) {
-            rc = td_err_fail(err, errlen, TD_EFORMAT, "%s:%u: unknown key '%s'", path, lineno,
-                             key);
+            rc = td_err_fail(err, errlen, TD_EFORMAT, "%s:%u: unknown key '%s'", path, lineno, key);
             break;
         }
         if (seen[i]) {
-            rc = td_err_fail(err, errlen, TD_EFORMAT, "%s:%u: key '%s' given twice", path,
-                             lineno, key);
+            rc = td_err_fail(err, errlen, TD_EFORMAT, "%s:%u: key '%s' given twice", path, lineno,
+                             key);
             break;
         }
         char *end = NULL;
@@ -175,8 +174,7 @@ double adm__prefill_ahead(const adm_input *in, double extra_tokens)
 double adm__prefill_wait_us(const adm_cost *c, const adm_input *in, double ahead_tokens)
 {
     if (ahead_tokens <= 0) return 0;
-    return ahead_tokens / (double)in->ready_prefill * c->prefill_us_per_token +
-           c->prefill_us_fixed;
+    return ahead_tokens / (double)in->ready_prefill * c->prefill_us_per_token + c->prefill_us_fixed;
 }
 
 void adm__predict(const adm_cost *c, const adm_input *in, double extra_ahead, double mean_out,
@@ -212,8 +210,8 @@ void adm__predict(const adm_cost *c, const adm_input *in, double extra_ahead, do
     double free_per_worker = (double)in->free_kv_blocks / n_dec;
     out->kv_short = bs > 0 && in->total_kv_blocks > 0 && prompt_blocks > free_per_worker;
 
-    out->meets =
-        out->ttft_us <= out->ttft_budget_us && out->tpot_us <= out->tpot_budget_us && !out->kv_short;
+    out->meets = out->ttft_us <= out->ttft_budget_us && out->tpot_us <= out->tpot_budget_us &&
+                 !out->kv_short;
     if (out->meets) return;
 
     /* Drain: prefill excess goes at the prefill rate (what is ahead only
