@@ -103,7 +103,8 @@ int httpd_start_on_loop(uv_loop_t *loop, const httpd_config *cfg, httpd_request_
     if (!out) return TD_EINVAL;
     *out = NULL;
     struct sockaddr_in sa;
-    if (!loop || !cfg || !fn || !cfg->addr || hd_parse_addr(cfg->addr, &sa) != 0) return TD_EINVAL;
+    if (!loop || !cfg || !fn || !cfg->addr || hd_parse_addr(cfg->addr, &sa) != 0)
+        return TD_EINVAL;
     if (cfg->head_timeout_ms < 0 || cfg->idle_timeout_ms < 0 || cfg->max_conns < 0)
         return TD_EINVAL;
     httpd *h = calloc(1, sizeof(*h));

@@ -54,9 +54,9 @@ typedef void (*httpd_request_fn)(void *arg, httpd_req *r);
 /* Listens on cfg->addr and serves on loop, which the caller runs; call it on
  * the loop's thread. It blocks SIGPIPE in that thread (libuv writes without
  * MSG_NOSIGNAL; a client that reset its connection then costs an EPIPE, not
- * the process). arg is not owned. Returns 0 and *out, TD_EINVAL (arguments, address), TD_EIO (bind
- * or listen failed: errno logged), TD_ENOMEM. On an error nothing was started and no callback runs.
- */
+ * the process). arg is not owned. Returns 0 and *out, TD_EINVAL (arguments, address), TD_EIO (bind or
+ * listen failed: errno logged), TD_ENOMEM. On an error nothing was started
+ * and no callback runs. */
 int httpd_start_on_loop(uv_loop_t *loop, const httpd_config *cfg, httpd_request_fn fn, void *arg,
                         httpd **out);
 

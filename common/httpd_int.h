@@ -39,7 +39,7 @@ struct httpd {
     bool closing;
     void (*done)(void *arg);
     void *done_arg;
-    httpd__thread *thr;   /* simple mode */
+    httpd__thread *thr;  /* simple mode */
     char rbuf[64 * 1024]; /* read buffer shared by the connections (one loop thread) */
 };
 

@@ -79,7 +79,7 @@ typedef struct rt_worker {
     int64_t last_beat_ns;
     enum rt_wstate state;
     rpc_client *client;
-    rpc_stream *health;          /* a health check in flight */
+    rpc_stream *health; /* a health check in flight */
     Tandem__V1__LoadReport load; /* last heartbeat's (scalar fields only) */
     uint32_t inflight;           /* this router's requests on the worker */
     uint64_t served;
@@ -119,13 +119,13 @@ typedef struct rt_front_ops {
 } rt_front_ops;
 
 enum rt_rstate {
-    RT_R_NEW,     /* parsed, not dispatched */
-    RT_R_RUNNING, /* Decode.Generate in flight */
-    RT_R_ENDED,   /* the front end was told; waiting for the stream to be freed */
+    RT_R_NEW,        /* parsed, not dispatched */
+    RT_R_RUNNING,    /* Decode.Generate in flight */
+    RT_R_ENDED,      /* the front end was told; waiting for the stream to be freed */
 };
 
 struct rt_req {
-    rt_wake wake;        /* stream notification */
+    rt_wake wake; /* stream notification */
     rt_req *prev, *next; /* the loop's list of live requests */
     rt_ctx *ctx;
     char id[RT_ID_MAX];
@@ -147,11 +147,11 @@ struct rt_req {
     int attempts;
     uint32_t n_generated;
     bool admitted;
-    bool cancel_requested;  /* the front end stopped wanting output */
-    bool released;          /* the front end let go; freed once its wake-up is popped */
-    bool paused;            /* the client reads slowly: stop taking messages (flow control
-                               then holds the decode worker) until the front end resumes */
-    int finish;             /* finish reason from the final message */
+    bool cancel_requested; /* the front end stopped wanting output */
+    bool released;         /* the front end let go; freed once its wake-up is popped */
+    bool paused;           /* the client reads slowly: stop taking messages (flow control
+                              then holds the decode worker) until the front end resumes */
+    int finish;            /* finish reason from the final message */
     uint32_t retry_after_s; /* TD_EDECLINED: what admission suggested */
     int64_t t_last;
     Tandem__V1__Timings timings; /* from the decode worker's final message */

@@ -74,8 +74,7 @@ static void rt__end(rt_req *r, int finish, int err, const char *details)
     int64_t now = td_now_ns();
     if (err == 0) {
         met_histogram_observe(c->metrics.e2e, td_ns_to_s(now - r->t_arrival));
-        if (r->t_first)
-            met_histogram_observe(c->metrics.ttft, td_ns_to_s(r->t_first - r->t_arrival));
+        if (r->t_first) met_histogram_observe(c->metrics.ttft, td_ns_to_s(r->t_first - r->t_arrival));
     }
     td_log_info(MOD, "request_end",
                 "req=%s err=%s prompt_tokens=%u tokens=%u attempts=%d decode=%s prefill=%s "
@@ -84,7 +83,8 @@ static void rt__end(rt_req *r, int finish, int err, const char *details)
                 r->id, err ? td_err_name(err) : "OK", r->n_prompt, r->n_generated, r->attempts,
                 r->decode ? r->decode->id : "-", r->prefill ? r->prefill->id : "-",
                 (unsigned long long)(r->t_dispatch ? (r->t_dispatch - r->t_arrival) / 1000 : 0),
-                (unsigned long long)r->tokenize_us, (unsigned long long)r->timings.prefill_queue_us,
+                (unsigned long long)r->tokenize_us,
+                (unsigned long long)r->timings.prefill_queue_us,
                 (unsigned long long)r->timings.prefill_us,
                 (unsigned long long)r->timings.transfer_us,
                 (long long)(r->t_first ? (r->t_first - r->t_arrival) / 1000 : -1),
@@ -127,12 +127,11 @@ static void rt__start(rt_req *r)
     q.want_timings = 1;
     r->attempts++;
     int rc = rpc_client_stream(r->decode->client, "/tandem.v1.Decode/Generate", &q.base,
-                               &tandem__v1__decode_response__descriptor, r->deadline_ns, rt__notify,
-                               r, &r->stream);
+                               &tandem__v1__decode_response__descriptor, r->deadline_ns,
+                               rt__notify, r, &r->stream);
     if (rc != 0) {
         r->stream = NULL;
-        rt__end(r, TANDEM__V1__FINISH_REASON__FINISH_REASON_ERROR, rc,
-                "cannot call the decode worker");
+        rt__end(r, TANDEM__V1__FINISH_REASON__FINISH_REASON_ERROR, rc, "cannot call the decode worker");
         return;
     }
     r->decode->inflight++;
@@ -247,8 +246,7 @@ void rt_req_on_wake(rt_req *r)
         }
         const rpc_status *st = rpc_stream_status(r->stream);
         char details[256];
-        snprintf(details, sizeof(details), "%s",
-                 st && st->details[0] ? st->details : td_strerror(rc));
+        snprintf(details, sizeof(details), "%s", st && st->details[0] ? st->details : td_strerror(rc));
         if (st && !st->from_peer && rc == TD_EUNAVAILABLE)
             rt_members_mark_down(c, r->decode, "a call failed: unreachable");
         if (r->cancel_requested) {

@@ -168,9 +168,8 @@ void rt_grpc_on_event(rt_ctx *c, rt_event *ev)
         for (size_t i = 0; i < q->n_prompt_token_ids; i++) {
             if (vocab && q->prompt_token_ids[i] >= (uint32_t)vocab) {
                 char msg[128];
-                snprintf(msg, sizeof(msg),
-                         "prompt_token_ids[%zu] = %u is not below the vocabulary size %d", i,
-                         q->prompt_token_ids[i], vocab);
+                snprintf(msg, sizeof(msg), "prompt_token_ids[%zu] = %u is not below the vocabulary size %d",
+                         i, q->prompt_token_ids[i], vocab);
                 r->state = RT_R_ENDED;
                 rt__g_end(r, 0, TD_EINVAL, msg);
                 return;
@@ -206,8 +205,7 @@ void rt_grpc_check_cancelled(rt_ctx *c)
 {
     for (rt_req *r = c->live, *next; r; r = next) {
         next = r->next;
-        if (r->front != &rt__grpc_front || r->state != RT_R_RUNNING || r->cancel_requested)
-            continue;
+        if (r->front != &rt__grpc_front || r->state != RT_R_RUNNING || r->cancel_requested) continue;
         rt_gfront *g = r->front_data;
         if (rpc_call_cancelled(g->call)) rt_req_cancel(r);
     }

@@ -89,22 +89,16 @@ static int rt__status_of(int err)
     case TD_EINVAL:
     case TD_ETOOLONG:
     case TD_ERANGE:
-    case TD_EFORMAT:
-        return 400;
-    case TD_ENOENT:
-        return 404;
+    case TD_EFORMAT: return 400;
+    case TD_ENOENT: return 404;
     case TD_EDECLINED:
-    case TD_EAGAIN:
-        return 429;
+    case TD_EAGAIN: return 429;
     case TD_EUNAVAILABLE:
     case TD_ECONNREFUSED:
     case TD_ECONNRESET:
-    case TD_EMISMATCH:
-        return 503;
-    case TD_ETIMEDOUT:
-        return 504;
-    default:
-        return 500;
+    case TD_EMISMATCH: return 503;
+    case TD_ETIMEDOUT: return 504;
+    default: return 500;
     }
 }
 
@@ -116,18 +110,12 @@ static void rt__error_of(oai_error *e, int err, const char *details, uint32_t re
         oai_error_set(e, 400, "invalid_request_error", NULL,
                       err == TD_ETOOLONG ? "context_length_exceeded" : NULL, "%s", details);
         break;
-    case 429:
-        oai_error_busy(e, (int)retry_after_s);
-        break;
+    case 429: oai_error_busy(e, (int)retry_after_s); break;
     case 503:
         oai_error_set(e, 503, "service_unavailable", NULL, NULL, "%s", details);
         break;
-    case 504:
-        oai_error_timeout(e);
-        break;
-    default:
-        oai_error_set(e, status, "server_error", NULL, NULL, "%s", details);
-        break;
+    case 504: oai_error_timeout(e); break;
+    default: oai_error_set(e, status, "server_error", NULL, NULL, "%s", details); break;
     }
 }
 
@@ -309,8 +297,8 @@ static void rt__completion(rt_http *h, httpd_req *hr, enum oai_kind kind)
         free(ids);
         goto fail;
     }
-    if (oai_text_create(c->tok, (const char *const *)x->q.stop, x->q.n_stop, h->skip_ids, h->n_skip,
-                        &x->text) != 0) {
+    if (oai_text_create(c->tok, (const char *const *)x->q.stop, x->q.n_stop, h->skip_ids,
+                        h->n_skip, &x->text) != 0) {
         free(ids);
         oai_error_set(&e, 500, "server_error", NULL, NULL, "out of memory");
         goto fail;
@@ -408,10 +396,7 @@ static void rt__on_request(void *arg, httpd_req *hr)
     if (!rt__authorized(h, hr)) {
         oai_error_auth(&e);
         rt__respond_error(hr, &e, 0);
-        rt_metrics_outcome(c,
-                           models ? "models"
-                           : comp ? "completions"
-                                  : "chat_completions",
+        rt_metrics_outcome(c, models ? "models" : comp ? "completions" : "chat_completions",
                            "unauthorized");
         return;
     }

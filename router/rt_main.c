@@ -188,23 +188,24 @@ int rt_metrics_init(rt_metrics *m)
         rc = met_gauge_family(m->reg, "tandem_router_workers", "Workers by role and state",
                               worker_labels, 2, &m->workers);
     if (rc == 0)
-        rc =
-            met_histogram_new(m->reg, "tandem_router_ttft_seconds",
-                              "Arrival at the router to the first token relayed", lb, nb, &m->ttft);
+        rc = met_histogram_new(m->reg, "tandem_router_ttft_seconds",
+                               "Arrival at the router to the first token relayed", lb, nb,
+                               &m->ttft);
     if (rc == 0)
         rc = met_histogram_new(m->reg, "tandem_router_inter_token_seconds",
                                "Time between consecutive token messages of a request", lb, nb,
                                &m->itl);
     if (rc == 0)
         rc = met_histogram_new(m->reg, "tandem_router_e2e_seconds",
-                               "Arrival to the last byte of a successful request", lb, nb, &m->e2e);
+                               "Arrival to the last byte of a successful request", lb, nb,
+                               &m->e2e);
     if (rc == 0)
         rc = met_histogram_new(m->reg, "tandem_router_queue_seconds",
                                "Arrival to dispatch (parsing, tokenizing, admission)", lb, nb,
                                &m->queue);
     if (rc == 0)
-        rc =
-            met_gauge_new(m->reg, "tandem_router_inflight", "Requests in the router", &m->inflight);
+        rc = met_gauge_new(m->reg, "tandem_router_inflight", "Requests in the router",
+                           &m->inflight);
     if (rc == 0)
         rc = met_counter_new(m->reg, "tandem_router_retries_total",
                              "Requests retried on other workers before their first token",
@@ -255,8 +256,7 @@ int main(int argc, char **argv)
 {
     rt_opts o;
     cfg *conf = NULL;
-    int rc =
-        cfg_create(&conf, "tandem-router", rt_table, sizeof(rt_table) / sizeof(rt_table[0]), &o);
+    int rc = cfg_create(&conf, "tandem-router", rt_table, sizeof(rt_table) / sizeof(rt_table[0]), &o);
     if (rc != 0) return 2;
     rc = cfg_parse(conf, argc, argv);
     if (rc == CFG_HELP) {
@@ -327,9 +327,8 @@ int main(int argc, char **argv)
     uv_signal_start(&sigterm, rt_on_signal, SIGTERM);
     uv_signal_start(&sigint, rt_on_signal, SIGINT);
 
-    if (rpc_server_create(o.grpc_listen, &c->grpc) != 0 ||
-        rt_members_add_methods(c, c->grpc) != 0 || rt_grpc_add_methods(c, c->grpc) != 0 ||
-        rpc_server_start(c->grpc) != 0) {
+    if (rpc_server_create(o.grpc_listen, &c->grpc) != 0 || rt_members_add_methods(c, c->grpc) != 0 ||
+        rt_grpc_add_methods(c, c->grpc) != 0 || rpc_server_start(c->grpc) != 0) {
         fprintf(stderr, "tandem-router: cannot serve gRPC on %s\n", o.grpc_listen);
         goto out;
     }

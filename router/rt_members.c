@@ -17,14 +17,10 @@
 static const char *rt__state_name(enum rt_wstate s)
 {
     switch (s) {
-    case RT_W_CHECKING:
-        return "checking";
-    case RT_W_READY:
-        return "ready";
-    case RT_W_DRAINING:
-        return "draining";
-    default:
-        return "down";
+    case RT_W_CHECKING: return "checking";
+    case RT_W_READY: return "ready";
+    case RT_W_DRAINING: return "draining";
+    default: return "down";
     }
 }
 
@@ -137,8 +133,8 @@ static void rt__on_register_event(rt_ctx *c, rt_event *ev)
         return;
     }
     if (c->max_model_len && q->max_model_len && q->max_model_len != c->max_model_len)
-        td_log_warn(MOD, "context_differs", "worker=%s max_model_len=%u cluster=%u", q->worker_id,
-                    q->max_model_len, c->max_model_len);
+        td_log_warn(MOD, "context_differs", "worker=%s max_model_len=%u cluster=%u",
+                    q->worker_id, q->max_model_len, c->max_model_len);
     rt_worker *w = rt__find(c, q->worker_id);
     if (!w) {
         if (c->n_workers == c->cap_workers) {

@@ -31,7 +31,7 @@
 #define CHECK(x)                                                                                   \
     do {                                                                                           \
         if (!(x)) {                                                                                \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #x);                  \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #x);                \
             abort();                                                                               \
         }                                                                                          \
     } while (0)
@@ -188,8 +188,7 @@ static void test_simple_mode(void **state)
 
     /* Keep-alive, two pipelined requests answered in order. */
     int fd = dial(port);
-    send_str(fd,
-             "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /nope?x=1 HTTP/1.1\r\nHost: x\r\n\r\n");
+    send_str(fd, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /nope?x=1 HTTP/1.1\r\nHost: x\r\n\r\n");
     read_until(fd, buf, sizeof(buf), "not found\n", 2000, NULL);
     char *a = strstr(buf, "HTTP/1.1 200 OK"), *b = strstr(buf, "HTTP/1.1 404");
     assert_non_null(a);
@@ -552,8 +551,7 @@ static void test_bodies(void **state)
     assert_non_null(strstr(buf, "POST /v1/completions ?a=1&b=2 x=abc len=11:hello world"));
 
     /* Chunked body on the same connection, in pieces. */
-    send_str(fd,
-             "POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel");
+    send_str(fd, "POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel");
     usleep(20000);
     send_str(fd, "lo\r\n6\r\n world\r\n0\r\n\r\n");
     read_until(fd, buf, sizeof(buf), "hello world", 2000, NULL);
@@ -602,9 +600,8 @@ static void test_limits(void **state)
     assert_non_null(strstr(buf, "HTTP/1.1 413 Payload Too Large\r\n"));
     assert_non_null(strstr(buf, "Connection: close\r\n"));
     assert_non_null(strstr(buf, "Content-Type: application/json\r\n"));
-    assert_non_null(strstr(buf,
-                           "{\"error\":{\"message\":\"request body too large\","
-                           "\"type\":\"invalid_request_error\",\"param\":null,\"code\":null}}"));
+    assert_non_null(strstr(buf, "{\"error\":{\"message\":\"request body too large\","
+                                "\"type\":\"invalid_request_error\",\"param\":null,\"code\":null}}"));
     assert_true(eof);
     close(fd);
 
