@@ -15,10 +15,18 @@
  *   no ready prefill or decode worker        -> REJECT 1 s, "no workers"
  *   cost model lacks prefill or decode       -> ADMIT while outstanding < max_outstanding,
  *                                               else REJECT 1 s
- *   predict with held * mean_prompt tokens of held requests ahead (adm__predict)
+ *   predict with the held requests ahead: held * mean_prompt prefill tokens,
+ *   held sequences in the decode batch (adm__predict)
  *   meets both SLOs                          -> ADMIT
- *   burst, held < hold_max, drain <= hold_max_ms  -> HOLD until now + hold_max_ms
+ *   not a burst, or held >= hold_max         -> REJECT, Retry-After = ceil(drain)
+ *   hold = min(hold_max_ms, TTFT budget - predicted TTFT)   (the TTFT slack)
+ *   drain <= hold (so hold > 0)              -> HOLD until now + hold
  *   otherwise                                -> REJECT, Retry-After = ceil(drain)
+ * The hold never outlasts the TTFT slack because TTFT counts from arrival: a
+ * request admitted after its slack would miss the SLO anyway. So what a hold
+ * absorbs is a burst on the decode side (a batch past the TPOT SLO, KV blocks
+ * short) while the prefill side has room; a prefill backlog past the TTFT
+ * budget does not drain faster than the hold lasts, and is rejected.
  * recheck (a held request, oldest first, so nothing held is ahead of it):
  *   no ready worker                          -> REJECT 1 s, "no workers"
  *   now >= hold_until_ns                     -> REJECT, Retry-After = ceil(drain)
@@ -133,11 +141,12 @@ static bool adm__burst_cost_known(const adm__burst *b)
     return adm__cost_knows_prefill(&b->p.cost) && adm__cost_knows_decode(&b->p.cost);
 }
 
-static void adm__burst_predict(const adm__burst *b, const adm_input *in, double extra,
+/* held: requests held ahead of this one (decide: all of them; recheck: none). */
+static void adm__burst_predict(const adm__burst *b, const adm_input *in, uint32_t held,
                                adm__pred *pr)
 {
-    adm__predict(&b->p.cost, in, extra, b->mean_out, b->p.slo_ttft_ms * 1e3, b->p.slo_tpot_ms * 1e3,
-                 pr);
+    adm__predict(&b->p.cost, in, (double)held * b->mean_prompt, held, b->mean_out,
+                 b->p.slo_ttft_ms * 1e3, b->p.slo_tpot_ms * 1e3, pr);
 }
 
 static void adm__burst_decide(void *ctx, const adm_input *in, adm_decision *out)
@@ -154,18 +163,26 @@ static void adm__burst_decide(void *ctx, const adm_input *in, adm_decision *out)
         goto means;
     }
     adm__pred pr;
-    adm__burst_predict(b, in, (double)in->held * b->mean_prompt, &pr);
+    adm__burst_predict(b, in, in->held, &pr);
     if (pr.meets) {
         adm__admit(out, "admitted");
     } else if (!burst) {
         adm__reject(out, adm__retry_s(pr.drain_us), "over the SLOs under sustained load (burst)");
     } else if (in->held >= b->p.hold_max) {
         adm__reject(out, adm__retry_s(pr.drain_us), "over the SLOs, hold queue full (burst)");
-    } else if (!(pr.drain_us <= b->p.hold_max_ms * 1e3)) {
-        adm__reject(out, adm__retry_s(pr.drain_us),
-                    "over the SLOs, drain longer than hold_max_ms (burst)");
     } else {
-        adm__hold(out, now + llround(b->p.hold_max_ms * 1e6), "held through a burst");
+        /* TTFT counts from arrival: a hold spends the request's TTFT slack.
+         * Work ahead in the prefill queue drains no faster than the hold
+         * lasts, so a request over the TTFT budget is not helped by holding
+         * it; one over the TPOT budget or short of KV blocks is, when the
+         * decode side drains within its slack. */
+        double slack_us = pr.ttft_budget_us - pr.ttft_us;
+        double hold_us = fmin(b->p.hold_max_ms * 1e3, slack_us);
+        if (hold_us > 0 && pr.drain_us <= hold_us)
+            adm__hold(out, now + llround(hold_us * 1e3), "held through a burst");
+        else
+            adm__reject(out, adm__retry_s(pr.drain_us),
+                        "over the SLOs, a hold would not bring it within them (burst)");
     }
 means:
     /* After the prediction: held requests ahead are sized by those before it. */
@@ -183,7 +200,7 @@ static void adm__burst_recheck(void *ctx, const adm_input *in, adm_decision *out
     adm__pred pr = {.meets = in->outstanding < b->p.max_outstanding, .drain_us = 1e6};
     if (known) adm__burst_predict(b, in, 0, &pr);
     if (in->hold_until_ns && now >= in->hold_until_ns) {
-        adm__reject(out, adm__retry_s(pr.drain_us), "held past hold_max_ms (burst)");
+        adm__reject(out, adm__retry_s(pr.drain_us), "held past its deadline (burst)");
         return;
     }
     if (pr.meets)

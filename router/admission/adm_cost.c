@@ -177,8 +177,8 @@ double adm__prefill_wait_us(const adm_cost *c, const adm_input *in, double ahead
     return ahead_tokens / (double)in->ready_prefill * c->prefill_us_per_token + c->prefill_us_fixed;
 }
 
-void adm__predict(const adm_cost *c, const adm_input *in, double extra_ahead, double mean_out,
-                  double slo_ttft_us, double slo_tpot_us, adm__pred *out)
+void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, double extra_seqs,
+                  double mean_out, double slo_ttft_us, double slo_tpot_us, adm__pred *out)
 {
     const double prompt = in->prompt_tokens, bs = in->block_size, n_dec = in->ready_decode;
     *out = (adm__pred){0};
@@ -187,14 +187,14 @@ void adm__predict(const adm_cost *c, const adm_input *in, double extra_ahead, do
     double own_prefill = c->prefill_us_fixed + c->prefill_us_per_token * prompt;
     double prompt_blocks = bs > 0 ? ceil(prompt / bs) : 0;
     double transfer = prompt_blocks * c->transfer_us_per_block;
-    out->wait_us = adm__prefill_wait_us(c, in, adm__prefill_ahead(in, extra_ahead));
+    out->wait_us = adm__prefill_wait_us(c, in, adm__prefill_ahead(in, extra_tokens));
     out->ttft_us = out->wait_us + own_prefill + transfer;
     out->ttft_budget_us = fmax(slo_ttft_us, own_prefill + transfer);
 
     /* TPOT: one step of a decode worker's batch with it added; the others'
      * sequences and context are spread evenly over the decode workers. Its
      * own context is taken at mid-generation. */
-    double others = ((double)in->running_seqs + in->waiting_seqs) / n_dec;
+    double others = ((double)in->running_seqs + in->waiting_seqs + extra_seqs) / n_dec;
     double n = others + 1;
     double used_blocks = in->total_kv_blocks > in->free_kv_blocks
                              ? (double)(in->total_kv_blocks - in->free_kv_blocks)
@@ -216,10 +216,10 @@ void adm__predict(const adm_cost *c, const adm_input *in, double extra_ahead, do
 
     /* Drain: prefill excess goes at the prefill rate (what is ahead only
      * shrinks; later arrivals queue behind). Decode excess goes as sequences
-     * finish: a worker's n sequences have mean_out / 2 tokens left on
-     * average, so one finishes every mean_out / 2 * step / n us. */
+     * finish: in a steady state each of a worker's n sequences lives
+     * mean_out steps, so one finishes every mean_out * step / n us. */
     double drain_prefill = fmax(0, out->ttft_us - out->ttft_budget_us);
-    double finish_us = fmax(mean_out, 1) / 2 * out->tpot_us / n;
+    double finish_us = fmax(mean_out, 1) * out->tpot_us / n;
     double drain_decode = 0;
     if (out->tpot_us > out->tpot_budget_us) {
         double per_seq = c->decode_step_us_per_seq + c->decode_step_us_per_ctx_token * ctx / n;

@@ -41,10 +41,12 @@ typedef struct adm__pred {
 } adm__pred;
 
 /* Needs ready_prefill and ready_decode >= 1 and a cost model that knows both.
- * extra_ahead: prompt tokens of held requests ahead; mean_out: mean output
- * length of recent requests, tokens (for how fast sequences finish). */
-void adm__predict(const adm_cost *c, const adm_input *in, double extra_ahead, double mean_out,
-                  double slo_ttft_us, double slo_tpot_us, adm__pred *out);
+ * extra_tokens, extra_seqs: prompt tokens and sequences of held requests
+ * ahead of it (they reach the prefill queue and the decode batch first);
+ * mean_out: mean output length of recent requests, tokens (how fast
+ * sequences finish). */
+void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, double extra_seqs,
+                  double mean_out, double slo_ttft_us, double slo_tpot_us, adm__pred *out);
 
 /* Retry-After for a drain time: ceil(us / 1 s), within 1..ADM_RETRY_MAX_S
  * (INFINITY and NaN give the maximum). */

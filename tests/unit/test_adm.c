@@ -549,10 +549,12 @@ static void t_burst_below_capacity(void **state)
     sim_free(&s);
 }
 
-/* A steady 10/s, then 40 at once: the first that fit the TTFT SLO are
- * admitted, the rest held and admitted one by one as the queue drains, none
- * rejected. */
-static void t_burst_short_burst_held(void **state)
+/* A steady 10/s, then 40 at once, all bound by prefill: the 10 that fit the
+ * TTFT SLO are admitted and the other 30 rejected at once with Retry-After 1.
+ * Holding them would not help: TTFT counts from arrival, and the queue ahead
+ * drains no faster than a hold lasts. The stream after the burst is admitted
+ * within the SLO. */
+static void t_burst_prefill_burst(void **state)
 {
     (void)state;
     adm_params p = test_params();
@@ -562,30 +564,155 @@ static void t_burst_short_burst_held(void **state)
     for (int i = 0; i < 600; i++)
         sim_arrive(&s, t += 100 * MS);
     assert_int_equal(s.admitted, 600);
-    int64_t t_burst = t + 100 * MS;
-    uint32_t admitted_before = s.admitted;
+    int64_t tb = t + 100 * MS;
     for (int i = 0; i < 40; i++)
-        sim_arrive(&s, t_burst);
-    /* 100 ms SLO, 10 ms per request: 10 fit (1000 tokens), 30 held. */
-    assert_int_equal(s.admitted - admitted_before, 10);
-    assert_int_equal(s.held, 30);
-    assert_int_equal(s.n_held, 30);
-    assert_int_equal(s.rejected, 0);
-    /* The steady stream goes on; the router rechecks every 5 ms. */
-    t = t_burst;
-    for (int i = 1; i <= 200; i++) {
-        sim_advance(&s, t_burst + i * 5 * MS);
-        if (i % 20 == 0) sim_arrive(&s, t_burst + i * 5 * MS);
-    }
-    assert_int_equal(s.n_held, 0);
-    assert_int_equal(s.rejected, 0);
-    assert_true(s.admitted_after_hold >= 30);
-    assert_int_equal(s.admitted, 600 + 40 + 10);
-    /* Held no longer than the queue took to drain (~300 ms), each admitted
-     * once its predicted TTFT met the SLO. */
-    assert_true(s.max_hold_ns <= 400 * MS);
+        sim_arrive(&s, tb);
+    /* 100 ms SLO, 10 ms per request: 10 fit (1000 tokens). */
+    assert_int_equal(s.admitted, 610);
+    assert_int_equal(s.held, 0);
+    assert_int_equal(s.rejected, 30);
+    assert_int_equal(s.max_retry, 1);
+    for (int i = 1; i <= 100; i++)
+        assert_int_equal(sim_arrive(&s, tb + i * 100 * MS), ADM_ADMIT);
     assert_true(s.max_ttft_pred_ms <= 100.0 + 1e-9);
     sim_free(&s);
+}
+
+/* Small prompts (1 ms of prefill each), a decode batch of `running`. */
+static adm_input dec_input(int64_t now, uint32_t running, uint32_t held, uint64_t prefill)
+{
+    adm_input in = idle_input(now);
+    in.prompt_tokens = 10;
+    in.running_seqs = running;
+    in.held = held;
+    in.inflight_prefill_tokens = prefill;
+    return in;
+}
+
+typedef struct dec_burst {
+    uint32_t running, admitted, n_held, rejected;
+    int64_t tb, until[64];
+} dec_burst;
+
+/* A minute of 10/s with 10 sequences running, then 40 at once. The batch
+ * meets the TPOT SLO up to 36 sequences (2 ms + 0.5 ms x 36 = 20 ms): 26 are
+ * admitted. The j-th over it waits for j + 1 sequences to finish, one every
+ * 20 tokens x 20.5 ms / 37 = 11 ms, against a TTFT slack of 100 - 27 - j ms:
+ * 6 are held, until their slack ends, and the rest rejected at once. */
+static void dec_burst_run(const adm_ops *o, void *ctx, dec_burst *b)
+{
+    adm_decision d;
+    int64_t t = 0;
+    memset(b, 0, sizeof(*b));
+    b->running = 10;
+    for (int i = 0; i < 600; i++) {
+        adm_input in = dec_input(t += 100 * MS, b->running, 0, 0);
+        o->decide(ctx, &in, &d);
+        assert_int_equal(d.verdict, ADM_ADMIT);
+    }
+    b->tb = t + 100 * MS;
+    for (int i = 0; i < 40; i++) {
+        adm_input in = dec_input(b->tb, b->running, b->n_held, 10ULL * b->admitted);
+        o->decide(ctx, &in, &d);
+        if (d.verdict == ADM_ADMIT) {
+            assert_int_equal(b->n_held + b->rejected, 0);
+            b->running++;
+            b->admitted++;
+        } else if (d.verdict == ADM_HOLD) {
+            assert_int_equal(b->rejected, 0);
+            /* Held no longer than its TTFT slack: 100 ms - 27 ms - j ms. */
+            assert_int_equal(d.hold_until_ns, b->tb + (73 - (int64_t)b->n_held) * MS);
+            b->until[b->n_held++] = d.hold_until_ns;
+        } else {
+            assert_int_equal(d.retry_after_s, 1);
+            b->rejected++;
+        }
+    }
+    assert_int_equal(b->admitted, 26);
+    assert_int_equal(b->n_held, 6);
+    assert_int_equal(b->rejected, 8);
+}
+
+/* ... and as one sequence finishes every 10 ms, the oldest held request is
+ * admitted: all six, each before its deadline, none rejected. */
+static void t_burst_decode_burst_held(void **state)
+{
+    (void)state;
+    adm_params p = test_params();
+    const adm_ops *o = adm_find("burst");
+    void *ctx = make("burst", &p);
+    dec_burst b;
+    dec_burst_run(o, ctx, &b);
+    adm_decision d;
+    uint32_t released = 0;
+    for (int k = 1; k <= 6; k++) {
+        int64_t now = b.tb + k * 10 * MS;
+        int64_t done = (now - b.tb) / 100000; /* prefill: 10 tokens a ms */
+        uint64_t pf = 260 + 10 * released > done ? 260 + 10 * released - done : 0;
+        /* Before the finish: the batch is full, it stays held. */
+        adm_input in = dec_input(now - 1, b.running, b.n_held - released - 1, pf);
+        in.hold_until_ns = b.until[released];
+        o->recheck(ctx, &in, &d);
+        assert_int_equal(d.verdict, ADM_HOLD);
+        assert_int_equal(d.hold_until_ns, b.until[released]);
+        b.running--;
+        in = dec_input(now, b.running, b.n_held - released - 1, pf);
+        in.hold_until_ns = b.until[released];
+        o->recheck(ctx, &in, &d);
+        assert_int_equal(d.verdict, ADM_ADMIT);
+        assert_true(now < b.until[released]);
+        b.running++;
+        released++;
+    }
+    assert_int_equal(released, b.n_held);
+    o->destroy(ctx);
+}
+
+/* The hold deadline: when no sequence finishes, each held request is rejected
+ * at its deadline, not a nanosecond before, never admitted late; a clock
+ * passed in that goes back does not undo it. */
+static void t_burst_hold_deadline(void **state)
+{
+    (void)state;
+    adm_params p = test_params();
+    const adm_ops *o = adm_find("burst");
+    void *ctx = make("burst", &p);
+    dec_burst b;
+    dec_burst_run(o, ctx, &b);
+    adm_decision d;
+    /* Later ones have less slack, so earlier deadlines: the router keeps a
+     * timer per held request, not only the head's. */
+    for (uint32_t j = b.n_held; j-- > 0;) {
+        assert_true(j == 0 || b.until[j] < b.until[j - 1]);
+        adm_input in = dec_input(b.until[j] - 1, b.running, j, 0);
+        in.hold_until_ns = b.until[j];
+        o->recheck(ctx, &in, &d);
+        assert_int_equal(d.verdict, ADM_HOLD);
+        in.now_ns = b.until[j];
+        o->recheck(ctx, &in, &d);
+        assert_int_equal(d.verdict, ADM_REJECT);
+        assert_int_equal(d.retry_after_s, 1);
+        assert_string_equal(d.reason, "held past its deadline (burst)");
+        in.now_ns = b.tb;
+        o->recheck(ctx, &in, &d);
+        assert_int_equal(d.verdict, ADM_REJECT);
+    }
+    o->destroy(ctx);
+
+    /* A deadline given back by a caller that never called decide. */
+    ctx = make("burst", &p);
+    adm_input in = idle_input(S - 1);
+    in.queued_prefill_tokens = 100000;
+    in.hold_until_ns = S;
+    o->recheck(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_HOLD);
+    assert_int_equal(d.hold_until_ns, S);
+    in.now_ns = S;
+    o->recheck(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    /* 10 s of prefill ahead + 10 ms own - 100 ms SLO: 9.91 s. */
+    assert_int_equal(d.retry_after_s, 10);
+    o->destroy(ctx);
 }
 
 /* Twice the capacity, steady: about half rejected at once with a short
@@ -621,52 +748,6 @@ static void t_burst_sustained_overload(void **state)
         /* 5 s ahead + 10 ms own - 100 ms SLO = 4.91 s */
         assert_int_equal(d.retry_after_s, 5);
     }
-    o->destroy(ctx);
-}
-
-/* The hold deadline: held requests that the queue cannot reach in time are
- * rejected at the deadline, with a Retry-After, never admitted late. */
-static void t_burst_hold_deadline(void **state)
-{
-    (void)state;
-    adm_params p = test_params();
-    p.hold_max_ms = 150;
-    sim s;
-    sim_init(&s, "burst", &p);
-    int64_t t = 0;
-    for (int i = 0; i < 100; i++)
-        sim_arrive(&s, t += 100 * MS);
-    int64_t tb = t + 100 * MS;
-    for (int i = 0; i < 40; i++)
-        sim_arrive(&s, tb);
-    /* 10 admitted; held while the drain fits 150 ms (ahead: 10 ms each). */
-    assert_true(s.n_held > 5 && s.n_held < 20);
-    uint32_t rejected_at_arrival = s.rejected;
-    assert_true(rejected_at_arrival > 0);
-    /* The router only looks again at each deadline: all are past it. */
-    sim_advance(&s, tb + 150 * MS);
-    assert_int_equal(s.n_held, 0);
-    assert_true(s.rejected_after_hold > 0);
-    assert_int_equal(s.admitted_after_hold + s.rejected_after_hold, s.held);
-    /* A deadline given back by the router counts exactly. */
-    sim_free(&s);
-    const adm_ops *o = adm_find("burst");
-    void *ctx = make("burst", &p);
-    adm_input in = idle_input(tb + 150 * MS - 1);
-    in.queued_prefill_tokens = 100000;
-    in.hold_until_ns = tb + 150 * MS;
-    adm_decision d;
-    o->recheck(ctx, &in, &d);
-    assert_int_equal(d.verdict, ADM_HOLD);
-    assert_int_equal(d.hold_until_ns, tb + 150 * MS);
-    in.now_ns = tb + 150 * MS;
-    o->recheck(ctx, &in, &d);
-    assert_int_equal(d.verdict, ADM_REJECT);
-    assert_int_equal(d.retry_after_s, 10);
-    /* Held, then the clock passed in goes back: still past the deadline. */
-    in.now_ns = tb;
-    o->recheck(ctx, &in, &d);
-    assert_int_equal(d.verdict, ADM_REJECT);
     o->destroy(ctx);
 }
 
@@ -765,20 +846,22 @@ static void t_burst_idle_and_clock_jumps(void **state)
     }
     assert_int_equal(a.n_log, b.n_log);
     assert_memory_equal(a.log, b.log, a.n_log * sizeof(sim_log));
-    assert_true(a.held > 0);
+    assert_true(a.rejected > 0 && a.admitted > 100);
     /* An idle hour: the next arrivals are admitted, numbers stay finite. */
     t += 3600 * S;
     for (int i = 0; i < 5; i++)
         assert_int_equal(sim_arrive(&a, t + i * S), ADM_ADMIT);
-    /* Then a burst after the silence: held, then drained, not rejected. */
-    uint32_t rej = a.rejected;
+    /* Then a burst after the silence: what fits is admitted, the rest told
+     * to come back in a second, and a second later all is admitted again. */
+    uint32_t adm0 = a.admitted, rej0 = a.rejected;
+    a.max_retry = 0;
     for (int i = 0; i < 30; i++)
         sim_arrive(&a, t + 5 * S);
-    assert_true(a.n_held > 0);
-    for (int i = 1; i <= 100; i++) /* the router looks every 5 ms */
-        sim_advance(&a, t + 5 * S + i * 5 * MS);
-    assert_int_equal(a.n_held, 0);
-    assert_int_equal(a.rejected, rej);
+    assert_int_equal(a.admitted - adm0, 10);
+    assert_int_equal(a.rejected - rej0, 20);
+    assert_int_equal(a.max_retry, 1);
+    for (int i = 0; i < 10; i++)
+        assert_int_equal(sim_arrive(&a, t + 6 * S + i * 100 * MS), ADM_ADMIT);
     sim_free(&a);
     sim_free(&b);
 
@@ -940,7 +1023,8 @@ int main(void)
         cmocka_unit_test(t_queue_threshold),
         cmocka_unit_test(t_unknown_cost),
         cmocka_unit_test(t_burst_below_capacity),
-        cmocka_unit_test(t_burst_short_burst_held),
+        cmocka_unit_test(t_burst_prefill_burst),
+        cmocka_unit_test(t_burst_decode_burst_held),
         cmocka_unit_test(t_burst_sustained_overload),
         cmocka_unit_test(t_burst_hold_deadline),
         cmocka_unit_test(t_burst_decode_side),
