@@ -9,7 +9,8 @@
  *   token_bucket     bucket_rate requests/s, bucket_burst at once (exact, integer ns)
  *   queue_threshold  reject when the predicted prefill queueing > queue_max_ms
  *   burst            predict TTFT and TPOT; admit, hold through a transient
- *                    burst, or reject with a Retry-After from the drain time
+ *                    burst while the request's TTFT slack lasts, or reject
+ *                    with a Retry-After from the predicted drain time
  * docs/admission.md gives each policy's rules and formulas.
  *
  * Calls, all from one thread (the router's loop, or the simulator):

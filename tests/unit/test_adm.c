@@ -209,9 +209,6 @@ static enum adm_verdict sim_arrive(sim *s, int64_t t)
     adm_decision d;
     s->ops->decide(s->ctx, &in, &d);
     sim_record(s, &d, false);
-    if (getenv("TEST_ADM_TRACE"))
-        fprintf(stderr, "t=%lld held=%u queued=%.0f -> %d %s\n", (long long)t, s->n_held, s->queued,
-                d.verdict, d.reason);
     if (d.verdict == ADM_ADMIT) {
         sim_admit(s, 100);
     } else if (d.verdict == ADM_HOLD) {
@@ -986,6 +983,14 @@ static void t_cost_file(void **state)
     write_file(path, "prefill_us_fixed = 1\nprefill_us_fixed = 2\n");
     assert_int_equal(adm_cost_load(path, &back, err, sizeof(err)), TD_EFORMAT);
     assert_non_null(strstr(err, "twice"));
+    char longline[1200];
+    memset(longline, '1', sizeof(longline));
+    memcpy(longline, "prefill_us_fixed = ", 19);
+    longline[sizeof(longline) - 2] = '\n';
+    longline[sizeof(longline) - 1] = '\0';
+    write_file(path, longline);
+    assert_int_equal(adm_cost_load(path, &back, err, sizeof(err)), TD_EFORMAT);
+    assert_non_null(strstr(err, "too long"));
     assert_int_equal(adm_cost_load(path, &back, NULL, 0), TD_EFORMAT);
     assert_memory_equal(&keep, &back, sizeof(keep));
     unlink(path);
