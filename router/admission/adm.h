@@ -56,7 +56,9 @@ typedef struct adm_input {
     uint32_t ready_prefill, ready_decode; /* ready workers of each role */
     /* recheck only: the hold_until_ns decide returned for this request
      * (0: unknown). Added to the agreed interface so that a pure recheck
-     * knows the request's deadline and how long it has been held. */
+     * knows the request's deadline. Deadlines are not in hold-queue order
+     * (burst bounds each by the request's TTFT slack): the caller keeps a
+     * timer per held request and rechecks it at its deadline. */
     int64_t hold_until_ns;
 } adm_input;
 
