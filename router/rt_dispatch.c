@@ -185,6 +185,8 @@ void rt_req_dispatch(rt_req *r)
     }
     adm_decision d;
     c->adm->decide(c->adm_ctx, &in, &d);
+    /* ADM_HOLD is admitted at once for now: the hold queue (recheck, the
+     * deadline) is wired separately. */
     if (d.verdict == ADM_REJECT) {
         r->retry_after_s = d.retry_after_s ? d.retry_after_s : 1;
         rt__end(r, 0, TD_EDECLINED, d.reason);

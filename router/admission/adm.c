@@ -1,9 +1,32 @@
-#include "router/admission/adm.h"
-
+/* The policy table, the parameters' defaults, and the two policies without
+ * state worth a file: none and max_outstanding. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/err.h"
+#include "router/admission/adm_int.h"
+
+void adm_params_defaults(adm_params *p)
+{
+    /* SLOs: about 5x the unloaded TTFT of a 200-token prompt and 3x the
+     * unloaded decode step of the 15m model on the 2-core host (adm_cost.c);
+     * the tuner (tandem-sim tune) replaces these. */
+    *p = (adm_params){
+        .max_outstanding = 256,
+        .bucket_rate = 10.0,
+        .bucket_burst = 20.0,
+        .queue_max_ms = 500.0,
+        .slo_ttft_ms = 250.0,
+        .slo_tpot_ms = 15.0,
+        .short_window_s = 1.0,
+        .long_window_s = 30.0,
+        .hold_max_ms = 200.0,
+        .hold_max = 64,
+        .burst_cv = 1.5,
+        .burst_rate_ratio = 1.5,
+    };
+    adm_cost_defaults(&p->cost);
+}
 
 /* ---- none: admit everything ---- */
 
@@ -23,7 +46,7 @@ static void adm__none_decide(void *ctx, const adm_input *in, adm_decision *out)
 {
     (void)ctx;
     (void)in;
-    *out = (adm_decision){.verdict = ADM_ADMIT, .retry_after_s = 0, .reason = "admitted"};
+    adm__admit(out, "admitted");
 }
 
 /* ---- max_outstanding: a cap on unfinished admitted requests ---- */
@@ -51,29 +74,42 @@ static void adm__cap_decide(void *ctx, const adm_input *in, adm_decision *out)
 {
     const adm__cap *c = ctx;
     if (in->outstanding < c->max) {
-        *out = (adm_decision){.verdict = ADM_ADMIT, .retry_after_s = 0, .reason = "admitted"};
+        adm__admit(out, "admitted");
         return;
     }
     /* Without a rate estimate, one second is the honest hint. */
-    *out = (adm_decision){.verdict = ADM_REJECT,
-                          .retry_after_s = 1,
-                          .reason = "too many requests in flight (max_outstanding)"};
+    adm__reject(out, 1, "too many requests in flight (max_outstanding)");
 }
 
-static const adm_ops adm__policies[] = {
-    {"none", adm__none_create, adm__none_destroy, adm__none_decide, NULL},
-    {"max_outstanding", adm__cap_create, adm__cap_destroy, adm__cap_decide, NULL},
+static const adm_ops adm__none_ops = {
+    .name = "none",
+    .create = adm__none_create,
+    .destroy = adm__none_destroy,
+    .decide = adm__none_decide,
+};
+
+static const adm_ops adm__cap_ops = {
+    .name = "max_outstanding",
+    .create = adm__cap_create,
+    .destroy = adm__cap_destroy,
+    .decide = adm__cap_decide,
+};
+
+/* In adm_names order. */
+static const adm_ops *const adm__policies[] = {
+    &adm__none_ops,  &adm__cap_ops, &adm__token_bucket_ops, &adm__queue_threshold_ops,
+    &adm__burst_ops,
 };
 
 const adm_ops *adm_find(const char *name)
 {
     if (!name) return NULL;
     for (size_t i = 0; i < sizeof(adm__policies) / sizeof(adm__policies[0]); i++)
-        if (strcmp(adm__policies[i].name, name) == 0) return &adm__policies[i];
+        if (strcmp(adm__policies[i]->name, name) == 0) return adm__policies[i];
     return NULL;
 }
 
 const char *adm_names(void)
 {
-    return "none|max_outstanding";
+    return "none|max_outstanding|token_bucket|queue_threshold|burst";
 }

@@ -1,76 +1,152 @@
 /* adm: admission control, pure code. No I/O and no clock of its own: the
  * caller passes the time and what it knows of the cluster, so the router and
- * the simulator run the same decisions.
+ * the simulator (loadtest/sim) run the same decisions. The one exception is
+ * the cost-model file (adm_cost_load / adm_cost_save), read once at start.
  *
- * A policy is a const ops table chosen by name (adm_find). The router calls
- * decide once per arriving request and on_end when an admitted request ends.
- * Policies here: "none" (admit everything) and "max_outstanding" (reject with
- * a Retry-After once `max_outstanding` admitted requests are unfinished).
- * Burst-aware policies plug in behind the same table.
+ * A policy is a const ops table chosen by name (adm_find):
+ *   none             admit everything
+ *   max_outstanding  reject once max_outstanding admitted requests are unfinished
+ *   token_bucket     bucket_rate requests/s, bucket_burst at once (exact, integer ns)
+ *   queue_threshold  reject when the predicted prefill queueing > queue_max_ms
+ *   burst            predict TTFT and TPOT; admit, hold through a transient
+ *                    burst while the request's TTFT slack lasts, or reject
+ *                    with a Retry-After from the predicted drain time
+ * docs/admission.md gives each policy's rules and formulas.
  *
- * Ownership: a policy's state (ctx) is created by create and freed by
- * destroy; it is used by one thread (the router's loop).
+ * Calls, all from one thread (the router's loop, or the simulator):
+ *   decide          once per arriving request; ADM_ADMIT, ADM_REJECT or
+ *                   ADM_HOLD (only policies with a recheck hold)
+ *   recheck         a held request looked at again (no arrival), in hold
+ *                   order, oldest first; NULL for policies that never hold
+ *   on_first_token, on_end   feedback; optional (NULL)
+ * Same inputs in the same order give the same decisions: policies keep no
+ * clock, no randomness, and allocate only in create.
+ *
+ * Time: now_ns may go backwards (a clock jump passed in); a policy treats
+ * that as no time elapsed. Ownership: a policy's state (ctx) is created by
+ * create and freed by destroy (NULL accepted). Decision reasons are static
+ * strings.
  */
 #ifndef TANDEM_ROUTER_ADMISSION_ADM_H
 #define TANDEM_ROUTER_ADMISSION_ADM_H
 
+#include <stddef.h>
 #include <stdint.h>
 
-/* What the router knows when a request arrives. */
+/* Longest Retry-After a policy suggests, seconds. */
+#define ADM_RETRY_MAX_S 60u
+
+/* What the caller knows when a request arrives (decide) or when a held one is
+ * looked at again (recheck). */
 typedef struct adm_input {
-    int64_t now_ns;         /* td_now_ns() of the arrival */
-    uint32_t outstanding;   /* admitted, not yet finished (this request excluded) */
-    uint32_t prompt_tokens; /* of this request */
-    uint32_t max_tokens;    /* of this request */
-    /* Cluster state from the workers' heartbeats (sums over ready workers). */
-    uint64_t queued_prefill_tokens;
-    uint32_t running_seqs;
-    uint32_t free_kv_blocks;
-    uint32_t total_kv_blocks;
-    uint32_t ready_prefill, ready_decode;
+    int64_t now_ns;                   /* td_now_ns() clock, passed in */
+    uint32_t outstanding;             /* admitted and not finished (this request excluded) */
+    uint32_t held;                    /* in the hold queue (this request excluded) */
+    uint32_t prompt_tokens;           /* of this request */
+    uint32_t max_tokens;              /* of this request: what it may generate */
+    uint64_t inflight_prefill_tokens; /* router's own: prompt tokens admitted, first
+                                         token not yet seen */
+    /* Cluster state from heartbeats, summed over ready workers. */
+    uint64_t queued_prefill_tokens; /* prefill workers: prompt tokens waiting or in prefill */
+    uint32_t running_seqs;          /* decode workers: sequences in the running batch */
+    uint32_t waiting_seqs;          /* decode workers: admitted, waiting for blocks or a slot */
+    uint32_t free_kv_blocks;        /* decode workers: free KV blocks */
+    uint32_t total_kv_blocks;       /* decode workers: all KV blocks */
+    uint32_t block_size;            /* tokens per KV block (0: unknown) */
+    uint32_t ready_prefill, ready_decode; /* ready workers of each role */
+    /* recheck only: the hold_until_ns decide returned for this request
+     * (0: unknown). Added to the agreed interface so that a pure recheck
+     * knows the request's deadline. Deadlines are not in hold-queue order
+     * (burst bounds each by the request's TTFT slack): the caller keeps a
+     * timer per held request and rechecks it at its deadline. */
+    int64_t hold_until_ns;
 } adm_input;
 
 enum adm_verdict {
     ADM_ADMIT = 0,
     ADM_REJECT = 1, /* 429 with Retry-After */
+    ADM_HOLD = 2,   /* keep in the router's hold queue until hold_until_ns */
 };
 
 typedef struct adm_decision {
     enum adm_verdict verdict;
-    uint32_t retry_after_s; /* ADM_REJECT: seconds for the Retry-After header, >= 1 */
+    int64_t hold_until_ns;  /* ADM_HOLD: the deadline (same clock as now_ns); past it,
+                               recheck rejects */
+    uint32_t retry_after_s; /* ADM_REJECT: seconds for Retry-After, 1..ADM_RETRY_MAX_S */
     const char *reason;     /* static text for the error message and logs */
 } adm_decision;
 
-/* Parameters of every policy (each reads what it needs). */
+/* The cost model, fitted by the profiler, read from a file by the router and
+ * the simulator. Microseconds. All zero: unknown (policies that need it fall
+ * back to a cap on outstanding requests). */
+typedef struct adm_cost {
+    double prefill_us_fixed;             /* one prefill batch: fixed part */
+    double prefill_us_per_token;         /* one prefill batch: per prompt token in it */
+    double decode_step_us_fixed;         /* one decode step: fixed part */
+    double decode_step_us_per_seq;       /* per sequence in the batch */
+    double decode_step_us_per_ctx_token; /* per context token, summed over the batch */
+    double transfer_us_per_block;        /* KV transfer, per block (all layers) */
+} adm_cost;
+
+/* Reads `key = value` lines (blank lines and # comments allowed; keys are the
+ * field names above; keys not in the file are 0). Unknown or repeated key, a
+ * value that is not a finite number >= 0, or a line without '=': TD_EFORMAT
+ * with the line and key in err. Missing file: TD_ENOENT (other errno mapped).
+ * *out is written only on success. err may be NULL. */
+int adm_cost_load(const char *path, adm_cost *out, char *err, size_t errlen);
+
+/* Writes every field (round-trips exactly through adm_cost_load). 0 or TD_E*. */
+int adm_cost_save(const char *path, const adm_cost *c);
+
+/* Figures for the 15m test model on a 2-core CPU host (sources in adm_cost.c). */
+void adm_cost_defaults(adm_cost *c);
+
+/* Parameters of every policy (each reads what it needs; create checks them
+ * and returns TD_EINVAL when one it reads is out of range). */
 typedef struct adm_params {
-    uint32_t max_outstanding; /* max_outstanding: admitted requests at once (>= 1) */
+    uint32_t max_outstanding;             /* max_outstanding; also the cap of queue_threshold and
+                                             burst when the cost model is unknown (>= 1) */
+    double bucket_rate;                   /* token_bucket: requests/s (> 0) */
+    double bucket_burst;                  /* token_bucket: bucket size, requests (>= 1) */
+    double queue_max_ms;                  /* queue_threshold: reject when predicted prefill
+                                             queueing exceeds this (>= 0) */
+    double slo_ttft_ms, slo_tpot_ms;      /* burst: the SLOs it protects (> 0) */
+    double short_window_s, long_window_s; /* burst: arrival-rate windows, 0 < short < long */
+    double hold_max_ms;                   /* burst: longest a request is held (>= 0) */
+    uint32_t hold_max;                    /* burst: hold queue bound (0: never hold) */
+    double burst_cv; /* burst: inter-arrival CV above which arrivals are a burst */
+    /* burst: short-window rate above burst_rate_ratio x the long-window rate is
+     * a burst (>= 1). Added to the agreed interface: a steady stream measured
+     * by two decayed counters never reads exactly equal, so "above" needs a
+     * margin. */
+    double burst_rate_ratio;
+    adm_cost cost;
 } adm_params;
 
-/* Cost model of one worker step and of a KV transfer, in microseconds: what
- * the router and the simulator predict latencies from. A step's time is the
- * prefill part (prefill_us_fixed + prefill_us_per_token * prefill tokens of
- * the step, when it has any) plus the decode part (decode_step_us_fixed +
- * decode_step_us_per_seq * decode sequences + decode_step_us_per_ctx_token *
- * the context tokens those sequences attend over, when it has any). A
- * transfer takes transfer_us_per_block per KV block sent. */
-typedef struct adm_cost {
-    double prefill_us_fixed, prefill_us_per_token;
-    double decode_step_us_fixed, decode_step_us_per_seq, decode_step_us_per_ctx_token;
-    double transfer_us_per_block;
-} adm_cost;
+/* Defaults of every field (docs/admission.md lists them). */
+void adm_params_defaults(adm_params *p);
 
 typedef struct adm_ops {
     const char *name;
+    /* 0, or TD_EINVAL (a parameter out of range) / TD_ENOMEM; *ctx set on success. */
     int (*create)(const adm_params *p, void **ctx);
     void (*destroy)(void *ctx);
+    /* A request arrived now (updates arrival estimators). */
     void (*decide)(void *ctx, const adm_input *in, adm_decision *out);
-    void (*on_end)(void *ctx, int64_t now_ns); /* an admitted request ended; optional */
+    /* A held request looked at again (no arrival): ADM_ADMIT, ADM_HOLD (keep
+     * holding, same deadline) or ADM_REJECT. Optional: NULL means admit. */
+    void (*recheck)(void *ctx, const adm_input *in, adm_decision *out);
+    /* An admitted request's first token came, ttft_ns after its arrival. Optional. */
+    void (*on_first_token)(void *ctx, int64_t now_ns, int64_t ttft_ns);
+    /* An admitted request ended. Optional. */
+    void (*on_end)(void *ctx, int64_t now_ns);
 } adm_ops;
 
 /* The policy called name, or NULL. */
 const adm_ops *adm_find(const char *name);
 
-/* '|'-separated names of every policy, for --help. */
+/* '|'-separated names of every policy, for --help:
+ * "none|max_outstanding|token_bucket|queue_threshold|burst". */
 const char *adm_names(void);
 
 #endif
