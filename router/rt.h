@@ -82,6 +82,7 @@ typedef struct rt_worker {
     rpc_stream *health;          /* a health check in flight */
     Tandem__V1__LoadReport load; /* last heartbeat's (scalar fields only) */
     uint32_t inflight;           /* this router's requests on the worker */
+    uint32_t block_size;         /* from its KV shape */
     uint64_t served;
 } rt_worker;
 
@@ -120,13 +121,17 @@ typedef struct rt_front_ops {
 
 enum rt_rstate {
     RT_R_NEW,     /* parsed, not dispatched */
+    RT_R_HELD,    /* in the admission hold queue */
     RT_R_RUNNING, /* Decode.Generate in flight */
     RT_R_ENDED,   /* the front end was told; waiting for the stream to be freed */
 };
 
 struct rt_req {
-    rt_wake wake;        /* stream notification */
-    rt_req *prev, *next; /* the loop's list of live requests */
+    rt_wake wake;          /* stream notification */
+    rt_req *hprev, *hnext; /* the hold queue, while RT_R_HELD */
+    int64_t hold_until_ns;
+    bool prefill_counted; /* its prompt is in ctx->inflight_prefill_tokens */
+    rt_req *prev, *next;  /* the loop's list of live requests */
     rt_ctx *ctx;
     char id[RT_ID_MAX];
     const rt_front_ops *front;
@@ -181,8 +186,10 @@ void rt_req_on_wake(rt_req *r);
 typedef struct rt_opts {
     const char *http_listen, *grpc_listen, *model, *tokenizer, *served_model_name;
     const char *chat_template, *policy, *prefill_policy, *admission, *api_key, *api_keys_file;
-    const char *cluster_token;
-    int64_t max_outstanding, request_timeout_ms, max_body_bytes, heartbeat_ms;
+    const char *cluster_token, *cost_model;
+    int64_t max_outstanding, request_timeout_ms, max_body_bytes, heartbeat_ms, hold_max;
+    double bucket_rate, bucket_burst, queue_max_ms, slo_ttft_ms, slo_tpot_ms, short_window_s,
+        long_window_s, hold_max_ms, burst_cv, burst_rate_ratio;
 } rt_opts;
 
 typedef struct rt_metrics {
@@ -190,8 +197,9 @@ typedef struct rt_metrics {
     met_family *requests; /* {endpoint, outcome} */
     met_family *workers;  /* {role, state} gauge */
     met_histogram *ttft, *itl, *e2e, *queue;
-    met_gauge *inflight;
+    met_gauge *inflight, *held;
     met_counter *retries;
+    met_family *admission; /* {verdict}: admitted, held, rejected, hold_timeout */
 } rt_metrics;
 
 struct rt_ctx {
@@ -218,10 +226,18 @@ struct rt_ctx {
     uint32_t id_salt;
     const adm_ops *adm;
     void *adm_ctx;
+    rt_req *held_head, *held_tail; /* the admission hold queue, FIFO */
+    uint32_t n_held;
+    uint64_t inflight_prefill_tokens; /* prompts admitted, first token not yet seen */
+    uv_timer_t hold_timer;            /* the earliest hold deadline */
     rt_metrics metrics;
     bool stopping;
     _Atomic int grpc_freed;
 };
+
+/* Looks at the held requests again (after a request ended, a heartbeat, a
+ * hold deadline): admits, keeps holding or rejects each, in queue order. */
+void rt_admission_pass(rt_ctx *c);
 
 /* Pushes w onto the loop's queue unless it is there already (any thread). */
 void rt_wake_push(rt_ctx *c, rt_wake *w);

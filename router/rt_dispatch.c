@@ -61,15 +61,31 @@ static void rt__drop_stream(rt_req *r)
     if (r->prefill && !r->t_first && r->prefill->inflight) r->prefill->inflight--;
 }
 
+static void rt__on_hold_timer(uv_timer_t *t);
+
+static void rt__prefill_done(rt_req *r)
+{
+    if (!r->prefill_counted) return;
+    r->ctx->inflight_prefill_tokens -= r->n_prompt;
+    r->prefill_counted = false;
+}
+
 static void rt__end(rt_req *r, int finish, int err, const char *details)
 {
     rt_ctx *c = r->ctx;
     if (r->state == RT_R_ENDED) return;
     rt__drop_stream(r);
+    rt__prefill_done(r);
     r->state = RT_R_ENDED;
     if (r->admitted) {
         c->outstanding--;
         if (c->adm->on_end) c->adm->on_end(c->adm_ctx, td_now_ns());
+        /* Room freed: look at the held requests from the loop, not from
+         * inside this request's end. */
+        if (c->held_head) {
+            c->hold_timer.data = c;
+            uv_timer_start(&c->hold_timer, rt__on_hold_timer, 0, 0);
+        }
     }
     int64_t now = td_now_ns();
     if (err == 0) {
@@ -139,6 +155,118 @@ static void rt__start(rt_req *r)
     r->prefill->inflight++;
     r->decode->served++;
     r->state = RT_R_RUNNING;
+    if (!r->prefill_counted) {
+        c->inflight_prefill_tokens += r->n_prompt;
+        r->prefill_counted = true;
+    }
+}
+
+static void rt__adm_count(rt_ctx *c, const char *verdict)
+{
+    met_counter *k = NULL;
+    const char *lv[1] = {verdict};
+    if (met_counter_get(c->metrics.admission, lv, &k) == 0) met_counter_inc(k);
+}
+
+/* What the admission policy sees for r now. */
+static void rt__adm_input(rt_ctx *c, const rt_req *r, adm_input *in)
+{
+    memset(in, 0, sizeof(*in));
+    in->now_ns = td_now_ns();
+    in->outstanding = c->outstanding;
+    in->held = c->n_held - (r->state == RT_R_HELD ? 1 : 0);
+    in->prompt_tokens = r->n_prompt;
+    in->max_tokens = r->max_tokens;
+    in->inflight_prefill_tokens = c->inflight_prefill_tokens;
+    in->hold_until_ns = r->state == RT_R_HELD ? r->hold_until_ns : 0;
+    for (uint32_t i = 0; i < c->n_workers; i++) {
+        const rt_worker *w = c->workers[i];
+        if (w->state != RT_W_READY) continue;
+        if (w->role == RT_PREFILL) {
+            in->ready_prefill++;
+            in->queued_prefill_tokens += w->load.queued_prefill_tokens;
+        } else {
+            in->ready_decode++;
+            in->running_seqs += w->load.running_seqs;
+            in->waiting_seqs += w->load.waiting_seqs;
+            in->free_kv_blocks += w->load.free_kv_blocks;
+            in->total_kv_blocks += w->load.total_kv_blocks;
+            if (w->block_size) in->block_size = w->block_size;
+        }
+    }
+}
+
+static void rt__unhold(rt_ctx *c, rt_req *r)
+{
+    if (r->hprev)
+        r->hprev->hnext = r->hnext;
+    else
+        c->held_head = r->hnext;
+    if (r->hnext)
+        r->hnext->hprev = r->hprev;
+    else
+        c->held_tail = r->hprev;
+    r->hprev = r->hnext = NULL;
+    c->n_held--;
+    met_gauge_set(c->metrics.held, c->n_held);
+    r->state = RT_R_NEW;
+}
+
+static void rt__admit(rt_req *r)
+{
+    rt_ctx *c = r->ctx;
+    r->admitted = true;
+    c->outstanding++;
+    met_histogram_observe(c->metrics.queue, td_ns_to_s(td_now_ns() - r->t_arrival));
+    rt__start(r);
+}
+
+static void rt__on_hold_timer(uv_timer_t *t)
+{
+    rt_admission_pass(t->data);
+}
+
+/* The hold timer fires at the earliest deadline in the queue (deadlines are
+ * not in queue order). */
+static void rt__arm_hold_timer(rt_ctx *c)
+{
+    int64_t first = 0;
+    for (rt_req *r = c->held_head; r; r = r->hnext)
+        if (!first || r->hold_until_ns < first) first = r->hold_until_ns;
+    if (!first) {
+        uv_timer_stop(&c->hold_timer);
+        return;
+    }
+    int64_t ms = (first - td_now_ns() + 999999) / 1000000;
+    c->hold_timer.data = c;
+    uv_timer_start(&c->hold_timer, rt__on_hold_timer, (uint64_t)(ms > 0 ? ms : 0), 0);
+}
+
+void rt_admission_pass(rt_ctx *c)
+{
+    if (!c->held_head) return;
+    int64_t now = td_now_ns();
+    for (rt_req *r = c->held_head, *next; r; r = next) {
+        next = r->hnext;
+        adm_input in;
+        rt__adm_input(c, r, &in);
+        adm_decision d;
+        c->adm->recheck(c->adm_ctx, &in, &d);
+        if (d.verdict == ADM_HOLD && now < r->hold_until_ns) continue;
+        rt__unhold(c, r);
+        if (d.verdict == ADM_ADMIT) {
+            rt__adm_count(c, "admitted_after_hold");
+            rt__admit(r);
+        } else {
+            /* Rejected, or its time in the queue ran out: 429, never a late
+             * answer. */
+            rt__adm_count(c, d.verdict == ADM_HOLD ? "hold_timeout" : "rejected_after_hold");
+            r->retry_after_s = d.retry_after_s ? d.retry_after_s : 1;
+            rt__end(r, 0, TD_EDECLINED,
+                    d.verdict == ADM_HOLD ? "held past its deadline" : d.reason);
+        }
+    }
+    rt__arm_hold_timer(c);
 }
 
 void rt_req_dispatch(rt_req *r)
@@ -166,36 +294,36 @@ void rt_req_dispatch(rt_req *r)
         return;
     }
     /* Admission: pure policy code over what the router knows now. */
-    adm_input in = {.now_ns = r->t_dispatch,
-                    .outstanding = c->outstanding,
-                    .prompt_tokens = r->n_prompt,
-                    .max_tokens = r->max_tokens};
-    for (uint32_t i = 0; i < c->n_workers; i++) {
-        const rt_worker *w = c->workers[i];
-        if (w->state != RT_W_READY) continue;
-        if (w->role == RT_PREFILL) {
-            in.ready_prefill++;
-            in.queued_prefill_tokens += w->load.queued_prefill_tokens;
-        } else {
-            in.ready_decode++;
-            in.running_seqs += w->load.running_seqs;
-            in.free_kv_blocks += w->load.free_kv_blocks;
-            in.total_kv_blocks += w->load.total_kv_blocks;
-        }
-    }
+    adm_input in;
+    rt__adm_input(c, r, &in);
     adm_decision d;
     c->adm->decide(c->adm_ctx, &in, &d);
-    /* ADM_HOLD is admitted at once for now: the hold queue (recheck, the
-     * deadline) is wired separately. */
+    rt__adm_count(c, d.verdict == ADM_ADMIT  ? "admitted"
+                     : d.verdict == ADM_HOLD ? "held"
+                                             : "rejected");
     if (d.verdict == ADM_REJECT) {
         r->retry_after_s = d.retry_after_s ? d.retry_after_s : 1;
         rt__end(r, 0, TD_EDECLINED, d.reason);
         return;
     }
-    r->admitted = true;
-    c->outstanding++;
-    met_histogram_observe(c->metrics.queue, td_ns_to_s(r->t_dispatch - r->t_arrival));
-    rt__start(r);
+    if (d.verdict == ADM_HOLD && c->adm->recheck) {
+        /* Absorb a short burst: wait here, costing the workers nothing,
+         * until the policy admits it or its deadline passes. */
+        r->state = RT_R_HELD;
+        r->hold_until_ns = d.hold_until_ns;
+        r->hprev = c->held_tail;
+        r->hnext = NULL;
+        if (c->held_tail)
+            c->held_tail->hnext = r;
+        else
+            c->held_head = r;
+        c->held_tail = r;
+        c->n_held++;
+        met_gauge_set(c->metrics.held, c->n_held);
+        rt__arm_hold_timer(c);
+        return;
+    }
+    rt__admit(r);
 }
 
 static bool rt__retryable(int err)
@@ -218,6 +346,9 @@ void rt_req_on_wake(rt_req *r)
             if (m->n_token_ids && !r->t_first) {
                 r->t_first = td_now_ns();
                 if (r->prefill->inflight) r->prefill->inflight--;
+                rt__prefill_done(r);
+                if (c->adm->on_first_token)
+                    c->adm->on_first_token(c->adm_ctx, r->t_first, r->t_first - r->t_arrival);
             }
             if (m->n_token_ids) {
                 int64_t now = td_now_ns();
@@ -277,6 +408,10 @@ void rt_req_cancel(rt_req *r)
     if (r->state == RT_R_RUNNING && r->stream) {
         rpc_stream_cancel(r->stream); /* the decode worker cancels the prefill */
         return;
+    }
+    if (r->state == RT_R_HELD) {
+        rt__unhold(r->ctx, r);
+        rt__arm_hold_timer(r->ctx);
     }
     if (r->state == RT_R_NEW)
         rt__end(r, TANDEM__V1__FINISH_REASON__FINISH_REASON_CANCELLED, TD_ECANCELED, "cancelled");

@@ -44,10 +44,37 @@ static const struct cfg_option rt_table[] = {
            "round_robin|least_loaded|prefix_affinity",
            "Worker choice: prefix_affinity sends prompts sharing a prefix to one prefill worker",
            policy),
-    RT_OPT("admission", CFG_STRING, "none", NULL, NULL, "none|max_outstanding",
-           "Admission control policy", admission),
+    RT_OPT("admission", CFG_STRING, "none", NULL, NULL,
+           "none|max_outstanding|token_bucket|queue_threshold|burst", "Admission control policy",
+           admission),
     RT_OPT("max-outstanding", CFG_INT64, "256", "1", "1000000", NULL,
            "max_outstanding: admitted requests at once (more get 429)", max_outstanding),
+    /* The policies' parameters: unset ones keep adm_params_defaults. */
+    RT_OPT("bucket-rate", CFG_DOUBLE, NULL, "0", NULL, NULL, "token_bucket: requests per second",
+           bucket_rate),
+    RT_OPT("bucket-burst", CFG_DOUBLE, NULL, "0", NULL, NULL, "token_bucket: bucket size",
+           bucket_burst),
+    RT_OPT("queue-max-ms", CFG_DOUBLE, NULL, "0", NULL, NULL,
+           "queue_threshold: reject when predicted prefill queueing exceeds this", queue_max_ms),
+    RT_OPT("slo-ttft-ms", CFG_DOUBLE, NULL, "0", NULL, NULL, "burst: the TTFT SLO it protects",
+           slo_ttft_ms),
+    RT_OPT("slo-tpot-ms", CFG_DOUBLE, NULL, "0", NULL, NULL,
+           "burst: the time-per-output-token SLO it protects", slo_tpot_ms),
+    RT_OPT("short-window-s", CFG_DOUBLE, NULL, "0", NULL, NULL, "burst: short arrival-rate window",
+           short_window_s),
+    RT_OPT("long-window-s", CFG_DOUBLE, NULL, "0", NULL, NULL, "burst: long arrival-rate window",
+           long_window_s),
+    RT_OPT("hold-max-ms", CFG_DOUBLE, NULL, "0", NULL, NULL,
+           "burst: longest a request may wait in the hold queue", hold_max_ms),
+    RT_OPT("hold-max", CFG_INT64, NULL, "0", "1000000", NULL, "burst: hold queue bound", hold_max),
+    RT_OPT("burst-cv", CFG_DOUBLE, NULL, "0", NULL, NULL,
+           "burst: inter-arrival CV above which arrivals are a burst", burst_cv),
+    RT_OPT("burst-rate-ratio", CFG_DOUBLE, NULL, "0", NULL, NULL,
+           "burst: short/long window rate ratio above which arrivals are a burst",
+           burst_rate_ratio),
+    RT_OPT("cost-model", CFG_STRING, NULL, NULL, NULL, NULL,
+           "Cost model file for queue_threshold and burst (tandem-sim and the profiler write it)",
+           cost_model),
     RT_OPT("request-timeout-ms", CFG_INT64, "600000", "0", NULL, NULL,
            "Deadline of a request from its arrival (0: none)", request_timeout_ms),
     RT_OPT("max-body-bytes", CFG_INT64, "4194304", "1024", "1073741824", NULL,
@@ -123,6 +150,39 @@ static void rt_model_name(const rt_opts *o, char *out, size_t cap)
     if (dot && (strcmp(dot, ".bin") == 0 || strcmp(dot, ".gguf") == 0)) *dot = '\0';
 }
 
+/* The admission parameters: the library's defaults, then what the options
+ * set (flags or --config keys, e.g. a file tandem-sim tune wrote). */
+static int rt_adm_params(cfg *conf, const rt_opts *o, adm_params *p)
+{
+    adm_params_defaults(p);
+#define RT_SET(key, field, value)                                                                  \
+    do {                                                                                           \
+        const char *src = cfg_source(conf, key);                                                   \
+        if (src && strcmp(src, "default") != 0) p->field = (value);                                \
+    } while (0)
+    p->max_outstanding = (uint32_t)o->max_outstanding;
+    RT_SET("bucket-rate", bucket_rate, o->bucket_rate);
+    RT_SET("bucket-burst", bucket_burst, o->bucket_burst);
+    RT_SET("queue-max-ms", queue_max_ms, o->queue_max_ms);
+    RT_SET("slo-ttft-ms", slo_ttft_ms, o->slo_ttft_ms);
+    RT_SET("slo-tpot-ms", slo_tpot_ms, o->slo_tpot_ms);
+    RT_SET("short-window-s", short_window_s, o->short_window_s);
+    RT_SET("long-window-s", long_window_s, o->long_window_s);
+    RT_SET("hold-max-ms", hold_max_ms, o->hold_max_ms);
+    RT_SET("hold-max", hold_max, (uint32_t)o->hold_max);
+    RT_SET("burst-cv", burst_cv, o->burst_cv);
+    RT_SET("burst-rate-ratio", burst_rate_ratio, o->burst_rate_ratio);
+#undef RT_SET
+    if (o->cost_model) {
+        char err[256] = "";
+        if (adm_cost_load(o->cost_model, &p->cost, err, sizeof(err)) != 0) {
+            fprintf(stderr, "tandem-router: --cost-model %s: %s\n", o->cost_model, err);
+            return TD_EINVAL;
+        }
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------ loop -- */
 
 void rt_wake_push(rt_ctx *c, rt_wake *w)
@@ -168,6 +228,7 @@ static void rt_on_tick(uv_timer_t *t)
     rt_ctx *c = t->data;
     rt_members_tick(c);
     rt_grpc_check_cancelled(c);
+    rt_admission_pass(c); /* heartbeats may have changed what the policy sees */
 }
 
 /* ------------------------------------------------------------- metrics -- */
@@ -209,6 +270,16 @@ int rt_metrics_init(rt_metrics *m)
         rc = met_counter_new(m->reg, "tandem_router_retries_total",
                              "Requests retried on other workers before their first token",
                              &m->retries);
+    static const char *const verdict[] = {"verdict"};
+    if (rc == 0)
+        rc = met_counter_family(
+            m->reg, "tandem_router_admission_total",
+            "Admission decisions: admitted, held, rejected, admitted_after_hold, "
+            "rejected_after_hold, hold_timeout",
+            verdict, 1, &m->admission);
+    if (rc == 0)
+        rc = met_gauge_new(m->reg, "tandem_router_held", "Requests in the admission hold queue",
+                           &m->held);
     if (rc != 0) rt_metrics_free(m);
     return rc;
 }
@@ -306,9 +377,10 @@ int main(int argc, char **argv)
         td_log_warn(MOD, "no_tokenizer", "reason=\"no --model or --tokenizer: token ids only\"");
     }
     c->adm = adm_find(o.admission);
-    adm_params ap = {.max_outstanding = (uint32_t)o.max_outstanding};
+    adm_params ap;
+    if (rt_adm_params(conf, &o, &ap) != 0) goto out;
     if (!c->adm || c->adm->create(&ap, &c->adm_ctx) != 0) {
-        fprintf(stderr, "tandem-router: bad admission policy %s\n", o.admission);
+        fprintf(stderr, "tandem-router: admission policy %s refused its parameters\n", o.admission);
         goto out;
     }
     if (rt_metrics_init(&c->metrics) != 0) goto out;
@@ -318,6 +390,7 @@ int main(int argc, char **argv)
     if (mpscq_init_wake(&c->q, rt_wake_fn, &c->wake) != 0) goto out;
     q_ok = true;
     uv_timer_init(&loop, &c->tick);
+    uv_timer_init(&loop, &c->hold_timer);
     c->tick.data = c;
     uv_timer_start(&c->tick, rt_on_tick, 100, 100);
     uv_signal_t sigterm, sigint;

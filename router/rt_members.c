@@ -178,6 +178,7 @@ static void rt__on_register_event(rt_ctx *c, rt_event *ev)
     snprintf(w->transport, sizeof(w->transport), "%s",
              q->n_kv_transports ? q->kv_transports[0] : "tcp");
     w->max_model_len = q->max_model_len;
+    w->block_size = q->kv_shape ? q->kv_shape->block_size : 0;
     if (q->max_model_len && (!c->max_model_len || q->max_model_len < c->max_model_len))
         c->max_model_len = q->max_model_len;
     w->epoch = ++c->next_epoch;

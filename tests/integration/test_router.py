@@ -476,6 +476,30 @@ def part_admission_and_drain(model):
     cl.stop()
 
 
+def part_token_bucket(model):
+    log("== token_bucket: 429 with Retry-After; a rejected request costs the workers nothing")
+    # token_bucket: a rejected request costs the workers nothing.
+    cl = Cluster(model, n_prefill=1, n_decode=2,
+                 router_args=("--admission", "token_bucket", "--bucket-rate", "0.5",
+                              "--bucket-burst", "2"))
+    codes = []
+    for i in range(5):
+        st, hd, _ = post(cl.http, "/v1/completions",
+                         {"model": "stories260K", "prompt": "Once", "max_tokens": 2})
+        codes.append((st, hd.get("Retry-After")))
+    check([c[0] for c in codes] == [200, 200, 429, 429, 429] and
+          all(c[1] and int(c[1]) >= 1 for c in codes[2:]), "token_bucket: %s" % codes)
+    served = 0
+    for w in cl.workers:
+        text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % w["metrics"],
+                                      timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith("tandem_requests_total") and w["role"] == "prefill":
+                served += int(float(line.rsplit(" ", 1)[1]))
+    check(served == 2, "token_bucket: the prefill worker saw %d requests, want 2" % served)
+    cl.stop()
+
+
 def part_faults(model):
     log("== faults: decode killed before and after the first token; missed heartbeats")
     cl = Cluster(model, n_prefill=1, n_decode=2)
@@ -542,6 +566,7 @@ def main():
         part_chat(model)
         part_api_key(model)
         part_admission_and_drain(model)
+        part_token_bucket(model)
         part_faults(model)
     finally:
         for p in PROCS:
