@@ -2,6 +2,7 @@
 
 #include "err.h"
 #include "log.h"
+#include "sbuf.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -1123,85 +1124,44 @@ int cfg_parse(cfg *c, int argc, char *const *argv)
 
 /* ---- help, source, log -------------------------------------------------- */
 
-/* Appends to a malloc'd string; on failure keeps going and reports at the end. */
-struct sbuf {
-    char *s;
-    size_t len, cap;
-    bool failed;
-};
-
-static void sb_printf(struct sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(struct sbuf *b, const char *fmt, ...)
-{
-    if (b->failed) return;
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(b->s ? b->s + b->len : NULL, b->s ? b->cap - b->len : 0, fmt, ap);
-        va_end(ap);
-        if (n < 0) {
-            b->failed = true;
-            return;
-        }
-        if (b->s && (size_t)n < b->cap - b->len) {
-            b->len += (size_t)n;
-            return;
-        }
-        size_t cap = b->cap ? b->cap * 2 : 1024;
-        while (cap < b->len + (size_t)n + 1)
-            cap *= 2;
-        char *s = realloc(b->s, cap);
-        if (!s) {
-            b->failed = true;
-            return;
-        }
-        b->s = s;
-        b->cap = cap;
-    }
-}
-
 const char *cfg_help(cfg *c)
 {
     if (!c) return "";
     if (c->help) return c->help;
-    struct sbuf b = {0};
-    sb_printf(&b, "Usage: %s [--config FILE] [--KEY=VALUE ...]\n\n", c->prog);
-    sb_printf(&b, "Every option can be set in the config file (KEY = VALUE, or KEY's last\n"
-                  "part under a [section] header) or on the command line; flags win.\n\n");
-    sb_printf(&b, "  --config=FILE\n      Read options from FILE.\n");
-    sb_printf(&b, "  --help\n      Show this text.\n");
+    sbuf b = {0};
+    sbuf_printf(&b, "Usage: %s [--config FILE] [--KEY=VALUE ...]\n\n", c->prog);
+    sbuf_printf(&b, "Every option can be set in the config file (KEY = VALUE, or KEY's last\n"
+                    "part under a [section] header) or on the command line; flags win.\n\n");
+    sbuf_printf(&b, "  --config=FILE\n      Read options from FILE.\n");
+    sbuf_printf(&b, "  --help\n      Show this text.\n");
     for (size_t i = 0; i < c->nopts; i++) {
         const struct cfg_option *o = &c->opts[i];
-        sb_printf(&b, "  --%s=%s%s%s\n      %s", o->name, type_name(o->type),
-                  o->type == CFG_LIST ? " (repeatable)" : "",
-                  o->flags & CFG_REQUIRED ? " (required)" : "", o->help ? o->help : "");
+        sbuf_printf(&b, "  --%s=%s%s%s\n      %s", o->name, type_name(o->type),
+                    o->type == CFG_LIST ? " (repeatable)" : "",
+                    o->flags & CFG_REQUIRED ? " (required)" : "", o->help ? o->help : "");
         bool open = false;
         if (o->def) {
-            sb_printf(&b, " [default: %s", o->def);
+            sbuf_printf(&b, " [default: %s", o->def);
             open = true;
         }
         if (o->min || o->max) {
-            sb_printf(&b, "%s", open ? "; " : " [");
+            sbuf_printf(&b, "%s", open ? "; " : " [");
             if (o->min && o->max)
-                sb_printf(&b, "range: %s..%s", o->min, o->max);
+                sbuf_printf(&b, "range: %s..%s", o->min, o->max);
             else if (o->min)
-                sb_printf(&b, "min: %s", o->min);
+                sbuf_printf(&b, "min: %s", o->min);
             else
-                sb_printf(&b, "max: %s", o->max);
+                sbuf_printf(&b, "max: %s", o->max);
             open = true;
         }
         if (o->choices) {
-            sb_printf(&b, "%sone of: %s", open ? "; " : " [", o->choices);
+            sbuf_printf(&b, "%sone of: %s", open ? "; " : " [", o->choices);
             open = true;
         }
-        sb_printf(&b, "%s\n", open ? "]" : "");
+        sbuf_printf(&b, "%s\n", open ? "]" : "");
     }
-    if (b.failed) {
-        free(b.s);
-        return "out of memory\n";
-    }
-    c->help = b.s;
-    return c->help;
+    c->help = sbuf_take(&b);
+    return c->help ? c->help : "out of memory\n";
 }
 
 const char *cfg_source(const cfg *c, const char *name)

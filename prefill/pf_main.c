@@ -19,8 +19,7 @@ static int pf_run(const wrk_opts *o)
     mdl_model *m = NULL;
     pf_ctx *c = calloc(1, sizeof(*c));
     rpc_server *srv = NULL;
-    wrk_http *http = NULL;
-    wrk_member *member = NULL;
+    wrk_node node = {0};
     pthread_t engine_thread;
     bool engine_started = false, cmdq_ok = false, metrics_ok = false;
     if (!c) return TD_ENOMEM;
@@ -94,14 +93,6 @@ static int pf_run(const wrk_opts *o)
         fprintf(stderr, "%s: cannot serve gRPC on %s: %s\n", prog, o->listen, td_strerror(rc));
         goto out;
     }
-    if (o->metrics_listen) {
-        rc = wrk_http_start(o->metrics_listen, &c->metrics, &c->load, &c->health, &http);
-        if (rc != 0) {
-            fprintf(stderr, "%s: cannot serve metrics on %s: %s\n", prog, o->metrics_listen,
-                    td_strerror(rc));
-            goto out;
-        }
-    }
     if (pthread_create(&engine_thread, NULL, pf_engine_run, c) != 0) {
         rc = TD_ENOMEM;
         goto out;
@@ -109,60 +100,33 @@ static int pf_run(const wrk_opts *o)
     engine_started = true;
     atomic_store(&c->health.status, WRK_SERVING);
 
-    char rpc_addr[256];
-    wrk_advertised_addr(o->listen, rpc_server_port(srv), rpc_addr, sizeof(rpc_addr));
-    char worker_id[300];
-    snprintf(worker_id, sizeof(worker_id), "%s", o->worker_id ? o->worker_id : "");
-    if (!worker_id[0]) snprintf(worker_id, sizeof(worker_id), "prefill-%s", rpc_addr);
-    if (o->router) {
-        wrk_member_info mi = {.role = WRK_PREFILL,
-                              .worker_id = worker_id,
-                              .rpc_address = rpc_addr,
-                              .kv_endpoint = "",
-                              .kv_transport = o->kv_transport,
-                              .model = o->model,
-                              .layout = eng_layout(c->engine),
-                              .fingerprint = mdl_fingerprint(m),
-                              .max_running_seqs = ec.max_num_seqs,
-                              .max_batch_tokens = ec.max_num_batched_tokens,
-                              .max_model_len = eng_max_model_len(c->engine),
-                              .cluster_token = o->cluster_token};
-        rc = wrk_member_start(o->router, &mi, &c->load, &c->draining, &member);
-        if (rc != 0) {
-            fprintf(stderr, "%s: cannot reach the router at %s: %s\n", prog, o->router,
-                    td_strerror(rc));
-            goto out;
-        }
-    }
-    printf("tandem-prefill ready grpc=%s transport=%s metrics=%d blocks=%u\n", rpc_addr,
-           o->kv_transport, http ? wrk_http_port(http) : 0, eng_layout(c->engine)->num_blocks);
+    wrk_member_info mi = {.role = WRK_PREFILL,
+                          .kv_endpoint = "",
+                          .kv_transport = o->kv_transport,
+                          .model = o->model,
+                          .layout = eng_layout(c->engine),
+                          .fingerprint = mdl_fingerprint(m),
+                          .max_running_seqs = ec.max_num_seqs,
+                          .max_batch_tokens = ec.max_num_batched_tokens,
+                          .max_model_len = eng_max_model_len(c->engine),
+                          .cluster_token = o->cluster_token};
+    rc = wrk_node_start(&node, o, srv, &c->metrics, &c->load, &c->health, &c->draining, &mi);
+    if (rc != 0) goto out;
+    printf("tandem-prefill ready grpc=%s transport=%s metrics=%d blocks=%u\n", node.rpc_addr,
+           o->kv_transport, node.http ? wrk_http_port(node.http) : 0,
+           eng_layout(c->engine)->num_blocks);
     fflush(stdout);
-    td_log_info("prefill", "ready", "grpc=%s transport=%s blocks=%u", rpc_addr, o->kv_transport,
-                eng_layout(c->engine)->num_blocks);
-
-    for (;;) {
-        int sig = wrk_signal_wait(200000000LL);
-        if (sig > 0 || atomic_load(&c->draining)) {
-            td_log_info("prefill", "draining", "signal=%d timeout_s=%.1f", sig,
-                        td_ns_to_s(o->drain_timeout_ns));
-            break;
-        }
-    }
-    atomic_store(&c->draining, 1);
-    atomic_store(&c->load.draining, 1);
-    atomic_store(&c->health.status, WRK_NOT_SERVING);
-    int64_t until = td_now_ns() + o->drain_timeout_ns;
-    while (td_now_ns() < until && atomic_load(&c->load.in_flight) > 0)
-        if (wrk_signal_wait(20000000LL) > 0) break;
+    td_log_info("prefill", "ready", "grpc=%s transport=%s blocks=%u", node.rpc_addr,
+                o->kv_transport, eng_layout(c->engine)->num_blocks);
+    wrk_serve_until_drained(o, "prefill", &c->draining, &c->load, &c->health);
     rc = 0;
 out:
-    wrk_member_stop(member);
+    wrk_node_stop(&node);
     if (engine_started) {
         atomic_store(&c->stop, 1);
         pthread_join(engine_thread, NULL);
     }
     rpc_server_free(srv);
-    wrk_http_stop(http);
     eng_close(c->engine);
     kvx_ep_destroy(c->kvx);
     if (cmdq_ok) mpscq_close(&c->cmdq);

@@ -11,63 +11,10 @@
 #include <string.h>
 
 #include "common/err.h"
+#include "common/sbuf.h"
 
 /* ------------------------------------------------------------------------ */
 /* A growing string; the first allocation failure sticks in rc. */
-
-typedef struct sbuf {
-    char *p;
-    size_t n, cap;
-    int rc;
-} sbuf;
-
-static void sb_put(sbuf *b, const char *s, size_t n)
-{
-    if (b->rc < 0) return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->n + n + 1)
-            cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (p == NULL) {
-            b->rc = TD_ENOMEM;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    if (n > 0) memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = '\0';
-}
-
-static void sb_puts(sbuf *b, const char *s)
-{
-    sb_put(b, s, strlen(s));
-}
-
-static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(sbuf *b, const char *fmt, ...)
-{
-    char tmp[128];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
-    va_end(ap);
-    if (n < 0) return;
-    sb_put(b, tmp, (size_t)n < sizeof(tmp) ? (size_t)n : sizeof(tmp) - 1);
-}
-
-/* The string, or NULL (and nothing leaked) after an allocation failure. */
-static char *sb_take(sbuf *b)
-{
-    if (b->rc == 0 && b->p == NULL) sb_put(b, "", 0);
-    if (b->rc < 0) {
-        free(b->p);
-        return NULL;
-    }
-    return b->p;
-}
 
 /* ------------------------------------------------------------------------ */
 /* UTF-8 */
@@ -116,7 +63,7 @@ static bool utf8_valid(const char *s, size_t n)
 static void sb_json_str(sbuf *b, const char *s, size_t n)
 {
     const unsigned char *u = (const unsigned char *)s;
-    sb_put(b, "\"", 1);
+    sbuf_put(b, "\"", 1);
     size_t run = 0; /* start of bytes copied as they are */
     for (size_t i = 0; i < n;) {
         unsigned c = u[i];
@@ -156,20 +103,20 @@ static void sb_json_str(sbuf *b, const char *s, size_t n)
             }
         }
         if (esc != NULL) {
-            sb_put(b, s + run, i - run);
-            sb_puts(b, esc);
+            sbuf_put(b, s + run, i - run);
+            sbuf_puts(b, esc);
             run = i + l;
         }
         i += l;
     }
-    sb_put(b, s + run, n - run);
-    sb_put(b, "\"", 1);
+    sbuf_put(b, s + run, n - run);
+    sbuf_put(b, "\"", 1);
 }
 
 static void sb_json_cstr(sbuf *b, const char *s)
 {
     if (s == NULL)
-        sb_puts(b, "null");
+        sbuf_puts(b, "null");
     else
         sb_json_str(b, s, strlen(s));
 }
@@ -281,15 +228,15 @@ void oai_error_timeout(oai_error *e)
 
 static void put_error(sbuf *b, const oai_error *e)
 {
-    sb_puts(b, "{\"error\":{\"message\":");
+    sbuf_puts(b, "{\"error\":{\"message\":");
     sb_json_cstr(b, e->message);
-    sb_puts(b, ",\"type\":");
+    sbuf_puts(b, ",\"type\":");
     sb_json_cstr(b, e->type ? e->type : default_type(e->status));
-    sb_puts(b, ",\"param\":");
+    sbuf_puts(b, ",\"param\":");
     sb_json_cstr(b, e->param[0] ? e->param : NULL);
-    sb_puts(b, ",\"code\":");
+    sbuf_puts(b, ",\"code\":");
     sb_json_cstr(b, e->code);
-    sb_puts(b, "}}");
+    sbuf_puts(b, "}}");
 }
 
 char *oai_error_json(const oai_error *e)
@@ -297,7 +244,7 @@ char *oai_error_json(const oai_error *e)
     if (e == NULL) return NULL;
     sbuf b = {0};
     put_error(&b, e);
-    return sb_take(&b);
+    return sbuf_take(&b);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -424,10 +371,10 @@ static int parse_messages(const cJSON *v, oai_request *r, oai_error *e)
                     free(b.p);
                     return rc;
                 }
-                if (j > 0) sb_put(&b, "\n", 1);
-                sb_puts(&b, text->valuestring);
+                if (j > 0) sbuf_put(&b, "\n", 1);
+                sbuf_puts(&b, text->valuestring);
             }
-            out->content = sb_take(&b);
+            out->content = sbuf_take(&b);
         } else {
             return bad(e, param, "'%s' must be a string or a list of text parts", param);
         }
@@ -798,7 +745,7 @@ static void put_special(sbuf *b, const tok_tokenizer *tok, int32_t id)
 {
     const char *p;
     size_t n;
-    if (id >= 0 && tok_piece(tok, id, &p, &n) == 0) sb_put(b, p, n);
+    if (id >= 0 && tok_piece(tok, id, &p, &n) == 0) sbuf_put(b, p, n);
 }
 
 /* strlen(ph) when v[0..n) starts with ph, else 0. */
@@ -815,15 +762,15 @@ static void tpl_expand(sbuf *b, const tok_tokenizer *tok, const char *v, size_t 
     for (size_t i = 0; i < n; i++) {
         if (v[i] == '\\' && i + 1 < n) {
             char c = v[++i];
-            sb_put(b, c == 'n' ? "\n" : c == 't' ? "\t" : "\\", 1);
+            sbuf_put(b, c == 'n' ? "\n" : c == 't' ? "\t" : "\\", 1);
             continue;
         }
         size_t l = 0;
         if (v[i] == '{') {
             if ((l = placeholder(v + i, n - i, "{content}")) > 0)
-                sb_puts(b, content ? content : "");
+                sbuf_puts(b, content ? content : "");
             else if ((l = placeholder(v + i, n - i, "{role}")) > 0)
-                sb_puts(b, role ? role : "");
+                sbuf_puts(b, role ? role : "");
             else if ((l = placeholder(v + i, n - i, "{bos}")) > 0)
                 put_special(b, tok, tok_bos_id(tok));
             else if ((l = placeholder(v + i, n - i, "{eos}")) > 0)
@@ -833,7 +780,7 @@ static void tpl_expand(sbuf *b, const tok_tokenizer *tok, const char *v, size_t 
             i += l - 1;
             continue;
         }
-        sb_put(b, v + i, 1);
+        sbuf_put(b, v + i, 1);
     }
 }
 
@@ -858,7 +805,7 @@ static int render_own(const tok_tokenizer *tok, const tpl *t, const oai_request 
     }
     if (t->val[K_GENERATION])
         tpl_expand(&b, tok, t->val[K_GENERATION], t->len[K_GENERATION], NULL, NULL);
-    if ((*out = sb_take(&b)) == NULL) return no_memory(e);
+    if ((*out = sbuf_take(&b)) == NULL) return no_memory(e);
     return 0;
 }
 
@@ -997,40 +944,40 @@ void oai_make_id(enum oai_kind kind, const char *request_id, char *out, size_t c
 /* {"id":..,"object":..,"created":..,"model":.., */
 static void put_head(sbuf *b, const oai_meta *m, const char *object)
 {
-    sb_puts(b, "{\"id\":");
+    sbuf_puts(b, "{\"id\":");
     sb_json_cstr(b, m->id ? m->id : "");
-    sb_puts(b, ",\"object\":\"");
-    sb_puts(b, object);
-    sb_printf(b, "\",\"created\":%" PRId64 ",\"model\":", m->created);
+    sbuf_puts(b, ",\"object\":\"");
+    sbuf_puts(b, object);
+    sbuf_printf(b, "\",\"created\":%" PRId64 ",\"model\":", m->created);
     sb_json_cstr(b, m->model ? m->model : "");
 }
 
 static void put_finish(sbuf *b, enum oai_finish f)
 {
-    sb_puts(b, ",\"finish_reason\":");
+    sbuf_puts(b, ",\"finish_reason\":");
     const char *name = oai_finish_name(f);
-    sb_puts(b, name ? (f == OAI_FINISH_STOP ? "\"stop\"" : "\"length\"") : "null");
+    sbuf_puts(b, name ? (f == OAI_FINISH_STOP ? "\"stop\"" : "\"length\"") : "null");
 }
 
 static void put_usage(sbuf *b, const oai_usage *u)
 {
     oai_usage zero = {0};
     if (u == NULL) u = &zero;
-    sb_printf(b, ",\"usage\":{\"prompt_tokens\":%" PRIu64 ",\"completion_tokens\":%" PRIu64,
-              u->prompt_tokens, u->completion_tokens);
-    sb_printf(b, ",\"total_tokens\":%" PRIu64 "}", u->prompt_tokens + u->completion_tokens);
+    sbuf_printf(b, ",\"usage\":{\"prompt_tokens\":%" PRIu64 ",\"completion_tokens\":%" PRIu64,
+                u->prompt_tokens, u->completion_tokens);
+    sbuf_printf(b, ",\"total_tokens\":%" PRIu64 "}", u->prompt_tokens + u->completion_tokens);
 }
 
 static void put_timings(sbuf *b, const oai_timings *t)
 {
     if (t == NULL) return;
-    sb_printf(b, ",\"tandem\":{\"timings\":{\"queue_us\":%" PRIu64 ",\"tokenize_us\":%" PRIu64,
-              t->queue_us, t->tokenize_us);
-    sb_printf(b, ",\"prefill_queue_us\":%" PRIu64 ",\"prefill_us\":%" PRIu64, t->prefill_queue_us,
-              t->prefill_us);
-    sb_printf(b, ",\"transfer_us\":%" PRIu64 ",\"first_token_us\":%" PRIu64, t->transfer_us,
-              t->first_token_us);
-    sb_printf(b, ",\"decode_us\":%" PRIu64 ",\"e2e_us\":%" PRIu64 "}}", t->decode_us, t->e2e_us);
+    sbuf_printf(b, ",\"tandem\":{\"timings\":{\"queue_us\":%" PRIu64 ",\"tokenize_us\":%" PRIu64,
+                t->queue_us, t->tokenize_us);
+    sbuf_printf(b, ",\"prefill_queue_us\":%" PRIu64 ",\"prefill_us\":%" PRIu64, t->prefill_queue_us,
+                t->prefill_us);
+    sbuf_printf(b, ",\"transfer_us\":%" PRIu64 ",\"first_token_us\":%" PRIu64, t->transfer_us,
+                t->first_token_us);
+    sbuf_printf(b, ",\"decode_us\":%" PRIu64 ",\"e2e_us\":%" PRIu64 "}}", t->decode_us, t->e2e_us);
 }
 
 static char *unary_json(const oai_meta *m, bool chat, const char *text, size_t len,
@@ -1039,22 +986,22 @@ static char *unary_json(const oai_meta *m, bool chat, const char *text, size_t l
     if (m == NULL || (text == NULL && len > 0)) return NULL;
     sbuf b = {0};
     put_head(&b, m, chat ? "chat.completion" : "text_completion");
-    sb_puts(&b, ",\"choices\":[{\"index\":0,");
+    sbuf_puts(&b, ",\"choices\":[{\"index\":0,");
     if (chat) {
-        sb_puts(&b, "\"message\":{\"role\":\"assistant\",\"content\":");
+        sbuf_puts(&b, "\"message\":{\"role\":\"assistant\",\"content\":");
         sb_json_str(&b, text ? text : "", len);
-        sb_puts(&b, "}");
+        sbuf_puts(&b, "}");
     } else {
-        sb_puts(&b, "\"text\":");
+        sbuf_puts(&b, "\"text\":");
         sb_json_str(&b, text ? text : "", len);
     }
-    sb_puts(&b, ",\"logprobs\":null");
+    sbuf_puts(&b, ",\"logprobs\":null");
     put_finish(&b, finish == OAI_FINISH_NONE ? OAI_FINISH_STOP : finish);
-    sb_puts(&b, "}]");
+    sbuf_puts(&b, "}]");
     put_usage(&b, usage);
     put_timings(&b, timings);
-    sb_puts(&b, "}");
-    return sb_take(&b);
+    sbuf_puts(&b, "}");
+    return sbuf_take(&b);
 }
 
 char *oai_completion_json(const oai_meta *m, const char *text, size_t len, enum oai_finish finish,
@@ -1076,27 +1023,27 @@ char *oai_chunk_json(const oai_meta *m, const char *text, size_t len, bool first
     bool chat = m->kind == OAI_CHAT;
     sbuf b = {0};
     put_head(&b, m, chat ? "chat.completion.chunk" : "text_completion");
-    sb_puts(&b, ",\"choices\":[{\"index\":0,");
+    sbuf_puts(&b, ",\"choices\":[{\"index\":0,");
     if (chat) {
-        sb_puts(&b, "\"delta\":{");
-        if (first) sb_puts(&b, "\"role\":\"assistant\"");
+        sbuf_puts(&b, "\"delta\":{");
+        if (first) sbuf_puts(&b, "\"role\":\"assistant\"");
         if (first || len > 0) {
-            if (first) sb_puts(&b, ",");
-            sb_puts(&b, "\"content\":");
+            if (first) sbuf_puts(&b, ",");
+            sbuf_puts(&b, "\"content\":");
             sb_json_str(&b, text ? text : "", len);
         }
-        sb_puts(&b, "}");
+        sbuf_puts(&b, "}");
     } else {
-        sb_puts(&b, "\"text\":");
+        sbuf_puts(&b, "\"text\":");
         sb_json_str(&b, text ? text : "", len);
     }
-    sb_puts(&b, ",\"logprobs\":null");
+    sbuf_puts(&b, ",\"logprobs\":null");
     put_finish(&b, finish);
-    sb_puts(&b, "}]");
-    if (m->include_usage) sb_puts(&b, ",\"usage\":null");
+    sbuf_puts(&b, "}]");
+    if (m->include_usage) sbuf_puts(&b, ",\"usage\":null");
     put_timings(&b, timings);
-    sb_puts(&b, "}");
-    return sb_take(&b);
+    sbuf_puts(&b, "}");
+    return sbuf_take(&b);
 }
 
 char *oai_usage_chunk_json(const oai_meta *m, const oai_usage *usage, const oai_timings *timings)
@@ -1104,29 +1051,29 @@ char *oai_usage_chunk_json(const oai_meta *m, const oai_usage *usage, const oai_
     if (m == NULL) return NULL;
     sbuf b = {0};
     put_head(&b, m, m->kind == OAI_CHAT ? "chat.completion.chunk" : "text_completion");
-    sb_puts(&b, ",\"choices\":[]");
+    sbuf_puts(&b, ",\"choices\":[]");
     put_usage(&b, usage);
     put_timings(&b, timings);
-    sb_puts(&b, "}");
-    return sb_take(&b);
+    sbuf_puts(&b, "}");
+    return sbuf_take(&b);
 }
 
 char *oai_sse_frame(const char *json)
 {
     if (json == NULL) return NULL;
     sbuf b = {0};
-    sb_puts(&b, "data: ");
-    sb_puts(&b, json);
-    sb_puts(&b, "\n\n");
-    return sb_take(&b);
+    sbuf_puts(&b, "data: ");
+    sbuf_puts(&b, json);
+    sbuf_puts(&b, "\n\n");
+    return sbuf_take(&b);
 }
 
 char *oai_sse_error(const oai_error *e)
 {
     if (e == NULL) return NULL;
     sbuf b = {0};
-    sb_puts(&b, "data: ");
+    sbuf_puts(&b, "data: ");
     put_error(&b, e);
-    sb_puts(&b, "\n\n" OAI_SSE_DONE);
-    return sb_take(&b);
+    sbuf_puts(&b, "\n\n" OAI_SSE_DONE);
+    return sbuf_take(&b);
 }

@@ -8,6 +8,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/err.h"
 #include "common/httpd.h"
 #include "common/log.h"
@@ -477,4 +478,66 @@ void wrk_advertised_addr(const char *listen_addr, int port, char *out, size_t ca
         snprintf(out, cap, "127.0.0.1:%d", port);
     else
         snprintf(out, cap, "%.*s:%d", (int)hl, listen_addr, port);
+}
+
+/* ------------------------------------------------------------------ node -- */
+
+int wrk_node_start(wrk_node *n, const wrk_opts *o, rpc_server *srv, wrk_metrics *m, wrk_load *l,
+                   wrk_health *h, _Atomic int *drain, wrk_member_info *mi)
+{
+    const char *prog = mi->role == WRK_PREFILL ? "tandem-prefill" : "tandem-decode";
+    memset(n, 0, sizeof(*n));
+    int rc;
+    if (o->metrics_listen) {
+        rc = wrk_http_start(o->metrics_listen, m, l, h, &n->http);
+        if (rc != 0) {
+            fprintf(stderr, "%s: cannot serve metrics on %s: %s\n", prog, o->metrics_listen,
+                    td_strerror(rc));
+            return rc;
+        }
+    }
+    wrk_advertised_addr(o->listen, rpc_server_port(srv), n->rpc_addr, sizeof(n->rpc_addr));
+    if (o->worker_id && o->worker_id[0])
+        snprintf(n->worker_id, sizeof(n->worker_id), "%s", o->worker_id);
+    else
+        snprintf(n->worker_id, sizeof(n->worker_id), "%s-%s",
+                 mi->role == WRK_PREFILL ? "prefill" : "decode", n->rpc_addr);
+    mi->worker_id = n->worker_id;
+    mi->rpc_address = n->rpc_addr;
+    if (o->router) {
+        rc = wrk_member_start(o->router, mi, l, drain, &n->member);
+        if (rc != 0) {
+            fprintf(stderr, "%s: cannot reach the router at %s: %s\n", prog, o->router,
+                    td_strerror(rc));
+            return rc;
+        }
+    }
+    return 0;
+}
+
+void wrk_node_stop(wrk_node *n)
+{
+    wrk_member_stop(n->member);
+    wrk_http_stop(n->http);
+    n->member = NULL;
+    n->http = NULL;
+}
+
+void wrk_serve_until_drained(const wrk_opts *o, const char *mod, _Atomic int *draining, wrk_load *l,
+                             wrk_health *h)
+{
+    for (;;) {
+        int sig = wrk_signal_wait(200000000LL);
+        if (sig > 0 || atomic_load(draining)) {
+            td_log_info(mod, "draining", "signal=%d timeout_s=%.1f", sig,
+                        td_ns_to_s(o->drain_timeout_ns));
+            break;
+        }
+    }
+    atomic_store(draining, 1);
+    atomic_store(&l->draining, 1);
+    atomic_store(&h->status, WRK_NOT_SERVING);
+    int64_t until = td_now_ns() + o->drain_timeout_ns;
+    while (td_now_ns() < until && atomic_load(&l->in_flight) > 0)
+        if (wrk_signal_wait(20000000LL) > 0) break; /* a second signal: stop now */
 }

@@ -168,6 +168,32 @@ int wrk_member_start(const char *router_addr, const wrk_member_info *info, const
                      _Atomic int *drain, wrk_member **out);
 void wrk_member_stop(wrk_member *m);
 
+/* ---- a worker's public face, the same for both roles ---- */
+
+/* What a worker exposes once its engine and gRPC server run: the metrics
+ * endpoint, its advertised address and name, its membership. */
+typedef struct wrk_node {
+    wrk_http *http;     /* NULL without --metrics-listen */
+    wrk_member *member; /* NULL without --router */
+    char rpc_addr[256]; /* what peers dial */
+    char worker_id[300];
+} wrk_node;
+
+/* Starts the metrics endpoint and, with --router, membership. mi carries the
+ * role-specific fields (layout, KV endpoint, limits); its worker_id and
+ * rpc_address are filled here. Prints one line naming the problem and
+ * returns its code on failure (n is then safe to wrk_node_stop). */
+int wrk_node_start(wrk_node *n, const wrk_opts *o, rpc_server *srv, wrk_metrics *m, wrk_load *l,
+                   wrk_health *h, _Atomic int *drain, wrk_member_info *mi);
+void wrk_node_stop(wrk_node *n); /* accepts a zeroed node */
+
+/* Serves until SIGTERM/SIGINT or a drain request, then drains: health
+ * NOT_SERVING, *draining set (handlers refuse new work), waits until no
+ * request is in flight or --drain-timeout passed (a second signal cuts it
+ * short). mod names the worker in the log. */
+void wrk_serve_until_drained(const wrk_opts *o, const char *mod, _Atomic int *draining, wrk_load *l,
+                             wrk_health *h);
+
 /* "host:port" of a server bound on listen_addr's host with the given port
  * (what peers should dial). */
 void wrk_advertised_addr(const char *listen_addr, int port, char *out, size_t cap);

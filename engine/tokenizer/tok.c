@@ -2,6 +2,7 @@
 #include "engine/tokenizer/tok_internal.h"
 
 #include "common/err.h"
+#include "common/sbuf.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -623,37 +624,6 @@ enum tok_chat_family tok_chat_family_of(const tok_tokenizer *t)
     return t ? t->chat : TOK_CHAT_NONE;
 }
 
-typedef struct sbuf {
-    char *p;
-    size_t n, cap;
-    int rc;
-} sbuf;
-
-static void sb_put(sbuf *b, const char *s, size_t n)
-{
-    if (b->rc < 0) return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->n + n + 1)
-            cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (p == NULL) {
-            b->rc = TD_ENOMEM;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = '\0';
-}
-
-static void sb_puts(sbuf *b, const char *s)
-{
-    sb_put(b, s, strlen(s));
-}
-
 /* Jinja's trim / Python's str.strip(): Unicode white space at both ends. */
 static void put_stripped(sbuf *b, const char *s)
 {
@@ -672,15 +642,15 @@ static void put_stripped(sbuf *b, const char *s)
         j += l;
         if (!tok__is_space(cp)) end = j;
     }
-    if (end > i) sb_put(b, s + i, end - i);
+    if (end > i) sbuf_put(b, s + i, end - i);
 }
 
 static void put_token(sbuf *b, const tok_tokenizer *t, int32_t id, const char *fallback)
 {
     if (id >= 0 && id < t->n_vocab && t->piece_len[id] > 0)
-        sb_put(b, t->arena + t->piece_off[id], t->piece_len[id]);
+        sbuf_put(b, t->arena + t->piece_off[id], t->piece_len[id]);
     else
-        sb_puts(b, fallback);
+        sbuf_puts(b, fallback);
 }
 
 static bool role_ok(const char *r)
@@ -708,13 +678,14 @@ int tok_chat_render_as(const tok_tokenizer *t, enum tok_chat_family family,
     case TOK_CHAT_LLAMA3:
         put_token(&b, t, t->bos_id, "<|begin_of_text|>");
         for (size_t i = 0; i < n_msgs; i++) {
-            sb_puts(&b, "<|start_header_id|>");
-            sb_puts(&b, msgs[i].role);
-            sb_puts(&b, "<|end_header_id|>\n\n");
+            sbuf_puts(&b, "<|start_header_id|>");
+            sbuf_puts(&b, msgs[i].role);
+            sbuf_puts(&b, "<|end_header_id|>\n\n");
             put_stripped(&b, msgs[i].content);
-            sb_puts(&b, "<|eot_id|>");
+            sbuf_puts(&b, "<|eot_id|>");
         }
-        if (add_generation_prompt) sb_puts(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+        if (add_generation_prompt)
+            sbuf_puts(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
         break;
     case TOK_CHAT_LLAMA2: {
         /* An optional leading system message folds into the first user turn;
@@ -734,14 +705,14 @@ int tok_chat_render_as(const tok_tokenizer *t, enum tok_chat_family family,
             }
             if (user_turn) {
                 put_token(&b, t, t->bos_id, "<s>");
-                sb_puts(&b, "[INST] ");
+                sbuf_puts(&b, "[INST] ");
                 if (i == first && sys != NULL) {
                     /* content.strip() applies to the whole folded text */
                     sbuf c = {0};
-                    sb_puts(&c, "<<SYS>>\n");
-                    sb_puts(&c, sys);
-                    sb_puts(&c, "\n<</SYS>>\n\n");
-                    sb_puts(&c, msgs[i].content);
+                    sbuf_puts(&c, "<<SYS>>\n");
+                    sbuf_puts(&c, sys);
+                    sbuf_puts(&c, "\n<</SYS>>\n\n");
+                    sbuf_puts(&c, msgs[i].content);
                     if (c.rc < 0) {
                         free(c.p);
                         free(b.p);
@@ -752,11 +723,11 @@ int tok_chat_render_as(const tok_tokenizer *t, enum tok_chat_family family,
                 } else {
                     put_stripped(&b, msgs[i].content);
                 }
-                sb_puts(&b, " [/INST]");
+                sbuf_puts(&b, " [/INST]");
             } else {
-                sb_puts(&b, " ");
+                sbuf_puts(&b, " ");
                 put_stripped(&b, msgs[i].content);
-                sb_puts(&b, " ");
+                sbuf_puts(&b, " ");
                 put_token(&b, t, t->eos_id, "</s>");
             }
         }
@@ -764,27 +735,23 @@ int tok_chat_render_as(const tok_tokenizer *t, enum tok_chat_family family,
     }
     case TOK_CHAT_CHATML:
         if (t->chat_default_system && (n_msgs == 0 || strcmp(msgs[0].role, "system") != 0)) {
-            sb_puts(&b, "<|im_start|>system\n");
-            sb_put(&b, t->arena + t->chat_system_off, t->chat_system_len);
-            sb_puts(&b, "<|im_end|>\n");
+            sbuf_puts(&b, "<|im_start|>system\n");
+            sbuf_put(&b, t->arena + t->chat_system_off, t->chat_system_len);
+            sbuf_puts(&b, "<|im_end|>\n");
         }
         for (size_t i = 0; i < n_msgs; i++) {
-            sb_puts(&b, "<|im_start|>");
-            sb_puts(&b, msgs[i].role);
-            sb_puts(&b, "\n");
-            sb_puts(&b, msgs[i].content);
-            sb_puts(&b, "<|im_end|>\n");
+            sbuf_puts(&b, "<|im_start|>");
+            sbuf_puts(&b, msgs[i].role);
+            sbuf_puts(&b, "\n");
+            sbuf_puts(&b, msgs[i].content);
+            sbuf_puts(&b, "<|im_end|>\n");
         }
-        if (add_generation_prompt) sb_puts(&b, "<|im_start|>assistant\n");
+        if (add_generation_prompt) sbuf_puts(&b, "<|im_start|>assistant\n");
         break;
     default:
         return TD_EUNSUPPORTED;
     }
-    if (b.rc == 0 && b.p == NULL) sb_put(&b, "", 0);
-    if (b.rc < 0) {
-        free(b.p);
-        return b.rc;
-    }
-    *out = b.p;
-    return 0;
+    int rc = b.rc;
+    *out = sbuf_take(&b);
+    return *out ? 0 : (rc ? rc : TD_ENOMEM);
 }
