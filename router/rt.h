@@ -235,6 +235,10 @@ struct rt_ctx {
     _Atomic int grpc_freed;
 };
 
+/* gRPC thread: hands a call to the loop as an rt_event (answers it at once
+ * when memory runs out). */
+void rt_event_push(rt_ctx *c, rpc_call *call, const ProtobufCMessage *msg, enum rt_event_type type);
+
 /* Looks at the held requests again (after a request ended, a heartbeat, a
  * hold deadline): admits, keeps holding or rejects each, in queue order. */
 void rt_admission_pass(rt_ctx *c);

@@ -74,17 +74,7 @@ static const rt_front_ops rt__grpc_front = {.tokens = rt__g_tokens, .end = rt__g
 
 static void rt__on_generate(rpc_call *call, const ProtobufCMessage *msg, void *arg)
 {
-    rt_ctx *c = arg;
-    rt_event *ev = calloc(1, sizeof(*ev));
-    if (!ev) {
-        rpc_call_finish(call, TD_ENOMEM, "out of memory");
-        return;
-    }
-    ev->wake.kind = RT_WAKE_EVENT;
-    ev->type = RT_EV_GENERATE;
-    ev->call = call;
-    ev->msg = msg;
-    rt_wake_push(c, &ev->wake);
+    rt_event_push(arg, call, msg, RT_EV_GENERATE);
 }
 
 int rt_grpc_add_methods(rt_ctx *c, rpc_server *srv)

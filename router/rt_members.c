@@ -33,11 +33,8 @@ static const char *rt__role_name(enum rt_role r)
     return r == RT_PREFILL ? "prefill" : "decode";
 }
 
-/* gRPC thread: hand the call to the loop. */
-static void rt__push_event(rpc_call *call, const ProtobufCMessage *msg, void *arg,
-                           enum rt_event_type type)
+void rt_event_push(rt_ctx *c, rpc_call *call, const ProtobufCMessage *msg, enum rt_event_type type)
 {
-    rt_ctx *c = arg;
     rt_event *ev = calloc(1, sizeof(*ev));
     if (!ev) {
         rpc_call_finish(call, TD_ENOMEM, "out of memory");
@@ -52,12 +49,12 @@ static void rt__push_event(rpc_call *call, const ProtobufCMessage *msg, void *ar
 
 static void rt__on_register(rpc_call *call, const ProtobufCMessage *msg, void *arg)
 {
-    rt__push_event(call, msg, arg, RT_EV_REGISTER);
+    rt_event_push(arg, call, msg, RT_EV_REGISTER);
 }
 
 static void rt__on_heartbeat(rpc_call *call, const ProtobufCMessage *msg, void *arg)
 {
-    rt__push_event(call, msg, arg, RT_EV_HEARTBEAT);
+    rt_event_push(arg, call, msg, RT_EV_HEARTBEAT);
 }
 
 int rt_members_add_methods(rt_ctx *c, rpc_server *srv)
