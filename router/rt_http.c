@@ -525,7 +525,10 @@ int rt_http_start(rt_ctx *c, void **out, int *port)
         if (tok_bos_id(c->tok) >= 0) h->skip_ids[h->n_skip++] = tok_bos_id(c->tok);
     }
     if (rc == 0) {
-        httpd_config hc = {.addr = o->http_listen, .max_body = (size_t)o->max_body_bytes};
+        httpd_config hc = {.addr = o->http_listen,
+                           .max_body = (size_t)o->max_body_bytes,
+                           .head_timeout_ms = (int)o->http_head_timeout_ms,
+                           .idle_timeout_ms = (int)o->http_idle_timeout_ms};
         rc = httpd_start_on_loop(c->loop, &hc, rt__on_request, h, &h->srv);
     }
     if (rc != 0) {

@@ -77,6 +77,13 @@ static const struct cfg_option rt_table[] = {
            cost_model),
     RT_OPT("request-timeout-ms", CFG_INT64, "600000", "0", NULL, NULL,
            "Deadline of a request from its arrival (0: none)", request_timeout_ms),
+    RT_OPT("http-head-timeout-ms", CFG_INT64, "10000", "10", "3600000", NULL,
+           "A request whose head or body is not complete this long after its first byte gets "
+           "408 (slow clients)",
+           http_head_timeout_ms),
+    RT_OPT("http-idle-timeout-ms", CFG_INT64, "60000", "10", "86400000", NULL,
+           "A keep-alive connection with nothing in flight is closed after this long",
+           http_idle_timeout_ms),
     RT_OPT("max-body-bytes", CFG_INT64, "4194304", "1024", "1073741824", NULL,
            "Largest request body (larger: 413)", max_body_bytes),
     RT_OPT("api-key", CFG_STRING, NULL, NULL, NULL, NULL,

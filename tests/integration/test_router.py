@@ -500,6 +500,35 @@ def part_token_bucket(model):
     cl.stop()
 
 
+def part_timeouts(model):
+    log("== deadlines (504) and slow clients (408)")
+    # A model slow enough that 200 tokens take far longer than the deadline.
+    m15 = os.path.join(TMP, "m15.bin")
+    subprocess.run([os.path.join(BIN, "make-test-model"), "--format", "llama2c", "--shape", "15m",
+                    "--seed", "1", "--out", m15], check=True, capture_output=True)
+    cl = Cluster(m15, router_args=("--request-timeout-ms", "150", "--http-head-timeout-ms",
+                                    "300"))
+    body = {"model": "m15", "prompt": [1, 2, 3], "max_tokens": 200, "ignore_eos": True,
+            "temperature": 0}
+    status, _, data = post(cl.http, "/v1/completions", body)
+    check(status == 504 and json.loads(data)["error"]["message"], "deadline: %d %s" % (
+        status, data[:200]))
+    res = [None]
+    stream_request(cl.http, dict(body, stream=True), res, 0)
+    check(res[0] is not None and res[0][0] in ("error", "bad 504"), "stream deadline: %s" % (
+        res[0],))
+    host, port = cl.http.split(":")
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and then nothing more
+    s.settimeout(5)
+    t0 = time.time()
+    resp = s.recv(100)
+    check(resp.startswith(b"HTTP/1.1 408") and time.time() - t0 < 3, "slow loris: %r" % resp)
+    s.close()
+    check(cl.blocks_free(), "timeouts: blocks leaked")
+    cl.stop()
+
+
 def part_faults(model):
     log("== faults: decode killed before and after the first token; missed heartbeats")
     cl = Cluster(model, n_prefill=1, n_decode=2)
@@ -567,6 +596,7 @@ def main():
         part_api_key(model)
         part_admission_and_drain(model)
         part_token_bucket(model)
+        part_timeouts(model)
         part_faults(model)
     finally:
         for p in PROCS:
