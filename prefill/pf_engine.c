@@ -301,6 +301,8 @@ static void pf__reap(pf_engine *d)
                                       td_ns_to_s(r->t_done - r->t_start));
             }
             met_counter_add(c->metrics.transfer_bytes, r->bytes_sent);
+            met_counter_add(c->metrics.prompt_tokens_computed, r->n_prompt - r->cached_tokens);
+            met_counter_add(c->metrics.prompt_tokens_cached, r->cached_tokens);
         } else {
             rpc_call_finish(r->call, r->err, r->details);
         }

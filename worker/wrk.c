@@ -360,6 +360,13 @@ int wrk_metrics_init(wrk_metrics *m)
                              "Full prompt blocks looked up in the prefix cache",
                              &m->prefix_query_blocks);
     if (rc == 0)
+        rc = met_counter_new(m->reg, "tandem_prompt_tokens_computed_total",
+                             "Prompt tokens this worker computed", &m->prompt_tokens_computed);
+    if (rc == 0)
+        rc = met_counter_new(m->reg, "tandem_prompt_tokens_cached_total",
+                             "Prompt tokens this worker took from its prefix cache",
+                             &m->prompt_tokens_cached);
+    if (rc == 0)
         rc = met_counter_new(m->reg, "tandem_preemptions_total",
                              "Sequences preempted and recomputed", &m->preemptions);
     if (rc == 0)

@@ -122,6 +122,7 @@ typedef struct wrk_metrics {
         *itl_seconds;
     met_histogram *batch_size;
     met_counter *transfer_bytes, *prefix_hit_blocks, *prefix_query_blocks, *preemptions;
+    met_counter *prompt_tokens_computed, *prompt_tokens_cached; /* prefill: per request */
     met_gauge *running, *waiting, *kv_free, *kv_total;
     uint64_t synced_hits, synced_queries, synced_preemptions; /* totals already counted */
 } wrk_metrics;

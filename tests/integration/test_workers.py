@@ -275,6 +275,11 @@ def case_prefix(name, model, vocab, ctx):
     cached = [res[r["id"]]["cached_prompt_tokens"] for r in reqs]
     check(all(c >= 64 for c in cached), "prefix: decode-side cached tokens %s" % cached)
     mp, md = pf.metrics(), dc.metrics()
+    computed = mp.get("tandem_prompt_tokens_computed_total", 0)
+    total = sum(len(r["prompt_tokens"]) for r in first + reqs)
+    check(computed < total - 7 * 48,
+          "prefix: prefill computed %d of %d prompt tokens" % (computed, total))
+    log("   prefill computed %d of %d prompt tokens" % (computed, total))
     check(mp.get("tandem_prefix_cache_hit_blocks_total", 0) > 0, "prefix: no hit on prefill")
     check(md.get("tandem_prefix_cache_hit_blocks_total", 0) > 0, "prefix: no hit on decode")
     log("   hits: prefill %d blocks, decode %d blocks" % (
