@@ -170,6 +170,28 @@ def main():
     check(not left, "namespaces left: %s" % left)
     alive = ["%s %d" % (n, p.pid) for n, p in procs if p.poll() is None]
     check(not alive, "processes left: %s" % alive)
+
+    log("== the rig's CLI tears down after SIGTERM and after a failed start")
+    rig_py = os.path.join(SRC, "deploy", "netns", "rig.py")
+    p = subprocess.Popen([sys.executable, rig_py, "run", "--bin-dir", BIN, "--model", model,
+                          "--log-dir", os.path.join(tmp, "cli"), "--", "sleep", "60"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = p.stdout.readline()
+    check(first.startswith("rig: up"), "rig run: %r" % first)
+    p.terminate()
+    rest = p.communicate(timeout=30)[0]
+    check(p.returncode == 143, "rig run after SIGTERM: exit %s %r" % (p.returncode, rest))
+    left = [n for n in netns.rig_namespaces() if n.startswith("%s%d-" % (netns.PREFIX, p.pid))]
+    check(not left, "namespaces left after SIGTERM: %s" % left)
+    p = subprocess.Popen([sys.executable, rig_py, "run", "--bin-dir", BIN, "--model",
+                          os.path.join(tmp, "no-such-model"), "--log-dir",
+                          os.path.join(tmp, "cli-bad"), "--", "true"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = p.communicate(timeout=60)[1]
+    check(p.returncode == 1 and "exited" in err, "rig run with a bad model: %d %r" % (
+        p.returncode, err))
+    left = [n for n in netns.rig_namespaces() if n.startswith("%s%d-" % (netns.PREFIX, p.pid))]
+    check(not left, "namespaces left after a failed start: %s" % left)
     log("== %.1f s in all" % (time.monotonic() - t0))
     if FAILURES:
         log("%d check(s) failed; logs kept in %s" % (len(FAILURES), tmp))
