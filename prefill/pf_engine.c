@@ -502,9 +502,12 @@ static void pf__on_kvx(pf_engine *d)
                 met_histogram_observe(d->ctx->metrics.transfer_seconds, td_ns_to_s(e->elapsed_ns));
             } else if (e->type == KVX_EV_FAILED) {
                 r->kv_final = true;
-                int err = e->err == TD_ECANCELED   ? TD_ECANCELED
-                          : e->err == TD_ETIMEDOUT ? TD_ETIMEDOUT
-                                                   : TD_EUNAVAILABLE;
+                /* A silent peer is a timeout to kvx; only the request's own
+                 * deadline is reported as one. */
+                bool past = r->deadline_ns != RPC_NO_DEADLINE && td_now_ns() >= r->deadline_ns;
+                int err = e->err == TD_ECANCELED             ? TD_ECANCELED
+                          : (e->err == TD_ETIMEDOUT && past) ? TD_ETIMEDOUT
+                                                             : TD_EUNAVAILABLE;
                 pf__fail(d, r, err, "KV transfer failed: %s",
                          e->msg[0] ? e->msg : td_strerror(e->err));
             }
