@@ -382,6 +382,12 @@ void rt_req_on_wake(rt_req *r)
                  st && st->details[0] ? st->details : td_strerror(rc));
         if (st && !st->from_peer && rc == TD_EUNAVAILABLE)
             rt_members_mark_down(c, r->decode, "a call failed: unreachable");
+        /* The decode worker could not reach or lost the prefill worker (its
+         * messages for that start with "prefill worker"): out of rotation
+         * until its next heartbeat and health check. */
+        if (st && st->from_peer && rc == TD_EUNAVAILABLE &&
+            strncmp(st->details, "prefill worker", 14) == 0)
+            rt_members_mark_down(c, r->prefill, "a decode worker could not use it");
         if (r->cancel_requested) {
             rt__end(r, TANDEM__V1__FINISH_REASON__FINISH_REASON_CANCELLED, TD_ECANCELED,
                     "cancelled");
