@@ -25,8 +25,13 @@ struct sim_opts {
     const char *trace, *format, *filter_model, *log_type, *admission, *cost, *out, *log_level;
     const char *loads, *policies, *holdout;
     double speedup, rate, start_s, end_s, slo_ttft_ms, slo_tpot_ms, train_fraction;
+    /* The router's admission keys (router/rt_main.c), read over adm_params_defaults. */
+    double bucket_rate, bucket_burst, queue_max_ms, short_window_s, long_window_s, hold_max_ms,
+        burst_cv, burst_rate_ratio;
+    int64_t hold_max;
     int64_t max_requests, prefill, decode, kv_blocks, block_size, max_num_seqs, max_batched_tokens,
-        max_chunk_tokens, max_model_len, max_context, heartbeat_ms, max_outstanding, chunk_cap;
+        max_chunk_tokens, max_model_len, max_context, heartbeat_ms, tick_ms, max_outstanding,
+        chunk_cap;
     bool keep_failed, skip_bad, no_plots, check_kv;
 };
 
@@ -74,12 +79,37 @@ struct sim_opts {
         SIM_OPT("heartbeat-ms", CFG_INT64, "1000", "0", "600000", NULL,                            \
                 "Load reports to the router every T ms; 0: the router sees live state",            \
                 heartbeat_ms),                                                                     \
+        SIM_OPT("tick-ms", CFG_INT64, "100", "0", "600000", NULL,                                  \
+                "The router's tick: held requests are rechecked on it; 0: heartbeats only",        \
+                tick_ms),                                                                          \
         SIM_OPT("cost", CFG_STRING, NULL, NULL, NULL, NULL,                                        \
-                "Cost model file (key = value, adm_cost fields)", cost),                           \
-        SIM_OPT("slo-ttft-ms", CFG_DOUBLE, "0", "0", NULL, NULL, "TTFT SLO (ms); 0: unchecked",    \
-                slo_ttft_ms),                                                                      \
-        SIM_OPT("slo-tpot-ms", CFG_DOUBLE, "0", "0", NULL, NULL, "TPOT SLO (ms); 0: unchecked",    \
-                slo_tpot_ms),                                                                      \
+                "Cost model file (adm_cost_load; keys left out are 0); default adm_cost_defaults", \
+                cost),                                                                             \
+        SIM_OPT("slo-ttft-ms", CFG_DOUBLE, "0", "0", NULL, NULL,                                   \
+                "TTFT SLO (ms) of the report, and burst's when set; 0: unchecked", slo_ttft_ms),   \
+        SIM_OPT("slo-tpot-ms", CFG_DOUBLE, "0", "0", NULL, NULL,                                   \
+                "TPOT SLO (ms) of the report, and burst's when set; 0: unchecked", slo_tpot_ms),   \
+        SIM_OPT("max-outstanding", CFG_INT64, "256", "1", "1000000", NULL,                         \
+                "max_outstanding: admitted requests at once", max_outstanding),                    \
+        SIM_OPT("bucket-rate", CFG_DOUBLE, NULL, "0", NULL, NULL, "token_bucket: requests/s",      \
+                bucket_rate),                                                                      \
+        SIM_OPT("bucket-burst", CFG_DOUBLE, NULL, "0", NULL, NULL, "token_bucket: bucket size",    \
+                bucket_burst),                                                                     \
+        SIM_OPT("queue-max-ms", CFG_DOUBLE, NULL, "0", NULL, NULL,                                 \
+                "queue_threshold: reject above this predicted prefill queueing", queue_max_ms),    \
+        SIM_OPT("short-window-s", CFG_DOUBLE, NULL, "0", NULL, NULL,                               \
+                "burst: short arrival-rate window", short_window_s),                               \
+        SIM_OPT("long-window-s", CFG_DOUBLE, NULL, "0", NULL, NULL,                                \
+                "burst: long arrival-rate window", long_window_s),                                 \
+        SIM_OPT("hold-max-ms", CFG_DOUBLE, NULL, "0", NULL, NULL,                                  \
+                "burst: longest a request may wait in the hold queue", hold_max_ms),               \
+        SIM_OPT("hold-max", CFG_INT64, NULL, "0", "1000000", NULL, "burst: hold queue bound",      \
+                hold_max),                                                                         \
+        SIM_OPT("burst-cv", CFG_DOUBLE, NULL, "0", NULL, NULL,                                     \
+                "burst: inter-arrival CV above which arrivals are a burst", burst_cv),             \
+        SIM_OPT("burst-rate-ratio", CFG_DOUBLE, NULL, "0", NULL, NULL,                             \
+                "burst: short/long rate ratio above which arrivals are a burst",                   \
+                burst_rate_ratio),                                                                 \
         SIM_OPT("chunk-cap", CFG_INT64, "0", "0", "16777216", NULL,                                \
                 "Token times kept per request (ITL, tokens.csv); 0: all", chunk_cap),              \
         SIM_OPT("check-kv", CFG_BOOL, "false", NULL, NULL, NULL,                                   \
@@ -92,8 +122,6 @@ static const struct cfg_option run_table[] = {
     SIM_COMMON_OPTS,
     SIM_OPT("admission", CFG_STRING, "none", NULL, NULL, NULL, "Admission policy (adm_find)",
             admission),
-    SIM_OPT("max-outstanding", CFG_INT64, "256", "1", "1000000", NULL,
-            "max_outstanding: admitted requests at once", max_outstanding),
     SIM_OPT("no-plots", CFG_BOOL, "false", NULL, NULL, NULL, "Do not run gnuplot", no_plots),
 };
 
@@ -172,13 +200,33 @@ static int parse(const char *cmd, const struct cfg_option *t, size_t nt, int arg
                         : o->max_context ? (uint32_t)o->max_context
                                          : 4096;
     sc->heartbeat_ns = o->heartbeat_ms * TD_NS_PER_MS;
+    sc->tick_ns = o->tick_ms * TD_NS_PER_MS;
     sc->chunk_cap = (uint32_t)o->chunk_cap;
     sc->check_kv = o->check_kv;
     if (o->admission) sc->admission = o->admission;
-    if (o->max_outstanding) sc->params.max_outstanding = (uint32_t)o->max_outstanding;
+    /* As the router's rt_adm_params: adm_params_defaults, then the keys set. */
+    adm_params *p = &sc->params;
+    p->max_outstanding = (uint32_t)o->max_outstanding;
+#define SIM_SET(key, field, value)                                                                 \
+    do {                                                                                           \
+        const char *src = cfg_source(*cf, key);                                                    \
+        if (src && strcmp(src, "default") != 0) p->field = (value);                                \
+    } while (0)
+    SIM_SET("bucket-rate", bucket_rate, o->bucket_rate);
+    SIM_SET("bucket-burst", bucket_burst, o->bucket_burst);
+    SIM_SET("queue-max-ms", queue_max_ms, o->queue_max_ms);
+    SIM_SET("short-window-s", short_window_s, o->short_window_s);
+    SIM_SET("long-window-s", long_window_s, o->long_window_s);
+    SIM_SET("hold-max-ms", hold_max_ms, o->hold_max_ms);
+    SIM_SET("hold-max", hold_max, (uint32_t)o->hold_max);
+    SIM_SET("burst-cv", burst_cv, o->burst_cv);
+    SIM_SET("burst-rate-ratio", burst_rate_ratio, o->burst_rate_ratio);
+#undef SIM_SET
+    if (o->slo_ttft_ms > 0) p->slo_ttft_ms = o->slo_ttft_ms;
+    if (o->slo_tpot_ms > 0) p->slo_tpot_ms = o->slo_tpot_ms;
     if (o->cost) {
         char err[512] = "";
-        if (sim_cost_load(o->cost, &sc->cost, err, sizeof(err)) != 0) {
+        if (adm_cost_load(o->cost, &sc->cost, err, sizeof(err)) != 0) {
             fprintf(stderr, "tandem-sim: --cost %s: %s\n", o->cost, err);
             return 2;
         }
@@ -248,8 +296,24 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
         cJSON_AddNumberToObject(cl, "max_chunk_tokens", sc->max_chunk_tokens);
         cJSON_AddNumberToObject(cl, "max_model_len", sc->max_model_len);
         cJSON_AddNumberToObject(cl, "heartbeat_ms", (double)sc->heartbeat_ns / 1e6);
+        cJSON_AddNumberToObject(cl, "tick_ms", (double)sc->tick_ns / 1e6);
         cJSON_AddStringToObject(cl, "admission", sc->admission);
-        cJSON_AddNumberToObject(cl, "max_outstanding", sc->params.max_outstanding);
+        const adm_params *p = &sc->params;
+        cJSON *ap = cJSON_AddObjectToObject(cl, "admission_params");
+        if (ap) { /* the router's keys */
+            cJSON_AddNumberToObject(ap, "max-outstanding", p->max_outstanding);
+            cJSON_AddNumberToObject(ap, "bucket-rate", p->bucket_rate);
+            cJSON_AddNumberToObject(ap, "bucket-burst", p->bucket_burst);
+            cJSON_AddNumberToObject(ap, "queue-max-ms", p->queue_max_ms);
+            cJSON_AddNumberToObject(ap, "slo-ttft-ms", p->slo_ttft_ms);
+            cJSON_AddNumberToObject(ap, "slo-tpot-ms", p->slo_tpot_ms);
+            cJSON_AddNumberToObject(ap, "short-window-s", p->short_window_s);
+            cJSON_AddNumberToObject(ap, "long-window-s", p->long_window_s);
+            cJSON_AddNumberToObject(ap, "hold-max-ms", p->hold_max_ms);
+            cJSON_AddNumberToObject(ap, "hold-max", p->hold_max);
+            cJSON_AddNumberToObject(ap, "burst-cv", p->burst_cv);
+            cJSON_AddNumberToObject(ap, "burst-rate-ratio", p->burst_rate_ratio);
+        }
     }
     cJSON *co = cJSON_AddObjectToObject(x, "cost");
     if (co) {
@@ -268,6 +332,11 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
         cJSON_AddNumberToObject(st, "steps_decode", (double)res->stats.steps_decode);
         cJSON_AddNumberToObject(st, "preemptions", (double)res->stats.preemptions);
         cJSON_AddNumberToObject(st, "too_long", (double)res->stats.too_long);
+        cJSON_AddNumberToObject(st, "held", (double)res->stats.held);
+        cJSON_AddNumberToObject(st, "admitted_after_hold", (double)res->stats.admitted_after_hold);
+        cJSON_AddNumberToObject(st, "rejected_after_hold", (double)res->stats.rejected_after_hold);
+        cJSON_AddNumberToObject(st, "hold_timeouts", (double)res->stats.hold_timeouts);
+        cJSON_AddNumberToObject(st, "hold_passes", (double)res->stats.hold_passes);
         cJSON_AddNumberToObject(st, "leaked_blocks", res->stats.leaked_blocks);
         cJSON_AddNumberToObject(st, "sim_end_s", res->stats.sim_end_s);
         /* The wall time goes to stderr only: reports stay byte-identical. */
