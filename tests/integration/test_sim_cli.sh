@@ -49,12 +49,34 @@ fi
 "$LT" synth --n 600 --seed 9 --req-max 1000 --resp-max 200 \
     --write-trace "$WORK/u.jsonl" --log-level warn
 "$SIM" tune --trace "$WORK/u.jsonl" --format mooncake --max-context 1024 --loads 1,2 \
-    --policies max_outstanding --slo-ttft-ms 1000 --slo-tpot-ms 40 --out "$WORK/tune" \
-    >"$WORK/tune.txt" || fail "tune failed"
+    --policies max_outstanding,token_bucket,queue_threshold,burst --slo-ttft-ms 1000 \
+    --slo-tpot-ms 40 --out "$WORK/tune" >"$WORK/tune.txt" || fail "tune failed"
 grep -q '^capacity' "$WORK/tune.txt" || fail "tune: $(cat "$WORK/tune.txt")"
+grep -q '^SLO: TTFT <= 1000 ms' "$WORK/tune.txt" || fail "tune prints no SLO"
 grep -q '^admission = max_outstanding' "$WORK/tune/admission-max_outstanding.conf" ||
     fail "no max_outstanding config"
 grep -q '^max-outstanding = ' "$WORK/tune/admission-max_outstanding.conf" || fail "no key"
+grep -q '^bucket-rate = ' "$WORK/tune/admission-token_bucket.conf" || fail "no bucket-rate"
+grep -q '^bucket-burst = ' "$WORK/tune/admission-token_bucket.conf" || fail "no bucket-burst"
+grep -q '^queue-max-ms = ' "$WORK/tune/admission-queue_threshold.conf" || fail "no queue-max-ms"
+for k in hold-max-ms burst-rate-ratio burst-cv short-window-s long-window-s slo-ttft-ms \
+    slo-tpot-ms; do
+    grep -q "^$k = " "$WORK/tune/admission-burst.conf" || fail "burst config lacks $k"
+done
+# Every key written is a router key, and the simulator reads the same file.
+if [ -x "$BIN/tandem-router" ]; then
+    "$BIN/tandem-router" --help >"$WORK/router-help.txt" 2>&1 || true
+    for f in "$WORK"/tune/admission-*.conf; do
+        for k in $(sed -n 's/^\([a-z-]*\) = .*/\1/p' "$f"); do
+            grep -q -- "--$k" "$WORK/router-help.txt" || fail "$k of $f is not a router key"
+        done
+    done
+fi
+"$SIM" run --trace "$WORK/u.jsonl" --format mooncake --max-context 1024 --rate 20 --no-plots \
+    --config "$WORK/tune/admission-burst.conf" --out "$WORK/bu" >"$WORK/bu.txt" 2>/dev/null ||
+    fail "run --config admission-burst.conf failed"
+grep -q '"admission":	*"burst"' "$WORK/bu/summary.json" ||
+    grep -q '"admission": *"burst"' "$WORK/bu/summary.json" || fail "the config was not used"
 
 # Usage errors exit 2.
 st=0; "$SIM" run --trace "$WORK/t.jsonl" --format mooncake >/dev/null 2>&1 || st=$?
