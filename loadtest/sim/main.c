@@ -28,7 +28,8 @@ struct sim_opts {
     /* The router's admission keys (router/rt_main.c), read over adm_params_defaults. */
     double bucket_rate, bucket_burst, queue_max_ms, short_window_s, long_window_s, hold_max_ms,
         burst_cv, burst_rate_ratio;
-    int64_t hold_max;
+    int64_t hold_max, max_prompt_tokens, max_output_tokens;
+    double length_scale;
     int64_t max_requests, prefill, decode, kv_blocks, block_size, max_num_seqs, max_batched_tokens,
         max_chunk_tokens, max_model_len, max_context, heartbeat_ms, tick_ms, max_outstanding,
         chunk_cap;
@@ -62,6 +63,12 @@ struct sim_opts {
                 rate),                                                                             \
         SIM_OPT("max-context", CFG_INT64, "0", "0", "16777216", NULL,                              \
                 "Scale prompt + output of longer requests down to fit N; 0: off", max_context),    \
+        SIM_OPT("length-scale", CFG_DOUBLE, "1", "0", NULL, NULL,                                  \
+                "Multiply every prompt and output length by X (before the clips)", length_scale),  \
+        SIM_OPT("max-prompt-tokens", CFG_INT64, "0", "0", "2147483647", NULL,                      \
+                "Clip prompts to N tokens; 0: off", max_prompt_tokens),                            \
+        SIM_OPT("max-output-tokens", CFG_INT64, "0", "0", "2147483647", NULL,                      \
+                "Clip outputs to N tokens; 0: off", max_output_tokens),                            \
         SIM_OPT("prefill", CFG_INT64, "1", "1", "4096", NULL, "Prefill workers", prefill),         \
         SIM_OPT("decode", CFG_INT64, "1", "1", "4096", NULL, "Decode workers", decode),            \
         SIM_OPT("kv-blocks", CFG_INT64, "1024", "1", "16777216", NULL, "KV blocks per worker",     \
@@ -234,8 +241,17 @@ static int parse(const char *cmd, const struct cfg_option *t, size_t nt, int arg
     return -1;
 }
 
-/* Reads the trace with the filters, fits the context, scales time. 0 or 1. */
-static int load_trace(const struct sim_opts *o, lt_trace *tr, size_t *fitted)
+static lt_lengths sim_lengths(const struct sim_opts *o)
+{
+    return (lt_lengths){.scale = o->length_scale,
+                        .max_prompt = (int32_t)o->max_prompt_tokens,
+                        .max_output = (int32_t)o->max_output_tokens,
+                        .max_context = (int32_t)o->max_context};
+}
+
+/* Reads the trace with the filters, scales and clips lengths as the load
+ * tester does, scales time. 0, 1 or 2. */
+static int load_trace(const struct sim_opts *o, lt_trace *tr, lt_lengths_stats *fitted)
 {
     enum lt_format fmt;
     if (lt_format_parse(o->format, &fmt) != 0) {
@@ -256,9 +272,12 @@ static int load_trace(const struct sim_opts *o, lt_trace *tr, size_t *fitted)
         fprintf(stderr, "tandem-sim: %s: %s\n", o->trace, err[0] ? err : td_strerror(rc));
         return 1;
     }
-    *fitted = 0;
-    if (o->max_context > 0) /* >= 2: checked by parse */
-        (void)lt_trace_fit_context(tr, (int32_t)o->max_context, fitted);
+    lt_lengths lo = sim_lengths(o);
+    if (lt_trace_fit_lengths(tr, &lo, fitted) != 0) { /* max-context >= 2: checked by parse */
+        fprintf(stderr, "tandem-sim: --length-scale must be a finite number >= 0\n");
+        lt_trace_free(tr);
+        return 2;
+    }
     if (o->speedup > 0) lt_trace_speedup(tr, o->speedup);
     if (o->rate > 0 && lt_trace_scale_to_rate(tr, o->rate) != 0) {
         fprintf(stderr, "tandem-sim: --rate needs at least two distinct arrival times\n");
@@ -269,7 +288,7 @@ static int load_trace(const struct sim_opts *o, lt_trace *tr, size_t *fitted)
 }
 
 static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_trace *tr,
-                       size_t fitted, const sim_result *res)
+                       const lt_lengths_stats *fitted, const sim_result *res)
 {
     cJSON *x = cJSON_CreateObject();
     if (!x) return NULL;
@@ -280,7 +299,9 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
     cJSON_AddNumberToObject(x, "target_rate_rps", o->rate);
     cJSON_AddNumberToObject(x, "scheduled_mean_rate_rps", lt_trace_mean_rate(tr));
     cJSON_AddNumberToObject(x, "max_context", (double)o->max_context);
-    cJSON_AddNumberToObject(x, "context_scaled", (double)fitted);
+    cJSON_AddNumberToObject(x, "context_scaled", (double)fitted->context_fitted);
+    lt_lengths lo = sim_lengths(o);
+    cJSON_AddItemToObject(x, "lengths", lt_lengths_json(&lo, fitted));
     cJSON_AddNumberToObject(x, "trace_rows", (double)tr->rows);
     cJSON_AddNumberToObject(x, "trace_failed_skipped", (double)tr->failed);
     cJSON_AddNumberToObject(x, "trace_bad_skipped", (double)tr->bad);
@@ -356,7 +377,7 @@ static int cmd_run(int argc, char **argv)
         return st;
     }
     lt_trace tr;
-    size_t fitted = 0;
+    lt_lengths_stats fitted;
     if ((st = load_trace(&o, &tr, &fitted)) != 0) {
         cfg_free(cf);
         return st;
@@ -375,7 +396,7 @@ static int cmd_run(int argc, char **argv)
     lt_slo slo = {.ttft_ms = o.slo_ttft_ms, .tpot_ms = o.slo_tpot_ms};
     lt_summary s;
     rc = lt_summary_compute(res.recs, res.n, &slo, &s);
-    cJSON *extra = rc == 0 ? run_json(&o, &sc, &tr, fitted, &res) : NULL;
+    cJSON *extra = rc == 0 ? run_json(&o, &sc, &tr, &fitted, &res) : NULL;
     if (rc == 0) rc = lt_report_write(o.out, res.recs, res.n, &s, extra, err, sizeof(err));
     cJSON_Delete(extra);
     if (rc) {
@@ -423,7 +444,7 @@ static int cmd_tune(int argc, char **argv)
         return 2;
     }
     lt_trace tr;
-    size_t fitted = 0;
+    lt_lengths_stats fitted;
     if ((st = load_trace(&o, &tr, &fitted)) != 0) {
         cfg_free(cf);
         return st;
@@ -433,7 +454,7 @@ static int cmd_tune(int argc, char **argv)
     if (o.holdout) {
         struct sim_opts oh = o;
         oh.trace = o.holdout;
-        size_t fh = 0;
+        lt_lengths_stats fh;
         if ((st = load_trace(&oh, &ho, &fh)) != 0) {
             lt_trace_free(&tr);
             cfg_free(cf);

@@ -579,6 +579,7 @@ static int sim__arrive(sim__ctx *c, size_t i)
     lt_record *r = &c->recs[i];
     sim__req *q = &c->rq[i];
     r->send_ns = r->sched_ns; /* the simulated client is never late */
+    r->attempts = 1;
     if (q->n_prompt >= cfg->max_model_len || q->n_prompt + q->n_out > cfg->max_model_len) {
         r->http_status = 400;
         r->outcome = LT_ERROR;
