@@ -37,6 +37,14 @@ grep -q ',429,rejected,' "$WORK/c/requests.csv" || fail "no 429 rows in requests
 "$LT" compare "$WORK/a" "$WORK/c" >"$WORK/cmp.txt" || fail "compare failed"
 grep -q goodput "$WORK/cmp.txt" || fail "compare output: $(cat "$WORK/cmp.txt")"
 
+# The load tester's length options, stated in summary.json as a replay states them.
+# shellcheck disable=SC2086
+"$SIM" run $COMMON --length-scale 0.5 --max-prompt-tokens 200 --max-output-tokens 50 \
+    --out "$WORK/len" >/dev/null 2>&1 || fail "run with length options"
+grep -q '"length_scale":[[:space:]]*0.5' "$WORK/len/summary.json" || fail "run.lengths"
+awk -F, 'NR > 1 && ($8 > 200 || $9 > 50) { bad = 1 } END { exit bad }' "$WORK/len/requests.csv" ||
+    fail "lengths not clipped"
+
 # The BurstGPT head, scaled to a 4,096-token context.
 HEAD=${TANDEM_SHARED_DIR:-/nonexistent}/data/burstgpt/BurstGPT_1_head.csv
 if [ -f "$HEAD" ]; then
