@@ -577,6 +577,8 @@ static double json_path(const cJSON *j, const char *path)
 int lt_report_compare(const char *dir_a, const char *dir_b, FILE *out, char *err, size_t errlen)
 {
     static const char *const keys[] = {
+        "slo.ttft_ms", /* the SLO goes with every goodput */
+        "slo.tpot_ms",
         "requests",
         "ok",
         "rejected",
@@ -586,6 +588,8 @@ int lt_report_compare(const char *dir_a, const char *dir_b, FILE *out, char *err
         "throughput.output_tok_per_s",
         "goodput.req_per_s",
         "goodput.fraction",
+        "client_retries.requests_retried",
+        "client_retries.without_retries.goodput_req_per_s",
         "ttft_ms.p50",
         "ttft_ms.p90",
         "ttft_ms.p99",

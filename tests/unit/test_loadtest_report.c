@@ -254,6 +254,8 @@ static void test_report_files_plot_compare(void **state)
     assert_int_equal(lt_report_compare(a, b, fp, err, sizeof(err)), 0);
     fclose(fp);
     assert_non_null(strstr(cmp, "goodput.req_per_s"));
+    assert_non_null(strstr(cmp, "slo.ttft_ms")); /* the SLO printed with the goodput */
+    assert_non_null(strstr(cmp, "client_retries.without_retries.goodput_req_per_s"));
     assert_non_null(strstr(cmp, "+50.0%")); /* good 2 -> 3 over the same 4 s */
     fp = fmemopen(cmp, sizeof(cmp), "w");
     assert_int_equal(lt_report_compare(a, "/nonexistent", fp, err, sizeof(err)), TD_ENOENT);
