@@ -32,7 +32,7 @@ struct sim_opts {
     double length_scale;
     int64_t max_requests, prefill, decode, kv_blocks, block_size, max_num_seqs, max_batched_tokens,
         max_chunk_tokens, max_model_len, max_context, heartbeat_ms, tick_ms, max_outstanding,
-        chunk_cap;
+        chunk_cap, retry_429;
     bool keep_failed, skip_bad, no_plots, check_kv;
 };
 
@@ -117,6 +117,8 @@ struct sim_opts {
         SIM_OPT("burst-rate-ratio", CFG_DOUBLE, NULL, "0", NULL, NULL,                             \
                 "burst: short/long rate ratio above which arrivals are a burst",                   \
                 burst_rate_ratio),                                                                 \
+        SIM_OPT("retry-429", CFG_INT64, "0", "0", "100", NULL,                                     \
+                "Client retries of a 429 after its Retry-After (the load tester's)", retry_429),   \
         SIM_OPT("chunk-cap", CFG_INT64, "0", "0", "16777216", NULL,                                \
                 "Token times kept per request (ITL, tokens.csv); 0: all", chunk_cap),              \
         SIM_OPT("check-kv", CFG_BOOL, "false", NULL, NULL, NULL,                                   \
@@ -209,6 +211,7 @@ static int parse(const char *cmd, const struct cfg_option *t, size_t nt, int arg
     sc->heartbeat_ns = o->heartbeat_ms * TD_NS_PER_MS;
     sc->tick_ns = o->tick_ms * TD_NS_PER_MS;
     sc->chunk_cap = (uint32_t)o->chunk_cap;
+    sc->retry_429 = (uint32_t)o->retry_429;
     sc->check_kv = o->check_kv;
     if (o->admission) sc->admission = o->admission;
     /* As the router's rt_adm_params: adm_params_defaults, then the keys set. */
@@ -297,6 +300,7 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
     cJSON_AddStringToObject(x, "simulator", "tandem-sim");
     cJSON_AddNumberToObject(x, "speedup", o->speedup);
     cJSON_AddNumberToObject(x, "target_rate_rps", o->rate);
+    cJSON_AddNumberToObject(x, "retry_429", (double)o->retry_429);
     cJSON_AddNumberToObject(x, "scheduled_mean_rate_rps", lt_trace_mean_rate(tr));
     cJSON_AddNumberToObject(x, "max_context", (double)o->max_context);
     cJSON_AddNumberToObject(x, "context_scaled", (double)fitted->context_fitted);
@@ -358,6 +362,7 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
         cJSON_AddNumberToObject(st, "rejected_after_hold", (double)res->stats.rejected_after_hold);
         cJSON_AddNumberToObject(st, "hold_timeouts", (double)res->stats.hold_timeouts);
         cJSON_AddNumberToObject(st, "hold_passes", (double)res->stats.hold_passes);
+        cJSON_AddNumberToObject(st, "client_retries", (double)res->stats.client_retries);
         cJSON_AddNumberToObject(st, "leaked_blocks", res->stats.leaked_blocks);
         cJSON_AddNumberToObject(st, "sim_end_s", res->stats.sim_end_s);
         /* The wall time goes to stderr only: reports stay byte-identical. */

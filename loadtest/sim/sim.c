@@ -32,13 +32,13 @@
 #include "engine/sched/sch.h"
 
 enum { SIM__PREFILL = 0, SIM__DECODE = 1 };
-enum { SIM__EV_STEP_END = 1, SIM__EV_XFER_DONE = 2, SIM__EV_HOLD_DEADLINE = 3 };
+enum { SIM__EV_STEP_END = 1, SIM__EV_XFER_DONE = 2, SIM__EV_HOLD_DEADLINE = 3, SIM__EV_RETRY = 4 };
 
 typedef struct sim__ev {
     int64_t t;    /* ns */
     uint64_t seq; /* insertion order: ties at equal t run FIFO */
     uint32_t type;
-    uint32_t arg; /* worker index (STEP_END) or request index (XFER_DONE, HOLD_DEADLINE) */
+    uint32_t arg; /* worker index (STEP_END) or request index (the others) */
 } sim__ev;
 
 typedef struct sim__heap {
@@ -516,15 +516,25 @@ static int sim__admit_req(sim__ctx *c, size_t i)
     return sim__worker_run(c, q->dec);
 }
 
-/* A 429 at c->now: at arrival (after_hold 0) or out of the hold queue. */
-static void sim__reject(sim__ctx *c, size_t i, const char *reason, uint32_t retry_after_s)
+/* A 429 at c->now, at arrival or out of the hold queue. The simulated
+ * client sends it again after Retry-After while it has retries left (the
+ * load tester's --retry-429: Retry-After is 1..60 s, which that client
+ * honours as is); else the request ends rejected, its e2e from the first
+ * send (none for a first-attempt rejection at arrival, as before). */
+static int sim__reject(sim__ctx *c, size_t i, const char *reason, uint32_t retry_after_s,
+                       int at_arrival)
 {
     lt_record *r = &c->recs[i];
+    uint32_t ra = retry_after_s ? retry_after_s : 1;
+    if ((uint32_t)r->attempts <= c->cfg->retry_429) {
+        c->stats.client_retries++;
+        return sim__push(c, c->now + (int64_t)ra * 1000000000, SIM__EV_RETRY, (uint32_t)i);
+    }
     r->http_status = 429;
     r->outcome = LT_REJECTED;
-    r->e2e_ns = c->now - r->send_ns;
-    snprintf(r->error, sizeof(r->error), "%s (Retry-After %u)", reason ? reason : "rejected",
-             retry_after_s ? retry_after_s : 1);
+    r->e2e_ns = at_arrival && r->attempts == 1 ? -1 : c->now - r->send_ns;
+    snprintf(r->error, sizeof(r->error), "%s (Retry-After %u)", reason ? reason : "rejected", ra);
+    return 0;
 }
 
 static void sim__unhold(sim__ctx *c, size_t i)
@@ -564,22 +574,21 @@ static int sim__hold_pass(sim__ctx *c)
             rc = sim__admit_req(c, (size_t)i);
         } else if (d.verdict == ADM_HOLD) {
             c->stats.hold_timeouts++;
-            sim__reject(c, (size_t)i, "held past its deadline", d.retry_after_s);
+            rc = sim__reject(c, (size_t)i, "held past its deadline", d.retry_after_s, 0);
         } else {
             c->stats.rejected_after_hold++;
-            sim__reject(c, (size_t)i, d.reason, d.retry_after_s);
+            rc = sim__reject(c, (size_t)i, d.reason, d.retry_after_s, 0);
         }
     }
     return rc;
 }
 
-static int sim__arrive(sim__ctx *c, size_t i)
+/* One attempt of request i reaching the router (rt_req_dispatch). */
+static int sim__attempt(sim__ctx *c, size_t i)
 {
     const sim_config *cfg = c->cfg;
     lt_record *r = &c->recs[i];
     sim__req *q = &c->rq[i];
-    r->send_ns = r->sched_ns; /* the simulated client is never late */
-    r->attempts = 1;
     if (q->n_prompt >= cfg->max_model_len || q->n_prompt + q->n_out > cfg->max_model_len) {
         r->http_status = 400;
         r->outcome = LT_ERROR;
@@ -593,11 +602,7 @@ static int sim__arrive(sim__ctx *c, size_t i)
     sim__adm_input(c, i, &in);
     adm_decision d;
     c->adm->decide(c->adm_ctx, &in, &d);
-    if (d.verdict == ADM_REJECT) {
-        sim__reject(c, i, d.reason, d.retry_after_s);
-        r->e2e_ns = -1; /* as before: an immediate 429 has no e2e */
-        return 0;
-    }
+    if (d.verdict == ADM_REJECT) return sim__reject(c, i, d.reason, d.retry_after_s, 1);
     if (d.verdict == ADM_HOLD && c->adm->recheck) {
         /* rt_req_dispatch: into the hold queue, costing the workers nothing,
          * until a pass admits it or its deadline passes. */
@@ -618,6 +623,22 @@ static int sim__arrive(sim__ctx *c, size_t i)
         return sim__push(c, t, SIM__EV_HOLD_DEADLINE, (uint32_t)i);
     }
     return sim__admit_req(c, i);
+}
+
+static int sim__arrive(sim__ctx *c, size_t i)
+{
+    lt_record *r = &c->recs[i];
+    r->send_ns = r->sched_ns; /* the simulated client is never late */
+    r->attempts = 1;
+    return sim__attempt(c, i);
+}
+
+/* A client retry of a 429: the same request again; its times still count
+ * from the first send. */
+static int sim__retry(sim__ctx *c, size_t i)
+{
+    c->recs[i].attempts++;
+    return sim__attempt(c, i);
 }
 
 /* ---- setup and the loop ---- */
@@ -839,6 +860,8 @@ int sim_run(const sim_config *cfg, const lt_req *reqs, size_t n, sim_result *out
                 rc = sim__step_end(&c, e.arg);
             else if (e.type == SIM__EV_XFER_DONE)
                 rc = sim__xfer_done(&c, e.arg);
+            else if (e.type == SIM__EV_RETRY)
+                rc = sim__retry(&c, e.arg);
             else if (c.rq[e.arg].held) /* the hold timer at this deadline */
                 rc = sim__hold_pass(&c);
         } else {

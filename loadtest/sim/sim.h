@@ -53,6 +53,8 @@ typedef struct sim_config {
     adm_params params;            /* its parameters (params.cost is ignored: cost is used) */
     adm_cost cost;                /* the one cost model: the simulated steps and the policy's
                                      predictions (the router's --cost-model) */
+    uint32_t retry_429;           /* client retries of a 429, after its Retry-After (the load
+                                     tester's --retry-429); 0 = none */
     uint32_t chunk_cap;           /* token times kept per record; 0 = all */
     int check_kv;                 /* kvc_check after every step (tests) */
 } sim_config;
@@ -69,9 +71,10 @@ typedef struct sim_stats {
     uint64_t too_long; /* requests refused (400) for exceeding the context */
     uint64_t held;     /* ADM_HOLD verdicts (requests put in the hold queue) */
     uint64_t admitted_after_hold, rejected_after_hold, hold_timeouts; /* how holds ended */
-    uint64_t hold_passes;   /* rechecks of the hold queue (ends, heartbeats, ticks, deadlines) */
-    uint32_t leaked_blocks; /* blocks not free at the end, all workers (0 expected) */
-    double sim_end_s;       /* simulated time of the last event */
+    uint64_t hold_passes;    /* rechecks of the hold queue (ends, heartbeats, ticks, deadlines) */
+    uint64_t client_retries; /* 429s the simulated client sent again (retry_429) */
+    uint32_t leaked_blocks;  /* blocks not free at the end, all workers (0 expected) */
+    double sim_end_s;        /* simulated time of the last event */
 } sim_stats;
 
 typedef struct sim_result {

@@ -34,6 +34,12 @@ grep -q '"leaked_blocks":	0' "$WORK/a/summary.json" || grep -q '"leaked_blocks":
 grep -q ' rejected 0 ' "$WORK/a.txt" || fail "none rejected requests"
 grep -q ' rejected 0 ' "$WORK/c.txt" && fail "max_outstanding 4 rejected nothing"
 grep -q ',429,rejected,' "$WORK/c/requests.csv" || fail "no 429 rows in requests.csv"
+# The same with the client retrying its 429s: both views in summary.json.
+# shellcheck disable=SC2086
+"$SIM" run $COMMON --admission max_outstanding --max-outstanding 4 --retry-429 2 \
+    --out "$WORK/cr" >"$WORK/cr.txt" 2>/dev/null || fail "run --retry-429"
+grep -q '^client retries: ' "$WORK/cr.txt" || fail "no client retries line: $(cat "$WORK/cr.txt")"
+grep -q '"without_retries"' "$WORK/cr/summary.json" || fail "no without_retries"
 "$LT" compare "$WORK/a" "$WORK/c" >"$WORK/cmp.txt" || fail "compare failed"
 grep -q goodput "$WORK/cmp.txt" || fail "compare output: $(cat "$WORK/cmp.txt")"
 

@@ -133,6 +133,36 @@ static void test_admission_changes_rejections(void **state)
     assert_int_equal(s.ok, 1);
     sim_result_free(&r);
 
+    /* With client retries the two 429s (Retry-After 1) come back 1 s later:
+     * the first is served, the second, 0.1 ms behind it, is rejected again
+     * and served on its second retry, 2 s after its first send. Times count
+     * from the first send; without retries both are rejected. */
+    c.retry_429 = 2;
+    assert_int_equal(sim_run(&c, reqs, 3, &r, NULL, 0), 0);
+    assert_int_equal(r.stats.client_retries, 3);
+    assert_int_equal(r.recs[0].attempts, 1);
+    assert_int_equal(r.recs[1].attempts, 2);
+    assert_int_equal(r.recs[2].attempts, 3);
+    for (int i = 1; i < 3; i++) {
+        assert_int_equal(r.recs[i].outcome, LT_OK);
+        assert_true(r.recs[i].ttft_ns > (int64_t)i * TD_NS_PER_S);
+    }
+    assert_int_equal(lt_summary_compute(r.recs, r.n, &slo, &s), 0);
+    assert_int_equal(s.ok, 3);
+    assert_int_equal(s.retried, 2);
+    assert_int_equal(s.retries, 3);
+    assert_int_equal(s.no_retry.ok, 1);
+    assert_int_equal(s.no_retry.rejected, 2);
+    sim_result_free(&r);
+    /* One retry: the second is rejected for good, its e2e from the first send. */
+    c.retry_429 = 1;
+    assert_int_equal(sim_run(&c, reqs, 3, &r, NULL, 0), 0);
+    assert_int_equal(r.recs[2].outcome, LT_REJECTED);
+    assert_int_equal(r.recs[2].attempts, 2);
+    assert_true(r.recs[2].e2e_ns >= TD_NS_PER_S);
+    sim_result_free(&r);
+    c.retry_429 = 0;
+
     /* An unknown policy or bad parameters fail before anything runs. */
     char err[256];
     c.admission = "no_such_policy";
