@@ -560,6 +560,7 @@ static int sim__hold_pass(sim__ctx *c)
     c->pass_due = 0;
     if (c->held_head < 0) return 0;
     c->stats.hold_passes++;
+    if (c->cfg->heartbeat_ns <= 0) sim__heartbeat(c); /* live state, as at arrivals */
     int rc = 0;
     for (int64_t i = c->held_head, next; i >= 0 && rc == 0; i = next) {
         next = c->rq[i].hnext;
