@@ -218,6 +218,7 @@ void lt_grpc_send(lt_grpc *g, size_t i, int64_t start_ns)
     int64_t deadline = g->o->timeout_ns > 0 ? td_now_ns() + g->o->timeout_ns : RPC_NO_DEADLINE;
     st->send_abs = td_now_ns();
     r->send_ns = st->send_abs - start_ns;
+    r->attempts = 1;
     int rc = prc ? prc
                  : rpc_client_stream(g->client, LT_GRPC_METHOD, &req.base,
                                      &tandem__v1__generate_response__descriptor, deadline,

@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
 #include <uv.h>
@@ -118,6 +119,13 @@ struct conn {
     lt_sse sse;       /* the response body's event stream */
     char errbody[80]; /* start of a non-200 body */
     size_t errbody_len;
+    /* Response headers: only Retry-After and retry-after-ms are kept. */
+    int hdr_state;   /* 0 none yet, 1 in a field name, 2 in a value */
+    char hfield[32]; /* current field name, truncated */
+    size_t hfield_len;
+    int hvalue_kind;    /* 1 retry-after, 2 retry-after-ms, 0 other */
+    char hvalue[2][24]; /* [0] retry-after, [1] retry-after-ms */
+    size_t hvalue_len[2];
     struct conn *idle_next, *idle_prev;
     struct conn *all_next, *all_prev;
     char head[1024];        /* request line, headers and the body up to the prompt */
@@ -155,6 +163,16 @@ struct replay {
     int conns_opened;
     int stopping;
     lt_grpc *grpc; /* the gRPC transport, NULL for HTTP */
+    /* Retries waiting for their time: a binary min-heap on (due, index),
+     * at most one entry per request; one timer armed at the earliest. */
+    struct retry_ent {
+        int64_t due; /* td_now_ns clock */
+        size_t i;
+    } * retryq;
+    size_t n_retry;
+    uv_timer_t retry_timer;
+    int retry_open;
+    size_t retries;
     http_parser_settings settings;
 };
 
@@ -163,6 +181,7 @@ static void conn_send(struct conn *c, size_t i);
 static void replay_stop(struct replay *rp);
 static void arm_tick(struct replay *rp);
 static void replay_begin(struct replay *rp);
+static void dispatch_attempt(struct replay *rp, size_t i);
 static void conn_open(struct replay *rp, size_t i, int warm);
 
 static void idle_push(struct replay *rp, struct conn *c)
@@ -342,6 +361,43 @@ static int on_body(http_parser *hp, const char *at, size_t len)
     return 0;
 }
 
+static void hdr_append(char *buf, size_t cap, size_t *len, const char *at, size_t n)
+{
+    size_t k = n < cap - 1 - *len ? n : cap - 1 - *len;
+    memcpy(buf + *len, at, k);
+    *len += k;
+    buf[*len] = '\0';
+}
+
+static int on_header_field(http_parser *hp, const char *at, size_t len)
+{
+    struct conn *c = hp->data;
+    if (c->hdr_state != 1) {
+        c->hdr_state = 1;
+        c->hfield_len = 0;
+        c->hfield[0] = '\0';
+    }
+    hdr_append(c->hfield, sizeof(c->hfield), &c->hfield_len, at, len);
+    return 0;
+}
+
+static int on_header_value(http_parser *hp, const char *at, size_t len)
+{
+    struct conn *c = hp->data;
+    if (c->hdr_state != 2) {
+        c->hdr_state = 2;
+        c->hvalue_kind = strcasecmp(c->hfield, "retry-after") == 0      ? 1
+                         : strcasecmp(c->hfield, "retry-after-ms") == 0 ? 2
+                                                                        : 0;
+        if (c->hvalue_kind) c->hvalue_len[c->hvalue_kind - 1] = 0;
+    }
+    if (c->hvalue_kind) {
+        int k = c->hvalue_kind - 1;
+        hdr_append(c->hvalue[k], sizeof(c->hvalue[k]), &c->hvalue_len[k], at, len);
+    }
+    return 0;
+}
+
 static int on_headers_complete(http_parser *hp)
 {
     struct conn *c = hp->data;
@@ -357,9 +413,42 @@ static int on_message_complete(http_parser *hp)
     return 0;
 }
 
+static void retry_push(struct replay *rp, int64_t due, size_t i);
+
+/* The OpenAI client's wait before retry number `done + 1` of a 429, in ns. */
+static int64_t retry_wait_ns(const struct conn *c, int done)
+{
+    char *end;
+    if (c->hvalue_len[1] > 0) {
+        double ms = strtod(c->hvalue[1], &end);
+        if (end != c->hvalue[1] && ms > 0 && ms <= 60000) return (int64_t)(ms * 1e6);
+    }
+    if (c->hvalue_len[0] > 0) {
+        double s = strtod(c->hvalue[0], &end);
+        if (end != c->hvalue[0] && s > 0 && s <= 60) return (int64_t)(s * 1e9);
+    }
+    double b = 0.5 * (double)(1u << (done < 5 ? done : 5));
+    return (int64_t)((b < 8 ? b : 8) * 1e9);
+}
+
 static void complete(struct conn *c)
 {
     lt_record *r = &c->rp->recs[c->req];
+    struct replay *rp = c->rp;
+    if (r->http_status == 429 && r->attempts <= rp->o->retry_429 && !rp->stopping) {
+        /* A client retry: this attempt is not the request's end. */
+        int keep = http_should_keep_alive(&c->parser);
+        size_t i = c->req;
+        c->req = LT_NO_REQ;
+        uv_timer_stop(&c->timer);
+        rp->retries++;
+        retry_push(rp, td_now_ns() + retry_wait_ns(c, r->attempts - 1), i);
+        if (keep && c->state == CONN_BUSY)
+            conn_release(c);
+        else
+            conn_close(c);
+        return;
+    }
     int keep = http_should_keep_alive(&c->parser);
     lt_sse_end(&c->sse);
     for (char *q = c->errbody; *q; q++)
@@ -437,6 +526,9 @@ static void conn_send(struct conn *c, size_t i)
     lt_sse_reset(&c->sse);
     c->errbody[0] = '\0';
     c->errbody_len = 0;
+    c->hdr_state = 0;
+    c->hvalue_len[0] = c->hvalue_len[1] = 0;
+    c->hvalue[0][0] = c->hvalue[1][0] = '\0';
     http_parser_init(&c->parser, HTTP_RESPONSE);
     c->parser.data = c;
 
@@ -479,8 +571,11 @@ static void conn_send(struct conn *c, size_t i)
                         uv_buf_init(c->prompt.head, (unsigned)c->prompt.head_len),
                         uv_buf_init((char *)c->prompt.tail, (unsigned)c->prompt.tail_len),
                         uv_buf_init(c->tail, (unsigned)tl)};
-    c->send_abs = td_now_ns();
-    r->send_ns = c->send_abs - rp->start_ns;
+    /* Times count from the first attempt's send: a retry's TTFT and e2e
+     * include the 429s and the waits. */
+    if (r->attempts == 0 || r->send_ns < 0) r->send_ns = td_now_ns() - rp->start_ns;
+    c->send_abs = rp->start_ns + r->send_ns;
+    r->attempts++;
     rp->sent++;
     c->write_req.data = c;
     int rc = uv_write(&c->write_req, (uv_stream_t *)&c->tcp, bufs, 4, on_write);
@@ -551,10 +646,12 @@ static void conn_open(struct replay *rp, size_t i, int warm)
     rp->conns_opened++;
     if (warm) rp->warm_pending++;
     if (i != LT_NO_REQ) {
-        /* Marked now so a failed connect is charged to this request. */
+        /* Marked now so a failed connect is charged to this request (a
+         * retry keeps its first send time). */
         c->req = i;
-        c->send_abs = td_now_ns();
-        rp->recs[i].send_ns = c->send_abs - rp->start_ns;
+        lt_record *r = &rp->recs[i];
+        if (r->attempts == 0 || r->send_ns < 0) r->send_ns = td_now_ns() - rp->start_ns;
+        c->send_abs = rp->start_ns + r->send_ns;
     }
     uv_tcp_nodelay(&c->tcp, 1);
     int rc =
@@ -567,6 +664,81 @@ static void conn_open(struct replay *rp, size_t i, int warm)
 static void dispatch(struct replay *rp, size_t i)
 {
     rp->recs[i].sched_ns = rp->reqs[i].t_ns;
+    dispatch_attempt(rp, i);
+}
+
+/* ---- client retries ---- */
+
+static int retry_less(const struct retry_ent *a, const struct retry_ent *b)
+{
+    return a->due < b->due || (a->due == b->due && a->i < b->i);
+}
+
+static void on_retry_timer(uv_timer_t *t);
+
+static void arm_retry(struct replay *rp)
+{
+    if (!rp->retry_open || rp->n_retry == 0) return;
+    int64_t wait = rp->retryq[0].due - td_now_ns();
+    uv_update_time(&rp->loop);
+    uv_timer_start(&rp->retry_timer, on_retry_timer,
+                   (uint64_t)(wait > 0 ? (wait + 999999) / 1000000 : 0), 0);
+}
+
+static void retry_push(struct replay *rp, int64_t due, size_t i)
+{
+    struct retry_ent e = {.due = due, .i = i};
+    size_t k = rp->n_retry++; /* room: one entry per request at most */
+    while (k > 0) {
+        size_t p = (k - 1) / 2;
+        if (!retry_less(&e, &rp->retryq[p])) break;
+        rp->retryq[k] = rp->retryq[p];
+        k = p;
+    }
+    rp->retryq[k] = e;
+    if (k == 0) arm_retry(rp);
+}
+
+static size_t retry_pop(struct replay *rp)
+{
+    size_t top = rp->retryq[0].i;
+    struct retry_ent last = rp->retryq[--rp->n_retry];
+    size_t k = 0;
+    for (;;) {
+        size_t l = 2 * k + 1, m = k;
+        const struct retry_ent *best = &last;
+        if (l < rp->n_retry && retry_less(&rp->retryq[l], best)) {
+            m = l;
+            best = &rp->retryq[l];
+        }
+        if (l + 1 < rp->n_retry && retry_less(&rp->retryq[l + 1], best)) m = l + 1;
+        if (m == k) break;
+        rp->retryq[k] = rp->retryq[m];
+        k = m;
+    }
+    if (rp->n_retry > 0) rp->retryq[k] = last;
+    return top;
+}
+
+static void on_retry_timer(uv_timer_t *t)
+{
+    struct replay *rp = t->data;
+    int64_t now = td_now_ns();
+    while (rp->n_retry > 0 && rp->retryq[0].due <= now && !rp->stopping) {
+        size_t i = retry_pop(rp);
+        lt_record *r = &rp->recs[i];
+        /* A fresh attempt: what the 429 left is dropped. */
+        r->http_status = 0;
+        r->n_chunks = 0;
+        r->ttft_ns = -1;
+        r->error[0] = '\0';
+        dispatch_attempt(rp, i);
+    }
+    arm_retry(rp);
+}
+
+static void dispatch_attempt(struct replay *rp, size_t i)
+{
     if (rp->grpc) {
         rp->sent++;
         lt_grpc_send(rp->grpc, i, rp->start_ns);
@@ -676,6 +848,10 @@ static void replay_stop(struct replay *rp)
         }
         uv_close((uv_handle_t *)&rp->progress, NULL);
     }
+    if (rp->retry_open) {
+        rp->retry_open = 0;
+        uv_close((uv_handle_t *)&rp->retry_timer, NULL);
+    }
     lt_grpc_close(rp->grpc);
     /* Connections still busy finish first (their requests are done only when
      * they end); everything idle or connecting without a request goes now. */
@@ -755,6 +931,15 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     if (!rp || !recs || !arena) goto fail;
     rp->waitq = malloc((n ? n : 1) * sizeof(size_t));
     if (!rp->waitq) goto fail;
+    if (o.retry_429 > 0) {
+        if (o.url.grpc) {
+            td_err_set(err, errlen, "--retry-429 needs an http:// URL");
+            rc = TD_EINVAL;
+            goto fail;
+        }
+        rp->retryq = malloc((n ? n : 1) * sizeof(*rp->retryq));
+        if (!rp->retryq) goto fail;
+    }
     if (ai->ai_addrlen > sizeof(rp->addr)) {
         rc = TD_EINVAL;
         goto fail;
@@ -793,6 +978,8 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     }
     rp->settings.on_body = on_body;
     rp->settings.on_headers_complete = on_headers_complete;
+    rp->settings.on_header_field = on_header_field;
+    rp->settings.on_header_value = on_header_value;
     rp->settings.on_message_complete = on_message_complete;
 
     /* Writes to a peer that closed must fail with EPIPE, not kill the process. */
@@ -830,6 +1017,9 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     uv_timer_init(&rp->loop, &rp->progress);
     rp->progress.data = rp;
     rp->progress_open = 1;
+    uv_timer_init(&rp->loop, &rp->retry_timer);
+    rp->retry_timer.data = rp;
+    rp->retry_open = 1;
 
     for (int k = 0; k < o.warm_conns; k++)
         conn_open(rp, LT_NO_REQ, 1);
@@ -858,12 +1048,16 @@ int lt_replay_run(const lt_replay_opts *opts, const lt_req *reqs, size_t n, lt_r
     out->arena = arena;
     out->conns_opened = rp->conns_opened;
     out->start_wall_ns = rp->start_wall_ns;
+    free(rp->retryq);
     free(rp->waitq);
     free(rp);
     return 0;
 fail:
     if (ai) freeaddrinfo(ai);
-    if (rp) free(rp->waitq);
+    if (rp) {
+        free(rp->waitq);
+        free(rp->retryq);
+    }
     free(rp);
     free(recs);
     free(arena);

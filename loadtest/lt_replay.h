@@ -13,6 +13,14 @@
  * timeout (server stalls) or whose connection closes before the stream ends
  * is an error; its connection is closed and never reused.
  *
+ * Client retries (retry_429 > 0, HTTP only): a 429 is sent again, up to
+ * retry_429 times, after the wait the OpenAI Python client takes: the
+ * response's retry-after-ms, else Retry-After in seconds, when within
+ * (0, 60] s; else 0.5 s x 2^(retries so far), at most 8 s (no jitter, so
+ * runs repeat). The record keeps its first send time (TTFT and e2e include
+ * the waits) and counts its attempts; lt_summary reports the run with and
+ * without the retries.
+ *
  * Connection states (one table, one place that changes them):
  *   CONNECTING --connected--> BUSY (its request is written at once)
  *   IDLE --request--> BUSY --response complete, keep-alive--> IDLE
@@ -57,6 +65,7 @@ typedef struct lt_replay_opts {
     int64_t spin_ns;         /* wake this early and busy-wait to the send time (0: off) */
     int rt_priority;         /* > 0: the loop thread runs SCHED_FIFO at this priority during the run
                                 (when permitted, else a warning); restored afterwards */
+    int retry_429;           /* times a 429 is retried per request (0: never); HTTP only */
 } lt_replay_opts;
 
 /* The outcome of a run: n records in trace order; chunk times live in one

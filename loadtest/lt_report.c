@@ -128,6 +128,15 @@ int lt_summary_compute(const lt_record *recs, size_t n, const lt_slo *slo, lt_su
             out->pending++;
             break;
         }
+        if (r->attempts > 1) {
+            out->retried++;
+            out->retries += (size_t)r->attempts - 1;
+            out->no_retry.rejected++; /* its first answer was a 429 */
+        } else {
+            out->no_retry.ok += r->outcome == LT_OK;
+            out->no_retry.rejected += r->outcome == LT_REJECTED;
+            out->no_retry.good += lt_record_is_good(r, slo);
+        }
         if (r->send_ns >= 0) {
             late[nl++] = td_ns_to_ms(r->send_ns - r->sched_ns);
             if (r->e2e_ns >= 0 && r->send_ns + r->e2e_ns > end_ns) end_ns = r->send_ns + r->e2e_ns;
@@ -148,6 +157,7 @@ int lt_summary_compute(const lt_record *recs, size_t n, const lt_slo *slo, lt_su
         out->req_per_s = (double)out->ok / out->duration_s;
         out->out_tok_per_s = (double)out->output_tokens / out->duration_s;
         out->goodput_req_per_s = (double)out->good / out->duration_s;
+        out->no_retry.goodput_req_per_s = (double)out->no_retry.good / out->duration_s;
     }
     lt_pcts_of(ttft, nt, &out->ttft);
     lt_pcts_of(tpot, np, &out->tpot);
@@ -171,6 +181,12 @@ void lt_summary_print(FILE *fp, const lt_summary *s, const char *out)
     fprintf(fp, "throughput %.2f req/s  %.1f output tok/s\n", s->req_per_s, s->out_tok_per_s);
     fprintf(fp, "goodput %.2f req/s (%zu requests within TTFT <= %g ms, TPOT <= %g ms)\n",
             s->goodput_req_per_s, s->good, s->slo.ttft_ms, s->slo.tpot_ms);
+    if (s->retried > 0)
+        fprintf(fp,
+                "client retries: %zu requests retried after a 429 (%zu retries); without them: "
+                "ok %zu  rejected %zu  goodput %.2f req/s (%zu good)\n",
+                s->retried, s->retries, s->no_retry.ok, s->no_retry.rejected,
+                s->no_retry.goodput_req_per_s, s->no_retry.good);
     const struct {
         const char *name;
         const lt_pcts *p;
@@ -249,6 +265,25 @@ static cJSON *summary_json(const lt_summary *s, const cJSON *extra)
         cJSON_AddNumberToObject(gp, "req_per_s", s->goodput_req_per_s);
         cJSON_AddNumberToObject(gp, "fraction",
                                 s->requests ? (double)s->good / (double)s->requests : 0);
+    }
+    cJSON *cr = cJSON_AddObjectToObject(root, "client_retries");
+    if (cr) {
+        cJSON_AddNumberToObject(cr, "requests_retried", (double)s->retried);
+        cJSON_AddNumberToObject(cr, "retries", (double)s->retries);
+        cJSON *w = cJSON_AddObjectToObject(cr, "with_retries");
+        if (w) {
+            cJSON_AddNumberToObject(w, "ok", (double)s->ok);
+            cJSON_AddNumberToObject(w, "rejected", (double)s->rejected);
+            cJSON_AddNumberToObject(w, "good", (double)s->good);
+            cJSON_AddNumberToObject(w, "goodput_req_per_s", s->goodput_req_per_s);
+        }
+        cJSON *wo = cJSON_AddObjectToObject(cr, "without_retries");
+        if (wo) {
+            cJSON_AddNumberToObject(wo, "ok", (double)s->no_retry.ok);
+            cJSON_AddNumberToObject(wo, "rejected", (double)s->no_retry.rejected);
+            cJSON_AddNumberToObject(wo, "good", (double)s->no_retry.good);
+            cJSON_AddNumberToObject(wo, "goodput_req_per_s", s->no_retry.goodput_req_per_s);
+        }
     }
     cJSON_AddItemToObject(root, "ttft_ms", pcts_json(&s->ttft));
     cJSON_AddItemToObject(root, "itl_ms", pcts_json(&s->itl));
@@ -542,6 +577,8 @@ static double json_path(const cJSON *j, const char *path)
 int lt_report_compare(const char *dir_a, const char *dir_b, FILE *out, char *err, size_t errlen)
 {
     static const char *const keys[] = {
+        "slo.ttft_ms", /* the SLO goes with every goodput */
+        "slo.tpot_ms",
         "requests",
         "ok",
         "rejected",
@@ -551,6 +588,8 @@ int lt_report_compare(const char *dir_a, const char *dir_b, FILE *out, char *err
         "throughput.output_tok_per_s",
         "goodput.req_per_s",
         "goodput.fraction",
+        "client_retries.requests_retried",
+        "client_retries.without_retries.goodput_req_per_s",
         "ttft_ms.p50",
         "ttft_ms.p90",
         "ttft_ms.p99",

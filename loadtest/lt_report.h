@@ -8,9 +8,17 @@
  *   TPOT   = (e2e - TTFT) / (output_tokens - 1); 0 when output_tokens <= 1.
  *   e2e    = last byte of the response - actual send time.
  *   lateness = actual send time - scheduled send time.
- *   goodput: a request counts when it is ok, TTFT <= SLO_ttft and
- *            TPOT <= SLO_tpot (an SLO <= 0 is not checked); goodput in req/s is
- *            that count divided by the run duration.
+ *   goodput: a request is good when it is ok, TTFT <= SLO_ttft and its mean
+ *            TPOT <= SLO_tpot (an SLO <= 0 is not checked); a rejected or
+ *            failed request is never good. Goodput in req/s is the good count
+ *            divided by the run duration. This is the one definition: the
+ *            load tester, the simulator and its tuner all call
+ *            lt_record_is_good / lt_summary_compute, and print the SLO with
+ *            every result.
+ *   client retries (--retry-429): send_ns is the first attempt's, so TTFT and
+ *            e2e include the 429s and the waits (what the user saw). Without
+ *            retries is the same run read as a client that does not retry
+ *            would have: a request whose first answer was a 429 is rejected.
  *   duration = from the first scheduled send (t = 0) to the last completion.
  */
 #ifndef TANDEM_LOADTEST_LT_REPORT_H
@@ -40,7 +48,8 @@ typedef struct lt_record {
     int64_t *chunk_ns;     /* chunk arrival times since send, [min(n_chunks, chunk_cap)];
                               borrowed from the run's arena, not owned by the record */
     int32_t chunk_cap;
-    int http_status; /* 0 when no status line arrived */
+    int32_t attempts; /* times sent: 1 + 429s retried (0 when never sent) */
+    int http_status;  /* of the last attempt; 0 when no status line arrived */
     enum lt_outcome outcome;
     char error[96]; /* reason for LT_ERROR / LT_REJECTED; "" otherwise */
 } lt_record;
@@ -63,11 +72,18 @@ typedef struct lt_summary {
     int64_t input_tokens, output_tokens; /* sums over ok requests */
     lt_pcts ttft, itl, tpot, e2e, lateness;
     lt_slo slo;
+    /* Client retries of 429s: how many requests were retried, how many
+     * retries in all, and the run as a client without retries saw it. */
+    size_t retried, retries;
+    struct {
+        size_t ok, rejected, good;
+        double goodput_req_per_s; /* over the same duration */
+    } no_retry;
 } lt_summary;
 
 /* TPOT of one record in ms (see above). */
 double lt_record_tpot_ms(const lt_record *r);
-/* 1 when r is ok and meets slo. */
+/* 1 when r is ok and meets slo (rejected and failed: never). */
 int lt_record_is_good(const lt_record *r, const lt_slo *slo);
 
 /* Computes the summary of n records. 0 or TD_ENOMEM. */

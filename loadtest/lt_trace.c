@@ -641,6 +641,58 @@ int lt_trace_fit_context(lt_trace *tr, int32_t max_context, size_t *scaled)
     return 0;
 }
 
+static int32_t lt__scale_len(int32_t v, double scale, int32_t floor1)
+{
+    double x = nearbyint((double)v * scale);
+    if (x > INT32_MAX) x = INT32_MAX;
+    if (x < floor1) x = floor1;
+    return (int32_t)x;
+}
+
+int lt_trace_fit_lengths(lt_trace *tr, const lt_lengths *o, lt_lengths_stats *st)
+{
+    lt_lengths_stats tmp = {0};
+    if (st) *st = tmp;
+    if (!isfinite(o->scale) || o->scale < 0 || o->max_context == 1) return TD_EINVAL;
+    int scale_on = o->scale > 0 && o->scale != 1.0;
+    for (size_t i = 0; i < tr->n; i++) {
+        lt_req *q = &tr->reqs[i];
+        if (scale_on) {
+            int32_t in = lt__scale_len(q->input_tokens > 0 ? q->input_tokens : 1, o->scale, 1);
+            int32_t out = q->output_tokens > 0 ? lt__scale_len(q->output_tokens, o->scale, 1) : 0;
+            if (in != q->input_tokens || out != q->output_tokens) tmp.scaled++;
+            q->input_tokens = in;
+            q->output_tokens = out;
+        }
+        if (o->max_prompt > 0 && q->input_tokens > o->max_prompt) {
+            q->input_tokens = o->max_prompt;
+            tmp.prompt_clipped++;
+        }
+        if (o->max_output > 0 && q->output_tokens > o->max_output) {
+            q->output_tokens = o->max_output;
+            tmp.output_clipped++;
+        }
+    }
+    if (o->max_context > 0) (void)lt_trace_fit_context(tr, o->max_context, &tmp.context_fitted);
+    if (st) *st = tmp;
+    return 0;
+}
+
+cJSON *lt_lengths_json(const lt_lengths *o, const lt_lengths_stats *st)
+{
+    cJSON *x = cJSON_CreateObject();
+    if (!x) return NULL;
+    cJSON_AddNumberToObject(x, "length_scale", o->scale > 0 ? o->scale : 1.0);
+    cJSON_AddNumberToObject(x, "max_prompt_tokens", o->max_prompt);
+    cJSON_AddNumberToObject(x, "max_output_tokens", o->max_output);
+    cJSON_AddNumberToObject(x, "max_context", o->max_context);
+    cJSON_AddNumberToObject(x, "scaled", (double)st->scaled);
+    cJSON_AddNumberToObject(x, "prompt_clipped", (double)st->prompt_clipped);
+    cJSON_AddNumberToObject(x, "output_clipped", (double)st->output_clipped);
+    cJSON_AddNumberToObject(x, "context_scaled", (double)st->context_fitted);
+    return x;
+}
+
 int lt_trace_write_jsonl(const lt_trace *tr, FILE *fp)
 {
     for (size_t i = 0; i < tr->n; i++) {

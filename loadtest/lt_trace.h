@@ -104,6 +104,37 @@ double lt_trace_mean_rate(const lt_trace *tr);
  * TD_EINVAL when max_context < 2 (one prompt and one output token). */
 int lt_trace_fit_context(lt_trace *tr, int32_t max_context, size_t *scaled);
 
+/* What a replay does to the trace's lengths so that real traces fit a small
+ * model, in this order: both lengths multiplied by scale (rounded to nearest;
+ * a prompt, and an output that was > 0, stay at least 1); the prompt clipped
+ * to max_prompt and the output to max_output; then lt_trace_fit_context to
+ * max_context. A field <= 0 (scale: 0 or 1) leaves that step out. The
+ * load tester, synth and tandem-sim apply the same, and state it in
+ * summary.json (run.lengths). */
+typedef struct lt_lengths {
+    double scale;        /* length multiplier; 0 or 1: off */
+    int32_t max_prompt;  /* prompt tokens at most; 0: off */
+    int32_t max_output;  /* output tokens at most; 0: off */
+    int32_t max_context; /* prompt + output at most (>= 2); 0: off */
+} lt_lengths;
+
+typedef struct lt_lengths_stats {
+    size_t scaled;         /* requests whose lengths the scale changed */
+    size_t prompt_clipped; /* prompts cut to max_prompt */
+    size_t output_clipped; /* outputs cut to max_output */
+    size_t context_fitted; /* requests scaled down to max_context */
+} lt_lengths_stats;
+
+/* Applies o to every request. TD_EINVAL (tr unchanged) when scale is < 0 or
+ * not finite, or max_context is 1. st may be NULL. */
+int lt_trace_fit_lengths(lt_trace *tr, const lt_lengths *o, lt_lengths_stats *st);
+
+/* {"length_scale", "max_prompt_tokens", "max_output_tokens", "max_context",
+ * "scaled", "prompt_clipped", "output_clipped", "context_scaled"} for
+ * summary.json's run.lengths; NULL when out of memory. The caller owns it. */
+struct cJSON;
+struct cJSON *lt_lengths_json(const lt_lengths *o, const lt_lengths_stats *st);
+
 /* Writes the trace as Mooncake-style JSONL (timestamp in ms, hash_ids when the
  * trace has them), so synthetic workloads can be saved and replayed. 0 or TD_EIO. */
 int lt_trace_write_jsonl(const lt_trace *tr, FILE *fp);

@@ -57,7 +57,8 @@ struct lt_opts {
     double speedup, rate, slo_ttft_ms, slo_tpot_ms, timeout_s, window_s, start_s, end_s;
     double gamma_shape, gamma_scale_s, req_zipf, resp_zipf;
     int64_t max_requests, max_conns, warm_conns, filler_id, spin_us, rt_priority, block_tokens;
-    int64_t max_context;
+    int64_t max_context, max_prompt_tokens, max_output_tokens, retry_429;
+    double length_scale;
     int64_t n, seed, req_max, resp_max;
     bool keep_failed, skip_bad, no_verify, no_plots;
 };
@@ -121,7 +122,16 @@ struct lt_opts {
                "Tokens per Mooncake hash id", block_tokens),                                       \
         LT_OPT("max-context", CFG_INT64, "0", "0", "2147483647", NULL,                             \
                "Scale prompt + output tokens of longer requests down to fit N; 0: off",            \
-               max_context)
+               max_context),                                                                       \
+        LT_OPT("length-scale", CFG_DOUBLE, "1", "0", NULL, NULL,                                   \
+               "Multiply every prompt and output length by X (before the clips)", length_scale),   \
+        LT_OPT("max-prompt-tokens", CFG_INT64, "0", "0", "2147483647", NULL,                       \
+               "Clip prompts to N tokens; 0: off", max_prompt_tokens),                             \
+        LT_OPT("max-output-tokens", CFG_INT64, "0", "0", "2147483647", NULL,                       \
+               "Clip outputs (max_tokens) to N tokens; 0: off", max_output_tokens),                \
+        LT_OPT("retry-429", CFG_INT64, "0", "0", "100", NULL,                                      \
+               "Retry a 429 up to N times after its Retry-After, as the OpenAI client does",       \
+               retry_429)
 /* The defaults are lt_synth_defaults()'s, written out for --help. */
 #define LT_SYNTH_OPTS                                                                              \
     LT_OPT("n", CFG_INT64, "1000", "1", "100000000", NULL, "Requests to generate", n),             \
@@ -166,7 +176,8 @@ struct args {
     long spin_us;
     long rt_priority;
     long block_tokens;
-    int32_t max_context;
+    lt_lengths lengths;
+    int retry_429;
     lt_synth_params synth;
 };
 
@@ -251,7 +262,11 @@ static int parse_args(const char *cmd, const struct cfg_option *table, size_t nt
     a->spin_us = (long)o->spin_us;
     a->rt_priority = (long)o->rt_priority;
     a->block_tokens = (long)o->block_tokens;
-    a->max_context = (int32_t)o->max_context;
+    a->lengths = (lt_lengths){.scale = o->length_scale,
+                              .max_prompt = (int32_t)o->max_prompt_tokens,
+                              .max_output = (int32_t)o->max_output_tokens,
+                              .max_context = (int32_t)o->max_context};
+    a->retry_429 = (int)o->retry_429;
     a->synth = (lt_synth_params){.seed = (uint64_t)o->seed,
                                  .n = (size_t)o->n,
                                  .gamma_shape = o->gamma_shape,
@@ -337,6 +352,7 @@ static int run_replay(const struct args *a, lt_trace *tr, const char *source)
                         .progress = isatty(2),
                         .spin_ns = a->spin_us * TD_NS_PER_US,
                         .rt_priority = (int)a->rt_priority,
+                        .retry_429 = a->retry_429,
                         .hashes = tr->hashes,
                         .block_tokens = (int32_t)a->block_tokens};
     if (lt_url_parse(a->url, &o.url) != 0) {
@@ -353,12 +369,17 @@ static int run_replay(const struct args *a, lt_trace *tr, const char *source)
         fprintf(stderr, "tandem-loadtest: --rate needs at least two distinct arrival times\n");
         return 1;
     }
-    size_t fitted = 0;
-    if (a->max_context > 0) {
-        lt_trace_fit_context(tr, a->max_context, &fitted); /* >= 2: checked by parse_args */
-        td_log_info("loadtest", "context_fit", "max_context=%d scaled=%zu of=%zu",
-                    (int)a->max_context, fitted, tr->n);
+    lt_lengths_stats ls;
+    if (lt_trace_fit_lengths(tr, &a->lengths, &ls) != 0) { /* max-context >= 2: parse_args */
+        fprintf(stderr, "tandem-loadtest: --length-scale must be a finite number >= 0\n");
+        return 2;
     }
+    td_log_info("loadtest", "lengths",
+                "length_scale=%g max_prompt=%d max_output=%d max_context=%d scaled=%zu "
+                "prompt_clipped=%zu output_clipped=%zu context_scaled=%zu of=%zu",
+                a->lengths.scale, (int)a->lengths.max_prompt, (int)a->lengths.max_output,
+                (int)a->lengths.max_context, ls.scaled, ls.prompt_clipped, ls.output_clipped,
+                ls.context_fitted, tr->n);
     int32_t max_in = 1;
     for (size_t i = 0; i < tr->n; i++)
         max_in = tr->reqs[i].input_tokens > max_in ? tr->reqs[i].input_tokens : max_in;
@@ -412,8 +433,10 @@ static int run_replay(const struct args *a, lt_trace *tr, const char *source)
         cJSON_AddNumberToObject(extra, "speedup", a->speedup);
         cJSON_AddNumberToObject(extra, "target_rate_rps", a->rate);
         cJSON_AddNumberToObject(extra, "scheduled_mean_rate_rps", lt_trace_mean_rate(tr));
-        cJSON_AddNumberToObject(extra, "max_context", a->max_context);
-        cJSON_AddNumberToObject(extra, "context_scaled", (double)fitted);
+        cJSON_AddNumberToObject(extra, "max_context", a->lengths.max_context);
+        cJSON_AddNumberToObject(extra, "context_scaled", (double)ls.context_fitted);
+        cJSON_AddItemToObject(extra, "lengths", lt_lengths_json(&a->lengths, &ls));
+        cJSON_AddNumberToObject(extra, "retry_429", a->retry_429);
         cJSON_AddNumberToObject(extra, "trace_rows", (double)tr->rows);
         cJSON_AddNumberToObject(extra, "trace_failed_skipped", (double)tr->failed);
         cJSON_AddNumberToObject(extra, "trace_bad_skipped", (double)tr->bad);

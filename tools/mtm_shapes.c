@@ -18,6 +18,10 @@ const mtm_shape mtm_shapes[] = {
      "Mistral, head_dim 32 != dim/n_heads (q width 128)"},
     {"15m",         MTM_ARCH_LLAMA,  288, 768, 6, 6, 6, 32000, 256, 48, 1e4, 1e-5, 1, 0,
      "llama2.c stories15M geometry, tied, vocab 32000"},
+    {"15m-4k",      MTM_ARCH_LLAMA,  288, 768, 6, 6, 6, 32000, 4096, 48, 1e4, 1e-5, 1, 0,
+     "15m with a 4,096-token context, for replaying real traces"},
+    {"tiny-4k",     MTM_ARCH_LLAMA,   64, 172, 2, 4, 2,   512, 4096, 16, 1e4, 1e-5, 1, 0,
+     "tiny with a 4,096-token context, for replaying real traces"},
     {NULL, MTM_ARCH_LLAMA, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL},
 };
 /* clang-format on */

@@ -25,8 +25,14 @@ struct sim_opts {
     const char *trace, *format, *filter_model, *log_type, *admission, *cost, *out, *log_level;
     const char *loads, *policies, *holdout;
     double speedup, rate, start_s, end_s, slo_ttft_ms, slo_tpot_ms, train_fraction;
+    /* The router's admission keys (router/rt_main.c), read over adm_params_defaults. */
+    double bucket_rate, bucket_burst, queue_max_ms, short_window_s, long_window_s, hold_max_ms,
+        burst_cv, burst_rate_ratio;
+    int64_t hold_max, max_prompt_tokens, max_output_tokens;
+    double length_scale;
     int64_t max_requests, prefill, decode, kv_blocks, block_size, max_num_seqs, max_batched_tokens,
-        max_chunk_tokens, max_model_len, max_context, heartbeat_ms, max_outstanding, chunk_cap;
+        max_chunk_tokens, max_model_len, max_context, heartbeat_ms, tick_ms, max_outstanding,
+        chunk_cap, retry_429;
     bool keep_failed, skip_bad, no_plots, check_kv;
 };
 
@@ -57,6 +63,12 @@ struct sim_opts {
                 rate),                                                                             \
         SIM_OPT("max-context", CFG_INT64, "0", "0", "16777216", NULL,                              \
                 "Scale prompt + output of longer requests down to fit N; 0: off", max_context),    \
+        SIM_OPT("length-scale", CFG_DOUBLE, "1", "0", NULL, NULL,                                  \
+                "Multiply every prompt and output length by X (before the clips)", length_scale),  \
+        SIM_OPT("max-prompt-tokens", CFG_INT64, "0", "0", "2147483647", NULL,                      \
+                "Clip prompts to N tokens; 0: off", max_prompt_tokens),                            \
+        SIM_OPT("max-output-tokens", CFG_INT64, "0", "0", "2147483647", NULL,                      \
+                "Clip outputs to N tokens; 0: off", max_output_tokens),                            \
         SIM_OPT("prefill", CFG_INT64, "1", "1", "4096", NULL, "Prefill workers", prefill),         \
         SIM_OPT("decode", CFG_INT64, "1", "1", "4096", NULL, "Decode workers", decode),            \
         SIM_OPT("kv-blocks", CFG_INT64, "1024", "1", "16777216", NULL, "KV blocks per worker",     \
@@ -74,12 +86,39 @@ struct sim_opts {
         SIM_OPT("heartbeat-ms", CFG_INT64, "1000", "0", "600000", NULL,                            \
                 "Load reports to the router every T ms; 0: the router sees live state",            \
                 heartbeat_ms),                                                                     \
+        SIM_OPT("tick-ms", CFG_INT64, "100", "0", "600000", NULL,                                  \
+                "The router's tick: held requests are rechecked on it; 0: heartbeats only",        \
+                tick_ms),                                                                          \
         SIM_OPT("cost", CFG_STRING, NULL, NULL, NULL, NULL,                                        \
-                "Cost model file (key = value, adm_cost fields)", cost),                           \
-        SIM_OPT("slo-ttft-ms", CFG_DOUBLE, "0", "0", NULL, NULL, "TTFT SLO (ms); 0: unchecked",    \
-                slo_ttft_ms),                                                                      \
-        SIM_OPT("slo-tpot-ms", CFG_DOUBLE, "0", "0", NULL, NULL, "TPOT SLO (ms); 0: unchecked",    \
-                slo_tpot_ms),                                                                      \
+                "Cost model file (adm_cost_load; keys left out are 0); default adm_cost_defaults", \
+                cost),                                                                             \
+        SIM_OPT("slo-ttft-ms", CFG_DOUBLE, "0", "0", NULL, NULL,                                   \
+                "TTFT SLO (ms) of the report, and burst's when set; 0: unchecked", slo_ttft_ms),   \
+        SIM_OPT("slo-tpot-ms", CFG_DOUBLE, "0", "0", NULL, NULL,                                   \
+                "TPOT SLO (ms) of the report, and burst's when set; 0: unchecked", slo_tpot_ms),   \
+        SIM_OPT("max-outstanding", CFG_INT64, "256", "1", "1000000", NULL,                         \
+                "max_outstanding: admitted requests at once", max_outstanding),                    \
+        SIM_OPT("bucket-rate", CFG_DOUBLE, NULL, "0", NULL, NULL, "token_bucket: requests/s",      \
+                bucket_rate),                                                                      \
+        SIM_OPT("bucket-burst", CFG_DOUBLE, NULL, "0", NULL, NULL, "token_bucket: bucket size",    \
+                bucket_burst),                                                                     \
+        SIM_OPT("queue-max-ms", CFG_DOUBLE, NULL, "0", NULL, NULL,                                 \
+                "queue_threshold: reject above this predicted prefill queueing", queue_max_ms),    \
+        SIM_OPT("short-window-s", CFG_DOUBLE, NULL, "0", NULL, NULL,                               \
+                "burst: short arrival-rate window", short_window_s),                               \
+        SIM_OPT("long-window-s", CFG_DOUBLE, NULL, "0", NULL, NULL,                                \
+                "burst: long arrival-rate window", long_window_s),                                 \
+        SIM_OPT("hold-max-ms", CFG_DOUBLE, NULL, "0", NULL, NULL,                                  \
+                "burst: longest a request may wait in the hold queue", hold_max_ms),               \
+        SIM_OPT("hold-max", CFG_INT64, NULL, "0", "1000000", NULL, "burst: hold queue bound",      \
+                hold_max),                                                                         \
+        SIM_OPT("burst-cv", CFG_DOUBLE, NULL, "0", NULL, NULL,                                     \
+                "burst: inter-arrival CV above which arrivals are a burst", burst_cv),             \
+        SIM_OPT("burst-rate-ratio", CFG_DOUBLE, NULL, "0", NULL, NULL,                             \
+                "burst: short/long rate ratio above which arrivals are a burst",                   \
+                burst_rate_ratio),                                                                 \
+        SIM_OPT("retry-429", CFG_INT64, "0", "0", "100", NULL,                                     \
+                "Client retries of a 429 after its Retry-After (the load tester's)", retry_429),   \
         SIM_OPT("chunk-cap", CFG_INT64, "0", "0", "16777216", NULL,                                \
                 "Token times kept per request (ITL, tokens.csv); 0: all", chunk_cap),              \
         SIM_OPT("check-kv", CFG_BOOL, "false", NULL, NULL, NULL,                                   \
@@ -92,8 +131,6 @@ static const struct cfg_option run_table[] = {
     SIM_COMMON_OPTS,
     SIM_OPT("admission", CFG_STRING, "none", NULL, NULL, NULL, "Admission policy (adm_find)",
             admission),
-    SIM_OPT("max-outstanding", CFG_INT64, "256", "1", "1000000", NULL,
-            "max_outstanding: admitted requests at once", max_outstanding),
     SIM_OPT("no-plots", CFG_BOOL, "false", NULL, NULL, NULL, "Do not run gnuplot", no_plots),
 };
 
@@ -172,13 +209,34 @@ static int parse(const char *cmd, const struct cfg_option *t, size_t nt, int arg
                         : o->max_context ? (uint32_t)o->max_context
                                          : 4096;
     sc->heartbeat_ns = o->heartbeat_ms * TD_NS_PER_MS;
+    sc->tick_ns = o->tick_ms * TD_NS_PER_MS;
     sc->chunk_cap = (uint32_t)o->chunk_cap;
+    sc->retry_429 = (uint32_t)o->retry_429;
     sc->check_kv = o->check_kv;
     if (o->admission) sc->admission = o->admission;
-    if (o->max_outstanding) sc->params.max_outstanding = (uint32_t)o->max_outstanding;
+    /* As the router's rt_adm_params: adm_params_defaults, then the keys set. */
+    adm_params *p = &sc->params;
+    p->max_outstanding = (uint32_t)o->max_outstanding;
+#define SIM_SET(key, field, value)                                                                 \
+    do {                                                                                           \
+        const char *src = cfg_source(*cf, key);                                                    \
+        if (src && strcmp(src, "default") != 0) p->field = (value);                                \
+    } while (0)
+    SIM_SET("bucket-rate", bucket_rate, o->bucket_rate);
+    SIM_SET("bucket-burst", bucket_burst, o->bucket_burst);
+    SIM_SET("queue-max-ms", queue_max_ms, o->queue_max_ms);
+    SIM_SET("short-window-s", short_window_s, o->short_window_s);
+    SIM_SET("long-window-s", long_window_s, o->long_window_s);
+    SIM_SET("hold-max-ms", hold_max_ms, o->hold_max_ms);
+    SIM_SET("hold-max", hold_max, (uint32_t)o->hold_max);
+    SIM_SET("burst-cv", burst_cv, o->burst_cv);
+    SIM_SET("burst-rate-ratio", burst_rate_ratio, o->burst_rate_ratio);
+#undef SIM_SET
+    if (o->slo_ttft_ms > 0) p->slo_ttft_ms = o->slo_ttft_ms;
+    if (o->slo_tpot_ms > 0) p->slo_tpot_ms = o->slo_tpot_ms;
     if (o->cost) {
         char err[512] = "";
-        if (sim_cost_load(o->cost, &sc->cost, err, sizeof(err)) != 0) {
+        if (adm_cost_load(o->cost, &sc->cost, err, sizeof(err)) != 0) {
             fprintf(stderr, "tandem-sim: --cost %s: %s\n", o->cost, err);
             return 2;
         }
@@ -186,8 +244,17 @@ static int parse(const char *cmd, const struct cfg_option *t, size_t nt, int arg
     return -1;
 }
 
-/* Reads the trace with the filters, fits the context, scales time. 0 or 1. */
-static int load_trace(const struct sim_opts *o, lt_trace *tr, size_t *fitted)
+static lt_lengths sim_lengths(const struct sim_opts *o)
+{
+    return (lt_lengths){.scale = o->length_scale,
+                        .max_prompt = (int32_t)o->max_prompt_tokens,
+                        .max_output = (int32_t)o->max_output_tokens,
+                        .max_context = (int32_t)o->max_context};
+}
+
+/* Reads the trace with the filters, scales and clips lengths as the load
+ * tester does, scales time. 0, 1 or 2. */
+static int load_trace(const struct sim_opts *o, lt_trace *tr, lt_lengths_stats *fitted)
 {
     enum lt_format fmt;
     if (lt_format_parse(o->format, &fmt) != 0) {
@@ -208,9 +275,12 @@ static int load_trace(const struct sim_opts *o, lt_trace *tr, size_t *fitted)
         fprintf(stderr, "tandem-sim: %s: %s\n", o->trace, err[0] ? err : td_strerror(rc));
         return 1;
     }
-    *fitted = 0;
-    if (o->max_context > 0) /* >= 2: checked by parse */
-        (void)lt_trace_fit_context(tr, (int32_t)o->max_context, fitted);
+    lt_lengths lo = sim_lengths(o);
+    if (lt_trace_fit_lengths(tr, &lo, fitted) != 0) { /* max-context >= 2: checked by parse */
+        fprintf(stderr, "tandem-sim: --length-scale must be a finite number >= 0\n");
+        lt_trace_free(tr);
+        return 2;
+    }
     if (o->speedup > 0) lt_trace_speedup(tr, o->speedup);
     if (o->rate > 0 && lt_trace_scale_to_rate(tr, o->rate) != 0) {
         fprintf(stderr, "tandem-sim: --rate needs at least two distinct arrival times\n");
@@ -221,7 +291,7 @@ static int load_trace(const struct sim_opts *o, lt_trace *tr, size_t *fitted)
 }
 
 static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_trace *tr,
-                       size_t fitted, const sim_result *res)
+                       const lt_lengths_stats *fitted, const sim_result *res)
 {
     cJSON *x = cJSON_CreateObject();
     if (!x) return NULL;
@@ -230,9 +300,12 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
     cJSON_AddStringToObject(x, "simulator", "tandem-sim");
     cJSON_AddNumberToObject(x, "speedup", o->speedup);
     cJSON_AddNumberToObject(x, "target_rate_rps", o->rate);
+    cJSON_AddNumberToObject(x, "retry_429", (double)o->retry_429);
     cJSON_AddNumberToObject(x, "scheduled_mean_rate_rps", lt_trace_mean_rate(tr));
     cJSON_AddNumberToObject(x, "max_context", (double)o->max_context);
-    cJSON_AddNumberToObject(x, "context_scaled", (double)fitted);
+    cJSON_AddNumberToObject(x, "context_scaled", (double)fitted->context_fitted);
+    lt_lengths lo = sim_lengths(o);
+    cJSON_AddItemToObject(x, "lengths", lt_lengths_json(&lo, fitted));
     cJSON_AddNumberToObject(x, "trace_rows", (double)tr->rows);
     cJSON_AddNumberToObject(x, "trace_failed_skipped", (double)tr->failed);
     cJSON_AddNumberToObject(x, "trace_bad_skipped", (double)tr->bad);
@@ -248,8 +321,24 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
         cJSON_AddNumberToObject(cl, "max_chunk_tokens", sc->max_chunk_tokens);
         cJSON_AddNumberToObject(cl, "max_model_len", sc->max_model_len);
         cJSON_AddNumberToObject(cl, "heartbeat_ms", (double)sc->heartbeat_ns / 1e6);
+        cJSON_AddNumberToObject(cl, "tick_ms", (double)sc->tick_ns / 1e6);
         cJSON_AddStringToObject(cl, "admission", sc->admission);
-        cJSON_AddNumberToObject(cl, "max_outstanding", sc->params.max_outstanding);
+        const adm_params *p = &sc->params;
+        cJSON *ap = cJSON_AddObjectToObject(cl, "admission_params");
+        if (ap) { /* the router's keys */
+            cJSON_AddNumberToObject(ap, "max-outstanding", p->max_outstanding);
+            cJSON_AddNumberToObject(ap, "bucket-rate", p->bucket_rate);
+            cJSON_AddNumberToObject(ap, "bucket-burst", p->bucket_burst);
+            cJSON_AddNumberToObject(ap, "queue-max-ms", p->queue_max_ms);
+            cJSON_AddNumberToObject(ap, "slo-ttft-ms", p->slo_ttft_ms);
+            cJSON_AddNumberToObject(ap, "slo-tpot-ms", p->slo_tpot_ms);
+            cJSON_AddNumberToObject(ap, "short-window-s", p->short_window_s);
+            cJSON_AddNumberToObject(ap, "long-window-s", p->long_window_s);
+            cJSON_AddNumberToObject(ap, "hold-max-ms", p->hold_max_ms);
+            cJSON_AddNumberToObject(ap, "hold-max", p->hold_max);
+            cJSON_AddNumberToObject(ap, "burst-cv", p->burst_cv);
+            cJSON_AddNumberToObject(ap, "burst-rate-ratio", p->burst_rate_ratio);
+        }
     }
     cJSON *co = cJSON_AddObjectToObject(x, "cost");
     if (co) {
@@ -268,6 +357,12 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
         cJSON_AddNumberToObject(st, "steps_decode", (double)res->stats.steps_decode);
         cJSON_AddNumberToObject(st, "preemptions", (double)res->stats.preemptions);
         cJSON_AddNumberToObject(st, "too_long", (double)res->stats.too_long);
+        cJSON_AddNumberToObject(st, "held", (double)res->stats.held);
+        cJSON_AddNumberToObject(st, "admitted_after_hold", (double)res->stats.admitted_after_hold);
+        cJSON_AddNumberToObject(st, "rejected_after_hold", (double)res->stats.rejected_after_hold);
+        cJSON_AddNumberToObject(st, "hold_timeouts", (double)res->stats.hold_timeouts);
+        cJSON_AddNumberToObject(st, "hold_passes", (double)res->stats.hold_passes);
+        cJSON_AddNumberToObject(st, "client_retries", (double)res->stats.client_retries);
         cJSON_AddNumberToObject(st, "leaked_blocks", res->stats.leaked_blocks);
         cJSON_AddNumberToObject(st, "sim_end_s", res->stats.sim_end_s);
         /* The wall time goes to stderr only: reports stay byte-identical. */
@@ -287,7 +382,7 @@ static int cmd_run(int argc, char **argv)
         return st;
     }
     lt_trace tr;
-    size_t fitted = 0;
+    lt_lengths_stats fitted;
     if ((st = load_trace(&o, &tr, &fitted)) != 0) {
         cfg_free(cf);
         return st;
@@ -306,7 +401,7 @@ static int cmd_run(int argc, char **argv)
     lt_slo slo = {.ttft_ms = o.slo_ttft_ms, .tpot_ms = o.slo_tpot_ms};
     lt_summary s;
     rc = lt_summary_compute(res.recs, res.n, &slo, &s);
-    cJSON *extra = rc == 0 ? run_json(&o, &sc, &tr, fitted, &res) : NULL;
+    cJSON *extra = rc == 0 ? run_json(&o, &sc, &tr, &fitted, &res) : NULL;
     if (rc == 0) rc = lt_report_write(o.out, res.recs, res.n, &s, extra, err, sizeof(err));
     cJSON_Delete(extra);
     if (rc) {
@@ -354,7 +449,7 @@ static int cmd_tune(int argc, char **argv)
         return 2;
     }
     lt_trace tr;
-    size_t fitted = 0;
+    lt_lengths_stats fitted;
     if ((st = load_trace(&o, &tr, &fitted)) != 0) {
         cfg_free(cf);
         return st;
@@ -364,7 +459,7 @@ static int cmd_tune(int argc, char **argv)
     if (o.holdout) {
         struct sim_opts oh = o;
         oh.trace = o.holdout;
-        size_t fh = 0;
+        lt_lengths_stats fh;
         if ((st = load_trace(&oh, &ho, &fh)) != 0) {
             lt_trace_free(&tr);
             cfg_free(cf);

@@ -32,13 +32,13 @@
 #include "engine/sched/sch.h"
 
 enum { SIM__PREFILL = 0, SIM__DECODE = 1 };
-enum { SIM__EV_STEP_END = 1, SIM__EV_XFER_DONE = 2 };
+enum { SIM__EV_STEP_END = 1, SIM__EV_XFER_DONE = 2, SIM__EV_HOLD_DEADLINE = 3, SIM__EV_RETRY = 4 };
 
 typedef struct sim__ev {
     int64_t t;    /* ns */
     uint64_t seq; /* insertion order: ties at equal t run FIFO */
     uint32_t type;
-    uint32_t arg; /* worker index (STEP_END) or request index (XFER_DONE) */
+    uint32_t arg; /* worker index (STEP_END) or request index (the others) */
 } sim__ev;
 
 typedef struct sim__heap {
@@ -69,11 +69,15 @@ typedef struct sim__worker {
 } sim__worker;
 
 typedef struct sim__req {
-    int64_t next;   /* FIFO link */
-    int64_t kv_dst; /* decode worker's destination sequence */
-    int64_t kv_src; /* prefill worker's held sequence */
+    int64_t next;         /* FIFO link */
+    int64_t hprev, hnext; /* hold-queue links (-1: none) */
+    int64_t kv_dst;       /* decode worker's destination sequence */
+    int64_t kv_src;       /* prefill worker's held sequence */
+    int64_t hold_until;   /* ns; the deadline decide gave (while held) */
     uint32_t dec, pre;
     uint32_t n_prompt, n_out;
+    uint8_t held;            /* in the hold queue (rt_req RT_R_HELD) */
+    uint8_t prefill_counted; /* its prompt is in inflight_prefill_tokens */
 } sim__req;
 
 typedef struct sim__ctx {
@@ -86,6 +90,12 @@ typedef struct sim__ctx {
     uint32_t nw;
     uint32_t rr_prefill, rr_decode;
     uint32_t outstanding;
+    /* The router's hold queue (rt_ctx held_head / held_tail / n_held) and its
+     * own count of admitted prompt tokens without a first token. */
+    int64_t held_head, held_tail;
+    uint32_t n_held;
+    int pass_due; /* a request ended: recheck the held ones after this event */
+    uint64_t inflight_prefill_tokens;
     const adm_ops *adm;
     void *adm_ctx;
     sim__heap heap;
@@ -215,7 +225,16 @@ static void sim__chunk(sim__ctx *c, size_t i)
     r->n_chunks++;
 }
 
-/* The request is complete at c->now: the router forgets it. */
+/* rt__prefill_done: the router stops counting the prompt as in flight. */
+static void sim__prefill_done(sim__ctx *c, size_t i)
+{
+    sim__req *q = &c->rq[i];
+    if (!q->prefill_counted) return;
+    c->inflight_prefill_tokens -= q->n_prompt;
+    q->prefill_counted = 0;
+}
+
+/* The request is complete at c->now: the router forgets it (rt__end). */
 static void sim__complete(sim__ctx *c, size_t i)
 {
     lt_record *r = &c->recs[i];
@@ -226,8 +245,12 @@ static void sim__complete(sim__ctx *c, size_t i)
     r->outcome = LT_OK;
     sim__worker *d = &c->w[q->dec];
     if (d->inflight) d->inflight--;
+    sim__prefill_done(c, i);
     if (c->outstanding) c->outstanding--;
     if (c->adm->on_end) c->adm->on_end(c->adm_ctx, c->now);
+    /* The router rechecks the hold queue from a 0 ms timer, after the
+     * current callback: here, after the current event. */
+    if (c->n_held) c->pass_due = 1;
 }
 
 /* ---- workers ---- */
@@ -246,6 +269,9 @@ static void sim__join(sim__ctx *c, sim__worker *w, size_t i)
     sim__chunk(c, i); /* the prefill's token reaches the client */
     sim__worker *p = &c->w[q->pre];
     if (p->inflight) p->inflight--; /* the router drops it at the first token */
+    sim__prefill_done(c, i);
+    if (c->adm->on_first_token)
+        c->adm->on_first_token(c->adm_ctx, c->now, c->now - c->recs[i].send_ns);
     if (q->n_out <= 1) {
         (void)kvc_seq_free(w->pool, q->kv_dst);
         q->kv_dst = -1;
@@ -445,12 +471,125 @@ static void sim__heartbeat(sim__ctx *c)
     }
 }
 
-static int sim__arrive(sim__ctx *c, size_t i)
+/* rt__adm_input: what the policy sees for request i now. */
+static void sim__adm_input(const sim__ctx *c, size_t i, adm_input *in)
+{
+    const sim__req *q = &c->rq[i];
+    memset(in, 0, sizeof(*in));
+    in->now_ns = c->now;
+    in->outstanding = c->outstanding;
+    in->held = c->n_held - (q->held ? 1 : 0);
+    in->prompt_tokens = q->n_prompt;
+    in->max_tokens = q->n_out;
+    in->inflight_prefill_tokens = c->inflight_prefill_tokens;
+    in->hold_until_ns = q->held ? q->hold_until : 0;
+    for (uint32_t k = 0; k < c->nw; k++) {
+        const sim__worker *w = &c->w[k];
+        if (w->role == SIM__PREFILL) {
+            in->ready_prefill++;
+            in->queued_prefill_tokens += w->hb_queued_prefill;
+        } else {
+            in->ready_decode++;
+            in->running_seqs += w->hb_running;
+            in->waiting_seqs += w->hb_waiting;
+            in->free_kv_blocks += w->hb_free;
+            in->total_kv_blocks += w->hb_total;
+            in->block_size = c->cfg->block_size;
+        }
+    }
+}
+
+/* rt__admit + rt__start: a decode and a prefill worker, the request counts
+ * as outstanding and its prompt as in-flight prefill. */
+static int sim__admit_req(sim__ctx *c, size_t i)
+{
+    const sim_config *cfg = c->cfg;
+    sim__req *q = &c->rq[i];
+    c->outstanding++;
+    q->dec = sim__pick(c, cfg->n_prefill, cfg->n_decode, &c->rr_decode);
+    q->pre = sim__pick(c, 0, cfg->n_prefill, &c->rr_prefill);
+    c->w[q->dec].inflight++;
+    c->w[q->pre].inflight++;
+    c->inflight_prefill_tokens += q->n_prompt;
+    q->prefill_counted = 1;
+    sim__fifo_push(c, &c->w[q->dec].queue, (int64_t)i);
+    return sim__worker_run(c, q->dec);
+}
+
+/* A 429 at c->now, at arrival or out of the hold queue. The simulated
+ * client sends it again after Retry-After while it has retries left (the
+ * load tester's --retry-429: Retry-After is 1..60 s, which that client
+ * honours as is); else the request ends rejected, its e2e from the first
+ * send (none for a first-attempt rejection at arrival, as before). */
+static int sim__reject(sim__ctx *c, size_t i, const char *reason, uint32_t retry_after_s,
+                       int at_arrival)
+{
+    lt_record *r = &c->recs[i];
+    uint32_t ra = retry_after_s ? retry_after_s : 1;
+    if ((uint32_t)r->attempts <= c->cfg->retry_429) {
+        c->stats.client_retries++;
+        return sim__push(c, c->now + (int64_t)ra * 1000000000, SIM__EV_RETRY, (uint32_t)i);
+    }
+    r->http_status = 429;
+    r->outcome = LT_REJECTED;
+    r->e2e_ns = at_arrival && r->attempts == 1 ? -1 : c->now - r->send_ns;
+    snprintf(r->error, sizeof(r->error), "%s (Retry-After %u)", reason ? reason : "rejected", ra);
+    return 0;
+}
+
+static void sim__unhold(sim__ctx *c, size_t i)
+{
+    sim__req *q = &c->rq[i];
+    if (q->hprev >= 0)
+        c->rq[q->hprev].hnext = q->hnext;
+    else
+        c->held_head = q->hnext;
+    if (q->hnext >= 0)
+        c->rq[q->hnext].hprev = q->hprev;
+    else
+        c->held_tail = q->hprev;
+    q->hprev = q->hnext = -1;
+    q->held = 0;
+    c->n_held--;
+}
+
+/* rt_admission_pass: every held request, oldest first, rechecked; a hold
+ * past its deadline is a 429, never a late answer. */
+static int sim__hold_pass(sim__ctx *c)
+{
+    c->pass_due = 0;
+    if (c->held_head < 0) return 0;
+    c->stats.hold_passes++;
+    if (c->cfg->heartbeat_ns <= 0) sim__heartbeat(c); /* live state, as at arrivals */
+    int rc = 0;
+    for (int64_t i = c->held_head, next; i >= 0 && rc == 0; i = next) {
+        next = c->rq[i].hnext;
+        adm_input in;
+        sim__adm_input(c, (size_t)i, &in);
+        adm_decision d;
+        c->adm->recheck(c->adm_ctx, &in, &d);
+        if (d.verdict == ADM_HOLD && c->now < c->rq[i].hold_until) continue;
+        sim__unhold(c, (size_t)i);
+        if (d.verdict == ADM_ADMIT) {
+            c->stats.admitted_after_hold++;
+            rc = sim__admit_req(c, (size_t)i);
+        } else if (d.verdict == ADM_HOLD) {
+            c->stats.hold_timeouts++;
+            rc = sim__reject(c, (size_t)i, "held past its deadline", d.retry_after_s, 0);
+        } else {
+            c->stats.rejected_after_hold++;
+            rc = sim__reject(c, (size_t)i, d.reason, d.retry_after_s, 0);
+        }
+    }
+    return rc;
+}
+
+/* One attempt of request i reaching the router (rt_req_dispatch). */
+static int sim__attempt(sim__ctx *c, size_t i)
 {
     const sim_config *cfg = c->cfg;
     lt_record *r = &c->recs[i];
     sim__req *q = &c->rq[i];
-    r->send_ns = r->sched_ns; /* the simulated client is never late */
     if (q->n_prompt >= cfg->max_model_len || q->n_prompt + q->n_out > cfg->max_model_len) {
         r->http_status = 400;
         r->outcome = LT_ERROR;
@@ -460,38 +599,47 @@ static int sim__arrive(sim__ctx *c, size_t i)
         return 0;
     }
     if (cfg->heartbeat_ns <= 0) sim__heartbeat(c);
-    adm_input in = {.now_ns = c->now,
-                    .outstanding = c->outstanding,
-                    .prompt_tokens = q->n_prompt,
-                    .max_tokens = q->n_out};
-    for (uint32_t k = 0; k < c->nw; k++) {
-        const sim__worker *w = &c->w[k];
-        if (w->role == SIM__PREFILL) {
-            in.ready_prefill++;
-            in.queued_prefill_tokens += w->hb_queued_prefill;
-        } else {
-            in.ready_decode++;
-            in.running_seqs += w->hb_running;
-            in.free_kv_blocks += w->hb_free;
-            in.total_kv_blocks += w->hb_total;
-        }
-    }
+    adm_input in;
+    sim__adm_input(c, i, &in);
     adm_decision d;
     c->adm->decide(c->adm_ctx, &in, &d);
-    if (d.verdict == ADM_REJECT) {
-        r->http_status = 429;
-        r->outcome = LT_REJECTED;
-        snprintf(r->error, sizeof(r->error), "%s (Retry-After %u)",
-                 d.reason ? d.reason : "rejected", d.retry_after_s ? d.retry_after_s : 1);
-        return 0;
+    if (d.verdict == ADM_REJECT) return sim__reject(c, i, d.reason, d.retry_after_s, 1);
+    if (d.verdict == ADM_HOLD && c->adm->recheck) {
+        /* rt_req_dispatch: into the hold queue, costing the workers nothing,
+         * until a pass admits it or its deadline passes. */
+        q->held = 1;
+        q->hold_until = d.hold_until_ns;
+        q->hprev = c->held_tail;
+        q->hnext = -1;
+        if (c->held_tail >= 0)
+            c->rq[c->held_tail].hnext = (int64_t)i;
+        else
+            c->held_head = (int64_t)i;
+        c->held_tail = (int64_t)i;
+        c->n_held++;
+        c->stats.held++;
+        /* The router's hold timer fires at the earliest deadline still held:
+         * one event per held request, skipped once it is not held. */
+        int64_t t = d.hold_until_ns > c->now ? d.hold_until_ns : c->now;
+        return sim__push(c, t, SIM__EV_HOLD_DEADLINE, (uint32_t)i);
     }
-    c->outstanding++;
-    q->dec = sim__pick(c, cfg->n_prefill, cfg->n_decode, &c->rr_decode);
-    q->pre = sim__pick(c, 0, cfg->n_prefill, &c->rr_prefill);
-    c->w[q->dec].inflight++;
-    c->w[q->pre].inflight++;
-    sim__fifo_push(c, &c->w[q->dec].queue, (int64_t)i);
-    return sim__worker_run(c, q->dec);
+    return sim__admit_req(c, i);
+}
+
+static int sim__arrive(sim__ctx *c, size_t i)
+{
+    lt_record *r = &c->recs[i];
+    r->send_ns = r->sched_ns; /* the simulated client is never late */
+    r->attempts = 1;
+    return sim__attempt(c, i);
+}
+
+/* A client retry of a 429: the same request again; its times still count
+ * from the first send. */
+static int sim__retry(sim__ctx *c, size_t i)
+{
+    c->recs[i].attempts++;
+    return sim__attempt(c, i);
 }
 
 /* ---- setup and the loop ---- */
@@ -507,9 +655,10 @@ void sim_config_defaults(sim_config *c)
     c->max_batched_tokens = 512;
     c->max_model_len = 4096;
     c->heartbeat_ns = 1000000000;
+    c->tick_ns = 100000000;
     c->admission = "none";
-    c->params.max_outstanding = 256;
-    sim_cost_defaults(&c->cost);
+    adm_params_defaults(&c->params);
+    adm_cost_defaults(&c->cost);
 }
 
 static int sim__workers_create(sim__ctx *c)
@@ -575,7 +724,7 @@ static int sim__records(sim__ctx *c, sim_result *out)
     size_t slots = 0;
     for (size_t i = 0; i < c->n; i++) {
         sim__req *q = &c->rq[i];
-        q->next = -1;
+        q->next = q->hprev = q->hnext = -1;
         q->kv_dst = q->kv_src = -1;
         q->n_prompt = c->reqs[i].input_tokens > 0 ? (uint32_t)c->reqs[i].input_tokens : 1;
         /* max_tokens 0 asks the router for the rest of the context. */
@@ -632,15 +781,23 @@ int sim_run(const sim_config *cfg, const lt_req *reqs, size_t n, sim_result *out
     if (err && errlen) err[0] = '\0';
     int rc = sim__check_config(cfg, err, errlen);
     if (rc) return rc;
-    sim__ctx c = {.cfg = cfg, .reqs = reqs, .n = n, .errbuf = err, .errlen = errlen};
-    c.adm = adm_find(cfg->admission);
+    sim__ctx c = {.cfg = cfg,
+                  .reqs = reqs,
+                  .n = n,
+                  .held_head = -1,
+                  .held_tail = -1,
+                  .errbuf = err,
+                  .errlen = errlen};
+    c.adm = cfg->policy ? cfg->policy : adm_find(cfg->admission);
     if (!c.adm) {
         if (err)
             snprintf(err, errlen, "unknown admission policy \"%s\" (one of %s)",
                      cfg->admission ? cfg->admission : "", adm_names());
         return TD_EINVAL;
     }
-    rc = c.adm->create(&cfg->params, &c.adm_ctx);
+    adm_params params = cfg->params;
+    params.cost = cfg->cost; /* one cost model for the steps and the predictions */
+    rc = c.adm->create(&params, &c.adm_ctx);
     if (rc) {
         c.adm = NULL;
         if (err)
@@ -661,10 +818,11 @@ int sim_run(const sim_config *cfg, const lt_req *reqs, size_t n, sim_result *out
         goto fail;
     }
 
-    /* The loop: the next of (heartbeat, heap event, arrival); at equal times
-     * heartbeats first, then events (a step that ends frees room), then arrivals. */
+    /* The loop: the next of (heartbeat, tick, heap event, arrival); at equal
+     * times heartbeats first, then ticks, then events (a step that ends frees
+     * room), then arrivals. Ticks matter only while requests are held. */
     size_t next_arrival = 0;
-    int64_t next_hb = 0;
+    int64_t next_hb = 0, next_tick = 0;
     while (rc == 0 && (c.heap.n > 0 || next_arrival < n)) {
         int64_t t_ev = c.heap.n ? c.heap.v[0].t : INT64_MAX;
         int64_t t_ar = next_arrival < n ? reqs[next_arrival].t_ns : INT64_MAX;
@@ -673,18 +831,44 @@ int sim_run(const sim_config *cfg, const lt_req *reqs, size_t n, sim_result *out
         if (cfg->heartbeat_ns > 0 && next_hb <= t) {
             c.now = next_hb;
             sim__heartbeat(&c);
-            /* Skip idle stretches whole: the state does not change in them. */
-            int64_t k = (t - next_hb) / cfg->heartbeat_ns + 1;
+            /* Skip idle stretches whole: the state does not change in them.
+             * Held requests are rechecked at every heartbeat, so none is
+             * skipped while some are held. */
+            int64_t k = c.n_held ? 1 : (t - next_hb) / cfg->heartbeat_ns + 1;
             next_hb += k * cfg->heartbeat_ns;
+            if (c.n_held) {
+                rc = sim__hold_pass(&c);
+                if (cfg->tick_ns > 0 && next_tick <= c.now) next_tick = c.now + cfg->tick_ns;
+            }
+            if (c.err) rc = c.err;
             continue;
+        }
+        if (c.n_held && cfg->tick_ns > 0) {
+            if (next_tick < c.now) /* ticks while nothing was held are skipped */
+                next_tick = (c.now / cfg->tick_ns + 1) * cfg->tick_ns;
+            if (next_tick <= t) {
+                c.now = next_tick;
+                next_tick += cfg->tick_ns;
+                rc = sim__hold_pass(&c);
+                if (c.err) rc = c.err;
+                continue;
+            }
         }
         c.now = t;
         if (t_ev <= t_ar) {
             sim__ev e = sim__pop(&c.heap);
-            rc = e.type == SIM__EV_STEP_END ? sim__step_end(&c, e.arg) : sim__xfer_done(&c, e.arg);
+            if (e.type == SIM__EV_STEP_END)
+                rc = sim__step_end(&c, e.arg);
+            else if (e.type == SIM__EV_XFER_DONE)
+                rc = sim__xfer_done(&c, e.arg);
+            else if (e.type == SIM__EV_RETRY)
+                rc = sim__retry(&c, e.arg);
+            else if (c.rq[e.arg].held) /* the hold timer at this deadline */
+                rc = sim__hold_pass(&c);
         } else {
             rc = sim__arrive(&c, next_arrival++);
         }
+        if (rc == 0 && c.pass_due) rc = sim__hold_pass(&c);
         if (c.err) rc = c.err;
     }
     if (rc) {

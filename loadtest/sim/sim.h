@@ -36,14 +36,6 @@
 struct sch_step;
 double sim_step_us(const adm_cost *c, const struct sch_step *step);
 
-/* Cost-model defaults (measured, see the comment in sim_cost.c). */
-void sim_cost_defaults(adm_cost *c);
-
-/* Reads `key = value` lines (the common/config file format; keys are the
- * adm_cost field names; missing keys keep their value in *c). 0 or a TD_E*
- * code with err set. */
-int sim_cost_load(const char *path, adm_cost *c, char *err, size_t errlen);
-
 typedef struct sim_config {
     uint32_t n_prefill, n_decode; /* workers, >= 1 each */
     uint32_t kv_blocks;           /* KV blocks per worker */
@@ -53,24 +45,36 @@ typedef struct sim_config {
     uint32_t max_chunk_tokens;    /* prefill chunk cap; 0 = none */
     uint32_t max_model_len;       /* prompt + output tokens of one request */
     int64_t heartbeat_ns;         /* load reports to the router; 0 = live state */
+    int64_t tick_ns;              /* the router's tick (rt_on_tick, 100 ms): held requests
+                                     are rechecked on it; 0 = only at heartbeats */
     const char *admission;        /* policy name for adm_find */
-    adm_params params;            /* its parameters */
-    adm_cost cost;
-    uint32_t chunk_cap; /* token times kept per record; 0 = all */
-    int check_kv;       /* kvc_check after every step (tests) */
+    const adm_ops *policy;        /* when set, used instead of adm_find(admission) (tests);
+                                     borrowed */
+    adm_params params;            /* its parameters (params.cost is ignored: cost is used) */
+    adm_cost cost;                /* the one cost model: the simulated steps and the policy's
+                                     predictions (the router's --cost-model) */
+    uint32_t retry_429;           /* client retries of a 429, after its Retry-After (the load
+                                     tester's --retry-429); 0 = none */
+    uint32_t chunk_cap;           /* token times kept per record; 0 = all */
+    int check_kv;                 /* kvc_check after every step (tests) */
 } sim_config;
 
 /* Defaults: 1 + 1 workers, 1024 blocks of 16, 64 seqs, 512 tokens, context
- * 4096, heartbeat 1 s, admission "none", measured cost. */
+ * 4096, heartbeat 1 s, tick 100 ms, admission "none" with adm_params_defaults,
+ * adm_cost_defaults. */
 void sim_config_defaults(sim_config *c);
 
 typedef struct sim_stats {
     uint64_t events;
     uint64_t steps_prefill, steps_decode;
     uint64_t preemptions;
-    uint64_t too_long;      /* requests refused (400) for exceeding the context */
-    uint32_t leaked_blocks; /* blocks not free at the end, all workers (0 expected) */
-    double sim_end_s;       /* simulated time of the last event */
+    uint64_t too_long; /* requests refused (400) for exceeding the context */
+    uint64_t held;     /* ADM_HOLD verdicts (requests put in the hold queue) */
+    uint64_t admitted_after_hold, rejected_after_hold, hold_timeouts; /* how holds ended */
+    uint64_t hold_passes;    /* rechecks of the hold queue (ends, heartbeats, ticks, deadlines) */
+    uint64_t client_retries; /* 429s the simulated client sent again (retry_429) */
+    uint32_t leaked_blocks;  /* blocks not free at the end, all workers (0 expected) */
+    double sim_end_s;        /* simulated time of the last event */
 } sim_stats;
 
 typedef struct sim_result {

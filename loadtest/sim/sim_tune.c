@@ -12,30 +12,105 @@
 #define SIM__MAX_LOADS 16
 #define SIM__MAX_GRID  16
 
-/* The parameters this build knows how to set, per policy: the router's
- * config key, where it goes in adm_params, and the grid searched. A policy
- * without an entry is evaluated with default parameters (none). */
+/* The parameters searched, per policy: the router's config key, where it
+ * goes in adm_params, and its grid. A grid is in the knob's unit, or in
+ * multiples of the simulated capacity (req/s) or of the TTFT SLO (ms), so
+ * one table serves every cluster. Policies are searched coordinate by
+ * coordinate from adm_params_defaults (with the SLOs of the run): each knob
+ * in turn over its grid, the others held, for SIM__ROUNDS rounds. A policy
+ * without a knob (none) is evaluated as it is. burst's SLOs (slo-ttft-ms,
+ * slo-tpot-ms) are the run's, fixed, and written with the chosen knobs. */
+enum sim__unit { SIM__ABS = 0, SIM__X_CAP, SIM__X_SLO_TTFT };
+
 typedef struct sim__knob {
     const char *policy;
     const char *key; /* the router's config key */
-    size_t offset;   /* uint32_t field of adm_params */
-    uint32_t grid[SIM__MAX_GRID];
+    size_t offset;   /* field of adm_params */
+    int is_u32;      /* uint32_t field, else double */
+    enum sim__unit unit;
+    double grid[SIM__MAX_GRID];
     int n_grid;
 } sim__knob;
+
+#define SIM__ROUNDS 2
+#define SIM__F(f)   offsetof(adm_params, f)
 
 static const sim__knob sim__knobs[] = {
     {"max_outstanding",
      "max-outstanding",
-     offsetof(adm_params, max_outstanding),
+     SIM__F(max_outstanding),
+     1,
+     SIM__ABS,
      {2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256},
      14},
+    {"token_bucket",
+     "bucket-rate",
+     SIM__F(bucket_rate),
+     0,
+     SIM__X_CAP,
+     {0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0},
+     9},
+    {"token_bucket",
+     "bucket-burst",
+     SIM__F(bucket_burst),
+     0,
+     SIM__ABS,
+     {1, 2, 4, 8, 16, 32, 64},
+     7},
+    {"queue_threshold",
+     "queue-max-ms",
+     SIM__F(queue_max_ms),
+     0,
+     SIM__X_SLO_TTFT,
+     {0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0},
+     9},
+    {"burst",
+     "hold-max-ms",
+     SIM__F(hold_max_ms),
+     0,
+     SIM__X_SLO_TTFT,
+     {0, 0.1, 0.25, 0.5, 0.75, 1.0},
+     6},
+    {"burst", "burst-rate-ratio", SIM__F(burst_rate_ratio), 0, SIM__ABS, {1, 1.25, 1.5, 2, 3}, 5},
+    {"burst", "burst-cv", SIM__F(burst_cv), 0, SIM__ABS, {0.5, 1, 1.5, 2, 3}, 5},
+    {"burst", "short-window-s", SIM__F(short_window_s), 0, SIM__ABS, {0.5, 1, 2, 5}, 4},
+    {"burst", "long-window-s", SIM__F(long_window_s), 0, SIM__ABS, {10, 30, 60, 120}, 4},
 };
+#define SIM__N_KNOBS (sizeof(sim__knobs) / sizeof(sim__knobs[0]))
 
-static const sim__knob *sim__knob_of(const char *policy)
+/* The knob's value in adm_params. */
+static double sim__knob_get(const sim__knob *k, const adm_params *p)
 {
-    for (size_t i = 0; i < sizeof(sim__knobs) / sizeof(sim__knobs[0]); i++)
-        if (strcmp(sim__knobs[i].policy, policy) == 0) return &sim__knobs[i];
-    return NULL;
+    const char *f = (const char *)p + k->offset;
+    return k->is_u32 ? (double)*(const uint32_t *)f : *(const double *)f;
+}
+
+/* Sets the knob to grid point g (scaled to capacity or SLO). */
+static void sim__knob_set(const sim__knob *k, int g, double cap, const lt_slo *slo, adm_params *p)
+{
+    double v = k->grid[g] * (k->unit == SIM__X_CAP        ? cap
+                             : k->unit == SIM__X_SLO_TTFT ? slo->ttft_ms
+                                                          : 1.0);
+    char *f = (char *)p + k->offset;
+    if (k->is_u32)
+        *(uint32_t *)f = (uint32_t)llround(v);
+    else
+        *(double *)f = v;
+}
+
+/* "key=value ..." of the policy's knobs, for the table. */
+static void sim__knobs_str(const char *policy, const adm_params *p, char *buf, size_t cap)
+{
+    size_t off = 0;
+    buf[0] = '\0';
+    for (size_t i = 0; i < SIM__N_KNOBS && off < cap; i++) {
+        if (strcmp(sim__knobs[i].policy, policy) != 0) continue;
+        int w = snprintf(buf + off, cap - off, "%s%s=%.4g", off ? " " : "", sim__knobs[i].key,
+                         sim__knob_get(&sim__knobs[i], p));
+        if (w < 0) break;
+        off += (size_t)w;
+    }
+    if (!buf[0]) snprintf(buf, cap, "-");
 }
 
 typedef struct sim__eval {
@@ -136,7 +211,7 @@ static int sim__parse_loads(const char *s, double *v, int *n)
     return *n ? 0 : TD_EINVAL;
 }
 
-static int sim__write_conf(const char *dir, const char *policy, const sim__knob *k, uint32_t val,
+static int sim__write_conf(const char *dir, const char *policy, const adm_params *p,
                            const sim_tune_opts *o, double cap)
 {
     char path[4096];
@@ -146,13 +221,82 @@ static int sim__write_conf(const char *dir, const char *policy, const sim__knob 
     if (!fp) return td_err_from_errno(errno);
     fprintf(fp,
             "# tandem-sim tune: goodput summed over loads %s x %.3f req/s (simulated "
-            "capacity),\n# tuned on the first %.0f%% of the trace, SLO TTFT <= %g ms, TPOT <= %g "
-            "ms\nadmission = %s\n",
-            o->loads, cap, o->train_fraction * 100, o->slo.ttft_ms, o->slo.tpot_ms, policy);
-    if (k) fprintf(fp, "%s = %u\n", k->key, val);
+            "capacity),\n# tuned on %s, SLO TTFT <= %g ms, TPOT <= %g ms\n"
+            "# tandem-router --config this-file (keys are the router's)\nadmission = %s\n",
+            o->loads, cap, o->holdout ? "all of the trace" : "the first part of the trace",
+            o->slo.ttft_ms, o->slo.tpot_ms, policy);
+    for (size_t i = 0; i < SIM__N_KNOBS; i++) {
+        const sim__knob *k = &sim__knobs[i];
+        if (strcmp(k->policy, policy) != 0) continue;
+        if (k->is_u32)
+            fprintf(fp, "%s = %u\n", k->key, (uint32_t)sim__knob_get(k, p));
+        else
+            fprintf(fp, "%s = %.6g\n", k->key, sim__knob_get(k, p));
+    }
+    if (strcmp(policy, "burst") == 0) /* the SLOs it protects: the run's, fixed */
+        fprintf(fp, "slo-ttft-ms = %.6g\nslo-tpot-ms = %.6g\n", p->slo_ttft_ms, p->slo_tpot_ms);
     int rc = ferror(fp) ? TD_EIO : 0;
     if (fclose(fp) != 0 && rc == 0) rc = TD_EIO;
     return rc;
+}
+
+/* Goodput summed over the loads on reqs[n]; *feasible 0 when the policy
+ * refuses the parameters (create: TD_EINVAL, e.g. short >= long window). */
+static int sim__score(const sim_config *c, const lt_req *reqs, size_t n, const double *loads,
+                      int n_loads, double cap, const lt_slo *slo, double *sum, int *feasible,
+                      char *err, size_t errlen)
+{
+    *sum = 0;
+    *feasible = 1;
+    for (int l = 0; l < n_loads; l++) {
+        sim__eval ev;
+        int rc = sim__eval_at(c, reqs, n, loads[l] * cap, slo, &ev, err, errlen);
+        if (rc == TD_EINVAL && strstr(err ? err : "", "bad parameters")) {
+            *feasible = 0;
+            if (err) err[0] = '\0';
+            return 0;
+        }
+        if (rc) return rc;
+        *sum += ev.goodput_rps;
+    }
+    return 0;
+}
+
+/* Coordinate search of the policy's knobs in c->params. */
+static int sim__search(sim_config *c, const lt_req *reqs, size_t n, const double *loads,
+                       int n_loads, double cap, const lt_slo *slo, char *err, size_t errlen)
+{
+    double best = -1;
+    int feasible = 0;
+    int rc = sim__score(c, reqs, n, loads, n_loads, cap, slo, &best, &feasible, err, errlen);
+    if (rc) return rc;
+    if (!feasible) best = -1;
+    for (int round = 0; round < SIM__ROUNDS; round++) {
+        int moved = 0;
+        for (size_t i = 0; i < SIM__N_KNOBS; i++) {
+            const sim__knob *k = &sim__knobs[i];
+            if (strcmp(k->policy, c->admission) != 0) continue;
+            for (int g = 0; g < k->n_grid; g++) {
+                adm_params keep = c->params;
+                sim__knob_set(k, g, cap, slo, &c->params);
+                if (sim__knob_get(k, &c->params) == sim__knob_get(k, &keep)) {
+                    c->params = keep;
+                    continue;
+                }
+                double sum;
+                rc = sim__score(c, reqs, n, loads, n_loads, cap, slo, &sum, &feasible, err, errlen);
+                if (rc) return rc;
+                if (feasible && sum > best) {
+                    best = sum;
+                    moved = 1;
+                } else {
+                    c->params = keep;
+                }
+            }
+        }
+        if (!moved) break;
+    }
+    return 0;
 }
 
 int sim_tune(const sim_config *base, const lt_trace *tr, const sim_tune_opts *o, FILE *fp,
@@ -190,7 +334,9 @@ int sim_tune(const sim_config *base, const lt_trace *tr, const sim_tune_opts *o,
     else
         fprintf(fp, "training: requests 0..%zu, held out: %zu..%zu; numbers below are held out\n\n",
                 n_train - 1, n_train, tr->n - 1);
-    fprintf(fp, "%-16s %-22s", "policy", "config");
+    fprintf(fp, "SLO: TTFT <= %g ms and mean TPOT <= %g ms (lt_record_is_good)\n", o->slo.ttft_ms,
+            o->slo.tpot_ms);
+    fprintf(fp, "%-16s", "policy (config)");
     for (int l = 0; l < n_loads; l++)
         fprintf(fp, " | load %-4g goodput  rej%%   p90ttft", loads[l]);
     fputc('\n', fp);
@@ -205,41 +351,21 @@ int sim_tune(const sim_config *base, const lt_trace *tr, const sim_tune_opts *o,
             fprintf(fp, "%-16s (not in this build: %s)\n", name, adm_names());
             continue;
         }
-        const sim__knob *k = sim__knob_of(name);
         sim_config c = *base;
         c.admission = name;
-        int n_grid = k ? k->n_grid : 1;
-        double best_sum = -1;
-        uint32_t best_val = 0;
-        for (int g = 0; g < n_grid; g++) {
-            if (k) *(uint32_t *)((char *)&c.params + k->offset) = k->grid[g];
-            double sum = 0;
-            for (int l = 0; l < n_loads && rc == 0; l++) {
-                sim__eval ev;
-                rc = sim__eval_at(&c, train, n_train, loads[l] * cap, &o->slo, &ev, err, errlen);
-                sum += ev.goodput_rps;
-            }
-            if (rc) return rc;
-            if (sum > best_sum) {
-                best_sum = sum;
-                best_val = k ? k->grid[g] : 0;
-            }
-        }
-        if (k) *(uint32_t *)((char *)&c.params + k->offset) = best_val;
-        char conf[64];
-        if (k)
-            snprintf(conf, sizeof(conf), "%s=%u", k->key, best_val);
-        else
-            snprintf(conf, sizeof(conf), "-");
-        fprintf(fp, "%-16s %-22s", name, conf);
+        if ((rc = sim__search(&c, train, n_train, loads, n_loads, cap, &o->slo, err, errlen)) != 0)
+            return rc;
+        char conf[256];
+        sim__knobs_str(name, &c.params, conf, sizeof(conf));
+        fprintf(fp, "%-16s", name);
         for (int l = 0; l < n_loads; l++) {
             sim__eval ev;
             rc = sim__eval_at(&c, test, n_test, loads[l] * cap, &o->slo, &ev, err, errlen);
             if (rc) return rc;
             fprintf(fp, " | %13.3f %6.1f %9.1f", ev.goodput_rps, ev.rejected_pct, ev.p90_ttft_ms);
         }
-        fputc('\n', fp);
-        if ((rc = sim__write_conf(o->out, name, k, best_val, o, cap)) != 0) {
+        fprintf(fp, "\n%-16s %s\n", "", conf);
+        if ((rc = sim__write_conf(o->out, name, &c.params, o, cap)) != 0) {
             if (err) snprintf(err, errlen, "%s: cannot write the config", o->out);
             return rc;
         }

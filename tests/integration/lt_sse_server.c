@@ -21,6 +21,7 @@ struct lt_sse_server {
     int tokens;
     int port;
     size_t requests;                       /* under mu */
+    size_t reject_first;                   /* under mu: lt_sse_server_reject_first */
     char last_body[4096];                  /* under mu */
     int64_t arrivals[LT_SSE_MAX_ARRIVALS]; /* under mu: CLOCK_MONOTONIC ns per request */
     size_t n_arrivals;                     /* under mu */
@@ -184,13 +185,15 @@ static void respond(struct sconn *c, const char *body, size_t body_len)
     int64_t now = mono_ns();
     pthread_mutex_lock(&s->mu);
     s->requests++;
+    int reject = s->requests <= s->reject_first;
     if (s->n_arrivals < LT_SSE_MAX_ARRIVALS) s->arrivals[s->n_arrivals++] = now;
     size_t k = body_len < sizeof(s->last_body) - 1 ? body_len : sizeof(s->last_body) - 1;
     memcpy(s->last_body, body, k);
     s->last_body[k] = '\0';
     pthread_mutex_unlock(&s->mu);
 
-    if (s->mode == LT_SSE_TRICKLE) {
+    enum lt_sse_mode mode = reject ? LT_SSE_REJECT : s->mode;
+    if (mode == LT_SSE_TRICKLE) {
         size_t len;
         char *resp = build_response(LT_SSE_OK, s->tokens > 0 ? s->tokens : 4, &len);
         if (!resp || c->out) { /* one response in flight per connection */
@@ -211,16 +214,16 @@ static void respond(struct sconn *c, const char *body, size_t body_len)
     }
     w->c = c;
     w->req.data = w;
-    w->close_after = s->mode == LT_SSE_CLOSE;
-    const char *data = s->canned;
-    size_t len = s->canned_len;
+    w->close_after = mode == LT_SSE_CLOSE;
+    const char *data = reject ? NULL : s->canned;
+    size_t len = reject ? 0 : s->canned_len;
     if (!data) {
         /* tokens == 0: as many events as the request's max_tokens. */
         int n = 1;
         const char *mt = strstr(body, "\"max_tokens\":");
         if (mt && mt < body + body_len) n = atoi(mt + 13);
         n = n < 1 ? 1 : n > 4096 ? 4096 : n;
-        w->owned = build_response(s->mode, n, &len);
+        w->owned = build_response(mode, n, &len);
         if (!w->owned) {
             free(w);
             sconn_close(c);
@@ -339,6 +342,13 @@ static void *run(void *arg)
     lt_sse_server *s = arg;
     uv_run(&s->loop, UV_RUN_DEFAULT);
     return NULL;
+}
+
+void lt_sse_server_reject_first(lt_sse_server *s, size_t n)
+{
+    pthread_mutex_lock(&s->mu);
+    s->reject_first = n;
+    pthread_mutex_unlock(&s->mu);
 }
 
 int lt_sse_server_start(enum lt_sse_mode mode, int tokens, lt_sse_server **out)

@@ -44,6 +44,10 @@ size_t lt_sse_server_requests(lt_sse_server *s);
  * order: a clock independent of the client's. Returns how many are kept
  * (at most LT_SSE_MAX_ARRIVALS). Thread-safe. */
 size_t lt_sse_server_arrivals(lt_sse_server *s, int64_t *t_ns, size_t cap);
+/* From now on, the first n requests the server has received (counted from
+ * its start) are answered with LT_SSE_REJECT's 429 and Retry-After whatever
+ * the mode; later ones as the mode says. For client-retry tests. Thread-safe. */
+void lt_sse_server_reject_first(lt_sse_server *s, size_t n);
 /* Copies the last request body received (NUL-terminated, truncated to cap). */
 void lt_sse_server_last_body(lt_sse_server *s, char *buf, size_t cap);
 /* Stops the loop, closes every connection, joins the thread, frees s. */

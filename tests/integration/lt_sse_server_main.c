@@ -1,5 +1,6 @@
 /* lt-sse-server: the test SSE server as a process, for script tests.
- *   lt-sse-server [ok|stall|close|reject|no_done|trickle] [TOKENS]
+ *   lt-sse-server [ok|stall|close|reject|no_done|trickle] [TOKENS] [REJECT_FIRST]
+ * REJECT_FIRST: the first N requests get a 429 with Retry-After: 1.
  * Prints "port=N" on stdout, then serves on 127.0.0.1 until stdin closes. */
 #include "lt_sse_server.h"
 
@@ -21,17 +22,19 @@ int main(int argc, char **argv)
             }
         }
         if (!found) {
-            fprintf(stderr,
-                    "usage: lt-sse-server [ok|stall|close|reject|no_done|trickle] [TOKENS]\n");
+            fprintf(stderr, "usage: lt-sse-server [ok|stall|close|reject|no_done|trickle] [TOKENS] "
+                            "[REJECT_FIRST]\n");
             return 2;
         }
     }
     int tokens = argc > 2 ? atoi(argv[2]) : 0;
+    int reject_first = argc > 3 ? atoi(argv[3]) : 0;
     lt_sse_server *s;
     if (lt_sse_server_start(mode, tokens, &s) != 0) {
         fprintf(stderr, "lt-sse-server: cannot start\n");
         return 1;
     }
+    if (reject_first > 0) lt_sse_server_reject_first(s, (size_t)reject_first);
     printf("port=%d\n", lt_sse_server_port(s));
     fflush(stdout);
     char buf[256];

@@ -73,6 +73,40 @@ if "$LT" replay --trace "$WORK/mc.jsonl" --format mooncake --url "$URL" --max-co
 fi
 grep -q -- "--max-context" "$WORK/err" || fail "no --max-context message"
 
+# --length-scale, --max-prompt-tokens, --max-output-tokens: stated in summary.json
+# and applied to what was sent: prompts 550, 350, 15 (x 0.5) -> 256, 256, 15;
+# outputs 2, 1, 2 (1.5 rounds to 2) -> 1.
+"$LT" replay --trace "$WORK/mc.jsonl" --format mooncake --url "$URL" --length-scale 0.5 \
+    --max-prompt-tokens 256 --max-output-tokens 1 --out "$WORK/mc-len" --no-plots \
+    --log-level warn >/dev/null
+grep -q '"length_scale":[[:space:]]*0.5' "$WORK/mc-len/summary.json" || fail "length_scale"
+grep -q '"prompt_clipped":[[:space:]]*2' "$WORK/mc-len/summary.json" || fail "prompt_clipped"
+grep -q '"output_clipped":[[:space:]]*2' "$WORK/mc-len/summary.json" || fail "output_clipped"
+awk -F, 'NR > 1 && ($8 > 256 || $9 != 1) { bad = 1 } END { exit bad }' \
+    "$WORK/mc-len/requests.csv" || fail "clipped lengths: $(cut -d, -f8,9 "$WORK/mc-len/requests.csv")"
+
+# --retry-429: a server whose first 3 answers are 429 with Retry-After: 1.
+# With one retry every request ends ok, retried once after a second;
+# summary.json has both views (without retries: all 3 rejected).
+mkfifo "$WORK/in2"
+"$BIN/lt-sse-server" ok 2 3 <"$WORK/in2" >"$WORK/port2" &
+SRV2_PID=$!
+exec 4>"$WORK/in2"
+for _ in $(seq 50); do grep -q port= "$WORK/port2" 2>/dev/null && break; sleep 0.1; done
+PORT2=$(sed -n 's/^port=//p' "$WORK/port2")
+[ -n "$PORT2" ] || fail "second server did not start"
+"$LT" replay --trace "$WORK/mc.jsonl" --format mooncake --url "http://127.0.0.1:$PORT2" \
+    --retry-429 1 --slo-ttft-ms 5000 --out "$WORK/retry" --no-plots --log-level warn \
+    >"$WORK/retry.txt"
+exec 4>&-
+wait "$SRV2_PID" 2>/dev/null || true
+grep -q '"ok":[[:space:]]*3' "$WORK/retry/summary.json" || fail "retry: not all ok"
+grep -q '"requests_retried":[[:space:]]*3' "$WORK/retry/summary.json" || fail "requests_retried"
+grep -q '"retry_429":[[:space:]]*1' "$WORK/retry/summary.json" || fail "run.retry_429"
+tr -d ' \t\n' <"$WORK/retry/summary.json" | grep -q '"without_retries":{"ok":0,"rejected":3' ||
+    fail "without_retries: $(cat "$WORK/retry/summary.json")"
+grep -q '^client retries: 3 requests retried' "$WORK/retry.txt" || fail "retry line: $(cat "$WORK/retry.txt")"
+
 # BurstGPT head: the first 40 requests, rescaled to 40 req/s.
 HEAD=${TANDEM_SHARED_DIR:-/nonexistent}/data/burstgpt/BurstGPT_1_head.csv
 if [ -f "$HEAD" ]; then

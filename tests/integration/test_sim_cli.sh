@@ -34,8 +34,22 @@ grep -q '"leaked_blocks":	0' "$WORK/a/summary.json" || grep -q '"leaked_blocks":
 grep -q ' rejected 0 ' "$WORK/a.txt" || fail "none rejected requests"
 grep -q ' rejected 0 ' "$WORK/c.txt" && fail "max_outstanding 4 rejected nothing"
 grep -q ',429,rejected,' "$WORK/c/requests.csv" || fail "no 429 rows in requests.csv"
+# The same with the client retrying its 429s: both views in summary.json.
+# shellcheck disable=SC2086
+"$SIM" run $COMMON --admission max_outstanding --max-outstanding 4 --retry-429 2 \
+    --out "$WORK/cr" >"$WORK/cr.txt" 2>/dev/null || fail "run --retry-429"
+grep -q '^client retries: ' "$WORK/cr.txt" || fail "no client retries line: $(cat "$WORK/cr.txt")"
+grep -q '"without_retries"' "$WORK/cr/summary.json" || fail "no without_retries"
 "$LT" compare "$WORK/a" "$WORK/c" >"$WORK/cmp.txt" || fail "compare failed"
 grep -q goodput "$WORK/cmp.txt" || fail "compare output: $(cat "$WORK/cmp.txt")"
+
+# The load tester's length options, stated in summary.json as a replay states them.
+# shellcheck disable=SC2086
+"$SIM" run $COMMON --length-scale 0.5 --max-prompt-tokens 200 --max-output-tokens 50 \
+    --out "$WORK/len" >/dev/null 2>&1 || fail "run with length options"
+grep -q '"length_scale":[[:space:]]*0.5' "$WORK/len/summary.json" || fail "run.lengths"
+awk -F, 'NR > 1 && ($8 > 200 || $9 > 50) { bad = 1 } END { exit bad }' "$WORK/len/requests.csv" ||
+    fail "lengths not clipped"
 
 # The BurstGPT head, scaled to a 4,096-token context.
 HEAD=${TANDEM_SHARED_DIR:-/nonexistent}/data/burstgpt/BurstGPT_1_head.csv
@@ -49,12 +63,34 @@ fi
 "$LT" synth --n 600 --seed 9 --req-max 1000 --resp-max 200 \
     --write-trace "$WORK/u.jsonl" --log-level warn
 "$SIM" tune --trace "$WORK/u.jsonl" --format mooncake --max-context 1024 --loads 1,2 \
-    --policies max_outstanding --slo-ttft-ms 1000 --slo-tpot-ms 40 --out "$WORK/tune" \
-    >"$WORK/tune.txt" || fail "tune failed"
+    --policies max_outstanding,token_bucket,queue_threshold,burst --slo-ttft-ms 1000 \
+    --slo-tpot-ms 40 --out "$WORK/tune" >"$WORK/tune.txt" || fail "tune failed"
 grep -q '^capacity' "$WORK/tune.txt" || fail "tune: $(cat "$WORK/tune.txt")"
+grep -q '^SLO: TTFT <= 1000 ms' "$WORK/tune.txt" || fail "tune prints no SLO"
 grep -q '^admission = max_outstanding' "$WORK/tune/admission-max_outstanding.conf" ||
     fail "no max_outstanding config"
 grep -q '^max-outstanding = ' "$WORK/tune/admission-max_outstanding.conf" || fail "no key"
+grep -q '^bucket-rate = ' "$WORK/tune/admission-token_bucket.conf" || fail "no bucket-rate"
+grep -q '^bucket-burst = ' "$WORK/tune/admission-token_bucket.conf" || fail "no bucket-burst"
+grep -q '^queue-max-ms = ' "$WORK/tune/admission-queue_threshold.conf" || fail "no queue-max-ms"
+for k in hold-max-ms burst-rate-ratio burst-cv short-window-s long-window-s slo-ttft-ms \
+    slo-tpot-ms; do
+    grep -q "^$k = " "$WORK/tune/admission-burst.conf" || fail "burst config lacks $k"
+done
+# Every key written is a router key, and the simulator reads the same file.
+if [ -x "$BIN/tandem-router" ]; then
+    "$BIN/tandem-router" --help >"$WORK/router-help.txt" 2>&1 || true
+    for f in "$WORK"/tune/admission-*.conf; do
+        for k in $(sed -n 's/^\([a-z-]*\) = .*/\1/p' "$f"); do
+            grep -q -- "--$k" "$WORK/router-help.txt" || fail "$k of $f is not a router key"
+        done
+    done
+fi
+"$SIM" run --trace "$WORK/u.jsonl" --format mooncake --max-context 1024 --rate 20 --no-plots \
+    --config "$WORK/tune/admission-burst.conf" --out "$WORK/bu" >"$WORK/bu.txt" 2>/dev/null ||
+    fail "run --config admission-burst.conf failed"
+grep -q '"admission":	*"burst"' "$WORK/bu/summary.json" ||
+    grep -q '"admission": *"burst"' "$WORK/bu/summary.json" || fail "the config was not used"
 
 # Usage errors exit 2.
 st=0; "$SIM" run --trace "$WORK/t.jsonl" --format mooncake >/dev/null 2>&1 || st=$?

@@ -188,6 +188,54 @@ static void test_replay_rejected(void **state)
     teardown_run(&f);
 }
 
+/* --retry-429 1 against a server that rejects its first 5 requests with
+ * Retry-After: 1: the 3 first attempts get 429s, the 3 retries go out a
+ * second later, 2 more 429s (final: rejected after 2 attempts) and one ok.
+ * Times count from the first send, so the retried request's TTFT includes
+ * the wait. */
+static void test_replay_retry_429(void **state)
+{
+    (void)state;
+    struct fixture f;
+    setup_run(&f, LT_SSE_OK, 4, 3, TD_NS_PER_MS);
+    lt_sse_server_reject_first(f.srv, 5);
+    f.o.retry_429 = 1;
+    char err[256] = "";
+    watchdog_arm(20, "replay with --retry-429 (retry never sent?)");
+    assert_int_equal(lt_replay_run(&f.o, f.reqs, 3, &f.run, err, sizeof(err)), 0);
+    watchdog_disarm();
+    assert_int_equal(lt_sse_server_requests(f.srv), 6);
+    size_t ok = 0, rejected = 0;
+    for (size_t i = 0; i < 3; i++) {
+        const lt_record *r = &f.run.recs[i];
+        assert_int_equal(r->attempts, 2);
+        assert_true(r->e2e_ns >= 900 * TD_NS_PER_MS);
+        if (r->outcome == LT_OK) {
+            ok++;
+            assert_int_equal(r->http_status, 200);
+            assert_true(r->ttft_ns >= 900 * TD_NS_PER_MS);
+            assert_int_equal(r->n_chunks, 4);
+        } else {
+            rejected++;
+            assert_int_equal(r->outcome, LT_REJECTED);
+            assert_int_equal(r->http_status, 429);
+        }
+    }
+    assert_int_equal(ok, 1);
+    assert_int_equal(rejected, 2);
+    lt_slo slo = {.ttft_ms = 0, .tpot_ms = 0};
+    lt_summary s;
+    assert_int_equal(lt_summary_compute(f.run.recs, f.run.n, &slo, &s), 0);
+    assert_int_equal(s.ok, 1);
+    assert_int_equal(s.good, 1);
+    assert_int_equal(s.retried, 3);
+    assert_int_equal(s.retries, 3);
+    assert_int_equal(s.no_retry.ok, 0);
+    assert_int_equal(s.no_retry.rejected, 3);
+    assert_int_equal(s.no_retry.good, 0);
+    teardown_run(&f);
+}
+
 static void test_replay_stall_is_timeout_error(void **state)
 {
     (void)state;
@@ -393,6 +441,7 @@ int main(void)
         cmocka_unit_test(test_replay_trickled_stream),
         cmocka_unit_test(test_replay_queue_when_pool_full),
         cmocka_unit_test(test_replay_rejected),
+        cmocka_unit_test(test_replay_retry_429),
         cmocka_unit_test(test_replay_stall_is_timeout_error),
         cmocka_unit_test(test_replay_close_mid_stream_is_error),
         cmocka_unit_test(test_replay_missing_done_is_error),

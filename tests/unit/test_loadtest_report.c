@@ -148,6 +148,35 @@ static char *slurp(const char *path)
 }
 
 /* Distinct failure reasons, in order of first appearance, with counts. */
+/* Client retries: a request sent twice (its first answer a 429) counts as
+ * ok with retries and as rejected without; a request rejected after its
+ * retries is rejected both ways; the others are the same both ways. */
+static void test_goodput_with_and_without_retries(void **state)
+{
+    (void)state;
+    lt_record r[5];
+    make_records(r);
+    for (int i = 0; i < 5; i++)
+        r[i].attempts = 1;
+    r[0].attempts = 2; /* a: good after one retry */
+    r[3].attempts = 3; /* d: 429 three times */
+    lt_slo slo = {.ttft_ms = 200, .tpot_ms = 50};
+    lt_summary s;
+    assert_int_equal(lt_summary_compute(r, 5, &slo, &s), 0);
+    assert_int_equal(s.ok, 3);
+    assert_int_equal(s.good, 2);
+    assert_int_equal(s.rejected, 1);
+    assert_int_equal(s.retried, 2);
+    assert_int_equal(s.retries, 3);
+    assert_int_equal(s.no_retry.ok, 2);
+    assert_int_equal(s.no_retry.good, 1);
+    assert_int_equal(s.no_retry.rejected, 2);
+    assert_true(fabs(s.no_retry.goodput_req_per_s - 1.0 / s.duration_s) < 1e-9);
+    /* A rejected request is never good, whatever its times say. */
+    r[3].ttft_ns = 1 * MS;
+    assert_int_equal(lt_record_is_good(&r[3], &slo), 0);
+}
+
 static void test_reasons(void **state)
 {
     (void)state;
@@ -225,6 +254,8 @@ static void test_report_files_plot_compare(void **state)
     assert_int_equal(lt_report_compare(a, b, fp, err, sizeof(err)), 0);
     fclose(fp);
     assert_non_null(strstr(cmp, "goodput.req_per_s"));
+    assert_non_null(strstr(cmp, "slo.ttft_ms")); /* the SLO printed with the goodput */
+    assert_non_null(strstr(cmp, "client_retries.without_retries.goodput_req_per_s"));
     assert_non_null(strstr(cmp, "+50.0%")); /* good 2 -> 3 over the same 4 s */
     fp = fmemopen(cmp, sizeof(cmp), "w");
     assert_int_equal(lt_report_compare(a, "/nonexistent", fp, err, sizeof(err)), TD_ENOENT);
@@ -252,6 +283,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_goodput_arithmetic),
+        cmocka_unit_test(test_goodput_with_and_without_retries),
         cmocka_unit_test(test_reasons),
         cmocka_unit_test(test_report_files_plot_compare),
     };

@@ -10,6 +10,7 @@
 #include "common/err.h"
 #include "loadtest/lt_trace.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -268,6 +269,63 @@ static void test_mooncake(void **state)
     assert_int_equal(read_text(bad, LT_FMT_MOONCAKE, &o, &tr, err, sizeof(err)), 0);
     assert_int_equal(tr.bad, 3);
     assert_int_equal(tr.n, 1);
+    lt_trace_free(&tr);
+}
+
+/* Scale, then the clips, then the context fit, each counted. */
+static void test_fit_lengths(void **state)
+{
+    (void)state;
+    static const struct {
+        int32_t in, out;
+    } cases[] = {{1000, 200}, {300, 40}, {1, 1}, {3, 0}, {400, 900}};
+    const size_t n = sizeof(cases) / sizeof(cases[0]);
+    lt_trace tr;
+    lt_trace_init(&tr);
+    for (size_t i = 0; i < n; i++) {
+        lt_req q = {.t_ns = (int64_t)i, .input_tokens = cases[i].in, .output_tokens = cases[i].out};
+        assert_int_equal(lt_trace_push(&tr, &q), 0);
+    }
+    lt_lengths o = {.scale = 0.5, .max_prompt = 256, .max_output = 64, .max_context = 300};
+    lt_lengths_stats st;
+    assert_int_equal(lt_trace_fit_lengths(&tr, &o, &st), 0);
+    /* 0: 500 -> 256 (clipped), 100 -> 64 (clipped): 320 > 300, fit: 256 * 300 / 320 = 240,
+     *    64 * 300 / 320 = 60.
+     * 1: 150 + 20.  2: 1 + 1 (0.5 rounds to 0, raised to 1).  3: 2 + 0.
+     * 4: 200 + 450 -> 200 + 64. */
+    assert_int_equal(tr.reqs[0].input_tokens, 240);
+    assert_int_equal(tr.reqs[0].output_tokens, 60);
+    assert_int_equal(tr.reqs[1].input_tokens, 150);
+    assert_int_equal(tr.reqs[1].output_tokens, 20);
+    assert_int_equal(tr.reqs[2].input_tokens, 1);
+    assert_int_equal(tr.reqs[2].output_tokens, 1);
+    assert_int_equal(tr.reqs[3].input_tokens, 2);
+    assert_int_equal(tr.reqs[3].output_tokens, 0);
+    assert_int_equal(tr.reqs[4].input_tokens, 200);
+    assert_int_equal(tr.reqs[4].output_tokens, 64);
+    assert_int_equal(st.scaled, 4); /* case 2 unchanged: 1 + 1 */
+    assert_int_equal(st.prompt_clipped, 1);
+    assert_int_equal(st.output_clipped, 2);
+    assert_int_equal(st.context_fitted, 1);
+    /* Off: nothing changes. */
+    lt_lengths off = {0};
+    assert_int_equal(lt_trace_fit_lengths(&tr, &off, &st), 0);
+    assert_int_equal(st.scaled + st.prompt_clipped + st.output_clipped + st.context_fitted, 0);
+    assert_int_equal(tr.reqs[0].input_tokens, 240);
+    /* Bad options leave the trace alone. */
+    lt_lengths bad = {.scale = -1};
+    assert_int_equal(lt_trace_fit_lengths(&tr, &bad, NULL), TD_EINVAL);
+    bad = (lt_lengths){.scale = NAN};
+    assert_int_equal(lt_trace_fit_lengths(&tr, &bad, NULL), TD_EINVAL);
+    bad = (lt_lengths){.max_context = 1};
+    assert_int_equal(lt_trace_fit_lengths(&tr, &bad, NULL), TD_EINVAL);
+    assert_int_equal(tr.reqs[0].input_tokens, 240);
+    /* Scaling up, capped at INT32_MAX. */
+    tr.reqs[1].input_tokens = INT32_MAX / 2 + 10;
+    lt_lengths up = {.scale = 4};
+    assert_int_equal(lt_trace_fit_lengths(&tr, &up, NULL), 0);
+    assert_int_equal(tr.reqs[1].input_tokens, INT32_MAX);
+    assert_int_equal(tr.reqs[2].input_tokens, 4);
     lt_trace_free(&tr);
 }
 
@@ -534,6 +592,7 @@ int main(void)
         cmocka_unit_test(test_mooncake),
         cmocka_unit_test(test_scaling),
         cmocka_unit_test(test_fit_context),
+        cmocka_unit_test(test_fit_lengths),
         cmocka_unit_test(test_mooncake_hash_ids),
         cmocka_unit_test(test_real_burstgpt_head),
         cmocka_unit_test(test_write_jsonl_roundtrip),

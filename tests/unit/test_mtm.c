@@ -237,6 +237,26 @@ static void test_shapes(void **state)
     assert_true(mtm_shape_find("tiny-qwen2")->qkv_bias && !mtm_shape_find("tiny-qwen2")->tied);
     assert_true(mtm_shape_find("tiny-qwen2")->rope_theta == 1e6);
     assert_false(mtm_shape_find("tiny-untied")->tied);
+    /* The long-context shapes: the same geometry, a 4,096-token context. */
+    const struct {
+        const char *name, *base;
+    } long_ctx[] = {{"15m-4k", "15m"}, {"tiny-4k", "tiny"}};
+    for (size_t i = 0; i < 2; i++) {
+        const mtm_shape *l = mtm_shape_find(long_ctx[i].name),
+                        *b = mtm_shape_find(long_ctx[i].base);
+        assert_non_null(l);
+        assert_int_equal(l->seq_len, 4096);
+        assert_int_equal(l->arch, b->arch);
+        assert_int_equal(l->dim, b->dim);
+        assert_int_equal(l->hidden, b->hidden);
+        assert_int_equal(l->n_layers, b->n_layers);
+        assert_int_equal(l->n_heads, b->n_heads);
+        assert_int_equal(l->n_kv_heads, b->n_kv_heads);
+        assert_int_equal(l->head_dim, b->head_dim);
+        assert_int_equal(l->vocab, b->vocab);
+        assert_int_equal(l->tied, b->tied);
+        assert_true(l->rope_theta == b->rope_theta && l->rms_eps == b->rms_eps);
+    }
 }
 
 int main(void)

@@ -1,6 +1,7 @@
 /* Unit tests for loadtest/sim: event times computed by hand on a tiny trace,
  * admission changing rejections, determinism, the report's fields, block
- * pools empty at the end under pressure, the cost model and its file. */
+ * pools empty at the end under pressure, the cost model (one, adm_cost's), the
+ * router's hold queue (when held requests are rechecked, what they see). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -131,6 +132,36 @@ static void test_admission_changes_rejections(void **state)
     assert_int_equal(s.rejected, 2);
     assert_int_equal(s.ok, 1);
     sim_result_free(&r);
+
+    /* With client retries the two 429s (Retry-After 1) come back 1 s later:
+     * the first is served, the second, 0.1 ms behind it, is rejected again
+     * and served on its second retry, 2 s after its first send. Times count
+     * from the first send; without retries both are rejected. */
+    c.retry_429 = 2;
+    assert_int_equal(sim_run(&c, reqs, 3, &r, NULL, 0), 0);
+    assert_int_equal(r.stats.client_retries, 3);
+    assert_int_equal(r.recs[0].attempts, 1);
+    assert_int_equal(r.recs[1].attempts, 2);
+    assert_int_equal(r.recs[2].attempts, 3);
+    for (int i = 1; i < 3; i++) {
+        assert_int_equal(r.recs[i].outcome, LT_OK);
+        assert_true(r.recs[i].ttft_ns > (int64_t)i * TD_NS_PER_S);
+    }
+    assert_int_equal(lt_summary_compute(r.recs, r.n, &slo, &s), 0);
+    assert_int_equal(s.ok, 3);
+    assert_int_equal(s.retried, 2);
+    assert_int_equal(s.retries, 3);
+    assert_int_equal(s.no_retry.ok, 1);
+    assert_int_equal(s.no_retry.rejected, 2);
+    sim_result_free(&r);
+    /* One retry: the second is rejected for good, its e2e from the first send. */
+    c.retry_429 = 1;
+    assert_int_equal(sim_run(&c, reqs, 3, &r, NULL, 0), 0);
+    assert_int_equal(r.recs[2].outcome, LT_REJECTED);
+    assert_int_equal(r.recs[2].attempts, 2);
+    assert_true(r.recs[2].e2e_ns >= TD_NS_PER_S);
+    sim_result_free(&r);
+    c.retry_429 = 0;
 
     /* An unknown policy or bad parameters fail before anything runs. */
     char err[256];
@@ -282,32 +313,257 @@ static void test_step_cost(void **state)
     assert_true(sim_step_us(&c, &st) == 228.0);
 }
 
-static void test_cost_file(void **state)
+/* One cost model: the simulator's defaults are adm_cost_defaults, and a file
+ * the router reads (adm_cost_save / adm_cost_load) is what the simulator
+ * reads too; the policy is created with that cost. */
+static adm_cost seen_cost;
+
+static int spy_create(const adm_params *p, void **ctx)
+{
+    seen_cost = p->cost;
+    *ctx = NULL;
+    return 0;
+}
+static void spy_destroy(void *ctx)
+{
+    (void)ctx;
+}
+static void spy_decide(void *ctx, const adm_input *in, adm_decision *out)
+{
+    (void)ctx;
+    (void)in;
+    *out = (adm_decision){.verdict = ADM_ADMIT};
+}
+
+static void test_one_cost_model(void **state)
 {
     (void)state;
+    sim_config c;
+    sim_config_defaults(&c);
+    adm_cost d;
+    adm_cost_defaults(&d);
+    assert_memory_equal(&c.cost, &d, sizeof(d));
+    adm_params pd;
+    adm_params_defaults(&pd);
+    assert_int_equal(c.params.max_outstanding, pd.max_outstanding);
+    assert_true(c.params.hold_max_ms == pd.hold_max_ms);
+
     char path[] = "/tmp/test_sim_cost_XXXXXX";
     int fd = mkstemp(path);
     assert_true(fd >= 0);
-    const char *text = "# measured\nprefill_us_fixed = 7\ndecode_step_us_per_seq = 3.5\n";
-    assert_int_equal(write(fd, text, strlen(text)), (ssize_t)strlen(text));
     close(fd);
-    adm_cost c;
-    sim_cost_defaults(&c);
-    double keep = c.transfer_us_per_block;
+    adm_cost w = d;
+    w.prefill_us_fixed = 7;
+    w.decode_step_us_per_seq = 3.5;
+    assert_int_equal(adm_cost_save(path, &w), 0);
     char err[256];
-    assert_int_equal(sim_cost_load(path, &c, err, sizeof(err)), 0);
-    assert_true(c.prefill_us_fixed == 7);
-    assert_true(c.decode_step_us_per_seq == 3.5);
-    assert_true(c.transfer_us_per_block == keep);
-    /* An unknown key is an error naming it, and c is left alone. */
-    FILE *fp = fopen(path, "w");
-    fputs("prefill_us_fixd = 1\n", fp);
-    fclose(fp);
-    assert_int_not_equal(sim_cost_load(path, &c, err, sizeof(err)), 0);
-    assert_non_null(strstr(err, "prefill_us_fixd"));
-    assert_true(c.prefill_us_fixed == 7);
+    assert_int_equal(adm_cost_load(path, &c.cost, err, sizeof(err)), 0);
+    assert_memory_equal(&c.cost, &w, sizeof(w));
     unlink(path);
-    assert_int_not_equal(sim_cost_load("/nonexistent/cost", &c, err, sizeof(err)), 0);
+
+    /* The policy is created with the simulated cost, whatever params.cost says. */
+    static const adm_ops spy = {
+        .name = "spy", .create = spy_create, .destroy = spy_destroy, .decide = spy_decide};
+    tiny_config(&c);
+    c.policy = &spy;
+    c.params.cost.prefill_us_fixed = 12345;
+    lt_req q = {.t_ns = 0, .input_tokens = 8, .output_tokens = 2};
+    sim_result r;
+    memset(&seen_cost, 0, sizeof(seen_cost));
+    assert_int_equal(sim_run(&c, &q, 1, &r, NULL, 0), 0);
+    assert_memory_equal(&seen_cost, &c.cost, sizeof(c.cost));
+    sim_result_free(&r);
+}
+
+/* A scripted policy that holds: decide admits when nothing is outstanding or
+ * held, else holds for 10 ms (2 ms for a 1-token output); recheck admits once
+ * nothing is outstanding. Every call is logged to check when the simulator
+ * rechecks and what it passes, against rt__adm_input / rt_admission_pass. */
+typedef struct hold_log {
+    int n_decide, n_recheck, n_first, n_end;
+    int64_t recheck_t[64];
+    uint32_t recheck_held[64];
+    int64_t recheck_until[64];
+    uint64_t decide_inflight_prefill[8];
+    uint32_t decide_block_size[8];
+    int64_t first_t[8], first_ttft[8], end_t[8];
+} hold_log;
+static hold_log hl;
+
+static void hold_decide(void *ctx, const adm_input *in, adm_decision *out)
+{
+    (void)ctx;
+    hl.decide_inflight_prefill[hl.n_decide] = in->inflight_prefill_tokens;
+    hl.decide_block_size[hl.n_decide] = in->block_size;
+    hl.n_decide++;
+    if (in->outstanding == 0 && in->held == 0) {
+        *out = (adm_decision){.verdict = ADM_ADMIT};
+        return;
+    }
+    int64_t hold = in->max_tokens == 1 ? 2000 * US : 10000 * US;
+    *out = (adm_decision){.verdict = ADM_HOLD, .hold_until_ns = in->now_ns + hold, .reason = "h"};
+}
+static void hold_recheck(void *ctx, const adm_input *in, adm_decision *out)
+{
+    (void)ctx;
+    if (hl.n_recheck < 64) {
+        hl.recheck_t[hl.n_recheck] = in->now_ns;
+        hl.recheck_held[hl.n_recheck] = in->held;
+        hl.recheck_until[hl.n_recheck] = in->hold_until_ns;
+    }
+    hl.n_recheck++;
+    *out = in->outstanding == 0
+               ? (adm_decision){.verdict = ADM_ADMIT}
+               : (adm_decision){.verdict = ADM_HOLD, .retry_after_s = 3, .reason = "h"};
+}
+static void hold_first(void *ctx, int64_t now, int64_t ttft)
+{
+    (void)ctx;
+    hl.first_t[hl.n_first] = now;
+    hl.first_ttft[hl.n_first++] = ttft;
+}
+static void hold_end(void *ctx, int64_t now)
+{
+    (void)ctx;
+    hl.end_t[hl.n_end++] = now;
+}
+static const adm_ops hold_ops = {.name = "hold",
+                                 .create = spy_create,
+                                 .destroy = spy_destroy,
+                                 .decide = hold_decide,
+                                 .recheck = hold_recheck,
+                                 .on_first_token = hold_first,
+                                 .on_end = hold_end};
+
+/* A (32 + 3) at 0 is admitted and runs as in test_hand_computed_times: first
+ * token 1520, end 5520 us. B (16 + 2) at 500 and C (8 + 1) at 600 are held
+ * (deadlines 10500 and 2600).
+ *   2600: C's deadline: a pass; B stays (outstanding 1), C is past its
+ *         deadline: 429 with the policy's Retry-After, e2e 2000.
+ *   5520: A ends: a pass admits B. Prefill [5520, 6680], transfer 1 block
+ *         until 6780, the idle decode worker joins it: first token at 6780
+ *         (TTFT 6280, hold time included), decode step until 8780 (e2e 8280).
+ * With no tick: rechecks (2600, B), (2600, C), (5520, B). */
+static void test_hold_queue_hand_computed(void **state)
+{
+    (void)state;
+    sim_config c;
+    tiny_config(&c);
+    c.tick_ns = 0;
+    c.policy = &hold_ops;
+    lt_req reqs[3] = {{.t_ns = 0, .input_tokens = 32, .output_tokens = 3},
+                      {.t_ns = 500 * US, .input_tokens = 16, .output_tokens = 2},
+                      {.t_ns = 600 * US, .input_tokens = 8, .output_tokens = 1}};
+    memset(&hl, 0, sizeof(hl));
+    sim_result r;
+    assert_int_equal(sim_run(&c, reqs, 3, &r, NULL, 0), 0);
+    assert_int_equal(r.recs[0].e2e_ns, 5520 * US);
+    assert_int_equal(r.recs[1].outcome, LT_OK);
+    assert_int_equal(r.recs[1].ttft_ns, 6280 * US);
+    assert_int_equal(r.recs[1].e2e_ns, 8280 * US);
+    assert_int_equal(r.recs[2].outcome, LT_REJECTED);
+    assert_int_equal(r.recs[2].http_status, 429);
+    assert_int_equal(r.recs[2].e2e_ns, 2000 * US);
+    assert_non_null(strstr(r.recs[2].error, "held past its deadline (Retry-After 3)"));
+    assert_int_equal(hl.n_recheck, 3);
+    assert_int_equal(hl.recheck_t[0], 2600 * US);
+    assert_int_equal(hl.recheck_held[0], 1); /* C, B itself excluded */
+    assert_int_equal(hl.recheck_until[0], 10500 * US);
+    assert_int_equal(hl.recheck_t[1], 2600 * US);
+    assert_int_equal(hl.recheck_until[1], 2600 * US);
+    assert_int_equal(hl.recheck_t[2], 5520 * US);
+    assert_int_equal(hl.recheck_held[2], 0);
+    /* The router's own in-flight prefill: A's prompt until its first token. */
+    assert_int_equal(hl.n_decide, 3);
+    assert_int_equal(hl.decide_inflight_prefill[0], 0);
+    assert_int_equal(hl.decide_inflight_prefill[1], 32);
+    assert_int_equal(hl.decide_inflight_prefill[2], 32);
+    assert_int_equal(hl.decide_block_size[0], 16);
+    /* Feedback: first tokens and ends, with TTFT from the arrival. */
+    assert_int_equal(hl.n_first, 2);
+    assert_int_equal(hl.first_t[0], 1520 * US);
+    assert_int_equal(hl.first_ttft[1], 6280 * US);
+    assert_int_equal(hl.n_end, 2);
+    assert_int_equal(hl.end_t[0], 5520 * US);
+    assert_int_equal(hl.end_t[1], 8780 * US);
+    assert_int_equal(r.stats.held, 2);
+    assert_int_equal(r.stats.admitted_after_hold, 1);
+    assert_int_equal(r.stats.hold_timeouts, 1);
+    assert_int_equal(r.stats.rejected_after_hold, 0);
+    assert_int_equal(r.stats.hold_passes, 2);
+    assert_int_equal(r.stats.leaked_blocks, 0);
+    sim_result_free(&r);
+
+    /* The router's 1 ms tick (scaled down from 100 ms) adds a pass at every
+     * tick while something is held: 1000, 2000, 3000, 4000, 5000. */
+    c.tick_ns = 1000 * US;
+    memset(&hl, 0, sizeof(hl));
+    assert_int_equal(sim_run(&c, reqs, 3, &r, NULL, 0), 0);
+    assert_int_equal(r.stats.hold_passes, 7);
+    assert_int_equal(hl.n_recheck, 2 + 2 + 2 + 3 + 1);
+    assert_int_equal(hl.recheck_t[0], 1000 * US);
+    assert_int_equal(hl.recheck_t[9], 5520 * US);
+    assert_int_equal(r.recs[1].ttft_ns, 6280 * US); /* same outcome */
+    assert_int_equal(r.recs[2].e2e_ns, 2000 * US);
+    sim_result_free(&r);
+
+    /* Heartbeats every 1 ms, no tick: the same passes at the heartbeats. */
+    c.tick_ns = 0;
+    c.heartbeat_ns = 1000 * US;
+    memset(&hl, 0, sizeof(hl));
+    assert_int_equal(sim_run(&c, reqs, 3, &r, NULL, 0), 0);
+    assert_int_equal(r.stats.hold_passes, 7);
+    assert_int_equal(hl.recheck_t[0], 1000 * US);
+    sim_result_free(&r);
+}
+
+/* The real burst policy through the simulator under a burst: every held
+ * request ends admitted or with a 429, nothing is left pending, pools are
+ * empty, and two runs agree. */
+static void test_burst_policy_holds(void **state)
+{
+    (void)state;
+    sim_config c;
+    tiny_config(&c);
+    c.heartbeat_ns = 100 * 1000 * US;
+    c.admission = "burst";
+    /* Decode steps grow with the batch (2 ms + 0.5 ms per sequence): the
+     * burst's batch goes over the TPOT SLO while TTFT has slack to hold. */
+    c.cost.decode_step_us_per_seq = 500;
+    c.params.slo_ttft_ms = 1000;
+    c.params.slo_tpot_ms = 10;
+    c.params.hold_max_ms = 500;
+    enum { N = 300 };
+    lt_req *reqs = calloc(N, sizeof(*reqs));
+    assert_non_null(reqs);
+    for (int i = 0; i < N; i++) {
+        /* 1 req/s for 100 s, then 200 at once within 0.2 s */
+        reqs[i].t_ns = i < 100 ? (int64_t)i * TD_NS_PER_S
+                               : 100 * TD_NS_PER_S + (int64_t)(i - 100) * TD_NS_PER_MS;
+        reqs[i].input_tokens = 64 + (i % 7) * 16;
+        reqs[i].output_tokens = 8 + (i % 5) * 4;
+    }
+    sim_result r1, r2;
+    char err[256];
+    assert_int_equal(sim_run(&c, reqs, N, &r1, err, sizeof(err)), 0);
+    assert_int_equal(sim_run(&c, reqs, N, &r2, err, sizeof(err)), 0);
+    size_t ok = 0, rej = 0;
+    for (int i = 0; i < N; i++) {
+        assert_int_not_equal(r1.recs[i].outcome, LT_PENDING);
+        ok += r1.recs[i].outcome == LT_OK;
+        rej += r1.recs[i].outcome == LT_REJECTED;
+        assert_int_equal(r1.recs[i].ttft_ns, r2.recs[i].ttft_ns);
+        assert_int_equal(r1.recs[i].outcome, r2.recs[i].outcome);
+    }
+    assert_int_equal(ok + rej, N);
+    assert_true(rej > 0);
+    assert_true(r1.stats.held > 0);
+    assert_int_equal(r1.stats.held, r1.stats.admitted_after_hold + r1.stats.rejected_after_hold +
+                                        r1.stats.hold_timeouts);
+    assert_int_equal(r1.stats.leaked_blocks, 0);
+    sim_result_free(&r1);
+    sim_result_free(&r2);
+    free(reqs);
 }
 
 int main(void)
@@ -319,7 +575,9 @@ int main(void)
         cmocka_unit_test(test_pressure_determinism_and_no_leaks),
         cmocka_unit_test(test_summary_fields),
         cmocka_unit_test(test_step_cost),
-        cmocka_unit_test(test_cost_file),
+        cmocka_unit_test(test_one_cost_model),
+        cmocka_unit_test(test_hold_queue_hand_computed),
+        cmocka_unit_test(test_burst_policy_holds),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
