@@ -132,6 +132,12 @@ int eng_open(const mdl_model *m, const eng_config *c, eng **out, char *err, size
     bo.kv_mem = k->kv_mem;
     rc = be_open(k->backend, m, &bo, &e->be, err, errlen);
     if (rc != 0) goto fail;
+    /* Touch the whole KV pool now: no page faults on the step path later,
+     * and a worker's resident memory is its steady size from the start. */
+    void *kv_base = NULL;
+    size_t kv_bytes = 0;
+    be_kv_region(e->be, &kv_base, &kv_bytes);
+    if (kv_base && !k->no_prefault) memset(kv_base, 0, kv_bytes);
 
     kvc_config kc = {.num_blocks = e->layout.num_blocks,
                      .block_size = e->layout.block_size,

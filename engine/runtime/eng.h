@@ -81,6 +81,9 @@ typedef struct eng_config {
     bool prefill_only;               /* prefill worker: a request ends after its first
                                         token and hands its KV to the caller */
     bool check_kv;                   /* walk the pool after every step (tests) */
+    bool no_prefault;                /* leave the KV pool's pages untouched until used (by default
+                                        eng_open writes the whole pool once: no page faults on the
+                                        step path, a steady resident size) */
     void *kv_mem;                    /* KV region of kv_layout_pool_bytes(eng_layout_for())
                                         bytes owned by the caller (a transfer's shared pool),
                                         living until eng_close; NULL: the backend allocates */
