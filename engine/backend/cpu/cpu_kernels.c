@@ -222,6 +222,32 @@ CK_AVX512 static inline float ck__hsum16(__m512 a)
     return ck__hsum(lo, hi);
 }
 
+/* The horizontal sums of four accumulators at once, each element with
+ * exactly ck__hsum's additions: s = lo + hi (8 lanes), q = s[0..3] + s[4..7],
+ * p = (q0 + q2, q1 + q3), r = p0 + p1 (float addition is commutative, so
+ * the operand order inside one addition does not matter). Returns
+ * (r_a, r_b, r_c, r_d). */
+CK_AVX512 static inline __m128 ck__hsum16x4(__m512 a, __m512 b, __m512 c, __m512 d)
+{
+#define CK__LOHI(v)                                                                                \
+    _mm256_add_ps(_mm512_castps512_ps256(v),                                                       \
+                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
+    __m256 sa = CK__LOHI(a), sb = CK__LOHI(b), sc = CK__LOHI(c), sd = CK__LOHI(d);
+#undef CK__LOHI
+    /* [qa | qb], [qc | qd] */
+    __m256 qab = _mm256_add_ps(_mm256_permute2f128_ps(sa, sb, 0x20),
+                               _mm256_permute2f128_ps(sa, sb, 0x31));
+    __m256 qcd = _mm256_add_ps(_mm256_permute2f128_ps(sc, sd, 0x20),
+                               _mm256_permute2f128_ps(sc, sd, 0x31));
+    /* [pa0 pa1 pc0 pc1 | pb0 pb1 pd0 pd1] */
+    __m256 p = _mm256_add_ps(_mm256_shuffle_ps(qab, qcd, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(qab, qcd, _MM_SHUFFLE(3, 2, 3, 2)));
+    /* [ra rc ra rc | rb rd rb rd] */
+    __m256 r = _mm256_add_ps(_mm256_shuffle_ps(p, p, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm256_shuffle_ps(p, p, _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm_unpacklo_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
+}
+
 /* out[t + b][j + a] for a < rj, b < rt (compile-time constants at every
  * call site, so the accumulators live in registers). */
 CK_AVX512 static inline __attribute__((always_inline)) void
@@ -250,6 +276,17 @@ ck__blk512(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt
                 acc[a][b] = _mm512_fmadd_ps(xv[b], w, acc[a][b]);
         }
     }
+    if (rj == 4 && i == K) {
+        /* No scalar tail: four outputs of a row of out per reduction, the
+         * bias (or +0.0f, as below) added as a vector: the same additions. */
+        __m128 bv = bias ? _mm_loadu_ps(bias + j) : _mm_setzero_ps();
+#pragma GCC unroll 8
+        for (int b = 0; b < rt; b++) {
+            __m128 r = ck__hsum16x4(acc[0][b], acc[1][b], acc[2][b], acc[3][b]);
+            _mm_storeu_ps(out + (size_t)(t + b) * ldo + j, _mm_add_ps(r, bv));
+        }
+        return;
+    }
 #pragma GCC unroll 8
     for (int a = 0; a < rj; a++) {
         float bj = bias ? bias[j + a] : 0.0f;
@@ -264,21 +301,50 @@ ck__blk512(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt
     }
 }
 
-/* One block of rj W rows by rt = 1..CK_RT x rows. */
-#define CK__BLK_CASES(RJ)                                                                          \
-    switch (rt) {                                                                                  \
-    case 1: ck__blk512(out, ldo, x, W, wt, bias, K, j, t, RJ, 1); break;                          \
-    case 2: ck__blk512(out, ldo, x, W, wt, bias, K, j, t, RJ, 2); break;                          \
-    case 3: ck__blk512(out, ldo, x, W, wt, bias, K, j, t, RJ, 3); break;                          \
-    case 4: ck__blk512(out, ldo, x, W, wt, bias, K, j, t, RJ, 4); break;                          \
-    case 5: ck__blk512(out, ldo, x, W, wt, bias, K, j, t, RJ, 5); break;                          \
-    default: ck__blk512(out, ldo, x, W, wt, bias, K, j, t, RJ, 6); break;                         \
+/* The block kernels as separate functions, one per shape and dtype: inside
+ * one, only the block's own pointers are live, so none is spilled from the
+ * inner loop. */
+#define CK__BLK_FN(RJ, RT, WT, SUF)                                                               \
+    CK_AVX512 static __attribute__((noinline)) void ck__blk512_##RJ##x##RT##SUF(                  \
+        float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,      \
+        int t)                                                                                     \
+    {                                                                                              \
+        ck__blk512(out, ldo, x, W, WT, bias, K, j, t, RJ, RT);                                    \
     }
+#define CK__BLK_FNS(RJ, WT, SUF)                                                                   \
+    CK__BLK_FN(RJ, 1, WT, SUF)                                                                     \
+    CK__BLK_FN(RJ, 2, WT, SUF)                                                                     \
+    CK__BLK_FN(RJ, 3, WT, SUF)                                                                     \
+    CK__BLK_FN(RJ, 4, WT, SUF)                                                                     \
+    CK__BLK_FN(RJ, 5, WT, SUF)                                                                     \
+    CK__BLK_FN(RJ, 6, WT, SUF)
+CK__BLK_FNS(1, MDL_DTYPE_F32, _f32)
+CK__BLK_FNS(4, MDL_DTYPE_F32, _f32)
+CK__BLK_FNS(1, MDL_DTYPE_F16, _f16)
+CK__BLK_FNS(4, MDL_DTYPE_F16, _f16)
+CK__BLK_FNS(1, MDL_DTYPE_BF16, _bf16)
+CK__BLK_FNS(4, MDL_DTYPE_BF16, _bf16)
+#undef CK__BLK_FNS
+#undef CK__BLK_FN
 
-CK_AVX512 static inline __attribute__((always_inline)) void
-ck__matmul_avx512_t(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt,
-                    const float *bias, int T, int K, int j0, int j1)
+typedef void (*ck__blk_fn)(float *, int, const float *, const void *, const float *, int, int,
+                           int);
+#define CK__BLK_ROW(RJ, SUF)                                                                       \
+    {ck__blk512_##RJ##x1##SUF, ck__blk512_##RJ##x2##SUF, ck__blk512_##RJ##x3##SUF,                \
+     ck__blk512_##RJ##x4##SUF, ck__blk512_##RJ##x5##SUF, ck__blk512_##RJ##x6##SUF}
+/* [dtype][rj == CK_RJ][rt - 1] */
+static const ck__blk_fn ck__blk512_fns[3][2][CK_RT] = {
+    {CK__BLK_ROW(1, _f32), CK__BLK_ROW(4, _f32)},
+    {CK__BLK_ROW(1, _f16), CK__BLK_ROW(4, _f16)},
+    {CK__BLK_ROW(1, _bf16), CK__BLK_ROW(4, _bf16)},
+};
+#undef CK__BLK_ROW
+
+CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, const void *W,
+                                        enum mdl_dtype wt, const float *bias, int T, int K, int j0,
+                                        int j1)
 {
+    const ck__blk_fn *one = ck__blk512_fns[wt][0], *four = ck__blk512_fns[wt][1];
     if (T < 4) {
         /* Streaming W (decode of a few sequences): one W row at a time, as
          * in the AVX2 version, keeps one sequential stream for the
@@ -286,12 +352,15 @@ ck__matmul_avx512_t(float *out, int ldo, const float *x, const void *W, enum mdl
         for (int j = j0; j < j1; j++)
             for (int t = 0; t < T; t += CK_RT) {
                 int rt = T - t < CK_RT ? T - t : CK_RT;
-                CK__BLK_CASES(1)
+                one[rt - 1](out, ldo, x, W, bias, K, j, t);
             }
         return;
     }
-    /* x tile: as many rows as fit in ~24 KiB of L1, a multiple of CK_RT. */
-    int tile = (int)((24 * 1024) / ((size_t)K * sizeof(float)));
+    /* x tile: as many rows as fit in ~256 KiB of L2, a multiple of CK_RT:
+     * the CK_RJ W rows of a block stay in L1 while the tile's rows stream
+     * past them from L2 (CK_RT x loads per CK_RJ * CK_RT FMAs is within L2's
+     * bandwidth), and W is read from memory once per tile. */
+    int tile = (int)((256 * 1024) / ((size_t)K * sizeof(float)));
     tile = tile / CK_RT * CK_RT;
     if (tile < CK_RT) tile = CK_RT;
     for (int t0 = 0; t0 < T; t0 += tile) {
@@ -300,32 +369,16 @@ ck__matmul_avx512_t(float *out, int ldo, const float *x, const void *W, enum mdl
         for (; j + CK_RJ <= j1; j += CK_RJ)
             for (int t = t0; t < t1; t += CK_RT) {
                 int rt = t1 - t < CK_RT ? t1 - t : CK_RT;
-                CK__BLK_CASES(CK_RJ)
+                four[rt - 1](out, ldo, x, W, bias, K, j, t);
             }
         for (; j < j1; j++)
             for (int t = t0; t < t1; t += CK_RT) {
                 int rt = t1 - t < CK_RT ? t1 - t : CK_RT;
-                CK__BLK_CASES(1)
+                one[rt - 1](out, ldo, x, W, bias, K, j, t);
             }
     }
 }
 
-CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, const void *W,
-                                        enum mdl_dtype wt, const float *bias, int T, int K, int j0,
-                                        int j1)
-{
-    switch (wt) {
-    case MDL_DTYPE_F16:
-        ck__matmul_avx512_t(out, ldo, x, W, MDL_DTYPE_F16, bias, T, K, j0, j1);
-        break;
-    case MDL_DTYPE_BF16:
-        ck__matmul_avx512_t(out, ldo, x, W, MDL_DTYPE_BF16, bias, T, K, j0, j1);
-        break;
-    default:
-        ck__matmul_avx512_t(out, ldo, x, W, MDL_DTYPE_F32, bias, T, K, j0, j1);
-        break;
-    }
-}
 
 CK_AVX2 static void ck__scores_avx2(float *out, const float *q,
                                                                 const float *rows, size_t stride,
@@ -368,6 +421,64 @@ ck__accum_avx2(float *acc, const float *w, const float *rows, size_t stride, int
     for (; i < hd; i++)
         for (int j = 0; j < n; j++)
             acc[i] += w[j] * rows[(size_t)j * stride + i];
+}
+
+/* Attention scores, four positions at a time: each score is ck_dot's
+ * reduction (one zmm accumulator, as in ck__blk512) times scale, so the bits
+ * are those of ck__scores_avx2. */
+CK_AVX512 static void ck__scores_avx512(float *out, const float *q, const float *rows,
+                                        size_t stride, int n, int hd, float scale)
+{
+    int j = 0;
+    if (hd % 16 == 0) {
+        __m128 sc = _mm_set1_ps(scale);
+        for (; j + 4 <= n; j += 4) {
+            const float *r0 = rows + (size_t)j * stride, *r1 = r0 + stride;
+            const float *r2 = r1 + stride, *r3 = r2 + stride;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int i = 0; i < hd; i += 16) {
+                __m512 qv = _mm512_loadu_ps(q + i);
+                a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(r0 + i), a0);
+                a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(r1 + i), a1);
+                a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(r2 + i), a2);
+                a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(r3 + i), a3);
+            }
+            _mm_storeu_ps(out + j, _mm_mul_ps(ck__hsum16x4(a0, a1, a2, a3), sc));
+        }
+    }
+    for (; j < n; j++)
+        out[j] = ck__dotw_avx2(q, rows + (size_t)j * stride, 0, MDL_DTYPE_F32, hd) * scale;
+}
+
+/* acc[i] + w[j] * v_j[i], unfused and in order of j, as ck__accum_avx2, 16
+ * lanes wide. */
+CK_AVX512 static void ck__accum_avx512(float *acc, const float *w, const float *rows,
+                                       size_t stride, int n, int hd)
+{
+    int i = 0;
+    for (; i + 48 <= hd; i += 48) {
+        __m512 a0 = _mm512_loadu_ps(acc + i), a1 = _mm512_loadu_ps(acc + i + 16);
+        __m512 a2 = _mm512_loadu_ps(acc + i + 32);
+        for (int j = 0; j < n; j++) {
+            const float *v = rows + (size_t)j * stride + i;
+            __m512 wj = _mm512_set1_ps(w[j]);
+            a0 = _mm512_add_ps(a0, _mm512_mul_ps(wj, _mm512_loadu_ps(v)));
+            a1 = _mm512_add_ps(a1, _mm512_mul_ps(wj, _mm512_loadu_ps(v + 16)));
+            a2 = _mm512_add_ps(a2, _mm512_mul_ps(wj, _mm512_loadu_ps(v + 32)));
+        }
+        _mm512_storeu_ps(acc + i, a0);
+        _mm512_storeu_ps(acc + i + 16, a1);
+        _mm512_storeu_ps(acc + i + 32, a2);
+    }
+    for (; i + 16 <= hd; i += 16) {
+        __m512 a0 = _mm512_loadu_ps(acc + i);
+        for (int j = 0; j < n; j++) {
+            __m512 v = _mm512_loadu_ps(rows + (size_t)j * stride + i);
+            a0 = _mm512_add_ps(a0, _mm512_mul_ps(_mm512_set1_ps(w[j]), v));
+        }
+        _mm512_storeu_ps(acc + i, a0);
+    }
+    if (i < hd) ck__accum_avx2(acc + i, w, rows + i, stride, n, hd - i);
 }
 #endif
 
@@ -520,9 +631,12 @@ static void ck__select(void)
         ck__scores_impl = ck__scores_avx2;
         ck__accum_impl = ck__accum_avx2;
         ck__name = "avx2";
-        /* Same bits as the AVX2 matmul (see ck__blk512), more registers. */
+        /* Same bits as the AVX2 kernels (see ck__blk512), wider and with
+         * more registers. */
         if (__builtin_cpu_supports("avx512f") && !getenv("TANDEM_CPU_NO_AVX512")) {
             ck__matmul_impl = ck__matmul_avx512;
+            ck__scores_impl = ck__scores_avx512;
+            ck__accum_impl = ck__accum_avx512;
             ck__name = "avx512";
         }
     }
