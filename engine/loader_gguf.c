@@ -285,8 +285,7 @@ static int gg__int(double v, int *out)
  * mdl__to_mat. *out stays NULL when it is absent and not required. */
 static int gg__get(mdl_model *m, const gguf_tensor *ts, uint64_t n, size_t data_start,
                    size_t fbytes, const char *name, int64_t rows, int64_t cols, int required,
-                   const float **out, mdl_mat *mat, const char *path, char *err,
-                   size_t errlen)
+                   const float **out, mdl_mat *mat, const char *path, char *err, size_t errlen)
 {
     *out = NULL;
     size_t nl = strlen(name);
@@ -337,8 +336,7 @@ static int gg__get(mdl_model *m, const gguf_tensor *ts, uint64_t n, size_t data_
                            "%s: tensor \"%s\" data (offset %llu, %zu bytes) lies outside the file",
                            path, name, (unsigned long long)t->offset, bytes);
     const unsigned char *src = (const unsigned char *)m->storage->map + data_start + t->offset;
-    if ((mat ? mdl__to_mat(m, src, dt, count, out, mat) : mdl__to_f32(m, src, dt, count, out)) !=
-        0)
+    if ((mat ? mdl__to_mat(m, src, dt, count, out, mat) : mdl__to_f32(m, src, dt, count, out)) != 0)
         return td_err_fail(err, errlen, TD_ENOMEM, "out of memory converting \"%s\"", name);
     return 0;
 }
@@ -447,7 +445,8 @@ int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen)
                      &(dst), mat, path, err, errlen);                                              \
         if (rc != 0) goto out;                                                                     \
     } while (0)
-#define GG_GET(dst, want_name, rows, cols, required) GG_GETM(dst, NULL, want_name, rows, cols, required)
+#define GG_GET(dst, want_name, rows, cols, required)                                               \
+    GG_GETM(dst, NULL, want_name, rows, cols, required)
     int64_t d = c->dim, hd = c->hidden_dim, V = c->vocab_size;
     int64_t qd = (int64_t)c->n_heads * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim;
     m->layers = calloc((size_t)c->n_layers, sizeof(*m->layers));

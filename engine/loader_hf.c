@@ -364,7 +364,7 @@ int mdl__load_hf(const char *dir, const char *weights, mdl_model *m, char *err, 
         if ((rc = hf__get(m, name, r, cc, req, &ly->field, mat, err, errlen)) != 0) return rc;     \
     } while (0)
 #define HF_GET(field, suffix, r, cc, req) HF_GETM(field, NULL, suffix, r, cc, req)
-#define HF_MAT(field, suffix, r, cc) HF_GETM(field, &ly->mat.field, suffix, r, cc, 1)
+#define HF_MAT(field, suffix, r, cc)      HF_GETM(field, &ly->mat.field, suffix, r, cc, 1)
     for (int l = 0; l < c->n_layers; l++) {
         mdl_layer *ly = &m->layers[l];
         HF_GET(attn_norm, "input_layernorm.weight", d, 0, 1);
@@ -388,8 +388,8 @@ int mdl__load_hf(const char *dir, const char *weights, mdl_model *m, char *err, 
 #undef HF_MAT
 #undef HF_GETM
     if (!c->tied_output) {
-        if ((rc = hf__get(m, "lm_head.weight", V, d, 0, &m->output, &m->output_mat, err,
-                          errlen)) != 0)
+        if ((rc = hf__get(m, "lm_head.weight", V, d, 0, &m->output, &m->output_mat, err, errlen)) !=
+            0)
             return rc;
         if (!m->output_mat.data) c->tied_output = 1; /* no lm_head: the embedding classifies */
     }

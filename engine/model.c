@@ -315,8 +315,8 @@ void mdl__account(mdl_model *m)
                  (size_t)c->hidden_dim * c->dim *
                      (MDL__ES(L->w_gate) + MDL__ES(L->w_up) + MDL__ES(L->w_down));
     }
-    bytes += (size_t)c->dim * sizeof(float)                           /* final norm */
-             + (size_t)c->dim * MDL__ES(m->tok_embed_mat)             /* embed row */
+    bytes += (size_t)c->dim * sizeof(float)                             /* final norm */
+             + (size_t)c->dim * MDL__ES(m->tok_embed_mat)               /* embed row */
              + (size_t)c->vocab_size * c->dim * MDL__ES(m->output_mat); /* classifier */
 #undef MDL__ES
     m->weight_bytes = bytes;

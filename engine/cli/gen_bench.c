@@ -114,7 +114,7 @@ static double bench_mem_read(const float *a, size_t n, int threads, float *sink)
         a9 = FMA(a9, m, c);                                                                        \
         a10 = FMA(a10, m, c);                                                                      \
         a11 = FMA(a11, m, c);                                                                      \
-        /* opaque to the compiler: no chain can be merged with another */                         \
+        /* opaque to the compiler: no chain can be merged with another */                          \
         __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5));         \
         __asm__ volatile("" : "+v"(a6), "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));       \
     }
@@ -225,8 +225,8 @@ static int bench_matmul_only(const mdl_model *m, int T, double *gflops)
         int64_t t0 = td_now_ns();
         for (int l = 0; l < c->n_layers; l++) {
             const mdl_layer_mats *L = &m->layers[l].mat;
-            const mdl_mat *mats[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up,
-                                      &L->w_down};
+            const mdl_mat *mats[7] = {&L->wq,     &L->wk,   &L->wv,    &L->wo,
+                                      &L->w_gate, &L->w_up, &L->w_down};
             int N[7] = {qd, kvd, kvd, c->dim, c->hidden_dim, c->hidden_dim, c->dim};
             int K[7] = {c->dim, c->dim, c->dim, qd, c->dim, c->dim, c->hidden_dim};
             for (int i = 0; i < 7; i++)
@@ -736,8 +736,7 @@ int gen_bench_run(const mdl_model *given)
            plen, pd, peak > 0 ? 100 * pd * pf / 1e9 / peak : 0, pb,
            peak > 0 ? 100 * pb * pf / 1e9 / peak : 0);
     double g32 = 0, g128 = 0;
-    if ((rc = bench_matmul_only(m, 32, &g32)) || (rc = bench_matmul_only(m, plen, &g128)))
-        goto out;
+    if ((rc = bench_matmul_only(m, 32, &g32)) || (rc = bench_matmul_only(m, plen, &g128))) goto out;
     printf("matmul kernel alone, layer matrices, 1 thread: %d rows %.1f GFLOP/s (%.1f%% of peak), "
            "%d rows %.1f GFLOP/s (%.1f%%)\n",
            32, g32, peak > 0 ? 100 * g32 / peak : 0, plen, g128, peak > 0 ? 100 * g128 / peak : 0);

@@ -517,8 +517,8 @@ static void test_matmul_blocking(void **s)
                 const float *bi = wb_ ? bias : NULL;
                 for (int t = 0; t < T; t++)
                     for (int j = 0; j < N; j++)
-                        ck_matmul(ref[t], N, x + (size_t)t * K, wf[d], MDL_DTYPE_F32, bi, 1,
-                                  K, j, j + 1);
+                        ck_matmul(ref[t], N, x + (size_t)t * K, wf[d], MDL_DTYPE_F32, bi, 1, K, j,
+                                  j + 1);
                 for (int nt = 1; nt <= T; nt++) {
                     memset(got, 0, sizeof(got));
                     ck_matmul(&got[0][0], N, x, ws[d], dt[d], bi, nt, K, 0, N);

@@ -66,7 +66,7 @@ static void ck__matmul_generic(float *out, int ldo, const float *x, const void *
 }
 
 #ifdef CK_HAVE_X86
-#define CK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define CK_AVX2   __attribute__((target("avx2,fma,f16c")))
 #define CK_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 
 CK_AVX2 static inline float ck__hsum(__m256 a, __m256 b)
@@ -169,8 +169,8 @@ CK_AVX2 static inline void ck__matmul_avx2_t(float *out, int ldo, const float *x
     }
     for (; j < j1; j++) {
         for (int t = 0; t < T; t++)
-            out[(size_t)t * ldo + j] = ck__dotw_avx2(x + (size_t)t * K, W, (size_t)j * K, wt, K) +
-                                       (bias ? bias[j] : 0.0f);
+            out[(size_t)t * ldo + j] =
+                ck__dotw_avx2(x + (size_t)t * K, W, (size_t)j * K, wt, K) + (bias ? bias[j] : 0.0f);
     }
 }
 
@@ -235,10 +235,10 @@ CK_AVX512 static inline __m128 ck__hsum16x4(__m512 a, __m512 b, __m512 c, __m512
     __m256 sa = CK__LOHI(a), sb = CK__LOHI(b), sc = CK__LOHI(c), sd = CK__LOHI(d);
 #undef CK__LOHI
     /* [qa | qb], [qc | qd] */
-    __m256 qab = _mm256_add_ps(_mm256_permute2f128_ps(sa, sb, 0x20),
-                               _mm256_permute2f128_ps(sa, sb, 0x31));
-    __m256 qcd = _mm256_add_ps(_mm256_permute2f128_ps(sc, sd, 0x20),
-                               _mm256_permute2f128_ps(sc, sd, 0x31));
+    __m256 qab =
+        _mm256_add_ps(_mm256_permute2f128_ps(sa, sb, 0x20), _mm256_permute2f128_ps(sa, sb, 0x31));
+    __m256 qcd =
+        _mm256_add_ps(_mm256_permute2f128_ps(sc, sd, 0x20), _mm256_permute2f128_ps(sc, sd, 0x31));
     /* [pa0 pa1 pc0 pc1 | pb0 pb1 pd0 pd1] */
     __m256 p = _mm256_add_ps(_mm256_shuffle_ps(qab, qcd, _MM_SHUFFLE(1, 0, 1, 0)),
                              _mm256_shuffle_ps(qab, qcd, _MM_SHUFFLE(3, 2, 3, 2)));
@@ -251,8 +251,8 @@ CK_AVX512 static inline __m128 ck__hsum16x4(__m512 a, __m512 b, __m512 c, __m512
 /* out[t + b][j + a] for a < rj, b < rt (compile-time constants at every
  * call site, so the accumulators live in registers). */
 CK_AVX512 static inline __attribute__((always_inline)) void
-ck__blk512(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt,
-           const float *bias, int K, int j, int t, const int rj, const int rt)
+ck__blk512(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt, const float *bias,
+           int K, int j, int t, const int rj, const int rt)
 {
     __m512 acc[CK_RJ][CK_RT];
 #pragma GCC unroll 8
@@ -304,12 +304,12 @@ ck__blk512(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt
 /* The block kernels as separate functions, one per shape and dtype: inside
  * one, only the block's own pointers are live, so none is spilled from the
  * inner loop. */
-#define CK__BLK_FN(RJ, RT, WT, SUF)                                                               \
-    CK_AVX512 static __attribute__((noinline)) void ck__blk512_##RJ##x##RT##SUF(                  \
-        float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,      \
+#define CK__BLK_FN(RJ, RT, WT, SUF)                                                                \
+    CK_AVX512 static __attribute__((noinline)) void ck__blk512_##RJ##x##RT##SUF(                   \
+        float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,       \
         int t)                                                                                     \
     {                                                                                              \
-        ck__blk512(out, ldo, x, W, WT, bias, K, j, t, RJ, RT);                                    \
+        ck__blk512(out, ldo, x, W, WT, bias, K, j, t, RJ, RT);                                     \
     }
 #define CK__BLK_FNS(RJ, WT, SUF)                                                                   \
     CK__BLK_FN(RJ, 1, WT, SUF)                                                                     \
@@ -327,11 +327,12 @@ CK__BLK_FNS(4, MDL_DTYPE_BF16, _bf16)
 #undef CK__BLK_FNS
 #undef CK__BLK_FN
 
-typedef void (*ck__blk_fn)(float *, int, const float *, const void *, const float *, int, int,
-                           int);
+typedef void (*ck__blk_fn)(float *, int, const float *, const void *, const float *, int, int, int);
 #define CK__BLK_ROW(RJ, SUF)                                                                       \
-    {ck__blk512_##RJ##x1##SUF, ck__blk512_##RJ##x2##SUF, ck__blk512_##RJ##x3##SUF,                \
-     ck__blk512_##RJ##x4##SUF, ck__blk512_##RJ##x5##SUF, ck__blk512_##RJ##x6##SUF}
+    {                                                                                              \
+        ck__blk512_##RJ##x1##SUF, ck__blk512_##RJ##x2##SUF, ck__blk512_##RJ##x3##SUF,              \
+            ck__blk512_##RJ##x4##SUF, ck__blk512_##RJ##x5##SUF, ck__blk512_##RJ##x6##SUF           \
+    }
 /* [dtype][rj == CK_RJ][rt - 1] */
 static const ck__blk_fn ck__blk512_fns[3][2][CK_RT] = {
     {CK__BLK_ROW(1, _f32), CK__BLK_ROW(4, _f32)},
@@ -379,17 +380,15 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
     }
 }
 
-
-CK_AVX2 static void ck__scores_avx2(float *out, const float *q,
-                                                                const float *rows, size_t stride,
-                                                                int n, int hd, float scale)
+CK_AVX2 static void ck__scores_avx2(float *out, const float *q, const float *rows, size_t stride,
+                                    int n, int hd, float scale)
 {
     for (int j = 0; j < n; j++)
         out[j] = ck__dot_avx2(q, rows + (size_t)j * stride, hd) * scale;
 }
 
-CK_AVX2 static void
-ck__accum_avx2(float *acc, const float *w, const float *rows, size_t stride, int n, int hd)
+CK_AVX2 static void ck__accum_avx2(float *acc, const float *w, const float *rows, size_t stride,
+                                   int n, int hd)
 {
     /* acc[i] + w[j] * v_j[i], unfused and in order of j for every element, as
      * the generic version; 32 elements of acc stay in registers across j. */
@@ -452,8 +451,8 @@ CK_AVX512 static void ck__scores_avx512(float *out, const float *q, const float 
 
 /* acc[i] + w[j] * v_j[i], unfused and in order of j, as ck__accum_avx2, 16
  * lanes wide. */
-CK_AVX512 static void ck__accum_avx512(float *acc, const float *w, const float *rows,
-                                       size_t stride, int n, int hd)
+CK_AVX512 static void ck__accum_avx512(float *acc, const float *w, const float *rows, size_t stride,
+                                       int n, int hd)
 {
     int i = 0;
     for (; i + 48 <= hd; i += 48) {
