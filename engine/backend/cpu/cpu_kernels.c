@@ -368,9 +368,13 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
         int t1 = T - t0 < tile ? T : t0 + tile;
         int j = j0;
         for (; j + CK_RJ <= j1; j += CK_RJ)
-            for (int t = t0; t < t1; t += CK_RT) {
-                int rt = t1 - t < CK_RT ? t1 - t : CK_RT;
+            for (int t = t0; t < t1;) {
+                /* rows spread evenly over the fewest blocks (32 rows: 6, 6,
+                 * 5, 5, 5, 5, not five 6s and a 2) */
+                int left = t1 - t, nb = (left + CK_RT - 1) / CK_RT;
+                int rt = (left + nb - 1) / nb;
                 four[rt - 1](out, ldo, x, W, bias, K, j, t);
+                t += rt;
             }
         for (; j < j1; j++)
             for (int t = t0; t < t1; t += CK_RT) {
