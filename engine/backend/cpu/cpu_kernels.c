@@ -252,7 +252,7 @@ CK_AVX512 static inline __m128 ck__hsum16x4(__m512 a, __m512 b, __m512 c, __m512
  * call site, so the accumulators live in registers). */
 CK_AVX512 static inline __attribute__((always_inline)) void
 ck__blk512(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt, const float *bias,
-           int K, int j, int t, const int rj, const int rt)
+           int K, int j, int t, const char *pf, const int rj, const int rt)
 {
     __m512 acc[CK_RJ][CK_RT];
 #pragma GCC unroll 8
@@ -268,6 +268,14 @@ ck__blk512(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt
 #pragma GCC unroll 8
         for (int b = 0; b < rt; b++)
             xv[b] = _mm512_loadu_ps(xt + (size_t)b * K + i);
+        if (pf) {
+            /* the next W rows, one line of each per step: in cache by the
+             * time the next block starts */
+            size_t es = wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
+#pragma GCC unroll 8
+            for (int a = 0; a < rj; a++)
+                _mm_prefetch(pf + ((size_t)a * K + (size_t)i) * es, _MM_HINT_T0);
+        }
 #pragma GCC unroll 8
         for (int a = 0; a < rj; a++) {
             __m512 w = ck__ld16(W, wo + (size_t)a * K + (size_t)i, wt);
@@ -307,9 +315,9 @@ ck__blk512(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt
 #define CK__BLK_FN(RJ, RT, WT, SUF)                                                                \
     CK_AVX512 static __attribute__((noinline)) void ck__blk512_##RJ##x##RT##SUF(                   \
         float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,       \
-        int t)                                                                                     \
+        int t, const char *pf)                                                                     \
     {                                                                                              \
-        ck__blk512(out, ldo, x, W, WT, bias, K, j, t, RJ, RT);                                     \
+        ck__blk512(out, ldo, x, W, WT, bias, K, j, t, pf, RJ, RT);                                 \
     }
 #define CK__BLK_FNS(RJ, WT, SUF)                                                                   \
     CK__BLK_FN(RJ, 1, WT, SUF)                                                                     \
@@ -327,7 +335,9 @@ CK__BLK_FNS(4, MDL_DTYPE_BF16, _bf16)
 #undef CK__BLK_FNS
 #undef CK__BLK_FN
 
-typedef void (*ck__blk_fn)(float *, int, const float *, const void *, const float *, int, int, int);
+/* last argument: W rows to prefetch while the block runs, or NULL */
+typedef void (*ck__blk_fn)(float *, int, const float *, const void *, const float *, int, int, int,
+                           const char *);
 #define CK__BLK_ROW(RJ, SUF)                                                                       \
     {                                                                                              \
         ck__blk512_##RJ##x1##SUF, ck__blk512_##RJ##x2##SUF, ck__blk512_##RJ##x3##SUF,              \
@@ -346,6 +356,7 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
                                         int j1)
 {
     const ck__blk_fn *one = ck__blk512_fns[wt][0], *four = ck__blk512_fns[wt][1];
+    size_t es = wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
     if (T < 4) {
         /* Streaming W (decode of a few sequences): one W row at a time, as
          * in the AVX2 version, keeps one sequential stream for the
@@ -353,7 +364,7 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
         for (int j = j0; j < j1; j++)
             for (int t = 0; t < T; t += CK_RT) {
                 int rt = T - t < CK_RT ? T - t : CK_RT;
-                one[rt - 1](out, ldo, x, W, bias, K, j, t);
+                one[rt - 1](out, ldo, x, W, bias, K, j, t, NULL);
             }
         return;
     }
@@ -373,13 +384,18 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
                  * 5, 5, 5, 5, not five 6s and a 2) */
                 int left = t1 - t, nb = (left + CK_RT - 1) / CK_RT;
                 int rt = (left + nb - 1) / nb;
-                four[rt - 1](out, ldo, x, W, bias, K, j, t);
+                /* the tile's first block over these W rows fetches the
+                 * next CK_RJ rows (when inside [j0, j1)) */
+                const char *pf = t == t0 && j + 2 * CK_RJ <= j1
+                                     ? (const char *)W + (size_t)(j + CK_RJ) * K * es
+                                     : NULL;
+                four[rt - 1](out, ldo, x, W, bias, K, j, t, pf);
                 t += rt;
             }
         for (; j < j1; j++)
             for (int t = t0; t < t1; t += CK_RT) {
                 int rt = t1 - t < CK_RT ? t1 - t : CK_RT;
-                one[rt - 1](out, ldo, x, W, bias, K, j, t);
+                one[rt - 1](out, ldo, x, W, bias, K, j, t, NULL);
             }
     }
 }
