@@ -29,7 +29,7 @@ static int dc_run(const wrk_opts *o)
     c->transport = o->kv_transport;
     c->prefill_timeout_ns = o->prefill_timeout_ns;
 
-    rc = mdl_load(o->model, &m, err, sizeof(err));
+    rc = mdl_load_ex(o->model, MDL_LOAD_KEEP_DTYPE, &m, err, sizeof(err));
     if (rc != 0) {
         fprintf(stderr, "%s: cannot load %s: %s (%s)\n", prog, o->model, err, td_err_name(rc));
         goto out;

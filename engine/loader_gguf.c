@@ -281,10 +281,11 @@ static int gg__int(double v, int *out)
 }
 
 /* Finds `name` and returns it as F32 of shape [rows][cols] (cols 0: 1-D);
- * *out stays NULL when it is absent and not required. */
+ * mat (matrices; NULL for vectors): the tensor in its stored dtype, see
+ * mdl__to_mat. *out stays NULL when it is absent and not required. */
 static int gg__get(mdl_model *m, const gguf_tensor *ts, uint64_t n, size_t data_start,
                    size_t fbytes, const char *name, int64_t rows, int64_t cols, int required,
-                   const float **out, const char *path, char *err, size_t errlen)
+                   const float **out, mdl_mat *mat, const char *path, char *err, size_t errlen)
 {
     *out = NULL;
     size_t nl = strlen(name);
@@ -335,7 +336,7 @@ static int gg__get(mdl_model *m, const gguf_tensor *ts, uint64_t n, size_t data_
                            "%s: tensor \"%s\" data (offset %llu, %zu bytes) lies outside the file",
                            path, name, (unsigned long long)t->offset, bytes);
     const unsigned char *src = (const unsigned char *)m->storage->map + data_start + t->offset;
-    if (mdl__to_f32(m, src, dt, count, out) != 0)
+    if ((mat ? mdl__to_mat(m, src, dt, count, out, mat) : mdl__to_f32(m, src, dt, count, out)) != 0)
         return td_err_fail(err, errlen, TD_ENOMEM, "out of memory converting \"%s\"", name);
     return 0;
 }
@@ -438,12 +439,14 @@ int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen)
     }
 
     /* Resolves one tensor by name and expected shape [rows][cols] (cols 0: 1-D). */
-#define GG_GET(dst, want_name, rows, cols, required)                                               \
+#define GG_GETM(dst, mat, want_name, rows, cols, required)                                         \
     do {                                                                                           \
         rc = gg__get(m, ts, n_tensors, data_start, fbytes, want_name, rows, cols, required,        \
-                     &(dst), path, err, errlen);                                                   \
+                     &(dst), mat, path, err, errlen);                                              \
         if (rc != 0) goto out;                                                                     \
     } while (0)
+#define GG_GET(dst, want_name, rows, cols, required)                                               \
+    GG_GETM(dst, NULL, want_name, rows, cols, required)
     int64_t d = c->dim, hd = c->hidden_dim, V = c->vocab_size;
     int64_t qd = (int64_t)c->n_heads * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim;
     m->layers = calloc((size_t)c->n_layers, sizeof(*m->layers));
@@ -451,11 +454,14 @@ int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen)
         rc = td_err_fail(err, errlen, TD_ENOMEM, "out of memory");
         goto out;
     }
-    GG_GET(m->tok_embed, "token_embd.weight", V, d, 1);
+    GG_GETM(m->tok_embed, &m->tok_embed_mat, "token_embd.weight", V, d, 1);
     GG_GET(m->final_norm, "output_norm.weight", d, 0, 1);
-    GG_GET(m->output, "output.weight", V, d, 0);
-    c->tied_output = m->output == NULL;
-    if (c->tied_output) m->output = m->tok_embed;
+    GG_GETM(m->output, &m->output_mat, "output.weight", V, d, 0);
+    c->tied_output = m->output_mat.data == NULL;
+    if (c->tied_output) {
+        m->output = m->tok_embed;
+        m->output_mat = m->tok_embed_mat;
+    }
     for (int l = 0; l < c->n_layers; l++) {
         mdl_layer *ly = &m->layers[l];
         char name[96];
@@ -464,19 +470,25 @@ int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen)
         snprintf(name, sizeof(name), "blk.%d.%s", l, suffix);                                      \
         GG_GET(ly->field, name, rows, cols, req);                                                  \
     } while (0)
+#define GG_MAT(field, suffix, rows, cols)                                                          \
+    do {                                                                                           \
+        snprintf(name, sizeof(name), "blk.%d.%s", l, suffix);                                      \
+        GG_GETM(ly->field, &ly->mat.field, name, rows, cols, 1);                                   \
+    } while (0)
         GG_LAYER(attn_norm, "attn_norm.weight", d, 0, 1);
-        GG_LAYER(wq, "attn_q.weight", qd, d, 1);
-        GG_LAYER(wk, "attn_k.weight", kvd, d, 1);
-        GG_LAYER(wv, "attn_v.weight", kvd, d, 1);
+        GG_MAT(wq, "attn_q.weight", qd, d);
+        GG_MAT(wk, "attn_k.weight", kvd, d);
+        GG_MAT(wv, "attn_v.weight", kvd, d);
         GG_LAYER(bq, "attn_q.bias", qd, 0, is_qwen2);
         GG_LAYER(bk, "attn_k.bias", kvd, 0, is_qwen2);
         GG_LAYER(bv, "attn_v.bias", kvd, 0, is_qwen2);
-        GG_LAYER(wo, "attn_output.weight", d, qd, 1);
+        GG_MAT(wo, "attn_output.weight", d, qd);
         GG_LAYER(ffn_norm, "ffn_norm.weight", d, 0, 1);
-        GG_LAYER(w_gate, "ffn_gate.weight", hd, d, 1);
-        GG_LAYER(w_up, "ffn_up.weight", hd, d, 1);
-        GG_LAYER(w_down, "ffn_down.weight", d, hd, 1);
+        GG_MAT(w_gate, "ffn_gate.weight", hd, d);
+        GG_MAT(w_up, "ffn_up.weight", hd, d);
+        GG_MAT(w_down, "ffn_down.weight", d, hd);
 #undef GG_LAYER
+#undef GG_MAT
         if ((ly->bq != NULL) != (ly->bk != NULL) || (ly->bq != NULL) != (ly->bv != NULL)) {
             rc = td_err_fail(err, errlen, TD_EFORMAT,
                              "%s: layer %d has some but not all of the q/k/v biases", path, l);
@@ -485,6 +497,7 @@ int mdl__load_gguf(const char *path, mdl_model *m, char *err, size_t errlen)
         if (ly->bq) c->qkv_bias = 1;
     }
 #undef GG_GET
+#undef GG_GETM
     rc = 0;
 out:
     free(ts);

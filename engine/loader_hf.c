@@ -307,9 +307,10 @@ static const sft_tensor *hf__find(const mdl_model *m, const char *name)
 
 /* Returns the tensor as F32 of shape [rows][cols] (cols 0: a vector of rows),
  * in place when it is already aligned F32, else converted into a model buffer.
- * *out stays NULL when the tensor is absent and optional. */
+ * mat (matrices; NULL for vectors): the tensor in its stored dtype, see
+ * mdl__to_mat. *out stays NULL when the tensor is absent and optional. */
 static int hf__get(mdl_model *m, const char *name, int64_t rows, int64_t cols, int required,
-                   const float **out, char *err, size_t errlen)
+                   const float **out, mdl_mat *mat, char *err, size_t errlen)
 {
     *out = NULL;
     const sft_tensor *t = hf__find(m, name);
@@ -335,7 +336,8 @@ static int hf__get(mdl_model *m, const char *name, int64_t rows, int64_t cols, i
     if (t->dtype == SFT_OTHER)
         return td_err_fail(err, errlen, TD_EUNSUPPORTED, "tensor \"%s\" has unsupported dtype %s",
                            name, t->dtype_name);
-    if (mdl__to_f32(m, t->data, t->dtype, n, out) != 0)
+    if ((mat ? mdl__to_mat(m, t->data, t->dtype, n, out, mat)
+             : mdl__to_f32(m, t->data, t->dtype, n, out)) != 0)
         return td_err_fail(err, errlen, TD_ENOMEM, "out of memory converting \"%s\"", name);
     return 0;
 }
@@ -351,39 +353,49 @@ int mdl__load_hf(const char *dir, const char *weights, mdl_model *m, char *err, 
     if (!m->layers) return td_err_fail(err, errlen, TD_ENOMEM, "out of memory");
     int64_t d = c->dim, hd = c->hidden_dim, V = c->vocab_size;
     int64_t qd = (int64_t)c->n_heads * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim;
-    if ((rc = hf__get(m, "model.embed_tokens.weight", V, d, 1, &m->tok_embed, err, errlen)) ||
-        (rc = hf__get(m, "model.norm.weight", d, 0, 1, &m->final_norm, err, errlen)))
+    if ((rc = hf__get(m, "model.embed_tokens.weight", V, d, 1, &m->tok_embed, &m->tok_embed_mat,
+                      err, errlen)) ||
+        (rc = hf__get(m, "model.norm.weight", d, 0, 1, &m->final_norm, NULL, err, errlen)))
         return rc;
     char name[256];
-#define HF_GET(field, suffix, r, cc, req)                                                          \
+#define HF_GETM(field, mat, suffix, r, cc, req)                                                    \
     do {                                                                                           \
         snprintf(name, sizeof(name), "model.layers.%d.%s", l, suffix);                             \
-        if ((rc = hf__get(m, name, r, cc, req, &ly->field, err, errlen)) != 0) return rc;          \
+        if ((rc = hf__get(m, name, r, cc, req, &ly->field, mat, err, errlen)) != 0) return rc;     \
     } while (0)
+#define HF_GET(field, suffix, r, cc, req) HF_GETM(field, NULL, suffix, r, cc, req)
+#define HF_MAT(field, suffix, r, cc)      HF_GETM(field, &ly->mat.field, suffix, r, cc, 1)
     for (int l = 0; l < c->n_layers; l++) {
         mdl_layer *ly = &m->layers[l];
         HF_GET(attn_norm, "input_layernorm.weight", d, 0, 1);
-        HF_GET(wq, "self_attn.q_proj.weight", qd, d, 1);
-        HF_GET(wk, "self_attn.k_proj.weight", kvd, d, 1);
-        HF_GET(wv, "self_attn.v_proj.weight", kvd, d, 1);
+        HF_MAT(wq, "self_attn.q_proj.weight", qd, d);
+        HF_MAT(wk, "self_attn.k_proj.weight", kvd, d);
+        HF_MAT(wv, "self_attn.v_proj.weight", kvd, d);
         HF_GET(bq, "self_attn.q_proj.bias", qd, 0, c->qkv_bias);
         HF_GET(bk, "self_attn.k_proj.bias", kvd, 0, c->qkv_bias);
         HF_GET(bv, "self_attn.v_proj.bias", kvd, 0, c->qkv_bias);
-        HF_GET(wo, "self_attn.o_proj.weight", d, qd, 1);
+        HF_MAT(wo, "self_attn.o_proj.weight", d, qd);
         HF_GET(ffn_norm, "post_attention_layernorm.weight", d, 0, 1);
-        HF_GET(w_gate, "mlp.gate_proj.weight", hd, d, 1);
-        HF_GET(w_up, "mlp.up_proj.weight", hd, d, 1);
-        HF_GET(w_down, "mlp.down_proj.weight", d, hd, 1);
+        HF_MAT(w_gate, "mlp.gate_proj.weight", hd, d);
+        HF_MAT(w_up, "mlp.up_proj.weight", hd, d);
+        HF_MAT(w_down, "mlp.down_proj.weight", d, hd);
         if ((ly->bq != NULL) != (ly->bk != NULL) || (ly->bq != NULL) != (ly->bv != NULL))
             return td_err_fail(err, errlen, TD_EFORMAT,
                                "layer %d has some but not all of the q/k/v biases", l);
         if (ly->bq) c->qkv_bias = 1;
     }
 #undef HF_GET
+#undef HF_MAT
+#undef HF_GETM
     if (!c->tied_output) {
-        if ((rc = hf__get(m, "lm_head.weight", V, d, 0, &m->output, err, errlen)) != 0) return rc;
-        if (!m->output) c->tied_output = 1; /* no lm_head: the embedding is the classifier */
+        if ((rc = hf__get(m, "lm_head.weight", V, d, 0, &m->output, &m->output_mat, err, errlen)) !=
+            0)
+            return rc;
+        if (!m->output_mat.data) c->tied_output = 1; /* no lm_head: the embedding classifies */
     }
-    if (c->tied_output) m->output = m->tok_embed;
+    if (c->tied_output) {
+        m->output = m->tok_embed;
+        m->output_mat = m->tok_embed_mat;
+    }
     return 0;
 }

@@ -54,6 +54,55 @@ int mdl__to_f32(mdl_model *m, const void *src, enum sft_dtype dtype, size_t n, c
     return 0;
 }
 
+int mdl__to_mat(mdl_model *m, const void *src, enum sft_dtype dtype, size_t n, const float **out,
+                mdl_mat *mat)
+{
+    int little = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__;
+    if (m->storage->keep_dtype && little && (dtype == SFT_F16 || dtype == SFT_BF16)) {
+        const void *data = src;
+        if ((uintptr_t)src % sizeof(uint16_t) != 0) {
+            float *dst = mdl__alloc_f32(m, (n + 1) / 2);
+            if (!dst) return TD_ENOMEM;
+            memcpy(dst, src, n * sizeof(uint16_t));
+            data = dst;
+        }
+        *out = NULL;
+        mat->data = data;
+        mat->dtype = dtype == SFT_F16 ? MDL_DTYPE_F16 : MDL_DTYPE_BF16;
+        return 0;
+    }
+    int rc = mdl__to_f32(m, src, dtype, n, out);
+    if (rc != 0) return rc;
+    mat->data = *out;
+    mat->dtype = MDL_DTYPE_F32;
+    return 0;
+}
+
+static void mdl__fill_mat(mdl_mat *mat, const float *f32)
+{
+    if (!mat->data) {
+        mat->data = f32;
+        mat->dtype = MDL_DTYPE_F32;
+    }
+}
+
+void mdl__fill_mats(mdl_model *m)
+{
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        mdl_layer *L = &m->layers[l];
+        mdl__fill_mat(&L->mat.wq, L->wq);
+        mdl__fill_mat(&L->mat.wk, L->wk);
+        mdl__fill_mat(&L->mat.wv, L->wv);
+        mdl__fill_mat(&L->mat.wo, L->wo);
+        mdl__fill_mat(&L->mat.w_gate, L->w_gate);
+        mdl__fill_mat(&L->mat.w_up, L->w_up);
+        mdl__fill_mat(&L->mat.w_down, L->w_down);
+    }
+    mdl__fill_mat(&m->tok_embed_mat, m->tok_embed);
+    if (m->cfg.tied_output && !m->output_mat.data) m->output_mat = m->tok_embed_mat;
+    mdl__fill_mat(&m->output_mat, m->output);
+}
+
 float mdl__f16_to_f32(uint16_t h)
 {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16;
@@ -90,19 +139,45 @@ float mdl__bf16_to_f32(uint16_t h)
     return f;
 }
 
-/* Hashes up to `cap` bytes from each end of a weight array of n floats. */
+/* Hashes elements [i0, i1) of w as F32 (widened in chunks, so a model kept
+ * in F16/BF16 hashes as the same model widened at load). */
+static void mdl__fp_range(XXH3_state_t *st, const mdl_mat *w, size_t i0, size_t i1)
+{
+    if (w->dtype == MDL_DTYPE_F32) {
+        XXH3_64bits_update(st, (const float *)w->data + i0, (i1 - i0) * sizeof(float));
+        return;
+    }
+    float buf[1024];
+    const uint16_t *h = w->data;
+    while (i0 < i1) {
+        size_t k = i1 - i0 < 1024 ? i1 - i0 : 1024;
+        for (size_t i = 0; i < k; i++)
+            buf[i] = w->dtype == MDL_DTYPE_F16 ? mdl__f16_to_f32(h[i0 + i])
+                                               : mdl__bf16_to_f32(h[i0 + i]);
+        XXH3_64bits_update(st, buf, k * sizeof(float));
+        i0 += k;
+    }
+}
+
+/* Hashes up to `cap` bytes (as F32) from each end of a weight array of n
+ * elements. */
+static void mdl__fp_sample_mat(XXH3_state_t *st, const mdl_mat *w, size_t n)
+{
+    const size_t cap = 64 * 1024 / sizeof(float); /* elements */
+    if (!w->data) {
+        XXH3_64bits_update(st, "none", 4);
+    } else if (n <= 2 * cap) {
+        mdl__fp_range(st, w, 0, n);
+    } else {
+        mdl__fp_range(st, w, 0, cap);
+        mdl__fp_range(st, w, n - cap, n);
+    }
+}
+
 static void mdl__fp_sample(XXH3_state_t *st, const float *w, size_t n)
 {
-    const size_t cap = 64 * 1024;
-    size_t bytes = n * sizeof(float);
-    if (!w) {
-        XXH3_64bits_update(st, "none", 4);
-    } else if (bytes <= 2 * cap) {
-        XXH3_64bits_update(st, w, bytes);
-    } else {
-        XXH3_64bits_update(st, w, cap);
-        XXH3_64bits_update(st, (const char *)w + bytes - cap, cap);
-    }
+    mdl_mat v = {.data = w, .dtype = MDL_DTYPE_F32};
+    mdl__fp_sample_mat(st, &v, n);
 }
 
 uint64_t mdl_fingerprint(const mdl_model *m)
@@ -133,16 +208,16 @@ uint64_t mdl_fingerprint(const mdl_model *m)
     XXH3_64bits_update(st, fl, sizeof(fl));
     size_t d = (size_t)c->dim, qd = (size_t)c->n_heads * c->head_dim;
     size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
-    mdl__fp_sample(st, m->tok_embed, (size_t)c->vocab_size * d);
+    mdl__fp_sample_mat(st, &m->tok_embed_mat, (size_t)c->vocab_size * d);
     int ls[2] = {0, c->n_layers - 1};
     for (int i = 0; i < 2; i++) {
         const mdl_layer *L = &m->layers[ls[i]];
-        mdl__fp_sample(st, L->wq, qd * d);
-        mdl__fp_sample(st, L->wk, kvd * d);
-        mdl__fp_sample(st, L->wv, kvd * d);
+        mdl__fp_sample_mat(st, &L->mat.wq, qd * d);
+        mdl__fp_sample_mat(st, &L->mat.wk, kvd * d);
+        mdl__fp_sample_mat(st, &L->mat.wv, kvd * d);
     }
     mdl__fp_sample(st, m->final_norm, d);
-    mdl__fp_sample(st, m->output, (size_t)c->vocab_size * d);
+    mdl__fp_sample_mat(st, &m->output_mat, (size_t)c->vocab_size * d);
     uint64_t h = XXH3_64bits_digest(st);
     XXH3_freeState(st);
     return h;
@@ -228,14 +303,23 @@ void mdl__account(mdl_model *m)
 {
     const mdl_config *c = &m->cfg;
     size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
-    size_t per_layer = 2 * (size_t)c->dim                    /* norms */
-                       + qd * c->dim + 2 * kvd * c->dim      /* wq wk wv */
-                       + (size_t)c->dim * qd                 /* wo */
-                       + 3 * (size_t)c->hidden_dim * c->dim; /* ffn */
-    if (c->qkv_bias) per_layer += qd + 2 * kvd;
-    size_t floats = per_layer * c->n_layers + c->dim /* final norm */ + c->dim /* embed row */
-                    + (size_t)c->vocab_size * c->dim;                          /* classifier */
-    m->weight_bytes = floats * sizeof(float);
+    /* element size of each matrix as stored */
+#define MDL__ES(mt) ((mt).dtype == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t))
+    size_t bytes = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        const mdl_layer_mats *L = &m->layers[l].mat;
+        bytes += 2 * (size_t)c->dim * sizeof(float); /* norms */
+        if (c->qkv_bias) bytes += (qd + 2 * kvd) * sizeof(float);
+        bytes += qd * c->dim * MDL__ES(L->wq) + kvd * c->dim * (MDL__ES(L->wk) + MDL__ES(L->wv)) +
+                 (size_t)c->dim * qd * MDL__ES(L->wo) +
+                 (size_t)c->hidden_dim * c->dim *
+                     (MDL__ES(L->w_gate) + MDL__ES(L->w_up) + MDL__ES(L->w_down));
+    }
+    bytes += (size_t)c->dim * sizeof(float)                             /* final norm */
+             + (size_t)c->dim * MDL__ES(m->tok_embed_mat)               /* embed row */
+             + (size_t)c->vocab_size * c->dim * MDL__ES(m->output_mat); /* classifier */
+#undef MDL__ES
+    m->weight_bytes = bytes;
 }
 
 /* What a model file is, by its content (never by its name). */
@@ -311,6 +395,11 @@ static void mdl__dirname(const char *path, char *dir, size_t cap)
 
 int mdl_load(const char *path, mdl_model **out, char *err, size_t errlen)
 {
+    return mdl_load_ex(path, 0, out, err, errlen);
+}
+
+int mdl_load_ex(const char *path, unsigned flags, mdl_model **out, char *err, size_t errlen)
+{
     *out = NULL;
     if (!path) return td_err_fail(err, errlen, TD_EINVAL, "model path is NULL");
     mdl_model *m = calloc(1, sizeof(*m));
@@ -320,6 +409,7 @@ int mdl_load(const char *path, mdl_model **out, char *err, size_t errlen)
         free(m);
         return td_err_fail(err, errlen, TD_ENOMEM, "out of memory");
     }
+    m->storage->keep_dtype = (flags & MDL_LOAD_KEEP_DTYPE) != 0;
     mdl_config_defaults(&m->cfg);
     struct stat st;
     int rc;
@@ -351,6 +441,7 @@ int mdl_load(const char *path, mdl_model **out, char *err, size_t errlen)
         mdl_free(m);
         return rc;
     }
+    mdl__fill_mats(m);
     mdl__account(m);
     *out = m;
     return 0;
@@ -444,6 +535,7 @@ int mdl_create_random(const mdl_config *cfg, uint64_t seed, float scale, mdl_mod
         m->output = m->tok_embed;
     else if (!(m->output = mdl__rand(m, (size_t)c->vocab_size * d, &rng, scale, 0)))
         goto fail;
+    mdl__fill_mats(m);
     mdl__account(m);
     *out = m;
     return 0;

@@ -6,9 +6,11 @@
  * biases); TinyLlama is a Llama. GQA, tied or untied output, F32/F16/BF16.
  *
  * Weights are memory-mapped. F32 tensors are used in place (no copy). F16 and
- * BF16 tensors are converted once, at load, to F32 in heap memory: the CPU
- * backend then holds 2x the file's bytes for those tensors (the mapping pages
- * were read once for the conversion and can be dropped by the kernel).
+ * BF16 tensors are, with mdl_load, converted once at load to F32 in heap
+ * memory (2x the file's bytes). With mdl_load_ex(MDL_LOAD_KEEP_DTYPE) the
+ * weight matrices stay in their dtype, in place in the mapping, and the CPU
+ * backend widens them in registers inside the matmul: half the weight RAM and
+ * half the bytes read per token, with the same results (widening is exact).
  *
  * Every matrix is row-major [out][in] (the Hugging Face / llama2.c convention),
  * so y = W x is y[o] = sum_i W[o][i] x[i].
@@ -72,7 +74,30 @@ typedef struct mdl_config {
     int n_eos_extra;
 } mdl_config;
 
-/* One decoder layer. All pointers are F32 and owned by the model. */
+/* Element type of a weight matrix as held in memory. */
+enum mdl_dtype {
+    MDL_DTYPE_F32 = 0,
+    MDL_DTYPE_F16 = 1,  /* IEEE binary16 */
+    MDL_DTYPE_BF16 = 2, /* bfloat16: the top half of an F32 */
+};
+
+/* A weight matrix as held in memory: row-major [rows][cols] elements of dtype
+ * (2 or 4 bytes each, host byte order), owned by the model. Every matrix has
+ * one, whatever the load mode; for F32 it is the same data as the float
+ * pointer beside it. */
+typedef struct mdl_mat {
+    const void *data;
+    enum mdl_dtype dtype;
+} mdl_mat;
+
+/* The matrices of one layer in their stored dtype (shapes as in mdl_layer). */
+typedef struct mdl_layer_mats {
+    mdl_mat wq, wk, wv, wo, w_gate, w_up, w_down;
+} mdl_layer_mats;
+
+/* One decoder layer. All pointers are F32 and owned by the model. A matrix
+ * kept in F16/BF16 (MDL_LOAD_KEEP_DTYPE) has a NULL float pointer here: read
+ * it through mat. Norms and biases are always F32. */
 typedef struct mdl_layer {
     const float *attn_norm; /* [dim] */
     const float *wq;        /* [n_heads*head_dim][dim] */
@@ -86,15 +111,18 @@ typedef struct mdl_layer {
     const float *w_gate;    /* [hidden_dim][dim] (llama2.c w1) */
     const float *w_up;      /* [hidden_dim][dim] (llama2.c w3) */
     const float *w_down;    /* [dim][hidden_dim] (llama2.c w2) */
+    mdl_layer_mats mat;     /* every matrix above, in its stored dtype */
 } mdl_layer;
 
 typedef struct mdl_model {
     mdl_config cfg;
-    const float *tok_embed;       /* [vocab_size][dim] */
+    const float *tok_embed;       /* [vocab_size][dim]; NULL when kept in F16/BF16 */
     mdl_layer *layers;            /* [n_layers] */
     const float *final_norm;      /* [dim] */
     const float *output;          /* [vocab_size][dim]; == tok_embed when tied */
-    size_t weight_bytes;          /* bytes of F32 weights one token's forward reads */
+    mdl_mat tok_embed_mat;        /* tok_embed in its stored dtype */
+    mdl_mat output_mat;           /* output in its stored dtype (== tok_embed_mat when tied) */
+    size_t weight_bytes;          /* bytes of weights one token's forward reads, as stored */
     struct mdl__storage *storage; /* mappings and converted buffers (internal) */
 } mdl_model;
 
@@ -106,6 +134,19 @@ typedef struct mdl_model {
  * TD_EUNSUPPORTED (architecture, dtype, feature), TD_ENOMEM; a reason naming the
  * problem goes to err[errlen] when err is not NULL. */
 int mdl_load(const char *path, mdl_model **out, char *err, size_t errlen);
+
+/* Flags of mdl_load_ex. */
+enum {
+    /* F16/BF16 weight matrices (the embedding and classifier included) stay
+     * in their dtype, in place in the file mapping: their float pointers in
+     * mdl_model/mdl_layer are NULL and only the mdl_mat views hold them.
+     * Norms, biases and F32 tensors are as with mdl_load. On a big-endian
+     * host the flag is ignored (matrices are widened). */
+    MDL_LOAD_KEEP_DTYPE = 1u << 0,
+};
+
+/* mdl_load with flags (MDL_LOAD_*); mdl_load(p, ...) is mdl_load_ex(p, 0, ...). */
+int mdl_load_ex(const char *path, unsigned flags, mdl_model **out, char *err, size_t errlen);
 void mdl_free(mdl_model *m); /* accepts NULL */
 
 /* Builds a model with random weights (uniform in [-scale, scale], from seed)

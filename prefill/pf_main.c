@@ -25,7 +25,7 @@ static int pf_run(const wrk_opts *o)
     if (!c) return TD_ENOMEM;
     c->opts = o;
 
-    rc = mdl_load(o->model, &m, err, sizeof(err));
+    rc = mdl_load_ex(o->model, MDL_LOAD_KEEP_DTYPE, &m, err, sizeof(err));
     if (rc != 0) {
         fprintf(stderr, "%s: cannot load %s: %s (%s)\n", prog, o->model, err, td_err_name(rc));
         goto out;

@@ -9,6 +9,7 @@
 #include "common/clock.h"
 #include "common/err.h"
 #include "engine/backend/backend.h"
+#include "engine/backend/cpu/cpu_kernels.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -92,6 +93,153 @@ static double bench_mem_read(const float *a, size_t n, int threads, float *sink)
         if (gbs > best) best = gbs;
     }
     return best;
+}
+
+/* ---- the core's FMA peak ----
+ * A tight loop of independent FMAs (12 accumulators: more than latency x
+ * throughput on current cores), in single precision, widest vectors the CPU
+ * has. Returns GFLOP/s (an FMA is 2 flops) of one thread. */
+#if defined(__x86_64__)
+#define BENCH_FMA_STEPS(V, FMA)                                                                    \
+    for (long it = 0; it < iters; it++) {                                                          \
+        a0 = FMA(a0, m, c);                                                                        \
+        a1 = FMA(a1, m, c);                                                                        \
+        a2 = FMA(a2, m, c);                                                                        \
+        a3 = FMA(a3, m, c);                                                                        \
+        a4 = FMA(a4, m, c);                                                                        \
+        a5 = FMA(a5, m, c);                                                                        \
+        a6 = FMA(a6, m, c);                                                                        \
+        a7 = FMA(a7, m, c);                                                                        \
+        a8 = FMA(a8, m, c);                                                                        \
+        a9 = FMA(a9, m, c);                                                                        \
+        a10 = FMA(a10, m, c);                                                                      \
+        a11 = FMA(a11, m, c);                                                                      \
+        /* opaque to the compiler: no chain can be merged with another */                          \
+        __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5));         \
+        __asm__ volatile("" : "+v"(a6), "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));       \
+    }
+
+__attribute__((target("avx512f"))) static float bench_fma512(long iters)
+{
+    __m512 m = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
+    __m512 a0 = _mm512_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0;
+    __m512 a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+    BENCH_FMA_STEPS(__m512, _mm512_fmadd_ps)
+    __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
+                             _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
+    s = _mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11)));
+    return _mm512_reduce_add_ps(s);
+}
+
+__attribute__((target("avx2,fma"))) static float bench_fma256(long iters)
+{
+    __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+    __m256 a0 = _mm256_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0;
+    __m256 a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+    BENCH_FMA_STEPS(__m256, _mm256_fmadd_ps)
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                             _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+    s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)));
+    float t[8];
+    _mm256_storeu_ps(t, s);
+    return t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
+}
+#endif
+
+/* Best of 5 runs of a few ms with `bits`-wide vectors (512 or 256); 0 when
+ * the CPU lacks them. */
+static double bench_fma_peak(int bits, float *sink)
+{
+#if defined(__x86_64__)
+    int w512 = bits == 512;
+    if (w512 ? !__builtin_cpu_supports("avx512f")
+             : !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
+        return 0;
+    long iters = 1000000;
+    double best = 0;
+    for (int rep = 0; rep < 5; rep++) {
+        int64_t t0 = td_now_ns();
+        *sink += w512 ? bench_fma512(iters) : bench_fma256(iters);
+        double s = td_ns_to_s(td_now_ns() - t0);
+        double gf = (double)iters * 12 * (bits / 32) * 2 / s / 1e9;
+        if (gf > best) best = gf;
+    }
+    return best;
+#else
+    (void)bits;
+    (void)sink;
+    return 0;
+#endif
+}
+
+/* Flops of the matmuls of one token's forward, without the classifier
+ * (counted per output row: flops_out). */
+static double bench_flops_layers(const mdl_model *m)
+{
+    const mdl_config *c = &m->cfg;
+    double qd = (double)c->n_heads * c->head_dim, kvd = (double)c->n_kv_heads * c->head_dim;
+    double per = qd * c->dim + 2 * kvd * c->dim + c->dim * qd + 3.0 * c->hidden_dim * c->dim;
+    return 2 * per * c->n_layers;
+}
+
+static double bench_flops_out(const mdl_model *m)
+{
+    return 2.0 * m->cfg.vocab_size * m->cfg.dim;
+}
+
+static int bench_all_f32(const mdl_model *m)
+{
+    int ok = m->tok_embed_mat.dtype == MDL_DTYPE_F32 && m->output_mat.dtype == MDL_DTYPE_F32;
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        const mdl_layer_mats *L = &m->layers[l].mat;
+        ok &= L->wq.dtype == MDL_DTYPE_F32 && L->wk.dtype == MDL_DTYPE_F32 &&
+              L->wv.dtype == MDL_DTYPE_F32 && L->wo.dtype == MDL_DTYPE_F32 &&
+              L->w_gate.dtype == MDL_DTYPE_F32 && L->w_up.dtype == MDL_DTYPE_F32 &&
+              L->w_down.dtype == MDL_DTYPE_F32;
+    }
+    return ok;
+}
+
+/* The CPU backend's matmul kernel alone, 1 thread, on every layer matrix of
+ * the model with T rows of x: GFLOP/s, best of 5 passes. */
+static int bench_matmul_only(const mdl_model *m, int T, double *gflops)
+{
+    const mdl_config *c = &m->cfg;
+    int qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
+    int kmax = c->hidden_dim > qd ? c->hidden_dim : qd, nmax = c->hidden_dim;
+    if (c->dim > kmax) kmax = c->dim;
+    if (c->dim > nmax) nmax = c->dim;
+    if (qd > nmax) nmax = qd;
+    float *x = malloc((size_t)T * kmax * sizeof(float));
+    float *out = malloc((size_t)T * nmax * sizeof(float));
+    if (!x || !out) {
+        free(x);
+        free(out);
+        return TD_ENOMEM;
+    }
+    for (size_t i = 0; i < (size_t)T * kmax; i++)
+        x[i] = (float)((i * 7919) % 1000) / 1000.0f - 0.5f;
+    ck_init();
+    double best = 0;
+    for (int rep = 0; rep < 5; rep++) {
+        int64_t t0 = td_now_ns();
+        for (int l = 0; l < c->n_layers; l++) {
+            const mdl_layer_mats *L = &m->layers[l].mat;
+            const mdl_mat *mats[7] = {&L->wq,     &L->wk,   &L->wv,    &L->wo,
+                                      &L->w_gate, &L->w_up, &L->w_down};
+            int N[7] = {qd, kvd, kvd, c->dim, c->hidden_dim, c->hidden_dim, c->dim};
+            int K[7] = {c->dim, c->dim, c->dim, qd, c->dim, c->dim, c->hidden_dim};
+            for (int i = 0; i < 7; i++)
+                ck_matmul(out, N[i], x, mats[i]->data, mats[i]->dtype, NULL, T, K[i], 0, N[i]);
+        }
+        double sec = td_ns_to_s(td_now_ns() - t0);
+        double gf = bench_flops_layers(m) * T / sec / 1e9;
+        if (gf > best) best = gf;
+    }
+    free(x);
+    free(out);
+    *gflops = best;
+    return 0;
 }
 
 static int argmax(const float *x, int n)
@@ -263,7 +411,10 @@ static int l2c_step(l2c_state *s, int token, int pos)
 static int bench_pair(const mdl_model *m, int steps, double *ours, double *ref)
 {
     l2c_state s;
-    int rc = l2c_init(&s, m, steps);
+    /* The reference reads F32 weights: with F16/BF16 ones kept as stored it
+     * is skipped (*ref 0) and only ours is timed. */
+    int with_ref = bench_all_f32(m);
+    int rc = l2c_init(&s, m, with_ref ? steps : 1);
     if (rc != 0) return rc;
     be_backend *be = NULL;
     int blocks = (steps + 15) / 16, V = m->cfg.vocab_size;
@@ -294,14 +445,14 @@ static int bench_pair(const mdl_model *m, int steps, double *ours, double *ref)
         if ((rc = be_forward(be, &b)) != 0) goto out;
         tok_a = argmax(logits, V);
         int64_t t1 = td_now_ns();
-        tok_b = l2c_step(&s, tok_b, p);
+        if (with_ref) tok_b = l2c_step(&s, tok_b, p);
         ns_a[p] = t1 - t0;
         ns_b[p] = td_now_ns() - t1;
     }
     qsort(ns_a, (size_t)steps, sizeof(int64_t), cmp_i64);
     qsort(ns_b, (size_t)steps, sizeof(int64_t), cmp_i64);
     *ours = 1.0 / td_ns_to_s(ns_a[steps / 2]);
-    *ref = 1.0 / td_ns_to_s(ns_b[steps / 2]);
+    *ref = with_ref ? 1.0 / td_ns_to_s(ns_b[steps / 2]) : 0;
     rc = 0;
 out:
     be_close(be);
@@ -506,7 +657,15 @@ int gen_bench_run(const mdl_model *given)
     int rc = 0;
     printf("model: %s dim=%d hidden=%d layers=%d heads=%d kv_heads=%d vocab=%d\n", mc->arch,
            mc->dim, mc->hidden_dim, mc->n_layers, mc->n_heads, mc->n_kv_heads, mc->vocab_size);
-    printf("weights read per token: %.1f MB (f32)\n", (double)m->weight_bytes / 1e6);
+    printf("weights read per token: %.1f MB (as stored: %s)\n", (double)m->weight_bytes / 1e6,
+           bench_all_f32(m) ? "f32" : "f16/bf16 matrices kept, widened in the matmul");
+    ck_init();
+    float fsink = 0;
+    double peak512 = bench_fma_peak(512, &fsink), peak256 = bench_fma_peak(256, &fsink);
+    double peak = peak512 > peak256 ? peak512 : peak256;
+    printf("FMA peak, 1 thread, fp32: %.1f GFLOP/s (512-bit loop), %.1f GFLOP/s (256-bit loop); "
+           "matmul kernel: %s  [sink %g]\n",
+           peak512, peak256, ck_variant(), (double)fsink);
 
     /* Memory bandwidth: a 1 GB array, vectorised sum. */
     size_t n = (size_t)1 << 28; /* floats = 1 GiB */
@@ -531,20 +690,30 @@ int gen_bench_run(const mdl_model *given)
         goto out;
     double gb = (double)m->weight_bytes / 1e9;
     printf("decode, 1 sequence, %d steps from BOS (tokens/s from the median step):\n", steps);
+    printf("  limit from the weight bytes: %.1f tok/s at 1-thread read bw, %.1f at 2 threads\n",
+           gb > 0 ? bw1 / gb : 0, gb > 0 ? bw2 / gb : 0);
     printf("  deterministic 1 thread : %7.1f tok/s  %5.1f GB/s of weights (%.0f%% of read bw)\n",
            t1, t1 * gb, bw1 > 0 ? 100 * t1 * gb / bw1 : 0);
-    printf("  llama2.c-style, same run : %7.1f tok/s  %5.1f GB/s  -> ratio %.2fx\n", tl, tl * gb,
-           tl > 0 ? t1 / tl : 0);
+    if (tl > 0)
+        printf("  llama2.c-style, same run : %7.1f tok/s  %5.1f GB/s  -> ratio %.2fx\n", tl,
+               tl * gb, t1 / tl);
+    else
+        printf("  llama2.c-style, same run : skipped (it reads f32 weights)\n");
     if (own)
         printf("  ratio vs the %.0f tok/s measured for llama2.c-style on an idle machine "
                "(NOTES.md): %.2fx\n",
                BENCH_REF_TOK_S, t1 / BENCH_REF_TOK_S);
     printf("  deterministic 2 threads: %7.1f tok/s  %5.1f GB/s of weights (%.0f%% of read bw)\n",
            t2, t2 * gb, bw2 > 0 ? 100 * t2 * gb / bw2 : 0);
-    printf("  openblas      1 thread : %7.1f tok/s  %5.1f GB/s of weights\n", tb, tb * gb);
+    printf("  openblas      1 thread : %7.1f tok/s  %5.1f GB/s of weights%s\n", tb, tb * gb,
+           bench_all_f32(m) ? "" : " (f16/bf16: runs the deterministic kernel)");
 
-    printf("batched decode (prompt 16, 32 steps), tokens/s from the median step:\n");
-    printf("  %-6s %14s %14s %14s\n", "batch", "det 1 thread", "det 2 threads", "blas 1 thread");
+    double fl = bench_flops_layers(m), fo = bench_flops_out(m);
+    printf("batched decode (prompt 16, 32 steps), tokens/s from the median step; %% of the FMA "
+           "peak\n(1 thread: %.1f GFLOP/s; 2 threads: twice that) counting the matmul flops "
+           "(%.1f MFLOP/token):\n",
+           peak, (fl + fo) / 1e6);
+    printf("  %-6s %22s %22s %14s\n", "batch", "det 1 thread", "det 2 threads", "blas 1 thread");
     const int batches[3] = {1, 8, 32};
     for (int i = 0; i < 3; i++) {
         double d1, d2, b1;
@@ -552,15 +721,25 @@ int gen_bench_run(const mdl_model *given)
             (rc = bench_batch(m, 2, BE_MATMUL_DETERMINISTIC, batches[i], 16, 32, &d2, NULL)) ||
             (rc = bench_batch(m, 1, BE_MATMUL_BLAS, batches[i], 16, 32, &b1, NULL)))
             goto out;
-        printf("  %-6d %14.1f %14.1f %14.1f\n", batches[i], d1, d2, b1);
+        double p1 = peak > 0 ? 100 * d1 * (fl + fo) / 1e9 / peak : 0;
+        double p2 = peak > 0 ? 100 * d2 * (fl + fo) / 1e9 / (2 * peak) : 0;
+        printf("  %-6d %12.1f (%4.1f%%) %12.1f (%4.1f%%) %14.1f\n", batches[i], d1, p1, d2, p2, b1);
     }
     int plen = mc->max_seq_len < 128 ? mc->max_seq_len : 128;
     double pd, pb;
     if ((rc = bench_prefill(m, 1, BE_MATMUL_DETERMINISTIC, plen, &pd)) ||
         (rc = bench_prefill(m, 1, BE_MATMUL_BLAS, plen, &pb)))
         goto out;
-    printf("prefill of %d tokens, 1 thread: deterministic %.1f tok/s, openblas %.1f tok/s\n", plen,
-           pd, pb);
+    double pf = fl + fo / plen; /* one classifier row per prompt */
+    printf("prefill of %d tokens, 1 thread: deterministic %.1f tok/s (%.1f%% of the FMA peak), "
+           "openblas %.1f tok/s (%.1f%%)\n",
+           plen, pd, peak > 0 ? 100 * pd * pf / 1e9 / peak : 0, pb,
+           peak > 0 ? 100 * pb * pf / 1e9 / peak : 0);
+    double g32 = 0, g128 = 0;
+    if ((rc = bench_matmul_only(m, 32, &g32)) || (rc = bench_matmul_only(m, plen, &g128))) goto out;
+    printf("matmul kernel alone, layer matrices, 1 thread: %d rows %.1f GFLOP/s (%.1f%% of peak), "
+           "%d rows %.1f GFLOP/s (%.1f%%)\n",
+           32, g32, peak > 0 ? 100 * g32 / peak : 0, plen, g128, peak > 0 ? 100 * g128 / peak : 0);
     int same_det = 0, same_blas = 0;
     if ((rc = bench_invariant(m, BE_MATMUL_DETERMINISTIC, &same_det)) ||
         (rc = bench_invariant(m, BE_MATMUL_BLAS, &same_blas)))

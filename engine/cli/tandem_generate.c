@@ -580,7 +580,7 @@ int main(int argc, char **argv)
     mdl_model *m = NULL;
     char err[512] = "";
     if (a.model) {
-        int rc = mdl_load(a.model, &m, err, sizeof(err));
+        int rc = mdl_load_ex(a.model, MDL_LOAD_KEEP_DTYPE, &m, err, sizeof(err));
         if (rc != 0) {
             fprintf(stderr, "tandem-generate: cannot load %s: %s (%s)\n", a.model, err,
                     td_err_name(rc));

@@ -326,9 +326,8 @@ static void run_batch(be_backend *be, unsigned which, int stagger, int32_t out[N
     free(logits);
 }
 
-static void check_invariance(int threads_batch)
+static void check_invariance_of(const mdl_model *m, int threads_batch)
 {
-    mdl_model *m = make_model(MDL_ROPE_HALF, 1, 0);
     int V = m->cfg.vocab_size;
     size_t lbytes = (size_t)NSEQ * STEPS * V * sizeof(float);
     float *alone = calloc(1, lbytes), *batched = calloc(1, lbytes);
@@ -344,7 +343,200 @@ static void check_invariance(int threads_batch)
     assert_memory_equal(alone, batched, lbytes);
     free(alone);
     free(batched);
+}
+
+static void check_invariance(int threads_batch)
+{
+    mdl_model *m = make_model(MDL_ROPE_HALF, 1, 0);
+    check_invariance_of(m, threads_batch);
     mdl_free(m);
+}
+
+/* ---- weights kept in F16/BF16 ---- */
+
+static uint16_t to_bf16(float f) /* round to nearest even (no NaN here) */
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static float from_half(uint16_t h, enum mdl_dtype dt)
+{
+    float f;
+    if (dt == MDL_DTYPE_F16) {
+        ck_f16_to_f32(&f, &h, 1);
+    } else {
+        uint32_t u = (uint32_t)h << 16;
+        memcpy(&f, &u, 4);
+    }
+    return f;
+}
+
+/* A view of m whose matrices are held as dt (F16 or BF16), as
+ * mdl_load_ex(MDL_LOAD_KEEP_DTYPE) leaves them, with NULL float pointers;
+ * m's own F32 matrices are rounded to the same values, so the two models are
+ * the same numbers in two layouts. */
+typedef struct half_model {
+    mdl_model m;
+    uint16_t *bufs[64];
+    int n;
+} half_model;
+
+static void half_mat(half_model *h, mdl_mat *mat, const float **f32, size_t n, enum mdl_dtype dt)
+{
+    float *w = (float *)*f32; /* the test owns the random model */
+    uint16_t *b = malloc(n * sizeof(uint16_t));
+    assert_non_null(b);
+    if (dt == MDL_DTYPE_F16)
+        ck_f32_to_f16(b, w, (int)n);
+    else
+        for (size_t i = 0; i < n; i++)
+            b[i] = to_bf16(w[i]);
+    for (size_t i = 0; i < n; i++)
+        w[i] = from_half(b[i], dt);
+    assert_true(h->n < 64);
+    h->bufs[h->n++] = b;
+    mat->data = b;
+    mat->dtype = dt;
+    *f32 = NULL;
+}
+
+static void half_make(half_model *h, mdl_model *m, enum mdl_dtype dt)
+{
+    memset(h, 0, sizeof(*h));
+    h->m = *m;
+    const mdl_config *c = &m->cfg;
+    size_t d = (size_t)c->dim, hd = (size_t)c->hidden_dim;
+    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    h->m.layers = malloc((size_t)c->n_layers * sizeof(mdl_layer));
+    assert_non_null(h->m.layers);
+    memcpy(h->m.layers, m->layers, (size_t)c->n_layers * sizeof(mdl_layer));
+    for (int l = 0; l < c->n_layers; l++) {
+        mdl_layer *L = &h->m.layers[l];
+        half_mat(h, &L->mat.wq, &L->wq, qd * d, dt);
+        half_mat(h, &L->mat.wk, &L->wk, kvd * d, dt);
+        half_mat(h, &L->mat.wv, &L->wv, kvd * d, dt);
+        half_mat(h, &L->mat.wo, &L->wo, d * qd, dt);
+        half_mat(h, &L->mat.w_gate, &L->w_gate, hd * d, dt);
+        half_mat(h, &L->mat.w_up, &L->w_up, hd * d, dt);
+        half_mat(h, &L->mat.w_down, &L->w_down, d * hd, dt);
+    }
+    half_mat(h, &h->m.tok_embed_mat, &h->m.tok_embed, (size_t)c->vocab_size * d, dt);
+    if (c->tied_output) {
+        h->m.output_mat = h->m.tok_embed_mat;
+        h->m.output = NULL;
+    } else {
+        half_mat(h, &h->m.output_mat, &h->m.output, (size_t)c->vocab_size * d, dt);
+    }
+    h->m.storage = NULL; /* never freed through the view */
+}
+
+static void half_free(half_model *h)
+{
+    for (int i = 0; i < h->n; i++)
+        free(h->bufs[i]);
+    free(h->m.layers);
+}
+
+/* F16/BF16 matrices widened in the matmul give the bits of the same values
+ * held as F32, and the batch invariance holds for them too. */
+static void test_half_weights(void **s)
+{
+    (void)s;
+    const enum mdl_dtype dts[2] = {MDL_DTYPE_BF16, MDL_DTYPE_F16};
+    for (int k = 0; k < 4; k++) {
+        mdl_model *m = make_model(MDL_ROPE_HALF, 1, k & 1);
+        half_model h;
+        half_make(&h, m, dts[k >> 1]);
+        int V = m->cfg.vocab_size;
+        size_t lbytes = (size_t)NSEQ * STEPS * V * sizeof(float);
+        float *lf = calloc(1, lbytes), *lh = calloc(1, lbytes);
+        int32_t tf[NSEQ][STEPS], th[NSEQ][STEPS];
+        be_backend *be = open_cpu(m, 1, BE_MATMUL_DETERMINISTIC, NULL, 64);
+        run_batch(be, 0xff, 1, tf, lf, V);
+        be_close(be);
+        be = open_cpu(&h.m, 2, BE_MATMUL_DETERMINISTIC, NULL, 64);
+        run_batch(be, 0xff, 1, th, lh, V);
+        be_close(be);
+        /* BLAS mode falls back to the deterministic kernel for them */
+        be = open_cpu(&h.m, 1, BE_MATMUL_BLAS, NULL, 64);
+        float *lb = calloc(1, lbytes);
+        int32_t tbl[NSEQ][STEPS];
+        run_batch(be, 0xff, 1, tbl, lb, V);
+        be_close(be);
+        assert_memory_equal(tf, th, sizeof(tf));
+        assert_memory_equal(lf, lh, lbytes);
+        assert_memory_equal(lf, lb, lbytes);
+        if (k == 0) check_invariance_of(&h.m, 1);
+        free(lf);
+        free(lh);
+        free(lb);
+        half_free(&h);
+        mdl_free(m);
+    }
+}
+
+/* ck_matmul: any block shape, row range and dtype gives each element the
+ * bits of a lone dot product (T = 1, one row of W) on the widened weights,
+ * also with a scalar tail (K % 16 != 0) and a bias. */
+static void test_matmul_blocking(void **s)
+{
+    (void)s;
+    ck_init();
+    enum { T = 15, N = 13 };
+    const int Ks[3] = {288, 37, 64};
+    for (int ki = 0; ki < 3; ki++) {
+        int K = Ks[ki];
+        float *x = malloc((size_t)T * K * sizeof(float)), *w = malloc((size_t)N * K * 4);
+        uint16_t *wb = malloc((size_t)N * K * 2), *wh = malloc((size_t)N * K * 2);
+        float *wbf = malloc((size_t)N * K * 4), *whf = malloc((size_t)N * K * 4);
+        float bias[N], ref[T][N], got[T][N];
+        assert_true(x && w && wb && wh && wbf && whf);
+        uint64_t r = 99;
+        for (int i = 0; i < T * K; i++) {
+            r = r * 6364136223846793005ull + 1442695040888963407ull;
+            x[i] = (float)(r >> 40) / (float)(1 << 24) - 0.5f;
+        }
+        for (int i = 0; i < N * K; i++) {
+            r = r * 6364136223846793005ull + 1442695040888963407ull;
+            w[i] = (float)(r >> 40) / (float)(1 << 24) - 0.5f;
+            wb[i] = to_bf16(w[i]);
+            wbf[i] = from_half(wb[i], MDL_DTYPE_BF16);
+        }
+        ck_f32_to_f16(wh, w, N * K);
+        ck_f16_to_f32(whf, wh, N * K);
+        for (int j = 0; j < N; j++)
+            bias[j] = (float)j * 0.25f - 1.0f;
+        const void *ws[3] = {w, wh, wb};
+        const float *wf[3] = {w, whf, wbf};
+        const enum mdl_dtype dt[3] = {MDL_DTYPE_F32, MDL_DTYPE_F16, MDL_DTYPE_BF16};
+        for (int d = 0; d < 3; d++)
+            for (int wb_ = 0; wb_ < 2; wb_++) {
+                const float *bi = wb_ ? bias : NULL;
+                for (int t = 0; t < T; t++)
+                    for (int j = 0; j < N; j++)
+                        ck_matmul(ref[t], N, x + (size_t)t * K, wf[d], MDL_DTYPE_F32, bi, 1, K, j,
+                                  j + 1);
+                for (int nt = 1; nt <= T; nt++) {
+                    memset(got, 0, sizeof(got));
+                    ck_matmul(&got[0][0], N, x, ws[d], dt[d], bi, nt, K, 0, N);
+                    for (int t = 0; t < nt; t++)
+                        assert_memory_equal(got[t], ref[t], sizeof(ref[t]));
+                    memset(got, 0, sizeof(got));
+                    ck_matmul(&got[0][0], N, x, ws[d], dt[d], bi, nt, K, 1, N - 3);
+                    for (int t = 0; t < nt; t++)
+                        assert_memory_equal(&got[t][1], &ref[t][1], (N - 4) * sizeof(float));
+                }
+            }
+        free(x);
+        free(w);
+        free(wb);
+        free(wh);
+        free(wbf);
+        free(whf);
+    }
 }
 
 static void test_batch_invariance(void **s)
@@ -710,6 +902,8 @@ int main(void)
         cmocka_unit_test_setup(test_reference_head_dims, reset_globals),
         cmocka_unit_test_setup(test_batch_invariance, reset_globals),
         cmocka_unit_test_setup(test_batch_invariance_two_threads, reset_globals),
+        cmocka_unit_test_setup(test_half_weights, reset_globals),
+        cmocka_unit_test_setup(test_matmul_blocking, reset_globals),
         cmocka_unit_test_setup(test_blas_mode_close, reset_globals),
         cmocka_unit_test_setup(test_kv_f16, reset_globals),
         cmocka_unit_test_setup(test_f16_conversion, reset_globals),

@@ -533,6 +533,31 @@ static void test_hf_rope_layout_and_dtypes(void **state)
             }
             run8(h, tb, lb);
             assert_true(max_abs_diff(la, lb, 8 * 64) < 0.5f);
+            /* Kept as stored: the file's bits in place, NULL float pointers
+             * for matrices, F32 norms, the same fingerprint and logits. */
+            mdl_model *kp = NULL;
+            rc = mdl_load_ex(dir, MDL_LOAD_KEEP_DTYPE, &kp, err, sizeof(err));
+            if (rc != 0) fail_msg("%s kept: %s", dtypes[k], err);
+            enum mdl_dtype want = k == 1 ? MDL_DTYPE_BF16 : MDL_DTYPE_F16;
+            assert_null(kp->layers[1].w_up);
+            assert_null(kp->tok_embed);
+            assert_null(kp->output);
+            assert_non_null(kp->layers[1].attn_norm);
+            assert_non_null(kp->final_norm);
+            assert_int_equal(kp->layers[1].mat.w_up.dtype, want);
+            assert_int_equal(kp->layers[0].mat.wq.dtype, want);
+            assert_int_equal(kp->output_mat.dtype, want);
+            assert_memory_equal(kp->layers[1].mat.w_up.data, raw, 48 * 32 * sizeof(uint16_t));
+            assert_int_equal(h->layers[1].mat.w_up.dtype, MDL_DTYPE_F32);
+            assert_ptr_equal(h->layers[1].mat.w_up.data, h->layers[1].w_up);
+            assert_true(kp->weight_bytes < h->weight_bytes);
+            assert_true(mdl_fingerprint(kp) == mdl_fingerprint(h));
+            int32_t tk[8];
+            float lk[8 * 64];
+            run8(kp, tk, lk);
+            assert_memory_equal(tk, tb, sizeof(tk));
+            assert_memory_equal(lk, lb, sizeof(lk));
+            mdl_free(kp);
         }
         mdl_free(h);
         st_free(&L);

@@ -15,7 +15,7 @@
  * (q/k/v, or gate/up), so a layer has few barriers. */
 #define CPU_MAX_JOBS 3
 typedef struct cpu_mm_job {
-    const float *W;    /* [N][K] */
+    mdl_mat W;         /* [N][K] in its stored dtype */
     const float *bias; /* [N] or NULL */
     float *out;        /* [T][N] */
     int N;
@@ -173,17 +173,22 @@ static void cpu__mm_task(void *arg, int task, int thread)
     int r0 = (task - job->first_task) * mm->rows_per_task;
     int r1 = r0 + mm->rows_per_task;
     if (r1 > job->N) r1 = job->N;
-    ck_matmul(job->out, job->N, mm->x, job->W, job->bias, mm->T, mm->K, r0, r1);
+    ck_matmul(job->out, job->N, mm->x, job->W.data, job->W.dtype, job->bias, mm->T, mm->K, r0, r1);
 }
 
-/* out_i = x W_i^T (+ b_i) for each job; x: [T][K]. */
+/* out_i = x W_i^T (+ b_i) for each job; x: [T][K]. BLAS mode takes F32
+ * matrices only: with F16/BF16 weights (MDL_LOAD_KEEP_DTYPE) it runs the
+ * deterministic kernel, which widens them in registers. */
 static void cpu__matmul(cpu_ctx *c, cpu_mm *mm)
 {
-    if (c->o.matmul == BE_MATMUL_BLAS) {
+    int all_f32 = 1;
+    for (int i = 0; i < mm->n_jobs; i++)
+        all_f32 &= mm->jobs[i].W.dtype == MDL_DTYPE_F32;
+    if (c->o.matmul == BE_MATMUL_BLAS && all_f32) {
         for (int i = 0; i < mm->n_jobs; i++) {
             cpu_mm_job *jb = &mm->jobs[i];
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mm->T, jb->N, mm->K, 1.0f, mm->x,
-                        mm->K, jb->W, mm->K, 0.0f, jb->out, jb->N);
+                        mm->K, (const float *)jb->W.data, mm->K, 0.0f, jb->out, jb->N);
             if (jb->bias)
                 for (int t = 0; t < mm->T; t++)
                     for (int n = 0; n < jb->N; n++)
@@ -208,8 +213,8 @@ static void cpu__matmul(cpu_ctx *c, cpu_mm *mm)
     cpool_run(c->pool, cpu__mm_task, mm, tasks);
 }
 
-static void cpu__mm1(cpu_ctx *c, float *out, const float *x, const float *W, const float *bias,
-                     int T, int K, int N)
+static void cpu__mm1(cpu_ctx *c, float *out, const float *x, mdl_mat W, const float *bias, int T,
+                     int K, int N)
 {
     cpu_mm mm = {.x = x, .T = T, .K = K, .n_jobs = 1};
     mm.jobs[0] = (cpu_mm_job){.W = W, .bias = bias, .out = out, .N = N};
@@ -375,8 +380,8 @@ static int cpu_forward(void *vctx, const be_batch *b)
     c->b = b;
 
     for (int t = 0; t < T; t++) {
-        memcpy(c->x + (size_t)t * dim, m->tok_embed + (size_t)b->tokens[t] * dim,
-               (size_t)dim * sizeof(float));
+        ck_row_to_f32(c->x + (size_t)t * dim, m->tok_embed_mat.data, m->tok_embed_mat.dtype,
+                      (size_t)b->tokens[t], dim);
         float *cs = c->rope + (size_t)t * hd;
         for (int i = 0; i < half; i++) {
             float ang = (float)b->pos[t] * c->inv_freq[i];
@@ -392,9 +397,9 @@ static int cpu_forward(void *vctx, const be_batch *b)
             ck_rmsnorm(c->xb + (size_t)t * dim, c->x + (size_t)t * dim, L->attn_norm, dim,
                        mc->norm_eps);
         cpu_mm mm = {.x = c->xb, .T = T, .K = dim, .n_jobs = 3};
-        mm.jobs[0] = (cpu_mm_job){.W = L->wq, .bias = L->bq, .out = c->q, .N = qd};
-        mm.jobs[1] = (cpu_mm_job){.W = L->wk, .bias = L->bk, .out = c->k, .N = kvd};
-        mm.jobs[2] = (cpu_mm_job){.W = L->wv, .bias = L->bv, .out = c->v, .N = kvd};
+        mm.jobs[0] = (cpu_mm_job){.W = L->mat.wq, .bias = L->bq, .out = c->q, .N = qd};
+        mm.jobs[1] = (cpu_mm_job){.W = L->mat.wk, .bias = L->bk, .out = c->k, .N = kvd};
+        mm.jobs[2] = (cpu_mm_job){.W = L->mat.wv, .bias = L->bv, .out = c->v, .N = kvd};
         cpu__matmul(c, &mm);
 
         /* RoPE, then store this batch's K/V in the paged pool. */
@@ -421,7 +426,7 @@ static int cpu_forward(void *vctx, const be_batch *b)
         }
 
         cpool_run(c->pool, cpu__attn_task, c, T * mc->n_heads); /* -> xb [T][qd] */
-        cpu__mm1(c, c->tmp, c->xb, L->wo, NULL, T, qd, dim);
+        cpu__mm1(c, c->tmp, c->xb, L->mat.wo, NULL, T, qd, dim);
         for (size_t i = 0; i < (size_t)T * dim; i++)
             c->x[i] += c->tmp[i];
 
@@ -429,14 +434,14 @@ static int cpu_forward(void *vctx, const be_batch *b)
             ck_rmsnorm(c->xb + (size_t)t * dim, c->x + (size_t)t * dim, L->ffn_norm, dim,
                        mc->norm_eps);
         cpu_mm mf = {.x = c->xb, .T = T, .K = dim, .n_jobs = 2};
-        mf.jobs[0] = (cpu_mm_job){.W = L->w_gate, .out = c->hb, .N = hidden};
-        mf.jobs[1] = (cpu_mm_job){.W = L->w_up, .out = c->hb2, .N = hidden};
+        mf.jobs[0] = (cpu_mm_job){.W = L->mat.w_gate, .out = c->hb, .N = hidden};
+        mf.jobs[1] = (cpu_mm_job){.W = L->mat.w_up, .out = c->hb2, .N = hidden};
         cpu__matmul(c, &mf);
         for (size_t i = 0; i < (size_t)T * hidden; i++) {
             float g = c->hb[i];
             c->hb[i] = g * (1.0f / (1.0f + expf(-g))) * c->hb2[i]; /* SwiGLU */
         }
-        cpu__mm1(c, c->tmp, c->hb, L->w_down, NULL, T, hidden, dim);
+        cpu__mm1(c, c->tmp, c->hb, L->mat.w_down, NULL, T, hidden, dim);
         for (size_t i = 0; i < (size_t)T * dim; i++)
             c->x[i] += c->tmp[i];
     }
@@ -445,7 +450,7 @@ static int cpu_forward(void *vctx, const be_batch *b)
         for (int i = 0; i < b->n_out; i++)
             ck_rmsnorm(c->xb + (size_t)i * dim, c->x + (size_t)b->out_rows[i] * dim, m->final_norm,
                        dim, mc->norm_eps);
-        cpu__mm1(c, b->logits, c->xb, m->output, NULL, b->n_out, dim, mc->vocab_size);
+        cpu__mm1(c, b->logits, c->xb, m->output_mat, NULL, b->n_out, dim, mc->vocab_size);
     }
     c->b = NULL;
     return 0;

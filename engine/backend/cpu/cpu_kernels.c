@@ -2,6 +2,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__)
@@ -10,37 +11,65 @@
 #define CK_HAVE_X86 1
 #endif
 
+/* ---- weight elements in their stored dtype ----
+ * Weights are F32, IEEE binary16 or bfloat16 (enum mdl_dtype). Widening a
+ * half-precision element to F32 is exact, so a product computed on widened
+ * elements gives the same bits as one on weights widened at load. */
+
+static float ck__f_from_h(uint16_t h);
+
+static inline float ck__w1(const void *W, size_t i, enum mdl_dtype wt)
+{
+    if (wt == MDL_DTYPE_F32) return ((const float *)W)[i];
+    uint16_t h = ((const uint16_t *)W)[i];
+    if (wt == MDL_DTYPE_F16) return ck__f_from_h(h);
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 /* Generic version: the same association as the AVX2 one (lane l of
- * accumulator a sums elements 16*i + 8*a + l), without FMA. */
-static float ck__dot_generic(const float *a, const float *b, int n)
+ * accumulator a sums elements 16*i + 8*a + l), without FMA. w: element offset
+ * woff of W. */
+static inline float ck__dotw_generic(const float *a, const void *W, size_t woff, enum mdl_dtype wt,
+                                     int n)
 {
     float acc[16] = {0};
     int i = 0;
     for (; i + 16 <= n; i += 16)
         for (int l = 0; l < 16; l++)
-            acc[l] += a[i + l] * b[i + l];
+            acc[l] += a[i + l] * ck__w1(W, woff + (size_t)(i + l), wt);
     float s8[8];
     for (int l = 0; l < 8; l++)
         s8[l] = acc[l] + acc[8 + l];
     float s = ((s8[0] + s8[4]) + (s8[2] + s8[6])) + ((s8[1] + s8[5]) + (s8[3] + s8[7]));
     for (; i < n; i++)
-        s += a[i] * b[i];
+        s += a[i] * ck__w1(W, woff + (size_t)i, wt);
     return s;
 }
 
-static void ck__matmul_generic(float *out, int ldo, const float *x, const float *W,
-                               const float *bias, int T, int K, int j0, int j1)
+static float ck__dot_generic(const float *a, const float *b, int n)
+{
+    return ck__dotw_generic(a, b, 0, MDL_DTYPE_F32, n);
+}
+
+static void ck__matmul_generic(float *out, int ldo, const float *x, const void *W,
+                               enum mdl_dtype wt, const float *bias, int T, int K, int j0, int j1)
 {
     for (int j = j0; j < j1; j++) {
-        const float *w = W + (size_t)j * K;
         float bj = bias ? bias[j] : 0.0f;
         for (int t = 0; t < T; t++)
-            out[(size_t)t * ldo + j] = ck__dot_generic(x + (size_t)t * K, w, K) + bj;
+            out[(size_t)t * ldo + j] =
+                ck__dotw_generic(x + (size_t)t * K, W, (size_t)j * K, wt, K) + bj;
     }
 }
 
 #ifdef CK_HAVE_X86
-__attribute__((target("avx2,fma"))) static inline float ck__hsum(__m256 a, __m256 b)
+#define CK_AVX2   __attribute__((target("avx2,fma,f16c")))
+#define CK_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+CK_AVX2 static inline float ck__hsum(__m256 a, __m256 b)
 {
     __m256 s = _mm256_add_ps(a, b);          /* s8[l] */
     __m128 lo = _mm256_castps256_ps128(s);   /* l 0..3 */
@@ -52,26 +81,42 @@ __attribute__((target("avx2,fma"))) static inline float ck__hsum(__m256 a, __m25
     return _mm_cvtss_f32(_mm_add_ss(p, p1));
 }
 
-__attribute__((target("avx2,fma"))) static float ck__dot_avx2(const float *a, const float *b, int n)
+/* Eight weights from element offset off, widened to F32. */
+CK_AVX2 static inline __m256 ck__ld8(const void *W, size_t off, enum mdl_dtype wt)
+{
+    if (wt == MDL_DTYPE_F32) return _mm256_loadu_ps((const float *)W + off);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)W + off));
+    if (wt == MDL_DTYPE_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* dot(a, W[woff .. woff + n)) in ck_dot's order. */
+CK_AVX2 static inline float ck__dotw_avx2(const float *a, const void *W, size_t woff,
+                                          enum mdl_dtype wt, int n)
 {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int i = 0;
     for (; i + 16 <= n; i += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), ck__ld8(W, woff + (size_t)i, wt), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), ck__ld8(W, woff + (size_t)i + 8, wt), a1);
     }
     float s = ck__hsum(a0, a1);
     for (; i < n; i++)
-        s += a[i] * b[i];
+        s += a[i] * ck__w1(W, woff + (size_t)i, wt);
     return s;
 }
 
-/* Four rows of W against one x row: the same per-row operations as
- * ck__dot_avx2, interleaved so each x load feeds four FMA chains pairs. */
-__attribute__((target("avx2,fma"))) static void ck__dot4_avx2(const float *x, const float *w0,
-                                                              int K, float *r)
+CK_AVX2 static float ck__dot_avx2(const float *a, const float *b, int n)
 {
-    const float *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    return ck__dotw_avx2(a, b, 0, MDL_DTYPE_F32, n);
+}
+
+/* Four rows of W against one x row: the same per-row operations as
+ * ck__dotw_avx2, interleaved so each x load feeds four FMA chain pairs. */
+CK_AVX2 static inline void ck__dot4_avx2(const float *x, const void *W, size_t woff,
+                                         enum mdl_dtype wt, int K, float *r)
+{
+    size_t o0 = woff, o1 = o0 + (size_t)K, o2 = o1 + (size_t)K, o3 = o2 + (size_t)K;
     __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps();
     __m256 a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps();
     __m256 a20 = _mm256_setzero_ps(), a21 = _mm256_setzero_ps();
@@ -79,22 +124,22 @@ __attribute__((target("avx2,fma"))) static void ck__dot4_avx2(const float *x, co
     int i = 0;
     for (; i + 16 <= K; i += 16) {
         __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-        a00 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + i), a00);
-        a01 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w0 + i + 8), a01);
-        a10 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w1 + i), a10);
-        a11 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + i + 8), a11);
-        a20 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w2 + i), a20);
-        a21 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w2 + i + 8), a21);
-        a30 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w3 + i), a30);
-        a31 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w3 + i + 8), a31);
+        a00 = _mm256_fmadd_ps(x0, ck__ld8(W, o0 + (size_t)i, wt), a00);
+        a01 = _mm256_fmadd_ps(x1, ck__ld8(W, o0 + (size_t)i + 8, wt), a01);
+        a10 = _mm256_fmadd_ps(x0, ck__ld8(W, o1 + (size_t)i, wt), a10);
+        a11 = _mm256_fmadd_ps(x1, ck__ld8(W, o1 + (size_t)i + 8, wt), a11);
+        a20 = _mm256_fmadd_ps(x0, ck__ld8(W, o2 + (size_t)i, wt), a20);
+        a21 = _mm256_fmadd_ps(x1, ck__ld8(W, o2 + (size_t)i + 8, wt), a21);
+        a30 = _mm256_fmadd_ps(x0, ck__ld8(W, o3 + (size_t)i, wt), a30);
+        a31 = _mm256_fmadd_ps(x1, ck__ld8(W, o3 + (size_t)i + 8, wt), a31);
     }
     float s0 = ck__hsum(a00, a01), s1 = ck__hsum(a10, a11);
     float s2 = ck__hsum(a20, a21), s3 = ck__hsum(a30, a31);
     for (; i < K; i++) {
-        s0 += x[i] * w0[i];
-        s1 += x[i] * w1[i];
-        s2 += x[i] * w2[i];
-        s3 += x[i] * w3[i];
+        s0 += x[i] * ck__w1(W, o0 + (size_t)i, wt);
+        s1 += x[i] * ck__w1(W, o1 + (size_t)i, wt);
+        s2 += x[i] * ck__w1(W, o2 + (size_t)i, wt);
+        s3 += x[i] * ck__w1(W, o3 + (size_t)i, wt);
     }
     r[0] = s0;
     r[1] = s1;
@@ -102,45 +147,270 @@ __attribute__((target("avx2,fma"))) static void ck__dot4_avx2(const float *x, co
     r[3] = s3;
 }
 
-__attribute__((target("avx2,fma"))) static void ck__matmul_avx2(float *out, int ldo, const float *x,
-                                                                const float *W, const float *bias,
-                                                                int T, int K, int j0, int j1)
+CK_AVX2 static inline void ck__matmul_avx2_t(float *out, int ldo, const float *x, const void *W,
+                                             enum mdl_dtype wt, const float *bias, int T, int K,
+                                             int j0, int j1)
 {
     int j = j0;
     /* With few rows of x the product streams W from memory: one W row at a
      * time keeps a single sequential stream, which the prefetchers follow
      * best (measured ~25% faster than four interleaved rows at T = 1). With
      * more rows, four W rows share each load of x. Both paths compute every
-     * element with ck__dot_avx2's exact operation order. */
+     * element with ck__dotw_avx2's exact operation order. */
     int j4 = T < 4 ? j0 : j1; /* end of the four-row part */
     for (; j + 4 <= j4; j += 4) {
-        const float *w = W + (size_t)j * K;
         for (int t = 0; t < T; t++) {
             float r[4];
-            ck__dot4_avx2(x + (size_t)t * K, w, K, r);
+            ck__dot4_avx2(x + (size_t)t * K, W, (size_t)j * K, wt, K, r);
             float *o = out + (size_t)t * ldo + j;
             for (int u = 0; u < 4; u++)
                 o[u] = r[u] + (bias ? bias[j + u] : 0.0f);
         }
     }
     for (; j < j1; j++) {
-        const float *w = W + (size_t)j * K;
         for (int t = 0; t < T; t++)
             out[(size_t)t * ldo + j] =
-                ck__dot_avx2(x + (size_t)t * K, w, K) + (bias ? bias[j] : 0.0f);
+                ck__dotw_avx2(x + (size_t)t * K, W, (size_t)j * K, wt, K) + (bias ? bias[j] : 0.0f);
     }
 }
 
-__attribute__((target("avx2,fma"))) static void ck__scores_avx2(float *out, const float *q,
-                                                                const float *rows, size_t stride,
-                                                                int n, int hd, float scale)
+CK_AVX2 static void ck__matmul_avx2(float *out, int ldo, const float *x, const void *W,
+                                    enum mdl_dtype wt, const float *bias, int T, int K, int j0,
+                                    int j1)
+{
+    switch (wt) {
+    case MDL_DTYPE_F16:
+        ck__matmul_avx2_t(out, ldo, x, W, MDL_DTYPE_F16, bias, T, K, j0, j1);
+        break;
+    case MDL_DTYPE_BF16:
+        ck__matmul_avx2_t(out, ldo, x, W, MDL_DTYPE_BF16, bias, T, K, j0, j1);
+        break;
+    default:
+        ck__matmul_avx2_t(out, ldo, x, W, MDL_DTYPE_F32, bias, T, K, j0, j1);
+        break;
+    }
+}
+
+/* ---- AVX-512: register-blocked, cache-tiled ----
+ * One zmm accumulator per output element: lane l sums elements 16*i + l with
+ * FMA, exactly what the AVX2 version's pair of ymm accumulators holds (lanes
+ * 0..7 and 8..15), then the same horizontal sum and scalar tail. So every
+ * output element has the same operations in the same order as ck_dot, for
+ * any block shape: blocking changes which products are computed together,
+ * never how one element is reduced.
+ *
+ * The block is CK_RJ rows of W by up to CK_RT rows of x: CK_RJ * CK_RT
+ * accumulators plus CK_RT x vectors plus one W vector fit the 32 zmm
+ * registers, and each 16-element step issues CK_RJ + CK_RT loads for
+ * CK_RJ * CK_RT FMAs. Rows of x are taken in tiles that fit L1 next to the
+ * CK_RJ W rows, so W streams from L2/memory once per tile. */
+#define CK_RJ 4
+#define CK_RT 6
+
+CK_AVX512 static inline __m512 ck__ld16(const void *W, size_t off, enum mdl_dtype wt)
+{
+    if (wt == MDL_DTYPE_F32) return _mm512_loadu_ps((const float *)W + off);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)W + off));
+    if (wt == MDL_DTYPE_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+CK_AVX512 static inline float ck__hsum16(__m512 a)
+{
+    __m256 lo = _mm512_castps512_ps256(a);
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+    return ck__hsum(lo, hi);
+}
+
+/* The horizontal sums of four accumulators at once, each element with
+ * exactly ck__hsum's additions: s = lo + hi (8 lanes), q = s[0..3] + s[4..7],
+ * p = (q0 + q2, q1 + q3), r = p0 + p1 (float addition is commutative, so
+ * the operand order inside one addition does not matter). Returns
+ * (r_a, r_b, r_c, r_d). */
+CK_AVX512 static inline __m128 ck__hsum16x4(__m512 a, __m512 b, __m512 c, __m512 d)
+{
+#define CK__LOHI(v)                                                                                \
+    _mm256_add_ps(_mm512_castps512_ps256(v),                                                       \
+                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
+    __m256 sa = CK__LOHI(a), sb = CK__LOHI(b), sc = CK__LOHI(c), sd = CK__LOHI(d);
+#undef CK__LOHI
+    /* [qa | qb], [qc | qd] */
+    __m256 qab =
+        _mm256_add_ps(_mm256_permute2f128_ps(sa, sb, 0x20), _mm256_permute2f128_ps(sa, sb, 0x31));
+    __m256 qcd =
+        _mm256_add_ps(_mm256_permute2f128_ps(sc, sd, 0x20), _mm256_permute2f128_ps(sc, sd, 0x31));
+    /* [pa0 pa1 pc0 pc1 | pb0 pb1 pd0 pd1] */
+    __m256 p = _mm256_add_ps(_mm256_shuffle_ps(qab, qcd, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(qab, qcd, _MM_SHUFFLE(3, 2, 3, 2)));
+    /* [ra rc ra rc | rb rd rb rd] */
+    __m256 r = _mm256_add_ps(_mm256_shuffle_ps(p, p, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm256_shuffle_ps(p, p, _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm_unpacklo_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
+}
+
+/* out[t + b][j + a] for a < rj, b < rt (compile-time constants at every
+ * call site, so the accumulators live in registers). */
+CK_AVX512 static inline __attribute__((always_inline)) void
+ck__blk512(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt, const float *bias,
+           int K, int j, int t, const char *pf, const int rj, const int rt)
+{
+    __m512 acc[CK_RJ][CK_RT];
+#pragma GCC unroll 8
+    for (int a = 0; a < rj; a++)
+#pragma GCC unroll 8
+        for (int b = 0; b < rt; b++)
+            acc[a][b] = _mm512_setzero_ps();
+    const float *xt = x + (size_t)t * K;
+    size_t wo = (size_t)j * K;
+    int i = 0;
+    for (; i + 16 <= K; i += 16) {
+        __m512 xv[CK_RT];
+#pragma GCC unroll 8
+        for (int b = 0; b < rt; b++)
+            xv[b] = _mm512_loadu_ps(xt + (size_t)b * K + i);
+        if (pf) {
+            /* the next W rows, one line of each per step: in cache by the
+             * time the next block starts */
+            size_t es = wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
+#pragma GCC unroll 8
+            for (int a = 0; a < rj; a++)
+                _mm_prefetch(pf + ((size_t)a * K + (size_t)i) * es, _MM_HINT_T0);
+        }
+#pragma GCC unroll 8
+        for (int a = 0; a < rj; a++) {
+            __m512 w = ck__ld16(W, wo + (size_t)a * K + (size_t)i, wt);
+#pragma GCC unroll 8
+            for (int b = 0; b < rt; b++)
+                acc[a][b] = _mm512_fmadd_ps(xv[b], w, acc[a][b]);
+        }
+    }
+    if (rj == 4 && i == K) {
+        /* No scalar tail: four outputs of a row of out per reduction, the
+         * bias (or +0.0f, as below) added as a vector: the same additions. */
+        __m128 bv = bias ? _mm_loadu_ps(bias + j) : _mm_setzero_ps();
+#pragma GCC unroll 8
+        for (int b = 0; b < rt; b++) {
+            __m128 r = ck__hsum16x4(acc[0][b], acc[1][b], acc[2][b], acc[3][b]);
+            _mm_storeu_ps(out + (size_t)(t + b) * ldo + j, _mm_add_ps(r, bv));
+        }
+        return;
+    }
+#pragma GCC unroll 8
+    for (int a = 0; a < rj; a++) {
+        float bj = bias ? bias[j + a] : 0.0f;
+#pragma GCC unroll 8
+        for (int b = 0; b < rt; b++) {
+            float s = ck__hsum16(acc[a][b]);
+            const float *xr = xt + (size_t)b * K;
+            for (int k = i; k < K; k++)
+                s += xr[k] * ck__w1(W, wo + (size_t)a * K + (size_t)k, wt);
+            out[(size_t)(t + b) * ldo + j + a] = s + bj;
+        }
+    }
+}
+
+/* The block kernels as separate functions, one per shape and dtype: inside
+ * one, only the block's own pointers are live, so none is spilled from the
+ * inner loop. */
+#define CK__BLK_FN(RJ, RT, WT, SUF)                                                                \
+    CK_AVX512 static __attribute__((noinline)) void ck__blk512_##RJ##x##RT##SUF(                   \
+        float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,       \
+        int t, const char *pf)                                                                     \
+    {                                                                                              \
+        ck__blk512(out, ldo, x, W, WT, bias, K, j, t, pf, RJ, RT);                                 \
+    }
+#define CK__BLK_FNS(RJ, WT, SUF)                                                                   \
+    CK__BLK_FN(RJ, 1, WT, SUF)                                                                     \
+    CK__BLK_FN(RJ, 2, WT, SUF)                                                                     \
+    CK__BLK_FN(RJ, 3, WT, SUF)                                                                     \
+    CK__BLK_FN(RJ, 4, WT, SUF)                                                                     \
+    CK__BLK_FN(RJ, 5, WT, SUF)                                                                     \
+    CK__BLK_FN(RJ, 6, WT, SUF)
+CK__BLK_FNS(1, MDL_DTYPE_F32, _f32)
+CK__BLK_FNS(4, MDL_DTYPE_F32, _f32)
+CK__BLK_FNS(1, MDL_DTYPE_F16, _f16)
+CK__BLK_FNS(4, MDL_DTYPE_F16, _f16)
+CK__BLK_FNS(1, MDL_DTYPE_BF16, _bf16)
+CK__BLK_FNS(4, MDL_DTYPE_BF16, _bf16)
+#undef CK__BLK_FNS
+#undef CK__BLK_FN
+
+/* last argument: W rows to prefetch while the block runs, or NULL */
+typedef void (*ck__blk_fn)(float *, int, const float *, const void *, const float *, int, int, int,
+                           const char *);
+#define CK__BLK_ROW(RJ, SUF)                                                                       \
+    {                                                                                              \
+        ck__blk512_##RJ##x1##SUF, ck__blk512_##RJ##x2##SUF, ck__blk512_##RJ##x3##SUF,              \
+            ck__blk512_##RJ##x4##SUF, ck__blk512_##RJ##x5##SUF, ck__blk512_##RJ##x6##SUF           \
+    }
+/* [dtype][rj == CK_RJ][rt - 1] */
+static const ck__blk_fn ck__blk512_fns[3][2][CK_RT] = {
+    {CK__BLK_ROW(1, _f32), CK__BLK_ROW(4, _f32)},
+    {CK__BLK_ROW(1, _f16), CK__BLK_ROW(4, _f16)},
+    {CK__BLK_ROW(1, _bf16), CK__BLK_ROW(4, _bf16)},
+};
+#undef CK__BLK_ROW
+
+CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, const void *W,
+                                        enum mdl_dtype wt, const float *bias, int T, int K, int j0,
+                                        int j1)
+{
+    const ck__blk_fn *one = ck__blk512_fns[wt][0], *four = ck__blk512_fns[wt][1];
+    size_t es = wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
+    if (T < 4 && wt != MDL_DTYPE_F32) {
+        /* Streaming 16-bit W (decode of a few sequences): one W row at a
+         * time, one sequential stream for the prefetchers. Measured here
+         * at T = 1: 1,030-1,060 tok/s this way vs 800-890 with the 4-row
+         * blocks below, whose widening and prefetches cost more per byte;
+         * for F32 the 4-row blocks win (600-630 vs 520-535). */
+        for (int j = j0; j < j1; j++)
+            for (int t = 0; t < T; t += CK_RT) {
+                int rt = T - t < CK_RT ? T - t : CK_RT;
+                one[rt - 1](out, ldo, x, W, bias, K, j, t, NULL);
+            }
+        return;
+    }
+    /* x tile: as many rows as fit in ~256 KiB of L2, a multiple of CK_RT:
+     * the CK_RJ W rows of a block stay in L1 while the tile's rows stream
+     * past them from L2 (CK_RT x loads per CK_RJ * CK_RT FMAs is within L2's
+     * bandwidth), and W is read from memory once per tile. */
+    int tile = (int)((256 * 1024) / ((size_t)K * sizeof(float)));
+    tile = tile / CK_RT * CK_RT;
+    if (tile < CK_RT) tile = CK_RT;
+    for (int t0 = 0; t0 < T; t0 += tile) {
+        int t1 = T - t0 < tile ? T : t0 + tile;
+        int j = j0;
+        for (; j + CK_RJ <= j1; j += CK_RJ)
+            for (int t = t0; t < t1;) {
+                /* rows spread evenly over the fewest blocks (32 rows: 6, 6,
+                 * 5, 5, 5, 5, not five 6s and a 2) */
+                int left = t1 - t, nb = (left + CK_RT - 1) / CK_RT;
+                int rt = (left + nb - 1) / nb;
+                /* the tile's first block over these W rows fetches the
+                 * next CK_RJ rows (when inside [j0, j1)) */
+                const char *pf = t == t0 && j + 2 * CK_RJ <= j1
+                                     ? (const char *)W + (size_t)(j + CK_RJ) * K * es
+                                     : NULL;
+                four[rt - 1](out, ldo, x, W, bias, K, j, t, pf);
+                t += rt;
+            }
+        for (; j < j1; j++)
+            for (int t = t0; t < t1; t += CK_RT) {
+                int rt = t1 - t < CK_RT ? t1 - t : CK_RT;
+                one[rt - 1](out, ldo, x, W, bias, K, j, t, NULL);
+            }
+    }
+}
+
+CK_AVX2 static void ck__scores_avx2(float *out, const float *q, const float *rows, size_t stride,
+                                    int n, int hd, float scale)
 {
     for (int j = 0; j < n; j++)
         out[j] = ck__dot_avx2(q, rows + (size_t)j * stride, hd) * scale;
 }
 
-__attribute__((target("avx2,fma"))) static void
-ck__accum_avx2(float *acc, const float *w, const float *rows, size_t stride, int n, int hd)
+CK_AVX2 static void ck__accum_avx2(float *acc, const float *w, const float *rows, size_t stride,
+                                   int n, int hd)
 {
     /* acc[i] + w[j] * v_j[i], unfused and in order of j for every element, as
      * the generic version; 32 elements of acc stay in registers across j. */
@@ -172,6 +442,64 @@ ck__accum_avx2(float *acc, const float *w, const float *rows, size_t stride, int
     for (; i < hd; i++)
         for (int j = 0; j < n; j++)
             acc[i] += w[j] * rows[(size_t)j * stride + i];
+}
+
+/* Attention scores, four positions at a time: each score is ck_dot's
+ * reduction (one zmm accumulator, as in ck__blk512) times scale, so the bits
+ * are those of ck__scores_avx2. */
+CK_AVX512 static void ck__scores_avx512(float *out, const float *q, const float *rows,
+                                        size_t stride, int n, int hd, float scale)
+{
+    int j = 0;
+    if (hd % 16 == 0) {
+        __m128 sc = _mm_set1_ps(scale);
+        for (; j + 4 <= n; j += 4) {
+            const float *r0 = rows + (size_t)j * stride, *r1 = r0 + stride;
+            const float *r2 = r1 + stride, *r3 = r2 + stride;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int i = 0; i < hd; i += 16) {
+                __m512 qv = _mm512_loadu_ps(q + i);
+                a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(r0 + i), a0);
+                a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(r1 + i), a1);
+                a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(r2 + i), a2);
+                a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(r3 + i), a3);
+            }
+            _mm_storeu_ps(out + j, _mm_mul_ps(ck__hsum16x4(a0, a1, a2, a3), sc));
+        }
+    }
+    for (; j < n; j++)
+        out[j] = ck__dotw_avx2(q, rows + (size_t)j * stride, 0, MDL_DTYPE_F32, hd) * scale;
+}
+
+/* acc[i] + w[j] * v_j[i], unfused and in order of j, as ck__accum_avx2, 16
+ * lanes wide. */
+CK_AVX512 static void ck__accum_avx512(float *acc, const float *w, const float *rows, size_t stride,
+                                       int n, int hd)
+{
+    int i = 0;
+    for (; i + 48 <= hd; i += 48) {
+        __m512 a0 = _mm512_loadu_ps(acc + i), a1 = _mm512_loadu_ps(acc + i + 16);
+        __m512 a2 = _mm512_loadu_ps(acc + i + 32);
+        for (int j = 0; j < n; j++) {
+            const float *v = rows + (size_t)j * stride + i;
+            __m512 wj = _mm512_set1_ps(w[j]);
+            a0 = _mm512_add_ps(a0, _mm512_mul_ps(wj, _mm512_loadu_ps(v)));
+            a1 = _mm512_add_ps(a1, _mm512_mul_ps(wj, _mm512_loadu_ps(v + 16)));
+            a2 = _mm512_add_ps(a2, _mm512_mul_ps(wj, _mm512_loadu_ps(v + 32)));
+        }
+        _mm512_storeu_ps(acc + i, a0);
+        _mm512_storeu_ps(acc + i + 16, a1);
+        _mm512_storeu_ps(acc + i + 32, a2);
+    }
+    for (; i + 16 <= hd; i += 16) {
+        __m512 a0 = _mm512_loadu_ps(acc + i);
+        for (int j = 0; j < n; j++) {
+            __m512 v = _mm512_loadu_ps(rows + (size_t)j * stride + i);
+            a0 = _mm512_add_ps(a0, _mm512_mul_ps(_mm512_set1_ps(w[j]), v));
+        }
+        _mm512_storeu_ps(acc + i, a0);
+    }
+    if (i < hd) ck__accum_avx2(acc + i, w, rows + i, stride, n, hd - i);
 }
 #endif
 
@@ -298,8 +626,8 @@ static void (*ck__scores_impl)(float *, const float *, const float *, size_t, in
                                float) = ck__scores_generic;
 static void (*ck__accum_impl)(float *, const float *, const float *, size_t, int,
                               int) = ck__accum_generic;
-static void (*ck__matmul_impl)(float *, int, const float *, const float *, const float *, int, int,
-                               int, int) = ck__matmul_generic;
+static void (*ck__matmul_impl)(float *, int, const float *, const void *, enum mdl_dtype,
+                               const float *, int, int, int, int) = ck__matmul_generic;
 static const char *ck__name = "generic";
 
 #ifdef CK_HAVE_X86
@@ -316,12 +644,22 @@ static void ck__select(void)
 {
 #ifdef CK_HAVE_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    /* The AVX2 kernels widen F16 weights with F16C, which every AVX2 CPU
+     * has; the check keeps a machine without it on the generic code. */
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && ck__has_f16c()) {
         ck__dot_impl = ck__dot_avx2;
         ck__matmul_impl = ck__matmul_avx2;
         ck__scores_impl = ck__scores_avx2;
         ck__accum_impl = ck__accum_avx2;
         ck__name = "avx2";
+        /* Same bits as the AVX2 kernels (see ck__blk512), wider and with
+         * more registers. */
+        if (__builtin_cpu_supports("avx512f") && !getenv("TANDEM_CPU_NO_AVX512")) {
+            ck__matmul_impl = ck__matmul_avx512;
+            ck__scores_impl = ck__scores_avx512;
+            ck__accum_impl = ck__accum_avx512;
+            ck__name = "avx512";
+        }
     }
     if (__builtin_cpu_supports("avx") && ck__has_f16c()) {
         ck__to_f16_impl = ck__to_f16_f16c;
@@ -346,10 +684,23 @@ float ck_dot(const float *a, const float *b, int n)
     return ck__dot_impl(a, b, n);
 }
 
-void ck_matmul(float *out, int ldo, const float *x, const float *W, const float *bias, int T, int K,
-               int j0, int j1)
+void ck_matmul(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt,
+               const float *bias, int T, int K, int j0, int j1)
 {
-    ck__matmul_impl(out, ldo, x, W, bias, T, K, j0, j1);
+    ck__matmul_impl(out, ldo, x, W, wt, bias, T, K, j0, j1);
+}
+
+void ck_row_to_f32(float *dst, const void *W, enum mdl_dtype wt, size_t row, int K)
+{
+    size_t off = row * (size_t)K;
+    if (wt == MDL_DTYPE_F32) {
+        memcpy(dst, (const float *)W + off, (size_t)K * sizeof(float));
+    } else if (wt == MDL_DTYPE_F16) {
+        ck_f16_to_f32(dst, (const uint16_t *)W + off, K);
+    } else {
+        for (int i = 0; i < K; i++)
+            dst[i] = ck__w1(W, off + (size_t)i, MDL_DTYPE_BF16);
+    }
 }
 
 void ck_attn_scores(float *out, const float *q, const float *rows, size_t stride, int n, int hd,

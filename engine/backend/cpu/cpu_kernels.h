@@ -12,18 +12,28 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/model.h"
+
 /* Selects the kernel variant (idempotent, thread-safe to call before use). */
 void ck_init(void);
-/* "avx2" or "generic" */
+/* "avx512" (the matmul; other kernels AVX2), "avx2" or "generic".
+ * TANDEM_CPU_NO_AVX512=1 in the environment keeps the AVX2 matmul (same
+ * bits; for comparisons). */
 const char *ck_variant(void);
 
 /* sum_i a[i] * b[i] */
 float ck_dot(const float *a, const float *b, int n);
 
 /* out[t][j] = dot(x[t], W[j]) (+ bias[j]) for t < T and j in [j0, j1).
- * x: [T][K] (row stride K), W: [N][K], out: [T][ldo], bias: [N] or NULL. */
-void ck_matmul(float *out, int ldo, const float *x, const float *W, const float *bias, int T, int K,
-               int j0, int j1);
+ * x: [T][K] F32 (row stride K), W: [N][K] elements of dtype wt (F32, F16 or
+ * BF16, widened to F32 in registers: the result is the same as with W
+ * widened beforehand), out: [T][ldo], bias: [N] or NULL. Every element is
+ * reduced in ck_dot's order whatever T, j0, j1 and the blocking. */
+void ck_matmul(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt,
+               const float *bias, int T, int K, int j0, int j1);
+
+/* dst[0..K) = row `row` of W ([rows][K] elements of dtype wt), as F32. */
+void ck_row_to_f32(float *dst, const void *W, enum mdl_dtype wt, size_t row, int K);
 
 /* Attention over n key/value rows at rows + j * stride (j < n):
  * ck_attn_scores: out[j] = dot(q, k_j) * scale, each dot in ck_dot's order;
