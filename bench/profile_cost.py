@@ -50,7 +50,6 @@ Standard library only.
 import argparse
 import http.client
 import json
-import math
 import random
 import statistics
 import sys
