@@ -643,8 +643,7 @@ static void dc__on_queue(dc_engine *d)
                 /* The same id is live already: ids must be unique. */
                 r->state = DC_CLOSING;
                 r->err = TD_EEXIST;
-                dc__detail(r, "request id %s is already in flight",
-                         r->id);
+                dc__detail(r, "request id %s is already in flight", r->id);
             } else {
                 r->state = DC_QUEUED;
                 r->qnext = NULL;
@@ -679,7 +678,7 @@ static void dc__step(dc_engine *d)
             r->state = DC_CLOSING;
             r->err = TD_EINTERNAL;
             dc__detail(r, "generation failed: %s",
-                     evs[i].err == TD_ERANGE ? "the logits are NaN" : td_strerror(evs[i].err));
+                       evs[i].err == TD_ERANGE ? "the logits are NaN" : td_strerror(evs[i].err));
             continue;
         }
         if (dc__emit(d, r, &evs[i].token, 1) != 0) {

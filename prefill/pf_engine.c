@@ -378,8 +378,7 @@ static void pf__start(pf_engine *d, pf_req *r)
     if (rc != 0) {
         r->state = PF_CLOSING;
         r->err = rc == TD_EEXIST ? TD_EEXIST : TD_EUNAVAILABLE;
-        pf__detail(r, "cannot open the KV transfer to %s: %s", endpoint,
-                 td_strerror(rc));
+        pf__detail(r, "cannot open the KV transfer to %s: %s", endpoint, td_strerror(rc));
         return;
     }
     r->began = true;
