@@ -443,7 +443,7 @@ def plot(a, ld, pols, real):
     if not pols or not shutil.which("gnuplot"):
         return None
     base = os.path.join(a.out, "timeline-%gx" % ld)
-    script = ["set terminal pngcairo size 900,%d" % (230 * len(pols)),
+    script = ["set terminal pngcairo noenhanced size 900,%d" % (230 * len(pols)),
               "set output '%s.png'" % base, "set multiplot layout %d,1" % len(pols),
               "set key outside right", "set xlabel 'time (s)'", "set ylabel 'req/s'"]
     for p in pols:
