@@ -6,7 +6,12 @@
  *      through the router (Router.Generate), alternating, p50/p99 of each and
  *      of what the router adds;
  *   2. requests per second through the router with C requests in flight,
- *      beside the same load sent straight to the stand-in. */
+ *      beside the same load sent straight to the stand-in.
+ * --admission NAME runs the router with that admission policy; with
+ * --compare-admission NAME a second router runs NAME beside it, the stand-in
+ * registers with both, and every round sends one request straight, one
+ * through each router (their order alternating), so the two policies'
+ * added latencies come from the same moments of the same machine. */
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
@@ -26,7 +31,7 @@
 #include "proto/tandem.pb-c.h"
 
 struct rb_opts {
-    const char *router_bin;
+    const char *router_bin, *admission, *compare_admission, *cost_model;
     int64_t requests, concurrency, tokens;
 };
 
@@ -42,6 +47,11 @@ static const struct cfg_option rb_table[] = {
     RB_OPT("concurrency", CFG_INT64, "64", "1", "4096", "Requests in flight for the rate",
            concurrency),
     RB_OPT("tokens", CFG_INT64, "8", "1", "4096", "Token messages per request", tokens),
+    RB_OPT("admission", CFG_STRING, "none", NULL, NULL, "The router's --admission", admission),
+    RB_OPT("compare-admission", CFG_STRING, "", NULL, NULL,
+           "A second router with this --admission, measured beside the first", compare_admission),
+    RB_OPT("cost-model", CFG_STRING, "", NULL, NULL, "The routers' --cost-model (empty: none)",
+           cost_model),
 };
 
 static int g_tokens = 8;
@@ -199,6 +209,81 @@ static double rate(rpc_client *c, bool via_router, int n, int conc, int *failed)
     return n / s;
 }
 
+/* One router as a child process: its pid, its stdout (kept open: closing it
+ * would end the child on its next write) and its gRPC address. 0 or -1. */
+struct rb_router {
+    pid_t pid;
+    FILE *out;
+    char addr[64];
+};
+
+static int start_router(const struct rb_opts *o, const char *admission, struct rb_router *r)
+{
+    int pipefd[2];
+    if (pipe(pipefd) != 0) return -1;
+    r->pid = fork();
+    if (r->pid < 0) return -1;
+    if (r->pid == 0) {
+        dup2(pipefd[1], 1);
+        close(pipefd[0]);
+        int devnull = open("/dev/null", O_WRONLY);
+        if (devnull >= 0) dup2(devnull, 2);
+        if (o->cost_model[0])
+            execl(o->router_bin, o->router_bin, "--grpc-listen", "127.0.0.1:0", "--http-listen",
+                  "127.0.0.1:0", "--heartbeat-ms", "60000", "--admission", admission,
+                  "--cost-model", o->cost_model, (char *)NULL);
+        else
+            execl(o->router_bin, o->router_bin, "--grpc-listen", "127.0.0.1:0", "--http-listen",
+                  "127.0.0.1:0", "--heartbeat-ms", "60000", "--admission", admission, (char *)NULL);
+        _exit(127);
+    }
+    close(pipefd[1]);
+    char line[512] = "";
+    r->out = fdopen(pipefd[0], "r");
+    if (!r->out || !fgets(line, sizeof(line), r->out)) {
+        fprintf(stderr, "tandem-router-bench: %s --admission %s did not start\n", o->router_bin,
+                admission);
+        return -1;
+    }
+    char *g = strstr(line, "grpc=");
+    if (!g || sscanf(g, "grpc=%63s", r->addr) != 1) return -1;
+    return 0;
+}
+
+static void stop_router(struct rb_router *r)
+{
+    if (r->pid > 0) {
+        kill(r->pid, SIGTERM);
+        waitpid(r->pid, NULL, 0);
+    }
+    if (r->out) fclose(r->out);
+}
+
+/* Registers the stand-in with router as both roles, then waits until the
+ * router has health-checked it and serves. 0 or -1. */
+static int join_router(rpc_client *router, const char *sw_addr)
+{
+    if (sw_register(router, "bench-prefill", TANDEM__V1__WORKER_ROLE__WORKER_ROLE_PREFILL,
+                    sw_addr) != 0 ||
+        sw_register(router, "bench-decode", TANDEM__V1__WORKER_ROLE__WORKER_ROLE_DECODE, sw_addr) !=
+            0) {
+        fprintf(stderr, "tandem-router-bench: registration failed\n");
+        return -1;
+    }
+    double probe = -1;
+    for (int i = 0; i < 100 && probe < 0; i++) {
+        probe = one_request(router, true);
+        if (probe < 0) usleep(20000);
+    }
+    if (probe < 0) {
+        fprintf(stderr, "tandem-router-bench: the router never served\n");
+        return -1;
+    }
+    for (int i = 0; i < 200; i++) /* warm the path */
+        one_request(router, true);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     struct rb_opts o;
@@ -235,90 +320,91 @@ int main(int argc, char **argv)
     char sw_addr[64];
     snprintf(sw_addr, sizeof(sw_addr), "127.0.0.1:%d", rpc_server_port(sw));
 
-    /* The router, as a child process. */
-    int pipefd[2];
-    if (pipe(pipefd) != 0) return 1;
-    pid_t pid = fork();
-    if (pid == 0) {
-        dup2(pipefd[1], 1);
-        close(pipefd[0]);
-        int devnull = open("/dev/null", O_WRONLY);
-        if (devnull >= 0) dup2(devnull, 2);
-        execl(o.router_bin, o.router_bin, "--grpc-listen", "127.0.0.1:0", "--http-listen",
-              "127.0.0.1:0", "--heartbeat-ms", "60000", (char *)NULL);
-        _exit(127);
-    }
-    close(pipefd[1]);
-    char line[512] = "";
-    FILE *f = fdopen(pipefd[0], "r");
-    if (!f || !fgets(line, sizeof(line), f)) {
-        fprintf(stderr, "tandem-router-bench: %s did not start\n", o.router_bin);
-        return 1;
-    }
-    char *g = strstr(line, "grpc=");
-    char router_addr[64];
-    if (!g || sscanf(g, "grpc=%63s", router_addr) != 1) return 1;
-
-    rpc_client *router = NULL, *direct = NULL;
-    rpc_client_create(router_addr, &router);
-    rpc_client_create(sw_addr, &direct);
-    if (sw_register(router, "bench-prefill", TANDEM__V1__WORKER_ROLE__WORKER_ROLE_PREFILL,
-                    sw_addr) != 0 ||
-        sw_register(router, "bench-decode", TANDEM__V1__WORKER_ROLE__WORKER_ROLE_DECODE, sw_addr) !=
-            0) {
-        fprintf(stderr, "tandem-router-bench: registration failed\n");
-        return 1;
-    }
-    /* Wait until the router checked the stand-in's health. */
-    double probe = -1;
-    for (int i = 0; i < 100 && probe < 0; i++) {
-        probe = one_request(router, true);
-        if (probe < 0) usleep(20000);
-    }
-    if (probe < 0) {
-        fprintf(stderr, "tandem-router-bench: the router never served\n");
-        return 1;
-    }
-    for (int i = 0; i < 200; i++) { /* warm both paths */
-        one_request(router, true);
-        one_request(direct, false);
-    }
+    bool two = o.compare_admission[0] != '\0';
+    struct rb_router ra = {0}, rb = {0};
+    rpc_client *router = NULL, *router_b = NULL, *direct = NULL;
+    int ret = 1;
     size_t n = (size_t)o.requests;
-    double *d = malloc(n * sizeof(double)), *r = malloc(n * sizeof(double)),
-           *add = malloc(n * sizeof(double));
+    double *d = calloc(n, sizeof(double)), *r = calloc(n, sizeof(double)),
+           *add = calloc(n, sizeof(double)), *r2 = calloc(n, sizeof(double)),
+           *add2 = calloc(n, sizeof(double)), *diff = calloc(n, sizeof(double));
+    if (!d || !r || !add || !r2 || !add2 || !diff) goto out;
+    if (start_router(&o, o.admission, &ra) != 0) goto out;
+    if (two && start_router(&o, o.compare_admission, &rb) != 0) goto out;
+    if (rpc_client_create(ra.addr, &router) != 0 || rpc_client_create(sw_addr, &direct) != 0 ||
+        (two && rpc_client_create(rb.addr, &router_b) != 0))
+        goto out;
+    if (join_router(router, sw_addr) != 0 || (two && join_router(router_b, sw_addr) != 0)) goto out;
+    for (int i = 0; i < 200; i++) /* warm the direct path */
+        one_request(direct, false);
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
-        double a = one_request(direct, false), b = one_request(router, true);
-        if (a < 0 || b < 0) continue;
+        double a = one_request(direct, false), b, c = 0;
+        if (two && (i & 1)) {
+            c = one_request(router_b, true);
+            b = one_request(router, true);
+        } else {
+            b = one_request(router, true);
+            if (two) c = one_request(router_b, true);
+        }
+        if (a < 0 || b < 0 || c < 0) continue;
         d[k] = a;
         r[k] = b;
         add[k] = b - a;
+        r2[k] = c;
+        add2[k] = c - a;
+        diff[k] = c - b;
         k++;
     }
-    printf("streaming request of %d token messages, %zu pairs sent alternately, one at a time:\n",
-           g_tokens, k);
+    if (k == 0) {
+        fprintf(stderr, "tandem-router-bench: every request failed\n");
+        goto out;
+    }
+    printf("streaming request of %d token messages, %zu rounds sent one at a time:\n", g_tokens, k);
     printf("  straight to the worker:   p50 %8.1f us  p99 %8.1f us\n", pct(d, k, 0.5),
            pct(d, k, 0.99));
-    printf("  through the router:       p50 %8.1f us  p99 %8.1f us\n", pct(r, k, 0.5),
-           pct(r, k, 0.99));
-    printf("  added by the router:      p50 %8.1f us  p99 %8.1f us   (target p99 <= 500 us)\n",
-           pct(add, k, 0.5), pct(add, k, 0.99));
-    int f1 = 0, f2 = 0;
+    printf("  through the router (admission %s): p50 %8.1f us  p99 %8.1f us\n", o.admission,
+           pct(r, k, 0.5), pct(r, k, 0.99));
+    printf("  added by the router (admission %s): p50 %8.1f us  p99 %8.1f us   (target p99 <= "
+           "500 us)\n",
+           o.admission, pct(add, k, 0.5), pct(add, k, 0.99));
+    if (two) {
+        printf("  through the router (admission %s): p50 %8.1f us  p99 %8.1f us\n",
+               o.compare_admission, pct(r2, k, 0.5), pct(r2, k, 0.99));
+        printf("  added by the router (admission %s): p50 %8.1f us  p99 %8.1f us\n",
+               o.compare_admission, pct(add2, k, 0.5), pct(add2, k, 0.99));
+        printf("  %s minus %s: p99 of added %+8.1f us, p50 of added %+8.1f us, "
+               "p50 of per-round difference %+8.1f us\n",
+               o.compare_admission, o.admission, pct(add2, k, 0.99) - pct(add, k, 0.99),
+               pct(add2, k, 0.5) - pct(add, k, 0.5), pct(diff, k, 0.5));
+    }
+    int f1 = 0, f2 = 0, f3 = 0;
     double direct_rps = rate(direct, false, (int)n, (int)o.concurrency, &f1);
     double router_rps = rate(router, true, (int)n, (int)o.concurrency, &f2);
     printf("%lld requests, %lld in flight:\n", (long long)n, (long long)o.concurrency);
     printf("  straight to the worker: %8.0f req/s (%d failed)\n", direct_rps, f1);
-    printf("  through the router:     %8.0f req/s (%d failed), %.2fx   (target >= 5000 req/s)\n",
-           router_rps, f2, router_rps / direct_rps);
-    kill(pid, SIGTERM);
-    waitpid(pid, NULL, 0);
-    fclose(f);
+    printf("  through the router (admission %s): %8.0f req/s (%d failed), %.2fx   (target >= "
+           "5000 req/s)\n",
+           o.admission, router_rps, f2, router_rps / direct_rps);
+    if (two) {
+        double b_rps = rate(router_b, true, (int)n, (int)o.concurrency, &f3);
+        printf("  through the router (admission %s): %8.0f req/s (%d failed), %.2fx\n",
+               o.compare_admission, b_rps, f3, b_rps / direct_rps);
+    }
+    ret = 0;
+out:
+    stop_router(&ra);
+    stop_router(&rb);
     rpc_client_free(router);
+    rpc_client_free(router_b);
     rpc_client_free(direct);
     rpc_server_free(sw);
     free(d);
     free(r);
     free(add);
+    free(r2);
+    free(add2);
+    free(diff);
     cfg_free(conf);
-    return 0;
+    return ret;
 }

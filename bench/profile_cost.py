@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""Profile a running Tandem cluster through its OpenAI-compatible API and fit
+the admission cost model (router/admission/adm.h, adm_cost) that the router's
+--cost-model and tandem-sim's --cost read.
+
+Usage:
+  bench/profile_cost.py --url http://127.0.0.1:8000 [--model-context N]
+                        --out cost.txt [--json profile.json] [--reps 5]
+
+Every request asks for the router's per-request timings
+(`"tandem": {"timings": true}`, docs/router.md) and sends its prompt as
+token ids (random ids, so no two prompts share a prefix block and the prefix
+cache never helps). Measured, one after another on an otherwise idle
+cluster:
+
+  1. Prefill: single requests, max_tokens 1, prompt lengths from 8 tokens to
+     most of the context. timings.prefill_us (the prefill worker's compute,
+     batch start to last layer) against prompt tokens:
+         prefill_us = prefill_us_fixed + prefill_us_per_token x p
+  2. Transfer and hand-off: what remains of the router's first_token_us once
+     the router queue, tokenization, the prefill queue and the prefill
+     compute are taken out (the KV transfer's tail after the last layer, the
+     hand-off to the decode worker, the RPC hops), against the prompt's KV
+     blocks. timings.transfer_us is reported too, but it runs from the first
+     block sent and overlaps the compute layer by layer, so it is not what a
+     request waits for after its prefill. The simulator charges transfer
+     after the prefill's last step, so the residual is what it needs:
+         residual_us = transfer_us_per_block x blocks   (least squares through 0;
+                                                          the intercept is printed)
+  3. Decode: b concurrent requests (ignore_eos, a fixed max_tokens) with
+     prompts of p tokens; each request's timings.decode_us / (tokens - 1) is
+     its mean step time, in a batch of about b sequences whose summed context
+     is about b x (p + tokens / 2). The requests do not all decode at once
+     (their prefills are serialized), so b is measured per request: 1 plus
+     the overlap of the other requests' decode intervals with its own:
+         step_us = decode_step_us_fixed + decode_step_us_per_seq x b
+                   + decode_step_us_per_ctx_token x b x (p + tokens / 2)
+     (A llama2.c checkpoint stops at BOS even with ignore_eos, so the tokens
+     actually generated are used, not max_tokens.)
+  4. Unloaded latencies as the client sees them (send to the end of a
+     non-streamed response, max_tokens 1, for TTFT; a streamed request's
+     chunk gaps for TPOT, as tandem-loadtest measures it), printed with the
+     SLOs derived from them (--ttft-x times the TTFT of the longest prompt,
+     --tpot-x times the streamed TPOT at batch 1, but at least --tpot-floor-ms).
+
+Negative fitted coefficients are clamped to 0 (the file accepts only
+numbers >= 0), and the fit is redone without that term.
+Standard library only.
+"""
+import argparse
+import http.client
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+import urllib.parse
+
+KEYS = ("prefill_us_fixed", "prefill_us_per_token", "decode_step_us_fixed",
+        "decode_step_us_per_seq", "decode_step_us_per_ctx_token", "transfer_us_per_block")
+
+
+class Client:
+    """One keep-alive HTTP connection to the router."""
+
+    def __init__(self, url):
+        u = urllib.parse.urlparse(url)
+        self.host, self.port = u.hostname, u.port or 80
+        self.conn = None
+
+    def request(self, method, path, body=None):
+        for attempt in range(2):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
+            try:
+                data = json.dumps(body).encode() if body is not None else None
+                hdr = {"Content-Type": "application/json"} if data else {}
+                t0 = time.perf_counter()
+                self.conn.request(method, path, body=data, headers=hdr)
+                r = self.conn.getresponse()
+                raw = r.read()
+                dt = time.perf_counter() - t0
+                return r.status, json.loads(raw) if raw else None, dt
+            except (http.client.HTTPException, ConnectionError, OSError):
+                self.conn.close()
+                self.conn = None
+                if attempt:
+                    raise
+        raise RuntimeError("unreachable")
+
+    def close(self):
+        if self.conn:
+            self.conn.close()
+
+
+def complete(cli, model, prompt, max_tokens, rng_tag=""):
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": False, "temperature": 0, "tandem": {"timings": True}}
+    status, js, dt = cli.request("POST", "/v1/completions", body)
+    if status != 200:
+        raise RuntimeError("%s: HTTP %d %s" % (rng_tag, status, json.dumps(js)[:300]))
+    t = js["tandem"]["timings"]
+    return {"client_us": dt * 1e6, "completion_tokens": js["usage"]["completion_tokens"],
+            "prompt_tokens": js["usage"]["prompt_tokens"], **t}
+
+
+def stream_tpot(url, model, prompt, max_tokens):
+    """Client-side TPOT of one streamed request: (last - first chunk) / (chunks - 1), ms."""
+    u = urllib.parse.urlparse(url)
+    c = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=120)
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": True, "temperature": 0}
+    c.request("POST", "/v1/completions", body=json.dumps(body).encode(),
+              headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError("stream: HTTP %d" % r.status)
+    times = []
+    while True:
+        line = r.readline()
+        if not line:
+            break
+        if line.startswith(b"data: {"):
+            ev = json.loads(line[6:])
+            ch = ev.get("choices") or []
+            if ch and ch[0].get("text"):
+                times.append(time.perf_counter())
+        elif line.startswith(b"data: [DONE]"):
+            break
+    c.close()
+    if len(times) < 2:
+        return 0.0
+    return (times[-1] - times[0]) * 1000 / (len(times) - 1)
+
+
+def lstsq(rows, ys):
+    """Least squares for ys ~ rows @ x by the normal equations (tiny systems)."""
+    n = len(rows[0])
+    a = [[sum(r[i] * r[j] for r in rows) for j in range(n)] for i in range(n)]
+    b = [sum(r[i] * y for r, y in zip(rows, ys)) for i in range(n)]
+    for c in range(n):  # Gauss-Jordan with partial pivoting
+        p = max(range(c, n), key=lambda k: abs(a[k][c]))
+        a[c], a[p], b[c], b[p] = a[p], a[c], b[p], b[c]
+        if abs(a[c][c]) < 1e-12:
+            raise ValueError("singular fit")
+        for k in range(n):
+            if k != c:
+                f = a[k][c] / a[c][c]
+                a[k] = [x - f * y for x, y in zip(a[k], a[c])]
+                b[k] -= f * b[c]
+    return [b[i] / a[i][i] for i in range(n)]
+
+
+def fit_nonneg(rows, ys):
+    """lstsq, dropping any term whose coefficient comes out negative (set to 0)."""
+    active = list(range(len(rows[0])))
+    while True:
+        x = lstsq([[r[i] for i in active] for r in rows], ys)
+        neg = [active[k] for k, v in enumerate(x) if v < 0]
+        if not neg:
+            full = [0.0] * len(rows[0])
+            for k, i in enumerate(active):
+                full[i] = x[k]
+            return full
+        active.remove(neg[0])
+        if not active:
+            return [0.0] * len(rows[0])
+
+
+def r2(rows, ys, x):
+    pred = [sum(a * b for a, b in zip(r, x)) for r in rows]
+    mean = sum(ys) / len(ys)
+    ss = sum((y - mean) ** 2 for y in ys)
+    return 1 - sum((y - p) ** 2 for y, p in zip(ys, pred)) / ss if ss > 0 else 1.0
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--model-context", type=int, default=0,
+                    help="the model's context; 0: the router's max_model_len")
+    ap.add_argument("--out", required=True, help="cost-model file (adm_cost_save's format)")
+    ap.add_argument("--json", help="also write every measurement and fit here")
+    ap.add_argument("--reps", type=int, default=5, help="requests per prompt length")
+    ap.add_argument("--batches", default="1,2,4,8,16,32,48", help="decode batch sizes")
+    ap.add_argument("--decode-tokens", type=int, default=256, help="max_tokens of decode runs")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    ap.add_argument("--vocab", type=int, default=512, help="prompt ids are drawn below this")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="prompt ids seed; 0: from the clock (a rerun must not hit the prefix cache)")
+    ap.add_argument("--ttft-x", type=float, default=5.0, help="TTFT SLO = this x unloaded")
+    ap.add_argument("--tpot-x", type=float, default=3.0, help="TPOT SLO = this x unloaded")
+    ap.add_argument("--tpot-floor-ms", type=float, default=1.0,
+                    help="TPOT SLO at least this: a client on a shared 2-core host does not "
+                    "time sub-millisecond token gaps reliably (docs/loadtest.md: p99 timer "
+                    "lateness 0.7-16 ms)")
+    a = ap.parse_args(argv)
+    rng = random.Random(a.seed or time.time_ns())
+
+    cli = Client(a.url)
+    st, models, _ = cli.request("GET", "/v1/models")
+    if st != 200:
+        sys.exit("profile: GET /v1/models: HTTP %d" % st)
+    m0 = models["data"][0]
+    model = m0["id"]
+    ctx = a.model_context or int(m0.get("max_model_len", 0))
+    if ctx < 32:
+        sys.exit("profile: give --model-context (the router reports %d)" % ctx)
+
+    def prompt(n):
+        # The first id differs per request (random), so prefix blocks never match.
+        return [rng.randrange(3, a.vocab) for _ in range(n)]
+
+    for _ in range(5):  # warm the connections and both workers
+        complete(cli, model, prompt(16), 2)
+
+    # 1 + 2: prefill and transfer, single requests.
+    top = ctx - 8
+    lengths = sorted({8, 16, 32, 64, 128, 192, 256, top // 2 + top // 4, top})
+    pre = []
+    for rep in range(a.reps):
+        for p in lengths:
+            r = complete(cli, model, prompt(p), 1, "prefill p=%d" % p)
+            r["p"] = p
+            r["blocks"] = -(-(p + 0) // a.block_size)
+            r["residual_us"] = (r["first_token_us"] - r["queue_us"] - r["tokenize_us"]
+                                - r["prefill_queue_us"] - r["prefill_us"])
+            pre.append(r)
+    med = {}
+    for p in lengths:
+        rs = [r for r in pre if r["p"] == p]
+        med[p] = {k: statistics.median(r[k] for r in rs)
+                  for k in ("prefill_us", "transfer_us", "residual_us", "first_token_us",
+                            "client_us", "prefill_queue_us", "blocks")}
+    rows = [[1.0, float(r["p"])] for r in pre]
+    pf = fit_nonneg(rows, [r["prefill_us"] for r in pre])
+    pf_r2 = r2(rows, [r["prefill_us"] for r in pre], pf)
+    xrows = [[float(r["blocks"])] for r in pre]
+    xf = fit_nonneg(xrows, [r["residual_us"] for r in pre])
+    xi = lstsq([[1.0, float(r["blocks"])] for r in pre], [r["residual_us"] for r in pre])
+    tf = lstsq([[1.0, float(r["blocks"])] for r in pre], [r["transfer_us"] for r in pre])
+
+    # 3: decode steps vs batch and context. The b requests do not all decode
+    # at once (their prefills run one after another), so each request's batch
+    # is measured, not assumed: its decode interval is [send + first_token_us,
+    # send + e2e_us] on the client's clock, and its batch is 1 plus the time
+    # the other requests' intervals overlap it, over its length.
+    batches = [int(x) for x in a.batches.split(",")]
+    dec = []
+    ctx_prompts = [16, max(16, min(192, ctx - a.decode_tokens - 8))]
+    for p in ctx_prompts:
+        for b in batches:
+            res = [None] * b
+            errs = []
+
+            def one(i):
+                c = Client(a.url)
+                try:
+                    t0 = time.perf_counter()
+                    r = complete(c, model, prompt(p), a.decode_tokens, "decode b=%d" % b)
+                    r["t0_us"] = t0 * 1e6
+                    res[i] = r
+                except Exception as e:  # noqa: BLE001 - reported below
+                    errs.append(str(e))
+                finally:
+                    c.close()
+
+            th = [threading.Thread(target=one, args=(i,)) for i in range(b)]
+            for t in th:
+                t.start()
+            for t in th:
+                t.join()
+            if errs:
+                sys.exit("profile: decode run failed: %s" % errs[0])
+            iv = [(r["t0_us"] + r["first_token_us"], r["t0_us"] + r["e2e_us"], r) for r in res]
+            for s0, e0, r in iv:
+                n = r["completion_tokens"]
+                if n < 2 or r["decode_us"] <= 0 or e0 <= s0:
+                    continue
+                ov = sum(max(0.0, min(e0, e1) - max(s0, s1)) for s1, e1, r1 in iv if r1 is not r)
+                beff = 1.0 + ov / (e0 - s0)
+                dec.append({"b": b, "p": p, "tokens": n, "step_us": r["decode_us"] / (n - 1),
+                            "batch": beff, "sum_ctx": beff * (p + n / 2.0)})
+    drows = [[1.0, d["batch"], d["sum_ctx"]] for d in dec]
+    df = fit_nonneg(drows, [d["step_us"] for d in dec])
+    df_r2 = r2(drows, [d["step_us"] for d in dec], df)
+
+    # Streamed, as the load tester sees it: TPOT = (last chunk - first chunk)
+    # / (tokens - 1) on the client, batch 1.
+    tpot_stream = []
+    for _ in range(a.reps):
+        tpot_stream.append(stream_tpot(a.url, model, prompt(16), a.decode_tokens))
+
+    # 4: unloaded latencies (client view) and the SLOs.
+    ttft_p = {p: med[p]["client_us"] / 1000 for p in lengths}
+    b1 = [d["step_us"] for d in dec if d["b"] == 1]
+    step1 = statistics.median(b1) / 1000 if b1 else 0.0
+    tpot1 = statistics.median(tpot_stream)
+
+    cost = dict(zip(KEYS, [pf[0], pf[1], df[0], df[1], df[2], xf[0]]))
+    with open(a.out, "w") as f:
+        f.write("# tandem admission cost model, microseconds (docs/admission.md)\n")
+        f.write("# fitted by bench/profile_cost.py from %s, model %s, context %d\n"
+                % (a.url, model, ctx))
+        for k in KEYS:
+            f.write("%s = %.17g\n" % (k, cost[k]))
+
+    print("model %s, context %d, %d prefill requests, %d decode samples" %
+          (model, ctx, len(pre), len(dec)))
+    print("\nprompt  blocks  prefill_us  transfer_us  residual_us  first_token_us  client_ms")
+    for p in lengths:
+        m = med[p]
+        print("%6d  %6d  %10.0f  %11.0f  %11.0f  %14.0f  %9.2f" %
+              (p, m["blocks"], m["prefill_us"], m["transfer_us"], m["residual_us"],
+               m["first_token_us"], m["client_us"] / 1000))
+    print("\nsent  prompt  measured batch (mean)  tokens(median)  step_us(median)")
+    for p in ctx_prompts:
+        for b in batches:
+            ds = [d for d in dec if d["b"] == b and d["p"] == p]
+            if ds:
+                print("%4d  %6d  %21.1f  %14.0f  %15.0f" %
+                      (b, p, statistics.mean(d["batch"] for d in ds),
+                       statistics.median(d["tokens"] for d in ds),
+                       statistics.median(d["step_us"] for d in ds)))
+    print("\nfit: prefill_us = %.1f + %.3f x tokens (R^2 %.3f)" % (pf[0], pf[1], pf_r2))
+    print("fit: residual_us = %.1f x blocks (with an intercept: %.1f + %.1f x blocks); "
+          "timings.transfer_us = %.1f + %.1f x blocks" % (xf[0], xi[0], xi[1], tf[0], tf[1]))
+    print("fit: decode step_us = %.1f + %.1f x batch + %.4f x summed context (R^2 %.3f)" %
+          (df[0], df[1], df[2], df_r2))
+    mid = lengths[len(lengths) // 2]
+    print("\nunloaded (client): TTFT %.2f ms at %d tokens, %.2f ms at %d, %.2f ms at %d; "
+          "streamed TPOT %.3f ms at batch 1 (decode step %.3f ms)" %
+          (ttft_p[lengths[0]], lengths[0], ttft_p[mid], mid, ttft_p[top], top, tpot1, step1))
+    slo_ttft = a.ttft_x * ttft_p[top]
+    slo_tpot = max(a.tpot_x * tpot1, a.tpot_floor_ms)
+    print("SLOs: TTFT <= %.1f ms (%gx the unloaded TTFT of the longest prompt, %d tokens), "
+          "TPOT <= %.2f ms (%gx the unloaded streamed TPOT at batch 1 = %.2f ms, "
+          "at least %g ms)" % (slo_ttft, a.ttft_x, top, slo_tpot, a.tpot_x, a.tpot_x * tpot1,
+                                a.tpot_floor_ms))
+    print("wrote %s" % a.out)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"url": a.url, "model": model, "context": ctx, "cost": cost,
+                       "fit": {"prefill": pf, "prefill_r2": pf_r2, "residual_per_block": xf[0],
+                               "residual_with_intercept": xi, "transfer_us": tf,
+                               "decode": df, "decode_r2": df_r2},
+                       "unloaded": {"ttft_ms": {str(k): v for k, v in ttft_p.items()},
+                                    "tpot_ms_stream": tpot1, "step_ms_batch1": step1},
+                       "slo": {"ttft_ms": slo_ttft, "tpot_ms": slo_tpot,
+                               "ttft_x": a.ttft_x, "tpot_x": a.tpot_x,
+                               "tpot_floor_ms": a.tpot_floor_ms},
+                       "prefill": pre, "decode": dec}, f, indent=1)
+    cli.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
