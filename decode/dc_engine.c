@@ -50,10 +50,11 @@ struct dc_req {
     enum dc_state state;
     int64_t kv_seq;
     uint32_t n_cached;
-    bool registered;     /* kvx knows the request */
-    bool kv_final;       /* kvx's final event came */
-    bool kv_landed;      /* ... and it was DONE */
-    rpc_stream *prefill; /* Prefill.Run call */
+    bool registered;                   /* kvx knows the request */
+    bool kv_final;                     /* kvx's final event came */
+    bool kv_landed;                    /* ... and it was DONE */
+    rpc_stream *prefill;               /* Prefill.Run call */
+    struct dc_prefill_client *pclient; /* the prefill worker's channel and liveness */
     bool prefill_ended;
     bool have_first;
     int32_t first_token;
@@ -77,6 +78,7 @@ typedef struct dc_cmd {
 typedef struct dc_prefill_client {
     char addr[256];
     rpc_client *client;
+    int64_t last_alive_ns; /* KV or an answer from this worker, for any request */
 } dc_prefill_client;
 
 typedef struct dc_engine {
@@ -361,16 +363,24 @@ static void dc__reap(dc_engine *d)
     }
 }
 
-static rpc_client *dc__prefill_client(dc_engine *d, const char *addr)
+static dc_prefill_client *dc__prefill_client(dc_engine *d, const char *addr)
 {
     for (int i = 0; i < d->n_clients; i++)
-        if (strcmp(d->clients[i].addr, addr) == 0) return d->clients[i].client;
+        if (strcmp(d->clients[i].addr, addr) == 0) return &d->clients[i];
     if (d->n_clients == (int)(sizeof(d->clients) / sizeof(d->clients[0]))) return NULL;
     dc_prefill_client *pc = &d->clients[d->n_clients];
     if (rpc_client_create(addr, &pc->client) != 0) return NULL;
     snprintf(pc->addr, sizeof(pc->addr), "%s", addr);
+    pc->last_alive_ns = td_now_ns();
     d->n_clients++;
-    return pc->client;
+    return pc;
+}
+
+/* A sign of life from r's prefill worker: this request progressed. */
+static void dc__progress(dc_req *r)
+{
+    r->t_progress = td_now_ns();
+    if (r->pclient) r->pclient->last_alive_ns = r->t_progress;
 }
 
 static void dc__wake(rpc_stream *s, void *arg)
@@ -456,13 +466,14 @@ static void dc__admit(dc_engine *d)
         seeded.stop = NULL;
         pr.sampling = &seeded;
         pr.dest = &dest;
-        rpc_client *pc = dc__prefill_client(d, r->msg->prefill_address);
+        dc_prefill_client *pc = dc__prefill_client(d, r->msg->prefill_address);
+        r->pclient = pc;
         if (!pc) {
             free(ids);
             dc__fail(d, r, TD_EINVAL, "bad prefill_address \"%s\"", r->msg->prefill_address);
             continue;
         }
-        rc = rpc_client_stream(pc, "/tandem.v1.Prefill/Run", &pr.base,
+        rc = rpc_client_stream(pc->client, "/tandem.v1.Prefill/Run", &pr.base,
                                &tandem__v1__prefill_response__descriptor, r->deadline_ns, dc__wake,
                                c, &r->prefill);
         free(ids);
@@ -553,7 +564,7 @@ static void dc__on_kvx(dc_engine *d)
             dc_req *r = dc__find(d, e->req_id);
             if (!r) continue;
             if (e->type == KVX_EV_LAYER_LANDED) {
-                r->t_progress = td_now_ns();
+                dc__progress(r);
             } else if (e->type == KVX_EV_DONE) {
                 r->kv_final = r->kv_landed = true;
                 r->transfer_us = (uint64_t)e->elapsed_ns / 1000;
@@ -589,7 +600,7 @@ static void dc__poll_prefill(dc_engine *d)
             } else {
                 r->have_first = true;
                 r->first_token = (int32_t)p->first_token_id;
-                r->t_progress = td_now_ns();
+                dc__progress(r);
                 if (p->timings) r->pt = *p->timings;
             }
             protobuf_c_message_free_unpacked(msg, NULL);
@@ -621,7 +632,11 @@ static void dc__check_live(dc_engine *d)
         else if (r->state == DC_PREFILL && r->kv_landed && r->have_first)
             dc__join(d, r);
         else if (r->state == DC_PREFILL && !r->kv_landed &&
-                 now - r->t_progress > d->ctx->prefill_timeout_ns)
+                 now - r->t_progress > d->ctx->prefill_timeout_ns &&
+                 (!r->pclient || now - r->pclient->last_alive_ns > d->ctx->prefill_timeout_ns))
+            /* Stalled: no progress for this request and no sign of life from
+             * its prefill worker for any request (a long queue there is not a
+             * stall: the worker keeps sending other requests' KV). */
             dc__fail(d, r, TD_EUNAVAILABLE, "prefill worker %s stalled (no KV for %.1f s)",
                      r->msg->prefill_address, td_ns_to_s(now - r->t_progress));
     }
