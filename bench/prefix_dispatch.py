@@ -70,7 +70,8 @@ def run(a, policy, shared, tmp):
         out = os.path.join(tmp, "lt-" + policy)
         subprocess.run([os.path.join(a.bin_dir, "tandem-loadtest"), "replay", "--trace",
                         os.path.join(shared, "data/mooncake/conversation_trace.jsonl"),
-                        "--format", "mooncake", "--max-requests", str(a.requests), "--speedup",
+                        "--format", "mooncake", "--start-s", str(a.start_s), "--max-requests",
+                        str(a.requests), "--speedup",
                         str(a.speedup), "--url", "http://%s/v1/completions" % http, "--model",
                         "stories260K", "--tokenizer", tok, "--block-tokens", "16",
                         "--max-context", "480", "--no-plots", "--out", out],
@@ -96,12 +97,14 @@ def main():
     ap.add_argument("--shared", default="../shared")
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--speedup", type=float, default=4)
+    ap.add_argument("--start-s", type=float, default=0,
+                    help="skip the trace's first seconds (its later part reuses more prefixes)")
     a = ap.parse_args()
     if not os.path.exists(os.path.join(a.shared, "data/mooncake/conversation_trace.jsonl")):
         sys.exit("the Mooncake trace is absent under %s/data/mooncake" % a.shared)
     tmp = tempfile.mkdtemp(prefix="tandem-prefix-")
-    print("%d Mooncake requests, speed-up %g, block of 16 tokens per hash id, context 480, "
-          "2 prefill + 1 decode (stories260K)" % (a.requests, a.speedup))
+    print("%d Mooncake requests from %g s, speed-up %g, block of 16 tokens per hash id, "
+          "context 480, 2 prefill + 1 decode (stories260K)" % (a.requests, a.start_s, a.speedup))
     print("| policy | prefix-cache hit rate (prefill) | mean TTFT (ms) | p90 TTFT (ms) | "
           "throughput (req/s) | ok |")
     print("|---|---|---|---|---|---|")

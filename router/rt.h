@@ -218,6 +218,7 @@ struct rt_ctx {
     rt_worker **workers;
     uint32_t n_workers, cap_workers;
     uint32_t rr_decode, rr_prefill;
+    struct rt_affinity_slot *affinity; /* prefix_affinity's prefix -> worker table */
     uint32_t heartbeat_ms;
     uint64_t next_epoch;
     /* Requests. */

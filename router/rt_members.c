@@ -292,6 +292,8 @@ void rt_members_free(rt_ctx *c)
     free(c->workers);
     c->workers = NULL;
     c->n_workers = 0;
+    free(c->affinity);
+    c->affinity = NULL;
 }
 
 uint32_t rt_ready_count(const rt_ctx *c, enum rt_role role)
@@ -344,29 +346,93 @@ rt_worker *rt_pick_decode(rt_ctx *c, const rt_worker *avoid)
     return rt__pick(c, RT_DECODE, avoid, least, &c->rr_decode);
 }
 
+/* prefix_affinity: a table from the chain hash of a prompt prefix (whole
+ * blocks of RT_AFFINITY_BLOCK tokens: hash(i) = XXH3(tokens of block i,
+ * seed hash(i-1))) to the prefill worker that last computed it. A request
+ * goes to the worker holding its longest known prefix — that worker's prefix
+ * cache has those blocks — unless it is clearly busier than the least loaded
+ * one; then every block of its prompt is recorded for the worker chosen.
+ * Fixed size, open addressing, the oldest entry of a probe run replaced:
+ * nothing is allocated per request. */
+#define RT_AFFINITY_BLOCK      16
+#define RT_AFFINITY_SLOTS      65536 /* power of two */
+#define RT_AFFINITY_PROBE      8
+#define RT_AFFINITY_MAX_BLOCKS 512
+
+typedef struct rt_affinity_slot {
+    uint64_t hash; /* 0: empty */
+    const rt_worker *worker;
+    uint64_t used; /* c->next_req when last set */
+} rt_affinity_slot;
+
+static rt_affinity_slot *rt__aff_find(rt_affinity_slot *t, uint64_t h)
+{
+    for (uint32_t k = 0; k < RT_AFFINITY_PROBE; k++) {
+        rt_affinity_slot *e = &t[(h + k) & (RT_AFFINITY_SLOTS - 1)];
+        if (e->hash == h) return e;
+    }
+    return NULL;
+}
+
+static void rt__aff_set(rt_affinity_slot *t, uint64_t h, const rt_worker *w, uint64_t now)
+{
+    rt_affinity_slot *victim = NULL;
+    for (uint32_t k = 0; k < RT_AFFINITY_PROBE; k++) {
+        rt_affinity_slot *e = &t[(h + k) & (RT_AFFINITY_SLOTS - 1)];
+        if (e->hash == h || e->hash == 0) {
+            victim = e;
+            break;
+        }
+        if (!victim || e->used < victim->used) victim = e;
+    }
+    *victim = (rt_affinity_slot){.hash = h ? h : 1, .worker = w, .used = now};
+}
+
+static rt_worker *rt__pick_affinity(rt_ctx *c, const int32_t *prompt, uint32_t n_prompt,
+                                    const rt_worker *avoid)
+{
+    if (!c->affinity) {
+        c->affinity = calloc(RT_AFFINITY_SLOTS, sizeof(rt_affinity_slot));
+        if (!c->affinity) return NULL;
+    }
+    rt_affinity_slot *t = c->affinity;
+    uint32_t nb = n_prompt / RT_AFFINITY_BLOCK;
+    if (nb > RT_AFFINITY_MAX_BLOCKS) nb = RT_AFFINITY_MAX_BLOCKS;
+    uint64_t hashes[RT_AFFINITY_MAX_BLOCKS];
+    uint64_t h = 0x7a6e64656d41ull;
+    for (uint32_t i = 0; i < nb; i++) {
+        h = XXH3_64bits_withSeed(prompt + (size_t)i * RT_AFFINITY_BLOCK,
+                                 RT_AFFINITY_BLOCK * sizeof(int32_t), h);
+        hashes[i] = h ? h : 1;
+    }
+    rt_worker *least = NULL;
+    for (uint32_t i = 0; i < c->n_workers; i++) {
+        rt_worker *w = c->workers[i];
+        if (w->role != RT_PREFILL || w->state != RT_W_READY || w == avoid) continue;
+        if (!least || rt__score(w) < rt__score(least)) least = w;
+    }
+    if (!least) return NULL;
+    rt_worker *chosen = least;
+    for (uint32_t i = nb; i-- > 0;) { /* the longest known prefix first */
+        rt_affinity_slot *e = rt__aff_find(t, hashes[i]);
+        if (!e) continue;
+        rt_worker *w = (rt_worker *)e->worker;
+        if (w->state == RT_W_READY && w != avoid && rt__score(w) <= rt__score(least) + 4.0)
+            chosen = w;
+        break;
+    }
+    for (uint32_t i = 0; i < nb; i++)
+        rt__aff_set(t, hashes[i], chosen, c->next_req);
+    return chosen;
+}
+
 rt_worker *rt_pick_prefill(rt_ctx *c, const int32_t *prompt, uint32_t n_prompt,
                            const rt_worker *avoid)
 {
     const char *policy = c->opts->policy;
-    if (strcmp(policy, "prefix_affinity") == 0 && n_prompt >= 16) {
-        /* Rendezvous hashing on the first block of the prompt: requests that
-         * share it land on the same worker (its prefix cache hits), unless
-         * that worker is clearly busier than the least loaded one. */
-        uint64_t key = XXH3_64bits(prompt, 16 * sizeof(int32_t));
-        rt_worker *best = NULL, *least = NULL;
-        uint64_t best_h = 0;
-        for (uint32_t i = 0; i < c->n_workers; i++) {
-            rt_worker *w = c->workers[i];
-            if (w->role != RT_PREFILL || w->state != RT_W_READY || w == avoid) continue;
-            uint64_t h = XXH3_64bits_withSeed(w->id, strlen(w->id), key);
-            if (!best || h > best_h) {
-                best = w;
-                best_h = h;
-            }
-            if (!least || rt__score(w) < rt__score(least)) least = w;
-        }
-        if (best && rt__score(best) <= rt__score(least) + 4.0) return best;
-        if (least) return least;
+    if (strcmp(policy, "prefix_affinity") == 0) {
+        rt_worker *w = rt__pick_affinity(c, prompt, n_prompt, avoid);
+        if (w) return w;
     }
     bool least = strcmp(policy, "round_robin") != 0;
     return rt__pick(c, RT_PREFILL, avoid, least, &c->rr_prefill);
