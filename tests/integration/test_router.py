@@ -529,6 +529,29 @@ def part_timeouts(model):
     cl.stop()
 
 
+def part_prefix_affinity(model):
+    log("== prefix_affinity: requests sharing a prefix go to one prefill worker")
+    cl = Cluster(model, n_prefill=2, n_decode=1, router_args=("--policy", "prefix_affinity"))
+    prefix = [(7 * i) % 500 + 3 for i in range(64)]
+    for i in range(8):
+        status, _, data = post(cl.http, "/v1/completions", {
+            "model": "stories260K", "prompt": prefix + [10 + i, 20 + i], "max_tokens": 2})
+        check(status == 200, "affinity request %d: %d %s" % (i, status, data[:100]))
+    served = []
+    for w in cl.workers:
+        if w["role"] != "prefill":
+            continue
+        text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % w["metrics"],
+                                      timeout=5).read().decode()
+        vals = dict(l.rsplit(" ", 1) for l in text.splitlines() if l.startswith("tandem_"))
+        served.append((int(float(vals.get('tandem_requests_total{outcome="ok"}', 0))),
+                       int(float(vals.get("tandem_prefix_cache_hit_blocks_total", 0)))))
+    served.sort()
+    check(served[0][0] == 0 and served[1][0] == 8 and served[1][1] >= 7 * 4,
+          "prefix_affinity: (requests, hit blocks) per prefill worker %s" % served)
+    cl.stop()
+
+
 def part_faults(model):
     log("== faults: decode killed before and after the first token; missed heartbeats")
     cl = Cluster(model, n_prefill=1, n_decode=2)
@@ -597,6 +620,7 @@ def main():
         part_admission_and_drain(model)
         part_token_bucket(model)
         part_timeouts(model)
+        part_prefix_affinity(model)
         part_faults(model)
     finally:
         for p in PROCS:
