@@ -684,15 +684,8 @@ static void dc__step(dc_engine *d)
     dc_ctx *c = d->ctx;
     const eng_event *evs;
     uint32_t n;
-    eng_step_stats ss;
-    int rc = eng_step(c->engine, &evs, &n, &ss);
-    if (rc == TD_EAGAIN) return;
-    if (rc != 0) {
-        td_log_error(MOD, "step_failed", "err=%s", td_err_name(rc));
-        return;
-    }
-    met_histogram_observe(c->metrics.step_seconds, td_ns_to_s(ss.forward_ns));
-    met_histogram_observe(c->metrics.batch_size, ss.n_items);
+    int64_t forward_ns;
+    if (wrk_step(c->engine, &c->metrics, &evs, &n, &forward_ns) != 0) return;
     for (uint32_t i = 0; i < n; i++) {
         dc_req *r = dc__from_eng(evs[i].id);
         if (evs[i].finish == ENG_FINISH_ERROR) {
@@ -710,7 +703,7 @@ static void dc__step(dc_engine *d)
         }
         if (evs[i].finish != ENG_FINISH_NONE) dc__finish(d, r, dc__finish_reason(evs[i].finish));
     }
-    wrk_load_publish(&c->load, c->engine, d->n_live, ss.forward_ns);
+    wrk_load_publish(&c->load, c->engine, d->n_live, forward_ns);
 }
 
 void *dc_engine_run(void *arg)

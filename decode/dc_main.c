@@ -16,8 +16,8 @@ static int dc_run(const wrk_opts *o)
 {
     const char *prog = "tandem-decode";
     int rc;
-    char err[512] = "";
     mdl_model *m = NULL;
+    wrk_engine we = {0};
     dc_ctx *c = calloc(1, sizeof(*c));
     rpc_server *srv = NULL;
     wrk_node node = {0};
@@ -29,43 +29,13 @@ static int dc_run(const wrk_opts *o)
     c->transport = o->kv_transport;
     c->prefill_timeout_ns = o->prefill_timeout_ns;
 
-    rc = mdl_load_ex(o->model, MDL_LOAD_KEEP_DTYPE, &m, err, sizeof(err));
-    if (rc != 0) {
-        fprintf(stderr, "%s: cannot load %s: %s (%s)\n", prog, o->model, err, td_err_name(rc));
-        goto out;
-    }
+    rc = wrk_engine_open(o, WRK_DECODE, NULL, NULL, &we);
+    if (rc != 0) goto out;
+    m = we.model;
     c->model = m;
-    eng_config ec;
-    rc = wrk_engine_config(o, m, WRK_DECODE, &ec, err, sizeof(err));
-    kv_layout layout;
-    if (rc == 0) rc = eng_layout_for(m, &ec, &layout);
-    if (rc != 0) {
-        fprintf(stderr, "%s: %s\n", prog, err);
-        goto out;
-    }
-    char why[256] = "";
-    if (!kvx_transport_available(o->kv_transport, why, sizeof(why))) {
-        fprintf(stderr, "%s: KV transport %s cannot run here: %s\n", prog, o->kv_transport, why);
-        rc = TD_EUNSUPPORTED;
-        goto out;
-    }
-    kvx_params kp = {.transport = o->kv_transport,
-                     .role = KVX_ROLE_RECV,
-                     .model_fingerprint = mdl_fingerprint(m),
-                     .layout = layout};
-    rc = kvx_ep_create(&kp, &c->kvx);
-    if (rc != 0) {
-        fprintf(stderr, "%s: cannot create the KV transfer endpoint: %s\n", prog, td_strerror(rc));
-        goto out;
-    }
-    /* The KV pool is the transfer endpoint's memory (shareable for shm), so
-     * landed blocks are where the engine reads them. */
-    ec.kv_mem = kvx_ep_pool(c->kvx);
-    rc = eng_open(m, &ec, &c->engine, err, sizeof(err));
-    if (rc != 0) {
-        fprintf(stderr, "%s: cannot start the engine: %s\n", prog, err);
-        goto out;
-    }
+    c->kvx = we.kvx;
+    c->engine = we.engine;
+    const eng_config ec = we.cfg;
     c->max_model_len = eng_max_model_len(c->engine);
     char kv_addr[512];
     if (strcmp(o->kv_transport, "shm") == 0 || strcmp(o->kv_transport, "cuda_ipc") == 0) {
@@ -147,12 +117,10 @@ out:
     }
     dc_outbox_free(c->outbox); /* sends the last finishes */
     rpc_server_free(srv);
-    eng_close(c->engine);
-    kvx_ep_destroy(c->kvx); /* after the engine: it owns the KV pool's memory */
+    wrk_engine_close(&we);
     if (cmdq_ok) mpscq_close(&c->cmdq);
     if (c->wake_fd >= 0) close(c->wake_fd);
     if (metrics_ok) wrk_metrics_free(&c->metrics);
-    mdl_free(m);
     free(c);
     return rc;
 }

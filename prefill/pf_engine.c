@@ -448,15 +448,8 @@ static void pf__step(pf_engine *d)
     pf_ctx *c = d->ctx;
     const eng_event *evs;
     uint32_t n;
-    eng_step_stats ss;
-    int rc = eng_step(c->engine, &evs, &n, &ss);
-    if (rc == TD_EAGAIN) return;
-    if (rc != 0) {
-        td_log_error(MOD, "step_failed", "err=%s", td_err_name(rc));
-        return;
-    }
-    met_histogram_observe(c->metrics.step_seconds, td_ns_to_s(ss.forward_ns));
-    met_histogram_observe(c->metrics.batch_size, ss.n_items);
+    int64_t forward_ns;
+    if (wrk_step(c->engine, &c->metrics, &evs, &n, &forward_ns) != 0) return;
     for (uint32_t i = 0; i < n; i++) {
         pf_req *r = (pf_req *)(uintptr_t)evs[i].id;
         r->in_engine = false;
@@ -474,7 +467,7 @@ static void pf__step(pf_engine *d)
     for (pf_req *r = d->live; r; r = r->next)
         if (r->send_err && r->state != PF_CLOSING)
             pf__fail(d, r, TD_EUNAVAILABLE, "sending KV failed: %s", td_strerror(r->send_err));
-    wrk_load_publish(&c->load, c->engine, d->n_live, ss.forward_ns);
+    wrk_load_publish(&c->load, c->engine, d->n_live, forward_ns);
 }
 
 static void pf__on_kvx(pf_engine *d)

@@ -15,8 +15,8 @@ static int pf_run(const wrk_opts *o)
 {
     const char *prog = "tandem-prefill";
     int rc;
-    char err[512] = "";
     mdl_model *m = NULL;
+    wrk_engine we = {0};
     pf_ctx *c = calloc(1, sizeof(*c));
     rpc_server *srv = NULL;
     wrk_node node = {0};
@@ -25,43 +25,13 @@ static int pf_run(const wrk_opts *o)
     if (!c) return TD_ENOMEM;
     c->opts = o;
 
-    rc = mdl_load_ex(o->model, MDL_LOAD_KEEP_DTYPE, &m, err, sizeof(err));
-    if (rc != 0) {
-        fprintf(stderr, "%s: cannot load %s: %s (%s)\n", prog, o->model, err, td_err_name(rc));
-        goto out;
-    }
+    rc = wrk_engine_open(o, WRK_PREFILL, pf_on_layer, c, &we);
+    if (rc != 0) goto out;
+    m = we.model;
     c->model = m;
-    eng_config ec;
-    kv_layout layout;
-    rc = wrk_engine_config(o, m, WRK_PREFILL, &ec, err, sizeof(err));
-    if (rc == 0) rc = eng_layout_for(m, &ec, &layout);
-    if (rc != 0) {
-        fprintf(stderr, "%s: %s\n", prog, err);
-        goto out;
-    }
-    char why[256] = "";
-    if (!kvx_transport_available(o->kv_transport, why, sizeof(why))) {
-        fprintf(stderr, "%s: KV transport %s cannot run here: %s\n", prog, o->kv_transport, why);
-        rc = TD_EUNSUPPORTED;
-        goto out;
-    }
-    kvx_params kp = {.transport = o->kv_transport,
-                     .role = KVX_ROLE_SEND,
-                     .model_fingerprint = mdl_fingerprint(m),
-                     .layout = layout};
-    rc = kvx_ep_create(&kp, &c->kvx);
-    if (rc != 0) {
-        fprintf(stderr, "%s: cannot create the KV transfer endpoint: %s\n", prog, td_strerror(rc));
-        goto out;
-    }
-    ec.kv_mem = kvx_ep_pool(c->kvx);
-    ec.on_layer = pf_on_layer;
-    ec.on_layer_arg = c;
-    rc = eng_open(m, &ec, &c->engine, err, sizeof(err));
-    if (rc != 0) {
-        fprintf(stderr, "%s: cannot start the engine: %s\n", prog, err);
-        goto out;
-    }
+    c->kvx = we.kvx;
+    c->engine = we.engine;
+    const eng_config ec = we.cfg;
     c->max_model_len = eng_max_model_len(c->engine);
     c->block_size = eng_layout(c->engine)->block_size;
     c->max_posts = ec.max_num_seqs;
@@ -127,11 +97,9 @@ out:
         pthread_join(engine_thread, NULL);
     }
     rpc_server_free(srv);
-    eng_close(c->engine);
-    kvx_ep_destroy(c->kvx);
+    wrk_engine_close(&we);
     if (cmdq_ok) mpscq_close(&c->cmdq);
     if (metrics_ok) wrk_metrics_free(&c->metrics);
-    mdl_free(m);
     free(c->posts);
     free(c->post_reqs);
     free(c);

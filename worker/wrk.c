@@ -548,3 +548,70 @@ void wrk_serve_until_drained(const wrk_opts *o, const char *mod, _Atomic int *dr
     while (td_now_ns() < until && atomic_load(&l->in_flight) > 0)
         if (wrk_signal_wait(20000000LL) > 0) break; /* a second signal: stop now */
 }
+
+/* ---------------------------------------------------------------- engine -- */
+
+int wrk_engine_open(const wrk_opts *o, enum wrk_role role, eng_layer_fn hook, void *hook_arg,
+                    wrk_engine *w)
+{
+    const char *prog = role == WRK_PREFILL ? "tandem-prefill" : "tandem-decode";
+    char err[512] = "";
+    memset(w, 0, sizeof(*w));
+    int rc = mdl_load_ex(o->model, MDL_LOAD_KEEP_DTYPE, &w->model, err, sizeof(err));
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot load %s: %s (%s)\n", prog, o->model, err, td_err_name(rc));
+        return rc;
+    }
+    kv_layout layout;
+    rc = wrk_engine_config(o, w->model, role, &w->cfg, err, sizeof(err));
+    if (rc == 0) rc = eng_layout_for(w->model, &w->cfg, &layout);
+    if (rc != 0) {
+        fprintf(stderr, "%s: %s\n", prog, err);
+        return rc;
+    }
+    char why[256] = "";
+    if (!kvx_transport_available(o->kv_transport, why, sizeof(why))) {
+        fprintf(stderr, "%s: KV transport %s cannot run here: %s\n", prog, o->kv_transport, why);
+        return TD_EUNSUPPORTED;
+    }
+    kvx_params kp = {.transport = o->kv_transport,
+                     .role = role == WRK_PREFILL ? KVX_ROLE_SEND : KVX_ROLE_RECV,
+                     .model_fingerprint = mdl_fingerprint(w->model),
+                     .layout = layout};
+    rc = kvx_ep_create(&kp, &w->kvx);
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot create the KV transfer endpoint: %s\n", prog, td_strerror(rc));
+        return rc;
+    }
+    /* The KV pool is the endpoint's memory: blocks land (decode) or are read
+     * (prefill) where the engine computes. */
+    w->cfg.kv_mem = kvx_ep_pool(w->kvx);
+    w->cfg.on_layer = hook;
+    w->cfg.on_layer_arg = hook_arg;
+    rc = eng_open(w->model, &w->cfg, &w->engine, err, sizeof(err));
+    if (rc != 0) fprintf(stderr, "%s: cannot start the engine: %s\n", prog, err);
+    return rc;
+}
+
+void wrk_engine_close(wrk_engine *w)
+{
+    eng_close(w->engine);
+    kvx_ep_destroy(w->kvx);
+    mdl_free(w->model);
+    memset(w, 0, sizeof(*w));
+}
+
+int wrk_step(eng *e, wrk_metrics *m, const eng_event **evs, uint32_t *n, int64_t *forward_ns)
+{
+    eng_step_stats ss;
+    int rc = eng_step(e, evs, n, &ss);
+    if (forward_ns) *forward_ns = rc == 0 ? ss.forward_ns : 0;
+    if (rc == TD_EAGAIN) return rc;
+    if (rc != 0) {
+        td_log_error("wrk", "step_failed", "err=%s", td_err_name(rc));
+        return TD_EAGAIN;
+    }
+    met_histogram_observe(m->step_seconds, td_ns_to_s(ss.forward_ns));
+    met_histogram_observe(m->batch_size, ss.n_items);
+    return 0;
+}

@@ -26,6 +26,7 @@
 #include "common/rpc.h"
 #include "engine/model.h"
 #include "engine/runtime/eng.h"
+#include "kvtransfer/kvx.h"
 
 enum wrk_role {
     WRK_PREFILL = 1,
@@ -66,6 +67,29 @@ struct Tandem__V1__SamplingParams;
 int wrk_sampling(const mdl_config *mc, const struct Tandem__V1__SamplingParams *sp,
                  uint64_t seed_if_unset, int32_t *stop_ids, int cap, smp_params *out, char *err,
                  size_t errlen);
+
+/* ---- the engine and its KV pool, the same for both roles ---- */
+
+/* What a worker computes with: the model, the KV transfer endpoint whose
+ * memory is the KV pool (shareable for shm), the engine on that pool. */
+typedef struct wrk_engine {
+    mdl_model *model;
+    kvx_ep *kvx;
+    eng *engine;
+    eng_config cfg; /* as opened (defaults filled from the options) */
+} wrk_engine;
+
+/* Loads --model (16-bit weights kept as stored), derives the engine
+ * configuration and its one kv_layout, creates the KV endpoint from that
+ * layout (receiver for decode, sender for prefill) and opens the engine on
+ * the endpoint's pool, with the per-layer hook (NULL: none). Prints one line
+ * naming the problem and returns its code on failure; what was created is in
+ * *w either way, for wrk_engine_close. */
+int wrk_engine_open(const wrk_opts *o, enum wrk_role role, eng_layer_fn hook, void *hook_arg,
+                    wrk_engine *w);
+/* Closes the engine, then the endpoint (it owns the pool's memory), then the
+ * model. Accepts a zeroed or partly opened one. */
+void wrk_engine_close(wrk_engine *w);
 
 /* ---- health ---- */
 
@@ -134,6 +158,11 @@ void wrk_metrics_outcome(wrk_metrics *m, const char *outcome);
 /* Copies the gauges and the engine's totals from the load snapshot (called
  * before rendering, on the metrics thread only). */
 void wrk_metrics_sync(wrk_metrics *m, const wrk_load *l);
+
+/* One engine step with its metrics (step time, batch size). Returns 0 with
+ * the step's events, or TD_EAGAIN when nothing ran (an internal error of the
+ * step is logged and reported as nothing ran). forward_ns may be NULL. */
+int wrk_step(eng *e, wrk_metrics *m, const eng_event **evs, uint32_t *n, int64_t *forward_ns);
 
 typedef struct wrk_http wrk_http;
 /* Serves GET /metrics (Prometheus text) and GET /health (200 while serving,
