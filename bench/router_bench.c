@@ -141,8 +141,8 @@ static int drain(rpc_stream *s, int64_t wait_ns)
 {
     for (;;) {
         ProtobufCMessage *m = NULL;
-        int rc = rpc_stream_next(s, wait_ns, &m);
-        if (rc == TD_EAGAIN) return 1;
+        int rc = wait_ns == 0 ? rpc_stream_poll(s, &m) : rpc_stream_next(s, wait_ns, &m);
+        if (rc == RPC_PENDING) return 1;
         if (rc != 0) return -1;
         if (!m) return 0;
         protobuf_c_message_free_unpacked(m, NULL);

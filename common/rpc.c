@@ -1351,8 +1351,11 @@ int rpc_client_stream(rpc_client *c, const char *method, const ProtobufCMessage 
     return 0;
 }
 
-int rpc_stream_next(rpc_stream *s, int64_t wait_ns, ProtobufCMessage **msg)
+/* rpc_stream_next's body; *pending (may be NULL) is set when the wait ended
+ * with nothing there and the stream still open. */
+static int rpc__stream_take(rpc_stream *s, int64_t wait_ns, ProtobufCMessage **msg, int *pending)
 {
+    if (pending) *pending = 0;
     if (!s || !msg) return TD_EINVAL;
     *msg = NULL;
     struct timespec until = rpc__abs_mono(wait_ns > 0 ? wait_ns : 0);
@@ -1380,6 +1383,7 @@ int rpc_stream_next(rpc_stream *s, int64_t wait_ns, ProtobufCMessage **msg)
         if (!s->eof && !s->recv_inflight) rpc__stream_recv(s);
         if (wait_ns == 0) {
             rc = TD_EAGAIN;
+            if (pending) *pending = 1;
             break;
         }
         if (wait_ns < 0) {
@@ -1390,6 +1394,18 @@ int rpc_stream_next(rpc_stream *s, int64_t wait_ns, ProtobufCMessage **msg)
     }
     pthread_mutex_unlock(&s->mu);
     return rc;
+}
+
+int rpc_stream_next(rpc_stream *s, int64_t wait_ns, ProtobufCMessage **msg)
+{
+    return rpc__stream_take(s, wait_ns, msg, NULL);
+}
+
+int rpc_stream_poll(rpc_stream *s, ProtobufCMessage **msg)
+{
+    int pending = 0;
+    int rc = rpc__stream_take(s, 0, msg, &pending);
+    return pending ? RPC_PENDING : rc;
 }
 
 int rpc_stream_ended(rpc_stream *s)

@@ -219,6 +219,16 @@ int rpc_client_stream(rpc_client *c, const char *method, const ProtobufCMessage 
  * at a time. */
 int rpc_stream_next(rpc_stream *s, int64_t wait_ns, ProtobufCMessage **msg);
 
+/* Nothing there yet (rpc_stream_poll): a positive value, never a TD_E* code. */
+#define RPC_PENDING 1
+
+/* rpc_stream_next without waiting, for event loops: RPC_PENDING when nothing
+ * is there yet and the stream is still open; otherwise exactly what
+ * rpc_stream_next returns, so a stream that ended with TD_EAGAIN (the
+ * server's "try again later") is told apart from "nothing yet" in one call,
+ * with no window between two. */
+int rpc_stream_poll(rpc_stream *s, ProtobufCMessage **msg);
+
 /* Cancels the call (the server sees the cancellation); later rpc_stream_next
  * calls return TD_ECANCELED once the buffered messages are taken. Any thread,
  * also from the notify callback. Idempotent. */

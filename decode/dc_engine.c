@@ -591,8 +591,8 @@ static void dc__poll_prefill(dc_engine *d)
     for (dc_req *r = d->live; r; r = r->next) {
         if (!r->prefill || r->prefill_ended || r->state == DC_CLOSING) continue;
         ProtobufCMessage *msg = NULL;
-        int rc = rpc_stream_next(r->prefill, 0, &msg);
-        if (rc == TD_EAGAIN) continue;
+        int rc = rpc_stream_poll(r->prefill, &msg);
+        if (rc == RPC_PENDING) continue;
         if (rc == 0 && msg) {
             Tandem__V1__PrefillResponse *p = (Tandem__V1__PrefillResponse *)msg;
             if (p->first_token_id >= (uint32_t)d->ctx->model->cfg.vocab_size) {

@@ -238,8 +238,8 @@ static int drain(cli_req *r)
 {
     for (;;) {
         ProtobufCMessage *msg = NULL;
-        int rc = rpc_stream_next(r->stream, 0, &msg);
-        if (rc == TD_EAGAIN) return 0;
+        int rc = rpc_stream_poll(r->stream, &msg);
+        if (rc == RPC_PENDING) return 0;
         if (rc != 0 || !msg) {
             r->t_end = td_now_ns();
             if (rc != 0) {

@@ -92,7 +92,8 @@ static void drain(lt_grpc *g, struct gstream *st)
     lt_record *r = &g->recs[st->i];
     while (st->s) {
         ProtobufCMessage *m = NULL;
-        int rc = rpc_stream_next(st->s, 0, &m);
+        int rc = rpc_stream_poll(st->s, &m);
+        if (rc == RPC_PENDING) return; /* another notify follows every completion */
         if (rc == 0 && m) {
             Tandem__V1__GenerateResponse *resp = (Tandem__V1__GenerateResponse *)m;
             if (resp->n_token_ids > 0) {
@@ -113,10 +114,6 @@ static void drain(lt_grpc *g, struct gstream *st)
             finish(g, st, LT_OK);
             return;
         }
-        /* TD_EAGAIN is "nothing yet" unless the stream has ended with it
-         * (the server's "try later"); another notify follows every pending
-         * completion. */
-        if (rc == TD_EAGAIN && !rpc_stream_ended(st->s)) return;
         fail_status(g, st, rc);
         return;
     }

@@ -339,8 +339,8 @@ void rt_req_on_wake(rt_req *r)
     for (;;) {
         if (r->paused) return; /* resumed by the front end's drain callback */
         ProtobufCMessage *msg = NULL;
-        int rc = rpc_stream_next(r->stream, 0, &msg);
-        if (rc == TD_EAGAIN) return;
+        int rc = rpc_stream_poll(r->stream, &msg);
+        if (rc == RPC_PENDING) return;
         if (rc == 0 && msg) {
             Tandem__V1__DecodeResponse *m = (Tandem__V1__DecodeResponse *)msg;
             if (m->n_token_ids && !r->t_first) {

@@ -226,8 +226,8 @@ void rt_members_on_health(rt_ctx *c, rt_worker *w)
 {
     if (!w->health) return;
     ProtobufCMessage *msg = NULL;
-    int rc = rpc_stream_next(w->health, 0, &msg);
-    if (rc == TD_EAGAIN) return;
+    int rc = rpc_stream_poll(w->health, &msg);
+    if (rc == RPC_PENDING) return;
     bool serving = false;
     if (rc == 0 && msg) {
         Grpc__Health__V1__HealthCheckResponse *h = (void *)msg;

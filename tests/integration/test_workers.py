@@ -132,6 +132,8 @@ def reference(model, req):
            "--max-tokens", str(req["max_tokens"]),
            "--temperature", str(req.get("temperature", 0)),
            "--top-p", str(req.get("top_p", 1)), "--seed", str(req.get("seed", 0))]
+    if req.get("ignore_eos"):
+        cmd.append("--ignore-eos")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise RuntimeError("tandem-generate failed: " + out.stderr)

@@ -155,7 +155,12 @@ static void on_generate(rpc_call *call, const ProtobufCMessage *req, void *arg)
     j->call = call;
     j->total = r->sampling ? r->sampling->max_tokens : 1;
     j->pace_ns = r->sampling ? (int64_t)r->sampling->seed * TD_NS_PER_US : 0;
-    j->end_err = r->sampling && r->sampling->ignore_eos ? TD_EMISMATCH : 0;
+    /* ignore_eos: end with TD_EMISMATCH; min_tokens 7: end with TD_EAGAIN
+     * (a server's "try again later"), which a poll must tell from "nothing
+     * yet". */
+    j->end_err = r->sampling && r->sampling->ignore_eos        ? TD_EMISMATCH
+                 : r->sampling && r->sampling->min_tokens == 7 ? TD_EAGAIN
+                                                               : 0;
     pthread_mutex_lock(&f->mu);
     f->incoming[f->n_incoming++] = j;
     pthread_cond_signal(&f->cv);
@@ -471,6 +476,7 @@ static void test_stream_wait_and_error_end(void **state)
     assert_null(m);
     assert_true(td_now_ns() - t0 >= 19 * TD_NS_PER_MS);
     assert_int_equal(rpc_stream_next(s, 0, &m), TD_EAGAIN);
+    assert_int_equal(rpc_stream_poll(s, &m), RPC_PENDING);
     assert_false(rpc_stream_ended(s));
     uint32_t n = 0;
     assert_int_equal(drain_from(s, 1, &n), 0);
@@ -494,6 +500,32 @@ static void test_stream_wait_and_error_end(void **state)
     assert_true(rpc_stream_ended(s));
     assert_int_equal(rpc_stream_status(s)->grpc_code, GRPC_STATUS_FAILED_PRECONDITION);
     assert_string_equal(rpc_stream_status(s)->details, "shape mismatch");
+    rpc_stream_free(s);
+
+    /* A stream whose end status is TD_EAGAIN: a poll returns the messages,
+     * then TD_EAGAIN as the end (never RPC_PENDING once it ended). */
+    sp.ignore_eos = false;
+    sp.min_tokens = 7;
+    sp.max_tokens = 2;
+    assert_int_equal(rpc_client_stream(c, M_GENERATE, &req.base,
+                                       &tandem__v1__decode_response__descriptor,
+                                       td_now_ns() + 5 * TD_NS_PER_S, NULL, NULL, &s),
+                     0);
+    int msgs = 0, rc;
+    int64_t until = td_now_ns() + 5 * TD_NS_PER_S;
+    while ((rc = rpc_stream_poll(s, &m)) == RPC_PENDING || (rc == 0 && m)) {
+        assert_true(td_now_ns() < until);
+        if (rc == 0) {
+            msgs++;
+            protobuf_c_message_free_unpacked(m, NULL);
+        } else {
+            usleep(1000);
+        }
+    }
+    assert_int_equal(rc, TD_EAGAIN);
+    assert_int_equal(msgs, 2);
+    assert_true(rpc_stream_ended(s));
+    assert_int_equal(rpc_stream_poll(s, &m), TD_EAGAIN);
     rpc_stream_free(s);
     rpc_client_free(c);
 }
