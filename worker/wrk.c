@@ -202,7 +202,9 @@ int wrk_sampling(const mdl_config *mc, const Tandem__V1__SamplingParams *sp, uin
     if (!out->ignore_eos)
         for (int i = 0; i < mc->n_eos_extra && n < cap; i++)
             stop_ids[n++] = mc->eos_extra[i];
-    if (mc->format == MDL_FORMAT_LLAMA2C && n < cap)
+    /* llama2.c stops at BOS, as tandem-generate does; ignore_eos lifts that
+     * too, leaving max_tokens the only end. */
+    if (mc->format == MDL_FORMAT_LLAMA2C && !out->ignore_eos && n < cap)
         stop_ids[n++] = mc->bos_id >= 0 ? mc->bos_id : 1;
     size_t n_req = sp ? sp->n_stop_token_ids : 0;
     if (n_req > (size_t)(cap - n)) {

@@ -240,6 +240,10 @@ static void test_sampling(void **state)
     assert_int_equal(wrk_sampling(&mc, &sp, 9, ids, 16, &p, err, sizeof(err)), TD_EINVAL);
     assert_non_null(strstr(err, "stop_token_ids[1]"));
     sp.n_stop_token_ids = 0;
+    sp.ignore_eos = 1; /* lifts the llama2.c BOS stop too, as in tandem-generate */
+    assert_int_equal(wrk_sampling(&mc, &sp, 9, ids, 16, &p, err, sizeof(err)), 0);
+    assert_int_equal(p.n_stop_ids, 0);
+    sp.ignore_eos = 0;
     sp.top_p = 1.5f;
     assert_int_equal(wrk_sampling(&mc, &sp, 9, ids, 16, &p, err, sizeof(err)), TD_EINVAL);
 }
