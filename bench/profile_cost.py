@@ -17,6 +17,9 @@ cluster:
      most of the context. timings.prefill_us (the prefill worker's compute,
      batch start to last layer) against prompt tokens:
          prefill_us = prefill_us_fixed + prefill_us_per_token x p
+                      + prefill_us_per_token_ctx x p (p + 1) / 2
+     (the last term is attention: token i of the prompt attends over i + 1
+     positions; the matmuls are linear in p)
   2. Transfer and hand-off: what remains of the router's first_token_us once
      the router queue, tokenization, the prefill queue and the prefill
      compute are taken out (the KV transfer's tail after the last layer, the
@@ -57,7 +60,8 @@ import threading
 import time
 import urllib.parse
 
-KEYS = ("prefill_us_fixed", "prefill_us_per_token", "decode_step_us_fixed",
+KEYS = ("prefill_us_fixed", "prefill_us_per_token", "prefill_us_per_token_ctx",
+        "decode_step_us_fixed",
         "decode_step_us_per_seq", "decode_step_us_per_ctx_token", "transfer_us_per_block")
 
 
@@ -233,7 +237,7 @@ def main(argv):
         med[p] = {k: statistics.median(r[k] for r in rs)
                   for k in ("prefill_us", "transfer_us", "residual_us", "first_token_us",
                             "client_us", "prefill_queue_us", "blocks")}
-    rows = [[1.0, float(r["p"])] for r in pre]
+    rows = [[1.0, float(r["p"]), r["p"] * (r["p"] + 1) / 2.0] for r in pre]
     pf = fit_nonneg(rows, [r["prefill_us"] for r in pre])
     pf_r2 = r2(rows, [r["prefill_us"] for r in pre], pf)
     xrows = [[float(r["blocks"])] for r in pre]
@@ -298,7 +302,7 @@ def main(argv):
     step1 = statistics.median(b1) / 1000 if b1 else 0.0
     tpot1 = statistics.median(tpot_stream)
 
-    cost = dict(zip(KEYS, [pf[0], pf[1], df[0], df[1], df[2], xf[0]]))
+    cost = dict(zip(KEYS, [pf[0], pf[1], pf[2], df[0], df[1], df[2], xf[0]]))
     with open(a.out, "w") as f:
         f.write("# tandem admission cost model, microseconds (docs/admission.md)\n")
         f.write("# fitted by bench/profile_cost.py from %s, model %s, context %d\n"
@@ -323,7 +327,8 @@ def main(argv):
                       (b, p, statistics.mean(d["batch"] for d in ds),
                        statistics.median(d["tokens"] for d in ds),
                        statistics.median(d["step_us"] for d in ds)))
-    print("\nfit: prefill_us = %.1f + %.3f x tokens (R^2 %.3f)" % (pf[0], pf[1], pf_r2))
+    print("\nfit: prefill_us = %.1f + %.3f x tokens + %.5f x tokens (tokens + 1) / 2 (R^2 %.3f)"
+          % (pf[0], pf[1], pf[2], pf_r2))
     print("fit: residual_us = %.1f x blocks (with an intercept: %.1f + %.1f x blocks); "
           "timings.transfer_us = %.1f + %.1f x blocks" % (xf[0], xi[0], xi[1], tf[0], tf[1]))
     print("fit: decode step_us = %.1f + %.1f x batch + %.4f x summed context (R^2 %.3f)" %

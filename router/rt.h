@@ -130,7 +130,7 @@ struct rt_req {
     rt_wake wake;          /* stream notification */
     rt_req *hprev, *hnext; /* the hold queue, while RT_R_HELD */
     int64_t hold_until_ns;
-    bool prefill_counted; /* its prompt is in ctx->inflight_prefill_tokens */
+    bool prefill_counted; /* its prompt is in ctx->inflight_prefill_tokens and _pairs */
     rt_req *prev, *next;  /* the loop's list of live requests */
     rt_ctx *ctx;
     char id[RT_ID_MAX];
@@ -231,6 +231,7 @@ struct rt_ctx {
     rt_req *held_head, *held_tail; /* the admission hold queue, FIFO */
     uint32_t n_held;
     uint64_t inflight_prefill_tokens; /* prompts admitted, first token not yet seen */
+    uint64_t inflight_prefill_pairs;  /* the same prompts' attention pairs (adm_prefill_pairs) */
     uv_timer_t hold_timer;            /* the earliest hold deadline */
     rt_metrics metrics;
     bool stopping;

@@ -67,6 +67,7 @@ static void rt__prefill_done(rt_req *r)
 {
     if (!r->prefill_counted) return;
     r->ctx->inflight_prefill_tokens -= r->n_prompt;
+    r->ctx->inflight_prefill_pairs -= adm_prefill_pairs(r->n_prompt);
     r->prefill_counted = false;
 }
 
@@ -157,6 +158,7 @@ static void rt__start(rt_req *r)
     r->state = RT_R_RUNNING;
     if (!r->prefill_counted) {
         c->inflight_prefill_tokens += r->n_prompt;
+        c->inflight_prefill_pairs += adm_prefill_pairs(r->n_prompt);
         r->prefill_counted = true;
     }
 }
@@ -178,6 +180,7 @@ static void rt__adm_input(rt_ctx *c, const rt_req *r, adm_input *in)
     in->prompt_tokens = r->n_prompt;
     in->max_tokens = r->max_tokens;
     in->inflight_prefill_tokens = c->inflight_prefill_tokens;
+    in->inflight_prefill_pairs = c->inflight_prefill_pairs;
     in->hold_until_ns = r->state == RT_R_HELD ? r->hold_until_ns : 0;
     for (uint32_t i = 0; i < c->n_workers; i++) {
         const rt_worker *w = c->workers[i];

@@ -344,6 +344,7 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
     if (co) {
         cJSON_AddNumberToObject(co, "prefill_us_fixed", sc->cost.prefill_us_fixed);
         cJSON_AddNumberToObject(co, "prefill_us_per_token", sc->cost.prefill_us_per_token);
+        cJSON_AddNumberToObject(co, "prefill_us_per_token_ctx", sc->cost.prefill_us_per_token_ctx);
         cJSON_AddNumberToObject(co, "decode_step_us_fixed", sc->cost.decode_step_us_fixed);
         cJSON_AddNumberToObject(co, "decode_step_us_per_seq", sc->cost.decode_step_us_per_seq);
         cJSON_AddNumberToObject(co, "decode_step_us_per_ctx_token",

@@ -96,6 +96,7 @@ typedef struct sim__ctx {
     uint32_t n_held;
     int pass_due; /* a request ended: recheck the held ones after this event */
     uint64_t inflight_prefill_tokens;
+    uint64_t inflight_prefill_pairs;
     const adm_ops *adm;
     void *adm_ctx;
     sim__heap heap;
@@ -113,16 +114,21 @@ typedef struct sim__ctx {
 
 double sim_step_us(const adm_cost *c, const struct sch_step *step)
 {
-    double us = 0, ctx = 0;
+    double us = 0, ctx = 0, pairs = 0;
     uint32_t n_dec = 0;
     for (uint32_t i = 0; i < step->n_items; i++) {
         const sch_item *it = &step->items[i];
-        if (it->prefill) continue;
+        if (it->prefill) {
+            /* token j of the chunk (position start + j) attends over start + j + 1 */
+            pairs += (double)it->n * it->start + (double)it->n * (it->n + 1) / 2;
+            continue;
+        }
         n_dec++;
         ctx += (double)it->start + it->n; /* positions the new token attends over */
     }
     if (step->n_prefill_tokens > 0)
-        us += c->prefill_us_fixed + c->prefill_us_per_token * step->n_prefill_tokens;
+        us += c->prefill_us_fixed + c->prefill_us_per_token * step->n_prefill_tokens +
+              c->prefill_us_per_token_ctx * pairs;
     if (n_dec > 0)
         us += c->decode_step_us_fixed + c->decode_step_us_per_seq * n_dec +
               c->decode_step_us_per_ctx_token * ctx;
@@ -231,6 +237,7 @@ static void sim__prefill_done(sim__ctx *c, size_t i)
     sim__req *q = &c->rq[i];
     if (!q->prefill_counted) return;
     c->inflight_prefill_tokens -= q->n_prompt;
+    c->inflight_prefill_pairs -= adm_prefill_pairs(q->n_prompt);
     q->prefill_counted = 0;
 }
 
@@ -482,6 +489,7 @@ static void sim__adm_input(const sim__ctx *c, size_t i, adm_input *in)
     in->prompt_tokens = q->n_prompt;
     in->max_tokens = q->n_out;
     in->inflight_prefill_tokens = c->inflight_prefill_tokens;
+    in->inflight_prefill_pairs = c->inflight_prefill_pairs;
     in->hold_until_ns = q->held ? q->hold_until : 0;
     for (uint32_t k = 0; k < c->nw; k++) {
         const sim__worker *w = &c->w[k];
@@ -511,6 +519,7 @@ static int sim__admit_req(sim__ctx *c, size_t i)
     c->w[q->dec].inflight++;
     c->w[q->pre].inflight++;
     c->inflight_prefill_tokens += q->n_prompt;
+    c->inflight_prefill_pairs += adm_prefill_pairs(q->n_prompt);
     q->prefill_counted = 1;
     sim__fifo_push(c, &c->w[q->dec].queue, (int64_t)i);
     return sim__worker_run(c, q->dec);

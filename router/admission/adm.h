@@ -36,6 +36,13 @@
 /* Longest Retry-After a policy suggests, seconds. */
 #define ADM_RETRY_MAX_S 60u
 
+/* Attention pairs of a p-token prompt prefilled from position 0: p (p + 1) / 2
+ * (what adm_input.inflight_prefill_pairs sums). */
+static inline uint64_t adm_prefill_pairs(uint32_t prompt_tokens)
+{
+    return (uint64_t)prompt_tokens * ((uint64_t)prompt_tokens + 1) / 2;
+}
+
 /* What the caller knows when a request arrives (decide) or when a held one is
  * looked at again (recheck). */
 typedef struct adm_input {
@@ -46,6 +53,9 @@ typedef struct adm_input {
     uint32_t max_tokens;              /* of this request: what it may generate */
     uint64_t inflight_prefill_tokens; /* router's own: prompt tokens admitted, first
                                          token not yet seen */
+    uint64_t inflight_prefill_pairs;  /* router's own, the same prompts: sum of p (p + 1) / 2,
+                                         the (token, position attended) pairs of their
+                                         attention (prefill_us_per_token_ctx) */
     /* Cluster state from heartbeats, summed over ready workers. */
     uint64_t queued_prefill_tokens; /* prefill workers: prompt tokens waiting or in prefill */
     uint32_t running_seqs;          /* decode workers: sequences in the running batch */
@@ -82,6 +92,10 @@ typedef struct adm_decision {
 typedef struct adm_cost {
     double prefill_us_fixed;             /* one prefill batch: fixed part */
     double prefill_us_per_token;         /* one prefill batch: per prompt token in it */
+    double prefill_us_per_token_ctx;     /* one prefill batch: per prompt token per position
+                                            it attends over (the quadratic attention part:
+                                            a p-token prompt from position 0 has
+                                            p (p + 1) / 2 such pairs) */
     double decode_step_us_fixed;         /* one decode step: fixed part */
     double decode_step_us_per_seq;       /* per sequence in the batch */
     double decode_step_us_per_ctx_token; /* per context token, summed over the batch */

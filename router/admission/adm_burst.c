@@ -145,7 +145,8 @@ static bool adm__burst_cost_known(const adm__burst *b)
 static void adm__burst_predict(const adm__burst *b, const adm_input *in, uint32_t held,
                                adm__pred *pr)
 {
-    adm__predict(&b->p.cost, in, (double)held * b->mean_prompt, held, b->mean_out,
+    adm__predict(&b->p.cost, in, (double)held * b->mean_prompt,
+                 (double)held * b->mean_prompt * (b->mean_prompt + 1) / 2, held, b->mean_out,
                  b->p.slo_ttft_ms * 1e3, b->p.slo_tpot_ms * 1e3, pr);
 }
 

@@ -14,6 +14,7 @@
 #define ADM__COST_FIELDS(X)                                                                        \
     X(prefill_us_fixed)                                                                            \
     X(prefill_us_per_token)                                                                        \
+    X(prefill_us_per_token_ctx)                                                                    \
     X(decode_step_us_fixed)                                                                        \
     X(decode_step_us_per_seq)                                                                      \
     X(decode_step_us_per_ctx_token)                                                                \
@@ -171,23 +172,40 @@ double adm__prefill_ahead(const adm_input *in, double extra_tokens)
     return (double)a + extra_tokens;
 }
 
-double adm__prefill_wait_us(const adm_cost *c, const adm_input *in, double ahead_tokens)
+double adm__prefill_wait_us(const adm_cost *c, const adm_input *in, double extra_tokens,
+                            double extra_pairs)
 {
-    if (ahead_tokens <= 0) return 0;
-    return ahead_tokens / (double)in->ready_prefill * c->prefill_us_per_token + c->prefill_us_fixed;
+    double ahead = adm__prefill_ahead(in, 0);
+    if (ahead + extra_tokens <= 0) return 0;
+    /* Attention pairs of the work ahead: the router's own prompts exactly;
+     * tokens the heartbeats report beyond them (another router's) at the
+     * router's mean pairs per token, or as one prompt when it has none. */
+    double own = (double)in->inflight_prefill_tokens;
+    double per_token = own > 0 ? (double)in->inflight_prefill_pairs / own : (ahead + 1) / 2;
+    double pairs = (double)in->inflight_prefill_pairs + (ahead - own) * per_token + extra_pairs;
+    double us =
+        (ahead + extra_tokens) * c->prefill_us_per_token + pairs * c->prefill_us_per_token_ctx;
+    return us / (double)in->ready_prefill + c->prefill_us_fixed;
 }
 
-void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, double extra_seqs,
-                  double mean_out, double slo_ttft_us, double slo_tpot_us, adm__pred *out)
+double adm__prefill_own_us(const adm_cost *c, double prompt_tokens)
+{
+    return c->prefill_us_fixed + c->prefill_us_per_token * prompt_tokens +
+           c->prefill_us_per_token_ctx * prompt_tokens * (prompt_tokens + 1) / 2;
+}
+
+void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, double extra_pairs,
+                  double extra_seqs, double mean_out, double slo_ttft_us, double slo_tpot_us,
+                  adm__pred *out)
 {
     const double prompt = in->prompt_tokens, bs = in->block_size, n_dec = in->ready_decode;
     *out = (adm__pred){0};
 
     /* TTFT: the work ahead, then its own prefill batch and KV transfer. */
-    double own_prefill = c->prefill_us_fixed + c->prefill_us_per_token * prompt;
+    double own_prefill = adm__prefill_own_us(c, prompt);
     double prompt_blocks = bs > 0 ? ceil(prompt / bs) : 0;
     double transfer = prompt_blocks * c->transfer_us_per_block;
-    out->wait_us = adm__prefill_wait_us(c, in, adm__prefill_ahead(in, extra_tokens));
+    out->wait_us = adm__prefill_wait_us(c, in, extra_tokens, extra_pairs);
     out->ttft_us = out->wait_us + own_prefill + transfer;
     out->ttft_budget_us = fmax(slo_ttft_us, own_prefill + transfer);
 

@@ -23,10 +23,18 @@ bool adm__cost_knows_decode(const adm_cost *c);
  * one wider), plus extra_tokens (held requests ahead of it). */
 double adm__prefill_ahead(const adm_input *in, double extra_tokens);
 
-/* Predicted prefill queueing, us, for ahead_tokens spread over the ready
- * prefill workers (>= 1): ahead / P * prefill_us_per_token, plus one batch's
- * fixed cost when anything is ahead. */
-double adm__prefill_wait_us(const adm_cost *c, const adm_input *in, double ahead_tokens);
+/* Predicted prefill queueing, us: the work ahead (adm__prefill_ahead plus
+ * extra_tokens, and its attention pairs: the router's inflight_prefill_pairs,
+ * the heartbeats' excess at the same pairs per token, plus extra_pairs),
+ * spread over the ready prefill workers (>= 1):
+ *   (ahead x prefill_us_per_token + pairs x prefill_us_per_token_ctx) / P,
+ * plus one batch's fixed cost when anything is ahead. */
+double adm__prefill_wait_us(const adm_cost *c, const adm_input *in, double extra_tokens,
+                            double extra_pairs);
+
+/* One prompt's own prefill from position 0, us:
+ *   fixed + per_token x p + per_token_ctx x p (p + 1) / 2 */
+double adm__prefill_own_us(const adm_cost *c, double prompt_tokens);
 
 /* One request's predictions (adm_cost.c, docs/admission.md "Predictions"). */
 typedef struct adm__pred {
@@ -41,12 +49,13 @@ typedef struct adm__pred {
 } adm__pred;
 
 /* Needs ready_prefill and ready_decode >= 1 and a cost model that knows both.
- * extra_tokens, extra_seqs: prompt tokens and sequences of held requests
- * ahead of it (they reach the prefill queue and the decode batch first);
- * mean_out: mean output length of recent requests, tokens (how fast
- * sequences finish). */
-void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, double extra_seqs,
-                  double mean_out, double slo_ttft_us, double slo_tpot_us, adm__pred *out);
+ * extra_tokens, extra_pairs, extra_seqs: prompt tokens, their attention
+ * pairs, and sequences of held requests ahead of it (they reach the prefill queue and the decode
+ * batch first); mean_out: mean output length of recent requests, tokens (how fast sequences
+ * finish). */
+void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, double extra_pairs,
+                  double extra_seqs, double mean_out, double slo_ttft_us, double slo_tpot_us,
+                  adm__pred *out);
 
 /* Retry-After for a drain time: ceil(us / 1 s), within 1..ADM_RETRY_MAX_S
  * (INFINITY and NaN give the maximum). */

@@ -1,8 +1,9 @@
 /* queue_threshold: reject when the predicted prefill queueing exceeds a bound.
  *
- *   ahead = max(queued_prefill_tokens, inflight_prefill_tokens)
- *   wait  = ahead / ready_prefill * prefill_us_per_token + prefill_us_fixed
- *           (0 when nothing is ahead)
+ *   ahead = max(queued_prefill_tokens, inflight_prefill_tokens), pairs their
+ *           attention pairs (adm__prefill_wait_us)
+ *   wait  = (ahead x prefill_us_per_token + pairs x prefill_us_per_token_ctx)
+ *           / ready_prefill + prefill_us_fixed   (0 when nothing is ahead)
  *   wait <= queue_max_ms  ->  admit
  *   otherwise             ->  reject, Retry-After = ceil((wait - queue_max_ms) / 1 s),
  *                             when the queue will have drained back to the bound
@@ -54,7 +55,7 @@ static void adm__queue_decide(void *ctx, const adm_input *in, adm_decision *out)
             adm__reject(out, 1, "too many requests in flight (no cost model)");
         return;
     }
-    double wait = adm__prefill_wait_us(&q->cost, in, adm__prefill_ahead(in, 0));
+    double wait = adm__prefill_wait_us(&q->cost, in, 0, 0);
     if (wait <= q->max_wait_us) {
         adm__admit(out, "admitted");
         return;

@@ -467,6 +467,39 @@ static void t_queue_threshold(void **state)
     assert_int_equal(d.verdict, ADM_REJECT);
     o->destroy(ctx);
 
+    /* The attention term: the router's own prompts count their pairs
+     * exactly; heartbeat tokens beyond them at the same pairs per token.
+     * One 1000-token prompt: 1000 x 10 us + 500,500 pairs x 0.125 us = 72.5625 ms
+     * (figures exact in binary, so the boundary is exact). */
+    p.cost.prefill_us_fixed = 0;
+    p.cost.prefill_us_per_token = 10;
+    p.cost.prefill_us_per_token_ctx = 0.125;
+    p.queue_max_ms = 72.5625;
+    ctx = make("queue_threshold", &p);
+    in = idle_input(0);
+    in.inflight_prefill_tokens = 1000;
+    in.inflight_prefill_pairs = adm_prefill_pairs(1000);
+    assert_true(in.inflight_prefill_pairs == 500500);
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_ADMIT);
+    in.inflight_prefill_pairs++;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    /* The same 1000 tokens as two prompts of 500: 250,500 pairs, 41.3125 ms. */
+    p.queue_max_ms = 41.3125;
+    o->destroy(ctx);
+    ctx = make("queue_threshold", &p);
+    in.inflight_prefill_pairs = 2 * adm_prefill_pairs(500);
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_ADMIT);
+    /* Heartbeats report 1500: 500 more at 250.5 pairs per token, 61.97 ms. */
+    in.queued_prefill_tokens = 1500;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    o->destroy(ctx);
+    p.cost = test_cost();
+    in = idle_input(0);
+
     /* queue_max_ms 0: only an empty queue admits. */
     p.queue_max_ms = 0;
     ctx = make("queue_threshold", &p);

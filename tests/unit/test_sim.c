@@ -311,6 +311,16 @@ static void test_step_cost(void **state)
     st.n_items = 1;
     st.n_prefill_tokens = 64;
     assert_true(sim_step_us(&c, &st) == 228.0);
+
+    /* The attention term: a chunk of n tokens from position s has
+     * n s + n (n + 1) / 2 (token, position) pairs. 64 from 0: 2080; then a
+     * second chunk of 16 from 64 beside it: 16 x 64 + 136 = 1160. */
+    c.prefill_us_per_token_ctx = 0.25;
+    assert_true(sim_step_us(&c, &st) == 228.0 + 0.25 * 2080);
+    sch_item chunks[2] = {{.start = 0, .n = 64, .prefill = true},
+                          {.start = 64, .n = 16, .prefill = true}};
+    sch_step two = {.items = chunks, .n_items = 2, .n_tokens = 80, .n_prefill_tokens = 80};
+    assert_true(sim_step_us(&c, &two) == 100 + 2 * 80 + 0.25 * (2080 + 1160));
 }
 
 /* One cost model: the simulator's defaults are adm_cost_defaults, and a file
