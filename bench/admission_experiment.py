@@ -190,6 +190,45 @@ class Exp:
             return json.load(f)
 
 
+def tune_policies(a, e, policies):
+    """tandem-sim tune on synthetic traces shaped like a.trace (tandem-loadtest fit: Gamma
+    inter-arrivals, Zipf lengths), tuned on one seed and reported on another; returns the
+    directory of the admission-<policy>.conf files it wrote."""
+    lt = os.path.join(a.bin_dir, "tandem-loadtest")
+    r = e.run([lt, "fit", "--trace", a.trace, "--format", "burstgpt"], quiet=True)
+    fit = json.loads(r.stdout)
+    g = fit["interarrival_gamma"]
+    synth = ["--gamma-shape", "%.6g" % g["mle_shape"], "--gamma-scale-s", "%.6g" % g["mle_scale_s"],
+             "--req-zipf", "%.6g" % fit["request_zipf_s"], "--req-max", str(fit["request_max"]),
+             "--resp-zipf", "%.6g" % fit["response_zipf_s"], "--resp-max",
+             str(fit["response_max"])]
+    seeds = a.tune_seeds.split(",")
+    paths = []
+    for seed in seeds[:2]:
+        path = os.path.join(a.work, "synth-%s.jsonl" % seed)
+        e.run([lt, "synth", "--n", str(a.tune_n), "--seed", seed, "--write-trace", path] + synth)
+        paths.append(path)
+    out = os.path.join(a.work, "tune")
+    shutil.rmtree(out, ignore_errors=True)
+    tuned = [p for p in policies if p != "none"]
+    r = e.run([os.path.join(a.bin_dir, "tandem-sim"), "tune", "--trace", paths[0], "--holdout",
+               paths[1], "--format", "mooncake", "--max-context", str(a.max_context),
+               "--prefill", str(a.prefill), "--decode", str(a.decode), "--kv-blocks",
+               str(e.blocks), "--cost", a.cost, "--slo-ttft-ms", "%g" % a.slo_ttft_ms,
+               "--slo-tpot-ms", "%g" % a.slo_tpot_ms, "--policies", ",".join(tuned), "--loads",
+               a.loads, "--out", out])
+    with open(os.path.join(a.out, "tune.txt"), "w") as f:
+        f.write(r.stdout)
+    print(r.stdout, flush=True)
+    cdir = os.path.join(a.out, "configs")
+    os.makedirs(cdir, exist_ok=True)
+    for p in tuned:
+        src = os.path.join(out, "admission-%s.conf" % p)
+        if os.path.exists(src):
+            shutil.copy(src, cdir)
+    return out
+
+
 def brief(s):
     n = max(1, s["requests"])
     return {"requests": s["requests"], "ok": s["ok"], "rejected": s["rejected"],
@@ -230,6 +269,12 @@ def main(argv):
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--capacity", type=float, default=0.0, help="skip the search (req/s)")
     ap.add_argument("--configs", help="DIR with admission-<policy>.conf files")
+    ap.add_argument("--tune", action="store_true",
+                    help="tune every policy's parameters with tandem-sim tune first, on "
+                    "BurstGPT-shaped synthetic traces fitted to --trace (one seed tuned on, "
+                    "another held out), and use the configs it writes")
+    ap.add_argument("--tune-n", type=int, default=4000, help="requests per synthetic trace")
+    ap.add_argument("--tune-seeds", default="41,42", help="training seed, held-out seed")
     ap.add_argument("--http", default="127.0.0.1:18300")
     ap.add_argument("--grpc", default="127.0.0.1:18351")
     a = ap.parse_args(argv)
@@ -291,6 +336,9 @@ def main(argv):
         cap = lo
     print("capacity %.3f req/s" % cap, flush=True)
 
+    if a.tune:
+        a.configs = tune_policies(a, e, policies)
+
     # 2. Policies, hand-picked rules (stated in results.md) unless a config is given.
     params = {
         "none": ([], "-"),
@@ -337,11 +385,9 @@ def main(argv):
                 if os.path.exists(p) and big != "requests.csv":
                     os.remove(p)
         e.down()
-    # 3. Simulator, same requests, same cost model.
-    for pol in ("none", "max_outstanding"):
-        if pol not in policies:
-            continue
-        extra = ["--max-outstanding", str(mo_n)] if pol == "max_outstanding" else []
+    # 3. Simulator, same requests, same cost model, same parameters.
+    for pol in policies:
+        extra = [x for x in params[pol][0]]
         for ld in loads:
             if (pol, ld) in real:
                 simr[(pol, ld)] = e.sim(cap * ld, os.path.join(a.out, "sim-%s-%gx" % (pol, ld)),

@@ -79,10 +79,14 @@ typedef struct rt_worker {
     int64_t last_beat_ns;
     enum rt_wstate state;
     rpc_client *client;
-    rpc_stream *health;          /* a health check in flight */
-    Tandem__V1__LoadReport load; /* last heartbeat's (scalar fields only) */
-    uint32_t inflight;           /* this router's requests on the worker */
-    uint32_t block_size;         /* from its KV shape */
+    rpc_stream *health;               /* a health check in flight */
+    Tandem__V1__LoadReport load;      /* last heartbeat's (scalar fields only) */
+    uint32_t inflight;                /* this router's requests on the worker (prefill: until
+                                         their first token) */
+    uint64_t inflight_tokens;         /* prefill: their prompt tokens */
+    uint32_t inflight_at_load;        /* inflight and inflight_tokens when `load` came, so the */
+    uint64_t inflight_tokens_at_load; /* load can be brought up to now (adm_fresh_load) */
+    uint32_t block_size;              /* from its KV shape */
     uint64_t served;
 } rt_worker;
 
@@ -190,7 +194,7 @@ typedef struct rt_opts {
     int64_t max_outstanding, request_timeout_ms, max_body_bytes, heartbeat_ms, hold_max;
     int64_t http_head_timeout_ms, http_idle_timeout_ms;
     double bucket_rate, bucket_burst, queue_max_ms, slo_ttft_ms, slo_tpot_ms, short_window_s,
-        long_window_s, hold_max_ms, burst_cv, burst_rate_ratio;
+        long_window_s, hold_max_ms, burst_cv, burst_rate_ratio, slo_margin;
 } rt_opts;
 
 typedef struct rt_metrics {

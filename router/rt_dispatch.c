@@ -50,6 +50,15 @@ static void rt__free(rt_req *r)
     free(r);
 }
 
+/* The request leaves its prefill worker's own count (at its first token, or
+ * when its attempt ends before it). */
+static void rt__prefill_release(rt_req *r)
+{
+    rt_worker *p = r->prefill;
+    if (p->inflight) p->inflight--;
+    p->inflight_tokens = p->inflight_tokens > r->n_prompt ? p->inflight_tokens - r->n_prompt : 0;
+}
+
 /* Releases what the current attempt holds downstream. */
 static void rt__drop_stream(rt_req *r)
 {
@@ -58,7 +67,7 @@ static void rt__drop_stream(rt_req *r)
         r->stream = NULL;
     }
     if (r->decode && r->decode->inflight) r->decode->inflight--;
-    if (r->prefill && !r->t_first && r->prefill->inflight) r->prefill->inflight--;
+    if (r->prefill && !r->t_first) rt__prefill_release(r);
 }
 
 static void rt__on_hold_timer(uv_timer_t *t);
@@ -154,6 +163,7 @@ static void rt__start(rt_req *r)
     }
     r->decode->inflight++;
     r->prefill->inflight++;
+    r->prefill->inflight_tokens += r->n_prompt;
     r->decode->served++;
     r->state = RT_R_RUNNING;
     if (!r->prefill_counted) {
@@ -187,11 +197,16 @@ static void rt__adm_input(rt_ctx *c, const rt_req *r, adm_input *in)
         if (w->state != RT_W_READY) continue;
         if (w->role == RT_PREFILL) {
             in->ready_prefill++;
-            in->queued_prefill_tokens += w->load.queued_prefill_tokens;
+            in->queued_prefill_tokens += adm_fresh_load(
+                w->inflight_tokens, w->load.queued_prefill_tokens, w->inflight_tokens_at_load);
         } else {
             in->ready_decode++;
-            in->running_seqs += w->load.running_seqs;
-            in->waiting_seqs += w->load.waiting_seqs;
+            uint64_t seqs =
+                adm_fresh_load(w->inflight, (uint64_t)w->load.running_seqs + w->load.waiting_seqs,
+                               w->inflight_at_load);
+            uint32_t waiting = seqs < w->load.waiting_seqs ? (uint32_t)seqs : w->load.waiting_seqs;
+            in->running_seqs += (uint32_t)(seqs - waiting);
+            in->waiting_seqs += waiting;
             in->free_kv_blocks += w->load.free_kv_blocks;
             in->total_kv_blocks += w->load.total_kv_blocks;
             if (w->block_size) in->block_size = w->block_size;
@@ -348,7 +363,7 @@ void rt_req_on_wake(rt_req *r)
             Tandem__V1__DecodeResponse *m = (Tandem__V1__DecodeResponse *)msg;
             if (m->n_token_ids && !r->t_first) {
                 r->t_first = td_now_ns();
-                if (r->prefill->inflight) r->prefill->inflight--;
+                rt__prefill_release(r);
                 rt__prefill_done(r);
                 if (c->adm->on_first_token)
                     c->adm->on_first_token(c->adm_ctx, r->t_first, r->t_first - r->t_arrival);

@@ -202,6 +202,8 @@ static void rt__on_heartbeat_event(rt_ctx *c, rt_event *ev)
             w->load = *q->load;
             Tandem__V1__LoadReport init = TANDEM__V1__LOAD_REPORT__INIT;
             w->load.base = init.base; /* no pointer into the freed message */
+            w->inflight_at_load = w->inflight;
+            w->inflight_tokens_at_load = w->inflight_tokens;
         }
         if (w->load.draining && w->state != RT_W_DOWN) {
             rt__set_state(c, w, RT_W_DRAINING, "the worker drains");

@@ -27,7 +27,7 @@ struct sim_opts {
     double speedup, rate, start_s, end_s, slo_ttft_ms, slo_tpot_ms, train_fraction;
     /* The router's admission keys (router/rt_main.c), read over adm_params_defaults. */
     double bucket_rate, bucket_burst, queue_max_ms, short_window_s, long_window_s, hold_max_ms,
-        burst_cv, burst_rate_ratio;
+        burst_cv, burst_rate_ratio, slo_margin;
     int64_t hold_max, max_prompt_tokens, max_output_tokens;
     double length_scale;
     int64_t max_requests, prefill, decode, kv_blocks, block_size, max_num_seqs, max_batched_tokens,
@@ -117,6 +117,8 @@ struct sim_opts {
         SIM_OPT("burst-rate-ratio", CFG_DOUBLE, NULL, "0", NULL, NULL,                             \
                 "burst: short/long rate ratio above which arrivals are a burst",                   \
                 burst_rate_ratio),                                                                 \
+        SIM_OPT("slo-margin", CFG_DOUBLE, NULL, "0", "1", NULL,                                    \
+                "burst: admit within this fraction of the SLOs (0, 1]", slo_margin),               \
         SIM_OPT("retry-429", CFG_INT64, "0", "0", "100", NULL,                                     \
                 "Client retries of a 429 after its Retry-After (the load tester's)", retry_429),   \
         SIM_OPT("chunk-cap", CFG_INT64, "0", "0", "16777216", NULL,                                \
@@ -231,6 +233,7 @@ static int parse(const char *cmd, const struct cfg_option *t, size_t nt, int arg
     SIM_SET("hold-max", hold_max, (uint32_t)o->hold_max);
     SIM_SET("burst-cv", burst_cv, o->burst_cv);
     SIM_SET("burst-rate-ratio", burst_rate_ratio, o->burst_rate_ratio);
+    SIM_SET("slo-margin", slo_margin, o->slo_margin);
 #undef SIM_SET
     if (o->slo_ttft_ms > 0) p->slo_ttft_ms = o->slo_ttft_ms;
     if (o->slo_tpot_ms > 0) p->slo_tpot_ms = o->slo_tpot_ms;
@@ -338,6 +341,7 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
             cJSON_AddNumberToObject(ap, "hold-max", p->hold_max);
             cJSON_AddNumberToObject(ap, "burst-cv", p->burst_cv);
             cJSON_AddNumberToObject(ap, "burst-rate-ratio", p->burst_rate_ratio);
+            cJSON_AddNumberToObject(ap, "slo-margin", p->slo_margin);
         }
     }
     cJSON *co = cJSON_AddObjectToObject(x, "cost");

@@ -57,11 +57,15 @@ typedef struct sim__worker {
     int role;
     kvc_pool *pool;
     sch *s;
-    int busy;          /* a step is in flight */
-    uint32_t inflight; /* the router's requests on it (rt_worker.inflight) */
-    /* The last heartbeat's load report (wrk_load). */
+    int busy;                 /* a step is in flight */
+    uint32_t inflight;        /* the router's requests on it (rt_worker.inflight) */
+    uint64_t inflight_tokens; /* prefill: their prompt tokens */
+    /* The last heartbeat's load report (wrk_load), and inflight /
+     * inflight_tokens when it came (adm_fresh_load). */
     uint64_t hb_queued_prefill;
     uint32_t hb_running, hb_waiting, hb_free, hb_total;
+    uint32_t inflight_at_hb;
+    uint64_t inflight_tokens_at_hb;
     sim__fifo queue;  /* decode: waiting for destination blocks */
     sim__fifo landed; /* decode: transfer done, to join at the next boundary */
     sim__fifo inbox;  /* prefill: Prefill.Run calls to add to sch */
@@ -276,6 +280,7 @@ static void sim__join(sim__ctx *c, sim__worker *w, size_t i)
     sim__chunk(c, i); /* the prefill's token reaches the client */
     sim__worker *p = &c->w[q->pre];
     if (p->inflight) p->inflight--; /* the router drops it at the first token */
+    p->inflight_tokens = p->inflight_tokens > q->n_prompt ? p->inflight_tokens - q->n_prompt : 0;
     sim__prefill_done(c, i);
     if (c->adm->on_first_token)
         c->adm->on_first_token(c->adm_ctx, c->now, c->now - c->recs[i].send_ns);
@@ -475,6 +480,8 @@ static void sim__heartbeat(sim__ctx *c)
         w->hb_waiting = ss.n_waiting;
         w->hb_free = ks.free + ks.cached;
         w->hb_total = ks.num_blocks;
+        w->inflight_at_hb = w->inflight;
+        w->inflight_tokens_at_hb = w->inflight_tokens;
     }
 }
 
@@ -495,11 +502,15 @@ static void sim__adm_input(const sim__ctx *c, size_t i, adm_input *in)
         const sim__worker *w = &c->w[k];
         if (w->role == SIM__PREFILL) {
             in->ready_prefill++;
-            in->queued_prefill_tokens += w->hb_queued_prefill;
+            in->queued_prefill_tokens +=
+                adm_fresh_load(w->inflight_tokens, w->hb_queued_prefill, w->inflight_tokens_at_hb);
         } else {
             in->ready_decode++;
-            in->running_seqs += w->hb_running;
-            in->waiting_seqs += w->hb_waiting;
+            uint64_t seqs = adm_fresh_load(w->inflight, (uint64_t)w->hb_running + w->hb_waiting,
+                                           w->inflight_at_hb);
+            uint32_t waiting = seqs < w->hb_waiting ? (uint32_t)seqs : w->hb_waiting;
+            in->running_seqs += (uint32_t)(seqs - waiting);
+            in->waiting_seqs += waiting;
             in->free_kv_blocks += w->hb_free;
             in->total_kv_blocks += w->hb_total;
             in->block_size = c->cfg->block_size;
@@ -518,6 +529,7 @@ static int sim__admit_req(sim__ctx *c, size_t i)
     q->pre = sim__pick(c, 0, cfg->n_prefill, &c->rr_prefill);
     c->w[q->dec].inflight++;
     c->w[q->pre].inflight++;
+    c->w[q->pre].inflight_tokens += q->n_prompt;
     c->inflight_prefill_tokens += q->n_prompt;
     c->inflight_prefill_pairs += adm_prefill_pairs(q->n_prompt);
     q->prefill_counted = 1;

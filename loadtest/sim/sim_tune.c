@@ -72,6 +72,7 @@ static const sim__knob sim__knobs[] = {
      {0, 0.1, 0.25, 0.5, 0.75, 1.0},
      6},
     {"burst", "burst-rate-ratio", SIM__F(burst_rate_ratio), 0, SIM__ABS, {1, 1.25, 1.5, 2, 3}, 5},
+    {"burst", "slo-margin", SIM__F(slo_margin), 0, SIM__ABS, {0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1}, 7},
     {"burst", "burst-cv", SIM__F(burst_cv), 0, SIM__ABS, {0.5, 1, 1.5, 2, 3}, 5},
     {"burst", "short-window-s", SIM__F(short_window_s), 0, SIM__ABS, {0.5, 1, 2, 5}, 4},
     {"burst", "long-window-s", SIM__F(long_window_s), 0, SIM__ABS, {10, 30, 60, 120}, 4},

@@ -24,6 +24,7 @@ void adm_params_defaults(adm_params *p)
         .hold_max = 64,
         .burst_cv = 1.5,
         .burst_rate_ratio = 1.5,
+        .slo_margin = 0.8,
     };
     adm_cost_defaults(&p->cost);
 }

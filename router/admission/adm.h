@@ -43,6 +43,16 @@ static inline uint64_t adm_prefill_pairs(uint32_t prompt_tokens)
     return (uint64_t)prompt_tokens * ((uint64_t)prompt_tokens + 1) / 2;
 }
 
+/* A worker's load as a policy should see it now, from a heartbeat up to a
+ * period old: what this router has on the worker now, plus what the last
+ * heartbeat reported beyond what this router had on it when that heartbeat
+ * came (another router's work). The report alone would still count this
+ * router's requests that ended since, and miss the ones it sent since. */
+static inline uint64_t adm_fresh_load(uint64_t own_now, uint64_t reported, uint64_t own_at_report)
+{
+    return own_now + (reported > own_at_report ? reported - own_at_report : 0);
+}
+
 /* What the caller knows when a request arrives (decide) or when a held one is
  * looked at again (recheck). */
 typedef struct adm_input {
@@ -56,13 +66,17 @@ typedef struct adm_input {
     uint64_t inflight_prefill_pairs;  /* router's own, the same prompts: sum of p (p + 1) / 2,
                                          the (token, position attended) pairs of their
                                          attention (prefill_us_per_token_ctx) */
-    /* Cluster state from heartbeats, summed over ready workers. */
-    uint64_t queued_prefill_tokens; /* prefill workers: prompt tokens waiting or in prefill */
-    uint32_t running_seqs;          /* decode workers: sequences in the running batch */
-    uint32_t waiting_seqs;          /* decode workers: admitted, waiting for blocks or a slot */
-    uint32_t free_kv_blocks;        /* decode workers: free KV blocks */
-    uint32_t total_kv_blocks;       /* decode workers: all KV blocks */
-    uint32_t block_size;            /* tokens per KV block (0: unknown) */
+    /* Cluster state, summed over ready workers. The loads are as of now
+     * (adm_fresh_load per worker: this router's own work now plus the
+     * heartbeats' excess); the KV blocks are the last heartbeats'. */
+    uint64_t queued_prefill_tokens;       /* prefill workers: prompt tokens waiting or in prefill */
+    uint32_t running_seqs;                /* decode workers: sequences in the batch, or on their way
+                                             to it (this router's: sent to the worker, not ended) */
+    uint32_t waiting_seqs;                /* decode workers: of those, the ones the heartbeats
+                                             reported waiting for blocks or a slot */
+    uint32_t free_kv_blocks;              /* decode workers: free KV blocks */
+    uint32_t total_kv_blocks;             /* decode workers: all KV blocks */
+    uint32_t block_size;                  /* tokens per KV block (0: unknown) */
     uint32_t ready_prefill, ready_decode; /* ready workers of each role */
     /* recheck only: the hold_until_ns decide returned for this request
      * (0: unknown). Added to the agreed interface so that a pure recheck
@@ -134,6 +148,11 @@ typedef struct adm_params {
      * by two decayed counters never reads exactly equal, so "above" needs a
      * margin. */
     double burst_rate_ratio;
+    /* burst: admit when the predicted TTFT and TPOT are within this fraction
+     * of their SLOs, (0, 1]. Added to the agreed interface: a request's TPOT
+     * is its mean over a batch that later admissions grow, so admitting up to
+     * the SLO itself leaves the running requests at the edge of it. */
+    double slo_margin;
     adm_cost cost;
 } adm_params;
 

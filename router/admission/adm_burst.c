@@ -64,7 +64,8 @@ static int adm__burst_create(const adm_params *p, void **ctx)
         !(p->slo_tpot_ms > 0) || !isfinite(p->short_window_s) || !(p->short_window_s > 0) ||
         !isfinite(p->long_window_s) || !(p->long_window_s > p->short_window_s) ||
         !isfinite(p->hold_max_ms) || !(p->hold_max_ms >= 0) || !isfinite(p->burst_cv) ||
-        !(p->burst_cv >= 0) || !isfinite(p->burst_rate_ratio) || !(p->burst_rate_ratio >= 1))
+        !(p->burst_cv >= 0) || !isfinite(p->burst_rate_ratio) || !(p->burst_rate_ratio >= 1) ||
+        !(p->slo_margin > 0) || !(p->slo_margin <= 1))
         return TD_EINVAL;
     adm__burst *b = calloc(1, sizeof(*b));
     if (!b) return TD_ENOMEM;
@@ -145,9 +146,10 @@ static bool adm__burst_cost_known(const adm__burst *b)
 static void adm__burst_predict(const adm__burst *b, const adm_input *in, uint32_t held,
                                adm__pred *pr)
 {
+    const double m = b->p.slo_margin;
     adm__predict(&b->p.cost, in, (double)held * b->mean_prompt,
-                 (double)held * b->mean_prompt * (b->mean_prompt + 1) / 2, held, b->mean_out,
-                 b->p.slo_ttft_ms * 1e3, b->p.slo_tpot_ms * 1e3, pr);
+                 (double)held * b->mean_prompt * (b->mean_prompt + 1) / 2, held, b->mean_prompt,
+                 b->mean_out, m * b->p.slo_ttft_ms * 1e3, m * b->p.slo_tpot_ms * 1e3, pr);
 }
 
 static void adm__burst_decide(void *ctx, const adm_input *in, adm_decision *out)

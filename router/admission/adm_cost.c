@@ -195,8 +195,8 @@ double adm__prefill_own_us(const adm_cost *c, double prompt_tokens)
 }
 
 void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, double extra_pairs,
-                  double extra_seqs, double mean_out, double slo_ttft_us, double slo_tpot_us,
-                  adm__pred *out)
+                  double extra_seqs, double mean_prompt, double mean_out, double slo_ttft_us,
+                  double slo_tpot_us, adm__pred *out)
 {
     const double prompt = in->prompt_tokens, bs = in->block_size, n_dec = in->ready_decode;
     *out = (adm__pred){0};
@@ -210,15 +210,21 @@ void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, d
     out->ttft_budget_us = fmax(slo_ttft_us, own_prefill + transfer);
 
     /* TPOT: one step of a decode worker's batch with it added; the others'
-     * sequences and context are spread evenly over the decode workers. Its
-     * own context is taken at mid-generation. */
-    double others = ((double)in->running_seqs + in->waiting_seqs + extra_seqs) / n_dec;
+     * sequences and context are spread evenly over the decode workers. The
+     * others are the sequences on the decode workers now (running and
+     * waiting, adm_fresh_load), each at the recent mean prompt plus half the
+     * mean output (the used blocks are a heartbeat old): heartbeats come once a second, and every
+     * request admitted since the last one is already on its way to a batch. Its own context is
+     * taken at mid-generation. */
+    double seqs = (double)in->running_seqs + in->waiting_seqs;
+    double others = (seqs + extra_seqs) / n_dec;
     double n = others + 1;
     double used_blocks = in->total_kv_blocks > in->free_kv_blocks
                              ? (double)(in->total_kv_blocks - in->free_kv_blocks)
                              : 0;
+    double others_ctx = seqs * (mean_prompt + mean_out / 2);
     double own_ctx = prompt + in->max_tokens / 2.0;
-    double ctx = used_blocks * bs / n_dec + own_ctx;
+    double ctx = others_ctx / n_dec + own_ctx;
     out->tpot_us = c->decode_step_us_fixed + c->decode_step_us_per_seq * n +
                    c->decode_step_us_per_ctx_token * ctx;
     out->tpot_budget_us = fmax(slo_tpot_us, c->decode_step_us_fixed + c->decode_step_us_per_seq +

@@ -51,11 +51,12 @@ typedef struct adm__pred {
 /* Needs ready_prefill and ready_decode >= 1 and a cost model that knows both.
  * extra_tokens, extra_pairs, extra_seqs: prompt tokens, their attention
  * pairs, and sequences of held requests ahead of it (they reach the prefill queue and the decode
- * batch first); mean_out: mean output length of recent requests, tokens (how fast sequences
- * finish). */
+ * batch first); mean_prompt, mean_out: mean prompt and output lengths of recent requests,
+ * tokens (the context of the sequences the router admitted that the heartbeats do not show
+ * yet; how fast sequences finish). */
 void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, double extra_pairs,
-                  double extra_seqs, double mean_out, double slo_ttft_us, double slo_tpot_us,
-                  adm__pred *out);
+                  double extra_seqs, double mean_prompt, double mean_out, double slo_ttft_us,
+                  double slo_tpot_us, adm__pred *out);
 
 /* Retry-After for a drain time: ceil(us / 1 s), within 1..ADM_RETRY_MAX_S
  * (INFINITY and NaN give the maximum). */

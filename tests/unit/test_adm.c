@@ -47,6 +47,7 @@ static adm_params test_params(void)
     p.slo_tpot_ms = 20;
     p.hold_max_ms = 1000;
     p.hold_max = 64;
+    p.slo_margin = 1; /* the hand-worked figures below predict up to the SLOs themselves */
     return p;
 }
 
@@ -285,6 +286,10 @@ static void t_bad_params(void **state)
     p = test_params(), p.hold_max_ms = -5;
     assert_int_equal(b->create(&p, &ctx), TD_EINVAL);
     p = test_params(), p.burst_rate_ratio = 0.9;
+    assert_int_equal(b->create(&p, &ctx), TD_EINVAL);
+    p = test_params(), p.slo_margin = 0;
+    assert_int_equal(b->create(&p, &ctx), TD_EINVAL);
+    p = test_params(), p.slo_margin = 1.01;
     assert_int_equal(b->create(&p, &ctx), TD_EINVAL);
     p = test_params(), p.burst_cv = -1;
     assert_int_equal(b->create(&p, &ctx), TD_EINVAL);
@@ -820,6 +825,29 @@ static void t_burst_decode_side(void **state)
     in = idle_input(5 * S);
     in.prompt_tokens = 5000; /* 500 ms alone */
     in.running_seqs = 0;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_ADMIT);
+    o->destroy(ctx);
+
+    /* Loads brought up to now (adm_fresh_load): the router had 10 on a worker
+     * when its heartbeat said 12 (2 another router's); it has 5 now: 7. A
+     * report below the router's own count then (requests it sent after the
+     * worker took it) adds nothing. */
+    assert_int_equal(adm_fresh_load(5, 12, 10), 7);
+    assert_int_equal(adm_fresh_load(5, 8, 10), 5);
+    assert_int_equal(adm_fresh_load(0, 0, 0), 0);
+    assert_int_equal(adm_fresh_load(3, 40, 0), 43);
+
+    /* slo_margin 0.8: the same 17.5 ms step is over 0.8 x 20 ms = 16 ms;
+     * 27 others (15.0 ms) are within it. */
+    p.slo_margin = 0.8;
+    ctx = make("burst", &p);
+    in = idle_input(7 * S);
+    in.running_seqs = 30;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    in = idle_input(8 * S);
+    in.running_seqs = 27;
     o->decide(ctx, &in, &d);
     assert_int_equal(d.verdict, ADM_ADMIT);
     o->destroy(ctx);
