@@ -385,6 +385,62 @@ static void test_one_cost_model(void **state)
     sim_result_free(&r);
 }
 
+/* The loads a policy sees are brought up to now (adm_fresh_load) between
+ * heartbeats. Heartbeats every second, so the one at 0 is all the router
+ * hears during this trace: A (32 + 3) at 0, B (16 + 2) at 500 us, C (8 + 2)
+ * at 1400 us, D (8 + 2) at 8000 us, as in test_hand_computed_times for A
+ * and B. At B, A is in prefill and on its way to the decode batch: 32
+ * queued tokens, 1 sequence. At C, B's prefill runs and A's KV is still on
+ * the wire (the router counts a prompt until its first token, 1520): 48
+ * tokens, 2 sequences. At D (A and B ended at 5520; C, joined then, at
+ * 7520): nothing, though the heartbeat at 0 saw none of them. */
+typedef struct fresh_log {
+    int n;
+    uint64_t queued[8];
+    uint32_t seqs[8];
+} fresh_log;
+static fresh_log fl;
+
+static void fresh_decide(void *ctx, const adm_input *in, adm_decision *out)
+{
+    (void)ctx;
+    if (fl.n < 8) {
+        fl.queued[fl.n] = in->queued_prefill_tokens;
+        fl.seqs[fl.n] = in->running_seqs + in->waiting_seqs;
+    }
+    fl.n++;
+    *out = (adm_decision){.verdict = ADM_ADMIT};
+}
+
+static void test_fresh_loads_between_heartbeats(void **state)
+{
+    (void)state;
+    static const adm_ops fresh_ops = {
+        .name = "fresh", .create = spy_create, .destroy = spy_destroy, .decide = fresh_decide};
+    sim_config c;
+    tiny_config(&c);
+    c.heartbeat_ns = 1000000000;
+    c.policy = &fresh_ops;
+    lt_req reqs[4] = {{.t_ns = 0, .input_tokens = 32, .output_tokens = 3},
+                      {.t_ns = 500 * US, .input_tokens = 16, .output_tokens = 2},
+                      {.t_ns = 1400 * US, .input_tokens = 8, .output_tokens = 2},
+                      {.t_ns = 8000 * US, .input_tokens = 8, .output_tokens = 2}};
+    memset(&fl, 0, sizeof(fl));
+    sim_result r;
+    assert_int_equal(sim_run(&c, reqs, 4, &r, NULL, 0), 0);
+    assert_int_equal(fl.n, 4);
+    assert_int_equal(fl.queued[0], 0);
+    assert_int_equal(fl.seqs[0], 0);
+    assert_int_equal(fl.queued[1], 32);
+    assert_int_equal(fl.seqs[1], 1);
+    assert_int_equal(fl.queued[2], 48);
+    assert_int_equal(fl.seqs[2], 2);
+    assert_int_equal(fl.queued[3], 0);
+    assert_int_equal(fl.seqs[3], 0);
+    assert_int_equal(r.recs[2].send_ns + r.recs[2].e2e_ns, 7520 * US);
+    sim_result_free(&r);
+}
+
 /* A scripted policy that holds: decide admits when nothing is outstanding or
  * held, else holds for 10 ms (2 ms for a 1-token output); recheck admits once
  * nothing is outstanding. Every call is logged to check when the simulator
@@ -587,6 +643,7 @@ int main(void)
         cmocka_unit_test(test_step_cost),
         cmocka_unit_test(test_one_cost_model),
         cmocka_unit_test(test_hold_queue_hand_computed),
+        cmocka_unit_test(test_fresh_loads_between_heartbeats),
         cmocka_unit_test(test_burst_policy_holds),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
