@@ -149,6 +149,9 @@ int be_device_resolve(const char *spec, int prefer_cpu, const char **name, int *
     *name = "cpu";
     *device = 0;
     if (!spec || strcmp(spec, "auto") == 0) {
+        const char *env = getenv("TANDEM_DEVICE");
+        if (env && env[0] && strcmp(env, "auto") != 0)
+            return be_device_resolve(env, prefer_cpu, name, device, err, errlen);
         const be_ops *cu = be_find("cuda");
         if (prefer_cpu) {
             td_log_info("backend", "device_auto", "chosen=cpu reason=\"KV pool in host memory\"");

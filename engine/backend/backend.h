@@ -159,7 +159,10 @@ const char *be_name(const be_backend *b);
  * ("cpu" or "cuda", static strings) and a device ordinal. auto picks cuda:0
  * when the CUDA backend is built and probes a device, else cpu; with
  * prefer_cpu (the KV pool must be host memory) auto picks cpu. One log line
- * names the choice for auto. Errors (reason in err): TD_EINVAL (bad spec),
+ * names the choice for auto. TANDEM_DEVICE in the environment, when set and
+ * not "auto", is resolved in place of auto (the test suites set it to cpu so
+ * that their CPU-exact expectations hold on a machine with a GPU); an
+ * explicit spec wins over it. Errors (reason in err): TD_EINVAL (bad spec),
  * TD_ENODEV ("cuda" asked for but not built, or no device). */
 int be_device_resolve(const char *spec, int prefer_cpu, const char **name, int *device, char *err,
                       size_t errlen);

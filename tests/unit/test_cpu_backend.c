@@ -495,9 +495,25 @@ static void test_half_weights(void **s)
         int32_t tbl[NSEQ][STEPS];
         run_batch(be, 0xff, 1, tbl, lb, V);
         be_close(be);
-        assert_memory_equal(tf, th, sizeof(tf));
-        expect_same_logits(lf, lh, lbytes / sizeof(float));
-        expect_same_logits(lf, lb, lbytes / sizeof(float));
+        if (g_exact) {
+            assert_memory_equal(tf, th, sizeof(tf));
+            expect_same_logits(lf, lh, lbytes / sizeof(float));
+            expect_same_logits(lf, lb, lbytes / sizeof(float));
+        } else {
+            /* A device backend rounds the activations to the weights' dtype
+             * before each GEMM: close, not equal, to the F32 run. Only the
+             * first step's logits share a history. */
+            for (int q = 0; q < NSEQ; q++) {
+                const float *a = lf + (size_t)q * STEPS * V, *h16 = lh + (size_t)q * STEPS * V;
+                double amax = 1e-6, dmax = 0;
+                for (int v = 0; v < V; v++) {
+                    if (fabs(a[v]) > amax) amax = fabs(a[v]);
+                    if (fabs((double)a[v] - h16[v]) > dmax) dmax = fabs((double)a[v] - h16[v]);
+                }
+                if (dmax > 3e-2 * amax) fail_msg("%s: half weights off by %g", g_backend, dmax);
+            }
+            expect_same_logits(lh, lb, lbytes / sizeof(float)); /* matmul mode is ignored */
+        }
         if (k == 0) check_invariance_of(&h.m, 1);
         free(lf);
         free(lh);
@@ -929,9 +945,17 @@ static void test_open_errors(void **s)
         assert_int_equal(be_open("cpu", m, &o, &be, err, sizeof(err)), TD_EUNSUPPORTED);
     }
     assert_null(be);
-    /* --device specs */
+    /* --device specs (ctest sets TANDEM_DEVICE=cpu; auto is tested without it) */
     const char *name;
     int dev;
+    assert_int_equal(setenv("TANDEM_DEVICE", "gpu", 1), 0);
+    assert_int_equal(be_device_resolve("auto", 0, &name, &dev, err, sizeof(err)), TD_EINVAL);
+    assert_int_equal(setenv("TANDEM_DEVICE", "cpu", 1), 0);
+    assert_int_equal(be_device_resolve("auto", 0, &name, &dev, err, sizeof(err)), 0);
+    assert_string_equal(name, "cpu");
+    assert_int_equal(be_device_resolve(NULL, 0, &name, &dev, err, sizeof(err)), 0);
+    assert_string_equal(name, "cpu");
+    assert_int_equal(unsetenv("TANDEM_DEVICE"), 0);
     assert_int_equal(be_device_resolve("cpu", 0, &name, &dev, err, sizeof(err)), 0);
     assert_string_equal(name, "cpu");
     assert_int_equal(be_device_resolve("auto", 1, &name, &dev, err, sizeof(err)), 0);
