@@ -40,6 +40,10 @@
 #define MAX_BLOCKS 64 /* per sequence in these checks: 1,024 positions of block 16 */
 
 static int g_fail;
+/* The backend checked against the CPU: "cuda", or what TANDEM_CHECK_BACKEND
+ * names (cpu against cpu checks this program itself on a machine without a
+ * GPU; only `correct` honours it). */
+static const char *g_under_test = "cuda";
 
 static void result(int ok, const char *fmt, double a, double b)
 {
@@ -223,7 +227,7 @@ static int check_correct(const char *path, double tol, int exact_tokens)
             tables[s][i] = s * MAX_BLOCKS + (MAX_BLOCKS - 1 - i); /* reversed: paging matters */
     uint32_t blocks = NSEQ * MAX_BLOCKS;
     be_backend *cpu = open_be("cpu", m, 1024, NSEQ, blocks);
-    be_backend *gpu = open_be("cuda", m, 1024, NSEQ, blocks);
+    be_backend *gpu = open_be(g_under_test, m, 1024, NSEQ, blocks);
     float *lc = malloc((size_t)(PROMPT > GREEDY ? PROMPT : GREEDY) * V * sizeof(float));
     float *lgp = malloc((size_t)(PROMPT > GREEDY ? PROMPT : GREEDY) * V * sizeof(float));
     int fail = 0;
@@ -607,7 +611,9 @@ int main(int argc, char **argv)
                         "decode-bench | prefill-bench | copy-bw\n");
         return 2;
     }
-    const be_ops *cu = be_find("cuda");
+    const char *env = getenv("TANDEM_CHECK_BACKEND");
+    if (env && env[0] && strcmp(argv[1], "correct") == 0) g_under_test = env;
+    const be_ops *cu = be_find(g_under_test);
     if (!cu || cu->probe() != 0) {
         printf("SKIP no CUDA device\n");
         return 77;

@@ -27,7 +27,14 @@ TARGETS="tandem-kvx-gpu-check test_kvx tandem-backend-gpu-check test_cpu_backend
 if [ ! -x "$BUILD/bin/tandem-backend-gpu-check" ] || [ -z "${TANDEM_GPU_BUILD:-}" ]; then
   echo "== build ($BUILD, CUDA on) =="
   if [ ! -f "$BUILD/CMakeCache.txt" ]; then
-    cmake -S . -B "$BUILD" -DTANDEM_CUDA=ON -DCMAKE_BUILD_TYPE=Release >/dev/null || exit 1
+    mkdir -p "$BUILD"
+    if ! cmake -S . -B "$BUILD" -DTANDEM_CUDA=ON -DCMAKE_BUILD_TYPE=Release \
+        >"$BUILD/configure.log" 2>&1; then
+      tail -20 "$BUILD/configure.log"
+      echo "FAIL: configure failed (build dependencies missing here? run binaries built"
+      echo "elsewhere with TANDEM_GPU_BUILD=DIR, see tests/gpu/README.md)"
+      exit 1
+    fi
   fi
   # shellcheck disable=SC2086
   cmake --build "$BUILD" -j"$(nproc)" --target $TARGETS || exit 1
@@ -40,13 +47,21 @@ TABLE="$TMP/table"
 : >"$TABLE"
 rc=0
 # The lines of a check's output that go into the table.
-DETAIL_RE='^(FAIL|PASS prefill|PASS disagg|INFO decode|INFO prefill|INFO transfer)'
+DETAIL_RE='^(FAIL|SKIP|PASS prefill|PASS disagg|INFO decode|INFO prefill|INFO transfer)'
 # row NAME STATUS DETAIL
 row() { printf '%-34s %-8s %s\n' "$1" "$2" "$3" >>"$TABLE"; }
+# Checks that would start after this many seconds are reported as not run, so
+# that the script ends well inside a device session.
+BUDGET=${TANDEM_GPU_BUDGET_S:-420}
 # check NAME TIMEOUT CMD...: runs CMD, a row from its exit status (77: skip).
 check() {
   local name=$1 t=$2
   shift 2
+  if [ $(( $(date +%s) - START )) -gt "$BUDGET" ]; then
+    row "$name" "NOT RUN" "time budget (${BUDGET} s) spent"
+    : >"$TMP/out"
+    return
+  fi
   echo "== $name =="
   timeout "$t" "$@" >"$TMP/out" 2>&1
   local r=$?

@@ -9,7 +9,8 @@ device-to-device copy measured by tandem-backend-gpu-check copy-bw.
 
 Uses the worker harness of tests/integration/test_workers.py.
 Usage: workers_gpu.py BIN_DIR
-Exit 0 pass, 1 fail. Prints "INFO transfer ..." and "PASS"/"FAIL" lines.
+Exit 0 pass, 1 fail, 77 no device. Prints "INFO transfer ..." and "PASS"/"FAIL"
+lines.
 """
 import json
 import os
@@ -35,6 +36,11 @@ def reference_gpu(model, req):
 
 
 def main():
+    probe = subprocess.run([os.path.join(BIN, "tandem-backend-gpu-check"), "copy-bw"],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode == 77:
+        print("SKIP no CUDA device")
+        sys.exit(77)
     tmp = tempfile.mkdtemp(prefix="tandem-gpu-workers-")
     model = os.path.join(tmp, "15m")
     subprocess.run([os.path.join(BIN, "make-test-model"), "--format", "hf", "--shape", "15m",
