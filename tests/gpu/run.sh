@@ -47,7 +47,7 @@ TABLE="$TMP/table"
 : >"$TABLE"
 rc=0
 # The lines of a check's output that go into the table.
-DETAIL_RE='^(FAIL|SKIP|PASS prefill|PASS disagg|INFO decode|INFO prefill|INFO transfer)'
+DETAIL_RE='^(FAIL|SKIP|PASS prefill|PASS disagg|PASS cuda_ipc|PASS nccl|INFO decode|INFO prefill|INFO transfer)'
 # row NAME STATUS DETAIL
 row() { printf '%-34s %-8s %s\n' "$1" "$2" "$3" >>"$TABLE"; }
 # Checks that would start after this many seconds are reported as not run, so
