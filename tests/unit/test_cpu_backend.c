@@ -943,6 +943,12 @@ static void test_open_errors(void **s)
     if (strcmp(g_backend, "cpu") == 0) {
         o.kv.dtype = KV_DTYPE_BF16;
         assert_int_equal(be_open("cpu", m, &o, &be, err, sizeof(err)), TD_EUNSUPPORTED);
+        /* A region of the other kind (a GPU transport's pool) is refused. */
+        be_options_defaults(&o, m);
+        static _Alignas(64) char region[64];
+        o.kv_mem = region;
+        o.kv_mem_kind = BE_MEM_DEVICE;
+        assert_int_equal(be_open("cpu", m, &o, &be, err, sizeof(err)), TD_EUNSUPPORTED);
     }
     assert_null(be);
     /* --device specs (ctest sets TANDEM_DEVICE=cpu; auto is tested without it) */
