@@ -5,7 +5,9 @@
  * cu__blas_fail); nothing here aborts. */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -79,6 +81,73 @@ typedef struct cu_ctx {
     int *seq_maxpos; /* host [max_seqs] */
 } cu_ctx;
 
+/* ---- cuBLAS, loaded on first use ----
+ * Linking libcublas(Lt) into every binary of the engine costs each process
+ * about 0.1 s and 200+ MB of mapped pages at start, GPU or not (tandem-generate
+ * runs hundreds of times in the tests). So the few entry points used here are
+ * looked up with dlopen once, when a device is probed; the handle stays open
+ * for the life of the process. */
+
+#define CU_STR2(x) #x
+#define CU_STR(x)  CU_STR2(x) /* the macro's target: cublasCreate -> "cublasCreate_v2" */
+
+/* The 32-bit-index cublasGemmEx (C++ also sees an int64_t overload). */
+typedef cublasStatus_t (*cu_gemm_ex_fn)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int,
+                                        int, int, const void *, const void *, cudaDataType, int,
+                                        const void *, cudaDataType, int, const void *, void *,
+                                        cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+
+static struct cu_blas_api {
+    decltype(&cublasCreate) create;
+    decltype(&cublasDestroy) destroy;
+    decltype(&cublasSetStream) set_stream;
+    decltype(&cublasSetMathMode) set_math_mode;
+    cu_gemm_ex_fn gemm_ex;
+    decltype(&cublasGetStatusString) status_string;
+    int ok;
+} cu__blas;
+static pthread_once_t cu__blas_once = PTHREAD_ONCE_INIT;
+
+template <typename F> static void cu__sym(void *lib, const char *name, F *out)
+{
+    *out = reinterpret_cast<F>(dlsym(lib, name));
+    if (!*out) td_log_error("cuda", "cublas_symbol_missing", "symbol=%s", name);
+}
+
+static void cu__blas_load(void)
+{
+    char name[64];
+    snprintf(name, sizeof(name), "libcublas.so.%d", CUBLAS_VER_MAJOR);
+    void *lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+#ifdef TANDEM_CUDA_LIB_DIR
+    if (!lib) { /* not on the loader's path: the toolkit we were built with */
+        char path[512];
+        snprintf(path, sizeof(path), "%s/%s", TANDEM_CUDA_LIB_DIR, name);
+        lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    }
+#endif
+    if (!lib) {
+        const char *why = dlerror();
+        td_log_error("cuda", "cublas_missing", "lib=%s msg=\"%s\"", name, why ? why : "");
+        return;
+    }
+    cu__sym(lib, CU_STR(cublasCreate), &cu__blas.create);
+    cu__sym(lib, CU_STR(cublasDestroy), &cu__blas.destroy);
+    cu__sym(lib, CU_STR(cublasSetStream), &cu__blas.set_stream);
+    cu__sym(lib, CU_STR(cublasSetMathMode), &cu__blas.set_math_mode);
+    cu__sym(lib, CU_STR(cublasGemmEx), &cu__blas.gemm_ex);
+    cu__sym(lib, CU_STR(cublasGetStatusString), &cu__blas.status_string);
+    cu__blas.ok = cu__blas.create && cu__blas.destroy && cu__blas.set_stream &&
+                  cu__blas.set_math_mode && cu__blas.gemm_ex && cu__blas.status_string;
+}
+
+/* 1 when cuBLAS is loaded (thread-safe). */
+static int cu__blas_ready(void)
+{
+    if (pthread_once(&cu__blas_once, cu__blas_load) != 0) return 0;
+    return cu__blas.ok;
+}
+
 /* ---- errors ---- */
 
 static int cu__map_cuda(cudaError_t e)
@@ -109,7 +178,7 @@ static int cu__cuda_fail(const char *what, cudaError_t e, int line)
 static int cu__blas_fail(const char *what, cublasStatus_t s, int line)
 {
     td_log_error("cuda", "cublas_error", "call=\"%s\" line=%d status=%d msg=\"%s\"", what, line,
-                 (int)s, cublasGetStatusString(s));
+                 (int)s, cu__blas.status_string(s));
     if (s == CUBLAS_STATUS_ALLOC_FAILED) return TD_ENOMEM;
     if (s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_ARCH_MISMATCH)
         return TD_EUNSUPPORTED;
@@ -150,7 +219,8 @@ static int cu_probe(void)
         (void)cudaGetLastError(); /* not sticky, but leave no error behind */
         return TD_ENODEV;
     }
-    return n > 0 ? 0 : TD_ENODEV;
+    if (n <= 0) return TD_ENODEV;
+    return cu__blas_ready() ? 0 : TD_ENODEV; /* a GPU without cuBLAS: not usable */
 }
 
 /* ---- memory ---- */
@@ -232,7 +302,7 @@ static void cu_destroy(void *vctx)
     if (c->st) (void)cudaStreamSynchronize(c->st);
     for (int i = 0; i < c->n_ev; i++)
         (void)cudaEventDestroy(c->ev[i]);
-    if (c->blas) (void)cublasDestroy(c->blas);
+    if (c->blas) (void)cu__blas.destroy(c->blas);
     for (int i = 0; i < c->n_allocs; i++)
         (void)cudaFree(c->allocs[i]);
     if (c->h_meta) (void)cudaFreeHost(c->h_meta);
@@ -295,10 +365,14 @@ static int cu__setup(cu_ctx *c, char *err, size_t errlen)
     const be_options *o = &c->o;
     CU_CK(cudaSetDevice(c->dev));
     CU_CK(cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking));
-    CU_BLAS(cublasCreate(&c->blas));
-    CU_BLAS(cublasSetStream(c->blas, c->st));
+    if (!cu__blas_ready()) {
+        cu__fail(err, errlen, TD_ENODEV, "cuBLAS could not be loaded (see the log)");
+        return TD_ENODEV;
+    }
+    CU_BLAS(cu__blas.create(&c->blas));
+    CU_BLAS(cu__blas.set_stream(c->blas, c->st));
     /* Plain F32 accumulation: no TF32, results comparable with the CPU. */
-    CU_BLAS(cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH));
+    CU_BLAS(cu__blas.set_math_mode(c->blas, CUBLAS_DEFAULT_MATH));
     c->ev = (cudaEvent_t *)calloc((size_t)mc->n_layers, sizeof(cudaEvent_t));
     if (!c->ev) return TD_ENOMEM;
     for (; c->n_ev < mc->n_layers; c->n_ev++)
@@ -472,8 +546,9 @@ static int cu__mm(cu_ctx *c, float *out, const float *x, const cu_mat *W, int T,
     cudaDataType_t t = cu__cuda_type(W->dt);
     /* Row-major out[T][N] is column-major [N][T]: out = op(W) x with W seen
      * column-major [K][N] (transposed) and x column-major [K][T]. */
-    CU_BLAS(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &alpha, W->p, t, K, B, t, K,
-                         &beta, out, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    CU_BLAS(cu__blas.gemm_ex(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &alpha, W->p, t, K, B, t,
+                             K, &beta, out, CUDA_R_32F, N, CUBLAS_COMPUTE_32F,
+                             CUBLAS_GEMM_DEFAULT));
     return 0;
 }
 

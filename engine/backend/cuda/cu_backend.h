@@ -19,8 +19,11 @@
  * Results are deterministic for a given batch; across batch shapes cuBLAS
  * may pick another reduction order, so a row's logits can differ in the last
  * bits with what else is in the batch (tokens are expected to match).
- * probe() is TD_ENODEV when cudaGetDeviceCount fails (no driver, old driver)
- * or finds no device. */
+ * probe() is TD_ENODEV when cudaGetDeviceCount fails (no driver, old driver),
+ * finds no device, or cuBLAS cannot be loaded: libcublas is opened with
+ * dlopen on the first probe that finds a device (by soname, then from the
+ * toolkit's library directory of the build), not linked, so processes that
+ * never use a GPU do not pay for mapping it. */
 #ifndef TANDEM_ENGINE_BACKEND_CUDA_CU_BACKEND_H
 #define TANDEM_ENGINE_BACKEND_CUDA_CU_BACKEND_H
 
