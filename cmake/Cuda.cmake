@@ -10,7 +10,16 @@ if(NOT TANDEM_CUDA STREQUAL "OFF")
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)
     if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
-      set(CMAKE_CUDA_ARCHITECTURES 80 90)
+      # A100, H100/H200, B200 (sm_100 needs CUDA 12.8 or later). The version
+      # is read from nvcc: CMake knows it only after enable_language.
+      execute_process(COMMAND ${CMAKE_CUDA_COMPILER} --version OUTPUT_VARIABLE _tandem_nvcc
+                      ERROR_QUIET)
+      string(REGEX MATCH "release ([0-9]+\\.[0-9]+)" _tandem_rel "${_tandem_nvcc}")
+      if(CMAKE_MATCH_1 VERSION_GREATER_EQUAL 12.8)
+        set(CMAKE_CUDA_ARCHITECTURES 80 90 100)
+      else()
+        set(CMAKE_CUDA_ARCHITECTURES 80 90)
+      endif()
     endif()
     enable_language(CUDA)
     find_package(CUDAToolkit)

@@ -17,7 +17,7 @@ function(tandem_add_unit_test name)
     set(T_TIMEOUT 300)
   endif()
   set_tests_properties(${name} PROPERTIES LABELS unit TIMEOUT ${T_TIMEOUT}
-    ENVIRONMENT "TANDEM_SHARED_DIR=${TANDEM_SHARED_DIR};TANDEM_BIN_DIR=${PROJECT_BINARY_DIR}/bin")
+    ENVIRONMENT "TANDEM_SHARED_DIR=${TANDEM_SHARED_DIR};TANDEM_BIN_DIR=${PROJECT_BINARY_DIR}/bin;TANDEM_DEVICE=cpu")
 endfunction()
 
 # tandem_add_integration_test(NAME COMMAND cmd... [TIMEOUT s])
@@ -30,5 +30,5 @@ function(tandem_add_integration_test name)
     set(T_TIMEOUT 600)
   endif()
   set_tests_properties(${name} PROPERTIES LABELS integration TIMEOUT ${T_TIMEOUT}
-    ENVIRONMENT "TANDEM_SHARED_DIR=${TANDEM_SHARED_DIR};TANDEM_BIN_DIR=${PROJECT_BINARY_DIR}/bin;TANDEM_SOURCE_DIR=${PROJECT_SOURCE_DIR}")
+    ENVIRONMENT "TANDEM_SHARED_DIR=${TANDEM_SHARED_DIR};TANDEM_BIN_DIR=${PROJECT_BINARY_DIR}/bin;TANDEM_SOURCE_DIR=${PROJECT_SOURCE_DIR};TANDEM_DEVICE=cpu")
 endfunction()

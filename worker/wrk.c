@@ -56,6 +56,10 @@ static const struct cfg_option wrk_common_opts[] = {
     WRK_OPT("prefix-cache", CFG_BOOL, "true", NULL, NULL, NULL,
             "Share full prompt blocks between requests", prefix_cache),
     WRK_OPT("threads", CFG_INT64, "1", "1", "256", NULL, "Compute threads", threads),
+    WRK_OPT("device", CFG_STRING, "auto", NULL, NULL, NULL,
+            "auto|cpu|cuda[:N]; cuda needs a GPU KV transport (cuda_ipc, nccl), auto takes the "
+            "CPU with tcp/shm",
+            device),
     WRK_OPT("metrics-listen", CFG_STRING, NULL, NULL, NULL, NULL,
             "host:port for GET /metrics and /health over HTTP (unset: off)", metrics_listen),
     WRK_OPT("drain-timeout", CFG_DURATION, "30s", "0", NULL, NULL,
@@ -138,6 +142,21 @@ int wrk_engine_config(const wrk_opts *o, const mdl_model *m, enum wrk_role role,
                       char *err, size_t errlen)
 {
     eng_config_defaults(ec);
+    /* The KV pool is the transport's memory: device memory for the GPU
+     * transports, host memory for tcp/shm; the backend must compute there. */
+    int gpu_kv = strcmp(o->kv_transport, "cuda_ipc") == 0 || strcmp(o->kv_transport, "nccl") == 0;
+    int rc = be_device_resolve(o->device, !gpu_kv, &ec->backend, &ec->device, err, errlen);
+    if (rc != 0) return rc;
+    if (gpu_kv != (strcmp(ec->backend, "cuda") == 0)) {
+        td_err_set(err, errlen,
+                   gpu_kv ? "--kv-transport %s keeps the KV pool in GPU memory: it needs "
+                            "--device cuda (or auto with a GPU)"
+                          : "--device cuda needs a GPU KV transport (--kv-transport cuda_ipc or "
+                            "nccl), not %s",
+                   o->kv_transport);
+        return TD_EINVAL;
+    }
+    ec->kv_mem_kind = gpu_kv ? BE_MEM_DEVICE : BE_MEM_HOST;
     ec->n_threads = (int)o->threads;
     ec->kv_dtype = strcmp(o->kv_dtype, "f16") == 0 ? KV_DTYPE_F16 : KV_DTYPE_F32;
     ec->block_size = (uint32_t)o->block_size;
@@ -579,7 +598,8 @@ int wrk_engine_open(const wrk_opts *o, enum wrk_role role, eng_layer_fn hook, vo
     kvx_params kp = {.transport = o->kv_transport,
                      .role = role == WRK_PREFILL ? KVX_ROLE_SEND : KVX_ROLE_RECV,
                      .model_fingerprint = mdl_fingerprint(w->model),
-                     .layout = layout};
+                     .layout = layout,
+                     .cuda_device = w->cfg.device};
     rc = kvx_ep_create(&kp, &w->kvx);
     if (rc != 0) {
         fprintf(stderr, "%s: cannot create the KV transfer endpoint: %s\n", prog, td_strerror(rc));

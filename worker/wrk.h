@@ -38,6 +38,7 @@ enum wrk_role {
 typedef struct wrk_opts {
     const char *model, *tokenizer, *listen, *router, *kv_transport, *kv_listen, *metrics_listen;
     const char *worker_id, *cluster_token, *kv_dtype;
+    const char *device; /* --device auto|cpu|cuda[:N] */
     int64_t kv_blocks, block_size, max_num_seqs, max_batched_tokens, max_chunk_tokens;
     int64_t max_model_len, threads;
     double kv_memory_fraction;

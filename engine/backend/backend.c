@@ -5,7 +5,11 @@
 #include <string.h>
 
 #include "common/err.h"
+#include "common/log.h"
 #include "engine/backend/cpu/cpu_backend.h"
+#ifdef TANDEM_WITH_CUDA_BACKEND
+#include "engine/backend/cuda/cu_backend.h"
+#endif
 
 struct be_backend {
     const be_ops *ops;
@@ -13,9 +17,12 @@ struct be_backend {
     kv_layout kv;
 };
 
-/* Backends built into this binary. A CUDA backend adds its table here. */
+/* Backends built into this binary. */
 static const be_ops *const be__registry[] = {
     &be_cpu_ops,
+#ifdef TANDEM_WITH_CUDA_BACKEND
+    &be_cuda_ops,
+#endif
 };
 
 const be_ops *be_find(const char *name)
@@ -43,6 +50,7 @@ void be_options_defaults(be_options *o, const mdl_model *m)
     int tokens = m->cfg.max_seq_len < 4096 ? m->cfg.max_seq_len : 4096;
     uint32_t blocks = (uint32_t)((tokens + 15) / 16);
     o->kv.num_blocks = blocks < 64 ? 64 : blocks;
+    o->kv_mem_kind = BE_MEM_HOST;
 }
 
 static int be__err(char *err, size_t errlen, int code, const char *msg, const char *arg)
@@ -72,6 +80,11 @@ int be_open(const char *name, const mdl_model *m, const be_options *o, be_backen
                        "");
     if (o->kv_mem && ((uintptr_t)o->kv_mem % 64) != 0)
         return be__err(err, errlen, TD_EINVAL, "kv_mem must be 64-byte aligned%s", "");
+    if (o->kv_mem && o->kv_mem_kind != ops->mem)
+        return be__err(err, errlen, TD_EUNSUPPORTED,
+                       "backend \"%s\" cannot compute on a KV pool in this kind of memory "
+                       "(host memory for cpu, device memory for cuda)",
+                       name);
     be_backend *b = calloc(1, sizeof(*b));
     if (!b) return TD_ENOMEM;
     b->ops = ops;
@@ -115,6 +128,11 @@ void be_kv_region(be_backend *b, void **base, size_t *bytes)
     b->ops->kv_region(b->ctx, base, bytes);
 }
 
+enum be_mem be_kv_mem(const be_backend *b)
+{
+    return b->ops->mem;
+}
+
 const kv_layout *be_kv_layout(const be_backend *b)
 {
     return &b->kv;
@@ -123,4 +141,50 @@ const kv_layout *be_kv_layout(const be_backend *b)
 const char *be_name(const be_backend *b)
 {
     return b->ops->name;
+}
+
+int be_device_resolve(const char *spec, int prefer_cpu, const char **name, int *device, char *err,
+                      size_t errlen)
+{
+    *name = "cpu";
+    *device = 0;
+    if (!spec || strcmp(spec, "auto") == 0) {
+        const char *env = getenv("TANDEM_DEVICE");
+        if (env && env[0] && strcmp(env, "auto") != 0)
+            return be_device_resolve(env, prefer_cpu, name, device, err, errlen);
+        const be_ops *cu = be_find("cuda");
+        if (prefer_cpu) {
+            td_log_info("backend", "device_auto", "chosen=cpu reason=\"KV pool in host memory\"");
+        } else if (!cu) {
+            td_log_info("backend", "device_auto", "chosen=cpu reason=\"built without CUDA\"");
+        } else if (cu->probe() != 0) {
+            td_log_info("backend", "device_auto", "chosen=cpu reason=\"no CUDA device\"");
+        } else {
+            *name = "cuda";
+            td_log_info("backend", "device_auto", "chosen=cuda:0");
+        }
+        return 0;
+    }
+    if (strcmp(spec, "cpu") == 0) return 0;
+    if (strncmp(spec, "cuda", 4) != 0 || (spec[4] != '\0' && spec[4] != ':'))
+        return be__err(err, errlen, TD_EINVAL,
+                       "bad device \"%s\": expected auto, cpu, cuda or cuda:N", spec);
+    if (spec[4] == ':') {
+        char *end = NULL;
+        long v = strtol(spec + 5, &end, 10);
+        if (end == spec + 5 || *end != '\0' || v < 0 || v > 1023)
+            return be__err(err, errlen, TD_EINVAL,
+                           "bad device \"%s\": expected auto, cpu, cuda or cuda:N", spec);
+        *device = (int)v;
+    }
+    const be_ops *cu = be_find("cuda");
+    if (!cu)
+        return be__err(err, errlen, TD_ENODEV, "device \"%s\": this binary was built without CUDA",
+                       spec);
+    if (cu->probe() != 0)
+        return be__err(err, errlen, TD_ENODEV,
+                       "device \"%s\": no CUDA device is usable here (driver or GPU missing)",
+                       spec);
+    *name = "cuda";
+    return 0;
 }

@@ -33,13 +33,25 @@
 #include "common/kv_layout.h"
 #include "engine/model.h"
 
+/* Where a backend's KV pool lives (and where a caller's kv_mem must live). */
+enum be_mem {
+    BE_MEM_HOST = 0,   /* host memory the CPU reads and writes */
+    BE_MEM_DEVICE = 1, /* GPU memory (cudaMalloc'd, or a transport's device pool) */
+};
+
 /* Called once per layer, as soon as layer `layer` has written the K/V of every
  * token of the batch into the pool: before that layer's attention and FFN run,
  * so a prefill worker can ship layer l's blocks while l (and l + 1...) compute.
- * The K/V of layer `layer` are final when it is called. Runs on the forward's
- * thread; it must not call back into the backend. A non-zero return aborts
- * the forward, which then returns that value. */
-typedef int (*be_layer_done_fn)(void *arg, int layer);
+ * Runs on the forward's thread; it must not call back into the backend. A
+ * non-zero return aborts the forward, which then returns that value.
+ *
+ * fence: NULL when the K/V of layer `layer` are final at the call (the CPU
+ * backend; a device backend without be_options.async_fence). Otherwise an
+ * opaque handle valid during the call only (CUDA: a cudaEvent_t recorded on
+ * the compute stream right after the layer's K/V write): the K/V are final
+ * once it completes, and a reader orders itself after it (cudaStreamWaitEvent
+ * or cudaEventSynchronize) instead of syncing the device. */
+typedef int (*be_layer_done_fn)(void *arg, int layer, void *fence);
 
 typedef struct be_batch {
     int n_tokens;          /* tokens in the batch, >= 1 */
@@ -76,11 +88,22 @@ typedef struct be_options {
     void *kv_mem;         /* caller's region of kv_layout_pool_bytes(&kv) bytes, 64-byte
                            * aligned, living until be_close; NULL: the backend allocates */
     enum be_matmul matmul;
+    int device;              /* device ordinal of a device backend (cuda:N); cpu ignores it */
+    enum be_mem kv_mem_kind; /* what kv_mem is: host, or device memory on `device` */
+    /* Device backends: F32 matrices are converted to BF16 at load (half the
+     * bytes per token) unless this is set, which keeps them F32 (for exact
+     * comparisons with the CPU backend). F16/BF16 matrices stay as stored. */
+    int keep_f32_weights;
+    /* Device backends: hand the layer hook the compute stream's event as its
+     * fence (0: wait for the event on the host before the hook, so the hook
+     * sees final K/V as on the CPU). */
+    int async_fence;
 } be_options;
 
 /* Fills defaults for model m: 1 thread, 512 batch tokens, 64 sequences,
  * deterministic matmul, KV f32 with block size 16 and enough blocks for one
- * sequence of min(context, 4096) tokens (at least 64 blocks), kv_mem NULL. */
+ * sequence of min(context, 4096) tokens (at least 64 blocks), kv_mem NULL,
+ * device 0, host kv_mem kind, BF16 device weights, synchronous fence. */
 void be_options_defaults(be_options *o, const mdl_model *m);
 
 typedef struct be_ops {
@@ -92,6 +115,8 @@ typedef struct be_ops {
     int (*forward)(void *ctx, const be_batch *b);
     /* Base and size of the KV pool region. */
     void (*kv_region)(void *ctx, void **base, size_t *bytes);
+    /* Where the pool lives; a caller's kv_mem must be of this kind. */
+    enum be_mem mem;
     /* Optional (NULL: TD_EUNSUPPORTED): copies blocks src[i] -> dst[i], all
      * layers, K and V; ids already validated. */
     int (*copy_blocks)(void *ctx, const int32_t *src, const int32_t *dst, int n);
@@ -123,9 +148,23 @@ int be_forward(be_backend *b, const be_batch *batch);
  * TD_EUNSUPPORTED (the backend has no copy). */
 int be_copy_blocks(be_backend *b, const int32_t *src, const int32_t *dst, int n);
 
-/* The KV pool region (the caller's kv_mem, or the backend's own). */
+/* The KV pool region (the caller's kv_mem, or the backend's own), and where
+ * it lives: a BE_MEM_DEVICE region must not be touched by the CPU. */
 void be_kv_region(be_backend *b, void **base, size_t *bytes);
+enum be_mem be_kv_mem(const be_backend *b);
 const kv_layout *be_kv_layout(const be_backend *b);
 const char *be_name(const be_backend *b);
+
+/* --device: "auto", "cpu", "cuda" or "cuda:N". Resolves spec to a backend name
+ * ("cpu" or "cuda", static strings) and a device ordinal. auto picks cuda:0
+ * when the CUDA backend is built and probes a device, else cpu; with
+ * prefer_cpu (the KV pool must be host memory) auto picks cpu. One log line
+ * names the choice for auto. TANDEM_DEVICE in the environment, when set and
+ * not "auto", is resolved in place of auto (the test suites set it to cpu so
+ * that their CPU-exact expectations hold on a machine with a GPU); an
+ * explicit spec wins over it. Errors (reason in err): TD_EINVAL (bad spec),
+ * TD_ENODEV ("cuda" asked for but not built, or no device). */
+int be_device_resolve(const char *spec, int prefer_cpu, const char **name, int *device, char *err,
+                      size_t errlen);
 
 #endif

@@ -28,7 +28,8 @@ typedef struct gen_args {
     const char *prompt;
     const char *prompt_tokens;
     const char *logits_out;
-    const char *backend;
+    const char *backend;      /* "cpu" or "cuda", from --device (or --backend) */
+    int device;               /* device ordinal for cuda */
     const char *const *stops; /* n_stops strings, owned by the cfg */
     int n_stops;
     int max_tokens;
@@ -47,7 +48,7 @@ typedef struct gen_args {
 
 /* The options as common/config parses them (flags or a --config file). */
 struct gen_opts {
-    const char *model, *tokenizer, *prompt, *prompt_tokens, *logits_out, *backend;
+    const char *model, *tokenizer, *prompt, *prompt_tokens, *logits_out, *backend, *device;
     const char *matmul, *kv_dtype;
     struct cfg_list stop;
     int64_t max_tokens, min_tokens, top_k, seed, threads;
@@ -93,7 +94,11 @@ static const struct cfg_option gen_table[] = {
             "Matmul: deterministic (bitwise reproducible) or BLAS", matmul),
     GEN_OPT("logits-out", CFG_STRING, NULL, NULL, NULL, NULL,
             "Write float32 little-endian logits [N][vocab] to FILE", logits_out),
-    GEN_OPT("backend", CFG_STRING, "cpu", NULL, NULL, NULL, "Compute backend", backend),
+    GEN_OPT("backend", CFG_STRING, NULL, NULL, NULL, "cpu|cuda",
+            "Compute backend by name (overrides --device)", backend),
+    GEN_OPT("device", CFG_STRING, "auto", NULL, NULL, NULL,
+            "auto|cpu|cuda[:N]: auto takes CUDA when built and a GPU is present, else the CPU",
+            device),
     GEN_OPT("bench", CFG_BOOL, "false", NULL, NULL, NULL,
             "Measure the CPU backend (on --model, or a random stories15M-shaped model)", bench),
 };
@@ -152,7 +157,17 @@ static int parse_args(int argc, char **argv, struct gen_opts *o, gen_args *a, cf
     a->prompt = o->prompt;
     a->prompt_tokens = o->prompt_tokens;
     a->logits_out = o->logits_out;
-    a->backend = o->backend;
+    if (o->backend) {
+        a->backend = o->backend;
+    } else {
+        char err[256] = "";
+        rc = be_device_resolve(o->device, 0, &a->backend, &a->device, err, sizeof(err));
+        if (rc != 0) {
+            fprintf(stderr, "tandem-generate: %s\n", err);
+            cfg_free(c);
+            return rc;
+        }
+    }
     a->stops = (const char *const *)o->stop.v;
     a->n_stops = (int)o->stop.n;
     a->max_tokens = (int)o->max_tokens; /* bounds in the table keep these in int range */
@@ -403,6 +418,7 @@ static int generate(const gen_args *a, const mdl_model *m)
     eng_config ec;
     eng_config_defaults(&ec);
     ec.backend = a->backend;
+    ec.device = a->device;
     ec.n_threads = a->threads;
     ec.matmul = a->matmul;
     ec.kv_dtype = a->kv_dtype;

@@ -29,6 +29,7 @@ struct eng {
     kv_layout layout;
     uint64_t fingerprint;
     be_backend *be;
+    void *layer_fence; /* the backend's fence during the layer hook, else NULL */
     kvc_pool *pool;
     sch *sched;
 
@@ -130,6 +131,9 @@ int eng_open(const mdl_model *m, const eng_config *c, eng **out, char *err, size
     bo.max_seqs = (int)k->max_num_seqs;
     bo.kv = e->layout;
     bo.kv_mem = k->kv_mem;
+    bo.kv_mem_kind = k->kv_mem_kind;
+    bo.device = k->device;
+    bo.async_fence = k->async_fence;
     rc = be_open(k->backend, m, &bo, &e->be, err, errlen);
     if (rc != 0) goto fail;
     /* Touch the whole KV pool now: no page faults on the step path later,
@@ -137,7 +141,8 @@ int eng_open(const mdl_model *m, const eng_config *c, eng **out, char *err, size
     void *kv_base = NULL;
     size_t kv_bytes = 0;
     be_kv_region(e->be, &kv_base, &kv_bytes);
-    if (kv_base && !k->no_prefault) memset(kv_base, 0, kv_bytes);
+    if (kv_base && !k->no_prefault && be_kv_mem(e->be) == BE_MEM_HOST)
+        memset(kv_base, 0, kv_bytes); /* a device pool is zeroed by its backend */
 
     kvc_config kc = {.num_blocks = e->layout.num_blocks,
                      .block_size = e->layout.block_size,
@@ -353,10 +358,18 @@ typedef struct eng_hook {
     uint32_t n_items;
 } eng_hook;
 
-static int eng__on_layer(void *arg, int layer)
+static int eng__on_layer(void *arg, int layer, void *fence)
 {
     eng_hook *h = arg;
-    return h->e->cfg.on_layer(h->e->cfg.on_layer_arg, h->e->items, h->n_items, layer);
+    h->e->layer_fence = fence;
+    int rc = h->e->cfg.on_layer(h->e->cfg.on_layer_arg, h->e->items, h->n_items, layer);
+    h->e->layer_fence = NULL;
+    return rc;
+}
+
+void *eng_layer_fence(const eng *e)
+{
+    return e->layer_fence;
 }
 
 static int eng__finish_of(const eng *e, enum sch_finish r, const eng_req *q)

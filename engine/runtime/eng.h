@@ -59,12 +59,20 @@ typedef struct eng_item {
  * A non-zero return fails the whole step (every item ends with that error). */
 typedef int (*eng_layer_fn)(void *arg, const eng_item *items, uint32_t n_items, int layer);
 
+/* Inside an eng_layer_fn call: the backend's fence for that layer (see
+ * be_layer_done_fn): NULL when the layer's K/V are final at the call (CPU, or
+ * a device backend without async_fence), else a cudaEvent_t to order after.
+ * NULL outside the hook. */
+void *eng_layer_fence(const eng *e);
+
 /* Runs before a sampled row is sampled, with the raw logits [vocab] (read
  * only; valid during the call): tandem-generate's --logits-out. */
 typedef void (*eng_logits_fn)(void *arg, uint64_t id, const float *logits, int vocab);
 
 typedef struct eng_config {
-    const char *backend;             /* "cpu" (NULL: "cpu") */
+    const char *backend;             /* "cpu" or "cuda" (NULL: "cpu"); be_device_resolve
+                                        turns a --device spec into it and `device` */
+    int device;                      /* device ordinal of a device backend */
     int n_threads;                   /* compute threads, >= 1 (0: 1) */
     enum be_matmul matmul;           /* BE_MATMUL_DETERMINISTIC keeps batch invariance */
     enum kv_dtype kv_dtype;          /* KV element type */
@@ -87,6 +95,9 @@ typedef struct eng_config {
     void *kv_mem;                    /* KV region of kv_layout_pool_bytes(eng_layout_for())
                                         bytes owned by the caller (a transfer's shared pool),
                                         living until eng_close; NULL: the backend allocates */
+    enum be_mem kv_mem_kind;         /* what kv_mem is (a GPU transport's pool: device) */
+    bool async_fence;                /* device backend: the layer hook gets the compute
+                                        stream's event (eng_layer_fence) instead of a host wait */
     eng_layer_fn on_layer;           /* optional */
     void *on_layer_arg;
     eng_logits_fn on_logits; /* optional */

@@ -421,7 +421,7 @@ static int cpu_forward(void *vctx, const be_batch *b)
             }
         }
         if (b->on_layer_done) {
-            rc = b->on_layer_done(b->on_layer_done_arg, l);
+            rc = b->on_layer_done(b->on_layer_done_arg, l, NULL);
             if (rc != 0) return rc;
         }
 
@@ -463,5 +463,6 @@ const be_ops be_cpu_ops = {
     .destroy = cpu_destroy,
     .forward = cpu_forward,
     .kv_region = cpu_kv_region,
+    .mem = BE_MEM_HOST,
     .copy_blocks = cpu_copy_blocks,
 };
