@@ -131,7 +131,7 @@ CK_AVX2 static float ck__dot_avx2(const float *a, const float *b, int n)
  * dependent chain per row. */
 #define CK2_RJ  4
 #define CK2_RT  3
-#define CK2_PFD 4096
+#define CK2_PFD 8192
 
 /* The horizontal sums of four elements from their accumulator sums
  * s = a0 + a1, each with exactly ck__hsum's additions after its first:
@@ -164,7 +164,9 @@ ck__pass256(__m256 acc[CK2_RJ][CK2_RT][2], const float *xt, const void *W, size_
     for (int a = 0; a < rj; a++)
 #pragma GCC unroll 8
         for (int b = 0; b < rt; b++)
-            acc[a][b][0] = acc[a][b][1] = _mm256_setzero_ps();
+#pragma GCC unroll 2
+            for (int g = 0; g < 2; g++)
+                if (h < 0 || g == h) acc[a][b][g] = _mm256_setzero_ps();
     for (int i = 0; i + 16 <= K; i += 16) {
         if (pf) {
             const char *p = pf + (size_t)i * (pstep / 16);
