@@ -125,7 +125,9 @@ CK_AVX2 static float ck__dot_avx2(const float *a, const float *b, int n)
  * CK2_RT = 4 x 3 elements are 12 accumulators plus 3 x vectors and 1 W
  * vector, and per 8-element step 7 loads feed 12 FMAs (one x row against 4
  * W rows, as before: 10 loads for 8 FMAs, every W row reloaded for each row
- * of x). With 1-3 rows of x the product streams W from memory: blocks of
+ * of x). One call runs a W block against all of a tile's x rows
+ * (ck__col256), each block prefetching the next block's x rows into L1.
+ * With 1-3 rows of x the product streams W from memory: blocks of
  * CK2_RJ W rows, one x row at a time in a single pass (8 accumulators),
  * prefetching W CK2_PFD bytes ahead: four chains per block instead of one
  * dependent chain per row. */
@@ -157,9 +159,13 @@ CK_AVX2 static inline __m128 ck__hsum8x4(__m256 sa, __m256 sb, __m256 sc, __m256
  * acc[a][b][0] and [1]; else acc[a][b][h] only). pf as in ck__blk256. */
 CK_AVX2 static inline __attribute__((always_inline)) void
 ck__pass256(__m256 acc[CK2_RJ][CK2_RT][2], const float *xt, const void *W, size_t wo,
-            enum mdl_dtype wt, int K, const char *pf, const int rj, const int rt, const int h)
+            enum mdl_dtype wt, int K, const char *pf, const char *px, const int rj, const int rt,
+            const int h)
 {
     const size_t pstep = (size_t)rj * 16 * (wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t));
+    /* px: the next rt rows of x, half of them per pass */
+    const size_t xstep = (size_t)rt * 8 * sizeof(float);
+    if (px && h == 1) px += (size_t)rt * K / 2 * sizeof(float);
 #pragma GCC unroll 8
     for (int a = 0; a < rj; a++)
 #pragma GCC unroll 8
@@ -172,6 +178,12 @@ ck__pass256(__m256 acc[CK2_RJ][CK2_RT][2], const float *xt, const void *W, size_
             const char *p = pf + (size_t)i * (pstep / 16);
 #pragma GCC unroll 8
             for (size_t u = 0; u < pstep; u += 64)
+                _mm_prefetch(p + u, _MM_HINT_T0);
+        }
+        if (px) {
+            const char *p = px + (size_t)(i / 16) * xstep;
+#pragma GCC unroll 8
+            for (size_t u = 0; u < xstep; u += 64)
                 _mm_prefetch(p + u, _MM_HINT_T0);
         }
 #pragma GCC unroll 2
@@ -200,7 +212,7 @@ ck__pass256(__m256 acc[CK2_RJ][CK2_RT][2], const float *xt, const void *W, size_
  * its first), one 64-byte line per 64 bytes of block step, or NULL. */
 CK_AVX2 static inline __attribute__((always_inline)) void
 ck__blk256(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt, const float *bias,
-           int K, int j, int t, const char *pf, const int rj, const int rt)
+           int K, int j, int t, const char *pf, const char *px, const int rj, const int rt)
 {
     __m256 acc[CK2_RJ][CK2_RT][2];
     const float *xt = x + (size_t)t * K;
@@ -208,20 +220,20 @@ ck__blk256(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt
     if (rj * rt * 2 > 12) {
         /* two passes: a0's lanes, kept, then a1's */
         __m256 keep[CK2_RJ][CK2_RT];
-        ck__pass256(acc, xt, W, wo, wt, K, pf, rj, rt, 0);
+        ck__pass256(acc, xt, W, wo, wt, K, pf, px, rj, rt, 0);
 #pragma GCC unroll 8
         for (int a = 0; a < rj; a++)
 #pragma GCC unroll 8
             for (int b = 0; b < rt; b++)
                 keep[a][b] = acc[a][b][0];
-        ck__pass256(acc, xt, W, wo, wt, K, NULL, rj, rt, 1);
+        ck__pass256(acc, xt, W, wo, wt, K, NULL, px, rj, rt, 1);
 #pragma GCC unroll 8
         for (int a = 0; a < rj; a++)
 #pragma GCC unroll 8
             for (int b = 0; b < rt; b++)
                 acc[a][b][0] = keep[a][b];
     } else {
-        ck__pass256(acc, xt, W, wo, wt, K, pf, rj, rt, -1);
+        ck__pass256(acc, xt, W, wo, wt, K, pf, NULL, rj, rt, -1);
     }
     if (rj == 4 && K % 16 == 0) {
         /* No scalar tail: a row's four sums at once, the bias (or +0.0f,
@@ -263,7 +275,7 @@ typedef void (*ck__blk_fn)(float *, int, const float *, const void *, const floa
         float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,       \
         int t, const char *pf)                                                                     \
     {                                                                                              \
-        ck__blk256(out, ldo, x, W, WT, bias, K, j, t, pf, RJ, RT);                                 \
+        ck__blk256(out, ldo, x, W, WT, bias, K, j, t, pf, NULL, RJ, RT);                           \
     }
 #define CK__BLK2_FNS(WT, SUF)                                                                      \
     CK__BLK2_FN(1, 1, WT, SUF)                                                                     \
@@ -292,6 +304,33 @@ static const ck__blk_fn ck__blk256_fns[3][2][CK2_RT] = {
     CK__BLK2_ROW(_bf16),
 };
 #undef CK__BLK2_ROW
+
+/* W rows j .. j + CK2_RJ - 1 against x rows [t0, t1) in one call: blocks of
+ * CK2_RT rows, each prefetching the next block's x rows (or the first
+ * block's, for the next W rows) into L1, half of them in each pass, so the
+ * first pass does not wait for L2; the first block also prefetches pf (the
+ * next W rows). The remaining 1-2 rows go through the table's blocks. */
+#define CK__COL2_FN(WT, SUF)                                                                       \
+    CK_AVX2 static __attribute__((noinline)) void ck__col256##SUF(                                 \
+        float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,       \
+        int t0, int t1, const char *pf)                                                            \
+    {                                                                                              \
+        int t = t0;                                                                                \
+        for (; t + CK2_RT <= t1; t += CK2_RT) {                                                    \
+            int tn = t + 2 * CK2_RT <= t1 ? t + CK2_RT : t0;                                       \
+            ck__blk256(out, ldo, x, W, WT, bias, K, j, t, t == t0 ? pf : NULL,                     \
+                       (const char *)(x + (size_t)tn * K), CK2_RJ, CK2_RT);                        \
+        }                                                                                          \
+        if (t < t1)                                                                                \
+            ck__blk256_fns[WT][1][t1 - t - 1](out, ldo, x, W, bias, K, j, t, t == t0 ? pf : NULL); \
+    }
+CK__COL2_FN(MDL_DTYPE_F32, _f32)
+CK__COL2_FN(MDL_DTYPE_F16, _f16)
+CK__COL2_FN(MDL_DTYPE_BF16, _bf16)
+#undef CK__COL2_FN
+typedef void (*ck__col_fn)(float *, int, const float *, const void *, const float *, int, int, int,
+                           int, const char *);
+static const ck__col_fn ck__col256_fns[3] = {ck__col256_f32, ck__col256_f16, ck__col256_bf16};
 
 CK_AVX2 static void ck__matmul_avx2(float *out, int ldo, const float *x, const void *W,
                                     enum mdl_dtype wt, const float *bias, int T, int K, int j0,
@@ -328,11 +367,7 @@ CK_AVX2 static void ck__matmul_avx2(float *out, int ldo, const float *x, const v
         for (j = j0; j + CK2_RJ <= j1; j += CK2_RJ) {
             const char *pf =
                 j + 2 * CK2_RJ <= j1 ? (const char *)W + (size_t)(j + CK2_RJ) * row : NULL;
-            for (int t = t0; t < t1;) {
-                int rt = t1 - t < CK2_RT ? t1 - t : CK2_RT;
-                four[rt - 1](out, ldo, x, W, bias, K, j, t, t == t0 ? pf : NULL);
-                t += rt;
-            }
+            ck__col256_fns[wt](out, ldo, x, W, bias, K, j, t0, t1, pf);
         }
         for (; j < j1; j++)
             for (int t = t0; t < t1;) {
