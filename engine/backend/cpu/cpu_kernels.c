@@ -159,10 +159,12 @@ CK_AVX2 static inline __m128 ck__hsum8x4(__m256 sa, __m256 sb, __m256 sc, __m256
  * acc[a][b][0] and [1]; else acc[a][b][h] only). pf as in ck__blk256. */
 CK_AVX2 static inline __attribute__((always_inline)) void
 ck__pass256(__m256 acc[CK2_RJ][CK2_RT][2], const float *xt, const void *W, size_t wo,
-            enum mdl_dtype wt, int K, const char *pf, const char *px, const int rj, const int rt,
-            const int h)
+            enum mdl_dtype wt, int K, const char *pf, int pfn, const char *px, const int rj,
+            const int rt, const int h)
 {
-    const size_t pstep = (size_t)rj * 16 * (wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t));
+    /* pf: 1 / pfn of the rj rows' bytes, as many per step */
+    const size_t pstep =
+        (size_t)rj * 16 * (wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t)) / (size_t)pfn;
     /* px: the next rt rows of x, half of them per pass */
     const size_t xstep = (size_t)rt * 8 * sizeof(float);
     if (px && h == 1) px += (size_t)rt * K / 2 * sizeof(float);
@@ -212,7 +214,7 @@ ck__pass256(__m256 acc[CK2_RJ][CK2_RT][2], const float *xt, const void *W, size_
  * its first), one 64-byte line per 64 bytes of block step, or NULL. */
 CK_AVX2 static inline __attribute__((always_inline)) void
 ck__blk256(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt, const float *bias,
-           int K, int j, int t, const char *pf, const char *px, const int rj, const int rt)
+           int K, int j, int t, const char *pf, int pfn, const char *px, const int rj, const int rt)
 {
     __m256 acc[CK2_RJ][CK2_RT][2];
     const float *xt = x + (size_t)t * K;
@@ -220,20 +222,20 @@ ck__blk256(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt
     if (rj * rt * 2 > 12) {
         /* two passes: a0's lanes, kept, then a1's */
         __m256 keep[CK2_RJ][CK2_RT];
-        ck__pass256(acc, xt, W, wo, wt, K, pf, px, rj, rt, 0);
+        ck__pass256(acc, xt, W, wo, wt, K, pf, pfn, px, rj, rt, 0);
 #pragma GCC unroll 8
         for (int a = 0; a < rj; a++)
 #pragma GCC unroll 8
             for (int b = 0; b < rt; b++)
                 keep[a][b] = acc[a][b][0];
-        ck__pass256(acc, xt, W, wo, wt, K, NULL, px, rj, rt, 1);
+        ck__pass256(acc, xt, W, wo, wt, K, NULL, 1, px, rj, rt, 1);
 #pragma GCC unroll 8
         for (int a = 0; a < rj; a++)
 #pragma GCC unroll 8
             for (int b = 0; b < rt; b++)
                 acc[a][b][0] = keep[a][b];
     } else {
-        ck__pass256(acc, xt, W, wo, wt, K, pf, NULL, rj, rt, -1);
+        ck__pass256(acc, xt, W, wo, wt, K, pf, pfn, NULL, rj, rt, -1);
     }
     if (rj == 4 && K % 16 == 0) {
         /* No scalar tail: a row's four sums at once, the bias (or +0.0f,
@@ -275,7 +277,7 @@ typedef void (*ck__blk_fn)(float *, int, const float *, const void *, const floa
         float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,       \
         int t, const char *pf)                                                                     \
     {                                                                                              \
-        ck__blk256(out, ldo, x, W, WT, bias, K, j, t, pf, NULL, RJ, RT);                           \
+        ck__blk256(out, ldo, x, W, WT, bias, K, j, t, pf, 1, NULL, RJ, RT);                        \
     }
 #define CK__BLK2_FNS(WT, SUF)                                                                      \
     CK__BLK2_FN(1, 1, WT, SUF)                                                                     \
@@ -315,10 +317,11 @@ static const ck__blk_fn ck__blk256_fns[3][2][CK2_RT] = {
         float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,       \
         int t0, int t1, const char *pf)                                                            \
     {                                                                                              \
-        int t = t0;                                                                                \
-        for (; t + CK2_RT <= t1; t += CK2_RT) {                                                    \
+        int t = t0, nb = (t1 - t0) / CK2_RT, pfn = nb >= 4 ? 4 : nb >= 2 ? 2 : 1;                  \
+        size_t sl = (size_t)CK2_RJ * K * (WT == MDL_DTYPE_F32 ? 4 : 2) / (size_t)pfn;              \
+        for (int k = 0; t + CK2_RT <= t1; t += CK2_RT, k++) {                                      \
             int tn = t + 2 * CK2_RT <= t1 ? t + CK2_RT : t0;                                       \
-            ck__blk256(out, ldo, x, W, WT, bias, K, j, t, t == t0 ? pf : NULL,                     \
+            ck__blk256(out, ldo, x, W, WT, bias, K, j, t, pf &&k < pfn ? pf + k * sl : NULL, pfn,  \
                        (const char *)(x + (size_t)tn * K), CK2_RJ, CK2_RT);                        \
         }                                                                                          \
         if (t < t1)                                                                                \
