@@ -310,14 +310,17 @@ static const ck__blk_fn ck__blk256_fns[3][2][CK2_RT] = {
 /* W rows j .. j + CK2_RJ - 1 against x rows [t0, t1) in one call: blocks of
  * CK2_RT rows, each prefetching the next block's x rows (or the first
  * block's, for the next W rows) into L1, half of them in each pass, so the
- * first pass does not wait for L2; the first block also prefetches pf (the
- * next W rows). The remaining 1-2 rows go through the table's blocks. */
+ * first pass does not wait for L2. The next W rows (pf) are prefetched by
+ * the first 8 blocks (fewer when there are fewer), an eighth each: all in
+ * the first block put 72 lines (F32, K = 288) in flight at once, measured
+ * slower at 32 rows of x. The remaining 1-2 rows go through the table's
+ * blocks. */
 #define CK__COL2_FN(WT, SUF)                                                                       \
     CK_AVX2 static __attribute__((noinline)) void ck__col256##SUF(                                 \
         float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,       \
         int t0, int t1, const char *pf)                                                            \
     {                                                                                              \
-        int t = t0, nb = (t1 - t0) / CK2_RT, pfn = nb >= 4 ? 4 : nb >= 2 ? 2 : 1;                  \
+        int t = t0, nb = (t1 - t0) / CK2_RT, pfn = nb >= 8 ? 8 : nb >= 4 ? 4 : nb >= 2 ? 2 : 1;    \
         size_t sl = (size_t)CK2_RJ * K * (WT == MDL_DTYPE_F32 ? 4 : 2) / (size_t)pfn;              \
         for (int k = 0; t + CK2_RT <= t1; t += CK2_RT, k++) {                                      \
             int tn = t + 2 * CK2_RT <= t1 ? t + CK2_RT : t0;                                       \
