@@ -210,8 +210,12 @@ static int bench_matmul_only(const mdl_model *m, int T, double *gflops)
     if (c->dim > kmax) kmax = c->dim;
     if (c->dim > nmax) nmax = c->dim;
     if (qd > nmax) nmax = qd;
-    float *x = malloc((size_t)T * kmax * sizeof(float));
-    float *out = malloc((size_t)T * nmax * sizeof(float));
+    /* 64-byte aligned, as the backend's activation buffers are (with a
+     * malloc'd x half of the 32-byte loads straddled two cache lines) */
+    size_t xb = ((size_t)T * kmax * sizeof(float) + 63) / 64 * 64;
+    size_t ob = ((size_t)T * nmax * sizeof(float) + 63) / 64 * 64;
+    float *x = aligned_alloc(64, xb);
+    float *out = aligned_alloc(64, ob);
     if (!x || !out) {
         free(x);
         free(out);

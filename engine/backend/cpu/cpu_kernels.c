@@ -111,83 +111,276 @@ CK_AVX2 static float ck__dot_avx2(const float *a, const float *b, int n)
     return ck__dotw_avx2(a, b, 0, MDL_DTYPE_F32, n);
 }
 
-/* Four rows of W against one x row: the same per-row operations as
- * ck__dotw_avx2, interleaved so each x load feeds four FMA chain pairs. */
-CK_AVX2 static inline void ck__dot4_avx2(const float *x, const void *W, size_t woff,
-                                         enum mdl_dtype wt, int K, float *r)
+/* ---- AVX2: register-blocked ----
+ * ck__dotw_avx2 gives each output element two accumulators (lane l of a0
+ * sums elements 16i + l, lane l of a1 elements 16i + 8 + l, by FMA in order
+ * of i), then ck__hsum(a0, a1), the scalar tail and the bias (or +0.0f). A
+ * block of rj W rows by rt x rows gives each of its elements exactly those
+ * operations, so every element has the bits of the one-row version whatever
+ * the block shape.
+ *
+ * 16 ymm registers. The two accumulators of an element never meet before
+ * the horizontal sum, so a large block runs two passes over K, a0's lanes
+ * then a1's, and keeps the first pass's accumulators in memory: CK2_RJ x
+ * CK2_RT = 4 x 3 elements are 12 accumulators plus 3 x vectors and 1 W
+ * vector, and per 8-element step 7 loads feed 12 FMAs (one x row against 4
+ * W rows, as before: 10 loads for 8 FMAs, every W row reloaded for each row
+ * of x). One call runs a W block against all of a tile's x rows
+ * (ck__col256), each block prefetching the next block's x rows into L1.
+ * With 1-3 rows of x the product streams W from memory: blocks of
+ * CK2_RJ W rows, one x row at a time in a single pass (8 accumulators),
+ * prefetching W CK2_PFD bytes ahead: four chains per block instead of one
+ * dependent chain per row. */
+#define CK2_RJ  4
+#define CK2_RT  3
+#define CK2_PFD 8192
+
+/* The horizontal sums of four elements from their accumulator sums
+ * s = a0 + a1, each with exactly ck__hsum's additions after its first:
+ * q = s[0..3] + s[4..7], p = (q0 + q2, q1 + q3), r = p0 + p1. Returns
+ * (r_a, r_b, r_c, r_d). */
+CK_AVX2 static inline __m128 ck__hsum8x4(__m256 sa, __m256 sb, __m256 sc, __m256 sd)
 {
-    size_t o0 = woff, o1 = o0 + (size_t)K, o2 = o1 + (size_t)K, o3 = o2 + (size_t)K;
-    __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps();
-    __m256 a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps();
-    __m256 a20 = _mm256_setzero_ps(), a21 = _mm256_setzero_ps();
-    __m256 a30 = _mm256_setzero_ps(), a31 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= K; i += 16) {
-        __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-        a00 = _mm256_fmadd_ps(x0, ck__ld8(W, o0 + (size_t)i, wt), a00);
-        a01 = _mm256_fmadd_ps(x1, ck__ld8(W, o0 + (size_t)i + 8, wt), a01);
-        a10 = _mm256_fmadd_ps(x0, ck__ld8(W, o1 + (size_t)i, wt), a10);
-        a11 = _mm256_fmadd_ps(x1, ck__ld8(W, o1 + (size_t)i + 8, wt), a11);
-        a20 = _mm256_fmadd_ps(x0, ck__ld8(W, o2 + (size_t)i, wt), a20);
-        a21 = _mm256_fmadd_ps(x1, ck__ld8(W, o2 + (size_t)i + 8, wt), a21);
-        a30 = _mm256_fmadd_ps(x0, ck__ld8(W, o3 + (size_t)i, wt), a30);
-        a31 = _mm256_fmadd_ps(x1, ck__ld8(W, o3 + (size_t)i + 8, wt), a31);
-    }
-    float s0 = ck__hsum(a00, a01), s1 = ck__hsum(a10, a11);
-    float s2 = ck__hsum(a20, a21), s3 = ck__hsum(a30, a31);
-    for (; i < K; i++) {
-        s0 += x[i] * ck__w1(W, o0 + (size_t)i, wt);
-        s1 += x[i] * ck__w1(W, o1 + (size_t)i, wt);
-        s2 += x[i] * ck__w1(W, o2 + (size_t)i, wt);
-        s3 += x[i] * ck__w1(W, o3 + (size_t)i, wt);
-    }
-    r[0] = s0;
-    r[1] = s1;
-    r[2] = s2;
-    r[3] = s3;
+    /* [qa | qb], [qc | qd] */
+    __m256 qab =
+        _mm256_add_ps(_mm256_permute2f128_ps(sa, sb, 0x20), _mm256_permute2f128_ps(sa, sb, 0x31));
+    __m256 qcd =
+        _mm256_add_ps(_mm256_permute2f128_ps(sc, sd, 0x20), _mm256_permute2f128_ps(sc, sd, 0x31));
+    /* [pa0 pa1 pc0 pc1 | pb0 pb1 pd0 pd1] */
+    __m256 p = _mm256_add_ps(_mm256_shuffle_ps(qab, qcd, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(qab, qcd, _MM_SHUFFLE(3, 2, 3, 2)));
+    /* [ra rc ra rc | rb rd rb rd] */
+    __m256 r = _mm256_add_ps(_mm256_shuffle_ps(p, p, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm256_shuffle_ps(p, p, _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm_unpacklo_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
 }
 
-CK_AVX2 static inline void ck__matmul_avx2_t(float *out, int ldo, const float *x, const void *W,
-                                             enum mdl_dtype wt, const float *bias, int T, int K,
-                                             int j0, int j1)
+/* One pass of a block over K for accumulator half h (h < 0: both halves,
+ * acc[a][b][0] and [1]; else acc[a][b][h] only). pf as in ck__blk256. */
+CK_AVX2 static inline __attribute__((always_inline)) void
+ck__pass256(__m256 acc[CK2_RJ][CK2_RT][2], const float *xt, const void *W, size_t wo,
+            enum mdl_dtype wt, int K, const char *pf, int pfn, const char *px, const int rj,
+            const int rt, const int h)
 {
-    int j = j0;
-    /* With few rows of x the product streams W from memory: one W row at a
-     * time keeps a single sequential stream, which the prefetchers follow
-     * best (measured ~25% faster than four interleaved rows at T = 1). With
-     * more rows, four W rows share each load of x. Both paths compute every
-     * element with ck__dotw_avx2's exact operation order. */
-    int j4 = T < 4 ? j0 : j1; /* end of the four-row part */
-    for (; j + 4 <= j4; j += 4) {
-        for (int t = 0; t < T; t++) {
-            float r[4];
-            ck__dot4_avx2(x + (size_t)t * K, W, (size_t)j * K, wt, K, r);
-            float *o = out + (size_t)t * ldo + j;
-            for (int u = 0; u < 4; u++)
-                o[u] = r[u] + (bias ? bias[j + u] : 0.0f);
+    /* pf: 1 / pfn of the rj rows' bytes, as many per step */
+    const size_t pstep =
+        (size_t)rj * 16 * (wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t)) / (size_t)pfn;
+    /* px: the next rt rows of x, half of them per pass */
+    const size_t xstep = (size_t)rt * 8 * sizeof(float);
+    if (px && h == 1) px += (size_t)rt * K / 2 * sizeof(float);
+#pragma GCC unroll 8
+    for (int a = 0; a < rj; a++)
+#pragma GCC unroll 8
+        for (int b = 0; b < rt; b++)
+#pragma GCC unroll 2
+            for (int g = 0; g < 2; g++)
+                if (h < 0 || g == h) acc[a][b][g] = _mm256_setzero_ps();
+    for (int i = 0; i + 16 <= K; i += 16) {
+        if (pf) {
+            const char *p = pf + (size_t)i * (pstep / 16);
+#pragma GCC unroll 8
+            for (size_t u = 0; u < pstep; u += 64)
+                _mm_prefetch(p + u, _MM_HINT_T0);
+        }
+        if (px) {
+            const char *p = px + (size_t)(i / 16) * xstep;
+#pragma GCC unroll 8
+            for (size_t u = 0; u < xstep; u += 64)
+                _mm_prefetch(p + u, _MM_HINT_T0);
+        }
+#pragma GCC unroll 2
+        for (int g = 0; g < 2; g++) {
+            if (h >= 0 && g != h) continue;
+            __m256 xv[CK2_RT];
+#pragma GCC unroll 8
+            for (int b = 0; b < rt; b++)
+                xv[b] = _mm256_loadu_ps(xt + (size_t)b * K + i + 8 * g);
+#pragma GCC unroll 8
+            for (int a = 0; a < rj; a++) {
+                __m256 w = ck__ld8(W, wo + (size_t)a * K + (size_t)(i + 8 * g), wt);
+                /* one load per W vector: without this the compiler folds
+                 * the load into every FMA, rt loads instead of one */
+                if (rt > 1) __asm__("" : "+x"(w));
+#pragma GCC unroll 8
+                for (int b = 0; b < rt; b++)
+                    acc[a][b][g] = _mm256_fmadd_ps(xv[b], w, acc[a][b][g]);
+            }
         }
     }
-    for (; j < j1; j++) {
-        for (int t = 0; t < T; t++)
-            out[(size_t)t * ldo + j] =
-                ck__dotw_avx2(x + (size_t)t * K, W, (size_t)j * K, wt, K) + (bias ? bias[j] : 0.0f);
+}
+
+/* out[t + b][j + a] for a < rj, b < rt (constants at every call site). pf:
+ * the rj * K elements of W to prefetch while the block runs (as bytes from
+ * its first), one 64-byte line per 64 bytes of block step, or NULL. */
+CK_AVX2 static inline __attribute__((always_inline)) void
+ck__blk256(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt, const float *bias,
+           int K, int j, int t, const char *pf, int pfn, const char *px, const int rj, const int rt)
+{
+    __m256 acc[CK2_RJ][CK2_RT][2];
+    const float *xt = x + (size_t)t * K;
+    size_t wo = (size_t)j * K;
+    if (rj * rt * 2 > 12) {
+        /* two passes: a0's lanes, kept, then a1's */
+        __m256 keep[CK2_RJ][CK2_RT];
+        ck__pass256(acc, xt, W, wo, wt, K, pf, pfn, px, rj, rt, 0);
+#pragma GCC unroll 8
+        for (int a = 0; a < rj; a++)
+#pragma GCC unroll 8
+            for (int b = 0; b < rt; b++)
+                keep[a][b] = acc[a][b][0];
+        ck__pass256(acc, xt, W, wo, wt, K, NULL, 1, px, rj, rt, 1);
+#pragma GCC unroll 8
+        for (int a = 0; a < rj; a++)
+#pragma GCC unroll 8
+            for (int b = 0; b < rt; b++)
+                acc[a][b][0] = keep[a][b];
+    } else {
+        ck__pass256(acc, xt, W, wo, wt, K, pf, pfn, NULL, rj, rt, -1);
+    }
+    if (rj == 4 && K % 16 == 0) {
+        /* No scalar tail: a row's four sums at once, the bias (or +0.0f,
+         * as below) added as a vector: the same additions. */
+        __m128 bv = bias ? _mm_loadu_ps(bias + j) : _mm_setzero_ps();
+#pragma GCC unroll 8
+        for (int b = 0; b < rt; b++) {
+            __m128 r = ck__hsum8x4(_mm256_add_ps(acc[0][b][0], acc[0][b][1]),
+                                   _mm256_add_ps(acc[1][b][0], acc[1][b][1]),
+                                   _mm256_add_ps(acc[2][b][0], acc[2][b][1]),
+                                   _mm256_add_ps(acc[3][b][0], acc[3][b][1]));
+            _mm_storeu_ps(out + (size_t)(t + b) * ldo + j, _mm_add_ps(r, bv));
+        }
+        return;
+    }
+    int i0 = K / 16 * 16;
+#pragma GCC unroll 8
+    for (int a = 0; a < rj; a++) {
+        float bj = bias ? bias[j + a] : 0.0f;
+#pragma GCC unroll 8
+        for (int b = 0; b < rt; b++) {
+            float s = ck__hsum(acc[a][b][0], acc[a][b][1]);
+            const float *xr = xt + (size_t)b * K;
+            for (int k = i0; k < K; k++)
+                s += xr[k] * ck__w1(W, wo + (size_t)a * K + (size_t)k, wt);
+            out[(size_t)(t + b) * ldo + j + a] = s + bj;
+        }
     }
 }
+
+/* last argument: bytes of W to prefetch while the block runs, or NULL */
+typedef void (*ck__blk_fn)(float *, int, const float *, const void *, const float *, int, int, int,
+                           const char *);
+
+/* One non-inlined function per block shape and dtype: only the block's own
+ * pointers are live inside, so none is spilled from the inner loop. */
+#define CK__BLK2_FN(RJ, RT, WT, SUF)                                                               \
+    CK_AVX2 static __attribute__((noinline)) void ck__blk256_##RJ##x##RT##SUF(                     \
+        float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,       \
+        int t, const char *pf)                                                                     \
+    {                                                                                              \
+        ck__blk256(out, ldo, x, W, WT, bias, K, j, t, pf, 1, NULL, RJ, RT);                        \
+    }
+#define CK__BLK2_FNS(WT, SUF)                                                                      \
+    CK__BLK2_FN(1, 1, WT, SUF)                                                                     \
+    CK__BLK2_FN(1, 2, WT, SUF)                                                                     \
+    CK__BLK2_FN(1, 3, WT, SUF)                                                                     \
+    CK__BLK2_FN(4, 1, WT, SUF)                                                                     \
+    CK__BLK2_FN(4, 2, WT, SUF)                                                                     \
+    CK__BLK2_FN(4, 3, WT, SUF)
+CK__BLK2_FNS(MDL_DTYPE_F32, _f32)
+CK__BLK2_FNS(MDL_DTYPE_F16, _f16)
+CK__BLK2_FNS(MDL_DTYPE_BF16, _bf16)
+#undef CK__BLK2_FNS
+#undef CK__BLK2_FN
+
+/* [dtype][rj == CK2_RJ][rt - 1] */
+#define CK__BLK2_ROW(SUF)                                                                          \
+    {                                                                                              \
+        {ck__blk256_1x1##SUF, ck__blk256_1x2##SUF, ck__blk256_1x3##SUF},                           \
+        {                                                                                          \
+            ck__blk256_4x1##SUF, ck__blk256_4x2##SUF, ck__blk256_4x3##SUF                          \
+        }                                                                                          \
+    }
+static const ck__blk_fn ck__blk256_fns[3][2][CK2_RT] = {
+    CK__BLK2_ROW(_f32),
+    CK__BLK2_ROW(_f16),
+    CK__BLK2_ROW(_bf16),
+};
+#undef CK__BLK2_ROW
+
+/* W rows j .. j + CK2_RJ - 1 against x rows [t0, t1) in one call: blocks of
+ * CK2_RT rows, each prefetching the next block's x rows (or the first
+ * block's, for the next W rows) into L1, half of them in each pass, so the
+ * first pass does not wait for L2. The next W rows (pf) are prefetched by
+ * the first 8 blocks (fewer when there are fewer), an eighth each: all in
+ * the first block put 72 lines (F32, K = 288) in flight at once, measured
+ * slower at 32 rows of x. The remaining 1-2 rows go through the table's
+ * blocks. */
+#define CK__COL2_FN(WT, SUF)                                                                       \
+    CK_AVX2 static __attribute__((noinline)) void ck__col256##SUF(                                 \
+        float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,       \
+        int t0, int t1, const char *pf)                                                            \
+    {                                                                                              \
+        int t = t0, nb = (t1 - t0) / CK2_RT, pfn = nb >= 8 ? 8 : nb >= 4 ? 4 : nb >= 2 ? 2 : 1;    \
+        size_t sl = (size_t)CK2_RJ * K * (WT == MDL_DTYPE_F32 ? 4 : 2) / (size_t)pfn;              \
+        for (int k = 0; t + CK2_RT <= t1; t += CK2_RT, k++) {                                      \
+            int tn = t + 2 * CK2_RT <= t1 ? t + CK2_RT : t0;                                       \
+            ck__blk256(out, ldo, x, W, WT, bias, K, j, t, pf &&k < pfn ? pf + k * sl : NULL, pfn,  \
+                       (const char *)(x + (size_t)tn * K), CK2_RJ, CK2_RT);                        \
+        }                                                                                          \
+        if (t < t1)                                                                                \
+            ck__blk256_fns[WT][1][t1 - t - 1](out, ldo, x, W, bias, K, j, t, t == t0 ? pf : NULL); \
+    }
+CK__COL2_FN(MDL_DTYPE_F32, _f32)
+CK__COL2_FN(MDL_DTYPE_F16, _f16)
+CK__COL2_FN(MDL_DTYPE_BF16, _bf16)
+#undef CK__COL2_FN
+typedef void (*ck__col_fn)(float *, int, const float *, const void *, const float *, int, int, int,
+                           int, const char *);
+static const ck__col_fn ck__col256_fns[3] = {ck__col256_f32, ck__col256_f16, ck__col256_bf16};
 
 CK_AVX2 static void ck__matmul_avx2(float *out, int ldo, const float *x, const void *W,
                                     enum mdl_dtype wt, const float *bias, int T, int K, int j0,
                                     int j1)
 {
-    switch (wt) {
-    case MDL_DTYPE_F16:
-        ck__matmul_avx2_t(out, ldo, x, W, MDL_DTYPE_F16, bias, T, K, j0, j1);
-        break;
-    case MDL_DTYPE_BF16:
-        ck__matmul_avx2_t(out, ldo, x, W, MDL_DTYPE_BF16, bias, T, K, j0, j1);
-        break;
-    default:
-        ck__matmul_avx2_t(out, ldo, x, W, MDL_DTYPE_F32, bias, T, K, j0, j1);
-        break;
+    const ck__blk_fn *one = ck__blk256_fns[wt][0], *four = ck__blk256_fns[wt][1];
+    size_t es = wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
+    size_t row = (size_t)K * es; /* bytes of one W row */
+    int j = j0;
+    if (T < 4) {
+        /* Streaming W: each block's rows are read once, one x row after
+         * the other (the block's W bytes are in L1 for the next). The
+         * prefetch runs CK2_PFD bytes ahead, inside [j0, j1). */
+        for (; j + CK2_RJ <= j1; j += CK2_RJ) {
+            const char *pf = (size_t)(j1 - j - CK2_RJ) * row >= CK2_PFD
+                                 ? (const char *)W + (size_t)j * row + CK2_PFD
+                                 : NULL;
+            for (int t = 0; t < T; t++)
+                four[0](out, ldo, x, W, bias, K, j, t, t == 0 ? pf : NULL);
+        }
+        for (; j < j1; j++)
+            for (int t = 0; t < T; t++)
+                one[0](out, ldo, x, W, bias, K, j, t, NULL);
+        return;
+    }
+    /* x in tiles of ~256 KiB (L2); each block of CK2_RJ W rows (L1) meets
+     * every row of the tile, the tile's first block prefetching the next
+     * CK2_RJ rows, so W streams from memory once per tile. */
+    int tile = (int)((256 * 1024) / ((size_t)K * sizeof(float)));
+    tile = tile / CK2_RT * CK2_RT;
+    if (tile < CK2_RT) tile = CK2_RT;
+    for (int t0 = 0; t0 < T; t0 += tile) {
+        int t1 = T - t0 < tile ? T : t0 + tile;
+        for (j = j0; j + CK2_RJ <= j1; j += CK2_RJ) {
+            const char *pf =
+                j + 2 * CK2_RJ <= j1 ? (const char *)W + (size_t)(j + CK2_RJ) * row : NULL;
+            ck__col256_fns[wt](out, ldo, x, W, bias, K, j, t0, t1, pf);
+        }
+        for (; j < j1; j++)
+            for (int t = t0; t < t1;) {
+                int rt = t1 - t < CK2_RT ? t1 - t : CK2_RT;
+                one[rt - 1](out, ldo, x, W, bias, K, j, t, NULL);
+                t += rt;
+            }
     }
 }
 
@@ -335,9 +528,6 @@ CK__BLK_FNS(4, MDL_DTYPE_BF16, _bf16)
 #undef CK__BLK_FNS
 #undef CK__BLK_FN
 
-/* last argument: W rows to prefetch while the block runs, or NULL */
-typedef void (*ck__blk_fn)(float *, int, const float *, const void *, const float *, int, int, int,
-                           const char *);
 #define CK__BLK_ROW(RJ, SUF)                                                                       \
     {                                                                                              \
         ck__blk512_##RJ##x1##SUF, ck__blk512_##RJ##x2##SUF, ck__blk512_##RJ##x3##SUF,              \
