@@ -25,6 +25,7 @@
 #include "common/err.h"
 #include "common/log.h"
 #include "kvtransfer/kvx.h"
+#include "kvtransfer/kvx_internal.h"
 #include "kvtransfer/kvx_wire.h"
 #include "fail_alloc.h"
 
@@ -1882,6 +1883,86 @@ static void test_concurrent_posters(void **s)
     kvx_ep_destroy(rx);
 }
 
+/* ---------- data connection threads, streaming copies ---------- */
+
+/* 64 KiB blocks: shm copies long enough for streaming stores. */
+static kv_layout wide_layout(uint32_t n_layers, uint32_t num_blocks)
+{
+    kv_layout l = {.n_layers = n_layers,
+                   .num_blocks = num_blocks,
+                   .block_size = 16,
+                   .n_kv_heads = 8,
+                   .head_dim = 128,
+                   .dtype = KV_DTYPE_F16};
+    return l;
+}
+
+/* shm copies runs of adjacent blocks in one go: runs, broken runs and single
+ * blocks land byte-exact, every other block untouched. */
+static void test_shm_runs(void **s)
+{
+    kv_layout l = wide_layout(3, 40);
+    char bound[128];
+    kvx_ep *rx = mk_rx("shm", l, bound, sizeof(bound));
+    kvx_ep *tx = mk_ep("shm", KVX_ROLE_SEND, l, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 51);
+    memset(kvx_ep_pool(rx), 0, kv_layout_pool_bytes(&l));
+    int peer;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    /* 0..4 -> 10..14 (a run of 5), 5 -> 20 and 6 -> 22 (broken), 7,8 ->
+     * 30,31, 9 -> 15 (src follows, dst does not), 12,11 -> 2,3 (dst follows,
+     * src goes down), 39 -> 39. */
+    kvx_pair pairs[] = {{0, 10}, {1, 11}, {2, 12}, {3, 13}, {4, 14}, {5, 20}, {6, 22},
+                        {7, 30}, {8, 31}, {9, 16}, {12, 2}, {11, 3}, {39, 39}};
+    int n = (int)(sizeof(pairs) / sizeof(pairs[0]));
+    uint32_t dst[16];
+    for (int i = 0; i < n; i++)
+        dst[i] = pairs[i].dst;
+    assert_int_equal(kvx_recv_register(rx, "runs", dst, n, 0), 0);
+    assert_int_equal(kvx_send_begin(tx, peer, "runs", 0), 0);
+    send_all_layers(tx, "runs", &l, pairs, n);
+    assert_int_equal(wait_final(rx, "runs", 10 * SEC, NULL).type, KVX_EV_DONE);
+    assert_int_equal(wait_final(tx, "runs", 10 * SEC, NULL).type, KVX_EV_DONE);
+    verify(tx, rx, &l, &l, pairs, n);
+    size_t bb = kv_layout_block_bytes(&l);
+    for (uint32_t layer = 0; layer < l.n_layers; layer++)
+        for (uint32_t b = 0; b < l.num_blocks; b++) {
+            int listed = 0;
+            for (int i = 0; i < n; i++)
+                listed |= dst[i] == b;
+            if (listed) continue;
+            const uint8_t *z = (uint8_t *)kvx_ep_pool(rx) + kv_layout_block_offset(&l, layer, b);
+            for (size_t i = 0; i < bb; i += 64)
+                assert_int_equal(z[i], 0);
+        }
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
+/* kvx__copy (streaming stores for large runs) against memcpy: lengths around
+ * the threshold and the 64-byte body, misaligned ends, guards untouched. */
+static void test_copy_edges(void **s)
+{
+    size_t lens[] = {0, 1, 15, 64, 65535, 65536, 65536 + 17, 65536 + 63, (1u << 20) + 5};
+    size_t cap = (1u << 20) + 256;
+    uint8_t *src = malloc(cap), *dst = malloc(cap), *ref = malloc(cap);
+    assert_true(src && dst && ref);
+    fill_random(src, cap, 61);
+    for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++)
+        for (size_t so = 0; so < 3; so++)
+            for (size_t d_off = 0; d_off < 18; d_off += 17) {
+                size_t n = lens[li];
+                memset(dst, 0xee, cap);
+                memset(ref, 0xee, cap);
+                kvx__copy(dst + 32 + d_off, src + so, n);
+                memcpy(ref + 32 + d_off, src + so, n);
+                assert_memory_equal(dst, ref, cap);
+            }
+    free(src);
+    free(dst);
+    free(ref);
+}
+
 int main(void)
 {
     /* SIGPIPE keeps its default action: a socket write in kvx without
@@ -1925,6 +2006,8 @@ int main(void)
         cmocka_unit_test(test_post_ring_full),
         cmocka_unit_test(test_events_survive_alloc_failure),
         cmocka_unit_test(test_concurrent_posters),
+        cmocka_unit_test(test_shm_runs),
+        cmocka_unit_test(test_copy_edges),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
