@@ -302,6 +302,12 @@ void kvx__peer_fail(kvx_ep *ep, kvx__peer *p, int err, const char *fmt, ...)
 
 /* Frees the peers marked dead (end of a loop iteration, or destroy). */
 void kvx__reap_peers(kvx_ep *ep);
+/* The same in two steps: the dead peers leave the list (under loop_mu, so a
+ * peer a transport thread is failing right now is not taken half-failed),
+ * then they are freed (outside loop_mu: freeing joins transport threads,
+ * which may be waiting for it). */
+kvx__peer *kvx__peers_take_dead(kvx_ep *ep);
+void kvx__peers_free(kvx_ep *ep, kvx__peer *dead);
 kvx__peer *kvx__peer_by_id(kvx_ep *ep, int id);
 
 /* ---- kvx_handshake.c ---- */

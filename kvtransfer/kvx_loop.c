@@ -352,10 +352,13 @@ static void *progress_main(void *arg)
         /* Before sleeping: notices queued during this iteration go out in
          * one write per peer. */
         kvx__flush_peers(ep);
+        /* A tcp reader may fail its peer (a control write failing while it
+         * lands a block) under loop_mu: dead peers are taken off the list
+         * under it, and freed outside it, since freeing a peer joins its
+         * transport threads, which may be waiting for loop_mu. */
+        kvx__peer *dead = kvx__peers_take_dead(ep);
         pthread_mutex_unlock(&ep->loop_mu);
-        /* Outside loop_mu: freeing a peer joins its transport threads, which
-         * may be waiting for loop_mu. Only this thread walks the peer list. */
-        kvx__reap_peers(ep);
+        kvx__peers_free(ep, dead);
     }
     return NULL;
 }
@@ -483,7 +486,11 @@ void kvx_ep_destroy(kvx_ep *ep)
     ep->stopping = 1;
     pthread_mutex_unlock(&ep->mu);
     /* The thread is gone: tear down on this one. Requests end without events
-     * (nobody is left to read them). */
+     * (nobody is left to read them). Transport I/O threads (tcp readers) may
+     * still be running until the peers are reaped: they look at peers and
+     * requests under loop_mu, so the peers die under it too, and the reap
+     * (which joins them) runs outside it. */
+    pthread_mutex_lock(&ep->loop_mu);
     for (kvx__peer *p = ep->peers; p; p = p->next) {
         if (!p->dead) {
             for (int i = 0; ep->reqs && i < ep->reqs_hi; i++) {
@@ -496,6 +503,7 @@ void kvx_ep_destroy(kvx_ep *ep)
             p->dead = 1;
         }
     }
+    pthread_mutex_unlock(&ep->loop_mu);
     kvx__reap_peers(ep);
     for (int i = 0; ep->reqs && i < ep->reqs_hi; i++)
         if (ep->reqs[i].used) {

@@ -164,18 +164,34 @@ void kvx__peer_free(kvx_ep *ep, kvx__peer *p)
     free(p);
 }
 
-void kvx__reap_peers(kvx_ep *ep)
+kvx__peer *kvx__peers_take_dead(kvx_ep *ep)
 {
-    kvx__peer **pp = &ep->peers;
+    kvx__peer *dead = NULL, **pp = &ep->peers;
     while (*pp) {
         kvx__peer *p = *pp;
         if (p->dead) {
             *pp = p->next;
-            kvx__peer_free(ep, p);
+            p->next = dead;
+            dead = p;
         } else {
             pp = &p->next;
         }
     }
+    return dead;
+}
+
+void kvx__peers_free(kvx_ep *ep, kvx__peer *dead)
+{
+    while (dead) {
+        kvx__peer *p = dead;
+        dead = p->next;
+        kvx__peer_free(ep, p);
+    }
+}
+
+void kvx__reap_peers(kvx_ep *ep)
+{
+    kvx__peers_free(ep, kvx__peers_take_dead(ep));
 }
 
 kvx__peer *kvx__peer_by_id(kvx_ep *ep, int id)
