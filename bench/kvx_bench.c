@@ -31,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #if defined(__x86_64__) || defined(__SSE2__)
@@ -62,6 +63,24 @@ static kv_layout bench_layout(uint32_t block_size)
     return l;
 }
 
+/* CPU seconds this process has used (every thread, user + system). */
+static double cpu_s(void)
+{
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0) return 0;
+    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+           (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1e-6;
+}
+
+/* CPU milliseconds per GiB of the last measurement: what moving the bytes
+ * cost the host's cores, whatever else ran beside it. */
+static double g_cpu_ms_per_gib;
+
+static void note_cpu(double cpu0, size_t bytes)
+{
+    g_cpu_ms_per_gib = bytes ? (cpu_s() - cpu0) * 1e3 / ((double)bytes / (double)(1ull << 30)) : 0;
+}
+
 /* ---------- limits ---------- */
 
 struct blast {
@@ -72,6 +91,7 @@ struct blast {
 static void *blast_reader(void *arg)
 {
     struct blast *b = arg;
+    pthread_setname_np(pthread_self(), "blast-read");
     size_t cap = 1 << 20;
     char *buf = malloc(cap);
     size_t got = 0;
@@ -93,6 +113,7 @@ struct stream {
 static void *blast_writer(void *arg)
 {
     struct stream *st = arg;
+    pthread_setname_np(pthread_self(), "blast-write");
     size_t cap = 1 << 20, sent = 0;
     char *buf = calloc(1, cap);
     while (buf && sent < st->bytes) {
@@ -131,6 +152,7 @@ static double raw_socket_gbps(size_t bytes, int n)
         st[i].bytes = bytes / (size_t)n;
     }
     int64_t t0 = td_now_ns();
+    double cpu0 = cpu_s();
     for (int i = 0; i < n; i++) {
         pthread_create(&st[i].reader, NULL, stream_reader, &st[i]);
         pthread_create(&st[i].writer, NULL, blast_writer, &st[i]);
@@ -145,6 +167,7 @@ static double raw_socket_gbps(size_t bytes, int n)
         close(st[i].s);
     }
     close(ls);
+    note_cpu(cpu0, bytes / (size_t)n * (size_t)n);
     return (double)(bytes / (size_t)n * (size_t)n) / secs / 1e9;
 }
 
@@ -338,6 +361,7 @@ static double kvx_gbps(const char *transport, uint32_t block_size, int per_post,
     size_t moved = 0;
     memset(cost, 0, sizeof(*cost));
     int64_t t0 = td_now_ns();
+    double cpu0 = cpu_s();
     while (moved < target) {
         int64_t a, b, c;
         if ((rc = run_batch(&pe, seq, g_batch, per_post, 0, &a, &b, &c, cost)) < 0) {
@@ -348,6 +372,7 @@ static double kvx_gbps(const char *transport, uint32_t block_size, int per_post,
         moved += per_batch;
     }
     double secs = td_ns_to_s(td_now_ns() - t0);
+    note_cpu(cpu0, moved);
     close_pair(&pe);
     return (double)moved / secs / 1e9;
 }
@@ -459,7 +484,7 @@ static void ratio_rounds(size_t bytes)
 {
     enum { NPT = 4 };
     static const char *names[NPT] = {"tcp bs=16", "tcp bs=64", "shm bs=16", "shm bs=64"};
-    double ratio[NPT][100], gbps[NPT][100];
+    double ratio[NPT][100], gbps[NPT][100], cpu[NPT][100];
     int seq = 0;
     for (int r = 0; r < g_rounds; r++) {
         for (int k = 0; k < NPT; k++) {
@@ -467,22 +492,36 @@ static void ratio_rounds(size_t bytes)
             uint32_t bs = k % 2 ? 64 : 16;
             struct post_cost cost;
             double l0 = tcp ? raw_socket_gbps(bytes, g_conns) : copy_gbps(bytes, 1);
+            double c0_ = g_cpu_ms_per_gib;
             if (!tcp) {
                 double plain = copy_gbps(bytes, 0);
                 if (plain > l0) l0 = plain;
             }
+            double c0 = c0_;
             double v = kvx_gbps(tcp ? "tcp" : "shm", bs, 0, &seq, &cost);
+            double cv = g_cpu_ms_per_gib;
             double l1 = tcp ? raw_socket_gbps(bytes, g_conns) : copy_gbps(bytes, 1);
+            double c1 = g_cpu_ms_per_gib;
             if (!tcp) {
                 double plain = copy_gbps(bytes, 0);
                 if (plain > l1) l1 = plain;
             }
             gbps[k][r] = v;
             ratio[k][r] = l0 > 0 && l1 > 0 ? v / ((l0 + l1) / 2) : 0;
-            printf("round %2d  kvx %-9s %6.2f GB/s  limit %6.2f / %6.2f GB/s  ratio %.2f\n", r + 1,
-                   names[k], v, l0, l1, ratio[k][r]);
+            /* tcp: the raw blast's CPU time per GiB against kvx's (for shm
+             * the last limit figure is the plain memcpy's, not comparable). */
+            cpu[k][r] = tcp && cv > 0 ? (c0 + c1) / 2 / cv : 0;
+            printf("round %2d  kvx %-9s %6.2f GB/s  limit %6.2f / %6.2f GB/s  ratio %.2f  "
+                   "cpu ms/GiB kvx %.0f limit %.0f / %.0f\n",
+                   r + 1, names[k], v, l0, l1, ratio[k][r], cv, tcp ? c0 : 0.0, tcp ? c1 : 0.0);
             fflush(stdout);
         }
+    }
+    for (int k = 0; k < 2; k++) {
+        qsort(cpu[k], (size_t)g_rounds, sizeof(double), cmp_double);
+        printf("summary kvx %-9s CPU time per GiB, raw blast / kvx: median %.2f (%.2f-%.2f) "
+               "(1.00: kvx costs the cores what the blast does)\n",
+               names[k], cpu[k][g_rounds / 2], cpu[k][0], cpu[k][g_rounds - 1]);
     }
     for (int k = 0; k < NPT; k++) {
         qsort(ratio[k], (size_t)g_rounds, sizeof(double), cmp_double);
