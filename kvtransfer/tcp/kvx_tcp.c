@@ -364,6 +364,7 @@ static int tcp_peer_attach(kvx_ep *ep, kvx__peer *p, int fd)
         d->used = 1;
         if ((rc = conn_init(ep, p, d, dfd)) < 0) {
             close(dfd);
+            d->c.fd = -1;
             d->used = 0;
             return rc;
         }
