@@ -1,7 +1,9 @@
 /* tandem-kvx-bench: KV block transfer throughput (tcp on loopback, shm) for a
  * 32-layer, 4096-wide f16 KV shape at block sizes of 16 and 64 tokens, each
  * printed beside the limit measured in the same run (a raw socket blast on
- * loopback for tcp, memcpy bandwidth for shm), and the layer-wise overlap:
+ * loopback for tcp; for shm the faster of memcpy and a streaming-store copy
+ * between two buffers of the pool's size, over the same byte count), and the
+ * layer-wise overlap:
  * with simulated compute per layer, how much of the transfer is still left
  * after the last layer's compute ends.
  *
@@ -16,6 +18,9 @@
  *   --conns    tcp data connections per peer (default 2)
  *   --pool-mib pool size per side in MiB (default 64)
  *   --batch    requests per prefill batch (default 8; at most one per block)
+ *   --rounds   > 1: only the throughput ratios, each kvx point measured
+ *              between two measurements of its limit, R rounds; prints the
+ *              median and range of each ratio (for shared, noisy hosts)
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -26,8 +31,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#if defined(__x86_64__) || defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "common/clock.h"
 #include "common/config.h"
@@ -39,6 +48,7 @@ static double g_gib = 1.0;
 static int g_conns = 2;
 static size_t g_pool_mib = 64;
 static int g_batch = 8;
+static int g_rounds = 1;
 
 static kv_layout bench_layout(uint32_t block_size)
 {
@@ -53,6 +63,24 @@ static kv_layout bench_layout(uint32_t block_size)
     return l;
 }
 
+/* CPU seconds this process has used (every thread, user + system). */
+static double cpu_s(void)
+{
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0) return 0;
+    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+           (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1e-6;
+}
+
+/* CPU milliseconds per GiB of the last measurement: what moving the bytes
+ * cost the host's cores, whatever else ran beside it. */
+static double g_cpu_ms_per_gib;
+
+static void note_cpu(double cpu0, size_t bytes)
+{
+    g_cpu_ms_per_gib = bytes ? (cpu_s() - cpu0) * 1e3 / ((double)bytes / (double)(1ull << 30)) : 0;
+}
+
 /* ---------- limits ---------- */
 
 struct blast {
@@ -63,6 +91,7 @@ struct blast {
 static void *blast_reader(void *arg)
 {
     struct blast *b = arg;
+    pthread_setname_np(pthread_self(), "blast-read");
     size_t cap = 1 << 20;
     char *buf = malloc(cap);
     size_t got = 0;
@@ -84,6 +113,7 @@ struct stream {
 static void *blast_writer(void *arg)
 {
     struct stream *st = arg;
+    pthread_setname_np(pthread_self(), "blast-write");
     size_t cap = 1 << 20, sent = 0;
     char *buf = calloc(1, cap);
     while (buf && sent < st->bytes) {
@@ -122,6 +152,7 @@ static double raw_socket_gbps(size_t bytes, int n)
         st[i].bytes = bytes / (size_t)n;
     }
     int64_t t0 = td_now_ns();
+    double cpu0 = cpu_s();
     for (int i = 0; i < n; i++) {
         pthread_create(&st[i].reader, NULL, stream_reader, &st[i]);
         pthread_create(&st[i].writer, NULL, blast_writer, &st[i]);
@@ -136,25 +167,58 @@ static double raw_socket_gbps(size_t bytes, int n)
         close(st[i].s);
     }
     close(ls);
+    note_cpu(cpu0, bytes / (size_t)n * (size_t)n);
     return (double)(bytes / (size_t)n * (size_t)n) / secs / 1e9;
 }
 
-/* GB/s of memcpy between two 64 MiB buffers on one thread. */
-static double memcpy_gbps(size_t bytes)
+/* A copy with non-temporal (streaming) stores, written here independently
+ * of the library's: the fastest a single thread moves bytes between two
+ * buffers that do not fit in the cache on x86-64 hosts, where glibc's memcpy
+ * keeps ordinary stores for all but very large copies. dst 16-byte aligned,
+ * n a multiple of 64. */
+static void stream_copy(void *dst, const void *src, size_t n)
 {
-    size_t n = 64u << 20;
-    char *a = malloc(n), *b = malloc(n);
-    if (!a || !b) return -1;
+#if defined(__x86_64__) || defined(__SSE2__)
+    __m128i *d = dst;
+    const __m128i *s = src;
+    for (size_t i = 0; i < n / 16; i += 4) {
+        __m128i a = _mm_loadu_si128(s + i), b = _mm_loadu_si128(s + i + 1);
+        __m128i c = _mm_loadu_si128(s + i + 2), e = _mm_loadu_si128(s + i + 3);
+        _mm_stream_si128(d + i, a);
+        _mm_stream_si128(d + i + 1, b);
+        _mm_stream_si128(d + i + 2, c);
+        _mm_stream_si128(d + i + 3, e);
+    }
+    _mm_sfence();
+#else
+    memcpy(dst, src, n);
+#endif
+}
+
+/* GB/s of one thread copying `bytes` between two page-aligned buffers of
+ * the pool's size (what a shm transfer copies per batch), pre-faulted, with
+ * memcpy (streaming = 0) or stream_copy (1). */
+static double copy_gbps(size_t bytes, int streaming)
+{
+    size_t n = g_pool_mib << 20;
+    void *a = NULL, *b = NULL;
+    if (posix_memalign(&a, 4096, n) != 0 || posix_memalign(&b, 4096, n) != 0) {
+        free(a);
+        return -1;
+    }
     memset(a, 1, n);
     memset(b, 2, n);
     int64_t t0 = td_now_ns();
     size_t done = 0;
     while (done < bytes) {
-        memcpy(b, a, n);
+        if (streaming)
+            stream_copy(b, a, n);
+        else
+            memcpy(b, a, n);
         done += n;
     }
     double secs = td_ns_to_s(td_now_ns() - t0);
-    volatile char sink = b[n / 2];
+    volatile char sink = ((char *)b)[n / 2];
     (void)sink;
     free(a);
     free(b);
@@ -297,6 +361,7 @@ static double kvx_gbps(const char *transport, uint32_t block_size, int per_post,
     size_t moved = 0;
     memset(cost, 0, sizeof(*cost));
     int64_t t0 = td_now_ns();
+    double cpu0 = cpu_s();
     while (moved < target) {
         int64_t a, b, c;
         if ((rc = run_batch(&pe, seq, g_batch, per_post, 0, &a, &b, &c, cost)) < 0) {
@@ -307,6 +372,7 @@ static double kvx_gbps(const char *transport, uint32_t block_size, int per_post,
         moved += per_batch;
     }
     double secs = td_ns_to_s(td_now_ns() - t0);
+    note_cpu(cpu0, moved);
     close_pair(&pe);
     return (double)moved / secs / 1e9;
 }
@@ -355,7 +421,7 @@ static void overlap(const char *transport, uint32_t block_size, double gbps, int
 
 struct bench_opts {
     double gib;
-    int64_t conns, pool_mib, batch;
+    int64_t conns, pool_mib, batch, rounds;
 };
 
 static const struct cfg_option bench_table[] = {
@@ -368,6 +434,10 @@ static const struct cfg_option bench_table[] = {
     {"batch", CFG_INT64, "8", "1", "4096", NULL,
      "requests per prefill batch (one kvx_send_layers call per layer)",
      offsetof(struct bench_opts, batch), 0},
+    {"rounds", CFG_INT64, "1", "1", "100", NULL,
+     "> 1: only the throughput ratios, each kvx point between two measurements of its "
+     "limit, this many rounds; prints each ratio's median and range",
+     offsetof(struct bench_opts, rounds), 0},
 };
 
 /* Returns 0, CFG_HELP (help printed) or a negative TD_E* code (error printed). */
@@ -393,9 +463,75 @@ static int parse_args(int argc, char **argv)
         g_conns = (int)o.conns;
         g_pool_mib = (size_t)o.pool_mib;
         g_batch = (int)o.batch;
+        g_rounds = (int)o.rounds;
     }
     cfg_free(c);
     return rc;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* --rounds: on a shared host the load moves between one measurement and the
+ * next, so a ratio against a limit measured once at the start says little.
+ * Each kvx point is measured between two measurements of its limit (the mean
+ * of both is its denominator), round after round, and the median and range
+ * of each ratio over the rounds are printed. */
+static void ratio_rounds(size_t bytes)
+{
+    enum { NPT = 4 };
+    static const char *names[NPT] = {"tcp bs=16", "tcp bs=64", "shm bs=16", "shm bs=64"};
+    double ratio[NPT][100], gbps[NPT][100], cpu[NPT][100];
+    int seq = 0;
+    for (int r = 0; r < g_rounds; r++) {
+        for (int k = 0; k < NPT; k++) {
+            int tcp = k < 2;
+            uint32_t bs = k % 2 ? 64 : 16;
+            struct post_cost cost;
+            double l0 = tcp ? raw_socket_gbps(bytes, g_conns) : copy_gbps(bytes, 1);
+            double c0_ = g_cpu_ms_per_gib;
+            if (!tcp) {
+                double plain = copy_gbps(bytes, 0);
+                if (plain > l0) l0 = plain;
+            }
+            double c0 = c0_;
+            double v = kvx_gbps(tcp ? "tcp" : "shm", bs, 0, &seq, &cost);
+            double cv = g_cpu_ms_per_gib;
+            double l1 = tcp ? raw_socket_gbps(bytes, g_conns) : copy_gbps(bytes, 1);
+            double c1 = g_cpu_ms_per_gib;
+            if (!tcp) {
+                double plain = copy_gbps(bytes, 0);
+                if (plain > l1) l1 = plain;
+            }
+            gbps[k][r] = v;
+            ratio[k][r] = l0 > 0 && l1 > 0 ? v / ((l0 + l1) / 2) : 0;
+            /* tcp: the raw blast's CPU time per GiB against kvx's (for shm
+             * the last limit figure is the plain memcpy's, not comparable). */
+            cpu[k][r] = tcp && cv > 0 ? (c0 + c1) / 2 / cv : 0;
+            printf("round %2d  kvx %-9s %6.2f GB/s  limit %6.2f / %6.2f GB/s  ratio %.2f  "
+                   "cpu ms/GiB kvx %.0f limit %.0f / %.0f\n",
+                   r + 1, names[k], v, l0, l1, ratio[k][r], cv, tcp ? c0 : 0.0, tcp ? c1 : 0.0);
+            fflush(stdout);
+        }
+    }
+    for (int k = 0; k < 2; k++) {
+        qsort(cpu[k], (size_t)g_rounds, sizeof(double), cmp_double);
+        printf("summary kvx %-9s CPU time per GiB, raw blast / kvx: median %.2f (%.2f-%.2f) "
+               "(1.00: kvx costs the cores what the blast does)\n",
+               names[k], cpu[k][g_rounds / 2], cpu[k][0], cpu[k][g_rounds - 1]);
+    }
+    for (int k = 0; k < NPT; k++) {
+        qsort(ratio[k], (size_t)g_rounds, sizeof(double), cmp_double);
+        qsort(gbps[k], (size_t)g_rounds, sizeof(double), cmp_double);
+        printf("summary kvx %-9s %6.2f GB/s median (%.2f-%.2f)  ratio to %s: median %.2f "
+               "(%.2f-%.2f) over %d rounds\n",
+               names[k], gbps[k][g_rounds / 2], gbps[k][0], gbps[k][g_rounds - 1],
+               k < 2 ? "raw tcp blast" : "best 1-thread copy", ratio[k][g_rounds / 2], ratio[k][0],
+               ratio[k][g_rounds - 1], g_rounds);
+    }
 }
 
 int main(int argc, char **argv)
@@ -409,12 +545,24 @@ int main(int argc, char **argv)
     printf("kvx bench: 32 layers, n_kv_heads*head_dim=4096, f16; pool %zu MiB per side; "
            "%.2f GiB per point; tcp data connections=%d; up to %d requests per batch\n",
            g_pool_mib, g_gib, g_conns, g_batch);
+    if (g_rounds > 1) {
+        printf("ratio rounds: tcp against a raw %d-stream blast, shm against the best one-thread "
+               "copy, each measured just before and just after the kvx point\n",
+               g_conns);
+        ratio_rounds(limit_bytes);
+        return 0;
+    }
     double raw1 = raw_socket_gbps(limit_bytes, 1);
     double raw = g_conns == 1 ? raw1 : raw_socket_gbps(limit_bytes, g_conns);
-    double mc = memcpy_gbps(limit_bytes);
+    double mc_plain = copy_gbps(limit_bytes, 0);
+    double mc_stream = copy_gbps(limit_bytes, 1);
+    /* The copy limit is the faster of the two ways one thread can copy. */
+    double mc = mc_stream > mc_plain ? mc_stream : mc_plain;
     printf("limit  raw tcp socket on 127.0.0.1, 1 stream    %6.2f GB/s\n", raw1);
     printf("limit  raw tcp socket on 127.0.0.1, %d streams   %6.2f GB/s\n", g_conns, raw);
-    printf("limit  memcpy (1 thread)                       %6.2f GB/s\n", mc);
+    printf("limit  memcpy (1 thread)                       %6.2f GB/s\n", mc_plain);
+    printf("limit  streaming-store copy (1 thread)         %6.2f GB/s\n", mc_stream);
+    printf("limit  copy, best of the two                   %6.2f GB/s\n", mc);
     int seq = 0;
     uint32_t bss[2] = {16, 64};
     double tcp16 = 0, shm16 = 0;
@@ -433,7 +581,7 @@ int main(int argc, char **argv)
                 raw > 0 ? t / raw : 0, g_conns, raw1 > 0 ? t / raw1 : 0,
                 ct.posts ? 1e-3 * (double)ct.ns * nreq / (double)ct.posts : 0);
             printf("kvx    shm bs=%-3u block=%4zu KiB x %3u blocks x 32 layers, %d reqs, %s  %6.2f "
-                   "GB/s  = %.2f x memcpy; posting %.1f us/layer\n",
+                   "GB/s  = %.2f x copy; posting %.1f us/layer\n",
                    bss[i], kv_layout_block_bytes(&l) >> 10, l.num_blocks, nreq, how, s,
                    mc > 0 ? s / mc : 0,
                    cs.posts ? 1e-3 * (double)cs.ns * nreq / (double)cs.posts : 0);

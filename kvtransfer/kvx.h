@@ -15,7 +15,10 @@
  *   "nccl"     GPU to GPU across hosts (built when NCCL is found).
  *
  * Threading contract. Each endpoint owns one progress thread that does all
- * socket and device I/O. The kvx_* calls below may be made from any
+ * socket and device I/O, except that "tcp" gives each data connection a
+ * writer thread (sender) or a reader thread (receiver) of its own, which
+ * moves frame bytes only: requests, leases and events stay with the
+ * progress thread. The kvx_* calls below may be made from any
  * application thread; each one hands a command to the progress thread and
  * waits for its answer (microseconds), so they never race with transfers.
  * The exception is kvx_send_layers, the sender's hot path: it copies its

@@ -430,7 +430,7 @@ static int recv_exact(int fd, void *buf, size_t n, int *fd_out)
 static int add_peer_fn(kvx_ep *ep, void *arg)
 {
     kvx__peer *p = arg;
-    p->last_rx_ns = td_now_ns();
+    __atomic_store_n(&p->last_rx_ns, td_now_ns(), __ATOMIC_RELAXED);
     int rc = kvx__set_nonblock(p->ctrl.fd);
     if (rc == 0) rc = kvx__conn_add(ep, &p->ctrl, EPOLLIN);
     if (rc == 0 && ep->ops->peer_start) rc = ep->ops->peer_start(ep, p);

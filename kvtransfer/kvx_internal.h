@@ -42,7 +42,9 @@ struct kvx__peer {
     int ev_left; /* 1 while its KVX_EV_PEER_ERROR is reserved and not emitted */
     kvx__conn ctrl;
     kvx__buf in, out;   /* control stream buffers */
-    int64_t last_rx_ns; /* last byte received on any of its connections */
+    int out_deferred;   /* out holds queued messages not tried yet (kvx__ctrl_queue) */
+    int64_t last_rx_ns; /* atomic: last byte received on any of its connections (tcp
+                         * readers store it too) */
     int64_t last_hb_ns; /* last heartbeat sent */
     kvx_wire_hello remote;
     uint64_t token; /* receiver: data connections present it */
@@ -179,6 +181,11 @@ struct kvx_ep {
     pthread_t thread;
     int thread_started;
     int stopping;
+    /* Held by the progress thread while it works (everything but epoll_wait
+     * and reaping peers). Transport I/O threads (tcp's per-connection
+     * readers) take it to touch requests, leases and events; nothing else
+     * needs it. Order: loop_mu before any transport lock, ev_mu last. */
+    pthread_mutex_t loop_mu;
     /* command queue (application -> progress) */
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -247,6 +254,16 @@ int kvx__ev_reserve(kvx_ep *ep, int k, int grow, int room);
 /* Gives back k reserved slots that will not be filled. Any thread. */
 void kvx__ev_release(kvx_ep *ep, int k);
 
+/* ---- kvx_mem.c ---- */
+
+/* A pool the transport owns: anonymous memory, huge pages advised, every
+ * page touched once (no faults during transfers). Any thread. */
+int kvx__pool_map(size_t bytes, void **out);
+void kvx__pool_unmap(void *pool, size_t bytes);
+/* memcpy, with streaming stores (and a fence) for large runs: for data the
+ * copying core does not read again. Any thread. */
+void kvx__copy(void *dst, const void *src, size_t n);
+
 /* ---- kvx_post.c ---- */
 
 /* Sizes and allocates the post ring of a sender (endpoint creation). */
@@ -285,6 +302,12 @@ void kvx__peer_fail(kvx_ep *ep, kvx__peer *p, int err, const char *fmt, ...)
 
 /* Frees the peers marked dead (end of a loop iteration, or destroy). */
 void kvx__reap_peers(kvx_ep *ep);
+/* The same in two steps: the dead peers leave the list (under loop_mu, so a
+ * peer a transport thread is failing right now is not taken half-failed),
+ * then they are freed (outside loop_mu: freeing joins transport threads,
+ * which may be waiting for it). */
+kvx__peer *kvx__peers_take_dead(kvx_ep *ep);
+void kvx__peers_free(kvx_ep *ep, kvx__peer *dead);
 kvx__peer *kvx__peer_by_id(kvx_ep *ep, int id);
 
 /* ---- kvx_handshake.c ---- */
@@ -327,6 +350,14 @@ void kvx__sreq_finish(kvx_ep *ep, kvx__req *r, int err, const char *msg, int not
 /* Queues a control message to p (header + body parts) and tries to flush. */
 int kvx__ctrl_send(kvx_ep *ep, kvx__peer *p, uint16_t type, const void *a, size_t alen,
                    const void *b, size_t blen);
+
+/* Queues a control message to p without writing it yet: the progress thread
+ * writes every peer's queued messages once per loop iteration, before it
+ * sleeps (kvx__flush_peers), so n notices cost one syscall, not n. A later
+ * kvx__ctrl_send to p writes them first, in order. */
+int kvx__ctrl_queue(kvx_ep *ep, kvx__peer *p, uint16_t type, const void *a, size_t alen,
+                    const void *b, size_t blen);
+void kvx__flush_peers(kvx_ep *ep);
 
 /* Counters. */
 static inline void kvx__stat_add(uint64_t *ctr, uint64_t v)

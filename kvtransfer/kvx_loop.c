@@ -141,10 +141,14 @@ void kvx__emit_ex(kvx_ep *ep, enum kvx_event_type type, const char *req_id, int 
     e->err = err;
     e->elapsed_ns = elapsed_ns;
     if (msg) snprintf(e->msg, sizeof(e->msg), "%s", msg);
-    ep->ev_count++;
+    /* The eventfd is written when the queue stops being empty only:
+     * kvx_ep_poll drains it (under ev_mu) when it empties the queue, so it is
+     * readable whenever events are pending, at one syscall per burst of
+     * events rather than one per event. */
+    int wake = ep->ev_count++ == 0;
     pthread_mutex_unlock(&ep->ev_mu);
     uint64_t one = 1;
-    if (write(ep->ev_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+    if (wake && write(ep->ev_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
         td_log_warn(MOD, "event_fd_write_failed", "errno=%d", errno);
 }
 
@@ -268,9 +272,10 @@ static void timers(kvx_ep *ep, int64_t now)
     int64_t stall = ep->p.stall_timeout_ns;
     for (kvx__peer *p = ep->peers; p; p = p->next) {
         if (p->dead) continue;
-        if (now - p->last_rx_ns > stall) {
+        int64_t last_rx = __atomic_load_n(&p->last_rx_ns, __ATOMIC_RELAXED);
+        if (now - last_rx > stall) {
             kvx__peer_fail(ep, p, TD_ETIMEDOUT, "peer silent for %lld ms",
-                           (long long)((now - p->last_rx_ns) / TD_NS_PER_MS));
+                           (long long)((now - last_rx) / TD_NS_PER_MS));
             continue;
         }
         if (now - p->last_hb_ns > stall / 4) {
@@ -320,6 +325,7 @@ static void *progress_main(void *arg)
     struct epoll_event evs[64];
     int64_t next_tick = td_now_ns();
     int busy = 0;
+    pthread_setname_np(pthread_self(), ep->p.role == KVX_ROLE_SEND ? "kvx-send" : "kvx-recv");
     if (ep->ops->thread_init) ep->ops->thread_init(ep);
     while (!ep->stopping) {
         int n = epoll_wait(ep->epfd, evs, 64, busy ? 0 : (int)(ep->tick_ns / TD_NS_PER_MS));
@@ -327,6 +333,7 @@ static void *progress_main(void *arg)
             td_log_error(MOD, "epoll_failed", "errno=%d", errno);
             break;
         }
+        pthread_mutex_lock(&ep->loop_mu);
         /* Posts published before this wake-up go before the messages that
          * arrived with it (a CANCEL from the peer, say). */
         kvx__posts_drain(ep);
@@ -342,7 +349,16 @@ static void *progress_main(void *arg)
             timers(ep, now);
             next_tick = now + ep->tick_ns;
         }
-        kvx__reap_peers(ep);
+        /* Before sleeping: notices queued during this iteration go out in
+         * one write per peer. */
+        kvx__flush_peers(ep);
+        /* A tcp reader may fail its peer (a control write failing while it
+         * lands a block) under loop_mu: dead peers are taken off the list
+         * under it, and freed outside it, since freeing a peer joins its
+         * transport threads, which may be waiting for loop_mu. */
+        kvx__peer *dead = kvx__peers_take_dead(ep);
+        pthread_mutex_unlock(&ep->loop_mu);
+        kvx__peers_free(ep, dead);
     }
     return NULL;
 }
@@ -420,6 +436,7 @@ int kvx_ep_create(const kvx_params *params, kvx_ep **out)
     pthread_mutex_init(&ep->mu, NULL);
     pthread_cond_init(&ep->cv, NULL);
     pthread_mutex_init(&ep->ev_mu, NULL);
+    pthread_mutex_init(&ep->loop_mu, NULL);
     int rc = TD_ENOMEM;
     ep->max_reqs = KVX__MAX_REQS;
     ep->ev_cap = 256;
@@ -469,7 +486,11 @@ void kvx_ep_destroy(kvx_ep *ep)
     ep->stopping = 1;
     pthread_mutex_unlock(&ep->mu);
     /* The thread is gone: tear down on this one. Requests end without events
-     * (nobody is left to read them). */
+     * (nobody is left to read them). Transport I/O threads (tcp readers) may
+     * still be running until the peers are reaped: they look at peers and
+     * requests under loop_mu, so the peers die under it too, and the reap
+     * (which joins them) runs outside it. */
+    pthread_mutex_lock(&ep->loop_mu);
     for (kvx__peer *p = ep->peers; p; p = p->next) {
         if (!p->dead) {
             for (int i = 0; ep->reqs && i < ep->reqs_hi; i++) {
@@ -482,6 +503,7 @@ void kvx_ep_destroy(kvx_ep *ep)
             p->dead = 1;
         }
     }
+    pthread_mutex_unlock(&ep->loop_mu);
     kvx__reap_peers(ep);
     for (int i = 0; ep->reqs && i < ep->reqs_hi; i++)
         if (ep->reqs[i].used) {
@@ -516,6 +538,7 @@ void kvx_ep_destroy(kvx_ep *ep)
     pthread_mutex_destroy(&ep->mu);
     pthread_cond_destroy(&ep->cv);
     pthread_mutex_destroy(&ep->ev_mu);
+    pthread_mutex_destroy(&ep->loop_mu);
     free(ep->reqs);
     free(ep->evs);
     free(ep->owner);

@@ -61,8 +61,9 @@ static int ctrl_flush(kvx_ep *ep, kvx__peer *p)
     return kvx__conn_mod(ep, &p->ctrl, EPOLLIN | (p->out.len ? EPOLLOUT : 0));
 }
 
-int kvx__ctrl_send(kvx_ep *ep, kvx__peer *p, uint16_t type, const void *a, size_t alen,
-                   const void *b, size_t blen)
+/* Appends one message to p's output; flushes it now unless defer. */
+static int ctrl_put(kvx_ep *ep, kvx__peer *p, uint16_t type, const void *a, size_t alen,
+                    const void *b, size_t blen, int defer)
 {
     if (p->dead) return TD_ECLOSED;
     if (alen + blen > KVX_WIRE_MAX_BODY) return TD_ETOOLONG;
@@ -87,9 +88,37 @@ int kvx__ctrl_send(kvx_ep *ep, kvx__peer *p, uint16_t type, const void *a, size_
         memcpy(p->out.data + p->out.len, b, blen);
         p->out.len += blen;
     }
+    if (defer) {
+        p->out_deferred = 1;
+        return 0;
+    }
+    p->out_deferred = 0;
     int rc = ctrl_flush(ep, p);
     if (rc < 0) kvx__peer_fail(ep, p, TD_ECONNRESET, "control send failed: %s", td_strerror(rc));
     return rc;
+}
+
+int kvx__ctrl_send(kvx_ep *ep, kvx__peer *p, uint16_t type, const void *a, size_t alen,
+                   const void *b, size_t blen)
+{
+    return ctrl_put(ep, p, type, a, alen, b, blen, 0);
+}
+
+int kvx__ctrl_queue(kvx_ep *ep, kvx__peer *p, uint16_t type, const void *a, size_t alen,
+                    const void *b, size_t blen)
+{
+    return ctrl_put(ep, p, type, a, alen, b, blen, 1);
+}
+
+void kvx__flush_peers(kvx_ep *ep)
+{
+    for (kvx__peer *p = ep->peers; p; p = p->next) {
+        if (p->dead || !p->out_deferred) continue;
+        p->out_deferred = 0;
+        int rc = ctrl_flush(ep, p);
+        if (rc < 0)
+            kvx__peer_fail(ep, p, TD_ECONNRESET, "control send failed: %s", td_strerror(rc));
+    }
 }
 
 /* ---------- peers ---------- */
@@ -135,18 +164,34 @@ void kvx__peer_free(kvx_ep *ep, kvx__peer *p)
     free(p);
 }
 
-void kvx__reap_peers(kvx_ep *ep)
+kvx__peer *kvx__peers_take_dead(kvx_ep *ep)
 {
-    kvx__peer **pp = &ep->peers;
+    kvx__peer *dead = NULL, **pp = &ep->peers;
     while (*pp) {
         kvx__peer *p = *pp;
         if (p->dead) {
             *pp = p->next;
-            kvx__peer_free(ep, p);
+            p->next = dead;
+            dead = p;
         } else {
             pp = &p->next;
         }
     }
+    return dead;
+}
+
+void kvx__peers_free(kvx_ep *ep, kvx__peer *dead)
+{
+    while (dead) {
+        kvx__peer *p = dead;
+        dead = p->next;
+        kvx__peer_free(ep, p);
+    }
+}
+
+void kvx__reap_peers(kvx_ep *ep)
+{
+    kvx__peers_free(ep, kvx__peers_take_dead(ep));
 }
 
 kvx__peer *kvx__peer_by_id(kvx_ep *ep, int id)
@@ -182,7 +227,7 @@ void kvx__peer_on_ctrl(kvx_ep *ep, kvx__conn *c, uint32_t events)
             return;
         }
         p->in.len += (size_t)n;
-        p->last_rx_ns = td_now_ns();
+        __atomic_store_n(&p->last_rx_ns, td_now_ns(), __ATOMIC_RELAXED);
         size_t off = 0;
         for (;;) {
             kvx_wire_hdr h;
@@ -211,6 +256,6 @@ kvx__peer *kvx__peer_new(kvx_ep *ep, int fd)
     p->ctrl.fd = fd;
     p->ctrl.on_io = kvx__peer_on_ctrl;
     p->ctrl.peer = p;
-    p->last_rx_ns = td_now_ns();
+    __atomic_store_n(&p->last_rx_ns, td_now_ns(), __ATOMIC_RELAXED);
     return p;
 }

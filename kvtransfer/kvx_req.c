@@ -209,7 +209,10 @@ static void sreq_maybe_reap(kvx_ep *ep, kvx__req *r)
 void kvx__post_done(kvx_ep *ep, kvx__post *post)
 {
     kvx__req *r = post->req;
-    if (!r->closing) {
+    /* A request the receiver confirmed (DONE) while this post's last bytes
+     * were still being reported written (tcp writer threads) still gets its
+     * LAYER_SENT, before its DONE; a failing one does not. */
+    if (!r->closing || r->final_err == 0) {
         post->ev = 0; /* reserved by kvx_send_layers */
         kvx__emit(ep, KVX_EV_LAYER_SENT, r->id, (int)post->layer, r->peer ? r->peer->id : -1, 0,
                   NULL);

@@ -1,9 +1,14 @@
 /* shm transport: same host, CPU memory. The receiver's pool is a memfd; the
  * handshake passes it to the sender over the unix control socket
- * (SCM_RIGHTS), the sender maps it and a transfer is one memcpy per block
- * straight into the receiver's block, followed by a POST ("written") notice
- * on the control socket that the receiver checks against the request before
- * marking blocks landed.
+ * (SCM_RIGHTS), the sender maps it and a transfer is a copy straight into
+ * the receiver's blocks (runs of adjacent blocks in one go, streaming stores:
+ * kvx__copy), followed by a POST ("written") notice on the control socket
+ * that the receiver checks against the request before marking blocks
+ * landed. The notices of one loop iteration leave in one write.
+ *
+ * Both mappings of the memfd are populated when they are made (the
+ * receiver's allocates and zeroes the pages, the sender's fills its page
+ * table), so no transfer takes a page fault.
  *
  * Trust: a mapped sender can write anywhere in the pool; the receiver only
  * decides what counts as landed. That is the usual same-host trade-off (the
@@ -24,9 +29,8 @@
 
 typedef struct shm_ep {
     int memfd; /* receiver: backing of the pool, -1 otherwise */
-    void *map; /* receiver: the shared mapping; sender: owned pool */
+    void *map; /* receiver: the shared mapping; sender: owned pool (kvx__pool_map) */
     size_t map_bytes;
-    int map_is_heap; /* sender pool from posix_memalign */
 } shm_ep;
 
 typedef struct shm_peer {
@@ -42,13 +46,16 @@ static int shm_ep_init(kvx_ep *ep)
     ep->tp = s;
     if (ep->pool) return 0;
     if (ep->p.role == KVX_ROLE_SEND) {
-        if (posix_memalign(&s->map, 4096, ep->pool_bytes) != 0) return TD_ENOMEM;
-        s->map_is_heap = 1;
+        int rc = kvx__pool_map(ep->pool_bytes, &s->map);
+        if (rc < 0) return rc;
     } else {
         s->memfd = memfd_create("tandem-kvx-pool", MFD_CLOEXEC);
         if (s->memfd < 0) return td_err_from_errno(errno);
         if (ftruncate(s->memfd, (off_t)ep->pool_bytes) < 0) return td_err_from_errno(errno);
-        void *m = mmap(NULL, ep->pool_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, s->memfd, 0);
+        /* MAP_POPULATE allocates every page now rather than at the first
+         * transfer's faults. */
+        void *m = mmap(NULL, ep->pool_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                       s->memfd, 0);
         if (m == MAP_FAILED) return td_err_from_errno(errno);
         s->map = m;
     }
@@ -62,10 +69,7 @@ static void shm_ep_fini(kvx_ep *ep)
 {
     shm_ep *s = ep->tp;
     if (!s) return;
-    if (s->map_is_heap)
-        free(s->map);
-    else if (s->map)
-        munmap(s->map, s->map_bytes);
+    if (s->map) munmap(s->map, s->map_bytes);
     if (s->memfd >= 0) close(s->memfd);
     free(s);
     ep->tp = NULL;
@@ -105,7 +109,7 @@ static int shm_peer_attach(kvx_ep *ep, kvx__peer *p, int fd)
         rc = TD_EPROTO;
         goto out;
     }
-    void *m = mmap(NULL, (size_t)bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    void *m = mmap(NULL, (size_t)bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
     if (m == MAP_FAILED) {
         rc = td_err_from_errno(errno);
         goto out;
@@ -138,16 +142,24 @@ static int shm_send_post(kvx_ep *ep, kvx__peer *p, kvx__post *post)
     shm_peer *sp = p->tp;
     size_t bb = ep->block_bytes;
     size_t remote_blocks = p->remote.num_blocks;
-    for (int i = 0; i < post->n; i++) {
+    /* A run of pairs whose sources and destinations both follow each other
+     * is one contiguous range on both sides: one copy. */
+    for (int i = 0; i < post->n;) {
         const kvx_pair *pr = &post->pairs[i];
+        int k = 1;
+        while (i + k < post->n && post->pairs[i + k].src == pr->src + (uint32_t)k &&
+               post->pairs[i + k].dst == pr->dst + (uint32_t)k)
+            k++;
         /* dst < remote num_blocks was checked when the layer was posted. */
         size_t doff = ((size_t)post->layer * remote_blocks + pr->dst) * bb;
-        memcpy(sp->remote + doff, kvx__block_ptr(ep, ep->pool, post->layer, pr->src), bb);
+        kvx__copy(sp->remote + doff, kvx__block_ptr(ep, ep->pool, post->layer, pr->src),
+                  bb * (size_t)k);
+        i += k;
     }
     kvx__stat_add(&ep->st.bytes_sent, (uint64_t)post->n * bb);
     kvx_wire_req m = {.hash = post->req->hash, .layer = post->layer, .n = (uint32_t)post->n};
-    int rc = kvx__ctrl_send(ep, p, KVX_MSG_POST, &m, sizeof(m), post->pairs,
-                            sizeof(kvx_pair) * (size_t)post->n);
+    int rc = kvx__ctrl_queue(ep, p, KVX_MSG_POST, &m, sizeof(m), post->pairs,
+                             sizeof(kvx_pair) * (size_t)post->n);
     kvx__post_done(ep, post);
     return rc;
 }

@@ -3,12 +3,48 @@
  * straight from block memory with sendmsg(iovec[]); the receiver validates
  * each header, then reads the payload straight into the destination block.
  * No staging copy on either side. Frames of a post are spread round-robin
- * over the connections. Every socket is non-blocking and driven by the
- * endpoint's epoll, so a stalled peer never blocks the progress thread. */
+ * over the connections.
+ *
+ * Threads. Every data connection has its own I/O thread at each end (a
+ * writer on the sender, a reader on the receiver), so n connections move
+ * data on 2n threads besides the two progress threads, as a raw n-stream
+ * socket blast does: on loopback the sending side's kernel work (copy in,
+ * both TCP stacks) outweighs the receiving side's (copy out), and one
+ * thread per end left a core idle half the time (docs/kvtransfer.md, "Where
+ * the time went"). The progress thread keeps everything else: requests,
+ * leases, events, control messages, timers.
+ *
+ * Sender. The progress thread queues a post's frames on the connections
+ * (under each connection's mutex) and signals the writers. A writer gathers
+ * up to TCP_BATCH bytes of queued frames into one blocking sendmsg, then
+ * moves the frames it finished to the connection's done list and wakes the
+ * progress thread (one eventfd per endpoint, written once per burst), which
+ * finishes them (LAYER_SENT). Frames inside the writer's current sendmsg are
+ * busy: a cancel leaves them to finish, so the stream stays in sync (their
+ * source stays readable until the request's final event).
+ *
+ * Receiver. A reader reads a header, takes ep->loop_mu to claim the block
+ * (kvx__rreq_claim), reads the payload into the block with no lock held,
+ * and takes loop_mu again to land it. When a lease ends while a payload is
+ * being read (cancel, deadline, peer failure), tcp_rreq_release turns the
+ * rest of that payload to a sink and waits for the reader's recv in progress:
+ * a non-blocking recv of bytes already queued (the reader waits for data
+ * with poll() outside that window), so the wait is short and bounded, and
+ * nothing writes the block once the release returns.
+ *
+ * Errors an I/O thread meets (closed connection, bad frame, write failure)
+ * go to the progress thread, which fails the peer. Stopping a connection
+ * (peer_close) sets its stop flag and shuts the socket down, which wakes a
+ * thread blocked in sendmsg or poll. Writers are joined in peer_close (they
+ * never take loop_mu); readers in peer_free, which the progress thread runs
+ * outside loop_mu. Lock order: loop_mu, then a connection's mu. */
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -21,7 +57,9 @@
 #define MOD           "kvx_tcp"
 #define TCP_MAX_CONNS 16
 #define TCP_IOV       64
+#define TCP_BATCH     (2u << 20)   /* bytes gathered into one sendmsg at most */
 #define TCP_SCRATCH   (256u << 10) /* bytes; sink for payloads we must not keep */
+#define TCP_POLL_MS   200          /* a reader re-checks its stop flag this often */
 
 typedef struct tcp_frame {
     kvx_wire_frame hdr;
@@ -31,20 +69,34 @@ typedef struct tcp_frame {
 } tcp_frame;
 
 typedef struct tcp_dconn {
-    kvx__conn c;
+    kvx__conn c; /* sender: in epoll for EPOLLIN (the receiver closing it) */
     int used;
-    /* sender: queue of frames; head is being written, off bytes of it done */
-    tcp_frame *head, *tail;
-    size_t off;
-    /* receiver: current header, then payload */
+    kvx_ep *ep;
+    pthread_t th;
+    int th_started;
+    int mu_init;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int stop;         /* atomic; set under mu */
+    int err;          /* under mu: the I/O thread failed (TD_E*), err_msg says how */
+    char err_msg[96]; /* under mu */
+    /* sender, under mu */
+    tcp_frame *head, *tail;           /* queued; head may be partly written */
+    tcp_frame *done_head, *done_tail; /* written, for the progress thread */
+    int n_busy;                       /* frames from head inside the writer's sendmsg */
+    size_t off;                       /* bytes of head written */
+    /* receiver: the reader's own state ... */
     kvx_wire_frame rh;
     size_t rh_got;
     int in_payload;
-    int discard;
-    uint8_t *dst;
-    size_t left; /* payload bytes still to read */
-    kvx__req *req;
+    uint8_t *dst; /* where the payload's next byte goes */
+    size_t left;  /* payload bytes still to read */
     uint32_t layer, block;
+    uint8_t *scratch; /* TCP_SCRATCH bytes */
+    /* ... and, under mu, what a lease release changes */
+    kvx__req *req; /* claimed request of the payload being read, NULL: discard */
+    int discard;
+    int in_recv; /* the reader is inside a recv into the block */
 } tcp_dconn;
 
 typedef struct tcp_peer {
@@ -54,19 +106,25 @@ typedef struct tcp_peer {
 } tcp_peer;
 
 typedef struct tcp_ep {
-    uint8_t *scratch;
     void *owned_pool;
+    kvx__conn done; /* eventfd: I/O threads finished frames or failed */
+    int signalled;  /* atomic: a wake of `done` is on its way */
 } tcp_ep;
+
+static void on_done(kvx_ep *ep, kvx__conn *c, uint32_t events);
 
 static int tcp_ep_init(kvx_ep *ep)
 {
     tcp_ep *t = calloc(1, sizeof(*t));
     if (!t) return TD_ENOMEM;
     ep->tp = t;
-    t->scratch = malloc(TCP_SCRATCH);
-    if (!t->scratch) return TD_ENOMEM;
+    t->done.fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (t->done.fd < 0) return td_err_from_errno(errno);
+    t->done.on_io = on_done;
+    int rc = kvx__conn_add(ep, &t->done, EPOLLIN);
+    if (rc < 0) return rc;
     if (!ep->pool) {
-        if (posix_memalign(&t->owned_pool, 4096, ep->pool_bytes) != 0) return TD_ENOMEM;
+        if ((rc = kvx__pool_map(ep->pool_bytes, &t->owned_pool)) < 0) return rc;
         ep->pool = t->owned_pool;
         ep->pool_owned = 1;
     }
@@ -77,8 +135,11 @@ static void tcp_ep_fini(kvx_ep *ep)
 {
     tcp_ep *t = ep->tp;
     if (!t) return;
-    free(t->scratch);
-    free(t->owned_pool);
+    kvx__pool_unmap(t->owned_pool, ep->pool_bytes);
+    if (t->done.fd >= 0) {
+        kvx__conn_del(ep, &t->done);
+        close(t->done.fd);
+    }
     free(t);
     ep->tp = NULL;
 }
@@ -89,7 +150,64 @@ static tcp_peer *peer_tp(kvx__peer *p)
     return p->tp;
 }
 
-/* One frame of a post is finished (written, or dropped). */
+/* Any thread: makes the progress thread run on_done soon (once per burst). */
+static void wake_progress(kvx_ep *ep)
+{
+    tcp_ep *t = ep->tp;
+    if (__atomic_exchange_n(&t->signalled, 1, __ATOMIC_SEQ_CST)) return;
+    uint64_t one = 1;
+    if (write(t->done.fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        td_log_warn(MOD, "wake_write_failed", "errno=%d", errno);
+}
+
+/* I/O thread: records why it stopped, for the progress thread. */
+static void conn_set_err(tcp_dconn *d, int err, const char *msg)
+{
+    pthread_mutex_lock(&d->mu);
+    if (!d->err && !__atomic_load_n(&d->stop, __ATOMIC_SEQ_CST)) {
+        d->err = err;
+        snprintf(d->err_msg, sizeof(d->err_msg), "%s", msg);
+    }
+    pthread_mutex_unlock(&d->mu);
+    wake_progress(d->ep);
+}
+
+static int conn_init(kvx_ep *ep, kvx__peer *p, tcp_dconn *d, int fd)
+{
+    d->c.fd = fd;
+    d->c.peer = p;
+    d->c.tp = d;
+    d->ep = ep;
+    if (pthread_mutex_init(&d->mu, NULL) != 0) return TD_ENOMEM;
+    if (pthread_cond_init(&d->cv, NULL) != 0) {
+        pthread_mutex_destroy(&d->mu);
+        return TD_ENOMEM;
+    }
+    d->mu_init = 1;
+    return 0;
+}
+
+/* Tells d's thread to stop and wakes it; joins nothing. */
+static void conn_stop(tcp_dconn *d)
+{
+    if (d->mu_init) {
+        pthread_mutex_lock(&d->mu);
+        __atomic_store_n(&d->stop, 1, __ATOMIC_SEQ_CST);
+        pthread_cond_broadcast(&d->cv);
+        pthread_mutex_unlock(&d->mu);
+    }
+    if (d->c.fd >= 0) shutdown(d->c.fd, SHUT_RDWR);
+}
+
+static void conn_join(tcp_dconn *d)
+{
+    if (d->th_started) {
+        pthread_join(d->th, NULL);
+        d->th_started = 0;
+    }
+}
+
+/* One frame of a post is finished (written, or dropped). Progress thread. */
 static void frame_done(kvx_ep *ep, tcp_frame *f)
 {
     kvx__post *post = f->post;
@@ -99,48 +217,88 @@ static void frame_done(kvx_ep *ep, tcp_frame *f)
     }
 }
 
-static void conn_close(kvx_ep *ep, tcp_dconn *d)
+/* Progress thread: frames the writers finished, errors the I/O threads met. */
+static void on_done(kvx_ep *ep, kvx__conn *c, uint32_t events)
 {
-    kvx__conn_del(ep, &d->c);
-    if (d->c.fd >= 0) close(d->c.fd);
-    d->c.fd = -1;
+    tcp_ep *t = ep->tp;
+    uint64_t v;
+    if (read(c->fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+        td_log_warn(MOD, "wake_read_failed", "errno=%d", errno);
+    __atomic_store_n(&t->signalled, 0, __ATOMIC_SEQ_CST);
+    for (kvx__peer *p = ep->peers; p; p = p->next) {
+        tcp_peer *tp = p->tp;
+        for (int k = 0; tp && !p->dead && k < tp->n; k++) {
+            tcp_dconn *d = &tp->d[k];
+            if (!d->used || !d->mu_init) continue;
+            char msg[sizeof(d->err_msg)];
+            pthread_mutex_lock(&d->mu);
+            tcp_frame *f = d->done_head;
+            d->done_head = d->done_tail = NULL;
+            int err = d->err;
+            memcpy(msg, d->err_msg, sizeof(msg));
+            pthread_mutex_unlock(&d->mu);
+            while (f) {
+                tcp_frame *next = f->next;
+                frame_done(ep, f);
+                f = next;
+            }
+            if (err && !p->dead) kvx__peer_fail(ep, p, err, "%s", msg);
+        }
+    }
 }
 
 /* ---------- sender ---------- */
 
-static void conn_write(kvx_ep *ep, tcp_dconn *d)
+static void *writer_main(void *arg)
 {
-    kvx__peer *p = d->c.peer;
-    while (d->head && !p->dead) {
-        struct iovec iov[TCP_IOV];
-        int k = 0;
-        size_t off = d->off;
-        for (tcp_frame *f = d->head; f && k < TCP_IOV - 1; f = f->next) {
+    tcp_dconn *d = arg;
+    kvx_ep *ep = d->ep;
+    struct iovec iov[TCP_IOV];
+    pthread_setname_np(pthread_self(), "kvx-tcp-write");
+    pthread_mutex_lock(&d->mu);
+    for (;;) {
+        while (!d->stop && !d->head)
+            pthread_cond_wait(&d->cv, &d->mu);
+        if (d->stop) break;
+        int k = 0, nf = 0;
+        size_t off = d->off, bytes = 0;
+        for (tcp_frame *f = d->head; f && k < TCP_IOV - 1 && bytes < TCP_BATCH; f = f->next) {
             if (off < sizeof(f->hdr)) {
                 iov[k].iov_base = (uint8_t *)&f->hdr + off;
                 iov[k++].iov_len = sizeof(f->hdr) - off;
                 iov[k].iov_base = (void *)f->payload;
                 iov[k++].iov_len = f->hdr.len;
+                bytes += sizeof(f->hdr) - off + f->hdr.len;
             } else {
                 iov[k].iov_base = (void *)(f->payload + (off - sizeof(f->hdr)));
                 iov[k++].iov_len = f->hdr.len - (off - sizeof(f->hdr));
+                bytes += f->hdr.len - (off - sizeof(f->hdr));
             }
             off = 0;
+            nf++;
         }
+        d->n_busy = nf;
+        pthread_mutex_unlock(&d->mu);
+        /* Blocking: the thread sleeps in the kernel while the socket buffer
+         * is full. SO_SNDTIMEO (the stall timeout) bounds each wait; a
+         * stopped connection is shut down, which ends it at once. */
         struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)k};
-        ssize_t n = sendmsg(d->c.fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t n = sendmsg(d->c.fd, &mh, MSG_NOSIGNAL);
+        int e = errno;
+        pthread_mutex_lock(&d->mu);
+        d->n_busy = 0;
         if (n < 0) {
-            if (errno == EINTR) continue;
-            if (errno == EAGAIN) {
-                if (kvx__conn_mod(ep, &d->c, EPOLLIN | EPOLLOUT) < 0)
-                    kvx__peer_fail(ep, p, TD_EIO, "epoll failed");
-                return;
-            }
-            kvx__peer_fail(ep, p, td_err_from_errno(errno), "data connection write failed");
-            return;
+            if (e == EINTR || e == EAGAIN || e == EWOULDBLOCK) continue;
+            pthread_mutex_unlock(&d->mu);
+            char msg[96];
+            snprintf(msg, sizeof(msg), "data connection write failed: %s",
+                     td_strerror(td_err_from_errno(e)));
+            conn_set_err(d, td_err_from_errno(e), msg);
+            return NULL;
         }
         kvx__stat_add(&ep->st.bytes_sent, (uint64_t)n);
         size_t left = (size_t)n;
+        int finished = 0;
         while (left > 0 && d->head) {
             tcp_frame *f = d->head;
             size_t rem = sizeof(f->hdr) + f->hdr.len - d->off;
@@ -152,16 +310,26 @@ static void conn_write(kvx_ep *ep, tcp_dconn *d)
             d->off = 0;
             d->head = f->next;
             if (!d->head) d->tail = NULL;
-            frame_done(ep, f);
+            f->next = NULL;
+            if (d->done_tail)
+                d->done_tail->next = f;
+            else
+                d->done_head = f;
+            d->done_tail = f;
+            finished = 1;
+        }
+        if (finished) {
+            pthread_mutex_unlock(&d->mu);
+            wake_progress(ep);
+            pthread_mutex_lock(&d->mu);
         }
     }
-    if (!p->dead && kvx__conn_mod(ep, &d->c, EPOLLIN) < 0)
-        kvx__peer_fail(ep, p, TD_EIO, "epoll failed");
+    pthread_mutex_unlock(&d->mu);
+    return NULL;
 }
 
 static void on_send_conn(kvx_ep *ep, kvx__conn *c, uint32_t events)
 {
-    tcp_dconn *d = c->tp;
     kvx__peer *p = c->peer;
     if (p->dead) return;
     if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
@@ -178,7 +346,6 @@ static void on_send_conn(kvx_ep *ep, kvx__conn *c, uint32_t events)
             return;
         }
     }
-    if (events & EPOLLOUT) conn_write(ep, d);
 }
 
 static int tcp_peer_attach(kvx_ep *ep, kvx__peer *p, int fd)
@@ -191,9 +358,16 @@ static int tcp_peer_attach(kvx_ep *ep, kvx__peer *p, int fd)
         tp->d[i].c.fd = -1;
     for (int i = 0; i < tp->n; i++) {
         tcp_dconn *d = &tp->d[i];
-        int rc = kvx__dial(ep, p->addr, ep->p.stall_timeout_ns, &d->c.fd);
+        int dfd = -1;
+        int rc = kvx__dial(ep, p->addr, ep->p.stall_timeout_ns, &dfd);
         if (rc < 0) return rc;
         d->used = 1;
+        if ((rc = conn_init(ep, p, d, dfd)) < 0) {
+            close(dfd);
+            d->c.fd = -1;
+            d->used = 0;
+            return rc;
+        }
         kvx_wire_hdr h = {.magic = KVX_WIRE_MAGIC_CTRL,
                           .type = KVX_MSG_DATA_HELLO,
                           .len = sizeof(kvx_wire_data_hello)};
@@ -203,10 +377,9 @@ static int tcp_peer_attach(kvx_ep *ep, kvx__peer *p, int fd)
         memcpy(buf + sizeof(h), &dh, sizeof(dh));
         if (send(d->c.fd, buf, sizeof(buf), MSG_NOSIGNAL) != (ssize_t)sizeof(buf))
             return TD_ECONNRESET;
-        if ((rc = kvx__set_nonblock(d->c.fd)) < 0) return rc;
+        /* The socket stays blocking (with the dial's send timeout): only its
+         * writer thread writes it. */
         d->c.on_io = on_send_conn;
-        d->c.peer = p;
-        d->c.tp = d;
     }
     return 0;
 }
@@ -216,8 +389,11 @@ static int tcp_peer_start(kvx_ep *ep, kvx__peer *p)
     tcp_peer *tp = peer_tp(p);
     if (!tp) return TD_ENOMEM;
     for (int i = 0; i < tp->n; i++) {
-        int rc = kvx__conn_add(ep, &tp->d[i].c, EPOLLIN);
+        tcp_dconn *d = &tp->d[i];
+        int rc = kvx__conn_add(ep, &d->c, EPOLLIN);
         if (rc < 0) return rc;
+        if (pthread_create(&d->th, NULL, writer_main, d) != 0) return TD_ENOMEM;
+        d->th_started = 1;
     }
     return 0;
 }
@@ -235,7 +411,7 @@ static int tcp_send_post(kvx_ep *ep, kvx__peer *p, kvx__post *post)
     }
     post->tp = fr;
     post->remaining = post->n;
-    int touched[TCP_MAX_CONNS] = {0};
+    tcp_frame *head[TCP_MAX_CONNS] = {0}, *tail[TCP_MAX_CONNS] = {0};
     for (int i = 0; i < post->n; i++) {
         tcp_frame *f = &fr[i];
         f->hdr.magic = KVX_WIRE_MAGIC_FRAME;
@@ -247,32 +423,45 @@ static int tcp_send_post(kvx_ep *ep, kvx__peer *p, kvx__post *post)
         f->post = post;
         f->payload = kvx__block_ptr(ep, ep->pool, post->layer, post->pairs[i].src);
         int k = tp->rr++ % tp->n;
-        tcp_dconn *d = &tp->d[k];
-        if (d->tail)
-            d->tail->next = f;
+        if (tail[k])
+            tail[k]->next = f;
         else
-            d->head = f;
-        d->tail = f;
-        touched[k] = 1;
+            head[k] = f;
+        tail[k] = f;
     }
-    for (int k = 0; !p->dead && k < tp->n; k++)
-        if (touched[k]) conn_write(ep, &tp->d[k]);
+    /* One lock and one signal per connection for the whole post. */
+    for (int k = 0; k < tp->n; k++) {
+        if (!head[k]) continue;
+        tcp_dconn *d = &tp->d[k];
+        pthread_mutex_lock(&d->mu);
+        if (d->tail)
+            d->tail->next = head[k];
+        else
+            d->head = head[k];
+        d->tail = tail[k];
+        pthread_cond_signal(&d->cv);
+        pthread_mutex_unlock(&d->mu);
+    }
     return 0;
 }
 
 /* Drops r's frames that have not started; a frame whose header is on the wire
- * must finish so the stream stays in sync (its source stays readable until
- * the request's final event). */
+ * (or inside the writer's current sendmsg) must finish so the stream stays in
+ * sync (its source stays readable until the request's final event). */
 static void tcp_sreq_abort(kvx_ep *ep, kvx__req *r)
 {
     tcp_peer *tp = r->peer ? r->peer->tp : NULL;
     if (!tp) return;
     for (int k = 0; k < tp->n; k++) {
         tcp_dconn *d = &tp->d[k];
-        tcp_frame **pp = &d->head, *dropped = NULL, *last = NULL;
+        if (!d->mu_init) continue;
+        tcp_frame *dropped = NULL;
+        pthread_mutex_lock(&d->mu);
+        tcp_frame **pp = &d->head, *last = NULL;
+        int i = 0;
         while (*pp) {
             tcp_frame *f = *pp;
-            int busy = f == d->head && d->off > 0;
+            int busy = i++ < d->n_busy || (f == d->head && d->off > 0);
             if (f->post->req == r && !busy) {
                 *pp = f->next;
                 f->next = dropped;
@@ -283,6 +472,7 @@ static void tcp_sreq_abort(kvx_ep *ep, kvx__req *r)
             }
         }
         d->tail = last;
+        pthread_mutex_unlock(&d->mu);
         while (dropped) {
             tcp_frame *f = dropped;
             dropped = f->next;
@@ -293,74 +483,133 @@ static void tcp_sreq_abort(kvx_ep *ep, kvx__req *r)
 
 /* ---------- receiver ---------- */
 
-static void on_recv_conn(kvx_ep *ep, kvx__conn *c, uint32_t events)
+/* Reader, a whole header in d->rh: claims its block under loop_mu. Returns 0,
+ * 1 when the thread must stop (quietly), or a TD_E* code with msg. */
+static int reader_header(tcp_dconn *d, char *msg, size_t msg_len)
 {
-    tcp_dconn *d = c->tp;
-    kvx__peer *p = c->peer;
-    tcp_ep *t = ep->tp;
-    int got = 0;
-    while (!p->dead) {
-        ssize_t n;
+    kvx_ep *ep = d->ep;
+    kvx__peer *p = d->c.peer;
+    const kvx_wire_frame *h = &d->rh;
+    if (kvx_wire_frame_check(h, ep->block_bytes, ep->p.layout.n_layers, ep->p.layout.num_blocks,
+                             msg, msg_len) < 0) {
+        kvx__stat_add(&ep->st.frames_rejected, 1);
+        return TD_EPROTO;
+    }
+    pthread_mutex_lock(&ep->loop_mu);
+    if (p->dead || __atomic_load_n(&d->stop, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_unlock(&ep->loop_mu);
+        return 1;
+    }
+    int bad;
+    kvx__req *r = kvx__rreq_claim(ep, p, h->hash, h->layer, h->dst, &bad);
+    if (bad) {
+        int dead = p->dead; /* failing the request may have failed the peer */
+        pthread_mutex_unlock(&ep->loop_mu);
+        kvx__stat_add(&ep->st.frames_rejected, 1);
+        snprintf(msg, msg_len, "frame for block %u of layer %u sent twice", h->dst, h->layer);
+        return dead ? 1 : TD_EPROTO;
+    }
+    d->in_payload = 1;
+    d->left = h->len;
+    d->layer = h->layer;
+    d->block = h->dst;
+    d->dst = r ? kvx__block_ptr(ep, ep->pool, h->layer, h->dst) : NULL;
+    pthread_mutex_lock(&d->mu);
+    d->req = r;
+    /* Canceled/expired request or a block it does not own: swallow the
+     * payload, write nothing. */
+    d->discard = !r;
+    pthread_mutex_unlock(&d->mu);
+    pthread_mutex_unlock(&ep->loop_mu);
+    if (!r) kvx__stat_add(&ep->st.frames_rejected, 1);
+    return 0;
+}
+
+/* Reader, the payload is all read: lands the block under loop_mu. */
+static void reader_land(tcp_dconn *d)
+{
+    kvx_ep *ep = d->ep;
+    kvx__peer *p = d->c.peer;
+    d->in_payload = 0;
+    pthread_mutex_lock(&ep->loop_mu);
+    pthread_mutex_lock(&d->mu);
+    kvx__req *r = d->discard ? NULL : d->req;
+    d->req = NULL;
+    pthread_mutex_unlock(&d->mu);
+    if (r && !p->dead) kvx__rreq_land(ep, r, d->layer, d->block);
+    pthread_mutex_unlock(&ep->loop_mu);
+}
+
+static void *reader_main(void *arg)
+{
+    tcp_dconn *d = arg;
+    kvx__peer *p = d->c.peer;
+    int err = 0;
+    char msg[96] = "";
+    pthread_setname_np(pthread_self(), "kvx-tcp-read");
+    while (!__atomic_load_n(&d->stop, __ATOMIC_SEQ_CST)) {
+        uint8_t *buf;
+        size_t want;
+        int into_block = 0;
         if (!d->in_payload) {
-            n = recv(c->fd, (uint8_t *)&d->rh + d->rh_got, sizeof(d->rh) - d->rh_got, MSG_DONTWAIT);
-        } else if (d->discard) {
-            size_t want = d->left < TCP_SCRATCH ? d->left : TCP_SCRATCH;
-            n = recv(c->fd, t->scratch, want, MSG_DONTWAIT);
+            buf = (uint8_t *)&d->rh + d->rh_got;
+            want = sizeof(d->rh) - d->rh_got;
         } else {
-            n = recv(c->fd, d->dst, d->left, MSG_DONTWAIT);
+            pthread_mutex_lock(&d->mu);
+            if (d->discard) {
+                buf = d->scratch;
+                want = d->left < TCP_SCRATCH ? d->left : TCP_SCRATCH;
+            } else {
+                buf = d->dst;
+                want = d->left;
+                d->in_recv = into_block = 1;
+            }
+            pthread_mutex_unlock(&d->mu);
         }
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0 && errno == EAGAIN) break;
+        /* Non-blocking inside the in_recv window: a lease release waits for
+         * it, so it only copies what is already queued. */
+        ssize_t n = recv(d->c.fd, buf, want, MSG_DONTWAIT);
+        int e = errno;
+        if (into_block) {
+            pthread_mutex_lock(&d->mu);
+            d->in_recv = 0;
+            pthread_cond_broadcast(&d->cv);
+            pthread_mutex_unlock(&d->mu);
+        }
+        if (n < 0 && (e == EAGAIN || e == EWOULDBLOCK || e == EINTR)) {
+            struct pollfd pfd = {.fd = d->c.fd, .events = POLLIN};
+            if (poll(&pfd, 1, TCP_POLL_MS) < 0 && errno != EINTR) {
+                err = td_err_from_errno(errno);
+                snprintf(msg, sizeof(msg), "poll on a data connection failed");
+                break;
+            }
+            continue;
+        }
         if (n <= 0) {
-            kvx__peer_fail(ep, p, TD_ECONNRESET, "data connection closed by sender%s",
-                           d->in_payload ? " mid-block" : "");
-            return;
+            err = TD_ECONNRESET;
+            snprintf(msg, sizeof(msg), "data connection closed by sender%s",
+                     d->in_payload ? " mid-block" : "");
+            break;
         }
-        got = 1;
+        __atomic_store_n(&p->last_rx_ns, td_now_ns(), __ATOMIC_RELAXED);
         if (!d->in_payload) {
             d->rh_got += (size_t)n;
             if (d->rh_got < sizeof(d->rh)) continue;
             d->rh_got = 0;
-            const kvx_wire_frame *h = &d->rh;
-            char why[96];
-            if (kvx_wire_frame_check(h, ep->block_bytes, ep->p.layout.n_layers,
-                                     ep->p.layout.num_blocks, why, sizeof(why)) < 0) {
-                kvx__stat_add(&ep->st.frames_rejected, 1);
-                kvx__peer_fail(ep, p, TD_EPROTO, "%s", why);
-                return;
-            }
-            int bad;
-            kvx__req *r = kvx__rreq_claim(ep, p, h->hash, h->layer, h->dst, &bad);
-            if (p->dead) return; /* failing the request failed the peer: d is gone */
-            d->in_payload = 1;
-            d->left = h->len;
-            if (r) {
-                d->discard = 0;
-                d->req = r;
-                d->layer = h->layer;
-                d->block = h->dst;
-                d->dst = kvx__block_ptr(ep, ep->pool, h->layer, h->dst);
-            } else {
-                /* Canceled/expired request or a block it does not own:
-                 * swallow the payload, write nothing. */
-                kvx__stat_add(&ep->st.frames_rejected, 1);
-                d->discard = 1;
-                d->req = NULL;
+            int rc = reader_header(d, msg, sizeof(msg));
+            if (rc == 1) break;
+            if (rc < 0) {
+                err = rc;
+                break;
             }
             continue;
         }
         d->left -= (size_t)n;
-        if (!d->discard) d->dst += n;
-        if (d->left == 0) {
-            d->in_payload = 0;
-            if (!d->discard) {
-                kvx__req *r = d->req;
-                d->req = NULL;
-                kvx__rreq_land(ep, r, d->layer, d->block);
-            }
-        }
+        if (into_block) d->dst += n;
+        if (d->left == 0) reader_land(d);
     }
-    if (got) p->last_rx_ns = td_now_ns();
+    if (err) conn_set_err(d, err, msg);
+    return NULL;
 }
 
 static int tcp_data_conn(kvx_ep *ep, kvx__peer *p, int fd, uint32_t index)
@@ -370,31 +619,43 @@ static int tcp_data_conn(kvx_ep *ep, kvx__peer *p, int fd, uint32_t index)
         return TD_EINVAL;
     tcp_dconn *d = &tp->d[index];
     memset(d, 0, sizeof(*d));
-    d->used = 1;
-    d->c.fd = fd;
-    d->c.on_io = on_recv_conn;
-    d->c.peer = p;
-    d->c.tp = d;
-    if (tp->n < (int)index + 1) tp->n = (int)index + 1;
-    int rc = kvx__conn_add(ep, &d->c, EPOLLIN);
+    d->scratch = malloc(TCP_SCRATCH);
+    if (!d->scratch) return TD_ENOMEM;
+    int rc = conn_init(ep, p, d, fd);
+    if (rc == 0 && pthread_create(&d->th, NULL, reader_main, d) != 0) rc = TD_ENOMEM;
     if (rc < 0) {
-        d->used = 0;
+        if (d->mu_init) {
+            pthread_cond_destroy(&d->cv);
+            pthread_mutex_destroy(&d->mu);
+        }
+        free(d->scratch);
+        memset(d, 0, sizeof(*d));
         d->c.fd = -1;
+        return rc; /* the caller closes fd */
     }
-    return rc;
+    d->th_started = 1;
+    d->used = 1;
+    if (tp->n < (int)index + 1) tp->n = (int)index + 1;
+    return 0;
 }
 
+/* r's lease ends (under loop_mu): no reader writes its blocks after this. */
 static void tcp_rreq_release(kvx_ep *ep, kvx__req *r)
 {
     tcp_peer *tp = r->peer ? r->peer->tp : NULL;
     if (!tp) return;
     for (int k = 0; k < tp->n; k++) {
         tcp_dconn *d = &tp->d[k];
-        if (d->in_payload && !d->discard && d->req == r) {
+        if (!d->used || !d->mu_init) continue;
+        pthread_mutex_lock(&d->mu);
+        if (!d->discard && d->req == r) {
             /* The rest of this block goes to the sink: the lease is over. */
             d->discard = 1;
             d->req = NULL;
+            while (d->in_recv)
+                pthread_cond_wait(&d->cv, &d->mu);
         }
+        pthread_mutex_unlock(&d->mu);
     }
 }
 
@@ -404,19 +665,48 @@ static void tcp_peer_close(kvx_ep *ep, kvx__peer *p)
     if (!tp) return;
     for (int k = 0; k < TCP_MAX_CONNS; k++) {
         tcp_dconn *d = &tp->d[k];
-        while (d->head) {
-            tcp_frame *f = d->head;
-            d->head = f->next;
-            frame_done(ep, f);
+        if (!d->used) continue;
+        if (ep->p.role == KVX_ROLE_SEND) {
+            kvx__conn_del(ep, &d->c);
+            conn_stop(d);
+            conn_join(d); /* writers never wait for loop_mu */
+            /* Every frame is ours now: finished or not, it is done. */
+            tcp_frame *lists[2] = {d->done_head, d->head};
+            d->done_head = d->done_tail = d->head = d->tail = NULL;
+            d->off = 0;
+            for (int i = 0; i < 2; i++)
+                while (lists[i]) {
+                    tcp_frame *f = lists[i];
+                    lists[i] = f->next;
+                    frame_done(ep, f);
+                }
+            if (d->c.fd >= 0) close(d->c.fd);
+            d->c.fd = -1;
+        } else {
+            /* A reader may be waiting for loop_mu, which our caller may
+             * hold: it is joined in tcp_peer_free, outside loop_mu. */
+            conn_stop(d);
         }
-        d->tail = NULL;
-        if (d->used && d->c.fd >= 0) conn_close(ep, d);
     }
 }
 
 static void tcp_peer_free(kvx_ep *ep, kvx__peer *p)
 {
-    free(p->tp);
+    tcp_peer *tp = p->tp;
+    if (!tp) return;
+    for (int k = 0; k < TCP_MAX_CONNS; k++) {
+        tcp_dconn *d = &tp->d[k];
+        if (!d->used) continue;
+        conn_stop(d);
+        conn_join(d);
+        if (d->c.fd >= 0) close(d->c.fd);
+        if (d->mu_init) {
+            pthread_cond_destroy(&d->cv);
+            pthread_mutex_destroy(&d->mu);
+        }
+        free(d->scratch);
+    }
+    free(tp);
     p->tp = NULL;
 }
 

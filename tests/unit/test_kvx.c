@@ -25,6 +25,7 @@
 #include "common/err.h"
 #include "common/log.h"
 #include "kvtransfer/kvx.h"
+#include "kvtransfer/kvx_internal.h"
 #include "kvtransfer/kvx_wire.h"
 #include "fail_alloc.h"
 
@@ -1882,6 +1883,333 @@ static void test_concurrent_posters(void **s)
     kvx_ep_destroy(rx);
 }
 
+/* ---------- data connection threads, streaming copies ---------- */
+
+static kvx_ep *mk_ep_conns(const char *transport, enum kvx_role role, kv_layout l, int conns)
+{
+    kvx_params p = {.transport = transport,
+                    .role = role,
+                    .model_fingerprint = FP,
+                    .layout = l,
+                    .n_data_conns = conns,
+                    .stall_timeout_ns = 1500 * TD_NS_PER_MS};
+    kvx_ep *ep = NULL;
+    assert_int_equal(kvx_ep_create(&p, &ep), 0);
+    return ep;
+}
+
+/* 64 KiB blocks: several frames per sendmsg, partial writes, and shm copies
+ * long enough for streaming stores. */
+static kv_layout wide_layout(uint32_t n_layers, uint32_t num_blocks)
+{
+    kv_layout l = {.n_layers = n_layers,
+                   .num_blocks = num_blocks,
+                   .block_size = 16,
+                   .n_kv_heads = 8,
+                   .head_dim = 128,
+                   .dtype = KV_DTYPE_F16};
+    return l;
+}
+
+/* Per request: events by layer, and finals. */
+typedef struct layer_tally {
+    int landed[8];
+    int done, failed, other;
+} layer_tally;
+
+static void tally_layers(kvx_ep *ep, layer_tally *t, int nreq)
+{
+    kvx_event evs[64];
+    int n;
+    while ((n = kvx_ep_poll(ep, evs, 64)) > 0)
+        for (int i = 0; i < n; i++) {
+            int r = -1;
+            if (sscanf(evs[i].req_id, "x%d", &r) != 1 || r < 0 || r >= nreq) continue;
+            if (evs[i].type == KVX_EV_LAYER_LANDED || evs[i].type == KVX_EV_LAYER_SENT) {
+                assert_true(evs[i].layer >= 0 && evs[i].layer < 8);
+                t[r].landed[evs[i].layer]++;
+            } else if (evs[i].type == KVX_EV_DONE) {
+                t[r].done++;
+            } else if (evs[i].type == KVX_EV_FAILED) {
+                t[r].failed++;
+            } else {
+                t[r].other++;
+            }
+        }
+}
+
+/* tcp with 1, 3 and 8 data connections (a writer and a reader thread each):
+ * 32 requests posted a layer at a time; every block of every layer lands
+ * exactly once (a second copy would fail its request: "sent twice"), each
+ * side reports each layer of each request once and one DONE, byte-exact. */
+static void test_tcp_conn_threads_exactly_once(void **s)
+{
+    enum { NREQ = 32, NB = 3, NL = 5 };
+    int conns[] = {1, 3, 8};
+    for (int c = 0; c < 3; c++) {
+        kv_layout l = wide_layout(NL, NREQ * NB);
+        char bound[128], a[128];
+        kvx_ep *rx = mk_ep_conns("tcp", KVX_ROLE_RECV, l, conns[c]);
+        assert_int_equal(kvx_listen(rx, addr_for("tcp", a, sizeof(a)), bound, sizeof(bound)), 0);
+        kvx_ep *tx = mk_ep_conns("tcp", KVX_ROLE_SEND, l, conns[c]);
+        fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 31 + (uint64_t)c);
+        memset(kvx_ep_pool(rx), 0, kv_layout_pool_bytes(&l));
+        int peer;
+        assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+        static kvx_pair pairs[NREQ][NB];
+        char id[NREQ][16];
+        for (int r = 0; r < NREQ; r++) {
+            uint32_t dst[NB];
+            for (int i = 0; i < NB; i++) {
+                pairs[r][i].dst = dst[i] = (uint32_t)((i * NREQ + r * 3) % (NREQ * NB));
+                pairs[r][i].src = (uint32_t)((r * NB + i * 5) % (NREQ * NB));
+            }
+            snprintf(id[r], sizeof(id[r]), "x%d", r);
+            assert_int_equal(kvx_recv_register(rx, id[r], dst, NB, 0), 0);
+            assert_int_equal(kvx_send_begin(tx, peer, id[r], 0), 0);
+        }
+        kvx_layer_post posts[NREQ];
+        for (int layer = 0; layer < NL; layer++) {
+            for (int r = 0; r < NREQ; r++)
+                posts[r] =
+                    (kvx_layer_post){.req_id = id[r], .layer = layer, .pairs = pairs[r], .n = NB};
+            assert_int_equal(kvx_send_layers(tx, posts, NREQ), 0);
+        }
+        static layer_tally trx[NREQ], ttx[NREQ];
+        memset(trx, 0, sizeof(trx));
+        memset(ttx, 0, sizeof(ttx));
+        int64_t end = td_now_ns() + 20 * SEC;
+        for (;;) {
+            tally_layers(rx, trx, NREQ);
+            tally_layers(tx, ttx, NREQ);
+            int fin = 0;
+            for (int r = 0; r < NREQ; r++)
+                fin += trx[r].done + trx[r].failed + ttx[r].done + ttx[r].failed;
+            if (fin == 2 * NREQ || td_now_ns() > end) break;
+            usleep(2000);
+        }
+        usleep(50 * 1000); /* anything late would be a second event */
+        tally_layers(rx, trx, NREQ);
+        tally_layers(tx, ttx, NREQ);
+        for (int r = 0; r < NREQ; r++) {
+            assert_int_equal(trx[r].done, 1);
+            assert_int_equal(ttx[r].done, 1);
+            assert_int_equal(trx[r].failed + ttx[r].failed + trx[r].other + ttx[r].other, 0);
+            for (int layer = 0; layer < NL; layer++) {
+                assert_int_equal(trx[r].landed[layer], 1);
+                assert_int_equal(ttx[r].landed[layer], 1);
+            }
+            verify(tx, rx, &l, &l, pairs[r], NB);
+        }
+        kvx_stats st;
+        kvx_ep_stats(rx, &st);
+        assert_int_equal(st.bytes_received, (uint64_t)NREQ * NB * NL * kv_layout_block_bytes(&l));
+        assert_int_equal(st.frames_rejected, 0);
+        kvx_ep_destroy(tx);
+        kvx_ep_destroy(rx);
+    }
+}
+
+/* Receiver-side cancels while 4 reader threads are filling the request's
+ * blocks: after the FAILED event (the lease is back) nothing writes those
+ * blocks any more, the sender ends the request once, and the blocks register
+ * again at once. */
+static void test_tcp_cancel_under_reader_threads(void **s)
+{
+    enum { NB = 16, NL = 8, ROUNDS = 6 };
+    kv_layout l = wide_layout(NL, NB);
+    char bound[128], a[128];
+    kvx_ep *rx = mk_ep_conns("tcp", KVX_ROLE_RECV, l, 4);
+    assert_int_equal(kvx_listen(rx, addr_for("tcp", a, sizeof(a)), bound, sizeof(bound)), 0);
+    kvx_ep *tx = mk_ep_conns("tcp", KVX_ROLE_SEND, l, 4);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 41);
+    int peer;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    size_t pool_bytes = kv_layout_pool_bytes(&l);
+    uint8_t *snap = malloc(pool_bytes);
+    assert_non_null(snap);
+    kvx_pair pairs[NB];
+    uint32_t dst[NB];
+    for (int i = 0; i < NB; i++) {
+        pairs[i].src = (uint32_t)i;
+        pairs[i].dst = dst[i] = (uint32_t)(NB - 1 - i);
+    }
+    for (int round = 0; round < ROUNDS; round++) {
+        char id[16];
+        snprintf(id, sizeof(id), "x%d", round);
+        memset(kvx_ep_pool(rx), 0, pool_bytes);
+        assert_int_equal(kvx_recv_register(rx, id, dst, NB, 0), 0);
+        assert_int_equal(kvx_send_begin(tx, peer, id, 0), 0);
+        kvx_layer_post posts[NL];
+        for (int layer = 0; layer < NL; layer++)
+            posts[layer] = (kvx_layer_post){.req_id = id, .layer = layer, .pairs = pairs, .n = NB};
+        assert_int_equal(kvx_send_layers(tx, posts, NL), 0);
+        /* Cancel at a different point of the stream each round. */
+        usleep((useconds_t)(round * 300));
+        int rc = kvx_cancel(rx, id);
+        kvx_event er = wait_final(rx, id, 5 * SEC, NULL);
+        if (rc == TD_ENOENT) {
+            assert_int_equal(er.type, KVX_EV_DONE); /* it had landed whole first */
+        } else {
+            assert_int_equal(rc, 0);
+            assert_int_equal(er.type, KVX_EV_FAILED);
+            assert_int_equal(er.err, TD_ECANCELED);
+        }
+        memcpy(snap, kvx_ep_pool(rx), pool_bytes);
+        kvx_event es = wait_final(tx, id, 5 * SEC, NULL);
+        assert_true(es.type == KVX_EV_DONE || es.type == KVX_EV_FAILED);
+        usleep(20 * 1000); /* frames still on the wire go to the sink */
+        assert_memory_equal(snap, kvx_ep_pool(rx), pool_bytes);
+        /* The lease is back: the same blocks register again. */
+        assert_int_equal(kvx_recv_register(rx, "again", dst, NB, 0), 0);
+        assert_int_equal(kvx_cancel(rx, "again"), 0);
+        assert_int_equal(wait_final(rx, "again", 5 * SEC, NULL).type, KVX_EV_FAILED);
+    }
+    free(snap);
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
+/* One side's endpoint goes away while frames stream on 4 connections: every
+ * request of the other side ends exactly once with FAILED, its leases come
+ * back, and nothing is finished or freed twice (ASan in build-asan). */
+static void test_tcp_peer_gone_under_threads(void **s)
+{
+    enum { NREQ = 8, NB = 4, NL = 8 };
+    for (int gone_rx = 0; gone_rx <= 1; gone_rx++) {
+        kv_layout l = wide_layout(NL, NREQ * NB);
+        char bound[128], a[128];
+        kvx_ep *rx = mk_ep_conns("tcp", KVX_ROLE_RECV, l, 4);
+        assert_int_equal(kvx_listen(rx, addr_for("tcp", a, sizeof(a)), bound, sizeof(bound)), 0);
+        kvx_ep *tx = mk_ep_conns("tcp", KVX_ROLE_SEND, l, 4);
+        int peer;
+        assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+        static kvx_pair pairs[NREQ][NB];
+        static uint32_t dst[NREQ][NB];
+        char id[NREQ][16];
+        for (int r = 0; r < NREQ; r++) {
+            for (int i = 0; i < NB; i++) {
+                pairs[r][i].src = (uint32_t)(r * NB + i);
+                pairs[r][i].dst = dst[r][i] = (uint32_t)((NREQ - 1 - r) * NB + i);
+            }
+            snprintf(id[r], sizeof(id[r]), "x%d", r);
+            assert_int_equal(kvx_recv_register(rx, id[r], dst[r], NB, 0), 0);
+            assert_int_equal(kvx_send_begin(tx, peer, id[r], 0), 0);
+        }
+        kvx_layer_post posts[NREQ];
+        for (int layer = 0; layer < NL; layer++) {
+            for (int r = 0; r < NREQ; r++)
+                posts[r] =
+                    (kvx_layer_post){.req_id = id[r], .layer = layer, .pairs = pairs[r], .n = NB};
+            assert_int_equal(kvx_send_layers(tx, posts, NREQ), 0);
+            if (layer == 1) {
+                /* Going away mid-stream. */
+                if (gone_rx) {
+                    kvx_ep_destroy(rx);
+                    rx = NULL;
+                } else {
+                    kvx_ep_destroy(tx);
+                    tx = NULL;
+                    break;
+                }
+            }
+        }
+        kvx_ep *left = gone_rx ? tx : rx;
+        static layer_tally t[NREQ];
+        memset(t, 0, sizeof(t));
+        int64_t end = td_now_ns() + 10 * SEC;
+        for (;;) {
+            tally_layers(left, t, NREQ);
+            int fin = 0;
+            for (int r = 0; r < NREQ; r++)
+                fin += t[r].done + t[r].failed;
+            if (fin == NREQ || td_now_ns() > end) break;
+            usleep(2000);
+        }
+        usleep(50 * 1000);
+        tally_layers(left, t, NREQ);
+        for (int r = 0; r < NREQ; r++) {
+            /* A request may have landed whole before the end. */
+            assert_int_equal(t[r].done + t[r].failed, 1);
+            for (int layer = 0; layer < NL; layer++)
+                assert_true(t[r].landed[layer] <= 1);
+        }
+        if (!gone_rx)
+            for (int r = 0; r < NREQ; r++) /* leases back */
+                assert_int_equal(kvx_recv_register(rx, "again", dst[r], NB, 0) == 0 &&
+                                     kvx_cancel(rx, "again") == 0,
+                                 1);
+        kvx_ep_destroy(left);
+        n_stash = 0;
+    }
+}
+
+/* shm copies runs of adjacent blocks in one go: runs, broken runs and single
+ * blocks land byte-exact, every other block untouched. */
+static void test_shm_runs(void **s)
+{
+    kv_layout l = wide_layout(3, 40);
+    char bound[128];
+    kvx_ep *rx = mk_rx("shm", l, bound, sizeof(bound));
+    kvx_ep *tx = mk_ep("shm", KVX_ROLE_SEND, l, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 51);
+    memset(kvx_ep_pool(rx), 0, kv_layout_pool_bytes(&l));
+    int peer;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    /* 0..4 -> 10..14 (a run of 5), 5 -> 20 and 6 -> 22 (broken), 7,8 ->
+     * 30,31, 9 -> 15 (src follows, dst does not), 12,11 -> 2,3 (dst follows,
+     * src goes down), 39 -> 39. */
+    kvx_pair pairs[] = {{0, 10}, {1, 11}, {2, 12}, {3, 13}, {4, 14}, {5, 20}, {6, 22},
+                        {7, 30}, {8, 31}, {9, 16}, {12, 2}, {11, 3}, {39, 39}};
+    int n = (int)(sizeof(pairs) / sizeof(pairs[0]));
+    uint32_t dst[16];
+    for (int i = 0; i < n; i++)
+        dst[i] = pairs[i].dst;
+    assert_int_equal(kvx_recv_register(rx, "runs", dst, n, 0), 0);
+    assert_int_equal(kvx_send_begin(tx, peer, "runs", 0), 0);
+    send_all_layers(tx, "runs", &l, pairs, n);
+    assert_int_equal(wait_final(rx, "runs", 10 * SEC, NULL).type, KVX_EV_DONE);
+    assert_int_equal(wait_final(tx, "runs", 10 * SEC, NULL).type, KVX_EV_DONE);
+    verify(tx, rx, &l, &l, pairs, n);
+    size_t bb = kv_layout_block_bytes(&l);
+    for (uint32_t layer = 0; layer < l.n_layers; layer++)
+        for (uint32_t b = 0; b < l.num_blocks; b++) {
+            int listed = 0;
+            for (int i = 0; i < n; i++)
+                listed |= dst[i] == b;
+            if (listed) continue;
+            const uint8_t *z = (uint8_t *)kvx_ep_pool(rx) + kv_layout_block_offset(&l, layer, b);
+            for (size_t i = 0; i < bb; i += 64)
+                assert_int_equal(z[i], 0);
+        }
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+}
+
+/* kvx__copy (streaming stores for large runs) against memcpy: lengths around
+ * the threshold and the 64-byte body, misaligned ends, guards untouched. */
+static void test_copy_edges(void **s)
+{
+    size_t lens[] = {0, 1, 15, 64, 65535, 65536, 65536 + 17, 65536 + 63, (1u << 20) + 5};
+    size_t cap = (1u << 20) + 256;
+    uint8_t *src = malloc(cap), *dst = malloc(cap), *ref = malloc(cap);
+    assert_true(src && dst && ref);
+    fill_random(src, cap, 61);
+    for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++)
+        for (size_t so = 0; so < 3; so++)
+            for (size_t d_off = 0; d_off < 18; d_off += 17) {
+                size_t n = lens[li];
+                memset(dst, 0xee, cap);
+                memset(ref, 0xee, cap);
+                kvx__copy(dst + 32 + d_off, src + so, n);
+                memcpy(ref + 32 + d_off, src + so, n);
+                assert_memory_equal(dst, ref, cap);
+            }
+    free(src);
+    free(dst);
+    free(ref);
+}
+
 int main(void)
 {
     /* SIGPIPE keeps its default action: a socket write in kvx without
@@ -1925,6 +2253,11 @@ int main(void)
         cmocka_unit_test(test_post_ring_full),
         cmocka_unit_test(test_events_survive_alloc_failure),
         cmocka_unit_test(test_concurrent_posters),
+        cmocka_unit_test(test_tcp_conn_threads_exactly_once),
+        cmocka_unit_test(test_tcp_cancel_under_reader_threads),
+        cmocka_unit_test(test_tcp_peer_gone_under_threads),
+        cmocka_unit_test(test_shm_runs),
+        cmocka_unit_test(test_copy_edges),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
