@@ -91,6 +91,8 @@ typedef struct pf_engine {
     uint32_t n_live;
     pf_peer peers[PF_MAX_PEERS];
     int n_peers;
+    uint64_t n_ended; /* requests reaped so far */
+    wrk_heap heap;
 } pf_engine;
 
 /* ------------------------------------------------------------ handlers -- */
@@ -243,6 +245,7 @@ static void pf__remove(pf_engine *d, pf_req *r)
         d->live = r->next;
     if (r->next) r->next->prev = r->prev;
     d->n_live--;
+    d->n_ended++;
     wrk_pool_put(&d->ctx->reqs, r);
 }
 
@@ -568,7 +571,10 @@ void *pf_engine_run(void *arg)
         eng_stats es;
         eng_stats_get(c->engine, &es);
         wrk_load_publish(&c->load, c->engine, d.n_live, 0);
-        if (es.running == 0 && es.waiting == 0) (void)poll(fds, 2, 20);
+        if (es.running == 0 && es.waiting == 0) {
+            if (d.n_live == 0) (void)wrk_heap_idle(&d.heap, d.n_ended, td_now_ns());
+            (void)poll(fds, 2, 20);
+        }
     }
     pf__on_queue(&d);
     for (pf_req *r = d.live; r; r = r->next)
