@@ -49,8 +49,11 @@ typedef struct dc_msg {
     Tandem__V1__Timings timings;
 } dc_msg;
 
-/* Starts the sender thread, with batches of batch_msgs messages (e.g. the
- * engine's max_num_seqs: one per running request fills one batch). */
+/* Batch size of the decode worker's outbox (messages): what a step of a
+ * few running requests fills; a larger step chains batches. */
+#define DC_OUTBOX_BATCH_MSGS 16
+
+/* Starts the sender thread, with batches of batch_msgs messages. */
 int dc_outbox_create(uint32_t batch_msgs, dc_outbox **out);
 /* Engine thread: a slot for the next message of the current batch (NULL when
  * out of memory: the caller fails the request's call directly). The slot is

@@ -20,10 +20,12 @@ typedef struct dc_batch {
     dc_msg msgs[];
 } dc_batch;
 
-/* Batches made at start, and kept idle at most (a slow sender lets more
- * queue up; those go back to malloc once sent). */
-#define DC_BATCHES_PREALLOC 4
-#define DC_BATCHES_KEEP     16
+/* Batches made at start, and kept idle at most. A step usually fills a
+ * few messages of a batch, and the sender can fall some steps behind on a
+ * busy host (under heaptrack, with 16 kept, one step in twelve still had to
+ * malloc a batch): 64 small batches are kept rather than a few large ones. */
+#define DC_BATCHES_PREALLOC 16
+#define DC_BATCHES_KEEP     64
 
 struct dc_outbox {
     mpscq q;
