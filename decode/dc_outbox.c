@@ -143,7 +143,10 @@ void dc_outbox_free(dc_outbox *o)
         mpscq_push(&o->q, &wake->node);
     }
     pthread_join(o->thread, NULL);
+    /* The thread may have ended before the wake-up batch arrived: take back
+     * what is left, so every batch is in the pool before fini frees it. */
+    dc__drain(o);
     mpscq_close(&o->q);
-    wrk_pool_fini(&o->batches); /* every batch was sent and put back */
+    wrk_pool_fini(&o->batches);
     free(o);
 }
