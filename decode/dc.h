@@ -49,10 +49,16 @@ typedef struct dc_msg {
     Tandem__V1__Timings timings;
 } dc_msg;
 
-/* Starts the sender thread. */
-int dc_outbox_create(dc_outbox **out);
+/* Batch size of the decode worker's outbox (messages): what a step of a
+ * few running requests fills; a larger step chains batches. */
+#define DC_OUTBOX_BATCH_MSGS 16
+
+/* Starts the sender thread, with batches of batch_msgs messages. */
+int dc_outbox_create(uint32_t batch_msgs, dc_outbox **out);
 /* Engine thread: a slot for the next message of the current batch (NULL when
- * out of memory: the caller fails the request's call directly). */
+ * out of memory: the caller fails the request's call directly). The slot is
+ * the engine thread's until dc_outbox_flush, then the sender thread's until
+ * sent; its batch goes back to the outbox's pool after that. */
 dc_msg *dc_outbox_add(dc_outbox *o);
 /* Engine thread: hands the current batch (if any) to the sender thread. */
 void dc_outbox_flush(dc_outbox *o);

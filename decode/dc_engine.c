@@ -88,6 +88,8 @@ typedef struct dc_engine {
     dc_req *queue_head, *queue_tail; /* QUEUED requests, FIFO through qnext */
     dc_prefill_client clients[64];
     int n_clients;
+    uint64_t n_ended; /* requests that left the live list so far */
+    wrk_heap heap;
 } dc_engine;
 
 /* ------------------------------------------------------------ handlers -- */
@@ -250,6 +252,7 @@ static void dc__live_remove(dc_engine *d, dc_req *r)
         d->live = r->next;
     if (r->next) r->next->prev = r->prev;
     d->n_live--;
+    d->n_ended++;
 }
 
 static dc_req *dc__find(dc_engine *d, const char *id)
@@ -727,7 +730,10 @@ void *dc_engine_run(void *arg)
         eng_stats es;
         eng_stats_get(c->engine, &es);
         wrk_load_publish(&c->load, c->engine, d.n_live, 0);
-        if (es.running == 0 && es.waiting == 0) (void)poll(fds, 3, 20);
+        if (es.running == 0 && es.waiting == 0) {
+            if (d.n_live == 0) (void)wrk_heap_idle(&d.heap, d.n_ended, td_now_ns());
+            (void)poll(fds, 3, 20);
+        }
     }
     /* Shutting down: fail what is left and wait (bounded) for the transfers
      * to let go of the blocks. */

@@ -64,7 +64,7 @@ static int dc_run(const wrk_opts *o)
         rc = TD_EIO;
         goto out;
     }
-    rc = dc_outbox_create(&c->outbox);
+    rc = dc_outbox_create(DC_OUTBOX_BATCH_MSGS, &c->outbox);
     if (rc != 0) goto out;
     wrk_load_publish(&c->load, c->engine, 0, 0);
 

@@ -1,6 +1,10 @@
 /* The sender thread of the decode worker: turns each engine iteration's batch
- * of dc_msg into DecodeResponse messages and call finishes. One batch per
- * iteration (one allocation, one wake-up), whatever the number of requests. */
+ * of dc_msg into DecodeResponse messages and call finishes. One wake-up per
+ * iteration, whatever the number of requests. Batches are objects of one size
+ * from a wrk_pool, taken by the engine thread and given back by the sender
+ * thread once sent: an iteration allocates nothing (it used to malloc a batch
+ * sized to its requests on the engine thread for the sender thread to free,
+ * once per token step). */
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,18 +12,28 @@
 #include "common/err.h"
 #include "common/log.h"
 #include "decode/dc.h"
+#include "worker/wrk_pool.h"
 
 typedef struct dc_batch {
     mpscq_node node;
-    uint32_t n, cap;
+    uint32_t n; /* messages filled, at most dc_outbox.batch_msgs */
     dc_msg msgs[];
 } dc_batch;
+
+/* Batches made at start, and kept idle at most. A step usually fills a
+ * few messages of a batch, and the sender can fall some steps behind on a
+ * busy host (under heaptrack, with 16 kept, one step in twelve still had to
+ * malloc a batch): 64 small batches are kept rather than a few large ones. */
+#define DC_BATCHES_PREALLOC 16
+#define DC_BATCHES_KEEP     64
 
 struct dc_outbox {
     mpscq q;
     pthread_t thread;
     _Atomic int stop;
-    dc_batch *cur; /* engine thread's batch being filled */
+    uint32_t batch_msgs; /* messages per batch */
+    wrk_pool batches;    /* dc_batch of batch_msgs messages each */
+    dc_batch *cur;       /* engine thread's batch being filled */
 };
 
 static void dc__send(dc_msg *m)
@@ -47,7 +61,7 @@ static void dc__drain(dc_outbox *o)
         dc_batch *b = mpscq_entry(n, dc_batch, node);
         for (uint32_t i = 0; i < b->n; i++)
             dc__send(&b->msgs[i]);
-        free(b);
+        wrk_pool_put(&o->batches, b); /* sent: the engine thread may fill it again */
     }
 }
 
@@ -66,37 +80,44 @@ static void *dc__outbox_thread(void *arg)
     return NULL;
 }
 
-int dc_outbox_create(dc_outbox **out)
+int dc_outbox_create(uint32_t batch_msgs, dc_outbox **out)
 {
     *out = NULL;
+    if (batch_msgs == 0) return TD_EINVAL;
     dc_outbox *o = calloc(1, sizeof(*o));
     if (!o) return TD_ENOMEM;
-    int rc = mpscq_init(&o->q);
-    if (rc != 0) {
-        free(o);
-        return rc;
-    }
+    o->batch_msgs = batch_msgs;
+    int rc = wrk_pool_init(&o->batches, sizeof(dc_batch) + (size_t)batch_msgs * sizeof(dc_msg),
+                           DC_BATCHES_PREALLOC, DC_BATCHES_KEEP);
+    if (rc != 0) goto fail;
+    rc = mpscq_init(&o->q);
+    if (rc != 0) goto fail;
     if (pthread_create(&o->thread, NULL, dc__outbox_thread, o) != 0) {
         mpscq_close(&o->q);
-        free(o);
-        return TD_ENOMEM;
+        rc = TD_ENOMEM;
+        goto fail;
     }
     *out = o;
     return 0;
+fail:
+    wrk_pool_fini(&o->batches);
+    free(o);
+    return rc;
 }
 
 dc_msg *dc_outbox_add(dc_outbox *o)
 {
-    dc_batch *b = o->cur;
-    if (!b || b->n == b->cap) {
-        uint32_t cap = b ? b->cap * 2 : 16;
-        dc_batch *nb = realloc(b, sizeof(*nb) + cap * sizeof(dc_msg));
-        if (!nb) return NULL;
-        if (!b) nb->n = 0;
-        nb->cap = cap;
-        o->cur = b = nb;
+    /* A full batch goes to the sender now and the next one continues it:
+     * the queue keeps them in order. */
+    if (o->cur && o->cur->n == o->batch_msgs) dc_outbox_flush(o);
+    if (!o->cur) {
+        dc_batch *b = wrk_pool_get(&o->batches);
+        if (!b) return NULL;
+        memset(&b->node, 0, sizeof(b->node));
+        b->n = 0;
+        o->cur = b;
     }
-    dc_msg *m = &b->msgs[b->n++];
+    dc_msg *m = &o->cur->msgs[o->cur->n++];
     memset(m, 0, sizeof(*m));
     return m;
 }
@@ -112,11 +133,20 @@ void dc_outbox_free(dc_outbox *o)
 {
     if (!o) return;
     dc_outbox_flush(o);
-    free(o->cur);
     atomic_store(&o->stop, 1);
-    dc_batch *wake = calloc(1, sizeof(*wake)); /* an empty batch wakes the thread at once */
-    if (wake) mpscq_push(&o->q, &wake->node);  /* (else it notices within 100 ms) */
+    /* An empty batch wakes the thread at once (else it notices within
+     * 100 ms). */
+    dc_batch *wake = wrk_pool_get(&o->batches);
+    if (wake) {
+        memset(&wake->node, 0, sizeof(wake->node));
+        wake->n = 0;
+        mpscq_push(&o->q, &wake->node);
+    }
     pthread_join(o->thread, NULL);
+    /* The thread may have ended before the wake-up batch arrived: take back
+     * what is left, so every batch is in the pool before fini frees it. */
+    dc__drain(o);
     mpscq_close(&o->q);
+    wrk_pool_fini(&o->batches);
     free(o);
 }

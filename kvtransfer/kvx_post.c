@@ -70,8 +70,17 @@ int kvx__ring_init(kvx_ep *ep)
     ep->ring = malloc(cap);
     if (!ep->ring) return TD_ENOMEM;
     /* Touched once here: the posts never page-fault, and the sender's
-     * resident size does not creep up as the ring first goes round. */
+     * resident size does not creep up as the ring first goes round. A
+     * memset alone does not do it: the compiler folds malloc + memset(0)
+     * into calloc, and calloc leaves a fresh mmap'd chunk (already zero)
+     * untouched, so the ring's 4 MiB came in page by page over the first
+     * minutes of load (the prefill worker's RSS growth in a soak). One
+     * volatile write per page cannot be folded away. */
     memset(ep->ring, 0, cap);
+    volatile uint8_t *touch = ep->ring;
+    for (size_t off = 0; off < cap; off += 4096)
+        touch[off] = 0;
+    touch[cap - 1] = 0; /* the last page, when the ring does not start on one */
     ep->ring_cap = cap;
     ep->p.post_ring_bytes = cap;
     pthread_mutex_init(&ep->ring_mu, NULL);

@@ -26,6 +26,7 @@
 #include "engine/runtime/eng.h"
 #include "kvtransfer/kvx.h"
 #include "worker/wrk.h"
+#include "worker/wrk_pool.h"
 
 typedef struct pf_ctx {
     const wrk_opts *opts;
@@ -37,6 +38,14 @@ typedef struct pf_ctx {
     kvx_layer_post *posts; /* [max_num_seqs]: one layer's posts of a step */
     void **post_reqs;      /* [max_num_seqs]: the request of each post */
     uint32_t max_posts;
+    /* Request slots (pf_req + its prompt + its pairs, one size: the longest
+     * prompt the engine takes), made at start for max_num_seqs requests.
+     * A slot is taken by pf_handle_run (gRPC thread) and belongs to that
+     * request until the engine thread reaps it (pf__remove: after kvx's
+     * final event, the reply or error sent), which puts it back; a run
+     * that is refused before it is queued puts it back at once. */
+    wrk_pool reqs;
+    size_t req_prompt_off, req_pairs_off; /* byte offsets in a slot */
     wrk_health health;
     wrk_load load;
     wrk_metrics metrics;
@@ -47,6 +56,10 @@ typedef struct pf_ctx {
 
 void pf_handle_run(rpc_call *call, const ProtobufCMessage *req, void *arg);
 void pf_handle_cancel(rpc_call *call, const ProtobufCMessage *req, void *arg);
+
+/* Sets up c->reqs (c->max_model_len and c->block_size set): slots for
+ * max_num_seqs requests made now. 0 or TD_ENOMEM; wrk_pool_fini undoes it. */
+int pf_reqs_init(pf_ctx *c, uint32_t max_num_seqs);
 
 /* The eng's per-layer hook (eng_config.on_layer, arg: the pf_ctx). */
 int pf_on_layer(void *arg, const eng_item *items, uint32_t n_items, int layer);

@@ -15,6 +15,7 @@
  */
 #include <poll.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,12 +33,26 @@
 enum pf_state { PF_RUNNING, PF_SENDING, PF_CLOSING };
 
 typedef struct pf_req pf_req;
+
+/* What the gRPC thread hands the engine thread: a run (embedded in its
+ * pf_req, so a run allocates nothing more) or a cancel (calloc'd, rare). */
+typedef struct pf_envelope {
+    mpscq_node node;
+    int is_cancel;
+    rpc_call *call;
+    pf_req *req;
+    char id[KVX_REQ_ID_MAX];
+} pf_envelope;
+
+/* One request, in a slot of pf_ctx.reqs: the struct, then its prompt
+ * (int32 x max_model_len), then its pairs (kvx_pair x blocks of
+ * max_model_len), at pf_ctx.req_prompt_off / req_pairs_off. */
 struct pf_req {
     pf_req *prev, *next; /* live list */
     rpc_call *call;
     const Tandem__V1__PrefillRequest *msg; /* owned by the call */
     char id[KVX_REQ_ID_MAX];
-    int32_t *prompt;
+    int32_t *prompt; /* n_prompt token ids, in this request's slot */
     uint32_t n_prompt;
     eng_request er;
     int32_t stop_ids[PF_MAX_STOP_IDS];
@@ -50,7 +65,7 @@ struct pf_req {
     int32_t first_token;
     /* Blocks of the prompt: dst ids from the request, pairs filled as the
      * source blocks are computed. Blocks [skip_blocks, n_blocks) are sent. */
-    kvx_pair *pairs;
+    kvx_pair *pairs; /* n_blocks, in this request's slot */
     uint32_t n_blocks, skip_blocks;
     uint32_t posted_upto; /* blocks [skip_blocks, posted_upto) posted in every layer */
     uint32_t lo, hi;      /* this step's range */
@@ -62,15 +77,8 @@ struct pf_req {
     char details[192];
     int64_t t_arrival, t_start, t_done;
     uint64_t transfer_us;
+    pf_envelope env; /* its trip through pf_ctx.cmdq */
 };
-
-typedef struct pf_envelope {
-    mpscq_node node;
-    int is_cancel;
-    rpc_call *call;
-    pf_req *req;
-    char id[KVX_REQ_ID_MAX];
-} pf_envelope;
 
 typedef struct pf_peer {
     char endpoint[512];
@@ -83,6 +91,8 @@ typedef struct pf_engine {
     uint32_t n_live;
     pf_peer peers[PF_MAX_PEERS];
     int n_peers;
+    uint64_t n_ended; /* requests reaped so far */
+    wrk_heap heap;
 } pf_engine;
 
 /* ------------------------------------------------------------ handlers -- */
@@ -138,17 +148,11 @@ void pf_handle_run(rpc_call *call, const ProtobufCMessage *req, void *arg)
                            "dest.skip_tokens = %u must be a multiple of %u below the prompt length",
                            d->skip_tokens, c->block_size);
 
-    pf_req *r = calloc(1, sizeof(*r));
-    pf_envelope *e = calloc(1, sizeof(*e));
-    int32_t *prompt = malloc(n * sizeof(int32_t));
-    kvx_pair *pairs = malloc(want_blocks * sizeof(kvx_pair));
-    if (!r || !e || !prompt || !pairs) {
-        free(r);
-        free(e);
-        free(prompt);
-        free(pairs);
-        return pf__invalid(call, TD_ENOMEM, "out of memory");
-    }
+    pf_req *r = wrk_pool_get(&c->reqs);
+    if (!r) return pf__invalid(call, TD_ENOMEM, "out of memory");
+    memset(r, 0, sizeof(*r));
+    int32_t *prompt = (int32_t *)(void *)((char *)r + c->req_prompt_off);
+    kvx_pair *pairs = (kvx_pair *)(void *)((char *)r + c->req_pairs_off);
     for (size_t i = 0; i < n; i++)
         prompt[i] = (int32_t)m->prompt_token_ids[i];
     for (size_t i = 0; i < want_blocks; i++)
@@ -157,10 +161,7 @@ void pf_handle_run(rpc_call *call, const ProtobufCMessage *req, void *arg)
     char why[192];
     if (wrk_sampling(&c->model->cfg, m->sampling, (uint64_t)td_now_ns(), r->stop_ids,
                      PF_MAX_STOP_IDS, &p, why, sizeof(why)) != 0) {
-        free(r);
-        free(e);
-        free(prompt);
-        free(pairs);
+        wrk_pool_put(&c->reqs, r);
         return pf__invalid(call, TD_EINVAL, "%s", why);
     }
     r->call = call;
@@ -185,8 +186,8 @@ void pf_handle_run(rpc_call *call, const ProtobufCMessage *req, void *arg)
                           .max_tokens = 1,
                           .sampling = p,
                           .priority = -m->meta->priority};
-    e->req = r;
-    mpscq_push(&c->cmdq, &e->node);
+    r->env.req = r;
+    mpscq_push(&c->cmdq, &r->env.node);
 }
 
 void pf_handle_cancel(rpc_call *call, const ProtobufCMessage *req, void *arg)
@@ -201,6 +202,21 @@ void pf_handle_cancel(rpc_call *call, const ProtobufCMessage *req, void *arg)
     e->call = call;
     snprintf(e->id, sizeof(e->id), "%s", m->request_id);
     mpscq_push(&c->cmdq, &e->node);
+}
+
+int pf_reqs_init(pf_ctx *c, uint32_t max_num_seqs)
+{
+    /* One size for every request: the longest prompt (max_model_len - 1
+     * tokens) and its blocks, so no request mallocs a size of its own. */
+    size_t max_blocks = ((size_t)c->max_model_len + c->block_size - 1) / c->block_size;
+    size_t a = _Alignof(max_align_t);
+    c->req_prompt_off = (sizeof(pf_req) + a - 1) / a * a;
+    c->req_pairs_off =
+        (c->req_prompt_off + sizeof(int32_t) * (size_t)c->max_model_len + a - 1) / a * a;
+    size_t bytes = c->req_pairs_off + sizeof(kvx_pair) * max_blocks;
+    /* Made for one full batch; a burst beyond it adds slots, up to four
+     * batches' worth kept idle afterwards. */
+    return wrk_pool_init(&c->reqs, bytes, max_num_seqs, 4 * max_num_seqs);
 }
 
 /* -------------------------------------------------------------- engine -- */
@@ -229,9 +245,8 @@ static void pf__remove(pf_engine *d, pf_req *r)
         d->live = r->next;
     if (r->next) r->next->prev = r->prev;
     d->n_live--;
-    free(r->prompt);
-    free(r->pairs);
-    free(r);
+    d->n_ended++;
+    wrk_pool_put(&d->ctx->reqs, r);
 }
 
 static const char *pf__outcome(int err)
@@ -521,10 +536,10 @@ static void pf__on_queue(pf_engine *d)
             resp.found = r && r->state != PF_CLOSING;
             if (resp.found) pf__fail(d, r, TD_ECANCELED, "cancelled (Prefill.Cancel)");
             rpc_call_reply(e->call, &resp.base);
+            free(e);
         } else {
-            pf__start(d, e->req);
+            pf__start(d, e->req); /* e lives in the request's slot */
         }
-        free(e);
     }
 }
 
@@ -556,7 +571,10 @@ void *pf_engine_run(void *arg)
         eng_stats es;
         eng_stats_get(c->engine, &es);
         wrk_load_publish(&c->load, c->engine, d.n_live, 0);
-        if (es.running == 0 && es.waiting == 0) (void)poll(fds, 2, 20);
+        if (es.running == 0 && es.waiting == 0) {
+            if (d.n_live == 0) (void)wrk_heap_idle(&d.heap, d.n_ended, td_now_ns());
+            (void)poll(fds, 2, 20);
+        }
     }
     pf__on_queue(&d);
     for (pf_req *r = d.live; r; r = r->next)

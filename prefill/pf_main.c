@@ -41,6 +41,8 @@ static int pf_run(const wrk_opts *o)
         rc = TD_ENOMEM;
         goto out;
     }
+    rc = pf_reqs_init(c, ec.max_num_seqs);
+    if (rc != 0) goto out;
 
     rc = wrk_metrics_init(&c->metrics);
     if (rc != 0) goto out;
@@ -100,6 +102,7 @@ out:
     wrk_engine_close(&we);
     if (cmdq_ok) mpscq_close(&c->cmdq);
     if (metrics_ok) wrk_metrics_free(&c->metrics);
+    wrk_pool_fini(&c->reqs);
     free(c->posts);
     free(c->post_reqs);
     free(c);

@@ -1,6 +1,9 @@
 #include "worker/wrk.h"
 
 #include <errno.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -621,6 +624,22 @@ void wrk_engine_close(wrk_engine *w)
     kvx_ep_destroy(w->kvx);
     mdl_free(w->model);
     memset(w, 0, sizeof(*w));
+}
+
+int wrk_heap_idle(wrk_heap *h, uint64_t requests_ended, int64_t now_ns)
+{
+    if (requests_ended == h->ended_at) return 0; /* nothing ended since: nothing to give back */
+    if (h->last_ns != 0 && now_ns - h->last_ns < WRK_HEAP_TRIM_NS) return 0;
+    int64_t t0 = td_now_ns();
+#ifdef __GLIBC__
+    (void)malloc_trim(0);
+#endif
+    h->last_trim_ns = td_now_ns() - t0;
+    h->last_ns = now_ns;
+    h->ended_at = requests_ended;
+    h->trims++;
+    td_log_debug("wrk", "heap_trim", "took_us=%lld", (long long)(h->last_trim_ns / 1000));
+    return 1;
 }
 
 int wrk_step(eng *e, wrk_metrics *m, const eng_event **evs, uint32_t *n, int64_t *forward_ns)

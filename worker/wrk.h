@@ -21,6 +21,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "common/clock.h"
 #include "common/config.h"
 #include "common/metrics.h"
 #include "common/rpc.h"
@@ -91,6 +92,34 @@ int wrk_engine_open(const wrk_opts *o, enum wrk_role role, eng_layer_fn hook, vo
 /* Closes the engine, then the endpoint (it owns the pool's memory), then the
  * model. Accepts a zeroed or partly opened one. */
 void wrk_engine_close(wrk_engine *w);
+
+/* ---- heap upkeep (engine thread) ---- */
+
+/* A burst of requests leaves free pages inside glibc's heaps (the gRPC
+ * threads' arenas above all): freed, yet resident, so the worker's RSS keeps
+ * the burst's peak. Measured after a bursty load on a busy host: gdb's
+ * malloc_trim(0) on the idle workers gave back 1.0 MiB (prefill) and
+ * 1.4 MiB (decode); after a steady load, nothing (docs/deploy.md, "Soak").
+ * So the engine thread trims when it has nothing to do: at most once per
+ * WRK_HEAP_TRIM_NS, and only when requests ended since the last trim (an
+ * idle worker does not trim again and again). malloc_trim takes each
+ * arena's lock in turn; on a worker's few MiB of heap it is short, and
+ * idle means no step is waiting on it. */
+#define WRK_HEAP_TRIM_NS (10 * TD_NS_PER_S)
+
+typedef struct wrk_heap {
+    int64_t last_ns;      /* when it last trimmed (0: never) */
+    uint64_t ended_at;    /* requests_ended then */
+    uint64_t trims;       /* how many times it trimmed */
+    int64_t last_trim_ns; /* how long the last trim took */
+} wrk_heap;
+
+/* Call on the engine thread when it is idle (nothing running, waiting or in
+ * flight). requests_ended: a count of requests ended so far (grows only).
+ * Trims (glibc's malloc_trim; nothing elsewhere) when WRK_HEAP_TRIM_NS have
+ * passed since the last trim and requests_ended moved; returns 1 when it
+ * did, else 0. h starts zeroed. */
+int wrk_heap_idle(wrk_heap *h, uint64_t requests_ended, int64_t now_ns);
 
 /* ---- health ---- */
 

@@ -54,12 +54,13 @@ def main():
     ap.add_argument("--warmup-s", type=float, default=60)
     ap.add_argument("--run-dir", default=os.path.join(REPO, "build", "soak"))
     ap.add_argument("--model")
-    ap.add_argument("--bin-dir", default=os.path.join(REPO, "build", "bin"))
+    ap.add_argument("--bin-dir", default=os.path.join(REPO, "build", "bin"),
+                    help="the cluster's binaries and the load tester's (e.g. another build)")
     a = ap.parse_args()
     cluster = os.path.join(REPO, "deploy", "local", "tandem-cluster")
     run_dir = os.path.join(a.run_dir, "cluster")
-    up = [cluster, "up", "--run-dir", run_dir, "--http-listen", "127.0.0.1:0",
-          "--grpc-listen", "127.0.0.1:0"]
+    up = [cluster, "up", "--run-dir", run_dir, "--bin-dir", a.bin_dir, "--http-listen",
+          "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"]
     if a.model:
         up += ["--model", a.model]
     subprocess.run(up, check=True)

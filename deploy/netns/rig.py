@@ -9,7 +9,8 @@ One namespace per host: the router, two prefill workers, two decode workers
 and a load tester, each with one veth (`eth0`) holding its own address in
 10.213.0.0/24. The other ends of the veths are ports of a bridge that lives in
 a seventh namespace (the hub), so the host's own network is never touched.
-`tc netem` on each eth0 adds a delay and a rate limit when asked. Every
+`tc netem` on each eth0 adds a delay and a rate limit when asked (where the
+kernel lacks netem, `tc tbf` applies the rate alone and the rig says so). Every
 process runs in its own namespace (`ip netns exec`), workers with the tcp KV
 transport on their namespace's address and --router set to the router's.
 
@@ -47,6 +48,16 @@ HOSTS = [("router", 2), ("prefill0", 11), ("prefill1", 12), ("decode0", 21), ("d
 HTTP_PORT, GRPC_PORT = 8000, 50051
 WORKER_PORT, KV_PORT, METRICS_PORT = 50061, 50062, 9101
 CLONE_NEWNET = 0x40000000
+
+
+def rate_bytes_per_s(rate):
+    """tc's rate syntax (10gbit, 100mbit, 500kbps, 1000000bit ...) in bytes/s."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?)(bit|bps)?\s*", rate.lower())
+    if not m:
+        raise RigError("cannot read the rate %r (e.g. 10gbit, 100mbit)" % rate)
+    base = 1024 if m.group(3) else 1000
+    value = float(m.group(1)) * base ** " kmgt".index(m.group(2) or " ")
+    return value if m.group(4) == "bps" else value / 8
 
 
 class RigError(Exception):
@@ -167,18 +178,41 @@ class Rig:
             sh("ip", "-n", ns, "addr", "add", self.addr[host] + "/24", "dev", "eth0")
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
             if self.delay_ms or self.rate:
-                netem = ["tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", "netem"]
+                self.shape(host, ns)
+
+    def shape(self, host, ns):
+        """Delay and rate on NS's eth0: netem where the kernel has it; else
+        the rate alone with tbf (no delay), else nothing, with a warning."""
+        netem = ["tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", "netem"]
+        if self.delay_ms:
+            netem += ["delay", "%gms" % self.delay_ms]
+        if self.rate:
+            netem += ["rate", self.rate]
+        got = sh(*netem, check=False)
+        if got.returncode == 0:
+            return
+        # sch_netem is a kernel option (CONFIG_NET_SCH_NETEM) some kernels
+        # lack; sch_tbf is more often built in and can still limit the rate.
+        self.netem_error = got.stderr.strip()
+        if self.rate:
+            # Burst: 10 ms at the rate (tbf needs at least one timer tick's
+            # worth to reach it), never below 64 KiB.
+            burst = max(64 << 10, int(rate_bytes_per_s(self.rate) / 100))
+            tbf = sh("tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", "tbf", "rate",
+                     self.rate, "burst", str(burst), "latency", "50ms", check=False)
+            if tbf.returncode == 0:
                 if self.delay_ms:
-                    netem += ["delay", "%gms" % self.delay_ms]
-                if self.rate:
-                    netem += ["rate", self.rate]
-                got = sh(*netem, check=False)
-                if got.returncode != 0:
-                    # sch_netem is a kernel module some kernels lack: say so, go on.
-                    self.netem_error = got.stderr.strip()
-                    print("rig: warning: netem on %s: %s; links have no delay or rate "
-                          "limit" % (host, self.netem_error), file=sys.stderr)
-                    self.delay_ms, self.rate = 0.0, None
+                    print("rig: warning: netem on %s: %s; rate %s by tbf, no delay"
+                          % (host, self.netem_error, self.rate), file=sys.stderr)
+                    self.netem_error += " (rate by tbf; no delay)"
+                    self.delay_ms = 0.0
+                else:
+                    self.netem_error += " (rate by tbf)"
+                return
+            self.netem_error += "; tbf: " + tbf.stderr.strip()
+        print("rig: warning: netem on %s: %s; links have no delay or rate limit"
+              % (host, self.netem_error), file=sys.stderr)
+        self.delay_ms, self.rate = 0.0, None
 
     def spawn(self, host, name, argv):
         """Start ARGV in HOST's namespace, in a session of its own; stdout and
@@ -444,8 +478,8 @@ def main(argv):
     top = argparse.ArgumentParser(prog="rig.py", description=__doc__.split("\n\n")[0])
     sub = top.add_subparsers(dest="cmd_name", required=True)
     run = sub.add_parser("run", help="build the rig, start the cluster, run CMD, tear down")
-    run.add_argument("--delay-ms", type=float, default=0.0, help="netem delay per link")
-    run.add_argument("--rate", default=None, help="netem rate limit per link (e.g. 10gbit)")
+    run.add_argument("--delay-ms", type=float, default=0.0, help="netem delay per link (none where the kernel lacks netem)")
+    run.add_argument("--rate", default=None, help="rate limit per link (e.g. 10gbit): netem, else tbf")
     run.add_argument("--model", help="checkpoint (default: ../shared stories260K)")
     run.add_argument("--bin-dir", help="where the binaries are (default build/bin)")
     run.add_argument("--log-dir", help="process logs (default build/rig)")

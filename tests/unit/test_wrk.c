@@ -207,6 +207,34 @@ static void test_health(void **state)
     rpc_server_free(srv);
 }
 
+/* The idle trim: not before a request ended, then at most once per
+ * WRK_HEAP_TRIM_NS, and not again while nothing else ended. */
+static void test_heap_idle(void **state)
+{
+    (void)state;
+    wrk_heap h = {0};
+    int64_t t = 5 * TD_NS_PER_S;
+    assert_int_equal(wrk_heap_idle(&h, 0, t), 0); /* nothing ended yet */
+    assert_int_equal(wrk_heap_idle(&h, 3, t), 1); /* first trim */
+    assert_int_equal(h.trims, 1);
+    assert_true(h.last_trim_ns >= 0);
+    assert_int_equal(wrk_heap_idle(&h, 3, t + 2 * WRK_HEAP_TRIM_NS), 0); /* none ended since */
+    assert_int_equal(wrk_heap_idle(&h, 4, t + WRK_HEAP_TRIM_NS - 1), 0); /* too soon */
+    assert_int_equal(wrk_heap_idle(&h, 4, t + WRK_HEAP_TRIM_NS), 1);
+    assert_int_equal(h.trims, 2);
+    /* What a trim gives back is the allocator's business; that it leaves
+     * live memory alone is checked by using some across one. */
+    char *keep = malloc(1 << 20);
+    assert_non_null(keep);
+    memset(keep, 7, 1 << 20);
+    for (int i = 0; i < 64; i++)
+        free(malloc((size_t)(i + 1) * 4096));
+    assert_int_equal(wrk_heap_idle(&h, 5, t + 3 * WRK_HEAP_TRIM_NS), 1);
+    for (int i = 0; i < 1 << 20; i += 4096)
+        assert_int_equal(keep[i], 7);
+    free(keep);
+}
+
 static void test_sampling(void **state)
 {
     (void)state;
@@ -290,9 +318,9 @@ int main(void)
 {
     wrk_signals_block();
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_membership),       cmocka_unit_test(test_membership_router_down),
-        cmocka_unit_test(test_health),           cmocka_unit_test(test_sampling),
-        cmocka_unit_test(test_metrics_endpoint),
+        cmocka_unit_test(test_membership), cmocka_unit_test(test_membership_router_down),
+        cmocka_unit_test(test_health),     cmocka_unit_test(test_sampling),
+        cmocka_unit_test(test_heap_idle),  cmocka_unit_test(test_metrics_endpoint),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
