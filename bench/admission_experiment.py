@@ -267,6 +267,8 @@ def main(argv):
     ap.add_argument("--max-context", type=int, default=512)
     ap.add_argument("--loads", default="0.5,1,1.5,2")
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--low-load-policies", default="none,burst",
+                    help="the policies that also run the loads below 1 (the others start at 1)")
     ap.add_argument("--capacity", type=float, default=0.0, help="skip the search (req/s)")
     ap.add_argument("--configs", help="DIR with admission-<policy>.conf files")
     ap.add_argument("--tune", action="store_true",
@@ -369,7 +371,7 @@ def main(argv):
         params[pol] = (extra, rule)
         e.up(["--admission", pol, "--cost-model", a.cost] + extra)
         for ld in loads:
-            if ld < 1 and pol not in ("none", "burst"):
+            if ld < 1 and pol not in a.low_load_policies.split(","):
                 continue
             out = os.path.join(a.out, "%s-%gx" % (pol, ld))
             s = e.replay(cap * ld, out, poll=True)

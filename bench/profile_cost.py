@@ -30,12 +30,16 @@ cluster:
      after the prefill's last step, so the residual is what it needs:
          residual_us = transfer_us_per_block x blocks   (least squares through 0;
                                                           the intercept is printed)
-  3. Decode: b concurrent requests (ignore_eos, a fixed max_tokens) with
-     prompts of p tokens; each request's timings.decode_us / (tokens - 1) is
-     its mean step time, in a batch of about b sequences whose summed context
-     is about b x (p + tokens / 2). The requests do not all decode at once
-     (their prefills are serialized), so b is measured per request: 1 plus
-     the overlap of the other requests' decode intervals with its own:
+  3. Decode: b concurrent streamed requests (ignore_eos, a fixed max_tokens)
+     with prompts of p tokens; each request's (last chunk - first chunk) /
+     (tokens - 1) on the client's clock is its mean step time, as the load
+     tester's TPOT counts it: the step as the client receives it, so what
+     the stream adds per token (the decode worker's loop around the forward,
+     the hops to the client) is in the model the simulator times steps with.
+     It runs in a batch of about b sequences whose summed context is about
+     b x (p + tokens / 2). The requests do not all decode at once (their
+     prefills are serialized), so b is measured per request: 1 plus the
+     overlap of the other requests' decode intervals with its own:
          step_us = decode_step_us_fixed + decode_step_us_per_seq x b
                    + decode_step_us_per_ctx_token x b x (p + tokens / 2)
      (A llama2.c checkpoint stops at BOS even with ignore_eos, so the tokens
@@ -46,8 +50,10 @@ cluster:
      SLOs derived from them (--ttft-x times the TTFT of the longest prompt,
      --tpot-x times the streamed TPOT at batch 1, but at least --tpot-floor-ms).
 
-Negative fitted coefficients are clamped to 0 (the file accepts only
-numbers >= 0), and the fit is redone without that term.
+The prefill and decode fits minimize the relative error (a short prompt's
+or a small batch's time weighs as much as the longest's). Negative fitted
+coefficients are clamped to 0 (the file accepts only numbers >= 0), and the
+fit is redone without that term.
 Standard library only.
 """
 import argparse
@@ -109,33 +115,46 @@ def complete(cli, model, prompt, max_tokens, rng_tag=""):
             "prompt_tokens": js["usage"]["prompt_tokens"], **t}
 
 
-def stream_tpot(url, model, prompt, max_tokens):
-    """Client-side TPOT of one streamed request: (last - first chunk) / (chunks - 1), ms."""
+def stream_times(url, model, prompt, max_tokens):
+    """One streamed request: (send, first chunk, last chunk) on the client's clock, in us, and
+    the tokens received (the load tester's view of a request's TTFT and TPOT)."""
     u = urllib.parse.urlparse(url)
     c = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=120)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
             "stream": True, "temperature": 0}
+    t0 = time.perf_counter()
     c.request("POST", "/v1/completions", body=json.dumps(body).encode(),
               headers={"Content-Type": "application/json"})
     r = c.getresponse()
     if r.status != 200:
         raise RuntimeError("stream: HTTP %d" % r.status)
-    times = []
+    first = last = None
+    n = 0
     while True:
         line = r.readline()
         if not line:
             break
         if line.startswith(b"data: {"):
             ev = json.loads(line[6:])
-            ch = ev.get("choices") or []
-            if ch and ch[0].get("text"):
-                times.append(time.perf_counter())
+            if ev.get("choices"):
+                now = time.perf_counter()
+                first = first if first is not None else now
+                last = now
+                n += 1
         elif line.startswith(b"data: [DONE]"):
             break
     c.close()
-    if len(times) < 2:
-        return 0.0
-    return (times[-1] - times[0]) * 1000 / (len(times) - 1)
+    if first is None:
+        raise RuntimeError("stream: no tokens")
+    return t0 * 1e6, first * 1e6, last * 1e6, n
+
+
+def stream_tpot(url, model, prompt, max_tokens):
+    """Client-side TPOT of one streamed request: (last - first chunk) / (chunks - 1), ms, every
+    chunk counted as the load tester counts them (a token that decodes to no text is still a
+    chunk)."""
+    _, first, last, n = stream_times(url, model, prompt, max_tokens)
+    return (last - first) / 1000 / (n - 1) if n >= 2 else 0.0
 
 
 def lstsq(rows, ys):
@@ -156,8 +175,13 @@ def lstsq(rows, ys):
     return [b[i] / a[i][i] for i in range(n)]
 
 
-def fit_nonneg(rows, ys):
-    """lstsq, dropping any term whose coefficient comes out negative (set to 0)."""
+def fit_nonneg(rows, ys, relative=False):
+    """lstsq, dropping any term whose coefficient comes out negative (set to 0). relative:
+    minimize the relative error (each row and y divided by y), so the small batches and short
+    prompts, whose times are a few percent of the largest, weigh as much as the large ones."""
+    if relative:
+        rows = [[v / y for v in r] for r, y in zip(rows, ys) if y > 0]
+        ys = [1.0 for y in ys if y > 0]
     active = list(range(len(rows[0])))
     while True:
         x = lstsq([[r[i] for i in active] for r in rows], ys)
@@ -221,7 +245,8 @@ def main(argv):
 
     # 1 + 2: prefill and transfer, single requests.
     top = ctx - 8
-    lengths = sorted({8, 16, 32, 64, 128, 192, 256, top // 2 + top // 4, top})
+    lengths = sorted({x for x in (8, 16, 32, 64, 128, 192, 256) if x < top} |
+                     {top // 2 + top // 4, top})
     pre = []
     for rep in range(a.reps):
         for p in lengths:
@@ -238,7 +263,7 @@ def main(argv):
                   for k in ("prefill_us", "transfer_us", "residual_us", "first_token_us",
                             "client_us", "prefill_queue_us", "blocks")}
     rows = [[1.0, float(r["p"]), r["p"] * (r["p"] + 1) / 2.0] for r in pre]
-    pf = fit_nonneg(rows, [r["prefill_us"] for r in pre])
+    pf = fit_nonneg(rows, [r["prefill_us"] for r in pre], relative=True)
     pf_r2 = r2(rows, [r["prefill_us"] for r in pre], pf)
     xrows = [[float(r["blocks"])] for r in pre]
     xf = fit_nonneg(xrows, [r["residual_us"] for r in pre])
@@ -251,6 +276,9 @@ def main(argv):
     # send + e2e_us] on the client's clock, and its batch is 1 plus the time
     # the other requests' intervals overlap it, over its length.
     batches = [int(x) for x in a.batches.split(",")]
+    # Room for the generated tokens: at most half the context (a 256-token
+    # model decodes 128 after prompts of 16 to 112 tokens).
+    a.decode_tokens = min(a.decode_tokens, ctx // 2)
     dec = []
     ctx_prompts = [16, max(16, min(192, ctx - a.decode_tokens - 8))]
     for p in ctx_prompts:
@@ -259,16 +287,10 @@ def main(argv):
             errs = []
 
             def one(i):
-                c = Client(a.url)
                 try:
-                    t0 = time.perf_counter()
-                    r = complete(c, model, prompt(p), a.decode_tokens, "decode b=%d" % b)
-                    r["t0_us"] = t0 * 1e6
-                    res[i] = r
+                    res[i] = stream_times(a.url, model, prompt(p), a.decode_tokens)
                 except Exception as e:  # noqa: BLE001 - reported below
                     errs.append(str(e))
-                finally:
-                    c.close()
 
             th = [threading.Thread(target=one, args=(i,)) for i in range(b)]
             for t in th:
@@ -277,17 +299,17 @@ def main(argv):
                 t.join()
             if errs:
                 sys.exit("profile: decode run failed: %s" % errs[0])
-            iv = [(r["t0_us"] + r["first_token_us"], r["t0_us"] + r["e2e_us"], r) for r in res]
-            for s0, e0, r in iv:
-                n = r["completion_tokens"]
-                if n < 2 or r["decode_us"] <= 0 or e0 <= s0:
+            iv = [(f, l, n) for (_, f, l, n) in res]
+            for k, (s0, e0, n) in enumerate(iv):
+                if n < 2 or e0 <= s0:
                     continue
-                ov = sum(max(0.0, min(e0, e1) - max(s0, s1)) for s1, e1, r1 in iv if r1 is not r)
+                ov = sum(max(0.0, min(e0, e1) - max(s0, s1))
+                         for j, (s1, e1, _) in enumerate(iv) if j != k)
                 beff = 1.0 + ov / (e0 - s0)
-                dec.append({"b": b, "p": p, "tokens": n, "step_us": r["decode_us"] / (n - 1),
+                dec.append({"b": b, "p": p, "tokens": n, "step_us": (e0 - s0) / (n - 1),
                             "batch": beff, "sum_ctx": beff * (p + n / 2.0)})
     drows = [[1.0, d["batch"], d["sum_ctx"]] for d in dec]
-    df = fit_nonneg(drows, [d["step_us"] for d in dec])
+    df = fit_nonneg(drows, [d["step_us"] for d in dec], relative=True)
     df_r2 = r2(drows, [d["step_us"] for d in dec], df)
 
     # Streamed, as the load tester sees it: TPOT = (last chunk - first chunk)
