@@ -344,6 +344,17 @@ void rt_req_dispatch(rt_req *r)
     rt__admit(r);
 }
 
+/* Prefill workers in rotation other than w. */
+static uint32_t rt__ready_prefill_besides(const rt_ctx *c, const rt_worker *w)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < c->n_workers; i++)
+        if (c->workers[i] != w && c->workers[i]->role == RT_PREFILL &&
+            c->workers[i]->state == RT_W_READY)
+            n++;
+    return n;
+}
+
 static bool rt__retryable(int err)
 {
     return err == TD_EUNAVAILABLE || err == TD_ECONNRESET || err == TD_ECONNREFUSED ||
@@ -402,9 +413,15 @@ void rt_req_on_wake(rt_req *r)
             rt_members_mark_down(c, r->decode, "a call failed: unreachable");
         /* The decode worker could not reach or lost the prefill worker (its
          * messages for that start with "prefill worker"): out of rotation
-         * until its next heartbeat and health check. */
+         * until its next heartbeat and health check. That is one decode
+         * worker's word, and its own link may be what failed (then every
+         * prefill worker looks lost from it at once), so the last ready
+         * prefill worker is not taken out on it: the retry goes to another
+         * decode worker (rt_pick_decode avoids this one) and can still use
+         * it. */
         if (st && st->from_peer && rc == TD_EUNAVAILABLE &&
-            strncmp(st->details, "prefill worker", 14) == 0)
+            strncmp(st->details, "prefill worker", 14) == 0 &&
+            rt__ready_prefill_besides(c, r->prefill) > 0)
             rt_members_mark_down(c, r->prefill, "a decode worker could not use it");
         if (r->cancel_requested) {
             rt__end(r, TANDEM__V1__FINISH_REASON__FINISH_REASON_CANCELLED, TD_ECANCELED,
