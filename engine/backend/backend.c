@@ -105,6 +105,35 @@ void be_close(be_backend *b)
     free(b);
 }
 
+int be_batch_check(const be_batch *b, const mdl_config *mc, const be_options *o, int *seq_maxpos)
+{
+    if (b->n_tokens < 1 || b->n_tokens > o->max_batch_tokens || b->n_seqs < 1 ||
+        b->n_seqs > o->max_seqs || b->n_out < 0 || b->n_out > b->n_tokens || !b->tokens ||
+        !b->pos || !b->seq || !b->block_tables || !b->n_blocks || (b->n_out && !b->logits) ||
+        (b->n_out && !b->out_rows))
+        return TD_EINVAL;
+    for (int s = 0; s < b->n_seqs; s++)
+        seq_maxpos[s] = -1;
+    int bs = (int)o->kv.block_size;
+    for (int t = 0; t < b->n_tokens; t++) {
+        int s = b->seq[t], p = b->pos[t];
+        if (b->tokens[t] < 0 || b->tokens[t] >= mc->vocab_size || s < 0 || s >= b->n_seqs ||
+            p < 0 || p >= mc->max_seq_len || p / bs >= b->n_blocks[s])
+            return TD_EINVAL;
+        if (p > seq_maxpos[s]) seq_maxpos[s] = p;
+    }
+    for (int s = 0; s < b->n_seqs; s++) {
+        if (seq_maxpos[s] < 0) continue;
+        if (!b->block_tables[s]) return TD_EINVAL;
+        for (int i = 0; i <= seq_maxpos[s] / bs; i++)
+            if (b->block_tables[s][i] < 0 || (uint32_t)b->block_tables[s][i] >= o->kv.num_blocks)
+                return TD_EINVAL;
+    }
+    for (int i = 0; i < b->n_out; i++)
+        if (b->out_rows[i] < 0 || b->out_rows[i] >= b->n_tokens) return TD_EINVAL;
+    return 0;
+}
+
 int be_forward(be_backend *b, const be_batch *batch)
 {
     if (!b || !batch) return TD_EINVAL;

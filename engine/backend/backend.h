@@ -136,6 +136,13 @@ int be_open(const char *name, const mdl_model *m, const be_options *o, be_backen
             size_t errlen);
 void be_close(be_backend *b); /* accepts NULL */
 
+/* For backends: the checks every forward makes before touching anything (ids,
+ * positions, block ids against the pool, sizes against the options): 0 or
+ * TD_EINVAL. seq_maxpos[o->max_seqs] gets each sequence's highest position
+ * in the batch (-1 for a sequence with no token), which the backends use to
+ * size their block-table copies. */
+int be_batch_check(const be_batch *b, const mdl_config *mc, const be_options *o, int *seq_maxpos);
+
 /* Runs one forward pass; see the batch model above. Errors: TD_EINVAL (bad
  * batch: ids, positions, block ids out of range, too many tokens), or the
  * on_layer_done return value. The pool may hold partial K/V after an error. */

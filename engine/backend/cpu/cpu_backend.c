@@ -337,42 +337,12 @@ static void cpu__attn_task(void *arg, int task, int thread)
 
 /* ---- forward ---- */
 
-static int cpu__validate(cpu_ctx *c, const be_batch *b)
-{
-    const mdl_config *mc = &c->m->cfg;
-    if (b->n_tokens < 1 || b->n_tokens > c->o.max_batch_tokens || b->n_seqs < 1 ||
-        b->n_seqs > c->o.max_seqs || b->n_out < 0 || b->n_out > b->n_tokens || !b->tokens ||
-        !b->pos || !b->seq || !b->block_tables || !b->n_blocks || (b->n_out && !b->logits) ||
-        (b->n_out && !b->out_rows))
-        return TD_EINVAL;
-    for (int s = 0; s < b->n_seqs; s++)
-        c->seq_maxpos[s] = -1;
-    int bs = (int)c->kv.block_size;
-    for (int t = 0; t < b->n_tokens; t++) {
-        int s = b->seq[t], p = b->pos[t];
-        if (b->tokens[t] < 0 || b->tokens[t] >= mc->vocab_size || s < 0 || s >= b->n_seqs ||
-            p < 0 || p >= mc->max_seq_len || p / bs >= b->n_blocks[s])
-            return TD_EINVAL;
-        if (p > c->seq_maxpos[s]) c->seq_maxpos[s] = p;
-    }
-    for (int s = 0; s < b->n_seqs; s++) {
-        if (c->seq_maxpos[s] < 0) continue;
-        if (!b->block_tables[s]) return TD_EINVAL;
-        for (int i = 0; i <= c->seq_maxpos[s] / bs; i++)
-            if (b->block_tables[s][i] < 0 || (uint32_t)b->block_tables[s][i] >= c->kv.num_blocks)
-                return TD_EINVAL;
-    }
-    for (int i = 0; i < b->n_out; i++)
-        if (b->out_rows[i] < 0 || b->out_rows[i] >= b->n_tokens) return TD_EINVAL;
-    return 0;
-}
-
 static int cpu_forward(void *vctx, const be_batch *b)
 {
     cpu_ctx *c = vctx;
     const mdl_model *m = c->m;
     const mdl_config *mc = &m->cfg;
-    int rc = cpu__validate(c, b);
+    int rc = be_batch_check(b, mc, &c->o, c->seq_maxpos);
     if (rc != 0) return rc;
     int T = b->n_tokens, dim = mc->dim, hd = mc->head_dim, hidden = mc->hidden_dim;
     int qd = mc->n_heads * hd, kvd = mc->n_kv_heads * hd, half = hd / 2;

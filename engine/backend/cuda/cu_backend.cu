@@ -493,36 +493,6 @@ static void cu_kv_region(void *vctx, void **base, size_t *bytes)
 
 /* ---- forward ---- */
 
-static int cu__validate(cu_ctx *c, const be_batch *b)
-{
-    const mdl_config *mc = &c->m->cfg;
-    if (b->n_tokens < 1 || b->n_tokens > c->o.max_batch_tokens || b->n_seqs < 1 ||
-        b->n_seqs > c->o.max_seqs || b->n_out < 0 || b->n_out > b->n_tokens || !b->tokens ||
-        !b->pos || !b->seq || !b->block_tables || !b->n_blocks || (b->n_out && !b->logits) ||
-        (b->n_out && !b->out_rows))
-        return TD_EINVAL;
-    for (int s = 0; s < b->n_seqs; s++)
-        c->seq_maxpos[s] = -1;
-    int bs = (int)c->kv.block_size;
-    for (int t = 0; t < b->n_tokens; t++) {
-        int s = b->seq[t], p = b->pos[t];
-        if (b->tokens[t] < 0 || b->tokens[t] >= mc->vocab_size || s < 0 || s >= b->n_seqs ||
-            p < 0 || p >= mc->max_seq_len || p / bs >= b->n_blocks[s])
-            return TD_EINVAL;
-        if (p > c->seq_maxpos[s]) c->seq_maxpos[s] = p;
-    }
-    for (int s = 0; s < b->n_seqs; s++) {
-        if (c->seq_maxpos[s] < 0) continue;
-        if (!b->block_tables[s]) return TD_EINVAL;
-        for (int i = 0; i <= c->seq_maxpos[s] / bs; i++)
-            if (b->block_tables[s][i] < 0 || (uint32_t)b->block_tables[s][i] >= c->kv.num_blocks)
-                return TD_EINVAL;
-    }
-    for (int i = 0; i < b->n_out; i++)
-        if (b->out_rows[i] < 0 || b->out_rows[i] >= b->n_tokens) return TD_EINVAL;
-    return 0;
-}
-
 static cudaDataType_t cu__cuda_type(int dt)
 {
     return dt == MDL_DTYPE_F32 ? CUDA_R_32F : dt == MDL_DTYPE_F16 ? CUDA_R_16F : CUDA_R_16BF;
@@ -653,7 +623,7 @@ static int cu__enqueue(cu_ctx *c, const be_batch *b)
 static int cu_forward(void *vctx, const be_batch *b)
 {
     cu_ctx *c = (cu_ctx *)vctx;
-    int rc = cu__validate(c, b);
+    int rc = be_batch_check(b, &c->m->cfg, &c->o, c->seq_maxpos);
     if (rc != 0) return rc;
     CU_CK(cudaSetDevice(c->dev));
     rc = cu__enqueue(c, b);
