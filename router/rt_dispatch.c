@@ -196,19 +196,12 @@ static void rt__adm_input(rt_ctx *c, const rt_req *r, adm_input *in)
         const rt_worker *w = c->workers[i];
         if (w->state != RT_W_READY) continue;
         if (w->role == RT_PREFILL) {
-            in->ready_prefill++;
-            in->queued_prefill_tokens += adm_fresh_load(
-                w->inflight_tokens, w->load.queued_prefill_tokens, w->inflight_tokens_at_load);
+            adm_input_add_prefill(in, w->inflight_tokens, w->inflight_tokens_at_load,
+                                  w->load.queued_prefill_tokens);
         } else {
-            in->ready_decode++;
-            uint64_t seqs =
-                adm_fresh_load(w->inflight, (uint64_t)w->load.running_seqs + w->load.waiting_seqs,
-                               w->inflight_at_load);
-            uint32_t waiting = seqs < w->load.waiting_seqs ? (uint32_t)seqs : w->load.waiting_seqs;
-            in->running_seqs += (uint32_t)(seqs - waiting);
-            in->waiting_seqs += waiting;
-            in->free_kv_blocks += w->load.free_kv_blocks;
-            in->total_kv_blocks += w->load.total_kv_blocks;
+            adm_input_add_decode(in, w->inflight, w->inflight_at_load, w->load.running_seqs,
+                                 w->load.waiting_seqs, w->load.free_kv_blocks,
+                                 w->load.total_kv_blocks);
             if (w->block_size) in->block_size = w->block_size;
         }
     }

@@ -501,18 +501,11 @@ static void sim__adm_input(const sim__ctx *c, size_t i, adm_input *in)
     for (uint32_t k = 0; k < c->nw; k++) {
         const sim__worker *w = &c->w[k];
         if (w->role == SIM__PREFILL) {
-            in->ready_prefill++;
-            in->queued_prefill_tokens +=
-                adm_fresh_load(w->inflight_tokens, w->hb_queued_prefill, w->inflight_tokens_at_hb);
+            adm_input_add_prefill(in, w->inflight_tokens, w->inflight_tokens_at_hb,
+                                  w->hb_queued_prefill);
         } else {
-            in->ready_decode++;
-            uint64_t seqs = adm_fresh_load(w->inflight, (uint64_t)w->hb_running + w->hb_waiting,
-                                           w->inflight_at_hb);
-            uint32_t waiting = seqs < w->hb_waiting ? (uint32_t)seqs : w->hb_waiting;
-            in->running_seqs += (uint32_t)(seqs - waiting);
-            in->waiting_seqs += waiting;
-            in->free_kv_blocks += w->hb_free;
-            in->total_kv_blocks += w->hb_total;
+            adm_input_add_decode(in, w->inflight, w->inflight_at_hb, w->hb_running, w->hb_waiting,
+                                 w->hb_free, w->hb_total);
             in->block_size = c->cfg->block_size;
         }
     }

@@ -29,6 +29,25 @@ void adm_params_defaults(adm_params *p)
     adm_cost_defaults(&p->cost);
 }
 
+void adm_input_add_prefill(adm_input *in, uint64_t own_tokens, uint64_t own_tokens_at_report,
+                           uint64_t queued_tokens)
+{
+    in->ready_prefill++;
+    in->queued_prefill_tokens += adm_fresh_load(own_tokens, queued_tokens, own_tokens_at_report);
+}
+
+void adm_input_add_decode(adm_input *in, uint32_t own, uint32_t own_at_report, uint32_t running,
+                          uint32_t waiting, uint32_t free_blocks, uint32_t total_blocks)
+{
+    uint64_t seqs = adm_fresh_load(own, (uint64_t)running + waiting, own_at_report);
+    uint32_t w = seqs < waiting ? (uint32_t)seqs : waiting;
+    in->ready_decode++;
+    in->running_seqs += (uint32_t)(seqs - w);
+    in->waiting_seqs += w;
+    in->free_kv_blocks += free_blocks;
+    in->total_kv_blocks += total_blocks;
+}
+
 /* ---- none: admit everything ---- */
 
 static int adm__none_create(const adm_params *p, void **ctx)

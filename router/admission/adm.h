@@ -175,6 +175,16 @@ typedef struct adm_ops {
     void (*on_end)(void *ctx, int64_t now_ns);
 } adm_ops;
 
+/* Adds one ready worker's load to in (router and simulator alike), brought up
+ * to now with adm_fresh_load. A prefill worker: the prompt tokens this router
+ * has on it now and had on it when its last report came, and the report's
+ * queued tokens. A decode worker: the requests this router has on it now and
+ * had then, the report's running and waiting sequences and its KV blocks. */
+void adm_input_add_prefill(adm_input *in, uint64_t own_tokens, uint64_t own_tokens_at_report,
+                           uint64_t queued_tokens);
+void adm_input_add_decode(adm_input *in, uint32_t own, uint32_t own_at_report, uint32_t running,
+                          uint32_t waiting, uint32_t free_blocks, uint32_t total_blocks);
+
 /* The policy called name, or NULL. */
 const adm_ops *adm_find(const char *name);
 

@@ -838,6 +838,23 @@ static void t_burst_decode_side(void **state)
     assert_int_equal(adm_fresh_load(0, 0, 0), 0);
     assert_int_equal(adm_fresh_load(3, 40, 0), 43);
 
+    /* Summed over workers as the router and the simulator do: a decode
+     * worker's sequences brought up to now keep the report's waiting ones
+     * (at most all of them), the rest count as running; blocks as reported. */
+    adm_input sum = {0};
+    adm_input_add_decode(&sum, 5, 10, 9, 3, 100, 200); /* 5 + (12 - 10) = 7: 3 waiting */
+    assert_int_equal(sum.running_seqs, 4);
+    assert_int_equal(sum.waiting_seqs, 3);
+    adm_input_add_decode(&sum, 0, 10, 0, 8, 50, 200); /* 0 + max(0, 8 - 10) = 0 */
+    assert_int_equal(sum.running_seqs + sum.waiting_seqs, 7);
+    assert_int_equal(sum.ready_decode, 2);
+    assert_int_equal(sum.free_kv_blocks, 150);
+    assert_int_equal(sum.total_kv_blocks, 400);
+    adm_input_add_prefill(&sum, 100, 50, 80); /* 100 + (80 - 50) */
+    adm_input_add_prefill(&sum, 0, 0, 7);
+    assert_int_equal(sum.queued_prefill_tokens, 137);
+    assert_int_equal(sum.ready_prefill, 2);
+
     /* slo_margin 0.8: the same 17.5 ms step is over 0.8 x 20 ms = 16 ms;
      * 27 others (15.0 ms) are within it. */
     p.slo_margin = 0.8;
