@@ -72,16 +72,7 @@ static int pf_run(const wrk_opts *o)
     engine_started = true;
     atomic_store(&c->health.status, WRK_SERVING);
 
-    wrk_member_info mi = {.role = WRK_PREFILL,
-                          .kv_endpoint = "",
-                          .kv_transport = o->kv_transport,
-                          .model = o->model,
-                          .layout = eng_layout(c->engine),
-                          .fingerprint = mdl_fingerprint(m),
-                          .max_running_seqs = ec.max_num_seqs,
-                          .max_batch_tokens = ec.max_num_batched_tokens,
-                          .max_model_len = eng_max_model_len(c->engine),
-                          .cluster_token = o->cluster_token};
+    wrk_member_info mi = wrk_member_info_of(WRK_PREFILL, o, m, c->engine, &ec, "");
     rc = wrk_node_start(&node, o, srv, &c->metrics, &c->load, &c->health, &c->draining, &mi);
     if (rc != 0) goto out;
     printf("tandem-prefill ready grpc=%s transport=%s metrics=%d blocks=%u\n", node.rpc_addr,

@@ -656,3 +656,18 @@ int wrk_step(eng *e, wrk_metrics *m, const eng_event **evs, uint32_t *n, int64_t
     met_histogram_observe(m->batch_size, ss.n_items);
     return 0;
 }
+
+wrk_member_info wrk_member_info_of(enum wrk_role role, const wrk_opts *o, const mdl_model *m,
+                                   const eng *e, const eng_config *ec, const char *kv_endpoint)
+{
+    return (wrk_member_info){.role = role,
+                             .kv_endpoint = kv_endpoint,
+                             .kv_transport = o->kv_transport,
+                             .model = o->model,
+                             .layout = eng_layout(e),
+                             .fingerprint = mdl_fingerprint(m),
+                             .max_running_seqs = ec->max_num_seqs,
+                             .max_batch_tokens = ec->max_num_batched_tokens,
+                             .max_model_len = eng_max_model_len(e),
+                             .cluster_token = o->cluster_token};
+}

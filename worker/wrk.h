@@ -220,6 +220,12 @@ typedef struct wrk_member_info {
     const char *cluster_token; /* NULL or "": none */
 } wrk_member_info;
 
+/* What a worker of this role serving model m through engine e (opened with
+ * ec) tells the router; worker_id and rpc_address are filled by
+ * wrk_node_start. kv_endpoint: "" for prefill. The strings are borrowed. */
+wrk_member_info wrk_member_info_of(enum wrk_role role, const wrk_opts *o, const mdl_model *m,
+                                   const eng *e, const eng_config *ec, const char *kv_endpoint);
+
 /* Starts registering with the router at addr, then heartbeating every
  * second with the load; re-registers when the router forgets the worker;
  * keeps trying while the router is down. drain (may be NULL) is set when the
