@@ -357,7 +357,18 @@ static void dc__reap(dc_engine *d)
         if (r->state != DC_CLOSING) continue;
         if (r->registered && !r->kv_final) continue;
         if (r->prefill && !r->prefill_ended) {
-            if (!rpc_stream_ended(r->prefill)) continue;
+            /* Read away what the prefill worker sent before the request
+             * closed (its PrefillResponse can be waiting): a stream counts
+             * as ended only once its messages are read, and
+             * dc__poll_prefill no longer looks at a CLOSING request. Left
+             * unread, the request never ended and its blocks leaked. */
+            ProtobufCMessage *msg = NULL;
+            int rc;
+            while ((rc = rpc_stream_poll(r->prefill, &msg)) == 0 && msg) {
+                protobuf_c_message_free_unpacked(msg, NULL);
+                msg = NULL;
+            }
+            if (rc == RPC_PENDING) continue;
             r->prefill_ended = true;
         }
         if (r->kv_seq > 0) (void)kvc_seq_free(eng_kvc(d->ctx->engine), r->kv_seq);
