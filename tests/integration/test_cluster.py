@@ -54,10 +54,19 @@ def check(cond, what):
     return cond
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n):
+    """n distinct free loopback ports: every socket stays bound until all are
+    chosen, or the kernel may hand the same port out twice."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def http_get(url, timeout=2.0):
@@ -123,7 +132,7 @@ def pick_model(tmp):
 
 def router_serves_http(model, tmp):
     """Starts tandem-router alone; True when GET /health answers over HTTP."""
-    http, grpc = free_port(), free_port()
+    http, grpc = free_ports(2)
     logf = os.path.join(tmp, "probe-router.log")
     with open(logf, "wb") as out:
         p = subprocess.Popen([os.path.join(BIN, "tandem-router"), "--model", model,
@@ -161,7 +170,7 @@ def router_serves_http(model, tmp):
 
 def case_cluster(model, tmp):
     run_dir = os.path.join(tmp, "run")
-    http, grpc = free_port(), free_port()
+    http, grpc = free_ports(2)
     common = ["--run-dir", run_dir]
     r = cluster("up", *common, "--bin-dir", BIN, "--model", model, "--prefill", "1",
                 "--decode", "2", "--http-listen", f"127.0.0.1:{http}",
@@ -268,9 +277,10 @@ def case_failed_up(model, tmp):
         f.write(b"\0" * 64)
     # The router loads the real model; the decode worker gets a file that is
     # not a checkpoint through its extra flags (the last --model wins).
+    http, grpc = free_ports(2)
     r = cluster("up", "--run-dir", run_dir, "--bin-dir", BIN, "--model", model,
-                "--http-listen", f"127.0.0.1:{free_port()}",
-                "--grpc-listen", f"127.0.0.1:{free_port()}",
+                "--http-listen", f"127.0.0.1:{http}",
+                "--grpc-listen", f"127.0.0.1:{grpc}",
                 "--decode-args", f"--model {bogus}", "--ready-timeout", "30")
     check(r.returncode == 1, "up with a broken worker exits 1")
     check("decode-0 exited" in r.stderr and "last lines of" in r.stderr,
