@@ -176,13 +176,22 @@ class Exp:
             s["_router_polls"] = polls
         return s
 
-    def sim(self, rate, out, policy, extra):
+    def profile(self, out):
+        """bench/profile_cost.py against the cluster that is up; returns the cost file."""
+        a = self.a
+        self.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                               "profile_cost.py"),
+                  "--url", "http://" + a.http, "--vocab", str(a.vocab), "--reps", "3",
+                  "--out", out, "--json", out + ".json"], quiet=True)
+        return out
+
+    def sim(self, rate, out, policy, extra, cost=None):
         a = self.a
         shutil.rmtree(out, ignore_errors=True)
         argv = [os.path.join(self.bin, "tandem-sim"), "run", "--trace", a.trace, "--format",
                 "burstgpt", "--rate", "%.4f" % rate, "--max-requests", str(a.max_requests),
                 "--max-context", str(a.max_context), "--prefill", str(a.prefill), "--decode",
-                str(a.decode), "--kv-blocks", str(self.blocks or 2048), "--cost", a.cost,
+                str(a.decode), "--kv-blocks", str(self.blocks or 2048), "--cost", cost or a.cost,
                 "--slo-ttft-ms", "%g" % a.slo_ttft_ms, "--slo-tpot-ms", "%g" % a.slo_tpot_ms,
                 "--admission", policy, "--out", out, "--no-plots"] + extra
         self.run(argv)
@@ -277,6 +286,10 @@ def main(argv):
                     "another held out), and use the configs it writes")
     ap.add_argument("--tune-n", type=int, default=4000, help="requests per synthetic trace")
     ap.add_argument("--tune-seeds", default="41,42", help="training seed, held-out seed")
+    ap.add_argument("--profile-each", action="store_true",
+                    help="profile the cluster (bench/profile_cost.py) right before every replay "
+                    "and give that cost model to the replay's router and to its simulation")
+    ap.add_argument("--vocab", type=int, default=32000, help="profile prompts' ids below this")
     ap.add_argument("--http", default="127.0.0.1:18300")
     ap.add_argument("--grpc", default="127.0.0.1:18351")
     a = ap.parse_args(argv)
@@ -352,7 +365,7 @@ def main(argv):
         "burst": (["--slo-ttft-ms", "%g" % a.slo_ttft_ms, "--slo-tpot-ms", "%g" % a.slo_tpot_ms],
                   "SLOs = the experiment's; windows, hold and burst detection at their defaults"),
     }
-    real, simr, mo_n = {}, {}, None
+    real, simr, mo_n, costs = {}, {}, None, {}
     for pol in policies:
         conf = os.path.join(a.configs, "admission-%s.conf" % pol) if a.configs else None
         if conf and os.path.exists(conf):
@@ -369,11 +382,19 @@ def main(argv):
         if pol == "max_outstanding" and mo_n is None:
             mo_n = int(extra[extra.index("--max-outstanding") + 1])
         params[pol] = (extra, rule)
-        e.up(["--admission", pol, "--cost-model", a.cost] + extra)
+        if not a.profile_each:
+            e.up(["--admission", pol, "--cost-model", a.cost] + extra)
         for ld in loads:
             if ld < 1 and pol not in a.low_load_policies.split(","):
                 continue
             out = os.path.join(a.out, "%s-%gx" % (pol, ld))
+            if a.profile_each:
+                # The host's speed drifts (a shared VM): measure the cost model on the
+                # cluster now, and give it to this replay's router and simulator.
+                e.up(["--admission", "none", "--cost-model", a.cost])
+                costs[(pol, ld)] = e.profile(os.path.join(a.out, "cost-%s-%gx.txt" % (pol, ld)))
+                e.down()
+                e.up(["--admission", pol, "--cost-model", costs[(pol, ld)]] + extra)
             s = e.replay(cap * ld, out, poll=True)
             real[(pol, ld)] = s
             b = brief(s)
@@ -386,14 +407,17 @@ def main(argv):
                 p = os.path.join(out, big)
                 if os.path.exists(p) and big != "requests.csv":
                     os.remove(p)
-        e.down()
+            if a.profile_each:
+                e.down()
+        if not a.profile_each:
+            e.down()
     # 3. Simulator, same requests, same cost model, same parameters.
     for pol in policies:
         extra = [x for x in params[pol][0]]
         for ld in loads:
             if (pol, ld) in real:
                 simr[(pol, ld)] = e.sim(cap * ld, os.path.join(a.out, "sim-%s-%gx" % (pol, ld)),
-                                        pol, extra)
+                                        pol, extra, costs.get((pol, ld)))
     la_end = e.uptime("end")
     write_results(a, e, cap, probes, loads, policies, params, real, simr,
                   (t_start, time.time(), la_start, la_end))

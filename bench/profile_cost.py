@@ -44,13 +44,24 @@ cluster:
                    + decode_step_us_per_ctx_token x b x (p + tokens / 2)
      (A llama2.c checkpoint stops at BOS even with ignore_eos, so the tokens
      actually generated are used, not max_tokens.)
-  4. Unloaded latencies as the client sees them (send to the end of a
+  4. Co-location: workers that share a host's cores slow each other. b
+     streamed requests decode alone (--colo-batch, long outputs), then again
+     while another client sends prefill-only requests (max_tokens 1, a
+     prompt of 128 tokens, or half the context when that is less) back to
+     back; the two alternate, --colo-rounds times each. The mean chunk gap
+     over the stretch where all b stream, with the prefills against without,
+     less 1, is decode_extra_when_prefilling; those prefills'
+     timings.prefill_us against the same prompt length's alone in step 1,
+     less 1, is prefill_extra_when_decoding (both at least 0; about 0 for
+     workers on hosts of their own).
+  5. Unloaded latencies as the client sees them (send to the end of a
      non-streamed response, max_tokens 1, for TTFT; a streamed request's
      chunk gaps for TPOT, as tandem-loadtest measures it), printed with the
      SLOs derived from them (--ttft-x times the TTFT of the longest prompt,
      --tpot-x times the streamed TPOT at batch 1, but at least --tpot-floor-ms).
 
-The prefill and decode fits minimize the relative error (a short prompt's
+The prefill fit is to each prompt length's median. The prefill and decode
+fits minimize the relative error (a short prompt's
 or a small batch's time weighs as much as the longest's). Negative fitted
 coefficients are clamped to 0 (the file accepts only numbers >= 0), and the
 fit is redone without that term.
@@ -72,7 +83,8 @@ import urllib.parse
 # replayed token costs (about a third of a 15m model's decode step).
 KEYS = ("prefill_us_fixed", "prefill_us_per_token", "prefill_us_per_token_ctx",
         "decode_step_us_fixed",
-        "decode_step_us_per_seq", "decode_step_us_per_ctx_token", "transfer_us_per_block")
+        "decode_step_us_per_seq", "decode_step_us_per_ctx_token", "transfer_us_per_block",
+        "prefill_extra_when_decoding", "decode_extra_when_prefilling")
 
 
 class Client:
@@ -122,6 +134,13 @@ def complete(cli, model, prompt, max_tokens, rng_tag=""):
 def stream_times(url, model, prompt, max_tokens):
     """One streamed request: (send, first chunk, last chunk) on the client's clock, in us, and
     the tokens received (the load tester's view of a request's TTFT and TPOT)."""
+    t0, chunks = stream_chunks(url, model, prompt, max_tokens)
+    return t0, chunks[0], chunks[-1], len(chunks)
+
+
+def stream_chunks(url, model, prompt, max_tokens):
+    """One streamed request: its send time and every token chunk's arrival on the client's
+    clock, in us."""
     u = urllib.parse.urlparse(url)
     c = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=120)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
@@ -132,8 +151,7 @@ def stream_times(url, model, prompt, max_tokens):
     r = c.getresponse()
     if r.status != 200:
         raise RuntimeError("stream: HTTP %d" % r.status)
-    first = last = None
-    n = 0
+    chunks = []
     while True:
         line = r.readline()
         if not line:
@@ -141,16 +159,13 @@ def stream_times(url, model, prompt, max_tokens):
         if line.startswith(b"data: {"):
             ev = json.loads(line[6:])
             if ev.get("choices"):
-                now = time.perf_counter()
-                first = first if first is not None else now
-                last = now
-                n += 1
+                chunks.append(time.perf_counter() * 1e6)
         elif line.startswith(b"data: [DONE]"):
             break
     c.close()
-    if first is None:
+    if not chunks:
         raise RuntimeError("stream: no tokens")
-    return t0 * 1e6, first * 1e6, last * 1e6, n
+    return t0 * 1e6, chunks
 
 
 def stream_tpot(url, model, prompt, max_tokens):
@@ -217,6 +232,10 @@ def main(argv):
     ap.add_argument("--reps", type=int, default=5, help="requests per prompt length")
     ap.add_argument("--batches", default="1,2,4,8,16,32,48", help="decode batch sizes")
     ap.add_argument("--decode-tokens", type=int, default=256, help="max_tokens of decode runs")
+    ap.add_argument("--colo-batch", type=int, default=8,
+                    help="co-location: sequences decoding while prefills run")
+    ap.add_argument("--colo-rounds", type=int, default=3,
+                    help="co-location: rounds of decode alone and beside prefills")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     ap.add_argument("--vocab", type=int, default=512, help="prompt ids are drawn below this")
     ap.add_argument("--seed", type=int, default=0,
@@ -266,9 +285,11 @@ def main(argv):
         med[p] = {k: statistics.median(r[k] for r in rs)
                   for k in ("prefill_us", "transfer_us", "residual_us", "first_token_us",
                             "client_us", "prefill_queue_us", "blocks")}
-    rows = [[1.0, float(r["p"]), r["p"] * (r["p"] + 1) / 2.0] for r in pre]
-    pf = fit_nonneg(rows, [r["prefill_us"] for r in pre], relative=True)
-    pf_r2 = r2(rows, [r["prefill_us"] for r in pre], pf)
+    # Fitted to each length's median: on a shared host one slow request in a
+    # length's few must not tilt the line.
+    rows = [[1.0, float(p), p * (p + 1) / 2.0] for p in lengths]
+    pf = fit_nonneg(rows, [med[p]["prefill_us"] for p in lengths], relative=True)
+    pf_r2 = r2(rows, [med[p]["prefill_us"] for p in lengths], pf)
     xrows = [[float(r["blocks"])] for r in pre]
     xf = fit_nonneg(xrows, [r["residual_us"] for r in pre])
     xi = lstsq([[1.0, float(r["blocks"])] for r in pre], [r["residual_us"] for r in pre])
@@ -322,13 +343,59 @@ def main(argv):
     for _ in range(a.reps):
         tpot_stream.append(stream_tpot(a.url, model, prompt(16), a.decode_tokens))
 
-    # 4: unloaded latencies (client view) and the SLOs.
+    # 4: co-location, decode alone and beside back-to-back prefills, alternating.
+    colo_p = min(128, ctx // 2)
+    pre_alone = statistics.median(r["prefill_us"] for r in pre if r["p"] == colo_p) \
+        if colo_p in lengths else None
+    colo_tokens = min(a.decode_tokens, ctx - 16 - 8)
+    colo = {"gap_alone_us": [], "gap_beside_us": [], "prefill_beside_us": []}
+
+    def colo_round(beside):
+        res = [None] * a.colo_batch
+        errs = []
+
+        def one(i):
+            try:
+                res[i] = stream_chunks(a.url, model, prompt(16), colo_tokens)[1]
+            except Exception as e:  # noqa: BLE001 - reported below
+                errs.append(str(e))
+
+        th = [threading.Thread(target=one, args=(i,)) for i in range(a.colo_batch)]
+        for t in th:
+            t.start()
+        pcli = Client(a.url)
+        while beside and any(t.is_alive() for t in th):
+            r = complete(pcli, model, prompt(colo_p), 1, "co-location prefill")
+            colo["prefill_beside_us"].append(r["prefill_us"])
+        pcli.close()
+        for t in th:
+            t.join()
+        if errs:
+            sys.exit("profile: co-location run failed: %s" % errs[0])
+        # The stretch where every stream is past its third chunk and none is in its last three.
+        lo, hi = max(c[2] for c in res), min(c[-3] for c in res)
+        gaps = [y - x for c in res for x, y in zip(c, c[1:]) if x >= lo and y <= hi]
+        if gaps:
+            colo["gap_beside_us" if beside else "gap_alone_us"].append(statistics.mean(gaps))
+
+    for _ in range(a.colo_rounds):
+        colo_round(False)
+        colo_round(True)
+    decode_extra = prefill_extra = 0.0
+    if colo["gap_alone_us"] and colo["gap_beside_us"]:
+        decode_extra = max(0.0, statistics.median(colo["gap_beside_us"]) /
+                           statistics.median(colo["gap_alone_us"]) - 1)
+    if pre_alone and colo["prefill_beside_us"]:
+        prefill_extra = max(0.0, statistics.median(colo["prefill_beside_us"]) / pre_alone - 1)
+
+    # 5: unloaded latencies (client view) and the SLOs.
     ttft_p = {p: med[p]["client_us"] / 1000 for p in lengths}
     b1 = [d["step_us"] for d in dec if d["b"] == 1]
     step1 = statistics.median(b1) / 1000 if b1 else 0.0
     tpot1 = statistics.median(tpot_stream)
 
-    cost = dict(zip(KEYS, [pf[0], pf[1], pf[2], df[0], df[1], df[2], xf[0]]))
+    cost = dict(zip(KEYS, [pf[0], pf[1], pf[2], df[0], df[1], df[2], xf[0], prefill_extra,
+                           decode_extra]))
     with open(a.out, "w") as f:
         f.write("# tandem admission cost model, microseconds (docs/admission.md)\n")
         f.write("# fitted by bench/profile_cost.py from %s, model %s, context %d\n"
@@ -359,6 +426,15 @@ def main(argv):
           "timings.transfer_us = %.1f + %.1f x blocks" % (xf[0], xi[0], xi[1], tf[0], tf[1]))
     print("fit: decode step_us = %.1f + %.1f x batch + %.4f x summed context (R^2 %.3f)" %
           (df[0], df[1], df[2], df_r2))
+    print("co-location (%d streams of %d tokens, prefills of %d tokens, %d rounds): decode step "
+          "%.0f us alone, %.0f us beside prefills (+%.1f%%); prefill %s us alone, %.0f us beside "
+          "decode (+%.1f%%)" %
+          (a.colo_batch, colo_tokens, colo_p, a.colo_rounds,
+           statistics.median(colo["gap_alone_us"]) if colo["gap_alone_us"] else 0,
+           statistics.median(colo["gap_beside_us"]) if colo["gap_beside_us"] else 0,
+           100 * decode_extra, "%.0f" % pre_alone if pre_alone else "?",
+           statistics.median(colo["prefill_beside_us"]) if colo["prefill_beside_us"] else 0,
+           100 * prefill_extra))
     mid = lengths[len(lengths) // 2]
     print("\nunloaded (client): TTFT %.2f ms at %d tokens, %.2f ms at %d, %.2f ms at %d; "
           "streamed TPOT %.3f ms at batch 1 (decode step %.3f ms)" %
@@ -375,7 +451,8 @@ def main(argv):
             json.dump({"url": a.url, "model": model, "context": ctx, "cost": cost,
                        "fit": {"prefill": pf, "prefill_r2": pf_r2, "residual_per_block": xf[0],
                                "residual_with_intercept": xi, "transfer_us": tf,
-                               "decode": df, "decode_r2": df_r2},
+                               "decode": df, "decode_r2": df_r2,
+                               "colocation": colo},
                        "unloaded": {"ttft_ms": {str(k): v for k, v in ttft_p.items()},
                                     "tpot_ms_stream": tpot1, "step_ms_batch1": step1},
                        "slo": {"ttft_ms": slo_ttft, "tpot_ms": slo_tpot,

@@ -734,6 +734,10 @@ void *dc_engine_run(void *arg)
         (void)!read(c->wake_fd, &v, sizeof(v));
         dc__poll_prefill(&d);
         dc__check_live(&d);
+        /* The prefill's tokens of the requests that just joined go out now,
+         * not behind the step below: a step of a large batch takes tens of
+         * milliseconds, and the client's time to first token would carry it. */
+        dc_outbox_flush(c->outbox);
         dc__admit(&d);
         dc__step(&d);
         dc__reap(&d);

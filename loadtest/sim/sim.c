@@ -328,6 +328,16 @@ static int sim__admit(sim__ctx *c, sim__worker *w)
     return 0;
 }
 
+/* A step of a worker with this role starts now: is a worker of the other
+ * role mid-step? (adm_cost's co-location factors; the step is charged by
+ * the state at its start.) */
+static bool sim__other_role_busy(const sim__ctx *c, int role)
+{
+    for (uint32_t k = 0; k < c->nw; k++)
+        if (c->w[k].role != role && c->w[k].busy) return true;
+    return false;
+}
+
 /* Takes what arrived between steps, then starts the next step if any. */
 static int sim__worker_run(sim__ctx *c, uint32_t wi)
 {
@@ -370,7 +380,11 @@ static int sim__worker_run(sim__ctx *c, uint32_t wi)
         c->stats.steps_decode++;
     else
         c->stats.steps_prefill++;
-    double us = sim_step_us(&c->cfg->cost, step);
+    const adm_cost *cost = &c->cfg->cost;
+    double us = sim_step_us(cost, step);
+    if (sim__other_role_busy(c, w->role))
+        us *= 1 + (w->role == SIM__DECODE ? cost->decode_extra_when_prefilling
+                                          : cost->prefill_extra_when_decoding);
     int64_t dt = (int64_t)llround(us * 1000.0);
     if (dt < 1) dt = 1; /* time always moves on */
     w->busy = 1;

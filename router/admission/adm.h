@@ -114,6 +114,13 @@ typedef struct adm_cost {
     double decode_step_us_per_seq;       /* per sequence in the batch */
     double decode_step_us_per_ctx_token; /* per context token, summed over the batch */
     double transfer_us_per_block;        /* KV transfer, per block (all layers) */
+    /* Workers that share a host's cores slow each other down: a prefill batch
+     * that runs while a decode worker steps takes (1 + prefill_extra_when_decoding)
+     * times as long, a decode step during a prefill (1 + decode_extra_when_prefilling)
+     * times. 0 (the default) for workers on hosts or devices of their own; the
+     * profiler measures both on the cluster it runs against. */
+    double prefill_extra_when_decoding;
+    double decode_extra_when_prefilling;
 } adm_cost;
 
 /* Reads `key = value` lines (blank lines and # comments allowed; keys are the

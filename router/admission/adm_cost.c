@@ -18,7 +18,9 @@
     X(decode_step_us_fixed)                                                                        \
     X(decode_step_us_per_seq)                                                                      \
     X(decode_step_us_per_ctx_token)                                                                \
-    X(transfer_us_per_block)
+    X(transfer_us_per_block)                                                                       \
+    X(prefill_extra_when_decoding)                                                                 \
+    X(decode_extra_when_prefilling)
 
 static const struct {
     const char *key;
@@ -172,6 +174,16 @@ double adm__prefill_ahead(const adm_input *in, double extra_tokens)
     return (double)a + extra_tokens;
 }
 
+double adm__prefill_slowdown(const adm_cost *c, const adm_input *in)
+{
+    return in->running_seqs > 0 ? 1 + c->prefill_extra_when_decoding : 1;
+}
+
+double adm__decode_slowdown(const adm_cost *c, const adm_input *in, double extra_tokens)
+{
+    return adm__prefill_ahead(in, extra_tokens) > 0 ? 1 + c->decode_extra_when_prefilling : 1;
+}
+
 double adm__prefill_wait_us(const adm_cost *c, const adm_input *in, double extra_tokens,
                             double extra_pairs)
 {
@@ -185,7 +197,7 @@ double adm__prefill_wait_us(const adm_cost *c, const adm_input *in, double extra
     double pairs = (double)in->inflight_prefill_pairs + (ahead - own) * per_token + extra_pairs;
     double us =
         (ahead + extra_tokens) * c->prefill_us_per_token + pairs * c->prefill_us_per_token_ctx;
-    return us / (double)in->ready_prefill + c->prefill_us_fixed;
+    return (us / (double)in->ready_prefill + c->prefill_us_fixed) * adm__prefill_slowdown(c, in);
 }
 
 double adm__prefill_own_us(const adm_cost *c, double prompt_tokens)
@@ -202,7 +214,7 @@ void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, d
     *out = (adm__pred){0};
 
     /* TTFT: the work ahead, then its own prefill batch and KV transfer. */
-    double own_prefill = adm__prefill_own_us(c, prompt);
+    double own_prefill = adm__prefill_own_us(c, prompt) * adm__prefill_slowdown(c, in);
     double prompt_blocks = bs > 0 ? ceil(prompt / bs) : 0;
     double transfer = prompt_blocks * c->transfer_us_per_block;
     out->wait_us = adm__prefill_wait_us(c, in, extra_tokens, extra_pairs);
@@ -225,8 +237,9 @@ void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, d
     double others_ctx = seqs * (mean_prompt + mean_out / 2);
     double own_ctx = prompt + in->max_tokens / 2.0;
     double ctx = others_ctx / n_dec + own_ctx;
-    out->tpot_us = c->decode_step_us_fixed + c->decode_step_us_per_seq * n +
-                   c->decode_step_us_per_ctx_token * ctx;
+    out->tpot_us = (c->decode_step_us_fixed + c->decode_step_us_per_seq * n +
+                    c->decode_step_us_per_ctx_token * ctx) *
+                   adm__decode_slowdown(c, in, extra_tokens);
     out->tpot_budget_us = fmax(slo_tpot_us, c->decode_step_us_fixed + c->decode_step_us_per_seq +
                                                 c->decode_step_us_per_ctx_token * own_ctx);
 

@@ -28,9 +28,17 @@ double adm__prefill_ahead(const adm_input *in, double extra_tokens);
  * the heartbeats' excess at the same pairs per token, plus extra_pairs),
  * spread over the ready prefill workers (>= 1):
  *   (ahead x prefill_us_per_token + pairs x prefill_us_per_token_ctx) / P,
- * plus one batch's fixed cost when anything is ahead. */
+ * plus one batch's fixed cost when anything is ahead; all of it times
+ * adm__prefill_slowdown. */
 double adm__prefill_wait_us(const adm_cost *c, const adm_input *in, double extra_tokens,
                             double extra_pairs);
+
+/* The co-location factors of the cost model (adm_cost), as the cluster
+ * stands: prefill work is slowed while decode workers have sequences
+ * (running_seqs > 0), decode steps while prefill work is ahead
+ * (adm__prefill_ahead(in, extra_tokens) > 0). 1 when not, or the factor is 0. */
+double adm__prefill_slowdown(const adm_cost *c, const adm_input *in);
+double adm__decode_slowdown(const adm_cost *c, const adm_input *in, double extra_tokens);
 
 /* One prompt's own prefill from position 0, us:
  *   fixed + per_token x p + per_token_ctx x p (p + 1) / 2 */

@@ -502,6 +502,28 @@ static void t_queue_threshold(void **state)
     o->decide(ctx, &in, &d);
     assert_int_equal(d.verdict, ADM_REJECT);
     o->destroy(ctx);
+
+    /* Co-located workers: while the decode workers have sequences the same
+     * work ahead takes (1 + prefill_extra_when_decoding) as long. One
+     * 1000-token prompt, 72.5625 ms alone, 145.125 ms at factor 1. */
+    p.cost.prefill_extra_when_decoding = 1;
+    p.queue_max_ms = 72.5625;
+    ctx = make("queue_threshold", &p);
+    in = idle_input(0);
+    in.inflight_prefill_tokens = 1000;
+    in.inflight_prefill_pairs = adm_prefill_pairs(1000);
+    in.running_seqs = 0;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_ADMIT);
+    in.running_seqs = 1;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    o->destroy(ctx);
+    p.queue_max_ms = 145.125;
+    ctx = make("queue_threshold", &p);
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_ADMIT);
+    o->destroy(ctx);
     p.cost = test_cost();
     in = idle_input(0);
 
@@ -821,6 +843,20 @@ static void t_burst_decode_side(void **state)
     in.free_kv_blocks = 7;
     o->decide(ctx, &in, &d);
     assert_int_equal(d.verdict, ADM_ADMIT);
+    /* Co-located workers: a step during prefill work takes 1.25x as long.
+     * 30 sequences: 17.5 ms with nothing to prefill, 21.875 ms with prompt
+     * tokens ahead. */
+    o->destroy(ctx);
+    p.cost.decode_extra_when_prefilling = 0.25;
+    ctx = make("burst", &p);
+    in = idle_input(4 * S + S / 2);
+    in.running_seqs = 30;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_ADMIT);
+    in.queued_prefill_tokens = 1;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    p.cost = test_cost();
     /* An idle cluster admits a prompt whose own prefill exceeds the SLO. */
     in = idle_input(5 * S);
     in.prompt_tokens = 5000; /* 500 ms alone */

@@ -83,6 +83,47 @@ static void test_hand_computed_times(void **state)
     sim_result_free(&r);
 }
 
+/* The co-location factors: test_hand_computed_times again with a prefill
+ * batch 1.5x as long while a decode step runs, and a decode step 1.25x while
+ * a prefill runs, each charged by what runs when the step starts. */
+static void test_colocated_slowdown(void **state)
+{
+    (void)state;
+    sim_config c;
+    tiny_config(&c);
+    c.cost.prefill_extra_when_decoding = 0.5;
+    c.cost.decode_extra_when_prefilling = 0.25;
+    lt_req reqs[2] = {{.t_ns = 0, .input_tokens = 32, .output_tokens = 3},
+                      {.t_ns = 500 * US, .input_tokens = 16, .output_tokens = 2}};
+    sim_result r;
+    char err[256];
+    assert_int_equal(sim_run(&c, reqs, 2, &r, err, sizeof(err)), 0);
+    const lt_record *a = &r.recs[0], *b = &r.recs[1];
+    /* A's prefill 0..1320 (decode idle), transfer to 1520, joins. */
+    assert_int_equal(a->ttft_ns, 1520 * US);
+    /* B's prefill starts at 1320, before the decode step does: 1160 us. A's
+     * first step starts at 1520 during it: 2000 x 1.25 = 2500, to 4020. B
+     * landed at 2580 and joins there. */
+    assert_int_equal(a->chunk_ns[1], 4020 * US);
+    assert_int_equal(b->ttft_ns, (4020 - 500) * US);
+    /* A + B from 4020, no prefill running: 2000 us. */
+    assert_int_equal(a->e2e_ns, 6020 * US);
+    assert_int_equal(b->e2e_ns, (6020 - 500) * US);
+    assert_int_equal(r.stats.leaked_blocks, 0);
+    sim_result_free(&r);
+
+    /* B arrives at 2000, during A's first step; the decode worker takes it at
+     * the step's end (3520, between steps as dc__admit does), so B's prefill
+     * starts before the next decode step: 1160 us, to 4680. That step starts
+     * with B's prefill running: 2500 us, to 6020, where B (landed at 4780)
+     * joins. */
+    reqs[1].t_ns = 2000 * US;
+    assert_int_equal(sim_run(&c, reqs, 2, &r, err, sizeof(err)), 0);
+    assert_int_equal(r.recs[0].chunk_ns[1], 3520 * US);
+    assert_int_equal(r.recs[1].ttft_ns, (6020 - 2000) * US);
+    sim_result_free(&r);
+}
+
 /* An output of one token ends at the join: no decode step. */
 static void test_one_token_output(void **state)
 {
@@ -636,6 +677,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_hand_computed_times),
+        cmocka_unit_test(test_colocated_slowdown),
         cmocka_unit_test(test_one_token_output),
         cmocka_unit_test(test_admission_changes_rejections),
         cmocka_unit_test(test_pressure_determinism_and_no_leaks),
