@@ -177,8 +177,10 @@ class Exp:
         return s
 
     def profile(self, out):
-        """bench/profile_cost.py against the cluster that is up; returns the cost file."""
+        """bench/profile_cost.py against the cluster that is up; returns the cost file (an
+        absolute path: the router runs in another directory)."""
         a = self.a
+        out = os.path.abspath(out)
         self.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "profile_cost.py"),
                   "--url", "http://" + a.http, "--vocab", str(a.vocab), "--reps", "3",

@@ -16,7 +16,7 @@ set ylabel 'TTFT (ms)'
 set offsets 0, 0, 0, 0
 set datafile separator ','
 set datafile missing 'nan'
-plot 'requests.csv' every ::1 using ($3/1000):5 with points pt 7 ps 0.4 title 'TTFT', 363.4 with lines lw 2 title 'SLO'
+plot 'requests.csv' every ::1 using ($3/1000):5 with points pt 7 ps 0.4 title 'TTFT', 359.4 with lines lw 2 title 'SLO'
 set datafile separator whitespace
 set output 'latency_cdf.png'
 set title 'Latency CDFs (ok requests)'
