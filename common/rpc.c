@@ -23,6 +23,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -916,6 +917,16 @@ int rpc_call_finish(rpc_call *c, int err, const char *details)
         rpc__call_set_finish(c, err, details);
     rpc__call_unref_unlock(c);
     return rc;
+}
+
+int rpc_call_finishf(rpc_call *c, int err, const char *fmt, ...)
+{
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    return rpc_call_finish(c, err, msg);
 }
 
 int rpc_call_reply(rpc_call *c, const ProtobufCMessage *msg)

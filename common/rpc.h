@@ -150,6 +150,10 @@ int rpc_call_send(rpc_call *call, const ProtobufCMessage *msg);
  * had already been cancelled (the call is released all the same). */
 int rpc_call_finish(rpc_call *call, int err, const char *details);
 
+/* rpc_call_finish with the details formatted (printf; at most 255 bytes). */
+int rpc_call_finishf(rpc_call *call, int err, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 /* Sends msg and finishes with OK: the usual end of a unary call (message and
  * status go out in one batch). Same rules as rpc_call_finish: the call is
  * released even on error; a msg that cannot be serialised ends the call with

@@ -122,18 +122,6 @@ static void dc__push(dc_ctx *c, int is_cmd, void *item)
     mpscq_push(&c->cmdq, &e->node);
 }
 
-static void dc__reply_invalid(rpc_call *call, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-static void dc__reply_invalid(rpc_call *call, const char *fmt, ...)
-{
-    char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
-    rpc_call_finish(call, TD_EINVAL, msg);
-}
-
 void dc_handle_generate(rpc_call *call, const ProtobufCMessage *req, void *arg)
 {
     dc_ctx *c = arg;
@@ -143,28 +131,31 @@ void dc_handle_generate(rpc_call *call, const ProtobufCMessage *req, void *arg)
         rpc_call_finish(call, TD_EUNAVAILABLE, "decode worker is draining");
         return;
     }
-    if (!id || !id[0]) return dc__reply_invalid(call, "meta.request_id is empty");
+    if (!id || !id[0]) return (void)rpc_call_finishf(call, TD_EINVAL, "meta.request_id is empty");
     if (strlen(id) >= KVX_REQ_ID_MAX)
-        return dc__reply_invalid(call, "meta.request_id is longer than %d bytes",
-                                 KVX_REQ_ID_MAX - 1);
-    if (m->n_prompt_token_ids == 0) return dc__reply_invalid(call, "prompt_token_ids is empty");
+        return (void)rpc_call_finishf(call, TD_EINVAL, "meta.request_id is longer than %d bytes",
+                                      KVX_REQ_ID_MAX - 1);
+    if (m->n_prompt_token_ids == 0)
+        return (void)rpc_call_finishf(call, TD_EINVAL, "prompt_token_ids is empty");
     if (!m->prefill_address || !m->prefill_address[0])
-        return dc__reply_invalid(call, "prefill_address is empty");
+        return (void)rpc_call_finishf(call, TD_EINVAL, "prefill_address is empty");
     int vocab = c->model->cfg.vocab_size;
     for (size_t i = 0; i < m->n_prompt_token_ids; i++)
         if (m->prompt_token_ids[i] >= (uint32_t)vocab)
-            return dc__reply_invalid(
-                call, "prompt_token_ids[%zu] = %u is not below the vocabulary size %d", i,
-                m->prompt_token_ids[i], vocab);
+            return (void)rpc_call_finishf(
+                call, TD_EINVAL, "prompt_token_ids[%zu] = %u is not below the vocabulary size %d",
+                i, m->prompt_token_ids[i], vocab);
     const Tandem__V1__SamplingParams *sp = m->sampling;
     uint64_t max_tokens = sp && sp->max_tokens ? sp->max_tokens : 0;
     if (m->n_prompt_token_ids >= c->max_model_len)
-        return dc__reply_invalid(call, "prompt of %zu tokens exceeds the context of %u tokens",
-                                 m->n_prompt_token_ids, c->max_model_len);
+        return (void)rpc_call_finishf(call, TD_EINVAL,
+                                      "prompt of %zu tokens exceeds the context of %u tokens",
+                                      m->n_prompt_token_ids, c->max_model_len);
     if (max_tokens == 0) max_tokens = c->max_model_len - m->n_prompt_token_ids;
     if (m->n_prompt_token_ids + max_tokens > c->max_model_len)
-        return dc__reply_invalid(
-            call, "prompt (%zu tokens) + max_tokens (%llu) exceeds the context of %u tokens",
+        return (void)rpc_call_finishf(
+            call, TD_EINVAL,
+            "prompt (%zu tokens) + max_tokens (%llu) exceeds the context of %u tokens",
             m->n_prompt_token_ids, (unsigned long long)max_tokens, c->max_model_len);
     dc_req *r = calloc(1, sizeof(*r));
     int32_t *prompt = malloc(m->n_prompt_token_ids * sizeof(int32_t));
@@ -212,7 +203,8 @@ void dc_handle_cancel(rpc_call *call, const ProtobufCMessage *req, void *arg)
 {
     dc_ctx *c = arg;
     const Tandem__V1__CancelRequest *m = (const Tandem__V1__CancelRequest *)req;
-    if (!m->request_id || !m->request_id[0]) return dc__reply_invalid(call, "request_id is empty");
+    if (!m->request_id || !m->request_id[0])
+        return (void)rpc_call_finishf(call, TD_EINVAL, "request_id is empty");
     dc_cmd *cmd = calloc(1, sizeof(*cmd));
     if (!cmd) {
         rpc_call_finish(call, TD_ENOMEM, "out of memory");

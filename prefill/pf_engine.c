@@ -97,59 +97,49 @@ typedef struct pf_engine {
 
 /* ------------------------------------------------------------ handlers -- */
 
-static void pf__invalid(rpc_call *call, int err, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void pf__invalid(rpc_call *call, int err, const char *fmt, ...)
-{
-    char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
-    rpc_call_finish(call, err, msg);
-}
-
 void pf_handle_run(rpc_call *call, const ProtobufCMessage *req, void *arg)
 {
     pf_ctx *c = arg;
     const Tandem__V1__PrefillRequest *m = (const Tandem__V1__PrefillRequest *)req;
     const char *id = m->meta ? m->meta->request_id : NULL;
     if (atomic_load(&c->draining) || atomic_load(&c->health.status) != WRK_SERVING)
-        return pf__invalid(call, TD_EUNAVAILABLE, "prefill worker is draining");
-    if (!id || !id[0]) return pf__invalid(call, TD_EINVAL, "meta.request_id is empty");
+        return (void)rpc_call_finishf(call, TD_EUNAVAILABLE, "prefill worker is draining");
+    if (!id || !id[0]) return (void)rpc_call_finishf(call, TD_EINVAL, "meta.request_id is empty");
     if (strlen(id) >= KVX_REQ_ID_MAX)
-        return pf__invalid(call, TD_EINVAL, "meta.request_id is longer than %d bytes",
-                           KVX_REQ_ID_MAX - 1);
+        return (void)rpc_call_finishf(call, TD_EINVAL, "meta.request_id is longer than %d bytes",
+                                      KVX_REQ_ID_MAX - 1);
     size_t n = m->n_prompt_token_ids;
-    if (n == 0) return pf__invalid(call, TD_EINVAL, "prompt_token_ids is empty");
+    if (n == 0) return (void)rpc_call_finishf(call, TD_EINVAL, "prompt_token_ids is empty");
     if (n >= c->max_model_len)
-        return pf__invalid(call, TD_EINVAL, "prompt of %zu tokens exceeds the context of %u tokens",
-                           n, c->max_model_len);
+        return (void)rpc_call_finishf(call, TD_EINVAL,
+                                      "prompt of %zu tokens exceeds the context of %u tokens", n,
+                                      c->max_model_len);
     int vocab = c->model->cfg.vocab_size;
     for (size_t i = 0; i < n; i++)
         if (m->prompt_token_ids[i] >= (uint32_t)vocab)
-            return pf__invalid(call, TD_EINVAL,
-                               "prompt_token_ids[%zu] = %u is not below the vocabulary size %d", i,
-                               m->prompt_token_ids[i], vocab);
+            return (void)rpc_call_finishf(
+                call, TD_EINVAL, "prompt_token_ids[%zu] = %u is not below the vocabulary size %d",
+                i, m->prompt_token_ids[i], vocab);
     const Tandem__V1__KvDestination *d = m->dest;
     if (!d || !d->kv_endpoint || !d->kv_endpoint[0])
-        return pf__invalid(call, TD_EINVAL, "dest.kv_endpoint is empty");
+        return (void)rpc_call_finishf(call, TD_EINVAL, "dest.kv_endpoint is empty");
     if (d->transport && d->transport[0] && strcmp(d->transport, c->opts->kv_transport) != 0)
-        return pf__invalid(call, TD_EMISMATCH, "dest.transport: decode %s, prefill %s",
-                           d->transport, c->opts->kv_transport);
+        return (void)rpc_call_finishf(call, TD_EMISMATCH, "dest.transport: decode %s, prefill %s",
+                                      d->transport, c->opts->kv_transport);
     size_t want_blocks = (n + c->block_size - 1) / c->block_size;
     if (d->n_block_ids != want_blocks)
-        return pf__invalid(
+        return (void)rpc_call_finishf(
             call, TD_EINVAL,
             "dest.block_ids: %zu ids for a prompt of %zu tokens (needs %zu blocks of %u)",
             d->n_block_ids, n, want_blocks, c->block_size);
     if (d->skip_tokens % c->block_size != 0 || d->skip_tokens >= n)
-        return pf__invalid(call, TD_EINVAL,
-                           "dest.skip_tokens = %u must be a multiple of %u below the prompt length",
-                           d->skip_tokens, c->block_size);
+        return (void)rpc_call_finishf(
+            call, TD_EINVAL,
+            "dest.skip_tokens = %u must be a multiple of %u below the prompt length",
+            d->skip_tokens, c->block_size);
 
     pf_req *r = wrk_pool_get(&c->reqs);
-    if (!r) return pf__invalid(call, TD_ENOMEM, "out of memory");
+    if (!r) return (void)rpc_call_finishf(call, TD_ENOMEM, "out of memory");
     memset(r, 0, sizeof(*r));
     int32_t *prompt = (int32_t *)(void *)((char *)r + c->req_prompt_off);
     kvx_pair *pairs = (kvx_pair *)(void *)((char *)r + c->req_pairs_off);
@@ -162,7 +152,7 @@ void pf_handle_run(rpc_call *call, const ProtobufCMessage *req, void *arg)
     if (wrk_sampling(&c->model->cfg, m->sampling, (uint64_t)td_now_ns(), r->stop_ids,
                      PF_MAX_STOP_IDS, &p, why, sizeof(why)) != 0) {
         wrk_pool_put(&c->reqs, r);
-        return pf__invalid(call, TD_EINVAL, "%s", why);
+        return (void)rpc_call_finishf(call, TD_EINVAL, "%s", why);
     }
     r->call = call;
     r->msg = m;
@@ -195,9 +185,9 @@ void pf_handle_cancel(rpc_call *call, const ProtobufCMessage *req, void *arg)
     pf_ctx *c = arg;
     const Tandem__V1__CancelRequest *m = (const Tandem__V1__CancelRequest *)req;
     if (!m->request_id || !m->request_id[0])
-        return pf__invalid(call, TD_EINVAL, "request_id is empty");
+        return (void)rpc_call_finishf(call, TD_EINVAL, "request_id is empty");
     pf_envelope *e = calloc(1, sizeof(*e));
-    if (!e) return pf__invalid(call, TD_ENOMEM, "out of memory");
+    if (!e) return (void)rpc_call_finishf(call, TD_ENOMEM, "out of memory");
     e->is_cancel = 1;
     e->call = call;
     snprintf(e->id, sizeof(e->id), "%s", m->request_id);

@@ -52,19 +52,13 @@ static int pf_run(const wrk_opts *o)
     cmdq_ok = true;
     wrk_load_publish(&c->load, c->engine, 0, 0);
 
-    rc = rpc_server_create(o->listen, &srv);
-    if (rc == 0)
-        rc = rpc_server_add_method(srv, "/tandem.v1.Prefill/Run",
-                                   &tandem__v1__prefill_request__descriptor, pf_handle_run, c);
-    if (rc == 0)
-        rc = rpc_server_add_method(srv, "/tandem.v1.Prefill/Cancel",
-                                   &tandem__v1__cancel_request__descriptor, pf_handle_cancel, c);
-    if (rc == 0) rc = wrk_health_add(srv, &c->health);
-    if (rc == 0) rc = rpc_server_start(srv);
-    if (rc != 0) {
-        fprintf(stderr, "%s: cannot serve gRPC on %s: %s\n", prog, o->listen, td_strerror(rc));
-        goto out;
-    }
+    static const wrk_method methods[] = {
+        {"/tandem.v1.Prefill/Run", &tandem__v1__prefill_request__descriptor, pf_handle_run},
+        {"/tandem.v1.Prefill/Cancel", &tandem__v1__cancel_request__descriptor, pf_handle_cancel},
+    };
+    rc = wrk_rpc_start(prog, o->listen, methods, sizeof(methods) / sizeof(methods[0]), c,
+                       &c->health, &srv);
+    if (rc != 0) goto out;
     if (pthread_create(&engine_thread, NULL, pf_engine_run, c) != 0) {
         rc = TD_ENOMEM;
         goto out;

@@ -273,6 +273,25 @@ int wrk_health_add(rpc_server *s, wrk_health *h)
                                  wrk_health_check, h);
 }
 
+int wrk_rpc_start(const char *prog, const char *listen, const wrk_method *methods, size_t n,
+                  void *arg, wrk_health *h, rpc_server **out)
+{
+    *out = NULL;
+    rpc_server *srv = NULL;
+    int rc = rpc_server_create(listen, &srv);
+    for (size_t i = 0; rc == 0 && i < n; i++)
+        rc = rpc_server_add_method(srv, methods[i].path, methods[i].req, methods[i].fn, arg);
+    if (rc == 0) rc = wrk_health_add(srv, h);
+    if (rc == 0) rc = rpc_server_start(srv);
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot serve gRPC on %s: %s\n", prog, listen, td_strerror(rc));
+        rpc_server_free(srv);
+        return rc;
+    }
+    *out = srv;
+    return 0;
+}
+
 /* --------------------------------------------------------------- signals -- */
 
 static void wrk_sigset(sigset_t *s)

@@ -136,6 +136,19 @@ typedef struct wrk_health {
  * must outlive the server. */
 int wrk_health_add(rpc_server *s, wrk_health *h);
 
+/* One of a role's gRPC methods: its full path, request type and handler. */
+typedef struct wrk_method {
+    const char *path;
+    const ProtobufCMessageDescriptor *req;
+    rpc_handler_fn fn;
+} wrk_method;
+
+/* A worker's gRPC server on listen: the role's methods (each called with
+ * arg), the health check, started. Prints one line naming the address and
+ * returns its code on failure (*out stays NULL). */
+int wrk_rpc_start(const char *prog, const char *listen, const wrk_method *methods, size_t n,
+                  void *arg, wrk_health *h, rpc_server **out);
+
 /* ---- signals ---- */
 
 /* Blocks SIGTERM, SIGINT and SIGPIPE in the calling thread; threads created

@@ -171,7 +171,7 @@ static void on_heartbeat(rpc_call *call, const ProtobufCMessage *req, void *arg)
 {
     const Tandem__V1__HeartbeatRequest *r = (const Tandem__V1__HeartbeatRequest *)req;
     if (strcmp(r->worker_id, "declined") == 0) {
-        rpc_call_finish(call, TD_EDECLINED, "worker not admitted");
+        rpc_call_finishf(call, TD_EDECLINED, "worker %s not admitted", "declined");
         return;
     }
     Tandem__V1__HeartbeatResponse resp = TANDEM__V1__HEARTBEAT_RESPONSE__INIT;
@@ -350,7 +350,7 @@ static void test_unary_round_trip(void **state)
                      TD_EDECLINED);
     assert_null(resp);
     assert_int_equal(st.grpc_code, GRPC_STATUS_RESOURCE_EXHAUSTED);
-    assert_string_equal(st.details, "worker not admitted");
+    assert_string_equal(st.details, "worker declined not admitted");
 
     /* Unknown method: UNIMPLEMENTED. */
     assert_int_equal(rpc_client_unary(c, "/tandem.v1.Nope/Nothing", &req.base,
