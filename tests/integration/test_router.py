@@ -488,8 +488,9 @@ def part_first_token_before_step():
             "step %.1f ms" % (["%.1f" % (g * 1000) for g in gaps], gap * 1000, step * 1000))
         check(len(gaps) == 7 and step > 0, "first token: %d of 7 requests, step %.4f s" %
               (len(gaps), step))
-        # Measured: 0.8-0.9 of a step (30-32 ms at 37 ms); held behind the step, 3-4 ms.
-        check(gap > 0.5 * step, "first token: the end came %.4f s after it, the batch steps "
+        # Measured: 0.8-0.9 of a step (30-32 ms at 37 ms); held behind the step, 3-4 ms
+        # (under 0.1 of a step). The bound leaves room for a loaded host.
+        check(gap > 0.3 * step, "first token: the end came %.4f s after it, the batch steps "
               "every %.4f s (the first token waited for the step)" % (gap, step))
         check(cl.blocks_free(), "first token: blocks leaked")
     finally:
