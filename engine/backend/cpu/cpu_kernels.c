@@ -427,18 +427,7 @@ CK_AVX512 static inline __m128 ck__hsum16x4(__m512 a, __m512 b, __m512 c, __m512
                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
     __m256 sa = CK__LOHI(a), sb = CK__LOHI(b), sc = CK__LOHI(c), sd = CK__LOHI(d);
 #undef CK__LOHI
-    /* [qa | qb], [qc | qd] */
-    __m256 qab =
-        _mm256_add_ps(_mm256_permute2f128_ps(sa, sb, 0x20), _mm256_permute2f128_ps(sa, sb, 0x31));
-    __m256 qcd =
-        _mm256_add_ps(_mm256_permute2f128_ps(sc, sd, 0x20), _mm256_permute2f128_ps(sc, sd, 0x31));
-    /* [pa0 pa1 pc0 pc1 | pb0 pb1 pd0 pd1] */
-    __m256 p = _mm256_add_ps(_mm256_shuffle_ps(qab, qcd, _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm256_shuffle_ps(qab, qcd, _MM_SHUFFLE(3, 2, 3, 2)));
-    /* [ra rc ra rc | rb rd rb rd] */
-    __m256 r = _mm256_add_ps(_mm256_shuffle_ps(p, p, _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm256_shuffle_ps(p, p, _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm_unpacklo_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
+    return ck__hsum8x4(sa, sb, sc, sd); /* the rest of the additions, as the AVX2 path */
 }
 
 /* out[t + b][j + a] for a < rj, b < rt (compile-time constants at every
