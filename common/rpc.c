@@ -714,6 +714,10 @@ int rpc_server_create(const char *addr, rpc_server **out)
         /* Accept our clients' keepalive pings (the default policing allows one
          * per 5 minutes and closes the connection after two strikes). */
         RPC__INT_ARG(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, RPC_KEEPALIVE_MS / 2),
+        /* gRPC binds with SO_REUSEPORT by default: a second server on a taken
+         * port would start and share its connections with the first (two
+         * workers answering at one address). A taken port is an error. */
+        RPC__INT_ARG(GRPC_ARG_ALLOW_REUSEPORT, 0),
     };
     grpc_channel_args cargs = {.num_args = sizeof(args) / sizeof(args[0]), .args = args};
     s->server = grpc_server_create(&cargs, NULL);

@@ -322,6 +322,14 @@ def case_failures(model, other_model, vocab, ctx):
         check(got and got["status"] == "TD_EINVAL", "malformed %s: %s" % (r["id"], got))
     check(dc.blocks_all_free(), "malformed: blocks allocated")
 
+    # A gRPC address already taken: each role says so and exits 1 (wrk_rpc_start).
+    for role, taken in (("prefill", dc.addr), ("decode", pf.addr)):
+        r = subprocess.run([os.path.join(BIN, "tandem-" + role), "--model", model, "--listen",
+                            taken, "--metrics-listen", "127.0.0.1:0"],
+                           capture_output=True, text=True, timeout=60)
+        check(r.returncode == 1 and ("cannot serve gRPC on %s" % taken) in r.stderr,
+              "%s on a taken address: exit %d, %s" % (role, r.returncode, r.stderr[-300:]))
+
     # Mismatched models: a prefill worker of another model.
     pf_other = Worker("prefill", other_model)
     res = run_cli(dc, [pf_other], [{"id": "mismatch-1", "prompt_tokens": [1, 2, 3], "max_tokens": 4}])
