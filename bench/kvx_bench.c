@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #if defined(__x86_64__) || defined(__SSE2__)
@@ -49,6 +50,7 @@ static int g_conns = 2;
 static size_t g_pool_mib = 64;
 static int g_batch = 8;
 static int g_rounds = 1;
+static int g_run_tcp = 1, g_run_shm = 1; /* --transport: which points run */
 
 static kv_layout bench_layout(uint32_t block_size)
 {
@@ -83,61 +85,74 @@ static void note_cpu(double cpu0, size_t bytes)
 
 /* ---------- limits ---------- */
 
-struct blast {
-    int fd;
-    size_t bytes;
-};
+/* The raw blast moves `bytes` in 1 MiB send()s and recv()s. Its buffers are
+ * either one 1 MiB buffer per end (span 0: the sender's is calloc'd and never
+ * written, so it reads the kernel's shared zero page, and both stay in the
+ * cache: the classic loopback figure), or, per stream, `span` bytes written
+ * before the clock starts and walked through 1 MiB at a time at both ends,
+ * so that the bytes come from memory and go to memory as a pool's blocks do. */
+#define BLAST_CHUNK (1u << 20)
 
-static void *blast_reader(void *arg)
+/* n bytes of memory of the kind a kvx pool is: anonymous, huge pages where
+ * the kernel gives them (a 4 KiB-page buffer costs a raw blast 2x the CPU
+ * per byte here, in the kernel's copies), every page faulted in. NULL on
+ * failure; munmap to free. */
+static uint8_t *pool_like(size_t n)
 {
-    struct blast *b = arg;
-    pthread_setname_np(pthread_self(), "blast-read");
-    size_t cap = 1 << 20;
-    char *buf = malloc(cap);
-    size_t got = 0;
-    while (buf && got < b->bytes) {
-        ssize_t n = recv(b->fd, buf, cap, 0);
-        if (n <= 0) break;
-        got += (size_t)n;
-    }
-    free(buf);
-    return NULL;
+    void *m = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return NULL;
+#ifdef MADV_HUGEPAGE
+    (void)madvise(m, n, MADV_HUGEPAGE);
+#endif
+    memset(m, 0, n);
+    return m;
 }
 
 struct stream {
     int c, s;
-    size_t bytes;
+    size_t bytes, span;
+    uint8_t *wbuf, *rbuf; /* span bytes each, or BLAST_CHUNK */
     pthread_t reader, writer;
 };
+
+static void *blast_reader(void *arg)
+{
+    struct stream *st = arg;
+    pthread_setname_np(pthread_self(), st->span > BLAST_CHUNK ? "mblast-read" : "blast-read");
+    size_t got = 0, at = 0;
+    while (got < st->bytes) {
+        if (at + BLAST_CHUNK > st->span) at = 0;
+        ssize_t n = recv(st->s, st->rbuf + at, BLAST_CHUNK, 0);
+        if (n <= 0) break;
+        got += (size_t)n;
+        at += (size_t)n;
+    }
+    return NULL;
+}
 
 static void *blast_writer(void *arg)
 {
     struct stream *st = arg;
-    pthread_setname_np(pthread_self(), "blast-write");
-    size_t cap = 1 << 20, sent = 0;
-    char *buf = calloc(1, cap);
-    while (buf && sent < st->bytes) {
-        ssize_t n = send(st->c, buf, cap, MSG_NOSIGNAL);
+    pthread_setname_np(pthread_self(), st->span > BLAST_CHUNK ? "mblast-write" : "blast-write");
+    size_t sent = 0, at = 0;
+    while (sent < st->bytes) {
+        if (at + BLAST_CHUNK > st->span) at = 0;
+        ssize_t n = send(st->c, st->wbuf + at, BLAST_CHUNK, MSG_NOSIGNAL);
         if (n <= 0) break;
         sent += (size_t)n;
+        at += (size_t)n;
     }
-    free(buf);
     return NULL;
 }
 
-static void *stream_reader(void *arg)
-{
-    struct stream *st = arg;
-    struct blast b = {.fd = st->s, .bytes = st->bytes};
-    return blast_reader(&b);
-}
-
-/* GB/s of n TCP streams on 127.0.0.1 (send from a 1 MiB buffer, recv into
- * another, one thread per end): what TCP on this host can reach with as many
- * streams as kvx uses. */
-static double raw_socket_gbps(size_t bytes, int n)
+/* GB/s of n TCP streams on 127.0.0.1, one thread per end: what TCP on this
+ * host can reach with as many streams as kvx uses. span_total 0: cache-
+ * resident 1 MiB buffers; else the streams share span_total bytes at each
+ * end (the pool's size), written beforehand. */
+static double raw_socket_gbps(size_t bytes, int n, size_t span_total)
 {
     struct stream st[16];
+    memset(st, 0, sizeof(st));
     int ls = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in sa = {.sin_family = AF_INET};
     inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
@@ -145,16 +160,26 @@ static double raw_socket_gbps(size_t bytes, int n)
     if (n > 16 || ls < 0 || bind(ls, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
         listen(ls, 16) < 0 || getsockname(ls, (struct sockaddr *)&sa, &sl) < 0)
         return -1;
+    double gbps = -1;
+    for (int i = 0; i < n; i++)
+        st[i].c = st[i].s = -1;
     for (int i = 0; i < n; i++) {
         st[i].c = socket(AF_INET, SOCK_STREAM, 0);
-        if (connect(st[i].c, (struct sockaddr *)&sa, sizeof(sa)) < 0) return -1;
+        if (connect(st[i].c, (struct sockaddr *)&sa, sizeof(sa)) < 0) goto out;
         st[i].s = accept(ls, NULL, NULL);
         st[i].bytes = bytes / (size_t)n;
+        size_t span = span_total / (size_t)n;
+        st[i].span = span < BLAST_CHUNK ? BLAST_CHUNK : span;
+        st[i].wbuf = span_total ? pool_like(st[i].span) : calloc(1, BLAST_CHUNK);
+        st[i].rbuf = span_total ? pool_like(st[i].span) : malloc(BLAST_CHUNK);
+        if (!st[i].wbuf || !st[i].rbuf) goto out;
+        if (span_total) memset(st[i].wbuf, 0x5a, st[i].span);
+        memset(st[i].rbuf, 0, st[i].span);
     }
     int64_t t0 = td_now_ns();
     double cpu0 = cpu_s();
     for (int i = 0; i < n; i++) {
-        pthread_create(&st[i].reader, NULL, stream_reader, &st[i]);
+        pthread_create(&st[i].reader, NULL, blast_reader, &st[i]);
         pthread_create(&st[i].writer, NULL, blast_writer, &st[i]);
     }
     for (int i = 0; i < n; i++) {
@@ -162,13 +187,22 @@ static double raw_socket_gbps(size_t bytes, int n)
         pthread_join(st[i].reader, NULL);
     }
     double secs = td_ns_to_s(td_now_ns() - t0);
+    note_cpu(cpu0, bytes / (size_t)n * (size_t)n);
+    gbps = (double)(bytes / (size_t)n * (size_t)n) / secs / 1e9;
+out:
     for (int i = 0; i < n; i++) {
-        close(st[i].c);
-        close(st[i].s);
+        if (st[i].c >= 0) close(st[i].c);
+        if (st[i].s >= 0) close(st[i].s);
+        if (span_total) {
+            if (st[i].wbuf) munmap(st[i].wbuf, st[i].span);
+            if (st[i].rbuf) munmap(st[i].rbuf, st[i].span);
+        } else {
+            free(st[i].wbuf);
+            free(st[i].rbuf);
+        }
     }
     close(ls);
-    note_cpu(cpu0, bytes / (size_t)n * (size_t)n);
-    return (double)(bytes / (size_t)n * (size_t)n) / secs / 1e9;
+    return gbps;
 }
 
 /* A copy with non-temporal (streaming) stores, written here independently
@@ -422,6 +456,7 @@ static void overlap(const char *transport, uint32_t block_size, double gbps, int
 struct bench_opts {
     double gib;
     int64_t conns, pool_mib, batch, rounds;
+    const char *transport;
 };
 
 static const struct cfg_option bench_table[] = {
@@ -438,6 +473,9 @@ static const struct cfg_option bench_table[] = {
      "> 1: only the throughput ratios, each kvx point between two measurements of its "
      "limit, this many rounds; prints each ratio's median and range",
      offsetof(struct bench_opts, rounds), 0},
+    {"transport", CFG_STRING, "all", NULL, NULL, "all|tcp|shm",
+     "which transports' points run (tcp or shm alone: for profiling one of them)",
+     offsetof(struct bench_opts, transport), 0},
 };
 
 /* Returns 0, CFG_HELP (help printed) or a negative TD_E* code (error printed). */
@@ -464,6 +502,8 @@ static int parse_args(int argc, char **argv)
         g_pool_mib = (size_t)o.pool_mib;
         g_batch = (int)o.batch;
         g_rounds = (int)o.rounds;
+        g_run_tcp = strcmp(o.transport, "shm") != 0;
+        g_run_shm = strcmp(o.transport, "tcp") != 0;
     }
     cfg_free(c);
     return rc;
@@ -475,62 +515,78 @@ static int cmp_double(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* The limit of a point: tcp, the raw n-stream blast (mem 0: cache-resident
+ * buffers; 1: pool-sized memory at both ends); shm, the faster of the two
+ * one-thread copies. */
+static double point_limit(int tcp, int mem, size_t bytes)
+{
+    if (tcp) return raw_socket_gbps(bytes, g_conns, mem ? g_pool_mib << 20 : 0);
+    double stream = copy_gbps(bytes, 1), plain = copy_gbps(bytes, 0);
+    return stream > plain ? stream : plain;
+}
+
+static void print_median(const char *what, double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof(double), cmp_double);
+    printf("%s: median %.2f (%.2f-%.2f)", what, v[n / 2], v[0], v[n - 1]);
+}
+
 /* --rounds: on a shared host the load moves between one measurement and the
  * next, so a ratio against a limit measured once at the start says little.
  * Each kvx point is measured between two measurements of its limit (the mean
  * of both is its denominator), round after round, and the median and range
- * of each ratio over the rounds are printed. */
+ * of each ratio over the rounds are printed. tcp has two limits, both
+ * measured before and after its point: the blast through cache-resident
+ * buffers and the blast from and to pool-sized memory. */
 static void ratio_rounds(size_t bytes)
 {
     enum { NPT = 4 };
     static const char *names[NPT] = {"tcp bs=16", "tcp bs=64", "shm bs=16", "shm bs=64"};
-    double ratio[NPT][100], gbps[NPT][100], cpu[NPT][100];
+    double ratio[NPT][100], ratio_mem[NPT][100], gbps[NPT][100], cpu[NPT][100], cpu_mem[NPT][100];
     int seq = 0;
     for (int r = 0; r < g_rounds; r++) {
         for (int k = 0; k < NPT; k++) {
             int tcp = k < 2;
+            if (!(tcp ? g_run_tcp : g_run_shm)) continue;
             uint32_t bs = k % 2 ? 64 : 16;
             struct post_cost cost;
-            double l0 = tcp ? raw_socket_gbps(bytes, g_conns) : copy_gbps(bytes, 1);
-            double c0_ = g_cpu_ms_per_gib;
-            if (!tcp) {
-                double plain = copy_gbps(bytes, 0);
-                if (plain > l0) l0 = plain;
-            }
-            double c0 = c0_;
+            double l0 = point_limit(tcp, 0, bytes), c0 = g_cpu_ms_per_gib;
+            double m0 = tcp ? point_limit(tcp, 1, bytes) : 0, cm0 = g_cpu_ms_per_gib;
             double v = kvx_gbps(tcp ? "tcp" : "shm", bs, 0, &seq, &cost);
             double cv = g_cpu_ms_per_gib;
-            double l1 = tcp ? raw_socket_gbps(bytes, g_conns) : copy_gbps(bytes, 1);
-            double c1 = g_cpu_ms_per_gib;
-            if (!tcp) {
-                double plain = copy_gbps(bytes, 0);
-                if (plain > l1) l1 = plain;
-            }
+            double m1 = tcp ? point_limit(tcp, 1, bytes) : 0, cm1 = g_cpu_ms_per_gib;
+            double l1 = point_limit(tcp, 0, bytes), c1 = g_cpu_ms_per_gib;
             gbps[k][r] = v;
             ratio[k][r] = l0 > 0 && l1 > 0 ? v / ((l0 + l1) / 2) : 0;
-            /* tcp: the raw blast's CPU time per GiB against kvx's (for shm
-             * the last limit figure is the plain memcpy's, not comparable). */
+            ratio_mem[k][r] = m0 > 0 && m1 > 0 ? v / ((m0 + m1) / 2) : 0;
+            /* tcp: the raw blasts' CPU time per GiB against kvx's (for shm
+             * the copies' figures are not comparable). */
             cpu[k][r] = tcp && cv > 0 ? (c0 + c1) / 2 / cv : 0;
-            printf("round %2d  kvx %-9s %6.2f GB/s  limit %6.2f / %6.2f GB/s  ratio %.2f  "
-                   "cpu ms/GiB kvx %.0f limit %.0f / %.0f\n",
-                   r + 1, names[k], v, l0, l1, ratio[k][r], cv, tcp ? c0 : 0.0, tcp ? c1 : 0.0);
+            cpu_mem[k][r] = tcp && cv > 0 ? (cm0 + cm1) / 2 / cv : 0;
+            printf("round %2d  kvx %-9s %6.2f GB/s  limit %6.2f / %6.2f GB/s  ratio %.2f", r + 1,
+                   names[k], v, l0, l1, ratio[k][r]);
+            if (tcp)
+                printf("  memory blast %6.2f / %6.2f GB/s  ratio %.2f  cpu ms/GiB kvx %.0f "
+                       "blast %.0f / %.0f memory blast %.0f / %.0f",
+                       m0, m1, ratio_mem[k][r], cv, c0, c1, cm0, cm1);
+            printf("\n");
             fflush(stdout);
         }
     }
-    for (int k = 0; k < 2; k++) {
-        qsort(cpu[k], (size_t)g_rounds, sizeof(double), cmp_double);
-        printf("summary kvx %-9s CPU time per GiB, raw blast / kvx: median %.2f (%.2f-%.2f) "
-               "(1.00: kvx costs the cores what the blast does)\n",
-               names[k], cpu[k][g_rounds / 2], cpu[k][0], cpu[k][g_rounds - 1]);
+    for (int k = 0; k < 2 && g_run_tcp; k++) {
+        printf("summary kvx %-9s CPU time per GiB, blast / kvx", names[k]);
+        print_median("", cpu[k], g_rounds);
+        print_median("; memory blast / kvx", cpu_mem[k], g_rounds);
+        printf(" (1.00: kvx costs the cores what the blast does)\n");
     }
     for (int k = 0; k < NPT; k++) {
-        qsort(ratio[k], (size_t)g_rounds, sizeof(double), cmp_double);
-        qsort(gbps[k], (size_t)g_rounds, sizeof(double), cmp_double);
-        printf("summary kvx %-9s %6.2f GB/s median (%.2f-%.2f)  ratio to %s: median %.2f "
-               "(%.2f-%.2f) over %d rounds\n",
-               names[k], gbps[k][g_rounds / 2], gbps[k][0], gbps[k][g_rounds - 1],
-               k < 2 ? "raw tcp blast" : "best 1-thread copy", ratio[k][g_rounds / 2], ratio[k][0],
-               ratio[k][g_rounds - 1], g_rounds);
+        if (!(k < 2 ? g_run_tcp : g_run_shm)) continue;
+        printf("summary kvx %-9s", names[k]);
+        print_median(" GB/s", gbps[k], g_rounds);
+        print_median(k < 2 ? "  ratio to raw tcp blast" : "  ratio to best 1-thread copy", ratio[k],
+                     g_rounds);
+        if (k < 2) print_median("  to memory blast", ratio_mem[k], g_rounds);
+        printf(" over %d rounds\n", g_rounds);
     }
 }
 
@@ -552,14 +608,16 @@ int main(int argc, char **argv)
         ratio_rounds(limit_bytes);
         return 0;
     }
-    double raw1 = raw_socket_gbps(limit_bytes, 1);
-    double raw = g_conns == 1 ? raw1 : raw_socket_gbps(limit_bytes, g_conns);
-    double mc_plain = copy_gbps(limit_bytes, 0);
-    double mc_stream = copy_gbps(limit_bytes, 1);
+    double raw1 = g_run_tcp ? raw_socket_gbps(limit_bytes, 1, 0) : 0;
+    double raw = g_conns == 1 || !g_run_tcp ? raw1 : raw_socket_gbps(limit_bytes, g_conns, 0);
+    double raw_mem = g_run_tcp ? raw_socket_gbps(limit_bytes, g_conns, g_pool_mib << 20) : 0;
+    double mc_plain = g_run_shm ? copy_gbps(limit_bytes, 0) : 0;
+    double mc_stream = g_run_shm ? copy_gbps(limit_bytes, 1) : 0;
     /* The copy limit is the faster of the two ways one thread can copy. */
     double mc = mc_stream > mc_plain ? mc_stream : mc_plain;
     printf("limit  raw tcp socket on 127.0.0.1, 1 stream    %6.2f GB/s\n", raw1);
     printf("limit  raw tcp socket on 127.0.0.1, %d streams   %6.2f GB/s\n", g_conns, raw);
+    printf("limit  same, from and to %zu MiB of memory      %6.2f GB/s\n", g_pool_mib, raw_mem);
     printf("limit  memcpy (1 thread)                       %6.2f GB/s\n", mc_plain);
     printf("limit  streaming-store copy (1 thread)         %6.2f GB/s\n", mc_stream);
     printf("limit  copy, best of the two                   %6.2f GB/s\n", mc);
@@ -571,20 +629,24 @@ int main(int argc, char **argv)
         int nreq = g_batch < (int)l.num_blocks ? g_batch : (int)l.num_blocks;
         for (int per_post = 0; per_post <= (i == 0); per_post++) {
             struct post_cost ct, cs;
-            double t = kvx_gbps("tcp", bss[i], per_post, &seq, &ct);
-            double s = kvx_gbps("shm", bss[i], per_post, &seq, &cs);
+            double t = g_run_tcp ? kvx_gbps("tcp", bss[i], per_post, &seq, &ct) : 0;
+            double s = g_run_shm ? kvx_gbps("shm", bss[i], per_post, &seq, &cs) : 0;
             const char *how = per_post ? "kvx_send_layer per post " : "kvx_send_layers per layer";
-            printf(
-                "kvx    tcp bs=%-3u block=%4zu KiB x %3u blocks x 32 layers, %d reqs, %s  %6.2f "
-                "GB/s  = %.2f x raw (%d streams), %.2f x raw (1 stream); posting %.1f us/layer\n",
-                bss[i], kv_layout_block_bytes(&l) >> 10, l.num_blocks, nreq, how, t,
-                raw > 0 ? t / raw : 0, g_conns, raw1 > 0 ? t / raw1 : 0,
-                ct.posts ? 1e-3 * (double)ct.ns * nreq / (double)ct.posts : 0);
-            printf("kvx    shm bs=%-3u block=%4zu KiB x %3u blocks x 32 layers, %d reqs, %s  %6.2f "
-                   "GB/s  = %.2f x copy; posting %.1f us/layer\n",
-                   bss[i], kv_layout_block_bytes(&l) >> 10, l.num_blocks, nreq, how, s,
-                   mc > 0 ? s / mc : 0,
-                   cs.posts ? 1e-3 * (double)cs.ns * nreq / (double)cs.posts : 0);
+            if (g_run_tcp)
+                printf("kvx    tcp bs=%-3u block=%4zu KiB x %3u blocks x 32 layers, %d reqs, %s  "
+                       "%6.2f GB/s  = %.2f x raw (%d streams), %.2f x raw from memory, %.2f x "
+                       "raw (1 stream); posting %.1f us/layer\n",
+                       bss[i], kv_layout_block_bytes(&l) >> 10, l.num_blocks, nreq, how, t,
+                       raw > 0 ? t / raw : 0, g_conns, raw_mem > 0 ? t / raw_mem : 0,
+                       raw1 > 0 ? t / raw1 : 0,
+                       ct.posts ? 1e-3 * (double)ct.ns * nreq / (double)ct.posts : 0);
+            if (g_run_shm)
+                printf("kvx    shm bs=%-3u block=%4zu KiB x %3u blocks x 32 layers, %d reqs, %s  "
+                       "%6.2f "
+                       "GB/s  = %.2f x copy; posting %.1f us/layer\n",
+                       bss[i], kv_layout_block_bytes(&l) >> 10, l.num_blocks, nreq, how, s,
+                       mc > 0 ? s / mc : 0,
+                       cs.posts ? 1e-3 * (double)cs.ns * nreq / (double)cs.posts : 0);
             fflush(stdout);
             if (i == 0 && !per_post) {
                 tcp16 = t;
@@ -593,8 +655,8 @@ int main(int argc, char **argv)
         }
     }
     for (int per_post = 0; per_post <= 1; per_post++) {
-        overlap("tcp", 16, tcp16, per_post, &seq);
-        overlap("shm", 16, shm16, per_post, &seq);
+        if (g_run_tcp) overlap("tcp", 16, tcp16, per_post, &seq);
+        if (g_run_shm) overlap("shm", 16, shm16, per_post, &seq);
     }
     return 0;
 }

@@ -540,6 +540,24 @@ static void reader_land(tcp_dconn *d)
     pthread_mutex_unlock(&ep->loop_mu);
 }
 
+/* Reader: waits until d's socket has bytes (or TCP_POLL_MS passes, so the
+ * stop flag is seen). Returns 0 or a TD_E* code with msg. */
+static int reader_wait(tcp_dconn *d, char *msg, size_t msg_len)
+{
+    struct pollfd pfd = {.fd = d->c.fd, .events = POLLIN};
+    if (poll(&pfd, 1, TCP_POLL_MS) < 0 && errno != EINTR) {
+        snprintf(msg, msg_len, "poll on a data connection failed");
+        return td_err_from_errno(errno);
+    }
+    return 0;
+}
+
+/* Per block the reader makes one recvmsg per arrival of bytes, each ending
+ * in the next frame's header once the payload's last bytes are asked for
+ * (so no call reads a header alone in a steady stream), and polls right
+ * after a short read instead of finding the socket empty with one more
+ * recv: the blocks' syscalls and wake-ups are what kvx costs the cores
+ * beyond a raw socket blast (docs/kvtransfer.md, "Where the time went"). */
 static void *reader_main(void *arg)
 {
     tcp_dconn *d = arg;
@@ -548,27 +566,36 @@ static void *reader_main(void *arg)
     char msg[96] = "";
     pthread_setname_np(pthread_self(), "kvx-tcp-read");
     while (!__atomic_load_n(&d->stop, __ATOMIC_SEQ_CST)) {
-        uint8_t *buf;
-        size_t want;
-        int into_block = 0;
+        struct iovec iov[2];
+        int niov = 1, into_block = 0;
+        size_t payload_want = 0;
         if (!d->in_payload) {
-            buf = (uint8_t *)&d->rh + d->rh_got;
-            want = sizeof(d->rh) - d->rh_got;
+            iov[0].iov_base = (uint8_t *)&d->rh + d->rh_got;
+            iov[0].iov_len = sizeof(d->rh) - d->rh_got;
         } else {
             pthread_mutex_lock(&d->mu);
             if (d->discard) {
-                buf = d->scratch;
-                want = d->left < TCP_SCRATCH ? d->left : TCP_SCRATCH;
+                iov[0].iov_base = d->scratch;
+                payload_want = d->left < TCP_SCRATCH ? d->left : TCP_SCRATCH;
             } else {
-                buf = d->dst;
-                want = d->left;
+                iov[0].iov_base = d->dst;
+                payload_want = d->left;
                 d->in_recv = into_block = 1;
             }
             pthread_mutex_unlock(&d->mu);
+            iov[0].iov_len = payload_want;
+            if (payload_want == d->left) {
+                /* The payload's end is asked for: the next header follows it. */
+                iov[1].iov_base = &d->rh;
+                iov[1].iov_len = sizeof(d->rh);
+                niov = 2;
+            }
         }
+        size_t asked = iov[0].iov_len + (niov == 2 ? iov[1].iov_len : 0);
         /* Non-blocking inside the in_recv window: a lease release waits for
          * it, so it only copies what is already queued. */
-        ssize_t n = recv(d->c.fd, buf, want, MSG_DONTWAIT);
+        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)niov};
+        ssize_t n = recvmsg(d->c.fd, &mh, MSG_DONTWAIT);
         int e = errno;
         if (into_block) {
             pthread_mutex_lock(&d->mu);
@@ -577,12 +604,7 @@ static void *reader_main(void *arg)
             pthread_mutex_unlock(&d->mu);
         }
         if (n < 0 && (e == EAGAIN || e == EWOULDBLOCK || e == EINTR)) {
-            struct pollfd pfd = {.fd = d->c.fd, .events = POLLIN};
-            if (poll(&pfd, 1, TCP_POLL_MS) < 0 && errno != EINTR) {
-                err = td_err_from_errno(errno);
-                snprintf(msg, sizeof(msg), "poll on a data connection failed");
-                break;
-            }
+            if ((err = reader_wait(d, msg, sizeof(msg))) < 0) break;
             continue;
         }
         if (n <= 0) {
@@ -592,21 +614,29 @@ static void *reader_main(void *arg)
             break;
         }
         __atomic_store_n(&p->last_rx_ns, td_now_ns(), __ATOMIC_RELAXED);
-        if (!d->in_payload) {
-            d->rh_got += (size_t)n;
-            if (d->rh_got < sizeof(d->rh)) continue;
-            d->rh_got = 0;
-            int rc = reader_header(d, msg, sizeof(msg));
-            if (rc == 1) break;
-            if (rc < 0) {
-                err = rc;
-                break;
-            }
-            continue;
+        size_t got = (size_t)n, hdr_got = got;
+        if (d->in_payload) {
+            size_t pay = got < payload_want ? got : payload_want;
+            hdr_got = got - pay;
+            d->left -= pay;
+            if (into_block) d->dst += pay;
+            if (d->left == 0) reader_land(d);
         }
-        d->left -= (size_t)n;
-        if (into_block) d->dst += n;
-        if (d->left == 0) reader_land(d);
+        if (hdr_got > 0) {
+            d->rh_got += hdr_got;
+            if (d->rh_got == sizeof(d->rh)) {
+                d->rh_got = 0;
+                int rc = reader_header(d, msg, sizeof(msg));
+                if (rc == 1) break;
+                if (rc < 0) {
+                    err = rc;
+                    break;
+                }
+            }
+        }
+        /* A short read emptied the socket: wait for more without a recv
+         * that would only say so. */
+        if (got < asked && (err = reader_wait(d, msg, sizeof(msg))) < 0) break;
     }
     if (err) conn_set_err(d, err, msg);
     return NULL;
