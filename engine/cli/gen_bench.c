@@ -157,9 +157,9 @@ static int64_t bench_thread_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* Best of 5 runs of a few ms with `bits`-wide vectors (512 or 256); 0 when
- * the CPU lacks them. Thread CPU time. */
-static double bench_fma_peak(int bits, float *sink)
+/* One run of a few ms of the FMA loop with `bits`-wide vectors (512 or 256):
+ * GFLOP/s, 0 when the CPU lacks them. Thread CPU time. */
+static double bench_fma_once(int bits, float *sink)
 {
 #if defined(__x86_64__)
     int w512 = bits == 512;
@@ -167,20 +167,26 @@ static double bench_fma_peak(int bits, float *sink)
              : !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
         return 0;
     long iters = 1000000;
-    double best = 0;
-    for (int rep = 0; rep < 5; rep++) {
-        int64_t t0 = bench_thread_ns();
-        *sink += w512 ? bench_fma512(iters) : bench_fma256(iters);
-        double s = td_ns_to_s(bench_thread_ns() - t0);
-        double gf = (double)iters * 12 * (bits / 32) * 2 / s / 1e9;
-        if (gf > best) best = gf;
-    }
-    return best;
+    int64_t t0 = bench_thread_ns();
+    *sink += w512 ? bench_fma512(iters) : bench_fma256(iters);
+    double s = td_ns_to_s(bench_thread_ns() - t0);
+    return (double)iters * 12 * (bits / 32) * 2 / s / 1e9;
 #else
     (void)bits;
     (void)sink;
     return 0;
 #endif
+}
+
+/* Best of 5 runs of bench_fma_once. */
+static double bench_fma_peak(int bits, float *sink)
+{
+    double best = 0;
+    for (int rep = 0; rep < 5; rep++) {
+        double gf = bench_fma_once(bits, sink);
+        if (gf > best) best = gf;
+    }
+    return best;
 }
 
 /* Flops of the matmuls of one token's forward, without the classifier
@@ -212,8 +218,21 @@ static int bench_all_f32(const mdl_model *m)
 }
 
 /* The CPU backend's matmul kernel alone, 1 thread, on every layer matrix of
- * the model with T rows of x: GFLOP/s, best of 5 passes, thread CPU time. */
-static int bench_matmul_only(const mdl_model *m, int T, double *gflops)
+ * the model with T rows of x, thread CPU time, BENCH_KERNEL_PASSES passes.
+ * On a shared host the core's speed moves between passes (a neighbour on the
+ * other hardware thread of the core halves the FMA throughput), so each pass
+ * is timed between two runs of the FMA loop at `bits` and divided by their
+ * mean: *gflops is the best pass, ratio[0..2] the median, lowest and highest
+ * fraction of the peak measured around it. */
+#define BENCH_KERNEL_PASSES 15
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static int bench_matmul_only(const mdl_model *m, int T, int bits, double *gflops, double ratio[3])
 {
     const mdl_config *c = &m->cfg;
     int qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
@@ -235,8 +254,10 @@ static int bench_matmul_only(const mdl_model *m, int T, double *gflops)
     for (size_t i = 0; i < (size_t)T * kmax; i++)
         x[i] = (float)((i * 7919) % 1000) / 1000.0f - 0.5f;
     ck_init();
-    double best = 0;
-    for (int rep = 0; rep < 5; rep++) {
+    double best = 0, r[BENCH_KERNEL_PASSES];
+    float sink = 0;
+    for (int rep = 0; rep < BENCH_KERNEL_PASSES; rep++) {
+        double p0 = bench_fma_once(bits, &sink);
         int64_t t0 = bench_thread_ns();
         for (int l = 0; l < c->n_layers; l++) {
             const mdl_layer_mats *L = &m->layers[l].mat;
@@ -248,12 +269,18 @@ static int bench_matmul_only(const mdl_model *m, int T, double *gflops)
                 ck_matmul(out, N[i], x, mats[i]->data, mats[i]->dtype, NULL, T, K[i], 0, N[i]);
         }
         double sec = td_ns_to_s(bench_thread_ns() - t0);
+        double p1 = bench_fma_once(bits, &sink);
         double gf = bench_flops_layers(m) * T / sec / 1e9;
         if (gf > best) best = gf;
+        r[rep] = p0 + p1 > 0 ? gf / ((p0 + p1) / 2) : 0;
     }
+    qsort(r, BENCH_KERNEL_PASSES, sizeof(double), cmp_double);
+    ratio[0] = r[BENCH_KERNEL_PASSES / 2];
+    ratio[1] = r[0];
+    ratio[2] = r[BENCH_KERNEL_PASSES - 1];
     free(x);
     free(out);
-    *gflops = best;
+    *gflops = best + 0 * sink;
     return 0;
 }
 
@@ -750,12 +777,21 @@ int gen_bench_run(const mdl_model *given)
            "openblas %.1f tok/s (%.1f%%)\n",
            plen, pd, peak > 0 ? 100 * pd * pf / 1e9 / peak : 0, pb,
            peak > 0 ? 100 * pb * pf / 1e9 / peak : 0);
-    double g32 = 0, g128 = 0;
-    if ((rc = bench_matmul_only(m, 32, &g32)) || (rc = bench_matmul_only(m, plen, &g128))) goto out;
-    printf("matmul kernel alone (thread CPU time), layer matrices, 1 thread: %d rows %.1f GFLOP/s "
-           "(%.1f%% of peak), "
-           "%d rows %.1f GFLOP/s (%.1f%%)\n",
-           32, g32, peak > 0 ? 100 * g32 / peak : 0, plen, g128, peak > 0 ? 100 * g128 / peak : 0);
+    double g32 = 0, g128 = 0, r32[3], r128[3];
+    int bits = peak512 > peak256 ? 512 : 256;
+    if ((rc = bench_matmul_only(m, 32, bits, &g32, r32)) ||
+        (rc = bench_matmul_only(m, plen, bits, &g128, r128)))
+        goto out;
+    printf("matmul kernel alone (thread CPU time), layer matrices, 1 thread, %d passes, each "
+           "against the FMA loop run just before and after it:\n",
+           BENCH_KERNEL_PASSES);
+    printf("  %3d rows: best %.1f GFLOP/s (%.1f%% of the peak above); per pass %.1f%% of the "
+           "peak around it (median; %.1f-%.1f%%)\n",
+           32, g32, peak > 0 ? 100 * g32 / peak : 0, 100 * r32[0], 100 * r32[1], 100 * r32[2]);
+    printf("  %3d rows: best %.1f GFLOP/s (%.1f%% of the peak above); per pass %.1f%% of the "
+           "peak around it (median; %.1f-%.1f%%)\n",
+           plen, g128, peak > 0 ? 100 * g128 / peak : 0, 100 * r128[0], 100 * r128[1],
+           100 * r128[2]);
     int same_det = 0, same_blas = 0;
     if ((rc = bench_invariant(m, BE_MATMUL_DETERMINISTIC, &same_det)) ||
         (rc = bench_invariant(m, BE_MATMUL_BLAS, &same_blas)))

@@ -157,10 +157,39 @@ CK_AVX2 static inline __m128 ck__hsum8x4(__m256 sa, __m256 sb, __m256 sc, __m256
 
 /* One pass of a block over K for accumulator half h (h < 0: both halves,
  * acc[a][b][0] and [1]; else acc[a][b][h] only). pf as in ck__blk256. */
+/* BF16 weights against packed x (ck__pack_x): the 16 weights from element
+ * offset off as two vectors without a shift, g = 0 elements 0-3 and 8-11,
+ * g = 1 elements 4-7 and 12-15, each a zero word under each weight. */
+CK_AVX2 static inline __m256 ck__ld8_bf16_packed(const void *W, size_t off, int g)
+{
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)W + off));
+    __m256i z = _mm256_setzero_si256();
+    return _mm256_castsi256_ps(g ? _mm256_unpackhi_epi16(z, h) : _mm256_unpacklo_epi16(z, h));
+}
+
+/* x rows for ck__ld8_bf16_packed: each whole group of 16 elements reordered
+ * to 0-3 8-11 4-7 12-15 (the lanes the unpacks give the weights), the tail
+ * after the last whole group left in place. */
+CK_AVX2 static void ck__pack_x(float *xp, const float *x, int rows, int K)
+{
+    for (int r = 0; r < rows; r++) {
+        const float *src = x + (size_t)r * K;
+        float *dst = xp + (size_t)r * K;
+        int i = 0;
+        for (; i + 16 <= K; i += 16) {
+            __m256 a = _mm256_loadu_ps(src + i), b = _mm256_loadu_ps(src + i + 8);
+            _mm256_storeu_ps(dst + i, _mm256_permute2f128_ps(a, b, 0x20));
+            _mm256_storeu_ps(dst + i + 8, _mm256_permute2f128_ps(a, b, 0x31));
+        }
+        for (; i < K; i++)
+            dst[i] = src[i];
+    }
+}
+
 CK_AVX2 static inline __attribute__((always_inline)) void
 ck__pass256(__m256 acc[CK2_RJ][CK2_RT][2], const float *xt, const void *W, size_t wo,
             enum mdl_dtype wt, int K, const char *pf, int pfn, const char *px, const int rj,
-            const int rt, const int h)
+            const int rt, const int h, const int packed)
 {
     /* pf: 1 / pfn of the rj rows' bytes, as many per step */
     const size_t pstep =
@@ -197,7 +226,8 @@ ck__pass256(__m256 acc[CK2_RJ][CK2_RT][2], const float *xt, const void *W, size_
                 xv[b] = _mm256_loadu_ps(xt + (size_t)b * K + i + 8 * g);
 #pragma GCC unroll 8
             for (int a = 0; a < rj; a++) {
-                __m256 w = ck__ld8(W, wo + (size_t)a * K + (size_t)(i + 8 * g), wt);
+                __m256 w = packed ? ck__ld8_bf16_packed(W, wo + (size_t)a * K + (size_t)i, g)
+                                  : ck__ld8(W, wo + (size_t)a * K + (size_t)(i + 8 * g), wt);
                 /* one load per W vector: without this the compiler folds
                  * the load into every FMA, rt loads instead of one */
                 if (rt > 1) __asm__("" : "+x"(w));
@@ -214,7 +244,8 @@ ck__pass256(__m256 acc[CK2_RJ][CK2_RT][2], const float *xt, const void *W, size_
  * its first), one 64-byte line per 64 bytes of block step, or NULL. */
 CK_AVX2 static inline __attribute__((always_inline)) void
 ck__blk256(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt, const float *bias,
-           int K, int j, int t, const char *pf, int pfn, const char *px, const int rj, const int rt)
+           int K, int j, int t, const char *pf, int pfn, const char *px, const int rj, const int rt,
+           const int packed)
 {
     __m256 acc[CK2_RJ][CK2_RT][2];
     const float *xt = x + (size_t)t * K;
@@ -222,20 +253,32 @@ ck__blk256(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt
     if (rj * rt * 2 > 12) {
         /* two passes: a0's lanes, kept, then a1's */
         __m256 keep[CK2_RJ][CK2_RT];
-        ck__pass256(acc, xt, W, wo, wt, K, pf, pfn, px, rj, rt, 0);
+        ck__pass256(acc, xt, W, wo, wt, K, pf, pfn, px, rj, rt, 0, packed);
 #pragma GCC unroll 8
         for (int a = 0; a < rj; a++)
 #pragma GCC unroll 8
             for (int b = 0; b < rt; b++)
                 keep[a][b] = acc[a][b][0];
-        ck__pass256(acc, xt, W, wo, wt, K, NULL, 1, px, rj, rt, 1);
+        ck__pass256(acc, xt, W, wo, wt, K, NULL, 1, px, rj, rt, 1, packed);
 #pragma GCC unroll 8
         for (int a = 0; a < rj; a++)
 #pragma GCC unroll 8
             for (int b = 0; b < rt; b++)
                 acc[a][b][0] = keep[a][b];
     } else {
-        ck__pass256(acc, xt, W, wo, wt, K, pf, pfn, NULL, rj, rt, -1);
+        ck__pass256(acc, xt, W, wo, wt, K, pf, pfn, NULL, rj, rt, -1, packed);
+    }
+    if (packed) {
+        /* The packed lanes back to ck__dotw_avx2's: a0 = lanes 0-3 of both
+         * accumulators, a1 = lanes 4-7. */
+#pragma GCC unroll 8
+        for (int a = 0; a < rj; a++)
+#pragma GCC unroll 8
+            for (int b = 0; b < rt; b++) {
+                __m256 lo = acc[a][b][0], hi = acc[a][b][1];
+                acc[a][b][0] = _mm256_permute2f128_ps(lo, hi, 0x20);
+                acc[a][b][1] = _mm256_permute2f128_ps(lo, hi, 0x31);
+            }
     }
     if (rj == 4 && K % 16 == 0) {
         /* No scalar tail: a row's four sums at once, the bias (or +0.0f,
@@ -272,23 +315,26 @@ typedef void (*ck__blk_fn)(float *, int, const float *, const void *, const floa
 
 /* One non-inlined function per block shape and dtype: only the block's own
  * pointers are live inside, so none is spilled from the inner loop. */
-#define CK__BLK2_FN(RJ, RT, WT, SUF)                                                               \
+#define CK__BLK2_FN(RJ, RT, WT, SUF, PK)                                                           \
     CK_AVX2 static __attribute__((noinline)) void ck__blk256_##RJ##x##RT##SUF(                     \
         float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,       \
         int t, const char *pf)                                                                     \
     {                                                                                              \
-        ck__blk256(out, ldo, x, W, WT, bias, K, j, t, pf, 1, NULL, RJ, RT);                        \
+        ck__blk256(out, ldo, x, W, WT, bias, K, j, t, pf, 1, NULL, RJ, RT, PK);                    \
     }
 #define CK__BLK2_FNS(WT, SUF)                                                                      \
-    CK__BLK2_FN(1, 1, WT, SUF)                                                                     \
-    CK__BLK2_FN(1, 2, WT, SUF)                                                                     \
-    CK__BLK2_FN(1, 3, WT, SUF)                                                                     \
-    CK__BLK2_FN(4, 1, WT, SUF)                                                                     \
-    CK__BLK2_FN(4, 2, WT, SUF)                                                                     \
-    CK__BLK2_FN(4, 3, WT, SUF)
+    CK__BLK2_FN(1, 1, WT, SUF, 0)                                                                  \
+    CK__BLK2_FN(1, 2, WT, SUF, 0)                                                                  \
+    CK__BLK2_FN(1, 3, WT, SUF, 0)                                                                  \
+    CK__BLK2_FN(4, 1, WT, SUF, 0)                                                                  \
+    CK__BLK2_FN(4, 2, WT, SUF, 0)                                                                  \
+    CK__BLK2_FN(4, 3, WT, SUF, 0)
 CK__BLK2_FNS(MDL_DTYPE_F32, _f32)
 CK__BLK2_FNS(MDL_DTYPE_F16, _f16)
 CK__BLK2_FNS(MDL_DTYPE_BF16, _bf16)
+/* BF16 against packed x: the last rows of a column of blocks */
+CK__BLK2_FN(4, 1, MDL_DTYPE_BF16, _bf16p, 1)
+CK__BLK2_FN(4, 2, MDL_DTYPE_BF16, _bf16p, 1)
 #undef CK__BLK2_FNS
 #undef CK__BLK2_FN
 
@@ -306,6 +352,7 @@ static const ck__blk_fn ck__blk256_fns[3][2][CK2_RT] = {
     CK__BLK2_ROW(_bf16),
 };
 #undef CK__BLK2_ROW
+static const ck__blk_fn ck__blk256_bf16p_fns[2] = {ck__blk256_4x1_bf16p, ck__blk256_4x2_bf16p};
 
 /* W rows j .. j + CK2_RJ - 1 against x rows [t0, t1) in one call: blocks of
  * CK2_RT rows, each prefetching the next block's x rows (or the first
@@ -315,7 +362,7 @@ static const ck__blk_fn ck__blk256_fns[3][2][CK2_RT] = {
  * the first block put 72 lines (F32, K = 288) in flight at once, measured
  * slower at 32 rows of x. The remaining 1-2 rows go through the table's
  * blocks. */
-#define CK__COL2_FN(WT, SUF)                                                                       \
+#define CK__COL2_FN(WT, SUF, PK)                                                                   \
     CK_AVX2 static __attribute__((noinline)) void ck__col256##SUF(                                 \
         float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,       \
         int t0, int t1, const char *pf)                                                            \
@@ -325,14 +372,16 @@ static const ck__blk_fn ck__blk256_fns[3][2][CK2_RT] = {
         for (int k = 0; t + CK2_RT <= t1; t += CK2_RT, k++) {                                      \
             int tn = t + 2 * CK2_RT <= t1 ? t + CK2_RT : t0;                                       \
             ck__blk256(out, ldo, x, W, WT, bias, K, j, t, pf &&k < pfn ? pf + k * sl : NULL, pfn,  \
-                       (const char *)(x + (size_t)tn * K), CK2_RJ, CK2_RT);                        \
+                       (const char *)(x + (size_t)tn * K), CK2_RJ, CK2_RT, PK);                    \
         }                                                                                          \
         if (t < t1)                                                                                \
-            ck__blk256_fns[WT][1][t1 - t - 1](out, ldo, x, W, bias, K, j, t, t == t0 ? pf : NULL); \
+            (PK ? ck__blk256_bf16p_fns : ck__blk256_fns[WT][1])[t1 - t - 1](                       \
+                out, ldo, x, W, bias, K, j, t, t == t0 ? pf : NULL);                               \
     }
-CK__COL2_FN(MDL_DTYPE_F32, _f32)
-CK__COL2_FN(MDL_DTYPE_F16, _f16)
-CK__COL2_FN(MDL_DTYPE_BF16, _bf16)
+CK__COL2_FN(MDL_DTYPE_F32, _f32, 0)
+CK__COL2_FN(MDL_DTYPE_F16, _f16, 0)
+CK__COL2_FN(MDL_DTYPE_BF16, _bf16, 0)
+CK__COL2_FN(MDL_DTYPE_BF16, _bf16p, 1)
 #undef CK__COL2_FN
 typedef void (*ck__col_fn)(float *, int, const float *, const void *, const float *, int, int, int,
                            int, const char *);
@@ -368,12 +417,27 @@ CK_AVX2 static void ck__matmul_avx2(float *out, int ldo, const float *x, const v
     int tile = (int)((256 * 1024) / ((size_t)K * sizeof(float)));
     tile = tile / CK2_RT * CK2_RT;
     if (tile < CK2_RT) tile = CK2_RT;
+    /* BF16: widening by a shift costs the FMA ports two instructions per W
+     * vector; unpacked against a zero vector it costs one, in an order x
+     * must follow (ck__pack_x, once per call, into a buffer the call owns;
+     * without it, the shifting blocks). */
+    ck__col_fn col = ck__col256_fns[wt];
+    const float *xs = x;
+    float *xp = NULL;
+    if (wt == MDL_DTYPE_BF16 && K >= 16) {
+        size_t bytes = ((size_t)T * K * sizeof(float) + 63) / 64 * 64;
+        if ((xp = aligned_alloc(64, bytes))) {
+            ck__pack_x(xp, x, T, K);
+            xs = xp;
+            col = ck__col256_bf16p;
+        }
+    }
     for (int t0 = 0; t0 < T; t0 += tile) {
         int t1 = T - t0 < tile ? T : t0 + tile;
         for (j = j0; j + CK2_RJ <= j1; j += CK2_RJ) {
             const char *pf =
                 j + 2 * CK2_RJ <= j1 ? (const char *)W + (size_t)(j + CK2_RJ) * row : NULL;
-            ck__col256_fns[wt](out, ldo, x, W, bias, K, j, t0, t1, pf);
+            col(out, ldo, xs, W, bias, K, j, t0, t1, pf);
         }
         for (; j < j1; j++)
             for (int t = t0; t < t1;) {
@@ -382,6 +446,7 @@ CK_AVX2 static void ck__matmul_avx2(float *out, int ldo, const float *x, const v
                 t += rt;
             }
     }
+    free(xp);
 }
 
 /* ---- AVX-512: register-blocked, cache-tiled ----
