@@ -173,6 +173,9 @@ benchmarks)
     done
     [ -x "$BIN/tandem-rpc-bench" ] &&
         expect_error "rpc-bench range" '--seconds = "0"' "$BIN/tandem-rpc-bench" --seconds 0
+    [ -x "$BIN/tandem-kvx-bench" ] &&
+        expect_error "kvx-bench transport" '--transport = "bogus": must be one of all|tcp|shm' \
+            "$BIN/tandem-kvx-bench" --transport bogus
     [ -x "$BIN/tandem-kvc-bench" ] &&
         expect_error "kvc-bench range" '--n-seqs = "0": out of range' "$BIN/tandem-kvc-bench" \
             --n-seqs 0
