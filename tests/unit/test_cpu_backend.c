@@ -594,8 +594,9 @@ static void test_matmul_rows_vs_dot(void **s)
     (void)s;
     ck_init();
     enum { TMAX = 40, N = 11 };
-    const int Ks[4] = {288, 33, 80, 19};
-    for (int ki = 0; ki < 4; ki++) {
+    /* 4100: x tiles of 15 rows (three tiles at 40 rows) and a 4-element tail */
+    const int Ks[5] = {288, 33, 80, 19, 4100};
+    for (int ki = 0; ki < 5; ki++) {
         int K = Ks[ki];
         float *x = malloc((size_t)TMAX * K * 4), *w = malloc((size_t)N * K * 4);
         float *wf = malloc((size_t)N * K * 4), *got = malloc((size_t)TMAX * N * 4);

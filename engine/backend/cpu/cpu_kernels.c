@@ -419,25 +419,24 @@ CK_AVX2 static void ck__matmul_avx2(float *out, int ldo, const float *x, const v
     if (tile < CK2_RT) tile = CK2_RT;
     /* BF16: widening by a shift costs the FMA ports two instructions per W
      * vector; unpacked against a zero vector it costs one, in an order x
-     * must follow (ck__pack_x, once per call, into a buffer the call owns;
-     * without it, the shifting blocks). */
-    ck__col_fn col = ck__col256_fns[wt];
-    const float *xs = x;
+     * must follow: each tile of x is packed (ck__pack_x) into a buffer of
+     * one tile (at most about 256 KiB) the call owns; without the buffer,
+     * the shifting blocks run. */
     float *xp = NULL;
     if (wt == MDL_DTYPE_BF16 && K >= 16) {
-        size_t bytes = ((size_t)T * K * sizeof(float) + 63) / 64 * 64;
-        if ((xp = aligned_alloc(64, bytes))) {
-            ck__pack_x(xp, x, T, K);
-            xs = xp;
-            col = ck__col256_bf16p;
-        }
+        int rows = T < tile ? T : tile;
+        xp = aligned_alloc(64, ((size_t)rows * K * sizeof(float) + 63) / 64 * 64);
     }
     for (int t0 = 0; t0 < T; t0 += tile) {
         int t1 = T - t0 < tile ? T : t0 + tile;
+        if (xp) ck__pack_x(xp, x + (size_t)t0 * K, t1 - t0, K);
         for (j = j0; j + CK2_RJ <= j1; j += CK2_RJ) {
             const char *pf =
                 j + 2 * CK2_RJ <= j1 ? (const char *)W + (size_t)(j + CK2_RJ) * row : NULL;
-            col(out, ldo, xs, W, bias, K, j, t0, t1, pf);
+            if (xp)
+                ck__col256_bf16p(out + (size_t)t0 * ldo, ldo, xp, W, bias, K, j, 0, t1 - t0, pf);
+            else
+                ck__col256_fns[wt](out, ldo, x, W, bias, K, j, t0, t1, pf);
         }
         for (; j < j1; j++)
             for (int t = t0; t < t1;) {
