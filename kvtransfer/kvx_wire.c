@@ -11,6 +11,7 @@ _Static_assert(sizeof(kvx_wire_hdr) == 16, "wire header size");
 _Static_assert(sizeof(kvx_wire_hello) == 336, "hello size");
 _Static_assert(sizeof(kvx_wire_req) == 24, "req size");
 _Static_assert(sizeof(kvx_wire_frame) == 32, "frame size");
+_Static_assert(sizeof(kvx_wire_run) == sizeof(kvx_wire_frame), "a run head is a frame head's size");
 _Static_assert(sizeof(kvx_wire_data_hello) == 16, "data hello size");
 
 static int fail(const char *f, char *field, size_t field_len, char *msg, size_t msg_len,
@@ -111,6 +112,15 @@ int kvx_wire_frame_check(const kvx_wire_frame *f, uint64_t block_bytes, uint32_t
     if (f->layer >= n_layers || f->dst >= num_blocks) {
         if (msg && msg_len)
             snprintf(msg, msg_len, "frame out of range layer=%u dst=%u", f->layer, f->dst);
+        return TD_EPROTO;
+    }
+    return 0;
+}
+
+int kvx_wire_run_check(const kvx_wire_run *r, char *msg, size_t msg_len)
+{
+    if (r->magic != KVX_WIRE_MAGIC_RUN || r->n == 0 || r->n > KVX_WIRE_RUN_MAX) {
+        if (msg && msg_len) snprintf(msg, msg_len, "bad run head magic=%08x n=%u", r->magic, r->n);
         return TD_EPROTO;
     }
     return 0;

@@ -29,8 +29,11 @@
  *   sender -> receiver  COMM_CLOSE  nccl: tear down the idle comm
  *
  * Data connection (tcp only; n per peer): first a DATA_HELLO control message
- * (kvx_wire_data_hello: token, index), then a stream of kvx_wire_frame
- * headers each followed by exactly len payload bytes (one block of one layer).
+ * (kvx_wire_data_hello: token, index), then a stream of 32-byte heads, each
+ * either a kvx_wire_frame followed by exactly len payload bytes (one block of
+ * one layer), or a kvx_wire_run: n kvx_wire_frame headers, then their n
+ * payloads in the same order (so the receiver knows where every block of the
+ * run goes before its bytes arrive, and reads them in one call).
  */
 #ifndef TANDEM_KVTRANSFER_KVX_WIRE_H
 #define TANDEM_KVTRANSFER_KVX_WIRE_H
@@ -40,9 +43,11 @@
 
 #define KVX_WIRE_MAGIC_CTRL         0x4358564bu /* "KVXC" */
 #define KVX_WIRE_MAGIC_FRAME        0x4658564bu /* "KVXF" */
-#define KVX_WIRE_VERSION            1u
-#define KVX_WIRE_LAYOUT_LAYER_MAJOR 1u         /* kv_layout.h: [layer][block][K|V] */
-#define KVX_WIRE_MAX_BODY           (1u << 20) /* bytes; bounds every control message */
+#define KVX_WIRE_MAGIC_RUN          0x5258564bu /* "KVXR" */
+#define KVX_WIRE_RUN_MAX            64u         /* frames in one run */
+#define KVX_WIRE_VERSION            2u          /* 2: runs on the data connections */
+#define KVX_WIRE_LAYOUT_LAYER_MAJOR 1u          /* kv_layout.h: [layer][block][K|V] */
+#define KVX_WIRE_MAX_BODY           (1u << 20)  /* bytes; bounds every control message */
 #define KVX_WIRE_EXTRA_MAX          256u
 
 enum kvx_wire_type {
@@ -117,6 +122,12 @@ typedef struct kvx_wire_frame {
     uint64_t len;  /* payload bytes, must equal block_bytes */
 } kvx_wire_frame;  /* 32 bytes */
 
+typedef struct kvx_wire_run {
+    uint32_t magic; /* KVX_WIRE_MAGIC_RUN */
+    uint32_t n;     /* frame headers that follow: 1..KVX_WIRE_RUN_MAX */
+    uint8_t pad[24];
+} kvx_wire_run; /* 32 bytes: a head, like a frame header */
+
 /* Decoders for bytes from a peer. Each checks everything the receiving code
  * relies on before it touches a field; none allocates or keeps a pointer. */
 
@@ -145,6 +156,11 @@ int kvx_wire_hello_decode(const uint8_t *body, uint32_t len, kvx_wire_hello *out
  * reason in msg (caller-owned, may be NULL). */
 int kvx_wire_frame_check(const kvx_wire_frame *f, uint64_t block_bytes, uint32_t n_layers,
                          uint32_t num_blocks, char *msg, size_t msg_len);
+
+/* Checks a run head: magic and 1 <= n <= KVX_WIRE_RUN_MAX. 0 or TD_EPROTO
+ * with the reason in msg (caller-owned, may be NULL). Each of its frame
+ * headers is then checked with kvx_wire_frame_check. */
+int kvx_wire_run_check(const kvx_wire_run *r, char *msg, size_t msg_len);
 
 /* Compares two hellos field by field (version, transport, fingerprint, dtype,
  * block_size, block_bytes, n_layers, layout). Returns 0 when they agree, else

@@ -102,19 +102,38 @@ static void control(const uint8_t *p, size_t n)
     }
 }
 
+/* A data connection's stream as the tcp reader walks it: heads of 32 bytes,
+ * each a frame (then its payload) or a run (then n frame headers, then n
+ * payloads); nothing past a bad head is read. */
 static void frames(const uint8_t *p, size_t n)
 {
     const uint64_t block_bytes = 16;
     size_t off = 0;
     while (n - off >= sizeof(kvx_wire_frame)) {
         kvx_wire_frame f;
+        kvx_wire_run r;
         memcpy(&f, p + off, sizeof(f));
+        memcpy(&r, p + off, sizeof(r));
         char msg[96];
-        if (kvx_wire_frame_check(&f, block_bytes, 2, 64, msg, sizeof(msg)) < 0) return;
-        if (f.len != block_bytes || f.layer >= 2 || f.dst >= 64) abort();
         off += sizeof(f);
-        size_t k = n - off < f.len ? n - off : (size_t)f.len;
-        off += k;
+        uint32_t count = 1;
+        if (r.magic == KVX_WIRE_MAGIC_RUN) {
+            if (kvx_wire_run_check(&r, msg, sizeof(msg)) < 0) return;
+            if (r.n == 0 || r.n > KVX_WIRE_RUN_MAX) abort();
+            count = r.n;
+            for (uint32_t i = 0; i < count; i++) {
+                if (n - off < sizeof(f)) return;
+                memcpy(&f, p + off, sizeof(f));
+                off += sizeof(f);
+                if (kvx_wire_frame_check(&f, block_bytes, 2, 64, msg, sizeof(msg)) < 0) return;
+                if (f.len != block_bytes || f.layer >= 2 || f.dst >= 64) abort();
+            }
+        } else {
+            if (kvx_wire_frame_check(&f, block_bytes, 2, 64, msg, sizeof(msg)) < 0) return;
+            if (f.len != block_bytes || f.layer >= 2 || f.dst >= 64) abort();
+        }
+        size_t want = (size_t)count * block_bytes;
+        off += n - off < want ? n - off : want;
     }
 }
 

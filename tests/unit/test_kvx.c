@@ -833,6 +833,148 @@ static void test_raw_partial_frames_and_cancel(void **s)
     kvx_ep_destroy(rx);
 }
 
+/* Runs on a data connection: [kvx_wire_run][n frame headers][n payloads].
+ * A run of four blocks (three of a begun request, one stale) dribbled in
+ * small pieces lands byte-exact and the stale payload is swallowed; a cancel
+ * while the first block of a run is half read sends the rest of the run's
+ * blocks of that request to the sink, not into released memory, and the
+ * stream stays in sync; a run head with n = 0 or n > KVX_WIRE_RUN_MAX, or a
+ * bad frame header inside a run, drops the peer. */
+static size_t build_run(uint8_t *buf, const kvx_wire_frame *f, uint32_t n, const uint8_t *fill,
+                        size_t bb)
+{
+    kvx_wire_run r = {.magic = KVX_WIRE_MAGIC_RUN, .n = n};
+    size_t off = 0;
+    memcpy(buf, &r, sizeof(r));
+    off += sizeof(r);
+    memcpy(buf + off, f, n * sizeof(*f));
+    off += n * sizeof(*f);
+    for (uint32_t i = 0; i < n; i++) {
+        memset(buf + off, fill[i], bb);
+        off += bb;
+    }
+    return off;
+}
+
+static void test_raw_runs(void **s)
+{
+    (void)s;
+    kv_layout l = small_layout(2, 16);
+    size_t bb = kv_layout_block_bytes(&l);
+    char bound[128];
+    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
+    uint8_t *pool = kvx_ep_pool(rx);
+    memset(pool, 0xAB, kv_layout_pool_bytes(&l));
+    uint8_t *buf = malloc(sizeof(kvx_wire_run) + 4 * (sizeof(kvx_wire_frame) + bb));
+    assert_non_null(buf);
+    uint32_t dst[3] = {7, 3, 12};
+    assert_int_equal(kvx_recv_register(rx, "run", dst, 3, 0), 0);
+    int ctrl, data;
+    raw_peer(bound, &l, &ctrl, &data);
+    raw_begin(ctrl, "run");
+    uint64_t h = kvx_req_hash("run");
+    for (uint32_t layer = 0; layer < 2; layer++) {
+        kvx_wire_frame f[4] = {
+            {.magic = KVX_WIRE_MAGIC_FRAME, .layer = layer, .hash = h, .dst = dst[0], .len = bb},
+            {.magic = KVX_WIRE_MAGIC_FRAME, .layer = layer, .hash = 99, .dst = 5, .len = bb},
+            {.magic = KVX_WIRE_MAGIC_FRAME, .layer = layer, .hash = h, .dst = dst[1], .len = bb},
+            {.magic = KVX_WIRE_MAGIC_FRAME, .layer = layer, .hash = h, .dst = dst[2], .len = bb},
+        };
+        uint8_t fill[4] = {(uint8_t)(layer * 16 + 1), 0x77, (uint8_t)(layer * 16 + 2),
+                           (uint8_t)(layer * 16 + 3)};
+        size_t n = build_run(buf, f, 4, fill, bb);
+        send_slowly(data, buf, n, layer ? 4093 : 13);
+    }
+    kvx_event e = wait_final(rx, "run", 5 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_DONE);
+    for (uint32_t layer = 0; layer < 2; layer++)
+        for (int i = 0; i < 3; i++) {
+            const uint8_t *b = pool + kv_layout_block_offset(&l, layer, dst[i]);
+            for (size_t k = 0; k < bb; k++)
+                assert_int_equal(b[k], layer * 16 + (uint32_t)i + 1);
+        }
+    for (uint32_t layer = 0; layer < 2; layer++) {
+        const uint8_t *b = pool + kv_layout_block_offset(&l, layer, 5);
+        for (size_t k = 0; k < bb; k++)
+            if (b[k] != 0xAB) fail_msg("stale block byte %zu was written", k);
+    }
+    kvx_wire_hdr hd;
+    raw_read_hdr(ctrl, &hd);
+    assert_int_equal(hd.type, KVX_MSG_DONE);
+    kvx_wire_req m;
+    raw_read(ctrl, &m, sizeof(m));
+
+    /* Cancel while the run's first block is half read. */
+    memset(pool, 0xAB, kv_layout_pool_bytes(&l));
+    assert_int_equal(kvx_recv_register(rx, "cut-run", dst, 3, 0), 0);
+    raw_begin(ctrl, "cut-run");
+    h = kvx_req_hash("cut-run");
+    kvx_wire_frame f[3];
+    for (int i = 0; i < 3; i++)
+        f[i] = (kvx_wire_frame){
+            .magic = KVX_WIRE_MAGIC_FRAME, .layer = 1, .hash = h, .dst = dst[i], .len = bb};
+    uint8_t fill[3] = {0x42, 0x43, 0x44};
+    size_t n = build_run(buf, f, 3, fill, bb);
+    size_t first_half = sizeof(kvx_wire_run) + 3 * sizeof(kvx_wire_frame) + bb / 2;
+    assert_int_equal(send(data, buf, first_half, MSG_NOSIGNAL), (ssize_t)first_half);
+    const uint8_t *blk = pool + kv_layout_block_offset(&l, 1, dst[0]);
+    int64_t end = td_now_ns() + 2 * SEC;
+    while (peek_byte(&blk[bb / 2 - 1]) != 0x42 && td_now_ns() < end)
+        td_sleep_ns(TD_NS_PER_MS);
+    assert_int_equal(peek_byte(&blk[bb / 2 - 1]), 0x42);
+    assert_int_equal(kvx_cancel(rx, "cut-run"), 0);
+    e = wait_final(rx, "cut-run", 2 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_FAILED);
+    assert_int_equal(e.err, TD_ECANCELED);
+    assert_int_equal(send(data, buf + first_half, n - first_half, MSG_NOSIGNAL),
+                     (ssize_t)(n - first_half));
+    /* A lone frame after the run is still parsed (in sync) and rejected. */
+    kvx_stats st0, st;
+    kvx_ep_stats(rx, &st0);
+    n = build_run(buf, f, 1, fill, bb);
+    assert_int_equal(send(data, buf + sizeof(kvx_wire_run), n - sizeof(kvx_wire_run), MSG_NOSIGNAL),
+                     (ssize_t)(n - sizeof(kvx_wire_run)));
+    end = td_now_ns() + 2 * SEC;
+    do {
+        td_sleep_ns(5 * TD_NS_PER_MS);
+        kvx_ep_stats(rx, &st);
+    } while (st.frames_rejected == st0.frames_rejected && td_now_ns() < end);
+    assert_int_equal(st.frames_rejected, st0.frames_rejected + 1);
+    assert_int_equal(st.peers, 1);
+    for (size_t k = bb / 2; k < bb; k++)
+        if (blk[k] != 0xAB) fail_msg("byte %zu of a released block was written", k);
+    for (int i = 1; i < 3; i++) {
+        const uint8_t *b = pool + kv_layout_block_offset(&l, 1, dst[i]);
+        for (size_t k = 0; k < bb; k++)
+            if (b[k] != 0xAB) fail_msg("block %u byte %zu was written after the cancel", dst[i], k);
+    }
+    close(ctrl);
+    close(data);
+    assert_int_equal(wait_peer_error(rx, 3 * SEC), TD_ECONNRESET); /* that peer going away */
+
+    /* Bad run heads, a bad header inside a run: the peer is dropped. */
+    kvx_wire_run bad_heads[2] = {{.magic = KVX_WIRE_MAGIC_RUN, .n = 0},
+                                 {.magic = KVX_WIRE_MAGIC_RUN, .n = KVX_WIRE_RUN_MAX + 1}};
+    for (int i = 0; i < 3; i++) {
+        raw_peer(bound, &l, &ctrl, &data);
+        if (i < 2) {
+            send(data, &bad_heads[i], sizeof(bad_heads[i]), MSG_NOSIGNAL);
+        } else {
+            kvx_wire_frame g[2] = {
+                {.magic = KVX_WIRE_MAGIC_FRAME, .hash = 1, .dst = 4, .len = bb},
+                {.magic = KVX_WIRE_MAGIC_FRAME, .hash = 1, .dst = 4000, .len = bb},
+            };
+            n = build_run(buf, g, 2, fill, bb);
+            send(data, buf, n, MSG_NOSIGNAL);
+        }
+        assert_int_equal(wait_peer_error(rx, 3 * SEC), TD_EPROTO);
+        close(ctrl);
+        close(data);
+    }
+    free(buf);
+    kvx_ep_destroy(rx);
+}
+
 /* A tcp peer that claims blocks were written (a POST, as the direct-write
  * transports send) is dropped: nothing arrived, nothing may count as landed. */
 static void test_tcp_post_rejected(void **s)
@@ -2265,6 +2407,7 @@ int main(void)
         cmocka_unit_test(test_hello_check_fields),
         cmocka_unit_test(test_bad_frames),
         cmocka_unit_test(test_raw_partial_frames_and_cancel),
+        cmocka_unit_test(test_raw_runs),
         cmocka_unit_test(test_last_frame_races_sender_reset),
         cmocka_unit_test(test_tcp_post_rejected),
         cmocka_unit_test(test_fuzz_wire),
