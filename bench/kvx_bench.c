@@ -25,8 +25,10 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,6 +53,7 @@ static size_t g_pool_mib = 64;
 static int g_batch = 8;
 static int g_rounds = 1;
 static int g_run_tcp = 1, g_run_shm = 1; /* --transport: which points run */
+static int g_pipeline;                   /* --pipeline: two half-pool batches in flight */
 
 static kv_layout bench_layout(uint32_t block_size)
 {
@@ -378,7 +381,111 @@ static int run_batch(struct pair_eps *pe, int *seq, int nreq, int per_post, int6
     return wait_done(pe->tx, nreq, NULL);
 }
 
-/* Throughput: batches back to back until g_gib moved. */
+/* --pipeline: a batch on half of the pool's blocks (slot 0 the first half,
+ * slot 1 the second; src block i goes to dst nb - 1 - i as in run_batch),
+ * nreq requests whose ids start "p<slot>-". */
+enum { HALF_MAX = 2048 }; /* blocks in half a pool, at most */
+
+struct half_batch {
+    int nreq, rx_done, tx_done, active;
+    char ids[HALF_MAX][32];
+    uint32_t dst[HALF_MAX];
+    kvx_pair pairs[HALF_MAX];
+    kvx_layer_post posts[HALF_MAX];
+};
+
+static int half_start(struct pair_eps *pe, struct half_batch *h, int slot, int *seq)
+{
+    int nb = (int)pe->l.num_blocks, nh = nb / 2, base = slot * nh;
+    int nreq = g_batch / 2 < 1 ? 1 : g_batch / 2;
+    if (nreq > nh) nreq = nh;
+    if (nh > HALF_MAX) return TD_ERANGE;
+    for (int i = 0; i < nh; i++) {
+        h->pairs[i].src = (uint32_t)(base + i);
+        h->pairs[i].dst = h->dst[i] = (uint32_t)(nb - 1 - (base + i));
+    }
+    h->nreq = nreq;
+    h->rx_done = h->tx_done = 0;
+    h->active = 1;
+    int rc;
+    for (int r = 0; r < nreq; r++) {
+        int b0 = r * nh / nreq, b1 = (r + 1) * nh / nreq;
+        snprintf(h->ids[r], sizeof(h->ids[r]), "p%d-%d", slot, (*seq)++);
+        if ((rc = kvx_recv_register(pe->rx, h->ids[r], h->dst + b0, b1 - b0, 0)) < 0) return rc;
+        h->posts[r] = (kvx_layer_post){.req_id = h->ids[r], .pairs = h->pairs + b0, .n = b1 - b0};
+    }
+    for (int r = 0; r < nreq; r++)
+        if ((rc = kvx_send_begin(pe->tx, pe->peer, h->ids[r], 0)) < 0) return rc;
+    for (uint32_t layer = 0; layer < pe->l.n_layers; layer++) {
+        for (int r = 0; r < nreq; r++)
+            h->posts[r].layer = (int)layer;
+        if ((rc = kvx_send_layers(pe->tx, h->posts, nreq)) < 0) return rc;
+    }
+    return 0;
+}
+
+/* Counts DONE events of ep into their half batch (ids "p<slot>-"); a
+ * FAILED is an error. Returns events seen, or a negative TD_E* code. */
+static int half_events(kvx_ep *ep, struct half_batch h[2], int rx)
+{
+    kvx_event evs[64];
+    int k = kvx_ep_poll(ep, evs, 64);
+    for (int i = 0; i < k; i++) {
+        if (evs[i].type == KVX_EV_FAILED) {
+            fprintf(stderr, "request %s failed: %s %s\n", evs[i].req_id, td_err_name(evs[i].err),
+                    evs[i].msg);
+            return evs[i].err;
+        }
+        if (evs[i].type != KVX_EV_DONE || evs[i].req_id[0] != 'p') continue;
+        struct half_batch *b = &h[evs[i].req_id[1] == '1'];
+        if (rx)
+            b->rx_done++;
+        else
+            b->tx_done++;
+    }
+    return k;
+}
+
+/* Throughput with two batches in flight, each on half of the pool: a half
+ * starts again as soon as both ends have reported its requests DONE, as a
+ * prefill worker keeps sending while earlier requests finish, so no batch
+ * waits for the pipe to drain and a BEGIN round trip before it moves. */
+static int pipelined(struct pair_eps *pe, int *seq, size_t target, size_t *moved)
+{
+    static struct half_batch h[2];
+    size_t per_half = kv_layout_pool_bytes(&pe->l) / 2, started = 0;
+    int rc;
+    if (pe->l.num_blocks < 2) return TD_ERANGE;
+    for (int slot = 0; slot < 2; slot++) {
+        if ((rc = half_start(pe, &h[slot], slot, seq)) < 0) return rc;
+        started += per_half;
+    }
+    int64_t end = td_now_ns() + 60 * TD_NS_PER_S;
+    while ((h[0].active || h[1].active) && td_now_ns() < end) {
+        int a = half_events(pe->rx, h, 1), b = half_events(pe->tx, h, 0);
+        if (a < 0) return a;
+        if (b < 0) return b;
+        for (int slot = 0; slot < 2; slot++) {
+            struct half_batch *x = &h[slot];
+            if (!x->active || x->rx_done < x->nreq || x->tx_done < x->nreq) continue;
+            x->active = 0;
+            *moved += per_half;
+            if (started < target) {
+                if ((rc = half_start(pe, x, slot, seq)) < 0) return rc;
+                started += per_half;
+            }
+        }
+        if (a == 0 && b == 0) {
+            struct pollfd pfd[2] = {{.fd = kvx_ep_event_fd(pe->rx), .events = POLLIN},
+                                    {.fd = kvx_ep_event_fd(pe->tx), .events = POLLIN}};
+            poll(pfd, 2, 100);
+        }
+    }
+    return h[0].active || h[1].active ? TD_ETIMEDOUT : 0;
+}
+
+/* Throughput: batches back to back until g_gib moved (--pipeline: two
+ * half-pool batches in flight). */
 static double kvx_gbps(const char *transport, uint32_t block_size, int per_post, int *seq,
                        struct post_cost *cost)
 {
@@ -396,6 +503,11 @@ static double kvx_gbps(const char *transport, uint32_t block_size, int per_post,
     memset(cost, 0, sizeof(*cost));
     int64_t t0 = td_now_ns();
     double cpu0 = cpu_s();
+    if (g_pipeline && !per_post && (rc = pipelined(&pe, seq, target, &moved)) < 0) {
+        fprintf(stderr, "%s: transfer failed: %s\n", transport, td_strerror(rc));
+        close_pair(&pe);
+        return -1;
+    }
     while (moved < target) {
         int64_t a, b, c;
         if ((rc = run_batch(&pe, seq, g_batch, per_post, 0, &a, &b, &c, cost)) < 0) {
@@ -457,6 +569,7 @@ struct bench_opts {
     double gib;
     int64_t conns, pool_mib, batch, rounds;
     const char *transport;
+    bool pipeline;
 };
 
 static const struct cfg_option bench_table[] = {
@@ -476,6 +589,10 @@ static const struct cfg_option bench_table[] = {
     {"transport", CFG_STRING, "all", NULL, NULL, "all|tcp|shm",
      "which transports' points run (tcp or shm alone: for profiling one of them)",
      offsetof(struct bench_opts, transport), 0},
+    {"pipeline", CFG_BOOL, "false", NULL, NULL, NULL,
+     "throughput points keep two batches in flight, each on half of the pool, instead of "
+     "one whole-pool batch drained before the next",
+     offsetof(struct bench_opts, pipeline), 0},
 };
 
 /* Returns 0, CFG_HELP (help printed) or a negative TD_E* code (error printed). */
@@ -502,6 +619,7 @@ static int parse_args(int argc, char **argv)
         g_pool_mib = (size_t)o.pool_mib;
         g_batch = (int)o.batch;
         g_rounds = (int)o.rounds;
+        g_pipeline = o.pipeline;
         g_run_tcp = strcmp(o.transport, "shm") != 0;
         g_run_shm = strcmp(o.transport, "tcp") != 0;
     }
