@@ -749,6 +749,71 @@ __attribute__((no_sanitize("thread"))) static uint8_t peek_byte(const uint8_t *p
     return *(const volatile uint8_t *)p;
 }
 
+/* Waits (2 s at most) for *p to read v: the half payload sent has landed. */
+static void wait_byte(const uint8_t *p, uint8_t v)
+{
+    int64_t end = td_now_ns() + 2 * SEC;
+    while (peek_byte(p) != v && td_now_ns() < end)
+        td_sleep_ns(TD_NS_PER_MS);
+    assert_int_equal(peek_byte(p), v);
+}
+
+/* Cancels id on rx and checks its one final event says so. */
+static void cancel_and_check(kvx_ep *rx, const char *id)
+{
+    assert_int_equal(kvx_cancel(rx, id), 0);
+    kvx_event e = wait_final(rx, id, 2 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_FAILED);
+    assert_int_equal(e.err, TD_ECANCELED);
+}
+
+/* id is DONE, and block dst[i] of each of l's layers holds layer * 16 + i + 1
+ * in every byte (what the raw senders here write). */
+static void expect_landed(kvx_ep *rx, const char *id, const kv_layout *l, const uint32_t *dst,
+                          int n)
+{
+    kvx_event e = wait_final(rx, id, 5 * SEC, NULL);
+    assert_int_equal(e.type, KVX_EV_DONE);
+    const uint8_t *pool = kvx_ep_pool(rx);
+    size_t bb = kv_layout_block_bytes(l);
+    for (uint32_t layer = 0; layer < l->n_layers; layer++)
+        for (int i = 0; i < n; i++) {
+            const uint8_t *b = pool + kv_layout_block_offset(l, layer, dst[i]);
+            for (size_t k = 0; k < bb; k++)
+                assert_int_equal(b[k], layer * 16 + (uint32_t)i + 1);
+        }
+}
+
+/* The raw sender's control connection carries a DONE next. */
+static void raw_expect_done(int ctrl)
+{
+    kvx_wire_hdr h;
+    raw_read_hdr(ctrl, &h);
+    assert_int_equal(h.type, KVX_MSG_DONE);
+    kvx_wire_req m;
+    raw_read(ctrl, &m, sizeof(m));
+}
+
+/* Waits for one more rejected frame than `before`, the peer kept. */
+static void wait_one_rejected(kvx_ep *rx, uint64_t before)
+{
+    kvx_stats st;
+    int64_t end = td_now_ns() + 2 * SEC;
+    do {
+        td_sleep_ns(5 * TD_NS_PER_MS);
+        kvx_ep_stats(rx, &st);
+    } while (st.frames_rejected == before && td_now_ns() < end);
+    assert_int_equal(st.frames_rejected, before + 1);
+    assert_int_equal(st.peers, 1);
+}
+
+/* Every byte of p[0..n) still holds the pool's fill, 0xAB. */
+static void expect_untouched(const uint8_t *p, size_t n, const char *what)
+{
+    for (size_t k = 0; k < n; k++)
+        if (p[k] != 0xAB) fail_msg("%s: byte %zu was written", what, k);
+}
+
 static void test_raw_partial_frames_and_cancel(void **s)
 {
     kv_layout l = small_layout(2, 16);
@@ -774,20 +839,8 @@ static void test_raw_partial_frames_and_cancel(void **s)
             send_slowly(data, &f, sizeof(f), 7);
             send_slowly(data, payload, bb, 3000);
         }
-    kvx_event e = wait_final(rx, "slow-raw", 5 * SEC, NULL);
-    assert_int_equal(e.type, KVX_EV_DONE);
-    for (uint32_t layer = 0; layer < 2; layer++)
-        for (int i = 0; i < 2; i++) {
-            const uint8_t *b = pool + kv_layout_block_offset(&l, layer, dst[i]);
-            for (size_t k = 0; k < bb; k++)
-                assert_int_equal(b[k], layer * 16 + (uint32_t)i + 1);
-        }
-    /* DONE went back on the control connection. */
-    kvx_wire_hdr h;
-    raw_read_hdr(ctrl, &h);
-    assert_int_equal(h.type, KVX_MSG_DONE);
-    kvx_wire_req m;
-    raw_read(ctrl, &m, sizeof(m));
+    expect_landed(rx, "slow-raw", &l, dst, 2);
+    raw_expect_done(ctrl); /* DONE went back on the control connection */
 
     /* Half a payload, cancel, the other half. */
     memset(pool, 0xAB, kv_layout_pool_bytes(&l));
@@ -802,31 +855,18 @@ static void test_raw_partial_frames_and_cancel(void **s)
     send(data, &f, sizeof(f), MSG_NOSIGNAL);
     send(data, payload, bb / 2, MSG_NOSIGNAL);
     const uint8_t *blk = pool + kv_layout_block_offset(&l, 1, 7);
-    int64_t end = td_now_ns() + 2 * SEC;
-    while (peek_byte(&blk[bb / 2 - 1]) != 0x42 && td_now_ns() < end)
-        td_sleep_ns(TD_NS_PER_MS);
-    assert_int_equal(peek_byte(&blk[bb / 2 - 1]), 0x42);
-    assert_int_equal(kvx_cancel(rx, "cut"), 0);
-    e = wait_final(rx, "cut", 2 * SEC, NULL);
-    assert_int_equal(e.type, KVX_EV_FAILED);
-    assert_int_equal(e.err, TD_ECANCELED);
+    wait_byte(&blk[bb / 2 - 1], 0x42);
+    cancel_and_check(rx, "cut");
     assert_int_equal(blk[bb / 2 - 1], 0x42); /* the first half landed in place */
     send(data, payload + bb / 2, bb - bb / 2, MSG_NOSIGNAL);
     /* A following frame on the same connection is still parsed (the stream
      * stayed in sync) and rejected: its request is gone. */
-    kvx_stats st0, st;
+    kvx_stats st0;
     kvx_ep_stats(rx, &st0);
     send(data, &f, sizeof(f), MSG_NOSIGNAL);
     send(data, payload, bb, MSG_NOSIGNAL);
-    end = td_now_ns() + 2 * SEC;
-    do {
-        td_sleep_ns(5 * TD_NS_PER_MS);
-        kvx_ep_stats(rx, &st);
-    } while (st.frames_rejected == st0.frames_rejected && td_now_ns() < end);
-    assert_int_equal(st.frames_rejected, st0.frames_rejected + 1);
-    assert_int_equal(st.peers, 1);
-    for (size_t k = bb / 2; k < bb; k++)
-        if (blk[k] != 0xAB) fail_msg("byte %zu of a released block was written", k);
+    wait_one_rejected(rx, st0.frames_rejected);
+    expect_untouched(blk + bb / 2, bb - bb / 2, "released block");
     close(ctrl);
     close(data);
     free(payload);
@@ -885,24 +925,10 @@ static void test_raw_runs(void **s)
         size_t n = build_run(buf, f, 4, fill, bb);
         send_slowly(data, buf, n, layer ? 4093 : 13);
     }
-    kvx_event e = wait_final(rx, "run", 5 * SEC, NULL);
-    assert_int_equal(e.type, KVX_EV_DONE);
+    expect_landed(rx, "run", &l, dst, 3);
     for (uint32_t layer = 0; layer < 2; layer++)
-        for (int i = 0; i < 3; i++) {
-            const uint8_t *b = pool + kv_layout_block_offset(&l, layer, dst[i]);
-            for (size_t k = 0; k < bb; k++)
-                assert_int_equal(b[k], layer * 16 + (uint32_t)i + 1);
-        }
-    for (uint32_t layer = 0; layer < 2; layer++) {
-        const uint8_t *b = pool + kv_layout_block_offset(&l, layer, 5);
-        for (size_t k = 0; k < bb; k++)
-            if (b[k] != 0xAB) fail_msg("stale block byte %zu was written", k);
-    }
-    kvx_wire_hdr hd;
-    raw_read_hdr(ctrl, &hd);
-    assert_int_equal(hd.type, KVX_MSG_DONE);
-    kvx_wire_req m;
-    raw_read(ctrl, &m, sizeof(m));
+        expect_untouched(pool + kv_layout_block_offset(&l, layer, 5), bb, "stale block");
+    raw_expect_done(ctrl);
 
     /* Cancel while the run's first block is half read. */
     memset(pool, 0xAB, kv_layout_pool_bytes(&l));
@@ -918,36 +944,21 @@ static void test_raw_runs(void **s)
     size_t first_half = sizeof(kvx_wire_run) + 3 * sizeof(kvx_wire_frame) + bb / 2;
     assert_int_equal(send(data, buf, first_half, MSG_NOSIGNAL), (ssize_t)first_half);
     const uint8_t *blk = pool + kv_layout_block_offset(&l, 1, dst[0]);
-    int64_t end = td_now_ns() + 2 * SEC;
-    while (peek_byte(&blk[bb / 2 - 1]) != 0x42 && td_now_ns() < end)
-        td_sleep_ns(TD_NS_PER_MS);
-    assert_int_equal(peek_byte(&blk[bb / 2 - 1]), 0x42);
-    assert_int_equal(kvx_cancel(rx, "cut-run"), 0);
-    e = wait_final(rx, "cut-run", 2 * SEC, NULL);
-    assert_int_equal(e.type, KVX_EV_FAILED);
-    assert_int_equal(e.err, TD_ECANCELED);
+    wait_byte(&blk[bb / 2 - 1], 0x42);
+    cancel_and_check(rx, "cut-run");
     assert_int_equal(send(data, buf + first_half, n - first_half, MSG_NOSIGNAL),
                      (ssize_t)(n - first_half));
     /* A lone frame after the run is still parsed (in sync) and rejected. */
-    kvx_stats st0, st;
+    kvx_stats st0;
     kvx_ep_stats(rx, &st0);
     n = build_run(buf, f, 1, fill, bb);
     assert_int_equal(send(data, buf + sizeof(kvx_wire_run), n - sizeof(kvx_wire_run), MSG_NOSIGNAL),
                      (ssize_t)(n - sizeof(kvx_wire_run)));
-    end = td_now_ns() + 2 * SEC;
-    do {
-        td_sleep_ns(5 * TD_NS_PER_MS);
-        kvx_ep_stats(rx, &st);
-    } while (st.frames_rejected == st0.frames_rejected && td_now_ns() < end);
-    assert_int_equal(st.frames_rejected, st0.frames_rejected + 1);
-    assert_int_equal(st.peers, 1);
-    for (size_t k = bb / 2; k < bb; k++)
-        if (blk[k] != 0xAB) fail_msg("byte %zu of a released block was written", k);
-    for (int i = 1; i < 3; i++) {
-        const uint8_t *b = pool + kv_layout_block_offset(&l, 1, dst[i]);
-        for (size_t k = 0; k < bb; k++)
-            if (b[k] != 0xAB) fail_msg("block %u byte %zu was written after the cancel", dst[i], k);
-    }
+    wait_one_rejected(rx, st0.frames_rejected);
+    expect_untouched(blk + bb / 2, bb - bb / 2, "released block");
+    for (int i = 1; i < 3; i++)
+        expect_untouched(pool + kv_layout_block_offset(&l, 1, dst[i]), bb,
+                         "a later block of the canceled request in the run");
     close(ctrl);
     close(data);
     assert_int_equal(wait_peer_error(rx, 3 * SEC), TD_ECONNRESET); /* that peer going away */
