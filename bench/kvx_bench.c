@@ -394,7 +394,8 @@ struct half_batch {
     kvx_layer_post posts[HALF_MAX];
 };
 
-static int half_start(struct pair_eps *pe, struct half_batch *h, int slot, int *seq)
+static int half_start(struct pair_eps *pe, struct half_batch *h, int slot, int *seq,
+                      struct post_cost *cost)
 {
     int nb = (int)pe->l.num_blocks, nh = nb / 2, base = slot * nh;
     int nreq = g_batch / 2 < 1 ? 1 : g_batch / 2;
@@ -419,7 +420,12 @@ static int half_start(struct pair_eps *pe, struct half_batch *h, int slot, int *
     for (uint32_t layer = 0; layer < pe->l.n_layers; layer++) {
         for (int r = 0; r < nreq; r++)
             h->posts[r].layer = (int)layer;
-        if ((rc = kvx_send_layers(pe->tx, h->posts, nreq)) < 0) return rc;
+        int64_t t0 = td_now_ns();
+        rc = kvx_send_layers(pe->tx, h->posts, nreq);
+        cost->ns += td_now_ns() - t0;
+        cost->calls++;
+        cost->posts += nreq;
+        if (rc < 0) return rc;
     }
     return 0;
 }
@@ -450,14 +456,15 @@ static int half_events(kvx_ep *ep, struct half_batch h[2], int rx)
  * starts again as soon as both ends have reported its requests DONE, as a
  * prefill worker keeps sending while earlier requests finish, so no batch
  * waits for the pipe to drain and a BEGIN round trip before it moves. */
-static int pipelined(struct pair_eps *pe, int *seq, size_t target, size_t *moved)
+static int pipelined(struct pair_eps *pe, int *seq, size_t target, size_t *moved,
+                     struct post_cost *cost)
 {
     static struct half_batch h[2];
     size_t per_half = kv_layout_pool_bytes(&pe->l) / 2, started = 0;
     int rc;
     if (pe->l.num_blocks < 2) return TD_ERANGE;
     for (int slot = 0; slot < 2; slot++) {
-        if ((rc = half_start(pe, &h[slot], slot, seq)) < 0) return rc;
+        if ((rc = half_start(pe, &h[slot], slot, seq, cost)) < 0) return rc;
         started += per_half;
     }
     int64_t end = td_now_ns() + 60 * TD_NS_PER_S;
@@ -471,7 +478,7 @@ static int pipelined(struct pair_eps *pe, int *seq, size_t target, size_t *moved
             x->active = 0;
             *moved += per_half;
             if (started < target) {
-                if ((rc = half_start(pe, x, slot, seq)) < 0) return rc;
+                if ((rc = half_start(pe, x, slot, seq, cost)) < 0) return rc;
                 started += per_half;
             }
         }
@@ -503,7 +510,7 @@ static double kvx_gbps(const char *transport, uint32_t block_size, int per_post,
     memset(cost, 0, sizeof(*cost));
     int64_t t0 = td_now_ns();
     double cpu0 = cpu_s();
-    if (g_pipeline && !per_post && (rc = pipelined(&pe, seq, target, &moved)) < 0) {
+    if (g_pipeline && !per_post && (rc = pipelined(&pe, seq, target, &moved, cost)) < 0) {
         fprintf(stderr, "%s: transfer failed: %s\n", transport, td_strerror(rc));
         close_pair(&pe);
         return -1;
@@ -749,7 +756,9 @@ int main(int argc, char **argv)
             struct post_cost ct, cs;
             double t = g_run_tcp ? kvx_gbps("tcp", bss[i], per_post, &seq, &ct) : 0;
             double s = g_run_shm ? kvx_gbps("shm", bss[i], per_post, &seq, &cs) : 0;
-            const char *how = per_post ? "kvx_send_layer per post " : "kvx_send_layers per layer";
+            const char *how = per_post     ? "kvx_send_layer per post "
+                              : g_pipeline ? "kvx_send_layers per layer, two halves in flight"
+                                           : "kvx_send_layers per layer";
             if (g_run_tcp)
                 printf("kvx    tcp bs=%-3u block=%4zu KiB x %3u blocks x 32 layers, %d reqs, %s  "
                        "%6.2f GB/s  = %.2f x raw (%d streams), %.2f x raw from memory, %.2f x "
