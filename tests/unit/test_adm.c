@@ -1,5 +1,6 @@
 /* Unit tests for router/admission (adm): every policy on hand-built state
- * sequences, the cost-model file, determinism, allocation failures.
+ * sequences, the cost-model file, determinism, allocation failures. Run with
+ * --bench for what one decision costs the router's loop, per policy.
  *
  * The burst scenarios run a small fluid model of the cluster in the test (one
  * prefill worker that works through its queued tokens at the cost model's
@@ -16,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/err.h"
@@ -115,6 +117,30 @@ typedef struct sim {
     uint32_t n_log;
 } sim;
 
+/* --bench: the time of every decide and recheck call, ns (NULL: not timed). */
+static int64_t *g_call_ns;
+static size_t g_n_calls, g_cap_calls;
+
+static int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * S + ts.tv_nsec;
+}
+
+static void timed_call(void (*fn)(void *, const adm_input *, adm_decision *), void *ctx,
+                       const adm_input *in, adm_decision *d)
+{
+    if (!g_call_ns) {
+        fn(ctx, in, d);
+        return;
+    }
+    int64_t t0 = mono_ns();
+    fn(ctx, in, d);
+    int64_t t1 = mono_ns();
+    if (g_n_calls < g_cap_calls) g_call_ns[g_n_calls++] = t1 - t0;
+}
+
 static void sim_init(sim *s, const char *name, const adm_params *p)
 {
     memset(s, 0, sizeof(*s));
@@ -180,7 +206,7 @@ static void sim_advance(sim *s, int64_t t)
         in.hold_until_ns = s->held_until[0];
         adm_decision d;
         if (s->ops->recheck)
-            s->ops->recheck(s->ctx, &in, &d);
+            timed_call(s->ops->recheck, s->ctx, &in, &d);
         else
             d = (adm_decision){.verdict = ADM_ADMIT, .reason = "no recheck"};
         sim_record(s, &d, true);
@@ -208,7 +234,7 @@ static enum adm_verdict sim_arrive(sim *s, int64_t t)
     sim_advance(s, t);
     adm_input in = sim_input(s, s->n_held);
     adm_decision d;
-    s->ops->decide(s->ctx, &in, &d);
+    timed_call(s->ops->decide, s->ctx, &in, &d);
     sim_record(s, &d, false);
     if (d.verdict == ADM_ADMIT) {
         sim_admit(s, 100);
@@ -1132,8 +1158,56 @@ static void t_alloc_failures(void **state)
     }
 }
 
-int main(void)
+static int cmp_i64(const void *a, const void *b)
 {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Every policy on the mixed sequence of t_determinism (bursts, pauses, clock
+ * jumps, a changing decode load), 20 times over: the distribution of the
+ * time of one decide or recheck call, the calls the router's loop makes per
+ * request (the loop's own work around them, gathering the input, is the same
+ * for every policy). Timed one call at a time with CLOCK_MONOTONIC, so each
+ * figure includes a clock read (the "timer only" row). */
+static int bench(void)
+{
+    static const char *names[] = {"none", "max_outstanding", "token_bucket", "queue_threshold",
+                                  "burst"};
+    g_cap_calls = 400000;
+    g_call_ns = malloc(g_cap_calls * sizeof(int64_t));
+    if (!g_call_ns) return 1;
+    g_n_calls = 0;
+    for (size_t i = 0; i < 200000 && g_n_calls < g_cap_calls; i++) {
+        int64_t t0 = mono_ns();
+        g_call_ns[g_n_calls++] = mono_ns() - t0;
+    }
+    printf("%-16s %9s %9s %9s %9s %9s  (ns per call)\n", "policy", "calls", "p50", "p99", "p99.9",
+           "max");
+    for (int k = -1; k < (int)(sizeof(names) / sizeof(names[0])); k++) {
+        if (k >= 0) {
+            adm_params p = test_params();
+            g_n_calls = 0;
+            for (int rep = 0; rep < 20; rep++) {
+                sim s;
+                sim_init(&s, names[k], &p);
+                run_mixed(&s);
+                sim_free(&s);
+            }
+        }
+        qsort(g_call_ns, g_n_calls, sizeof(int64_t), cmp_i64);
+        printf("%-16s %9zu %9lld %9lld %9lld %9lld\n", k < 0 ? "(timer only)" : names[k], g_n_calls,
+               (long long)g_call_ns[g_n_calls / 2], (long long)g_call_ns[g_n_calls * 99 / 100],
+               (long long)g_call_ns[g_n_calls * 999 / 1000], (long long)g_call_ns[g_n_calls - 1]);
+    }
+    free(g_call_ns);
+    g_call_ns = NULL;
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc > 1 && strcmp(argv[1], "--bench") == 0) return bench();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(t_names_and_find),
         cmocka_unit_test(t_bad_params),
