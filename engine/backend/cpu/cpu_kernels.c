@@ -251,7 +251,8 @@ ck__blk256(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt
     const float *xt = x + (size_t)t * K;
     size_t wo = (size_t)j * K;
     if (rj * rt * 2 > 12) {
-        /* two passes: a0's lanes, kept, then a1's */
+        /* two passes: a0's lanes, kept, then a1's (packed: the low unpack's
+         * elements, then the high one's) */
         __m256 keep[CK2_RJ][CK2_RT];
         ck__pass256(acc, xt, W, wo, wt, K, pf, pfn, px, rj, rt, 0, packed);
 #pragma GCC unroll 8
