@@ -328,6 +328,73 @@ struct post_cost {
     int64_t posts;
 };
 
+/* A prefill batch on blocks [base, base + n) of the pool: src block i goes
+ * to dst nb - 1 - i (block ids out of order on the receiver), split among
+ * nreq requests whose ids are "<tag>-<seq>". */
+enum { BATCH_MAX = 4096 }; /* blocks in one batch, at most */
+
+struct batch {
+    int nreq, rx_done, tx_done, active; /* the last three: --pipeline only */
+    char ids[BATCH_MAX][32];
+    uint32_t dst[BATCH_MAX];
+    kvx_pair pairs[BATCH_MAX];
+    kvx_layer_post posts[BATCH_MAX];
+};
+
+/* Registers the batch's requests on the receiver. */
+static int batch_register(struct pair_eps *pe, struct batch *b, int base, int n, int nreq,
+                          const char *tag, int *seq)
+{
+    int nb = (int)pe->l.num_blocks;
+    if (n > BATCH_MAX) return TD_ERANGE;
+    if (nreq > n) nreq = n;
+    for (int i = 0; i < n; i++) {
+        b->pairs[i].src = (uint32_t)(base + i);
+        b->pairs[i].dst = b->dst[i] = (uint32_t)(nb - 1 - (base + i));
+    }
+    b->nreq = nreq;
+    for (int r = 0; r < nreq; r++) {
+        int b0 = r * n / nreq, b1 = (r + 1) * n / nreq;
+        snprintf(b->ids[r], sizeof(b->ids[r]), "%s-%d", tag, (*seq)++);
+        int rc = kvx_recv_register(pe->rx, b->ids[r], b->dst + b0, b1 - b0, 0);
+        if (rc < 0) return rc;
+        b->posts[r] = (kvx_layer_post){.req_id = b->ids[r], .pairs = b->pairs + b0, .n = b1 - b0};
+    }
+    return 0;
+}
+
+/* Opens the batch's requests on the sender. */
+static int batch_begin(struct pair_eps *pe, struct batch *b)
+{
+    for (int r = 0; r < b->nreq; r++) {
+        int rc = kvx_send_begin(pe->tx, pe->peer, b->ids[r], 0);
+        if (rc < 0) return rc;
+    }
+    return 0;
+}
+
+/* Posts one layer of every request of the batch: one kvx_send_layers call,
+ * or (per_post) one kvx_send_layer per request; the time goes to cost. */
+static int batch_post_layer(struct pair_eps *pe, struct batch *b, uint32_t layer, int per_post,
+                            struct post_cost *cost)
+{
+    int rc = 0;
+    for (int r = 0; r < b->nreq; r++)
+        b->posts[r].layer = (int)layer;
+    int64_t t0 = td_now_ns();
+    if (per_post) {
+        for (int r = 0; r < b->nreq && rc >= 0; r++)
+            rc = kvx_send_layer(pe->tx, b->ids[r], (int)layer, b->posts[r].pairs, b->posts[r].n);
+        cost->calls += b->nreq;
+    } else {
+        rc = kvx_send_layers(pe->tx, b->posts, b->nreq);
+        cost->calls++;
+    }
+    cost->ns += td_now_ns() - t0;
+    cost->posts += b->nreq;
+    return rc;
+}
+
 /* One prefill batch: every block of the pool, all layers, split among nreq
  * requests. layer_ns > 0 sleeps that long before posting each layer (the
  * simulated compute of that layer). per_post: one kvx_send_layer per request
@@ -337,102 +404,39 @@ static int run_batch(struct pair_eps *pe, int *seq, int nreq, int per_post, int6
                      int64_t *t_start, int64_t *t_compute_end, int64_t *t_done,
                      struct post_cost *cost)
 {
-    enum { MAXB = 4096 };
-    static char ids[MAXB][32];
-    static uint32_t dst[MAXB];
-    static kvx_pair pairs[MAXB];
-    static kvx_layer_post posts[MAXB];
-    int nb = (int)pe->l.num_blocks;
-    if (nb > MAXB) return TD_ERANGE;
-    if (nreq > nb) nreq = nb;
-    for (int i = 0; i < nb; i++) {
-        pairs[i].src = (uint32_t)i;
-        pairs[i].dst = dst[i] = (uint32_t)(nb - 1 - i);
-    }
-    int rc = 0;
-    for (int r = 0; r < nreq; r++) {
-        int b0 = r * nb / nreq, b1 = (r + 1) * nb / nreq;
-        snprintf(ids[r], sizeof(ids[r]), "bench-%d", (*seq)++);
-        if ((rc = kvx_recv_register(pe->rx, ids[r], dst + b0, b1 - b0, 0)) < 0) return rc;
-        posts[r] = (kvx_layer_post){.req_id = ids[r], .pairs = pairs + b0, .n = b1 - b0};
-    }
+    static struct batch b;
+    int rc = batch_register(pe, &b, 0, (int)pe->l.num_blocks, nreq, "bench", seq);
+    if (rc < 0) return rc;
     *t_start = td_now_ns();
-    for (int r = 0; r < nreq; r++)
-        if ((rc = kvx_send_begin(pe->tx, pe->peer, ids[r], 0)) < 0) return rc;
+    if ((rc = batch_begin(pe, &b)) < 0) return rc;
     for (uint32_t layer = 0; layer < pe->l.n_layers; layer++) {
         if (layer_ns > 0) td_sleep_ns(layer_ns);
-        for (int r = 0; r < nreq; r++)
-            posts[r].layer = (int)layer;
-        int64_t t0 = td_now_ns();
-        if (per_post) {
-            for (int r = 0; r < nreq && rc >= 0; r++)
-                rc = kvx_send_layer(pe->tx, ids[r], (int)layer, posts[r].pairs, posts[r].n);
-            cost->calls += nreq;
-        } else {
-            rc = kvx_send_layers(pe->tx, posts, nreq);
-            cost->calls++;
-        }
-        cost->ns += td_now_ns() - t0;
-        cost->posts += nreq;
-        if (rc < 0) return rc;
+        if ((rc = batch_post_layer(pe, &b, layer, per_post, cost)) < 0) return rc;
     }
     *t_compute_end = td_now_ns();
-    if ((rc = wait_done(pe->rx, nreq, t_done)) < 0) return rc;
-    return wait_done(pe->tx, nreq, NULL);
+    if ((rc = wait_done(pe->rx, b.nreq, t_done)) < 0) return rc;
+    return wait_done(pe->tx, b.nreq, NULL);
 }
 
-/* --pipeline: a batch on half of the pool's blocks (slot 0 the first half,
- * slot 1 the second; src block i goes to dst nb - 1 - i as in run_batch),
- * nreq requests whose ids start "p<slot>-". */
-enum { HALF_MAX = 2048 }; /* blocks in half a pool, at most */
-
-struct half_batch {
-    int nreq, rx_done, tx_done, active;
-    char ids[HALF_MAX][32];
-    uint32_t dst[HALF_MAX];
-    kvx_pair pairs[HALF_MAX];
-    kvx_layer_post posts[HALF_MAX];
-};
-
-static int half_start(struct pair_eps *pe, struct half_batch *h, int slot, int *seq,
+/* --pipeline: the batch of one half of the pool (slot 0 the first half, slot
+ * 1 the second), g_batch / 2 requests whose ids start "p<slot>-". */
+static int half_start(struct pair_eps *pe, struct batch *h, int slot, int *seq,
                       struct post_cost *cost)
 {
-    int nb = (int)pe->l.num_blocks, nh = nb / 2, base = slot * nh;
-    int nreq = g_batch / 2 < 1 ? 1 : g_batch / 2;
-    if (nreq > nh) nreq = nh;
-    if (nh > HALF_MAX) return TD_ERANGE;
-    for (int i = 0; i < nh; i++) {
-        h->pairs[i].src = (uint32_t)(base + i);
-        h->pairs[i].dst = h->dst[i] = (uint32_t)(nb - 1 - (base + i));
-    }
-    h->nreq = nreq;
+    int nh = (int)pe->l.num_blocks / 2;
+    int rc = batch_register(pe, h, slot * nh, nh, g_batch / 2 < 1 ? 1 : g_batch / 2,
+                            slot ? "p1" : "p0", seq);
+    if (rc < 0 || (rc = batch_begin(pe, h)) < 0) return rc;
     h->rx_done = h->tx_done = 0;
     h->active = 1;
-    int rc;
-    for (int r = 0; r < nreq; r++) {
-        int b0 = r * nh / nreq, b1 = (r + 1) * nh / nreq;
-        snprintf(h->ids[r], sizeof(h->ids[r]), "p%d-%d", slot, (*seq)++);
-        if ((rc = kvx_recv_register(pe->rx, h->ids[r], h->dst + b0, b1 - b0, 0)) < 0) return rc;
-        h->posts[r] = (kvx_layer_post){.req_id = h->ids[r], .pairs = h->pairs + b0, .n = b1 - b0};
-    }
-    for (int r = 0; r < nreq; r++)
-        if ((rc = kvx_send_begin(pe->tx, pe->peer, h->ids[r], 0)) < 0) return rc;
-    for (uint32_t layer = 0; layer < pe->l.n_layers; layer++) {
-        for (int r = 0; r < nreq; r++)
-            h->posts[r].layer = (int)layer;
-        int64_t t0 = td_now_ns();
-        rc = kvx_send_layers(pe->tx, h->posts, nreq);
-        cost->ns += td_now_ns() - t0;
-        cost->calls++;
-        cost->posts += nreq;
-        if (rc < 0) return rc;
-    }
+    for (uint32_t layer = 0; layer < pe->l.n_layers; layer++)
+        if ((rc = batch_post_layer(pe, h, layer, 0, cost)) < 0) return rc;
     return 0;
 }
 
 /* Counts DONE events of ep into their half batch (ids "p<slot>-"); a
  * FAILED is an error. Returns events seen, or a negative TD_E* code. */
-static int half_events(kvx_ep *ep, struct half_batch h[2], int rx)
+static int half_events(kvx_ep *ep, struct batch h[2], int rx)
 {
     kvx_event evs[64];
     int k = kvx_ep_poll(ep, evs, 64);
@@ -443,7 +447,7 @@ static int half_events(kvx_ep *ep, struct half_batch h[2], int rx)
             return evs[i].err;
         }
         if (evs[i].type != KVX_EV_DONE || evs[i].req_id[0] != 'p') continue;
-        struct half_batch *b = &h[evs[i].req_id[1] == '1'];
+        struct batch *b = &h[evs[i].req_id[1] == '1'];
         if (rx)
             b->rx_done++;
         else
@@ -459,7 +463,7 @@ static int half_events(kvx_ep *ep, struct half_batch h[2], int rx)
 static int pipelined(struct pair_eps *pe, int *seq, size_t target, size_t *moved,
                      struct post_cost *cost)
 {
-    static struct half_batch h[2];
+    static struct batch h[2];
     size_t per_half = kv_layout_pool_bytes(&pe->l) / 2, started = 0;
     int rc;
     if (pe->l.num_blocks < 2) return TD_ERANGE;
@@ -473,7 +477,7 @@ static int pipelined(struct pair_eps *pe, int *seq, size_t target, size_t *moved
         if (a < 0) return a;
         if (b < 0) return b;
         for (int slot = 0; slot < 2; slot++) {
-            struct half_batch *x = &h[slot];
+            struct batch *x = &h[slot];
             if (!x->active || x->rx_done < x->nreq || x->tx_done < x->nreq) continue;
             x->active = 0;
             *moved += per_half;
