@@ -633,14 +633,23 @@ static int wait_peer_error(kvx_ep *ep, int64_t timeout_ns)
     return 0;
 }
 
+/* A tcp receiver for the hand-written senders below, its pool filled with
+ * 0xAB (what expect_untouched checks). */
+static kvx_ep *raw_rx(kv_layout l, char *bound, size_t n, uint8_t **pool)
+{
+    kvx_ep *rx = mk_rx("tcp", l, bound, n);
+    *pool = kvx_ep_pool(rx);
+    memset(*pool, 0xAB, kv_layout_pool_bytes(&l));
+    return rx;
+}
+
 static void test_bad_frames(void **s)
 {
     kv_layout l = small_layout(2, 16);
     size_t bb = kv_layout_block_bytes(&l);
     char bound[128];
-    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
-    uint8_t *pool = kvx_ep_pool(rx);
-    memset(pool, 0xAB, kv_layout_pool_bytes(&l));
+    uint8_t *pool;
+    kvx_ep *rx = raw_rx(l, bound, sizeof(bound), &pool);
     uint8_t *payload = malloc(bb);
     memset(payload, 0x11, bb);
     uint32_t dst[2] = {4, 5};
@@ -819,9 +828,8 @@ static void test_raw_partial_frames_and_cancel(void **s)
     kv_layout l = small_layout(2, 16);
     size_t bb = kv_layout_block_bytes(&l);
     char bound[128];
-    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
-    uint8_t *pool = kvx_ep_pool(rx);
-    memset(pool, 0xAB, kv_layout_pool_bytes(&l));
+    uint8_t *pool;
+    kvx_ep *rx = raw_rx(l, bound, sizeof(bound), &pool);
     uint8_t *payload = malloc(bb);
     uint32_t dst[2] = {7, 3};
     assert_int_equal(kvx_recv_register(rx, "slow-raw", dst, 2, 0), 0);
@@ -902,9 +910,8 @@ static void test_raw_runs(void **s)
     kv_layout l = small_layout(2, 16);
     size_t bb = kv_layout_block_bytes(&l);
     char bound[128];
-    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
-    uint8_t *pool = kvx_ep_pool(rx);
-    memset(pool, 0xAB, kv_layout_pool_bytes(&l));
+    uint8_t *pool;
+    kvx_ep *rx = raw_rx(l, bound, sizeof(bound), &pool);
     uint8_t *buf = malloc(sizeof(kvx_wire_run) + 4 * (sizeof(kvx_wire_frame) + bb));
     assert_non_null(buf);
     uint32_t dst[3] = {7, 3, 12};
@@ -982,6 +989,28 @@ static void test_raw_runs(void **s)
         close(ctrl);
         close(data);
     }
+
+    /* One block named twice in a run: the claim of the second fails after
+     * the first was claimed; the request fails, the peer is dropped, and
+     * nothing of the run is written. */
+    memset(pool, 0xAB, kv_layout_pool_bytes(&l));
+    assert_int_equal(kvx_recv_register(rx, "dup-run", dst, 3, 0), 0);
+    raw_peer(bound, &l, &ctrl, &data);
+    raw_begin(ctrl, "dup-run");
+    h = kvx_req_hash("dup-run");
+    kvx_wire_frame dup[2] = {
+        {.magic = KVX_WIRE_MAGIC_FRAME, .layer = 0, .hash = h, .dst = dst[1], .len = bb},
+        {.magic = KVX_WIRE_MAGIC_FRAME, .layer = 0, .hash = h, .dst = dst[1], .len = bb},
+    };
+    n = build_run(buf, dup, 2, fill, bb);
+    send(data, buf, n, MSG_NOSIGNAL);
+    kvx_event fe = wait_final(rx, "dup-run", 3 * SEC, NULL);
+    assert_int_equal(fe.type, KVX_EV_FAILED);
+    assert_int_equal(fe.err, TD_EPROTO);
+    assert_int_equal(wait_peer_error(rx, 3 * SEC), TD_EPROTO);
+    expect_untouched(pool + kv_layout_block_offset(&l, 0, dst[1]), bb, "a block named twice");
+    close(ctrl);
+    close(data);
     free(buf);
     kvx_ep_destroy(rx);
 }
@@ -1081,9 +1110,8 @@ static void test_fuzz_wire(void **s)
 {
     kv_layout l = small_layout(2, 16);
     char bound[128];
-    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
-    uint8_t *pool = kvx_ep_pool(rx);
-    memset(pool, 0xAB, kv_layout_pool_bytes(&l));
+    uint8_t *pool;
+    kvx_ep *rx = raw_rx(l, bound, sizeof(bound), &pool);
     uint32_t dst[2] = {2, 9};
     assert_int_equal(kvx_recv_register(rx, "fz", dst, 2, 0), 0);
     uint64_t seed = 99;
