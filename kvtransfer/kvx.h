@@ -178,12 +178,48 @@ int kvx_connect(kvx_ep *ep, const char *addr, int *peer, char *msg, size_t msg_l
 int kvx_recv_register(kvx_ep *ep, const char *req_id, const uint32_t *dst_blocks, int n_blocks,
                       int64_t deadline_ns);
 
+/* One request of kvx_recv_register_batch: kvx_recv_register's arguments. */
+typedef struct kvx_recv_reg {
+    const char *req_id;
+    const uint32_t *dst_blocks;
+    int n_blocks;
+    int64_t deadline_ns;
+} kvx_recv_reg;
+
+/* Receiver: registers n requests (1..4096) in one round trip to the progress
+ * thread instead of n (a decode worker admitting a burst, a batch of
+ * prefills). Each is registered or refused on its own, in order, exactly as
+ * kvx_recv_register would have done it at that point (an id or a block named
+ * by an earlier entry is taken); rcs[i] (caller-owned, n entries) receives
+ * entry i's result. Returns the number registered, or a negative code and
+ * then registers nothing: TD_EINVAL when ep, regs or rcs is NULL, ep is not a
+ * receiver or n is out of range; TD_ECLOSED while the endpoint is being
+ * destroyed. */
+int kvx_recv_register_batch(kvx_ep *ep, const kvx_recv_reg *regs, int n, int *rcs);
+
 /* Sender: opens request req_id towards peer (sends BEGIN; the receiver
  * answers with its registered blocks, or fails the request with TD_ENOENT
  * when it has not registered it). deadline as above. Returns 0, TD_ENOENT
  * (no such peer), TD_ECONNRESET (peer gone), TD_EEXIST (id open), TD_ENOSPC
  * (4096 requests open), TD_ENOMEM (no memory for its events). */
 int kvx_send_begin(kvx_ep *ep, int peer, const char *req_id, int64_t deadline_ns);
+
+/* One request of kvx_send_begin_batch: kvx_send_begin's arguments. */
+typedef struct kvx_begin {
+    int peer;
+    const char *req_id;
+    int64_t deadline_ns;
+} kvx_begin;
+
+/* Sender: opens n requests (1..4096) in one round trip to the progress
+ * thread; their BEGIN messages leave in one write per peer. Each is opened
+ * or refused on its own, in order, as kvx_send_begin would (rcs[i] gets entry
+ * i's result), except that a peer whose connection fails while the BEGINs
+ * are written fails the requests already opened on it with KVX_EV_FAILED
+ * (TD_ECONNRESET), as it would have right after kvx_send_begin returned.
+ * Returns the number opened, or a negative code as kvx_recv_register_batch
+ * (opening nothing). */
+int kvx_send_begin_batch(kvx_ep *ep, const kvx_begin *begins, int n, int *rcs);
 
 /* Sender, the hot path: posts layer copies of one or more open requests (a
  * prefill batch: layer l of every request) in one call that does not wait for

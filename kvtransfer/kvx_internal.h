@@ -261,8 +261,12 @@ void kvx__ev_release(kvx_ep *ep, int k);
 int kvx__pool_map(size_t bytes, void **out);
 void kvx__pool_unmap(void *pool, size_t bytes);
 /* memcpy, with streaming stores (and a fence) for large runs: for data the
- * copying core does not read again. Any thread. */
+ * copying core does not read again; 32-byte stores where the CPU has AVX.
+ * Any thread. */
 void kvx__copy(void *dst, const void *src, size_t n);
+/* The streaming copy at any length: 32-byte stores (wide, AVX hosts only)
+ * or 16-byte ones. For tests; kvx__copy picks. */
+void kvx__copy_stream(void *dst, const void *src, size_t n, int wide);
 
 /* ---- kvx_post.c ---- */
 

@@ -22,7 +22,7 @@
 #include "kvtransfer/kvx_internal.h"
 
 #if defined(__x86_64__) || defined(__SSE2__)
-#include <emmintrin.h>
+#include <immintrin.h>
 #define KVX__HAVE_STREAM 1
 #endif
 
@@ -57,32 +57,76 @@ void kvx__pool_unmap(void *pool, size_t bytes)
     if (pool) munmap(pool, bytes);
 }
 
+#ifdef KVX__HAVE_STREAM
+/* 16-byte streaming stores (SSE2: every x86-64). */
+static void copy_stream16(uint8_t *d, const uint8_t *s, size_t n)
+{
+    for (size_t i = 0; i < n; i += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(s + i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(s + i + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(s + i + 32));
+        __m128i e = _mm_loadu_si128((const __m128i *)(s + i + 48));
+        _mm_stream_si128((__m128i *)(d + i), a);
+        _mm_stream_si128((__m128i *)(d + i + 16), b);
+        _mm_stream_si128((__m128i *)(d + i + 32), c);
+        _mm_stream_si128((__m128i *)(d + i + 48), e);
+    }
+}
+
+/* 32-byte streaming stores where the CPU has AVX: half the instructions per
+ * line, and 12-20% more bytes per second than the 16-byte loop on the AVX2
+ * development host (docs/kvtransfer.md). */
+__attribute__((target("avx"))) static void copy_stream32(uint8_t *d, const uint8_t *s, size_t n)
+{
+    for (size_t i = 0; i < n; i += 64) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(s + i));
+        __m256i b = _mm256_loadu_si256((const __m256i *)(s + i + 32));
+        _mm256_stream_si256((__m256i *)(d + i), a);
+        _mm256_stream_si256((__m256i *)(d + i + 32), b);
+    }
+}
+#endif
+
+void kvx__copy_stream(void *dst, const void *src, size_t n, int wide)
+{
+#ifdef KVX__HAVE_STREAM
+    uint8_t *d = dst;
+    const uint8_t *s = src;
+    /* Streaming stores need an aligned destination: the bytes up to the
+     * next 32-byte boundary go with memcpy, then whole 64-byte lines, then
+     * the tail. */
+    size_t head = (32 - ((uintptr_t)d & 31)) & 31;
+    if (head > n) head = n;
+    memcpy(d, s, head);
+    d += head;
+    s += head;
+    n -= head;
+    size_t body = n & ~(size_t)63;
+    if (wide)
+        copy_stream32(d, s, body);
+    else
+        copy_stream16(d, s, body);
+    /* Streaming stores are weakly ordered: the "written" notice that
+     * follows must not overtake them. */
+    _mm_sfence();
+    memcpy(d + body, s + body, n - body);
+#else
+    (void)wide;
+    memcpy(dst, src, n);
+#endif
+}
+
 void kvx__copy(void *dst, const void *src, size_t n)
 {
 #ifdef KVX__HAVE_STREAM
+    static int wide = -1; /* every thread that finds it unset computes the same */
     if (n >= KVX__STREAM_MIN) {
-        uint8_t *d = dst;
-        const uint8_t *s = src;
-        size_t head = (16 - ((uintptr_t)d & 15)) & 15;
-        memcpy(d, s, head);
-        d += head;
-        s += head;
-        n -= head;
-        size_t body = n & ~(size_t)63;
-        for (size_t i = 0; i < body; i += 64) {
-            __m128i a = _mm_loadu_si128((const __m128i *)(s + i));
-            __m128i b = _mm_loadu_si128((const __m128i *)(s + i + 16));
-            __m128i c = _mm_loadu_si128((const __m128i *)(s + i + 32));
-            __m128i e = _mm_loadu_si128((const __m128i *)(s + i + 48));
-            _mm_stream_si128((__m128i *)(d + i), a);
-            _mm_stream_si128((__m128i *)(d + i + 16), b);
-            _mm_stream_si128((__m128i *)(d + i + 32), c);
-            _mm_stream_si128((__m128i *)(d + i + 48), e);
+        int w = __atomic_load_n(&wide, __ATOMIC_RELAXED);
+        if (w < 0) {
+            w = __builtin_cpu_supports("avx") ? 1 : 0;
+            __atomic_store_n(&wide, w, __ATOMIC_RELAXED);
         }
-        /* Streaming stores are weakly ordered: the "written" notice that
-         * follows must not overtake them. */
-        _mm_sfence();
-        memcpy(d + body, s + body, n - body);
+        kvx__copy_stream(dst, src, n, w);
         return;
     }
 #endif

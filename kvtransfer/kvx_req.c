@@ -462,47 +462,41 @@ unexpected:
     kvx__peer_fail(ep, p, TD_EPROTO, "unexpected control message type=%u", type);
 }
 
-struct register_arg {
-    const char *id;
-    const uint32_t *dst;
-    int n;
-    int64_t deadline_ns;
-};
-
-static int register_fn(kvx_ep *ep, void *arg)
+/* Progress thread: one registration (kvx_recv_register's checks, in its
+ * order). */
+static int register_one(kvx_ep *ep, const kvx_recv_reg *a)
 {
-    struct register_arg *a = arg;
-    uint64_t hash = kvx_req_hash(a->id);
+    uint64_t hash = kvx_req_hash(a->req_id);
     for (int i = 0; i < ep->reqs_hi; i++)
-        if (ep->reqs[i].used && (ep->reqs[i].hash == hash || !strcmp(ep->reqs[i].id, a->id)))
+        if (ep->reqs[i].used && (ep->reqs[i].hash == hash || !strcmp(ep->reqs[i].id, a->req_id)))
             return TD_EEXIST;
-    for (int i = 0; i < a->n; i++)
-        if (a->dst[i] >= ep->p.layout.num_blocks) return TD_EINVAL;
+    for (int i = 0; i < a->n_blocks; i++)
+        if (a->dst_blocks[i] >= ep->p.layout.num_blocks) return TD_EINVAL;
     kvx__req *r = req_alloc(ep);
     if (!r) return TD_ENOSPC;
     int rc = 0, i;
-    for (i = 0; i < a->n; i++) {
-        if (ep->owner[a->dst[i]] >= 0) {
+    for (i = 0; i < a->n_blocks; i++) {
+        if (ep->owner[a->dst_blocks[i]] >= 0) {
             /* Leased by another request, or listed twice in this one. */
-            rc = ep->owner[a->dst[i]] == r->slot ? TD_EINVAL : TD_EEXIST;
+            rc = ep->owner[a->dst_blocks[i]] == r->slot ? TD_EINVAL : TD_EEXIST;
             break;
         }
-        ep->owner[a->dst[i]] = r->slot;
-        ep->owner_pos[a->dst[i]] = (uint32_t)i;
+        ep->owner[a->dst_blocks[i]] = r->slot;
+        ep->owner_pos[a->dst_blocks[i]] = (uint32_t)i;
     }
     if (rc < 0) {
         while (--i >= 0)
-            ep->owner[a->dst[i]] = -1;
+            ep->owner[a->dst_blocks[i]] = -1;
         kvx__req_free(ep, r);
         return rc;
     }
-    kvx__copy_id(r->id, a->id);
+    kvx__copy_id(r->id, a->req_id);
     r->hash = hash;
     r->deadline_ns = a->deadline_ns;
     r->t0_ns = td_now_ns();
-    r->n_blocks = a->n;
-    r->dst = malloc(sizeof(uint32_t) * (size_t)a->n);
-    r->landed = calloc((size_t)a->n * ep->p.layout.n_layers, 1);
+    r->n_blocks = a->n_blocks;
+    r->dst = malloc(sizeof(uint32_t) * (size_t)a->n_blocks);
+    r->landed = calloc((size_t)a->n_blocks * ep->p.layout.n_layers, 1);
     r->layer_count = calloc(ep->p.layout.n_layers, sizeof(uint32_t));
     /* Room for every event r can produce: one LAYER_LANDED per layer and its
      * final event. Emitting them later never allocates. */
@@ -510,13 +504,13 @@ static int register_fn(kvx_ep *ep, void *arg)
     if (r->dst && r->landed && r->layer_count)
         rc = kvx__ev_reserve(ep, (int)ep->p.layout.n_layers + 1, 1, 0);
     if (rc < 0) {
-        for (i = 0; i < a->n; i++)
-            ep->owner[a->dst[i]] = -1;
+        for (i = 0; i < a->n_blocks; i++)
+            ep->owner[a->dst_blocks[i]] = -1;
         kvx__req_free(ep, r);
         return rc;
     }
     r->ev_left = (int)ep->p.layout.n_layers + 1;
-    memcpy(r->dst, a->dst, sizeof(uint32_t) * (size_t)a->n);
+    memcpy(r->dst, a->dst_blocks, sizeof(uint32_t) * (size_t)a->n_blocks);
     return 0;
 }
 
@@ -527,36 +521,74 @@ static int check_id(const char *id)
     return n == 0 || n >= KVX_REQ_ID_MAX ? TD_EINVAL : 0;
 }
 
+/* Caller side: what kvx_recv_register checks before the round trip. */
+static int register_check(const kvx_ep *ep, const kvx_recv_reg *a)
+{
+    if (check_id(a->req_id) < 0 || !a->dst_blocks || a->n_blocks <= 0 ||
+        (uint32_t)a->n_blocks > ep->p.layout.num_blocks)
+        return TD_EINVAL;
+    /* The block list travels back in one BEGIN_ACK. */
+    if ((size_t)a->n_blocks > (KVX_WIRE_MAX_BODY - sizeof(kvx_wire_req)) / sizeof(uint32_t))
+        return TD_ERANGE;
+    return 0;
+}
+
+/* A batch of registrations or BEGINs for the progress thread: rcs[i] holds
+ * the caller's verdict on entry i (< 0: skipped) and receives its result. */
+struct batch_arg {
+    const void *items;
+    int n;
+    int *rcs;
+};
+
+static int register_batch_fn(kvx_ep *ep, void *arg)
+{
+    struct batch_arg *a = arg;
+    const kvx_recv_reg *regs = a->items;
+    int ok = 0;
+    for (int i = 0; i < a->n; i++) {
+        if (a->rcs[i] < 0) continue;
+        a->rcs[i] = register_one(ep, &regs[i]);
+        ok += a->rcs[i] == 0;
+    }
+    return ok;
+}
+
 int kvx_recv_register(kvx_ep *ep, const char *req_id, const uint32_t *dst_blocks, int n_blocks,
                       int64_t deadline_ns)
 {
-    if (!ep || ep->p.role != KVX_ROLE_RECV || check_id(req_id) < 0 || !dst_blocks ||
-        n_blocks <= 0 || (uint32_t)n_blocks > ep->p.layout.num_blocks)
-        return TD_EINVAL;
-    /* The block list travels back in one BEGIN_ACK. */
-    if ((size_t)n_blocks > (KVX_WIRE_MAX_BODY - sizeof(kvx_wire_req)) / sizeof(uint32_t))
-        return TD_ERANGE;
-    struct register_arg a = {req_id, dst_blocks, n_blocks, deadline_ns};
-    return kvx__call(ep, register_fn, &a);
+    kvx_recv_reg reg = {req_id, dst_blocks, n_blocks, deadline_ns};
+    int rc = 0;
+    int n = kvx_recv_register_batch(ep, &reg, 1, &rc);
+    return n < 0 ? n : rc;
 }
 
-struct begin_arg {
-    int peer;
-    const char *id;
-    int64_t deadline_ns;
-};
-
-static int begin_fn(kvx_ep *ep, void *arg)
+int kvx_recv_register_batch(kvx_ep *ep, const kvx_recv_reg *regs, int n, int *rcs)
 {
-    struct begin_arg *a = arg;
+    if (!ep || ep->p.role != KVX_ROLE_RECV || !regs || !rcs || n <= 0 || n > KVX__MAX_REQS)
+        return TD_EINVAL;
+    int todo = 0;
+    for (int i = 0; i < n; i++) {
+        rcs[i] = register_check(ep, &regs[i]);
+        todo += rcs[i] == 0;
+    }
+    if (todo == 0) return 0;
+    struct batch_arg a = {regs, n, rcs};
+    return kvx__call(ep, register_batch_fn, &a);
+}
+
+/* Progress thread: opens one request; its BEGIN is queued (defer: leaves
+ * with the iteration's other notices) or written now. */
+static int begin_one(kvx_ep *ep, const kvx_begin *a, int defer)
+{
     kvx__peer *p = kvx__peer_by_id(ep, a->peer);
     if (!p) return TD_ENOENT;
     if (p->dead) return TD_ECONNRESET;
-    uint64_t hash = kvx_req_hash(a->id);
+    uint64_t hash = kvx_req_hash(a->req_id);
     int open = 0;
     for (int i = 0; i < ep->reqs_hi; i++) {
         if (!ep->reqs[i].used) continue;
-        if (ep->reqs[i].hash == hash || !strcmp(ep->reqs[i].id, a->id)) return TD_EEXIST;
+        if (ep->reqs[i].hash == hash || !strcmp(ep->reqs[i].id, a->req_id)) return TD_EEXIST;
         open++;
     }
     kvx__req *r = req_alloc(ep);
@@ -570,15 +602,18 @@ static int begin_fn(kvx_ep *ep, void *arg)
         return rc;
     }
     r->ev_left = 1;
-    kvx__copy_id(r->id, a->id);
+    kvx__copy_id(r->id, a->req_id);
     r->hash = hash;
     r->deadline_ns = a->deadline_ns;
     r->t0_ns = td_now_ns();
-    kvx_wire_req m = {.hash = hash, .n = (uint32_t)strlen(a->id)};
+    kvx_wire_req m = {.hash = hash, .n = (uint32_t)strlen(a->req_id)};
     /* r joins the peer only once BEGIN is queued: a send that fails the peer
      * (reset, stalled reader) must not also finish r with a FAILED event, as
-     * the caller gets the error code instead and owns nothing of r. */
-    rc = kvx__ctrl_send(ep, p, KVX_MSG_BEGIN, &m, sizeof(m), a->id, m.n);
+     * the caller gets the error code instead and owns nothing of r. A
+     * deferred BEGIN whose write fails later fails the peer with r on it:
+     * r then ends with FAILED, as after any peer loss. */
+    rc = defer ? kvx__ctrl_queue(ep, p, KVX_MSG_BEGIN, &m, sizeof(m), a->req_id, m.n)
+               : kvx__ctrl_send(ep, p, KVX_MSG_BEGIN, &m, sizeof(m), a->req_id, m.n);
     if (rc < 0) {
         kvx__req_free(ep, r);
         return rc;
@@ -587,11 +622,41 @@ static int begin_fn(kvx_ep *ep, void *arg)
     return 0;
 }
 
+static int begin_batch_fn(kvx_ep *ep, void *arg)
+{
+    struct batch_arg *a = arg;
+    const kvx_begin *begins = a->items;
+    int ok = 0;
+    for (int i = 0; i < a->n; i++) {
+        if (a->rcs[i] < 0) continue;
+        /* One request writes at once, as kvx_send_begin always has; a batch
+         * leaves in the loop's flush, one write per peer. */
+        a->rcs[i] = begin_one(ep, &begins[i], a->n > 1);
+        ok += a->rcs[i] == 0;
+    }
+    return ok;
+}
+
 int kvx_send_begin(kvx_ep *ep, int peer, const char *req_id, int64_t deadline_ns)
 {
-    if (!ep || ep->p.role != KVX_ROLE_SEND || check_id(req_id) < 0) return TD_EINVAL;
-    struct begin_arg a = {peer, req_id, deadline_ns};
-    return kvx__call(ep, begin_fn, &a);
+    kvx_begin b = {peer, req_id, deadline_ns};
+    int rc = 0;
+    int n = kvx_send_begin_batch(ep, &b, 1, &rc);
+    return n < 0 ? n : rc;
+}
+
+int kvx_send_begin_batch(kvx_ep *ep, const kvx_begin *begins, int n, int *rcs)
+{
+    if (!ep || ep->p.role != KVX_ROLE_SEND || !begins || !rcs || n <= 0 || n > KVX__MAX_REQS)
+        return TD_EINVAL;
+    int todo = 0;
+    for (int i = 0; i < n; i++) {
+        rcs[i] = check_id(begins[i].req_id);
+        todo += rcs[i] == 0;
+    }
+    if (todo == 0) return 0;
+    struct batch_arg a = {begins, n, rcs};
+    return kvx__call(ep, begin_batch_fn, &a);
 }
 
 /* Sender, progress thread: a post read from the post ring. */

@@ -1458,6 +1458,84 @@ static void test_register_and_post_rules(void **s)
     kvx_ep_destroy(rx);
 }
 
+/* kvx_recv_register_batch / kvx_send_begin_batch: each entry is decided on
+ * its own, in order, as the single call would decide it at that point (an
+ * id or block named by an earlier entry is taken); the accepted requests
+ * then transfer byte-exact. */
+static void batch_open(const char *transport)
+{
+    kv_layout l = small_layout(3, 16);
+    char bound[128];
+    kvx_ep *rx = mk_rx(transport, l, bound, sizeof(bound));
+    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, l, FP);
+    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 11);
+    memset(kvx_ep_pool(rx), 0, kv_layout_pool_bytes(&l));
+    int peer = -1;
+    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+
+    uint32_t a[3] = {1, 2, 3}, dup[2] = {4, 4}, oob[1] = {16}, taken[2] = {5, 3}, e[2] = {9, 7};
+    kvx_recv_reg regs[] = {
+        {"a", a, 3, 0},     /* 0: registered */
+        {"a", e, 2, 0},     /* 1: id taken by entry 0 */
+        {"b", dup, 2, 0},   /* 2: block twice */
+        {"c", oob, 1, 0},   /* 3: block beyond the pool */
+        {"d", taken, 2, 0}, /* 4: block 3 leased by entry 0 */
+        {"", a, 1, 0},      /* 5: empty id */
+        {"f", NULL, 1, 0},  /* 6: no blocks */
+        {"e", e, 2, 0},     /* 7: registered */
+    };
+    int rcs[8];
+    assert_int_equal(kvx_recv_register_batch(rx, regs, 8, rcs), 2);
+    int want[8] = {0, TD_EEXIST, TD_EINVAL, TD_EINVAL, TD_EEXIST, TD_EINVAL, TD_EINVAL, 0};
+    for (int i = 0; i < 8; i++)
+        assert_int_equal(rcs[i], want[i]);
+    /* Entry 4's block 5 went back: it registers now. */
+    assert_int_equal(kvx_recv_register(rx, "g", taken, 1, 0), 0);
+    /* Calls that look at no entry. */
+    assert_int_equal(kvx_recv_register_batch(rx, regs, 0, rcs), TD_EINVAL);
+    assert_int_equal(kvx_recv_register_batch(rx, regs, 1, NULL), TD_EINVAL);
+    assert_int_equal(kvx_recv_register_batch(tx, regs, 1, rcs), TD_EINVAL);
+    assert_int_equal(kvx_recv_register_batch(rx, regs + 5, 2, rcs), 0); /* both refused */
+
+    kvx_begin begins[] = {
+        {peer, "a", 0},     /* 0: opened */
+        {peer + 5, "x", 0}, /* 1: no such peer */
+        {peer, "a", 0},     /* 2: opened by entry 0 */
+        {peer, "ghost", 0}, /* 3: opened; the receiver does not know it */
+        {peer, "", 0},      /* 4: empty id */
+        {peer, "e", 0},     /* 5: opened */
+    };
+    assert_int_equal(kvx_send_begin_batch(tx, begins, 6, rcs), 3);
+    int want_b[6] = {0, TD_ENOENT, TD_EEXIST, 0, TD_EINVAL, 0};
+    for (int i = 0; i < 6; i++)
+        assert_int_equal(rcs[i], want_b[i]);
+    assert_int_equal(kvx_send_begin_batch(rx, begins, 1, rcs), TD_EINVAL);
+    assert_int_equal(wait_final(tx, "ghost", 3 * SEC, NULL).err, TD_ENOENT);
+
+    kvx_pair pa[3] = {{0, 1}, {6, 2}, {15, 3}}, pe[2] = {{2, 9}, {3, 7}};
+    send_all_layers(tx, "a", &l, pa, 3);
+    send_all_layers(tx, "e", &l, pe, 2);
+    const char *ids[2] = {"a", "e"};
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(wait_final(rx, ids[i], 10 * SEC, NULL).type, KVX_EV_DONE);
+        assert_int_equal(wait_final(tx, ids[i], 10 * SEC, NULL).type, KVX_EV_DONE);
+    }
+    verify(tx, rx, &l, &l, pa, 3);
+    verify(tx, rx, &l, &l, pe, 2);
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+    n_stash = 0;
+}
+
+static void test_tcp_batch_open(void **s)
+{
+    batch_open("tcp");
+}
+static void test_shm_batch_open(void **s)
+{
+    batch_open("shm");
+}
+
 static void test_params_and_gpu_fallback(void **s)
 {
     kv_layout l = small_layout(2, 16);
@@ -2397,25 +2475,37 @@ static void test_shm_runs(void **s)
     kvx_ep_destroy(rx);
 }
 
-/* kvx__copy (streaming stores for large runs) against memcpy: lengths around
- * the threshold and the 64-byte body, misaligned ends, guards untouched. */
+/* kvx__copy (streaming stores for large runs) and both streaming loops at
+ * every length against memcpy: lengths around the threshold, the alignment
+ * head and the 64-byte body, misaligned ends, guards untouched. */
 static void test_copy_edges(void **s)
 {
-    size_t lens[] = {0, 1, 15, 64, 65535, 65536, 65536 + 17, 65536 + 63, (1u << 20) + 5};
+    size_t lens[] = {0, 1, 15, 31, 64, 95, 65535, 65536, 65536 + 17, 65536 + 63, (1u << 20) + 5};
+    size_t d_offs[] = {0, 1, 16, 17, 31};
     size_t cap = (1u << 20) + 256;
     uint8_t *src = malloc(cap), *dst = malloc(cap), *ref = malloc(cap);
     assert_true(src && dst && ref);
     fill_random(src, cap, 61);
-    for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++)
-        for (size_t so = 0; so < 3; so++)
-            for (size_t d_off = 0; d_off < 18; d_off += 17) {
-                size_t n = lens[li];
-                memset(dst, 0xee, cap);
-                memset(ref, 0xee, cap);
-                kvx__copy(dst + 32 + d_off, src + so, n);
-                memcpy(ref + 32 + d_off, src + so, n);
-                assert_memory_equal(dst, ref, cap);
-            }
+    int wide_ok = 0;
+#if defined(__x86_64__)
+    wide_ok = __builtin_cpu_supports("avx");
+#endif
+    for (int way = 0; way < 3; way++) { /* kvx__copy, 16-byte, 32-byte stores */
+        if (way == 2 && !wide_ok) continue;
+        for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++)
+            for (size_t so = 0; so < 3; so++)
+                for (size_t di = 0; di < sizeof(d_offs) / sizeof(d_offs[0]); di++) {
+                    size_t n = lens[li], d_off = d_offs[di];
+                    memset(dst, 0xee, cap);
+                    memset(ref, 0xee, cap);
+                    if (way == 0)
+                        kvx__copy(dst + 32 + d_off, src + so, n);
+                    else
+                        kvx__copy_stream(dst + 32 + d_off, src + so, n, way == 2);
+                    memcpy(ref + 32 + d_off, src + so, n);
+                    assert_memory_equal(dst, ref, cap);
+                }
+    }
     free(src);
     free(dst);
     free(ref);
@@ -2459,6 +2549,8 @@ int main(void)
         cmocka_unit_test(test_cancel),
         cmocka_unit_test(test_partial_deadline),
         cmocka_unit_test(test_register_and_post_rules),
+        cmocka_unit_test(test_tcp_batch_open),
+        cmocka_unit_test(test_shm_batch_open),
         cmocka_unit_test(test_params_and_gpu_fallback),
         cmocka_unit_test(test_tcp_batched_posts),
         cmocka_unit_test(test_shm_batched_posts),
