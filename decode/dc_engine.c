@@ -397,96 +397,128 @@ static void dc__wake(rpc_stream *s, void *arg)
     (void)!write(c->wake_fd, &one, sizeof(one));
 }
 
+/* Requests admitted in one pass are registered with the KV transfer in one
+ * call (one round trip to its progress thread, not one per request: a burst
+ * of arrivals does not hold this thread for a round trip each). */
+#define DC__ADMIT_BATCH 64
+
+/* PREFILL, blocks registered (rc == 0) or not: asks the prefill worker to
+ * run r's prompt into ids[0 .. nb) (the first blocks hold cached tokens),
+ * or fails r. Frees ids. */
+static void dc__dispatch(dc_engine *d, dc_req *r, uint32_t *ids, uint32_t nb, int rc)
+{
+    dc_ctx *c = d->ctx;
+    if (rc != 0) {
+        free(ids);
+        dc__fail(d, r, rc == TD_EEXIST ? TD_EEXIST : rc,
+                 rc == TD_EEXIST ? "request id %s is already in flight"
+                                 : "cannot register the KV destination of %s",
+                 r->id);
+        return;
+    }
+    r->registered = true;
+    Tandem__V1__RequestMeta meta = TANDEM__V1__REQUEST_META__INIT;
+    meta.request_id = r->id;
+    meta.timeout_ms = rpc_timeout_ms_left(r->deadline_ns);
+    meta.admitted_unix_us = r->msg->meta->admitted_unix_us;
+    meta.priority = r->msg->meta->priority;
+    Tandem__V1__KvDestination dest = TANDEM__V1__KV_DESTINATION__INIT;
+    dest.decode_address = "";
+    dest.kv_endpoint = c->kv_endpoint;
+    dest.transport = (char *)c->transport;
+    dest.n_block_ids = nb;
+    dest.block_ids = ids;
+    dest.skip_tokens = r->n_cached;
+    Tandem__V1__PrefillRequest pr = TANDEM__V1__PREFILL_REQUEST__INIT;
+    pr.meta = &meta;
+    pr.n_prompt_token_ids = r->n_prompt;
+    pr.prompt_token_ids = (uint32_t *)r->prompt; /* ids < vocab: same bits */
+    pr.sampling = r->msg->sampling;
+    Tandem__V1__SamplingParams seeded = TANDEM__V1__SAMPLING_PARAMS__INIT;
+    if (r->msg->sampling) seeded = *r->msg->sampling;
+    /* The first token is drawn there with the seed the rest is drawn
+     * with here. */
+    seeded.seed = r->er.sampling.seed;
+    seeded.has_seed = true;
+    seeded.n_stop = 0;
+    seeded.stop = NULL;
+    pr.sampling = &seeded;
+    pr.dest = &dest;
+    dc_prefill_client *pc = dc__prefill_client(d, r->msg->prefill_address);
+    r->pclient = pc;
+    if (!pc) {
+        free(ids);
+        dc__fail(d, r, TD_EINVAL, "bad prefill_address \"%s\"", r->msg->prefill_address);
+        return;
+    }
+    rc = rpc_client_stream(pc->client, "/tandem.v1.Prefill/Run", &pr.base,
+                           &tandem__v1__prefill_response__descriptor, r->deadline_ns, dc__wake, c,
+                           &r->prefill);
+    free(ids);
+    if (rc != 0) {
+        r->prefill = NULL;
+        dc__fail(d, r, rc, "cannot call the prefill worker: %s", td_strerror(rc));
+    }
+}
+
 /* QUEUED -> PREFILL for the head of the queue while blocks last. */
 static void dc__admit(dc_engine *d)
 {
     dc_ctx *c = d->ctx;
     kvc_pool *pool = eng_kvc(c->engine);
     const kv_layout *l = eng_layout(c->engine);
-    while (d->queue_head) {
-        dc_req *r = d->queue_head;
-        /* Keep one block per running sequence in reserve so the batch can
-         * grow without preempting at every step. */
-        eng_stats es;
-        eng_stats_get(c->engine, &es);
-        uint32_t need = kvc_blocks_for(pool, r->n_prompt);
-        if (kvc_available_blocks(pool) < need + es.running) break;
-        kvc_seq_spec spec = {.tokens = r->prompt, .n_prompt = r->n_prompt, .n_slots = r->n_prompt};
-        int rc = kvc_seq_alloc(pool, &spec, &r->kv_seq, &r->n_cached);
-        if (rc == TD_ENOSPC) break;
-        d->queue_head = r->qnext;
-        if (!d->queue_head) d->queue_tail = NULL;
-        r->state = DC_PREFILL;
-        r->t_prefill_start = r->t_progress = td_now_ns();
-        if (rc != 0) {
-            r->kv_seq = -1;
-            dc__fail(d, r, rc, "cannot allocate KV blocks: %s", td_strerror(rc));
-            continue;
+    for (;;) {
+        dc_req *batch[DC__ADMIT_BATCH];
+        uint32_t *batch_ids[DC__ADMIT_BATCH], batch_nb[DC__ADMIT_BATCH];
+        kvx_recv_reg regs[DC__ADMIT_BATCH];
+        int rcs[DC__ADMIT_BATCH];
+        int n = 0;
+        while (d->queue_head && n < DC__ADMIT_BATCH) {
+            dc_req *r = d->queue_head;
+            /* Keep one block per running sequence in reserve so the batch
+             * can grow without preempting at every step. */
+            eng_stats es;
+            eng_stats_get(c->engine, &es);
+            uint32_t need = kvc_blocks_for(pool, r->n_prompt);
+            if (kvc_available_blocks(pool) < need + es.running) break;
+            kvc_seq_spec spec = {
+                .tokens = r->prompt, .n_prompt = r->n_prompt, .n_slots = r->n_prompt};
+            int rc = kvc_seq_alloc(pool, &spec, &r->kv_seq, &r->n_cached);
+            if (rc == TD_ENOSPC) break;
+            d->queue_head = r->qnext;
+            if (!d->queue_head) d->queue_tail = NULL;
+            r->state = DC_PREFILL;
+            r->t_prefill_start = r->t_progress = td_now_ns();
+            if (rc != 0) {
+                r->kv_seq = -1;
+                dc__fail(d, r, rc, "cannot allocate KV blocks: %s", td_strerror(rc));
+                continue;
+            }
+            uint32_t nb = 0;
+            const int32_t *table = kvc_seq_table(pool, r->kv_seq, &nb);
+            uint32_t skip_blocks = r->n_cached / l->block_size;
+            uint32_t *ids = malloc(nb * sizeof(uint32_t));
+            if (!ids) {
+                dc__fail(d, r, TD_ENOMEM, "out of memory");
+                continue;
+            }
+            for (uint32_t i = 0; i < nb; i++)
+                ids[i] = (uint32_t)table[i];
+            int64_t kv_deadline = r->deadline_ns == RPC_NO_DEADLINE ? 0 : r->deadline_ns;
+            regs[n] = (kvx_recv_reg){.req_id = r->id,
+                                     .dst_blocks = ids + skip_blocks,
+                                     .n_blocks = (int)(nb - skip_blocks),
+                                     .deadline_ns = kv_deadline};
+            batch[n] = r;
+            batch_ids[n] = ids;
+            batch_nb[n] = nb;
+            n++;
         }
-        uint32_t nb = 0;
-        const int32_t *table = kvc_seq_table(pool, r->kv_seq, &nb);
-        uint32_t skip_blocks = r->n_cached / l->block_size;
-        uint32_t *ids = malloc(nb * sizeof(uint32_t));
-        if (!ids) {
-            dc__fail(d, r, TD_ENOMEM, "out of memory");
-            continue;
-        }
-        for (uint32_t i = 0; i < nb; i++)
-            ids[i] = (uint32_t)table[i];
-        int64_t kv_deadline = r->deadline_ns == RPC_NO_DEADLINE ? 0 : r->deadline_ns;
-        rc = kvx_recv_register(c->kvx, r->id, ids + skip_blocks, (int)(nb - skip_blocks),
-                               kv_deadline);
-        if (rc != 0) {
-            free(ids);
-            dc__fail(d, r, rc == TD_EEXIST ? TD_EEXIST : rc,
-                     rc == TD_EEXIST ? "request id %s is already in flight"
-                                     : "cannot register the KV destination of %s",
-                     r->id);
-            continue;
-        }
-        r->registered = true;
-        Tandem__V1__RequestMeta meta = TANDEM__V1__REQUEST_META__INIT;
-        meta.request_id = r->id;
-        meta.timeout_ms = rpc_timeout_ms_left(r->deadline_ns);
-        meta.admitted_unix_us = r->msg->meta->admitted_unix_us;
-        meta.priority = r->msg->meta->priority;
-        Tandem__V1__KvDestination dest = TANDEM__V1__KV_DESTINATION__INIT;
-        dest.decode_address = "";
-        dest.kv_endpoint = c->kv_endpoint;
-        dest.transport = (char *)c->transport;
-        dest.n_block_ids = nb;
-        dest.block_ids = ids;
-        dest.skip_tokens = r->n_cached;
-        Tandem__V1__PrefillRequest pr = TANDEM__V1__PREFILL_REQUEST__INIT;
-        pr.meta = &meta;
-        pr.n_prompt_token_ids = r->n_prompt;
-        pr.prompt_token_ids = (uint32_t *)r->prompt; /* ids < vocab: same bits */
-        pr.sampling = r->msg->sampling;
-        Tandem__V1__SamplingParams seeded = TANDEM__V1__SAMPLING_PARAMS__INIT;
-        if (r->msg->sampling) seeded = *r->msg->sampling;
-        /* The first token is drawn there with the seed the rest is drawn
-         * with here. */
-        seeded.seed = r->er.sampling.seed;
-        seeded.has_seed = true;
-        seeded.n_stop = 0;
-        seeded.stop = NULL;
-        pr.sampling = &seeded;
-        pr.dest = &dest;
-        dc_prefill_client *pc = dc__prefill_client(d, r->msg->prefill_address);
-        r->pclient = pc;
-        if (!pc) {
-            free(ids);
-            dc__fail(d, r, TD_EINVAL, "bad prefill_address \"%s\"", r->msg->prefill_address);
-            continue;
-        }
-        rc = rpc_client_stream(pc->client, "/tandem.v1.Prefill/Run", &pr.base,
-                               &tandem__v1__prefill_response__descriptor, r->deadline_ns, dc__wake,
-                               c, &r->prefill);
-        free(ids);
-        if (rc != 0) {
-            r->prefill = NULL;
-            dc__fail(d, r, rc, "cannot call the prefill worker: %s", td_strerror(rc));
-        }
+        if (n == 0) return;
+        int ok = kvx_recv_register_batch(c->kvx, regs, n, rcs);
+        for (int i = 0; i < n; i++)
+            dc__dispatch(d, batch[i], batch_ids[i], batch_nb[i], ok < 0 ? ok : rcs[i]);
+        if (n < DC__ADMIT_BATCH) return;
     }
 }
 
