@@ -85,6 +85,18 @@ typedef struct pf_peer {
     int id;
 } pf_peer;
 
+/* Requests started in one pass over the command queue open their
+ * transfers in one kvx_send_begin_batch call: a burst of arrivals costs this
+ * thread one round trip to the transfer's progress thread, not one each. */
+#define PF__BEGIN_BATCH 64
+
+typedef struct pf__begins {
+    pf_req *req[PF__BEGIN_BATCH];
+    kvx_begin b[PF__BEGIN_BATCH];
+    int rcs[PF__BEGIN_BATCH];
+    int n;
+} pf__begins;
+
 typedef struct pf_engine {
     pf_ctx *ctx;
     pf_req *live;
@@ -93,6 +105,7 @@ typedef struct pf_engine {
     int n_peers;
     uint64_t n_ended; /* requests reaped so far */
     wrk_heap heap;
+    pf__begins begins; /* requests of this pass waiting for their BEGIN */
 } pf_engine;
 
 /* ------------------------------------------------------------ handlers -- */
@@ -349,10 +362,72 @@ static void pf__forget_peer(pf_engine *d, int peer)
         }
 }
 
-/* A new request: connect, open the transfer, queue the prefill. */
-static void pf__start(pf_engine *d, pf_req *r)
+/* The transfer of r is open (rc == 0) or cannot be: queue the prefill, or
+ * end r. */
+static void pf__begun(pf_engine *d, pf_req *r, int rc)
 {
     pf_ctx *c = d->ctx;
+    if (rc != 0) {
+        r->state = PF_CLOSING;
+        r->err = rc == TD_EEXIST ? TD_EEXIST : TD_EUNAVAILABLE;
+        pf__detail(r, "cannot open the KV transfer to %s: %s", r->msg->dest->kv_endpoint,
+                   td_strerror(rc));
+        return;
+    }
+    r->began = true;
+    rc = eng_add(c->engine, &r->er);
+    if (rc != 0) {
+        pf__fail(d, r, rc == TD_ENOSPC ? TD_EAGAIN : rc, "cannot queue the prefill: %s",
+                 td_strerror(rc));
+        return;
+    }
+    r->in_engine = true;
+}
+
+/* The peer of r's decode worker, connecting when new. Returns 0, or ends r
+ * and returns the error. */
+static int pf__peer_of(pf_engine *d, pf_req *r, int *peer)
+{
+    const char *endpoint = r->msg->dest->kv_endpoint;
+    char msg[KVX_ERR_MSG_MAX] = "";
+    int rc = pf__peer(d, endpoint, peer, msg, sizeof(msg));
+    if (rc == TD_EMISMATCH) {
+        r->state = PF_CLOSING;
+        r->err = TD_EMISMATCH;
+        pf__detail(r, "KV handshake with %s: %s", endpoint, msg);
+    } else if (rc != 0) {
+        pf__begun(d, r, rc);
+    }
+    return rc;
+}
+
+/* Opens the pending transfers in one call. A peer found gone (the decode
+ * worker restarted) is forgotten and each of its requests tries once more
+ * on a fresh connection, on its own. */
+static void pf__begin_flush(pf_engine *d, pf__begins *pb)
+{
+    pf_ctx *c = d->ctx;
+    if (pb->n == 0) return;
+    int ok = kvx_send_begin_batch(c->kvx, pb->b, pb->n, pb->rcs);
+    for (int i = 0; i < pb->n; i++) {
+        pf_req *r = pb->req[i];
+        int rc = ok < 0 ? ok : pb->rcs[i];
+        if (rc == TD_ECONNRESET || rc == TD_ENOENT) {
+            pf__forget_peer(d, pb->b[i].peer); /* reconnect once */
+            int peer = -1;
+            if (pf__peer_of(d, r, &peer) != 0) continue;
+            rc = kvx_send_begin(c->kvx, peer, r->id, pb->b[i].deadline_ns);
+            if (rc == TD_ECONNRESET || rc == TD_ENOENT) pf__forget_peer(d, peer);
+        }
+        pf__begun(d, r, rc);
+    }
+    pb->n = 0;
+}
+
+/* A new request: connect, then its transfer opens with the pass's others
+ * (pf__begin_flush) and the prefill is queued. */
+static void pf__start(pf_engine *d, pf_req *r, pf__begins *pb)
+{
     r->prev = NULL;
     r->next = d->live;
     if (d->live) d->live->prev = r;
@@ -365,37 +440,15 @@ static void pf__start(pf_engine *d, pf_req *r)
         pf__detail(r, "request id %s is already in flight", r->id);
         return;
     }
-    const char *endpoint = r->msg->dest->kv_endpoint;
-    int64_t kv_deadline = r->deadline_ns == RPC_NO_DEADLINE ? 0 : r->deadline_ns;
-    int rc = TD_ECONNRESET;
-    for (int attempt = 0; attempt < 2 && (rc == TD_ECONNRESET || rc == TD_ENOENT); attempt++) {
-        int peer = -1;
-        char msg[KVX_ERR_MSG_MAX] = "";
-        rc = pf__peer(d, endpoint, &peer, msg, sizeof(msg));
-        if (rc == TD_EMISMATCH) {
-            r->state = PF_CLOSING;
-            r->err = TD_EMISMATCH;
-            pf__detail(r, "KV handshake with %s: %s", endpoint, msg);
-            return;
-        }
-        if (rc != 0) break;
-        rc = kvx_send_begin(c->kvx, peer, r->id, kv_deadline);
-        if (rc == TD_ECONNRESET || rc == TD_ENOENT) pf__forget_peer(d, peer); /* reconnect once */
-    }
-    if (rc != 0) {
-        r->state = PF_CLOSING;
-        r->err = rc == TD_EEXIST ? TD_EEXIST : TD_EUNAVAILABLE;
-        pf__detail(r, "cannot open the KV transfer to %s: %s", endpoint, td_strerror(rc));
-        return;
-    }
-    r->began = true;
-    rc = eng_add(c->engine, &r->er);
-    if (rc != 0) {
-        pf__fail(d, r, rc == TD_ENOSPC ? TD_EAGAIN : rc, "cannot queue the prefill: %s",
-                 td_strerror(rc));
-        return;
-    }
-    r->in_engine = true;
+    int peer = -1;
+    if (pf__peer_of(d, r, &peer) != 0) return;
+    if (pb->n == PF__BEGIN_BATCH) pf__begin_flush(d, pb);
+    pb->req[pb->n] = r;
+    pb->b[pb->n] =
+        (kvx_begin){.peer = peer,
+                    .req_id = r->id,
+                    .deadline_ns = r->deadline_ns == RPC_NO_DEADLINE ? 0 : r->deadline_ns};
+    pb->n++;
 }
 
 /* The per-layer hook (engine thread, inside eng_step): posts, for every
@@ -521,6 +574,8 @@ static void pf__on_queue(pf_engine *d)
     while ((node = mpscq_pop(&c->cmdq)) != NULL) {
         pf_envelope *e = mpscq_entry(node, pf_envelope, node);
         if (e->is_cancel) {
+            /* Requests that came before the cancel open first, in order. */
+            pf__begin_flush(d, &d->begins);
             pf_req *r = pf__find(d, e->id);
             Tandem__V1__CancelResponse resp = TANDEM__V1__CANCEL_RESPONSE__INIT;
             resp.found = r && r->state != PF_CLOSING;
@@ -528,9 +583,10 @@ static void pf__on_queue(pf_engine *d)
             rpc_call_reply(e->call, &resp.base);
             free(e);
         } else {
-            pf__start(d, e->req); /* e lives in the request's slot */
+            pf__start(d, e->req, &d->begins); /* e lives in the request's slot */
         }
     }
+    pf__begin_flush(d, &d->begins);
 }
 
 static void pf__check_live(pf_engine *d)

@@ -28,6 +28,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -397,6 +398,33 @@ def case_failures(model, other_model, vocab, ctx):
     check(pf.stop() == 0 and dc.stop() == 0, "failures: exit codes")
 
 
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def case_decode_restart(model, vocab, ctx):
+    """A decode worker killed and started again on the same KV address: the
+    prefill worker's connection to it is stale; a burst of requests (opened
+    together, kvx_send_begin_batch) reconnects once and is served."""
+    log("== decode worker restarted on the same KV address")
+    pf = Worker("prefill", model)
+    kv = "127.0.0.1:%d" % free_port()
+    d1 = Worker("decode", model, "--kv-listen", kv)
+    reqs = make_requests(4, vocab, ctx, False, rng=random.Random(21), tag="before")
+    check_outputs(model, reqs, run_cli(d1, [pf], reqs), "before the restart")
+    d1.p.kill()
+    d1.p.wait(10)
+    d2 = Worker("decode", model, "--kv-listen", kv)
+    reqs = make_requests(12, vocab, ctx, False, rng=random.Random(22), tag="after")
+    check_outputs(model, reqs, run_cli(d2, [pf], reqs), "after the restart")
+    check(pf.blocks_all_free() and d2.blocks_all_free(), "restart: blocks leaked")
+    check(pf.stop() == 0 and d2.stop() == 0, "restart: exit codes")
+
+
 def case_sigterm(model, vocab, ctx):
     log("== SIGTERM during load")
     pf = Worker("prefill", model)
@@ -452,6 +480,7 @@ def main():
         other = [m for m in ms if m[0] == "tiny-qwen2"][0][1]
         tiny = [m for m in ms if m[0] == "tiny"][0]
         case_failures(tiny[1], other, tiny[2], tiny[3])
+        case_decode_restart(base[1], base[2], base[3])
         case_sigterm(base[1], base[2], base[3])
     finally:
         for p in PROCS:
