@@ -612,10 +612,11 @@ static void dc__on_kvx(dc_engine *d)
                 /* kvx reports a silent peer as a timeout too; only the
                  * request's own deadline is a 504 (and not retried): a
                  * stalled prefill worker is UNAVAILABLE, which the router
-                 * retries elsewhere. */
+                 * retries elsewhere. Past the deadline it is a 504 whatever
+                 * kvx says: the prefill worker acts on the same deadline,
+                 * and its cancel may arrive before this side's timer. */
                 int err = e->err == TD_ECANCELED ? TD_ECANCELED : TD_EUNAVAILABLE;
-                if (e->err == TD_ETIMEDOUT && r->deadline_ns != RPC_NO_DEADLINE &&
-                    td_now_ns() >= r->deadline_ns)
+                if (r->deadline_ns != RPC_NO_DEADLINE && td_now_ns() >= r->deadline_ns)
                     err = TD_ETIMEDOUT;
                 dc__fail(d, r, err, "KV transfer failed: %s",
                          e->msg[0] ? e->msg : td_strerror(e->err));
