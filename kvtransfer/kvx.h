@@ -212,13 +212,12 @@ typedef struct kvx_begin {
 } kvx_begin;
 
 /* Sender: opens n requests (1..4096) in one round trip to the progress
- * thread; their BEGIN messages leave in one write per peer. Each is opened
- * or refused on its own, in order, as kvx_send_begin would (rcs[i] gets entry
- * i's result), except that a peer whose connection fails while the BEGINs
- * are written fails the requests already opened on it with KVX_EV_FAILED
- * (TD_ECONNRESET), as it would have right after kvx_send_begin returned.
- * Returns the number opened, or a negative code as kvx_recv_register_batch
- * (opening nothing). */
+ * thread; their BEGIN messages leave in one write per peer, before the call
+ * returns. Each is opened or refused on its own, in order, as kvx_send_begin
+ * would (rcs[i] gets entry i's result; a peer whose connection fails while
+ * its BEGINs are written refuses them with TD_ECONNRESET). Returns the
+ * number opened, or a negative code as kvx_recv_register_batch (opening
+ * nothing; also TD_ENOMEM). */
 int kvx_send_begin_batch(kvx_ep *ep, const kvx_begin *begins, int n, int *rcs);
 
 /* Sender, the hot path: posts layer copies of one or more open requests (a

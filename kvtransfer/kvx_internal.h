@@ -362,6 +362,10 @@ int kvx__ctrl_send(kvx_ep *ep, kvx__peer *p, uint16_t type, const void *a, size_
 int kvx__ctrl_queue(kvx_ep *ep, kvx__peer *p, uint16_t type, const void *a, size_t alen,
                     const void *b, size_t blen);
 void kvx__flush_peers(kvx_ep *ep);
+/* Writes what is queued to p now (what does not fit the socket waits for
+ * EPOLLOUT, as ever); a failed write fails p. Returns 0, or TD_ECONNRESET
+ * when p is dead or the write failed. */
+int kvx__ctrl_flush_now(kvx_ep *ep, kvx__peer *p);
 
 /* Counters. */
 static inline void kvx__stat_add(uint64_t *ctr, uint64_t v)

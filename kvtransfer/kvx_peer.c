@@ -110,6 +110,18 @@ int kvx__ctrl_queue(kvx_ep *ep, kvx__peer *p, uint16_t type, const void *a, size
     return ctrl_put(ep, p, type, a, alen, b, blen, 1);
 }
 
+int kvx__ctrl_flush_now(kvx_ep *ep, kvx__peer *p)
+{
+    if (p->dead) return TD_ECONNRESET;
+    p->out_deferred = 0;
+    int rc = ctrl_flush(ep, p);
+    if (rc < 0) {
+        kvx__peer_fail(ep, p, TD_ECONNRESET, "control send failed: %s", td_strerror(rc));
+        return TD_ECONNRESET;
+    }
+    return 0;
+}
+
 void kvx__flush_peers(kvx_ep *ep)
 {
     for (kvx__peer *p = ep->peers; p; p = p->next) {

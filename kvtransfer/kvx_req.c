@@ -539,6 +539,7 @@ struct batch_arg {
     const void *items;
     int n;
     int *rcs;
+    void *scratch; /* n entries the call may use */
 };
 
 static int register_batch_fn(kvx_ep *ep, void *arg)
@@ -573,13 +574,14 @@ int kvx_recv_register_batch(kvx_ep *ep, const kvx_recv_reg *regs, int n, int *rc
         todo += rcs[i] == 0;
     }
     if (todo == 0) return 0;
-    struct batch_arg a = {regs, n, rcs};
+    struct batch_arg a = {regs, n, rcs, NULL};
     return kvx__call(ep, register_batch_fn, &a);
 }
 
-/* Progress thread: opens one request; its BEGIN is queued (defer: leaves
- * with the iteration's other notices) or written now. */
-static int begin_one(kvx_ep *ep, const kvx_begin *a, int defer)
+/* Progress thread: opens one request and queues its BEGIN to the peer
+ * (*pp), without writing it and without joining r to the peer yet
+ * (begin_batch_fn does both). */
+static int begin_one(kvx_ep *ep, const kvx_begin *a, kvx__req **out, kvx__peer **pp)
 {
     kvx__peer *p = kvx__peer_by_id(ep, a->peer);
     if (!p) return TD_ENOENT;
@@ -607,32 +609,46 @@ static int begin_one(kvx_ep *ep, const kvx_begin *a, int defer)
     r->deadline_ns = a->deadline_ns;
     r->t0_ns = td_now_ns();
     kvx_wire_req m = {.hash = hash, .n = (uint32_t)strlen(a->req_id)};
-    /* r joins the peer only once BEGIN is queued: a send that fails the peer
-     * (reset, stalled reader) must not also finish r with a FAILED event, as
-     * the caller gets the error code instead and owns nothing of r. A
-     * deferred BEGIN whose write fails later fails the peer with r on it:
-     * r then ends with FAILED, as after any peer loss. */
-    rc = defer ? kvx__ctrl_queue(ep, p, KVX_MSG_BEGIN, &m, sizeof(m), a->req_id, m.n)
-               : kvx__ctrl_send(ep, p, KVX_MSG_BEGIN, &m, sizeof(m), a->req_id, m.n);
+    rc = kvx__ctrl_queue(ep, p, KVX_MSG_BEGIN, &m, sizeof(m), a->req_id, m.n);
     if (rc < 0) {
         kvx__req_free(ep, r);
         return rc;
     }
-    r->peer = p;
+    *out = r;
+    *pp = p;
     return 0;
 }
+
+/* The requests a batch opened, and their peers. */
+struct begun {
+    kvx__req *r;
+    kvx__peer *p;
+};
 
 static int begin_batch_fn(kvx_ep *ep, void *arg)
 {
     struct batch_arg *a = arg;
     const kvx_begin *begins = a->items;
+    struct begun *bg = a->scratch;
+    for (int i = 0; i < a->n; i++)
+        if (a->rcs[i] == 0) a->rcs[i] = begin_one(ep, &begins[i], &bg[i].r, &bg[i].p);
+    /* The BEGINs leave now, one write per peer. A request joins its peer
+     * only once its BEGIN is written (or queued behind a full socket): a
+     * write that fails the peer must not also finish the request with a
+     * FAILED event, as the caller gets the error code instead and owns
+     * nothing of it, exactly as kvx_send_begin. */
     int ok = 0;
     for (int i = 0; i < a->n; i++) {
         if (a->rcs[i] < 0) continue;
-        /* One request writes at once, as kvx_send_begin always has; a batch
-         * leaves in the loop's flush, one write per peer. */
-        a->rcs[i] = begin_one(ep, &begins[i], a->n > 1);
-        ok += a->rcs[i] == 0;
+        kvx__peer *p = bg[i].p;
+        int rc = p->out_deferred ? kvx__ctrl_flush_now(ep, p) : p->dead ? TD_ECONNRESET : 0;
+        if (rc < 0) {
+            kvx__req_free(ep, bg[i].r);
+            a->rcs[i] = rc;
+            continue;
+        }
+        bg[i].r->peer = p;
+        ok++;
     }
     return ok;
 }
@@ -655,8 +671,12 @@ int kvx_send_begin_batch(kvx_ep *ep, const kvx_begin *begins, int n, int *rcs)
         todo += rcs[i] == 0;
     }
     if (todo == 0) return 0;
-    struct batch_arg a = {begins, n, rcs};
-    return kvx__call(ep, begin_batch_fn, &a);
+    struct begun one, *bg = n == 1 ? &one : calloc((size_t)n, sizeof(*bg));
+    if (!bg) return TD_ENOMEM;
+    struct batch_arg a = {begins, n, rcs, bg};
+    int rc = kvx__call(ep, begin_batch_fn, &a);
+    if (bg != &one) free(bg);
+    return rc;
 }
 
 /* Sender, progress thread: a post read from the post ring. */
