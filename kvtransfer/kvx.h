@@ -217,7 +217,7 @@ typedef struct kvx_begin {
  * would (rcs[i] gets entry i's result; a peer whose connection fails while
  * its BEGINs are written refuses them with TD_ECONNRESET). Returns the
  * number opened, or a negative code as kvx_recv_register_batch (opening
- * nothing; also TD_ENOMEM). */
+ * nothing). */
 int kvx_send_begin_batch(kvx_ep *ep, const kvx_begin *begins, int n, int *rcs);
 
 /* Sender, the hot path: posts layer copies of one or more open requests (a

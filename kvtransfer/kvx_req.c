@@ -522,8 +522,9 @@ static int check_id(const char *id)
 }
 
 /* Caller side: what kvx_recv_register checks before the round trip. */
-static int register_check(const kvx_ep *ep, const kvx_recv_reg *a)
+static int register_check(const kvx_ep *ep, const void *item)
 {
+    const kvx_recv_reg *a = item;
     if (check_id(a->req_id) < 0 || !a->dst_blocks || a->n_blocks <= 0 ||
         (uint32_t)a->n_blocks > ep->p.layout.num_blocks)
         return TD_EINVAL;
@@ -539,8 +540,26 @@ struct batch_arg {
     const void *items;
     int n;
     int *rcs;
-    void *scratch; /* n entries the call may use */
 };
+
+/* Caller side of both batch calls: checks each of the n entries (item_size
+ * bytes each) with check, then hands those that pass to fn on the progress
+ * thread in one round trip. Returns fn's count, or TD_EINVAL. */
+static int batch_call(kvx_ep *ep, enum kvx_role role, const void *items, size_t item_size, int n,
+                      int *rcs, int (*check)(const kvx_ep *, const void *),
+                      int (*fn)(kvx_ep *, void *))
+{
+    if (!ep || ep->p.role != role || !items || !rcs || n <= 0 || n > KVX__MAX_REQS)
+        return TD_EINVAL;
+    int todo = 0;
+    for (int i = 0; i < n; i++) {
+        rcs[i] = check(ep, (const char *)items + (size_t)i * item_size);
+        todo += rcs[i] == 0;
+    }
+    if (todo == 0) return 0;
+    struct batch_arg a = {items, n, rcs};
+    return kvx__call(ep, fn, &a);
+}
 
 static int register_batch_fn(kvx_ep *ep, void *arg)
 {
@@ -566,22 +585,14 @@ int kvx_recv_register(kvx_ep *ep, const char *req_id, const uint32_t *dst_blocks
 
 int kvx_recv_register_batch(kvx_ep *ep, const kvx_recv_reg *regs, int n, int *rcs)
 {
-    if (!ep || ep->p.role != KVX_ROLE_RECV || !regs || !rcs || n <= 0 || n > KVX__MAX_REQS)
-        return TD_EINVAL;
-    int todo = 0;
-    for (int i = 0; i < n; i++) {
-        rcs[i] = register_check(ep, &regs[i]);
-        todo += rcs[i] == 0;
-    }
-    if (todo == 0) return 0;
-    struct batch_arg a = {regs, n, rcs, NULL};
-    return kvx__call(ep, register_batch_fn, &a);
+    return batch_call(ep, KVX_ROLE_RECV, regs, sizeof(*regs), n, rcs, register_check,
+                      register_batch_fn);
 }
 
-/* Progress thread: opens one request and queues its BEGIN to the peer
- * (*pp), without writing it and without joining r to the peer yet
+/* Progress thread: opens one request and queues its BEGIN to its peer,
+ * without writing it and without joining the request to the peer yet
  * (begin_batch_fn does both). */
-static int begin_one(kvx_ep *ep, const kvx_begin *a, kvx__req **out, kvx__peer **pp)
+static int begin_one(kvx_ep *ep, const kvx_begin *a)
 {
     kvx__peer *p = kvx__peer_by_id(ep, a->peer);
     if (!p) return TD_ENOENT;
@@ -610,28 +621,16 @@ static int begin_one(kvx_ep *ep, const kvx_begin *a, kvx__req **out, kvx__peer *
     r->t0_ns = td_now_ns();
     kvx_wire_req m = {.hash = hash, .n = (uint32_t)strlen(a->req_id)};
     rc = kvx__ctrl_queue(ep, p, KVX_MSG_BEGIN, &m, sizeof(m), a->req_id, m.n);
-    if (rc < 0) {
-        kvx__req_free(ep, r);
-        return rc;
-    }
-    *out = r;
-    *pp = p;
-    return 0;
+    if (rc < 0) kvx__req_free(ep, r);
+    return rc;
 }
-
-/* The requests a batch opened, and their peers. */
-struct begun {
-    kvx__req *r;
-    kvx__peer *p;
-};
 
 static int begin_batch_fn(kvx_ep *ep, void *arg)
 {
     struct batch_arg *a = arg;
     const kvx_begin *begins = a->items;
-    struct begun *bg = a->scratch;
     for (int i = 0; i < a->n; i++)
-        if (a->rcs[i] == 0) a->rcs[i] = begin_one(ep, &begins[i], &bg[i].r, &bg[i].p);
+        if (a->rcs[i] == 0) a->rcs[i] = begin_one(ep, &begins[i]);
     /* The BEGINs leave now, one write per peer. A request joins its peer
      * only once its BEGIN is written (or queued behind a full socket): a
      * write that fails the peer must not also finish the request with a
@@ -640,17 +639,26 @@ static int begin_batch_fn(kvx_ep *ep, void *arg)
     int ok = 0;
     for (int i = 0; i < a->n; i++) {
         if (a->rcs[i] < 0) continue;
-        kvx__peer *p = bg[i].p;
+        /* Both found as begin_one left them: ids are unique among open
+         * requests, and a failed peer stays listed until the loop's end. */
+        kvx__req *r = req_by_id(ep, begins[i].req_id);
+        kvx__peer *p = kvx__peer_by_id(ep, begins[i].peer);
         int rc = p->out_deferred ? kvx__ctrl_flush_now(ep, p) : p->dead ? TD_ECONNRESET : 0;
         if (rc < 0) {
-            kvx__req_free(ep, bg[i].r);
+            kvx__req_free(ep, r);
             a->rcs[i] = rc;
             continue;
         }
-        bg[i].r->peer = p;
+        r->peer = p;
         ok++;
     }
     return ok;
+}
+
+static int begin_check(const kvx_ep *ep, const void *item)
+{
+    (void)ep;
+    return check_id(((const kvx_begin *)item)->req_id);
 }
 
 int kvx_send_begin(kvx_ep *ep, int peer, const char *req_id, int64_t deadline_ns)
@@ -663,20 +671,8 @@ int kvx_send_begin(kvx_ep *ep, int peer, const char *req_id, int64_t deadline_ns
 
 int kvx_send_begin_batch(kvx_ep *ep, const kvx_begin *begins, int n, int *rcs)
 {
-    if (!ep || ep->p.role != KVX_ROLE_SEND || !begins || !rcs || n <= 0 || n > KVX__MAX_REQS)
-        return TD_EINVAL;
-    int todo = 0;
-    for (int i = 0; i < n; i++) {
-        rcs[i] = check_id(begins[i].req_id);
-        todo += rcs[i] == 0;
-    }
-    if (todo == 0) return 0;
-    struct begun one, *bg = n == 1 ? &one : calloc((size_t)n, sizeof(*bg));
-    if (!bg) return TD_ENOMEM;
-    struct batch_arg a = {begins, n, rcs, bg};
-    int rc = kvx__call(ep, begin_batch_fn, &a);
-    if (bg != &one) free(bg);
-    return rc;
+    return batch_call(ep, KVX_ROLE_SEND, begins, sizeof(*begins), n, rcs, begin_check,
+                      begin_batch_fn);
 }
 
 /* Sender, progress thread: a post read from the post ring. */
