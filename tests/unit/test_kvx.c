@@ -118,6 +118,20 @@ static kvx_ep *mk_rx(const char *transport, kv_layout l, char *bound, size_t n)
     return rx;
 }
 
+/* A receiver and a sender of the same layout, connected: the sender's pool
+ * filled from seed, the receiver's zeroed. Returns the peer id. */
+static int mk_pair(const char *transport, kv_layout l, uint64_t seed, kvx_ep **rx, kvx_ep **tx)
+{
+    char bound[128];
+    *rx = mk_rx(transport, l, bound, sizeof(bound));
+    *tx = mk_ep(transport, KVX_ROLE_SEND, l, FP);
+    fill_random(kvx_ep_pool(*tx), kv_layout_pool_bytes(&l), seed);
+    memset(kvx_ep_pool(*rx), 0, kv_layout_pool_bytes(&l));
+    int peer = -1;
+    assert_int_equal(kvx_connect(*tx, bound, &peer, NULL, 0), 0);
+    return peer;
+}
+
 /* Final events of other requests seen while waiting for one, kept for later
  * wait_final calls. */
 static struct {
@@ -188,13 +202,8 @@ static void send_all_layers(kvx_ep *tx, const char *id, const kv_layout *l, cons
 static void one_transfer(const char *transport, uint32_t n_layers)
 {
     kv_layout l = small_layout(n_layers, 64);
-    char bound[128];
-    kvx_ep *rx = mk_rx(transport, l, bound, sizeof(bound));
-    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, l, FP);
-    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 7);
-    memset(kvx_ep_pool(rx), 0, kv_layout_pool_bytes(&l));
-    int peer = -1;
-    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    kvx_ep *rx, *tx;
+    int peer = mk_pair(transport, l, 7, &rx, &tx);
     kvx_pair pairs[] = {{3, 40}, {4, 2}, {10, 17}, {11, 18}, {60, 0}, {0, 63}};
     int n = 6;
     uint32_t dst[6];
@@ -343,12 +352,8 @@ static void hundred(const char *transport)
 {
     enum { NREQ = 100, NB = 8 };
     kv_layout l = small_layout(4, NREQ * NB);
-    char bound[128];
-    kvx_ep *rx = mk_rx(transport, l, bound, sizeof(bound));
-    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, l, FP);
-    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 11);
-    int peer;
-    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    kvx_ep *rx, *tx;
+    int peer = mk_pair(transport, l, 11, &rx, &tx);
     static kvx_pair pairs[NREQ][NB];
     char id[NREQ][16];
     for (int r = 0; r < NREQ; r++) {
@@ -407,12 +412,8 @@ static void gib(const char *transport)
                    .n_kv_heads = 8,
                    .head_dim = 128,
                    .dtype = KV_DTYPE_F16}; /* 64 KiB blocks, 16 MiB pool */
-    char bound[128];
-    kvx_ep *rx = mk_rx(transport, l, bound, sizeof(bound));
-    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, l, FP);
-    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 5);
-    int peer;
-    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    kvx_ep *rx, *tx;
+    int peer = mk_pair(transport, l, 5, &rx, &tx);
     size_t total = 0;
     int nb = (int)l.num_blocks;
     kvx_pair pairs[32];
@@ -1341,12 +1342,8 @@ static void test_shm_receiver_stalled(void **s)
 static void cancel_case(const char *transport, int from_receiver)
 {
     kv_layout l = small_layout(4, 32);
-    char bound[128];
-    kvx_ep *rx = mk_rx(transport, l, bound, sizeof(bound));
-    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, l, FP);
-    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 1);
-    int peer;
-    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    kvx_ep *rx, *tx;
+    int peer = mk_pair(transport, l, 1, &rx, &tx);
     kvx_pair pairs[4] = {{0, 9}, {1, 8}, {2, 7}, {3, 6}};
     uint32_t dst[4] = {9, 8, 7, 6};
     assert_int_equal(kvx_recv_register(rx, "c1", dst, 4, 0), 0);
@@ -1465,13 +1462,8 @@ static void test_register_and_post_rules(void **s)
 static void batch_open(const char *transport)
 {
     kv_layout l = small_layout(3, 16);
-    char bound[128];
-    kvx_ep *rx = mk_rx(transport, l, bound, sizeof(bound));
-    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, l, FP);
-    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 11);
-    memset(kvx_ep_pool(rx), 0, kv_layout_pool_bytes(&l));
-    int peer = -1;
-    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    kvx_ep *rx, *tx;
+    int peer = mk_pair(transport, l, 11, &rx, &tx);
 
     uint32_t a[3] = {1, 2, 3}, dup[2] = {4, 4}, oob[1] = {16}, taken[2] = {5, 3}, e[2] = {9, 7};
     kvx_recv_reg regs[] = {
@@ -1627,12 +1619,8 @@ static void batched(const char *transport)
 {
     enum { NREQ = 48, NB = 3, NL = 6 };
     kv_layout l = small_layout(NL, NREQ * NB);
-    char bound[128];
-    kvx_ep *rx = mk_rx(transport, l, bound, sizeof(bound));
-    kvx_ep *tx = mk_ep(transport, KVX_ROLE_SEND, l, FP);
-    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 21);
-    int peer;
-    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    kvx_ep *rx, *tx;
+    int peer = mk_pair(transport, l, 21, &rx, &tx);
     static kvx_pair pairs[NREQ][NB];
     char id[NREQ][16];
     int canceled[NREQ], expect[NREQ];
@@ -2121,12 +2109,8 @@ static void test_concurrent_posters(void **s)
 {
     enum { NREQ = CP_THREADS * CP_REQS };
     kv_layout l = small_layout(CP_NL, NREQ * CP_NB);
-    char bound[128];
-    kvx_ep *rx = mk_rx("tcp", l, bound, sizeof(bound));
-    kvx_ep *tx = mk_ep("tcp", KVX_ROLE_SEND, l, FP);
-    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 33);
-    int peer;
-    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    kvx_ep *rx, *tx;
+    int peer = mk_pair("tcp", l, 33, &rx, &tx);
     static char id[NREQ][16];
     static kvx_pair pairs[NREQ][CP_NB];
     int expect[NREQ];
@@ -2438,13 +2422,8 @@ static void test_tcp_peer_gone_under_threads(void **s)
 static void test_shm_runs(void **s)
 {
     kv_layout l = wide_layout(3, 40);
-    char bound[128];
-    kvx_ep *rx = mk_rx("shm", l, bound, sizeof(bound));
-    kvx_ep *tx = mk_ep("shm", KVX_ROLE_SEND, l, FP);
-    fill_random(kvx_ep_pool(tx), kv_layout_pool_bytes(&l), 51);
-    memset(kvx_ep_pool(rx), 0, kv_layout_pool_bytes(&l));
-    int peer;
-    assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+    kvx_ep *rx, *tx;
+    int peer = mk_pair("shm", l, 51, &rx, &tx);
     /* 0..4 -> 10..14 (a run of 5), 5 -> 20 and 6 -> 22 (broken), 7,8 ->
      * 30,31, 9 -> 15 (src follows, dst does not), 12,11 -> 2,3 (dst follows,
      * src goes down), 39 -> 39. */
