@@ -609,17 +609,8 @@ static void dc__on_kvx(dc_engine *d)
                 met_histogram_observe(d->ctx->metrics.transfer_seconds, td_ns_to_s(e->elapsed_ns));
             } else if (e->type == KVX_EV_FAILED) {
                 r->kv_final = true;
-                /* kvx reports a silent peer as a timeout too; only the
-                 * request's own deadline is a 504 (and not retried): a
-                 * stalled prefill worker is UNAVAILABLE, which the router
-                 * retries elsewhere. Past the deadline it is a 504 whatever
-                 * kvx says: the prefill worker acts on the same deadline,
-                 * and its cancel may arrive before this side's timer. */
-                int err = e->err == TD_ECANCELED ? TD_ECANCELED : TD_EUNAVAILABLE;
-                if (r->deadline_ns != RPC_NO_DEADLINE && td_now_ns() >= r->deadline_ns)
-                    err = TD_ETIMEDOUT;
-                dc__fail(d, r, err, "KV transfer failed: %s",
-                         e->msg[0] ? e->msg : td_strerror(e->err));
+                dc__fail(d, r, wrk_kv_failure_status(e->err, r->deadline_ns),
+                         "KV transfer failed: %s", e->msg[0] ? e->msg : td_strerror(e->err));
             }
         }
     }

@@ -553,16 +553,8 @@ static void pf__on_kvx(pf_engine *d)
                 met_histogram_observe(d->ctx->metrics.transfer_seconds, td_ns_to_s(e->elapsed_ns));
             } else if (e->type == KVX_EV_FAILED) {
                 r->kv_final = true;
-                /* A silent peer is a timeout to kvx; only the request's own
-                 * deadline is reported as one, and past it, whatever kvx
-                 * says (the decode worker's cancel on the same deadline may
-                 * come first). */
-                bool past = r->deadline_ns != RPC_NO_DEADLINE && td_now_ns() >= r->deadline_ns;
-                int err = past                     ? TD_ETIMEDOUT
-                          : e->err == TD_ECANCELED ? TD_ECANCELED
-                                                   : TD_EUNAVAILABLE;
-                pf__fail(d, r, err, "KV transfer failed: %s",
-                         e->msg[0] ? e->msg : td_strerror(e->err));
+                pf__fail(d, r, wrk_kv_failure_status(e->err, r->deadline_ns),
+                         "KV transfer failed: %s", e->msg[0] ? e->msg : td_strerror(e->err));
             }
         }
     }

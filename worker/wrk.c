@@ -690,3 +690,9 @@ wrk_member_info wrk_member_info_of(enum wrk_role role, const wrk_opts *o, const 
                              .max_model_len = eng_max_model_len(e),
                              .cluster_token = o->cluster_token};
 }
+
+int wrk_kv_failure_status(int kvx_err, int64_t deadline_ns)
+{
+    if (deadline_ns != RPC_NO_DEADLINE && td_now_ns() >= deadline_ns) return TD_ETIMEDOUT;
+    return kvx_err == TD_ECANCELED ? TD_ECANCELED : TD_EUNAVAILABLE;
+}

@@ -277,4 +277,12 @@ void wrk_serve_until_drained(const wrk_opts *o, const char *mod, _Atomic int *dr
  * (what peers should dial). */
 void wrk_advertised_addr(const char *listen_addr, int port, char *out, size_t cap);
 
+/* The status a request reports when its KV transfer failed with kvx_err
+ * (KVX_EV_FAILED). Past the request's own deadline it is TD_ETIMEDOUT (a
+ * 504, not retried) whatever kvx says: both workers act on that deadline and
+ * the other side's cancel may arrive first. Before it, a cancel stays
+ * TD_ECANCELED and anything else (kvx reports a silent peer as a timeout
+ * too) is TD_EUNAVAILABLE, which the router retries elsewhere. */
+int wrk_kv_failure_status(int kvx_err, int64_t deadline_ns);
+
 #endif

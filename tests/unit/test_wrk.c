@@ -276,6 +276,22 @@ static void test_sampling(void **state)
     assert_int_equal(wrk_sampling(&mc, &sp, 9, ids, 16, &p, err, sizeof(err)), TD_EINVAL);
 }
 
+/* A failed KV transfer's status: the request's own deadline first, whatever
+ * kvx reported; then a cancel; anything else is retryable. */
+static void test_kv_failure_status(void **state)
+{
+    (void)state;
+    int64_t past = td_now_ns() - 1, later = td_now_ns() + 60 * TD_NS_PER_S;
+    assert_int_equal(wrk_kv_failure_status(TD_ECANCELED, past), TD_ETIMEDOUT);
+    assert_int_equal(wrk_kv_failure_status(TD_ECONNRESET, past), TD_ETIMEDOUT);
+    assert_int_equal(wrk_kv_failure_status(TD_ECANCELED, later), TD_ECANCELED);
+    assert_int_equal(wrk_kv_failure_status(TD_ECANCELED, RPC_NO_DEADLINE), TD_ECANCELED);
+    /* kvx's own stall timeout is not the request's deadline */
+    assert_int_equal(wrk_kv_failure_status(TD_ETIMEDOUT, later), TD_EUNAVAILABLE);
+    assert_int_equal(wrk_kv_failure_status(TD_ETIMEDOUT, RPC_NO_DEADLINE), TD_EUNAVAILABLE);
+    assert_int_equal(wrk_kv_failure_status(TD_EPROTO, later), TD_EUNAVAILABLE);
+}
+
 static void test_metrics_endpoint(void **state)
 {
     (void)state;
@@ -318,9 +334,13 @@ int main(void)
 {
     wrk_signals_block();
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_membership), cmocka_unit_test(test_membership_router_down),
-        cmocka_unit_test(test_health),     cmocka_unit_test(test_sampling),
-        cmocka_unit_test(test_heap_idle),  cmocka_unit_test(test_metrics_endpoint),
+        cmocka_unit_test(test_membership),
+        cmocka_unit_test(test_membership_router_down),
+        cmocka_unit_test(test_health),
+        cmocka_unit_test(test_sampling),
+        cmocka_unit_test(test_heap_idle),
+        cmocka_unit_test(test_metrics_endpoint),
+        cmocka_unit_test(test_kv_failure_status),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
