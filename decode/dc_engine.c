@@ -410,7 +410,7 @@ static void dc__dispatch(dc_engine *d, dc_req *r, uint32_t *ids, uint32_t nb, in
     dc_ctx *c = d->ctx;
     if (rc != 0) {
         free(ids);
-        dc__fail(d, r, rc == TD_EEXIST ? TD_EEXIST : rc,
+        dc__fail(d, r, rc,
                  rc == TD_EEXIST ? "request id %s is already in flight"
                                  : "cannot register the KV destination of %s",
                  r->id);
@@ -433,7 +433,6 @@ static void dc__dispatch(dc_engine *d, dc_req *r, uint32_t *ids, uint32_t nb, in
     pr.meta = &meta;
     pr.n_prompt_token_ids = r->n_prompt;
     pr.prompt_token_ids = (uint32_t *)r->prompt; /* ids < vocab: same bits */
-    pr.sampling = r->msg->sampling;
     Tandem__V1__SamplingParams seeded = TANDEM__V1__SAMPLING_PARAMS__INIT;
     if (r->msg->sampling) seeded = *r->msg->sampling;
     /* The first token is drawn there with the seed the rest is drawn

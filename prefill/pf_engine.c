@@ -404,9 +404,10 @@ static int pf__peer_of(pf_engine *d, pf_req *r, int *peer)
 /* Opens the pending transfers in one call. A peer found gone (the decode
  * worker restarted) is forgotten and each of its requests tries once more
  * on a fresh connection, on its own. */
-static void pf__begin_flush(pf_engine *d, pf__begins *pb)
+static void pf__begin_flush(pf_engine *d)
 {
     pf_ctx *c = d->ctx;
+    pf__begins *pb = &d->begins;
     if (pb->n == 0) return;
     int ok = kvx_send_begin_batch(c->kvx, pb->b, pb->n, pb->rcs);
     for (int i = 0; i < pb->n; i++) {
@@ -426,8 +427,9 @@ static void pf__begin_flush(pf_engine *d, pf__begins *pb)
 
 /* A new request: connect, then its transfer opens with the pass's others
  * (pf__begin_flush) and the prefill is queued. */
-static void pf__start(pf_engine *d, pf_req *r, pf__begins *pb)
+static void pf__start(pf_engine *d, pf_req *r)
 {
+    pf__begins *pb = &d->begins;
     r->prev = NULL;
     r->next = d->live;
     if (d->live) d->live->prev = r;
@@ -442,7 +444,7 @@ static void pf__start(pf_engine *d, pf_req *r, pf__begins *pb)
     }
     int peer = -1;
     if (pf__peer_of(d, r, &peer) != 0) return;
-    if (pb->n == PF__BEGIN_BATCH) pf__begin_flush(d, pb);
+    if (pb->n == PF__BEGIN_BATCH) pf__begin_flush(d);
     pb->req[pb->n] = r;
     pb->b[pb->n] =
         (kvx_begin){.peer = peer,
@@ -569,7 +571,7 @@ static void pf__on_queue(pf_engine *d)
         pf_envelope *e = mpscq_entry(node, pf_envelope, node);
         if (e->is_cancel) {
             /* Requests that came before the cancel open first, in order. */
-            pf__begin_flush(d, &d->begins);
+            pf__begin_flush(d);
             pf_req *r = pf__find(d, e->id);
             Tandem__V1__CancelResponse resp = TANDEM__V1__CANCEL_RESPONSE__INIT;
             resp.found = r && r->state != PF_CLOSING;
@@ -577,10 +579,10 @@ static void pf__on_queue(pf_engine *d)
             rpc_call_reply(e->call, &resp.base);
             free(e);
         } else {
-            pf__start(d, e->req, &d->begins); /* e lives in the request's slot */
+            pf__start(d, e->req); /* e lives in the request's slot */
         }
     }
-    pf__begin_flush(d, &d->begins);
+    pf__begin_flush(d);
 }
 
 static void pf__check_live(pf_engine *d)
