@@ -119,14 +119,9 @@ void kvx__copy_stream(void *dst, const void *src, size_t n, int wide)
 void kvx__copy(void *dst, const void *src, size_t n)
 {
 #ifdef KVX__HAVE_STREAM
-    static int wide = -1; /* every thread that finds it unset computes the same */
     if (n >= KVX__STREAM_MIN) {
-        int w = __atomic_load_n(&wide, __ATOMIC_RELAXED);
-        if (w < 0) {
-            w = __builtin_cpu_supports("avx") ? 1 : 0;
-            __atomic_store_n(&wide, w, __ATOMIC_RELAXED);
-        }
-        kvx__copy_stream(dst, src, n, w);
+        /* A load and a test: libgcc fills the CPU model before main. */
+        kvx__copy_stream(dst, src, n, __builtin_cpu_supports("avx"));
         return;
     }
 #endif
