@@ -482,6 +482,10 @@ def main():
         case_failures(tiny[1], other, tiny[2], tiny[3])
         case_decode_restart(base[1], base[2], base[3])
         case_sigterm(base[1], base[2], base[3])
+    except Exception as e:
+        # The workers' logs stay for inspection, as after a failed check.
+        FAILURES.append("exception: %r" % e)
+        raise
     finally:
         for p in PROCS:
             if p.poll() is None:
