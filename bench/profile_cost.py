@@ -14,22 +14,24 @@ cache never helps). Measured, one after another on an otherwise idle
 cluster:
 
   1. Prefill: single requests, max_tokens 1, prompt lengths from 8 tokens to
-     most of the context. timings.prefill_us (the prefill worker's compute,
-     batch start to last layer) against prompt tokens:
-         prefill_us = prefill_us_fixed + prefill_us_per_token x p
+     most of the context. The prefill worker's time from the request's arrival
+     to its last layer (timings.prefill_queue_us + timings.prefill_us: the
+     worker stamps the start after the first layer, and with one request at a
+     time nothing queues) against prompt tokens:
+         compute_us = prefill_us_fixed + prefill_us_per_token x p
                       + prefill_us_per_token_ctx x p (p + 1) / 2
      (the last term is attention: token i of the prompt attends over i + 1
      positions; the matmuls are linear in p)
   2. Transfer and hand-off: what remains of the router's first_token_us once
-     the router queue, tokenization, the prefill queue and the prefill
-     compute are taken out (the KV transfer's tail after the last layer, the
-     hand-off to the decode worker, the RPC hops), against the prompt's KV
-     blocks. timings.transfer_us is reported too, but it runs from the first
+     the router queue, tokenization and the prefill worker's time are taken
+     out (the KV transfer's tail after the last layer, the hand-off to the
+     decode worker, the RPC hops), against the prompt's KV blocks. timings.transfer_us is reported too, but it runs from the first
      block sent and overlaps the compute layer by layer, so it is not what a
      request waits for after its prefill. The simulator charges transfer
      after the prefill's last step, so the residual is what it needs:
-         residual_us = transfer_us_per_block x blocks   (least squares through 0;
-                                                          the intercept is printed)
+         residual_us = transfer_us_fixed + transfer_us_per_block x blocks
+     (the fixed part is what even a one-block prompt pays: on the 2-core host
+     about 1.3 ms of a 1.5 ms hand-off)
   3. Decode: b concurrent streamed requests (ignore_eos, a fixed max_tokens)
      with prompts of p tokens; each request's (last chunk - first chunk) /
      (tokens - 1) on the client's clock is its mean step time, as the load
@@ -50,8 +52,8 @@ cluster:
      prompt of 128 tokens, or half the context when that is less) back to
      back; the two alternate, --colo-rounds times each. The mean chunk gap
      over the stretch where all b stream, with the prefills against without,
-     less 1, is decode_extra_when_prefilling; those prefills'
-     timings.prefill_us against the same prompt length's alone in step 1,
+     less 1, is decode_extra_when_prefilling; those prefills' worker time
+     (as in step 1) against the same prompt length's alone in step 1,
      less 1, is prefill_extra_when_decoding (both at least 0; about 0 for
      workers on hosts of their own).
   5. Unloaded latencies as the client sees them (send to the end of a
@@ -84,6 +86,7 @@ import urllib.parse
 KEYS = ("prefill_us_fixed", "prefill_us_per_token", "prefill_us_per_token_ctx",
         "decode_step_us_fixed",
         "decode_step_us_per_seq", "decode_step_us_per_ctx_token", "transfer_us_per_block",
+        "transfer_us_fixed",
         "prefill_extra_when_decoding", "decode_extra_when_prefilling")
 
 
@@ -127,8 +130,12 @@ def complete(cli, model, prompt, max_tokens, rng_tag=""):
     if status != 200:
         raise RuntimeError("%s: HTTP %d %s" % (rng_tag, status, json.dumps(js)[:300]))
     t = js["tandem"]["timings"]
-    return {"client_us": dt * 1e6, "completion_tokens": js["usage"]["completion_tokens"],
-            "prompt_tokens": js["usage"]["prompt_tokens"], **t}
+    r = {"client_us": dt * 1e6, "completion_tokens": js["usage"]["completion_tokens"],
+         "prompt_tokens": js["usage"]["prompt_tokens"], **t}
+    # The prefill worker's time for the request: it stamps the compute's start
+    # after the first layer, so the first layer is in prefill_queue_us.
+    r["compute_us"] = t["prefill_queue_us"] + t["prefill_us"]
+    return r
 
 
 def stream_times(url, model, prompt, max_tokens):
@@ -283,16 +290,14 @@ def main(argv):
     for p in lengths:
         rs = [r for r in pre if r["p"] == p]
         med[p] = {k: statistics.median(r[k] for r in rs)
-                  for k in ("prefill_us", "transfer_us", "residual_us", "first_token_us",
+                  for k in ("compute_us", "transfer_us", "residual_us", "first_token_us",
                             "client_us", "prefill_queue_us", "blocks")}
     # Fitted to each length's median: on a shared host one slow request in a
     # length's few must not tilt the line.
     rows = [[1.0, float(p), p * (p + 1) / 2.0] for p in lengths]
-    pf = fit_nonneg(rows, [med[p]["prefill_us"] for p in lengths], relative=True)
-    pf_r2 = r2(rows, [med[p]["prefill_us"] for p in lengths], pf)
-    xrows = [[float(r["blocks"])] for r in pre]
-    xf = fit_nonneg(xrows, [r["residual_us"] for r in pre])
-    xi = lstsq([[1.0, float(r["blocks"])] for r in pre], [r["residual_us"] for r in pre])
+    pf = fit_nonneg(rows, [med[p]["compute_us"] for p in lengths], relative=True)
+    pf_r2 = r2(rows, [med[p]["compute_us"] for p in lengths], pf)
+    xf = fit_nonneg([[1.0, float(r["blocks"])] for r in pre], [r["residual_us"] for r in pre])
     tf = lstsq([[1.0, float(r["blocks"])] for r in pre], [r["transfer_us"] for r in pre])
 
     # 3: decode steps vs batch and context. The b requests do not all decode
@@ -345,7 +350,7 @@ def main(argv):
 
     # 4: co-location, decode alone and beside back-to-back prefills, alternating.
     colo_p = min(128, ctx // 2)
-    pre_alone = statistics.median(r["prefill_us"] for r in pre if r["p"] == colo_p) \
+    pre_alone = statistics.median(r["compute_us"] for r in pre if r["p"] == colo_p) \
         if colo_p in lengths else None
     colo_tokens = min(a.decode_tokens, ctx - 16 - 8)
     colo = {"gap_alone_us": [], "gap_beside_us": [], "prefill_beside_us": []}
@@ -366,7 +371,7 @@ def main(argv):
         pcli = Client(a.url)
         while beside and any(t.is_alive() for t in th):
             r = complete(pcli, model, prompt(colo_p), 1, "co-location prefill")
-            colo["prefill_beside_us"].append(r["prefill_us"])
+            colo["prefill_beside_us"].append(r["compute_us"])
         pcli.close()
         for t in th:
             t.join()
@@ -394,8 +399,8 @@ def main(argv):
     step1 = statistics.median(b1) / 1000 if b1 else 0.0
     tpot1 = statistics.median(tpot_stream)
 
-    cost = dict(zip(KEYS, [pf[0], pf[1], pf[2], df[0], df[1], df[2], xf[0], prefill_extra,
-                           decode_extra]))
+    cost = dict(zip(KEYS, [pf[0], pf[1], pf[2], df[0], df[1], df[2], xf[1], xf[0],
+                           prefill_extra, decode_extra]))
     with open(a.out, "w") as f:
         f.write("# tandem admission cost model, microseconds (docs/admission.md)\n")
         f.write("# fitted by bench/profile_cost.py from %s, model %s, context %d\n"
@@ -405,11 +410,11 @@ def main(argv):
 
     print("model %s, context %d, %d prefill requests, %d decode samples" %
           (model, ctx, len(pre), len(dec)))
-    print("\nprompt  blocks  prefill_us  transfer_us  residual_us  first_token_us  client_ms")
+    print("\nprompt  blocks  compute_us  transfer_us  residual_us  first_token_us  client_ms")
     for p in lengths:
         m = med[p]
         print("%6d  %6d  %10.0f  %11.0f  %11.0f  %14.0f  %9.2f" %
-              (p, m["blocks"], m["prefill_us"], m["transfer_us"], m["residual_us"],
+              (p, m["blocks"], m["compute_us"], m["transfer_us"], m["residual_us"],
                m["first_token_us"], m["client_us"] / 1000))
     print("\nsent  prompt  measured batch (mean)  tokens(median)  step_us(median)")
     for p in ctx_prompts:
@@ -420,10 +425,10 @@ def main(argv):
                       (b, p, statistics.mean(d["batch"] for d in ds),
                        statistics.median(d["tokens"] for d in ds),
                        statistics.median(d["step_us"] for d in ds)))
-    print("\nfit: prefill_us = %.1f + %.3f x tokens + %.5f x tokens (tokens + 1) / 2 (R^2 %.3f)"
+    print("\nfit: compute_us = %.1f + %.3f x tokens + %.5f x tokens (tokens + 1) / 2 (R^2 %.3f)"
           % (pf[0], pf[1], pf[2], pf_r2))
-    print("fit: residual_us = %.1f x blocks (with an intercept: %.1f + %.1f x blocks); "
-          "timings.transfer_us = %.1f + %.1f x blocks" % (xf[0], xi[0], xi[1], tf[0], tf[1]))
+    print("fit: residual_us = %.1f + %.1f x blocks; timings.transfer_us = %.1f + %.1f x blocks"
+          % (xf[0], xf[1], tf[0], tf[1]))
     print("fit: decode step_us = %.1f + %.1f x batch + %.4f x summed context (R^2 %.3f)" %
           (df[0], df[1], df[2], df_r2))
     print("co-location (%d streams of %d tokens, prefills of %d tokens, %d rounds): decode step "
@@ -449,8 +454,8 @@ def main(argv):
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"url": a.url, "model": model, "context": ctx, "cost": cost,
-                       "fit": {"prefill": pf, "prefill_r2": pf_r2, "residual_per_block": xf[0],
-                               "residual_with_intercept": xi, "transfer_us": tf,
+                       "fit": {"prefill": pf, "prefill_r2": pf_r2, "residual": xf,
+                               "transfer_us": tf,
                                "decode": df, "decode_r2": df_r2,
                                "colocation": colo},
                        "unloaded": {"ttft_ms": {str(k): v for k, v in ttft_p.items()},

@@ -354,6 +354,7 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
         cJSON_AddNumberToObject(co, "decode_step_us_per_ctx_token",
                                 sc->cost.decode_step_us_per_ctx_token);
         cJSON_AddNumberToObject(co, "transfer_us_per_block", sc->cost.transfer_us_per_block);
+        cJSON_AddNumberToObject(co, "transfer_us_fixed", sc->cost.transfer_us_fixed);
         cJSON_AddNumberToObject(co, "prefill_extra_when_decoding",
                                 sc->cost.prefill_extra_when_decoding);
         cJSON_AddNumberToObject(co, "decode_extra_when_prefilling",

@@ -9,7 +9,7 @@
  *                the prompt (with one block per running sequence in reserve)
  *   PREFILL      prefill worker's sch (prefill_only, hold_kv_on_finish):
  *                chunked and batched steps until the prompt is computed
- *   transfer     transfer_us_per_block per prompt block, then the prefill
+ *   transfer     transfer_us_fixed + transfer_us_per_block per prompt block, then the prefill
  *                worker frees its held blocks
  *   join         at the decode worker's next step boundary: kvc_seq_commit,
  *                sch_add_prefilled; the first token reaches the client (TTFT)
@@ -428,7 +428,8 @@ static int sim__step_end(sim__ctx *c, uint32_t wi)
         /* Prefill done, blocks held until the transfer ends (pf_engine). */
         sim__req *q = &c->rq[i];
         q->kv_src = fin[k].kv_seq;
-        double us = c->cfg->cost.transfer_us_per_block * kvc_blocks_for(w->pool, q->n_prompt);
+        double us = c->cfg->cost.transfer_us_fixed +
+                    c->cfg->cost.transfer_us_per_block * kvc_blocks_for(w->pool, q->n_prompt);
         if ((rc = sim__push(c, c->now + (int64_t)llround(us * 1000.0), SIM__EV_XFER_DONE,
                             (uint32_t)i)) != 0)
             return rc;

@@ -9,10 +9,9 @@
  *            blocks with kvc_seq_alloc and add requests with
  *            sch_add_prefilled, as decode/dc_engine.c does;
  *   modelled the forward pass (a step takes sim_step_us of the sch_step the
- *            scheduler built), the KV transfer (transfer_us_per_block per
- *            block) and the wire (no RPC latency). The router's least_loaded
- *            score (router/rt_members.c) is rewritten here over the simulated
- *            heartbeats.
+ *            scheduler built), the KV transfer (transfer_us_fixed plus
+ *            transfer_us_per_block per block) and the wire (no RPC latency). The router's
+ * least_loaded score (router/rt_members.c) is rewritten here over the simulated heartbeats.
  *
  * Time is an integer ns clock starting at 0 with the trace. Events are
  * ordered by (time, sequence number), so a run is deterministic: the same

@@ -114,6 +114,10 @@ typedef struct adm_cost {
     double decode_step_us_per_seq;       /* per sequence in the batch */
     double decode_step_us_per_ctx_token; /* per context token, summed over the batch */
     double transfer_us_per_block;        /* KV transfer, per block (all layers) */
+    double transfer_us_fixed;            /* per request: the hand-off's fixed part (the
+                                            transfer's last message, the decode worker
+                                            taking the request, the first token's hops to
+                                            the client), paid even by a one-block prompt */
     /* Workers that share a host's cores slow each other down: a prefill batch
      * that runs while a decode worker steps takes (1 + prefill_extra_when_decoding)
      * times as long, a decode step during a prefill (1 + decode_extra_when_prefilling)

@@ -19,6 +19,7 @@
     X(decode_step_us_per_seq)                                                                      \
     X(decode_step_us_per_ctx_token)                                                                \
     X(transfer_us_per_block)                                                                       \
+    X(transfer_us_fixed)                                                                           \
     X(prefill_extra_when_decoding)                                                                 \
     X(decode_extra_when_prefilling)
 
@@ -216,7 +217,7 @@ void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, d
     /* TTFT: the work ahead, then its own prefill batch and KV transfer. */
     double own_prefill = adm__prefill_own_us(c, prompt) * adm__prefill_slowdown(c, in);
     double prompt_blocks = bs > 0 ? ceil(prompt / bs) : 0;
-    double transfer = prompt_blocks * c->transfer_us_per_block;
+    double transfer = c->transfer_us_fixed + prompt_blocks * c->transfer_us_per_block;
     out->wait_us = adm__prefill_wait_us(c, in, extra_tokens, extra_pairs);
     out->ttft_us = out->wait_us + own_prefill + transfer;
     out->ttft_budget_us = fmax(slo_ttft_us, own_prefill + transfer);

@@ -661,6 +661,26 @@ static void t_burst_prefill_burst(void **state)
     sim_free(&s);
 }
 
+/* The same burst with a 10 ms fixed hand-off per request: each admitted
+ * request's TTFT is its wait + 10 ms prefill + 10 ms, so 9 fit, not 10. */
+static void t_burst_transfer_fixed(void **state)
+{
+    (void)state;
+    adm_params p = test_params();
+    p.cost.transfer_us_fixed = 10000;
+    sim s;
+    sim_init(&s, "burst", &p);
+    int64_t t = 0;
+    for (int i = 0; i < 600; i++)
+        sim_arrive(&s, t += 100 * MS);
+    for (int i = 0; i < 40; i++)
+        sim_arrive(&s, t + 100 * MS);
+    assert_int_equal(s.admitted, 609);
+    assert_int_equal(s.held + s.rejected, 31);
+    assert_true(s.max_ttft_pred_ms <= 100.0 + 1e-9);
+    sim_free(&s);
+}
+
 /* Small prompts (1 ms of prefill each), a decode batch of `running`. */
 static adm_input dec_input(int64_t now, uint32_t running, uint32_t held, uint64_t prefill)
 {
@@ -1217,6 +1237,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(t_unknown_cost),
         cmocka_unit_test(t_burst_below_capacity),
         cmocka_unit_test(t_burst_prefill_burst),
+        cmocka_unit_test(t_burst_transfer_fixed),
         cmocka_unit_test(t_burst_decode_burst_held),
         cmocka_unit_test(t_burst_sustained_overload),
         cmocka_unit_test(t_burst_hold_deadline),

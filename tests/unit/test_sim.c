@@ -139,6 +139,13 @@ static void test_one_token_output(void **state)
     assert_int_equal(r.stats.steps_decode, 0);
     assert_int_equal(r.stats.leaked_blocks, 0);
     sim_result_free(&r);
+
+    /* The hand-off's fixed part is paid once per request, on top of the
+     * per-block part: 1200 + 250 + 2 x 100. */
+    c.cost.transfer_us_fixed = 250;
+    assert_int_equal(sim_run(&c, &q, 1, &r, NULL, 0), 0);
+    assert_int_equal(r.recs[0].ttft_ns, 1650 * US);
+    sim_result_free(&r);
 }
 
 /* Three requests 0.1 ms apart, each still running when the next arrives:
