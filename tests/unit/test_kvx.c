@@ -1528,6 +1528,74 @@ static void test_shm_batch_open(void **s)
     batch_open("shm");
 }
 
+/* Calls made while the sender has a long run of posts to send: open a second
+ * request and cancel the first right after its 64 layers were posted. The
+ * cancel may end the first before every layer landed (ECANCELED on both
+ * ends) or after (DONE on the receiver, exact bytes; the cancel may find it
+ * gone); the second completes byte-exact either way, and every block is
+ * free again. */
+static void calls_during_copies(const char *transport)
+{
+    kv_layout l = small_layout(64, 256); /* 128 MiB: 64 MiB per request */
+    kvx_ep *rx, *tx;
+    int peer = mk_pair(transport, l, 13, &rx, &tx);
+    enum { N = 128 };
+    static kvx_pair pa[N], pb[N];
+    static uint32_t da[N], db[N];
+    for (int i = 0; i < N; i++) {
+        pa[i] = (kvx_pair){.src = (uint32_t)i, .dst = da[i] = (uint32_t)(N + i)};
+        pb[i] = (kvx_pair){.src = (uint32_t)(N + i), .dst = db[i] = (uint32_t)i};
+    }
+    assert_int_equal(kvx_recv_register(rx, "long", da, N, 0), 0);
+    assert_int_equal(kvx_send_begin(tx, peer, "long", 0), 0);
+    /* Every layer in one call: the progress thread takes them in one pass. */
+    static kvx_layer_post posts[64];
+    for (int k = 0; k < 64; k++)
+        posts[k] = (kvx_layer_post){.req_id = "long", .layer = k, .pairs = pa, .n = N};
+    assert_int_equal(kvx_send_layers(tx, posts, 64), 0);
+    /* While "long" copies: */
+    assert_int_equal(kvx_recv_register(rx, "next", db, N, 0), 0);
+    assert_int_equal(kvx_send_begin(tx, peer, "next", 0), 0);
+    /* TD_ENOENT: "long" had already ended on both sides. */
+    int crc = kvx_cancel(tx, "long");
+    assert_true(crc == 0 || crc == TD_ENOENT);
+    send_all_layers(tx, "next", &l, pb, N);
+
+    kvx_event er = wait_final(rx, "long", 10 * SEC, NULL);
+    kvx_event es = wait_final(tx, "long", 10 * SEC, NULL);
+    if (er.type == KVX_EV_FAILED) {
+        assert_int_equal(er.err, TD_ECANCELED);
+        assert_int_equal(es.type, KVX_EV_FAILED);
+        assert_int_equal(es.err, TD_ECANCELED);
+    } else {
+        /* Every layer had landed when the cancel came: the sender may have
+         * ended it before the receiver's DONE reached it. */
+        assert_int_equal(er.type, KVX_EV_DONE);
+        assert_true(es.type == KVX_EV_DONE || (crc == 0 && es.err == TD_ECANCELED));
+        verify(tx, rx, &l, &l, pa, N);
+    }
+    assert_int_equal(wait_final(rx, "next", 10 * SEC, NULL).type, KVX_EV_DONE);
+    assert_int_equal(wait_final(tx, "next", 10 * SEC, NULL).type, KVX_EV_DONE);
+    verify(tx, rx, &l, &l, pb, N);
+    /* Both leases ended: all 256 blocks register again. */
+    static uint32_t all[2 * N];
+    for (int i = 0; i < 2 * N; i++)
+        all[i] = (uint32_t)i;
+    assert_int_equal(kvx_recv_register(rx, "all", all, 2 * N, 0), 0);
+    kvx_ep_destroy(tx);
+    kvx_ep_destroy(rx);
+    n_stash = 0;
+}
+
+static void test_tcp_calls_during_copies(void **s)
+{
+    calls_during_copies("tcp");
+}
+static void test_shm_calls_during_copies(void **s)
+{
+    calls_during_copies("shm");
+}
+
 static void test_params_and_gpu_fallback(void **s)
 {
     kv_layout l = small_layout(2, 16);
@@ -2530,6 +2598,8 @@ int main(void)
         cmocka_unit_test(test_register_and_post_rules),
         cmocka_unit_test(test_tcp_batch_open),
         cmocka_unit_test(test_shm_batch_open),
+        cmocka_unit_test(test_tcp_calls_during_copies),
+        cmocka_unit_test(test_shm_calls_during_copies),
         cmocka_unit_test(test_params_and_gpu_fallback),
         cmocka_unit_test(test_tcp_batched_posts),
         cmocka_unit_test(test_shm_batched_posts),
