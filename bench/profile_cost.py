@@ -31,7 +31,7 @@ cluster:
      after the prefill's last step, so the residual is what it needs:
          residual_us = transfer_us_fixed + transfer_us_per_block x blocks
      (the fixed part is what even a one-block prompt pays: on the 2-core host
-     about 1.3 ms of a 1.5 ms hand-off)
+     about 1.0 ms, against 1.0-1.3 ms for the whole hand-off of 1 to 16 blocks)
   3. Decode: b concurrent streamed requests (ignore_eos, a fixed max_tokens)
      with prompts of p tokens; each request's (last chunk - first chunk) /
      (tokens - 1) on the client's clock is its mean step time, as the load
