@@ -13,8 +13,12 @@ token ids (random ids, so no two prompts share a prefix block and the prefix
 cache never helps). Measured, one after another on an otherwise idle
 cluster:
 
-  1. Prefill: single requests, max_tokens 1, prompt lengths from 8 tokens to
-     most of the context. The prefill worker's time from the request's arrival
+  1. Prefill: single requests, max_tokens 2, prompt lengths from 8 tokens to
+     most of the context (2, not 1: a request that goes on decoding has its
+     first token sent while the decode worker starts its next step, and on a
+     host with few cores that step delays the send, about 1.5-2 ms on the
+     2-core host; a request of one token ends at the join and does not show
+     it). The prefill worker's time from the request's arrival
      to its last layer (timings.prefill_queue_us + timings.prefill_us: the
      worker stamps the start after the first layer, and with one request at a
      time nothing queues) against prompt tokens:
@@ -56,8 +60,9 @@ cluster:
      (as in step 1) against the same prompt length's alone in step 1,
      less 1, is prefill_extra_when_decoding (both at least 0; about 0 for
      workers on hosts of their own).
-  5. Unloaded latencies as the client sees them (send to the end of a
-     non-streamed response, max_tokens 1, for TTFT; a streamed request's
+  5. Unloaded latencies as the client sees them (step 1's requests: send to
+     the end of the non-streamed response, less the router's time from the
+     first token to the end, for TTFT; a streamed request's
      chunk gaps for TPOT, as tandem-loadtest measures it), printed with the
      SLOs derived from them (--ttft-x times the TTFT of the longest prompt,
      --tpot-x times the streamed TPOT at batch 1, but at least --tpot-floor-ms).
@@ -280,8 +285,9 @@ def main(argv):
     pre = []
     for rep in range(a.reps):
         for p in lengths:
-            r = complete(cli, model, prompt(p), 1, "prefill p=%d" % p)
+            r = complete(cli, model, prompt(p), 2, "prefill p=%d" % p)
             r["p"] = p
+            r["ttft_client_us"] = r["client_us"] - (r["e2e_us"] - r["first_token_us"])
             r["blocks"] = -(-(p + 0) // a.block_size)
             r["residual_us"] = (r["first_token_us"] - r["queue_us"] - r["tokenize_us"]
                                 - r["prefill_queue_us"] - r["prefill_us"])
@@ -291,7 +297,7 @@ def main(argv):
         rs = [r for r in pre if r["p"] == p]
         med[p] = {k: statistics.median(r[k] for r in rs)
                   for k in ("compute_us", "transfer_us", "residual_us", "first_token_us",
-                            "client_us", "prefill_queue_us", "blocks")}
+                            "client_us", "ttft_client_us", "prefill_queue_us", "blocks")}
     # Fitted to each length's median: on a shared host one slow request in a
     # length's few must not tilt the line.
     rows = [[1.0, float(p), p * (p + 1) / 2.0] for p in lengths]
@@ -394,7 +400,7 @@ def main(argv):
         prefill_extra = max(0.0, statistics.median(colo["prefill_beside_us"]) / pre_alone - 1)
 
     # 5: unloaded latencies (client view) and the SLOs.
-    ttft_p = {p: med[p]["client_us"] / 1000 for p in lengths}
+    ttft_p = {p: med[p]["ttft_client_us"] / 1000 for p in lengths}
     b1 = [d["step_us"] for d in dec if d["b"] == 1]
     step1 = statistics.median(b1) / 1000 if b1 else 0.0
     tpot1 = statistics.median(tpot_stream)
@@ -410,12 +416,12 @@ def main(argv):
 
     print("model %s, context %d, %d prefill requests, %d decode samples" %
           (model, ctx, len(pre), len(dec)))
-    print("\nprompt  blocks  compute_us  transfer_us  residual_us  first_token_us  client_ms")
+    print("\nprompt  blocks  compute_us  transfer_us  residual_us  first_token_us  ttft_client_ms")
     for p in lengths:
         m = med[p]
         print("%6d  %6d  %10.0f  %11.0f  %11.0f  %14.0f  %9.2f" %
               (p, m["blocks"], m["compute_us"], m["transfer_us"], m["residual_us"],
-               m["first_token_us"], m["client_us"] / 1000))
+               m["first_token_us"], m["ttft_client_us"] / 1000))
     print("\nsent  prompt  measured batch (mean)  tokens(median)  step_us(median)")
     for p in ctx_prompts:
         for b in batches:
