@@ -66,6 +66,14 @@ cluster:
      chunk gaps for TPOT, as tandem-loadtest measures it), printed with the
      SLOs derived from them (--ttft-x times the TTFT of the longest prompt,
      --tpot-x times the streamed TPOT at batch 1, but at least --tpot-floor-ms).
+  6. The host's two speeds: --steady-n prefills of
+     128 tokens (or half the context) back to back. The fastest fifth's
+     bound is the fast speed; a prefill over --slow-x times it is slow.
+     host_slow_share = the slow prefills' share of the time, host_slow_factor
+     = their median over the fast one, host_slow_mean_us = their time over
+     the number of slow runs (0, 0, 0 when none is slow, or all are). The
+     simulator draws slow stretches from these (docs/simulator.md); the
+     router's policies do not use them.
 
 The prefill fit is to each prompt length's median. The prefill and decode
 fits minimize the relative error (a short prompt's
@@ -92,7 +100,8 @@ KEYS = ("prefill_us_fixed", "prefill_us_per_token", "prefill_us_per_token_ctx",
         "decode_step_us_fixed",
         "decode_step_us_per_seq", "decode_step_us_per_ctx_token", "transfer_us_per_block",
         "transfer_us_fixed",
-        "prefill_extra_when_decoding", "decode_extra_when_prefilling")
+        "prefill_extra_when_decoding", "decode_extra_when_prefilling",
+        "host_slow_share", "host_slow_factor", "host_slow_mean_us")
 
 
 class Client:
@@ -249,6 +258,10 @@ def main(argv):
     ap.add_argument("--colo-rounds", type=int, default=3,
                     help="co-location: rounds of decode alone and beside prefills")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    ap.add_argument("--steady-n", type=int, default=60,
+                    help="back-to-back prefills that measure the host's slow stretches (0: skip)")
+    ap.add_argument("--slow-x", type=float, default=1.3,
+                    help="a prefill this many times the fast one counts as slow")
     ap.add_argument("--vocab", type=int, default=512, help="prompt ids are drawn below this")
     ap.add_argument("--seed", type=int, default=0,
                     help="prompt ids seed; 0: from the clock (a rerun must not hit the prefix cache)")
@@ -399,6 +412,23 @@ def main(argv):
     if pre_alone and colo["prefill_beside_us"]:
         prefill_extra = max(0.0, statistics.median(colo["prefill_beside_us"]) / pre_alone - 1)
 
+    # 6: the host's two speeds. The same prefill back to back: on a host of
+    # its own every one takes about as long; on a VM whose cores are shared
+    # some stretches run slower.
+    steady_p = min(128, top // 2)
+    steady = [complete(cli, model, prompt(steady_p), 1, "steady")["compute_us"]
+              for _ in range(a.steady_n)]
+    host = {"share": 0.0, "factor": 0.0, "mean_us": 0.0, "p": steady_p, "times_us": steady}
+    if steady:
+        fast = sorted(steady)[len(steady) // 5]
+        slow = [t > a.slow_x * fast for t in steady]
+        runs = sum(1 for i, x in enumerate(slow) if x and (i == 0 or not slow[i - 1]))
+        slow_us = sum(t for t, x in zip(steady, slow) if x)
+        if runs and runs < len(steady):
+            host.update(share=slow_us / sum(steady),
+                        factor=statistics.median(t / fast for t, x in zip(steady, slow) if x),
+                        mean_us=slow_us / runs)
+
     # 5: unloaded latencies (client view) and the SLOs.
     ttft_p = {p: med[p]["ttft_client_us"] / 1000 for p in lengths}
     b1 = [d["step_us"] for d in dec if d["b"] == 1]
@@ -406,7 +436,8 @@ def main(argv):
     tpot1 = statistics.median(tpot_stream)
 
     cost = dict(zip(KEYS, [pf[0], pf[1], pf[2], df[0], df[1], df[2], xf[1], xf[0],
-                           prefill_extra, decode_extra]))
+                           prefill_extra, decode_extra, host["share"], host["factor"],
+                           host["mean_us"]]))
     with open(a.out, "w") as f:
         f.write("# tandem admission cost model, microseconds (docs/admission.md)\n")
         f.write("# fitted by bench/profile_cost.py from %s, model %s, context %d\n"
@@ -446,6 +477,10 @@ def main(argv):
            100 * decode_extra, "%.0f" % pre_alone if pre_alone else "?",
            statistics.median(colo["prefill_beside_us"]) if colo["prefill_beside_us"] else 0,
            100 * prefill_extra))
+    print("host: %d prefills of %d tokens back to back: %.0f%% of the time slow (over %.1fx the "
+          "fast one), %.2fx on average there, in stretches of %.0f ms on average" %
+          (len(steady), steady_p, 100 * host["share"], a.slow_x, host["factor"],
+           host["mean_us"] / 1000))
     mid = lengths[len(lengths) // 2]
     print("\nunloaded (client): TTFT %.2f ms at %d tokens, %.2f ms at %d, %.2f ms at %d; "
           "streamed TPOT %.3f ms at batch 1 (decode step %.3f ms)" %
@@ -463,7 +498,7 @@ def main(argv):
                        "fit": {"prefill": pf, "prefill_r2": pf_r2, "residual": xf,
                                "transfer_us": tf,
                                "decode": df, "decode_r2": df_r2,
-                               "colocation": colo},
+                               "colocation": colo, "host": host},
                        "unloaded": {"ttft_ms": {str(k): v for k, v in ttft_p.items()},
                                     "tpot_ms_stream": tpot1, "step_ms_batch1": step1},
                        "slo": {"ttft_ms": slo_ttft, "tpot_ms": slo_tpot,

@@ -32,7 +32,7 @@ struct sim_opts {
     double length_scale;
     int64_t max_requests, prefill, decode, kv_blocks, block_size, max_num_seqs, max_batched_tokens,
         max_chunk_tokens, max_model_len, max_context, heartbeat_ms, tick_ms, max_outstanding,
-        chunk_cap, retry_429;
+        chunk_cap, retry_429, seed;
     bool keep_failed, skip_bad, no_plots, check_kv;
 };
 
@@ -121,6 +121,8 @@ struct sim_opts {
                 "burst: admit within this fraction of the SLOs (0, 1]", slo_margin),               \
         SIM_OPT("retry-429", CFG_INT64, "0", "0", "100", NULL,                                     \
                 "Client retries of a 429 after its Retry-After (the load tester's)", retry_429),   \
+        SIM_OPT("seed", CFG_INT64, "1", "0", NULL, NULL,                                           \
+                "Seed of the host's slow stretches (the cost model's host_slow_* keys)", seed),    \
         SIM_OPT("chunk-cap", CFG_INT64, "0", "0", "16777216", NULL,                                \
                 "Token times kept per request (ITL, tokens.csv); 0: all", chunk_cap),              \
         SIM_OPT("check-kv", CFG_BOOL, "false", NULL, NULL, NULL,                                   \
@@ -214,6 +216,7 @@ static int parse(const char *cmd, const struct cfg_option *t, size_t nt, int arg
     sc->tick_ns = o->tick_ms * TD_NS_PER_MS;
     sc->chunk_cap = (uint32_t)o->chunk_cap;
     sc->retry_429 = (uint32_t)o->retry_429;
+    sc->seed = (uint64_t)o->seed;
     sc->check_kv = o->check_kv;
     if (o->admission) sc->admission = o->admission;
     /* As the router's rt_adm_params: adm_params_defaults, then the keys set. */
@@ -359,6 +362,10 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
                                 sc->cost.prefill_extra_when_decoding);
         cJSON_AddNumberToObject(co, "decode_extra_when_prefilling",
                                 sc->cost.decode_extra_when_prefilling);
+        cJSON_AddNumberToObject(co, "host_slow_share", sc->cost.host_slow_share);
+        cJSON_AddNumberToObject(co, "host_slow_factor", sc->cost.host_slow_factor);
+        cJSON_AddNumberToObject(co, "host_slow_mean_us", sc->cost.host_slow_mean_us);
+        cJSON_AddNumberToObject(co, "seed", (double)sc->seed);
     }
     cJSON *st = cJSON_AddObjectToObject(x, "sim");
     if (st) {

@@ -108,6 +108,11 @@ typedef struct sim__ctx {
     sch_result *results; /* one per item of the largest step */
     uint32_t results_cap;
     int64_t now;
+    /* The host's speed (cost.host_slow_*): slow or not until host_switch_ns,
+     * stretches drawn from rng as simulated time passes. */
+    int host_slow;
+    int64_t host_switch_ns;
+    uint64_t rng;
     sim_stats stats;
     int err;
     char *errbuf;
@@ -137,6 +142,48 @@ double sim_step_us(const adm_cost *c, const struct sch_step *step)
         us += c->decode_step_us_fixed + c->decode_step_us_per_seq * n_dec +
               c->decode_step_us_per_ctx_token * ctx;
     return us;
+}
+
+/* ---- the host's two speeds (adm_cost host_slow_*) ---- */
+
+static int sim__host_model(const adm_cost *c)
+{
+    return c->host_slow_share > 0 && c->host_slow_factor > 0;
+}
+
+/* splitmix64: a uniform double in [0, 1). */
+static double sim__uniform(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return (double)(z >> 11) * 0x1.0p-53;
+}
+
+/* The length of a stretch in the current state: exponential, with the slow
+ * stretches' mean, or the fast ones' that gives the slow share. */
+static int64_t sim__host_stretch_ns(sim__ctx *c)
+{
+    const adm_cost *k = &c->cfg->cost;
+    double mean_us = c->host_slow
+                         ? k->host_slow_mean_us
+                         : k->host_slow_mean_us * (1 - k->host_slow_share) / k->host_slow_share;
+    double ns = -log(1 - sim__uniform(&c->rng)) * mean_us * 1000.0;
+    if (ns > 1e17) ns = 1e17; /* three years: never, for a simulation */
+    return ns < 1 ? 1 : (int64_t)ns;
+}
+
+/* The factor on a step that starts now: the stretches up to now are drawn
+ * first, in time order, so a run's stretches depend on the seed alone. */
+static double sim__host_factor(sim__ctx *c)
+{
+    if (!sim__host_model(&c->cfg->cost)) return 1;
+    while (c->now >= c->host_switch_ns) {
+        c->host_slow = !c->host_slow;
+        c->host_switch_ns += sim__host_stretch_ns(c);
+    }
+    return c->host_slow ? c->cfg->cost.host_slow_factor : 1;
 }
 
 /* ---- event heap (binary, min on (t, seq)) ---- */
@@ -385,6 +432,7 @@ static int sim__worker_run(sim__ctx *c, uint32_t wi)
     if (sim__other_role_busy(c, w->role))
         us *= 1 + (w->role == SIM__DECODE ? cost->decode_extra_when_prefilling
                                           : cost->prefill_extra_when_decoding);
+    us *= sim__host_factor(c);
     int64_t dt = (int64_t)llround(us * 1000.0);
     if (dt < 1) dt = 1; /* time always moves on */
     w->busy = 1;
@@ -688,6 +736,7 @@ void sim_config_defaults(sim_config *c)
     c->admission = "none";
     adm_params_defaults(&c->params);
     adm_cost_defaults(&c->cost);
+    c->seed = 1;
 }
 
 static int sim__workers_create(sim__ctx *c)
@@ -798,6 +847,11 @@ static int sim__check_config(const sim_config *cfg, char *err, size_t errlen)
         why = "kv_blocks * block_size must hold one sequence of max_model_len tokens";
     else if (cfg->max_num_seqs < 1 || cfg->max_batched_tokens < cfg->max_num_seqs)
         why = "max_batched_tokens must be >= max_num_seqs >= 1";
+    else if ((cfg->cost.host_slow_share > 0 || cfg->cost.host_slow_factor > 0) &&
+             !(cfg->cost.host_slow_share < 1 && cfg->cost.host_slow_factor >= 1 &&
+               cfg->cost.host_slow_mean_us > 0))
+        why = "host_slow_share must be in (0, 1), host_slow_factor >= 1 and host_slow_mean_us "
+              "> 0 when either of the first two is set";
     if (!why) return 0;
     if (err) snprintf(err, errlen, "%s", why);
     return TD_EINVAL;
@@ -816,7 +870,14 @@ int sim_run(const sim_config *cfg, const lt_req *reqs, size_t n, sim_result *out
                   .held_head = -1,
                   .held_tail = -1,
                   .errbuf = err,
-                  .errlen = errlen};
+                  .errlen = errlen,
+                  .rng = cfg->seed};
+    if (sim__host_model(&cfg->cost)) {
+        /* Slow at time 0 with the slow share's odds (stretch lengths are
+         * memoryless, so the run starts in the long-run mix). */
+        c.host_slow = sim__uniform(&c.rng) < cfg->cost.host_slow_share;
+        c.host_switch_ns = sim__host_stretch_ns(&c);
+    }
     c.adm = cfg->policy ? cfg->policy : adm_find(cfg->admission);
     if (!c.adm) {
         if (err)

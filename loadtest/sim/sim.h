@@ -10,12 +10,15 @@
  *            sch_add_prefilled, as decode/dc_engine.c does;
  *   modelled the forward pass (a step takes sim_step_us of the sch_step the
  *            scheduler built), the KV transfer (transfer_us_fixed plus
- *            transfer_us_per_block per block) and the wire (no RPC latency). The router's
- * least_loaded score (router/rt_members.c) is rewritten here over the simulated heartbeats.
+ *            transfer_us_per_block per block), the wire (no RPC latency) and,
+ *            when the cost gives host_slow_*, a host that runs slower in
+ *            stretches drawn from the seed. The router's least_loaded score
+ *            (router/rt_members.c) is rewritten here over the simulated
+ *            heartbeats.
  *
  * Time is an integer ns clock starting at 0 with the trace. Events are
  * ordered by (time, sequence number), so a run is deterministic: the same
- * trace, config and cost give byte-identical records.
+ * trace, config, cost and seed give byte-identical records.
  *
  * Ownership: sim_run fills out[n] (the caller's, n == number of requests);
  * chunk times go to an arena the records borrow, freed by sim_result_free.
@@ -56,11 +59,13 @@ typedef struct sim_config {
                                      tester's --retry-429); 0 = none */
     uint32_t chunk_cap;           /* token times kept per record; 0 = all */
     int check_kv;                 /* kvc_check after every step (tests) */
+    uint64_t seed;                /* the host's slow stretches (cost.host_slow_*): the same
+                                     seed draws the same stretches */
 } sim_config;
 
 /* Defaults: 1 + 1 workers, 1024 blocks of 16, 64 seqs, 512 tokens, context
  * 4096, heartbeat 1 s, tick 100 ms, admission "none" with adm_params_defaults,
- * adm_cost_defaults. */
+ * adm_cost_defaults, seed 1. */
 void sim_config_defaults(sim_config *c);
 
 typedef struct sim_stats {

@@ -125,6 +125,15 @@ typedef struct adm_cost {
      * profiler measures both on the cluster it runs against. */
     double prefill_extra_when_decoding;
     double decode_extra_when_prefilling;
+    /* A host whose cores are shared with other machines runs at two speeds:
+     * for stretches of host_slow_mean_us on average, host_slow_share of the
+     * time, every step takes host_slow_factor times as long. The profiler
+     * measures them; the simulator draws such stretches (sim.h); the
+     * policies predict with the fast host's figures above. All 0: a steady
+     * host. */
+    double host_slow_share;
+    double host_slow_factor;
+    double host_slow_mean_us;
 } adm_cost;
 
 /* Reads `key = value` lines (blank lines and # comments allowed; keys are the

@@ -21,7 +21,10 @@
     X(transfer_us_per_block)                                                                       \
     X(transfer_us_fixed)                                                                           \
     X(prefill_extra_when_decoding)                                                                 \
-    X(decode_extra_when_prefilling)
+    X(decode_extra_when_prefilling)                                                                \
+    X(host_slow_share)                                                                             \
+    X(host_slow_factor)                                                                            \
+    X(host_slow_mean_us)
 
 static const struct {
     const char *key;

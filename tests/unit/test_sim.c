@@ -148,6 +148,78 @@ static void test_one_token_output(void **state)
     sim_result_free(&r);
 }
 
+/* The host's two speeds (cost.host_slow_*): off, it changes nothing; on,
+ * the same seed draws the same stretches, another seed others, and over
+ * 400 requests on an idle cluster a factor of 2 for half the time makes the
+ * mean TTFT about 1.5x; out-of-range keys are refused. */
+static double mean_ttft_ms(const sim_result *r)
+{
+    double sum = 0;
+    for (size_t i = 0; i < r->n; i++)
+        sum += (double)r->recs[i].ttft_ns / 1e6;
+    return sum / (double)r->n;
+}
+
+static void test_host_two_speeds(void **state)
+{
+    (void)state;
+    enum { N = 400 };
+    static lt_req q[N];
+    for (int i = 0; i < N; i++) /* 25 ms apart: each served alone (1.7 ms + 2 decode steps) */
+        q[i] = (lt_req){.t_ns = (int64_t)i * 25000 * US, .input_tokens = 32, .output_tokens = 3};
+    sim_config c;
+    tiny_config(&c);
+    char err[256];
+    sim_result base, on, again, other;
+    assert_int_equal(sim_run(&c, q, N, &base, err, sizeof(err)), 0);
+
+    /* Keys at 0: the same run, to the nanosecond, whatever the seed. */
+    c.seed = 99;
+    sim_result off;
+    assert_int_equal(sim_run(&c, q, N, &off, err, sizeof(err)), 0);
+    for (int i = 0; i < N; i++)
+        assert_int_equal(off.recs[i].e2e_ns, base.recs[i].e2e_ns);
+    sim_result_free(&off);
+
+    c.cost.host_slow_share = 0.5;
+    c.cost.host_slow_factor = 2;
+    c.cost.host_slow_mean_us = 50000;
+    c.seed = 1;
+    assert_int_equal(sim_run(&c, q, N, &on, err, sizeof(err)), 0);
+    assert_int_equal(sim_run(&c, q, N, &again, err, sizeof(err)), 0);
+    c.seed = 2;
+    assert_int_equal(sim_run(&c, q, N, &other, err, sizeof(err)), 0);
+    int differ = 0, slowed = 0;
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(again.recs[i].ttft_ns, on.recs[i].ttft_ns);
+        assert_int_equal(again.recs[i].e2e_ns, on.recs[i].e2e_ns);
+        differ += other.recs[i].e2e_ns != on.recs[i].e2e_ns;
+        /* Every step takes 1x or 2x its time. */
+        assert_true(on.recs[i].ttft_ns >= base.recs[i].ttft_ns);
+        assert_true(on.recs[i].e2e_ns <= 2 * base.recs[i].e2e_ns);
+        slowed += on.recs[i].e2e_ns > base.recs[i].e2e_ns;
+    }
+    assert_true(differ > 0);
+    assert_true(slowed > N / 4 && slowed < 3 * N / 4);
+    double ratio = mean_ttft_ms(&on) / mean_ttft_ms(&base);
+    assert_true(ratio > 1.3 && ratio < 1.7);
+    assert_int_equal(on.stats.leaked_blocks, 0);
+    sim_result_free(&base);
+    sim_result_free(&on);
+    sim_result_free(&again);
+    sim_result_free(&other);
+
+    double bad[][3] = {{1, 2, 1000}, {0.5, 0.5, 1000}, {0.5, 2, 0}, {0.5, 0, 1000}};
+    for (size_t k = 0; k < sizeof(bad) / sizeof(bad[0]); k++) {
+        c.cost.host_slow_share = bad[k][0];
+        c.cost.host_slow_factor = bad[k][1];
+        c.cost.host_slow_mean_us = bad[k][2];
+        sim_result r;
+        assert_int_equal(sim_run(&c, q, 1, &r, err, sizeof(err)), TD_EINVAL);
+        assert_non_null(strstr(err, "host_slow_share"));
+    }
+}
+
 /* Three requests 0.1 ms apart, each still running when the next arrives:
  * none admits all, max_outstanding 1 only the first (429 for the others). */
 static void test_admission_changes_rejections(void **state)
@@ -686,6 +758,7 @@ int main(void)
         cmocka_unit_test(test_hand_computed_times),
         cmocka_unit_test(test_colocated_slowdown),
         cmocka_unit_test(test_one_token_output),
+        cmocka_unit_test(test_host_two_speeds),
         cmocka_unit_test(test_admission_changes_rejections),
         cmocka_unit_test(test_pressure_determinism_and_no_leaks),
         cmocka_unit_test(test_summary_fields),
