@@ -258,7 +258,7 @@ def main(argv):
     ap.add_argument("--colo-rounds", type=int, default=3,
                     help="co-location: rounds of decode alone and beside prefills")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    ap.add_argument("--steady-n", type=int, default=60,
+    ap.add_argument("--steady-n", type=int, default=300,
                     help="back-to-back prefills that measure the host's slow stretches (0: skip)")
     ap.add_argument("--slow-x", type=float, default=1.3,
                     help="a prefill this many times the fast one counts as slow")

@@ -2,7 +2,11 @@
 """Re-simulates every replay of an admission experiment with a two-speed host
 and compares the simulator, over several seeds, with the real replays.
 
-  bench/resim_host_speed.py SHARE FACTOR MEAN_US [DIR] [--seeds N]
+  bench/resim_host_speed.py SHARE FACTOR MEAN_US [DIR] [--seeds=N]
+  bench/resim_host_speed.py profile [DIR] [--seeds=N]
+
+("profile": each replay's cost model as it is, with the host keys its
+profile measured.)
 
 For each `tandem-sim run` command in DIR/results.md (bench/admission_experiment.py
 writes them; DIR defaults to docs/results/admission) it runs the same command
@@ -25,8 +29,14 @@ def main(argv):
     for x in argv:
         if x.startswith("--seeds="):
             n_seeds = int(x.split("=", 1)[1])
-    share, factor, mean_us = (float(x) for x in args[:3])
-    root = args[3] if len(args) > 3 else "docs/results/admission"
+    from_profile = args[0] == "profile"
+    if from_profile:
+        share = factor = mean_us = float("nan")
+        args = args[1:]
+    else:
+        share, factor, mean_us = (float(x) for x in args[:3])
+        args = args[3:]
+    root = args[0] if args else "docs/results/admission"
     cmds = [line for line in open(os.path.join(root, "results.md"))
             if line.startswith("build/bin/tandem-sim run")]
     tmp = tempfile.mkdtemp(prefix="resim-")
@@ -39,8 +49,8 @@ def main(argv):
         with open(cost) as f:
             text = f.read()
         with open(cost_tmp, "w") as f:
-            f.write(text + "host_slow_share = %r\nhost_slow_factor = %r\nhost_slow_mean_us = %r\n"
-                    % (share, factor, mean_us))
+            f.write(text if from_profile else text + "host_slow_share = %r\nhost_slow_factor = "
+                    "%r\nhost_slow_mean_us = %r\n" % (share, factor, mean_us))
         argv_sim[argv_sim.index("--cost") + 1] = cost_tmp
         argv_sim[argv_sim.index("--out") + 1] = out_tmp
         g, p90, thr = [], [], []
@@ -61,7 +71,8 @@ def main(argv):
                      diff(statistics.median(p90), r["ttft_ms"]["p90"]), min(g), max(g),
                      r["goodput"]["req_per_s"]))
     ok = [sum(abs(x[i]) <= 10 for x in rows) for i in (1, 2, 3)]
-    print("host slow %g of the time, %gx, stretches of %g us; median of %d seeds within 10%%: "
+    print("host slow %g of the time, %gx, stretches of %g us (nan: each replay's profile); "
+          "median of %d seeds within 10%%: "
           "throughput %d/%d, goodput %d/%d, p90 TTFT %d/%d; real goodput within the seeds' "
           "range in %d/%d" % (share, factor, mean_us, n_seeds, ok[0], len(rows), ok[1], len(rows),
                               ok[2], len(rows), sum(x[4] <= x[6] <= x[5] for x in rows),
