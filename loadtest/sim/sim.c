@@ -847,11 +847,8 @@ static int sim__check_config(const sim_config *cfg, char *err, size_t errlen)
         why = "kv_blocks * block_size must hold one sequence of max_model_len tokens";
     else if (cfg->max_num_seqs < 1 || cfg->max_batched_tokens < cfg->max_num_seqs)
         why = "max_batched_tokens must be >= max_num_seqs >= 1";
-    else if ((cfg->cost.host_slow_share > 0 || cfg->cost.host_slow_factor > 0) &&
-             !(cfg->cost.host_slow_share < 1 && cfg->cost.host_slow_factor >= 1 &&
-               cfg->cost.host_slow_mean_us > 0))
-        why = "host_slow_share must be in (0, 1), host_slow_factor >= 1 and host_slow_mean_us "
-              "> 0 when either of the first two is set";
+    else
+        why = adm_cost_host_problem(&cfg->cost);
     if (!why) return 0;
     if (err) snprintf(err, errlen, "%s", why);
     return TD_EINVAL;

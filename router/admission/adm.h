@@ -138,10 +138,17 @@ typedef struct adm_cost {
 
 /* Reads `key = value` lines (blank lines and # comments allowed; keys are the
  * field names above; keys not in the file are 0). Unknown or repeated key, a
- * value that is not a finite number >= 0, or a line without '=': TD_EFORMAT
- * with the line and key in err. Missing file: TD_ENOENT (other errno mapped).
+ * value that is not a finite number >= 0, a line without '=', or host keys
+ * that break adm_cost_host_problem's rule: TD_EFORMAT with the line and key
+ * (or the rule) in err. Missing file: TD_ENOENT (other errno mapped).
  * *out is written only on success. err may be NULL. */
 int adm_cost_load(const char *path, adm_cost *out, char *err, size_t errlen);
+
+/* The rule the host_slow_* keys follow together: all 0, or host_slow_share
+ * in [0, 1) with host_slow_factor >= 1 and host_slow_mean_us > 0 once the
+ * share or the factor is set. NULL when c follows it, else what is wrong
+ * (static text). adm_cost_load refuses a file that breaks it. */
+const char *adm_cost_host_problem(const adm_cost *c);
 
 /* Writes every field (round-trips exactly through adm_cost_load). 0 or TD_E*. */
 int adm_cost_save(const char *path, const adm_cost *c);

@@ -73,6 +73,14 @@ bool adm__cost_valid(const adm_cost *c)
     return true;
 }
 
+const char *adm_cost_host_problem(const adm_cost *c)
+{
+    if (c->host_slow_share <= 0 && c->host_slow_factor <= 0) return NULL;
+    if (c->host_slow_share < 1 && c->host_slow_factor >= 1 && c->host_slow_mean_us > 0) return NULL;
+    return "host_slow_share must be in [0, 1), host_slow_factor >= 1 and host_slow_mean_us > 0 "
+           "when either of the first two is set";
+}
+
 bool adm__cost_knows_prefill(const adm_cost *c)
 {
     return c->prefill_us_fixed + c->prefill_us_per_token > 0;
@@ -149,6 +157,8 @@ int adm_cost_load(const char *path, adm_cost *out, char *err, size_t errlen)
         *adm__cost_field(&c, i) = v;
     }
     if (rc == 0 && ferror(f)) rc = td_err_fail(err, errlen, TD_EIO, "%s: read error", path);
+    const char *host = rc == 0 ? adm_cost_host_problem(&c) : NULL;
+    if (host) rc = td_err_fail(err, errlen, TD_EFORMAT, "%s: %s", path, host);
     fclose(f);
     if (rc == 0) *out = c;
     return rc;

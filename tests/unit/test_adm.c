@@ -1137,6 +1137,23 @@ static void t_cost_file(void **state)
         assert_non_null(strstr(err, "bad value"));
         assert_non_null(strstr(err, "prefill_us_fixed"));
     }
+    /* The host keys together: a share of 1 or more, or a factor below 1
+     * with a share, is refused; a share without a factor too. */
+    const char *bad_host[] = {"host_slow_share = 1\nhost_slow_factor = 2\nhost_slow_mean_us = 9\n",
+                              "host_slow_share = 0.5\nhost_slow_factor = 0.5\n"
+                              "host_slow_mean_us = 9\n",
+                              "host_slow_share = 0.5\nhost_slow_mean_us = 9\n",
+                              "host_slow_share = 0.5\nhost_slow_factor = 2\n"};
+    for (size_t i = 0; i < sizeof(bad_host) / sizeof(bad_host[0]); i++) {
+        write_file(path, bad_host[i]);
+        assert_int_equal(adm_cost_load(path, &back, err, sizeof(err)), TD_EFORMAT);
+        assert_non_null(strstr(err, "host_slow_share must be"));
+        assert_memory_equal(&keep, &back, sizeof(keep));
+    }
+    write_file(path, "host_slow_share = 0.25\nhost_slow_factor = 1.6\nhost_slow_mean_us = 5e5\n");
+    assert_int_equal(adm_cost_load(path, &back, err, sizeof(err)), 0);
+    assert_true(back.host_slow_share == 0.25 && back.host_slow_mean_us == 5e5);
+    back = keep;
     write_file(path, "prefill_us_fixed 1\n");
     assert_int_equal(adm_cost_load(path, &back, err, sizeof(err)), TD_EFORMAT);
     assert_non_null(strstr(err, "key = value"));
