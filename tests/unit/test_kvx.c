@@ -1519,6 +1519,64 @@ static void batch_open(const char *transport)
     n_stash = 0;
 }
 
+/* A batch opened toward a receiver that just went away: each entry is
+ * either refused (TD_ECONNRESET or TD_ENOENT: the caller owns nothing, and
+ * no event ever names it) or opened and then ended by the peer's loss with
+ * one FAILED event. (Here the sender's idle progress thread has always seen
+ * the loss first, so every entry is refused at the peer lookup; a BEGIN
+ * write that fails inside the call is not reached by any test.) Once the
+ * sender has reported the loss, every entry is refused. */
+static void begin_to_gone_peer(const char *transport)
+{
+    kv_layout l = small_layout(2, 8);
+    kvx_ep *rx, *tx;
+    int peer = mk_pair(transport, l, 5, &rx, &tx);
+    kvx_ep_destroy(rx);
+    kvx_begin b[3] = {{peer, "g0", 0}, {peer, "g1", 0}, {peer, "g2", 0}};
+    int rcs[3];
+    int opened = kvx_send_begin_batch(tx, b, 3, rcs);
+    assert_true(opened >= 0 && opened <= 3);
+    int want_failed[3], n_open = 0;
+    for (int i = 0; i < 3; i++) {
+        assert_true(rcs[i] == 0 || rcs[i] == TD_ECONNRESET || rcs[i] == TD_ENOENT);
+        want_failed[i] = rcs[i] == 0;
+        n_open += rcs[i] == 0;
+    }
+    assert_int_equal(n_open, opened);
+    int failed[3] = {0}, peer_errors = 0;
+    int64_t end = td_now_ns() + 3 * SEC;
+    while (td_now_ns() < end && (peer_errors == 0 || failed[0] + failed[1] + failed[2] < n_open)) {
+        kvx_event e;
+        if (kvx_ep_wait(tx, &e, 1, 50 * TD_NS_PER_MS) != 1) continue;
+        if (e.type == KVX_EV_PEER_ERROR) {
+            peer_errors++;
+            continue;
+        }
+        assert_true(e.req_id[0] == 'g' && e.req_id[1] >= '0' && e.req_id[1] <= '2');
+        int i = e.req_id[1] - '0';
+        assert_true(want_failed[i]); /* a refused entry never shows up */
+        assert_int_equal(e.type, KVX_EV_FAILED);
+        failed[i]++;
+    }
+    assert_true(peer_errors >= 1);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(failed[i], want_failed[i]);
+    /* Known gone now. */
+    kvx_begin again[2] = {{peer, "h0", 0}, {peer, "h1", 0}};
+    assert_int_equal(kvx_send_begin_batch(tx, again, 2, rcs), 0);
+    for (int i = 0; i < 2; i++)
+        assert_true(rcs[i] == TD_ECONNRESET || rcs[i] == TD_ENOENT);
+    kvx_event e;
+    assert_int_equal(kvx_ep_wait(tx, &e, 1, 200 * TD_NS_PER_MS), 0);
+    kvx_ep_destroy(tx);
+}
+
+static void test_begin_to_gone_peer(void **s)
+{
+    begin_to_gone_peer("tcp");
+    begin_to_gone_peer("shm");
+}
+
 static void test_tcp_batch_open(void **s)
 {
     batch_open("tcp");
@@ -2598,6 +2656,7 @@ int main(void)
         cmocka_unit_test(test_register_and_post_rules),
         cmocka_unit_test(test_tcp_batch_open),
         cmocka_unit_test(test_shm_batch_open),
+        cmocka_unit_test(test_begin_to_gone_peer),
         cmocka_unit_test(test_tcp_calls_during_copies),
         cmocka_unit_test(test_shm_calls_during_copies),
         cmocka_unit_test(test_params_and_gpu_fallback),
