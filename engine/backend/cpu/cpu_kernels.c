@@ -134,6 +134,14 @@ CK_AVX2 static float ck__dot_avx2(const float *a, const float *b, int n)
 #define CK2_RJ  4
 #define CK2_RT  3
 #define CK2_PFD 8192
+/* Bytes of the next W block prefetched per 16-element step of a two-pass
+ * block (one prefetch instruction per step, a new line every fourth): the
+ * next 4 W rows are spread over the first blocks of a column, both passes
+ * of each. Measured against 32 and 64 (and against the earlier scheme,
+ * 1/8 of the rows per block in the first pass only, with a run-time step
+ * count per step): 16 gave the kernel alone at 32 rows 70-71% of the FMA
+ * peak against 67-68% (F32) and 69% against 67% (BF16). */
+#define CK2_PFSTEP 16
 
 /* The horizontal sums of four elements from their accumulator sums
  * s = a0 + a1, each with exactly ck__hsum's additions after its first:
@@ -188,12 +196,11 @@ CK_AVX2 static void ck__pack_x(float *xp, const float *x, int rows, int K)
 
 CK_AVX2 static inline __attribute__((always_inline)) void
 ck__pass256(__m256 acc[CK2_RJ][CK2_RT][2], const float *xt, const void *W, size_t wo,
-            enum mdl_dtype wt, int K, const char *pf, int pfn, const char *px, const int rj,
+            enum mdl_dtype wt, int K, const char *pf, const int pstep, const char *px, const int rj,
             const int rt, const int h, const int packed)
 {
-    /* pf: 1 / pfn of the rj rows' bytes, as many per step */
-    const size_t pstep =
-        (size_t)rj * 16 * (wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t)) / (size_t)pfn;
+    /* pf: pstep bytes per step from pf on (a constant at every call site,
+     * so the prefetch loop unrolls; pointers stepped, not recomputed) */
     /* px: the next rt rows of x, half of them per pass */
     const size_t xstep = (size_t)rt * 8 * sizeof(float);
     if (px && h == 1) px += (size_t)rt * K / 2 * sizeof(float);
@@ -206,16 +213,16 @@ ck__pass256(__m256 acc[CK2_RJ][CK2_RT][2], const float *xt, const void *W, size_
                 if (h < 0 || g == h) acc[a][b][g] = _mm256_setzero_ps();
     for (int i = 0; i + 16 <= K; i += 16) {
         if (pf) {
-            const char *p = pf + (size_t)i * (pstep / 16);
 #pragma GCC unroll 8
-            for (size_t u = 0; u < pstep; u += 64)
-                _mm_prefetch(p + u, _MM_HINT_T0);
+            for (int u = 0; u < pstep; u += 64)
+                _mm_prefetch(pf + u, _MM_HINT_T0);
+            pf += pstep;
         }
         if (px) {
-            const char *p = px + (size_t)(i / 16) * xstep;
 #pragma GCC unroll 8
             for (size_t u = 0; u < xstep; u += 64)
-                _mm_prefetch(p + u, _MM_HINT_T0);
+                _mm_prefetch(px + u, _MM_HINT_T0);
+            px += xstep;
         }
 #pragma GCC unroll 2
         for (int g = 0; g < 2; g++) {
@@ -240,11 +247,13 @@ ck__pass256(__m256 acc[CK2_RJ][CK2_RT][2], const float *xt, const void *W, size_
 }
 
 /* out[t + b][j + a] for a < rj, b < rt (constants at every call site). pf:
- * the rj * K elements of W to prefetch while the block runs (as bytes from
- * its first), one 64-byte line per 64 bytes of block step, or NULL. */
+ * W bytes to prefetch while the block runs, or NULL: a one-pass block
+ * prefetches the rj * K elements from pf (as many bytes per step as the
+ * step reads), a two-pass block CK2_PFSTEP bytes per step of each pass,
+ * K / 16 * 2 * CK2_PFSTEP bytes in all. */
 CK_AVX2 static inline __attribute__((always_inline)) void
 ck__blk256(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt, const float *bias,
-           int K, int j, int t, const char *pf, int pfn, const char *px, const int rj, const int rt,
+           int K, int j, int t, const char *pf, const char *px, const int rj, const int rt,
            const int packed)
 {
     __m256 acc[CK2_RJ][CK2_RT][2];
@@ -254,20 +263,23 @@ ck__blk256(float *out, int ldo, const float *x, const void *W, enum mdl_dtype wt
         /* two passes: a0's lanes, kept, then a1's (packed: the low unpack's
          * elements, then the high one's) */
         __m256 keep[CK2_RJ][CK2_RT];
-        ck__pass256(acc, xt, W, wo, wt, K, pf, pfn, px, rj, rt, 0, packed);
+        ck__pass256(acc, xt, W, wo, wt, K, pf, CK2_PFSTEP, px, rj, rt, 0, packed);
 #pragma GCC unroll 8
         for (int a = 0; a < rj; a++)
 #pragma GCC unroll 8
             for (int b = 0; b < rt; b++)
                 keep[a][b] = acc[a][b][0];
-        ck__pass256(acc, xt, W, wo, wt, K, NULL, 1, px, rj, rt, 1, packed);
+        ck__pass256(acc, xt, W, wo, wt, K, pf ? pf + (size_t)K / 16 * CK2_PFSTEP : NULL, CK2_PFSTEP,
+                    px, rj, rt, 1, packed);
 #pragma GCC unroll 8
         for (int a = 0; a < rj; a++)
 #pragma GCC unroll 8
             for (int b = 0; b < rt; b++)
                 acc[a][b][0] = keep[a][b];
     } else {
-        ck__pass256(acc, xt, W, wo, wt, K, pf, pfn, NULL, rj, rt, -1, packed);
+        ck__pass256(acc, xt, W, wo, wt, K, pf,
+                    rj * 16 * (wt == MDL_DTYPE_F32 ? (int)sizeof(float) : (int)sizeof(uint16_t)),
+                    NULL, rj, rt, -1, packed);
     }
     if (packed) {
         /* The packed lanes back to ck__dotw_avx2's: a0 = lanes 0-3 of both
@@ -321,7 +333,7 @@ typedef void (*ck__blk_fn)(float *, int, const float *, const void *, const floa
         float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,       \
         int t, const char *pf)                                                                     \
     {                                                                                              \
-        ck__blk256(out, ldo, x, W, WT, bias, K, j, t, pf, 1, NULL, RJ, RT, PK);                    \
+        ck__blk256(out, ldo, x, W, WT, bias, K, j, t, pf, NULL, RJ, RT, PK);                       \
     }
 #define CK__BLK2_FNS(WT, SUF)                                                                      \
     CK__BLK2_FN(1, 1, WT, SUF, 0)                                                                  \
@@ -359,20 +371,24 @@ static const ck__blk_fn ck__blk256_bf16p_fns[2] = {ck__blk256_4x1_bf16p, ck__blk
  * CK2_RT rows, each prefetching the next block's x rows (or the first
  * block's, for the next W rows) into L1, half of them in each pass, so the
  * first pass does not wait for L2. The next W rows (pf) are prefetched by
- * the first 8 blocks (fewer when there are fewer), an eighth each: all in
- * the first block put 72 lines (F32, K = 288) in flight at once, measured
- * slower at 32 rows of x. The remaining 1-2 rows go through the table's
- * blocks. */
+ * the first blocks, CK2_PFSTEP bytes per step (8 blocks for F32 rows, 4 for
+ * 16-bit ones; with fewer blocks, the rest at the start): all in the first
+ * block put 72 lines (F32, K = 288) in flight at once, measured slower at
+ * 32 rows of x. The remaining 1-2 rows go through the table's blocks. */
 #define CK__COL2_FN(WT, SUF, PK)                                                                   \
     CK_AVX2 static __attribute__((noinline)) void ck__col256##SUF(                                 \
         float *out, int ldo, const float *x, const void *W, const float *bias, int K, int j,       \
         int t0, int t1, const char *pf)                                                            \
     {                                                                                              \
-        int t = t0, nb = (t1 - t0) / CK2_RT, pfn = nb >= 8 ? 8 : nb >= 4 ? 4 : nb >= 2 ? 2 : 1;    \
-        size_t sl = (size_t)CK2_RJ * K * (WT == MDL_DTYPE_F32 ? 4 : 2) / (size_t)pfn;              \
-        for (int k = 0; t + CK2_RT <= t1; t += CK2_RT, k++) {                                      \
+        int t = t0;                                                                                \
+        size_t wb = (size_t)CK2_RJ * K * (WT == MDL_DTYPE_F32 ? 4 : 2);                            \
+        size_t sl = (size_t)K / 16 * 2 * CK2_PFSTEP, cover = (size_t)((t1 - t0) / CK2_RT) * sl;    \
+        /* too few blocks to spread it over: the rest of the next W rows now */                    \
+        for (size_t o = cover; pf && o < wb; o += 64)                                              \
+            _mm_prefetch(pf + o, _MM_HINT_T0);                                                     \
+        for (size_t k = 0; t + CK2_RT <= t1; t += CK2_RT, k++) {                                   \
             int tn = t + 2 * CK2_RT <= t1 ? t + CK2_RT : t0;                                       \
-            ck__blk256(out, ldo, x, W, WT, bias, K, j, t, pf &&k < pfn ? pf + k * sl : NULL, pfn,  \
+            ck__blk256(out, ldo, x, W, WT, bias, K, j, t, pf &&k *sl < wb ? pf + k * sl : NULL,    \
                        (const char *)(x + (size_t)tn * K), CK2_RJ, CK2_RT, PK);                    \
         }                                                                                          \
         if (t < t1)                                                                                \
