@@ -1524,7 +1524,7 @@ static void batch_open(const char *transport)
  * no event ever names it) or opened and then ended by the peer's loss with
  * one FAILED event. (Here the sender's idle progress thread has always seen
  * the loss first, so every entry is refused at the peer lookup; a BEGIN
- * write that fails inside the call is not reached by any test.) Once the
+ * write that fails inside the call: test_begin_write_fails.) Once the
  * sender has reported the loss, every entry is refused. */
 static void begin_to_gone_peer(const char *transport)
 {
@@ -2107,6 +2107,80 @@ static void test_post_ring_full(void **s)
     unlink(path);
 }
 
+/* A batch whose BEGIN write fails inside the call: the sender's own end of
+ * the control connection is shut for writing (found by its peer address, the
+ * hand-made receiver's socket path) while its progress thread still knows
+ * the peer as alive, so begin_batch_fn's flush is the first write to fail.
+ * Every entry is refused with TD_ECONNRESET and no event ever names one; the
+ * peer's loss is reported once (KVX_EV_PEER_ERROR); later batches are
+ * refused. (A heartbeat due in the microseconds between the shutdown and the
+ * call would fail the peer first: the same outcome through begin_one.) */
+static void test_begin_write_fails(void **s)
+{
+    fake_rx f = {.l = small_layout(2, 8), .cfd = -1};
+    char path[100];
+    addr_for("shm", path, sizeof(path));
+    struct sockaddr_un su = {.sun_family = AF_UNIX};
+    snprintf(su.sun_path, sizeof(su.sun_path), "%s", path);
+    f.lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+    unlink(path);
+    assert_int_equal(bind(f.lfd, (struct sockaddr *)&su, sizeof(su)), 0);
+    assert_int_equal(listen(f.lfd, 4), 0);
+    f.memfd = memfd_create("fake-rx-pool", 0);
+    assert_true(f.memfd >= 0);
+    assert_int_equal(ftruncate(f.memfd, (off_t)kv_layout_pool_bytes(&f.l)), 0);
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, fake_rx_handshake, &f), 0);
+    kvx_params pp = {.transport = "shm",
+                     .role = KVX_ROLE_SEND,
+                     .model_fingerprint = FP,
+                     .layout = f.l,
+                     .stall_timeout_ns = 20 * SEC};
+    kvx_ep *tx = NULL;
+    assert_int_equal(kvx_ep_create(&pp, &tx), 0);
+    int peer;
+    assert_int_equal(kvx_connect(tx, path, &peer, NULL, 0), 0);
+    void *ok;
+    pthread_join(th, &ok);
+    assert_non_null(ok);
+
+    int sfd = -1;
+    for (int fd = 3; fd < 4096 && sfd < 0; fd++) {
+        struct sockaddr_un a;
+        socklen_t len = sizeof(a);
+        if (fd == f.lfd || fd == f.cfd) continue;
+        if (getpeername(fd, (struct sockaddr *)&a, &len) == 0 && a.sun_family == AF_UNIX &&
+            len > offsetof(struct sockaddr_un, sun_path) && !strcmp(a.sun_path, path))
+            sfd = fd;
+    }
+    assert_true(sfd >= 0);
+    assert_int_equal(shutdown(sfd, SHUT_WR), 0);
+
+    kvx_begin b[3] = {{peer, "w0", 0}, {peer, "w1", 0}, {peer, "w2", 0}};
+    int rcs[3];
+    assert_int_equal(kvx_send_begin_batch(tx, b, 3, rcs), 0);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(rcs[i], TD_ECONNRESET);
+    int peer_errors = 0;
+    kvx_event e;
+    int64_t end = td_now_ns() + 500 * TD_NS_PER_MS;
+    while (td_now_ns() < end) {
+        if (kvx_ep_wait(tx, &e, 1, 50 * TD_NS_PER_MS) != 1) continue;
+        assert_int_equal(e.type, KVX_EV_PEER_ERROR); /* never a request's event */
+        peer_errors++;
+    }
+    assert_int_equal(peer_errors, 1);
+    kvx_begin again = {peer, "w3", 0};
+    assert_int_equal(kvx_send_begin_batch(tx, &again, 1, rcs), 0);
+    assert_true(rcs[0] == TD_ECONNRESET || rcs[0] == TD_ENOENT);
+    assert_int_equal(kvx_ep_wait(tx, &e, 1, 100 * TD_NS_PER_MS), 0);
+    kvx_ep_destroy(tx);
+    close(f.cfd);
+    close(f.lfd);
+    close(f.memfd);
+    unlink(path);
+}
+
 /* Allocation failures injected at every point of a round of 40 requests
  * (registration, BEGIN_ACK lists, tcp frames, control buffers, queue growth)
  * while nobody polls: every request either is refused by its call, or ends
@@ -2657,6 +2731,7 @@ int main(void)
         cmocka_unit_test(test_tcp_batch_open),
         cmocka_unit_test(test_shm_batch_open),
         cmocka_unit_test(test_begin_to_gone_peer),
+        cmocka_unit_test(test_begin_write_fails),
         cmocka_unit_test(test_tcp_calls_during_copies),
         cmocka_unit_test(test_shm_calls_during_copies),
         cmocka_unit_test(test_params_and_gpu_fallback),
