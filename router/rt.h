@@ -194,7 +194,7 @@ typedef struct rt_opts {
     int64_t max_outstanding, request_timeout_ms, max_body_bytes, heartbeat_ms, hold_max;
     int64_t http_head_timeout_ms, http_idle_timeout_ms;
     double bucket_rate, bucket_burst, queue_max_ms, slo_ttft_ms, slo_tpot_ms, short_window_s,
-        long_window_s, hold_max_ms, burst_cv, burst_rate_ratio, slo_margin;
+        long_window_s, hold_max_ms, burst_cv, burst_rate_ratio, slo_margin, speed_step;
 } rt_opts;
 
 typedef struct rt_metrics {

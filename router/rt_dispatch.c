@@ -89,7 +89,9 @@ static void rt__end(rt_req *r, int finish, int err, const char *details)
     r->state = RT_R_ENDED;
     if (r->admitted) {
         c->outstanding--;
-        if (c->adm->on_end) c->adm->on_end(c->adm_ctx, td_now_ns());
+        if (c->adm->on_end)
+            c->adm->on_end(c->adm_ctx, td_now_ns(), r->t_first ? r->n_generated : 0,
+                           r->t_first && r->t_last > r->t_first ? r->t_last - r->t_first : 0);
         /* Room freed: look at the held requests from the loop, not from
          * inside this request's end. */
         if (c->held_head) {

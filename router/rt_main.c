@@ -74,6 +74,8 @@ static const struct cfg_option rt_table[] = {
            burst_rate_ratio),
     RT_OPT("slo-margin", CFG_DOUBLE, NULL, "0", "1", NULL,
            "burst: admit within this fraction of the SLOs (0, 1]", slo_margin),
+    RT_OPT("speed-step", CFG_DOUBLE, NULL, "0", "1", NULL,
+           "burst: step of its SLO feedback (0: off)", speed_step),
     RT_OPT("cost-model", CFG_STRING, NULL, NULL, NULL, NULL,
            "Cost model file for queue_threshold and burst (tandem-sim and the profiler write it)",
            cost_model),
@@ -182,6 +184,7 @@ static int rt_adm_params(cfg *conf, const rt_opts *o, adm_params *p)
     RT_SET("burst-cv", burst_cv, o->burst_cv);
     RT_SET("burst-rate-ratio", burst_rate_ratio, o->burst_rate_ratio);
     RT_SET("slo-margin", slo_margin, o->slo_margin);
+    RT_SET("speed-step", speed_step, o->speed_step);
 #undef RT_SET
     if (o->cost_model) {
         char err[256] = "";

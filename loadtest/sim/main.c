@@ -22,12 +22,13 @@
 #include "loadtest/sim/sim_tune.h"
 
 struct sim_opts {
-    const char *trace, *format, *filter_model, *log_type, *admission, *cost, *out, *log_level;
+    const char *trace, *format, *filter_model, *log_type, *admission, *cost, *router_cost, *out,
+        *log_level;
     const char *loads, *policies, *holdout;
     double speedup, rate, start_s, end_s, slo_ttft_ms, slo_tpot_ms, train_fraction;
     /* The router's admission keys (router/rt_main.c), read over adm_params_defaults. */
     double bucket_rate, bucket_burst, queue_max_ms, short_window_s, long_window_s, hold_max_ms,
-        burst_cv, burst_rate_ratio, slo_margin;
+        burst_cv, burst_rate_ratio, slo_margin, speed_step;
     int64_t hold_max, max_prompt_tokens, max_output_tokens;
     double length_scale;
     int64_t max_requests, prefill, decode, kv_blocks, block_size, max_num_seqs, max_batched_tokens,
@@ -92,6 +93,10 @@ struct sim_opts {
         SIM_OPT("cost", CFG_STRING, NULL, NULL, NULL, NULL,                                        \
                 "Cost model file (adm_cost_load; keys left out are 0); default adm_cost_defaults", \
                 cost),                                                                             \
+        SIM_OPT("router-cost", CFG_STRING, NULL, NULL, NULL, NULL,                                 \
+                "The router's cost model when it differs from the simulated cluster's (--cost): "  \
+                "a profile taken when the cluster ran faster or slower",                           \
+                router_cost),                                                                      \
         SIM_OPT("slo-ttft-ms", CFG_DOUBLE, "0", "0", NULL, NULL,                                   \
                 "TTFT SLO (ms) of the report, and burst's when set; 0: unchecked", slo_ttft_ms),   \
         SIM_OPT("slo-tpot-ms", CFG_DOUBLE, "0", "0", NULL, NULL,                                   \
@@ -119,6 +124,8 @@ struct sim_opts {
                 burst_rate_ratio),                                                                 \
         SIM_OPT("slo-margin", CFG_DOUBLE, NULL, "0", "1", NULL,                                    \
                 "burst: admit within this fraction of the SLOs (0, 1]", slo_margin),               \
+        SIM_OPT("speed-step", CFG_DOUBLE, NULL, "0", "1", NULL,                                    \
+                "burst: step of its SLO feedback (0: off)", speed_step),                           \
         SIM_OPT("retry-429", CFG_INT64, "0", "0", "100", NULL,                                     \
                 "Client retries of a 429 after its Retry-After (the load tester's)", retry_429),   \
         SIM_OPT("seed", CFG_INT64, "1", "0", NULL, NULL,                                           \
@@ -237,6 +244,7 @@ static int parse(const char *cmd, const struct cfg_option *t, size_t nt, int arg
     SIM_SET("burst-cv", burst_cv, o->burst_cv);
     SIM_SET("burst-rate-ratio", burst_rate_ratio, o->burst_rate_ratio);
     SIM_SET("slo-margin", slo_margin, o->slo_margin);
+    SIM_SET("speed-step", speed_step, o->speed_step);
 #undef SIM_SET
     if (o->slo_ttft_ms > 0) p->slo_ttft_ms = o->slo_ttft_ms;
     if (o->slo_tpot_ms > 0) p->slo_tpot_ms = o->slo_tpot_ms;
@@ -246,6 +254,14 @@ static int parse(const char *cmd, const struct cfg_option *t, size_t nt, int arg
             fprintf(stderr, "tandem-sim: --cost %s: %s\n", o->cost, err);
             return 2;
         }
+    }
+    if (o->router_cost) {
+        char err[512] = "";
+        if (adm_cost_load(o->router_cost, &sc->router_cost, err, sizeof(err)) != 0) {
+            fprintf(stderr, "tandem-sim: --router-cost %s: %s\n", o->router_cost, err);
+            return 2;
+        }
+        sc->router_cost_set = 1;
     }
     return -1;
 }
@@ -345,6 +361,7 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
             cJSON_AddNumberToObject(ap, "burst-cv", p->burst_cv);
             cJSON_AddNumberToObject(ap, "burst-rate-ratio", p->burst_rate_ratio);
             cJSON_AddNumberToObject(ap, "slo-margin", p->slo_margin);
+            cJSON_AddNumberToObject(ap, "speed-step", p->speed_step);
         }
     }
     cJSON *co = cJSON_AddObjectToObject(x, "cost");

@@ -305,7 +305,8 @@ static void sim__complete(sim__ctx *c, size_t i)
     if (d->inflight) d->inflight--;
     sim__prefill_done(c, i);
     if (c->outstanding) c->outstanding--;
-    if (c->adm->on_end) c->adm->on_end(c->adm_ctx, c->now);
+    if (c->adm->on_end)
+        c->adm->on_end(c->adm_ctx, c->now, (uint32_t)r->n_chunks, r->e2e_ns - r->ttft_ns);
     /* The router rechecks the hold queue from a 0 ms timer, after the
      * current callback: here, after the current event. */
     if (c->n_held) c->pass_due = 1;
@@ -883,7 +884,9 @@ int sim_run(const sim_config *cfg, const lt_req *reqs, size_t n, sim_result *out
         return TD_EINVAL;
     }
     adm_params params = cfg->params;
-    params.cost = cfg->cost; /* one cost model for the steps and the predictions */
+    /* One cost model for the steps and the predictions, unless the router's
+     * is given apart. */
+    params.cost = cfg->router_cost_set ? cfg->router_cost : cfg->cost;
     rc = c.adm->create(&params, &c.adm_ctx);
     if (rc) {
         c.adm = NULL;

@@ -53,14 +53,18 @@ typedef struct sim_config {
     const adm_ops *policy;        /* when set, used instead of adm_find(admission) (tests);
                                      borrowed */
     adm_params params;            /* its parameters (params.cost is ignored: cost is used) */
-    adm_cost cost;                /* the one cost model: the simulated steps and the policy's
-                                     predictions (the router's --cost-model) */
-    uint32_t retry_429;           /* client retries of a 429, after its Retry-After (the load
-                                     tester's --retry-429); 0 = none */
-    uint32_t chunk_cap;           /* token times kept per record; 0 = all */
-    int check_kv;                 /* kvc_check after every step (tests) */
-    uint64_t seed;                /* the host's slow stretches (cost.host_slow_*): the same
-                                     seed draws the same stretches */
+    adm_cost cost;                /* the cost model: the simulated steps and, unless
+                                     router_cost_set, the policy's predictions (the router's
+                                     --cost-model) */
+    adm_cost router_cost;         /* router_cost_set: the policy's predictions use this one
+                                     instead (a profile taken when the cluster ran otherwise) */
+    int router_cost_set;
+    uint32_t retry_429; /* client retries of a 429, after its Retry-After (the load
+                           tester's --retry-429); 0 = none */
+    uint32_t chunk_cap; /* token times kept per record; 0 = all */
+    int check_kv;       /* kvc_check after every step (tests) */
+    uint64_t seed;      /* the host's slow stretches (cost.host_slow_*): the same
+                           seed draws the same stretches */
 } sim_config;
 
 /* Defaults: 1 + 1 workers, 1024 blocks of 16, 64 seqs, 512 tokens, context

@@ -25,6 +25,7 @@ void adm_params_defaults(adm_params *p)
         .burst_cv = 1.5,
         .burst_rate_ratio = 1.5,
         .slo_margin = 0.8,
+        .speed_step = 0,
     };
     adm_cost_defaults(&p->cost);
 }

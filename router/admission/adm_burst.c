@@ -33,7 +33,19 @@
  *   cost model unknown                       -> ADMIT while outstanding < cap, else HOLD
  *   meets both SLOs                          -> ADMIT
  *   otherwise                                -> HOLD (same deadline)
- * A clock that goes back counts as no time elapsed (now' = max(now, last)). */
+ * A clock that goes back counts as no time elapsed (now' = max(now, last)).
+ *
+ * SLO feedback (speed_step > 0): the predictions above use the cost model
+ * with its prefill and transfer times multiplied by speed_prefill and its
+ * decode times by speed_decode, each in [1, ADM_SPEED_MAX]. An admitted
+ * request whose first token came after the TTFT SLO multiplies
+ * speed_prefill by (1 + step), one within it by (1 - step / 19); the same
+ * for speed_decode with a finished request's time per output token against
+ * the TPOT SLO. So the factors rise while more than about 1 in 20 admitted
+ * requests miss an SLO and fall back to 1 (the model as profiled) while
+ * fewer do: an integral controller on the admitted requests' violations,
+ * which corrects a cost model that has become optimistic (the host slowed
+ * down after the profile) and leaves an accurate one alone. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -54,7 +66,9 @@ typedef struct adm__burst {
     double count_short, count_long;
     uint32_t n_gaps;
     double gap_mean_s, gap_var_s2;
-    double mean_prompt, mean_out; /* tokens */
+    double mean_prompt, mean_out;       /* tokens */
+    double speed_prefill, speed_decode; /* SLO feedback factors, >= 1 */
+    adm_cost cost_now;                  /* p.cost scaled by them */
 } adm__burst;
 
 static int adm__burst_create(const adm_params *p, void **ctx)
@@ -65,12 +79,15 @@ static int adm__burst_create(const adm_params *p, void **ctx)
         !isfinite(p->long_window_s) || !(p->long_window_s > p->short_window_s) ||
         !isfinite(p->hold_max_ms) || !(p->hold_max_ms >= 0) || !isfinite(p->burst_cv) ||
         !(p->burst_cv >= 0) || !isfinite(p->burst_rate_ratio) || !(p->burst_rate_ratio >= 1) ||
-        !(p->slo_margin > 0) || !(p->slo_margin <= 1))
+        !(p->slo_margin > 0) || !(p->slo_margin <= 1) || !(p->speed_step >= 0) ||
+        !(p->speed_step <= 1))
         return TD_EINVAL;
     adm__burst *b = calloc(1, sizeof(*b));
     if (!b) return TD_ENOMEM;
     b->p = *p;
     b->last_ns = INT64_MIN;
+    b->speed_prefill = b->speed_decode = 1;
+    b->cost_now = p->cost;
     *ctx = b;
     return 0;
 }
@@ -147,7 +164,7 @@ static void adm__burst_predict(const adm__burst *b, const adm_input *in, uint32_
                                adm__pred *pr)
 {
     const double m = b->p.slo_margin;
-    adm__predict(&b->p.cost, in, (double)held * b->mean_prompt,
+    adm__predict(&b->cost_now, in, (double)held * b->mean_prompt,
                  (double)held * b->mean_prompt * (b->mean_prompt + 1) / 2, held, b->mean_prompt,
                  b->mean_out, m * b->p.slo_ttft_ms * 1e3, m * b->p.slo_tpot_ms * 1e3, pr);
 }
@@ -212,10 +229,53 @@ static void adm__burst_recheck(void *ctx, const adm_input *in, adm_decision *out
         adm__hold(out, until, "held through a burst");
 }
 
+/* The SLO feedback (top of the file). */
+static void adm__burst_rescale(adm__burst *b)
+{
+    const adm_cost *c = &b->p.cost;
+    adm_cost *s = &b->cost_now;
+    const double fp = b->speed_prefill, fd = b->speed_decode;
+    s->prefill_us_fixed = c->prefill_us_fixed * fp;
+    s->prefill_us_per_token = c->prefill_us_per_token * fp;
+    s->prefill_us_per_token_ctx = c->prefill_us_per_token_ctx * fp;
+    s->transfer_us_per_block = c->transfer_us_per_block * fp;
+    s->transfer_us_fixed = c->transfer_us_fixed * fp;
+    s->decode_step_us_fixed = c->decode_step_us_fixed * fd;
+    s->decode_step_us_per_seq = c->decode_step_us_per_seq * fd;
+    s->decode_step_us_per_ctx_token = c->decode_step_us_per_ctx_token * fd;
+}
+
+static void adm__speed_update(double *speed, double step, bool missed)
+{
+    *speed *= missed ? 1 + step : 1 - step / 19;
+    *speed = fmin(fmax(*speed, 1), ADM_SPEED_MAX);
+}
+
+static void adm__burst_first_token(void *ctx, int64_t now_ns, int64_t ttft_ns)
+{
+    adm__burst *b = ctx;
+    (void)now_ns;
+    if (!(b->p.speed_step > 0)) return;
+    adm__speed_update(&b->speed_prefill, b->p.speed_step, (double)ttft_ns > b->p.slo_ttft_ms * 1e6);
+    adm__burst_rescale(b);
+}
+
+static void adm__burst_end(void *ctx, int64_t now_ns, uint32_t n_tokens, int64_t decode_ns)
+{
+    adm__burst *b = ctx;
+    (void)now_ns;
+    if (!(b->p.speed_step > 0) || n_tokens < 2 || decode_ns < 0) return;
+    double tpot_ns = (double)decode_ns / (n_tokens - 1);
+    adm__speed_update(&b->speed_decode, b->p.speed_step, tpot_ns > b->p.slo_tpot_ms * 1e6);
+    adm__burst_rescale(b);
+}
+
 const adm_ops adm__burst_ops = {
     .name = "burst",
     .create = adm__burst_create,
     .destroy = adm__burst_destroy,
     .decide = adm__burst_decide,
     .recheck = adm__burst_recheck,
+    .on_first_token = adm__burst_first_token,
+    .on_end = adm__burst_end,
 };

@@ -295,6 +295,13 @@ static void t_bad_params(void **state)
     p = test_params(), p.bucket_burst = INFINITY;
     assert_int_equal(adm_find("token_bucket")->create(&p, &ctx), TD_EINVAL);
     /* queue_threshold */
+    /* burst: speed_step */
+    p = test_params(), p.speed_step = -0.1;
+    assert_int_equal(adm_find("burst")->create(&p, &ctx), TD_EINVAL);
+    p = test_params(), p.speed_step = 1.5;
+    assert_int_equal(adm_find("burst")->create(&p, &ctx), TD_EINVAL);
+    p = test_params(), p.speed_step = NAN;
+    assert_int_equal(adm_find("burst")->create(&p, &ctx), TD_EINVAL);
     p = test_params(), p.queue_max_ms = -1;
     assert_int_equal(adm_find("queue_threshold")->create(&p, &ctx), TD_EINVAL);
     p = test_params(), p.cost.prefill_us_per_token = -1;
@@ -953,6 +960,87 @@ static void t_burst_decode_side(void **state)
 }
 
 /* No ready worker: rejected at once, on arrival and when held. */
+/* The SLO feedback (speed_step): admitted requests that miss the TPOT SLO
+ * scale the decode times up by (1 + step) each, ones within it back down by
+ * (1 - step / 19) each, never below the model as given; the TTFT side the
+ * same with first tokens. Arrivals 1 s apart: never a burst, so "not
+ * meets" is a reject. */
+static void t_burst_slo_feedback(void **state)
+{
+    (void)state;
+    adm_params p = test_params();
+    p.speed_step = 0.1;
+    const adm_ops *o = adm_find("burst");
+    void *ctx = make("burst", &p);
+    adm_decision d;
+    int64_t t = 1 * S;
+    /* 2 ms + 0.5 ms x (30 + 1) = 17.5 ms <= 20 ms */
+    adm_input in = idle_input(t);
+    in.running_seqs = 30;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_ADMIT);
+    /* Three requests at 25 ms per token (11 tokens in 250 ms): x 1.1^3 =
+     * 1.331, 17.5 ms -> 23.3 ms. */
+    for (int i = 0; i < 3; i++)
+        o->on_end(ctx, t, 11, 250 * MS);
+    /* Ends that say nothing: no tokens, or one. */
+    o->on_end(ctx, t, 0, 0);
+    o->on_end(ctx, t, 1, 0);
+    in.now_ns = t += S;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    /* Ten within the SLO: 1.331 x (1 - 0.1 / 19)^10 = 1.263, still over
+     * 20 / 17.5 = 1.143. */
+    for (int i = 0; i < 10; i++)
+        o->on_end(ctx, t, 11, 100 * MS);
+    in.now_ns = t += S;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    /* Fifty more: 1.331 x 0.99474^60 = 0.97, held at 1: the model itself.
+     * 35 running: 2 + 0.5 x 36 = 20 ms, admitted; 36 running: 20.5 ms, not. */
+    for (int i = 0; i < 50; i++)
+        o->on_end(ctx, t, 11, 100 * MS);
+    in.now_ns = t += S;
+    in.running_seqs = 35;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_ADMIT);
+    in.now_ns = t += S;
+    in.running_seqs = 36;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+
+    /* TTFT: 850 prompt tokens ahead (85 ms) + its own 100 (10 ms) = 95 ms
+     * <= 100 ms; one first token after 150 ms: x 1.1, 104.5 ms. */
+    in = idle_input(t += S);
+    in.inflight_prefill_tokens = 850;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_ADMIT);
+    o->on_first_token(ctx, t, 150 * MS);
+    in.now_ns = t += S;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    /* The decode side was not touched by it: 35 running still fits. */
+    in = idle_input(t += S);
+    in.running_seqs = 35;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_ADMIT);
+    o->destroy(ctx);
+
+    /* speed_step 0: the same misses change nothing. */
+    p.speed_step = 0;
+    ctx = make("burst", &p);
+    for (int i = 0; i < 20; i++) {
+        o->on_end(ctx, t, 11, 250 * MS);
+        o->on_first_token(ctx, t, 150 * MS);
+    }
+    in = idle_input(t += S);
+    in.running_seqs = 35;
+    in.inflight_prefill_tokens = 850;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_ADMIT);
+    o->destroy(ctx);
+}
+
 static void t_burst_empty_cluster(void **state)
 {
     (void)state;
@@ -1259,6 +1347,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(t_burst_sustained_overload),
         cmocka_unit_test(t_burst_hold_deadline),
         cmocka_unit_test(t_burst_decode_side),
+        cmocka_unit_test(t_burst_slo_feedback),
         cmocka_unit_test(t_burst_empty_cluster),
         cmocka_unit_test(t_burst_idle_and_clock_jumps),
         cmocka_unit_test(t_determinism),

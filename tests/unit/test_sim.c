@@ -572,7 +572,8 @@ typedef struct hold_log {
     int64_t recheck_until[64];
     uint64_t decide_inflight_prefill[8];
     uint32_t decide_block_size[8];
-    int64_t first_t[8], first_ttft[8], end_t[8];
+    int64_t first_t[8], first_ttft[8], end_t[8], end_decode[8];
+    uint32_t end_tokens[8];
 } hold_log;
 static hold_log hl;
 
@@ -608,9 +609,11 @@ static void hold_first(void *ctx, int64_t now, int64_t ttft)
     hl.first_t[hl.n_first] = now;
     hl.first_ttft[hl.n_first++] = ttft;
 }
-static void hold_end(void *ctx, int64_t now)
+static void hold_end(void *ctx, int64_t now, uint32_t n_tokens, int64_t decode_ns)
 {
     (void)ctx;
+    hl.end_tokens[hl.n_end] = n_tokens;
+    hl.end_decode[hl.n_end] = decode_ns;
     hl.end_t[hl.n_end++] = now;
 }
 static const adm_ops hold_ops = {.name = "hold",
@@ -672,6 +675,11 @@ static void test_hold_queue_hand_computed(void **state)
     assert_int_equal(hl.n_end, 2);
     assert_int_equal(hl.end_t[0], 5520 * US);
     assert_int_equal(hl.end_t[1], 8780 * US);
+    /* ... each end with its tokens and first-to-last-token time */
+    assert_int_equal(hl.end_tokens[0], 3);
+    assert_int_equal(hl.end_decode[0], (5520 - 1520) * US);
+    assert_int_equal(hl.end_tokens[1], 2);
+    assert_int_equal(hl.end_decode[1], (8780 - 6780) * US);
     assert_int_equal(r.stats.held, 2);
     assert_int_equal(r.stats.admitted_after_hold, 1);
     assert_int_equal(r.stats.hold_timeouts, 1);
