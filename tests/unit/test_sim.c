@@ -502,6 +502,17 @@ static void test_one_cost_model(void **state)
     memset(&seen_cost, 0, sizeof(seen_cost));
     assert_int_equal(sim_run(&c, &q, 1, &r, NULL, 0), 0);
     assert_memory_equal(&seen_cost, &c.cost, sizeof(c.cost));
+    int64_t e2e = r.recs[0].e2e_ns;
+    sim_result_free(&r);
+    /* A router cost model of its own (--router-cost): the policy gets it,
+     * the simulated steps keep c.cost (same times as above). */
+    c.router_cost = c.cost;
+    c.router_cost.decode_step_us_fixed = 777;
+    c.router_cost_set = 1;
+    memset(&seen_cost, 0, sizeof(seen_cost));
+    assert_int_equal(sim_run(&c, &q, 1, &r, NULL, 0), 0);
+    assert_memory_equal(&seen_cost, &c.router_cost, sizeof(c.router_cost));
+    assert_int_equal(r.recs[0].e2e_ns, e2e);
     sim_result_free(&r);
 }
 
