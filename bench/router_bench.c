@@ -31,7 +31,7 @@
 #include "proto/tandem.pb-c.h"
 
 struct rb_opts {
-    const char *router_bin, *admission, *compare_admission, *cost_model;
+    const char *router_bin, *admission, *compare_admission, *cost_model, *router_config;
     int64_t requests, concurrency, tokens;
 };
 
@@ -52,6 +52,9 @@ static const struct cfg_option rb_table[] = {
            "A second router with this --admission, measured beside the first", compare_admission),
     RB_OPT("cost-model", CFG_STRING, "", NULL, NULL, "The routers' --cost-model (empty: none)",
            cost_model),
+    RB_OPT("router-config", CFG_STRING, "", NULL, NULL,
+           "The routers' --config (empty: none): admission keys such as burst's speed-step",
+           router_config),
 };
 
 static int g_tokens = 8;
@@ -228,13 +231,20 @@ static int start_router(const struct rb_opts *o, const char *admission, struct r
         close(pipefd[0]);
         int devnull = open("/dev/null", O_WRONLY);
         if (devnull >= 0) dup2(devnull, 2);
-        if (o->cost_model[0])
-            execl(o->router_bin, o->router_bin, "--grpc-listen", "127.0.0.1:0", "--http-listen",
-                  "127.0.0.1:0", "--heartbeat-ms", "60000", "--admission", admission,
-                  "--cost-model", o->cost_model, (char *)NULL);
-        else
-            execl(o->router_bin, o->router_bin, "--grpc-listen", "127.0.0.1:0", "--http-listen",
-                  "127.0.0.1:0", "--heartbeat-ms", "60000", "--admission", admission, (char *)NULL);
+        const char *argv[16] = {o->router_bin,   "--grpc-listen", "127.0.0.1:0",
+                                "--http-listen", "127.0.0.1:0",   "--heartbeat-ms",
+                                "60000",         "--admission",   admission};
+        int argc = 9;
+        if (o->cost_model[0]) {
+            argv[argc++] = "--cost-model";
+            argv[argc++] = o->cost_model;
+        }
+        if (o->router_config[0]) {
+            argv[argc++] = "--config";
+            argv[argc++] = o->router_config;
+        }
+        argv[argc] = NULL;
+        execv(o->router_bin, (char *const *)argv);
         _exit(127);
     }
     close(pipefd[1]);
