@@ -1994,6 +1994,48 @@ static int fake_next(int fd, void *body, size_t cap, int timeout_ms)
     }
 }
 
+/* A sender (stall timeout 20 s, post ring of post_ring_bytes, 0: the
+ * default) connected to a hand-made receiver listening on a fresh path
+ * (written to path): the handshake is done when it returns. fake_rx_close
+ * closes the receiver's descriptors and removes the path. */
+static kvx_ep *fake_rx_pair(fake_rx *f, char *path, size_t pathlen, size_t post_ring_bytes,
+                            int *peer)
+{
+    addr_for("shm", path, pathlen);
+    struct sockaddr_un su = {.sun_family = AF_UNIX};
+    snprintf(su.sun_path, sizeof(su.sun_path), "%s", path);
+    f->lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+    unlink(path);
+    assert_int_equal(bind(f->lfd, (struct sockaddr *)&su, sizeof(su)), 0);
+    assert_int_equal(listen(f->lfd, 4), 0);
+    f->memfd = memfd_create("fake-rx-pool", 0);
+    assert_true(f->memfd >= 0);
+    assert_int_equal(ftruncate(f->memfd, (off_t)kv_layout_pool_bytes(&f->l)), 0);
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, fake_rx_handshake, f), 0);
+    kvx_params pp = {.transport = "shm",
+                     .role = KVX_ROLE_SEND,
+                     .model_fingerprint = FP,
+                     .layout = f->l,
+                     .stall_timeout_ns = 20 * SEC,
+                     .post_ring_bytes = post_ring_bytes};
+    kvx_ep *tx = NULL;
+    assert_int_equal(kvx_ep_create(&pp, &tx), 0);
+    assert_int_equal(kvx_connect(tx, path, peer, NULL, 0), 0);
+    void *ok;
+    pthread_join(th, &ok);
+    assert_non_null(ok);
+    return tx;
+}
+
+static void fake_rx_close(fake_rx *f, const char *path)
+{
+    close(f->cfd);
+    close(f->lfd);
+    close(f->memfd);
+    unlink(path);
+}
+
 /* The post ring full: TD_EAGAIN and nothing of the refused batch is posted
  * (the receiver sees exactly the accepted posts); room comes back as posts
  * leave; a batch larger than half the ring is TD_ERANGE. */
@@ -2002,31 +2044,8 @@ static void test_post_ring_full(void **s)
     enum { NL = 4 };
     fake_rx f = {.l = small_layout(NL, 8), .cfd = -1};
     char path[100];
-    addr_for("shm", path, sizeof(path));
-    struct sockaddr_un su = {.sun_family = AF_UNIX};
-    snprintf(su.sun_path, sizeof(su.sun_path), "%s", path);
-    f.lfd = socket(AF_UNIX, SOCK_STREAM, 0);
-    unlink(path);
-    assert_int_equal(bind(f.lfd, (struct sockaddr *)&su, sizeof(su)), 0);
-    assert_int_equal(listen(f.lfd, 4), 0);
-    f.memfd = memfd_create("fake-rx-pool", 0);
-    assert_true(f.memfd >= 0);
-    assert_int_equal(ftruncate(f.memfd, (off_t)kv_layout_pool_bytes(&f.l)), 0);
-    pthread_t th;
-    assert_int_equal(pthread_create(&th, NULL, fake_rx_handshake, &f), 0);
-    kvx_params pp = {.transport = "shm",
-                     .role = KVX_ROLE_SEND,
-                     .model_fingerprint = FP,
-                     .layout = f.l,
-                     .stall_timeout_ns = 20 * SEC,
-                     .post_ring_bytes = 8192};
-    kvx_ep *tx = NULL;
-    assert_int_equal(kvx_ep_create(&pp, &tx), 0);
     int peer;
-    assert_int_equal(kvx_connect(tx, path, &peer, NULL, 0), 0);
-    void *ok;
-    pthread_join(th, &ok);
-    assert_non_null(ok);
+    kvx_ep *tx = fake_rx_pair(&f, path, sizeof(path), 8192, &peer);
     struct timeval tv = {.tv_sec = 3};
     setsockopt(f.cfd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 
@@ -2101,10 +2120,7 @@ static void test_post_ring_full(void **s)
     assert_int_equal(e.type, KVX_EV_FAILED);
     assert_int_equal(sent, 2);
     kvx_ep_destroy(tx);
-    close(f.cfd);
-    close(f.lfd);
-    close(f.memfd);
-    unlink(path);
+    fake_rx_close(&f, path);
 }
 
 /* A batch whose BEGIN write fails inside the call: the sender's own end of
@@ -2119,30 +2135,8 @@ static void test_begin_write_fails(void **s)
 {
     fake_rx f = {.l = small_layout(2, 8), .cfd = -1};
     char path[100];
-    addr_for("shm", path, sizeof(path));
-    struct sockaddr_un su = {.sun_family = AF_UNIX};
-    snprintf(su.sun_path, sizeof(su.sun_path), "%s", path);
-    f.lfd = socket(AF_UNIX, SOCK_STREAM, 0);
-    unlink(path);
-    assert_int_equal(bind(f.lfd, (struct sockaddr *)&su, sizeof(su)), 0);
-    assert_int_equal(listen(f.lfd, 4), 0);
-    f.memfd = memfd_create("fake-rx-pool", 0);
-    assert_true(f.memfd >= 0);
-    assert_int_equal(ftruncate(f.memfd, (off_t)kv_layout_pool_bytes(&f.l)), 0);
-    pthread_t th;
-    assert_int_equal(pthread_create(&th, NULL, fake_rx_handshake, &f), 0);
-    kvx_params pp = {.transport = "shm",
-                     .role = KVX_ROLE_SEND,
-                     .model_fingerprint = FP,
-                     .layout = f.l,
-                     .stall_timeout_ns = 20 * SEC};
-    kvx_ep *tx = NULL;
-    assert_int_equal(kvx_ep_create(&pp, &tx), 0);
     int peer;
-    assert_int_equal(kvx_connect(tx, path, &peer, NULL, 0), 0);
-    void *ok;
-    pthread_join(th, &ok);
-    assert_non_null(ok);
+    kvx_ep *tx = fake_rx_pair(&f, path, sizeof(path), 0, &peer);
 
     int sfd = -1;
     for (int fd = 3; fd < 4096 && sfd < 0; fd++) {
@@ -2175,10 +2169,7 @@ static void test_begin_write_fails(void **s)
     assert_true(rcs[0] == TD_ECONNRESET || rcs[0] == TD_ENOENT);
     assert_int_equal(kvx_ep_wait(tx, &e, 1, 100 * TD_NS_PER_MS), 0);
     kvx_ep_destroy(tx);
-    close(f.cfd);
-    close(f.lfd);
-    close(f.memfd);
-    unlink(path);
+    fake_rx_close(&f, path);
 }
 
 /* Allocation failures injected at every point of a round of 40 requests
