@@ -78,6 +78,7 @@ typedef struct sim__req {
     int64_t kv_dst;       /* decode worker's destination sequence */
     int64_t kv_src;       /* prefill worker's held sequence */
     int64_t hold_until;   /* ns; the deadline decide gave (while held) */
+    int64_t arrive_ns;    /* this attempt reached the router (a retry is a new request) */
     uint32_t dec, pre;
     uint32_t n_prompt, n_out;
     uint8_t held;            /* in the hold queue (rt_req RT_R_HELD) */
@@ -331,7 +332,9 @@ static void sim__join(sim__ctx *c, sim__worker *w, size_t i)
     p->inflight_tokens = p->inflight_tokens > q->n_prompt ? p->inflight_tokens - q->n_prompt : 0;
     sim__prefill_done(c, i);
     if (c->adm->on_first_token)
-        c->adm->on_first_token(c->adm_ctx, c->now, c->now - c->recs[i].send_ns);
+        /* From this attempt's arrival, as the router's t_arrival: the
+         * client's earlier 429s are not this request's time. */
+        c->adm->on_first_token(c->adm_ctx, c->now, c->now - q->arrive_ns);
     if (q->n_out <= 1) {
         (void)kvc_seq_free(w->pool, q->kv_dst);
         q->kv_dst = -1;
@@ -668,6 +671,7 @@ static int sim__attempt(sim__ctx *c, size_t i)
     const sim_config *cfg = c->cfg;
     lt_record *r = &c->recs[i];
     sim__req *q = &c->rq[i];
+    q->arrive_ns = c->now;
     if (q->n_prompt >= cfg->max_model_len || q->n_prompt + q->n_out > cfg->max_model_len) {
         r->http_status = 400;
         r->outcome = LT_ERROR;

@@ -52,7 +52,8 @@ typedef struct sim_config {
     const char *admission;        /* policy name for adm_find */
     const adm_ops *policy;        /* when set, used instead of adm_find(admission) (tests);
                                      borrowed */
-    adm_params params;            /* its parameters (params.cost is ignored: cost is used) */
+    adm_params params;            /* its parameters (params.cost is ignored: router_cost or
+                                     cost is used) */
     adm_cost cost;                /* the cost model: the simulated steps and, unless
                                      router_cost_set, the policy's predictions (the router's
                                      --cost-model) */

@@ -293,6 +293,63 @@ static void test_admission_changes_rejections(void **state)
     assert_int_equal(sim_run(&c, reqs, 3, &r, err, sizeof(err)), TD_EINVAL);
 }
 
+/* One request at a time, the others 429 with Retry-After 1; the TTFT the
+ * policy is told (on_first_token) counts from the attempt it admitted, as
+ * the router's t_arrival does, while the record's counts from the first
+ * send. */
+static int64_t one_ttft[4];
+static int one_n;
+static void one_decide(void *ctx, const adm_input *in, adm_decision *out)
+{
+    (void)ctx;
+    *out = in->outstanding == 0
+               ? (adm_decision){.verdict = ADM_ADMIT}
+               : (adm_decision){.verdict = ADM_REJECT, .retry_after_s = 1, .reason = "one"};
+}
+static void one_first(void *ctx, int64_t now, int64_t ttft)
+{
+    (void)ctx;
+    (void)now;
+    if (one_n < 4) one_ttft[one_n++] = ttft;
+}
+static int one_create(const adm_params *p, void **ctx)
+{
+    (void)p;
+    *ctx = NULL;
+    return 0;
+}
+static void one_destroy(void *ctx)
+{
+    (void)ctx;
+}
+
+static void test_retry_ttft_seen_by_policy(void **state)
+{
+    (void)state;
+    static const adm_ops one = {.name = "one",
+                                .create = one_create,
+                                .destroy = one_destroy,
+                                .decide = one_decide,
+                                .on_first_token = one_first};
+    sim_config c;
+    tiny_config(&c);
+    c.policy = &one;
+    c.retry_429 = 2;
+    lt_req reqs[2] = {{.t_ns = 0, .input_tokens = 8, .output_tokens = 4},
+                      {.t_ns = 100 * US, .input_tokens = 8, .output_tokens = 4}};
+    sim_result r;
+    one_n = 0;
+    assert_int_equal(sim_run(&c, reqs, 2, &r, NULL, 0), 0);
+    assert_int_equal(r.recs[1].attempts, 2);
+    assert_int_equal(r.recs[1].outcome, LT_OK);
+    assert_true(r.recs[1].ttft_ns > TD_NS_PER_S);
+    assert_int_equal(one_n, 2);
+    /* Same prompt, same idle cluster: the same time to first token. */
+    assert_int_equal(one_ttft[1], one_ttft[0]);
+    assert_int_equal(one_ttft[0], r.recs[0].ttft_ns);
+    sim_result_free(&r);
+}
+
 static void synth(lt_trace *tr, size_t n, uint64_t seed, double speed)
 {
     lt_synth_params p;
@@ -779,6 +836,7 @@ int main(void)
         cmocka_unit_test(test_one_token_output),
         cmocka_unit_test(test_host_two_speeds),
         cmocka_unit_test(test_admission_changes_rejections),
+        cmocka_unit_test(test_retry_ttft_seen_by_policy),
         cmocka_unit_test(test_pressure_determinism_and_no_leaks),
         cmocka_unit_test(test_summary_fields),
         cmocka_unit_test(test_step_cost),
