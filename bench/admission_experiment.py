@@ -13,8 +13,11 @@
    capacity (`tandem-sim tune`, same cost model) is the first probe; the rate
    is then moved by 1.25x steps until the 90% line is bracketed, and the
    bracket halved twice (geometric). --capacity skips the search.
-2. Each policy runs on a fresh cluster (deploy/local/tandem-cluster up with
-   the policy's router flags and --cost-model COST) and replays the same
+2. Every replay runs on a fresh cluster (deploy/local/tandem-cluster up with
+   the policy's router flags and --cost-model COST): the load tester sends
+   request i the same prompt in every replay, so a cluster kept up from one
+   replay to the next would serve the second from its prefix cache (and
+   carry the router's policy state over). Each policy replays the same
    requests at each load (a multiple of the capacity). `none` and `burst` run
    every load; the others skip the loads below 1. While a replay runs, the
    router's /metrics is read every 0.5 s (admission decisions over time), and
@@ -81,7 +84,8 @@ class Exp:
         a = self.a
         self.run([a.cluster, "down", "--run-dir", a.run_dir], log=False, check=False, quiet=True)
         argv = [a.cluster, "up", "--run-dir", a.run_dir, "--model", a.model, "--prefill",
-                str(a.prefill), "--decode", str(a.decode), "--http-listen", a.http,
+                str(a.prefill), "--decode", str(a.decode), "--bin-dir", os.path.abspath(a.bin_dir),
+                "--http-listen", a.http,
                 "--grpc-listen", a.grpc, "--router-args=" + " ".join(router_args)]
         self.run(argv)
         with open(os.path.join(a.run_dir, "cluster.json")) as f:
@@ -120,6 +124,7 @@ class Exp:
                 "prefill_s": m.get("tandem_prefill_seconds_sum", 0.0),
                 "prefills": m.get("tandem_prefill_seconds_count", 0.0),
                 "kv_bytes": m.get("tandem_kv_transfer_bytes_total", 0.0),
+                "prefix_hit_blocks": m.get("tandem_prefix_cache_hit_blocks_total", 0.0),
                 "free": m.get("tandem_kv_blocks_free", 0.0),
                 "total": m.get("tandem_kv_blocks_total", 0.0),
             }
@@ -322,6 +327,7 @@ def main(argv):
         sim_cap = float(m.group(1))
 
         def probe(rate):
+            e.up(["--admission", "none", "--cost-model", a.cost])
             s = e.replay(rate, os.path.join(a.work, "cap-%.3f" % rate))
             frac = s["goodput"]["fraction"]
             probes.append((rate, frac, s["ttft_ms"]["p90"], s["tpot_ms"]["p90"]))
@@ -384,8 +390,6 @@ def main(argv):
         if pol == "max_outstanding" and mo_n is None:
             mo_n = int(extra[extra.index("--max-outstanding") + 1])
         params[pol] = (extra, rule)
-        if not a.profile_each:
-            e.up(["--admission", pol, "--cost-model", a.cost] + extra)
         for ld in loads:
             if ld < 1 and pol not in a.low_load_policies.split(","):
                 continue
@@ -396,12 +400,16 @@ def main(argv):
                 e.up(["--admission", "none", "--cost-model", a.cost])
                 costs[(pol, ld)] = e.profile(os.path.join(a.out, "cost-%s-%gx.txt" % (pol, ld)))
                 e.down()
-                e.up(["--admission", pol, "--cost-model", costs[(pol, ld)]] + extra)
+            e.up(["--admission", pol, "--cost-model", costs.get((pol, ld), a.cost)] + extra)
             s = e.replay(cap * ld, out, poll=True)
             real[(pol, ld)] = s
             b = brief(s)
-            print("%-16s %4gx: thr %.2f good %.2f rej %.1f%% p90 TTFT %.1f ms" %
-                  (pol, ld, b["thr"], b["good"], b["rej_pct"], b["p90_ttft"]), flush=True)
+            hits = sum(s["_workers_after"][k].get("prefix_hit_blocks", 0) -
+                       s["_workers_before"][k].get("prefix_hit_blocks", 0)
+                       for k in s["_workers_after"] if k.startswith("prefill"))
+            print("%-16s %4gx: thr %.2f good %.2f rej %.1f%% p90 TTFT %.1f ms, "
+                  "prefix-cache hit blocks %d" %
+                  (pol, ld, b["thr"], b["good"], b["rej_pct"], b["p90_ttft"], hits), flush=True)
             with open(os.path.join(out, "admission_timeline.json"), "w") as f:
                 json.dump({"polls": s["_router_polls"], "workers_before": s["_workers_before"],
                            "workers_after": s["_workers_after"], "load_avg": s["_load_avg"]}, f)
@@ -409,9 +417,6 @@ def main(argv):
                 p = os.path.join(out, big)
                 if os.path.exists(p) and big != "requests.csv":
                     os.remove(p)
-            if a.profile_each:
-                e.down()
-        if not a.profile_each:
             e.down()
     # 3. Simulator, same requests, same cost model, same parameters.
     for pol in policies:
@@ -486,19 +491,21 @@ def write_results(a, e, cap, probes, loads, policies, params, real, simr, times)
            pct(bs["p90_ttft"], br["p90_ttft"])))
     w("\n## What the workers did (their /metrics, before and after each replay)\n")
     w("| policy | load | sent | rejected (429) | errors | decode requests | prefills | "
-      "KV bytes | free / total blocks after |")
-    w("|---|---|---|---|---|---|---|---|---|")
+      "prefix-cache hit blocks | KV bytes | free / total blocks after |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
     for (p, ld), s in sorted(real.items()):
         b0, b1 = s["_workers_before"], s["_workers_after"]
         dec = [k for k in b1 if k.startswith("decode")]
         pre = [k for k in b1 if k.startswith("prefill")]
         dreq = sum(b1[k]["requests"] - b0[k]["requests"] for k in dec)
         prefs = sum(b1[k]["prefills"] - b0[k]["prefills"] for k in pre)
+        hits = sum(b1[k].get("prefix_hit_blocks", 0) - b0[k].get("prefix_hit_blocks", 0)
+                   for k in pre)
         kvb = sum(b1[k]["kv_bytes"] - b0[k]["kv_bytes"] for k in dec + pre)
         free = sum(b1[k]["free"] for k in dec)
         tot = sum(b1[k]["total"] for k in dec)
-        w("| %s | %gx | %d | %d | %d | %d | %d | %d | %d / %d |" %
-          (p, ld, s["requests"], s["rejected"], s["errors"], dreq, prefs, kvb, free, tot))
+        w("| %s | %gx | %d | %d | %d | %d | %d | %d | %d | %d / %d |" %
+          (p, ld, s["requests"], s["rejected"], s["errors"], dreq, prefs, hits, kvb, free, tot))
     w("\n## Plots\n")
     for ld in loads:
         png = plot(a, ld, [p for p in policies if (p, ld) in real], real)

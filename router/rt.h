@@ -205,6 +205,7 @@ typedef struct rt_metrics {
     met_gauge *inflight, *held;
     met_counter *retries;
     met_family *admission; /* {verdict}: admitted, held, rejected, hold_timeout */
+    met_family *speed;     /* {stage} gauge: prefill, decode (rt_metrics_speed) */
 } rt_metrics;
 
 struct rt_ctx {
@@ -261,5 +262,8 @@ void rt_grpc_check_cancelled(rt_ctx *c);
 int rt_metrics_init(rt_metrics *m);
 void rt_metrics_free(rt_metrics *m);
 void rt_metrics_outcome(rt_ctx *c, const char *endpoint, const char *outcome);
+/* Copies the admission policy's SLO-feedback factors (adm_ops.speed) to the
+ * speed gauges; 1 and 1 for a policy without feedback. */
+void rt_metrics_speed(rt_ctx *c);
 
 #endif

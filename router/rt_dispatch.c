@@ -92,6 +92,7 @@ static void rt__end(rt_req *r, int finish, int err, const char *details)
         if (c->adm->on_end)
             c->adm->on_end(c->adm_ctx, td_now_ns(), r->t_first ? r->n_generated : 0,
                            r->t_first && r->t_last > r->t_first ? r->t_last - r->t_first : 0);
+        rt_metrics_speed(c);
         /* Room freed: look at the held requests from the loop, not from
          * inside this request's end. */
         if (c->held_head) {
@@ -373,6 +374,7 @@ void rt_req_on_wake(rt_req *r)
                 rt__prefill_done(r);
                 if (c->adm->on_first_token)
                     c->adm->on_first_token(c->adm_ctx, r->t_first, r->t_first - r->t_arrival);
+                rt_metrics_speed(c);
             }
             if (m->n_token_ids) {
                 int64_t now = td_now_ns();

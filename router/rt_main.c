@@ -293,6 +293,13 @@ int rt_metrics_init(rt_metrics *m)
     if (rc == 0)
         rc = met_gauge_new(m->reg, "tandem_router_held", "Requests in the admission hold queue",
                            &m->held);
+    static const char *const stage[] = {"stage"};
+    if (rc == 0)
+        rc = met_gauge_family(m->reg, "tandem_router_admission_speed_factor",
+                              "The factor the admission policy's SLO feedback applies to the cost "
+                              "model's prefill and transfer (stage=prefill) or decode "
+                              "(stage=decode) times; 1: the model as profiled",
+                              stage, 1, &m->speed);
     if (rc != 0) rt_metrics_free(m);
     return rc;
 }
@@ -301,6 +308,18 @@ void rt_metrics_free(rt_metrics *m)
 {
     met_registry_free(m->reg);
     memset(m, 0, sizeof(*m));
+}
+
+void rt_metrics_speed(rt_ctx *c)
+{
+    double f[2] = {1, 1};
+    if (c->adm->speed) c->adm->speed(c->adm_ctx, &f[0], &f[1]);
+    static const char *const stages[2] = {"prefill", "decode"};
+    for (int i = 0; i < 2; i++) {
+        met_gauge *g = NULL;
+        const char *lv[1] = {stages[i]};
+        if (met_gauge_get(c->metrics.speed, lv, &g) == 0) met_gauge_set(g, f[i]);
+    }
 }
 
 void rt_metrics_outcome(rt_ctx *c, const char *endpoint, const char *outcome)
@@ -398,6 +417,7 @@ int main(int argc, char **argv)
     }
     if (rt_metrics_init(&c->metrics) != 0) goto out;
     metrics_ok = true;
+    rt_metrics_speed(c);
     uv_async_init(&loop, &c->wake, rt_on_wake);
     c->wake.data = c;
     if (mpscq_init_wake(&c->q, rt_wake_fn, &c->wake) != 0) goto out;

@@ -216,6 +216,11 @@ typedef struct adm_ops {
      * output token of decode_ns / (n_tokens - 1). Optional. (The token count
      * and time were added to the agreed interface for burst's SLO feedback.) */
     void (*on_end)(void *ctx, int64_t now_ns, uint32_t n_tokens, int64_t decode_ns);
+    /* The factors the policy's SLO feedback applies to its cost model now:
+     * prefill and transfer times, decode times (burst: both 1 while
+     * speed_step is 0 or no admitted request has missed). Optional: NULL for
+     * policies without feedback. Read by the router for its metrics. */
+    void (*speed)(const void *ctx, double *prefill, double *decode);
 } adm_ops;
 
 /* Adds one ready worker's load to in (router and simulator alike), brought up

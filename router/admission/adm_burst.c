@@ -270,6 +270,13 @@ static void adm__burst_end(void *ctx, int64_t now_ns, uint32_t n_tokens, int64_t
     adm__burst_rescale(b);
 }
 
+static void adm__burst_speed(const void *ctx, double *prefill, double *decode)
+{
+    const adm__burst *b = ctx;
+    *prefill = b->speed_prefill;
+    *decode = b->speed_decode;
+}
+
 const adm_ops adm__burst_ops = {
     .name = "burst",
     .create = adm__burst_create,
@@ -278,4 +285,5 @@ const adm_ops adm__burst_ops = {
     .recheck = adm__burst_recheck,
     .on_first_token = adm__burst_first_token,
     .on_end = adm__burst_end,
+    .speed = adm__burst_speed,
 };

@@ -578,6 +578,60 @@ def part_token_bucket(model):
     cl.stop()
 
 
+def router_gauges(cl, name):
+    """{label value: float} of the router's gauge family name (one label)."""
+    text = urllib.request.urlopen("http://%s/metrics" % cl.http, timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r'^%s\{[a-z_]+="([a-z_]+)"\} (\S+)$' % name, line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def wait_gauges(cl, name, want, wait_s=5):
+    """The gauges once they equal want (within 1e-9), or as they are after wait_s: a
+    request's end reaches the policy just after its last byte."""
+    until = time.time() + wait_s
+    while True:
+        g = router_gauges(cl, name)
+        if (set(g) == set(want) and all(abs(g[k] - want[k]) < 1e-9 for k in want)) or \
+                time.time() > until:
+            return g
+        time.sleep(0.02)
+
+
+def part_speed_feedback(model):
+    log("== burst's SLO feedback sees each request's TTFT, tokens and decode time")
+    # No cost model: burst admits under its outstanding cap, and its feedback
+    # still runs. SLOs of 1 us: every admitted request misses both, so each
+    # first token multiplies the prefill factor by 1.5, and each request of 2
+    # or more tokens the decode factor; a 1-token request has no time per
+    # output token and leaves the decode factor alone.
+    cl = Cluster(model, router_args=("--admission", "burst", "--speed-step", "0.5",
+                                     "--slo-ttft-ms", "0.001", "--slo-tpot-ms", "0.001"))
+    name = "tandem_router_admission_speed_factor"
+    check(router_gauges(cl, name) == {"prefill": 1.0, "decode": 1.0},
+          "speed factors at start: %s" % router_gauges(cl, name))
+    body = {"model": "stories260K", "prompt": "Once", "max_tokens": 1, "ignore_eos": True,
+            "temperature": 0}
+    status, _, data = post(cl.http, "/v1/completions", body)
+    check(status == 200, "1-token request: %d %s" % (status, data[:200]))
+    g = wait_gauges(cl, name, {"prefill": 1.5, "decode": 1.0})
+    check(g == {"prefill": 1.5, "decode": 1.0}, "after a 1-token request: %s" % g)
+    status, _, data = post(cl.http, "/v1/completions", dict(body, max_tokens=24, stream=True))
+    check(status == 200, "24-token request: %d %s" % (status, data[:200]))
+    g = wait_gauges(cl, name, {"prefill": 2.25, "decode": 1.5})
+    check(g == {"prefill": 2.25, "decode": 1.5}, "after a 24-token request: %s" % g)
+    cl.stop()
+    # A policy without feedback reports 1 and 1.
+    cl = Cluster(model, router_args=("--admission", "none"))
+    post(cl.http, "/v1/completions", body)
+    check(router_gauges(cl, name) == {"prefill": 1.0, "decode": 1.0},
+          "speed factors of none: %s" % router_gauges(cl, name))
+    cl.stop()
+
+
 def part_timeouts(model):
     log("== deadlines (504) and slow clients (408)")
     # A model slow enough that 200 tokens take far longer than the deadline.
@@ -708,6 +762,7 @@ def main():
         part_api_key(model)
         part_admission_and_drain(model)
         part_token_bucket(model)
+        part_speed_feedback(model)
         part_timeouts(model)
         part_prefix_affinity(model)
         part_faults(model)

@@ -959,7 +959,6 @@ static void t_burst_decode_side(void **state)
     o->destroy(ctx);
 }
 
-/* No ready worker: rejected at once, on arrival and when held. */
 /* The SLO feedback (speed_step): admitted requests that miss the TPOT SLO
  * scale the decode times up by (1 + step) each, ones within it back down by
  * (1 - step / 19) each, never below the model as given; the TTFT side the
