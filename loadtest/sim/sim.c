@@ -81,6 +81,7 @@ typedef struct sim__req {
     int64_t arrive_ns;    /* this attempt reached the router (a retry is a new request) */
     uint32_t dec, pre;
     uint32_t n_prompt, n_out;
+    uint32_t admitted_slot;  /* its index in sim__ctx.admitted while admitted */
     uint8_t held;            /* in the hold queue (rt_req RT_R_HELD) */
     uint8_t prefill_counted; /* its prompt is in inflight_prefill_tokens */
 } sim__req;
@@ -95,6 +96,10 @@ typedef struct sim__ctx {
     uint32_t nw;
     uint32_t rr_prefill, rr_decode;
     uint32_t outstanding;
+    /* The admitted, unfinished requests (the router's live requests with a
+     * decode stream), unordered, and scratch for adm_input.own_remaining. */
+    uint32_t *admitted, *remaining;
+    uint32_t n_admitted;
     /* The router's hold queue (rt_ctx held_head / held_tail / n_held) and its
      * own count of admitted prompt tokens without a first token. */
     int64_t held_head, held_tail;
@@ -304,6 +309,9 @@ static void sim__complete(sim__ctx *c, size_t i)
     r->outcome = LT_OK;
     sim__worker *d = &c->w[q->dec];
     if (d->inflight) d->inflight--;
+    uint32_t last = c->admitted[--c->n_admitted]; /* swap-remove */
+    c->admitted[q->admitted_slot] = last;
+    c->rq[last].admitted_slot = q->admitted_slot;
     sim__prefill_done(c, i);
     if (c->outstanding) c->outstanding--;
     if (c->adm->on_end)
@@ -552,8 +560,14 @@ static void sim__heartbeat(sim__ctx *c)
     }
 }
 
+static int sim__cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
 /* rt__adm_input: what the policy sees for request i now. */
-static void sim__adm_input(const sim__ctx *c, size_t i, adm_input *in)
+static void sim__adm_input(sim__ctx *c, size_t i, adm_input *in)
 {
     const sim__req *q = &c->rq[i];
     memset(in, 0, sizeof(*in));
@@ -576,6 +590,15 @@ static void sim__adm_input(const sim__ctx *c, size_t i, adm_input *in)
             in->block_size = c->cfg->block_size;
         }
     }
+    /* rt__adm_remaining: what each admitted request may still generate. */
+    for (uint32_t k = 0; k < c->n_admitted; k++) {
+        uint32_t j = c->admitted[k];
+        uint32_t sent = c->recs[j].n_chunks > 0 ? (uint32_t)c->recs[j].n_chunks : 0;
+        c->remaining[k] = c->rq[j].n_out > sent ? c->rq[j].n_out - sent : 0;
+    }
+    qsort(c->remaining, c->n_admitted, sizeof(*c->remaining), sim__cmp_u32);
+    in->own_remaining = c->remaining;
+    in->n_own_remaining = c->n_admitted;
 }
 
 /* rt__admit + rt__start: a decode and a prefill worker, the request counts
@@ -588,6 +611,8 @@ static int sim__admit_req(sim__ctx *c, size_t i)
     q->dec = sim__pick(c, cfg->n_prefill, cfg->n_decode, &c->rr_decode);
     q->pre = sim__pick(c, 0, cfg->n_prefill, &c->rr_prefill);
     c->w[q->dec].inflight++;
+    q->admitted_slot = c->n_admitted;
+    c->admitted[c->n_admitted++] = (uint32_t)i;
     c->w[q->pre].inflight++;
     c->w[q->pre].inflight_tokens += q->n_prompt;
     c->inflight_prefill_tokens += q->n_prompt;
@@ -791,6 +816,8 @@ static void sim__ctx_free(sim__ctx *c)
     free(c->zeros);
     free(c->results);
     free(c->rq);
+    free(c->admitted);
+    free(c->remaining);
 }
 
 void sim_result_free(sim_result *r)
@@ -902,8 +929,10 @@ int sim_run(const sim_config *cfg, const lt_req *reqs, size_t n, sim_result *out
     out->recs = calloc(n ? n : 1, sizeof(*out->recs));
     c.rq = calloc(n ? n : 1, sizeof(*c.rq));
     c.zeros = calloc(cfg->max_model_len, sizeof(int32_t));
+    c.admitted = calloc(n ? n : 1, sizeof(*c.admitted));
+    c.remaining = calloc(n ? n : 1, sizeof(*c.remaining));
     rc = TD_ENOMEM;
-    if (!out->recs || !c.rq || !c.zeros) goto fail;
+    if (!out->recs || !c.rq || !c.zeros || !c.admitted || !c.remaining) goto fail;
     c.recs = out->recs;
     out->n = n;
     if ((rc = sim__records(&c, out)) != 0) goto fail;

@@ -78,6 +78,14 @@ typedef struct adm_input {
     uint32_t total_kv_blocks;             /* decode workers: all KV blocks */
     uint32_t block_size;                  /* tokens per KV block (0: unknown) */
     uint32_t ready_prefill, ready_decode; /* ready workers of each role */
+    /* The tokens each of this router's own requests among running_seqs (sent
+     * to a decode worker, not ended) may still generate, ascending; NULL and
+     * 0 when unknown. Borrowed for the call. burst's drain: the k-th of them
+     * is when k sequences will have left the batch, where a steady-state
+     * guess (every sequence lives the mean output) can be far off in a
+     * burst. Added to the agreed interface. */
+    const uint32_t *own_remaining;
+    uint32_t n_own_remaining;
     /* recheck only: the hold_until_ns decide returned for this request
      * (0: unknown). Added to the agreed interface so that a pure recheck
      * knows the request's deadline. Deadlines are not in hold-queue order

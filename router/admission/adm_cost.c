@@ -220,6 +220,21 @@ double adm__prefill_own_us(const adm_cost *c, double prompt_tokens)
            c->prefill_us_per_token_ctx * prompt_tokens * (prompt_tokens + 1) / 2;
 }
 
+/* Time until seqs (>= 1) sequences of each decode worker have left its
+ * batch, at step_us a step with n sequences in it. From the router's own
+ * sequences' remaining tokens when it has enough of them: the
+ * (seqs * ready_decode)-th fewest, as the workers' batches share them out.
+ * Otherwise a steady state: each of n sequences lives mean_out steps, so
+ * one finishes every mean_out * step_us / n. */
+static double adm__finish_us(const adm_input *in, double seqs, double mean_out, double step_us,
+                             double n)
+{
+    double k = seqs * (in->ready_decode ? in->ready_decode : 1);
+    if (in->own_remaining && k >= 1 && k <= in->n_own_remaining)
+        return (double)in->own_remaining[(size_t)k - 1] * step_us;
+    return seqs * fmax(mean_out, 1) * step_us / n;
+}
+
 void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, double extra_pairs,
                   double extra_seqs, double mean_prompt, double mean_out, double slo_ttft_us,
                   double slo_tpot_us, adm__pred *out)
@@ -267,22 +282,21 @@ void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, d
 
     /* Drain: prefill excess goes at the prefill rate (what is ahead only
      * shrinks; later arrivals queue behind). Decode excess goes as sequences
-     * finish: in a steady state each of a worker's n sequences lives
-     * mean_out steps, so one finishes every mean_out * step / n us. */
+     * finish (adm__finish_us). */
     double drain_prefill = fmax(0, out->ttft_us - out->ttft_budget_us);
-    double finish_us = fmax(mean_out, 1) * out->tpot_us / n;
     double drain_decode = 0;
     if (out->tpot_us > out->tpot_budget_us) {
         double per_seq = c->decode_step_us_per_seq + c->decode_step_us_per_ctx_token * ctx / n;
         double seqs = ceil((out->tpot_us - out->tpot_budget_us) / per_seq);
-        drain_decode = seqs <= others + 1e-9 ? seqs * finish_us : INFINITY;
+        drain_decode =
+            seqs <= others + 1e-9 ? adm__finish_us(in, seqs, mean_out, out->tpot_us, n) : INFINITY;
     }
     if (out->kv_short) {
         double drain_kv = INFINITY;
         if (others > 0 && used_blocks > 0) {
             double blocks_per_seq = used_blocks / n_dec / others;
             double seqs = ceil((prompt_blocks - free_per_worker) / blocks_per_seq);
-            drain_kv = seqs * finish_us;
+            drain_kv = adm__finish_us(in, seqs, mean_out, out->tpot_us, n);
         }
         drain_decode = fmax(drain_decode, drain_kv);
     }

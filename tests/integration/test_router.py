@@ -632,6 +632,40 @@ def part_speed_feedback(model):
     cl.stop()
 
 
+def part_drain_retry_after(model):
+    log("== burst's Retry-After from what the running request has left")
+    # One sequence decodes at 10 ms a step, within the 15 ms TPOT SLO; two
+    # at 20 ms, over it: a second request must wait until the first leaves
+    # the batch, in (480 - its tokens so far) steps of 20 ms, about 9.5 s.
+    # The steady-state guess (every sequence lives the mean output, 480
+    # tokens, one of the two leaving every 480 x 20 / 2 ms) would say 4.8 s.
+    # Two arrivals are no burst: rejected at once, Retry-After from the drain
+    # (6 to 10 s: up to 160 tokens may come out before the second arrives).
+    cost = os.path.join(TMP, "cost-drain.txt")
+    with open(cost, "w") as f:
+        f.write("prefill_us_per_token = 1\ndecode_step_us_per_seq = 10000\n")
+    cl = Cluster(model, router_args=("--admission", "burst", "--cost-model", cost,
+                                     "--slo-ttft-ms", "10000", "--slo-tpot-ms", "15",
+                                     "--slo-margin", "1"))
+    first = threading.Event()
+    res = [None]
+    body = {"model": "stories260K", "prompt": "Once", "max_tokens": 480, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    t = threading.Thread(target=stream_request, args=(cl.http, body, res, 0),
+                         kwargs={"on_first": first.set})
+    t.start()
+    first.wait(10)
+    status, headers, data = post(cl.http, "/v1/completions",
+                                 {"model": "stories260K", "prompt": "Once", "max_tokens": 480})
+    retry = int(headers.get("Retry-After", "0"))
+    check(status == 429 and 6 <= retry <= 10,
+          "burst's drain from the running request's remaining tokens: %d, Retry-After %s %s"
+          % (status, headers.get("Retry-After"), data[:200]))
+    t.join(60)
+    check(res[0] is not None and res[0][0] == "ok", "the admitted stream: %s" % (res[0],))
+    cl.stop()
+
+
 def part_timeouts(model):
     log("== deadlines (504) and slow clients (408)")
     # A model slow enough that 200 tokens take far longer than the deadline.
@@ -763,6 +797,7 @@ def main():
         part_admission_and_drain(model)
         part_token_bucket(model)
         part_speed_feedback(model)
+        part_drain_retry_after(model)
         part_timeouts(model)
         part_prefix_affinity(model)
         part_faults(model)

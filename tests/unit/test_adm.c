@@ -959,6 +959,75 @@ static void t_burst_decode_side(void **state)
     o->destroy(ctx);
 }
 
+/* The drain of a decode batch over the TPOT SLO, from what the router's own
+ * sequences have left when it says so: 40 running, 2 + 0.5 x 41 = 22.5 ms a
+ * step against 20 ms, so 5 must leave the batch. A 10-token prompt: TTFT
+ * 1 ms, a hold of at most the 99 ms of slack. Mean output 200 tokens: the
+ * steady-state guess, 5 x 200 x 22.5 / 41 = 549 ms, rejects. */
+static void t_burst_drain_from_remaining(void **state)
+{
+    (void)state;
+    adm_params p = test_params();
+    const adm_ops *o = adm_find("burst");
+    void *ctx = make("burst", &p);
+    adm_decision d;
+    int64_t t = 0;
+    for (int i = 0; i < 600; i++) {
+        adm_input in = dec_input(t += 100 * MS, 10, 0, 0);
+        in.max_tokens = 200;
+        o->decide(ctx, &in, &d);
+        assert_int_equal(d.verdict, ADM_ADMIT);
+    }
+    /* Then ten arrivals at once (a burst from the second or third on):
+     * rejected, by the steady-state guess. */
+    t += 100 * MS;
+    uint32_t rem[80];
+    adm_input in = dec_input(t, 40, 0, 0);
+    in.max_tokens = 200;
+    for (int i = 0; i < 10; i++) {
+        o->decide(ctx, &in, &d);
+        assert_int_equal(d.verdict, ADM_REJECT);
+    }
+    /* Its own 40 sequences, the fifth-fewest with 4 tokens left: they leave
+     * within 4 x 22.5 = 90 ms, inside the slack: held. */
+    for (int i = 0; i < 40; i++)
+        rem[i] = i < 5 ? (uint32_t)i : 150;
+    in.own_remaining = rem;
+    in.n_own_remaining = 40;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_HOLD);
+    assert_int_equal(d.hold_until_ns, t + 99 * MS);
+    /* 5 left on the fifth: 112.5 ms, past it: rejected, Retry-After 1 s. */
+    rem[4] = 5;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    assert_int_equal(d.retry_after_s, 1);
+    /* ... and 50 (1.1 s): Retry-After 2 s. */
+    rem[4] = 50;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    assert_int_equal(d.retry_after_s, 2);
+    /* Fewer of its own than must leave: the steady-state guess. */
+    rem[4] = 4;
+    in.n_own_remaining = 4;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    /* Two decode workers with 40 each: 5 must leave each, the tenth-fewest
+     * of the router's 80 (4 tokens: held; 5: rejected). */
+    for (int i = 0; i < 80; i++)
+        rem[i] = i < 10 ? (uint32_t)i / 2 : 150;
+    in.running_seqs = 80;
+    in.ready_decode = 2;
+    in.own_remaining = rem;
+    in.n_own_remaining = 80;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_HOLD);
+    rem[9] = 5;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    o->destroy(ctx);
+}
+
 /* The SLO feedback (speed_step): admitted requests that miss the TPOT SLO
  * scale the decode times up by (1 + step) each, ones within it back down by
  * (1 - step / 19) each, never below the model as given; the TTFT side the
@@ -1346,6 +1415,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(t_burst_sustained_overload),
         cmocka_unit_test(t_burst_hold_deadline),
         cmocka_unit_test(t_burst_decode_side),
+        cmocka_unit_test(t_burst_drain_from_remaining),
         cmocka_unit_test(t_burst_slo_feedback),
         cmocka_unit_test(t_burst_empty_cluster),
         cmocka_unit_test(t_burst_idle_and_clock_jumps),
