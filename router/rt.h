@@ -204,8 +204,9 @@ typedef struct rt_metrics {
     met_histogram *ttft, *itl, *e2e, *queue;
     met_gauge *inflight, *held;
     met_counter *retries;
-    met_family *admission; /* {verdict}: admitted, held, rejected, hold_timeout */
-    met_family *speed;     /* {stage} gauge: prefill, decode (rt_metrics_speed) */
+    met_family *admission;                   /* {verdict}: admitted, held, rejected, hold_timeout */
+    met_family *speed;                       /* {stage} gauge family (rt_metrics_speed) */
+    met_gauge *speed_prefill, *speed_decode; /* its two series, 1 until a feedback moves them */
 } rt_metrics;
 
 struct rt_ctx {
@@ -265,7 +266,7 @@ int rt_metrics_init(rt_metrics *m);
 void rt_metrics_free(rt_metrics *m);
 void rt_metrics_outcome(rt_ctx *c, const char *endpoint, const char *outcome);
 /* Copies the admission policy's SLO-feedback factors (adm_ops.speed) to the
- * speed gauges; 1 and 1 for a policy without feedback. */
+ * speed gauges; nothing for a policy without feedback (they stay 1). */
 void rt_metrics_speed(rt_ctx *c);
 
 #endif

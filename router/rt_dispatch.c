@@ -183,12 +183,6 @@ static void rt__adm_count(rt_ctx *c, const char *verdict)
     if (met_counter_get(c->metrics.admission, lv, &k) == 0) met_counter_inc(k);
 }
 
-static int rt__cmp_u32(const void *a, const void *b)
-{
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return (x > y) - (x < y);
-}
-
 /* in->own_remaining: what each of the router's requests on a ready decode
  * worker (counted in its inflight from the call until rt__drop_stream) may
  * still generate, ascending. Left unknown when the scratch cannot grow. */
@@ -209,9 +203,7 @@ static void rt__adm_remaining(rt_ctx *c, adm_input *in)
                                 : o->max_tokens > o->n_generated ? o->max_tokens - o->n_generated
                                                                  : 0;
     }
-    qsort(c->adm_remaining, n, sizeof(*c->adm_remaining), rt__cmp_u32);
-    in->own_remaining = c->adm_remaining;
-    in->n_own_remaining = n;
+    adm_input_set_remaining(in, c->adm_remaining, n);
 }
 
 /* What the admission policy sees for r now. */
@@ -239,7 +231,7 @@ static void rt__adm_input(rt_ctx *c, const rt_req *r, adm_input *in)
             if (w->block_size) in->block_size = w->block_size;
         }
     }
-    rt__adm_remaining(c, in);
+    if (c->adm->uses_remaining) rt__adm_remaining(c, in);
 }
 
 static void rt__unhold(rt_ctx *c, rt_req *r)

@@ -300,6 +300,13 @@ int rt_metrics_init(rt_metrics *m)
                               "model's prefill and transfer (stage=prefill) or decode "
                               "(stage=decode) times; 1: the model as profiled",
                               stage, 1, &m->speed);
+    static const char *const prefill[] = {"prefill"}, *const decode[] = {"decode"};
+    if (rc == 0) rc = met_gauge_get(m->speed, prefill, &m->speed_prefill);
+    if (rc == 0) rc = met_gauge_get(m->speed, decode, &m->speed_decode);
+    if (rc == 0) {
+        met_gauge_set(m->speed_prefill, 1);
+        met_gauge_set(m->speed_decode, 1);
+    }
     if (rc != 0) rt_metrics_free(m);
     return rc;
 }
@@ -312,14 +319,11 @@ void rt_metrics_free(rt_metrics *m)
 
 void rt_metrics_speed(rt_ctx *c)
 {
-    double f[2] = {1, 1};
-    if (c->adm->speed) c->adm->speed(c->adm_ctx, &f[0], &f[1]);
-    static const char *const stages[2] = {"prefill", "decode"};
-    for (int i = 0; i < 2; i++) {
-        met_gauge *g = NULL;
-        const char *lv[1] = {stages[i]};
-        if (met_gauge_get(c->metrics.speed, lv, &g) == 0) met_gauge_set(g, f[i]);
-    }
+    if (!c->adm->speed) return;
+    double prefill, decode;
+    c->adm->speed(c->adm_ctx, &prefill, &decode);
+    met_gauge_set(c->metrics.speed_prefill, prefill);
+    met_gauge_set(c->metrics.speed_decode, decode);
 }
 
 void rt_metrics_outcome(rt_ctx *c, const char *endpoint, const char *outcome)
@@ -417,7 +421,6 @@ int main(int argc, char **argv)
     }
     if (rt_metrics_init(&c->metrics) != 0) goto out;
     metrics_ok = true;
-    rt_metrics_speed(c);
     uv_async_init(&loop, &c->wake, rt_on_wake);
     c->wake.data = c;
     if (mpscq_init_wake(&c->q, rt_wake_fn, &c->wake) != 0) goto out;

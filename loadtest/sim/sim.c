@@ -560,12 +560,6 @@ static void sim__heartbeat(sim__ctx *c)
     }
 }
 
-static int sim__cmp_u32(const void *a, const void *b)
-{
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return (x > y) - (x < y);
-}
-
 /* rt__adm_input: what the policy sees for request i now. */
 static void sim__adm_input(sim__ctx *c, size_t i, adm_input *in)
 {
@@ -590,15 +584,14 @@ static void sim__adm_input(sim__ctx *c, size_t i, adm_input *in)
             in->block_size = c->cfg->block_size;
         }
     }
+    if (!c->adm->uses_remaining) return;
     /* rt__adm_remaining: what each admitted request may still generate. */
     for (uint32_t k = 0; k < c->n_admitted; k++) {
         uint32_t j = c->admitted[k];
         uint32_t sent = c->recs[j].n_chunks > 0 ? (uint32_t)c->recs[j].n_chunks : 0;
         c->remaining[k] = c->rq[j].n_out > sent ? c->rq[j].n_out - sent : 0;
     }
-    qsort(c->remaining, c->n_admitted, sizeof(*c->remaining), sim__cmp_u32);
-    in->own_remaining = c->remaining;
-    in->n_own_remaining = c->n_admitted;
+    adm_input_set_remaining(in, c->remaining, c->n_admitted);
 }
 
 /* rt__admit + rt__start: a decode and a prefill worker, the request counts

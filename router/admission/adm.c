@@ -49,6 +49,19 @@ void adm_input_add_decode(adm_input *in, uint32_t own, uint32_t own_at_report, u
     in->total_kv_blocks += total_blocks;
 }
 
+static int adm__cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+void adm_input_set_remaining(adm_input *in, uint32_t *v, uint32_t n)
+{
+    if (n) qsort(v, n, sizeof(*v), adm__cmp_u32);
+    in->own_remaining = v;
+    in->n_own_remaining = n;
+}
+
 /* ---- none: admit everything ---- */
 
 static int adm__none_create(const adm_params *p, void **ctx)

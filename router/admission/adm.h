@@ -30,6 +30,7 @@
 #ifndef TANDEM_ROUTER_ADMISSION_ADM_H
 #define TANDEM_ROUTER_ADMISSION_ADM_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -80,7 +81,8 @@ typedef struct adm_input {
     uint32_t ready_prefill, ready_decode; /* ready workers of each role */
     /* The tokens each of this router's own requests among running_seqs (sent
      * to a decode worker, not ended) may still generate, ascending; NULL and
-     * 0 when unknown. Borrowed for the call. burst's drain: the k-th of them
+     * 0 when unknown or the policy does not set uses_remaining (sorted by
+     * adm_input_set_remaining). Borrowed for the call. burst's drain: the k-th of them
      * is when k sequences will have left the batch, where a steady-state
      * guess (every sequence lives the mean output) can be far off in a
      * burst. Added to the agreed interface. */
@@ -229,6 +231,9 @@ typedef struct adm_ops {
      * speed_step is 0 or no admitted request has missed). Optional: NULL for
      * policies without feedback. Read by the router for its metrics. */
     void (*speed)(const void *ctx, double *prefill, double *decode);
+    /* The policy reads adm_input.own_remaining: the caller fills it only
+     * then (a walk over its requests and a sort on every decision). */
+    bool uses_remaining;
 } adm_ops;
 
 /* Adds one ready worker's load to in (router and simulator alike), brought up
@@ -240,6 +245,11 @@ void adm_input_add_prefill(adm_input *in, uint64_t own_tokens, uint64_t own_toke
                            uint64_t queued_tokens);
 void adm_input_add_decode(adm_input *in, uint32_t own, uint32_t own_at_report, uint32_t running,
                           uint32_t waiting, uint32_t free_blocks, uint32_t total_blocks);
+
+/* Sorts v[0, n) (tokens each of the caller's own decode sequences may still
+ * generate) ascending and lends it to in as own_remaining (router and
+ * simulator alike). */
+void adm_input_set_remaining(adm_input *in, uint32_t *v, uint32_t n);
 
 /* The policy called name, or NULL. */
 const adm_ops *adm_find(const char *name);

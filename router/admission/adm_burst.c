@@ -286,4 +286,5 @@ const adm_ops adm__burst_ops = {
     .on_first_token = adm__burst_first_token,
     .on_end = adm__burst_end,
     .speed = adm__burst_speed,
+    .uses_remaining = true,
 };

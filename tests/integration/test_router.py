@@ -516,18 +516,26 @@ def part_api_key(model):
     cl.stop()
 
 
+def stream_started(cl, max_tokens=480, wait_first=True):
+    """A greedy streaming request of max_tokens in a thread, returned once its first
+    token came (wait_first) or at once: (thread, result slot of stream_request)."""
+    first = threading.Event()
+    res = [None]
+    body = {"model": "stories260K", "prompt": "Once", "max_tokens": max_tokens,
+            "ignore_eos": True, "temperature": 0, "stream": True}
+    t = threading.Thread(target=stream_request, args=(cl.http, body, res, 0),
+                         kwargs={"on_first": first.set})
+    t.start()
+    if wait_first:
+        first.wait(10)
+    return t, res
+
+
 def part_admission_and_drain(model):
     log("== admission (max_outstanding: 429 with Retry-After) and a draining worker")
     cl = Cluster(model, n_prefill=1, n_decode=2,
                  router_args=("--admission", "max_outstanding", "--max-outstanding", "1"))
-    first = threading.Event()
-    res = [None]
-    body = {"model": "stories260K", "prompt": "Once", "max_tokens": 480, "ignore_eos": True,
-            "temperature": 0, "stream": True}
-    t = threading.Thread(target=stream_request, args=(cl.http, body, res, 0),
-                         kwargs={"on_first": first.set})
-    t.start()
-    first.wait(10)
+    t, res = stream_started(cl)
     status, headers, data = post(cl.http, "/v1/completions",
                                  {"model": "stories260K", "prompt": "Once", "max_tokens": 2})
     check(status == 429 and int(headers.get("Retry-After", "0")) >= 1 and
@@ -536,9 +544,7 @@ def part_admission_and_drain(model):
     check(res[0] is not None and res[0][0] == "ok", "admitted stream: %s" % (res[0],))
     # A decode worker told to drain leaves rotation while it finishes.
     dec = [w for w in cl.workers if w["role"] == "decode"][0]
-    res = [None]
-    t = threading.Thread(target=stream_request, args=(cl.http, dict(body, max_tokens=480), res, 0))
-    t.start()
+    t, res = stream_started(cl, wait_first=False)
     time.sleep(0.05)
     dec["p"].send_signal(signal.SIGTERM)
     until = time.time() + 5
@@ -647,14 +653,7 @@ def part_drain_retry_after(model):
     cl = Cluster(model, router_args=("--admission", "burst", "--cost-model", cost,
                                      "--slo-ttft-ms", "10000", "--slo-tpot-ms", "15",
                                      "--slo-margin", "1"))
-    first = threading.Event()
-    res = [None]
-    body = {"model": "stories260K", "prompt": "Once", "max_tokens": 480, "ignore_eos": True,
-            "temperature": 0, "stream": True}
-    t = threading.Thread(target=stream_request, args=(cl.http, body, res, 0),
-                         kwargs={"on_first": first.set})
-    t.start()
-    first.wait(10)
+    t, res = stream_started(cl)
     status, headers, data = post(cl.http, "/v1/completions",
                                  {"model": "stories260K", "prompt": "Once", "max_tokens": 480})
     retry = int(headers.get("Retry-After", "0"))

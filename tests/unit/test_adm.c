@@ -699,6 +699,21 @@ static adm_input dec_input(int64_t now, uint32_t running, uint32_t held, uint64_
     return in;
 }
 
+/* A minute of steady arrivals, 10 a second, each of max_tokens with running
+ * sequences in the batch: every one admitted. Returns the last arrival's time. */
+static int64_t steady_minute(const adm_ops *o, void *ctx, uint32_t running, uint32_t max_tokens)
+{
+    adm_decision d;
+    int64_t t = 0;
+    for (int i = 0; i < 600; i++) {
+        adm_input in = dec_input(t += 100 * MS, running, 0, 0);
+        in.max_tokens = max_tokens;
+        o->decide(ctx, &in, &d);
+        assert_int_equal(d.verdict, ADM_ADMIT);
+    }
+    return t;
+}
+
 typedef struct dec_burst {
     uint32_t running, admitted, n_held, rejected;
     int64_t tb, until[64];
@@ -712,15 +727,9 @@ typedef struct dec_burst {
 static void dec_burst_run(const adm_ops *o, void *ctx, dec_burst *b)
 {
     adm_decision d;
-    int64_t t = 0;
     memset(b, 0, sizeof(*b));
     b->running = 10;
-    for (int i = 0; i < 600; i++) {
-        adm_input in = dec_input(t += 100 * MS, b->running, 0, 0);
-        o->decide(ctx, &in, &d);
-        assert_int_equal(d.verdict, ADM_ADMIT);
-    }
-    b->tb = t + 100 * MS;
+    b->tb = steady_minute(o, ctx, b->running, 20) + 100 * MS;
     for (int i = 0; i < 40; i++) {
         adm_input in = dec_input(b->tb, b->running, b->n_held, 10ULL * b->admitted);
         o->decide(ctx, &in, &d);
@@ -971,16 +980,9 @@ static void t_burst_drain_from_remaining(void **state)
     const adm_ops *o = adm_find("burst");
     void *ctx = make("burst", &p);
     adm_decision d;
-    int64_t t = 0;
-    for (int i = 0; i < 600; i++) {
-        adm_input in = dec_input(t += 100 * MS, 10, 0, 0);
-        in.max_tokens = 200;
-        o->decide(ctx, &in, &d);
-        assert_int_equal(d.verdict, ADM_ADMIT);
-    }
     /* Then ten arrivals at once (a burst from the second or third on):
      * rejected, by the steady-state guess. */
-    t += 100 * MS;
+    int64_t t = steady_minute(o, ctx, 10, 200) + 100 * MS;
     uint32_t rem[80];
     adm_input in = dec_input(t, 40, 0, 0);
     in.max_tokens = 200;

@@ -581,11 +581,16 @@ static void test_one_cost_model(void **state)
  * queued tokens, 1 sequence. At C, B's prefill runs and A's KV is still on
  * the wire (the router counts a prompt until its first token, 1520): 48
  * tokens, 2 sequences. At D (A and B ended at 5520; C, joined then, at
- * 7520): nothing, though the heartbeat at 0 saw none of them. */
+ * 7520): nothing, though the heartbeat at 0 saw none of them. A policy
+ * that uses_remaining sees what each admitted request may still generate,
+ * ascending (none has a token yet at B or C: 3, then 2 and 3); one that does
+ * not gets nothing. */
 typedef struct fresh_log {
     int n;
     uint64_t queued[8];
     uint32_t seqs[8];
+    int rem_null[8];
+    uint32_t n_rem[8], rem[8][2];
 } fresh_log;
 static fresh_log fl;
 
@@ -595,6 +600,10 @@ static void fresh_decide(void *ctx, const adm_input *in, adm_decision *out)
     if (fl.n < 8) {
         fl.queued[fl.n] = in->queued_prefill_tokens;
         fl.seqs[fl.n] = in->running_seqs + in->waiting_seqs;
+        fl.rem_null[fl.n] = in->own_remaining == NULL;
+        fl.n_rem[fl.n] = in->n_own_remaining;
+        for (uint32_t k = 0; k < in->n_own_remaining && k < 2; k++)
+            fl.rem[fl.n][k] = in->own_remaining[k];
     }
     fl.n++;
     *out = (adm_decision){.verdict = ADM_ADMIT};
@@ -626,6 +635,28 @@ static void test_fresh_loads_between_heartbeats(void **state)
     assert_int_equal(fl.queued[3], 0);
     assert_int_equal(fl.seqs[3], 0);
     assert_int_equal(r.recs[2].send_ns + r.recs[2].e2e_ns, 7520 * US);
+    for (int k = 0; k < 4; k++) {
+        assert_true(fl.rem_null[k]);
+        assert_int_equal(fl.n_rem[k], 0);
+    }
+    sim_result_free(&r);
+
+    static const adm_ops rem_ops = {.name = "fresh",
+                                    .create = spy_create,
+                                    .destroy = spy_destroy,
+                                    .decide = fresh_decide,
+                                    .uses_remaining = true};
+    c.policy = &rem_ops;
+    memset(&fl, 0, sizeof(fl));
+    assert_int_equal(sim_run(&c, reqs, 4, &r, NULL, 0), 0);
+    assert_int_equal(fl.n, 4);
+    assert_int_equal(fl.n_rem[0], 0);
+    assert_int_equal(fl.n_rem[1], 1);
+    assert_int_equal(fl.rem[1][0], 3);
+    assert_int_equal(fl.n_rem[2], 2);
+    assert_int_equal(fl.rem[2][0], 2);
+    assert_int_equal(fl.rem[2][1], 3);
+    assert_int_equal(fl.n_rem[3], 0);
     sim_result_free(&r);
 }
 
