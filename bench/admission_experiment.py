@@ -206,10 +206,12 @@ class Exp:
             return json.load(f)
 
 
-def tune_policies(a, e, policies):
+def tune_policies(a, e, policies, cap):
     """tandem-sim tune on synthetic traces shaped like a.trace (tandem-loadtest fit: Gamma
     inter-arrivals, Zipf lengths), tuned on one seed and reported on another; returns the
-    directory of the admission-<policy>.conf files it wrote."""
+    directory of the admission-<policy>.conf files it wrote. Rates tuned in multiples of the
+    simulated capacity are written in multiples of cap, the capacity of the real cluster on
+    the replayed trace."""
     lt = os.path.join(a.bin_dir, "tandem-loadtest")
     r = e.run([lt, "fit", "--trace", a.trace, "--format", "burstgpt"], quiet=True)
     fit = json.loads(r.stdout)
@@ -232,7 +234,7 @@ def tune_policies(a, e, policies):
                "--prefill", str(a.prefill), "--decode", str(a.decode), "--kv-blocks",
                str(e.blocks), "--cost", a.cost, "--slo-ttft-ms", "%g" % a.slo_ttft_ms,
                "--slo-tpot-ms", "%g" % a.slo_tpot_ms, "--policies", ",".join(tuned), "--loads",
-               a.loads, "--out", out])
+               a.loads, "--target-capacity", "%.6g" % cap, "--out", out])
     with open(os.path.join(a.out, "tune.txt"), "w") as f:
         f.write(r.stdout)
     print(r.stdout, flush=True)
@@ -360,7 +362,7 @@ def main(argv):
     print("capacity %.3f req/s" % cap, flush=True)
 
     if a.tune:
-        a.configs = tune_policies(a, e, policies)
+        a.configs = tune_policies(a, e, policies, cap)
 
     # 2. Policies, hand-picked rules (stated in results.md) unless a config is given.
     params = {

@@ -25,7 +25,7 @@ struct sim_opts {
     const char *trace, *format, *filter_model, *log_type, *admission, *cost, *router_cost, *out,
         *log_level;
     const char *loads, *policies, *holdout;
-    double speedup, rate, start_s, end_s, slo_ttft_ms, slo_tpot_ms, train_fraction;
+    double speedup, rate, start_s, end_s, slo_ttft_ms, slo_tpot_ms, train_fraction, target_capacity;
     /* The router's admission keys (router/rt_main.c), read over adm_params_defaults. */
     double bucket_rate, bucket_burst, queue_max_ms, short_window_s, long_window_s, hold_max_ms,
         burst_cv, burst_rate_ratio, slo_margin, speed_step;
@@ -156,6 +156,11 @@ static const struct cfg_option tune_table[] = {
             train_fraction),
     SIM_OPT("holdout", CFG_STRING, NULL, NULL, NULL, NULL,
             "Held-out trace (same format, filters and scaling): tune on all of --trace", holdout),
+    SIM_OPT("target-capacity", CFG_DOUBLE, "0", "0", NULL, NULL,
+            "Capacity (req/s) of the cluster and traffic the configs are for, as measured there: "
+            "knobs tuned in multiples of the simulated capacity are written in multiples of this "
+            "one; 0: the simulated one",
+            target_capacity),
 };
 
 static void usage(FILE *fp)
@@ -504,6 +509,7 @@ static int cmd_tune(int argc, char **argv)
                         .loads = o.loads,
                         .policies = o.policies,
                         .train_fraction = o.train_fraction,
+                        .target_capacity = o.target_capacity,
                         .slo = {.ttft_ms = o.slo_ttft_ms, .tpot_ms = o.slo_tpot_ms},
                         .out = o.out};
     char err[512] = "";

@@ -215,6 +215,7 @@ static int sim__parse_loads(const char *s, double *v, int *n)
 static int sim__write_conf(const char *dir, const char *policy, const adm_params *p,
                            const sim_tune_opts *o, double cap)
 {
+    double target = o->target_capacity > 0 ? o->target_capacity : cap;
     char path[4096];
     if (snprintf(path, sizeof(path), "%s/admission-%s.conf", dir, policy) >= (int)sizeof(path))
         return TD_ETOOLONG;
@@ -223,16 +224,19 @@ static int sim__write_conf(const char *dir, const char *policy, const adm_params
     fprintf(fp,
             "# tandem-sim tune: goodput summed over loads %s x %.3f req/s (simulated "
             "capacity),\n# tuned on %s, SLO TTFT <= %g ms, TPOT <= %g ms\n"
+            "# rates in multiples of the capacity written for %.3f req/s\n"
             "# tandem-router --config this-file (keys are the router's)\nadmission = %s\n",
             o->loads, cap, o->holdout ? "all of the trace" : "the first part of the trace",
-            o->slo.ttft_ms, o->slo.tpot_ms, policy);
+            o->slo.ttft_ms, o->slo.tpot_ms, target, policy);
     for (size_t i = 0; i < SIM__N_KNOBS; i++) {
         const sim__knob *k = &sim__knobs[i];
         if (strcmp(k->policy, policy) != 0) continue;
+        double v = sim__knob_get(k, p);
+        if (k->unit == SIM__X_CAP) v *= target / cap;
         if (k->is_u32)
-            fprintf(fp, "%s = %u\n", k->key, (uint32_t)sim__knob_get(k, p));
+            fprintf(fp, "%s = %u\n", k->key, (uint32_t)llround(v));
         else
-            fprintf(fp, "%s = %.6g\n", k->key, sim__knob_get(k, p));
+            fprintf(fp, "%s = %.6g\n", k->key, v);
     }
     if (strcmp(policy, "burst") == 0) /* the SLOs it protects: the run's, fixed */
         fprintf(fp, "slo-ttft-ms = %.6g\nslo-tpot-ms = %.6g\n", p->slo_ttft_ms, p->slo_tpot_ms);
@@ -327,6 +331,9 @@ int sim_tune(const sim_config *base, const lt_trace *tr, const sim_tune_opts *o,
     int rc = sim__capacity(base, train, n_train, &o->slo, &cap, err, errlen);
     if (rc) return rc;
     fprintf(fp, "capacity (admission none, >= 90%% within SLO, training part): %.3f req/s\n", cap);
+    if (o->target_capacity > 0)
+        fprintf(fp, "configs written for a capacity of %.3f req/s (rates scaled by %.3f)\n",
+                o->target_capacity, o->target_capacity / cap);
     if (o->holdout)
         fprintf(fp,
                 "training: the %zu requests of the trace, held out: the %zu of the other; "

@@ -10,6 +10,12 @@
  * is evaluated on the held-out part at every load and written as a router
  * config file (out/admission-<policy>.conf). With a held-out trace of its own
  * (opts.holdout) the whole trace is tuned on and the other one reported.
+ *
+ * A knob searched in multiples of the capacity (the token bucket's rate) is a
+ * rate the cluster sustains, so it is written as the same multiple of the
+ * capacity of the cluster it is for: opts.target_capacity, the capacity
+ * measured there on the traffic it will serve, when the simulated one differs
+ * (a stale profile, a training trace less bursty than the served traffic).
  */
 #ifndef TANDEM_LOADTEST_SIM_SIM_TUNE_H
 #define TANDEM_LOADTEST_SIM_SIM_TUNE_H
@@ -28,6 +34,7 @@ typedef struct sim_tune_opts {
     const char *out;         /* directory for the chosen configs */
     const lt_trace *holdout; /* when set: tune on the whole trace, report on this one
                                 (another synthetic seed, other windows); borrowed */
+    double target_capacity;  /* req/s the configs are written for; 0: the simulated capacity */
 } sim_tune_opts;
 
 /* Runs the search and prints the table to fp. base: cluster, cost (its

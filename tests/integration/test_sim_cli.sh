@@ -86,6 +86,23 @@ if [ -x "$BIN/tandem-router" ]; then
         done
     done
 fi
+# --target-capacity: the bucket's rate is written as the same multiple of the
+# capacity given as of the simulated one; the other knobs are untouched.
+cap=$(sed -n 's/^capacity .*: \([0-9.]*\) req\/s$/\1/p' "$WORK/tune.txt")
+[ -n "$cap" ] || fail "no capacity in: $(head -1 "$WORK/tune.txt")"
+"$SIM" tune --trace "$WORK/u.jsonl" --format mooncake --max-context 1024 --loads 1,2 \
+    --policies token_bucket --slo-ttft-ms 1000 --slo-tpot-ms 40 --target-capacity 0.5 \
+    --out "$WORK/tune-t" >"$WORK/tune-t.txt" || fail "tune --target-capacity failed"
+grep -q '^configs written for a capacity of 0.500 req/s' "$WORK/tune-t.txt" ||
+    fail "tune --target-capacity: $(cat "$WORK/tune-t.txt")"
+key() { sed -n "s/^$1 = //p" "$2"; }
+awk -v a="$(key bucket-rate "$WORK/tune/admission-token_bucket.conf")" \
+    -v b="$(key bucket-rate "$WORK/tune-t/admission-token_bucket.conf")" -v cap="$cap" \
+    'BEGIN { r = (b / 0.5) / (a / cap); exit !(r > 0.998 && r < 1.002) }' ||
+    fail "bucket-rate not rescaled to the target capacity (capacity $cap)"
+[ "$(key bucket-burst "$WORK/tune/admission-token_bucket.conf")" = \
+    "$(key bucket-burst "$WORK/tune-t/admission-token_bucket.conf")" ] ||
+    fail "bucket-burst changed with --target-capacity"
 "$SIM" run --trace "$WORK/u.jsonl" --format mooncake --max-context 1024 --rate 20 --no-plots \
     --config "$WORK/tune/admission-burst.conf" --out "$WORK/bu" >"$WORK/bu.txt" 2>/dev/null ||
     fail "run --config admission-burst.conf failed"
