@@ -76,6 +76,9 @@ static const sim__knob sim__knobs[] = {
     {"burst", "burst-cv", SIM__F(burst_cv), 0, SIM__ABS, {0.5, 1, 1.5, 2, 3}, 5},
     {"burst", "short-window-s", SIM__F(short_window_s), 0, SIM__ABS, {0.5, 1, 2, 5}, 4},
     {"burst", "long-window-s", SIM__F(long_window_s), 0, SIM__ABS, {10, 30, 60, 120}, 4},
+    /* The SLO feedback only pays when the router's cost model is off the
+     * cluster's (--router-cost); with the same model the search keeps 0. */
+    {"burst", "speed-step", SIM__F(speed_step), 0, SIM__ABS, {0, 0.02, 0.05, 0.1, 0.2}, 5},
 };
 #define SIM__N_KNOBS (sizeof(sim__knobs) / sizeof(sim__knobs[0]))
 

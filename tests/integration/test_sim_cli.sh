@@ -74,7 +74,7 @@ grep -q '^bucket-rate = ' "$WORK/tune/admission-token_bucket.conf" || fail "no b
 grep -q '^bucket-burst = ' "$WORK/tune/admission-token_bucket.conf" || fail "no bucket-burst"
 grep -q '^queue-max-ms = ' "$WORK/tune/admission-queue_threshold.conf" || fail "no queue-max-ms"
 for k in hold-max-ms burst-rate-ratio burst-cv short-window-s long-window-s slo-margin \
-    slo-ttft-ms slo-tpot-ms; do
+    speed-step slo-ttft-ms slo-tpot-ms; do
     grep -q "^$k = " "$WORK/tune/admission-burst.conf" || fail "burst config lacks $k"
 done
 # Every key written is a router key, and the simulator reads the same file.
