@@ -102,15 +102,25 @@ static void sim__knob_set(const sim__knob *k, int g, double cap, const lt_slo *s
         *(double *)f = v;
 }
 
-/* "key=value ..." of the policy's knobs, for the table. */
-static void sim__knobs_str(const char *policy, const adm_params *p, char *buf, size_t cap)
+/* The knob's value as the config file gets it: a rate (in multiples of the
+ * capacity) multiplied by rate_scale, the target capacity over the simulated
+ * one (sim_tune_opts.target_capacity). */
+static double sim__knob_written(const sim__knob *k, const adm_params *p, double rate_scale)
+{
+    double v = sim__knob_get(k, p);
+    return k->unit == SIM__X_CAP ? v * rate_scale : v;
+}
+
+/* "key=value ..." of the policy's knobs as written, for the table. */
+static void sim__knobs_str(const char *policy, const adm_params *p, double rate_scale, char *buf,
+                           size_t cap)
 {
     size_t off = 0;
     buf[0] = '\0';
     for (size_t i = 0; i < SIM__N_KNOBS && off < cap; i++) {
         if (strcmp(sim__knobs[i].policy, policy) != 0) continue;
         int w = snprintf(buf + off, cap - off, "%s%s=%.4g", off ? " " : "", sim__knobs[i].key,
-                         sim__knob_get(&sim__knobs[i], p));
+                         sim__knob_written(&sim__knobs[i], p, rate_scale));
         if (w < 0) break;
         off += (size_t)w;
     }
@@ -216,9 +226,8 @@ static int sim__parse_loads(const char *s, double *v, int *n)
 }
 
 static int sim__write_conf(const char *dir, const char *policy, const adm_params *p,
-                           const sim_tune_opts *o, double cap)
+                           const sim_tune_opts *o, double cap, double rate_scale)
 {
-    double target = o->target_capacity > 0 ? o->target_capacity : cap;
     char path[4096];
     if (snprintf(path, sizeof(path), "%s/admission-%s.conf", dir, policy) >= (int)sizeof(path))
         return TD_ETOOLONG;
@@ -230,12 +239,11 @@ static int sim__write_conf(const char *dir, const char *policy, const adm_params
             "# rates in multiples of the capacity written for %.3f req/s\n"
             "# tandem-router --config this-file (keys are the router's)\nadmission = %s\n",
             o->loads, cap, o->holdout ? "all of the trace" : "the first part of the trace",
-            o->slo.ttft_ms, o->slo.tpot_ms, target, policy);
+            o->slo.ttft_ms, o->slo.tpot_ms, cap * rate_scale, policy);
     for (size_t i = 0; i < SIM__N_KNOBS; i++) {
         const sim__knob *k = &sim__knobs[i];
         if (strcmp(k->policy, policy) != 0) continue;
-        double v = sim__knob_get(k, p);
-        if (k->unit == SIM__X_CAP) v *= target / cap;
+        double v = sim__knob_written(k, p, rate_scale);
         if (k->is_u32)
             fprintf(fp, "%s = %u\n", k->key, (uint32_t)llround(v));
         else
@@ -334,9 +342,10 @@ int sim_tune(const sim_config *base, const lt_trace *tr, const sim_tune_opts *o,
     int rc = sim__capacity(base, train, n_train, &o->slo, &cap, err, errlen);
     if (rc) return rc;
     fprintf(fp, "capacity (admission none, >= 90%% within SLO, training part): %.3f req/s\n", cap);
+    double rate_scale = o->target_capacity > 0 ? o->target_capacity / cap : 1.0;
     if (o->target_capacity > 0)
         fprintf(fp, "configs written for a capacity of %.3f req/s (rates scaled by %.3f)\n",
-                o->target_capacity, o->target_capacity / cap);
+                o->target_capacity, rate_scale);
     if (o->holdout)
         fprintf(fp,
                 "training: the %zu requests of the trace, held out: the %zu of the other; "
@@ -367,7 +376,7 @@ int sim_tune(const sim_config *base, const lt_trace *tr, const sim_tune_opts *o,
         if ((rc = sim__search(&c, train, n_train, loads, n_loads, cap, &o->slo, err, errlen)) != 0)
             return rc;
         char conf[256];
-        sim__knobs_str(name, &c.params, conf, sizeof(conf));
+        sim__knobs_str(name, &c.params, rate_scale, conf, sizeof(conf));
         fprintf(fp, "%-16s", name);
         for (int l = 0; l < n_loads; l++) {
             sim__eval ev;
@@ -376,7 +385,7 @@ int sim_tune(const sim_config *base, const lt_trace *tr, const sim_tune_opts *o,
             fprintf(fp, " | %13.3f %6.1f %9.1f", ev.goodput_rps, ev.rejected_pct, ev.p90_ttft_ms);
         }
         fprintf(fp, "\n%-16s %s\n", "", conf);
-        if ((rc = sim__write_conf(o->out, name, &c.params, o, cap)) != 0) {
+        if ((rc = sim__write_conf(o->out, name, &c.params, o, cap, rate_scale)) != 0) {
             if (err) snprintf(err, errlen, "%s: cannot write the config", o->out);
             return rc;
         }

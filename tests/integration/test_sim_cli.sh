@@ -100,6 +100,11 @@ awk -v a="$(key bucket-rate "$WORK/tune/admission-token_bucket.conf")" \
     -v b="$(key bucket-rate "$WORK/tune-t/admission-token_bucket.conf")" -v cap="$cap" \
     'BEGIN { r = (b / 0.5) / (a / cap); exit !(r > 0.998 && r < 1.002) }' ||
     fail "bucket-rate not rescaled to the target capacity (capacity $cap)"
+# The table under the policy shows the rate as written, not the simulated one.
+awk -v t="$(sed -n 's/.*bucket-rate=\([0-9.e+-]*\).*/\1/p' "$WORK/tune-t.txt")" \
+    -v b="$(key bucket-rate "$WORK/tune-t/admission-token_bucket.conf")" \
+    'BEGIN { exit !(t > 0 && t / b > 0.999 && t / b < 1.001) }' ||
+    fail "table's bucket-rate differs from the config's: $(cat "$WORK/tune-t.txt")"
 [ "$(key bucket-burst "$WORK/tune/admission-token_bucket.conf")" = \
     "$(key bucket-burst "$WORK/tune-t/admission-token_bucket.conf")" ] ||
     fail "bucket-burst changed with --target-capacity"
