@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "common/err.h"
+#include "engine/sampler_kernels.h"
 
 struct smp_sampler {
     smp_params p;
@@ -13,7 +14,7 @@ struct smp_sampler {
     uint64_t key; /* the seed, scrambled: the random stream's key */
     int generated;
     int32_t *idx; /* [vocab] candidate ids (scratch) */
-    float *prob;  /* [vocab] probabilities (scratch) */
+    float *prob;  /* [vocab] softmax numerators, the largest 1 (scratch) */
 };
 
 /* splitmix64's finaliser: nearby inputs give unrelated outputs. */
@@ -80,17 +81,6 @@ static float smp__uniform(const smp_sampler *s) /* [0, 1) */
 {
     uint64_t x = smp__mix(s->key + (uint64_t)s->generated);
     return (float)(x >> 40) / 16777216.0f;
-}
-
-/* The argmax (lowest id on ties), or -1 when any element is NaN. */
-static int smp__argmax(const float *x, int n)
-{
-    int best = 0;
-    for (int i = 0; i < n; i++) {
-        if (isnan(x[i])) return -1;
-        if (x[i] > x[best]) best = i;
-    }
-    return best;
 }
 
 int smp_logits_find_nan(const float *logits, int n)
@@ -164,27 +154,25 @@ int smp_sample(smp_sampler *s, float *logits, int32_t *token)
         for (int i = 0; i < p->n_stop_ids; i++)
             if (p->stop_ids[i] >= 0 && p->stop_ids[i] < V) logits[p->stop_ids[i]] = -INFINITY;
     }
-    int best = smp__argmax(logits, V);
+    int best = smpk_argmax(logits, V);
     if (best < 0) return TD_ERANGE;
-    if (p->temperature <= 0.0f || logits[best] == -INFINITY) {
+    /* -inf: everything is masked; +inf: that id has all the mass. */
+    if (p->temperature <= 0.0f || isinf(logits[best])) {
         *token = best;
         return 0;
     }
-    /* Softmax at temperature (no NaN left: the argmax checked). */
-    float mx = logits[best], sum = 0.0f;
-    for (int i = 0; i < V; i++) {
-        float e = expf((logits[i] - mx) / p->temperature);
-        s->prob[i] = e;
-        sum += e;
-    }
-    for (int i = 0; i < V; i++)
-        s->prob[i] /= sum;
+    /* Softmax at temperature (no NaN left: the argmax checked). The
+     * numerators are not divided by their sum: every step below compares
+     * them with each other or with a fraction of a sum of them, so the
+     * division would change nothing but cost a pass. The largest is exactly
+     * 1, so the sum is at least 1. */
+    float sum = smpk_exp_sum(s->prob, logits, V, logits[best], p->temperature);
 
     int n = 0;
     int use_k = p->top_k > 0 && p->top_k < V;
     int use_p = p->top_p > 0.0f && p->top_p < 1.0f;
     if (!use_k && !use_p) {
-        float r = smp__uniform(s), cdf = 0.0f;
+        float r = smp__uniform(s) * sum, cdf = 0.0f;
         for (int i = 0; i < V; i++) {
             cdf += s->prob[i];
             if (r < cdf) {
@@ -200,7 +188,7 @@ int smp_sample(smp_sampler *s, float *logits, int32_t *token)
     if (use_k) {
         n = smp__top_k(s->prob, V, p->top_k, s->idx);
     } else {
-        float floor_p = V > 1 ? (1.0f - p->top_p) / (float)(V - 1) : 0.0f;
+        float floor_p = V > 1 ? (1.0f - p->top_p) / (float)(V - 1) * sum : 0.0f;
         for (int i = 0; i < V; i++)
             if (s->prob[i] >= floor_p) s->idx[n++] = i;
     }

@@ -1,0 +1,207 @@
+#include "engine/sampler_kernels.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define SMPK_HAVE_X86 1
+#define SMPK_AVX2     __attribute__((target("avx2,fma")))
+#endif
+
+/* ---- e^x, x <= 0 ----
+ * x = n ln2 + r with n = rint(x / ln2) and |r| <= ln2 / 2 (ln2 split in two
+ * so that n ln2_hi is exact), e^r by its Taylor polynomial of degree 7 (the
+ * first term left out, r^8 / 8!, is under 6e-9 relative: a tenth of an ulp),
+ * times 2^n built in the exponent bits. Below SMPK_EXP_LO, 2^n would leave
+ * the normal range: the result is 0 there (a probability under 1e-38 of the
+ * largest one, which a float draw cannot pick anyway). */
+#define SMPK_EXP_LO  (-87.33654f) /* ln(2^-126) */
+#define SMPK_LOG2E   1.44269504f
+#define SMPK_LN2_HI  0.693359375f /* 355/512: n * SMPK_LN2_HI is exact for |n| < 2^15 */
+#define SMPK_LN2_LO  (-2.12194440e-4f)
+#define SMPK_C7      (1.0f / 5040.0f)
+#define SMPK_C6      (1.0f / 720.0f)
+#define SMPK_C5      (1.0f / 120.0f)
+#define SMPK_C4      (1.0f / 24.0f)
+#define SMPK_C3      (1.0f / 6.0f)
+#define SMPK_C2      0.5f
+
+float smpk_exp(float x)
+{
+    if (!(x >= SMPK_EXP_LO)) return 0.0f; /* also -inf and NaN */
+    if (x > 0.0f) x = 0.0f;
+    float n = rintf(x * SMPK_LOG2E);
+    float r = fmaf(n, -SMPK_LN2_HI, x);
+    r = fmaf(n, -SMPK_LN2_LO, r);
+    float p = SMPK_C7;
+    p = fmaf(p, r, SMPK_C6);
+    p = fmaf(p, r, SMPK_C5);
+    p = fmaf(p, r, SMPK_C4);
+    p = fmaf(p, r, SMPK_C3);
+    p = fmaf(p, r, SMPK_C2);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+/* The fold of the 8 lane sums that both versions use. */
+static float smpk__fold8(const float a[8])
+{
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+float smpk_exp_sum_generic(float *out, const float *x, int n, float mx, float t)
+{
+    float acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) {
+            out[i + l] = smpk_exp((x[i + l] - mx) / t);
+            acc[l] += out[i + l];
+        }
+    float s = smpk__fold8(acc);
+    for (; i < n; i++) {
+        out[i] = smpk_exp((x[i] - mx) / t);
+        s += out[i];
+    }
+    return s;
+}
+
+int smpk_argmax_generic(const float *x, int n)
+{
+    int best = 0;
+    for (int i = 0; i < n; i++) {
+        if (isnan(x[i])) return -1;
+        if (x[i] > x[best]) best = i;
+    }
+    return best;
+}
+
+#ifdef SMPK_HAVE_X86
+/* smpk_exp on 8 lanes: the same operations, in the same order. */
+SMPK_AVX2 static inline __m256 smpk__exp8(__m256 x)
+{
+    const __m256 lo = _mm256_set1_ps(SMPK_EXP_LO);
+    __m256 ok = _mm256_cmp_ps(x, lo, _CMP_GE_OQ); /* false for NaN */
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_setzero_ps()), lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(SMPK_LOG2E)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(SMPK_LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(SMPK_LN2_LO), r);
+    __m256 p = _mm256_set1_ps(SMPK_C7);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SMPK_C6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SMPK_C5));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SMPK_C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SMPK_C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SMPK_C2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                                  23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), ok);
+}
+
+SMPK_AVX2 static float smpk__exp_sum_avx2(float *out, const float *x, int n, float mx, float t)
+{
+    const __m256 vmx = _mm256_set1_ps(mx), vt = _mm256_set1_ps(t);
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = smpk__exp8(_mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmx), vt));
+        _mm256_storeu_ps(out + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float a[8];
+    _mm256_storeu_ps(a, acc);
+    float s = smpk__fold8(a);
+    for (; i < n; i++) {
+        out[i] = smpk_exp((x[i] - mx) / t);
+        s += out[i];
+    }
+    return s;
+}
+
+/* Two passes: the maximum (and whether any lane saw a NaN), then the first
+ * element equal to it. Comparing for equality makes -0 and +0 one value,
+ * as the generic scan's x[i] > x[best] does. */
+SMPK_AVX2 static int smpk__argmax_avx2(const float *x, int n)
+{
+    if (n < 16) return smpk_argmax_generic(x, n);
+    __m256 m0 = _mm256_loadu_ps(x), m1 = _mm256_loadu_ps(x + 8);
+    __m256 nan = _mm256_or_ps(_mm256_cmp_ps(m0, m0, _CMP_UNORD_Q), _mm256_cmp_ps(m1, m1, _CMP_UNORD_Q));
+    int i = 16;
+    for (; i + 16 <= n; i += 16) {
+        __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+        nan = _mm256_or_ps(nan, _mm256_or_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q),
+                                             _mm256_cmp_ps(b, b, _CMP_UNORD_Q)));
+        m0 = _mm256_max_ps(m0, a);
+        m1 = _mm256_max_ps(m1, b);
+    }
+    if (_mm256_movemask_ps(nan)) return -1;
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_max_ps(m0, m1));
+    float mx = lanes[0];
+    for (int l = 1; l < 8; l++)
+        if (lanes[l] > mx) mx = lanes[l];
+    for (; i < n; i++) {
+        if (isnan(x[i])) return -1;
+        if (x[i] > mx) mx = x[i];
+    }
+    const __m256 vm = _mm256_set1_ps(mx);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), vm, _CMP_EQ_OQ));
+        if (hit) return j + __builtin_ctz((unsigned)hit);
+    }
+    for (; j < n; j++)
+        if (x[j] == mx) return j;
+    return 0; /* not reached: mx is one of the elements */
+}
+#endif
+
+static int (*smpk__argmax_impl)(const float *, int) = smpk_argmax_generic;
+static float (*smpk__exp_sum_impl)(float *, const float *, int, float,
+                                   float) = smpk_exp_sum_generic;
+static const char *smpk__name = "generic";
+
+static void smpk__select(void)
+{
+#ifdef SMPK_HAVE_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        smpk__argmax_impl = smpk__argmax_avx2;
+        smpk__exp_sum_impl = smpk__exp_sum_avx2;
+        smpk__name = "avx2";
+    }
+#endif
+}
+
+static void smpk__init(void)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, smpk__select);
+}
+
+int smpk_argmax(const float *x, int n)
+{
+    smpk__init();
+    return smpk__argmax_impl(x, n);
+}
+
+float smpk_exp_sum(float *out, const float *x, int n, float mx, float t)
+{
+    smpk__init();
+    return smpk__exp_sum_impl(out, x, n, mx, t);
+}
+
+const char *smpk_variant(void)
+{
+    smpk__init();
+    return smpk__name;
+}

@@ -1,0 +1,43 @@
+/* sampler kernels: the passes over a whole vocabulary that every draw makes
+ * (the argmax with its NaN check, the softmax's exponentials and their sum),
+ * vectorised where the CPU allows.
+ *
+ * At a 32,000-token vocabulary these passes cost more per sequence than a
+ * small model's batched forward: with glibc's expf and a scalar argmax a
+ * draw took about 280 us on the 2-core AVX2 host, a quarter of the decode
+ * worker's step per sequence (docs/cpu-throughput.md, "The sampler").
+ *
+ * Same bits everywhere: the AVX2 and the generic versions run the same
+ * operations in the same order (every product-sum is one fused multiply-add,
+ * fmaf in the generic code; the sum is kept in 8 lanes and folded in a fixed
+ * order), so a draw does not depend on the CPU it ran on. smpk_exp is this
+ * module's own exponential, not libm's: within 2 ulp of the exact value
+ * (tests/unit/test_sampler.c checks it against expf over its whole range).
+ *
+ * Stateless apart from the one-time choice of the version (thread-safe). */
+#ifndef TANDEM_ENGINE_SAMPLER_KERNELS_H
+#define TANDEM_ENGINE_SAMPLER_KERNELS_H
+
+/* The lowest index of the largest element of x[0..n), or -1 when any element
+ * is NaN (n >= 1). -0 and +0 count as equal, as x[i] > x[best] does. */
+int smpk_argmax(const float *x, int n);
+
+/* out[i] = smpk_exp((x[i] - mx) / t) for i in [0, n), and returns their sum
+ * (lane l of 8 sums the elements i = 8k + l of the whole blocks, the lanes
+ * folded as ((0+4)+(2+6))+((1+5)+(3+7)), then the tail in order). Meant for
+ * x[i] <= mx and t > 0 (a softmax's numerators): any argument below the
+ * smallest normal exponent's range, -inf and NaN give 0. */
+float smpk_exp_sum(float *out, const float *x, int n, float mx, float t);
+
+/* e^x for x <= 0, as smpk_exp_sum computes each element. */
+float smpk_exp(float x);
+
+/* The portable versions, for tests that compare them with the dispatched
+ * ones bit for bit. */
+int smpk_argmax_generic(const float *x, int n);
+float smpk_exp_sum_generic(float *out, const float *x, int n, float mx, float t);
+
+/* "avx2" or "generic": the version smpk_argmax and smpk_exp_sum run. */
+const char *smpk_variant(void);
+
+#endif
