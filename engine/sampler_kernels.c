@@ -18,16 +18,16 @@
  * times 2^n built in the exponent bits. Below SMPK_EXP_LO, 2^n would leave
  * the normal range: the result is 0 there (a probability under 1e-38 of the
  * largest one, which a float draw cannot pick anyway). */
-#define SMPK_EXP_LO  (-87.33654f) /* ln(2^-126) */
-#define SMPK_LOG2E   1.44269504f
-#define SMPK_LN2_HI  0.693359375f /* 355/512: n * SMPK_LN2_HI is exact for |n| < 2^15 */
-#define SMPK_LN2_LO  (-2.12194440e-4f)
-#define SMPK_C7      (1.0f / 5040.0f)
-#define SMPK_C6      (1.0f / 720.0f)
-#define SMPK_C5      (1.0f / 120.0f)
-#define SMPK_C4      (1.0f / 24.0f)
-#define SMPK_C3      (1.0f / 6.0f)
-#define SMPK_C2      0.5f
+#define SMPK_EXP_LO (-87.33654f) /* ln(2^-126) */
+#define SMPK_LOG2E  1.44269504f
+#define SMPK_LN2_HI 0.693359375f /* 355/512: n * SMPK_LN2_HI is exact for |n| < 2^15 */
+#define SMPK_LN2_LO (-2.12194440e-4f)
+#define SMPK_C7     (1.0f / 5040.0f)
+#define SMPK_C6     (1.0f / 720.0f)
+#define SMPK_C5     (1.0f / 120.0f)
+#define SMPK_C4     (1.0f / 24.0f)
+#define SMPK_C3     (1.0f / 6.0f)
+#define SMPK_C2     0.5f
 
 float smpk_exp(float x)
 {
@@ -102,8 +102,8 @@ SMPK_AVX2 static inline __m256 smpk__exp8(__m256 x)
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(SMPK_C2));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-                                  23);
+    __m256i e =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), ok);
 }
 
@@ -134,7 +134,8 @@ SMPK_AVX2 static int smpk__argmax_avx2(const float *x, int n)
 {
     if (n < 16) return smpk_argmax_generic(x, n);
     __m256 m0 = _mm256_loadu_ps(x), m1 = _mm256_loadu_ps(x + 8);
-    __m256 nan = _mm256_or_ps(_mm256_cmp_ps(m0, m0, _CMP_UNORD_Q), _mm256_cmp_ps(m1, m1, _CMP_UNORD_Q));
+    __m256 nan =
+        _mm256_or_ps(_mm256_cmp_ps(m0, m0, _CMP_UNORD_Q), _mm256_cmp_ps(m1, m1, _CMP_UNORD_Q));
     int i = 16;
     for (; i + 16 <= n; i += 16) {
         __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);

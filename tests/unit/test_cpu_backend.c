@@ -652,6 +652,47 @@ static void test_matmul_rows_vs_dot(void **s)
     }
 }
 
+/* The attention kernels against their definitions (cpu_kernels.h): every
+ * score is ck_dot(q, k_j) * scale and every accumulated element the unfused
+ * sum in order of j, bit for bit, for head sizes with and without a 16- or
+ * 8-element tail, position counts around the 4-position blocks, and rows
+ * further apart than a head (the KV slot holds every head). */
+static void test_attn_kernels_vs_definition(void **s)
+{
+    (void)s;
+    ck_init();
+    enum { NMAX = 21, HMAX = 136 };
+    const int hds[] = {8, 16, 24, 40, 48, 64, 72, 96, 128, 130, 136};
+    static float rows[NMAX * 2 * HMAX], q[HMAX], w[NMAX], out[NMAX], acc[HMAX], ref[HMAX];
+    uint32_t r = 12345;
+    for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+        r = r * 1664525u + 1013904223u;
+        rows[i] = (float)(int32_t)r / 2147483648.0f;
+    }
+    for (size_t h = 0; h < sizeof(hds) / sizeof(hds[0]); h++) {
+        int hd = hds[h];
+        size_t stride = (size_t)2 * hd + 3;
+        for (int i = 0; i < hd; i++)
+            q[i] = rows[(size_t)i * 7 % (NMAX * HMAX)] * 0.5f;
+        for (int n = 1; n <= NMAX; n++) {
+            float scale = 1.0f / sqrtf((float)hd);
+            ck_attn_scores(out, q, rows, stride, n, hd, scale);
+            for (int j = 0; j < n; j++) {
+                float want = ck_dot(q, rows + (size_t)j * stride, hd) * scale;
+                assert_memory_equal(&out[j], &want, sizeof(float));
+                w[j] = out[j] * out[j];
+            }
+            for (int i = 0; i < hd; i++)
+                acc[i] = ref[i] = 0.25f * (float)i;
+            ck_attn_accum(acc, w, rows + 1, stride, n, hd);
+            for (int j = 0; j < n; j++)
+                for (int i = 0; i < hd; i++)
+                    ref[i] += w[j] * rows[1 + (size_t)j * stride + (size_t)i];
+            assert_memory_equal(acc, ref, sizeof(float) * (size_t)hd);
+        }
+    }
+}
+
 static void test_batch_invariance(void **s)
 {
     (void)s;
@@ -1103,6 +1144,7 @@ int main(void)
         cmocka_unit_test_setup(test_half_weights, reset_globals),
         cmocka_unit_test_setup(test_matmul_blocking, reset_globals),
         cmocka_unit_test_setup(test_matmul_rows_vs_dot, reset_globals),
+        cmocka_unit_test_setup(test_attn_kernels_vs_definition, reset_globals),
         cmocka_unit_test_setup(test_blas_mode_close, reset_globals),
         cmocka_unit_test_setup(test_kv_f16, reset_globals),
         cmocka_unit_test_setup(test_f16_conversion, reset_globals),

@@ -662,43 +662,97 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
     }
 }
 
+/* Attention scores, four positions at a time: each score is ck__dot_avx2's
+ * two accumulators (q loaded once for the four rows), ck__hsum's additions
+ * (ck__hsum8x4), times scale, so the bits are those of one ck_dot per
+ * position. A decode step's attention is mostly these short dot products
+ * (head_dim 48 or 64: 3 or 4 FMA steps each), where the one-at-a-time
+ * version spent most of its time in the horizontal sum's dependency chain. */
 CK_AVX2 static void ck__scores_avx2(float *out, const float *q, const float *rows, size_t stride,
                                     int n, int hd, float scale)
 {
-    for (int j = 0; j < n; j++)
+    int j = 0;
+    if (hd % 16 == 0) {
+        const __m128 sc = _mm_set1_ps(scale);
+        for (; j + 4 <= n; j += 4) {
+            const float *r0 = rows + (size_t)j * stride, *r1 = r0 + stride;
+            const float *r2 = r1 + stride, *r3 = r2 + stride;
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
+            __m256 a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+            for (int i = 0; i < hd; i += 16) {
+                __m256 q0 = _mm256_loadu_ps(q + i), q1 = _mm256_loadu_ps(q + i + 8);
+                a00 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(r0 + i), a00);
+                a01 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(r0 + i + 8), a01);
+                a10 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(r1 + i), a10);
+                a11 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(r1 + i + 8), a11);
+                a20 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(r2 + i), a20);
+                a21 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(r2 + i + 8), a21);
+                a30 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(r3 + i), a30);
+                a31 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(r3 + i + 8), a31);
+            }
+            __m128 r = ck__hsum8x4(_mm256_add_ps(a00, a01), _mm256_add_ps(a10, a11),
+                                   _mm256_add_ps(a20, a21), _mm256_add_ps(a30, a31));
+            _mm_storeu_ps(out + j, _mm_mul_ps(r, sc));
+        }
+    }
+    for (; j < n; j++)
         out[j] = ck__dot_avx2(q, rows + (size_t)j * stride, hd) * scale;
+}
+
+/* acc[0 .. 8 nv) += w[j] * v_j[...] for every j, nv (<= 8) accumulators in
+ * registers for the whole pass over j. Called with constant nv. */
+CK_AVX2 static inline void ck__accum_blk_avx2(float *acc, const float *w, const float *rows,
+                                              size_t stride, int n, int nv)
+{
+    __m256 a[8];
+    for (int v = 0; v < nv; v++)
+        a[v] = _mm256_loadu_ps(acc + 8 * v);
+    for (int j = 0; j < n; j++) {
+        const float *r = rows + (size_t)j * stride;
+        __m256 wj = _mm256_set1_ps(w[j]);
+        for (int v = 0; v < nv; v++)
+            a[v] = _mm256_add_ps(a[v], _mm256_mul_ps(wj, _mm256_loadu_ps(r + 8 * v)));
+    }
+    for (int v = 0; v < nv; v++)
+        _mm256_storeu_ps(acc + 8 * v, a[v]);
 }
 
 CK_AVX2 static void ck__accum_avx2(float *acc, const float *w, const float *rows, size_t stride,
                                    int n, int hd)
 {
     /* acc[i] + w[j] * v_j[i], unfused and in order of j for every element, as
-     * the generic version; 32 elements of acc stay in registers across j. */
+     * the generic version. Up to 64 elements of acc stay in registers across
+     * j: a head of 48 or 64 is one pass over the rows, not one per 32 or 8
+     * elements (each pass a chain of n dependent adds). */
     int i = 0;
-    for (; i + 32 <= hd; i += 32) {
-        __m256 a0 = _mm256_loadu_ps(acc + i), a1 = _mm256_loadu_ps(acc + i + 8);
-        __m256 a2 = _mm256_loadu_ps(acc + i + 16), a3 = _mm256_loadu_ps(acc + i + 24);
-        for (int j = 0; j < n; j++) {
-            const float *v = rows + (size_t)j * stride + i;
-            __m256 wj = _mm256_set1_ps(w[j]);
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(wj, _mm256_loadu_ps(v)));
-            a1 = _mm256_add_ps(a1, _mm256_mul_ps(wj, _mm256_loadu_ps(v + 8)));
-            a2 = _mm256_add_ps(a2, _mm256_mul_ps(wj, _mm256_loadu_ps(v + 16)));
-            a3 = _mm256_add_ps(a3, _mm256_mul_ps(wj, _mm256_loadu_ps(v + 24)));
-        }
-        _mm256_storeu_ps(acc + i, a0);
-        _mm256_storeu_ps(acc + i + 8, a1);
-        _mm256_storeu_ps(acc + i + 16, a2);
-        _mm256_storeu_ps(acc + i + 24, a3);
+    for (; i + 64 <= hd; i += 64)
+        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 8);
+    switch ((hd - i) / 8) {
+    case 7:
+        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 7);
+        break;
+    case 6:
+        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 6);
+        break;
+    case 5:
+        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 5);
+        break;
+    case 4:
+        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 4);
+        break;
+    case 3:
+        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 3);
+        break;
+    case 2:
+        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 2);
+        break;
+    case 1:
+        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 1);
+        break;
+    default:
+        break;
     }
-    for (; i + 8 <= hd; i += 8) {
-        __m256 a0 = _mm256_loadu_ps(acc + i);
-        for (int j = 0; j < n; j++) {
-            __m256 v = _mm256_loadu_ps(rows + (size_t)j * stride + i);
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_set1_ps(w[j]), v));
-        }
-        _mm256_storeu_ps(acc + i, a0);
-    }
+    i += (hd - i) / 8 * 8;
     for (; i < hd; i++)
         for (int j = 0; j < n; j++)
             acc[i] += w[j] * rows[(size_t)j * stride + i];
