@@ -24,33 +24,16 @@ import threading
 import time
 import urllib.parse
 
+from profile_cost import stream_chunks
 
-def one_stream(host, port, model, seed, args, stop_at, gaps, lock):
+
+def one_stream(url, model, seed, args, stop_at, gaps, lock):
     rnd = random.Random(seed)
     while time.time() < stop_at:
-        conn = http.client.HTTPConnection(host, port, timeout=120)
-        body = {"model": model, "max_tokens": args.max_tokens, "stream": True, "ignore_eos": True,
-                "prompt": [rnd.randrange(3, args.vocab) for _ in range(args.prompt_tokens)]}
-        conn.request("POST", "/v1/completions", json.dumps(body),
-                     {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise SystemExit("HTTP %d: %s" % (resp.status, resp.read()[:200]))
-        last, mine = None, []
-        while True:
-            line = resp.fp.readline()
-            if not line:
-                break
-            if line.startswith(b"data:"):
-                now = time.time()
-                if b"[DONE]" in line:
-                    break
-                if last is not None:
-                    mine.append(now - last)
-                last = now
-        conn.close()
+        prompt = [rnd.randrange(3, args.vocab) for _ in range(args.prompt_tokens)]
+        _, chunks = stream_chunks(url, model, prompt, args.max_tokens)
         with lock:
-            gaps.extend(mine)
+            gaps.extend((b - a) / 1e6 for a, b in zip(chunks, chunks[1:]))
 
 
 def main(argv):
@@ -71,7 +54,7 @@ def main(argv):
     for n in [int(x) for x in a.streams.split(",")]:
         gaps, lock = [], threading.Lock()
         stop_at = time.time() + a.seconds
-        ts = [threading.Thread(target=one_stream, args=(host, port, model, k, a, stop_at, gaps, lock))
+        ts = [threading.Thread(target=one_stream, args=(a.url, model, k, a, stop_at, gaps, lock))
               for k in range(n)]
         for t in ts:
             t.start()

@@ -443,7 +443,8 @@ static int bench(void)
         {"temperature 0.8, top-p 0.9", 0.8f, 0.9f, 0},
         {"temperature 0.8, top-k 40", 0.8f, 1.0f, 40},
     };
-    printf("smp_sample over %d logits, median of 5 passes of 1000 draws\n", BENCH_V);
+    printf("smp_sample over %d logits (%s kernels), median of 5 passes of 1000 draws\n", BENCH_V,
+           smpk_variant());
     for (size_t m = 0; m < sizeof(modes) / sizeof(modes[0]); m++) {
         smp_params p;
         smp_params_defaults(&p);

@@ -700,7 +700,7 @@ CK_AVX2 static void ck__scores_avx2(float *out, const float *q, const float *row
 }
 
 /* acc[0 .. 8 nv) += w[j] * v_j[...] for every j, nv (<= 8) accumulators in
- * registers for the whole pass over j. Called with constant nv. */
+ * registers for the whole pass over j. */
 CK_AVX2 static inline void ck__accum_blk_avx2(float *acc, const float *w, const float *rows,
                                               size_t stride, int n, int nv)
 {
@@ -727,32 +727,9 @@ CK_AVX2 static void ck__accum_avx2(float *acc, const float *w, const float *rows
     int i = 0;
     for (; i + 64 <= hd; i += 64)
         ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 8);
-    switch ((hd - i) / 8) {
-    case 7:
-        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 7);
-        break;
-    case 6:
-        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 6);
-        break;
-    case 5:
-        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 5);
-        break;
-    case 4:
-        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 4);
-        break;
-    case 3:
-        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 3);
-        break;
-    case 2:
-        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 2);
-        break;
-    case 1:
-        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 1);
-        break;
-    default:
-        break;
-    }
-    i += (hd - i) / 8 * 8;
+    int nv = (hd - i) / 8;
+    if (nv > 0) ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, nv);
+    i += nv * 8;
     for (; i < hd; i++)
         for (int j = 0; j < n; j++)
             acc[i] += w[j] * rows[(size_t)j * stride + i];
