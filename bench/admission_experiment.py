@@ -138,6 +138,10 @@ class Exp:
             if mm and mm.group(1) in c:
                 c[mm.group(1)] = val
         c["held_now"] = m.get("tandem_router_held", 0.0)
+        # The factors burst applies to its cost model (SLO feedback, speed tracking).
+        for stage in ("prefill", "decode"):
+            c["speed_" + stage] = m.get('tandem_router_admission_speed_factor{stage="%s"}' % stage,
+                                        1.0)
         return c
 
     # ---- one replay ----

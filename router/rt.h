@@ -149,6 +149,8 @@ struct rt_req {
     uint32_t max_tokens;
     bool want_timings;
     int64_t t_arrival, t_dispatch, t_first, deadline_ns;
+    int64_t t_admit;   /* the policy admitted it (after any hold) */
+    adm_pred adm_pred; /* what the admitting decision predicted; handed back to the policy */
     uint64_t tokenize_us;
     /* Downstream. */
     rt_worker *decode, *prefill;
@@ -194,7 +196,7 @@ typedef struct rt_opts {
     int64_t max_outstanding, request_timeout_ms, max_body_bytes, heartbeat_ms, hold_max;
     int64_t http_head_timeout_ms, http_idle_timeout_ms;
     double bucket_rate, bucket_burst, queue_max_ms, slo_ttft_ms, slo_tpot_ms, short_window_s,
-        long_window_s, hold_max_ms, burst_cv, burst_rate_ratio, slo_margin, speed_step;
+        long_window_s, hold_max_ms, burst_cv, burst_rate_ratio, slo_margin, speed_step, speed_track;
 } rt_opts;
 
 typedef struct rt_metrics {

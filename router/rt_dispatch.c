@@ -91,7 +91,8 @@ static void rt__end(rt_req *r, int finish, int err, const char *details)
         c->outstanding--;
         if (c->adm->on_end)
             c->adm->on_end(c->adm_ctx, td_now_ns(), r->t_first ? r->n_generated : 0,
-                           r->t_first && r->t_last > r->t_first ? r->t_last - r->t_first : 0);
+                           r->t_first && r->t_last > r->t_first ? r->t_last - r->t_first : 0,
+                           &r->adm_pred);
         rt_metrics_speed(c);
         /* Room freed: look at the held requests from the loop, not from
          * inside this request's end. */
@@ -250,12 +251,14 @@ static void rt__unhold(rt_ctx *c, rt_req *r)
     r->state = RT_R_NEW;
 }
 
-static void rt__admit(rt_req *r)
+static void rt__admit(rt_req *r, const adm_pred *pred)
 {
     rt_ctx *c = r->ctx;
     r->admitted = true;
+    r->t_admit = td_now_ns();
+    r->adm_pred = *pred;
     c->outstanding++;
-    met_histogram_observe(c->metrics.queue, td_ns_to_s(td_now_ns() - r->t_arrival));
+    met_histogram_observe(c->metrics.queue, td_ns_to_s(r->t_admit - r->t_arrival));
     rt__start(r);
 }
 
@@ -294,7 +297,7 @@ void rt_admission_pass(rt_ctx *c)
         rt__unhold(c, r);
         if (d.verdict == ADM_ADMIT) {
             rt__adm_count(c, "admitted_after_hold");
-            rt__admit(r);
+            rt__admit(r, &d.pred);
         } else {
             /* Rejected, or its time in the queue ran out: 429, never a late
              * answer. */
@@ -361,7 +364,7 @@ void rt_req_dispatch(rt_req *r)
         rt__arm_hold_timer(c);
         return;
     }
-    rt__admit(r);
+    rt__admit(r, &d.pred);
 }
 
 /* Prefill workers in rotation other than w. */
@@ -397,7 +400,8 @@ void rt_req_on_wake(rt_req *r)
                 rt__prefill_release(r);
                 rt__prefill_done(r);
                 if (c->adm->on_first_token)
-                    c->adm->on_first_token(c->adm_ctx, r->t_first, r->t_first - r->t_arrival);
+                    c->adm->on_first_token(c->adm_ctx, r->t_first, r->t_first - r->t_arrival,
+                                           r->t_admit, &r->adm_pred);
                 rt_metrics_speed(c);
             }
             if (m->n_token_ids) {

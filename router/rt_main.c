@@ -76,6 +76,8 @@ static const struct cfg_option rt_table[] = {
            "burst: admit within this fraction of the SLOs (0, 1]", slo_margin),
     RT_OPT("speed-step", CFG_DOUBLE, NULL, "0", "1", NULL,
            "burst: step of its SLO feedback (0: off)", speed_step),
+    RT_OPT("speed-track", CFG_DOUBLE, NULL, "0", "1", NULL,
+           "burst: weight of each request in its measured speed (0: off)", speed_track),
     RT_OPT("cost-model", CFG_STRING, NULL, NULL, NULL, NULL,
            "Cost model file for queue_threshold and burst (tandem-sim and the profiler write it)",
            cost_model),
@@ -185,6 +187,7 @@ static int rt_adm_params(cfg *conf, const rt_opts *o, adm_params *p)
     RT_SET("burst-rate-ratio", burst_rate_ratio, o->burst_rate_ratio);
     RT_SET("slo-margin", slo_margin, o->slo_margin);
     RT_SET("speed-step", speed_step, o->speed_step);
+    RT_SET("speed-track", speed_track, o->speed_track);
 #undef RT_SET
     if (o->cost_model) {
         char err[256] = "";

@@ -28,7 +28,7 @@ struct sim_opts {
     double speedup, rate, start_s, end_s, slo_ttft_ms, slo_tpot_ms, train_fraction, target_capacity;
     /* The router's admission keys (router/rt_main.c), read over adm_params_defaults. */
     double bucket_rate, bucket_burst, queue_max_ms, short_window_s, long_window_s, hold_max_ms,
-        burst_cv, burst_rate_ratio, slo_margin, speed_step;
+        burst_cv, burst_rate_ratio, slo_margin, speed_step, speed_track;
     int64_t hold_max, max_prompt_tokens, max_output_tokens;
     double length_scale;
     int64_t max_requests, prefill, decode, kv_blocks, block_size, max_num_seqs, max_batched_tokens,
@@ -126,6 +126,8 @@ struct sim_opts {
                 "burst: admit within this fraction of the SLOs (0, 1]", slo_margin),               \
         SIM_OPT("speed-step", CFG_DOUBLE, NULL, "0", "1", NULL,                                    \
                 "burst: step of its SLO feedback (0: off)", speed_step),                           \
+        SIM_OPT("speed-track", CFG_DOUBLE, NULL, "0", "1", NULL,                                   \
+                "burst: weight of each request in its measured speed (0: off)", speed_track),      \
         SIM_OPT("retry-429", CFG_INT64, "0", "0", "100", NULL,                                     \
                 "Client retries of a 429 after its Retry-After (the load tester's)", retry_429),   \
         SIM_OPT("seed", CFG_INT64, "1", "0", NULL, NULL,                                           \
@@ -250,6 +252,7 @@ static int parse(const char *cmd, const struct cfg_option *t, size_t nt, int arg
     SIM_SET("burst-rate-ratio", burst_rate_ratio, o->burst_rate_ratio);
     SIM_SET("slo-margin", slo_margin, o->slo_margin);
     SIM_SET("speed-step", speed_step, o->speed_step);
+    SIM_SET("speed-track", speed_track, o->speed_track);
 #undef SIM_SET
     if (o->slo_ttft_ms > 0) p->slo_ttft_ms = o->slo_ttft_ms;
     if (o->slo_tpot_ms > 0) p->slo_tpot_ms = o->slo_tpot_ms;
@@ -367,6 +370,7 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
             cJSON_AddNumberToObject(ap, "burst-rate-ratio", p->burst_rate_ratio);
             cJSON_AddNumberToObject(ap, "slo-margin", p->slo_margin);
             cJSON_AddNumberToObject(ap, "speed-step", p->speed_step);
+            cJSON_AddNumberToObject(ap, "speed-track", p->speed_track);
         }
     }
     cJSON *co = cJSON_AddObjectToObject(x, "cost");
@@ -404,6 +408,8 @@ static cJSON *run_json(const struct sim_opts *o, const sim_config *sc, const lt_
         cJSON_AddNumberToObject(st, "client_retries", (double)res->stats.client_retries);
         cJSON_AddNumberToObject(st, "leaked_blocks", res->stats.leaked_blocks);
         cJSON_AddNumberToObject(st, "sim_end_s", res->stats.sim_end_s);
+        cJSON_AddNumberToObject(st, "speed_prefill", res->stats.speed_prefill);
+        cJSON_AddNumberToObject(st, "speed_decode", res->stats.speed_decode);
         /* The wall time goes to stderr only: reports stay byte-identical. */
     }
     return x;

@@ -79,6 +79,8 @@ typedef struct sim__req {
     int64_t kv_src;       /* prefill worker's held sequence */
     int64_t hold_until;   /* ns; the deadline decide gave (while held) */
     int64_t arrive_ns;    /* this attempt reached the router (a retry is a new request) */
+    int64_t admit_ns;     /* the policy admitted it (rt_req t_admit) */
+    adm_pred pred;        /* what the admitting decision predicted (rt_req adm_pred) */
     uint32_t dec, pre;
     uint32_t n_prompt, n_out;
     uint32_t admitted_slot;  /* its index in sim__ctx.admitted while admitted */
@@ -315,7 +317,7 @@ static void sim__complete(sim__ctx *c, size_t i)
     sim__prefill_done(c, i);
     if (c->outstanding) c->outstanding--;
     if (c->adm->on_end)
-        c->adm->on_end(c->adm_ctx, c->now, (uint32_t)r->n_chunks, r->e2e_ns - r->ttft_ns);
+        c->adm->on_end(c->adm_ctx, c->now, (uint32_t)r->n_chunks, r->e2e_ns - r->ttft_ns, &q->pred);
     /* The router rechecks the hold queue from a 0 ms timer, after the
      * current callback: here, after the current event. */
     if (c->n_held) c->pass_due = 1;
@@ -342,7 +344,7 @@ static void sim__join(sim__ctx *c, sim__worker *w, size_t i)
     if (c->adm->on_first_token)
         /* From this attempt's arrival, as the router's t_arrival: the
          * client's earlier 429s are not this request's time. */
-        c->adm->on_first_token(c->adm_ctx, c->now, c->now - q->arrive_ns);
+        c->adm->on_first_token(c->adm_ctx, c->now, c->now - q->arrive_ns, q->admit_ns, &q->pred);
     if (q->n_out <= 1) {
         (void)kvc_seq_free(w->pool, q->kv_dst);
         q->kv_dst = -1;
@@ -596,10 +598,12 @@ static void sim__adm_input(sim__ctx *c, size_t i, adm_input *in)
 
 /* rt__admit + rt__start: a decode and a prefill worker, the request counts
  * as outstanding and its prompt as in-flight prefill. */
-static int sim__admit_req(sim__ctx *c, size_t i)
+static int sim__admit_req(sim__ctx *c, size_t i, const adm_pred *pred)
 {
     const sim_config *cfg = c->cfg;
     sim__req *q = &c->rq[i];
+    q->admit_ns = c->now;
+    q->pred = *pred;
     c->outstanding++;
     q->dec = sim__pick(c, cfg->n_prefill, cfg->n_decode, &c->rr_decode);
     q->pre = sim__pick(c, 0, cfg->n_prefill, &c->rr_prefill);
@@ -671,7 +675,7 @@ static int sim__hold_pass(sim__ctx *c)
         sim__unhold(c, (size_t)i);
         if (d.verdict == ADM_ADMIT) {
             c->stats.admitted_after_hold++;
-            rc = sim__admit_req(c, (size_t)i);
+            rc = sim__admit_req(c, (size_t)i, &d.pred);
         } else if (d.verdict == ADM_HOLD) {
             c->stats.hold_timeouts++;
             rc = sim__reject(c, (size_t)i, "held past its deadline", d.retry_after_s, 0);
@@ -723,7 +727,7 @@ static int sim__attempt(sim__ctx *c, size_t i)
         int64_t t = d.hold_until_ns > c->now ? d.hold_until_ns : c->now;
         return sim__push(c, t, SIM__EV_HOLD_DEADLINE, (uint32_t)i);
     }
-    return sim__admit_req(c, i);
+    return sim__admit_req(c, i, &d.pred);
 }
 
 static int sim__arrive(sim__ctx *c, size_t i)
@@ -992,6 +996,8 @@ int sim_run(const sim_config *cfg, const lt_req *reqs, size_t n, sim_result *out
         goto fail;
     }
     c.stats.sim_end_s = (double)c.now / 1e9;
+    c.stats.speed_prefill = c.stats.speed_decode = 1;
+    if (c.adm->speed) c.adm->speed(c.adm_ctx, &c.stats.speed_prefill, &c.stats.speed_decode);
     for (uint32_t i = 0; i < c.nw; i++) {
         kvc_stats ks;
         kvc_stats_get(c.w[i].pool, &ks);

@@ -84,6 +84,10 @@ typedef struct sim_stats {
     uint64_t client_retries; /* 429s the simulated client sent again (retry_429) */
     uint32_t leaked_blocks;  /* blocks not free at the end, all workers (0 expected) */
     double sim_end_s;        /* simulated time of the last event */
+    /* The factors the policy applied to its cost model at the end (adm_ops
+     * speed; 1 and 1 for a policy without one): the router's
+     * tandem_router_admission_speed_factor gauges. */
+    double speed_prefill, speed_decode;
 } sim_stats;
 
 typedef struct sim_result {

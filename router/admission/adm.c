@@ -26,6 +26,7 @@ void adm_params_defaults(adm_params *p)
         .burst_rate_ratio = 1.5,
         .slo_margin = 0.8,
         .speed_step = 0,
+        .speed_track = 0,
     };
     adm_cost_defaults(&p->cost);
 }

@@ -102,8 +102,21 @@ enum adm_verdict {
     ADM_HOLD = 2,   /* keep in the router's hold queue until hold_until_ns */
 };
 
+/* What a policy predicted for a request when it admitted it, from its cost
+ * model as profiled (without any correction the policy applies to it):
+ * its TTFT counted from the admission, and its mean time per output token.
+ * Microseconds; 0: no prediction. The caller keeps it with the request and
+ * hands it back with the request's outcome (on_first_token, on_end), so a
+ * policy can measure how far the cluster now is from its profile. Added to
+ * the agreed interface for burst's speed tracking. */
+typedef struct adm_pred {
+    double ttft_us;
+    double tpot_us;
+} adm_pred;
+
 typedef struct adm_decision {
     enum adm_verdict verdict;
+    adm_pred pred;          /* ADM_ADMIT: the predictions above (zeros when none) */
     int64_t hold_until_ns;  /* ADM_HOLD: the deadline (same clock as now_ns); past it,
                                recheck rejects */
     uint32_t retry_after_s; /* ADM_REJECT: seconds for Retry-After, 1..ADM_RETRY_MAX_S */
@@ -201,6 +214,17 @@ typedef struct adm_params {
      * host ran faster) is corrected, an accurate one is left as it is.
      * Added to the agreed interface. */
     double speed_step;
+    /* burst: weight of the newest admitted request in its measured speed,
+     * [0, 1]; 0: off. A request's first token against the TTFT predicted
+     * when it was admitted (adm_pred), and its time per output token against
+     * the one predicted, each ratio taken in a logarithmic moving average:
+     * two more factors, in [1 / ADM_SPEED_MAX, ADM_SPEED_MAX], on the cost
+     * model's prefill and transfer times and on its decode times. Unlike the
+     * SLO feedback they also go below 1: a profile taken while the host ran
+     * slower than it does now is corrected too, and they follow the cluster
+     * whether or not any request misses its SLO. Added to the agreed
+     * interface. */
+    double speed_track;
     adm_cost cost;
 } adm_params;
 
@@ -219,16 +243,21 @@ typedef struct adm_ops {
     /* A held request looked at again (no arrival): ADM_ADMIT, ADM_HOLD (keep
      * holding, same deadline) or ADM_REJECT. Optional: NULL means admit. */
     void (*recheck)(void *ctx, const adm_input *in, adm_decision *out);
-    /* An admitted request's first token came, ttft_ns after its arrival. Optional. */
-    void (*on_first_token)(void *ctx, int64_t now_ns, int64_t ttft_ns);
+    /* An admitted request's first token came, ttft_ns after its arrival and
+     * now_ns - admitted_ns after its admission; pred is what the decision
+     * that admitted it predicted. Optional. */
+    void (*on_first_token)(void *ctx, int64_t now_ns, int64_t ttft_ns, int64_t admitted_ns,
+                           const adm_pred *pred);
     /* An admitted request ended after n_tokens tokens (0 when it failed
      * before its first), its last decode_ns after its first: a time per
      * output token of decode_ns / (n_tokens - 1). Optional. (The token count
-     * and time were added to the agreed interface for burst's SLO feedback.) */
-    void (*on_end)(void *ctx, int64_t now_ns, uint32_t n_tokens, int64_t decode_ns);
-    /* The factors the policy's SLO feedback applies to its cost model now:
-     * prefill and transfer times, decode times (burst: both 1 while
-     * speed_step is 0 or no admitted request has missed). Optional: NULL for
+     * and time were added to the agreed interface for burst's SLO feedback,
+     * pred for its speed tracking.) */
+    void (*on_end)(void *ctx, int64_t now_ns, uint32_t n_tokens, int64_t decode_ns,
+                   const adm_pred *pred);
+    /* The factors the policy applies to its cost model now: prefill and
+     * transfer times, decode times (burst: the SLO feedback's times the
+     * speed tracking's; both 1 while neither is on). Optional: NULL for
      * policies without feedback. Read by the router for its metrics. */
     void (*speed)(const void *ctx, double *prefill, double *decode);
     /* The policy reads adm_input.own_remaining: the caller fills it only

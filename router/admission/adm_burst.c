@@ -45,7 +45,21 @@
  * requests miss an SLO and fall back to 1 (the model as profiled) while
  * fewer do: an integral controller on the admitted requests' violations,
  * which corrects a cost model that has become optimistic (the host slowed
- * down after the profile) and leaves an accurate one alone. */
+ * down after the profile) and leaves an accurate one alone.
+ *
+ * Speed tracking (speed_track = w > 0): every admission hands back what it
+ * predicted with the cost model as profiled (adm_pred: the TTFT from the
+ * admission, the time per output token). At the request's first token
+ *     track_prefill += w (ln(observed TTFT / predicted) - track_prefill)
+ * and at its end the same for track_decode with its time per output token,
+ * each ratio first clamped to [1/16, 16] (one stray sample moves the
+ * estimate by a bounded step). The predictions also multiply by
+ * exp(track_prefill) and exp(track_decode): with the feedback's factors,
+ * each product clamped to [1 / ADM_SPEED_MAX, ADM_SPEED_MAX]. The ratios
+ * compare with the unscaled model, so the estimate does not depend on what
+ * it made the policy admit: it converges on how much slower (> 1) or faster
+ * (< 1) the cluster runs than when it was profiled, within about 1 / w
+ * requests, whether or not any request misses its SLO. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -68,6 +82,8 @@ typedef struct adm__burst {
     double gap_mean_s, gap_var_s2;
     double mean_prompt, mean_out;       /* tokens */
     double speed_prefill, speed_decode; /* SLO feedback factors, >= 1 */
+    double track_prefill, track_decode; /* speed tracking: ln of the measured factors */
+    double fp, fd;                      /* the factors applied now (adm__burst_rescale) */
     adm_cost cost_now;                  /* p.cost scaled by them */
 } adm__burst;
 
@@ -80,13 +96,14 @@ static int adm__burst_create(const adm_params *p, void **ctx)
         !isfinite(p->hold_max_ms) || !(p->hold_max_ms >= 0) || !isfinite(p->burst_cv) ||
         !(p->burst_cv >= 0) || !isfinite(p->burst_rate_ratio) || !(p->burst_rate_ratio >= 1) ||
         !(p->slo_margin > 0) || !(p->slo_margin <= 1) || !(p->speed_step >= 0) ||
-        !(p->speed_step <= 1))
+        !(p->speed_step <= 1) || !(p->speed_track >= 0) || !(p->speed_track <= 1))
         return TD_EINVAL;
     adm__burst *b = calloc(1, sizeof(*b));
     if (!b) return TD_ENOMEM;
     b->p = *p;
     b->last_ns = INT64_MIN;
     b->speed_prefill = b->speed_decode = 1;
+    b->fp = b->fd = 1;
     b->cost_now = p->cost;
     *ctx = b;
     return 0;
@@ -159,6 +176,15 @@ static bool adm__burst_cost_known(const adm__burst *b)
     return adm__cost_knows_prefill(&b->p.cost) && adm__cost_knows_decode(&b->p.cost);
 }
 
+/* What an admission hands back: the predictions of the unscaled model. Every
+ * prefill and transfer term of the TTFT scales by fp, every term of the step
+ * time by fd (adm__burst_rescale), so dividing gives them exactly. */
+static void adm__burst_pred_out(const adm__burst *b, const adm__pred *pr, adm_decision *out)
+{
+    out->pred.ttft_us = pr->ttft_us / b->fp;
+    out->pred.tpot_us = pr->tpot_us / b->fd;
+}
+
 /* held: requests held ahead of this one (decide: all of them; recheck: none). */
 static void adm__burst_predict(const adm__burst *b, const adm_input *in, uint32_t held,
                                adm__pred *pr)
@@ -186,6 +212,10 @@ static void adm__burst_decide(void *ctx, const adm_input *in, adm_decision *out)
     adm__burst_predict(b, in, in->held, &pr);
     if (pr.meets) {
         adm__admit(out, "admitted");
+        /* Admitted now, it goes ahead of the held requests it was predicted
+         * behind: what it is measured against counts none of them. */
+        if (in->held) adm__burst_predict(b, in, 0, &pr);
+        adm__burst_pred_out(b, &pr, out);
     } else if (!burst) {
         adm__reject(out, adm__retry_s(pr.drain_us), "over the SLOs under sustained load (burst)");
     } else if (in->held >= b->p.hold_max) {
@@ -223,9 +253,10 @@ static void adm__burst_recheck(void *ctx, const adm_input *in, adm_decision *out
         adm__reject(out, adm__retry_s(pr.drain_us), "held past its deadline (burst)");
         return;
     }
-    if (pr.meets)
+    if (pr.meets) {
         adm__admit(out, "admitted after a hold");
-    else
+        if (known) adm__burst_pred_out(b, &pr, out);
+    } else
         adm__hold(out, until, "held through a burst");
 }
 
@@ -234,7 +265,11 @@ static void adm__burst_rescale(adm__burst *b)
 {
     const adm_cost *c = &b->p.cost;
     adm_cost *s = &b->cost_now;
-    const double fp = b->speed_prefill, fd = b->speed_decode;
+    const double lo = 1 / ADM_SPEED_MAX, hi = ADM_SPEED_MAX;
+    const double fp = fmin(fmax(b->speed_prefill * exp(b->track_prefill), lo), hi);
+    const double fd = fmin(fmax(b->speed_decode * exp(b->track_decode), lo), hi);
+    b->fp = fp;
+    b->fd = fd;
     s->prefill_us_fixed = c->prefill_us_fixed * fp;
     s->prefill_us_per_token = c->prefill_us_per_token * fp;
     s->prefill_us_per_token_ctx = c->prefill_us_per_token_ctx * fp;
@@ -251,30 +286,56 @@ static void adm__speed_update(double *speed, double step, bool missed)
     *speed = fmin(fmax(*speed, 1), ADM_SPEED_MAX);
 }
 
-static void adm__burst_first_token(void *ctx, int64_t now_ns, int64_t ttft_ns)
+/* Speed tracking (top of the file): one measured / predicted sample. */
+static void adm__track_update(double *track, double w, double measured_us, double predicted_us)
 {
-    adm__burst *b = ctx;
-    (void)now_ns;
-    if (!(b->p.speed_step > 0)) return;
-    adm__speed_update(&b->speed_prefill, b->p.speed_step, (double)ttft_ns > b->p.slo_ttft_ms * 1e6);
-    adm__burst_rescale(b);
+    if (!(measured_us > 0) || !(predicted_us > 0)) return;
+    double r = fmin(fmax(measured_us / predicted_us, 1.0 / 16), 16);
+    *track += w * (log(r) - *track);
 }
 
-static void adm__burst_end(void *ctx, int64_t now_ns, uint32_t n_tokens, int64_t decode_ns)
+static void adm__burst_first_token(void *ctx, int64_t now_ns, int64_t ttft_ns, int64_t admitted_ns,
+                                   const adm_pred *pred)
+{
+    adm__burst *b = ctx;
+    bool changed = false;
+    if (b->p.speed_step > 0) {
+        adm__speed_update(&b->speed_prefill, b->p.speed_step,
+                          (double)ttft_ns > b->p.slo_ttft_ms * 1e6);
+        changed = true;
+    }
+    if (b->p.speed_track > 0 && pred) {
+        adm__track_update(&b->track_prefill, b->p.speed_track, (double)(now_ns - admitted_ns) / 1e3,
+                          pred->ttft_us);
+        changed = true;
+    }
+    if (changed) adm__burst_rescale(b);
+}
+
+static void adm__burst_end(void *ctx, int64_t now_ns, uint32_t n_tokens, int64_t decode_ns,
+                           const adm_pred *pred)
 {
     adm__burst *b = ctx;
     (void)now_ns;
-    if (!(b->p.speed_step > 0) || n_tokens < 2 || decode_ns < 0) return;
+    if (n_tokens < 2 || decode_ns < 0) return;
     double tpot_ns = (double)decode_ns / (n_tokens - 1);
-    adm__speed_update(&b->speed_decode, b->p.speed_step, tpot_ns > b->p.slo_tpot_ms * 1e6);
-    adm__burst_rescale(b);
+    bool changed = false;
+    if (b->p.speed_step > 0) {
+        adm__speed_update(&b->speed_decode, b->p.speed_step, tpot_ns > b->p.slo_tpot_ms * 1e6);
+        changed = true;
+    }
+    if (b->p.speed_track > 0 && pred) {
+        adm__track_update(&b->track_decode, b->p.speed_track, tpot_ns / 1e3, pred->tpot_us);
+        changed = true;
+    }
+    if (changed) adm__burst_rescale(b);
 }
 
 static void adm__burst_speed(const void *ctx, double *prefill, double *decode)
 {
     const adm__burst *b = ctx;
-    *prefill = b->speed_prefill;
-    *decode = b->speed_decode;
+    *prefill = b->fp;
+    *decode = b->fd;
 }
 
 const adm_ops adm__burst_ops = {

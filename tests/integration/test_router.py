@@ -638,6 +638,34 @@ def part_speed_feedback(model):
     cl.stop()
 
 
+def part_speed_track(model):
+    log("== burst's speed tracking: each request's times against what its admission predicted")
+    # A profile a million times too slow (1 s per prompt token, 1 s per
+    # decode step) and SLOs wide enough that it still admits: every request
+    # runs far faster than predicted, the ratio counts as 1/16, and at weight
+    # 1 the factors drop to their floor of 1/4 at once, the prefill one at a
+    # first token, the decode one only at the end of a request of 2 or more
+    # tokens. Below 1: what the SLO feedback can never do.
+    cost = os.path.join(TMP, "cost-slow.txt")
+    with open(cost, "w") as f:
+        f.write("prefill_us_per_token = 1000000\ndecode_step_us_per_seq = 1000000\n")
+    cl = Cluster(model, router_args=("--admission", "burst", "--cost-model", cost,
+                                     "--speed-track", "1", "--slo-ttft-ms", "100000",
+                                     "--slo-tpot-ms", "100000"))
+    name = "tandem_router_admission_speed_factor"
+    body = {"model": "stories260K", "prompt": "Once", "max_tokens": 1, "ignore_eos": True,
+            "temperature": 0}
+    status, _, data = post(cl.http, "/v1/completions", body)
+    check(status == 200, "1-token request: %d %s" % (status, data[:200]))
+    g = wait_gauges(cl, name, {"prefill": 0.25, "decode": 1.0})
+    check(g == {"prefill": 0.25, "decode": 1.0}, "after a 1-token request: %s" % g)
+    status, _, data = post(cl.http, "/v1/completions", dict(body, max_tokens=24, stream=True))
+    check(status == 200, "24-token request: %d %s" % (status, data[:200]))
+    g = wait_gauges(cl, name, {"prefill": 0.25, "decode": 0.25})
+    check(g == {"prefill": 0.25, "decode": 0.25}, "after a 24-token request: %s" % g)
+    cl.stop()
+
+
 def part_drain_retry_after(model):
     log("== burst's Retry-After from what the running request has left")
     # One sequence decodes at 10 ms a step, within the 15 ms TPOT SLO; two
@@ -796,6 +824,7 @@ def main():
         part_admission_and_drain(model)
         part_token_bucket(model)
         part_speed_feedback(model)
+        part_speed_track(model)
         part_drain_retry_after(model)
         part_timeouts(model)
         part_prefix_affinity(model)

@@ -40,6 +40,9 @@ static adm_cost test_cost(void)
                       .transfer_us_per_block = 0};
 }
 
+/* Doubles equal within eps (cmocka's float assertion is single precision). */
+#define assert_near(a, b, eps) assert_true(fabs((double)(a) - (double)(b)) <= (eps))
+
 static adm_params test_params(void)
 {
     adm_params p;
@@ -301,6 +304,13 @@ static void t_bad_params(void **state)
     p = test_params(), p.speed_step = 1.5;
     assert_int_equal(adm_find("burst")->create(&p, &ctx), TD_EINVAL);
     p = test_params(), p.speed_step = NAN;
+    assert_int_equal(adm_find("burst")->create(&p, &ctx), TD_EINVAL);
+    /* burst: speed_track */
+    p = test_params(), p.speed_track = -0.1;
+    assert_int_equal(adm_find("burst")->create(&p, &ctx), TD_EINVAL);
+    p = test_params(), p.speed_track = 1.5;
+    assert_int_equal(adm_find("burst")->create(&p, &ctx), TD_EINVAL);
+    p = test_params(), p.speed_track = NAN;
     assert_int_equal(adm_find("burst")->create(&p, &ctx), TD_EINVAL);
     p = test_params(), p.queue_max_ms = -1;
     assert_int_equal(adm_find("queue_threshold")->create(&p, &ctx), TD_EINVAL);
@@ -1052,24 +1062,24 @@ static void t_burst_slo_feedback(void **state)
     /* Three requests at 25 ms per token (11 tokens in 250 ms): x 1.1^3 =
      * 1.331, 17.5 ms -> 23.3 ms. */
     for (int i = 0; i < 3; i++)
-        o->on_end(ctx, t, 11, 250 * MS);
+        o->on_end(ctx, t, 11, 250 * MS, NULL);
     /* Ends that say nothing: no tokens, or one. */
-    o->on_end(ctx, t, 0, 0);
-    o->on_end(ctx, t, 1, 0);
+    o->on_end(ctx, t, 0, 0, NULL);
+    o->on_end(ctx, t, 1, 0, NULL);
     in.now_ns = t += S;
     o->decide(ctx, &in, &d);
     assert_int_equal(d.verdict, ADM_REJECT);
     /* Ten within the SLO: 1.331 x (1 - 0.1 / 19)^10 = 1.263, still over
      * 20 / 17.5 = 1.143. */
     for (int i = 0; i < 10; i++)
-        o->on_end(ctx, t, 11, 100 * MS);
+        o->on_end(ctx, t, 11, 100 * MS, NULL);
     in.now_ns = t += S;
     o->decide(ctx, &in, &d);
     assert_int_equal(d.verdict, ADM_REJECT);
     /* Fifty more: 1.331 x 0.99474^60 = 0.97, held at 1: the model itself.
      * 35 running: 2 + 0.5 x 36 = 20 ms, admitted; 36 running: 20.5 ms, not. */
     for (int i = 0; i < 50; i++)
-        o->on_end(ctx, t, 11, 100 * MS);
+        o->on_end(ctx, t, 11, 100 * MS, NULL);
     in.now_ns = t += S;
     in.running_seqs = 35;
     o->decide(ctx, &in, &d);
@@ -1085,7 +1095,7 @@ static void t_burst_slo_feedback(void **state)
     in.inflight_prefill_tokens = 850;
     o->decide(ctx, &in, &d);
     assert_int_equal(d.verdict, ADM_ADMIT);
-    o->on_first_token(ctx, t, 150 * MS);
+    o->on_first_token(ctx, t, 150 * MS, t - 150 * MS, NULL);
     in.now_ns = t += S;
     o->decide(ctx, &in, &d);
     assert_int_equal(d.verdict, ADM_REJECT);
@@ -1100,14 +1110,102 @@ static void t_burst_slo_feedback(void **state)
     p.speed_step = 0;
     ctx = make("burst", &p);
     for (int i = 0; i < 20; i++) {
-        o->on_end(ctx, t, 11, 250 * MS);
-        o->on_first_token(ctx, t, 150 * MS);
+        o->on_end(ctx, t, 11, 250 * MS, NULL);
+        o->on_first_token(ctx, t, 150 * MS, t - 150 * MS, NULL);
     }
     in = idle_input(t += S);
     in.running_seqs = 35;
     in.inflight_prefill_tokens = 850;
     o->decide(ctx, &in, &d);
     assert_int_equal(d.verdict, ADM_ADMIT);
+    o->destroy(ctx);
+}
+
+/* Speed tracking (speed_track): each admission hands back the unscaled
+ * model's predictions, and the measured / predicted ratios move the model's
+ * factors, below 1 as well as above, each side on its own samples. */
+static void t_burst_speed_track(void **state)
+{
+    (void)state;
+    adm_params p = test_params();
+    p.speed_track = 0.5;
+    const adm_ops *o = adm_find("burst");
+    void *ctx = make("burst", &p);
+    adm_decision d;
+    double fp, fd;
+    int64_t t = 1 * S;
+    /* Idle, 30 running: TTFT 100 tokens x 100 us = 10 ms, step 2 + 0.5 x 31
+     * = 17.5 ms; the predictions handed back are exactly those. */
+    adm_input in = idle_input(t);
+    in.running_seqs = 30;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_ADMIT);
+    assert_near(d.pred.ttft_us, 10000, 1e-9);
+    assert_near(d.pred.tpot_us, 17500, 1e-9);
+    adm_pred pred = d.pred;
+    /* A reject hands back nothing. 70 running: 37.5 ms > 20 ms. */
+    in.now_ns = t += S;
+    in.running_seqs = 70;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    assert_true(d.pred.ttft_us == 0 && d.pred.tpot_us == 0);
+
+    /* Ends that say nothing move nothing: no prediction, or one token. */
+    o->on_end(ctx, t, 11, 50 * MS, NULL);
+    o->on_end(ctx, t, 1, 0, &pred);
+    o->speed(ctx, &fp, &fd);
+    assert_true(fp == 1 && fd == 1);
+
+    /* The cluster decodes twice as fast as profiled: 11 tokens in 87.5 ms,
+     * 8.75 ms per token against 17.5 predicted. Ten samples at weight 0.5:
+     * ln 0.5 x (1 - 0.5^10), a factor of 0.50034. */
+    for (int i = 0; i < 10; i++)
+        o->on_end(ctx, t, 11, 87500000, &pred);
+    o->speed(ctx, &fp, &fd);
+    assert_near(fp, 1, 1e-12);
+    assert_near(fd, exp(log(0.5) * (1 - pow(0.5, 10))), 1e-12);
+    /* 70 running now predicts 37.5 x 0.50034 = 18.76 ms: admitted, and
+     * what it hands back is still the profile's 37.5 ms. */
+    in.now_ns = t += S;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_ADMIT);
+    assert_near(d.pred.tpot_us, 37500, 1e-6);
+
+    /* The prefill side slower: first tokens 40 ms after admission against
+     * 10 ms predicted. 850 tokens ahead predicted 95 ms (admitted above
+     * with the model as profiled); after twenty samples near x 4, over. */
+    for (int i = 0; i < 20; i++)
+        o->on_first_token(ctx, t, 40 * MS, t - 40 * MS, &pred);
+    o->speed(ctx, &fp, &fd);
+    assert_near(fp, 4, 1e-4);
+    in = idle_input(t += S);
+    in.inflight_prefill_tokens = 850;
+    o->decide(ctx, &in, &d);
+    assert_int_equal(d.verdict, ADM_REJECT);
+    /* The decode side was not touched by them. */
+    o->speed(ctx, &fp, &fd);
+    assert_near(fd, exp(log(0.5) * (1 - pow(0.5, 10))), 1e-12);
+    o->destroy(ctx);
+
+    /* One stray sample moves the estimate by a bounded step: a ratio of
+     * 10^6 counts as 16, so at weight 0.1 the factor is 16^0.1. */
+    p.speed_track = 0.1;
+    ctx = make("burst", &p);
+    o->on_first_token(ctx, t, 10 * S, t - 10 * S, &(adm_pred){.ttft_us = 10, .tpot_us = 10});
+    o->speed(ctx, &fp, &fd);
+    assert_near(fp, pow(16, 0.1), 1e-12);
+    assert_true(fd == 1);
+    o->destroy(ctx);
+
+    /* speed_track 0: the same samples change nothing. */
+    p.speed_track = 0;
+    ctx = make("burst", &p);
+    for (int i = 0; i < 20; i++) {
+        o->on_end(ctx, t, 11, 87500000, &pred);
+        o->on_first_token(ctx, t, 40 * MS, t - 40 * MS, &pred);
+    }
+    o->speed(ctx, &fp, &fd);
+    assert_true(fp == 1 && fd == 1);
     o->destroy(ctx);
 }
 
@@ -1419,6 +1517,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(t_burst_decode_side),
         cmocka_unit_test(t_burst_drain_from_remaining),
         cmocka_unit_test(t_burst_slo_feedback),
+        cmocka_unit_test(t_burst_speed_track),
         cmocka_unit_test(t_burst_empty_cluster),
         cmocka_unit_test(t_burst_idle_and_clock_jumps),
         cmocka_unit_test(t_determinism),

@@ -306,10 +306,12 @@ static void one_decide(void *ctx, const adm_input *in, adm_decision *out)
                ? (adm_decision){.verdict = ADM_ADMIT}
                : (adm_decision){.verdict = ADM_REJECT, .retry_after_s = 1, .reason = "one"};
 }
-static void one_first(void *ctx, int64_t now, int64_t ttft)
+static void one_first(void *ctx, int64_t now, int64_t ttft, int64_t admitted, const adm_pred *pred)
 {
     (void)ctx;
     (void)now;
+    (void)admitted;
+    (void)pred;
     if (one_n < 4) one_ttft[one_n++] = ttft;
 }
 static int one_create(const adm_params *p, void **ctx)
@@ -671,7 +673,8 @@ typedef struct hold_log {
     int64_t recheck_until[64];
     uint64_t decide_inflight_prefill[8];
     uint32_t decide_block_size[8];
-    int64_t first_t[8], first_ttft[8], end_t[8], end_decode[8];
+    int64_t first_t[8], first_ttft[8], first_admitted[8], end_t[8], end_decode[8];
+    double first_pred[8], end_pred[8];
     uint32_t end_tokens[8];
 } hold_log;
 static hold_log hl;
@@ -683,7 +686,7 @@ static void hold_decide(void *ctx, const adm_input *in, adm_decision *out)
     hl.decide_block_size[hl.n_decide] = in->block_size;
     hl.n_decide++;
     if (in->outstanding == 0 && in->held == 0) {
-        *out = (adm_decision){.verdict = ADM_ADMIT};
+        *out = (adm_decision){.verdict = ADM_ADMIT, .pred = {.ttft_us = 1, .tpot_us = 2}};
         return;
     }
     int64_t hold = in->max_tokens == 1 ? 2000 * US : 10000 * US;
@@ -699,18 +702,22 @@ static void hold_recheck(void *ctx, const adm_input *in, adm_decision *out)
     }
     hl.n_recheck++;
     *out = in->outstanding == 0
-               ? (adm_decision){.verdict = ADM_ADMIT}
+               ? (adm_decision){.verdict = ADM_ADMIT, .pred = {.ttft_us = 3, .tpot_us = 4}}
                : (adm_decision){.verdict = ADM_HOLD, .retry_after_s = 3, .reason = "h"};
 }
-static void hold_first(void *ctx, int64_t now, int64_t ttft)
+static void hold_first(void *ctx, int64_t now, int64_t ttft, int64_t admitted, const adm_pred *pred)
 {
     (void)ctx;
     hl.first_t[hl.n_first] = now;
+    hl.first_admitted[hl.n_first] = admitted;
+    hl.first_pred[hl.n_first] = pred->ttft_us;
     hl.first_ttft[hl.n_first++] = ttft;
 }
-static void hold_end(void *ctx, int64_t now, uint32_t n_tokens, int64_t decode_ns)
+static void hold_end(void *ctx, int64_t now, uint32_t n_tokens, int64_t decode_ns,
+                     const adm_pred *pred)
 {
     (void)ctx;
+    hl.end_pred[hl.n_end] = pred->tpot_us;
     hl.end_tokens[hl.n_end] = n_tokens;
     hl.end_decode[hl.n_end] = decode_ns;
     hl.end_t[hl.n_end++] = now;
@@ -771,6 +778,12 @@ static void test_hold_queue_hand_computed(void **state)
     assert_int_equal(hl.n_first, 2);
     assert_int_equal(hl.first_t[0], 1520 * US);
     assert_int_equal(hl.first_ttft[1], 6280 * US);
+    /* ... the time each was admitted (B after its hold) and what the
+     * admitting decision predicted, handed back */
+    assert_int_equal(hl.first_admitted[0], 0);
+    assert_int_equal(hl.first_admitted[1], 5520 * US);
+    assert_true(hl.first_pred[0] == 1 && hl.first_pred[1] == 3);
+    assert_true(hl.end_pred[0] == 2 && hl.end_pred[1] == 4);
     assert_int_equal(hl.n_end, 2);
     assert_int_equal(hl.end_t[0], 5520 * US);
     assert_int_equal(hl.end_t[1], 8780 * US);
