@@ -7,6 +7,11 @@ defines it, admission none).
   bench/capacity_ab.py --a-bin DIR --b-bin DIR --model M --rates 1,1.5,2,3
       --slo-ttft-ms X --slo-tpot-ms Y [--trace ../shared/data/burstgpt/BurstGPT_1_head.csv]
       [--max-requests 200] [--max-context 256] [--rounds 1] [--out DIR]
+      [--a-args WORDS] [--b-args WORDS]
+
+--a-args / --b-args add tandem-cluster up flags to one side (shell words),
+e.g. --b-args "--prefill-args '--kv-dtype f16' --decode-args '--kv-dtype f16'"
+with the same binaries on both sides to compare two configurations.
 
 For each round and each rate, A then B then (next rate) B then A, so neither
 build always runs first on a machine whose load moves; every run starts a
@@ -17,6 +22,7 @@ a table; writes OUT/capacity_ab.json. Standard library only.
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import urllib.request
@@ -37,12 +43,13 @@ def loadavg():
         return " ".join(f.read().split()[:3])
 
 
-def one(a, label, bin_dir, rate, out):
+def one(a, label, bin_dir, extra, rate, out):
     cluster = os.path.join(REPO, "deploy", "local", "tandem-cluster")
     run_dir = os.path.join(a.work, "cluster")
     subprocess.run([cluster, "down", "--run-dir", run_dir], capture_output=True)
     run([cluster, "up", "--run-dir", run_dir, "--bin-dir", bin_dir, "--model", a.model,
-         "--prefill", "1", "--decode", "1", "--http-listen", a.http, "--grpc-listen", a.grpc])
+         "--prefill", "1", "--decode", "1", "--http-listen", a.http, "--grpc-listen", a.grpc]
+        + shlex.split(extra))
     la0 = loadavg()
     with urllib.request.urlopen("http://%s/v1/models" % a.http, timeout=5) as r:
         served = json.loads(r.read())["data"][0]["id"]
@@ -69,6 +76,8 @@ def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--a-bin", required=True, help="binaries of build A (before)")
     ap.add_argument("--b-bin", required=True, help="binaries of build B (after)")
+    ap.add_argument("--a-args", default="", help="extra tandem-cluster up flags of A")
+    ap.add_argument("--b-args", default="", help="extra tandem-cluster up flags of B")
     ap.add_argument("--model", required=True)
     ap.add_argument("--rates", required=True, help="req/s, comma-separated")
     ap.add_argument("--slo-ttft-ms", type=float, required=True)
@@ -88,12 +97,12 @@ def main(argv):
     results = []
     for rnd in range(a.rounds):
         for i, rate in enumerate(rates):
-            order = [("A", a.a_bin), ("B", a.b_bin)]
+            order = [("A", a.a_bin, a.a_args), ("B", a.b_bin, a.b_args)]
             if (i + rnd) % 2:
                 order.reverse()
-            for label, bin_dir in order:
+            for label, bin_dir, extra in order:
                 out = os.path.join(a.work, "%s-%g-r%d" % (label, rate, rnd))
-                results.append(one(a, label, bin_dir, rate, out))
+                results.append(one(a, label, bin_dir, extra, rate, out))
     cap = {}
     for label in ("A", "B"):
         ok = [r["rate"] for r in results if r["build"] == label and r["within_slo"] >= 0.9]

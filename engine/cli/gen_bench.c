@@ -299,7 +299,7 @@ static int cmp_i64(const void *a, const void *b)
 }
 
 static int open_be(const mdl_model *m, int threads, enum be_matmul mm, int max_seqs, int max_tokens,
-                   uint32_t blocks, be_backend **be);
+                   uint32_t blocks, enum kv_dtype kv, be_backend **be);
 
 /* ---- an in-run llama2.c-style reference decoder ----
  * The structure of llama2.c's run.c (one sequence, dense KV cache, a matmul
@@ -466,7 +466,9 @@ static int bench_pair(const mdl_model *m, int steps, double *ours, double *ref)
     float *logits = malloc((size_t)V * sizeof(float));
     rc = TD_ENOMEM;
     if (!ns_a || !ns_b || !table || !logits) goto out;
-    if ((rc = open_be(m, 1, BE_MATMUL_DETERMINISTIC, 1, 0, (uint32_t)blocks, &be)) != 0) goto out;
+    if ((rc = open_be(m, 1, BE_MATMUL_DETERMINISTIC, 1, 0, (uint32_t)blocks, KV_DTYPE_F32, &be)) !=
+        0)
+        goto out;
     for (int i = 0; i < blocks; i++)
         table[i] = i;
     const int32_t *tptr[1] = {table};
@@ -510,7 +512,7 @@ out:
 
 /* max_tokens: the largest forward the caller makes (at least 512). */
 static int open_be(const mdl_model *m, int threads, enum be_matmul mm, int max_seqs, int max_tokens,
-                   uint32_t blocks, be_backend **be)
+                   uint32_t blocks, enum kv_dtype kv, be_backend **be)
 {
     be_options o;
     be_options_defaults(&o, m);
@@ -519,6 +521,7 @@ static int open_be(const mdl_model *m, int threads, enum be_matmul mm, int max_s
     o.max_seqs = max_seqs;
     o.max_batch_tokens = max_tokens > 512 ? max_tokens : 512;
     o.kv.num_blocks = blocks;
+    o.kv.dtype = kv;
     char err[256] = "";
     int rc = be_open("cpu", m, &o, be, err, sizeof(err));
     if (rc != 0) fprintf(stderr, "bench: backend: %s\n", err);
@@ -529,13 +532,13 @@ static int open_be(const mdl_model *m, int threads, enum be_matmul mm, int max_s
  * `steps` greedy decode steps of B tokens. Returns decode tokens/s from the
  * median step time (robust to the preemptions of a shared machine), and the
  * logits of sequence 0 at every step when rec is not NULL ([steps][V]). */
-static int bench_batch(const mdl_model *m, int threads, enum be_matmul mm, int B, int plen,
-                       int steps, double *tok_s, float *rec)
+static int bench_batch_kv(const mdl_model *m, int threads, enum be_matmul mm, int B, int plen,
+                          int steps, enum kv_dtype kv, double *tok_s, float *rec)
 {
     int V = m->cfg.vocab_size, bs = 16;
     int blocks_per_seq = (plen + steps + bs - 1) / bs;
     be_backend *be = NULL;
-    int rc = open_be(m, threads, mm, B, B * plen, (uint32_t)(B * blocks_per_seq), &be);
+    int rc = open_be(m, threads, mm, B, B * plen, (uint32_t)(B * blocks_per_seq), kv, &be);
     if (rc != 0) return rc;
     int32_t *tables = malloc((size_t)B * blocks_per_seq * sizeof(int32_t));
     const int32_t **tptr = malloc((size_t)B * sizeof(*tptr));
@@ -612,11 +615,17 @@ out:
     return rc;
 }
 
+static int bench_batch(const mdl_model *m, int threads, enum be_matmul mm, int B, int plen,
+                       int steps, double *tok_s, float *rec)
+{
+    return bench_batch_kv(m, threads, mm, B, plen, steps, KV_DTYPE_F32, tok_s, rec);
+}
+
 /* Prompt of n tokens in one forward; tokens/s. */
 static int bench_prefill(const mdl_model *m, int threads, enum be_matmul mm, int n, double *tok_s)
 {
     be_backend *be = NULL;
-    int rc = open_be(m, threads, mm, 1, n, (uint32_t)((n + 15) / 16), &be);
+    int rc = open_be(m, threads, mm, 1, n, (uint32_t)((n + 15) / 16), KV_DTYPE_F32, &be);
     if (rc != 0) return rc;
     int32_t *tok = malloc((size_t)n * 4), *pos = malloc((size_t)n * 4), *seq = calloc((size_t)n, 4);
     int32_t *table = malloc((size_t)((n + 15) / 16) * 4);
@@ -769,14 +778,25 @@ int gen_bench_run(const mdl_model *given)
         printf("  %-6d %12.1f (%4.1f%%) %12.1f (%4.1f%%) %14.1f\n", batches[i], d1, p1, d2, p2, b1);
     }
     /* The same at the contexts a served decode batch holds: attention
-     * reads every position's K and V, which the short prompt above hides. */
-    int lctx = mc->max_seq_len - 32 < 192 ? mc->max_seq_len - 32 : 192;
-    if (lctx >= 16) {
-        double d16;
-        if ((rc = bench_batch(m, 1, BE_MATMUL_DETERMINISTIC, 16, lctx, 32, &d16, NULL))) goto out;
+     * reads every position's K and V, which the short prompt above hides.
+     * 192 fits every test model; 1,024 where the model's context allows
+     * (the 4k shapes), where the K/V reads outweigh the weights'. Each with
+     * the KV cache in f32 and in f16 (half the bytes, widened in the
+     * attention kernels' registers). */
+    const int lctxs[2] = {mc->max_seq_len - 32 < 192 ? mc->max_seq_len - 32 : 192, 1024};
+    for (int i = 0; i < 2; i++) {
+        int lctx = lctxs[i];
+        if (lctx < 16 || (i > 0 && lctx + 32 > mc->max_seq_len)) continue;
+        double d16, h16;
+        if ((rc = bench_batch(m, 1, BE_MATMUL_DETERMINISTIC, 16, lctx, 32, &d16, NULL)) ||
+            (rc = bench_batch_kv(m, 1, BE_MATMUL_DETERMINISTIC, 16, lctx, 32, KV_DTYPE_F16, &h16,
+                                 NULL)))
+            goto out;
         printf("batched decode at a long context (prompt %d, 32 steps), batch 16, det 1 thread: "
-               "%.1f tok/s (%.1f%% of the FMA peak in the matmul flops)\n",
-               lctx, d16, peak > 0 ? 100 * d16 * (fl + fo) / 1e9 / peak : 0);
+               "%.1f tok/s (%.1f%% of the FMA peak in the matmul flops); with an f16 KV cache "
+               "%.1f tok/s (%.2fx)\n",
+               lctx, d16, peak > 0 ? 100 * d16 * (fl + fo) / 1e9 / peak : 0, h16,
+               d16 > 0 ? h16 / d16 : 0);
     }
     int plen = mc->max_seq_len < 128 ? mc->max_seq_len : 128;
     double pd, pb;

@@ -676,7 +676,7 @@ static void test_attn_kernels_vs_definition(void **s)
             q[i] = rows[(size_t)i * 7 % (NMAX * HMAX)] * 0.5f;
         for (int n = 1; n <= NMAX; n++) {
             float scale = 1.0f / sqrtf((float)hd);
-            ck_attn_scores(out, q, rows, stride, n, hd, scale);
+            ck_attn_scores(out, q, rows, MDL_DTYPE_F32, stride, n, hd, scale);
             for (int j = 0; j < n; j++) {
                 float want = ck_dot(q, rows + (size_t)j * stride, hd) * scale;
                 assert_memory_equal(&out[j], &want, sizeof(float));
@@ -684,10 +684,50 @@ static void test_attn_kernels_vs_definition(void **s)
             }
             for (int i = 0; i < hd; i++)
                 acc[i] = ref[i] = 0.25f * (float)i;
-            ck_attn_accum(acc, w, rows + 1, stride, n, hd);
+            ck_attn_accum(acc, w, rows + 1, MDL_DTYPE_F32, stride, n, hd);
             for (int j = 0; j < n; j++)
                 for (int i = 0; i < hd; i++)
                     ref[i] += w[j] * rows[1 + (size_t)j * stride + (size_t)i];
+            assert_memory_equal(acc, ref, sizeof(float) * (size_t)hd);
+        }
+    }
+}
+
+/* F16 rows (an f16 KV pool's) read in place give the bits of the same rows
+ * converted to F32 first, for every head size, tail and count of rows;
+ * subnormal and negative-zero halves included. */
+static void test_attn_f16_rows_vs_f32(void **s)
+{
+    (void)s;
+    ck_init();
+    enum { NMAX = 21, HMAX = 136, NEL = NMAX * 2 * HMAX };
+    const int hds[] = {8, 16, 24, 40, 48, 64, 72, 96, 128, 130, 136};
+    static float src[NEL], wide[NEL], q[HMAX], w[NMAX], out[NMAX], want[NMAX], acc[HMAX], ref[HMAX];
+    static uint16_t half[NEL];
+    uint32_t r = 777;
+    for (size_t i = 0; i < NEL; i++) {
+        r = r * 1664525u + 1013904223u;
+        src[i] = (float)(int32_t)r / 2147483648.0f * (i % 5 == 0 ? 1e-6f : 4.0f);
+    }
+    src[3] = -0.0f;
+    ck_f32_to_f16(half, src, NEL);
+    ck_f16_to_f32(wide, half, NEL);
+    for (size_t h = 0; h < sizeof(hds) / sizeof(hds[0]); h++) {
+        int hd = hds[h];
+        size_t stride = (size_t)2 * hd + 3;
+        for (int i = 0; i < hd; i++)
+            q[i] = wide[(size_t)i * 5 % NEL] * 0.5f;
+        for (int n = 1; n <= NMAX; n++) {
+            float scale = 1.0f / sqrtf((float)hd);
+            ck_attn_scores(out, q, half, MDL_DTYPE_F16, stride, n, hd, scale);
+            ck_attn_scores(want, q, wide, MDL_DTYPE_F32, stride, n, hd, scale);
+            assert_memory_equal(out, want, sizeof(float) * (size_t)n);
+            for (int j = 0; j < n; j++)
+                w[j] = out[j] * out[j];
+            for (int i = 0; i < hd; i++)
+                acc[i] = ref[i] = 0.25f * (float)i;
+            ck_attn_accum(acc, w, half + 1, MDL_DTYPE_F16, stride, n, hd);
+            ck_attn_accum(ref, w, wide + 1, MDL_DTYPE_F32, stride, n, hd);
             assert_memory_equal(acc, ref, sizeof(float) * (size_t)hd);
         }
     }
@@ -1145,6 +1185,7 @@ int main(void)
         cmocka_unit_test_setup(test_matmul_blocking, reset_globals),
         cmocka_unit_test_setup(test_matmul_rows_vs_dot, reset_globals),
         cmocka_unit_test_setup(test_attn_kernels_vs_definition, reset_globals),
+        cmocka_unit_test_setup(test_attn_f16_rows_vs_f32, reset_globals),
         cmocka_unit_test_setup(test_blas_mode_close, reset_globals),
         cmocka_unit_test_setup(test_kv_f16, reset_globals),
         cmocka_unit_test_setup(test_f16_conversion, reset_globals),

@@ -51,7 +51,6 @@ typedef struct cpu_ctx {
     float *rope;     /* [T][head_dim/2][2] cos, sin */
     float *inv_freq; /* [head_dim/2] */
     float *att;      /* [n_threads][max_seq_len] attention scores */
-    float *kvtmp;    /* [n_threads][block_size][head_dim] K or V rows converted from f16 */
     int *seq_maxpos; /* [max_seqs] */
 
     /* Per-forward state read by the parallel tasks. */
@@ -97,7 +96,6 @@ static void cpu_destroy(void *vctx)
     free(c->rope);
     free(c->inv_freq);
     free(c->att);
-    free(c->kvtmp);
     free(c->seq_maxpos);
     free(c);
 }
@@ -137,8 +135,7 @@ static int cpu_create(const mdl_model *m, const be_options *o, void **out, char 
         !(c->hb = cpu__alloc(T * (size_t)mc->hidden_dim)) ||
         !(c->hb2 = cpu__alloc(T * (size_t)mc->hidden_dim)) || !(c->rope = cpu__alloc(T * hd)) ||
         !(c->inv_freq = cpu__alloc(hd / 2)) ||
-        !(c->att = cpu__alloc((size_t)c->o.n_threads * (size_t)mc->max_seq_len)) ||
-        !(c->kvtmp = cpu__alloc((size_t)c->o.n_threads * o->kv.block_size * hd)))
+        !(c->att = cpu__alloc((size_t)c->o.n_threads * (size_t)mc->max_seq_len)))
         goto fail;
     c->seq_maxpos = calloc((size_t)o->max_seqs, sizeof(int));
     if (!c->seq_maxpos) goto fail;
@@ -265,23 +262,16 @@ static int cpu_copy_blocks(void *vctx, const int32_t *src, const int32_t *dst, i
     return 0;
 }
 
-/* n rows of hd values (K or V of one kv head) starting at element offset el
- * of a block, consecutive rows tok_stride elements apart, as f32: in place for
- * an f32 pool (*stride = tok_stride), converted into tmp[n][hd] for f16
- * (*stride = hd). */
-static inline const float *cpu__kv_rows(const cpu_ctx *c, const void *blk, size_t el,
-                                        size_t tok_stride, int n, int hd, float *tmp,
-                                        size_t *stride)
+/* Element el of a KV block, and the element type the attention kernels read
+ * (an f16 pool's rows are widened in their registers). */
+static inline const void *cpu__kv_at(const cpu_ctx *c, const void *blk, size_t el)
 {
-    if (c->kv.dtype == KV_DTYPE_F32) {
-        *stride = tok_stride;
-        return (const float *)blk + el;
-    }
-    for (int j = 0; j < n; j++)
-        ck_f16_to_f32(tmp + (size_t)j * hd, (const uint16_t *)blk + el + (size_t)j * tok_stride,
-                      hd);
-    *stride = (size_t)hd;
-    return tmp;
+    return (const char *)blk + el * kv_dtype_size(c->kv.dtype);
+}
+
+static inline enum mdl_dtype cpu__kv_elem(const cpu_ctx *c)
+{
+    return c->kv.dtype == KV_DTYPE_F16 ? MDL_DTYPE_F16 : MDL_DTYPE_F32;
 }
 
 /* One (token, query head): softmax(q k^T / sqrt(hd)) v over positions 0..pos. */
@@ -298,20 +288,18 @@ static void cpu__attn_task(void *arg, int task, int thread)
     const int32_t *table = b->block_tables[b->seq[t]];
     const float *q = c->q + ((size_t)t * mc->n_heads + h) * hd;
     float *att = c->att + (size_t)thread * mc->max_seq_len;
-    float *tmp = c->kvtmp + (size_t)thread * bs * hd;
+    const enum mdl_dtype et = cpu__kv_elem(c);
     float scale = 1.0f / sqrtf((float)hd);
     size_t tok_stride = (size_t)kvh * hd; /* elements per slot */
     size_t v_off = (size_t)bs * tok_stride;
     /* Walk the sequence block by block: one table lookup and one kernel call
-     * per block_size positions. An f16 block's rows for this head are first
-     * converted into tmp[block_size][hd]. */
+     * per block_size positions, reading this head's rows in place. */
     float mx = -INFINITY;
     for (int p0 = 0; p0 <= pos; p0 += bs) {
         const void *blk = cpu__kv_block(c, c->layer, table[p0 / bs]);
         int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
-        size_t stride;
-        const float *rows = cpu__kv_rows(c, blk, (size_t)kh * hd, tok_stride, n, hd, tmp, &stride);
-        ck_attn_scores(att + p0, q, rows, stride, n, hd, scale);
+        ck_attn_scores(att + p0, q, cpu__kv_at(c, blk, (size_t)kh * hd), et, tok_stride, n, hd,
+                       scale);
         for (int j = 0; j < n; j++)
             if (att[p0 + j] > mx) mx = att[p0 + j];
     }
@@ -328,10 +316,8 @@ static void cpu__attn_task(void *arg, int task, int thread)
     for (int p0 = 0; p0 <= pos; p0 += bs) {
         const void *blk = cpu__kv_block(c, c->layer, table[p0 / bs]);
         int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
-        size_t stride;
-        const float *rows =
-            cpu__kv_rows(c, blk, v_off + (size_t)kh * hd, tok_stride, n, hd, tmp, &stride);
-        ck_attn_accum(out, att + p0, rows, stride, n, hd);
+        ck_attn_accum(out, att + p0, cpu__kv_at(c, blk, v_off + (size_t)kh * hd), et, tok_stride, n,
+                      hd);
     }
 }
 

@@ -662,33 +662,36 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
     }
 }
 
-/* Attention scores, four positions at a time: each score is ck__dot_avx2's
+/* Attention scores, four positions at a time: each score is ck__dotw_avx2's
  * two accumulators (q loaded once for the four rows), ck__hsum's additions
  * (ck__hsum8x4), times scale, so the bits are those of one ck_dot per
  * position. A decode step's attention is mostly these short dot products
  * (head_dim 48 or 64: 3 or 4 FMA steps each), where the one-at-a-time
- * version spent most of its time in the horizontal sum's dependency chain. */
-CK_AVX2 static void ck__scores_avx2(float *out, const float *q, const float *rows, size_t stride,
-                                    int n, int hd, float scale)
+ * version spent most of its time in the horizontal sum's dependency chain.
+ * rt is the rows' element type, a constant in each caller below: F16 rows
+ * (a KV pool of binary16) are widened in registers by ck__ld8, exactly, so
+ * they give the bits of the same rows converted to F32 first. */
+CK_AVX2 static inline __attribute__((always_inline)) void
+ck__scores_t_avx2(float *out, const float *q, const void *rows, enum mdl_dtype rt, size_t stride,
+                  int n, int hd, float scale)
 {
     int j = 0;
     if (hd % 16 == 0) {
         const __m128 sc = _mm_set1_ps(scale);
         for (; j + 4 <= n; j += 4) {
-            const float *r0 = rows + (size_t)j * stride, *r1 = r0 + stride;
-            const float *r2 = r1 + stride, *r3 = r2 + stride;
+            size_t r0 = (size_t)j * stride, r1 = r0 + stride, r2 = r1 + stride, r3 = r2 + stride;
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
             __m256 a20 = a00, a21 = a00, a30 = a00, a31 = a00;
             for (int i = 0; i < hd; i += 16) {
                 __m256 q0 = _mm256_loadu_ps(q + i), q1 = _mm256_loadu_ps(q + i + 8);
-                a00 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(r0 + i), a00);
-                a01 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(r0 + i + 8), a01);
-                a10 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(r1 + i), a10);
-                a11 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(r1 + i + 8), a11);
-                a20 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(r2 + i), a20);
-                a21 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(r2 + i + 8), a21);
-                a30 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(r3 + i), a30);
-                a31 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(r3 + i + 8), a31);
+                a00 = _mm256_fmadd_ps(q0, ck__ld8(rows, r0 + i, rt), a00);
+                a01 = _mm256_fmadd_ps(q1, ck__ld8(rows, r0 + i + 8, rt), a01);
+                a10 = _mm256_fmadd_ps(q0, ck__ld8(rows, r1 + i, rt), a10);
+                a11 = _mm256_fmadd_ps(q1, ck__ld8(rows, r1 + i + 8, rt), a11);
+                a20 = _mm256_fmadd_ps(q0, ck__ld8(rows, r2 + i, rt), a20);
+                a21 = _mm256_fmadd_ps(q1, ck__ld8(rows, r2 + i + 8, rt), a21);
+                a30 = _mm256_fmadd_ps(q0, ck__ld8(rows, r3 + i, rt), a30);
+                a31 = _mm256_fmadd_ps(q1, ck__ld8(rows, r3 + i + 8, rt), a31);
             }
             __m128 r = ck__hsum8x4(_mm256_add_ps(a00, a01), _mm256_add_ps(a10, a11),
                                    _mm256_add_ps(a20, a21), _mm256_add_ps(a30, a31));
@@ -696,29 +699,43 @@ CK_AVX2 static void ck__scores_avx2(float *out, const float *q, const float *row
         }
     }
     for (; j < n; j++)
-        out[j] = ck__dot_avx2(q, rows + (size_t)j * stride, hd) * scale;
+        out[j] = ck__dotw_avx2(q, rows, (size_t)j * stride, rt, hd) * scale;
 }
 
-/* acc[0 .. 8 nv) += w[j] * v_j[...] for every j, nv (<= 8) accumulators in
- * registers for the whole pass over j. */
-CK_AVX2 static inline void ck__accum_blk_avx2(float *acc, const float *w, const float *rows,
-                                              size_t stride, int n, int nv)
+CK_AVX2 static void ck__scores_avx2(float *out, const float *q, const void *rows, size_t stride,
+                                    int n, int hd, float scale)
+{
+    ck__scores_t_avx2(out, q, rows, MDL_DTYPE_F32, stride, n, hd, scale);
+}
+
+CK_AVX2 static void ck__scores16_avx2(float *out, const float *q, const void *rows, size_t stride,
+                                      int n, int hd, float scale)
+{
+    ck__scores_t_avx2(out, q, rows, MDL_DTYPE_F16, stride, n, hd, scale);
+}
+
+/* acc[0 .. 8 nv) += w[j] * v_j[off ...] for every j, nv (<= 8) accumulators
+ * in registers for the whole pass over j. */
+CK_AVX2 static inline __attribute__((always_inline)) void
+ck__accum_blk_avx2(float *acc, const float *w, const void *rows, size_t off, enum mdl_dtype rt,
+                   size_t stride, int n, int nv)
 {
     __m256 a[8];
     for (int v = 0; v < nv; v++)
         a[v] = _mm256_loadu_ps(acc + 8 * v);
     for (int j = 0; j < n; j++) {
-        const float *r = rows + (size_t)j * stride;
+        size_t r = off + (size_t)j * stride;
         __m256 wj = _mm256_set1_ps(w[j]);
         for (int v = 0; v < nv; v++)
-            a[v] = _mm256_add_ps(a[v], _mm256_mul_ps(wj, _mm256_loadu_ps(r + 8 * v)));
+            a[v] = _mm256_add_ps(a[v], _mm256_mul_ps(wj, ck__ld8(rows, r + 8 * (size_t)v, rt)));
     }
     for (int v = 0; v < nv; v++)
         _mm256_storeu_ps(acc + 8 * v, a[v]);
 }
 
-CK_AVX2 static void ck__accum_avx2(float *acc, const float *w, const float *rows, size_t stride,
-                                   int n, int hd)
+CK_AVX2 static inline __attribute__((always_inline)) void
+ck__accum_t_avx2(float *acc, const float *w, const void *rows, enum mdl_dtype rt, size_t stride,
+                 int n, int hd)
 {
     /* acc[i] + w[j] * v_j[i], unfused and in order of j for every element, as
      * the generic version. Up to 64 elements of acc stay in registers across
@@ -726,21 +743,34 @@ CK_AVX2 static void ck__accum_avx2(float *acc, const float *w, const float *rows
      * elements (each pass a chain of n dependent adds). */
     int i = 0;
     for (; i + 64 <= hd; i += 64)
-        ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, 8);
+        ck__accum_blk_avx2(acc + i, w, rows, (size_t)i, rt, stride, n, 8);
     int nv = (hd - i) / 8;
-    if (nv > 0) ck__accum_blk_avx2(acc + i, w, rows + i, stride, n, nv);
+    if (nv > 0) ck__accum_blk_avx2(acc + i, w, rows, (size_t)i, rt, stride, n, nv);
     i += nv * 8;
     for (; i < hd; i++)
         for (int j = 0; j < n; j++)
-            acc[i] += w[j] * rows[(size_t)j * stride + i];
+            acc[i] += w[j] * ck__w1(rows, (size_t)j * stride + (size_t)i, rt);
+}
+
+CK_AVX2 static void ck__accum_avx2(float *acc, const float *w, const void *rows, size_t stride,
+                                   int n, int hd)
+{
+    ck__accum_t_avx2(acc, w, rows, MDL_DTYPE_F32, stride, n, hd);
+}
+
+CK_AVX2 static void ck__accum16_avx2(float *acc, const float *w, const void *rows, size_t stride,
+                                     int n, int hd)
+{
+    ck__accum_t_avx2(acc, w, rows, MDL_DTYPE_F16, stride, n, hd);
 }
 
 /* Attention scores, four positions at a time: each score is ck_dot's
  * reduction (one zmm accumulator, as in ck__blk512) times scale, so the bits
  * are those of ck__scores_avx2. */
-CK_AVX512 static void ck__scores_avx512(float *out, const float *q, const float *rows,
+CK_AVX512 static void ck__scores_avx512(float *out, const float *q, const void *rows_v,
                                         size_t stride, int n, int hd, float scale)
 {
+    const float *rows = rows_v;
     int j = 0;
     if (hd % 16 == 0) {
         __m128 sc = _mm_set1_ps(scale);
@@ -764,9 +794,10 @@ CK_AVX512 static void ck__scores_avx512(float *out, const float *q, const float 
 
 /* acc[i] + w[j] * v_j[i], unfused and in order of j, as ck__accum_avx2, 16
  * lanes wide. */
-CK_AVX512 static void ck__accum_avx512(float *acc, const float *w, const float *rows, size_t stride,
-                                       int n, int hd)
+CK_AVX512 static void ck__accum_avx512(float *acc, const float *w, const void *rows_v,
+                                       size_t stride, int n, int hd)
 {
+    const float *rows = rows_v;
     int i = 0;
     for (; i + 48 <= hd; i += 48) {
         __m512 a0 = _mm512_loadu_ps(acc + i), a1 = _mm512_loadu_ps(acc + i + 16);
@@ -794,21 +825,20 @@ CK_AVX512 static void ck__accum_avx512(float *acc, const float *w, const float *
 }
 #endif
 
-static void ck__scores_generic(float *out, const float *q, const float *rows, size_t stride, int n,
-                               int hd, float scale)
+/* rt: F32 or F16 rows (ck_attn_scores). */
+static void ck__scores_generic(float *out, const float *q, const void *rows, enum mdl_dtype rt,
+                               size_t stride, int n, int hd, float scale)
 {
     for (int j = 0; j < n; j++)
-        out[j] = ck__dot_generic(q, rows + (size_t)j * stride, hd) * scale;
+        out[j] = ck__dotw_generic(q, rows, (size_t)j * stride, rt, hd) * scale;
 }
 
-static void ck__accum_generic(float *acc, const float *w, const float *rows, size_t stride, int n,
-                              int hd)
+static void ck__accum_generic(float *acc, const float *w, const void *rows, enum mdl_dtype rt,
+                              size_t stride, int n, int hd)
 {
-    for (int j = 0; j < n; j++) {
-        const float *v = rows + (size_t)j * stride;
+    for (int j = 0; j < n; j++)
         for (int i = 0; i < hd; i++)
-            acc[i] += w[j] * v[i];
-    }
+            acc[i] += w[j] * ck__w1(rows, (size_t)j * stride + (size_t)i, rt);
 }
 
 /* The scalar tails above are plain a*b+s; with -ffp-contract=off (ISO C mode)
@@ -913,10 +943,11 @@ void ck_f16_to_f32(float *dst, const uint16_t *src, int n)
 }
 
 static float (*ck__dot_impl)(const float *, const float *, int) = ck__dot_generic;
-static void (*ck__scores_impl)(float *, const float *, const float *, size_t, int, int,
-                               float) = ck__scores_generic;
-static void (*ck__accum_impl)(float *, const float *, const float *, size_t, int,
-                              int) = ck__accum_generic;
+/* The attention kernels for F32 and for F16 rows; NULL: the generic ones. */
+typedef void (*ck__scores_fn)(float *, const float *, const void *, size_t, int, int, float);
+typedef void (*ck__accum_fn)(float *, const float *, const void *, size_t, int, int);
+static ck__scores_fn ck__scores_impl, ck__scores16_impl;
+static ck__accum_fn ck__accum_impl, ck__accum16_impl;
 static void (*ck__matmul_impl)(float *, int, const float *, const void *, enum mdl_dtype,
                                const float *, int, int, int, int) = ck__matmul_generic;
 static const char *ck__name = "generic";
@@ -942,9 +973,12 @@ static void ck__select(void)
         ck__matmul_impl = ck__matmul_avx2;
         ck__scores_impl = ck__scores_avx2;
         ck__accum_impl = ck__accum_avx2;
+        ck__scores16_impl = ck__scores16_avx2;
+        ck__accum16_impl = ck__accum16_avx2;
         ck__name = "avx2";
         /* Same bits as the AVX2 kernels (see ck__blk512), wider and with
-         * more registers. */
+         * more registers. F16 attention rows keep the AVX2 kernels: their
+         * bits are the same, and what bounds them is the bytes read. */
         if (__builtin_cpu_supports("avx512f") && !getenv("TANDEM_CPU_NO_AVX512")) {
             ck__matmul_impl = ck__matmul_avx512;
             ck__scores_impl = ck__scores_avx512;
@@ -994,15 +1028,24 @@ void ck_row_to_f32(float *dst, const void *W, enum mdl_dtype wt, size_t row, int
     }
 }
 
-void ck_attn_scores(float *out, const float *q, const float *rows, size_t stride, int n, int hd,
-                    float scale)
+void ck_attn_scores(float *out, const float *q, const void *rows, enum mdl_dtype rt, size_t stride,
+                    int n, int hd, float scale)
 {
-    ck__scores_impl(out, q, rows, stride, n, hd, scale);
+    ck__scores_fn f = rt == MDL_DTYPE_F16 ? ck__scores16_impl : ck__scores_impl;
+    if (f)
+        f(out, q, rows, stride, n, hd, scale);
+    else
+        ck__scores_generic(out, q, rows, rt, stride, n, hd, scale);
 }
 
-void ck_attn_accum(float *acc, const float *w, const float *rows, size_t stride, int n, int hd)
+void ck_attn_accum(float *acc, const float *w, const void *rows, enum mdl_dtype rt, size_t stride,
+                   int n, int hd)
 {
-    ck__accum_impl(acc, w, rows, stride, n, hd);
+    ck__accum_fn f = rt == MDL_DTYPE_F16 ? ck__accum16_impl : ck__accum_impl;
+    if (f)
+        f(acc, w, rows, stride, n, hd);
+    else
+        ck__accum_generic(acc, w, rows, rt, stride, n, hd);
 }
 
 void ck_rmsnorm(float *out, const float *x, const float *w, int n, float eps)

@@ -35,13 +35,18 @@ void ck_matmul(float *out, int ldo, const float *x, const void *W, enum mdl_dtyp
 /* dst[0..K) = row `row` of W ([rows][K] elements of dtype wt), as F32. */
 void ck_row_to_f32(float *dst, const void *W, enum mdl_dtype wt, size_t row, int K);
 
-/* Attention over n key/value rows at rows + j * stride (j < n):
+/* Attention over n key/value rows of hd elements, row j at element j * stride
+ * of rows, elements of type rt (MDL_DTYPE_F32, or MDL_DTYPE_F16 for a
+ * binary16 KV pool):
  * ck_attn_scores: out[j] = dot(q, k_j) * scale, each dot in ck_dot's order;
  * ck_attn_accum:  acc[i] += w[j] * v_j[i] for j = 0..n-1 in order.
- * One call per KV block instead of one per position. */
-void ck_attn_scores(float *out, const float *q, const float *rows, size_t stride, int n, int hd,
-                    float scale);
-void ck_attn_accum(float *acc, const float *w, const float *rows, size_t stride, int n, int hd);
+ * One call per KV block instead of one per position. F16 elements are
+ * widened in registers: the result has the bits of the same call on the rows
+ * converted by ck_f16_to_f32, without the conversion's stores and reloads. */
+void ck_attn_scores(float *out, const float *q, const void *rows, enum mdl_dtype rt, size_t stride,
+                    int n, int hd, float scale);
+void ck_attn_accum(float *acc, const float *w, const void *rows, enum mdl_dtype rt, size_t stride,
+                   int n, int hd);
 
 /* IEEE binary16 rows: dst[i] = round-to-nearest-even(src[i]) and back. The
  * F16C and scalar versions give the same bits. */
