@@ -607,6 +607,22 @@ def wait_gauges(cl, name, want, wait_s=5):
         time.sleep(0.02)
 
 
+SPEED_GAUGE = "tandem_router_admission_speed_factor"
+ONE_TOKEN = {"model": "stories260K", "prompt": "Once", "max_tokens": 1, "ignore_eos": True,
+             "temperature": 0}
+
+
+def check_speed_factors(cl, after_one, after_many):
+    """A 1-token request, then a streamed 24-token one: burst's factors (the
+    router's gauges) after each."""
+    for n, want in ((1, after_one), (24, after_many)):
+        status, _, data = post(cl.http, "/v1/completions",
+                               dict(ONE_TOKEN, max_tokens=n, stream=n > 1))
+        check(status == 200, "%d-token request: %d %s" % (n, status, data[:200]))
+        g = wait_gauges(cl, SPEED_GAUGE, want)
+        check(g == want, "after a %d-token request: %s" % (n, g))
+
+
 def part_speed_feedback(model):
     log("== burst's SLO feedback sees each request's TTFT, tokens and decode time")
     # No cost model: burst admits under its outstanding cap, and its feedback
@@ -616,25 +632,15 @@ def part_speed_feedback(model):
     # output token and leaves the decode factor alone.
     cl = Cluster(model, router_args=("--admission", "burst", "--speed-step", "0.5",
                                      "--slo-ttft-ms", "0.001", "--slo-tpot-ms", "0.001"))
-    name = "tandem_router_admission_speed_factor"
-    check(router_gauges(cl, name) == {"prefill": 1.0, "decode": 1.0},
-          "speed factors at start: %s" % router_gauges(cl, name))
-    body = {"model": "stories260K", "prompt": "Once", "max_tokens": 1, "ignore_eos": True,
-            "temperature": 0}
-    status, _, data = post(cl.http, "/v1/completions", body)
-    check(status == 200, "1-token request: %d %s" % (status, data[:200]))
-    g = wait_gauges(cl, name, {"prefill": 1.5, "decode": 1.0})
-    check(g == {"prefill": 1.5, "decode": 1.0}, "after a 1-token request: %s" % g)
-    status, _, data = post(cl.http, "/v1/completions", dict(body, max_tokens=24, stream=True))
-    check(status == 200, "24-token request: %d %s" % (status, data[:200]))
-    g = wait_gauges(cl, name, {"prefill": 2.25, "decode": 1.5})
-    check(g == {"prefill": 2.25, "decode": 1.5}, "after a 24-token request: %s" % g)
+    check(router_gauges(cl, SPEED_GAUGE) == {"prefill": 1.0, "decode": 1.0},
+          "speed factors at start: %s" % router_gauges(cl, SPEED_GAUGE))
+    check_speed_factors(cl, {"prefill": 1.5, "decode": 1.0}, {"prefill": 2.25, "decode": 1.5})
     cl.stop()
     # A policy without feedback reports 1 and 1.
     cl = Cluster(model, router_args=("--admission", "none"))
-    post(cl.http, "/v1/completions", body)
-    check(router_gauges(cl, name) == {"prefill": 1.0, "decode": 1.0},
-          "speed factors of none: %s" % router_gauges(cl, name))
+    post(cl.http, "/v1/completions", ONE_TOKEN)
+    check(router_gauges(cl, SPEED_GAUGE) == {"prefill": 1.0, "decode": 1.0},
+          "speed factors of none: %s" % router_gauges(cl, SPEED_GAUGE))
     cl.stop()
 
 
@@ -652,17 +658,7 @@ def part_speed_track(model):
     cl = Cluster(model, router_args=("--admission", "burst", "--cost-model", cost,
                                      "--speed-track", "1", "--slo-ttft-ms", "100000",
                                      "--slo-tpot-ms", "100000"))
-    name = "tandem_router_admission_speed_factor"
-    body = {"model": "stories260K", "prompt": "Once", "max_tokens": 1, "ignore_eos": True,
-            "temperature": 0}
-    status, _, data = post(cl.http, "/v1/completions", body)
-    check(status == 200, "1-token request: %d %s" % (status, data[:200]))
-    g = wait_gauges(cl, name, {"prefill": 0.25, "decode": 1.0})
-    check(g == {"prefill": 0.25, "decode": 1.0}, "after a 1-token request: %s" % g)
-    status, _, data = post(cl.http, "/v1/completions", dict(body, max_tokens=24, stream=True))
-    check(status == 200, "24-token request: %d %s" % (status, data[:200]))
-    g = wait_gauges(cl, name, {"prefill": 0.25, "decode": 0.25})
-    check(g == {"prefill": 0.25, "decode": 0.25}, "after a 24-token request: %s" % g)
+    check_speed_factors(cl, {"prefill": 0.25, "decode": 1.0}, {"prefill": 0.25, "decode": 0.25})
     cl.stop()
 
 
