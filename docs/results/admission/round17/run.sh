@@ -1,7 +1,7 @@
 #!/bin/bash
 # round 17: burst with speed tracking (speed-track 0.1) against burst as in round 16 (speed-step 0.05), and none.
 set -u
-cd /work/main
+cd "$(git rev-parse --show-toplevel)"
 W=build/admexp/r17; B=build/admexp/bin17
 up() { nice -n -20 deploy/local/tandem-cluster up --run-dir $1 --model build/admexp/m15 --bin-dir $B --prefill 1 --decode 1 --http-listen 127.0.0.1:18300 --grpc-listen 127.0.0.1:18351 >$1.up.log 2>&1; }
 down() { deploy/local/tandem-cluster down --run-dir $1 >/dev/null 2>&1; }
