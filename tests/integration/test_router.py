@@ -612,6 +612,15 @@ ONE_TOKEN = {"model": "stories260K", "prompt": "Once", "max_tokens": 1, "ignore_
              "temperature": 0}
 
 
+def burst_cluster(model, name, cost_lines, *args):
+    """A cluster whose router runs burst on the cost model of cost_lines (the
+    keys not given are 0), written to TMP/name, with the router flags args."""
+    cost = os.path.join(TMP, name)
+    with open(cost, "w") as f:
+        f.write(cost_lines)
+    return Cluster(model, router_args=("--admission", "burst", "--cost-model", cost) + args)
+
+
 def check_speed_factors(cl, after_one, after_many):
     """A 1-token request, then a streamed 24-token one: burst's factors (the
     router's gauges) after each."""
@@ -652,12 +661,9 @@ def part_speed_track(model):
     # 1 the factors drop to their floor of 1/4 at once, the prefill one at a
     # first token, the decode one only at the end of a request of 2 or more
     # tokens. Below 1: what the SLO feedback can never do.
-    cost = os.path.join(TMP, "cost-slow.txt")
-    with open(cost, "w") as f:
-        f.write("prefill_us_per_token = 1000000\ndecode_step_us_per_seq = 1000000\n")
-    cl = Cluster(model, router_args=("--admission", "burst", "--cost-model", cost,
-                                     "--speed-track", "1", "--slo-ttft-ms", "100000",
-                                     "--slo-tpot-ms", "100000"))
+    cl = burst_cluster(model, "cost-slow.txt",
+                       "prefill_us_per_token = 1000000\ndecode_step_us_per_seq = 1000000\n",
+                       "--speed-track", "1", "--slo-ttft-ms", "100000", "--slo-tpot-ms", "100000")
     check_speed_factors(cl, {"prefill": 0.25, "decode": 1.0}, {"prefill": 0.25, "decode": 0.25})
     cl.stop()
 
@@ -671,12 +677,9 @@ def part_drain_retry_after(model):
     # tokens, one of the two leaving every 480 x 20 / 2 ms) would say 4.8 s.
     # Two arrivals are no burst: rejected at once, Retry-After from the drain
     # (6 to 10 s: up to 160 tokens may come out before the second arrives).
-    cost = os.path.join(TMP, "cost-drain.txt")
-    with open(cost, "w") as f:
-        f.write("prefill_us_per_token = 1\ndecode_step_us_per_seq = 10000\n")
-    cl = Cluster(model, router_args=("--admission", "burst", "--cost-model", cost,
-                                     "--slo-ttft-ms", "10000", "--slo-tpot-ms", "15",
-                                     "--slo-margin", "1"))
+    cl = burst_cluster(model, "cost-drain.txt",
+                       "prefill_us_per_token = 1\ndecode_step_us_per_seq = 10000\n",
+                       "--slo-ttft-ms", "10000", "--slo-tpot-ms", "15", "--slo-margin", "1")
     t, res = stream_started(cl)
     status, headers, data = post(cl.http, "/v1/completions",
                                  {"model": "stories260K", "prompt": "Once", "max_tokens": 480})
