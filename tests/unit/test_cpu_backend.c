@@ -693,44 +693,62 @@ static void test_attn_kernels_vs_definition(void **s)
     }
 }
 
-/* F16 rows (an f16 KV pool's) read in place give the bits of the same rows
- * converted to F32 first, for every head size, tail and count of rows;
- * subnormal and negative-zero halves included. */
-static void test_attn_f16_rows_vs_f32(void **s)
+enum { ATTN_NMAX = 21, ATTN_HMAX = 136, ATTN_NEL = ATTN_NMAX * 2 * ATTN_HMAX };
+
+/* Scores and weighted sums over half rows of type rt against the same rows
+ * widened to F32 first (wide), bit for bit, every head size in hds and
+ * every count of rows up to ATTN_NMAX. */
+static void check_attn_rows(const float *wide, const uint16_t *half, enum mdl_dtype rt,
+                            const int *hds, size_t n_hds)
 {
-    (void)s;
-    ck_init();
-    enum { NMAX = 21, HMAX = 136, NEL = NMAX * 2 * HMAX };
-    const int hds[] = {8, 16, 24, 40, 48, 64, 72, 96, 128, 130, 136};
-    static float src[NEL], wide[NEL], q[HMAX], w[NMAX], out[NMAX], want[NMAX], acc[HMAX], ref[HMAX];
-    static uint16_t half[NEL];
-    uint32_t r = 777;
-    for (size_t i = 0; i < NEL; i++) {
-        r = r * 1664525u + 1013904223u;
-        src[i] = (float)(int32_t)r / 2147483648.0f * (i % 5 == 0 ? 1e-6f : 4.0f);
-    }
-    src[3] = -0.0f;
-    ck_f32_to_f16(half, src, NEL);
-    ck_f16_to_f32(wide, half, NEL);
-    for (size_t h = 0; h < sizeof(hds) / sizeof(hds[0]); h++) {
+    float q[ATTN_HMAX], w[ATTN_NMAX], out[ATTN_NMAX], want[ATTN_NMAX], acc[ATTN_HMAX],
+        ref[ATTN_HMAX];
+    for (size_t h = 0; h < n_hds; h++) {
         int hd = hds[h];
         size_t stride = (size_t)2 * hd + 3;
         for (int i = 0; i < hd; i++)
-            q[i] = wide[(size_t)i * 5 % NEL] * 0.5f;
-        for (int n = 1; n <= NMAX; n++) {
+            q[i] = wide[(size_t)i * 5 % ATTN_NEL] * 0.5f;
+        for (int n = 1; n <= ATTN_NMAX; n++) {
             float scale = 1.0f / sqrtf((float)hd);
-            ck_attn_scores(out, q, half, MDL_DTYPE_F16, stride, n, hd, scale);
+            ck_attn_scores(out, q, half, rt, stride, n, hd, scale);
             ck_attn_scores(want, q, wide, MDL_DTYPE_F32, stride, n, hd, scale);
             assert_memory_equal(out, want, sizeof(float) * (size_t)n);
             for (int j = 0; j < n; j++)
                 w[j] = out[j] * out[j];
             for (int i = 0; i < hd; i++)
                 acc[i] = ref[i] = 0.25f * (float)i;
-            ck_attn_accum(acc, w, half + 1, MDL_DTYPE_F16, stride, n, hd);
+            ck_attn_accum(acc, w, half + 1, rt, stride, n, hd);
             ck_attn_accum(ref, w, wide + 1, MDL_DTYPE_F32, stride, n, hd);
             assert_memory_equal(acc, ref, sizeof(float) * (size_t)hd);
         }
     }
+}
+
+/* F16 rows (an f16 KV pool's) read in place give the bits of the same rows
+ * converted to F32 first, for every head size, tail and count of rows;
+ * subnormal and negative-zero halves included. BF16 rows (no KV pool has
+ * them; the generic kernels) the same. */
+static void test_attn_f16_rows_vs_f32(void **s)
+{
+    (void)s;
+    ck_init();
+    const int hds[] = {8, 16, 24, 40, 48, 64, 72, 96, 128, 130, 136};
+    static float src[ATTN_NEL], wide[ATTN_NEL];
+    static uint16_t half[ATTN_NEL];
+    uint32_t r = 777;
+    for (size_t i = 0; i < ATTN_NEL; i++) {
+        r = r * 1664525u + 1013904223u;
+        src[i] = (float)(int32_t)r / 2147483648.0f * (i % 5 == 0 ? 1e-6f : 4.0f);
+    }
+    src[3] = -0.0f;
+    ck_f32_to_f16(half, src, ATTN_NEL);
+    ck_f16_to_f32(wide, half, ATTN_NEL);
+    check_attn_rows(wide, half, MDL_DTYPE_F16, hds, sizeof(hds) / sizeof(hds[0]));
+    for (size_t i = 0; i < ATTN_NEL; i++) {
+        half[i] = to_bf16(src[i]);
+        wide[i] = from_half(half[i], MDL_DTYPE_BF16);
+    }
+    check_attn_rows(wide, half, MDL_DTYPE_BF16, hds, sizeof(hds) / sizeof(hds[0]));
 }
 
 static void test_batch_invariance(void **s)

@@ -943,7 +943,8 @@ void ck_f16_to_f32(float *dst, const uint16_t *src, int n)
 }
 
 static float (*ck__dot_impl)(const float *, const float *, int) = ck__dot_generic;
-/* The attention kernels for F32 and for F16 rows; NULL: the generic ones. */
+/* The attention kernels for F32 and for F16 rows; NULL (and any other row
+ * type): the generic ones, which widen every element type. */
 typedef void (*ck__scores_fn)(float *, const float *, const void *, size_t, int, int, float);
 typedef void (*ck__accum_fn)(float *, const float *, const void *, size_t, int, int);
 static ck__scores_fn ck__scores_impl, ck__scores16_impl;
@@ -1031,7 +1032,9 @@ void ck_row_to_f32(float *dst, const void *W, enum mdl_dtype wt, size_t row, int
 void ck_attn_scores(float *out, const float *q, const void *rows, enum mdl_dtype rt, size_t stride,
                     int n, int hd, float scale)
 {
-    ck__scores_fn f = rt == MDL_DTYPE_F16 ? ck__scores16_impl : ck__scores_impl;
+    ck__scores_fn f = rt == MDL_DTYPE_F32   ? ck__scores_impl
+                      : rt == MDL_DTYPE_F16 ? ck__scores16_impl
+                                            : NULL;
     if (f)
         f(out, q, rows, stride, n, hd, scale);
     else
@@ -1041,7 +1044,9 @@ void ck_attn_scores(float *out, const float *q, const void *rows, enum mdl_dtype
 void ck_attn_accum(float *acc, const float *w, const void *rows, enum mdl_dtype rt, size_t stride,
                    int n, int hd)
 {
-    ck__accum_fn f = rt == MDL_DTYPE_F16 ? ck__accum16_impl : ck__accum_impl;
+    ck__accum_fn f = rt == MDL_DTYPE_F32   ? ck__accum_impl
+                     : rt == MDL_DTYPE_F16 ? ck__accum16_impl
+                                           : NULL;
     if (f)
         f(acc, w, rows, stride, n, hd);
     else

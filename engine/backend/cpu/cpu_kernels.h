@@ -37,7 +37,7 @@ void ck_row_to_f32(float *dst, const void *W, enum mdl_dtype wt, size_t row, int
 
 /* Attention over n key/value rows of hd elements, row j at element j * stride
  * of rows, elements of type rt (MDL_DTYPE_F32, or MDL_DTYPE_F16 for a
- * binary16 KV pool):
+ * binary16 KV pool; MDL_DTYPE_BF16 works too, on the generic kernels):
  * ck_attn_scores: out[j] = dot(q, k_j) * scale, each dot in ck_dot's order;
  * ck_attn_accum:  acc[i] += w[j] * v_j[i] for j = 0..n-1 in order.
  * One call per KV block instead of one per position. F16 elements are
