@@ -96,57 +96,6 @@ static double bench_mem_read(const float *a, size_t n, int threads, float *sink)
     return best;
 }
 
-/* ---- the core's FMA peak ----
- * A tight loop of independent FMAs (12 accumulators: more than latency x
- * throughput on current cores), in single precision, widest vectors the CPU
- * has. Returns GFLOP/s (an FMA is 2 flops) of one thread. */
-#if defined(__x86_64__)
-#define BENCH_FMA_STEPS(V, FMA)                                                                    \
-    for (long it = 0; it < iters; it++) {                                                          \
-        a0 = FMA(a0, m, c);                                                                        \
-        a1 = FMA(a1, m, c);                                                                        \
-        a2 = FMA(a2, m, c);                                                                        \
-        a3 = FMA(a3, m, c);                                                                        \
-        a4 = FMA(a4, m, c);                                                                        \
-        a5 = FMA(a5, m, c);                                                                        \
-        a6 = FMA(a6, m, c);                                                                        \
-        a7 = FMA(a7, m, c);                                                                        \
-        a8 = FMA(a8, m, c);                                                                        \
-        a9 = FMA(a9, m, c);                                                                        \
-        a10 = FMA(a10, m, c);                                                                      \
-        a11 = FMA(a11, m, c);                                                                      \
-        /* opaque to the compiler: no chain can be merged with another */                          \
-        __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5));         \
-        __asm__ volatile("" : "+v"(a6), "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));       \
-    }
-
-__attribute__((target("avx512f"))) static float bench_fma512(long iters)
-{
-    __m512 m = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
-    __m512 a0 = _mm512_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0;
-    __m512 a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
-    BENCH_FMA_STEPS(__m512, _mm512_fmadd_ps)
-    __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
-                             _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
-    s = _mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11)));
-    return _mm512_reduce_add_ps(s);
-}
-
-__attribute__((target("avx2,fma"))) static float bench_fma256(long iters)
-{
-    __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
-    __m256 a0 = _mm256_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0;
-    __m256 a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
-    BENCH_FMA_STEPS(__m256, _mm256_fmadd_ps)
-    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
-                             _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
-    s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)));
-    float t[8];
-    _mm256_storeu_ps(t, s);
-    return t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
-}
-#endif
-
 /* This thread's CPU time, ns. The FMA peak and the matmul kernel alone are
  * single-threaded and timed with it, so a time slice lost to another process
  * on a shared host counts against neither the figure nor its limit. */
@@ -158,24 +107,11 @@ static int64_t bench_thread_ns(void)
 }
 
 /* One run of a few ms of the FMA loop with `bits`-wide vectors (512 or 256):
- * GFLOP/s, 0 when the CPU lacks them. Thread CPU time. */
+ * GFLOP/s, 0 when the CPU lacks them (ck_fma_gflops: 12 independent chains,
+ * thread CPU time). */
 static double bench_fma_once(int bits, float *sink)
 {
-#if defined(__x86_64__)
-    int w512 = bits == 512;
-    if (w512 ? !__builtin_cpu_supports("avx512f")
-             : !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
-        return 0;
-    long iters = 1000000;
-    int64_t t0 = bench_thread_ns();
-    *sink += w512 ? bench_fma512(iters) : bench_fma256(iters);
-    double s = td_ns_to_s(bench_thread_ns() - t0);
-    return (double)iters * 12 * (bits / 32) * 2 / s / 1e9;
-#else
-    (void)bits;
-    (void)sink;
-    return 0;
-#endif
+    return ck_fma_gflops(bits, 1000000, sink);
 }
 
 /* Best of 5 runs of bench_fma_once. */
@@ -716,8 +652,12 @@ int gen_bench_run(const mdl_model *given)
     double peak512 = bench_fma_peak(512, &fsink), peak256 = bench_fma_peak(256, &fsink);
     double peak = peak512 > peak256 ? peak512 : peak256;
     printf("FMA peak, 1 thread, fp32: %.1f GFLOP/s (512-bit loop), %.1f GFLOP/s (256-bit loop); "
-           "matmul kernel: %s  [sink %g]\n",
-           peak512, peak256, ck_variant(), (double)fsink);
+           "matmul kernel: %s",
+           peak512, peak256, ck_variant());
+    if (ck_fma512_ratio() > 0)
+        printf(" (start-up probe: 512-bit FMAs at %.2fx the 256-bit rate; AVX-512 from 1.5x)",
+               ck_fma512_ratio());
+    printf("  [sink %g]\n", (double)fsink);
 
     /* Memory bandwidth: a 1 GB array, vectorised sum. */
     size_t n = (size_t)1 << 28; /* floats = 1 GiB */

@@ -1149,6 +1149,41 @@ static void test_open_errors(void **s)
     mdl_free(m);
 }
 
+/* The kernel set follows the environment (the runs registered with
+ * TANDEM_CPU_NO_AVX512 / TANDEM_CPU_AVX512) and, without it, the FMA probe's
+ * rule: AVX-512 only where 512-bit FMAs run at 1.5x the 256-bit rate. */
+static void test_kernel_choice(void **state)
+{
+    (void)state;
+    ck_init();
+    const char *v = ck_variant();
+    float sink = 0;
+    assert_true(ck_fma_gflops(128, 1000, &sink) == 0); /* no such width */
+    assert_true(ck_fma_gflops(256, 0, &sink) == 0);    /* no run */
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f");
+    if (avx2) assert_true(ck_fma_gflops(256, 20000, &sink) > 0);
+    assert_int_equal(ck_fma_gflops(512, 20000, &sink) > 0, __builtin_cpu_supports("avx512f") != 0);
+    if (!avx512) {
+        assert_string_not_equal(v, "avx512");
+        assert_true(ck_fma512_ratio() == 0);
+    } else if (getenv("TANDEM_CPU_NO_AVX512")) {
+        assert_string_equal(v, "avx2");
+    } else if (getenv("TANDEM_CPU_AVX512")) {
+        assert_string_equal(v, "avx512");
+    } else {
+        double r = ck_fma512_ratio();
+        assert_true(r > 0);
+        assert_string_equal(v, r >= 1.5 ? "avx512" : "avx2");
+    }
+    printf("kernels: %s (512-bit FMA rate %.2fx the 256-bit one)\n", v, ck_fma512_ratio());
+#else
+    (void)v;
+#endif
+}
+
 /* A failed test must not leave another head size or KV dtype behind. */
 static int reset_globals(void **s)
 {
@@ -1212,6 +1247,7 @@ int main(void)
         cmocka_unit_test_setup(test_layer_hook_and_kv_mem, reset_globals),
         cmocka_unit_test_setup(test_open_errors, reset_globals),
         cmocka_unit_test_setup(test_alloc_failures, reset_globals),
+        cmocka_unit_test_setup(test_kernel_choice, reset_globals),
     };
     int rc = cmocka_run_group_tests_name("cpu", tests, NULL, NULL);
     return rc | run_device_backend("cuda");

@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -952,6 +953,7 @@ static ck__accum_fn ck__accum_impl, ck__accum16_impl;
 static void (*ck__matmul_impl)(float *, int, const float *, const void *, enum mdl_dtype,
                                const float *, int, int, int, int) = ck__matmul_generic;
 static const char *ck__name = "generic";
+static double ck__fma_ratio; /* 512- over 256-bit FMA rate, where probed */
 
 #ifdef CK_HAVE_X86
 /* F16C from CPUID leaf 1 (clang before 16 rejects "f16c" in
@@ -962,6 +964,110 @@ static int ck__has_f16c(void)
     return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
 }
 #endif
+
+/* ---- the core's FMA rate ----
+ * A tight loop of independent FMAs (12 accumulators: more than latency x
+ * throughput on current cores), single precision. Thread CPU time, so a
+ * time slice lost to another process counts against nothing. */
+static int64_t ck__thread_ns(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0) return 0;
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+#ifdef CK_HAVE_X86
+#define CK__FMA_STEPS(FMA)                                                                         \
+    for (long it = 0; it < iters; it++) {                                                          \
+        a0 = FMA(a0, m, c);                                                                        \
+        a1 = FMA(a1, m, c);                                                                        \
+        a2 = FMA(a2, m, c);                                                                        \
+        a3 = FMA(a3, m, c);                                                                        \
+        a4 = FMA(a4, m, c);                                                                        \
+        a5 = FMA(a5, m, c);                                                                        \
+        a6 = FMA(a6, m, c);                                                                        \
+        a7 = FMA(a7, m, c);                                                                        \
+        a8 = FMA(a8, m, c);                                                                        \
+        a9 = FMA(a9, m, c);                                                                        \
+        a10 = FMA(a10, m, c);                                                                      \
+        a11 = FMA(a11, m, c);                                                                      \
+        /* opaque to the compiler: no chain can be merged with another */                          \
+        __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5));         \
+        __asm__ volatile("" : "+v"(a6), "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));       \
+    }
+
+CK_AVX512 static float ck__fma512(long iters)
+{
+    __m512 m = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
+    __m512 a0 = _mm512_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0;
+    __m512 a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+    CK__FMA_STEPS(_mm512_fmadd_ps)
+    __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
+                             _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
+    s = _mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11)));
+    return _mm512_reduce_add_ps(s);
+}
+
+CK_AVX2 static float ck__fma256(long iters)
+{
+    __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+    __m256 a0 = _mm256_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0;
+    __m256 a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+    CK__FMA_STEPS(_mm256_fmadd_ps)
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                             _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+    s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)));
+    return ck__hsum(s, _mm256_setzero_ps());
+}
+#undef CK__FMA_STEPS
+#endif
+
+double ck_fma_gflops(int bits, long iters, float *sink)
+{
+#ifdef CK_HAVE_X86
+    __builtin_cpu_init();
+    int w512 = bits == 512;
+    if ((bits != 512 && bits != 256) || iters < 1 ||
+        (w512 ? !__builtin_cpu_supports("avx512f")
+              : !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))))
+        return 0;
+    int64_t t0 = ck__thread_ns();
+    *sink += w512 ? ck__fma512(iters) : ck__fma256(iters);
+    int64_t ns = ck__thread_ns() - t0;
+    return ns > 0 ? (double)iters * 12 * (bits / 32) * 2 / (double)ns : 0;
+#else
+    (void)bits;
+    (void)iters;
+    (void)sink;
+    return 0;
+#endif
+}
+
+/* Whether the AVX-512 kernels pay on this core: where a 512-bit FMA runs at
+ * full width (two 512-bit FMAs a cycle) they did, at about twice the 256-bit
+ * peak; where it is split into two 256-bit halves (the same peak either way)
+ * the AVX2 kernels measured faster everywhere: batch-1 decode of the F32
+ * `15m` model 1.9x, the 32-row matmul 78% against 63% of the peak
+ * (docs/cpu-throughput.md, "Seventh round"). So a short probe (best of 3
+ * runs of each width, about 2 ms) picks AVX-512 only at 1.5x or more. The
+ * choice changes speed only: both kernel sets give the same bits.
+ * TANDEM_CPU_NO_AVX512=1 keeps AVX2, TANDEM_CPU_AVX512=1 takes AVX-512
+ * without the probe (both for tests and comparisons). */
+static int ck__avx512_pays(void)
+{
+    if (getenv("TANDEM_CPU_NO_AVX512")) return 0;
+    const char *force = getenv("TANDEM_CPU_AVX512");
+    if (force && force[0] && strcmp(force, "0") != 0) return 1;
+    float sink = 0;
+    double g512 = 0, g256 = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        double a = ck_fma_gflops(512, 50000, &sink), b = ck_fma_gflops(256, 50000, &sink);
+        if (a > g512) g512 = a;
+        if (b > g256) g256 = b;
+    }
+    ck__fma_ratio = g256 > 0 ? g512 / g256 : 0;
+    return g512 >= 1.5 * g256 && sink != 0; /* sink: keeps the loops */
+}
 
 static void ck__select(void)
 {
@@ -978,9 +1084,10 @@ static void ck__select(void)
         ck__accum16_impl = ck__accum16_avx2;
         ck__name = "avx2";
         /* Same bits as the AVX2 kernels (see ck__blk512), wider and with
-         * more registers. F16 attention rows keep the AVX2 kernels: their
-         * bits are the same, and what bounds them is the bytes read. */
-        if (__builtin_cpu_supports("avx512f") && !getenv("TANDEM_CPU_NO_AVX512")) {
+         * more registers, where they pay (ck__avx512_pays). F16 attention
+         * rows keep the AVX2 kernels: their bits are the same, and what
+         * bounds them is the bytes read. */
+        if (__builtin_cpu_supports("avx512f") && ck__avx512_pays()) {
             ck__matmul_impl = ck__matmul_avx512;
             ck__scores_impl = ck__scores_avx512;
             ck__accum_impl = ck__accum_avx512;
@@ -1003,6 +1110,11 @@ void ck_init(void)
 const char *ck_variant(void)
 {
     return ck__name;
+}
+
+double ck_fma512_ratio(void)
+{
+    return ck__fma_ratio;
 }
 
 float ck_dot(const float *a, const float *b, int n)

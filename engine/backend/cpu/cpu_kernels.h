@@ -16,10 +16,19 @@
 
 /* Selects the kernel variant (idempotent, thread-safe to call before use). */
 void ck_init(void);
-/* "avx512" (the matmul; other kernels AVX2), "avx2" or "generic".
- * TANDEM_CPU_NO_AVX512=1 in the environment keeps the AVX2 matmul (same
- * bits; for comparisons). */
+/* "avx512" (the matmul and f32 attention; other kernels AVX2), "avx2" or
+ * "generic". AVX-512 is taken where the CPU has it and a 512-bit FMA runs
+ * at 1.5x or more the 256-bit rate (a probe of about 2 ms in ck_init); the
+ * same bits either way. TANDEM_CPU_NO_AVX512=1 in the environment keeps
+ * AVX2, TANDEM_CPU_AVX512=1 takes AVX-512 without the probe. */
 const char *ck_variant(void);
+/* The probe's 512-bit over 256-bit FMA rate; 0 when it did not run. */
+double ck_fma512_ratio(void);
+
+/* GFLOP/s of one run of `iters` steps of 12 independent FMA chains with
+ * `bits`-wide vectors (256 or 512) on this thread, by its CPU time; 0 where
+ * the CPU lacks them. *sink takes the chains' sum (keep it live). */
+double ck_fma_gflops(int bits, long iters, float *sink);
 
 /* sum_i a[i] * b[i] */
 float ck_dot(const float *a, const float *b, int n);
