@@ -7,11 +7,14 @@ defines it, admission none).
   bench/capacity_ab.py --a-bin DIR --b-bin DIR --model M --rates 1,1.5,2,3
       --slo-ttft-ms X --slo-tpot-ms Y [--trace ../shared/data/burstgpt/BurstGPT_1_head.csv]
       [--max-requests 200] [--max-context 256] [--rounds 1] [--out DIR]
-      [--a-args WORDS] [--b-args WORDS]
+      [--a-args WORDS] [--b-args WORDS] [--a-env K=V,...] [--b-env K=V,...]
 
 --a-args / --b-args add tandem-cluster up flags to one side (shell words),
 e.g. --b-args "--prefill-args '--kv-dtype f16' --decode-args '--kv-dtype f16'"
 with the same binaries on both sides to compare two configurations.
+--a-env / --b-env set environment variables for one side's cluster (its
+workers and router inherit them), e.g. --a-env TANDEM_CPU_AVX512=1 to run
+one side on the AVX-512 kernels.
 
 For each round and each rate, A then B then (next rate) B then A, so neither
 build always runs first on a machine whose load moves; every run starts a
@@ -30,8 +33,8 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
-def run(argv):
-    r = subprocess.run(argv, capture_output=True, text=True)
+def run(argv, env=None):
+    r = subprocess.run(argv, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         sys.exit("failed (%d): %s\n%s\n%s" % (r.returncode, " ".join(argv), r.stdout[-2000:],
                                               r.stderr[-2000:]))
@@ -43,13 +46,24 @@ def loadavg():
         return " ".join(f.read().split()[:3])
 
 
-def one(a, label, bin_dir, extra, rate, out):
+def side_env(words):
+    """The environment of one side: this one plus KEY=VALUE,... (empty: as is)."""
+    env = dict(os.environ)
+    for kv in filter(None, words.split(",")):
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            sys.exit("bad --a-env/--b-env entry %r (KEY=VALUE expected)" % kv)
+        env[k] = v
+    return env
+
+
+def one(a, label, bin_dir, extra, env, rate, out):
     cluster = os.path.join(REPO, "deploy", "local", "tandem-cluster")
     run_dir = os.path.join(a.work, "cluster")
     subprocess.run([cluster, "down", "--run-dir", run_dir], capture_output=True)
     run([cluster, "up", "--run-dir", run_dir, "--bin-dir", bin_dir, "--model", a.model,
          "--prefill", "1", "--decode", "1", "--http-listen", a.http, "--grpc-listen", a.grpc]
-        + shlex.split(extra))
+        + shlex.split(extra), env=side_env(env))
     la0 = loadavg()
     with urllib.request.urlopen("http://%s/v1/models" % a.http, timeout=5) as r:
         served = json.loads(r.read())["data"][0]["id"]
@@ -78,6 +92,8 @@ def main(argv):
     ap.add_argument("--b-bin", required=True, help="binaries of build B (after)")
     ap.add_argument("--a-args", default="", help="extra tandem-cluster up flags of A")
     ap.add_argument("--b-args", default="", help="extra tandem-cluster up flags of B")
+    ap.add_argument("--a-env", default="", help="KEY=VALUE,... for A's cluster")
+    ap.add_argument("--b-env", default="", help="KEY=VALUE,... for B's cluster")
     ap.add_argument("--model", required=True)
     ap.add_argument("--rates", required=True, help="req/s, comma-separated")
     ap.add_argument("--slo-ttft-ms", type=float, required=True)
@@ -97,12 +113,12 @@ def main(argv):
     results = []
     for rnd in range(a.rounds):
         for i, rate in enumerate(rates):
-            order = [("A", a.a_bin, a.a_args), ("B", a.b_bin, a.b_args)]
+            order = [("A", a.a_bin, a.a_args, a.a_env), ("B", a.b_bin, a.b_args, a.b_env)]
             if (i + rnd) % 2:
                 order.reverse()
-            for label, bin_dir, extra in order:
+            for label, bin_dir, extra, env in order:
                 out = os.path.join(a.work, "%s-%g-r%d" % (label, rate, rnd))
-                results.append(one(a, label, bin_dir, extra, rate, out))
+                results.append(one(a, label, bin_dir, extra, env, rate, out))
     cap = {}
     for label in ("A", "B"):
         ok = [r["rate"] for r in results if r["build"] == label and r["within_slo"] >= 0.9]

@@ -612,10 +612,28 @@ static const ck__blk_fn ck__blk512_fns[3][2][CK_RT] = {
 };
 #undef CK__BLK_ROW
 
+/* Below 4 rows of x (decode of 1-3 sequences: memory-bound) the AVX-512
+ * matmul can hand the call to the AVX2 one, whose 4-row blocks prefetch
+ * 8 KiB ahead. On a core with full-width 512-bit FMAs (twice the 256-bit
+ * peak) the AVX-512 blocks read at 92-99% of the bandwidth and keep it; on
+ * one that splits a 512-bit FMA into two 256-bit halves (the same peak
+ * either way) they read at 37% and the AVX2 path at 73-74% of it: batch-1
+ * decode 1.6-1.9x (docs/cpu-throughput.md, "Seventh round"). From 4 rows on
+ * the AVX-512 blocks stay: end to end they served more within the SLOs on
+ * that core too. A probe at start-up (best of 3 runs of each width, about
+ * 2 ms) tells the two cores apart: full width from 1.5x the 256-bit rate.
+ * Same bits either way. TANDEM_CPU_AVX512=1 runs the AVX-512 kernels for
+ * every shape, without the probe (tests, comparisons). */
+static int ck__avx2_below4; /* ck__matmul_avx512 hands T < 4 to ck__matmul_avx2 */
+
 CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, const void *W,
                                         enum mdl_dtype wt, const float *bias, int T, int K, int j0,
                                         int j1)
 {
+    if (T < 4 && ck__avx2_below4) {
+        ck__matmul_avx2(out, ldo, x, W, wt, bias, T, K, j0, j1);
+        return;
+    }
     const ck__blk_fn *one = ck__blk512_fns[wt][0], *four = ck__blk512_fns[wt][1];
     size_t es = wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
     if (T < 4 && wt != MDL_DTYPE_F32) {
@@ -1043,21 +1061,8 @@ double ck_fma_gflops(int bits, long iters, float *sink)
 #endif
 }
 
-/* Whether the AVX-512 kernels pay on this core: where a 512-bit FMA runs at
- * full width (two 512-bit FMAs a cycle) they did, at about twice the 256-bit
- * peak; where it is split into two 256-bit halves (the same peak either way)
- * the AVX2 kernels measured faster everywhere: batch-1 decode of the F32
- * `15m` model 1.9x, the 32-row matmul 78% against 63% of the peak
- * (docs/cpu-throughput.md, "Seventh round"). So a short probe (best of 3
- * runs of each width, about 2 ms) picks AVX-512 only at 1.5x or more. The
- * choice changes speed only: both kernel sets give the same bits.
- * TANDEM_CPU_NO_AVX512=1 keeps AVX2, TANDEM_CPU_AVX512=1 takes AVX-512
- * without the probe (both for tests and comparisons). */
-static int ck__avx512_pays(void)
+static double ck__probe_fma512_ratio(void)
 {
-    if (getenv("TANDEM_CPU_NO_AVX512")) return 0;
-    const char *force = getenv("TANDEM_CPU_AVX512");
-    if (force && force[0] && strcmp(force, "0") != 0) return 1;
     float sink = 0;
     double g512 = 0, g256 = 0;
     for (int rep = 0; rep < 3; rep++) {
@@ -1065,8 +1070,7 @@ static int ck__avx512_pays(void)
         if (a > g512) g512 = a;
         if (b > g256) g256 = b;
     }
-    ck__fma_ratio = g256 > 0 ? g512 / g256 : 0;
-    return g512 >= 1.5 * g256 && sink != 0; /* sink: keeps the loops */
+    return g256 > 0 && sink != 0 ? g512 / g256 : 0; /* sink: keeps the loops */
 }
 
 static void ck__select(void)
@@ -1084,14 +1088,21 @@ static void ck__select(void)
         ck__accum16_impl = ck__accum16_avx2;
         ck__name = "avx2";
         /* Same bits as the AVX2 kernels (see ck__blk512), wider and with
-         * more registers, where they pay (ck__avx512_pays). F16 attention
+         * more registers; below 4 rows see ck__avx2_below4. F16 attention
          * rows keep the AVX2 kernels: their bits are the same, and what
-         * bounds them is the bytes read. */
-        if (__builtin_cpu_supports("avx512f") && ck__avx512_pays()) {
+         * bounds them is the bytes read. TANDEM_CPU_NO_AVX512=1 keeps the
+         * AVX2 set (comparisons). */
+        if (__builtin_cpu_supports("avx512f") && !getenv("TANDEM_CPU_NO_AVX512")) {
             ck__matmul_impl = ck__matmul_avx512;
             ck__scores_impl = ck__scores_avx512;
             ck__accum_impl = ck__accum_avx512;
             ck__name = "avx512";
+            const char *all = getenv("TANDEM_CPU_AVX512");
+            if (!all || !all[0] || strcmp(all, "0") == 0) {
+                ck__fma_ratio = ck__probe_fma512_ratio();
+                ck__avx2_below4 = ck__fma_ratio < 1.5;
+                if (ck__avx2_below4) ck__name = "avx512 (avx2 below 4 rows)";
+            }
         }
     }
     if (__builtin_cpu_supports("avx") && ck__has_f16c()) {

@@ -16,11 +16,12 @@
 
 /* Selects the kernel variant (idempotent, thread-safe to call before use). */
 void ck_init(void);
-/* "avx512" (the matmul and f32 attention; other kernels AVX2), "avx2" or
- * "generic". AVX-512 is taken where the CPU has it and a 512-bit FMA runs
- * at 1.5x or more the 256-bit rate (a probe of about 2 ms in ck_init); the
- * same bits either way. TANDEM_CPU_NO_AVX512=1 in the environment keeps
- * AVX2, TANDEM_CPU_AVX512=1 takes AVX-512 without the probe. */
+/* "avx512" (the matmul and f32 attention; other kernels AVX2), "avx512
+ * (avx2 below 4 rows)" where a start-up probe (about 2 ms in ck_init) finds
+ * the 512-bit FMAs no faster than 1.5x the 256-bit ones (there the AVX2
+ * matmul streams W faster for 1-3 rows of x), "avx2" or "generic". The same
+ * bits every way. TANDEM_CPU_NO_AVX512=1 in the environment keeps AVX2,
+ * TANDEM_CPU_AVX512=1 runs AVX-512 for every shape without the probe. */
 const char *ck_variant(void);
 /* The probe's 512-bit over 256-bit FMA rate; 0 when it did not run. */
 double ck_fma512_ratio(void);
