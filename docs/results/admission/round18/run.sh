@@ -3,7 +3,9 @@
 # kernel choice of the seventh CPU round: profile and SLOs, capacity measured cold, tuning, 4 rounds.
 set -u
 cd "$(git rev-parse --show-toplevel)"
-W=build/admexp/r18; B=build/admexp/bin18
+W=build/admexp/r18; B=build/admexp/bin18   # B: binaries copied once, never rebuilt while this runs
+mkdir -p $W $B && cp build/bin/tandem-* $B/
+build/bin/make-test-model --format hf --shape 15m --dtype bf16 --seed 1 --out build/admexp/m15 >/dev/null
 up() { nice -n -20 deploy/local/tandem-cluster up --run-dir $1 --model build/admexp/m15 --bin-dir $B --prefill 1 --decode 1 --http-listen 127.0.0.1:18300 --grpc-listen 127.0.0.1:18351 >$1.up.log 2>&1; }
 down() { deploy/local/tandem-cluster down --run-dir $1 >/dev/null 2>&1; }
 profile() { mkdir -p $1; up $1/prof; nice -n -20 python3 bench/profile_cost.py --url http://127.0.0.1:18300 --vocab 32000 --out $1/cost.txt --json $1/profile.json > $1/profile.txt 2>&1; down $1/prof; }
