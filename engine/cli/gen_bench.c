@@ -655,7 +655,7 @@ int gen_bench_run(const mdl_model *given)
            "matmul kernel: %s",
            peak512, peak256, ck_variant());
     if (ck_fma512_ratio() > 0)
-        printf(" (start-up probe: 512-bit FMAs at %.2fx the 256-bit rate; AVX-512 below 4 rows "
+        printf(" (start-up probe: 512-bit FMAs at %.2fx the 256-bit rate; AVX-512 for every shape "
                "from 1.5x)",
                ck_fma512_ratio());
     printf("  [sink %g]\n", (double)fsink);

@@ -1177,7 +1177,7 @@ static void test_kernel_choice(void **state)
     } else {
         double r = ck_fma512_ratio();
         assert_true(r > 0);
-        assert_string_equal(v, r >= 1.5 ? "avx512" : "avx512 (avx2 below 4 rows)");
+        assert_string_equal(v, r >= 1.5 ? "avx512" : "avx512 (avx2 below 4 rows, f32 from 32)");
     }
     printf("kernels: %s (512-bit FMA rate %.2fx the 256-bit one)\n", v, ck_fma512_ratio());
 #else

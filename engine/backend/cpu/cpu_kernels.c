@@ -612,25 +612,30 @@ static const ck__blk_fn ck__blk512_fns[3][2][CK_RT] = {
 };
 #undef CK__BLK_ROW
 
-/* Below 4 rows of x (decode of 1-3 sequences: memory-bound) the AVX-512
- * matmul can hand the call to the AVX2 one, whose 4-row blocks prefetch
- * 8 KiB ahead. On a core with full-width 512-bit FMAs (twice the 256-bit
- * peak) the AVX-512 blocks read at 92-99% of the bandwidth and keep it; on
- * one that splits a 512-bit FMA into two 256-bit halves (the same peak
- * either way) they read at 37% and the AVX2 path at 73-74% of it: batch-1
- * decode 1.6-1.9x (docs/cpu-throughput.md, "Seventh round"). From 4 rows on
- * the AVX-512 blocks stay: end to end they served more within the SLOs on
- * that core too. A probe at start-up (best of 3 runs of each width, about
- * 2 ms) tells the two cores apart: full width from 1.5x the 256-bit rate.
- * Same bits either way. TANDEM_CPU_AVX512=1 runs the AVX-512 kernels for
- * every shape, without the probe (tests, comparisons). */
-static int ck__avx2_below4; /* ck__matmul_avx512 hands T < 4 to ck__matmul_avx2 */
+/* On a core that splits a 512-bit FMA into two 256-bit halves (the same
+ * peak either way) the AVX-512 matmul hands two kinds of call to the AVX2
+ * one (docs/cpu-throughput.md, "Seventh round"):
+ * - below 4 rows of x (decode of 1-3 sequences: memory-bound), where the
+ *   AVX2 4-row blocks prefetch 8 KiB ahead and read at 73-74% of the
+ *   bandwidth against 37%: batch-1 decode 1.6-1.9x;
+ * - F32 weights from 32 rows on (batched decode, prefill), where the AVX2
+ *   two-pass blocks reach 76-79% of the peak against 62-65%: batch-32
+ *   decode 1.2x. At 8 rows the AVX-512 blocks are 1.3x ahead, and for
+ *   16-bit weights level or ahead from 4 rows on (end to end on a BF16
+ *   model they served more within the SLOs): those stay.
+ * On a core with full-width 512-bit FMAs (twice the 256-bit peak) every
+ * shape stays on AVX-512, as measured there (92-99% of the bandwidth at one
+ * row). A probe at start-up (best of 3 runs of each width, about 2 ms)
+ * tells the two apart: full width from 1.5x the 256-bit rate. Same bits
+ * either way. TANDEM_CPU_AVX512=1 runs the AVX-512 kernels for every shape,
+ * without the probe (tests, comparisons). */
+static int ck__fma512_split; /* set by the probe: hand the shapes above to AVX2 */
 
 CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, const void *W,
                                         enum mdl_dtype wt, const float *bias, int T, int K, int j0,
                                         int j1)
 {
-    if (T < 4 && ck__avx2_below4) {
+    if (ck__fma512_split && (T < 4 || (wt == MDL_DTYPE_F32 && T >= 32))) {
         ck__matmul_avx2(out, ldo, x, W, wt, bias, T, K, j0, j1);
         return;
     }
@@ -1088,7 +1093,7 @@ static void ck__select(void)
         ck__accum16_impl = ck__accum16_avx2;
         ck__name = "avx2";
         /* Same bits as the AVX2 kernels (see ck__blk512), wider and with
-         * more registers; below 4 rows see ck__avx2_below4. F16 attention
+         * more registers; some shapes see ck__fma512_split. F16 attention
          * rows keep the AVX2 kernels: their bits are the same, and what
          * bounds them is the bytes read. TANDEM_CPU_NO_AVX512=1 keeps the
          * AVX2 set (comparisons). */
@@ -1100,8 +1105,8 @@ static void ck__select(void)
             const char *all = getenv("TANDEM_CPU_AVX512");
             if (!all || !all[0] || strcmp(all, "0") == 0) {
                 ck__fma_ratio = ck__probe_fma512_ratio();
-                ck__avx2_below4 = ck__fma_ratio < 1.5;
-                if (ck__avx2_below4) ck__name = "avx512 (avx2 below 4 rows)";
+                ck__fma512_split = ck__fma_ratio < 1.5;
+                if (ck__fma512_split) ck__name = "avx512 (avx2 below 4 rows, f32 from 32)";
             }
         }
     }
