@@ -20,6 +20,11 @@ int64_t td_wall_ns(void)
     return read_clock(CLOCK_REALTIME);
 }
 
+int64_t td_thread_cpu_ns(void)
+{
+    return read_clock(CLOCK_THREAD_CPUTIME_ID);
+}
+
 void td_sleep_until_ns(int64_t deadline_ns)
 {
     struct timespec ts = {.tv_sec = deadline_ns / TD_NS_PER_S,

@@ -15,6 +15,11 @@ int64_t td_now_ns(void);
 /* CLOCK_REALTIME in ns since the Unix epoch; only for timestamps shown to people. */
 int64_t td_wall_ns(void);
 
+/* CPU time of the calling thread in ns (CLOCK_THREAD_CPUTIME_ID): on a shared
+ * host, a time slice lost to another process does not count. For timing
+ * single-threaded benchmarks and probes. */
+int64_t td_thread_cpu_ns(void);
+
 static inline double td_ns_to_ms(int64_t ns)
 {
     return (double)ns / 1e6;

@@ -96,16 +96,6 @@ static double bench_mem_read(const float *a, size_t n, int threads, float *sink)
     return best;
 }
 
-/* This thread's CPU time, ns. The FMA peak and the matmul kernel alone are
- * single-threaded and timed with it, so a time slice lost to another process
- * on a shared host counts against neither the figure nor its limit. */
-static int64_t bench_thread_ns(void)
-{
-    struct timespec ts;
-    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0) return td_now_ns();
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 /* One run of a few ms of the FMA loop with `bits`-wide vectors (512 or 256):
  * GFLOP/s, 0 when the CPU lacks them (ck_fma_gflops: 12 independent chains,
  * thread CPU time). */
@@ -194,7 +184,7 @@ static int bench_matmul_only(const mdl_model *m, int T, int bits, float *sink, d
     double best = 0, r[BENCH_KERNEL_PASSES];
     for (int rep = 0; rep < BENCH_KERNEL_PASSES; rep++) {
         double p0 = bench_fma_once(bits, sink);
-        int64_t t0 = bench_thread_ns();
+        int64_t t0 = td_thread_cpu_ns();
         for (int l = 0; l < c->n_layers; l++) {
             const mdl_layer_mats *L = &m->layers[l].mat;
             const mdl_mat *mats[7] = {&L->wq,     &L->wk,   &L->wv,    &L->wo,
@@ -204,7 +194,7 @@ static int bench_matmul_only(const mdl_model *m, int T, int bits, float *sink, d
             for (int i = 0; i < 7; i++)
                 ck_matmul(out, N[i], x, mats[i]->data, mats[i]->dtype, NULL, T, K[i], 0, N[i]);
         }
-        double sec = td_ns_to_s(bench_thread_ns() - t0);
+        double sec = td_ns_to_s(td_thread_cpu_ns() - t0);
         double p1 = bench_fma_once(bits, sink);
         double gf = bench_flops_layers(m) * T / sec / 1e9;
         if (gf > best) best = gf;

@@ -122,21 +122,13 @@ static char *text_arg(const char *arg, size_t *len, char **owned)
     return buf;
 }
 
-/* CPU time of this thread: on a shared machine, steadier than wall time. */
-static int64_t cpu_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return (int64_t)ts.tv_sec * TD_NS_PER_S + ts.tv_nsec;
-}
-
 static int bench(const tok_tokenizer *tok, long iters, const char *text, size_t len)
 {
     /* with BOS where the model adds it, so the round trip can be exact */
     int flags = tok_adds_bos(tok) ? TOK_ADD_BOS : 0;
     int32_t *ids = NULL;
     size_t n = 0;
-    int64_t w0 = td_now_ns(), t0 = cpu_ns();
+    int64_t w0 = td_now_ns(), t0 = td_thread_cpu_ns();
     for (long i = 0; i < iters; i++) {
         free(ids);
         int rc = tok_encode(tok, text, len, flags, &ids, &n);
@@ -145,7 +137,7 @@ static int bench(const tok_tokenizer *tok, long iters, const char *text, size_t 
             return 1;
         }
     }
-    int64_t t1 = cpu_ns();
+    int64_t t1 = td_thread_cpu_ns();
     char *out = NULL;
     size_t out_len = 0;
     for (long i = 0; i < iters; i++) {
@@ -157,7 +149,7 @@ static int bench(const tok_tokenizer *tok, long iters, const char *text, size_t 
             return 1;
         }
     }
-    int64_t t2 = cpu_ns(), w2 = td_now_ns();
+    int64_t t2 = td_thread_cpu_ns(), w2 = td_now_ns();
     double enc_s = td_ns_to_s(t1 - t0), dec_s = td_ns_to_s(t2 - t1);
     /* rates per CPU second of this thread */
     printf("bytes=%zu tokens=%zu iters=%ld encode_MBps=%.2f encode_tokens_per_s=%.0f "

@@ -83,13 +83,28 @@ static void test_clock_monotonic(void **state)
     assert_true(td_wall_ns() > 1600000000LL * TD_NS_PER_S);
 }
 
+/* Thread CPU time: a sleep costs (almost) none of it, a busy loop does. */
+static void test_clock_thread_cpu(void **state)
+{
+    (void)state;
+    int64_t c0 = td_thread_cpu_ns();
+    td_sleep_ns(20 * TD_NS_PER_MS);
+    int64_t c1 = td_thread_cpu_ns();
+    assert_true(c1 >= c0);
+    assert_true(c1 - c0 < 10 * TD_NS_PER_MS);
+    int64_t give_up = td_now_ns() + 2 * TD_NS_PER_S;
+    volatile uint64_t spin = 0;
+    while (td_thread_cpu_ns() - c1 < 2 * TD_NS_PER_MS && td_now_ns() < give_up)
+        spin++;
+    assert_true(td_thread_cpu_ns() - c1 >= 2 * TD_NS_PER_MS);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_err_table),
-        cmocka_unit_test(test_err_message_out_param),
-        cmocka_unit_test(test_log_one_line_logfmt),
-        cmocka_unit_test(test_clock_monotonic),
+        cmocka_unit_test(test_err_table),           cmocka_unit_test(test_err_message_out_param),
+        cmocka_unit_test(test_log_one_line_logfmt), cmocka_unit_test(test_clock_monotonic),
+        cmocka_unit_test(test_clock_thread_cpu),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -4,7 +4,8 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+
+#include "common/clock.h"
 
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -612,33 +613,10 @@ static const ck__blk_fn ck__blk512_fns[3][2][CK_RT] = {
 };
 #undef CK__BLK_ROW
 
-/* On a core that splits a 512-bit FMA into two 256-bit halves (the same
- * peak either way) the AVX-512 matmul hands two kinds of call to the AVX2
- * one (docs/cpu-throughput.md, "Seventh round"):
- * - below 4 rows of x (decode of 1-3 sequences: memory-bound), where the
- *   AVX2 4-row blocks prefetch 8 KiB ahead and read at 73-74% of the
- *   bandwidth against 37%: batch-1 decode 1.6-1.9x;
- * - F32 weights from 32 rows on (batched decode, prefill), where the AVX2
- *   two-pass blocks reach 76-79% of the peak against 62-65%: batch-32
- *   decode 1.2x. At 8 rows the AVX-512 blocks are 1.3x ahead, and for
- *   16-bit weights level or ahead from 4 rows on (end to end on a BF16
- *   model they served more within the SLOs): those stay.
- * On a core with full-width 512-bit FMAs (twice the 256-bit peak) every
- * shape stays on AVX-512, as measured there (92-99% of the bandwidth at one
- * row). A probe at start-up (best of 3 runs of each width, about 2 ms)
- * tells the two apart: full width from 1.5x the 256-bit rate. Same bits
- * either way. TANDEM_CPU_AVX512=1 runs the AVX-512 kernels for every shape,
- * without the probe (tests, comparisons). */
-static int ck__fma512_split; /* set by the probe: hand the shapes above to AVX2 */
-
 CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, const void *W,
                                         enum mdl_dtype wt, const float *bias, int T, int K, int j0,
                                         int j1)
 {
-    if (ck__fma512_split && (T < 4 || (wt == MDL_DTYPE_F32 && T >= 32))) {
-        ck__matmul_avx2(out, ldo, x, W, wt, bias, T, K, j0, j1);
-        return;
-    }
     const ck__blk_fn *one = ck__blk512_fns[wt][0], *four = ck__blk512_fns[wt][1];
     size_t es = wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
     if (T < 4 && wt != MDL_DTYPE_F32) {
@@ -684,6 +662,32 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
                 one[rt - 1](out, ldo, x, W, bias, K, j, t, NULL);
             }
     }
+}
+
+/* On a core that splits a 512-bit FMA into two 256-bit halves (the same
+ * peak either way) ck_matmul hands two kinds of call to the AVX2 matmul,
+ * the rest to the AVX-512 one (docs/cpu-throughput.md, "Seventh round"):
+ * - below 4 rows of x (decode of 1-3 sequences: memory-bound), where the
+ *   AVX2 4-row blocks prefetch 8 KiB ahead and read at 73-74% of the
+ *   bandwidth against 37%: batch-1 decode 1.6-1.9x;
+ * - F32 weights from 32 rows on (batched decode, prefill), where the AVX2
+ *   two-pass blocks reach 76-79% of the peak against 62-65%: batch-32
+ *   decode 1.2x. At 8 rows the AVX-512 blocks are 1.3x ahead, and for
+ *   16-bit weights level or ahead from 4 rows on (end to end on a BF16
+ *   model they served more within the SLOs): those stay.
+ * On a core with full-width 512-bit FMAs (twice the 256-bit peak) every
+ * shape stays on AVX-512, as measured there (92-99% of the bandwidth at one
+ * row). A probe at start-up (best of 3 runs of each width, about 2 ms)
+ * tells the two apart: full width from 1.5x the 256-bit rate. Same bits
+ * either way. TANDEM_CPU_AVX512=1 runs the AVX-512 kernels for every shape,
+ * without the probe (tests, comparisons). */
+static void ck__matmul_split512(float *out, int ldo, const float *x, const void *W,
+                                enum mdl_dtype wt, const float *bias, int T, int K, int j0, int j1)
+{
+    if (T < 4 || (wt == MDL_DTYPE_F32 && T >= 32))
+        ck__matmul_avx2(out, ldo, x, W, wt, bias, T, K, j0, j1);
+    else
+        ck__matmul_avx512(out, ldo, x, W, wt, bias, T, K, j0, j1);
 }
 
 /* Attention scores, four positions at a time: each score is ck__dotw_avx2's
@@ -992,13 +996,6 @@ static int ck__has_f16c(void)
  * A tight loop of independent FMAs (12 accumulators: more than latency x
  * throughput on current cores), single precision. Thread CPU time, so a
  * time slice lost to another process counts against nothing. */
-static int64_t ck__thread_ns(void)
-{
-    struct timespec ts;
-    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0) return 0;
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 #ifdef CK_HAVE_X86
 #define CK__FMA_STEPS(FMA)                                                                         \
     for (long it = 0; it < iters; it++) {                                                          \
@@ -1054,9 +1051,9 @@ double ck_fma_gflops(int bits, long iters, float *sink)
         (w512 ? !__builtin_cpu_supports("avx512f")
               : !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))))
         return 0;
-    int64_t t0 = ck__thread_ns();
+    int64_t t0 = td_thread_cpu_ns();
     *sink += w512 ? ck__fma512(iters) : ck__fma256(iters);
-    int64_t ns = ck__thread_ns() - t0;
+    int64_t ns = td_thread_cpu_ns() - t0;
     return ns > 0 ? (double)iters * 12 * (bits / 32) * 2 / (double)ns : 0;
 #else
     (void)bits;
@@ -1093,7 +1090,7 @@ static void ck__select(void)
         ck__accum16_impl = ck__accum16_avx2;
         ck__name = "avx2";
         /* Same bits as the AVX2 kernels (see ck__blk512), wider and with
-         * more registers; some shapes see ck__fma512_split. F16 attention
+         * more registers; some shapes see ck__matmul_split512. F16 attention
          * rows keep the AVX2 kernels: their bits are the same, and what
          * bounds them is the bytes read. TANDEM_CPU_NO_AVX512=1 keeps the
          * AVX2 set (comparisons). */
@@ -1105,8 +1102,10 @@ static void ck__select(void)
             const char *all = getenv("TANDEM_CPU_AVX512");
             if (!all || !all[0] || strcmp(all, "0") == 0) {
                 ck__fma_ratio = ck__probe_fma512_ratio();
-                ck__fma512_split = ck__fma_ratio < 1.5;
-                if (ck__fma512_split) ck__name = "avx512 (avx2 below 4 rows, f32 from 32)";
+                if (ck__fma_ratio < 1.5) {
+                    ck__matmul_impl = ck__matmul_split512;
+                    ck__name = "avx512 (avx2 below 4 rows, f32 from 32)";
+                }
             }
         }
     }

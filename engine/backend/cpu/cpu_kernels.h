@@ -20,9 +20,9 @@ void ck_init(void);
  * (avx2 below 4 rows, f32 from 32)" where a start-up probe (about 2 ms in
  * ck_init) finds the 512-bit FMAs under 1.5x the 256-bit rate (there the
  * AVX2 matmul is faster for 1-3 rows of x, and for F32 weights from 32
- * rows), "avx2" or "generic". The same
- * bits every way. TANDEM_CPU_NO_AVX512=1 in the environment keeps AVX2,
- * TANDEM_CPU_AVX512=1 runs AVX-512 for every shape without the probe. */
+ * rows), "avx2" or "generic". The same bits every way.
+ * TANDEM_CPU_NO_AVX512=1 in the environment keeps AVX2, TANDEM_CPU_AVX512=1
+ * runs AVX-512 for every shape without the probe. */
 const char *ck_variant(void);
 /* The probe's 512-bit over 256-bit FMA rate; 0 when it did not run. */
 double ck_fma512_ratio(void);
