@@ -1151,8 +1151,9 @@ static void test_open_errors(void **s)
 
 /* The kernel set follows the environment (the runs registered with
  * TANDEM_CPU_NO_AVX512 / TANDEM_CPU_AVX512) and, without it, the FMA probe's
- * rule: below 4 rows of x the AVX-512 matmul hands over to the AVX2 one
- * unless 512-bit FMAs run at 1.5x the 256-bit rate. */
+ * rule: unless 512-bit FMAs run at 1.5x the 256-bit rate, the AVX-512
+ * matmul gives way below 4 rows of x and for F32 weights from 32 rows
+ * (ck__matmul_split512). */
 static void test_kernel_choice(void **state)
 {
     (void)state;
@@ -1178,7 +1179,9 @@ static void test_kernel_choice(void **state)
     } else {
         double r = ck_fma512_ratio();
         assert_true(r > 0);
-        assert_string_equal(v, r >= 1.5 ? "avx512" : "avx512 (avx2 below 4 rows, f32 from 32)");
+        assert_string_equal(v, r >= 1.5 ? "avx512"
+                                        : "avx512 (split FMA: f32 a row at a time below 4 rows; "
+                                          "avx2 for 16-bit below 4, f32 from 32)");
     }
     printf("kernels: %s (512-bit FMA rate %.2fx the 256-bit one)\n", v, ck_fma512_ratio());
 #else

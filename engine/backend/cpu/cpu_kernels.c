@@ -613,6 +613,17 @@ static const ck__blk_fn ck__blk512_fns[3][2][CK_RT] = {
 };
 #undef CK__BLK_ROW
 
+/* W rows [j0, j1) one at a time, each against the T (< CK_RT) rows of x:
+ * W is read in one sequential stream, with no software prefetch. */
+CK_AVX512 static void ck__rows512(float *out, int ldo, const float *x, const void *W,
+                                  enum mdl_dtype wt, const float *bias, int T, int K, int j0,
+                                  int j1)
+{
+    ck__blk_fn one = ck__blk512_fns[wt][0][T - 1];
+    for (int j = j0; j < j1; j++)
+        one(out, ldo, x, W, bias, K, j, 0, NULL);
+}
+
 CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, const void *W,
                                         enum mdl_dtype wt, const float *bias, int T, int K, int j0,
                                         int j1)
@@ -621,15 +632,12 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
     size_t es = wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
     if (T < 4 && wt != MDL_DTYPE_F32) {
         /* Streaming 16-bit W (decode of a few sequences): one W row at a
-         * time, one sequential stream for the prefetchers. Measured here
-         * at T = 1: 1,030-1,060 tok/s this way vs 800-890 with the 4-row
-         * blocks below, whose widening and prefetches cost more per byte;
-         * for F32 the 4-row blocks win (600-630 vs 520-535). */
-        for (int j = j0; j < j1; j++)
-            for (int t = 0; t < T; t += CK_RT) {
-                int rt = T - t < CK_RT ? T - t : CK_RT;
-                one[rt - 1](out, ldo, x, W, bias, K, j, t, NULL);
-            }
+         * time, one sequential stream for the prefetchers. Measured on a
+         * full-width core at T = 1: 1,030-1,060 tok/s this way vs 800-890
+         * with the 4-row blocks below, whose widening and prefetches cost
+         * more per byte; for F32 the 4-row blocks won there (600-630 vs
+         * 520-535). */
+        ck__rows512(out, ldo, x, W, wt, bias, T, K, j0, j1);
         return;
     }
     /* x tile: as many rows as fit in ~256 KiB of L2, a multiple of CK_RT:
@@ -665,11 +673,18 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
 }
 
 /* On a core that splits a 512-bit FMA into two 256-bit halves (the same
- * peak either way) ck_matmul hands two kinds of call to the AVX2 matmul,
- * the rest to the AVX-512 one (docs/cpu-throughput.md, "Seventh round"):
- * - below 4 rows of x (decode of 1-3 sequences: memory-bound), where the
- *   AVX2 4-row blocks prefetch 8 KiB ahead and read at 73-74% of the
- *   bandwidth against 37%: batch-1 decode 1.6-1.9x;
+ * peak either way) ck_matmul runs three kinds of call differently from the
+ * AVX-512 matmul (docs/cpu-throughput.md, "Seventh round" and "Eighth
+ * round"):
+ * - F32 weights below 4 rows of x (decode of 1-3 sequences: memory-bound)
+ *   stream W one row at a time (ck__rows512): one sequential stream reads
+ *   at 22-26 GB/s where the 4-row blocks, four interleaved streams, read
+ *   at 12 (the AVX-512 ones, prefetching the next block) or 19-21 (the
+ *   AVX2 ones, prefetching 8 KiB ahead): batch-1 decode 1.03-1.25x the
+ *   AVX2 blocks;
+ * - 16-bit weights below 4 rows go to the AVX2 4-row blocks: a row at a
+ *   time, one accumulator chain per row with half the bytes per FMA is
+ *   latency-bound (batch-1 decode of a BF16 model 0.6-0.7x);
  * - F32 weights from 32 rows on (batched decode, prefill), where the AVX2
  *   two-pass blocks reach 76-79% of the peak against 62-65%: batch-32
  *   decode 1.2x. At 8 rows the AVX-512 blocks are 1.3x ahead, and for
@@ -684,7 +699,9 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
 static void ck__matmul_split512(float *out, int ldo, const float *x, const void *W,
                                 enum mdl_dtype wt, const float *bias, int T, int K, int j0, int j1)
 {
-    if (T < 4 || (wt == MDL_DTYPE_F32 && T >= 32))
+    if (T < 4 && wt == MDL_DTYPE_F32)
+        ck__rows512(out, ldo, x, W, wt, bias, T, K, j0, j1);
+    else if (T < 4 || (wt == MDL_DTYPE_F32 && T >= 32))
         ck__matmul_avx2(out, ldo, x, W, wt, bias, T, K, j0, j1);
     else
         ck__matmul_avx512(out, ldo, x, W, wt, bias, T, K, j0, j1);
@@ -1104,7 +1121,8 @@ static void ck__select(void)
                 ck__fma_ratio = ck__probe_fma512_ratio();
                 if (ck__fma_ratio < 1.5) {
                     ck__matmul_impl = ck__matmul_split512;
-                    ck__name = "avx512 (avx2 below 4 rows, f32 from 32)";
+                    ck__name = "avx512 (split FMA: f32 a row at a time below 4 rows; avx2 for "
+                               "16-bit below 4, f32 from 32)";
                 }
             }
         }

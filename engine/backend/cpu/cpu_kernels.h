@@ -17,10 +17,11 @@
 /* Selects the kernel variant (idempotent, thread-safe to call before use). */
 void ck_init(void);
 /* "avx512" (the matmul and f32 attention; other kernels AVX2), "avx512
- * (avx2 below 4 rows, f32 from 32)" where a start-up probe (about 2 ms in
- * ck_init) finds the 512-bit FMAs under 1.5x the 256-bit rate (there the
- * AVX2 matmul is faster for 1-3 rows of x, and for F32 weights from 32
- * rows), "avx2" or "generic". The same bits every way.
+ * (split FMA: ...)" where a start-up probe (about 2 ms in ck_init) finds
+ * the 512-bit FMAs under 1.5x the 256-bit rate (there F32 weights against
+ * 1-3 rows of x are read a row at a time, and the AVX2 matmul is faster for
+ * 16-bit weights against 1-3 rows and F32 weights from 32 rows), "avx2" or
+ * "generic". The same bits every way.
  * TANDEM_CPU_NO_AVX512=1 in the environment keeps AVX2, TANDEM_CPU_AVX512=1
  * runs AVX-512 for every shape without the probe. */
 const char *ck_variant(void);
