@@ -185,14 +185,28 @@ static void adm__burst_pred_out(const adm__burst *b, const adm__pred *pr, adm_de
     out->pred.tpot_us = pr->tpot_us / b->fd;
 }
 
+/* The share of the prefill workers' time the arrivals keep them busy at the
+ * short window's rate as of now (after the arrivals up to now): each brings
+ * a prefill of the mean prompt. What runs beside a request's decode steps
+ * is the prefill of those that come after it. */
+static double adm__burst_prefill_share(const adm__burst *b, const adm_input *in, int64_t now)
+{
+    if (!b->started || !in->ready_prefill) return 0;
+    double w = b->p.short_window_s;
+    double since = (double)(now - b->last_arrival_ns) / 1e9;
+    double rate = adm__rate(b->count_short * exp(-since / w), w, (double)(now - b->first_ns) / 1e9);
+    return rate * adm__prefill_own_us(&b->cost_now, b->mean_prompt) / 1e6 / in->ready_prefill;
+}
+
 /* held: requests held ahead of this one (decide: all of them; recheck: none). */
-static void adm__burst_predict(const adm__burst *b, const adm_input *in, uint32_t held,
+static void adm__burst_predict(const adm__burst *b, const adm_input *in, uint32_t held, int64_t now,
                                adm__pred *pr)
 {
     const double m = b->p.slo_margin;
     adm__predict(&b->cost_now, in, (double)held * b->mean_prompt,
                  (double)held * b->mean_prompt * (b->mean_prompt + 1) / 2, held, b->mean_prompt,
-                 b->mean_out, m * b->p.slo_ttft_ms * 1e3, m * b->p.slo_tpot_ms * 1e3, pr);
+                 b->mean_out, adm__burst_prefill_share(b, in, now), m * b->p.slo_ttft_ms * 1e3,
+                 m * b->p.slo_tpot_ms * 1e3, pr);
 }
 
 static void adm__burst_decide(void *ctx, const adm_input *in, adm_decision *out)
@@ -209,12 +223,12 @@ static void adm__burst_decide(void *ctx, const adm_input *in, adm_decision *out)
         goto means;
     }
     adm__pred pr;
-    adm__burst_predict(b, in, in->held, &pr);
+    adm__burst_predict(b, in, in->held, now, &pr);
     if (pr.meets) {
         adm__admit(out, "admitted");
         /* Admitted now, it goes ahead of the held requests it was predicted
          * behind: what it is measured against counts none of them. */
-        if (in->held) adm__burst_predict(b, in, 0, &pr);
+        if (in->held) adm__burst_predict(b, in, 0, now, &pr);
         adm__burst_pred_out(b, &pr, out);
     } else if (!burst) {
         adm__reject(out, adm__retry_s(pr.drain_us), "over the SLOs under sustained load (burst)");
@@ -248,7 +262,7 @@ static void adm__burst_recheck(void *ctx, const adm_input *in, adm_decision *out
     if (adm__burst_no_workers(in, out)) return;
     bool known = adm__burst_cost_known(b);
     adm__pred pr = {.meets = in->outstanding < b->p.max_outstanding, .drain_us = 1e6};
-    if (known) adm__burst_predict(b, in, 0, &pr);
+    if (known) adm__burst_predict(b, in, 0, now, &pr);
     if (in->hold_until_ns && now >= in->hold_until_ns) {
         adm__reject(out, adm__retry_s(pr.drain_us), "held past its deadline (burst)");
         return;

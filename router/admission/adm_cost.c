@@ -193,11 +193,6 @@ double adm__prefill_slowdown(const adm_cost *c, const adm_input *in)
     return in->running_seqs > 0 ? 1 + c->prefill_extra_when_decoding : 1;
 }
 
-double adm__decode_slowdown(const adm_cost *c, const adm_input *in, double extra_tokens)
-{
-    return adm__prefill_ahead(in, extra_tokens) > 0 ? 1 + c->decode_extra_when_prefilling : 1;
-}
-
 double adm__prefill_wait_us(const adm_cost *c, const adm_input *in, double extra_tokens,
                             double extra_pairs)
 {
@@ -236,8 +231,8 @@ static double adm__finish_us(const adm_input *in, double seqs, double mean_out, 
 }
 
 void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, double extra_pairs,
-                  double extra_seqs, double mean_prompt, double mean_out, double slo_ttft_us,
-                  double slo_tpot_us, adm__pred *out)
+                  double extra_seqs, double mean_prompt, double mean_out, double prefill_share,
+                  double slo_ttft_us, double slo_tpot_us, adm__pred *out)
 {
     const double prompt = in->prompt_tokens, bs = in->block_size, n_dec = in->ready_decode;
     *out = (adm__pred){0};
@@ -256,7 +251,10 @@ void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, d
      * waiting, adm_fresh_load), each at the recent mean prompt plus half the
      * mean output (the used blocks are a heartbeat old): heartbeats come once a second, and every
      * request admitted since the last one is already on its way to a batch. Its own context is
-     * taken at mid-generation. */
+     * taken at mid-generation. Co-located workers: the prefill work ahead of
+     * it is done before its own prefill, so before it decodes; what runs
+     * beside its steps is the prefill of later arrivals, prefill_share of
+     * the time. */
     double seqs = (double)in->running_seqs + in->waiting_seqs;
     double others = (seqs + extra_seqs) / n_dec;
     double n = others + 1;
@@ -266,9 +264,10 @@ void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, d
     double others_ctx = seqs * (mean_prompt + mean_out / 2);
     double own_ctx = prompt + in->max_tokens / 2.0;
     double ctx = others_ctx / n_dec + own_ctx;
+    double share = prefill_share > 0 ? fmin(prefill_share, 1) : 0; /* also NaN */
     out->tpot_us = (c->decode_step_us_fixed + c->decode_step_us_per_seq * n +
                     c->decode_step_us_per_ctx_token * ctx) *
-                   adm__decode_slowdown(c, in, extra_tokens);
+                   (1 + c->decode_extra_when_prefilling * share);
     out->tpot_budget_us = fmax(slo_tpot_us, c->decode_step_us_fixed + c->decode_step_us_per_seq +
                                                 c->decode_step_us_per_ctx_token * own_ctx);
 

@@ -33,12 +33,10 @@ double adm__prefill_ahead(const adm_input *in, double extra_tokens);
 double adm__prefill_wait_us(const adm_cost *c, const adm_input *in, double extra_tokens,
                             double extra_pairs);
 
-/* The co-location factors of the cost model (adm_cost), as the cluster
- * stands: prefill work is slowed while decode workers have sequences
- * (running_seqs > 0), decode steps while prefill work is ahead
- * (adm__prefill_ahead(in, extra_tokens) > 0). 1 when not, or the factor is 0. */
+/* The prefill side's co-location factor of the cost model (adm_cost), as
+ * the cluster stands: prefill work is slowed while decode workers have
+ * sequences (running_seqs > 0). 1 when not, or the factor is 0. */
 double adm__prefill_slowdown(const adm_cost *c, const adm_input *in);
-double adm__decode_slowdown(const adm_cost *c, const adm_input *in, double extra_tokens);
 
 /* One prompt's own prefill from position 0, us:
  *   fixed + per_token x p + per_token_ctx x p (p + 1) / 2 */
@@ -61,10 +59,12 @@ typedef struct adm__pred {
  * pairs, and sequences of held requests ahead of it (they reach the prefill queue and the decode
  * batch first); mean_prompt, mean_out: mean prompt and output lengths of recent requests,
  * tokens (the context of the sequences the router admitted that the heartbeats do not show
- * yet; how fast sequences finish). */
+ * yet; how fast sequences finish); prefill_share: the share of its decode steps that run
+ * beside a prefill (clamped to [0, 1]), which take (1 + decode_extra_when_prefilling) times
+ * as long. */
 void adm__predict(const adm_cost *c, const adm_input *in, double extra_tokens, double extra_pairs,
-                  double extra_seqs, double mean_prompt, double mean_out, double slo_ttft_us,
-                  double slo_tpot_us, adm__pred *out);
+                  double extra_seqs, double mean_prompt, double mean_out, double prefill_share,
+                  double slo_ttft_us, double slo_tpot_us, adm__pred *out);
 
 /* Retry-After for a drain time: ceil(us / 1 s), within 1..ADM_RETRY_MAX_S
  * (INFINITY and NaN give the maximum). */

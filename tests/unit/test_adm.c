@@ -915,20 +915,48 @@ static void t_burst_decode_side(void **state)
     in.free_kv_blocks = 7;
     o->decide(ctx, &in, &d);
     assert_int_equal(d.verdict, ADM_ADMIT);
-    /* Co-located workers: a step during prefill work takes 1.25x as long.
-     * 30 sequences: 17.5 ms with nothing to prefill, 21.875 ms with prompt
-     * tokens ahead. */
+    /* Co-located workers: a step beside a prefill takes 1.25x as long. 30
+     * sequences: 17.5 ms alone, 21.875 ms beside prefills all the time. The
+     * prefill work ahead of a request is done before it decodes: what runs
+     * beside its steps is the prefill of later arrivals, the share of the
+     * time the short window's rate keeps the prefill worker busy (10 ms per
+     * 100-token prompt). */
     o->destroy(ctx);
     p.cost.decode_extra_when_prefilling = 0.25;
     ctx = make("burst", &p);
-    in = idle_input(4 * S + S / 2);
+    /* one arrival every 10 s: 1% busy, 17.54 ms (the first: no rate yet,
+     * 17.5), admitted even with 500 prompt tokens ahead (50 ms) */
+    for (int i = 0; i < 4; i++) {
+        in = idle_input((10 + 10 * i) * S);
+        in.running_seqs = 30;
+        in.queued_prefill_tokens = 500;
+        o->decide(ctx, &in, &d);
+        assert_int_equal(d.verdict, ADM_ADMIT);
+        assert_near(d.pred.tpot_us, i ? 17500 * (1 + 0.25 * 0.01) : 17500, 1);
+    }
+    /* 150 arrivals within 1.5 s: 100 a second, the prefill worker always
+     * busy: 21.875 ms, over the SLO, with the queue ahead or without it */
+    for (int i = 0; i < 150; i++) {
+        in = idle_input(50 * S + i * (S / 100));
+        in.running_seqs = 30;
+        o->decide(ctx, &in, &d);
+    }
+    assert_int_not_equal(d.verdict, ADM_ADMIT);
+    /* after 10 s of quiet it is admitted again */
+    in = idle_input(62 * S);
     in.running_seqs = 30;
     o->decide(ctx, &in, &d);
     assert_int_equal(d.verdict, ADM_ADMIT);
-    in.queued_prefill_tokens = 1;
-    o->decide(ctx, &in, &d);
-    assert_int_equal(d.verdict, ADM_REJECT);
+    /* the same flood with decode steps unaffected by prefills: admitted */
+    o->destroy(ctx);
     p.cost = test_cost();
+    ctx = make("burst", &p);
+    for (int i = 0; i < 150; i++) {
+        in = idle_input(50 * S + i * (S / 100));
+        in.running_seqs = 30;
+        o->decide(ctx, &in, &d);
+        assert_int_equal(d.verdict, ADM_ADMIT);
+    }
     /* An idle cluster admits a prompt whose own prefill exceeds the SLO. */
     in = idle_input(5 * S);
     in.prompt_tokens = 5000; /* 500 ms alone */
