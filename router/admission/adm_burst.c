@@ -16,7 +16,9 @@
  *   cost model lacks prefill or decode       -> ADMIT while outstanding < max_outstanding,
  *                                               else REJECT 1 s
  *   predict with the held requests ahead: held * mean_prompt prefill tokens,
- *   held sequences in the decode batch (adm__predict)
+ *   held sequences in the decode batch, its decode steps beside prefills for
+ *   the share of the time the short window's rate keeps the prefill workers
+ *   busy (adm__burst_prefill_share, adm__predict)
  *   meets both SLOs                          -> ADMIT
  *   not a burst, or held >= hold_max         -> REJECT, Retry-After = ceil(drain)
  *   hold = min(hold_max_ms, TTFT budget - predicted TTFT)   (the TTFT slack)
