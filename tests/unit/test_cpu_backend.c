@@ -1152,7 +1152,7 @@ static void test_open_errors(void **s)
 /* The kernel set follows the environment (the runs registered with
  * TANDEM_CPU_NO_AVX512 / TANDEM_CPU_AVX512) and, without it, the FMA probe's
  * rule: unless 512-bit FMAs run at 1.5x the 256-bit rate, the AVX-512
- * matmul gives way below 4 rows of x and for F32 weights from 32 rows
+ * matmul gives way below 4 rows of x and for F32 weights from 16 rows
  * (ck__matmul_split512). */
 static void test_kernel_choice(void **state)
 {
@@ -1181,7 +1181,7 @@ static void test_kernel_choice(void **state)
         assert_true(r > 0);
         assert_string_equal(v, r >= 1.5 ? "avx512"
                                         : "avx512 (split FMA: f32 a row at a time below 4 rows; "
-                                          "avx2 for 16-bit below 4, f32 from 32)");
+                                          "avx2 for 16-bit below 4, f32 from 16)");
     }
     printf("kernels: %s (512-bit FMA rate %.2fx the 256-bit one)\n", v, ck_fma512_ratio());
 #else

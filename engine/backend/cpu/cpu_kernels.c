@@ -685,11 +685,13 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
  * - 16-bit weights below 4 rows go to the AVX2 4-row blocks: a row at a
  *   time, one accumulator chain per row with half the bytes per FMA is
  *   latency-bound (batch-1 decode of a BF16 model 0.6-0.7x);
- * - F32 weights from 32 rows on (batched decode, prefill), where the AVX2
- *   two-pass blocks reach 76-79% of the peak against 62-65%: batch-32
- *   decode 1.2x. At 8 rows the AVX-512 blocks are 1.3x ahead, and for
- *   16-bit weights level or ahead from 4 rows on (end to end on a BF16
- *   model they served more within the SLOs): those stay.
+ * - F32 weights from 16 rows on (batched decode, prefill), where the AVX2
+ *   two-pass blocks reach 76-79% of the peak against 62-65% at 32 rows
+ *   (batch-32 decode 1.2x), 1.2-1.3x the AVX-512 blocks' rate at 20-24
+ *   rows, level (layer matrices) or 1.1x (the classifier) at 16. At 4-14
+ *   rows the AVX-512 blocks are ahead (1.3x at 8), and for 16-bit weights
+ *   level or ahead from 4 rows on (end to end on a BF16 model they served
+ *   more within the SLOs): those stay.
  * On a core with full-width 512-bit FMAs (twice the 256-bit peak) every
  * shape stays on AVX-512, as measured there (92-99% of the bandwidth at one
  * row). A probe at start-up (best of 3 runs of each width, about 2 ms)
@@ -701,7 +703,7 @@ static void ck__matmul_split512(float *out, int ldo, const float *x, const void 
 {
     if (T < 4 && wt == MDL_DTYPE_F32)
         ck__rows512(out, ldo, x, W, wt, bias, T, K, j0, j1);
-    else if (T < 4 || (wt == MDL_DTYPE_F32 && T >= 32))
+    else if (T < 4 || (wt == MDL_DTYPE_F32 && T >= 16))
         ck__matmul_avx2(out, ldo, x, W, wt, bias, T, K, j0, j1);
     else
         ck__matmul_avx512(out, ldo, x, W, wt, bias, T, K, j0, j1);
@@ -1122,7 +1124,7 @@ static void ck__select(void)
                 if (ck__fma_ratio < 1.5) {
                     ck__matmul_impl = ck__matmul_split512;
                     ck__name = "avx512 (split FMA: f32 a row at a time below 4 rows; avx2 for "
-                               "16-bit below 4, f32 from 32)";
+                               "16-bit below 4, f32 from 16)";
                 }
             }
         }
