@@ -880,6 +880,21 @@ static void t_burst_sustained_overload(void **state)
     o->destroy(ctx);
 }
 
+/* n arrivals 10 ms apart from t0 on a cluster decoding `running`
+ * sequences; returns how many were admitted. */
+static int burst_flood(const adm_ops *o, void *ctx, int64_t t0, uint32_t running, int n)
+{
+    int admitted = 0;
+    for (int i = 0; i < n; i++) {
+        adm_input in = idle_input(t0 + i * (S / 100));
+        in.running_seqs = running;
+        adm_decision d;
+        o->decide(ctx, &in, &d);
+        admitted += d.verdict == ADM_ADMIT;
+    }
+    return admitted;
+}
+
 /* Decode-side limits: a batch that would exceed the TPOT SLO, no free KV
  * blocks. */
 static void t_burst_decode_side(void **state)
@@ -936,11 +951,10 @@ static void t_burst_decode_side(void **state)
     }
     /* 150 arrivals within 1.5 s: 100 a second, the prefill worker always
      * busy: 21.875 ms, over the SLO, with the queue ahead or without it */
-    for (int i = 0; i < 150; i++) {
-        in = idle_input(50 * S + i * (S / 100));
-        in.running_seqs = 30;
-        o->decide(ctx, &in, &d);
-    }
+    burst_flood(o, ctx, 50 * S, 30, 149);
+    in = idle_input(50 * S + 149 * (S / 100));
+    in.running_seqs = 30;
+    o->decide(ctx, &in, &d);
     assert_int_not_equal(d.verdict, ADM_ADMIT);
     /* after 10 s of quiet it is admitted again */
     in = idle_input(62 * S);
@@ -951,14 +965,9 @@ static void t_burst_decode_side(void **state)
     o->destroy(ctx);
     p.cost = test_cost();
     ctx = make("burst", &p);
-    for (int i = 0; i < 150; i++) {
-        in = idle_input(50 * S + i * (S / 100));
-        in.running_seqs = 30;
-        o->decide(ctx, &in, &d);
-        assert_int_equal(d.verdict, ADM_ADMIT);
-    }
+    assert_int_equal(burst_flood(o, ctx, 50 * S, 30, 150), 150);
     /* An idle cluster admits a prompt whose own prefill exceeds the SLO. */
-    in = idle_input(5 * S);
+    in = idle_input(70 * S);
     in.prompt_tokens = 5000; /* 500 ms alone */
     in.running_seqs = 0;
     o->decide(ctx, &in, &d);
