@@ -679,8 +679,8 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
  * - F32 weights below 4 rows of x (decode of 1-3 sequences: memory-bound)
  *   stream W one row at a time (ck__rows512): one sequential stream reads
  *   at 22-26 GB/s where the 4-row blocks, four interleaved streams, read
- *   at 12 (the AVX-512 ones, prefetching the next block) or 19-21 (the
- *   AVX2 ones, prefetching 8 KiB ahead): batch-1 decode 1.03-1.25x the
+ *   at 11-15 (the AVX-512 ones, prefetching the next block) or 16-21 (the
+ *   AVX2 ones, prefetching 8 KiB ahead): batch-1 decode 1.02-1.34x the
  *   AVX2 blocks;
  * - 16-bit weights below 4 rows go to the AVX2 4-row blocks: a row at a
  *   time, one accumulator chain per row with half the bytes per FMA is
