@@ -1016,7 +1016,12 @@ static int ck__has_f16c(void)
  * throughput on current cores), single precision. Thread CPU time, so a
  * time slice lost to another process counts against nothing. */
 #ifdef CK_HAVE_X86
-#define CK__FMA_STEPS(FMA)                                                                         \
+/* The loop for one vector type: declares the accumulators, runs `iters`
+ * steps and leaves their sum in s (the caller reduces it to a float). */
+#define CK__FMA_LOOP(VEC, SET1, FMA, ADD)                                                          \
+    VEC m = SET1(0.999999f), c = SET1(1e-7f);                                                      \
+    VEC a0 = SET1(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0;   \
+    VEC a9 = a0, a10 = a0, a11 = a0;                                                               \
     for (long it = 0; it < iters; it++) {                                                          \
         a0 = FMA(a0, m, c);                                                                        \
         a1 = FMA(a1, m, c);                                                                        \
@@ -1033,32 +1038,22 @@ static int ck__has_f16c(void)
         /* opaque to the compiler: no chain can be merged with another */                          \
         __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5));         \
         __asm__ volatile("" : "+v"(a6), "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));       \
-    }
+    }                                                                                              \
+    VEC s = ADD(ADD(ADD(ADD(a0, a1), ADD(a2, a3)), ADD(ADD(a4, a5), ADD(a6, a7))),                 \
+                ADD(ADD(a8, a9), ADD(a10, a11)))
 
 CK_AVX512 static float ck__fma512(long iters)
 {
-    __m512 m = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
-    __m512 a0 = _mm512_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0;
-    __m512 a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
-    CK__FMA_STEPS(_mm512_fmadd_ps)
-    __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
-                             _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
-    s = _mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11)));
+    CK__FMA_LOOP(__m512, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps);
     return _mm512_reduce_add_ps(s);
 }
 
 CK_AVX2 static float ck__fma256(long iters)
 {
-    __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
-    __m256 a0 = _mm256_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0;
-    __m256 a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
-    CK__FMA_STEPS(_mm256_fmadd_ps)
-    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
-                             _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
-    s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)));
+    CK__FMA_LOOP(__m256, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps);
     return ck__hsum(s, _mm256_setzero_ps());
 }
-#undef CK__FMA_STEPS
+#undef CK__FMA_LOOP
 #endif
 
 double ck_fma_gflops(int bits, long iters, float *sink)
