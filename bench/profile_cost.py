@@ -159,13 +159,13 @@ def stream_times(url, model, prompt, max_tokens):
     return t0, chunks[0], chunks[-1], len(chunks)
 
 
-def stream_chunks(url, model, prompt, max_tokens):
+def stream_chunks(url, model, prompt, max_tokens, sampling=None):
     """One streamed request: its send time and every token chunk's arrival on the client's
-    clock, in us."""
+    clock, in us. sampling: extra body fields (temperature, top_p, ...)."""
     u = urllib.parse.urlparse(url)
     c = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=120)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
-            "stream": True, }
+            "stream": True, **(sampling or {})}
     t0 = time.perf_counter()
     c.request("POST", "/v1/completions", body=json.dumps(body).encode(),
               headers={"Content-Type": "application/json"})

@@ -8,6 +8,7 @@ is the batched step plus what the stream adds per token.
 
 Usage:
   bench/stream_gaps.py --url http://127.0.0.1:8000 --streams 1,8,16,32 [--seconds 12]
+                       [--temperature T] [--top-p P] [--top-k K]
 
 The clients are Python threads on the same host: at 32 streams they take a
 share of a small host's CPU themselves, so compare builds with the same
@@ -31,7 +32,7 @@ def one_stream(url, model, seed, args, stop_at, gaps, lock):
     rnd = random.Random(seed)
     while time.time() < stop_at:
         prompt = [rnd.randrange(3, args.vocab) for _ in range(args.prompt_tokens)]
-        _, chunks = stream_chunks(url, model, prompt, args.max_tokens)
+        _, chunks = stream_chunks(url, model, prompt, args.max_tokens, args.sampling)
         with lock:
             gaps.extend((b - a) / 1e6 for a, b in zip(chunks, chunks[1:]))
 
@@ -44,7 +45,12 @@ def main(argv):
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=32000, help="token ids are drawn below this")
+    ap.add_argument("--temperature", type=float, help="sampling temperature (server default: 1)")
+    ap.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    ap.add_argument("--top-k", type=int, help="keep the K likeliest tokens")
     a = ap.parse_args(argv)
+    a.sampling = {k: v for k, v in (("temperature", a.temperature), ("top_p", a.top_p),
+                                    ("top_k", a.top_k)) if v is not None}
     u = urllib.parse.urlparse(a.url)
     host, port = u.hostname, u.port or 80
     conn = http.client.HTTPConnection(host, port, timeout=10)

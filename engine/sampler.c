@@ -145,6 +145,213 @@ static int smp__top_k(const float *prob, int V, int k, int32_t *idx)
     return n;
 }
 
+/* ---- top-p alone: the nucleus without sorting the vocabulary ----
+ *
+ * Sorting the candidates cost about 3 ms per token over a 32,000-id
+ * vocabulary when the distribution is flat (a high-entropy position: most
+ * ids pass the (1-p)/(V-1) cut), more than the forward pass of a small
+ * model. The nucleus is the ids above a threshold: the last id the sorted
+ * walk takes, (tau, t), is found by a radix select on the probabilities'
+ * bit patterns (monotone for non-negative floats). Bucket the ids still
+ * undecided by their top bits, take whole buckets from the top while
+ * their mass stays below the target, and go down into the bucket that
+ * crosses it, until that bucket is small enough to sort (by decreasing
+ * probability, then increasing id, as the walk orders them) or holds one
+ * value (ids in increasing order). The nucleus is then every id with
+ * probability above tau, or equal to it and id up to t; it is drawn from in
+ * id order. A few passes over the vocabulary instead of a sort.
+ *
+ * The set is the sorted walk's, up to rounding in the running mass
+ * (summed in double, bucket by bucket); drawing in id order rather than
+ * probability order changes which id a given uniform number lands on, not
+ * the distribution drawn from. Same logits and seed: same token, always.
+ * With few candidates (a peaked distribution) they are sorted and walked
+ * as before. */
+#define SMP__BUCKETS  512
+#define SMP__SORT_MAX 64
+
+static inline uint32_t smp__bits(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof(u));
+    return u;
+}
+
+/* Per-thread bucket masses, four-way so that ids falling in the same bucket
+ * one after another do not wait on each other's addition. */
+static _Thread_local double smp__bmass[4][SMP__BUCKETS];
+
+/* Buckets over the bit patterns [lo, hi], at most SMP__BUCKETS of them:
+ * returns the shift that maps a pattern to its bucket ((bits - lo) >>
+ * shift), the count in *nb, and clears their masses. */
+static int smp__buckets(uint32_t lo, uint32_t hi, int *nb)
+{
+    int shift = 0;
+    while (((hi - lo) >> shift) >= SMP__BUCKETS)
+        shift++;
+    *nb = (int)((hi - lo) >> shift) + 1;
+    for (int t = 0; t < 4; t++)
+        memset(smp__bmass[t], 0, (size_t)*nb * sizeof(double));
+    return shift;
+}
+
+/* The bucket from the top down whose mass takes *c to target, adding the
+ * buckets above it to *c; -1 when none does (rounding: all are in). */
+static int smp__crossing(int nb, double target, double *c)
+{
+    for (int b = nb - 1; b >= 0; b--) {
+        double bm = smp__bmass[0][b] + smp__bmass[1][b] + smp__bmass[2][b] + smp__bmass[3][b];
+        if (*c + bm >= target) return b;
+        *c += bm;
+    }
+    return -1;
+}
+
+/* Draws with u (in [0, 1)) from idx[0..n) in that order. */
+static int32_t smp__walk(const float *prob, const int32_t *idx, int n, float u)
+{
+    float mass = 0.0f;
+    for (int i = 0; i < n; i++)
+        mass += prob[idx[i]];
+    float r = u * mass, cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += prob[idx[i]];
+        if (r < cdf) return idx[i];
+    }
+    return idx[n - 1]; /* rounding left r above the total */
+}
+
+/* What id i adds to the nucleus "prob > tau, or == tau and id <= t". */
+static inline float smp__in(const float *prob, int32_t i, float tau, int32_t t)
+{
+    float x = prob[i];
+    return x > tau || (x == tau && i <= t) ? x : 0.0f;
+}
+
+/* The mass of the nucleus among ids [i0, i1), in eight running sums of a
+ * fixed layout (no branch on the ids, which fall in and out at random; the
+ * compiler may keep the eight in one vector: same bits either way). */
+static float smp__block_mass(const float *prob, int32_t i0, int32_t i1, float tau, int32_t t)
+{
+    float acc[8] = {0};
+    int32_t i = i0;
+    for (; i + 8 <= i1; i += 8)
+        for (int j = 0; j < 8; j++)
+            acc[j] += smp__in(prob, i + j, tau, t);
+    for (; i < i1; i++)
+        acc[0] += smp__in(prob, i, tau, t);
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* Draws with u from the nucleus "prob > tau, or == tau and id <= t" in id
+ * order: blocks of ids first (their masses, then the block the draw lands
+ * in), then the ids of that block one by one. */
+#define SMP__DRAW_BLOCK 256
+static int32_t smp__draw_above(const float *prob, int V, float tau, int32_t t, float u,
+                               int32_t best)
+{
+    float mass = 0.0f;
+    for (int32_t i0 = 0; i0 < V; i0 += SMP__DRAW_BLOCK)
+        mass +=
+            smp__block_mass(prob, i0, i0 + SMP__DRAW_BLOCK < V ? i0 + SMP__DRAW_BLOCK : V, tau, t);
+    float r = u * mass, cum = 0.0f;
+    int32_t last = best;
+    for (int32_t i0 = 0; i0 < V; i0 += SMP__DRAW_BLOCK) {
+        int32_t i1 = i0 + SMP__DRAW_BLOCK < V ? i0 + SMP__DRAW_BLOCK : V;
+        float bm = smp__block_mass(prob, i0, i1, tau, t);
+        if (bm > 0.0f && r < cum + bm) {
+            float cdf = cum;
+            for (int32_t i = i0; i < i1; i++) {
+                float x = smp__in(prob, i, tau, t);
+                if (x == 0.0f) continue;
+                cdf += x;
+                last = i;
+                if (r < cdf) return i;
+            }
+        }
+        cum += bm;
+    }
+    return last; /* rounding left r above the total */
+}
+
+/* The token drawn with u from the nucleus at p (0 < p < 1) of prob[0..V),
+ * whose total is sum and whose largest value is 1 (at best). */
+static int32_t smp__top_p(const float *prob, int V, float p, float sum, int32_t best, float u,
+                          int32_t *idx)
+{
+    const double target = (double)p * (double)sum;
+    /* Ids below (1-p)/(V-1) of the sum can never be in the nucleus (all of
+     * them together hold less than 1-p of the mass): llama2.c's cut. */
+    const float floor_p = V > 1 ? (1.0f - p) / (float)(V - 1) * sum : 0.0f;
+    /* First level: buckets from the floor's bit pattern to 1's. */
+    uint32_t lo = floor_p > 0.0f ? smp__bits(floor_p) : 1, hi = smp__bits(1.0f);
+    int nb, shift = smp__buckets(lo, hi, &nb), m = 0;
+    for (int32_t i = 0; i < V; i++) {
+        float x = prob[i];
+        if (!(x > 0.0f) || x < floor_p) continue;
+        uint32_t b = (smp__bits(x) - lo) >> shift;
+        smp__bmass[i & 3][b < (uint32_t)nb ? b : (uint32_t)nb - 1] += x;
+        idx[m++] = i;
+    }
+    if (m == 0) return best;
+    smp__sort_prob = prob;
+    if (m <= SMP__SORT_MAX) { /* few candidates: sort and walk them all */
+        qsort(idx, (size_t)m, sizeof(int32_t), smp__cmp);
+        double c = 0.0;
+        int n = m;
+        for (int k = 0; k < m; k++) {
+            c += prob[idx[k]];
+            if (c >= target) {
+                n = k + 1;
+                break;
+            }
+        }
+        return smp__walk(prob, idx, n, u);
+    }
+    double c = 0.0;      /* mass of the ids decided in */
+    float tau = floor_p; /* the nucleus: prob > tau, or == tau and id <= t */
+    int32_t t = V;
+    for (;;) {
+        /* Rounding may leave the target above what is left: then all of
+         * it is in (tau: the least probability left, every id at it). */
+        int cross = smp__crossing(nb, target, &c);
+        if (cross < 0) break;
+        /* Keep the crossing bucket's ids, in increasing order (in place:
+         * a write never passes its read). */
+        uint32_t clo = UINT32_MAX, chi = 0;
+        int n = 0;
+        for (int k = 0; k < m; k++) {
+            uint32_t bits = smp__bits(prob[idx[k]]), b = (bits - lo) >> shift;
+            if ((b < (uint32_t)nb ? (int)b : nb - 1) != cross) continue;
+            idx[n++] = idx[k];
+            clo = bits < clo ? bits : clo;
+            chi = bits > chi ? bits : chi;
+        }
+        m = n;
+        memcpy(&tau, &clo, sizeof(tau));
+        if (clo == chi || m <= SMP__SORT_MAX) {
+            /* Small, or one value: walked in order until the target. */
+            if (clo != chi) qsort(idx, (size_t)m, sizeof(int32_t), smp__cmp);
+            int k = 0;
+            for (; k < m - 1; k++) {
+                c += prob[idx[k]];
+                if (c >= target) break;
+            }
+            tau = prob[idx[k]];
+            t = idx[k];
+            break;
+        }
+        lo = clo;
+        hi = chi;
+        shift = smp__buckets(lo, hi, &nb);
+        for (int k = 0; k < m; k++) {
+            float x = prob[idx[k]];
+            smp__bmass[k & 3][(smp__bits(x) - lo) >> shift] += x;
+        }
+    }
+    return smp__draw_above(prob, V, tau, t, u, best);
+}
+
 int smp_sample(smp_sampler *s, float *logits, int32_t *token)
 {
     const smp_params *p = &s->p;
@@ -168,7 +375,6 @@ int smp_sample(smp_sampler *s, float *logits, int32_t *token)
      * 1, so the sum is at least 1. */
     float sum = smpk_exp_sum(s->prob, logits, V, logits[best], p->temperature);
 
-    int n = 0;
     int use_k = p->top_k > 0 && p->top_k < V;
     int use_p = p->top_p > 0.0f && p->top_p < 1.0f;
     if (!use_k && !use_p) {
@@ -183,26 +389,22 @@ int smp_sample(smp_sampler *s, float *logits, int32_t *token)
         *token = best; /* rounding left r above the total */
         return 0;
     }
-    /* Candidates: with top-p alone, ids below (1-p)/(V-1) can never be in the
-     * nucleus (llama2.c's cut), which keeps the sort short. */
-    if (use_k) {
-        n = smp__top_k(s->prob, V, p->top_k, s->idx);
-    } else {
-        float floor_p = V > 1 ? (1.0f - p->top_p) / (float)(V - 1) * sum : 0.0f;
-        for (int i = 0; i < V; i++)
-            if (s->prob[i] >= floor_p) s->idx[n++] = i;
+    if (!use_k) {
+        *token = smp__top_p(s->prob, V, p->top_p, sum, best, smp__uniform(s), s->idx);
+        return 0;
     }
+    int n = smp__top_k(s->prob, V, p->top_k, s->idx);
     if (n == 0) {
         *token = best;
         return 0;
     }
     smp__sort_prob = s->prob;
     qsort(s->idx, (size_t)n, sizeof(int32_t), smp__cmp);
-    float mass = 0.0f;
-    for (int i = 0; i < n; i++)
-        mass += s->prob[s->idx[i]];
-    if (use_p) {
-        float target = p->top_p * mass, c = 0.0f;
+    if (use_p) { /* top-p over what top-k kept, renormalised */
+        float kept = 0.0f;
+        for (int i = 0; i < n; i++)
+            kept += s->prob[s->idx[i]];
+        float target = p->top_p * kept, c = 0.0f;
         for (int i = 0; i < n; i++) {
             c += s->prob[s->idx[i]];
             if (c >= target) {
@@ -210,19 +412,8 @@ int smp_sample(smp_sampler *s, float *logits, int32_t *token)
                 break;
             }
         }
-        mass = 0.0f;
-        for (int i = 0; i < n; i++)
-            mass += s->prob[s->idx[i]];
     }
-    float r = smp__uniform(s) * mass, cdf = 0.0f;
-    for (int i = 0; i < n; i++) {
-        cdf += s->prob[s->idx[i]];
-        if (r < cdf) {
-            *token = s->idx[i];
-            return 0;
-        }
-    }
-    *token = s->idx[n - 1];
+    *token = smp__walk(s->prob, s->idx, n, smp__uniform(s));
     return 0;
 }
 

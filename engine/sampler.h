@@ -5,8 +5,11 @@
  *   2. temperature <= 0: greedy (argmax, lowest id on ties) and we stop here;
  *   3. logits / temperature, softmax;
  *   4. top-k (k > 0): keep the k most likely (ties broken by lower id);
- *   5. top-p (0 < p < 1): keep the smallest prefix, by decreasing probability,
- *      whose mass reaches p;
+ *   5. top-p (0 < p < 1): keep the smallest prefix, by decreasing probability
+ *      (ties: the lower id first), whose mass reaches p of the whole (of what
+ *      top-k kept, after top-k). Alone, it is found without sorting the
+ *      vocabulary (a radix select on the probabilities, sampler.c) and drawn
+ *      from in id order;
  *   6. draw from what is left with one uniform number that depends only on
  *      (seed, index of the token being generated): same seed, same logits ->
  *      same tokens, also when the first token is drawn by one process (a

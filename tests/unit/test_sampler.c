@@ -3,6 +3,7 @@
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -155,6 +156,143 @@ static void test_top_p(void **st)
     for (int i = 0; i < 100; i++)
         assert_int_equal(draw(s), 1);
     smp_free(s);
+}
+
+/* Top-p over a large vocabulary, where the nucleus is found by bucketing
+ * the probabilities rather than sorting them: the set drawn from must be
+ * the sorted walk's. NUC_V ids, each in one of four levels by a scrambled
+ * id (so no level is a run of ids); draws on fresh copies of the logits
+ * until every id of the expected nucleus has come up, and none outside. */
+#define NUC_V 32000
+
+static void nuc_draws(const smp_params *p, const float *lg0, int draws, int *seen)
+{
+    smp_sampler *s = NULL;
+    assert_int_equal(smp_create(p, NUC_V, &s), 0);
+    float *lg = malloc(sizeof(float) * NUC_V);
+    assert_non_null(lg);
+    memset(seen, 0, sizeof(int) * NUC_V);
+    for (int i = 0; i < draws; i++) {
+        memcpy(lg, lg0, sizeof(float) * NUC_V);
+        int32_t t = -1;
+        assert_int_equal(smp_sample(s, lg, &t), 0);
+        assert_true(t >= 0 && t < NUC_V);
+        seen[t]++;
+        (void)smp_accept(s, t);
+    }
+    free(lg);
+    smp_free(s);
+}
+
+static void test_top_p_large_vocab(void **st)
+{
+    (void)st;
+    float *lg = malloc(sizeof(float) * NUC_V);
+    int *seen = malloc(sizeof(int) * NUC_V), *level = malloc(sizeof(int) * NUC_V);
+    assert_true(lg && seen && level);
+    /* Levels (T = 1): 1 id at logit 5 (mass e^5 = 148.4), 200 at 3 plus a
+     * step of 2e-6 per id (about 20.1 each, all different, and within a
+     * bucket or two of the first level's 1.6% wide ones: the select has to
+     * go down a level), 2,000 at 1, the rest at 0. */
+    int n1 = 0;
+    for (int i = 0; i < NUC_V; i++) {
+        uint32_t h = (uint32_t)i * 2654435761u;
+        level[i] = i == 12345 ? 0 : i % 157 == 3 && n1 < 200 ? 1 : (h >> 8) % 16 == 1 ? 2 : 3;
+        n1 += level[i] == 1;
+    }
+    assert_int_equal(n1, 200);
+    int k1 = 0;
+    for (int i = 0; i < NUC_V; i++) {
+        static const float base[4] = {5.0f, 3.0f, 1.0f, 0.0f};
+        lg[i] = base[level[i]] + (level[i] == 1 ? 2e-6f * (float)(k1++) : 0.0f);
+    }
+    /* The sum of the numerators, as the sampler forms them, is within a
+     * few units of this one; the cut is put half a level-1 id past the 40th
+     * of them, so that no rounding moves it. */
+    double sum = 0.0, top = exp(5.0), each = exp(3.0);
+    for (int i = 0; i < NUC_V; i++)
+        sum += exp((double)lg[i] - 5.0) * top;
+    smp_params p;
+    smp_params_defaults(&p);
+    p.temperature = 1.0f;
+    p.seed = 17;
+    p.top_p = (float)((top + 40.5 * each) / sum);
+    nuc_draws(&p, lg, 3000, seen);
+    /* Expected: the id at 5 and the 41 likeliest at level 1, which are the
+     * last 41 by id among level 1 (their step grows with the id); each is
+     * drawn with a chance of 2% or more. */
+    int n_seen = 0;
+    for (int i = 0, j = 0; i < NUC_V; i++) {
+        bool in = level[i] == 0 || (level[i] == 1 && j++ >= 200 - 41);
+        if (in) assert_true(seen[i] > 0);
+        if (!in) assert_int_equal(seen[i], 0);
+        n_seen += seen[i] > 0;
+    }
+    assert_int_equal(n_seen, 42);
+
+    /* Deep in the flat tail: the three upper levels whole and about the
+     * 10,001 lowest ids at 0 (ties go to the lower id), none far past them
+     * (the sampler's own sum of the numerators, from its exp, puts the cut
+     * 20-odd ids from this test's). Few draws for 12,000 ids: the levels
+     * show by how many of theirs come up (expected: 197 of the 200 at level
+     * 1, 1,000 of 2,000 at level 2, 2,300 of the 10,001). */
+    p.top_p = (float)((top + 200 * each + 2000 * exp(1.0) + 10000.5) / sum);
+    nuc_draws(&p, lg, 5000, seen);
+    int at[4] = {0}, j3 = 0, last3 = -1;
+    for (int i = 0; i < NUC_V; i++) {
+        if (level[i] == 3) j3++;
+        if (!seen[i]) continue;
+        at[level[i]]++;
+        if (level[i] == 3) last3 = j3; /* the rank by id among level 3 */
+    }
+    assert_int_equal(at[0], 1);
+    assert_true(at[1] >= 185);
+    assert_true(at[2] >= 900);
+    assert_true(at[3] >= 2000);
+    assert_true(last3 >= 10001 - 100 && last3 <= 10001 + 100);
+
+    /* The crossing bucket small enough to sort at once, its order by
+     * probability unlike its order by id: 1 id at 5, 50 at 3 plus a step
+     * of 2e-6 times a scramble of their rank (one bucket), 2,000 at 1 (so
+     * that enough ids pass the cut for the buckets to be used), the rest at
+     * 0. The nucleus: the id at 5 and the 21 level-1 ids of highest step. */
+    n1 = 0;
+    for (int i = 0; i < NUC_V; i++) {
+        uint32_t h = (uint32_t)i * 2654435761u;
+        level[i] = i == 12345 ? 0 : i % 157 == 3 && n1 < 50 ? 1 : (h >> 8) % 16 == 1 ? 2 : 3;
+        n1 += level[i] == 1;
+    }
+    int rank[NUC_V / 157 + 1];
+    k1 = 0;
+    for (int i = 0; i < NUC_V; i++) {
+        static const float base[4] = {5.0f, 3.0f, 1.0f, 0.0f};
+        if (level[i] == 1) rank[k1] = (k1 * 17) % 50;
+        lg[i] = base[level[i]] + (level[i] == 1 ? 2e-6f * (float)rank[k1++] : 0.0f);
+    }
+    p.top_p = (float)((top + 20.5 * each) / (top + 50 * each + 2000 * exp(1.0) + (NUC_V - 2051)));
+    nuc_draws(&p, lg, 3000, seen);
+    n_seen = 0;
+    for (int i = 0, j = 0; i < NUC_V; i++) {
+        bool in = level[i] == 0 || (level[i] == 1 && rank[j++] >= 50 - 21);
+        if (in) assert_true(seen[i] > 0);
+        if (!in) assert_int_equal(seen[i], 0);
+        n_seen += seen[i] > 0;
+    }
+    assert_int_equal(n_seen, 22);
+
+    /* All ids equal: the nucleus at 0.5 is the lower half of the ids, up to
+     * the last of them. */
+    for (int i = 0; i < NUC_V; i++)
+        lg[i] = 0.25f;
+    p.top_p = 0.5f;
+    nuc_draws(&p, lg, 3000, seen);
+    int hi_seen = -1;
+    for (int i = 0; i < NUC_V; i++)
+        if (seen[i]) hi_seen = i;
+    assert_true(hi_seen < NUC_V / 2 && hi_seen >= NUC_V / 2 - 100);
+    free(lg);
+    free(seen);
+    free(level);
 }
 
 static void test_min_tokens_and_stops(void **st)
@@ -392,14 +530,16 @@ static int bench_cmp(const void *a, const void *b)
 }
 
 /* Logits shaped like a small model's: mostly within a few units of each
- * other (a flat tail), a handful far above. Fixed seed. */
-static void bench_logits(float *lg, uint64_t seed)
+ * other (a flat tail), a handful far above (peaked: most of the mass on
+ * those), or the flat tail alone (a high-entropy position, where most ids
+ * pass top-p's cut). Fixed seed. */
+static void bench_logits(float *lg, uint64_t seed, bool peaked)
 {
     uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
     for (int i = 0; i < BENCH_V; i++) {
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
         float u = (float)(x >> 40) / 16777216.0f;
-        lg[i] = 4.0f * u - 2.0f + (i % 997 == 0 ? 12.0f : 0.0f);
+        lg[i] = 4.0f * u - 2.0f + (peaked && i % 997 == 0 ? 12.0f : 0.0f);
     }
 }
 
@@ -431,17 +571,23 @@ static double bench_mode(const smp_params *p, const float *ref, float *lg)
 static int bench(void)
 {
     float *ref = malloc(sizeof(float) * BENCH_V), *lg = malloc(sizeof(float) * BENCH_V);
-    if (!ref || !lg) return 1;
-    bench_logits(ref, 7);
+    float *flat = malloc(sizeof(float) * BENCH_V);
+    if (!ref || !lg || !flat) return 1;
+    bench_logits(ref, 7, true);
+    bench_logits(flat, 7, false);
     struct {
         const char *name;
         float temperature, top_p;
         int top_k;
+        bool flat;
     } modes[] = {
-        {"greedy", 0.0f, 1.0f, 0},
-        {"temperature 1 (the API's default)", 1.0f, 1.0f, 0},
-        {"temperature 0.8, top-p 0.9", 0.8f, 0.9f, 0},
-        {"temperature 0.8, top-k 40", 0.8f, 1.0f, 40},
+        {"greedy", 0.0f, 1.0f, 0, false},
+        {"temperature 1 (the API's default)", 1.0f, 1.0f, 0, false},
+        {"temperature 0.8, top-p 0.9", 0.8f, 0.9f, 0, false},
+        {"temperature 0.8, top-k 40", 0.8f, 1.0f, 40, false},
+        {"temperature 1, flat logits", 1.0f, 1.0f, 0, true},
+        {"temperature 0.8, top-p 0.9, flat", 0.8f, 0.9f, 0, true},
+        {"temperature 0.8, top-k 40, flat", 0.8f, 1.0f, 40, true},
     };
     printf("smp_sample over %d logits (%s kernels), median of 5 passes of 1000 draws\n", BENCH_V,
            smpk_variant());
@@ -452,13 +598,14 @@ static int bench(void)
         p.top_p = modes[m].top_p;
         p.top_k = modes[m].top_k;
         p.seed = 11;
-        double us = bench_mode(&p, ref, lg);
+        double us = bench_mode(&p, modes[m].flat ? flat : ref, lg);
         if (us < 0) return 1;
         printf("  %-36s %8.1f us per draw, %5.2f ns per logit\n", modes[m].name, us,
                us * 1000.0 / BENCH_V);
     }
     free(ref);
     free(lg);
+    free(flat);
     return 0;
 }
 
@@ -471,6 +618,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_distribution),
         cmocka_unit_test(test_top_k),
         cmocka_unit_test(test_top_p),
+        cmocka_unit_test(test_top_p_large_vocab),
         cmocka_unit_test(test_min_tokens_and_stops),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_split_stream),
