@@ -4,7 +4,8 @@
  *   1. EOS and stop ids are masked (-inf) while fewer than min_tokens were generated;
  *   2. temperature <= 0: greedy (argmax, lowest id on ties) and we stop here;
  *   3. logits / temperature, softmax;
- *   4. top-k (k > 0): keep the k most likely (ties broken by lower id);
+ *   4. top-k (k > 0): keep the k most likely (ties broken by lower id; a heap
+ *      up to k = 1,024, the select of step 5 by count above);
  *   5. top-p (0 < p < 1): keep the smallest prefix, by decreasing probability
  *      (ties: the lower id first), whose mass reaches p of the whole (of what
  *      top-k kept, after top-k). Alone, it is found without sorting the

@@ -295,6 +295,64 @@ static void test_top_p_large_vocab(void **st)
     free(level);
 }
 
+/* Top-k with a k too large for the heap (it selects by bucketing, by count),
+ * alone and then with top-p over what it kept: the levels of
+ * test_top_p_large_vocab's first case (1 id at 5, 200 at 3 plus a step
+ * growing with the id, 2,000 at 1, the rest at 0). */
+static void test_top_k_large(void **st)
+{
+    (void)st;
+    float *lg = malloc(sizeof(float) * NUC_V);
+    int *seen = malloc(sizeof(int) * NUC_V), *level = malloc(sizeof(int) * NUC_V);
+    assert_true(lg && seen && level);
+    int n1 = 0, k1 = 0;
+    double mass1 = 0.0; /* of level 1 */
+    for (int i = 0; i < NUC_V; i++) {
+        uint32_t h = (uint32_t)i * 2654435761u;
+        level[i] = i == 12345 ? 0 : i % 157 == 3 && n1 < 200 ? 1 : (h >> 8) % 16 == 1 ? 2 : 3;
+        n1 += level[i] == 1;
+        static const float base[4] = {5.0f, 3.0f, 1.0f, 0.0f};
+        lg[i] = base[level[i]] + (level[i] == 1 ? 2e-6f * (float)(k1++) : 0.0f);
+        if (level[i] == 1) mass1 += exp((double)lg[i]);
+    }
+    smp_params p;
+    smp_params_defaults(&p);
+    p.temperature = 1.0f;
+    p.seed = 23;
+    /* k = 2,000 (above the heap's bound): the upper two levels and the
+     * 1,799 lowest ids at 1 (ties to the lower id). */
+    p.top_k = 2000;
+    nuc_draws(&p, lg, 4000, seen);
+    int at[4] = {0}, j2 = 0, last2 = -1;
+    for (int i = 0; i < NUC_V; i++) {
+        if (level[i] == 2) j2++;
+        if (!seen[i]) continue;
+        at[level[i]]++;
+        if (level[i] == 2) last2 = j2; /* the rank by id among level 2 */
+    }
+    assert_int_equal(at[0], 1);
+    assert_true(at[1] >= 195);
+    assert_int_equal(at[3], 0);
+    assert_true(last2 > 1700 && last2 <= 1799);
+    /* And top-p over those: a cut half an id past the 150th likeliest of
+     * level 1 (the last 150 by id, whole, each drawn with a chance near
+     * 0.6%). */
+    double kept = exp(5.0) + mass1 + 1799 * exp(1.0), each = mass1 / 200;
+    p.top_p = (float)((exp(5.0) + 150.5 * each) / kept);
+    nuc_draws(&p, lg, 5000, seen);
+    int n_seen = 0;
+    for (int i = 0, j = 0; i < NUC_V; i++) {
+        bool in = level[i] == 0 || (level[i] == 1 && j++ >= 200 - 151);
+        if (in) assert_true(seen[i] > 0);
+        if (!in) assert_int_equal(seen[i], 0);
+        n_seen += seen[i] > 0;
+    }
+    assert_int_equal(n_seen, 152);
+    free(lg);
+    free(seen);
+    free(level);
+}
+
 static void test_min_tokens_and_stops(void **st)
 {
     (void)st;
@@ -588,6 +646,9 @@ static int bench(void)
         {"temperature 1, flat logits", 1.0f, 1.0f, 0, true},
         {"temperature 0.8, top-p 0.9, flat", 0.8f, 0.9f, 0, true},
         {"temperature 0.8, top-k 40, flat", 0.8f, 1.0f, 40, true},
+        {"temperature 0.8, top-k 1000, flat", 0.8f, 1.0f, 1000, true},
+        {"temperature 0.8, top-k 10000, flat", 0.8f, 1.0f, 10000, true},
+        {"temperature 0.8, top-k 10000, top-p 0.9, flat", 0.8f, 0.9f, 10000, true},
     };
     printf("smp_sample over %d logits (%s kernels), median of 5 passes of 1000 draws\n", BENCH_V,
            smpk_variant());
@@ -600,7 +661,7 @@ static int bench(void)
         p.seed = 11;
         double us = bench_mode(&p, modes[m].flat ? flat : ref, lg);
         if (us < 0) return 1;
-        printf("  %-36s %8.1f us per draw, %5.2f ns per logit\n", modes[m].name, us,
+        printf("  %-44s %8.1f us per draw, %5.2f ns per logit\n", modes[m].name, us,
                us * 1000.0 / BENCH_V);
     }
     free(ref);
@@ -619,6 +680,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_top_k),
         cmocka_unit_test(test_top_p),
         cmocka_unit_test(test_top_p_large_vocab),
+        cmocka_unit_test(test_top_k_large),
         cmocka_unit_test(test_min_tokens_and_stops),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_split_stream),
