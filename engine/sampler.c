@@ -1,6 +1,7 @@
 #include "engine/sampler.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,8 +14,7 @@ struct smp_sampler {
     int vocab;
     uint64_t key; /* the seed, scrambled: the random stream's key */
     int generated;
-    int32_t *idx; /* [vocab] candidate ids (scratch) */
-    float *prob;  /* [vocab] softmax numerators, the largest 1 (scratch) */
+    int32_t *idx; /* [vocab] candidate ids (scratch), only with top-k or top-p */
 };
 
 /* splitmix64's finaliser: nearby inputs give unrelated outputs. */
@@ -44,13 +44,16 @@ int smp_create(const smp_params *p, int vocab_size, smp_sampler **out)
     s->p = *p;
     s->vocab = vocab_size;
     s->key = smp__mix(p->seed);
-    s->idx = malloc((size_t)vocab_size * sizeof(*s->idx));
-    s->prob = malloc((size_t)vocab_size * sizeof(*s->prob));
+    /* Only top-k and top-p need a scratch of the vocabulary's size: the
+     * softmax numerators are written over the logits. */
+    bool cut = p->temperature > 0.0f &&
+               ((p->top_k > 0 && p->top_k < vocab_size) || (p->top_p > 0.0f && p->top_p < 1.0f));
+    if (cut) s->idx = malloc((size_t)vocab_size * sizeof(*s->idx));
     if (p->n_stop_ids > 0) {
         s->stop_ids = malloc((size_t)p->n_stop_ids * sizeof(int32_t));
         if (s->stop_ids) memcpy(s->stop_ids, p->stop_ids, (size_t)p->n_stop_ids * sizeof(int32_t));
     }
-    if (!s->idx || !s->prob || (p->n_stop_ids > 0 && !s->stop_ids)) {
+    if ((cut && !s->idx) || (p->n_stop_ids > 0 && !s->stop_ids)) {
         smp_free(s);
         return TD_ENOMEM;
     }
@@ -64,7 +67,6 @@ void smp_free(smp_sampler *s)
     if (!s) return;
     free(s->stop_ids);
     free(s->idx);
-    free(s->prob);
     free(s);
 }
 
@@ -438,19 +440,21 @@ int smp_sample(smp_sampler *s, float *logits, int32_t *token)
         *token = best;
         return 0;
     }
-    /* Softmax at temperature (no NaN left: the argmax checked). The
-     * numerators are not divided by their sum: every step below compares
+    /* Softmax at temperature (no NaN left: the argmax checked), written
+     * over the logits (the caller's buffer; no copy of the vocabulary per
+     * request). The numerators are not divided by their sum: every step below compares
      * them with each other or with a fraction of a sum of them, so the
      * division would change nothing but cost a pass. The largest is exactly
      * 1, so the sum is at least 1. */
-    float sum = smpk_exp_sum(s->prob, logits, V, logits[best], p->temperature);
+    float *prob = logits;
+    float sum = smpk_exp_sum(prob, logits, V, logits[best], p->temperature);
 
     int use_k = p->top_k > 0 && p->top_k < V;
     int use_p = p->top_p > 0.0f && p->top_p < 1.0f;
     if (!use_k && !use_p) {
         float r = smp__uniform(s) * sum, cdf = 0.0f;
         for (int i = 0; i < V; i++) {
-            cdf += s->prob[i];
+            cdf += prob[i];
             if (r < cdf) {
                 *token = i;
                 return 0;
@@ -460,34 +464,34 @@ int smp_sample(smp_sampler *s, float *logits, int32_t *token)
         return 0;
     }
     if (!use_k) {
-        *token = smp__top_p(s->prob, V, p->top_p, sum, best, smp__uniform(s), s->idx);
+        *token = smp__top_p(prob, V, p->top_p, sum, best, smp__uniform(s), s->idx);
         return 0;
     }
     if (p->top_k > SMP__HEAP_K_MAX) {
-        *token = smp__top_k_select(s->prob, V, p->top_k, p->top_p, best, smp__uniform(s), s->idx);
+        *token = smp__top_k_select(prob, V, p->top_k, p->top_p, best, smp__uniform(s), s->idx);
         return 0;
     }
-    int n = smp__top_k(s->prob, V, p->top_k, s->idx);
+    int n = smp__top_k(prob, V, p->top_k, s->idx);
     if (n == 0) {
         *token = best;
         return 0;
     }
-    smp__sort_prob = s->prob;
+    smp__sort_prob = prob;
     qsort(s->idx, (size_t)n, sizeof(int32_t), smp__cmp);
     if (use_p) { /* top-p over what top-k kept, renormalised */
         float kept = 0.0f;
         for (int i = 0; i < n; i++)
-            kept += s->prob[s->idx[i]];
+            kept += prob[s->idx[i]];
         float target = p->top_p * kept, c = 0.0f;
         for (int i = 0; i < n; i++) {
-            c += s->prob[s->idx[i]];
+            c += prob[s->idx[i]];
             if (c >= target) {
                 n = i + 1;
                 break;
             }
         }
     }
-    *token = smp__walk(s->prob, s->idx, n, smp__uniform(s));
+    *token = smp__walk(prob, s->idx, n, smp__uniform(s));
     return 0;
 }
 

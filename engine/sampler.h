@@ -55,13 +55,13 @@ typedef struct smp_sampler smp_sampler;
 int smp_create(const smp_params *p, int vocab_size, smp_sampler **out);
 void smp_free(smp_sampler *s); /* accepts NULL */
 
-/* Picks a token from logits[vocab_size] (modified in place: masked, scaled).
- * Allocates nothing. Returns 0, or TD_ERANGE when any logit is NaN: the
- * forward pass is broken (NaN weights, an overflow) and no token is drawn.
- * The check rides on the argmax scan, so it costs nothing; it touches only
- * this request's sampler, so a server fails the one request whose logits are
- * NaN (smp_logits_find_nan names the first id for the message), not the
- * worker. */
+/* Picks a token from logits[vocab_size], which it overwrites (masked ids,
+ * then the softmax numerators): a sampler keeps no copy of the vocabulary,
+ * and one with neither top-k nor top-p no scratch at all. Allocates nothing. Returns 0, or
+ * TD_ERANGE when any logit is NaN: the forward pass is broken (NaN weights, an overflow) and no
+ * token is drawn. The check rides on the argmax scan, so it costs nothing; it touches only this
+ * request's sampler, so a server fails the one request whose logits are NaN (smp_logits_find_nan
+ * names the first id for the message), not the worker. */
 int smp_sample(smp_sampler *s, float *logits, int32_t *token);
 
 /* The first id whose logit is NaN in logits[0..n), or -1 when none is. */
