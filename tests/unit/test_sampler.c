@@ -184,31 +184,73 @@ static void nuc_draws(const smp_params *p, const float *lg0, int draws, int *see
     smp_free(s);
 }
 
+/* The levels of the large-vocabulary cases (T = 1): id 12345 at logit 5
+ * (level 0, mass e^5 = 148.4); n1 ids at 3 (level 1: every 157th id from 3,
+ * about 20.1 each) plus a step of 2e-6 times rank[k] for the k-th of them
+ * (rank NULL: k), all different and within a bucket or two of the first
+ * select level's 1.6% wide ones; 1 in 16 of the rest at 1 (level 2), the
+ * others at 0 (level 3). Returns level 1's mass. */
+static double nuc_levels(float *lg, int *level, int n1, const int *rank)
+{
+    static const float base[4] = {5.0f, 3.0f, 1.0f, 0.0f};
+    int k1 = 0;
+    double mass1 = 0.0;
+    for (int i = 0; i < NUC_V; i++) {
+        uint32_t h = (uint32_t)i * 2654435761u;
+        level[i] = i == 12345 ? 0 : i % 157 == 3 && k1 < n1 ? 1 : (h >> 8) % 16 == 1 ? 2 : 3;
+        lg[i] = base[level[i]];
+        if (level[i] == 1) {
+            lg[i] += 2e-6f * (float)(rank ? rank[k1] : k1);
+            mass1 += exp((double)lg[i]);
+            k1++;
+        }
+    }
+    assert_int_equal(k1, n1);
+    return mass1;
+}
+
+/* The draws came from the id at level 0 and the n_in level-1 ids of highest
+ * rank (rank[k], or k), every one of them, and from no other id. */
+static void nuc_expect(const int *level, const int *seen, int n1, const int *rank, int n_in)
+{
+    int n_seen = 0;
+    for (int i = 0, k = 0; i < NUC_V; i++) {
+        bool in = level[i] == 0;
+        if (level[i] == 1) in = (rank ? rank[k] : k) >= n1 - n_in, k++;
+        if (in) assert_true(seen[i] > 0);
+        if (!in) assert_int_equal(seen[i], 0);
+        n_seen += seen[i] > 0;
+    }
+    assert_int_equal(n_seen, 1 + n_in);
+}
+
+/* How many ids of each level came up, into at[4]; returns the rank by id
+ * among level lv (from 1) of the last of its ids that came up (0: none). */
+static int nuc_tally(const int *level, const int *seen, int lv, int at[4])
+{
+    int j = 0, last = 0;
+    memset(at, 0, 4 * sizeof(int));
+    for (int i = 0; i < NUC_V; i++) {
+        j += level[i] == lv;
+        if (!seen[i]) continue;
+        at[level[i]]++;
+        if (level[i] == lv) last = j;
+    }
+    return last;
+}
+
 static void test_top_p_large_vocab(void **st)
 {
     (void)st;
     float *lg = malloc(sizeof(float) * NUC_V);
     int *seen = malloc(sizeof(int) * NUC_V), *level = malloc(sizeof(int) * NUC_V);
     assert_true(lg && seen && level);
-    /* Levels (T = 1): 1 id at logit 5 (mass e^5 = 148.4), 200 at 3 plus a
-     * step of 2e-6 per id (about 20.1 each, all different, and within a
-     * bucket or two of the first level's 1.6% wide ones: the select has to
-     * go down a level), 2,000 at 1, the rest at 0. */
-    int n1 = 0;
-    for (int i = 0; i < NUC_V; i++) {
-        uint32_t h = (uint32_t)i * 2654435761u;
-        level[i] = i == 12345 ? 0 : i % 157 == 3 && n1 < 200 ? 1 : (h >> 8) % 16 == 1 ? 2 : 3;
-        n1 += level[i] == 1;
-    }
-    assert_int_equal(n1, 200);
-    int k1 = 0;
-    for (int i = 0; i < NUC_V; i++) {
-        static const float base[4] = {5.0f, 3.0f, 1.0f, 0.0f};
-        lg[i] = base[level[i]] + (level[i] == 1 ? 2e-6f * (float)(k1++) : 0.0f);
-    }
-    /* The sum of the numerators, as the sampler forms them, is within a
-     * few units of this one; the cut is put half a level-1 id past the 40th
-     * of them, so that no rounding moves it. */
+    /* 200 ids at level 1: the select has to go down a level there. The sum
+     * of the numerators, as the sampler forms them, is within a few units
+     * of this one; the cut is put half a level-1 id past the 40th of them,
+     * so that no rounding moves it. Expected: the id at 5 and the 41
+     * likeliest at level 1, each drawn with a chance of 2% or more. */
+    (void)nuc_levels(lg, level, 200, NULL);
     double sum = 0.0, top = exp(5.0), each = exp(3.0);
     for (int i = 0; i < NUC_V; i++)
         sum += exp((double)lg[i] - 5.0) * top;
@@ -218,17 +260,7 @@ static void test_top_p_large_vocab(void **st)
     p.seed = 17;
     p.top_p = (float)((top + 40.5 * each) / sum);
     nuc_draws(&p, lg, 3000, seen);
-    /* Expected: the id at 5 and the 41 likeliest at level 1, which are the
-     * last 41 by id among level 1 (their step grows with the id); each is
-     * drawn with a chance of 2% or more. */
-    int n_seen = 0;
-    for (int i = 0, j = 0; i < NUC_V; i++) {
-        bool in = level[i] == 0 || (level[i] == 1 && j++ >= 200 - 41);
-        if (in) assert_true(seen[i] > 0);
-        if (!in) assert_int_equal(seen[i], 0);
-        n_seen += seen[i] > 0;
-    }
-    assert_int_equal(n_seen, 42);
+    nuc_expect(level, seen, 200, NULL, 41);
 
     /* Deep in the flat tail: the three upper levels whole and about the
      * 10,001 lowest ids at 0 (ties go to the lower id), none far past them
@@ -238,13 +270,7 @@ static void test_top_p_large_vocab(void **st)
      * 1, 1,000 of 2,000 at level 2, 2,300 of the 10,001). */
     p.top_p = (float)((top + 200 * each + 2000 * exp(1.0) + 10000.5) / sum);
     nuc_draws(&p, lg, 5000, seen);
-    int at[4] = {0}, j3 = 0, last3 = -1;
-    for (int i = 0; i < NUC_V; i++) {
-        if (level[i] == 3) j3++;
-        if (!seen[i]) continue;
-        at[level[i]]++;
-        if (level[i] == 3) last3 = j3; /* the rank by id among level 3 */
-    }
+    int at[4], last3 = nuc_tally(level, seen, 3, at);
     assert_int_equal(at[0], 1);
     assert_true(at[1] >= 185);
     assert_true(at[2] >= 900);
@@ -252,33 +278,17 @@ static void test_top_p_large_vocab(void **st)
     assert_true(last3 >= 10001 - 100 && last3 <= 10001 + 100);
 
     /* The crossing bucket small enough to sort at once, its order by
-     * probability unlike its order by id: 1 id at 5, 50 at 3 plus a step
-     * of 2e-6 times a scramble of their rank (one bucket), 2,000 at 1 (so
-     * that enough ids pass the cut for the buckets to be used), the rest at
-     * 0. The nucleus: the id at 5 and the 21 level-1 ids of highest step. */
-    n1 = 0;
-    for (int i = 0; i < NUC_V; i++) {
-        uint32_t h = (uint32_t)i * 2654435761u;
-        level[i] = i == 12345 ? 0 : i % 157 == 3 && n1 < 50 ? 1 : (h >> 8) % 16 == 1 ? 2 : 3;
-        n1 += level[i] == 1;
-    }
-    int rank[NUC_V / 157 + 1];
-    k1 = 0;
-    for (int i = 0; i < NUC_V; i++) {
-        static const float base[4] = {5.0f, 3.0f, 1.0f, 0.0f};
-        if (level[i] == 1) rank[k1] = (k1 * 17) % 50;
-        lg[i] = base[level[i]] + (level[i] == 1 ? 2e-6f * (float)rank[k1++] : 0.0f);
-    }
-    p.top_p = (float)((top + 20.5 * each) / (top + 50 * each + 2000 * exp(1.0) + (NUC_V - 2051)));
+     * probability unlike its order by id: 50 ids at level 1, their steps
+     * a scramble of their order (the 2,000 at level 2 make enough
+     * candidates for the buckets to be used). Expected: the id at 5 and
+     * the 21 level-1 ids of highest step. */
+    int rank[50];
+    for (int k = 0; k < 50; k++)
+        rank[k] = (k * 17) % 50;
+    double mass1 = nuc_levels(lg, level, 50, rank);
+    p.top_p = (float)((top + 20.5 * mass1 / 50) / (top + mass1 + 2000 * exp(1.0) + (NUC_V - 2051)));
     nuc_draws(&p, lg, 3000, seen);
-    n_seen = 0;
-    for (int i = 0, j = 0; i < NUC_V; i++) {
-        bool in = level[i] == 0 || (level[i] == 1 && rank[j++] >= 50 - 21);
-        if (in) assert_true(seen[i] > 0);
-        if (!in) assert_int_equal(seen[i], 0);
-        n_seen += seen[i] > 0;
-    }
-    assert_int_equal(n_seen, 22);
+    nuc_expect(level, seen, 50, rank, 21);
 
     /* All ids equal: the nucleus at 0.5 is the lower half of the ids, up to
      * the last of them. */
@@ -296,25 +306,15 @@ static void test_top_p_large_vocab(void **st)
 }
 
 /* Top-k with a k too large for the heap (it selects by bucketing, by count),
- * alone and then with top-p over what it kept: the levels of
- * test_top_p_large_vocab's first case (1 id at 5, 200 at 3 plus a step
- * growing with the id, 2,000 at 1, the rest at 0). */
+ * alone and then with top-p over what it kept, on the levels above with 200
+ * ids at level 1. */
 static void test_top_k_large(void **st)
 {
     (void)st;
     float *lg = malloc(sizeof(float) * NUC_V);
     int *seen = malloc(sizeof(int) * NUC_V), *level = malloc(sizeof(int) * NUC_V);
     assert_true(lg && seen && level);
-    int n1 = 0, k1 = 0;
-    double mass1 = 0.0; /* of level 1 */
-    for (int i = 0; i < NUC_V; i++) {
-        uint32_t h = (uint32_t)i * 2654435761u;
-        level[i] = i == 12345 ? 0 : i % 157 == 3 && n1 < 200 ? 1 : (h >> 8) % 16 == 1 ? 2 : 3;
-        n1 += level[i] == 1;
-        static const float base[4] = {5.0f, 3.0f, 1.0f, 0.0f};
-        lg[i] = base[level[i]] + (level[i] == 1 ? 2e-6f * (float)(k1++) : 0.0f);
-        if (level[i] == 1) mass1 += exp((double)lg[i]);
-    }
+    double mass1 = nuc_levels(lg, level, 200, NULL);
     smp_params p;
     smp_params_defaults(&p);
     p.temperature = 1.0f;
@@ -323,13 +323,7 @@ static void test_top_k_large(void **st)
      * 1,799 lowest ids at 1 (ties to the lower id). */
     p.top_k = 2000;
     nuc_draws(&p, lg, 4000, seen);
-    int at[4] = {0}, j2 = 0, last2 = -1;
-    for (int i = 0; i < NUC_V; i++) {
-        if (level[i] == 2) j2++;
-        if (!seen[i]) continue;
-        at[level[i]]++;
-        if (level[i] == 2) last2 = j2; /* the rank by id among level 2 */
-    }
+    int at[4], last2 = nuc_tally(level, seen, 2, at);
     assert_int_equal(at[0], 1);
     assert_true(at[1] >= 195);
     assert_int_equal(at[3], 0);
@@ -340,14 +334,7 @@ static void test_top_k_large(void **st)
     double kept = exp(5.0) + mass1 + 1799 * exp(1.0), each = mass1 / 200;
     p.top_p = (float)((exp(5.0) + 150.5 * each) / kept);
     nuc_draws(&p, lg, 5000, seen);
-    int n_seen = 0;
-    for (int i = 0, j = 0; i < NUC_V; i++) {
-        bool in = level[i] == 0 || (level[i] == 1 && j++ >= 200 - 151);
-        if (in) assert_true(seen[i] > 0);
-        if (!in) assert_int_equal(seen[i], 0);
-        n_seen += seen[i] > 0;
-    }
-    assert_int_equal(n_seen, 152);
+    nuc_expect(level, seen, 200, NULL, 151);
     free(lg);
     free(seen);
     free(level);
