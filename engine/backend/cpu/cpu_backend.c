@@ -50,13 +50,23 @@ typedef struct cpu_ctx {
     float *hb2;      /* [T][hidden] */
     float *rope;     /* [T][head_dim/2][2] cos, sin */
     float *inv_freq; /* [head_dim/2] */
-    float *att;      /* [n_threads][max_seq_len] attention scores */
+    float *att;      /* [n_threads][att_heads][max_seq_len] attention scores */
+    int att_heads;   /* heads one attention task takes at most (bounds att) */
     int *seq_maxpos; /* [max_seqs] */
 
     /* Per-forward state read by the parallel tasks. */
     const be_batch *b;
     int layer;
+    int attn_groups; /* attention tasks per token: its heads split in this many */
 } cpu_ctx;
+
+/* Heads one attention task takes at most: all of a token's, unless their
+ * scores at the full context would pass 4 MiB per thread. */
+static int cpu__att_heads(const mdl_config *mc)
+{
+    int by_size = (1 << 20) / (mc->max_seq_len > 0 ? mc->max_seq_len : 1);
+    return by_size < 1 ? 1 : by_size < mc->n_heads ? by_size : mc->n_heads;
+}
 
 static int cpu__fail(char *err, size_t errlen, int code, const char *msg)
 {
@@ -135,8 +145,10 @@ static int cpu_create(const mdl_model *m, const be_options *o, void **out, char 
         !(c->hb = cpu__alloc(T * (size_t)mc->hidden_dim)) ||
         !(c->hb2 = cpu__alloc(T * (size_t)mc->hidden_dim)) || !(c->rope = cpu__alloc(T * hd)) ||
         !(c->inv_freq = cpu__alloc(hd / 2)) ||
-        !(c->att = cpu__alloc((size_t)c->o.n_threads * (size_t)mc->max_seq_len)))
+        !(c->att = cpu__alloc((size_t)c->o.n_threads * (size_t)cpu__att_heads(mc) *
+                              (size_t)mc->max_seq_len)))
         goto fail;
+    c->att_heads = cpu__att_heads(mc);
     c->seq_maxpos = calloc((size_t)o->max_seqs, sizeof(int));
     if (!c->seq_maxpos) goto fail;
     mdl_rope_inv_freq(mc, c->inv_freq);
@@ -274,50 +286,66 @@ static inline enum mdl_dtype cpu__kv_elem(const cpu_ctx *c)
     return c->kv.dtype == KV_DTYPE_F16 ? MDL_DTYPE_F16 : MDL_DTYPE_F32;
 }
 
-/* One (token, query head): softmax(q k^T / sqrt(hd)) v over positions 0..pos. */
+/* One token and a group of its query heads: softmax(q k^T / sqrt(hd)) v over
+ * positions 0..pos for each head. The heads of a group walk the sequence's
+ * blocks together, so that each block's K (then V) rows are read once, in
+ * address order, for all of them, rather than once per head in strides of a
+ * row: the per-head arithmetic (the same kernel calls on the same rows, in
+ * the same order) and so every bit of the result do not depend on how the
+ * heads are grouped. */
 static void cpu__attn_task(void *arg, int task, int thread)
 {
     cpu_ctx *c = arg;
     const mdl_config *mc = &c->m->cfg;
     const be_batch *b = c->b;
-    int t = task / mc->n_heads, h = task % mc->n_heads;
-    int hd = mc->head_dim, kvh = mc->n_kv_heads;
-    int kh = h / (mc->n_heads / kvh);
+    int G = c->attn_groups;
+    int t = task / G, g = task % G;
+    int h0 = g * mc->n_heads / G, h1 = (g + 1) * mc->n_heads / G;
+    int hd = mc->head_dim, kvh = mc->n_kv_heads, per_kv = mc->n_heads / kvh;
     int bs = (int)c->kv.block_size;
     int pos = b->pos[t];
     const int32_t *table = b->block_tables[b->seq[t]];
-    const float *q = c->q + ((size_t)t * mc->n_heads + h) * hd;
-    float *att = c->att + (size_t)thread * mc->max_seq_len;
+    const float *q = c->q + (size_t)t * mc->n_heads * hd;
+    /* This thread's scores, one row per head of the group (h - h0). */
+    float *att = c->att + (size_t)thread * (size_t)c->att_heads * mc->max_seq_len;
     const enum mdl_dtype et = cpu__kv_elem(c);
     float scale = 1.0f / sqrtf((float)hd);
     size_t tok_stride = (size_t)kvh * hd; /* elements per slot */
     size_t v_off = (size_t)bs * tok_stride;
     /* Walk the sequence block by block: one table lookup and one kernel call
-     * per block_size positions, reading this head's rows in place. */
-    float mx = -INFINITY;
+     * per block_size positions and head, reading the rows in place. */
     for (int p0 = 0; p0 <= pos; p0 += bs) {
         const void *blk = cpu__kv_block(c, c->layer, table[p0 / bs]);
         int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
-        ck_attn_scores(att + p0, q, cpu__kv_at(c, blk, (size_t)kh * hd), et, tok_stride, n, hd,
-                       scale);
-        for (int j = 0; j < n; j++)
-            if (att[p0 + j] > mx) mx = att[p0 + j];
+        for (int h = h0; h < h1; h++) {
+            float *ah = att + (size_t)(h - h0) * mc->max_seq_len;
+            ck_attn_scores(ah + p0, q + (size_t)h * hd,
+                           cpu__kv_at(c, blk, (size_t)(h / per_kv) * hd), et, tok_stride, n, hd,
+                           scale);
+        }
     }
-    float sum = 0.0f;
-    for (int p = 0; p <= pos; p++) {
-        att[p] = expf(att[p] - mx);
-        sum += att[p];
+    for (int h = h0; h < h1; h++) {
+        float *ah = att + (size_t)(h - h0) * mc->max_seq_len;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int p = 0; p <= pos; p++)
+            if (ah[p] > mx) mx = ah[p];
+        for (int p = 0; p <= pos; p++) {
+            ah[p] = expf(ah[p] - mx);
+            sum += ah[p];
+        }
+        float inv = 1.0f / sum;
+        for (int p = 0; p <= pos; p++)
+            ah[p] *= inv;
+        memset(c->xb + ((size_t)t * mc->n_heads + h) * hd, 0, (size_t)hd * sizeof(float));
     }
-    float inv = 1.0f / sum;
-    for (int p = 0; p <= pos; p++)
-        att[p] *= inv;
-    float *out = c->xb + ((size_t)t * mc->n_heads + h) * hd;
-    memset(out, 0, (size_t)hd * sizeof(float));
     for (int p0 = 0; p0 <= pos; p0 += bs) {
         const void *blk = cpu__kv_block(c, c->layer, table[p0 / bs]);
         int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
-        ck_attn_accum(out, att + p0, cpu__kv_at(c, blk, v_off + (size_t)kh * hd), et, tok_stride, n,
-                      hd);
+        for (int h = h0; h < h1; h++)
+            ck_attn_accum(c->xb + ((size_t)t * mc->n_heads + h) * hd,
+                          att + (size_t)(h - h0) * mc->max_seq_len + p0,
+                          cpu__kv_at(c, blk, v_off + (size_t)(h / per_kv) * hd), et, tok_stride, n,
+                          hd);
     }
 }
 
@@ -381,7 +409,14 @@ static int cpu_forward(void *vctx, const be_batch *b)
             if (rc != 0) return rc;
         }
 
-        cpool_run(c->pool, cpu__attn_task, c, T * mc->n_heads); /* -> xb [T][qd] */
+        /* One task per token when there are enough of them for the threads;
+         * else its heads split, so that a few sequences still spread; and
+         * never more heads in a task than its scratch holds. */
+        int groups = c->o.n_threads == 1 ? 1 : (4 * c->o.n_threads + T - 1) / T;
+        int min_groups = (mc->n_heads + c->att_heads - 1) / c->att_heads;
+        groups = groups < min_groups ? min_groups : groups;
+        c->attn_groups = groups < mc->n_heads ? groups : mc->n_heads;
+        cpool_run(c->pool, cpu__attn_task, c, T * c->attn_groups); /* -> xb [T][qd] */
         cpu__mm1(c, c->tmp, c->xb, L->mat.wo, NULL, T, qd, dim);
         for (size_t i = 0; i < (size_t)T * dim; i++)
             c->x[i] += c->tmp[i];
