@@ -286,6 +286,15 @@ static inline enum mdl_dtype cpu__kv_elem(const cpu_ctx *c)
     return c->kv.dtype == KV_DTYPE_F16 ? MDL_DTYPE_F16 : MDL_DTYPE_F32;
 }
 
+/* Asks for bytes from p in the cache ahead of their use: the next KV block's
+ * K or V half, which no hardware prefetcher finds (a sequence's blocks are
+ * anywhere in the pool). */
+static inline void cpu__prefetch(const void *p, size_t bytes)
+{
+    for (size_t o = 0; o < bytes; o += 64)
+        __builtin_prefetch((const char *)p + o, 0, 3);
+}
+
 /* One token and a group of its query heads: softmax(q k^T / sqrt(hd)) v over
  * positions 0..pos for each head. The heads of a group walk the sequence's
  * blocks together, so that each block's K (then V) rows are read once, in
@@ -314,9 +323,12 @@ static void cpu__attn_task(void *arg, int task, int thread)
     size_t v_off = (size_t)bs * tok_stride;
     /* Walk the sequence block by block: one table lookup and one kernel call
      * per block_size positions and head, reading the rows in place. */
+    size_t half_bytes = (size_t)bs * tok_stride * kv_dtype_size(c->kv.dtype); /* K or V */
     for (int p0 = 0; p0 <= pos; p0 += bs) {
         const void *blk = cpu__kv_block(c, c->layer, table[p0 / bs]);
         int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
+        if (p0 + bs <= pos)
+            cpu__prefetch(cpu__kv_block(c, c->layer, table[p0 / bs + 1]), half_bytes);
         for (int h = h0; h < h1; h++) {
             float *ah = att + (size_t)(h - h0) * mc->max_seq_len;
             ck_attn_scores(ah + p0, q + (size_t)h * hd,
@@ -341,6 +353,9 @@ static void cpu__attn_task(void *arg, int task, int thread)
     for (int p0 = 0; p0 <= pos; p0 += bs) {
         const void *blk = cpu__kv_block(c, c->layer, table[p0 / bs]);
         int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
+        if (p0 + bs <= pos)
+            cpu__prefetch((const char *)cpu__kv_block(c, c->layer, table[p0 / bs + 1]) + half_bytes,
+                          half_bytes);
         for (int h = h0; h < h1; h++)
             ck_attn_accum(c->xb + ((size_t)t * mc->n_heads + h) * hd,
                           att + (size_t)(h - h0) * mc->max_seq_len + p0,
