@@ -50,21 +50,27 @@ typedef struct cpu_ctx {
     float *hb2;      /* [T][hidden] */
     float *rope;     /* [T][head_dim/2][2] cos, sin */
     float *inv_freq; /* [head_dim/2] */
-    float *att;      /* [n_threads][att_heads][max_seq_len] attention scores */
+    float *att;      /* [n_threads][CPU__ATTN_RUN][att_heads][max_seq_len] scores */
     int att_heads;   /* heads one attention task takes at most (bounds att) */
     int *seq_maxpos; /* [max_seqs] */
 
     /* Per-forward state read by the parallel tasks. */
     const be_batch *b;
     int layer;
-    int attn_groups; /* attention tasks per token: its heads split in this many */
+    int attn_groups; /* attention tasks per run of tokens: heads split in this many */
+    int attn_run;    /* tokens per attention task: 1, or CPU__ATTN_RUN in a prefill */
 } cpu_ctx;
 
-/* Heads one attention task takes at most: all of a token's, unless their
- * scores at the full context would pass 4 MiB per thread. */
+/* Consecutive tokens one attention task takes in a prefill: a sequence's
+ * queries there share every block they read. */
+#define CPU__ATTN_RUN 4
+
+/* Heads one attention task takes at most: all of a token's, unless the
+ * scores of a run of tokens at the full context would pass 4 MiB per
+ * thread. */
 static int cpu__att_heads(const mdl_config *mc)
 {
-    int by_size = (1 << 20) / (mc->max_seq_len > 0 ? mc->max_seq_len : 1);
+    int by_size = (1 << 20) / CPU__ATTN_RUN / (mc->max_seq_len > 0 ? mc->max_seq_len : 1);
     return by_size < 1 ? 1 : by_size < mc->n_heads ? by_size : mc->n_heads;
 }
 
@@ -145,7 +151,7 @@ static int cpu_create(const mdl_model *m, const be_options *o, void **out, char 
         !(c->hb = cpu__alloc(T * (size_t)mc->hidden_dim)) ||
         !(c->hb2 = cpu__alloc(T * (size_t)mc->hidden_dim)) || !(c->rope = cpu__alloc(T * hd)) ||
         !(c->inv_freq = cpu__alloc(hd / 2)) ||
-        !(c->att = cpu__alloc((size_t)c->o.n_threads * (size_t)cpu__att_heads(mc) *
+        !(c->att = cpu__alloc((size_t)c->o.n_threads * CPU__ATTN_RUN * (size_t)cpu__att_heads(mc) *
                               (size_t)mc->max_seq_len)))
         goto fail;
     c->att_heads = cpu__att_heads(mc);
@@ -295,72 +301,86 @@ static inline void cpu__prefetch(const void *p, size_t bytes)
         __builtin_prefetch((const char *)p + o, 0, 3);
 }
 
-/* One token and a group of its query heads: softmax(q k^T / sqrt(hd)) v over
- * positions 0..pos for each head. The heads of a group walk the sequence's
- * blocks together, so that each block's K (then V) rows are read once, in
- * address order, for all of them, rather than once per head in strides of a
- * row: the per-head arithmetic (the same kernel calls on the same rows, in
- * the same order) and so every bit of the result do not depend on how the
- * heads are grouped. */
+/* A run of consecutive tokens and a group of their query heads:
+ * softmax(q k^T / sqrt(hd)) v over positions 0..pos of each token, for each
+ * head. The heads of a group, and the tokens of a run, walk the blocks
+ * together: each block's K (then V) rows are read once, in address order,
+ * for all heads and for every token of the run that belongs to the same
+ * sequence (a prefill's queries), rather than once per head and token in
+ * strides of a row. The per-(token, head) arithmetic (the same kernel calls
+ * on the same rows, in the same order) and so every bit of the result do not
+ * depend on how tokens and heads are grouped. */
 static void cpu__attn_task(void *arg, int task, int thread)
 {
     cpu_ctx *c = arg;
     const mdl_config *mc = &c->m->cfg;
     const be_batch *b = c->b;
-    int G = c->attn_groups;
-    int t = task / G, g = task % G;
+    int G = c->attn_groups, Q = c->attn_run;
+    int t0 = task / G * Q, g = task % G;
+    int t1 = t0 + Q < b->n_tokens ? t0 + Q : b->n_tokens;
     int h0 = g * mc->n_heads / G, h1 = (g + 1) * mc->n_heads / G;
     int hd = mc->head_dim, kvh = mc->n_kv_heads, per_kv = mc->n_heads / kvh;
     int bs = (int)c->kv.block_size;
-    int pos = b->pos[t];
-    const int32_t *table = b->block_tables[b->seq[t]];
-    const float *q = c->q + (size_t)t * mc->n_heads * hd;
-    /* This thread's scores, one row per head of the group (h - h0). */
-    float *att = c->att + (size_t)thread * (size_t)c->att_heads * mc->max_seq_len;
+    size_t msl = (size_t)mc->max_seq_len;
+    /* This thread's scores: one row per token of the run and head of the
+     * group, (t - t0) * att_heads + (h - h0). */
+    float *att = c->att + (size_t)thread * CPU__ATTN_RUN * (size_t)c->att_heads * msl;
     const enum mdl_dtype et = cpu__kv_elem(c);
     float scale = 1.0f / sqrtf((float)hd);
     size_t tok_stride = (size_t)kvh * hd; /* elements per slot */
     size_t v_off = (size_t)bs * tok_stride;
-    /* Walk the sequence block by block: one table lookup and one kernel call
-     * per block_size positions and head, reading the rows in place. */
     size_t half_bytes = (size_t)bs * tok_stride * kv_dtype_size(c->kv.dtype); /* K or V */
-    for (int p0 = 0; p0 <= pos; p0 += bs) {
-        const void *blk = cpu__kv_block(c, c->layer, table[p0 / bs]);
-        int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
-        if (p0 + bs <= pos)
-            cpu__prefetch(cpu__kv_block(c, c->layer, table[p0 / bs + 1]), half_bytes);
-        for (int h = h0; h < h1; h++) {
-            float *ah = att + (size_t)(h - h0) * mc->max_seq_len;
-            ck_attn_scores(ah + p0, q + (size_t)h * hd,
-                           cpu__kv_at(c, blk, (size_t)(h / per_kv) * hd), et, tok_stride, n, hd,
-                           scale);
+    int maxpos = 0;
+    for (int t = t0; t < t1; t++)
+        maxpos = b->pos[t] > maxpos ? b->pos[t] : maxpos;
+    /* Walk the blocks in order: one table lookup and one kernel call per
+     * block_size positions, token and head, reading the rows in place. */
+    for (int pass = 0; pass < 2; pass++) { /* 0: scores, 1: values */
+        if (pass == 1) {
+            for (int t = t0; t < t1; t++)
+                for (int h = h0; h < h1; h++) {
+                    float *ah = att + ((size_t)(t - t0) * c->att_heads + (size_t)(h - h0)) * msl;
+                    float mx = -INFINITY, sum = 0.0f;
+                    for (int p = 0; p <= b->pos[t]; p++)
+                        if (ah[p] > mx) mx = ah[p];
+                    for (int p = 0; p <= b->pos[t]; p++) {
+                        ah[p] = expf(ah[p] - mx);
+                        sum += ah[p];
+                    }
+                    float inv = 1.0f / sum;
+                    for (int p = 0; p <= b->pos[t]; p++)
+                        ah[p] *= inv;
+                    memset(c->xb + ((size_t)t * mc->n_heads + h) * hd, 0,
+                           (size_t)hd * sizeof(float));
+                }
         }
-    }
-    for (int h = h0; h < h1; h++) {
-        float *ah = att + (size_t)(h - h0) * mc->max_seq_len;
-        float mx = -INFINITY, sum = 0.0f;
-        for (int p = 0; p <= pos; p++)
-            if (ah[p] > mx) mx = ah[p];
-        for (int p = 0; p <= pos; p++) {
-            ah[p] = expf(ah[p] - mx);
-            sum += ah[p];
+        for (int p0 = 0; p0 <= maxpos; p0 += bs) {
+            const int32_t *prev = NULL;
+            for (int t = t0; t < t1; t++) {
+                int pos = b->pos[t];
+                if (p0 > pos) continue;
+                const int32_t *table = b->block_tables[b->seq[t]];
+                const char *blk = cpu__kv_block(c, c->layer, table[p0 / bs]);
+                int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
+                /* The next block's half, once per sequence in the run: no
+                 * hardware prefetcher finds it (blocks lie anywhere). */
+                if (table != prev && p0 + bs <= pos)
+                    cpu__prefetch((const char *)cpu__kv_block(c, c->layer, table[p0 / bs + 1]) +
+                                      (pass ? half_bytes : 0),
+                                  half_bytes);
+                prev = table;
+                for (int h = h0; h < h1; h++) {
+                    float *ah = att + ((size_t)(t - t0) * c->att_heads + (size_t)(h - h0)) * msl;
+                    size_t kv_el = (size_t)(h / per_kv) * hd;
+                    if (pass == 0)
+                        ck_attn_scores(ah + p0, c->q + ((size_t)t * mc->n_heads + h) * hd,
+                                       cpu__kv_at(c, blk, kv_el), et, tok_stride, n, hd, scale);
+                    else
+                        ck_attn_accum(c->xb + ((size_t)t * mc->n_heads + h) * hd, ah + p0,
+                                      cpu__kv_at(c, blk, v_off + kv_el), et, tok_stride, n, hd);
+                }
+            }
         }
-        float inv = 1.0f / sum;
-        for (int p = 0; p <= pos; p++)
-            ah[p] *= inv;
-        memset(c->xb + ((size_t)t * mc->n_heads + h) * hd, 0, (size_t)hd * sizeof(float));
-    }
-    for (int p0 = 0; p0 <= pos; p0 += bs) {
-        const void *blk = cpu__kv_block(c, c->layer, table[p0 / bs]);
-        int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
-        if (p0 + bs <= pos)
-            cpu__prefetch((const char *)cpu__kv_block(c, c->layer, table[p0 / bs + 1]) + half_bytes,
-                          half_bytes);
-        for (int h = h0; h < h1; h++)
-            ck_attn_accum(c->xb + ((size_t)t * mc->n_heads + h) * hd,
-                          att + (size_t)(h - h0) * mc->max_seq_len + p0,
-                          cpu__kv_at(c, blk, v_off + (size_t)(h / per_kv) * hd), et, tok_stride, n,
-                          hd);
     }
 }
 
@@ -424,14 +444,18 @@ static int cpu_forward(void *vctx, const be_batch *b)
             if (rc != 0) return rc;
         }
 
-        /* One task per token when there are enough of them for the threads;
-         * else its heads split, so that a few sequences still spread; and
-         * never more heads in a task than its scratch holds. */
-        int groups = c->o.n_threads == 1 ? 1 : (4 * c->o.n_threads + T - 1) / T;
+        /* A prefill's tokens go CPU__ATTN_RUN to a task (a batch with more
+         * tokens than sequences holds one); one task per run when there are
+         * enough for the threads, else the heads split, so that a few
+         * sequences still spread; and never more heads in a task than its
+         * scratch holds. */
+        c->attn_run = T > b->n_seqs ? CPU__ATTN_RUN : 1;
+        int runs = (T + c->attn_run - 1) / c->attn_run;
+        int groups = c->o.n_threads == 1 ? 1 : (4 * c->o.n_threads + runs - 1) / runs;
         int min_groups = (mc->n_heads + c->att_heads - 1) / c->att_heads;
         groups = groups < min_groups ? min_groups : groups;
         c->attn_groups = groups < mc->n_heads ? groups : mc->n_heads;
-        cpool_run(c->pool, cpu__attn_task, c, T * c->attn_groups); /* -> xb [T][qd] */
+        cpool_run(c->pool, cpu__attn_task, c, runs * c->attn_groups); /* -> xb [T][qd] */
         cpu__mm1(c, c->tmp, c->xb, L->mat.wo, NULL, T, qd, dim);
         for (size_t i = 0; i < (size_t)T * dim; i++)
             c->x[i] += c->tmp[i];
