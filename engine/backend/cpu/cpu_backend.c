@@ -333,10 +333,11 @@ static void cpu__attn_task(void *arg, int task, int thread)
     int maxpos = 0;
     for (int t = t0; t < t1; t++)
         maxpos = b->pos[t] > maxpos ? b->pos[t] : maxpos;
-    /* Walk the blocks in order: one table lookup and one kernel call per
-     * block_size positions, token and head, reading the rows in place. */
-    for (int pass = 0; pass < 2; pass++) { /* 0: scores, 1: values */
-        if (pass == 1) {
+    /* Two walks over the blocks in order, one table lookup and one kernel
+     * call per block_size positions, token and head, reading the rows in
+     * place: the scores, then (after each row's softmax) the values. */
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) { /* softmax of each (token, head) row */
             for (int t = t0; t < t1; t++)
                 for (int h = h0; h < h1; h++) {
                     float *ah = att + ((size_t)(t - t0) * c->att_heads + (size_t)(h - h0)) * msl;
@@ -355,7 +356,7 @@ static void cpu__attn_task(void *arg, int task, int thread)
                 }
         }
         for (int p0 = 0; p0 <= maxpos; p0 += bs) {
-            const int32_t *prev = NULL;
+            const int32_t *prefetched = NULL; /* the table whose next block was asked for */
             for (int t = t0; t < t1; t++) {
                 int pos = b->pos[t];
                 if (p0 > pos) continue;
@@ -364,11 +365,12 @@ static void cpu__attn_task(void *arg, int task, int thread)
                 int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
                 /* The next block's half, once per sequence in the run: no
                  * hardware prefetcher finds it (blocks lie anywhere). */
-                if (table != prev && p0 + bs <= pos)
+                if (table != prefetched && p0 + bs <= pos) {
                     cpu__prefetch((const char *)cpu__kv_block(c, c->layer, table[p0 / bs + 1]) +
                                       (pass ? half_bytes : 0),
                                   half_bytes);
-                prev = table;
+                    prefetched = table;
+                }
                 for (int h = h0; h < h1; h++) {
                     float *ah = att + ((size_t)(t - t0) * c->att_heads + (size_t)(h - h0)) * msl;
                     size_t kv_el = (size_t)(h / per_kv) * hd;
