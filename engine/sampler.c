@@ -175,6 +175,8 @@ static int smp__top_k(const float *prob, int V, int k, int32_t *idx)
  * sort of what it keeps cost no more (both about 0.13 ms at k = 1,000 over
  * 32,000 flat logits, with top-p after it). */
 #define SMP__HEAP_K_MAX 1024
+/* Ids per block of the draw's walk over the vocabulary. */
+#define SMP__DRAW_BLOCK 256
 
 static inline uint32_t smp__bits(float x)
 {
@@ -213,6 +215,18 @@ static int smp__crossing(int nb, double target, double *c)
     return -1;
 }
 
+/* The length of the shortest prefix of idx[0..n) whose mass reaches target
+ * (all of it when none does). */
+static int smp__prefix(const float *prob, const int32_t *idx, int n, double target)
+{
+    double c = 0.0;
+    for (int k = 0; k < n; k++) {
+        c += prob[idx[k]];
+        if (c >= target) return k + 1;
+    }
+    return n;
+}
+
 /* Draws with u (in [0, 1)) from idx[0..n) in that order. */
 static int32_t smp__walk(const float *prob, const int32_t *idx, int n, float u)
 {
@@ -246,21 +260,27 @@ static float smp__block_mass(const float *prob, int32_t i0, int32_t i1, float ta
             acc[j] += smp__in(prob, i + j, tau, t);
     for (; i < i1; i++)
         acc[0] += smp__in(prob, i, tau, t);
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    return smpk_fold8(acc);
 }
 
-/* Draws with u from the nucleus "prob > tau, or == tau and id <= t" in id
- * order: blocks of ids first (their masses, then the block the draw lands
- * in), then the ids of that block one by one. */
-#define SMP__DRAW_BLOCK 256
-static int32_t smp__draw_above(const float *prob, int V, float tau, int32_t t, float u,
-                               int32_t best)
+/* The mass of the nucleus "prob > tau, or == tau and id <= t" over the
+ * vocabulary, block by block (the order smp__draw_above walks it in). */
+static float smp__nucleus_mass(const float *prob, int V, float tau, int32_t t)
 {
     float mass = 0.0f;
     for (int32_t i0 = 0; i0 < V; i0 += SMP__DRAW_BLOCK)
         mass +=
             smp__block_mass(prob, i0, i0 + SMP__DRAW_BLOCK < V ? i0 + SMP__DRAW_BLOCK : V, tau, t);
-    float r = u * mass, cum = 0.0f;
+    return mass;
+}
+
+/* Draws with u from the nucleus "prob > tau, or == tau and id <= t" in id
+ * order: blocks of ids first (their masses, then the block the draw lands
+ * in), then the ids of that block one by one. */
+static int32_t smp__draw_above(const float *prob, int V, float tau, int32_t t, float u,
+                               int32_t best)
+{
+    float r = u * smp__nucleus_mass(prob, V, tau, t), cum = 0.0f;
     int32_t last = best;
     for (int32_t i0 = 0; i0 < V; i0 += SMP__DRAW_BLOCK) {
         int32_t i1 = i0 + SMP__DRAW_BLOCK < V ? i0 + SMP__DRAW_BLOCK : V;
@@ -284,6 +304,19 @@ static int32_t smp__draw_above(const float *prob, int V, float tau, int32_t t, f
  * (top-k's count). */
 enum { SMP__BY_MASS, SMP__BY_COUNT };
 
+static inline double smp__weight(float x, int by)
+{
+    return by == SMP__BY_COUNT ? 1.0 : (double)x;
+}
+
+/* The bucket of a bit pattern at or above lo; the first level's range ends
+ * at 1's pattern, and anything past it goes to the top bucket. */
+static inline int smp__bucket(uint32_t bits, uint32_t lo, int shift, int nb)
+{
+    uint32_t b = (bits - lo) >> shift;
+    return b < (uint32_t)nb ? (int)b : nb - 1;
+}
+
 /* Gathers the candidates (probability above 0 and at least floor_p) into
  * idx[0..m) in increasing id order and sums their weights into the first
  * level's buckets, which span the bit patterns from the floor's (or the
@@ -297,9 +330,7 @@ static int smp__gather(const float *prob, int V, float floor_p, int by, int32_t 
     for (int32_t i = 0; i < V; i++) {
         float x = prob[i];
         if (!(x > 0.0f) || x < floor_p) continue;
-        uint32_t b = (smp__bits(x) - *lo) >> *shift;
-        smp__bmass[i & 3][b < (uint32_t)*nb ? b : (uint32_t)*nb - 1] +=
-            by == SMP__BY_COUNT ? 1.0 : (double)x;
+        smp__bmass[i & 3][smp__bucket(smp__bits(x), *lo, *shift, *nb)] += smp__weight(x, by);
         idx[m++] = i;
     }
     return m;
@@ -325,8 +356,8 @@ static void smp__select(const float *prob, int V, float floor_p, int by, double 
         uint32_t clo = UINT32_MAX, chi = 0;
         int n = 0;
         for (int k = 0; k < m; k++) {
-            uint32_t bits = smp__bits(prob[idx[k]]), b = (bits - lo) >> shift;
-            if ((b < (uint32_t)nb ? (int)b : nb - 1) != cross) continue;
+            uint32_t bits = smp__bits(prob[idx[k]]);
+            if (smp__bucket(bits, lo, shift, nb) != cross) continue;
             idx[n++] = idx[k];
             clo = bits < clo ? bits : clo;
             chi = bits > chi ? bits : chi;
@@ -341,7 +372,7 @@ static void smp__select(const float *prob, int V, float floor_p, int by, double 
             }
             int k = 0;
             for (; k < m - 1; k++) {
-                c += by == SMP__BY_COUNT ? 1.0 : (double)prob[idx[k]];
+                c += smp__weight(prob[idx[k]], by);
                 if (c >= target) break;
             }
             *tau = prob[idx[k]];
@@ -352,8 +383,7 @@ static void smp__select(const float *prob, int V, float floor_p, int by, double 
         shift = smp__buckets(lo, chi, &nb);
         for (int k = 0; k < m; k++) {
             float x = prob[idx[k]];
-            smp__bmass[k & 3][(smp__bits(x) - lo) >> shift] +=
-                by == SMP__BY_COUNT ? 1.0 : (double)x;
+            smp__bmass[k & 3][smp__bucket(smp__bits(x), lo, shift, nb)] += smp__weight(x, by);
         }
     }
 }
@@ -373,16 +403,7 @@ static int32_t smp__top_p(const float *prob, int V, float p, float sum, int32_t 
     if (m <= SMP__SORT_MAX) { /* few candidates: sort and walk them all */
         smp__sort_prob = prob;
         qsort(idx, (size_t)m, sizeof(int32_t), smp__cmp);
-        double c = 0.0;
-        int n = m;
-        for (int k = 0; k < m; k++) {
-            c += prob[idx[k]];
-            if (c >= target) {
-                n = k + 1;
-                break;
-            }
-        }
-        return smp__walk(prob, idx, n, u);
+        return smp__walk(prob, idx, smp__prefix(prob, idx, m, target), u);
     }
     float tau;
     int32_t t;
@@ -405,10 +426,7 @@ static int32_t smp__top_k_select(const float *prob, int V, int k, float p, int32
     int32_t t;
     smp__select(prob, V, 0.0f, SMP__BY_COUNT, (double)k, idx, m, lo, shift, nb, &tau, &t);
     if (p > 0.0f && p < 1.0f) {
-        float kept = 0.0f;
-        for (int32_t i0 = 0; i0 < V; i0 += SMP__DRAW_BLOCK)
-            kept += smp__block_mass(prob, i0, i0 + SMP__DRAW_BLOCK < V ? i0 + SMP__DRAW_BLOCK : V,
-                                    tau, t);
+        float kept = smp__nucleus_mass(prob, V, tau, t);
         /* Candidates: the kept ids (and ties with the last kept past it,
          * which the walk reaches only after the kept ones). */
         m = smp__gather(prob, V, tau, SMP__BY_MASS, idx, &lo, &shift, &nb);
@@ -479,17 +497,10 @@ int smp_sample(smp_sampler *s, float *logits, int32_t *token)
     smp__sort_prob = prob;
     qsort(s->idx, (size_t)n, sizeof(int32_t), smp__cmp);
     if (use_p) { /* top-p over what top-k kept, renormalised */
-        float kept = 0.0f;
+        double kept = 0.0;
         for (int i = 0; i < n; i++)
             kept += prob[s->idx[i]];
-        float target = p->top_p * kept, c = 0.0f;
-        for (int i = 0; i < n; i++) {
-            c += prob[s->idx[i]];
-            if (c >= target) {
-                n = i + 1;
-                break;
-            }
-        }
+        n = smp__prefix(prob, s->idx, n, p->top_p * kept);
     }
     *token = smp__walk(prob, s->idx, n, smp__uniform(s));
     return 0;

@@ -50,8 +50,7 @@ float smpk_exp(float x)
     return p * scale;
 }
 
-/* The fold of the 8 lane sums that both versions use. */
-static float smpk__fold8(const float a[8])
+float smpk_fold8(const float a[8])
 {
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
@@ -65,7 +64,7 @@ float smpk_exp_sum_generic(float *out, const float *x, int n, float mx, float t)
             out[i + l] = smpk_exp((x[i + l] - mx) / t);
             acc[l] += out[i + l];
         }
-    float s = smpk__fold8(acc);
+    float s = smpk_fold8(acc);
     for (; i < n; i++) {
         out[i] = smpk_exp((x[i] - mx) / t);
         s += out[i];
@@ -119,7 +118,7 @@ SMPK_AVX2 static float smpk__exp_sum_avx2(float *out, const float *x, int n, flo
     }
     float a[8];
     _mm256_storeu_ps(a, acc);
-    float s = smpk__fold8(a);
+    float s = smpk_fold8(a);
     for (; i < n; i++) {
         out[i] = smpk_exp((x[i] - mx) / t);
         s += out[i];

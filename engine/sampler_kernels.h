@@ -29,6 +29,10 @@ int smpk_argmax(const float *x, int n);
  * smallest normal exponent's range, -inf and NaN give 0. */
 float smpk_exp_sum(float *out, const float *x, int n, float mx, float t);
 
+/* The fold of 8 lane sums smpk_exp_sum uses (((0+4)+(2+6))+((1+5)+(3+7))),
+ * for other sums kept in 8 lanes. */
+float smpk_fold8(const float a[8]);
+
 /* e^x for x <= 0, as smpk_exp_sum computes each element. */
 float smpk_exp(float x);
 

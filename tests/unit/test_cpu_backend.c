@@ -1070,23 +1070,40 @@ static void test_alloc_failures(void **s)
             assert_null(be);
         }
     }
-    for (long n = 0;; n++) {
-        int32_t stops[2] = {5, 6};
-        smp_params p;
-        smp_params_defaults(&p);
-        p.stop_ids = stops;
-        p.n_stop_ids = 2;
-        smp_sampler *smp = NULL;
-        fail_alloc_arm(n);
-        int rc = smp_create(&p, 97, &smp);
-        long hits = fail_alloc_disarm();
-        if (hits == 0) {
-            assert_int_equal(rc, 0);
-            smp_free(smp);
-            break;
+    /* Greedy (no scratch) and top-p (an id scratch of the vocabulary's
+     * size); a draw allocates nothing, also on the top-p select path (97
+     * flat logits: more candidates than it sorts at once). */
+    for (int cut = 0; cut <= 1; cut++) {
+        for (long n = 0;; n++) {
+            int32_t stops[2] = {5, 6};
+            smp_params p;
+            smp_params_defaults(&p);
+            p.stop_ids = stops;
+            p.n_stop_ids = 2;
+            if (cut) {
+                p.temperature = 1.0f;
+                p.top_p = 0.9f;
+            }
+            smp_sampler *smp = NULL;
+            fail_alloc_arm(n);
+            int rc = smp_create(&p, 97, &smp);
+            long hits = fail_alloc_disarm();
+            if (hits == 0) {
+                assert_int_equal(rc, 0);
+                float lg[97];
+                for (int i = 0; i < 97; i++)
+                    lg[i] = 0.01f * (float)(i % 7);
+                int32_t tok = -1;
+                fail_alloc_arm(0);
+                assert_int_equal(smp_sample(smp, lg, &tok), 0);
+                assert_int_equal(fail_alloc_disarm(), 0);
+                assert_true(tok >= 0 && tok < 97);
+                smp_free(smp);
+                break;
+            }
+            assert_int_equal(rc, TD_ENOMEM);
+            assert_null(smp);
         }
-        assert_int_equal(rc, TD_ENOMEM);
-        assert_null(smp);
     }
     mdl_free(m);
 }

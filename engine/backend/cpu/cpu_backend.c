@@ -145,16 +145,16 @@ static int cpu_create(const mdl_model *m, const be_options *o, void **out, char 
     size_t dim = (size_t)mc->dim, hd = (size_t)mc->head_dim;
     size_t qd = (size_t)mc->n_heads * hd, kvd = (size_t)mc->n_kv_heads * hd;
     size_t xbw = dim > qd ? dim : qd;
+    c->att_heads = cpu__att_heads(mc);
     if (!(c->x = cpu__alloc(T * dim)) || !(c->xb = cpu__alloc(T * xbw)) ||
         !(c->q = cpu__alloc(T * qd)) || !(c->k = cpu__alloc(T * kvd)) ||
         !(c->v = cpu__alloc(T * kvd)) || !(c->tmp = cpu__alloc(T * dim)) ||
         !(c->hb = cpu__alloc(T * (size_t)mc->hidden_dim)) ||
         !(c->hb2 = cpu__alloc(T * (size_t)mc->hidden_dim)) || !(c->rope = cpu__alloc(T * hd)) ||
         !(c->inv_freq = cpu__alloc(hd / 2)) ||
-        !(c->att = cpu__alloc((size_t)c->o.n_threads * CPU__ATTN_RUN * (size_t)cpu__att_heads(mc) *
+        !(c->att = cpu__alloc((size_t)c->o.n_threads * CPU__ATTN_RUN * (size_t)c->att_heads *
                               (size_t)mc->max_seq_len)))
         goto fail;
-    c->att_heads = cpu__att_heads(mc);
     c->seq_maxpos = calloc((size_t)o->max_seqs, sizeof(int));
     if (!c->seq_maxpos) goto fail;
     mdl_rope_inv_freq(mc, c->inv_freq);
