@@ -301,6 +301,39 @@ static inline void cpu__prefetch(const void *p, size_t bytes)
         __builtin_prefetch((const char *)p + o, 0, 3);
 }
 
+/* A task's scores row for the i-th token of its run and j-th head of its
+ * group, in its thread's scratch att. */
+static inline float *cpu__att_row(const cpu_ctx *c, float *att, int i, int j)
+{
+    return att + ((size_t)i * (size_t)c->att_heads + (size_t)j) * (size_t)c->m->cfg.max_seq_len;
+}
+
+/* The softmax of each (token, head) row of tokens [t0, t1), heads [h0, h1),
+ * over positions 0..pos, and the token's attention output cleared for the
+ * values to be added into. */
+static void cpu__attn_softmax(cpu_ctx *c, float *att, int t0, int t1, int h0, int h1)
+{
+    const mdl_config *mc = &c->m->cfg;
+    for (int t = t0; t < t1; t++) {
+        int pos = c->b->pos[t];
+        for (int h = h0; h < h1; h++) {
+            float *ah = cpu__att_row(c, att, t - t0, h - h0);
+            float mx = -INFINITY, sum = 0.0f;
+            for (int p = 0; p <= pos; p++)
+                if (ah[p] > mx) mx = ah[p];
+            for (int p = 0; p <= pos; p++) {
+                ah[p] = expf(ah[p] - mx);
+                sum += ah[p];
+            }
+            float inv = 1.0f / sum;
+            for (int p = 0; p <= pos; p++)
+                ah[p] *= inv;
+            memset(c->xb + ((size_t)t * mc->n_heads + h) * mc->head_dim, 0,
+                   (size_t)mc->head_dim * sizeof(float));
+        }
+    }
+}
+
 /* A run of consecutive tokens and a group of their query heads:
  * softmax(q k^T / sqrt(hd)) v over positions 0..pos of each token, for each
  * head. The heads of a group, and the tokens of a run, walk the blocks
@@ -321,10 +354,9 @@ static void cpu__attn_task(void *arg, int task, int thread)
     int h0 = g * mc->n_heads / G, h1 = (g + 1) * mc->n_heads / G;
     int hd = mc->head_dim, kvh = mc->n_kv_heads, per_kv = mc->n_heads / kvh;
     int bs = (int)c->kv.block_size;
-    size_t msl = (size_t)mc->max_seq_len;
     /* This thread's scores: one row per token of the run and head of the
-     * group, (t - t0) * att_heads + (h - h0). */
-    float *att = c->att + (size_t)thread * CPU__ATTN_RUN * (size_t)c->att_heads * msl;
+     * group (cpu__att_row). */
+    float *att = c->att + (size_t)thread * CPU__ATTN_RUN * (size_t)c->att_heads * mc->max_seq_len;
     const enum mdl_dtype et = cpu__kv_elem(c);
     float scale = 1.0f / sqrtf((float)hd);
     size_t tok_stride = (size_t)kvh * hd; /* elements per slot */
@@ -337,24 +369,7 @@ static void cpu__attn_task(void *arg, int task, int thread)
      * call per block_size positions, token and head, reading the rows in
      * place: the scores, then (after each row's softmax) the values. */
     for (int pass = 0; pass < 2; pass++) {
-        if (pass == 1) { /* softmax of each (token, head) row */
-            for (int t = t0; t < t1; t++)
-                for (int h = h0; h < h1; h++) {
-                    float *ah = att + ((size_t)(t - t0) * c->att_heads + (size_t)(h - h0)) * msl;
-                    float mx = -INFINITY, sum = 0.0f;
-                    for (int p = 0; p <= b->pos[t]; p++)
-                        if (ah[p] > mx) mx = ah[p];
-                    for (int p = 0; p <= b->pos[t]; p++) {
-                        ah[p] = expf(ah[p] - mx);
-                        sum += ah[p];
-                    }
-                    float inv = 1.0f / sum;
-                    for (int p = 0; p <= b->pos[t]; p++)
-                        ah[p] *= inv;
-                    memset(c->xb + ((size_t)t * mc->n_heads + h) * hd, 0,
-                           (size_t)hd * sizeof(float));
-                }
-        }
+        if (pass == 1) cpu__attn_softmax(c, att, t0, t1, h0, h1);
         for (int p0 = 0; p0 <= maxpos; p0 += bs) {
             const int32_t *prefetched = NULL; /* the table whose next block was asked for */
             for (int t = t0; t < t1; t++) {
@@ -372,7 +387,7 @@ static void cpu__attn_task(void *arg, int task, int thread)
                     prefetched = table;
                 }
                 for (int h = h0; h < h1; h++) {
-                    float *ah = att + ((size_t)(t - t0) * c->att_heads + (size_t)(h - h0)) * msl;
+                    float *ah = cpu__att_row(c, att, t - t0, h - h0);
                     size_t kv_el = (size_t)(h / per_kv) * hd;
                     if (pass == 0)
                         ck_attn_scores(ah + p0, c->q + ((size_t)t * mc->n_heads + h) * hd,
