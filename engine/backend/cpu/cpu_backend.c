@@ -302,10 +302,10 @@ static inline void cpu__prefetch(const void *p, size_t bytes)
 }
 
 /* A task's scores row for the i-th token of its run and j-th head of its
- * group, in its thread's scratch att. */
-static inline float *cpu__att_row(const cpu_ctx *c, float *att, int i, int j)
+ * group, in its thread's scratch att (rows of msl, heads per token). */
+static inline float *cpu__att_row(float *att, size_t msl, int heads, int i, int j)
 {
-    return att + ((size_t)i * (size_t)c->att_heads + (size_t)j) * (size_t)c->m->cfg.max_seq_len;
+    return att + ((size_t)i * (size_t)heads + (size_t)j) * msl;
 }
 
 /* The softmax of each (token, head) row of tokens [t0, t1), heads [h0, h1),
@@ -317,7 +317,7 @@ static void cpu__attn_softmax(cpu_ctx *c, float *att, int t0, int t1, int h0, in
     for (int t = t0; t < t1; t++) {
         int pos = c->b->pos[t];
         for (int h = h0; h < h1; h++) {
-            float *ah = cpu__att_row(c, att, t - t0, h - h0);
+            float *ah = cpu__att_row(att, (size_t)mc->max_seq_len, c->att_heads, t - t0, h - h0);
             float mx = -INFINITY, sum = 0.0f;
             for (int p = 0; p <= pos; p++)
                 if (ah[p] > mx) mx = ah[p];
@@ -356,7 +356,9 @@ static void cpu__attn_task(void *arg, int task, int thread)
     int bs = (int)c->kv.block_size;
     /* This thread's scores: one row per token of the run and head of the
      * group (cpu__att_row). */
-    float *att = c->att + (size_t)thread * CPU__ATTN_RUN * (size_t)c->att_heads * mc->max_seq_len;
+    size_t msl = (size_t)mc->max_seq_len;
+    int att_heads = c->att_heads;
+    float *att = c->att + (size_t)thread * CPU__ATTN_RUN * (size_t)att_heads * msl;
     const enum mdl_dtype et = cpu__kv_elem(c);
     float scale = 1.0f / sqrtf((float)hd);
     size_t tok_stride = (size_t)kvh * hd; /* elements per slot */
@@ -387,7 +389,7 @@ static void cpu__attn_task(void *arg, int task, int thread)
                     prefetched = table;
                 }
                 for (int h = h0; h < h1; h++) {
-                    float *ah = cpu__att_row(c, att, t - t0, h - h0);
+                    float *ah = cpu__att_row(att, msl, att_heads, t - t0, h - h0);
                     size_t kv_el = (size_t)(h / per_kv) * hd;
                     if (pass == 0)
                         ck_attn_scores(ah + p0, c->q + ((size_t)t * mc->n_heads + h) * hd,
