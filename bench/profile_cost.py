@@ -65,7 +65,12 @@ cluster:
      first token to the end, for TTFT; a streamed request's
      chunk gaps for TPOT, as tandem-loadtest measures it), printed with the
      SLOs derived from them (--ttft-x times the TTFT of the longest prompt,
-     --tpot-x times the streamed TPOT at batch 1, but at least --tpot-floor-ms).
+     or of --slo-prompt's; --tpot-x times the streamed TPOT at batch 1 after
+     --slo-tpot-prompt's prompt (16 tokens by default), but at least
+     --tpot-floor-ms). A trace replayed at its real lengths gives the
+     longest prompt it sends and the longest context its requests decode at
+     (prompt + half the output), so that each of its requests meets both
+     bounds on an idle cluster.
   6. The host's two speeds: --steady-n prefills of
      128 tokens (or half the context) back to back. The fastest fifth's
      bound is the fast speed; a prefill over --slow-x times it is slow.
@@ -267,6 +272,16 @@ def main(argv):
                     help="prompt ids seed; 0: from the clock (a rerun must not hit the prefix cache)")
     ap.add_argument("--ttft-x", type=float, default=5.0, help="TTFT SLO = this x unloaded")
     ap.add_argument("--tpot-x", type=float, default=3.0, help="TPOT SLO = this x unloaded")
+    ap.add_argument("--slo-prompt", type=int, default=0,
+                    help="the TTFT SLO is --ttft-x times the unloaded TTFT of a prompt this long "
+                    "(also profiled); 0: the longest profiled prompt")
+    ap.add_argument("--slo-tpot-prompt", type=int, default=16,
+                    help="the TPOT SLO is --tpot-x times the unloaded streamed TPOT at batch 1 "
+                    "after a prompt this long (a trace's longest request decodes at the longest "
+                    "context: give its prompt + half its output)")
+    ap.add_argument("--decode-prompts", default="16,192",
+                    help="prompt lengths of the decode runs (each capped to leave room for "
+                    "--decode-tokens); add a long one to fit attention at long contexts")
     ap.add_argument("--tpot-floor-ms", type=float, default=1.0,
                     help="TPOT SLO at least this: a client on a shared 2-core host does not "
                     "time sub-millisecond token gaps reliably (docs/loadtest.md: p99 timer "
@@ -293,8 +308,9 @@ def main(argv):
 
     # 1 + 2: prefill and transfer, single requests.
     top = ctx - 8
+    slo_p = min(a.slo_prompt, top) if a.slo_prompt > 0 else top
     lengths = sorted({x for x in (8, 16, 32, 64, 128, 192, 256) if x < top} |
-                     {top // 2 + top // 4, top})
+                     {top // 2 + top // 4, top, slo_p})
     pre = []
     for rep in range(a.reps):
         for p in lengths:
@@ -329,7 +345,8 @@ def main(argv):
     # model decodes 128 after prompts of 16 to 112 tokens).
     a.decode_tokens = min(a.decode_tokens, ctx // 2)
     dec = []
-    ctx_prompts = [16, max(16, min(192, ctx - a.decode_tokens - 8))]
+    ctx_prompts = sorted({max(16, min(int(x), ctx - a.decode_tokens - 8))
+                          for x in a.decode_prompts.split(",")})
     for p in ctx_prompts:
         for b in batches:
             res = [None] * b
@@ -363,9 +380,10 @@ def main(argv):
 
     # Streamed, as the load tester sees it: TPOT = (last chunk - first chunk)
     # / (tokens - 1) on the client, batch 1.
+    tpot_p = max(1, min(a.slo_tpot_prompt, ctx - a.decode_tokens - 8))
     tpot_stream = []
     for _ in range(a.reps):
-        tpot_stream.append(stream_tpot(a.url, model, prompt(16), a.decode_tokens))
+        tpot_stream.append(stream_tpot(a.url, model, prompt(tpot_p), a.decode_tokens))
 
     # 4: co-location, decode alone and beside back-to-back prefills, alternating.
     colo_p = min(128, ctx // 2)
@@ -483,14 +501,15 @@ def main(argv):
            host["mean_us"] / 1000))
     mid = lengths[len(lengths) // 2]
     print("\nunloaded (client): TTFT %.2f ms at %d tokens, %.2f ms at %d, %.2f ms at %d; "
-          "streamed TPOT %.3f ms at batch 1 (decode step %.3f ms)" %
-          (ttft_p[lengths[0]], lengths[0], ttft_p[mid], mid, ttft_p[top], top, tpot1, step1))
-    slo_ttft = a.ttft_x * ttft_p[top]
+          "streamed TPOT %.3f ms at batch 1 after %d prompt tokens (decode step %.3f ms)" %
+          (ttft_p[lengths[0]], lengths[0], ttft_p[mid], mid, ttft_p[top], top, tpot1, tpot_p,
+           step1))
+    slo_ttft = a.ttft_x * ttft_p[slo_p]
     slo_tpot = max(a.tpot_x * tpot1, a.tpot_floor_ms)
-    print("SLOs: TTFT <= %.1f ms (%gx the unloaded TTFT of the longest prompt, %d tokens), "
-          "TPOT <= %.2f ms (%gx the unloaded streamed TPOT at batch 1 = %.2f ms, "
-          "at least %g ms)" % (slo_ttft, a.ttft_x, top, slo_tpot, a.tpot_x, a.tpot_x * tpot1,
-                                a.tpot_floor_ms))
+    print("SLOs: TTFT <= %.1f ms (%gx the unloaded TTFT of a %d-token prompt), "
+          "TPOT <= %.2f ms (%gx the unloaded streamed TPOT at batch 1 after %d prompt tokens "
+          "= %.2f ms, at least %g ms)" % (slo_ttft, a.ttft_x, slo_p, slo_tpot, a.tpot_x, tpot_p,
+                                          a.tpot_x * tpot1, a.tpot_floor_ms))
     print("wrote %s" % a.out)
     if a.json:
         with open(a.json, "w") as f:
@@ -503,6 +522,7 @@ def main(argv):
                                     "tpot_ms_stream": tpot1, "step_ms_batch1": step1},
                        "slo": {"ttft_ms": slo_ttft, "tpot_ms": slo_tpot,
                                "ttft_x": a.ttft_x, "tpot_x": a.tpot_x,
+                               "ttft_prompt": slo_p, "tpot_prompt": tpot_p,
                                "tpot_floor_ms": a.tpot_floor_ms},
                        "prefill": pre, "decode": dec}, f, indent=1)
     cli.close()

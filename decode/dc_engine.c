@@ -53,6 +53,7 @@ struct dc_req {
     bool registered;                   /* kvx knows the request */
     bool kv_final;                     /* kvx's final event came */
     bool kv_landed;                    /* ... and it was DONE */
+    uint64_t kv_blocks_seen;           /* kvx_recv_landed at the last stall check */
     rpc_stream *prefill;               /* Prefill.Run call */
     struct dc_prefill_client *pclient; /* the prefill worker's channel and liveness */
     bool prefill_ended;
@@ -648,6 +649,22 @@ static void dc__poll_prefill(dc_engine *d)
     }
 }
 
+/* Whether blocks of r landed since the last check, a progress if so. A
+ * layer's KVX_EV_LAYER_LANDED comes when all its blocks are in, which a long
+ * prompt prefilled in chunks reaches with its last chunk only: on a slow host
+ * that is seconds of blocks landing without an event. Asked only when r looks
+ * stalled (a round trip to kvx's thread). */
+static bool dc__kv_moved(dc_engine *d, dc_req *r)
+{
+    uint64_t landed = 0;
+    if (!r->registered || kvx_recv_landed(d->ctx->kvx, r->id, &landed) != 0 ||
+        landed <= r->kv_blocks_seen)
+        return false;
+    r->kv_blocks_seen = landed;
+    dc__progress(r);
+    return true;
+}
+
 static void dc__check_live(dc_engine *d)
 {
     int64_t now = td_now_ns();
@@ -662,7 +679,8 @@ static void dc__check_live(dc_engine *d)
             dc__join(d, r);
         else if (r->state == DC_PREFILL && !r->kv_landed &&
                  now - r->t_progress > d->ctx->prefill_timeout_ns &&
-                 (!r->pclient || now - r->pclient->last_alive_ns > d->ctx->prefill_timeout_ns))
+                 (!r->pclient || now - r->pclient->last_alive_ns > d->ctx->prefill_timeout_ns) &&
+                 !dc__kv_moved(d, r))
             /* Stalled: no progress for this request and no sign of life from
              * its prefill worker for any request (a long queue there is not a
              * stall: the worker keeps sending other requests' KV). */

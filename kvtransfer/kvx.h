@@ -279,6 +279,15 @@ int kvx_send_layer(kvx_ep *ep, const char *req_id, int layer, const kvx_pair *pa
  * end with KVX_EV_FAILED / TD_ECANCELED. Returns 0 or TD_ENOENT. */
 int kvx_cancel(kvx_ep *ep, const char *req_id);
 
+/* Receiver: the blocks of an open request landed so far, counted once per
+ * layer (n_blocks x n_layers when whole), into *blocks. KVX_EV_LAYER_LANDED
+ * comes only when a layer is whole, which a long prompt prefilled in chunks
+ * reaches only with its last chunk; this tells a waiting receiver that the
+ * transfer still moves. A round trip to the progress thread: for occasional
+ * checks, not per block. Returns 0, TD_EINVAL or TD_ENOENT (no such open
+ * request). */
+int kvx_recv_landed(kvx_ep *ep, const char *req_id, uint64_t *blocks);
+
 /* Readable (eventfd) while events are pending. Owned by the endpoint. */
 int kvx_ep_event_fd(kvx_ep *ep);
 

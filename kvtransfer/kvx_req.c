@@ -761,6 +761,29 @@ static int cancel_fn(kvx_ep *ep, void *arg)
     return 0;
 }
 
+struct landed_arg {
+    const char *id;
+    uint64_t blocks;
+};
+
+static int landed_fn(kvx_ep *ep, void *arg)
+{
+    struct landed_arg *a = arg;
+    kvx__req *r = req_by_id(ep, a->id);
+    if (!r || r->closing) return TD_ENOENT;
+    a->blocks = r->n_landed;
+    return 0;
+}
+
+int kvx_recv_landed(kvx_ep *ep, const char *req_id, uint64_t *blocks)
+{
+    if (!ep || ep->p.role != KVX_ROLE_RECV || check_id(req_id) < 0 || !blocks) return TD_EINVAL;
+    struct landed_arg a = {req_id, 0};
+    int rc = kvx__call(ep, landed_fn, &a);
+    if (rc == 0) *blocks = a.blocks;
+    return rc;
+}
+
 int kvx_cancel(kvx_ep *ep, const char *req_id)
 {
     if (!ep || check_id(req_id) < 0) return TD_EINVAL;

@@ -17,7 +17,8 @@ from its metrics endpoint):
   5. failure paths: cancel mid-stream, deadline expiry, prefill SIGKILLed,
      decode SIGKILLed (prefill keeps serving), prefill SIGSTOPped (stall
      detected), mismatched models, a prompt longer than the context, malformed
-     requests;
+     requests; a long prompt prefilled in small chunks, whose layers complete
+     only with its last chunk, past the stall timeout (not a stall);
   6. SIGTERM during load: running requests finish, new ones are refused, exit 0.
 
 Usage: test_workers.py BIN_DIR SHARED_DIR [--quick]
@@ -398,6 +399,33 @@ def case_failures(model, other_model, vocab, ctx):
     check(pf.stop() == 0 and dc.stop() == 0, "failures: exit codes")
 
 
+def case_long_chunked_prefill():
+    """A long prompt prefilled in small chunks: each layer's last block lands
+    only with the last chunk, long after the decode worker's stall timeout,
+    while blocks land all along. That is progress, not a stall: the request
+    completes in one attempt with the reference's tokens."""
+    log("case: a 4,000-token prompt prefilled in 16-token chunks, prefill timeout 100 ms")
+    model = os.path.join(TMP, "tiny-4k")
+    subprocess.run([os.path.join(BIN, "make-test-model"), "--format", "hf", "--shape", "tiny-4k",
+                    "--seed", "3", "--out", model], check=True, capture_output=True)
+    pf = Worker("prefill", model, "--max-chunk-tokens", "16")
+    dc = Worker("decode", model, "--prefill-timeout", "100ms")
+    rng = random.Random(11)
+    req = {"id": "long-chunked", "prompt_tokens": [rng.randrange(3, 512) for _ in range(4000)],
+           "max_tokens": 4, "ignore_eos": True}
+    t0 = time.time()
+    got = run_cli(dc, [pf], [req])["long-chunked"]
+    took = time.time() - t0
+    check(got["status"] == "OK", "long chunked prefill: %s" % got)
+    check(got.get("tokens") == reference(model, req),
+          "long chunked prefill: tokens differ from tandem-generate's")
+    # Only a prefill longer than the timeout tests anything (0.6 s here).
+    check(took > 0.3, "long chunked prefill took %.2f s: too fast to test the stall rule" % took)
+    check(dc.blocks_all_free() and pf.blocks_all_free(), "long chunked prefill: blocks leaked")
+    pf.stop()
+    dc.stop()
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -480,6 +508,7 @@ def main():
         other = [m for m in ms if m[0] == "tiny-qwen2"][0][1]
         tiny = [m for m in ms if m[0] == "tiny"][0]
         case_failures(tiny[1], other, tiny[2], tiny[3])
+        case_long_chunked_prefill()
         case_decode_restart(base[1], base[2], base[3])
         case_sigterm(base[1], base[2], base[3])
     except Exception as e:

@@ -1415,6 +1415,57 @@ static void test_partial_deadline(void **s)
     }
 }
 
+/* kvx_recv_landed counts the blocks of a layer that is not whole yet (no
+ * KVX_EV_LAYER_LANDED for it), and knows open requests only. */
+static void wait_landed(kvx_ep *rx, const char *id, uint64_t want)
+{
+    uint64_t got = 0;
+    int64_t until = td_now_ns() + 3 * SEC;
+    while (kvx_recv_landed(rx, id, &got) == 0 && got < want && td_now_ns() < until)
+        td_sleep_ns(TD_NS_PER_MS);
+    assert_int_equal(got, want);
+}
+
+static void test_recv_landed(void **s)
+{
+    const char *transports[] = {"tcp", "shm"};
+    for (int t = 0; t < 2; t++) {
+        kv_layout l = small_layout(2, 32);
+        char bound[128];
+        kvx_ep *rx = mk_rx(transports[t], l, bound, sizeof(bound));
+        kvx_ep *tx = mk_ep(transports[t], KVX_ROLE_SEND, l, FP);
+        int peer;
+        assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+        kvx_pair pairs[2] = {{0, 1}, {1, 2}};
+        uint32_t dst[2] = {1, 2};
+        uint64_t n = 7;
+        assert_int_equal(kvx_recv_landed(rx, "part", &n), TD_ENOENT);
+        assert_int_equal(kvx_recv_register(rx, "part", dst, 2, 0), 0);
+        assert_int_equal(kvx_recv_landed(rx, "part", &n), 0);
+        assert_int_equal(n, 0);
+        assert_int_equal(kvx_recv_landed(tx, "part", &n), TD_EINVAL);
+        assert_int_equal(kvx_recv_landed(rx, "part", NULL), TD_EINVAL);
+        assert_int_equal(kvx_send_begin(tx, peer, "part", 0), 0);
+        /* One block of layer 0's two: it lands, the layer is not whole. */
+        assert_int_equal(kvx_send_layer(tx, "part", 0, pairs, 1), 0);
+        wait_landed(rx, "part", 1);
+        kvx_event e;
+        assert_int_equal(kvx_ep_poll(rx, &e, 1), 0);
+        assert_int_equal(kvx_send_layer(tx, "part", 0, pairs + 1, 1), 0);
+        wait_landed(rx, "part", 2);
+        assert_int_equal(kvx_ep_wait(rx, &e, 1, 3 * SEC), 1);
+        assert_int_equal(e.type, KVX_EV_LAYER_LANDED);
+        assert_int_equal(e.layer, 0);
+        assert_int_equal(kvx_send_layer(tx, "part", 1, pairs, 2), 0);
+        assert_int_equal(wait_final(rx, "part", 3 * SEC, NULL).type, KVX_EV_DONE);
+        /* Whole and reported: no longer open. */
+        assert_int_equal(kvx_recv_landed(rx, "part", &n), TD_ENOENT);
+        assert_int_equal(wait_final(tx, "part", 3 * SEC, NULL).type, KVX_EV_DONE);
+        kvx_ep_destroy(tx);
+        kvx_ep_destroy(rx);
+    }
+}
+
 /* Registration rules and sender-side validation. */
 static void test_register_and_post_rules(void **s)
 {
@@ -2690,6 +2741,7 @@ int main(void)
     if (getenv("KVX_TEST_FILTER")) cmocka_set_test_filter(getenv("KVX_TEST_FILTER"));
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_send_ring_resident),
+        cmocka_unit_test(test_recv_landed),
         cmocka_unit_test(test_tcp_basic),
         cmocka_unit_test(test_shm_basic),
         cmocka_unit_test(test_tcp_many_layers),
