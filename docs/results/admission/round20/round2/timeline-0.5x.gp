@@ -1,0 +1,9 @@
+set terminal pngcairo noenhanced size 900,230
+set output 'build/admexp/r20/round2/out/timeline-0.5x.png'
+set multiplot layout 1,1
+set key outside right
+set xlabel 'time (s)'
+set ylabel 'req/s'
+set title 'burst at 0.5x capacity'
+plot 'build/admexp/r20/round2/out/timeline-0.5x-burst.dat' u 1:5 w steps lw 2 t 'goodput', '' u 1:2 w l t 'admitted', '' u 1:3 w l t 'held', '' u 1:4 w l t 'rejected'
+unset multiplot
