@@ -1430,12 +1430,8 @@ static void test_recv_landed(void **s)
 {
     const char *transports[] = {"tcp", "shm"};
     for (int t = 0; t < 2; t++) {
-        kv_layout l = small_layout(2, 32);
-        char bound[128];
-        kvx_ep *rx = mk_rx(transports[t], l, bound, sizeof(bound));
-        kvx_ep *tx = mk_ep(transports[t], KVX_ROLE_SEND, l, FP);
-        int peer;
-        assert_int_equal(kvx_connect(tx, bound, &peer, NULL, 0), 0);
+        kvx_ep *rx, *tx;
+        int peer = mk_pair(transports[t], small_layout(2, 32), 5, &rx, &tx);
         kvx_pair pairs[2] = {{0, 1}, {1, 2}};
         uint32_t dst[2] = {1, 2};
         uint64_t n = 7;
