@@ -6,6 +6,8 @@
  * small model's batched forward: with glibc's expf and a scalar argmax a
  * draw took about 280 us on the 2-core AVX2 host, a quarter of the decode
  * worker's step per sequence (docs/cpu-throughput.md, "The sampler").
+ * The CPU backend's attention softmax runs on the same two kernels
+ * (smpk_argmax, smpk_exp_sum), one row per (token, head).
  *
  * Same bits everywhere: the AVX2 and the generic versions run the same
  * operations in the same order (every product-sum is one fused multiply-add,

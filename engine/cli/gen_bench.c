@@ -739,6 +739,16 @@ int gen_bench_run(const mdl_model *given)
            "openblas %.1f tok/s (%.1f%%)\n",
            plen, pd, peak > 0 ? 100 * pd * pf / 1e9 / peak : 0, pb,
            peak > 0 ? 100 * pb * pf / 1e9 / peak : 0);
+    /* A long prompt, where the model's context allows (the 4k shapes): its
+     * attention reads a growing prefix per token and outweighs the
+     * matmuls (about 2,000 of them at 2,048 tokens on the 15m shape). */
+    int llen = 2048;
+    if (mc->max_seq_len >= llen) {
+        double pl;
+        if ((rc = bench_prefill(m, 1, BE_MATMUL_DETERMINISTIC, llen, &pl))) goto out;
+        printf("prefill of %d tokens, 1 thread: deterministic %.1f tok/s (%.0f ms)\n", llen, pl,
+               pl > 0 ? 1e3 * llen / pl : 0);
+    }
     const int rows[2] = {32, plen};
     double gk[2], rk[2][3];
     int bits = peak512 > peak256 ? 512 : 256;

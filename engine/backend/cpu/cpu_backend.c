@@ -10,6 +10,7 @@
 #include "common/err.h"
 #include "engine/backend/cpu/cpu_kernels.h"
 #include "engine/backend/cpu/cpu_pool.h"
+#include "engine/sampler_kernels.h"
 
 /* Up to three matrices sharing one input, computed in one parallel region
  * (q/k/v, or gate/up), so a layer has few barriers. */
@@ -310,23 +311,22 @@ static inline float *cpu__att_row(float *att, size_t msl, int heads, int i, int 
 
 /* The softmax of each (token, head) row of tokens [t0, t1), heads [h0, h1),
  * over positions 0..pos, and the token's attention output cleared for the
- * values to be added into. */
+ * values to be added into. The numerators and their sum are the sampler's
+ * (smpk_exp_sum: a vectorised e^x within 2 ulp, the sum kept in 8 lanes and
+ * folded in a fixed order): every row's bits depend on its own scores alone,
+ * not on the batch or the CPU, and a long prompt's rows are no longer a
+ * libm call and a dependent add per position. A row with a NaN score is all
+ * NaN, as the scalar max would have left it. */
 static void cpu__attn_softmax(cpu_ctx *c, float *att, int t0, int t1, int h0, int h1)
 {
     const mdl_config *mc = &c->m->cfg;
     for (int t = t0; t < t1; t++) {
-        int pos = c->b->pos[t];
+        int n = c->b->pos[t] + 1;
         for (int h = h0; h < h1; h++) {
             float *ah = cpu__att_row(att, (size_t)mc->max_seq_len, c->att_heads, t - t0, h - h0);
-            float mx = -INFINITY, sum = 0.0f;
-            for (int p = 0; p <= pos; p++)
-                if (ah[p] > mx) mx = ah[p];
-            for (int p = 0; p <= pos; p++) {
-                ah[p] = expf(ah[p] - mx);
-                sum += ah[p];
-            }
-            float inv = 1.0f / sum;
-            for (int p = 0; p <= pos; p++)
+            int best = smpk_argmax(ah, n);
+            float inv = best < 0 ? NAN : 1.0f / smpk_exp_sum(ah, ah, n, ah[best], 1.0f);
+            for (int p = 0; p < n; p++)
                 ah[p] *= inv;
             memset(c->xb + ((size_t)t * mc->n_heads + h) * mc->head_dim, 0,
                    (size_t)mc->head_dim * sizeof(float));
