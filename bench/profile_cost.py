@@ -51,10 +51,11 @@ cluster:
      (A llama2.c checkpoint stops at BOS even with ignore_eos, so the tokens
      actually generated are used, not max_tokens.)
   4. Co-location: workers that share a host's cores slow each other. b
-     streamed requests decode alone (--colo-batch, long outputs), then again
-     while another client sends prefill-only requests (max_tokens 1, a
-     prompt of 128 tokens, or half the context when that is less) back to
-     back; the two alternate, --colo-rounds times each. The mean chunk gap
+     streamed requests decode alone (--colo-batch, long outputs after
+     prompts of --colo-decode-prompt tokens), then again while another
+     client sends prefill-only requests (max_tokens 1, a prompt of
+     --colo-prompt tokens: by default 128, or half the context when that
+     is less) back to back; the two alternate, --colo-rounds times each. The mean chunk gap
      over the stretch where all b stream, with the prefills against without,
      less 1, is decode_extra_when_prefilling; those prefills' worker time
      (as in step 1) against the same prompt length's alone in step 1,
@@ -262,6 +263,13 @@ def main(argv):
                     help="co-location: sequences decoding while prefills run")
     ap.add_argument("--colo-rounds", type=int, default=3,
                     help="co-location: rounds of decode alone and beside prefills")
+    ap.add_argument("--colo-prompt", type=int, default=0,
+                    help="co-location: the prefills' prompt length (also profiled alone); 0: 128, "
+                    "or half the context when that is less. Give a trace's typical prompt: two "
+                    "workers on one host contend for memory more with long prompts and contexts")
+    ap.add_argument("--colo-decode-prompt", type=int, default=16,
+                    help="co-location: the decoding sequences' prompt length (capped to leave "
+                    "room for their tokens)")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     ap.add_argument("--steady-n", type=int, default=300,
                     help="back-to-back prefills that measure the host's slow stretches (0: skip)")
@@ -309,8 +317,9 @@ def main(argv):
     # 1 + 2: prefill and transfer, single requests.
     top = ctx - 8
     slo_p = min(a.slo_prompt, top) if a.slo_prompt > 0 else top
+    colo_p = min(a.colo_prompt, top) if a.colo_prompt > 0 else min(128, ctx // 2)
     lengths = sorted({x for x in (8, 16, 32, 64, 128, 192, 256) if x < top} |
-                     {top // 2 + top // 4, top, slo_p})
+                     {top // 2 + top // 4, top, slo_p, colo_p})
     pre = []
     for rep in range(a.reps):
         for p in lengths:
@@ -386,10 +395,9 @@ def main(argv):
         tpot_stream.append(stream_tpot(a.url, model, prompt(tpot_p), a.decode_tokens))
 
     # 4: co-location, decode alone and beside back-to-back prefills, alternating.
-    colo_p = min(128, ctx // 2)
-    pre_alone = statistics.median(r["compute_us"] for r in pre if r["p"] == colo_p) \
-        if colo_p in lengths else None
-    colo_tokens = min(a.decode_tokens, ctx - 16 - 8)
+    pre_alone = statistics.median(r["compute_us"] for r in pre if r["p"] == colo_p)
+    colo_dp = max(1, min(a.colo_decode_prompt, ctx - 8 - 8))
+    colo_tokens = min(a.decode_tokens, ctx - colo_dp - 8)
     colo = {"gap_alone_us": [], "gap_beside_us": [], "prefill_beside_us": []}
 
     def colo_round(beside):
@@ -398,7 +406,7 @@ def main(argv):
 
         def one(i):
             try:
-                res[i] = stream_chunks(a.url, model, prompt(16), colo_tokens)[1]
+                res[i] = stream_chunks(a.url, model, prompt(colo_dp), colo_tokens)[1]
             except Exception as e:  # noqa: BLE001 - reported below
                 errs.append(str(e))
 
@@ -486,10 +494,10 @@ def main(argv):
           % (xf[0], xf[1], tf[0], tf[1]))
     print("fit: decode step_us = %.1f + %.1f x batch + %.4f x summed context (R^2 %.3f)" %
           (df[0], df[1], df[2], df_r2))
-    print("co-location (%d streams of %d tokens, prefills of %d tokens, %d rounds): decode step "
-          "%.0f us alone, %.0f us beside prefills (+%.1f%%); prefill %s us alone, %.0f us beside "
-          "decode (+%.1f%%)" %
-          (a.colo_batch, colo_tokens, colo_p, a.colo_rounds,
+    print("co-location (%d streams of %d tokens after %d-token prompts, prefills of %d tokens, "
+          "%d rounds): decode step %.0f us alone, %.0f us beside prefills (+%.1f%%); prefill %s us "
+          "alone, %.0f us beside decode (+%.1f%%)" %
+          (a.colo_batch, colo_tokens, colo_dp, colo_p, a.colo_rounds,
            statistics.median(colo["gap_alone_us"]) if colo["gap_alone_us"] else 0,
            statistics.median(colo["gap_beside_us"]) if colo["gap_beside_us"] else 0,
            100 * decode_extra, "%.0f" % pre_alone if pre_alone else "?",
