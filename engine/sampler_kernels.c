@@ -72,6 +72,16 @@ float smpk_exp_sum_generic(float *out, const float *x, int n, float mx, float t)
     return s;
 }
 
+void smpk_silu_mul_generic(float *g, const float *u, int n)
+{
+    for (int i = 0; i < n; i++) {
+        float x = g[i];
+        float e = smpk_exp(-fabsf(x));
+        float s = (x >= 0.0f ? 1.0f : e) / (1.0f + e);
+        g[i] = x * s * u[i];
+    }
+}
+
 int smpk_argmax_generic(const float *x, int n)
 {
     int best = 0;
@@ -126,6 +136,22 @@ SMPK_AVX2 static float smpk__exp_sum_avx2(float *out, const float *x, int n, flo
     return s;
 }
 
+/* smpk_silu_mul_generic on 8 lanes: the same operations, in the same order
+ * (-|x| by setting the sign bit, as fabsf then negation gives). */
+SMPK_AVX2 static void smpk__silu_mul_avx2(float *g, const float *u, int n)
+{
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        __m256 e = smpk__exp8(_mm256_or_ps(x, sign));
+        __m256 pos = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ); /* false for NaN */
+        __m256 s = _mm256_div_ps(_mm256_blendv_ps(e, one, pos), _mm256_add_ps(one, e));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_mul_ps(x, s), _mm256_loadu_ps(u + i)));
+    }
+    smpk_silu_mul_generic(g + i, u + i, n - i);
+}
+
 /* Two passes: the maximum (and whether any lane saw a NaN), then the first
  * element equal to it. Comparing for equality makes -0 and +0 one value,
  * as the generic scan's x[i] > x[best] does. */
@@ -168,6 +194,7 @@ SMPK_AVX2 static int smpk__argmax_avx2(const float *x, int n)
 static int (*smpk__argmax_impl)(const float *, int) = smpk_argmax_generic;
 static float (*smpk__exp_sum_impl)(float *, const float *, int, float,
                                    float) = smpk_exp_sum_generic;
+static void (*smpk__silu_mul_impl)(float *, const float *, int) = smpk_silu_mul_generic;
 static const char *smpk__name = "generic";
 
 static void smpk__select(void)
@@ -177,6 +204,7 @@ static void smpk__select(void)
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         smpk__argmax_impl = smpk__argmax_avx2;
         smpk__exp_sum_impl = smpk__exp_sum_avx2;
+        smpk__silu_mul_impl = smpk__silu_mul_avx2;
         smpk__name = "avx2";
     }
 #endif
@@ -198,6 +226,12 @@ float smpk_exp_sum(float *out, const float *x, int n, float mx, float t)
 {
     smpk__init();
     return smpk__exp_sum_impl(out, x, n, mx, t);
+}
+
+void smpk_silu_mul(float *g, const float *u, int n)
+{
+    smpk__init();
+    smpk__silu_mul_impl(g, u, n);
 }
 
 const char *smpk_variant(void)

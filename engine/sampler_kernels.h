@@ -7,7 +7,8 @@
  * draw took about 280 us on the 2-core AVX2 host, a quarter of the decode
  * worker's step per sequence (docs/cpu-throughput.md, "The sampler").
  * The CPU backend's attention softmax runs on the same two kernels
- * (smpk_argmax, smpk_exp_sum), one row per (token, head).
+ * (smpk_argmax, smpk_exp_sum), one row per (token, head), and its SwiGLU on
+ * smpk_silu_mul: one exponential for the whole engine.
  *
  * Same bits everywhere: the AVX2 and the generic versions run the same
  * operations in the same order (every product-sum is one fused multiply-add,
@@ -38,10 +39,17 @@ float smpk_fold8(const float a[8]);
 /* e^x for x <= 0, as smpk_exp_sum computes each element. */
 float smpk_exp(float x);
 
+/* g[i] = silu(g[i]) * u[i] for i in [0, n): SwiGLU's gate, silu(g) = g *
+ * sigmoid(g), with sigmoid(g) = 1 / (1 + e) for g >= 0 and e / (1 + e)
+ * below, e = smpk_exp(-|g|) (so no argument leaves smpk_exp's range and
+ * nothing overflows), then (g * sigmoid(g)) * u. A NaN gate stays NaN. */
+void smpk_silu_mul(float *g, const float *u, int n);
+
 /* The portable versions, for tests that compare them with the dispatched
  * ones bit for bit. */
 int smpk_argmax_generic(const float *x, int n);
 float smpk_exp_sum_generic(float *out, const float *x, int n, float mx, float t);
+void smpk_silu_mul_generic(float *g, const float *u, int n);
 
 /* "avx2" or "generic": the version smpk_argmax and smpk_exp_sum run. */
 const char *smpk_variant(void);

@@ -403,24 +403,28 @@ def case_long_chunked_prefill():
     """A long prompt prefilled in small chunks: each layer's last block lands
     only with the last chunk, long after the decode worker's stall timeout,
     while blocks land all along. That is progress, not a stall: the request
-    completes in one attempt with the reference's tokens."""
+    completes in one attempt with the reference's tokens. The 15m geometry
+    with a 4,096-token context, so that the prefill takes seconds (a build
+    before the rule failed the request after 0.1 s)."""
     log("case: a 4,000-token prompt prefilled in 16-token chunks, prefill timeout 100 ms")
-    model = os.path.join(TMP, "tiny-4k")
-    subprocess.run([os.path.join(BIN, "make-test-model"), "--format", "hf", "--shape", "tiny-4k",
-                    "--seed", "3", "--out", model], check=True, capture_output=True)
-    pf = Worker("prefill", model, "--max-chunk-tokens", "16")
-    dc = Worker("decode", model, "--prefill-timeout", "100ms")
+    model = os.path.join(TMP, "m15-4k")
+    subprocess.run([os.path.join(BIN, "make-test-model"), "--format", "hf", "--shape", "15m-4k",
+                    "--dtype", "bf16", "--seed", "3", "--out", model], check=True,
+                   capture_output=True)
+    pf = Worker("prefill", model, "--max-chunk-tokens", "16", "--kv-blocks", "512")
+    dc = Worker("decode", model, "--prefill-timeout", "100ms", "--kv-blocks", "512")
     rng = random.Random(11)
-    req = {"id": "long-chunked", "prompt_tokens": [rng.randrange(3, 512) for _ in range(4000)],
+    req = {"id": "long-chunked", "prompt_tokens": [rng.randrange(3, 32000) for _ in range(4000)],
            "max_tokens": 4, "ignore_eos": True}
     t0 = time.time()
     got = run_cli(dc, [pf], [req])["long-chunked"]
     took = time.time() - t0
+    log("long chunked prefill took %.2f s" % took)
     check(got["status"] == "OK", "long chunked prefill: %s" % got)
     check(got.get("tokens") == reference(model, req),
           "long chunked prefill: tokens differ from tandem-generate's")
-    # Only a prefill longer than the timeout tests anything (0.6 s here).
-    check(took > 0.3, "long chunked prefill took %.2f s: too fast to test the stall rule" % took)
+    # Only a prefill well past the timeout tests anything (2-3 s here).
+    check(took > 0.5, "long chunked prefill took %.2f s: too fast to test the stall rule" % took)
     check(dc.blocks_all_free() and pf.blocks_all_free(), "long chunked prefill: blocks leaked")
     pf.stop()
     dc.stop()
