@@ -741,9 +741,10 @@ int gen_bench_run(const mdl_model *given)
            "openblas %.1f tok/s (%.1f%%)\n",
            plen, pd, peak > 0 ? 100 * pd * pf / 1e9 / peak : 0, pb,
            peak > 0 ? 100 * pb * pf / 1e9 / peak : 0);
-    /* A long prompt, where the model's context allows (the 4k shapes): its
-     * attention reads a growing prefix per token and outweighs the
-     * matmuls (about 2,000 of them at 2,048 tokens on the 15m shape). */
+    /* A long prompt, where the model's context allows (the 4k shapes): each
+     * token's attention reads its whole prefix, about 14.5 GFLOP against
+     * the matmuls' 24.5 at 2,048 tokens on the 15m shape, and about half
+     * the time (docs/cpu-throughput.md, eleventh round). */
     int llen = 2048;
     if (mc->max_seq_len >= llen) {
         double pl;
