@@ -17,7 +17,7 @@ profile() { mkdir -p $1; up $1/prof; nice -n -20 python3 bench/profile_cost.py -
 log() { echo "$* $(date -u +%H:%M:%S)" >> $W/log.txt; }
 COMMON=(--model $M --max-context 4096 --max-requests $N --trace $TRACE --bin-dir $B)
 log "start"
-for n in $(seq 1 $ROUNDS); do
+for n in $(seq ${FIRST:-1} $ROUNDS); do   # FIRST=k: start at round k (a later round on its own)
   P=$W/round$n; profile $P
   nice -n -20 python3 bench/admission_experiment.py --cost $P/cost.txt "${SLO[@]}" "${COMMON[@]}" \
     --capacity $CAP --loads 1.5,2 --policies burst,none,token_bucket,queue_threshold \
