@@ -877,6 +877,39 @@ static void test_paged_shuffled_blocks(void **s)
     mdl_free(m);
 }
 
+/* A NaN in one position's K and V (its token's embedding row poisoned):
+ * every later position attends to it, so its attention softmax rows hold a
+ * NaN score (smpk_argmax answers -1) and the logits from there on are NaN;
+ * the positions before it are untouched, bit for bit. Taking that row's
+ * maximum from ah[-1] anyway reads before the scores buffer for the run's
+ * first row: the ASan build fails this test on it (heap-buffer-overflow in
+ * cpu__attn_softmax), checked by hand. */
+static void test_nan_scores(void **s)
+{
+    (void)s;
+    mdl_model *m = make_model(MDL_ROPE_HALF, 0, 0);
+    int V = m->cfg.vocab_size, dim = m->cfg.dim, n = 40, at = 20;
+    int32_t tokens[40], table[3] = {0, 1, 2};
+    for (int i = 0; i < n; i++)
+        tokens[i] = i == at ? V - 1 : (i * 13 + 1) % (V - 1);
+    float *clean = malloc((size_t)n * V * sizeof(float)), *got = malloc((size_t)n * V * 4);
+    be_backend *be = open_cpu(m, 1, BE_MATMUL_DETERMINISTIC, NULL, 0);
+    assert_int_equal(run_prefill_all(be, tokens, n, table, 3, clean), 0);
+    be_close(be);
+    float *row = (float *)m->tok_embed + (size_t)(V - 1) * dim; /* owned, writable F32 */
+    for (int i = 0; i < dim; i++)
+        row[i] = NAN;
+    be = open_cpu(m, 1, BE_MATMUL_DETERMINISTIC, NULL, 0);
+    assert_int_equal(run_prefill_all(be, tokens, n, table, 3, got), 0);
+    be_close(be);
+    assert_memory_equal(got, clean, (size_t)at * V * sizeof(float));
+    for (size_t i = (size_t)at * V; i < (size_t)n * V; i++)
+        if (!isnan(got[i])) fail_msg("logit %zu (position %zu) is %g, not NaN", i, i / V, got[i]);
+    free(clean);
+    free(got);
+    mdl_free(m);
+}
+
 /* Copy-on-write: a prefix computed into blocks {0, 1} and copied to {5, 6}
  * continues from the copies exactly as from the originals. */
 static void test_copy_blocks(void **s)
@@ -1265,6 +1298,7 @@ int main(void)
         cmocka_unit_test_setup(test_kv_f16, reset_globals),
         cmocka_unit_test_setup(test_f16_conversion, reset_globals),
         cmocka_unit_test_setup(test_paged_shuffled_blocks, reset_globals),
+        cmocka_unit_test_setup(test_nan_scores, reset_globals),
         cmocka_unit_test_setup(test_copy_blocks, reset_globals),
         cmocka_unit_test_setup(test_layer_hook_and_kv_mem, reset_globals),
         cmocka_unit_test_setup(test_open_errors, reset_globals),
