@@ -57,13 +57,25 @@ def side_env(words):
     return env
 
 
+CLUSTER = os.path.join(REPO, "deploy", "local", "tandem-cluster")
+
+
+def cluster_up(run_dir, bin_dir, model, http, grpc, extra="", env=None):
+    """A fresh 1 prefill + 1 decode cluster of bin_dir's build (any left in
+    run_dir is stopped first); exits with its output when it does not start."""
+    cluster_down(run_dir)
+    run([CLUSTER, "up", "--run-dir", run_dir, "--bin-dir", bin_dir, "--model", model,
+         "--prefill", "1", "--decode", "1", "--http-listen", http, "--grpc-listen", grpc]
+        + shlex.split(extra), env=env)
+
+
+def cluster_down(run_dir):
+    subprocess.run([CLUSTER, "down", "--run-dir", run_dir], capture_output=True)
+
+
 def one(a, label, bin_dir, extra, env, rate, out):
-    cluster = os.path.join(REPO, "deploy", "local", "tandem-cluster")
     run_dir = os.path.join(a.work, "cluster")
-    subprocess.run([cluster, "down", "--run-dir", run_dir], capture_output=True)
-    run([cluster, "up", "--run-dir", run_dir, "--bin-dir", bin_dir, "--model", a.model,
-         "--prefill", "1", "--decode", "1", "--http-listen", a.http, "--grpc-listen", a.grpc]
-        + shlex.split(extra), env=side_env(env))
+    cluster_up(run_dir, bin_dir, a.model, a.http, a.grpc, extra, side_env(env))
     la0 = loadavg()
     with urllib.request.urlopen("http://%s/v1/models" % a.http, timeout=5) as r:
         served = json.loads(r.read())["data"][0]["id"]
@@ -73,7 +85,7 @@ def one(a, label, bin_dir, extra, env, rate, out):
             "--slo-ttft-ms", "%g" % a.slo_ttft_ms, "--slo-tpot-ms", "%g" % a.slo_tpot_ms,
             "--no-plots", "--model", served, "--out", out]
     run(argv)
-    run([cluster, "down", "--run-dir", run_dir])
+    cluster_down(run_dir)
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
     res = {"build": label, "rate": rate, "within_slo": s["goodput"]["fraction"],

@@ -4,7 +4,7 @@ single prompts on an idle cluster (1 prefill + 1 decode worker), as a client
 sees it, at each of a list of prompt lengths.
 
   bench/ttft_ab.py --a-bin DIR --b-bin DIR --model M [--prompts 512,2048,4000]
-      [--reps 3] [--rounds 3] [--work DIR] [--json FILE]
+      [--reps 3] [--rounds 3] [--work DIR] [--json FILE] [--http H:P] [--grpc H:P]
 
 Each round starts a fresh cluster of each build in turn (A then B, B then A
 in the next round, so neither always runs first on a machine whose load
@@ -20,22 +20,12 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import profile_cost  # noqa: E402 - the client and its timing split live there
-
-URL = "http://127.0.0.1:18300"
-
-
-def cluster(cmd, run_dir, model=None, bin_dir=None):
-    args = ["deploy/local/tandem-cluster", cmd, "--run-dir", run_dir]
-    if cmd == "up":
-        args += ["--model", model, "--bin-dir", bin_dir, "--prefill", "1", "--decode", "1",
-                 "--http-listen", "127.0.0.1:18300", "--grpc-listen", "127.0.0.1:18351"]
-    subprocess.run(args, check=cmd == "up", stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+# The client and its timing split; the clusters as capacity_ab starts them.
+import capacity_ab  # noqa: E402
+import profile_cost  # noqa: E402
 
 
 def main(argv):
@@ -49,6 +39,8 @@ def main(argv):
     ap.add_argument("--vocab", type=int, default=32000, help="prompt ids are drawn below this")
     ap.add_argument("--work", default="build/ttft_ab", help="the clusters' run directories")
     ap.add_argument("--json", help="write every TTFT here")
+    ap.add_argument("--http", default="127.0.0.1:18300", help="the router's HTTP listen address")
+    ap.add_argument("--grpc", default="127.0.0.1:18351", help="the router's gRPC listen address")
     a = ap.parse_args(argv)
     lengths = [int(x) for x in a.prompts.split(",")]
     bins = {"A": a.a_bin, "B": a.b_bin}
@@ -61,9 +53,9 @@ def main(argv):
     for rnd in range(a.rounds):
         for k in ("A", "B") if rnd % 2 == 0 else ("B", "A"):
             run_dir = os.path.join(a.work, "%s%d" % (k, rnd))
-            cluster("up", run_dir, a.model, bins[k])
+            capacity_ab.cluster_up(run_dir, bins[k], a.model, a.http, a.grpc)
             try:
-                cli = profile_cost.Client(URL)
+                cli = profile_cost.Client("http://" + a.http)
                 model = cli.request("GET", "/v1/models")[1]["data"][0]["id"]
                 for _ in range(3):
                     profile_cost.complete(cli, model, prompt(16), 2)
@@ -74,7 +66,7 @@ def main(argv):
                                          / 1e3)
                 cli.close()
             finally:
-                cluster("down", run_dir)
+                capacity_ab.cluster_down(run_dir)
             print("%s round %d: %s" % (k, rnd + 1, "; ".join(
                 "%d tokens %s ms" % (p, " ".join("%.0f" % x for x in res[k][p][-a.reps:]))
                 for p in lengths)), flush=True)
