@@ -55,12 +55,12 @@ cluster:
      prompts of --colo-decode-prompt tokens), then again while another
      client sends prefill-only requests (max_tokens 1, a prompt of
      --colo-prompt tokens: by default 128, or half the context when that
-     is less) back to back; the two alternate, --colo-rounds times each. The mean chunk gap
-     over the stretch where all b stream, with the prefills against without,
-     less 1, is decode_extra_when_prefilling; those prefills' worker time
-     (as in step 1) against the same prompt length's alone in step 1,
-     less 1, is prefill_extra_when_decoding (both at least 0; about 0 for
-     workers on hosts of their own).
+     is less) back to back; the two alternate, --colo-rounds times each. The
+     mean chunk gap over the stretch where all b stream, with the prefills
+     against without, less 1, is decode_extra_when_prefilling; those
+     prefills' worker time (as in step 1) against the same prompt length's
+     alone in step 1, less 1, is prefill_extra_when_decoding (both at least
+     0; about 0 for workers on hosts of their own).
   5. Unloaded latencies as the client sees them (step 1's requests: send to
      the end of the non-streamed response, less the router's time from the
      first token to the end, for TTFT; a streamed request's
@@ -395,6 +395,7 @@ def main(argv):
         tpot_stream.append(stream_tpot(a.url, model, prompt(tpot_p), a.decode_tokens))
 
     # 4: co-location, decode alone and beside back-to-back prefills, alternating.
+    # colo_p is one of step 1's lengths, so it was timed alone there.
     pre_alone = statistics.median(r["compute_us"] for r in pre if r["p"] == colo_p)
     colo_dp = max(1, min(a.colo_decode_prompt, ctx - 8 - 8))
     colo_tokens = min(a.decode_tokens, ctx - colo_dp - 8)
@@ -435,7 +436,7 @@ def main(argv):
     if colo["gap_alone_us"] and colo["gap_beside_us"]:
         decode_extra = max(0.0, statistics.median(colo["gap_beside_us"]) /
                            statistics.median(colo["gap_alone_us"]) - 1)
-    if pre_alone and colo["prefill_beside_us"]:
+    if colo["prefill_beside_us"]:
         prefill_extra = max(0.0, statistics.median(colo["prefill_beside_us"]) / pre_alone - 1)
 
     # 6: the host's two speeds. The same prefill back to back: on a host of
@@ -495,12 +496,12 @@ def main(argv):
     print("fit: decode step_us = %.1f + %.1f x batch + %.4f x summed context (R^2 %.3f)" %
           (df[0], df[1], df[2], df_r2))
     print("co-location (%d streams of %d tokens after %d-token prompts, prefills of %d tokens, "
-          "%d rounds): decode step %.0f us alone, %.0f us beside prefills (+%.1f%%); prefill %s us "
-          "alone, %.0f us beside decode (+%.1f%%)" %
+          "%d rounds): decode step %.0f us alone, %.0f us beside prefills (+%.1f%%); "
+          "prefill %.0f us alone, %.0f us beside decode (+%.1f%%)" %
           (a.colo_batch, colo_tokens, colo_dp, colo_p, a.colo_rounds,
            statistics.median(colo["gap_alone_us"]) if colo["gap_alone_us"] else 0,
            statistics.median(colo["gap_beside_us"]) if colo["gap_beside_us"] else 0,
-           100 * decode_extra, "%.0f" % pre_alone if pre_alone else "?",
+           100 * decode_extra, pre_alone,
            statistics.median(colo["prefill_beside_us"]) if colo["prefill_beside_us"] else 0,
            100 * prefill_extra))
     print("host: %d prefills of %d tokens back to back: %.0f%% of the time slow (over %.1fx the "
