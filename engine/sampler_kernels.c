@@ -82,6 +82,16 @@ void smpk_silu_mul_generic(float *g, const float *u, int n)
     }
 }
 
+float smpk_max_generic(const float *x, int n)
+{
+    float mx = x[0];
+    for (int i = 0; i < n; i++) {
+        if (isnan(x[i])) return NAN;
+        if (x[i] > mx) mx = x[i];
+    }
+    return mx;
+}
+
 int smpk_argmax_generic(const float *x, int n)
 {
     int best = 0;
@@ -116,24 +126,49 @@ SMPK_AVX2 static inline __m256 smpk__exp8(__m256 x)
     return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), ok);
 }
 
-SMPK_AVX2 static float smpk__exp_sum_avx2(float *out, const float *x, int n, float mx, float t)
+/* x - mx, divided by t unless t is 1 (x / 1 is x, bit for bit, NaN and
+ * infinities included): a softmax at t = 1, the attention's, spends no
+ * division per element. */
+SMPK_AVX2 static inline __m256 smpk__scaled8(__m256 x, __m256 vmx, __m256 vt, int divide)
+{
+    x = _mm256_sub_ps(x, vmx);
+    return divide ? _mm256_div_ps(x, vt) : x;
+}
+
+SMPK_AVX2 static inline __attribute__((always_inline)) float
+smpk__exp_sum_t_avx2(float *out, const float *x, int n, float mx, float t, int divide)
 {
     const __m256 vmx = _mm256_set1_ps(mx), vt = _mm256_set1_ps(t);
     __m256 acc = _mm256_setzero_ps();
     int i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 e = smpk__exp8(_mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmx), vt));
+        __m256 e = smpk__exp8(smpk__scaled8(_mm256_loadu_ps(x + i), vmx, vt, divide));
         _mm256_storeu_ps(out + i, e);
         acc = _mm256_add_ps(acc, e);
     }
     float a[8];
     _mm256_storeu_ps(a, acc);
     float s = smpk_fold8(a);
-    for (; i < n; i++) {
-        out[i] = smpk_exp((x[i] - mx) / t);
-        s += out[i];
+    if (i < n) {
+        /* The tail's exponentials in one vector (the lanes past n load 0 and
+         * are dropped), added to the sum one by one, in order. */
+        int k = n - i;
+        __m256i live =
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 e = smpk__exp8(smpk__scaled8(_mm256_maskload_ps(x + i, live), vmx, vt, divide));
+        _mm256_storeu_ps(a, e);
+        for (int l = 0; l < k; l++) {
+            out[i + l] = a[l];
+            s += a[l];
+        }
     }
     return s;
+}
+
+SMPK_AVX2 static float smpk__exp_sum_avx2(float *out, const float *x, int n, float mx, float t)
+{
+    return t == 1.0f ? smpk__exp_sum_t_avx2(out, x, n, mx, t, 0)
+                     : smpk__exp_sum_t_avx2(out, x, n, mx, t, 1);
 }
 
 /* smpk_silu_mul_generic on 8 lanes: the same operations, in the same order
@@ -152,12 +187,10 @@ SMPK_AVX2 static void smpk__silu_mul_avx2(float *g, const float *u, int n)
     smpk_silu_mul_generic(g + i, u + i, n - i);
 }
 
-/* Two passes: the maximum (and whether any lane saw a NaN), then the first
- * element equal to it. Comparing for equality makes -0 and +0 one value,
- * as the generic scan's x[i] > x[best] does. */
-SMPK_AVX2 static int smpk__argmax_avx2(const float *x, int n)
+/* The maximum, or NaN when any element is NaN: 16 lanes in two vectors. */
+SMPK_AVX2 static float smpk__max_avx2(const float *x, int n)
 {
-    if (n < 16) return smpk_argmax_generic(x, n);
+    if (n < 16) return smpk_max_generic(x, n);
     __m256 m0 = _mm256_loadu_ps(x), m1 = _mm256_loadu_ps(x + 8);
     __m256 nan =
         _mm256_or_ps(_mm256_cmp_ps(m0, m0, _CMP_UNORD_Q), _mm256_cmp_ps(m1, m1, _CMP_UNORD_Q));
@@ -169,16 +202,27 @@ SMPK_AVX2 static int smpk__argmax_avx2(const float *x, int n)
         m0 = _mm256_max_ps(m0, a);
         m1 = _mm256_max_ps(m1, b);
     }
-    if (_mm256_movemask_ps(nan)) return -1;
+    if (_mm256_movemask_ps(nan)) return NAN;
     float lanes[8];
     _mm256_storeu_ps(lanes, _mm256_max_ps(m0, m1));
     float mx = lanes[0];
     for (int l = 1; l < 8; l++)
         if (lanes[l] > mx) mx = lanes[l];
     for (; i < n; i++) {
-        if (isnan(x[i])) return -1;
+        if (isnan(x[i])) return NAN;
         if (x[i] > mx) mx = x[i];
     }
+    return mx;
+}
+
+/* Two passes: the maximum (smpk__max_avx2), then the first element equal to
+ * it. Comparing for equality makes -0 and +0 one value, as the generic
+ * scan's x[i] > x[best] does. */
+SMPK_AVX2 static int smpk__argmax_avx2(const float *x, int n)
+{
+    if (n < 16) return smpk_argmax_generic(x, n);
+    float mx = smpk__max_avx2(x, n);
+    if (isnan(mx)) return -1;
     const __m256 vm = _mm256_set1_ps(mx);
     int j = 0;
     for (; j + 8 <= n; j += 8) {
@@ -192,6 +236,7 @@ SMPK_AVX2 static int smpk__argmax_avx2(const float *x, int n)
 #endif
 
 static int (*smpk__argmax_impl)(const float *, int) = smpk_argmax_generic;
+static float (*smpk__max_impl)(const float *, int) = smpk_max_generic;
 static float (*smpk__exp_sum_impl)(float *, const float *, int, float,
                                    float) = smpk_exp_sum_generic;
 static void (*smpk__silu_mul_impl)(float *, const float *, int) = smpk_silu_mul_generic;
@@ -203,6 +248,7 @@ static void smpk__select(void)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         smpk__argmax_impl = smpk__argmax_avx2;
+        smpk__max_impl = smpk__max_avx2;
         smpk__exp_sum_impl = smpk__exp_sum_avx2;
         smpk__silu_mul_impl = smpk__silu_mul_avx2;
         smpk__name = "avx2";
@@ -220,6 +266,12 @@ int smpk_argmax(const float *x, int n)
 {
     smpk__init();
     return smpk__argmax_impl(x, n);
+}
+
+float smpk_max(const float *x, int n)
+{
+    smpk__init();
+    return smpk__max_impl(x, n);
 }
 
 float smpk_exp_sum(float *out, const float *x, int n, float mx, float t)

@@ -7,7 +7,7 @@
  * draw took about 280 us on the 2-core AVX2 host, a quarter of the decode
  * worker's step per sequence (docs/cpu-throughput.md, "The sampler").
  * The CPU backend's attention softmax runs on the same two kernels
- * (smpk_argmax, smpk_exp_sum), one row per (token, head), and its SwiGLU on
+ * (smpk_max, smpk_exp_sum), one row per (token, head), and its SwiGLU on
  * smpk_silu_mul: one exponential for the whole engine.
  *
  * Same bits everywhere: the AVX2 and the generic versions run the same
@@ -24,6 +24,12 @@
 /* The lowest index of the largest element of x[0..n), or -1 when any element
  * is NaN (n >= 1). -0 and +0 count as equal, as x[i] > x[best] does. */
 int smpk_argmax(const float *x, int n);
+
+/* The largest element of x[0..n), or NaN when any element is NaN (n >= 1):
+ * x[smpk_argmax(x, n)] without the pass that finds its index. When the
+ * largest is a zero its sign is either one's (-0 and +0 count as equal; a
+ * softmax's numerators are the same with either). */
+float smpk_max(const float *x, int n);
 
 /* out[i] = smpk_exp((x[i] - mx) / t) for i in [0, n), and returns their sum
  * (lane l of 8 sums the elements i = 8k + l of the whole blocks, the lanes
@@ -48,6 +54,7 @@ void smpk_silu_mul(float *g, const float *u, int n);
 /* The portable versions, for tests that compare them with the dispatched
  * ones bit for bit. */
 int smpk_argmax_generic(const float *x, int n);
+float smpk_max_generic(const float *x, int n);
 float smpk_exp_sum_generic(float *out, const float *x, int n, float mx, float t);
 void smpk_silu_mul_generic(float *g, const float *u, int n);
 

@@ -547,8 +547,13 @@ static int bench_batch(const mdl_model *m, int threads, enum be_matmul mm, int B
     return bench_batch_kv(m, threads, mm, B, plen, steps, KV_DTYPE_F32, tok_s, rec);
 }
 
-/* Prompt of n tokens in one forward; tokens/s. */
-static int bench_prefill(const mdl_model *m, int threads, enum be_matmul mm, int n, double *tok_s)
+/* Prompt of n tokens in one forward; tokens/s of the best pass. With ratio
+ * (else NULL), each pass is also timed between two runs of the FMA loop at
+ * `bits` (their results go to *sink), as bench_matmul_only's are, and its
+ * flops (flops_tok per token) divided by their mean: ratio[0..2] the median,
+ * lowest and highest fraction of the peak measured around a pass. */
+static int bench_prefill(const mdl_model *m, int threads, enum be_matmul mm, int n, double *tok_s,
+                         int bits, float *sink, double flops_tok, double ratio[3])
 {
     be_backend *be = NULL;
     int rc = open_be(m, threads, mm, 1, n, (uint32_t)((n + 15) / 16), KV_DTYPE_F32, &be);
@@ -578,14 +583,24 @@ static int bench_prefill(const mdl_model *m, int threads, enum be_matmul mm, int
                   .logits = logits};
     /* Best of several: a short prompt's forward is tens of ms, which one time
      * slice lost on a shared host would dominate. */
-    double best = 0;
-    for (int rep = 0; rep < (n <= 512 ? 10 : 2); rep++) {
+    double best = 0, pr[10];
+    int reps = n <= 512 ? 10 : 2;
+    for (int rep = 0; rep < reps; rep++) {
+        double p0 = ratio ? bench_fma_once(bits, sink) : 0;
         int64_t t0 = td_now_ns();
         if ((rc = be_forward(be, &b)) != 0) goto out;
         double r = n / td_ns_to_s(td_now_ns() - t0);
+        double p1 = ratio ? bench_fma_once(bits, sink) : 0;
         if (r > best) best = r;
+        pr[rep] = p0 + p1 > 0 ? r * flops_tok / 1e9 / ((p0 + p1) / 2) : 0;
     }
     *tok_s = best;
+    if (ratio) {
+        qsort(pr, (size_t)reps, sizeof(double), cmp_double);
+        ratio[0] = pr[reps / 2];
+        ratio[1] = pr[0];
+        ratio[2] = pr[reps - 1];
+    }
     rc = 0;
 out:
     be_close(be);
@@ -732,15 +747,17 @@ int gen_bench_run(const mdl_model *given)
                d16 > 0 ? h16 / d16 : 0);
     }
     int plen = mc->max_seq_len < 128 ? mc->max_seq_len : 128;
-    double pd, pb;
-    if ((rc = bench_prefill(m, 1, BE_MATMUL_DETERMINISTIC, plen, &pd)) ||
-        (rc = bench_prefill(m, 1, BE_MATMUL_BLAS, plen, &pb)))
-        goto out;
+    int bits = peak512 > peak256 ? 512 : 256;
     double pf = fl + fo / plen; /* one classifier row per prompt */
+    double pd, pb, rp[3];
+    if ((rc = bench_prefill(m, 1, BE_MATMUL_DETERMINISTIC, plen, &pd, bits, &fsink, pf, rp)) ||
+        (rc = bench_prefill(m, 1, BE_MATMUL_BLAS, plen, &pb, 0, NULL, 0, NULL)))
+        goto out;
     printf("prefill of %d tokens, 1 thread: deterministic %.1f tok/s (%.1f%% of the FMA peak), "
-           "openblas %.1f tok/s (%.1f%%)\n",
+           "openblas %.1f tok/s (%.1f%%); deterministic per pass %.1f%% of the peak around it "
+           "(median of 10; %.1f-%.1f%%)\n",
            plen, pd, peak > 0 ? 100 * pd * pf / 1e9 / peak : 0, pb,
-           peak > 0 ? 100 * pb * pf / 1e9 / peak : 0);
+           peak > 0 ? 100 * pb * pf / 1e9 / peak : 0, 100 * rp[0], 100 * rp[1], 100 * rp[2]);
     /* A long prompt, where the model's context allows (the 4k shapes): each
      * token's attention reads its whole prefix, about 14.5 GFLOP against
      * the matmuls' 24.5 at 2,048 tokens on the 15m shape, and about half
@@ -748,13 +765,13 @@ int gen_bench_run(const mdl_model *given)
     int llen = 2048;
     if (mc->max_seq_len >= llen) {
         double pl;
-        if ((rc = bench_prefill(m, 1, BE_MATMUL_DETERMINISTIC, llen, &pl))) goto out;
+        if ((rc = bench_prefill(m, 1, BE_MATMUL_DETERMINISTIC, llen, &pl, 0, NULL, 0, NULL)))
+            goto out;
         printf("prefill of %d tokens, 1 thread: deterministic %.1f tok/s (%.0f ms)\n", llen, pl,
                pl > 0 ? 1e3 * llen / pl : 0);
     }
     const int rows[2] = {32, plen};
     double gk[2], rk[2][3];
-    int bits = peak512 > peak256 ? 512 : 256;
     for (int i = 0; i < 2; i++)
         if ((rc = bench_matmul_only(m, rows[i], bits, &fsink, &gk[i], rk[i]))) goto out;
     printf("matmul kernel alone (thread CPU time), layer matrices, 1 thread, %d passes, each "

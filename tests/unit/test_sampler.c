@@ -475,7 +475,8 @@ static void fill_awkward(float *x, int n, uint64_t *r)
 }
 
 /* The AVX2 passes give the generic ones' bits, whatever the length (lane
- * tails) and contents; the argmax is the scalar definition's. */
+ * tails), contents and temperature (1, which divides by nothing, or not);
+ * the argmax is the scalar definition's, the maximum its element. */
 static void test_kernels_same_bits(void **st)
 {
     (void)st;
@@ -492,6 +493,8 @@ static void test_kernels_same_bits(void **st)
                 if (x[i] > x[ref]) ref = i;
             assert_int_equal(smpk_argmax(x, n), ref);
             assert_int_equal(smpk_argmax_generic(x, n), ref);
+            assert_true(smpk_max(x, n) == x[ref]);
+            assert_true(smpk_max_generic(x, n) == x[ref]);
             if (x[ref] == -INFINITY) continue;
             float t = rep % 3 == 0 ? 1.0f : 0.37f * (float)(rep + 1);
             float sa = smpk_exp_sum(a, x, n, x[ref], t);
@@ -509,6 +512,8 @@ static void test_kernels_same_bits(void **st)
             x[at] = NAN;
             assert_int_equal(smpk_argmax(x, n), -1);
             assert_int_equal(smpk_argmax_generic(x, n), -1);
+            assert_true(isnan(smpk_max(x, n)));
+            assert_true(isnan(smpk_max_generic(x, n)));
         }
     print_message("sampler kernels: %s\n", smpk_variant());
 }
