@@ -241,8 +241,7 @@ struct rt_ctx {
     uint64_t inflight_prefill_tokens; /* prompts admitted, first token not yet seen */
     uint64_t inflight_prefill_pairs;  /* the same prompts' attention pairs (adm_prefill_pairs) */
     uv_timer_t hold_timer;            /* the earliest hold deadline */
-    uint32_t *adm_remaining; /* scratch for adm_input.own_remaining; owned, freed at exit */
-    uint32_t adm_remaining_cap;
+    adm_remaining adm_remaining; /* scratch for adm_input.own_remaining; owned, freed at exit */
     rt_metrics metrics;
     bool stopping;
     _Atomic int grpc_freed;

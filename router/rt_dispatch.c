@@ -189,22 +189,19 @@ static void rt__adm_count(rt_ctx *c, const char *verdict)
  * still generate, ascending. Left unknown when the scratch cannot grow. */
 static void rt__adm_remaining(rt_ctx *c, adm_input *in)
 {
-    uint32_t n = 0;
+    adm_remaining *rem = &c->adm_remaining;
+    rem->n = 0;
     for (const rt_req *o = c->live; o; o = o->next) {
         if (!o->stream || !o->decode || o->decode->state != RT_W_READY) continue;
-        if (n == c->adm_remaining_cap) {
-            uint32_t cap = c->adm_remaining_cap ? 2 * c->adm_remaining_cap : 64;
-            uint32_t *p = realloc(c->adm_remaining, cap * sizeof(*p));
-            if (!p) return;
-            c->adm_remaining = p;
-            c->adm_remaining_cap = cap;
-        }
         /* max_tokens 0 (no context length known): no bound, last to leave. */
-        c->adm_remaining[n++] = !o->max_tokens                   ? UINT32_MAX
-                                : o->max_tokens > o->n_generated ? o->max_tokens - o->n_generated
-                                                                 : 0;
+        uint32_t left = !o->max_tokens                   ? UINT32_MAX
+                        : o->max_tokens > o->n_generated ? o->max_tokens - o->n_generated
+                                                         : 0;
+        /* Out of memory: no list (unknown), not a short one that would
+         * promise an early drain. */
+        if (adm_remaining_push(rem, left) != 0) return;
     }
-    adm_input_set_remaining(in, c->adm_remaining, n);
+    adm_input_set_remaining(in, rem->v, rem->n);
 }
 
 /* What the admission policy sees for r now. */

@@ -490,7 +490,7 @@ out:
     }
     rt_members_free(c);
     if (c->adm && c->adm_ctx) c->adm->destroy(c->adm_ctx);
-    free(c->adm_remaining);
+    adm_remaining_free(&c->adm_remaining);
     if (metrics_ok) rt_metrics_free(&c->metrics);
     tok_free(c->tok);
     uv_walk(&loop, rt_close_handle, NULL);

@@ -63,6 +63,26 @@ void adm_input_set_remaining(adm_input *in, uint32_t *v, uint32_t n)
     in->n_own_remaining = n;
 }
 
+int adm_remaining_push(adm_remaining *r, uint32_t tokens)
+{
+    if (r->n == r->cap) {
+        if (r->cap > UINT32_MAX / 2 / sizeof(*r->v)) return TD_ENOMEM;
+        uint32_t cap = r->cap ? 2 * r->cap : 64;
+        uint32_t *v = realloc(r->v, (size_t)cap * sizeof(*v));
+        if (!v) return TD_ENOMEM;
+        r->v = v;
+        r->cap = cap;
+    }
+    r->v[r->n++] = tokens;
+    return 0;
+}
+
+void adm_remaining_free(adm_remaining *r)
+{
+    free(r->v);
+    *r = (adm_remaining){0};
+}
+
 /* ---- none: admit everything ---- */
 
 static int adm__none_create(const adm_params *p, void **ctx)

@@ -280,6 +280,20 @@ void adm_input_add_decode(adm_input *in, uint32_t own, uint32_t own_at_report, u
  * simulator alike). */
 void adm_input_set_remaining(adm_input *in, uint32_t *v, uint32_t n);
 
+/* A caller's scratch for own_remaining, refilled before each decision
+ * (n = 0, then one push per sequence) and grown as needed: owned by the
+ * caller (the router's context), freed with adm_remaining_free. */
+typedef struct adm_remaining {
+    uint32_t *v;
+    uint32_t n, cap;
+} adm_remaining;
+
+/* Appends tokens. TD_ENOMEM when the buffer cannot grow: the list is then
+ * unchanged, and a caller that lends no list leaves the policy its
+ * steady-state guess (own_remaining unknown). */
+int adm_remaining_push(adm_remaining *r, uint32_t tokens);
+void adm_remaining_free(adm_remaining *r);
+
 /* The policy called name, or NULL. */
 const adm_ops *adm_find(const char *name);
 

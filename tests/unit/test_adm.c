@@ -1488,6 +1488,49 @@ static void t_alloc_failures(void **state)
     }
 }
 
+/* The router's own_remaining scratch: grows past its first 64 entries,
+ * keeps what it holds when it cannot grow (TD_ENOMEM, nothing appended),
+ * and grows again once memory is back; adm_input_set_remaining lends it
+ * sorted. */
+static void t_remaining_scratch(void **state)
+{
+    (void)state;
+    adm_remaining r = {0};
+    for (uint32_t i = 0; i < 64; i++)
+        assert_int_equal(adm_remaining_push(&r, 1000 - i), 0);
+    assert_int_equal(r.n, 64);
+    fail_alloc_arm(0);
+    assert_int_equal(adm_remaining_push(&r, 7), TD_ENOMEM);
+    assert_int_equal(fail_alloc_disarm(), 1);
+    assert_int_equal(r.n, 64);
+    for (uint32_t i = 0; i < 64; i++)
+        assert_int_equal(r.v[i], 1000 - i);
+    for (uint32_t i = 0; i < 100; i++)
+        assert_int_equal(adm_remaining_push(&r, i), 0);
+    assert_int_equal(r.n, 164);
+    adm_input in = {0};
+    adm_input_set_remaining(&in, r.v, r.n);
+    assert_int_equal(in.n_own_remaining, 164);
+    for (uint32_t i = 1; i < 164; i++)
+        assert_true(in.own_remaining[i - 1] <= in.own_remaining[i]);
+    assert_int_equal(in.own_remaining[0], 0);
+    assert_int_equal(in.own_remaining[163], 1000);
+    /* Refilled from empty before the next decision: no allocation. */
+    r.n = 0;
+    fail_alloc_arm(0);
+    assert_int_equal(adm_remaining_push(&r, 5), 0);
+    assert_int_equal(fail_alloc_disarm(), 0);
+    adm_remaining_free(&r);
+    assert_null(r.v);
+    assert_int_equal(r.cap, 0);
+    /* A first push that cannot allocate leaves the list empty. */
+    fail_alloc_arm(0);
+    assert_int_equal(adm_remaining_push(&r, 5), TD_ENOMEM);
+    assert_int_equal(fail_alloc_disarm(), 1);
+    assert_int_equal(r.n, 0);
+    assert_null(r.v);
+}
+
 static int cmp_i64(const void *a, const void *b)
 {
     int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
@@ -1560,6 +1603,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(t_determinism),
         cmocka_unit_test(t_cost_file),
         cmocka_unit_test(t_alloc_failures),
+        cmocka_unit_test(t_remaining_scratch),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
