@@ -155,6 +155,9 @@ def complete(cli, model, prompt, max_tokens, rng_tag=""):
     # The prefill worker's time for the request: it stamps the compute's start
     # after the first layer, so the first layer is in prefill_queue_us.
     r["compute_us"] = t["prefill_queue_us"] + t["prefill_us"]
+    # The client's TTFT: send to the end of the response, less the router's
+    # time from the first token to the end.
+    r["ttft_client_us"] = r["client_us"] - (t["e2e_us"] - t["first_token_us"])
     return r
 
 
@@ -325,7 +328,6 @@ def main(argv):
         for p in lengths:
             r = complete(cli, model, prompt(p), 2, "prefill p=%d" % p)
             r["p"] = p
-            r["ttft_client_us"] = r["client_us"] - (r["e2e_us"] - r["first_token_us"])
             r["blocks"] = -(-(p + 0) // a.block_size)
             r["residual_us"] = (r["first_token_us"] - r["queue_us"] - r["tokenize_us"]
                                 - r["prefill_queue_us"] - r["prefill_us"])

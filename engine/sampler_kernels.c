@@ -85,21 +85,23 @@ void smpk_silu_mul_generic(float *g, const float *u, int n)
 float smpk_max_generic(const float *x, int n)
 {
     float mx = x[0];
-    for (int i = 0; i < n; i++) {
+    if (isnan(mx)) return NAN;
+    for (int i = 1; i < n; i++) {
         if (isnan(x[i])) return NAN;
         if (x[i] > mx) mx = x[i];
     }
     return mx;
 }
 
+/* The first element equal to the maximum (-0 == +0, as x[i] > x[best]
+ * would have it): the AVX2 version's two passes, one element at a time. */
 int smpk_argmax_generic(const float *x, int n)
 {
-    int best = 0;
-    for (int i = 0; i < n; i++) {
-        if (isnan(x[i])) return -1;
-        if (x[i] > x[best]) best = i;
-    }
-    return best;
+    float mx = smpk_max_generic(x, n);
+    if (isnan(mx)) return -1;
+    for (int i = 0; i < n; i++)
+        if (x[i] == mx) return i;
+    return 0; /* not reached: mx is one of the elements */
 }
 
 #ifdef SMPK_HAVE_X86

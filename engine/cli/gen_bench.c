@@ -208,6 +208,15 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* Sorts r[0..n) and writes its median, lowest and highest to out[0..2]. */
+static void bench_spread(double *r, int n, double out[3])
+{
+    qsort(r, (size_t)n, sizeof(double), cmp_double);
+    out[0] = r[n / 2];
+    out[1] = r[0];
+    out[2] = r[n - 1];
+}
+
 static int bench_matmul_only(const mdl_model *m, int T, int bits, float *sink, double *gflops,
                              double ratio[3])
 {
@@ -250,10 +259,7 @@ static int bench_matmul_only(const mdl_model *m, int T, int bits, float *sink, d
         if (gf > best) best = gf;
         r[rep] = p0 + p1 > 0 ? gf / ((p0 + p1) / 2) : 0;
     }
-    qsort(r, BENCH_KERNEL_PASSES, sizeof(double), cmp_double);
-    ratio[0] = r[BENCH_KERNEL_PASSES / 2];
-    ratio[1] = r[0];
-    ratio[2] = r[BENCH_KERNEL_PASSES - 1];
+    bench_spread(r, BENCH_KERNEL_PASSES, ratio);
     free(x);
     free(out);
     *gflops = best;
@@ -645,12 +651,7 @@ static int bench_prefill(const mdl_model *m, int threads, enum be_matmul mm, int
         pr[rep] = p0 + p1 > 0 ? r * flops_tok / 1e9 / ((p0 + p1) / 2) : 0;
     }
     *tok_s = best;
-    if (ratio) {
-        qsort(pr, (size_t)reps, sizeof(double), cmp_double);
-        ratio[0] = pr[reps / 2];
-        ratio[1] = pr[0];
-        ratio[2] = pr[reps - 1];
-    }
+    if (ratio) bench_spread(pr, reps, ratio);
     rc = 0;
 out:
     be_close(be);

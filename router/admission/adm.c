@@ -66,7 +66,7 @@ void adm_input_set_remaining(adm_input *in, uint32_t *v, uint32_t n)
 int adm_remaining_push(adm_remaining *r, uint32_t tokens)
 {
     if (r->n == r->cap) {
-        if (r->cap > UINT32_MAX / 2 / sizeof(*r->v)) return TD_ENOMEM;
+        if (r->cap > UINT32_MAX / 2) return TD_ENOMEM;
         uint32_t cap = r->cap ? 2 * r->cap : 64;
         uint32_t *v = realloc(r->v, (size_t)cap * sizeof(*v));
         if (!v) return TD_ENOMEM;

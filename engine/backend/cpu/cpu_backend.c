@@ -498,7 +498,8 @@ static int cpu_forward(void *vctx, const be_batch *b)
         mf.jobs[0] = (cpu_mm_job){.W = L->mat.w_gate, .out = c->hb, .N = hidden};
         mf.jobs[1] = (cpu_mm_job){.W = L->mat.w_up, .out = c->hb2, .N = hidden};
         cpu__matmul(c, &mf);
-        for (int t = 0; t < T; t++) /* SwiGLU */
+        /* SwiGLU, a row at a time (smpk_silu_mul counts in int) */
+        for (int t = 0; t < T; t++)
             smpk_silu_mul(c->hb + (size_t)t * hidden, c->hb2 + (size_t)t * hidden, hidden);
         cpu__mm1(c, c->tmp, c->hb, L->mat.w_down, NULL, T, hidden, dim);
         for (size_t i = 0; i < (size_t)T * dim; i++)
