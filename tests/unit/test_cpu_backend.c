@@ -693,6 +693,132 @@ static void test_attn_kernels_vs_definition(void **s)
     }
 }
 
+/* Several queries over the same rows (ck_attn_scores_q, ck_attn_accum_q)
+ * give each query the bits of its one-query call: every query count, head
+ * sizes with and without 16-element tails, row counts equal and different
+ * (fewer than 4 in common, a common count off the 4-row groups), F32 and
+ * F16 rows. */
+static void test_attn_q_kernels_vs_one(void **s)
+{
+    (void)s;
+    ck_init();
+    enum { NMAX = 19, HMAX = 72 };
+    const int hds[] = {8, 16, 40, 48, 64, 72};
+    static float rows[NMAX * 2 * HMAX], q[CK_ATTN_Q][HMAX], w[CK_ATTN_Q][NMAX];
+    static float out[CK_ATTN_Q][NMAX], want[NMAX], acc[CK_ATTN_Q][HMAX], ref[HMAX];
+    static uint16_t half[NMAX * 2 * HMAX];
+    uint32_t r = 4242;
+    for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+        r = r * 1664525u + 1013904223u;
+        rows[i] = (float)(int32_t)r / 2147483648.0f;
+    }
+    ck_f32_to_f16(half, rows, NMAX * 2 * HMAX);
+    const int counts[][CK_ATTN_Q] = {{16, 16, 16, 16}, {13, 14, 15, 16}, {16, 15, 14, 13},
+                                     {3, 19, 9, 1},    {19, 18, 17, 4},  {5, 5, 7, 6}};
+    for (size_t h = 0; h < sizeof(hds) / sizeof(hds[0]); h++) {
+        int hd = hds[h];
+        size_t stride = (size_t)2 * hd + 3;
+        float scale = 1.0f / sqrtf((float)hd);
+        for (int k = 0; k < CK_ATTN_Q; k++)
+            for (int i = 0; i < hd; i++)
+                q[k][i] = rows[((size_t)i * 7 + (size_t)k * 11) % (NMAX * HMAX)] * 0.5f;
+        for (int f16 = 0; f16 < 2; f16++) {
+            const void *src = f16 ? (const void *)half : (const void *)rows;
+            const void *vsrc = f16 ? (const void *)(half + 1) : (const void *)(rows + 1);
+            enum mdl_dtype rt = f16 ? MDL_DTYPE_F16 : MDL_DTYPE_F32;
+            for (size_t c = 0; c < sizeof(counts) / sizeof(counts[0]); c++)
+                for (int nq = 1; nq <= CK_ATTN_Q; nq++) {
+                    const int *n = counts[c];
+                    float *op[CK_ATTN_Q], *ap[CK_ATTN_Q];
+                    const float *qp[CK_ATTN_Q], *wp[CK_ATTN_Q];
+                    for (int k = 0; k < nq; k++) {
+                        op[k] = out[k];
+                        qp[k] = q[k];
+                        ap[k] = acc[k];
+                        wp[k] = w[k];
+                    }
+                    ck_attn_scores_q(op, qp, nq, src, rt, stride, n, hd, scale);
+                    for (int k = 0; k < nq; k++) {
+                        ck_attn_scores(want, q[k], src, rt, stride, n[k], hd, scale);
+                        assert_memory_equal(out[k], want, sizeof(float) * (size_t)n[k]);
+                        for (int j = 0; j < n[k]; j++)
+                            w[k][j] = out[k][j] * out[k][j];
+                        for (int i = 0; i < hd; i++)
+                            acc[k][i] = 0.25f * (float)(i + k);
+                    }
+                    ck_attn_accum_q(ap, wp, nq, vsrc, rt, stride, n, hd);
+                    for (int k = 0; k < nq; k++) {
+                        for (int i = 0; i < hd; i++)
+                            ref[i] = 0.25f * (float)(i + k);
+                        ck_attn_accum(ref, w[k], vsrc, rt, stride, n[k], hd);
+                        assert_memory_equal(acc[k], ref, sizeof(float) * (size_t)hd);
+                    }
+                }
+        }
+    }
+}
+
+/* A prompt in one forward (its tokens' queries several to a kernel call)
+ * and the same prompt a token per forward (one query per call) give every
+ * position the same logits, for head sizes the several-query kernels take
+ * (multiples of 16) and one they leave to the one-query ones; with two
+ * threads too. */
+static void test_prefill_vs_token_by_token(void **s)
+{
+    (void)s;
+    const int dims[] = {16, 48, 40};
+    for (size_t d = 0; d < sizeof(dims) / sizeof(dims[0]); d++) {
+        g_head_dim = dims[d];
+        mdl_model *m = make_model(MDL_ROPE_HALF, 1, 0);
+        int V = m->cfg.vocab_size, P = 45;
+        float *whole = malloc((size_t)P * V * sizeof(float)), *steps = malloc((size_t)P * V * 4);
+        int32_t tok[64], pos[64], seq[64] = {0}, rows[64], table[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+        for (int i = 0; i < P; i++) {
+            tok[i] = prompt_tok(3, i);
+            pos[i] = i;
+            rows[i] = i;
+        }
+        const int32_t *tptr[1] = {table};
+        int32_t nb = 8;
+        for (int threads = 1; threads <= 2; threads++) {
+            be_backend *be = open_cpu(m, threads, BE_MATMUL_DETERMINISTIC, NULL, 16);
+            be_batch b = {.n_tokens = P,
+                          .tokens = tok,
+                          .pos = pos,
+                          .seq = seq,
+                          .n_seqs = 1,
+                          .block_tables = tptr,
+                          .n_blocks = &nb,
+                          .n_out = P,
+                          .out_rows = rows,
+                          .logits = whole};
+            assert_int_equal(be_forward(be, &b), 0);
+            be_close(be);
+            be = open_cpu(m, threads, BE_MATMUL_DETERMINISTIC, NULL, 16);
+            for (int i = 0; i < P; i++) {
+                int32_t zero = 0;
+                be_batch one = {.n_tokens = 1,
+                                .tokens = tok + i,
+                                .pos = pos + i,
+                                .seq = seq,
+                                .n_seqs = 1,
+                                .block_tables = tptr,
+                                .n_blocks = &nb,
+                                .n_out = 1,
+                                .out_rows = &zero,
+                                .logits = steps + (size_t)i * V};
+                assert_int_equal(be_forward(be, &one), 0);
+            }
+            be_close(be);
+            expect_same_logits(whole, steps, (size_t)P * V);
+        }
+        free(whole);
+        free(steps);
+        mdl_free(m);
+    }
+    g_head_dim = 8;
+}
+
 enum { ATTN_NMAX = 21, ATTN_HMAX = 136, ATTN_NEL = ATTN_NMAX * 2 * ATTN_HMAX };
 
 /* Scores and weighted sums over half rows of type rt against the same rows
@@ -1291,6 +1417,8 @@ int main(void)
         cmocka_unit_test_setup(test_matmul_rows_vs_dot, reset_globals),
         cmocka_unit_test_setup(test_attn_kernels_vs_definition, reset_globals),
         cmocka_unit_test_setup(test_attn_f16_rows_vs_f32, reset_globals),
+        cmocka_unit_test_setup(test_attn_q_kernels_vs_one, reset_globals),
+        cmocka_unit_test_setup(test_prefill_vs_token_by_token, reset_globals),
         cmocka_unit_test_setup(test_blas_mode_close, reset_globals),
         cmocka_unit_test_setup(test_kv_f16, reset_globals),
         cmocka_unit_test_setup(test_f16_conversion, reset_globals),

@@ -65,6 +65,7 @@ typedef struct cpu_ctx {
 /* Consecutive tokens one attention task takes in a prefill: a sequence's
  * queries there share every block they read. */
 #define CPU__ATTN_RUN 4
+_Static_assert(CPU__ATTN_RUN <= CK_ATTN_Q, "a run's queries of one sequence go to one kernel call");
 
 /* Heads one attention task takes at most: all of a token's, unless the
  * scores of a run of tokens at the full context would pass 4 MiB per
@@ -379,36 +380,55 @@ static void cpu__attn_task(void *arg, int task, int thread)
     int maxpos = 0;
     for (int t = t0; t < t1; t++)
         maxpos = b->pos[t] > maxpos ? b->pos[t] : maxpos;
-    /* Two walks over the blocks in order, one table lookup and one kernel
-     * call per block_size positions, token and head, reading the rows in
-     * place: the scores, then (after each row's softmax) the values. */
+    /* Two walks over the blocks in order, one table lookup per block_size
+     * positions and group of the run's tokens of one sequence, and one
+     * kernel call per head for the whole group, reading the rows in place:
+     * the scores, then (after each row's softmax) the values. */
     for (int pass = 0; pass < 2; pass++) {
         if (pass == 1) cpu__attn_softmax(c, att, t0, t1, h0, h1);
         for (int p0 = 0; p0 <= maxpos; p0 += bs) {
             const int32_t *prefetched = NULL; /* the table whose next block was asked for */
-            for (int t = t0; t < t1; t++) {
-                int pos = b->pos[t];
-                if (p0 > pos) continue;
+            for (int t = t0, u; t < t1; t = u) {
+                /* tokens [t, u): one sequence; those that reach block p0 */
+                int nq = 0, qt[CPU__ATTN_RUN], nrow[CPU__ATTN_RUN];
+                for (u = t; u < t1 && b->seq[u] == b->seq[t]; u++) {
+                    if (p0 > b->pos[u]) continue;
+                    int n = b->pos[u] - p0 + 1;
+                    qt[nq] = u;
+                    nrow[nq++] = n < bs ? n : bs;
+                }
+                if (nq == 0) continue;
                 const int32_t *table = b->block_tables[b->seq[t]];
                 const char *blk = cpu__kv_block(c, c->layer, table[p0 / bs]);
-                int n = pos - p0 + 1 < bs ? pos - p0 + 1 : bs;
                 /* The next block's half, for a decode token (no hardware
                  * prefetcher finds it: blocks lie anywhere). */
-                if (table != prefetched && p0 + bs <= pos && cpu__alone_in_run(b, t0, t1, t)) {
+                int pos = b->pos[qt[0]];
+                if (nq == 1 && table != prefetched && p0 + bs <= pos &&
+                    cpu__alone_in_run(b, t0, t1, qt[0])) {
                     cpu__prefetch((const char *)cpu__kv_block(c, c->layer, table[p0 / bs + 1]) +
                                       (pass ? half_bytes : 0),
                                   half_bytes);
                     prefetched = table;
                 }
+                /* one call per head for all the group's queries: each row is
+                 * read once for them */
                 for (int h = h0; h < h1; h++) {
-                    float *ah = cpu__att_row(att, msl, att_heads, t - t0, h - h0);
                     size_t kv_el = (size_t)(h / per_kv) * hd;
+                    float *rowp[CPU__ATTN_RUN], *outp[CPU__ATTN_RUN];
+                    const float *inp[CPU__ATTN_RUN];
+                    for (int k = 0; k < nq; k++) {
+                        int tk = qt[k];
+                        rowp[k] = cpu__att_row(att, msl, att_heads, tk - t0, h - h0) + p0;
+                        outp[k] = c->xb + ((size_t)tk * mc->n_heads + h) * hd;
+                        inp[k] = c->q + ((size_t)tk * mc->n_heads + h) * hd;
+                    }
                     if (pass == 0)
-                        ck_attn_scores(ah + p0, c->q + ((size_t)t * mc->n_heads + h) * hd,
-                                       cpu__kv_at(c, blk, kv_el), et, tok_stride, n, hd, scale);
+                        ck_attn_scores_q(rowp, inp, nq, cpu__kv_at(c, blk, kv_el), et, tok_stride,
+                                         nrow, hd, scale);
                     else
-                        ck_attn_accum(c->xb + ((size_t)t * mc->n_heads + h) * hd, ah + p0,
-                                      cpu__kv_at(c, blk, v_off + kv_el), et, tok_stride, n, hd);
+                        ck_attn_accum_q(outp, (const float *const *)rowp, nq,
+                                        cpu__kv_at(c, blk, v_off + kv_el), et, tok_stride, nrow,
+                                        hd);
                 }
             }
         }

@@ -870,6 +870,135 @@ CK_AVX512 static void ck__accum_avx512(float *acc, const float *w, const void *r
     }
     if (i < hd) ck__accum_avx2(acc + i, w, rows + i, stride, n, hd - i);
 }
+
+/* ---- several queries over the same rows (a prefill's tokens) ----
+ * Each score and each accumulated element has exactly the operations of the
+ * one-query kernels above, in the same order; only which of them are
+ * computed together changes. A query alone spends most of its score on the
+ * horizontal sum (3 FMAs per 48-element row, then 8 additions and their
+ * shuffles) and its accumulation on one chain of adds per vector; here each
+ * row is loaded once for all queries, the sums of 16 scores share their
+ * shuffles, and the queries' chains run side by side. */
+
+/* The horizontal sums of 16 accumulators, a[4 r + i] the one of query i and
+ * row r, each with ck__hsum's additions: s = lo8 + hi8, q = s[0..3] +
+ * s[4..7], p = (q0 + q2, q1 + q3), r = p0 + p1. Returns query i's four sums
+ * (rows 0..3) in 128-bit lane i. */
+CK_AVX512 static inline __m512 ck__hsum16x16(const __m512 a[16])
+{
+    __m512 v[8], u[4], w[2];
+    for (int k = 0; k < 8; k++) /* [s_2k | s_2k+1]: lanes 0+2, 1+3 of each */
+        v[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xee));
+    for (int k = 0; k < 4; k++) /* [q_4k | q_4k+1 | q_4k+2 | q_4k+3] */
+        u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xdd));
+    for (int k = 0; k < 2; k++) /* lane i: p_(8k+i), p_(8k+4+i) */
+        w[k] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* lane i: r_i, r_4+i, r_8+i, r_12+i: query i's rows 0..3 */
+    return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Scores of nq (2..4) queries over rows [0, n), n a multiple of 4, hd a
+ * multiple of 16. */
+CK_AVX512 static inline __attribute__((always_inline)) void
+ck__scores_q_avx512(float *const *out, const float *const *q, const float *rows, size_t stride,
+                    int n, int hd, float scale, const int nq)
+{
+    __m512 sc = _mm512_set1_ps(scale);
+    for (int j = 0; j < n; j += 4) {
+        const float *r = rows + (size_t)j * stride;
+        __m512 a[16];
+#pragma GCC unroll 16
+        for (int k = 0; k < 16; k++)
+            a[k] = _mm512_setzero_ps();
+        for (int i = 0; i < hd; i += 16) {
+            __m512 rv[4];
+#pragma GCC unroll 4
+            for (int b = 0; b < 4; b++)
+                rv[b] = _mm512_loadu_ps(r + (size_t)b * stride + i);
+#pragma GCC unroll 4
+            for (int k = 0; k < nq; k++) {
+                __m512 qv = _mm512_loadu_ps(q[k] + i);
+#pragma GCC unroll 4
+                for (int b = 0; b < 4; b++)
+                    a[4 * b + k] = _mm512_fmadd_ps(qv, rv[b], a[4 * b + k]);
+            }
+        }
+        __m512 s = _mm512_mul_ps(ck__hsum16x16(a), sc);
+        _mm_storeu_ps(out[0] + j, _mm512_castps512_ps128(s));
+        _mm_storeu_ps(out[1] + j, _mm512_extractf32x4_ps(s, 1));
+        if (nq > 2) _mm_storeu_ps(out[2] + j, _mm512_extractf32x4_ps(s, 2));
+        if (nq > 3) _mm_storeu_ps(out[3] + j, _mm512_extractf32x4_ps(s, 3));
+    }
+}
+
+/* acc[k][i] + w[k][j] * v_j[i] for nq (2..4) queries, j in [0, n) in order,
+ * unfused, nv (1..3) vectors of 16 from element i0: the queries' 4 nv chains
+ * in registers for the whole pass over the rows. */
+CK_AVX512 static inline __attribute__((always_inline)) void
+ck__accum_q_blk512(float *const *acc, const float *const *w, const float *rows, size_t stride,
+                   int n, int i0, const int nq, const int nv)
+{
+    __m512 a[4][3];
+#pragma GCC unroll 4
+    for (int k = 0; k < nq; k++)
+#pragma GCC unroll 3
+        for (int v = 0; v < nv; v++)
+            a[k][v] = _mm512_loadu_ps(acc[k] + i0 + 16 * v);
+    for (int j = 0; j < n; j++) {
+        const float *r = rows + (size_t)j * stride + i0;
+        __m512 rv[3];
+#pragma GCC unroll 3
+        for (int v = 0; v < nv; v++)
+            rv[v] = _mm512_loadu_ps(r + 16 * v);
+#pragma GCC unroll 4
+        for (int k = 0; k < nq; k++) {
+            __m512 wj = _mm512_set1_ps(w[k][j]);
+#pragma GCC unroll 3
+            for (int v = 0; v < nv; v++)
+                a[k][v] = _mm512_add_ps(a[k][v], _mm512_mul_ps(wj, rv[v]));
+        }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < nq; k++)
+#pragma GCC unroll 3
+        for (int v = 0; v < nv; v++)
+            _mm512_storeu_ps(acc[k] + i0 + 16 * v, a[k][v]);
+}
+
+/* hd a multiple of 16 */
+CK_AVX512 static inline __attribute__((always_inline)) void
+ck__accum_q_avx512(float *const *acc, const float *const *w, const float *rows, size_t stride,
+                   int n, int hd, const int nq)
+{
+    int i = 0;
+    for (; i + 48 <= hd; i += 48)
+        ck__accum_q_blk512(acc, w, rows, stride, n, i, nq, 3);
+    if (hd - i == 32) ck__accum_q_blk512(acc, w, rows, stride, n, i, nq, 2);
+    if (hd - i == 16) ck__accum_q_blk512(acc, w, rows, stride, n, i, nq, 1);
+}
+
+/* One function per query count, so that each keeps its accumulators in
+ * registers. */
+#define CK__Q_FNS(NQ)                                                                              \
+    CK_AVX512 static __attribute__((noinline)) void ck__scores_q##NQ##_avx512(                     \
+        float *const *out, const float *const *q, const float *rows, size_t stride, int n, int hd, \
+        float scale)                                                                               \
+    {                                                                                              \
+        ck__scores_q_avx512(out, q, rows, stride, n, hd, scale, NQ);                               \
+    }                                                                                              \
+    CK_AVX512 static __attribute__((noinline)) void ck__accum_q##NQ##_avx512(                      \
+        float *const *acc, const float *const *w, const float *rows, size_t stride, int n, int hd) \
+    {                                                                                              \
+        ck__accum_q_avx512(acc, w, rows, stride, n, hd, NQ);                                       \
+    }
+CK__Q_FNS(2)
+CK__Q_FNS(3)
+CK__Q_FNS(4)
+#undef CK__Q_FNS
 #endif
 
 /* rt: F32 or F16 rows (ck_attn_scores). */
@@ -996,6 +1125,14 @@ typedef void (*ck__scores_fn)(float *, const float *, const void *, size_t, int,
 typedef void (*ck__accum_fn)(float *, const float *, const void *, size_t, int, int);
 static ck__scores_fn ck__scores_impl, ck__scores16_impl;
 static ck__accum_fn ck__accum_impl, ck__accum16_impl;
+/* Several queries over F32 rows (ck_attn_scores_q), [nq - 2] for 2..4
+ * queries; NULL: one query at a time. */
+typedef void (*ck__scores_q_fn)(float *const *, const float *const *, const float *, size_t, int,
+                                int, float);
+typedef void (*ck__accum_q_fn)(float *const *, const float *const *, const float *, size_t, int,
+                               int);
+static ck__scores_q_fn ck__scores_q_impl[CK_ATTN_Q - 1];
+static ck__accum_q_fn ck__accum_q_impl[CK_ATTN_Q - 1];
 static void (*ck__matmul_impl)(float *, int, const float *, const void *, enum mdl_dtype,
                                const float *, int, int, int, int) = ck__matmul_generic;
 static const char *ck__name = "generic";
@@ -1112,6 +1249,12 @@ static void ck__select(void)
             ck__matmul_impl = ck__matmul_avx512;
             ck__scores_impl = ck__scores_avx512;
             ck__accum_impl = ck__accum_avx512;
+            ck__scores_q_impl[0] = ck__scores_q2_avx512;
+            ck__scores_q_impl[1] = ck__scores_q3_avx512;
+            ck__scores_q_impl[2] = ck__scores_q4_avx512;
+            ck__accum_q_impl[0] = ck__accum_q2_avx512;
+            ck__accum_q_impl[1] = ck__accum_q3_avx512;
+            ck__accum_q_impl[2] = ck__accum_q4_avx512;
             ck__name = "avx512";
             const char *all = getenv("TANDEM_CPU_AVX512");
             if (!all || !all[0] || strcmp(all, "0") == 0) {
@@ -1193,6 +1336,52 @@ void ck_attn_accum(float *acc, const float *w, const void *rows, enum mdl_dtype 
         f(acc, w, rows, stride, n, hd);
     else
         ck__accum_generic(acc, w, rows, rt, stride, n, hd);
+}
+
+/* The rows every query reads (the fewest of their n) go to the several-query
+ * kernel, in whole groups of 4 for the scores; each query's own rows after
+ * those, to the one-query kernels, which carry on in the same order. */
+static int ck__several_q(int nq, enum mdl_dtype rt, int hd)
+{
+    return nq >= 2 && nq <= CK_ATTN_Q && rt == MDL_DTYPE_F32 && hd % 16 == 0;
+}
+
+static int ck__fewest_rows(const int *n, int nq)
+{
+    int m = n[0];
+    for (int k = 1; k < nq; k++)
+        m = n[k] < m ? n[k] : m;
+    return m;
+}
+
+void ck_attn_scores_q(float *const *out, const float *const *q, int nq, const void *rows,
+                      enum mdl_dtype rt, size_t stride, const int *n, int hd, float scale)
+{
+    int done = 0;
+    if (ck__several_q(nq, rt, hd) && ck__scores_q_impl[nq - 2]) {
+        done = ck__fewest_rows(n, nq) / 4 * 4;
+        if (done > 0) ck__scores_q_impl[nq - 2](out, q, rows, stride, done, hd, scale);
+    }
+    size_t es = rt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
+    for (int k = 0; k < nq; k++)
+        if (n[k] > done)
+            ck_attn_scores(out[k] + done, q[k], (const char *)rows + (size_t)done * stride * es, rt,
+                           stride, n[k] - done, hd, scale);
+}
+
+void ck_attn_accum_q(float *const *acc, const float *const *w, int nq, const void *rows,
+                     enum mdl_dtype rt, size_t stride, const int *n, int hd)
+{
+    int done = 0;
+    if (ck__several_q(nq, rt, hd) && ck__accum_q_impl[nq - 2]) {
+        done = ck__fewest_rows(n, nq);
+        if (done > 0) ck__accum_q_impl[nq - 2](acc, w, rows, stride, done, hd);
+    }
+    size_t es = rt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
+    for (int k = 0; k < nq; k++)
+        if (n[k] > done)
+            ck_attn_accum(acc[k], w[k] + done, (const char *)rows + (size_t)done * stride * es, rt,
+                          stride, n[k] - done, hd);
 }
 
 void ck_rmsnorm(float *out, const float *x, const float *w, int n, float eps)

@@ -60,6 +60,17 @@ void ck_attn_scores(float *out, const float *q, const void *rows, enum mdl_dtype
 void ck_attn_accum(float *acc, const float *w, const void *rows, enum mdl_dtype rt, size_t stride,
                    int n, int hd);
 
+/* The same for nq (1..CK_ATTN_Q) queries over the same rows, query k over
+ * the first n[k] of them: out[k][j] = dot(q[k], k_j) * scale, and
+ * acc[k][i] += w[k][j] * v_j[i], with the bits ck_attn_scores and
+ * ck_attn_accum give query k alone. The rows are read once for all the
+ * queries (a prefill's tokens of one sequence over one block). */
+#define CK_ATTN_Q 4
+void ck_attn_scores_q(float *const *out, const float *const *q, int nq, const void *rows,
+                      enum mdl_dtype rt, size_t stride, const int *n, int hd, float scale);
+void ck_attn_accum_q(float *const *acc, const float *const *w, int nq, const void *rows,
+                     enum mdl_dtype rt, size_t stride, const int *n, int hd);
+
 /* IEEE binary16 rows: dst[i] = round-to-nearest-even(src[i]) and back. The
  * F16C and scalar versions give the same bits. */
 void ck_f32_to_f16(uint16_t *dst, const float *src, int n);
