@@ -693,6 +693,41 @@ static void test_attn_kernels_vs_definition(void **s)
     }
 }
 
+/* ck_rope gives ck_rope_generic's bits: both layouts, head sizes with and
+ * without a whole vector of pairs and with a tail, several heads per call,
+ * signed zeros and large values among the inputs. */
+static void test_rope_vs_generic(void **s)
+{
+    (void)s;
+    ck_init();
+    enum { HMAX = 136, HEADS = 3 };
+    const int hds[] = {2, 6, 8, 16, 20, 36, 40, 48, 64, 130, 136};
+    static float v[HEADS * HMAX], a[HEADS * HMAX], b[HEADS * HMAX], cs[HMAX];
+    uint32_t r = 99;
+    for (size_t i = 0; i < HEADS * HMAX; i++) {
+        r = r * 1664525u + 1013904223u;
+        v[i] = (float)(int32_t)r / 2147483648.0f * (i % 7 == 0 ? 3e4f : 1.0f);
+    }
+    v[5] = -0.0f;
+    v[6] = 0.0f;
+    for (size_t h = 0; h < sizeof(hds) / sizeof(hds[0]); h++) {
+        int hd = hds[h];
+        for (int i = 0; i < hd / 2; i++) {
+            float ang = 37.0f * powf(10000.0f, -2.0f * (float)i / (float)hd);
+            cs[2 * i] = cosf(ang);
+            cs[2 * i + 1] = sinf(ang);
+        }
+        for (int layout = 0; layout < 2; layout++) {
+            memcpy(a, v, sizeof(float) * (size_t)(HEADS * hd));
+            memcpy(b, v, sizeof(float) * (size_t)(HEADS * hd));
+            ck_rope(a, HEADS, cs, hd, (enum mdl_rope_layout)layout);
+            ck_rope_generic(b, HEADS, cs, hd, (enum mdl_rope_layout)layout);
+            assert_memory_equal(a, b, sizeof(float) * (size_t)(HEADS * hd));
+            assert_true(memcmp(a, v, sizeof(float) * (size_t)(HEADS * hd)) != 0); /* rotated */
+        }
+    }
+}
+
 /* Several queries over the same rows (ck_attn_scores_q, ck_attn_accum_q)
  * give each query the bits of its one-query call: every query count, head
  * sizes with and without 16-element tails, row counts equal and different
@@ -1417,6 +1452,7 @@ int main(void)
         cmocka_unit_test_setup(test_matmul_rows_vs_dot, reset_globals),
         cmocka_unit_test_setup(test_attn_kernels_vs_definition, reset_globals),
         cmocka_unit_test_setup(test_attn_f16_rows_vs_f32, reset_globals),
+        cmocka_unit_test_setup(test_rope_vs_generic, reset_globals),
         cmocka_unit_test_setup(test_attn_q_kernels_vs_one, reset_globals),
         cmocka_unit_test_setup(test_prefill_vs_token_by_token, reset_globals),
         cmocka_unit_test_setup(test_blas_mode_close, reset_globals),

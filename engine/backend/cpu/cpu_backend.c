@@ -238,29 +238,6 @@ static void cpu__mm1(cpu_ctx *c, float *out, const float *x, mdl_mat W, const fl
     cpu__matmul(c, &mm);
 }
 
-/* ---- RoPE ---- */
-
-/* Rotates one head vector v[head_dim] by the angles in cs[head_dim/2][2]. */
-static void cpu__rope_head(float *v, const float *cs, int hd, enum mdl_rope_layout layout)
-{
-    int half = hd / 2;
-    if (layout == MDL_ROPE_ADJACENT) {
-        for (int i = 0; i < half; i++) {
-            float co = cs[2 * i], si = cs[2 * i + 1];
-            float a = v[2 * i], b = v[2 * i + 1];
-            v[2 * i] = a * co - b * si;
-            v[2 * i + 1] = a * si + b * co;
-        }
-    } else {
-        for (int i = 0; i < half; i++) {
-            float co = cs[2 * i], si = cs[2 * i + 1];
-            float a = v[i], b = v[i + half];
-            v[i] = a * co - b * si;
-            v[i + half] = a * si + b * co;
-        }
-    }
-}
-
 /* ---- attention ---- */
 
 /* Element offset of (slot, kv head) inside a block: K at +0, V at +v_elems. */
@@ -475,10 +452,8 @@ static int cpu_forward(void *vctx, const be_batch *b)
         /* RoPE, then store this batch's K/V in the paged pool. */
         for (int t = 0; t < T; t++) {
             const float *cs = c->rope + (size_t)t * hd;
-            for (int h = 0; h < mc->n_heads; h++)
-                cpu__rope_head(c->q + (size_t)t * qd + (size_t)h * hd, cs, hd, mc->rope_layout);
-            for (int h = 0; h < mc->n_kv_heads; h++)
-                cpu__rope_head(c->k + (size_t)t * kvd + (size_t)h * hd, cs, hd, mc->rope_layout);
+            ck_rope(c->q + (size_t)t * qd, mc->n_heads, cs, hd, mc->rope_layout);
+            ck_rope(c->k + (size_t)t * kvd, mc->n_kv_heads, cs, hd, mc->rope_layout);
             int p = b->pos[t];
             void *blk = cpu__kv_block(c, l, b->block_tables[b->seq[t]][p / bs]);
             size_t k_el = (size_t)(p % bs) * kvd, v_el = k_el + (size_t)bs * kvd;

@@ -1118,6 +1118,75 @@ void ck_f16_to_f32(float *dst, const uint16_t *src, int n)
     ck__from_f16_impl(dst, src, n);
 }
 
+/* ---- RoPE ----
+ * Every element is a * co - b * si or a * si + b * co: two products, each
+ * rounded, and one rounded addition (never fused: ISO C mode), so the
+ * vector version gives the scalar one's bits. GCC fuses a multiply into an
+ * add-subtract (vaddsubps) even so, so neither version has one: the vector
+ * one blends a subtraction and an addition, and its tail runs in a function
+ * built without FMA. */
+
+/* Pairs [from, hd / 2) of one head. */
+static __attribute__((noinline)) void ck__rope_pairs(float *v, const float *cs, int hd, int from,
+                                                     enum mdl_rope_layout layout)
+{
+    int half = hd / 2;
+    for (int i = from; i < half; i++) {
+        float co = cs[2 * i], si = cs[2 * i + 1];
+        float *pa = layout == MDL_ROPE_ADJACENT ? v + 2 * i : v + i;
+        float *pb = layout == MDL_ROPE_ADJACENT ? pa + 1 : v + i + half;
+        float a = *pa, b = *pb;
+        *pa = a * co - b * si;
+        *pb = a * si + b * co;
+    }
+}
+
+void ck_rope_generic(float *v, int heads, const float *cs, int hd, enum mdl_rope_layout layout)
+{
+    for (int h = 0; h < heads; h++)
+        ck__rope_pairs(v + (size_t)h * hd, cs, hd, 0, layout);
+}
+
+#ifdef CK_HAVE_X86
+CK_AVX2 static void ck__rope_avx2(float *v, int heads, const float *cs, int hd,
+                                  enum mdl_rope_layout layout)
+{
+    int half = hd / 2;
+    for (int h = 0; h < heads; h++, v += hd) {
+        int i = 0;
+        if (layout == MDL_ROPE_ADJACENT) {
+            /* 4 pairs (a, b) and their (co, si), as stored: a * co - b * si
+             * in the even lanes, b * co + a * si in the odd ones */
+            for (; i + 8 <= hd; i += 8) {
+                __m256 x = _mm256_loadu_ps(v + i), c = _mm256_loadu_ps(cs + i);
+                __m256 ab = _mm256_mul_ps(x, _mm256_moveldup_ps(c));
+                __m256 ba = _mm256_mul_ps(_mm256_permute_ps(x, 0xb1), _mm256_movehdup_ps(c));
+                _mm256_storeu_ps(
+                    v + i, _mm256_blend_ps(_mm256_sub_ps(ab, ba), _mm256_add_ps(ab, ba), 0xaa));
+            }
+            i /= 2;
+        } else {
+            /* 8 pairs (v[i], v[i + half]); their (co, si) taken apart */
+            for (; i + 8 <= half; i += 8) {
+                __m256 c0 = _mm256_loadu_ps(cs + 2 * i), c1 = _mm256_loadu_ps(cs + 2 * i + 8);
+                __m256 co = _mm256_castpd_ps(_mm256_permute4x64_pd(
+                    _mm256_castps_pd(_mm256_shuffle_ps(c0, c1, _MM_SHUFFLE(2, 0, 2, 0))), 0xd8));
+                __m256 si = _mm256_castpd_ps(_mm256_permute4x64_pd(
+                    _mm256_castps_pd(_mm256_shuffle_ps(c0, c1, _MM_SHUFFLE(3, 1, 3, 1))), 0xd8));
+                __m256 a = _mm256_loadu_ps(v + i), b = _mm256_loadu_ps(v + half + i);
+                _mm256_storeu_ps(v + i, _mm256_sub_ps(_mm256_mul_ps(a, co), _mm256_mul_ps(b, si)));
+                _mm256_storeu_ps(v + half + i,
+                                 _mm256_add_ps(_mm256_mul_ps(a, si), _mm256_mul_ps(b, co)));
+            }
+        }
+        if (i < half) ck__rope_pairs(v, cs, hd, i, layout);
+    }
+}
+#endif
+
+static void (*ck__rope_impl)(float *, int, const float *, int,
+                             enum mdl_rope_layout) = ck_rope_generic;
+
 static float (*ck__dot_impl)(const float *, const float *, int) = ck__dot_generic;
 /* The attention kernels for F32 and for F16 rows; NULL (and any other row
  * type): the generic ones, which widen every element type. */
@@ -1234,6 +1303,7 @@ static void ck__select(void)
      * has; the check keeps a machine without it on the generic code. */
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && ck__has_f16c()) {
         ck__dot_impl = ck__dot_avx2;
+        ck__rope_impl = ck__rope_avx2;
         ck__matmul_impl = ck__matmul_avx2;
         ck__scores_impl = ck__scores_avx2;
         ck__accum_impl = ck__accum_avx2;
@@ -1382,6 +1452,11 @@ void ck_attn_accum_q(float *const *acc, const float *const *w, int nq, const voi
         if (n[k] > done)
             ck_attn_accum(acc[k], w[k] + done, (const char *)rows + (size_t)done * stride * es, rt,
                           stride, n[k] - done, hd);
+}
+
+void ck_rope(float *v, int heads, const float *cs, int hd, enum mdl_rope_layout layout)
+{
+    ck__rope_impl(v, heads, cs, hd, layout);
 }
 
 void ck_rmsnorm(float *out, const float *x, const float *w, int n, float eps)

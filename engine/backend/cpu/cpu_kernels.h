@@ -76,6 +76,13 @@ void ck_attn_accum_q(float *const *acc, const float *const *w, int nq, const voi
 void ck_f32_to_f16(uint16_t *dst, const float *src, int n);
 void ck_f16_to_f32(float *dst, const uint16_t *src, int n);
 
+/* RoPE: rotates `heads` head vectors of hd elements, one after another
+ * from v, by the angles of one position, cs[hd / 2][2] = (cos, sin) of
+ * each frequency; pairs (2i, 2i + 1) (MDL_ROPE_ADJACENT) or (i, i + hd / 2)
+ * (MDL_ROPE_HALF). The generic version (tests) gives the same bits. */
+void ck_rope(float *v, int heads, const float *cs, int hd, enum mdl_rope_layout layout);
+void ck_rope_generic(float *v, int heads, const float *cs, int hd, enum mdl_rope_layout layout);
+
 /* out[i] = x[i] / sqrt(mean(x^2) + eps) * w[i], i < n */
 void ck_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
 
