@@ -364,7 +364,6 @@ static void cpu__attn_task(void *arg, int task, int thread)
     for (int pass = 0; pass < 2; pass++) {
         if (pass == 1) cpu__attn_softmax(c, att, t0, t1, h0, h1);
         for (int p0 = 0; p0 <= maxpos; p0 += bs) {
-            const int32_t *prefetched = NULL; /* the table whose next block was asked for */
             for (int t = t0, u; t < t1; t = u) {
                 /* tokens [t, u): one sequence; those that reach block p0 */
                 int nq = 0, qt[CPU__ATTN_RUN], nrow[CPU__ATTN_RUN];
@@ -380,12 +379,10 @@ static void cpu__attn_task(void *arg, int task, int thread)
                 /* The next block's half, for a decode token (no hardware
                  * prefetcher finds it: blocks lie anywhere). */
                 int pos = b->pos[qt[0]];
-                if (nq == 1 && table != prefetched && p0 + bs <= pos &&
-                    cpu__alone_in_run(b, t0, t1, qt[0])) {
+                if (nq == 1 && p0 + bs <= pos && cpu__alone_in_run(b, t0, t1, qt[0])) {
                     cpu__prefetch((const char *)cpu__kv_block(c, c->layer, table[p0 / bs + 1]) +
                                       (pass ? half_bytes : 0),
                                   half_bytes);
-                    prefetched = table;
                 }
                 /* one call per head for all the group's queries: each row is
                  * read once for them */
