@@ -737,8 +737,8 @@ static void test_attn_q_kernels_vs_one(void **s)
 {
     (void)s;
     ck_init();
-    enum { NMAX = 19, HMAX = 72 };
-    const int hds[] = {8, 16, 40, 48, 64, 72};
+    enum { NMAX = 19, HMAX = 128 };
+    const int hds[] = {8, 16, 32, 40, 48, 64, 72, 80, 128}; /* 16-wide rests of 0, 16, 32 */
     static float rows[NMAX * 2 * HMAX], q[CK_ATTN_Q][HMAX], w[CK_ATTN_Q][NMAX];
     static float out[CK_ATTN_Q][NMAX], want[NMAX], acc[CK_ATTN_Q][HMAX], ref[HMAX];
     static uint16_t half[NMAX * 2 * HMAX];
