@@ -807,35 +807,21 @@ static void test_prefill_vs_token_by_token(void **s)
         mdl_model *m = make_model(MDL_ROPE_HALF, 1, 0);
         int V = m->cfg.vocab_size, P = 45;
         float *whole = malloc((size_t)P * V * sizeof(float)), *steps = malloc((size_t)P * V * 4);
-        int32_t tok[64], pos[64], seq[64] = {0}, rows[64], table[8] = {0, 1, 2, 3, 4, 5, 6, 7};
-        for (int i = 0; i < P; i++) {
+        int32_t tok[64], seq = 0, table[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+        for (int i = 0; i < P; i++)
             tok[i] = prompt_tok(3, i);
-            pos[i] = i;
-            rows[i] = i;
-        }
         const int32_t *tptr[1] = {table};
         int32_t nb = 8;
         for (int threads = 1; threads <= 2; threads++) {
             be_backend *be = open_cpu(m, threads, BE_MATMUL_DETERMINISTIC, NULL, 16);
-            be_batch b = {.n_tokens = P,
-                          .tokens = tok,
-                          .pos = pos,
-                          .seq = seq,
-                          .n_seqs = 1,
-                          .block_tables = tptr,
-                          .n_blocks = &nb,
-                          .n_out = P,
-                          .out_rows = rows,
-                          .logits = whole};
-            assert_int_equal(be_forward(be, &b), 0);
+            assert_int_equal(run_prefill_all(be, tok, P, table, nb, whole), 0);
             be_close(be);
             be = open_cpu(m, threads, BE_MATMUL_DETERMINISTIC, NULL, 16);
-            for (int i = 0; i < P; i++) {
-                int32_t zero = 0;
+            for (int32_t i = 0, zero = 0; i < P; i++) {
                 be_batch one = {.n_tokens = 1,
                                 .tokens = tok + i,
-                                .pos = pos + i,
-                                .seq = seq,
+                                .pos = &i,
+                                .seq = &seq,
                                 .n_seqs = 1,
                                 .block_tables = tptr,
                                 .n_blocks = &nb,

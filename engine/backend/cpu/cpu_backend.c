@@ -388,19 +388,19 @@ static void cpu__attn_task(void *arg, int task, int thread)
                  * read once for them */
                 for (int h = h0; h < h1; h++) {
                     size_t kv_el = (size_t)(h / per_kv) * hd;
-                    float *rowp[CPU__ATTN_RUN], *outp[CPU__ATTN_RUN];
-                    const float *inp[CPU__ATTN_RUN];
+                    /* each query's scores row from p0, and its query (pass
+                     * 0) or output (pass 1) vector */
+                    float *sc[CPU__ATTN_RUN], *vec[CPU__ATTN_RUN];
                     for (int k = 0; k < nq; k++) {
-                        int tk = qt[k];
-                        rowp[k] = cpu__att_row(att, msl, att_heads, tk - t0, h - h0) + p0;
-                        outp[k] = c->xb + ((size_t)tk * mc->n_heads + h) * hd;
-                        inp[k] = c->q + ((size_t)tk * mc->n_heads + h) * hd;
+                        sc[k] = cpu__att_row(att, msl, att_heads, qt[k] - t0, h - h0) + p0;
+                        vec[k] = (pass ? c->xb : c->q) + ((size_t)qt[k] * mc->n_heads + h) * hd;
                     }
                     if (pass == 0)
-                        ck_attn_scores_q(rowp, inp, nq, cpu__kv_at(c, blk, kv_el), et, tok_stride,
-                                         nrow, hd, scale);
+                        ck_attn_scores_q(sc, (const float *const *)vec, nq,
+                                         cpu__kv_at(c, blk, kv_el), et, tok_stride, nrow, hd,
+                                         scale);
                     else
-                        ck_attn_accum_q(outp, (const float *const *)rowp, nq,
+                        ck_attn_accum_q(vec, (const float *const *)sc, nq,
                                         cpu__kv_at(c, blk, v_off + kv_el), et, tok_stride, nrow,
                                         hd);
                 }
