@@ -585,71 +585,98 @@ static void test_matmul_blocking(void **s)
 }
 
 /* ck_matmul against ck_dot (one dot product, an independent code path) on
- * the widened weights plus the bias (or +0.0f): every row count 1..40 (the
- * decode path below 4 rows, the register blocks and their remainders above),
- * K with and without a scalar tail, whole and partial row ranges, each
- * dtype. Same bits for every element. */
+ * the widened weights plus the bias (or +0.0f), for T rows of x in Ts, each
+ * dtype, with and without a bias, over rows [j0, j1) of W that depend on T
+ * (whole and partial ranges). Same bits for every element. */
+static void matmul_vs_dot(int K, int N, const int *Ts, int nT)
+{
+    int tmax = 0;
+    for (int i = 0; i < nT; i++)
+        tmax = Ts[i] > tmax ? Ts[i] : tmax;
+    float *x = malloc((size_t)tmax * K * 4), *w = malloc((size_t)N * K * 4);
+    float *wf = malloc((size_t)N * K * 4), *got = malloc((size_t)tmax * N * 4);
+    uint16_t *wh = malloc((size_t)N * K * 2);
+    float *bias = malloc((size_t)N * 4);
+    assert_true(x && w && wf && got && wh && bias);
+    uint64_t r = 7;
+    for (int i = 0; i < tmax * K; i++) {
+        r = r * 6364136223846793005ull + 1442695040888963407ull;
+        x[i] = (float)(r >> 40) / (float)(1 << 24) - 0.5f;
+    }
+    for (int i = 0; i < N * K; i++) {
+        r = r * 6364136223846793005ull + 1442695040888963407ull;
+        w[i] = (float)(r >> 40) / (float)(1 << 24) - 0.5f;
+    }
+    for (int j = 0; j < N; j++)
+        bias[j] = (float)j * 0.375f - 2.0f;
+    const enum mdl_dtype dt[3] = {MDL_DTYPE_F32, MDL_DTYPE_F16, MDL_DTYPE_BF16};
+    for (int d = 0; d < 3; d++) {
+        const void *ws = w;
+        if (dt[d] == MDL_DTYPE_F32) {
+            memcpy(wf, w, (size_t)N * K * 4);
+        } else {
+            if (dt[d] == MDL_DTYPE_F16)
+                ck_f32_to_f16(wh, w, N * K);
+            else
+                for (int i = 0; i < N * K; i++)
+                    wh[i] = to_bf16(w[i]);
+            for (int i = 0; i < N * K; i++)
+                wf[i] = from_half(wh[i], dt[d]);
+            ws = wh;
+        }
+        for (int nb = 0; nb < 2; nb++) {
+            const float *bi = nb ? bias : NULL;
+            for (int ti = 0; ti < nT; ti++) {
+                int T = Ts[ti];
+                int j0 = T % 3 == 0 ? 2 : 0, j1 = T % 2 ? N : N - 1;
+                memset(got, 0, (size_t)tmax * N * 4);
+                ck_matmul(got, N, x, ws, dt[d], bi, T, K, j0, j1);
+                for (int t = 0; t < T; t++)
+                    for (int j = j0; j < j1; j++) {
+                        float ref =
+                            ck_dot(x + (size_t)t * K, wf + (size_t)j * K, K) + (bi ? bi[j] : 0.0f);
+                        assert_memory_equal(&got[(size_t)t * N + j], &ref, sizeof(float));
+                    }
+            }
+        }
+    }
+    free(x);
+    free(w);
+    free(wf);
+    free(got);
+    free(wh);
+    free(bias);
+}
+
+/* Every row count 1..40: the decode path below 4 rows, the register blocks
+ * and their remainders above; K with and without a scalar tail. */
 static void test_matmul_rows_vs_dot(void **s)
 {
     (void)s;
     ck_init();
-    enum { TMAX = 40, N = 11 };
+    int Ts[40];
+    for (int i = 0; i < 40; i++)
+        Ts[i] = i + 1;
     /* 4100: x tiles of 15 rows (three tiles at 40 rows) and a 4-element tail */
     const int Ks[5] = {288, 33, 80, 19, 4100};
-    for (int ki = 0; ki < 5; ki++) {
-        int K = Ks[ki];
-        float *x = malloc((size_t)TMAX * K * 4), *w = malloc((size_t)N * K * 4);
-        float *wf = malloc((size_t)N * K * 4), *got = malloc((size_t)TMAX * N * 4);
-        uint16_t *wh = malloc((size_t)N * K * 2);
-        assert_true(x && w && wf && got && wh);
-        uint64_t r = 7;
-        for (int i = 0; i < TMAX * K; i++) {
-            r = r * 6364136223846793005ull + 1442695040888963407ull;
-            x[i] = (float)(r >> 40) / (float)(1 << 24) - 0.5f;
-        }
-        for (int i = 0; i < N * K; i++) {
-            r = r * 6364136223846793005ull + 1442695040888963407ull;
-            w[i] = (float)(r >> 40) / (float)(1 << 24) - 0.5f;
-        }
-        float bias[N];
-        for (int j = 0; j < N; j++)
-            bias[j] = (float)j * 0.375f - 2.0f;
-        const enum mdl_dtype dt[3] = {MDL_DTYPE_F32, MDL_DTYPE_F16, MDL_DTYPE_BF16};
-        for (int d = 0; d < 3; d++) {
-            const void *ws = w;
-            if (dt[d] == MDL_DTYPE_F32) {
-                memcpy(wf, w, (size_t)N * K * 4);
-            } else {
-                if (dt[d] == MDL_DTYPE_F16)
-                    ck_f32_to_f16(wh, w, N * K);
-                else
-                    for (int i = 0; i < N * K; i++)
-                        wh[i] = to_bf16(w[i]);
-                for (int i = 0; i < N * K; i++)
-                    wf[i] = from_half(wh[i], dt[d]);
-                ws = wh;
-            }
-            for (int nb = 0; nb < 2; nb++) {
-                const float *bi = nb ? bias : NULL;
-                for (int T = 1; T <= TMAX; T++) {
-                    int j0 = T % 3 == 0 ? 2 : 0, j1 = T % 2 ? N : N - 1;
-                    memset(got, 0, (size_t)TMAX * N * 4);
-                    ck_matmul(got, N, x, ws, dt[d], bi, T, K, j0, j1);
-                    for (int t = 0; t < T; t++)
-                        for (int j = j0; j < j1; j++) {
-                            float ref = ck_dot(x + (size_t)t * K, wf + (size_t)j * K, K) +
-                                        (bi ? bi[j] : 0.0f);
-                            assert_memory_equal(&got[(size_t)t * N + j], &ref, sizeof(float));
-                        }
-                }
-            }
-        }
-        free(x);
-        free(w);
-        free(wf);
-        free(got);
-        free(wh);
-    }
+    for (int ki = 0; ki < 5; ki++)
+        matmul_vs_dot(Ks[ki], 11, Ts, 40);
+}
+
+/* Prefill-sized row counts, where AVX-512 hosts pack W in blocks of 8 rows
+ * that share accumulators between outputs (ck__matmul_pk): row counts
+ * leaving 0, 1 and 2 after the blocks of 3 x rows, ranges of 18 to 21 rows
+ * of W (2 to 5 left after the blocks of 8, and a range not from 0), K from
+ * one 16-element step to x tiles of 96 rows (K = 1344: 200 rows in three
+ * tiles), and K with a scalar tail, which takes the other blocks. */
+static void test_matmul_many_rows_vs_dot(void **s)
+{
+    (void)s;
+    ck_init();
+    const int Ts[6] = {96, 97, 98, 99, 128, 200};
+    const int Ks[4] = {288, 16, 1344, 296};
+    for (int ki = 0; ki < 4; ki++)
+        matmul_vs_dot(Ks[ki], 21, Ts, 6);
 }
 
 /* The attention kernels against their definitions (cpu_kernels.h): every
@@ -1436,6 +1463,7 @@ int main(void)
         cmocka_unit_test_setup(test_half_weights, reset_globals),
         cmocka_unit_test_setup(test_matmul_blocking, reset_globals),
         cmocka_unit_test_setup(test_matmul_rows_vs_dot, reset_globals),
+        cmocka_unit_test_setup(test_matmul_many_rows_vs_dot, reset_globals),
         cmocka_unit_test_setup(test_attn_kernels_vs_definition, reset_globals),
         cmocka_unit_test_setup(test_attn_f16_rows_vs_f32, reset_globals),
         cmocka_unit_test_setup(test_rope_vs_generic, reset_globals),

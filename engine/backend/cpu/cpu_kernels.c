@@ -613,6 +613,190 @@ static const ck__blk_fn ck__blk512_fns[3][2][CK_RT] = {
 };
 #undef CK__BLK_ROW
 
+/* ---- AVX-512, many rows of x (prefill): four outputs per accumulator ----
+ * In ck__blk512 every output has a zmm of its own, whose 16 lanes take a
+ * horizontal sum at the end: about 7 shuffles and additions per output
+ * against K / 16 FMAs (18 at K = 288), a seventh of a 128-row matmul's
+ * time. Here accumulator L of an output block holds lanes 4L..4L+3 of
+ * ck_dot's 16 for four outputs, one per 128-bit lane m (W row j + m):
+ * - ck_dot's first level, s[l] = lane l + lane l+8 (l < 8), is L0 + L2 and
+ *   L1 + L3, its second, q[e] = s[e] + s[e+4], the sum of those two, all
+ *   vertical additions;
+ * - its last two, (q0 + q2, q1 + q3) and p0 + p1, take two shuffles and
+ *   one addition per pair of such vectors (ck__pk_pairs), then one
+ *   permutation puts each x row's outputs side by side.
+ * The same additions in the same order: the bits of ck_dot.
+ * W is packed per block of CK_PJ = 8 rows (two groups g of four) into an
+ * F32 buffer, wp[i][L][g] = rows j+4g..j+4g+3, elements 16i+4L..16i+4L+3,
+ * so each step loads its W vectors whole and x's four elements are
+ * broadcast to the four 128-bit lanes. Per 16-element step: 8 W loads, 12
+ * broadcasts, 24 FMAs for 8 W rows by CK_PT = 3 x rows (24 accumulators).
+ * Measured (1 thread, W in cache, 128 rows): 1.04-1.09x the ck__blk512
+ * blocks at K = 288 and 512, level at 768 and 2,048; below about 64 rows
+ * packing W costs more than it saves (0.8x at 8 rows), so it runs from
+ * CK_PK_MIN_T rows of x with K a multiple of 16 (no scalar tail). */
+#define CK_PJ       8
+#define CK_PT       3
+#define CK_PK_MIN_T 96
+
+/* The four 128-bit lanes of a (16 W elements each of rows a..d) transposed:
+ * out[L] = [a.L b.L c.L d.L]. */
+CK_AVX512 static void ck__pk_pack(float *wp, const void *W, enum mdl_dtype wt, int K, int j)
+{
+    for (int i = 0; i < K / 16; i++)
+        for (int g = 0; g < 2; g++) {
+            size_t off = (size_t)(j + 4 * g) * K + (size_t)i * 16;
+            __m512 a = ck__ld16(W, off, wt), b = ck__ld16(W, off + (size_t)K, wt);
+            __m512 c = ck__ld16(W, off + 2 * (size_t)K, wt),
+                   d = ck__ld16(W, off + 3 * (size_t)K, wt);
+            __m512 ab01 = _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0));
+            __m512 ab23 = _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2));
+            __m512 cd01 = _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0));
+            __m512 cd23 = _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2));
+            float *o = wp + (size_t)i * 128 + g * 16;
+            _mm512_store_ps(o, _mm512_shuffle_f32x4(ab01, cd01, _MM_SHUFFLE(2, 0, 2, 0)));
+            _mm512_store_ps(o + 32, _mm512_shuffle_f32x4(ab01, cd01, _MM_SHUFFLE(3, 1, 3, 1)));
+            _mm512_store_ps(o + 64, _mm512_shuffle_f32x4(ab23, cd23, _MM_SHUFFLE(2, 0, 2, 0)));
+            _mm512_store_ps(o + 96, _mm512_shuffle_f32x4(ab23, cd23, _MM_SHUFFLE(3, 1, 3, 1)));
+        }
+}
+
+/* ck_dot's first two levels: q = (L0 + L2) + (L1 + L3) per lane. */
+CK_AVX512 static inline __m512 ck__pk_q(const __m512 acc[4])
+{
+    return _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+}
+
+/* Its third level for two q vectors: per 128-bit lane [pa0 pa1 pb0 pb1],
+ * p0 = q0 + q2, p1 = q1 + q3. */
+CK_AVX512 static inline __m512 ck__pk_p(__m512 a, __m512 b)
+{
+    return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+
+/* Its last for two p vectors: per 128-bit lane m [ra rb rc rd], r = p0 + p1,
+ * permuted to [a b c d] by outputs, then the bias (or +0.0f) added. */
+CK_AVX512 static inline __m512 ck__pk_r(__m512 pab, __m512 pcd, __m512 bias)
+{
+    const __m512i by_output =
+        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    __m512 r = _mm512_add_ps(_mm512_shuffle_ps(pab, pcd, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_ps(pab, pcd, _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_permutexvar_ps(by_output, r), bias);
+}
+
+/* out[t + b][j .. j + 7] for b < rt (a constant at each call site). */
+CK_AVX512 static inline __attribute__((always_inline)) void
+ck__pk_blk(float *out, int ldo, const float *x, const float *wp, const float *bias, int K, int j,
+           int t, const char *pf, size_t es, const int rt)
+{
+    __m512 acc[2][CK_PT][4];
+#pragma GCC unroll 8
+    for (int g = 0; g < 2; g++)
+#pragma GCC unroll 8
+        for (int b = 0; b < rt; b++)
+#pragma GCC unroll 8
+            for (int L = 0; L < 4; L++)
+                acc[g][b][L] = _mm512_setzero_ps();
+    const float *xt = x + (size_t)t * K;
+    for (int i = 0; i < K; i += 16) {
+        const float *w = wp + (size_t)i * 8;
+        if (pf) _mm_prefetch(pf + (size_t)i * es, _MM_HINT_T0);
+#pragma GCC unroll 4
+        for (int L = 0; L < 4; L++) {
+            __m512 w0 = _mm512_load_ps(w + L * 32), w1 = _mm512_load_ps(w + L * 32 + 16);
+            /* in registers: as memory operands GCC would load them again
+             * for every x row, 24 loads a step instead of 8 */
+            __asm__("" : "+v"(w0), "+v"(w1));
+#pragma GCC unroll 8
+            for (int b = 0; b < rt; b++) {
+                __m512 xb = _mm512_broadcast_f32x4(_mm_loadu_ps(xt + (size_t)b * K + i + 4 * L));
+                acc[0][b][L] = _mm512_fmadd_ps(xb, w0, acc[0][b][L]);
+                acc[1][b][L] = _mm512_fmadd_ps(xb, w1, acc[1][b][L]);
+            }
+        }
+    }
+    __m256 b8 = bias ? _mm256_loadu_ps(bias + j) : _mm256_setzero_ps();
+    __m512 bv = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(b8)));
+    __m512 p0 = ck__pk_p(ck__pk_q(acc[0][0]), ck__pk_q(acc[1][0]));
+    if (rt == 1) {
+        /* x row t alone: the pair's second half repeats it */
+        __m512 r = ck__pk_r(p0, p0, bv);
+        _mm256_storeu_ps(out + (size_t)t * ldo + j, _mm512_castps512_ps256(r));
+        return;
+    }
+    __m512 p1 = ck__pk_p(ck__pk_q(acc[0][1]), ck__pk_q(acc[1][1]));
+    __m512 r = ck__pk_r(p0, p1, bv); /* [row t: j..j+7 | row t+1: j..j+7] */
+    _mm256_storeu_ps(out + (size_t)t * ldo + j, _mm512_castps512_ps256(r));
+    _mm256_storeu_ps(out + (size_t)(t + 1) * ldo + j,
+                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1)));
+    if (rt == 3) {
+        __m512 p2 = ck__pk_p(ck__pk_q(acc[0][2]), ck__pk_q(acc[1][2]));
+        r = ck__pk_r(p2, p2, bv);
+        _mm256_storeu_ps(out + (size_t)(t + 2) * ldo + j, _mm512_castps512_ps256(r));
+    }
+}
+
+#define CK__PK_FN(RT)                                                                              \
+    CK_AVX512 static __attribute__((noinline)) void ck__pk_blk##RT(                                \
+        float *out, int ldo, const float *x, const float *wp, const float *bias, int K, int j,     \
+        int t, const char *pf, size_t es)                                                          \
+    {                                                                                              \
+        ck__pk_blk(out, ldo, x, wp, bias, K, j, t, pf, es, RT);                                    \
+    }
+CK__PK_FN(1)
+CK__PK_FN(2)
+CK__PK_FN(3)
+#undef CK__PK_FN
+
+/* x tiles of up to 512 KiB: L2 keeps a tile while each packed block of W
+ * meets all of its rows. */
+static int ck__pk_tile(int K)
+{
+    return (int)((512 * 1024) / ((size_t)K * sizeof(float))) / CK_PT * CK_PT;
+}
+
+static int ck__pk_fits(int T, int K)
+{
+    return K % 16 == 0 && T >= CK_PK_MIN_T && ck__pk_tile(K) >= CK_PK_MIN_T;
+}
+
+/* The whole blocks of CK_PJ rows in [j0, j1) against every row of x, where
+ * ck__pk_fits(T, K); returns the first row of W not done (j1 less the
+ * remainder, or j0 if the packing buffer could not be had). */
+CK_AVX512 static int ck__matmul_pk(float *out, int ldo, const float *x, const void *W,
+                                   enum mdl_dtype wt, const float *bias, int T, int K, int j0,
+                                   int j1)
+{
+    int jn = j0 + (j1 - j0) / CK_PJ * CK_PJ;
+    if (jn == j0) return j0;
+    float *wp = aligned_alloc(64, (size_t)CK_PJ * K * sizeof(float));
+    if (!wp) return j0;
+    size_t es = wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
+    int tile = ck__pk_tile(K);
+    for (int t0 = 0; t0 < T; t0 += tile) {
+        int t1 = T - t0 < tile ? T : t0 + tile;
+        for (int j = j0; j < jn; j += CK_PJ) {
+            ck__pk_pack(wp, W, wt, K, j);
+            /* the next block's rows of W, one per block of x rows, so that
+             * a few lines at a time are in flight */
+            const char *next =
+                j + CK_PJ < jn ? (const char *)W + (size_t)(j + CK_PJ) * K * es : NULL;
+            int t = t0, b = 0;
+            for (; t + CK_PT <= t1; t += CK_PT, b++)
+                ck__pk_blk3(out, ldo, x, wp, bias, K, j, t,
+                            next && b < CK_PJ ? next + (size_t)b * K * es : NULL, es);
+            if (t1 - t == 2)
+                ck__pk_blk2(out, ldo, x, wp, bias, K, j, t, NULL, es);
+            else if (t1 - t == 1)
+                ck__pk_blk1(out, ldo, x, wp, bias, K, j, t, NULL, es);
+        }
+    }
+    free(wp);
+    return jn;
+}
+
 /* W rows [j0, j1) one at a time, each against the T (< CK_RT) rows of x:
  * W is read in one sequential stream, with no software prefetch. */
 CK_AVX512 static void ck__rows512(float *out, int ldo, const float *x, const void *W,
@@ -628,6 +812,10 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
                                         enum mdl_dtype wt, const float *bias, int T, int K, int j0,
                                         int j1)
 {
+    if (ck__pk_fits(T, K)) {
+        j0 = ck__matmul_pk(out, ldo, x, W, wt, bias, T, K, j0, j1);
+        if (j0 == j1) return;
+    }
     const ck__blk_fn *one = ck__blk512_fns[wt][0], *four = ck__blk512_fns[wt][1];
     size_t es = wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
     if (T < 4 && wt != MDL_DTYPE_F32) {
@@ -701,6 +889,10 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
 static void ck__matmul_split512(float *out, int ldo, const float *x, const void *W,
                                 enum mdl_dtype wt, const float *bias, int T, int K, int j0, int j1)
 {
+    if (ck__pk_fits(T, K)) {
+        j0 = ck__matmul_pk(out, ldo, x, W, wt, bias, T, K, j0, j1);
+        if (j0 == j1) return;
+    }
     if (T < 4 && wt == MDL_DTYPE_F32)
         ck__rows512(out, ldo, x, W, wt, bias, T, K, j0, j1);
     else if (T < 4 || (wt == MDL_DTYPE_F32 && T >= 16))
