@@ -663,20 +663,21 @@ static void test_matmul_rows_vs_dot(void **s)
         matmul_vs_dot(Ks[ki], 11, Ts, 40);
 }
 
-/* Prefill-sized row counts, where AVX-512 hosts pack W in blocks of 8 rows
- * that share accumulators between outputs (ck__matmul_pk): row counts
- * leaving 0, 1 and 2 after the blocks of 3 x rows, ranges of 18 to 21 rows
- * of W (2 to 5 left after the blocks of 8, and a range not from 0), K from
- * one 16-element step to x tiles of 96 rows (K = 1344: 200 rows in three
- * tiles), and K with a scalar tail, which takes the other blocks. */
+/* Row counts where AVX-512 hosts pack W in blocks of 8 rows that share
+ * accumulators between outputs (ck__matmul_pk, from 24 rows of x): row
+ * counts leaving 0, 1 and 2 after the blocks of 3 x rows, ranges of 18 to
+ * 21 rows of W (2 to 5 left after the blocks of 8, and a range not from 0),
+ * K from one 16-element step to x tiles of 96 rows (K = 1344: 200 rows in
+ * three tiles), K past the largest packed (2064) and K with a scalar tail,
+ * which take the other blocks. */
 static void test_matmul_many_rows_vs_dot(void **s)
 {
     (void)s;
     ck_init();
-    const int Ts[6] = {96, 97, 98, 99, 128, 200};
-    const int Ks[4] = {288, 16, 1344, 296};
-    for (int ki = 0; ki < 4; ki++)
-        matmul_vs_dot(Ks[ki], 21, Ts, 6);
+    const int Ts[7] = {24, 25, 26, 97, 98, 99, 200};
+    const int Ks[5] = {288, 16, 1344, 2064, 296};
+    for (int ki = 0; ki < 5; ki++)
+        matmul_vs_dot(Ks[ki], 21, Ts, 7);
 }
 
 /* The attention kernels against their definitions (cpu_kernels.h): every
@@ -1373,7 +1374,7 @@ static void test_open_errors(void **s)
 /* The kernel set follows the environment (the runs registered with
  * TANDEM_CPU_NO_AVX512 / TANDEM_CPU_AVX512) and, without it, the FMA probe's
  * rule: unless 512-bit FMAs run at 1.5x the 256-bit rate, the AVX-512
- * matmul gives way below 4 rows of x and for F32 weights from 16 rows
+ * matmul gives way below 4 rows of x and for F32 weights at 16-23 rows
  * (ck__matmul_split512). */
 static void test_kernel_choice(void **state)
 {
@@ -1402,7 +1403,7 @@ static void test_kernel_choice(void **state)
         assert_true(r > 0);
         assert_string_equal(v, r >= 1.5 ? "avx512"
                                         : "avx512 (split FMA: f32 a row at a time below 4 rows; "
-                                          "avx2 for 16-bit below 4, f32 from 16)");
+                                          "avx2 for 16-bit below 4, f32 at 16-23)");
     }
     printf("kernels: %s (512-bit FMA rate %.2fx the 256-bit one)\n", v, ck_fma512_ratio());
 #else

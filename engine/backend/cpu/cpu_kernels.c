@@ -613,7 +613,7 @@ static const ck__blk_fn ck__blk512_fns[3][2][CK_RT] = {
 };
 #undef CK__BLK_ROW
 
-/* ---- AVX-512, many rows of x (prefill): four outputs per accumulator ----
+/* ---- AVX-512 from 24 rows of x: four outputs per accumulator ----
  * In ck__blk512 every output has a zmm of its own, whose 16 lanes take a
  * horizontal sum at the end: about 7 shuffles and additions per output
  * against K / 16 FMAs (18 at K = 288), a seventh of a 128-row matmul's
@@ -623,7 +623,7 @@ static const ck__blk_fn ck__blk512_fns[3][2][CK_RT] = {
  *   L1 + L3, its second, q[e] = s[e] + s[e+4], the sum of those two, all
  *   vertical additions;
  * - its last two, (q0 + q2, q1 + q3) and p0 + p1, take two shuffles and
- *   one addition per pair of such vectors (ck__pk_pairs), then one
+ *   one addition per pair of such vectors (ck__pk_p, ck__pk_r), then one
  *   permutation puts each x row's outputs side by side.
  * The same additions in the same order: the bits of ck_dot.
  * W is packed per block of CK_PJ = 8 rows (two groups g of four) into an
@@ -631,13 +631,17 @@ static const ck__blk_fn ck__blk512_fns[3][2][CK_RT] = {
  * so each step loads its W vectors whole and x's four elements are
  * broadcast to the four 128-bit lanes. Per 16-element step: 8 W loads, 12
  * broadcasts, 24 FMAs for 8 W rows by CK_PT = 3 x rows (24 accumulators).
- * Measured (1 thread, W in cache, 128 rows): 1.04-1.09x the ck__blk512
- * blocks at K = 288 and 512, level at 768 and 2,048; below about 64 rows
- * packing W costs more than it saves (0.8x at 8 rows), so it runs from
- * CK_PK_MIN_T rows of x with K a multiple of 16 (no scalar tail). */
+ * Measured on the split-FMA host (1 thread; every layer matrix of a BF16
+ * 15m model in turn, W from memory, alternating with the ck__blk512 blocks
+ * in one process): 1.06-1.09x at 24 rows of x, 1.15x at 32, 1.09-1.14x
+ * from 48 to 96, level at 20; below that packing W costs more than it
+ * saves (0.85x at 16, 0.6x at 8). So it runs from CK_PK_MIN_T rows, for K
+ * a multiple of 16 (no scalar tail) up to CK_PK_MAX_K (a packed block of
+ * 64 KiB, the largest measured: level with the ck__blk512 blocks there). */
 #define CK_PJ       8
 #define CK_PT       3
-#define CK_PK_MIN_T 96
+#define CK_PK_MIN_T 24
+#define CK_PK_MAX_K 2048
 
 /* The four 128-bit lanes of a (16 W elements each of rows a..d) transposed:
  * out[L] = [a.L b.L c.L d.L]. */
@@ -751,7 +755,7 @@ CK__PK_FN(3)
 #undef CK__PK_FN
 
 /* x tiles of up to 512 KiB: L2 keeps a tile while each packed block of W
- * meets all of its rows. */
+ * meets all of its rows (at least 63 rows up to CK_PK_MAX_K). */
 static int ck__pk_tile(int K)
 {
     return (int)((512 * 1024) / ((size_t)K * sizeof(float))) / CK_PT * CK_PT;
@@ -759,7 +763,7 @@ static int ck__pk_tile(int K)
 
 static int ck__pk_fits(int T, int K)
 {
-    return K % 16 == 0 && T >= CK_PK_MIN_T && ck__pk_tile(K) >= CK_PK_MIN_T;
+    return K % 16 == 0 && K <= CK_PK_MAX_K && T >= CK_PK_MIN_T;
 }
 
 /* The whole blocks of CK_PJ rows in [j0, j1) against every row of x, where
@@ -873,13 +877,15 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
  * - 16-bit weights below 4 rows go to the AVX2 4-row blocks: a row at a
  *   time, one accumulator chain per row with half the bytes per FMA is
  *   latency-bound (batch-1 decode of a BF16 model 0.6-0.7x);
- * - F32 weights from 16 rows on (batched decode, prefill), where the AVX2
- *   two-pass blocks reach 76-79% of the peak against 62-65% at 32 rows
- *   (batch-32 decode 1.2x), 1.2-1.3x the AVX-512 blocks' rate at 20-24
+ * - F32 weights at 16-23 rows (batched decode), where the AVX2 two-pass
+ *   blocks reached 76-79% of the peak against 62-65% for the AVX-512
+ *   blocks at 32 rows (batch-32 decode 1.2x), 1.2-1.3x their rate at 20-24
  *   rows, level (layer matrices) or 1.1x (the classifier) at 16. At 4-14
  *   rows the AVX-512 blocks are ahead (1.3x at 8), and for 16-bit weights
  *   level or ahead from 4 rows on (end to end on a BF16 model they served
- *   more within the SLOs): those stay.
+ *   more within the SLOs): those stay. From 24 rows every dtype takes the
+ *   packed blocks (ck__matmul_pk), 1.05-1.12x the AVX2 ones for F32 there
+ *   (the layer matrices of an F32 15m model, W from memory).
  * On a core with full-width 512-bit FMAs (twice the 256-bit peak) every
  * shape stays on AVX-512, as measured there (92-99% of the bandwidth at one
  * row). A probe at start-up (best of 3 runs of each width, about 2 ms)
@@ -1524,7 +1530,7 @@ static void ck__select(void)
                 if (ck__fma_ratio < 1.5) {
                     ck__matmul_impl = ck__matmul_split512;
                     ck__name = "avx512 (split FMA: f32 a row at a time below 4 rows; avx2 for "
-                               "16-bit below 4, f32 from 16)";
+                               "16-bit below 4, f32 at 16-23)";
                 }
             }
         }

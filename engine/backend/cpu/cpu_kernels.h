@@ -20,8 +20,9 @@ void ck_init(void);
  * (split FMA: ...)" where a start-up probe (about 2 ms in ck_init) finds
  * the 512-bit FMAs under 1.5x the 256-bit rate (there F32 weights against
  * 1-3 rows of x are read a row at a time, and the AVX2 matmul is faster for
- * 16-bit weights against 1-3 rows and F32 weights from 16 rows), "avx2" or
- * "generic". The same bits every way.
+ * 16-bit weights against 1-3 rows and F32 weights against 16-23), "avx2" or
+ * "generic". From 24 rows of x both AVX-512 variants pack W in blocks of 8
+ * rows whose outputs share accumulators. The same bits every way.
  * TANDEM_CPU_NO_AVX512=1 in the environment keeps AVX2, TANDEM_CPU_AVX512=1
  * runs AVX-512 for every shape without the probe. */
 const char *ck_variant(void);
