@@ -643,8 +643,11 @@ static const ck__blk_fn ck__blk512_fns[3][2][CK_RT] = {
 #define CK_PK_MIN_T 24
 #define CK_PK_MAX_K 2048
 
-/* The four 128-bit lanes of a (16 W elements each of rows a..d) transposed:
- * out[L] = [a.L b.L c.L d.L]. */
+/* W rows j..j+7, widened to F32, in the order ck__pk_blk loads them: per
+ * 16-element step i, for L = 0..3 and g = 0, 1, the vector [rows j+4g..
+ * j+4g+3, elements 16i+4L..16i+4L+3 of each] (128 floats a step). Each
+ * group's four rows of a step, as 128-bit lanes, are transposed: from rows
+ * a, b, c, d, vector L is [a.L b.L c.L d.L]. */
 CK_AVX512 static void ck__pk_pack(float *wp, const void *W, enum mdl_dtype wt, int K, int j)
 {
     for (int i = 0; i < K / 16; i++)
