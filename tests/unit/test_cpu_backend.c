@@ -391,6 +391,15 @@ static uint16_t to_bf16(float f) /* round to nearest even (no NaN here) */
     return (uint16_t)(u >> 16);
 }
 
+/* v[0..n) uniform in [-0.5, 0.5), from the 64-bit LCG state *r. */
+static void fill_uniform(float *v, int n, uint64_t *r)
+{
+    for (int i = 0; i < n; i++) {
+        *r = *r * 6364136223846793005ull + 1442695040888963407ull;
+        v[i] = (float)(*r >> 40) / (float)(1 << 24) - 0.5f;
+    }
+}
+
 static float from_half(uint16_t h, enum mdl_dtype dt)
 {
     float f;
@@ -540,13 +549,9 @@ static void test_matmul_blocking(void **s)
         float bias[N], ref[T][N], got[T][N];
         assert_true(x && w && wb && wh && wbf && whf);
         uint64_t r = 99;
-        for (int i = 0; i < T * K; i++) {
-            r = r * 6364136223846793005ull + 1442695040888963407ull;
-            x[i] = (float)(r >> 40) / (float)(1 << 24) - 0.5f;
-        }
+        fill_uniform(x, T * K, &r);
+        fill_uniform(w, N * K, &r);
         for (int i = 0; i < N * K; i++) {
-            r = r * 6364136223846793005ull + 1442695040888963407ull;
-            w[i] = (float)(r >> 40) / (float)(1 << 24) - 0.5f;
             wb[i] = to_bf16(w[i]);
             wbf[i] = from_half(wb[i], MDL_DTYPE_BF16);
         }
@@ -599,14 +604,8 @@ static void matmul_vs_dot(int K, int N, const int *Ts, int nT)
     float *bias = malloc((size_t)N * 4);
     assert_true(x && w && wf && got && wh && bias);
     uint64_t r = 7;
-    for (int i = 0; i < tmax * K; i++) {
-        r = r * 6364136223846793005ull + 1442695040888963407ull;
-        x[i] = (float)(r >> 40) / (float)(1 << 24) - 0.5f;
-    }
-    for (int i = 0; i < N * K; i++) {
-        r = r * 6364136223846793005ull + 1442695040888963407ull;
-        w[i] = (float)(r >> 40) / (float)(1 << 24) - 0.5f;
-    }
+    fill_uniform(x, tmax * K, &r);
+    fill_uniform(w, N * K, &r);
     for (int j = 0; j < N; j++)
         bias[j] = (float)j * 0.375f - 2.0f;
     const enum mdl_dtype dt[3] = {MDL_DTYPE_F32, MDL_DTYPE_F16, MDL_DTYPE_BF16};

@@ -771,15 +771,15 @@ static int ck__pk_fits(int T, int K)
 
 /* The whole blocks of CK_PJ rows in [j0, j1) against every row of x, where
  * ck__pk_fits(T, K); returns the first row of W not done (j1 less the
- * remainder, or j0 if the packing buffer could not be had). */
+ * remainder). The packed block lives on the stack (64 KiB at most): no
+ * allocation per call, and nothing to fail. */
 CK_AVX512 static int ck__matmul_pk(float *out, int ldo, const float *x, const void *W,
                                    enum mdl_dtype wt, const float *bias, int T, int K, int j0,
                                    int j1)
 {
     int jn = j0 + (j1 - j0) / CK_PJ * CK_PJ;
     if (jn == j0) return j0;
-    float *wp = aligned_alloc(64, (size_t)CK_PJ * K * sizeof(float));
-    if (!wp) return j0;
+    float wp[CK_PJ * CK_PK_MAX_K] __attribute__((aligned(64)));
     size_t es = wt == MDL_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
     int tile = ck__pk_tile(K);
     for (int t0 = 0; t0 < T; t0 += tile) {
@@ -800,7 +800,6 @@ CK_AVX512 static int ck__matmul_pk(float *out, int ldo, const float *x, const vo
                 ck__pk_blk1(out, ldo, x, wp, bias, K, j, t, NULL, es);
         }
     }
-    free(wp);
     return jn;
 }
 
@@ -887,8 +886,9 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
  *   rows the AVX-512 blocks are ahead (1.3x at 8), and for 16-bit weights
  *   level or ahead from 4 rows on (end to end on a BF16 model they served
  *   more within the SLOs): those stay. From 24 rows every dtype takes the
- *   packed blocks (ck__matmul_pk), 1.05-1.12x the AVX2 ones for F32 there
- *   (the layer matrices of an F32 15m model, W from memory).
+ *   packed blocks (ck__matmul_pk, through ck__matmul_avx512), 1.05-1.12x
+ *   the AVX2 ones for F32 there (the layer matrices of an F32 15m model, W
+ *   from memory).
  * On a core with full-width 512-bit FMAs (twice the 256-bit peak) every
  * shape stays on AVX-512, as measured there (92-99% of the bandwidth at one
  * row). A probe at start-up (best of 3 runs of each width, about 2 ms)
@@ -898,13 +898,9 @@ CK_AVX512 static void ck__matmul_avx512(float *out, int ldo, const float *x, con
 static void ck__matmul_split512(float *out, int ldo, const float *x, const void *W,
                                 enum mdl_dtype wt, const float *bias, int T, int K, int j0, int j1)
 {
-    if (ck__pk_fits(T, K)) {
-        j0 = ck__matmul_pk(out, ldo, x, W, wt, bias, T, K, j0, j1);
-        if (j0 == j1) return;
-    }
     if (T < 4 && wt == MDL_DTYPE_F32)
         ck__rows512(out, ldo, x, W, wt, bias, T, K, j0, j1);
-    else if (T < 4 || (wt == MDL_DTYPE_F32 && T >= 16))
+    else if (T < 4 || (wt == MDL_DTYPE_F32 && T >= 16 && !ck__pk_fits(T, K)))
         ck__matmul_avx2(out, ldo, x, W, wt, bias, T, K, j0, j1);
     else
         ck__matmul_avx512(out, ldo, x, W, wt, bias, T, K, j0, j1);
