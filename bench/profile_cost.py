@@ -290,9 +290,12 @@ def main(argv):
                     help="the TPOT SLO is --tpot-x times the unloaded streamed TPOT at batch 1 "
                     "after a prompt this long (a trace's longest request decodes at the longest "
                     "context: give its prompt + half its output)")
-    ap.add_argument("--decode-prompts", default="16,192",
+    ap.add_argument("--decode-prompts", default="auto",
                     help="prompt lengths of the decode runs (each capped to leave room for "
-                    "--decode-tokens); add a long one to fit attention at long contexts")
+                    "--decode-tokens); auto: 16, a quarter and five eighths of the context. "
+                    "The longest sets the per-context cost: a fit to short contexts only, "
+                    "whose KV stays in the cache, runs 10%% under the steps of a replay at "
+                    "long ones (docs/admission.md, the profiler)")
     ap.add_argument("--tpot-floor-ms", type=float, default=1.0,
                     help="TPOT SLO at least this: a client on a shared 2-core host does not "
                     "time sub-millisecond token gaps reliably (docs/loadtest.md: p99 timer "
@@ -356,8 +359,9 @@ def main(argv):
     # model decodes 128 after prompts of 16 to 112 tokens).
     a.decode_tokens = min(a.decode_tokens, ctx // 2)
     dec = []
-    ctx_prompts = sorted({max(16, min(int(x), ctx - a.decode_tokens - 8))
-                          for x in a.decode_prompts.split(",")})
+    wanted = ([16, ctx // 4, ctx * 5 // 8] if a.decode_prompts == "auto"
+              else [int(x) for x in a.decode_prompts.split(",")])
+    ctx_prompts = sorted({max(16, min(x, ctx - a.decode_tokens - 8)) for x in wanted})
     for p in ctx_prompts:
         for b in batches:
             res = [None] * b

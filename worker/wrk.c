@@ -664,6 +664,7 @@ int wrk_heap_idle(wrk_heap *h, uint64_t requests_ended, int64_t now_ns)
 int wrk_step(eng *e, wrk_metrics *m, const eng_event **evs, uint32_t *n, int64_t *forward_ns)
 {
     eng_step_stats ss;
+    int64_t t0 = td_now_ns();
     int rc = eng_step(e, evs, n, &ss);
     if (forward_ns) *forward_ns = rc == 0 ? ss.forward_ns : 0;
     if (rc == TD_EAGAIN) return rc;
@@ -673,6 +674,14 @@ int wrk_step(eng *e, wrk_metrics *m, const eng_event **evs, uint32_t *n, int64_t
     }
     met_histogram_observe(m->step_seconds, td_ns_to_s(ss.forward_ns));
     met_histogram_observe(m->batch_size, ss.n_items);
+    /* One line per step at debug level: what a cost model of the step is fitted against
+     * (start on the host's monotonic clock, so two workers' lines line up). */
+    td_log_debug("wrk", "step",
+                 "start_us=%lld items=%u prefill_tokens=%u decode_tokens=%u ctx_tokens=%llu "
+                 "forward_us=%lld step_us=%lld",
+                 (long long)(t0 / 1000), ss.n_items, ss.n_prefill_tokens, ss.n_decode_tokens,
+                 (unsigned long long)ss.n_ctx_tokens, (long long)(ss.forward_ns / 1000),
+                 (long long)((td_now_ns() - t0) / 1000));
     return 0;
 }
 

@@ -510,6 +510,8 @@ int eng_step(eng *e, const eng_event **evs, uint32_t *n_evs, eng_step_stats *sta
         stats->n_prefill_tokens = st.n_prefill_tokens;
         stats->n_decode_tokens = st.n_decode_tokens;
         stats->n_preempted = st.n_preempted;
+        for (uint32_t i = 0; i < st.n_items; i++)
+            stats->n_ctx_tokens += (uint64_t)st.items[i].start + st.items[i].n;
         stats->forward_ns = fwd_ns;
     }
     *n_evs = e->n_events;

@@ -178,6 +178,8 @@ typedef struct eng_step_stats {
     uint32_t n_prefill_tokens;
     uint32_t n_decode_tokens;
     uint32_t n_preempted;
+    uint64_t n_ctx_tokens; /* positions the step's attention reads, summed over its items
+                              (each item's start + n): what a decode step's cost grows with */
     int64_t forward_ns;
 } eng_step_stats;
 

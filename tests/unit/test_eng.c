@@ -298,8 +298,14 @@ static void test_bad_requests_and_abort(void **state)
     assert_int_equal(eng_add(e, &r), TD_EEXIST);
     const eng_event *ev;
     uint32_t nev;
-    assert_int_equal(eng_step(e, &ev, &nev, NULL), 0);
+    eng_step_stats ss;
+    assert_int_equal(eng_step(e, &ev, &nev, &ss), 0);
     assert_int_equal(nev, 1);
+    assert_int_equal(ss.n_prefill_tokens, 4);
+    assert_int_equal(ss.n_ctx_tokens, 4); /* the prompt's 4 positions */
+    assert_int_equal(eng_step(e, &ev, &nev, &ss), 0);
+    assert_int_equal(ss.n_decode_tokens, 1);
+    assert_int_equal(ss.n_ctx_tokens, 5); /* the first drawn token attends over 5 */
     assert_int_equal(eng_abort(e, 1), 0);
     assert_int_equal(eng_abort(e, 1), TD_ENOENT);
     eng_stats s;
@@ -313,8 +319,9 @@ static void test_bad_requests_and_abort(void **state)
     r.max_tokens = 4;
     r.n_prompt = 40;
     assert_int_equal(eng_add(e, &r), 0);
-    assert_int_equal(eng_step(e, &ev, &nev, NULL), 0); /* first chunk of 16 */
+    assert_int_equal(eng_step(e, &ev, &nev, &ss), 0); /* first chunk of 16 */
     assert_int_equal(nev, 0);
+    assert_int_equal(ss.n_ctx_tokens, 16);
     int64_t kv = -1;
     assert_int_equal(eng_detach(e, 1, &kv), 0);
     assert_true(kv > 0);
