@@ -19,7 +19,10 @@ from its metrics endpoint):
      detected), mismatched models, a prompt longer than the context, malformed
      requests; a long prompt prefilled in small chunks, whose layers complete
      only with its last chunk, past the stall timeout (not a stall);
-  6. SIGTERM during load: running requests finish, new ones are refused, exit 0.
+  6. SIGTERM during load: running requests finish, new ones are refused, exit 0;
+  7. the step events at debug level: one per engine step, each decode step's
+     summed context as the request's position says, read back by
+     bench/step_fit.py.
 
 Usage: test_workers.py BIN_DIR SHARED_DIR [--quick]
 """
@@ -56,14 +59,14 @@ def check(cond, what):
 
 
 class Worker:
-    def __init__(self, role, model, *args):
+    def __init__(self, role, model, *args, env=None):
         self.role = role
         exe = os.path.join(BIN, "tandem-" + role)
         cmd = [exe, "--model", model, "--listen", "127.0.0.1:0",
                "--metrics-listen", "127.0.0.1:0", *args]
         self.err_path = os.path.join(TMP, "%s-%d.err" % (role, len(PROCS)))
-        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                  stderr=open(self.err_path, "w"), text=True)
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(self.err_path, "w"),
+                                  text=True, env=dict(os.environ, **(env or {})))
         PROCS.append(self.p)
         line = self.p.stdout.readline()
         m = re.search(r"grpc=(\S+).*metrics=(\d+)", line)
@@ -500,6 +503,47 @@ def case_sigterm(model, vocab, ctx):
     check(pf.stop() == 0, "sigterm: prefill exit code")
 
 
+def case_step_events(model, vocab, ctx):
+    """One request at a time, so the decode worker's steps are that request's alone: its k-th
+    decode step feeds the token at position p + k - 1 and attends over p + k positions."""
+    log("== step events at debug level")
+    debug = {"TANDEM_LOG_LEVEL": "debug"}
+    pf = Worker("prefill", model, env=debug)
+    dc = Worker("decode", model, env=debug)
+    rng = random.Random(5)
+    reqs = [{"id": "s%d" % i, "prompt_tokens": [rng.randrange(3, vocab) for _ in range(p)],
+             "max_tokens": m, "ignore_eos": True} for i, (p, m) in enumerate(((5, 9), (37, 4)))]
+    for r in reqs:
+        check_outputs(model, [r], run_cli(dc, [pf], [r]), "step events")
+    check(pf.stop() == 0 and dc.stop() == 0, "step events: exit code")
+    steps = []
+    with open(dc.err_path) as f:
+        for line in f:
+            if " event=step " in line:
+                steps.append(dict(kv.split("=", 1) for kv in line.split() if "=" in kv))
+    want = [p + k for p, m in ((5, 9), (37, 4)) for k in range(1, m)]
+    check([int(s["ctx_tokens"]) for s in steps] == want,
+          "step events: decode steps' ctx_tokens %s, want %s"
+          % ([s.get("ctx_tokens") for s in steps], want))
+    check(all(s["items"] == "1" and s["decode_tokens"] == "1" and s["prefill_tokens"] == "0"
+              and 0 < int(s["forward_us"]) <= int(s["step_us"]) for s in steps),
+          "step events: fields %s" % steps[:2])
+    # The analysis script reads the same lines back (its --logs takes a cluster's run dir).
+    run = os.path.join(TMP, "steps-run")
+    os.makedirs(run, exist_ok=True)
+    shutil.copy(dc.err_path, os.path.join(run, "decode-0.log"))
+    shutil.copy(pf.err_path, os.path.join(run, "prefill-0.log"))
+    cost = os.path.join(run, "cost.txt")
+    with open(cost, "w") as f:
+        f.write("decode_step_us_fixed = 100\ndecode_step_us_per_seq = 10\n"
+                "decode_step_us_per_ctx_token = 1\n")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../bench/step_fit.py")
+    out = subprocess.run([sys.executable, script, "--logs", run, cost], capture_output=True,
+                         text=True, timeout=60)
+    check(out.returncode == 0 and ("%d decode steps" % len(want)) in out.stdout,
+          "step_fit.py on the step events: %s %s" % (out.stdout, out.stderr))
+
+
 def main():
     try:
         ms = models()
@@ -515,6 +559,7 @@ def main():
         case_long_chunked_prefill()
         case_decode_restart(base[1], base[2], base[3])
         case_sigterm(base[1], base[2], base[3])
+        case_step_events(tiny[1], tiny[2], tiny[3])
     except Exception as e:
         # The workers' logs stay for inspection, as after a failed check.
         FAILURES.append("exception: %r" % e)
