@@ -43,9 +43,10 @@ def read_log(path):
 
 
 def one_log(run_dir, role):
-    paths = sorted(glob.glob(os.path.join(run_dir, role + "-*.log")))
-    if not paths:
-        sys.exit("step_fit: no %s-*.log in %s" % (role, run_dir))
+    paths = glob.glob(os.path.join(run_dir, role + "-*.log"))
+    if len(paths) != 1:  # the cycles and overlaps are one decode and one prefill worker's
+        sys.exit("step_fit: %d %s-*.log in %s, want one (a cluster of 1 prefill + 1 decode)"
+                 % (len(paths), role, run_dir))
     return read_log(paths[0])
 
 

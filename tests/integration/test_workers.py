@@ -516,19 +516,18 @@ def case_step_events(model, vocab, ctx):
     for r in reqs:
         check_outputs(model, [r], run_cli(dc, [pf], [r]), "step events")
     check(pf.stop() == 0 and dc.stop() == 0, "step events: exit code")
-    steps = []
-    with open(dc.err_path) as f:
-        for line in f:
-            if " event=step " in line:
-                steps.append(dict(kv.split("=", 1) for kv in line.split() if "=" in kv))
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../bench/step_fit.py")
+    sys.path.insert(0, os.path.dirname(script))
+    import step_fit  # the analysis script's own reader of these lines
+    steps = step_fit.read_log(dc.err_path)
     want = [p + k for p, m in ((5, 9), (37, 4)) for k in range(1, m)]
-    check([int(s["ctx_tokens"]) for s in steps] == want,
+    check([s["ctx_tokens"] for s in steps] == want,
           "step events: decode steps' ctx_tokens %s, want %s"
-          % ([s.get("ctx_tokens") for s in steps], want))
-    check(all(s["items"] == "1" and s["decode_tokens"] == "1" and s["prefill_tokens"] == "0"
-              and 0 < int(s["forward_us"]) <= int(s["step_us"]) for s in steps),
+          % ([s["ctx_tokens"] for s in steps], want))
+    check(all(s["items"] == 1 and s["decode_tokens"] == 1 and s["prefill_tokens"] == 0
+              and 0 < s["forward_us"] <= s["step_us"] for s in steps),
           "step events: fields %s" % steps[:2])
-    # The analysis script reads the same lines back (its --logs takes a cluster's run dir).
+    # The script's command line on the same lines (--logs takes a cluster's run dir).
     run = os.path.join(TMP, "steps-run")
     os.makedirs(run, exist_ok=True)
     shutil.copy(dc.err_path, os.path.join(run, "decode-0.log"))
@@ -537,7 +536,6 @@ def case_step_events(model, vocab, ctx):
     with open(cost, "w") as f:
         f.write("decode_step_us_fixed = 100\ndecode_step_us_per_seq = 10\n"
                 "decode_step_us_per_ctx_token = 1\n")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../bench/step_fit.py")
     out = subprocess.run([sys.executable, script, "--logs", run, cost], capture_output=True,
                          text=True, timeout=60)
     check(out.returncode == 0 and ("%d decode steps" % len(want)) in out.stdout,

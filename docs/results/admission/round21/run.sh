@@ -5,7 +5,9 @@
 # (docs/cpu-throughput.md, eleventh round, end to end). Each round takes its own profile.
 set -u
 cd "$(git rev-parse --show-toplevel)"
-W=build/admexp/r21; B=build/admexp/bin22   # B: binaries copied once, never rebuilt while this runs
+# W, B and DECODE_PROMPTS may be given (round22/run.sh does); by default round 21's
+W=${W:-build/admexp/r21}; B=${B:-build/admexp/bin22}   # B: binaries copied once, never rebuilt while this runs
+DECODE_PROMPTS=${DECODE_PROMPTS:-16,192,1024}
 M=build/admexp/m15k; TRACE=../shared/data/burstgpt/BurstGPT_1_head.csv; N=120
 ROUNDS=${ROUNDS:-1}; CAP=0.417; SLO=(--slo-ttft-ms 4285.3 --slo-tpot-ms 11.27)
 mkdir -p $W $B && [ -x $B/tandem-router ] || cp build/bin/tandem-* $B/
@@ -13,7 +15,7 @@ mkdir -p $W $B && [ -x $B/tandem-router ] || cp build/bin/tandem-* $B/
 up() { nice -n -20 deploy/local/tandem-cluster up --run-dir $1 --model $M --bin-dir $B --prefill 1 --decode 1 --http-listen 127.0.0.1:18300 --grpc-listen 127.0.0.1:18351 >$1.up.log 2>&1; }
 down() { deploy/local/tandem-cluster down --run-dir $1 >/dev/null 2>&1; }
 profile() { mkdir -p $1; up $1/prof; nice -n -20 python3 bench/profile_cost.py --url http://127.0.0.1:18300 --vocab 32000 --reps 3 \
-  --slo-prompt 1960 --slo-tpot-prompt 2215 --decode-prompts 16,192,1024 --out $1/cost.txt --json $1/profile.json > $1/profile.txt 2>&1; down $1/prof; }
+  --slo-prompt 1960 --slo-tpot-prompt 2215 --decode-prompts $DECODE_PROMPTS --out $1/cost.txt --json $1/profile.json > $1/profile.txt 2>&1; down $1/prof; }
 log() { echo "$* $(date -u +%H:%M:%S)" >> $W/log.txt; }
 COMMON=(--model $M --max-context 4096 --max-requests $N --trace $TRACE --bin-dir $B)
 log "start"
